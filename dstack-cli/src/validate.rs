@@ -1,0 +1,77 @@
+//! `dstack validate [--json] FILE...`
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use dstack_core::config::{self, Configuration};
+
+/// Arguments of `dstack validate`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Print the normalized configuration as JSON (one file: an object; several: a list).
+    #[arg(long)]
+    json: bool,
+    /// Configuration files (`-` reads standard input).
+    #[arg(required = true, value_name = "FILE")]
+    files: Vec<PathBuf>,
+}
+
+fn read(path: &PathBuf) -> std::io::Result<String> {
+    if path.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text)?;
+        return Ok(text);
+    }
+    let bytes = std::fs::read(path)?;
+    String::from_utf8(bytes)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "the file is not UTF-8 text"))
+}
+
+/// Validates every file; prints located errors on stderr and, with `--json`, the models.
+pub fn run(args: &Args) -> ExitCode {
+    let mut valid: Vec<Configuration> = Vec::new();
+    let mut failed = false;
+    let stderr = std::io::stderr();
+    let mut err = stderr.lock();
+    for path in &args.files {
+        let name = path.display().to_string();
+        let text = match read(path) {
+            Ok(text) => text,
+            Err(e) => {
+                let _ = writeln!(err, "{name}:1:1: (file): cannot read the file: {e} [io]");
+                failed = true;
+                continue;
+            }
+        };
+        match config::parse(&text, &name) {
+            Ok(c) => {
+                if !args.json {
+                    let label = c.name().map(|n| format!(" {n}")).unwrap_or_default();
+                    let _ = writeln!(err, "{name}: valid {}{label}", c.type_name());
+                }
+                valid.push(c);
+            }
+            Err(e) => {
+                let _ = writeln!(err, "{e}");
+                failed = true;
+            }
+        }
+    }
+    if args.json {
+        let value = if args.files.len() == 1 {
+            valid.first().map(Configuration::to_json)
+        } else {
+            Some(serde_json::Value::Array(valid.iter().map(Configuration::to_json).collect()))
+        };
+        if let Some(value) = value {
+            let text = serde_json::to_string_pretty(&value).unwrap_or_default();
+            let _ = writeln!(std::io::stdout().lock(), "{text}");
+        }
+    }
+    if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}

@@ -1,0 +1,7 @@
+//! dstack-rs core: the configuration model of `.dstack.yml` files (and, as the engine grows,
+//! runs, jobs, fleets, offers and the scheduler).
+//!
+//! This crate creates no async runtime and pulls in no cloud SDK or Python; backends live in
+//! `dstack-backends`, the host agent in `dstack-agent`.
+
+pub mod config;
