@@ -24,8 +24,12 @@ fn read(path: &PathBuf) -> std::io::Result<String> {
         return Ok(text);
     }
     let bytes = std::fs::read(path)?;
-    String::from_utf8(bytes)
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "the file is not UTF-8 text"))
+    String::from_utf8(bytes).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "the file is not UTF-8 text",
+        )
+    })
 }
 
 /// Validates every file; prints located errors on stderr and, with `--json`, the models.
@@ -62,7 +66,9 @@ pub fn run(args: &Args) -> ExitCode {
         let value = if args.files.len() == 1 {
             valid.first().map(Configuration::to_json)
         } else {
-            Some(serde_json::Value::Array(valid.iter().map(Configuration::to_json).collect()))
+            Some(serde_json::Value::Array(
+                valid.iter().map(Configuration::to_json).collect(),
+            ))
         };
         if let Some(value) = value {
             let text = serde_json::to_string_pretty(&value).unwrap_or_default();

@@ -19,8 +19,19 @@ pub struct Cx {
 
 impl Cx {
     /// Records an error at `mark`.
-    pub fn error(&mut self, mark: Mark, path: &Path<'_>, code: ErrorCode, message: impl Into<String>) {
-        self.errors.push(ConfigError { mark, path: path.render(), code, message: message.into() });
+    pub fn error(
+        &mut self,
+        mark: Mark,
+        path: &Path<'_>,
+        code: ErrorCode,
+        message: impl Into<String>,
+    ) {
+        self.errors.push(ConfigError {
+            mark,
+            path: path.render(),
+            code,
+            message: message.into(),
+        });
     }
 
     /// Records an "invalid value" error at `node`.
@@ -79,16 +90,25 @@ pub struct Path<'a> {
 
 impl<'a> Path<'a> {
     /// The path of the document itself.
-    pub const ROOT: Path<'static> = Path { parent: None, seg: None };
+    pub const ROOT: Path<'static> = Path {
+        parent: None,
+        seg: None,
+    };
 
     /// The path of a field of this mapping.
     pub fn key(&'a self, key: &'a str) -> Path<'a> {
-        Path { parent: Some(self), seg: Some(Seg::Key(key)) }
+        Path {
+            parent: Some(self),
+            seg: Some(Seg::Key(key)),
+        }
     }
 
     /// The path of an item of this list.
     pub fn index(&'a self, index: usize) -> Path<'a> {
-        Path { parent: Some(self), seg: Some(Seg::Index(index)) }
+        Path {
+            parent: Some(self),
+            seg: Some(Seg::Index(index)),
+        }
     }
 
     /// Renders as `a.b[0].c`.
@@ -277,7 +297,12 @@ impl<'n> Fields<'n> {
             cx.expected(node, path, &format!("a mapping ({what})"));
             return None;
         };
-        Some(Fields { node, entries, used: vec![false; entries.len()], known: Vec::new() })
+        Some(Fields {
+            node,
+            entries,
+            used: vec![false; entries.len()],
+            known: Vec::new(),
+        })
     }
 
     /// The position of the mapping itself.
@@ -293,7 +318,10 @@ impl<'n> Fields<'n> {
     /// Takes the raw node of `key`, if present.
     pub fn take(&mut self, key: &'static str) -> Option<&'n Node> {
         self.known.push(key);
-        let i = self.entries.iter().position(|(k, _)| k.as_key() == Some(key))?;
+        let i = self
+            .entries
+            .iter()
+            .position(|(k, _)| k.as_key() == Some(key))?;
         self.used[i] = true;
         Some(&self.entries[i].1)
     }
@@ -345,7 +373,12 @@ impl<'n> Fields<'n> {
         match self.take(key) {
             None => Some(default()),
             Some(node) if node.is_null() => {
-                cx.error(node.mark, &path.key(key), ErrorCode::InvalidType, "must not be null");
+                cx.error(
+                    node.mark,
+                    &path.key(key),
+                    ErrorCode::InvalidType,
+                    "must not be null",
+                );
                 None
             }
             Some(node) => f(node, cx, &path.key(key)),
@@ -368,15 +401,31 @@ impl<'n> Fields<'n> {
         let mark = self.node.mark;
         match self.take(key) {
             None => {
-                cx.error(mark, &path.key(key), ErrorCode::MissingField, "field required");
+                cx.error(
+                    mark,
+                    &path.key(key),
+                    ErrorCode::MissingField,
+                    "field required",
+                );
                 None
             }
             Some(node) if node.is_null() => {
-                cx.error(node.mark, &path.key(key), ErrorCode::InvalidType, "must not be null");
+                cx.error(
+                    node.mark,
+                    &path.key(key),
+                    ErrorCode::InvalidType,
+                    "must not be null",
+                );
                 None
             }
             Some(node) => f(node, cx, &path.key(key)),
         }
+    }
+
+    /// Marks every key as read, when the rest of the mapping cannot be judged (e.g. a volume
+    /// whose `backend` is unknown).
+    pub fn skip_rest(&mut self) {
+        self.used.fill(true);
     }
 
     /// Reports every key that was not taken as an unknown field, suggesting the closest one.
@@ -388,7 +437,10 @@ impl<'n> Fields<'n> {
             let key = scalar_key(k);
             let message = match closest(&key, &self.known) {
                 Some(best) => format!("unknown field `{key}`; did you mean `{best}`?"),
-                None => format!("unknown field `{key}`; expected one of: {}", self.known.join(", ")),
+                None => format!(
+                    "unknown field `{key}`; expected one of: {}",
+                    self.known.join(", ")
+                ),
             };
             cx.error(k.mark, &path.key(&key), ErrorCode::UnknownField, message);
         }
@@ -397,8 +449,10 @@ impl<'n> Fields<'n> {
 
 /// The known name closest to `key` by edit distance, if it is close enough to be a typo.
 fn closest<'k>(key: &str, known: &[&'k str]) -> Option<&'k str> {
-    let (best, distance) =
-        known.iter().map(|k| (*k, edit_distance(key, k))).min_by_key(|(_, d)| *d)?;
+    let (best, distance) = known
+        .iter()
+        .map(|k| (*k, edit_distance(key, k)))
+        .min_by_key(|(_, d)| *d)?;
     (distance <= 2.max(key.len() / 4) && distance < key.len()).then_some(best)
 }
 
@@ -467,7 +521,10 @@ pub(crate) use string_enum;
 
 /// "invalid value 'x'; expected one of: a, b, c".
 pub fn one_of_message(text: &str, allowed: &[&str]) -> String {
-    format!("invalid value '{text}'; expected one of: {}", allowed.join(", "))
+    format!(
+        "invalid value '{text}'; expected one of: {}",
+        allowed.join(", ")
+    )
 }
 
 #[cfg(test)]
@@ -493,7 +550,10 @@ mod tests {
         let _ = f.opt::<String>(&mut cx, &Path::ROOT, "name");
         f.finish(&mut cx, &Path::ROOT);
         let errors = cx.into_errors();
-        assert_eq!(errors[0].message, "unknown field `namee`; did you mean `name`?");
+        assert_eq!(
+            errors[0].message,
+            "unknown field `namee`; did you mean `name`?"
+        );
         assert_eq!((errors[0].mark.line, errors[0].mark.col), (1, 1));
     }
 
@@ -502,12 +562,21 @@ mod tests {
         let doc = load("a: 8080\nb: 3.5\nc: 'yes'\nd: '42'\ne: true\n").unwrap();
         let mut cx = Cx::default();
         let p = Path::ROOT;
-        assert_eq!(String::decode(doc.get("a").unwrap(), &mut cx, &p).as_deref(), Some("8080"));
-        assert_eq!(String::decode(doc.get("b").unwrap(), &mut cx, &p).as_deref(), Some("3.5"));
+        assert_eq!(
+            String::decode(doc.get("a").unwrap(), &mut cx, &p).as_deref(),
+            Some("8080")
+        );
+        assert_eq!(
+            String::decode(doc.get("b").unwrap(), &mut cx, &p).as_deref(),
+            Some("3.5")
+        );
         assert_eq!(bool::decode(doc.get("c").unwrap(), &mut cx, &p), Some(true));
         assert_eq!(i64::decode(doc.get("d").unwrap(), &mut cx, &p), Some(42));
         assert!(!cx.has_errors());
         assert_eq!(String::decode(doc.get("e").unwrap(), &mut cx, &p), None);
-        assert_eq!(cx.into_errors()[0].message, "expected a string, found a boolean true");
+        assert_eq!(
+            cx.into_errors()[0].message,
+            "expected a string, found a boolean true"
+        );
     }
 }

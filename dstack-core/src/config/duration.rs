@@ -37,11 +37,16 @@ impl Duration {
         if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }
-        number.parse::<i64>().ok()?.checked_mul(multiplier).map(Duration)
+        number
+            .parse::<i64>()
+            .ok()?
+            .checked_mul(multiplier)
+            .map(Duration)
     }
 }
 
-const DURATION_HINT: &str = "expected a duration such as 90, \"30s\", \"5m\", \"2h\", \"1d\" or \"1w\"";
+const DURATION_HINT: &str =
+    "expected a duration such as 90, \"30s\", \"5m\", \"2h\", \"1d\" or \"1w\"";
 
 impl Decode for Duration {
     fn decode(node: &Node, cx: &mut Cx, path: &Path<'_>) -> Option<Self> {
@@ -114,13 +119,22 @@ pub fn decode_inactivity(node: &Node, cx: &mut Cx, path: &Path<'_>) -> Option<Du
         NodeKind::Bool(false) => None,
         NodeKind::Str(s) if s == "off" => None,
         NodeKind::Bool(true) => {
-            cx.invalid(node, path, format!("expected a duration or \"off\", found true; {DURATION_HINT}"));
+            cx.invalid(
+                node,
+                path,
+                format!("expected a duration or \"off\", found true; {DURATION_HINT}"),
+            );
             None
         }
         _ => {
             let d = Duration::decode(node, cx, path)?;
             if d.0 < 0 {
-                cx.error(node.mark, path, ErrorCode::OutOfRange, "must not be negative");
+                cx.error(
+                    node.mark,
+                    path,
+                    ErrorCode::OutOfRange,
+                    "must not be negative",
+                );
                 return None;
             }
             Some(d)
@@ -142,7 +156,11 @@ mod tests {
 
     #[test]
     fn duration_vectors() {
-        let d = |t| with(t, |n, cx| Duration::decode(n, cx, &Path::ROOT)).0.map(|d| d.0);
+        let d = |t| {
+            with(t, |n, cx| Duration::decode(n, cx, &Path::ROOT))
+                .0
+                .map(|d| d.0)
+        };
         assert_eq!(d("90"), Some(90));
         assert_eq!(d("'90'"), Some(90));
         assert_eq!(d("1.9"), Some(1));
@@ -163,7 +181,10 @@ mod tests {
         assert_eq!(off("off"), (Some(OffableDuration::Off), false));
         assert_eq!(off("false"), (Some(OffableDuration::Off), false));
         assert_eq!(off("true"), (None, false));
-        assert_eq!(off("'90'"), (Some(OffableDuration::Seconds(Duration(90))), false));
+        assert_eq!(
+            off("'90'"),
+            (Some(OffableDuration::Seconds(Duration(90))), false)
+        );
         assert_eq!(off("-1"), (None, true));
         assert_eq!(off("'-1'"), (None, true));
         let idle = |t| with(t, |n, cx| decode_idle(n, cx, &Path::ROOT));

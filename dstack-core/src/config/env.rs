@@ -123,20 +123,27 @@ mod tests {
         let mut cx = Cx::default();
         match Env::decode(doc.get("v").unwrap(), &mut cx, &Path::ROOT) {
             Some(e) if !cx.has_errors() => Ok(serde_json::to_string(&e).unwrap()),
-            _ => Err(cx.into_errors().into_iter().map(|e| e.to_string()).collect()),
+            _ => Err(cx
+                .into_errors()
+                .into_iter()
+                .map(|e| e.to_string())
+                .collect()),
         }
     }
 
     #[test]
     fn env_vectors() {
-        assert_eq!(env("[A=1, B=, C]").unwrap(), r#"{"A":"1","B":"","C":{"key":"C"}}"#);
+        assert_eq!(
+            env("[A=1, B=, C]").unwrap(),
+            r#"{"A":"1","B":"","C":{"key":"C"}}"#
+        );
         assert_eq!(env("{A: 1, B: x}").unwrap(), r#"{"A":"1","B":"x"}"#);
         assert_eq!(env("[A=b=c]").unwrap(), r#"{"A":"b=c"}"#);
         assert_eq!(env("[]").unwrap(), "{}");
         assert_eq!(env("{PORT: 8080}").unwrap(), r#"{"PORT":"8080"}"#);
         assert_eq!(
             env("[A=1, A=2]").unwrap_err(),
-            ["1:12: [1]: duplicate environment variable: A=2 [conflict]"]
+            ["1:10: [1]: duplicate environment variable: A=2 [conflict]"]
         );
         assert_eq!(
             env("[1A=x]").unwrap_err(),

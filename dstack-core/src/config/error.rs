@@ -66,8 +66,16 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let path = if self.path.is_empty() { "(root)" } else { &self.path };
-        write!(f, "{}:{}: {}: {} [{}]", self.mark.line, self.mark.col, path, self.message, self.code)
+        let path = if self.path.is_empty() {
+            "(root)"
+        } else {
+            &self.path
+        };
+        write!(
+            f,
+            "{}:{}: {}: {} [{}]",
+            self.mark.line, self.mark.col, path, self.message, self.code
+        )
     }
 }
 

@@ -94,7 +94,11 @@ impl Decode for FleetNodes {
                 (min, min, r.max)
             }
             _ => {
-                cx.expected(node, path, "a number of nodes (2), a range (0..4) or {min, target, max}");
+                cx.expected(
+                    node,
+                    path,
+                    "a number of nodes (2), a range (0..4) or {min, target, max}",
+                );
                 return None;
             }
         };
@@ -103,11 +107,19 @@ impl Decode for FleetNodes {
         } else if target < 0 {
             Some(format!("target cannot be negative, got {target}"))
         } else if max.is_some_and(|m| m < min) {
-            Some(format!("max must not be less than min ({min}..{})", max.unwrap_or_default()))
+            Some(format!(
+                "max must not be less than min ({min}..{})",
+                max.unwrap_or_default()
+            ))
         } else if target < min {
-            Some(format!("target must not be less than min ({target} < {min})"))
+            Some(format!(
+                "target must not be less than min ({target} < {min})"
+            ))
         } else if max.is_some_and(|m| target > m) {
-            Some(format!("target must not be greater than max ({target} > {})", max.unwrap_or_default()))
+            Some(format!(
+                "target must not be greater than max ({target} > {})",
+                max.unwrap_or_default()
+            ))
         } else {
             None
         };
@@ -135,7 +147,10 @@ impl Decode for SshKey {
         let public = f.req(cx, path, "public");
         let private = f.opt(cx, path, "private");
         f.finish(cx, path);
-        Some(SshKey { public: public?, private })
+        Some(SshKey {
+            public: public?,
+            private,
+        })
     }
 }
 
@@ -169,7 +184,13 @@ impl Decode for SshProxy {
         let identity_file = f.req(cx, path, "identity_file");
         let ssh_key = f.opt(cx, path, "ssh_key");
         f.finish(cx, path);
-        Some(SshProxy { hostname: hostname?, port, user: user?, identity_file: identity_file?, ssh_key })
+        Some(SshProxy {
+            hostname: hostname?,
+            port,
+            user: user?,
+            identity_file: identity_file?,
+            ssh_key,
+        })
     }
 }
 
@@ -208,7 +229,7 @@ pub enum SshHostEntry {
     /// Just the host name.
     Name(String),
     /// A host with overrides.
-    Host(SshHost),
+    Host(Box<SshHost>),
 }
 
 impl Decode for SshHostEntry {
@@ -226,7 +247,7 @@ impl Decode for SshHostEntry {
         let internal_ip = f.opt(cx, path, "internal_ip");
         let blocks = f.opt(cx, path, "blocks");
         f.finish(cx, path);
-        Some(SshHostEntry::Host(SshHost {
+        Some(SshHostEntry::Host(Box::new(SshHost {
             hostname: hostname?,
             port,
             user,
@@ -235,7 +256,7 @@ impl Decode for SshHostEntry {
             proxy_jump,
             internal_ip,
             blocks,
-        }))
+        })))
     }
 }
 
@@ -275,7 +296,15 @@ impl Decode for SshConfig {
         let hosts = f.req(cx, path, "hosts");
         let network = f.opt(cx, path, "network");
         f.finish(cx, path);
-        Some(SshConfig { user, port, identity_file, ssh_key, proxy_jump, hosts: hosts?, network })
+        Some(SshConfig {
+            user,
+            port,
+            identity_file,
+            ssh_key,
+            proxy_jump,
+            hosts: hosts?,
+            network,
+        })
     }
 }
 
@@ -308,36 +337,66 @@ pub struct FleetConfiguration {
 
 /// Fields only a backend fleet may set.
 const BACKEND_FLEET_FIELDS: &[&str] = &[
-    "nodes", "reservation", "resources", "backends", "regions", "availability_zones",
-    "instance_types", "spot_policy", "retry", "max_price", "idle_duration", "tags",
+    "nodes",
+    "reservation",
+    "resources",
+    "backends",
+    "regions",
+    "availability_zones",
+    "instance_types",
+    "spot_policy",
+    "retry",
+    "max_price",
+    "idle_duration",
+    "tags",
     "backend_options",
 ];
 
 impl FleetConfiguration {
     /// Decodes a fleet from the document's fields.
     pub fn read(node: &Node, f: &mut Fields<'_>, cx: &mut Cx, path: &Path<'_>) -> Option<Self> {
+        let name = f.opt(cx, path, "name");
+        let placement = f.opt(cx, path, "placement");
+        let blocks = f.or(cx, path, "blocks", || Blocks::Count(1));
+        let nodes = f.opt(cx, path, "nodes");
+        let resources = f.opt(cx, path, "resources");
+        let ssh_config = f.opt(cx, path, "ssh_config");
+        let env = f.or(cx, path, "env", Env::default);
+        let profile = ProfileParams::read(f, cx, path, ProfileScope::Fleet);
         let fleet = FleetConfiguration {
-            name: f.opt(cx, path, "name"),
-            placement: f.opt(cx, path, "placement"),
-            blocks: f.or(cx, path, "blocks", || Blocks::Count(1))?,
-            nodes: f.opt(cx, path, "nodes"),
-            resources: f.opt(cx, path, "resources"),
-            ssh_config: f.opt(cx, path, "ssh_config"),
-            env: f.or(cx, path, "env", Env::default)?,
-            profile: ProfileParams::read(f, cx, path, ProfileScope::Fleet),
+            name,
+            placement,
+            blocks: blocks?,
+            nodes,
+            resources,
+            ssh_config,
+            env: env?,
+            profile,
         };
         let has = |k: &str| node.get(k).is_some_and(|n| !n.is_null());
         if has("ssh_config") {
             for key in BACKEND_FLEET_FIELDS.iter().filter(|k| has(k)) {
-                let message = format!("`{key}` cannot be used in an SSH fleet (one with `ssh_config`)");
-                cx.error(mark_of(node, key), &path.key(key), ErrorCode::Conflict, message);
+                let message =
+                    format!("`{key}` cannot be used in an SSH fleet (one with `ssh_config`)");
+                cx.error(
+                    mark_of(node, key),
+                    &path.key(key),
+                    ErrorCode::Conflict,
+                    message,
+                );
             }
         } else if !has("nodes") {
-            let message = "either `nodes` (a backend fleet) or `ssh_config` (an SSH fleet) must be set";
+            let message =
+                "either `nodes` (a backend fleet) or `ssh_config` (an SSH fleet) must be set";
             cx.error(node.mark, path, ErrorCode::MissingField, message);
-        } else if has("env") {
+        } else if !fleet.env.0.is_empty() {
             let message = "`env` can only be used in an SSH fleet";
-            cx.error(mark_of(node, "env"), &path.key("env"), ErrorCode::Conflict, message);
+            cx.error(
+                mark_of(node, "env"),
+                &path.key("env"),
+                ErrorCode::Conflict,
+                message,
+            );
         }
         Some(fleet)
     }

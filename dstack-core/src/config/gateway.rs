@@ -34,10 +34,12 @@ impl Decode for GatewayCertificate {
         let kind: Option<String> = f.or(cx, path, "type", || "lets-encrypt".to_string());
         let cert = match kind.as_deref() {
             Some("lets-encrypt") => Some(GatewayCertificate::LetsEncrypt),
-            Some("acm") => f.req(cx, path, "arn").map(|arn| GatewayCertificate::Acm { arn }),
-            Some("gcp-cm") => {
-                f.req(cx, path, "name").map(|name| GatewayCertificate::GcpCertificateManager { name })
-            }
+            Some("acm") => f
+                .req(cx, path, "arn")
+                .map(|arn| GatewayCertificate::Acm { arn }),
+            Some("gcp-cm") => f
+                .req(cx, path, "name")
+                .map(|name| GatewayCertificate::GcpCertificateManager { name }),
             Some(other) => {
                 let message = super::de::one_of_message(other, &["lets-encrypt", "acm", "gcp-cm"]);
                 cx.invalid(node.get("type").unwrap_or(node), &path.key("type"), message);
@@ -64,7 +66,12 @@ impl Decode for LoadBalancer {
         let kind = f.req_with(cx, path, "type", |n, cx, p| {
             let s = String::decode(n, cx, p)?;
             if s != "alb" {
-                cx.error(n.mark, p, ErrorCode::InvalidValue, format!("invalid value '{s}'; expected alb"));
+                cx.error(
+                    n.mark,
+                    p,
+                    ErrorCode::InvalidValue,
+                    format!("invalid value '{s}'; expected alb"),
+                );
                 return None;
             }
             Some("alb")
@@ -132,7 +139,9 @@ impl GatewayConfiguration {
             Some(n) => GatewayCertificate::decode(n, cx, &path.key("certificate")),
         };
         let load_balancer = f.opt(cx, path, "load_balancer");
-        let replicas = f.opt_with(cx, path, "replicas", |n, cx, p| int_between(n, cx, p, 1, i64::MAX));
+        let replicas = f.opt_with(cx, path, "replicas", |n, cx, p| {
+            int_between(n, cx, p, 1, i64::MAX)
+        });
         let tags = f.opt_with(cx, path, "tags", decode_tags);
         Some(GatewayConfiguration {
             name,

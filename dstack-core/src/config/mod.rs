@@ -49,27 +49,34 @@ pub use volume::VolumeConfiguration;
 pub enum Configuration {
     /// `type: dev-environment`.
     #[serde(rename = "dev-environment")]
-    DevEnvironment(DevEnvironmentConfiguration),
+    DevEnvironment(Box<DevEnvironmentConfiguration>),
     /// `type: task`.
     #[serde(rename = "task")]
-    Task(TaskConfiguration),
+    Task(Box<TaskConfiguration>),
     /// `type: service`.
     #[serde(rename = "service")]
-    Service(ServiceConfiguration),
+    Service(Box<ServiceConfiguration>),
     /// `type: fleet`.
     #[serde(rename = "fleet")]
-    Fleet(FleetConfiguration),
+    Fleet(Box<FleetConfiguration>),
     /// `type: volume`.
     #[serde(rename = "volume")]
-    Volume(VolumeConfiguration),
+    Volume(Box<VolumeConfiguration>),
     /// `type: gateway`.
     #[serde(rename = "gateway")]
-    Gateway(GatewayConfiguration),
+    Gateway(Box<GatewayConfiguration>),
 }
 
 /// The configuration types this parser knows, as written in `type:`.
-pub const CONFIGURATION_TYPES: &[&str] =
-    &["dev-environment", "task", "service", "fleet", "gateway", "volume", "preset"];
+pub const CONFIGURATION_TYPES: &[&str] = &[
+    "dev-environment",
+    "task",
+    "service",
+    "fleet",
+    "gateway",
+    "volume",
+    "preset",
+];
 
 impl Configuration {
     /// The `type:` of the configuration.
@@ -104,12 +111,20 @@ impl Configuration {
 
 /// Parses and validates a configuration. `file` prefixes every error line.
 pub fn parse(text: &str, file: &str) -> Result<Configuration, ConfigErrors> {
-    let fail = |errors| ConfigErrors { file: file.to_string(), errors };
+    let fail = |errors| ConfigErrors {
+        file: file.to_string(),
+        errors,
+    };
     let root = match yaml::load(text) {
         Ok(root) => root,
         Err(e) => {
             let message = format!("invalid YAML: {}", e.message);
-            let error = ConfigError { mark: e.mark, path: String::new(), code: ErrorCode::Syntax, message };
+            let error = ConfigError {
+                mark: e.mark,
+                path: String::new(),
+                code: ErrorCode::Syntax,
+                message,
+            };
             return Err(fail(vec![error]));
         }
     };
@@ -127,21 +142,41 @@ pub fn parse_node(root: &yaml::Node, cx: &mut Cx) -> Option<Configuration> {
     let mut f = Fields::new(root, cx, &path, "a dstack configuration")?;
     let type_node = f.take("type");
     let Some(type_node) = type_node.filter(|n| !n.is_null()) else {
-        let message = format!("field required; set `type` to one of: {}", CONFIGURATION_TYPES.join(", "));
-        cx.error(root.mark, &path.key("type"), ErrorCode::MissingField, message);
+        let message = format!(
+            "field required; set `type` to one of: {}",
+            CONFIGURATION_TYPES.join(", ")
+        );
+        cx.error(
+            root.mark,
+            &path.key("type"),
+            ErrorCode::MissingField,
+            message,
+        );
         return None;
     };
     let kind = type_node.as_key().unwrap_or_default();
     let config = match kind {
-        "dev-environment" => DevEnvironmentConfiguration::read(root, &mut f, cx, &path).map(Configuration::DevEnvironment),
-        "task" => TaskConfiguration::read(root, &mut f, cx, &path).map(Configuration::Task),
-        "service" => ServiceConfiguration::read(root, &mut f, cx, &path).map(Configuration::Service),
-        "fleet" => FleetConfiguration::read(root, &mut f, cx, &path).map(Configuration::Fleet),
-        "volume" => VolumeConfiguration::read(&mut f, cx, &path).map(Configuration::Volume),
-        "gateway" => GatewayConfiguration::read(&mut f, cx, &path).map(Configuration::Gateway),
+        "dev-environment" => DevEnvironmentConfiguration::read(root, &mut f, cx, &path)
+            .map(|c| Configuration::DevEnvironment(Box::new(c))),
+        "task" => TaskConfiguration::read(root, &mut f, cx, &path)
+            .map(|c| Configuration::Task(Box::new(c))),
+        "service" => ServiceConfiguration::read(root, &mut f, cx, &path)
+            .map(|c| Configuration::Service(Box::new(c))),
+        "fleet" => FleetConfiguration::read(root, &mut f, cx, &path)
+            .map(|c| Configuration::Fleet(Box::new(c))),
+        "volume" => {
+            VolumeConfiguration::read(&mut f, cx, &path).map(|c| Configuration::Volume(Box::new(c)))
+        }
+        "gateway" => GatewayConfiguration::read(&mut f, cx, &path)
+            .map(|c| Configuration::Gateway(Box::new(c))),
         "preset" => {
             let message = "`preset` configurations are not supported yet";
-            cx.error(type_node.mark, &path.key("type"), ErrorCode::UnknownType, message);
+            cx.error(
+                type_node.mark,
+                &path.key("type"),
+                ErrorCode::UnknownType,
+                message,
+            );
             return None;
         }
         _ => {
@@ -150,7 +185,12 @@ pub fn parse_node(root: &yaml::Node, cx: &mut Cx) -> Option<Configuration> {
                 type_node.preview(),
                 CONFIGURATION_TYPES.join(", ")
             );
-            cx.error(type_node.mark, &path.key("type"), ErrorCode::UnknownType, message);
+            cx.error(
+                type_node.mark,
+                &path.key("type"),
+                ErrorCode::UnknownType,
+                message,
+            );
             return None;
         }
     };

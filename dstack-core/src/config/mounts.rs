@@ -86,9 +86,16 @@ impl Decode for MountPoint {
                 let target = checked_path(node, parts[1], cx, &path.key("path"));
                 if parts[0].contains('/') || parts[0].starts_with('.') {
                     let source = checked_path(node, parts[0], cx, &path.key("instance_path"));
-                    Some(MountPoint::Instance { instance_path: source?, path: target?, optional: false })
+                    Some(MountPoint::Instance {
+                        instance_path: source?,
+                        path: target?,
+                        optional: false,
+                    })
                 } else {
-                    Some(MountPoint::Volume { name: VolumeNames::One(parts[0].to_string()), path: target? })
+                    Some(MountPoint::Volume {
+                        name: VolumeNames::One(parts[0].to_string()),
+                        path: target?,
+                    })
                 }
             }
             NodeKind::Map(_) if node.get("instance_path").is_some() => {
@@ -97,7 +104,11 @@ impl Decode for MountPoint {
                 let target = f.req_with(cx, path, "path", abs_path);
                 let optional = f.or(cx, path, "optional", || false);
                 f.finish(cx, path);
-                Some(MountPoint::Instance { instance_path: instance_path?, path: target?, optional: optional? })
+                Some(MountPoint::Instance {
+                    instance_path: instance_path?,
+                    path: target?,
+                    optional: optional?,
+                })
             }
             NodeKind::Map(_) => {
                 let mut f = Fields::new(node, cx, path, "volume mount")?;
@@ -107,10 +118,17 @@ impl Decode for MountPoint {
                 });
                 let target = f.req_with(cx, path, "path", abs_path);
                 f.finish(cx, path);
-                Some(MountPoint::Volume { name: name?, path: target? })
+                Some(MountPoint::Volume {
+                    name: name?,
+                    path: target?,
+                })
             }
             _ => {
-                cx.expected(node, path, "a mount point (name:/path, /host/path:/path or a mapping)");
+                cx.expected(
+                    node,
+                    path,
+                    "a mount point (name:/path, /host/path:/path or a mapping)",
+                );
                 None
             }
         }
@@ -133,20 +151,44 @@ mod tests {
 
     #[test]
     fn mount_point_vectors() {
-        assert_eq!(mount("my-vol:/path/./to///dir/").unwrap(), r#"{"name":"my-vol","path":"/path/to/dir"}"#);
+        assert_eq!(
+            mount("my-vol:/path/./to///dir/").unwrap(),
+            r#"{"name":"my-vol","path":"/path/to/dir"}"#
+        );
         assert_eq!(
             mount("/host/.//path/:/run//./path").unwrap(),
             r#"{"instance_path":"/host/path","path":"/run/path","optional":false}"#
         );
-        assert_eq!(mount("/host:/run/").unwrap(), r#"{"instance_path":"/host","path":"/run","optional":false}"#);
-        assert_eq!(mount("{name: [a, b], path: /data}").unwrap(), r#"{"name":["a","b"],"path":"/data"}"#);
-        for bad in ["my-vol", "my-vol:/run:ro", "/path", "/host/path:/run/path:ro"] {
-            assert!(mount(bad).unwrap_err().starts_with("invalid mount point format"), "{bad}");
+        assert_eq!(
+            mount("/host:/run/").unwrap(),
+            r#"{"instance_path":"/host","path":"/run","optional":false}"#
+        );
+        assert_eq!(
+            mount("{name: [a, b], path: /data}").unwrap(),
+            r#"{"name":["a","b"],"path":"/data"}"#
+        );
+        for bad in [
+            "my-vol",
+            "my-vol:/run:ro",
+            "/path",
+            "/host/path:/run/path:ro",
+        ] {
+            assert!(
+                mount(bad)
+                    .unwrap_err()
+                    .starts_with("invalid mount point format"),
+                "{bad}"
+            );
         }
         assert_eq!(mount("'vol:'").unwrap_err(), "empty path");
         for bad in ["vol:rel/path", "path/to:/run", "./path:/run", "path/:/run"] {
-            assert!(mount(bad).unwrap_err().starts_with("path must be absolute"), "{bad}");
+            assert!(
+                mount(bad).unwrap_err().starts_with("path must be absolute"),
+                "{bad}"
+            );
         }
-        assert!(mount("vol:/path/../to").unwrap_err().starts_with(".. are not allowed"));
+        assert!(mount("vol:/path/../to")
+            .unwrap_err()
+            .starts_with(".. are not allowed"));
     }
 }

@@ -47,27 +47,47 @@ pub fn decode_port(
     match &node.kind {
         NodeKind::Int(_) | NodeKind::Float(_) => {
             let port = port_number(node, cx, path)?;
-            Some(PortMapping { local_port: Some(default_local.unwrap_or(port)), container_port: port })
+            Some(PortMapping {
+                local_port: Some(default_local.unwrap_or(port)),
+                container_port: port,
+            })
         }
         NodeKind::Str(s) => {
             let text = s.trim();
-            let hint = if allow_any_local { "PORT, LOCAL:PORT or *:PORT" } else { "PORT or LOCAL:PORT" };
+            let hint = if allow_any_local {
+                "PORT, LOCAL:PORT or *:PORT"
+            } else {
+                "PORT or LOCAL:PORT"
+            };
             let valid = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
             match text.split_once(':') {
                 None if valid(text) => {
                     let port = port_text(text, node, cx, path)?;
-                    Some(PortMapping { local_port: Some(default_local.unwrap_or(port)), container_port: port })
+                    Some(PortMapping {
+                        local_port: Some(default_local.unwrap_or(port)),
+                        container_port: port,
+                    })
                 }
                 Some((local, container))
                     if valid(container) && (valid(local) || (allow_any_local && local == "*")) =>
                 {
                     let container_port = port_text(container, node, cx, path)?;
-                    let local_port =
-                        if local == "*" { None } else { Some(port_text(local, node, cx, path)?) };
-                    Some(PortMapping { local_port, container_port })
+                    let local_port = if local == "*" {
+                        None
+                    } else {
+                        Some(port_text(local, node, cx, path)?)
+                    };
+                    Some(PortMapping {
+                        local_port,
+                        container_port,
+                    })
                 }
                 _ => {
-                    cx.invalid(node, path, format!("invalid port mapping '{s}'; expected {hint}"));
+                    cx.invalid(
+                        node,
+                        path,
+                        format!("invalid port mapping '{s}'; expected {hint}"),
+                    );
                     None
                 }
             }
@@ -77,7 +97,10 @@ pub fn decode_port(
             let container_port = f.req_with(cx, path, "container_port", port_number);
             let local_port = f.opt_with(cx, path, "local_port", port_number);
             f.finish(cx, path);
-            Some(PortMapping { local_port, container_port: container_port? })
+            Some(PortMapping {
+                local_port,
+                container_port: container_port?,
+            })
         }
         _ => {
             cx.expected(node, path, "a port (8080, \"80:8080\") or a port mapping");
@@ -118,9 +141,15 @@ mod tests {
         let same = r#"[{"local_port":8080,"container_port":8080}]"#;
         assert_eq!(ports("[8080]").unwrap(), same);
         assert_eq!(ports("['8080']").unwrap(), same);
-        assert_eq!(ports("['80:8080']").unwrap(), r#"[{"local_port":80,"container_port":8080}]"#);
+        assert_eq!(
+            ports("['80:8080']").unwrap(),
+            r#"[{"local_port":80,"container_port":8080}]"#
+        );
         assert_eq!(ports("['*:8080']").unwrap(), r#"[{"container_port":8080}]"#);
-        assert_eq!(ports("[{container_port: 22}]").unwrap(), r#"[{"container_port":22}]"#);
+        assert_eq!(
+            ports("[{container_port: 22}]").unwrap(),
+            r#"[{"container_port":22}]"#
+        );
         assert_eq!(
             ports("[abc]").unwrap_err(),
             "1:5: [0]: invalid port mapping 'abc'; expected PORT, LOCAL:PORT or *:PORT [invalid_value]"

@@ -60,16 +60,24 @@ impl Decode for Retry {
             let duration = f.opt(cx, path, "duration");
             f.finish(cx, path);
             if on_events.as_ref().is_some_and(Vec::is_empty) {
-                let message = "`on_events` cannot be empty; list no-capacity, interruption or error";
+                let message =
+                    "`on_events` cannot be empty; list no-capacity, interruption or error";
                 cx.invalid(node, &path.key("on_events"), message);
                 return None;
             }
-            return Some(Retry::Policy { on_events, duration });
+            return Some(Retry::Policy {
+                on_events,
+                duration,
+            });
         }
         match node.kind {
             NodeKind::Bool(b) => Some(Retry::Enabled(b)),
             _ => {
-                cx.expected(node, path, "true, false or a mapping with on_events and duration");
+                cx.expected(
+                    node,
+                    path,
+                    "true, false or a mapping with on_events and duration",
+                );
                 None
             }
         }
@@ -88,17 +96,27 @@ pub struct UtilizationPolicy {
 impl Decode for UtilizationPolicy {
     fn decode(node: &Node, cx: &mut Cx, path: &Path<'_>) -> Option<Self> {
         let mut f = Fields::new(node, cx, path, "utilization policy")?;
-        let min = f.req_with(cx, path, "min_gpu_utilization", |n, cx, p| int_between(n, cx, p, 0, 100));
+        let min = f.req_with(cx, path, "min_gpu_utilization", |n, cx, p| {
+            int_between(n, cx, p, 0, 100)
+        });
         let window: Option<Duration> = f.req(cx, path, "time_window");
         f.finish(cx, path);
         if let Some(w) = window {
             if w.0 < 300 {
                 let message = format!("time_window must be at least 5m (300s), got {}s", w.0);
-                cx.error(node.mark, &path.key("time_window"), ErrorCode::OutOfRange, message);
+                cx.error(
+                    node.mark,
+                    &path.key("time_window"),
+                    ErrorCode::OutOfRange,
+                    message,
+                );
                 return None;
             }
         }
-        Some(UtilizationPolicy { min_gpu_utilization: min?, time_window: window? })
+        Some(UtilizationPolicy {
+            min_gpu_utilization: min?,
+            time_window: window?,
+        })
     }
 }
 
@@ -172,7 +190,8 @@ impl Decode for InstanceSelector {
         }
         let mut f = Fields::new(node, cx, path, "instance selector")?;
         let selector = if f.has("name") {
-            f.req_with(cx, path, "name", non_empty).map(|name| InstanceSelector::Name { name })
+            f.req_with(cx, path, "name", non_empty)
+                .map(|name| InstanceSelector::Name { name })
         } else if f.has("hostname") {
             f.req_with(cx, path, "hostname", non_empty)
                 .map(|hostname| InstanceSelector::Hostname { hostname })
@@ -184,9 +203,13 @@ impl Decode for InstanceSelector {
                 }
                 EntityReference::decode(n, cx, p)
             });
-            let instance = f.req_with(cx, path, "instance", |n, cx, p| int_between(n, cx, p, 0, i64::MAX));
+            let instance = f.req_with(cx, path, "instance", |n, cx, p| {
+                int_between(n, cx, p, 0, i64::MAX)
+            });
             match (fleet, instance) {
-                (Some(fleet), Some(instance)) => Some(InstanceSelector::FleetInstance { fleet, instance }),
+                (Some(fleet), Some(instance)) => {
+                    Some(InstanceSelector::FleetInstance { fleet, instance })
+                }
                 _ => None,
             }
         };
@@ -220,26 +243,48 @@ pub struct BackendOptions {
 impl Decode for BackendOptions {
     fn decode(node: &Node, cx: &mut Cx, path: &Path<'_>) -> Option<Self> {
         let mut f = Fields::new(node, cx, path, "backend options")?;
-        let backend = f.or_with(cx, path, "type", || "vastai", |n, cx, p| {
-            let s = String::decode(n, cx, p)?;
-            if s != "vastai" {
-                cx.invalid(n, p, format!("invalid value '{s}'; only vastai has backend options"));
-                return None;
-            }
-            Some("vastai")
-        });
+        let backend = f.or_with(
+            cx,
+            path,
+            "type",
+            || "vastai",
+            |n, cx, p| {
+                let s = String::decode(n, cx, p)?;
+                if s != "vastai" {
+                    cx.invalid(
+                        n,
+                        p,
+                        format!("invalid value '{s}'; only vastai has backend options"),
+                    );
+                    return None;
+                }
+                Some("vastai")
+            },
+        );
         let offer_order = f.opt(cx, path, "offer_order");
         let min_reliability = f.opt_with(cx, path, "min_reliability", |n, cx, p| {
             let v = f64::decode(n, cx, p)?;
             if !(0.0..=1.0).contains(&v) {
-                cx.error(n.mark, p, ErrorCode::OutOfRange, format!("must be between 0 and 1, got {v}"));
+                cx.error(
+                    n.mark,
+                    p,
+                    ErrorCode::OutOfRange,
+                    format!("must be between 0 and 1, got {v}"),
+                );
                 return None;
             }
             Some(v)
         });
-        let min_score = f.opt_with(cx, path, "min_score", |n, cx, p| int_between(n, cx, p, 0, i64::MAX));
+        let min_score = f.opt_with(cx, path, "min_score", |n, cx, p| {
+            int_between(n, cx, p, 0, i64::MAX)
+        });
         f.finish(cx, path);
-        Some(BackendOptions { backend: backend?, offer_order, min_reliability, min_score })
+        Some(BackendOptions {
+            backend: backend?,
+            offer_order,
+            min_reliability,
+            min_score,
+        })
     }
 }
 
@@ -320,7 +365,12 @@ pub enum ProfileScope {
 fn positive_price(node: &Node, cx: &mut Cx, path: &Path<'_>) -> Option<f64> {
     let v = f64::decode(node, cx, path)?;
     if v <= 0.0 {
-        cx.error(node.mark, path, ErrorCode::OutOfRange, format!("must be greater than 0, got {v}"));
+        cx.error(
+            node.mark,
+            path,
+            ErrorCode::OutOfRange,
+            format!("must be greater than 0, got {v}"),
+        );
         return None;
     }
     Some(v)
@@ -365,10 +415,19 @@ impl ProfileParams {
     }
 }
 
-fn decode_backend_options(node: &Node, cx: &mut Cx, path: &Path<'_>) -> Option<Vec<BackendOptions>> {
+fn decode_backend_options(
+    node: &Node,
+    cx: &mut Cx,
+    path: &Path<'_>,
+) -> Option<Vec<BackendOptions>> {
     let list = Vec::<BackendOptions>::decode(node, cx, path)?;
     if list.len() > 1 {
-        cx.error(node.mark, path, ErrorCode::Conflict, "duplicate backend options for vastai");
+        cx.error(
+            node.mark,
+            path,
+            ErrorCode::Conflict,
+            "duplicate backend options for vastai",
+        );
         return None;
     }
     Some(list)
@@ -392,8 +451,14 @@ mod tests {
     fn retry_vectors() {
         assert_eq!(decode::<Retry>("true").unwrap(), "true");
         assert_eq!(decode::<Retry>("false").unwrap(), "false");
-        assert_eq!(decode::<Retry>("{on_events: [no-capacity]}").unwrap(), r#"{"on_events":["no-capacity"]}"#);
-        assert_eq!(decode::<Retry>("{duration: 2h}").unwrap(), r#"{"duration":7200}"#);
+        assert_eq!(
+            decode::<Retry>("{on_events: [no-capacity]}").unwrap(),
+            r#"{"on_events":["no-capacity"]}"#
+        );
+        assert_eq!(
+            decode::<Retry>("{duration: 2h}").unwrap(),
+            r#"{"duration":7200}"#
+        );
         assert_eq!(
             decode::<Retry>("{on_events: []}").unwrap_err(),
             "`on_events` cannot be empty; list no-capacity, interruption or error"
@@ -406,15 +471,29 @@ mod tests {
 
     #[test]
     fn instance_selector_vectors() {
-        assert_eq!(decode::<InstanceSelector>("my-fleet-1").unwrap(), r#"{"name":"my-fleet-1"}"#);
-        assert_eq!(decode::<InstanceSelector>("{hostname: worker-1}").unwrap(), r#"{"hostname":"worker-1"}"#);
+        assert_eq!(
+            decode::<InstanceSelector>("my-fleet-1").unwrap(),
+            r#"{"name":"my-fleet-1"}"#
+        );
+        assert_eq!(
+            decode::<InstanceSelector>("{hostname: worker-1}").unwrap(),
+            r#"{"hostname":"worker-1"}"#
+        );
         assert_eq!(
             decode::<InstanceSelector>("{fleet: other/my-fleet, instance: 3}").unwrap(),
             r#"{"fleet":{"name":"my-fleet","project":"other"},"instance":3}"#
         );
-        for bad in ["''", "{name: a, hostname: b}", "{name: ''}", "{hostname: ''}", "{fleet: '', instance: 0}",
-            "{fleet: a/b/c, instance: 0}", "{fleet: a}", "{fleet: a, instance: -1}", "{fleet: a, instance: 1, x: 2}"]
-        {
+        for bad in [
+            "''",
+            "{name: a, hostname: b}",
+            "{name: ''}",
+            "{hostname: ''}",
+            "{fleet: '', instance: 0}",
+            "{fleet: a/b/c, instance: 0}",
+            "{fleet: a}",
+            "{fleet: a, instance: -1}",
+            "{fleet: a, instance: 1, x: 2}",
+        ] {
             assert!(decode::<InstanceSelector>(bad).is_err(), "{bad}");
         }
     }
@@ -425,9 +504,14 @@ mod tests {
             decode::<UtilizationPolicy>("{min_gpu_utilization: 10, time_window: 1h}").unwrap(),
             r#"{"min_gpu_utilization":10,"time_window":3600}"#
         );
-        assert!(decode::<UtilizationPolicy>("{min_gpu_utilization: 101, time_window: 1h}").is_err());
+        assert!(
+            decode::<UtilizationPolicy>("{min_gpu_utilization: 101, time_window: 1h}").is_err()
+        );
         assert!(decode::<UtilizationPolicy>("{min_gpu_utilization: 10, time_window: 1m}").is_err());
-        assert_eq!(decode::<Schedule>("{cron: '15 23 * * *'}").unwrap(), r#"{"cron":["15 23 * * *"]}"#);
+        assert_eq!(
+            decode::<Schedule>("{cron: '15 23 * * *'}").unwrap(),
+            r#"{"cron":["15 23 * * *"]}"#
+        );
         assert!(decode::<Schedule>("{cron: 'every day'}").is_err());
     }
 }

@@ -30,7 +30,9 @@ impl Memory {
         };
         let number = number.trim();
         let valid = !number.is_empty()
-            && number.bytes().all(|b| b.is_ascii_digit() || b == b'.' || b == b'-' || b == b'+');
+            && number
+                .bytes()
+                .all(|b| b.is_ascii_digit() || b == b'.' || b == b'-' || b == b'+');
         if !valid {
             return None;
         }
@@ -71,7 +73,9 @@ impl Bound for i64 {
     }
 
     fn from_str_bound(s: &str) -> Result<Self, String> {
-        s.trim().parse().map_err(|_| format!("'{}' is not an integer", s.trim()))
+        s.trim()
+            .parse()
+            .map_err(|_| format!("'{}' is not an integer", s.trim()))
     }
 
     fn is_negative(&self) -> bool {
@@ -93,7 +97,10 @@ impl Bound for Memory {
 
     fn from_str_bound(s: &str) -> Result<Self, String> {
         Memory::parse_str(s).ok_or_else(|| {
-            format!("'{}' is not a memory size (expected e.g. 512MB, 16GB, 1TB)", s.trim())
+            format!(
+                "'{}' is not a memory size (expected e.g. 512MB, 16GB, 1TB)",
+                s.trim()
+            )
         })
     }
 
@@ -116,12 +123,18 @@ pub struct Range<T> {
 impl<T: Bound> Range<T> {
     /// `min..` (no upper bound).
     pub fn at_least(min: T) -> Self {
-        Range { min: Some(min), max: None }
+        Range {
+            min: Some(min),
+            max: None,
+        }
     }
 
     /// Exactly `v`.
     pub fn exact(v: T) -> Self {
-        Range { min: Some(v), max: Some(v) }
+        Range {
+            min: Some(v),
+            max: Some(v),
+        }
     }
 
     /// The intersection of two ranges, or `None` when they do not overlap.
@@ -154,8 +167,16 @@ impl<T: Bound> Range<T> {
         if lo.is_empty() && hi.is_empty() {
             return Err("empty range '..'; expected N, N.., ..M or N..M".to_string());
         }
-        let min = if lo.is_empty() { None } else { Some(T::from_str_bound(lo)?) };
-        let max = if hi.is_empty() { None } else { Some(T::from_str_bound(hi)?) };
+        let min = if lo.is_empty() {
+            None
+        } else {
+            Some(T::from_str_bound(lo)?)
+        };
+        let max = if hi.is_empty() {
+            None
+        } else {
+            Some(T::from_str_bound(hi)?)
+        };
         Ok(Range { min, max })
     }
 
@@ -163,7 +184,10 @@ impl<T: Bound> Range<T> {
     pub fn check(&self) -> Result<(), (ErrorCode, String)> {
         for v in [self.min, self.max].into_iter().flatten() {
             if v.is_negative() {
-                return Err((ErrorCode::OutOfRange, format!("must not be negative, got {v}")));
+                return Err((
+                    ErrorCode::OutOfRange,
+                    format!("must not be negative, got {v}"),
+                ));
             }
         }
         if let (Some(lo), Some(hi)) = (self.min, self.max) {
@@ -202,7 +226,10 @@ pub fn decode_range<T: Bound>(node: &Node, cx: &mut Cx, path: &Path<'_>) -> Opti
         NodeKind::Str(s) => Range::<T>::parse_str(s),
         NodeKind::Int(_) | NodeKind::Float(_) => T::from_node(node).map(Range::exact),
         NodeKind::Map(entries) => {
-            let mut range = Range { min: None, max: None };
+            let mut range = Range {
+                min: None,
+                max: None,
+            };
             let mut ok = true;
             for (k, v) in entries {
                 let key = scalar_key(k);
@@ -210,7 +237,8 @@ pub fn decode_range<T: Bound>(node: &Node, cx: &mut Cx, path: &Path<'_>) -> Opti
                     "min" => &mut range.min,
                     "max" => &mut range.max,
                     _ => {
-                        let message = format!("unknown field `{key}`; a range has only min and max");
+                        let message =
+                            format!("unknown field `{key}`; a range has only min and max");
                         cx.error(k.mark, &path.key(&key), ErrorCode::UnknownField, message);
                         ok = false;
                         continue;
@@ -223,7 +251,12 @@ pub fn decode_range<T: Bound>(node: &Node, cx: &mut Cx, path: &Path<'_>) -> Opti
                     Ok(b) => *slot = Some(b),
                     Err(message) => {
                         let code = ErrorCode::InvalidValue;
-                        cx.error(v.mark, &path.key(if key == "min" { "min" } else { "max" }), code, message);
+                        cx.error(
+                            v.mark,
+                            &path.key(if key == "min" { "min" } else { "max" }),
+                            code,
+                            message,
+                        );
                         ok = false;
                     }
                 }
@@ -233,12 +266,19 @@ pub fn decode_range<T: Bound>(node: &Node, cx: &mut Cx, path: &Path<'_>) -> Opti
             }
             Ok(range)
         }
-        _ => Err(format!("expected {} or a range (N, N.., ..M, N..M), found {}", T::WHAT, node.type_name())),
+        _ => Err(format!(
+            "expected {} or a range (N, N.., ..M, N..M), found {}",
+            T::WHAT,
+            node.type_name()
+        )),
     };
     let range = match parsed {
         Ok(r) => r,
         Err(message) => {
-            let code = if matches!(node.kind, NodeKind::Seq(_) | NodeKind::Bool(_) | NodeKind::Null) {
+            let code = if matches!(
+                node.kind,
+                NodeKind::Seq(_) | NodeKind::Bool(_) | NodeKind::Null
+            ) {
                 ErrorCode::InvalidType
             } else {
                 ErrorCode::InvalidValue
@@ -297,7 +337,10 @@ mod tests {
         assert_eq!(range::<Memory>("512MB.."), r(m(0.5), None));
         assert_eq!(range::<Memory>("..1 TB"), r(None, m(1024.0)));
         assert_eq!(range::<Memory>("512..1 TB"), r(m(512.0), m(1024.0)));
-        assert_eq!(range::<Memory>("{min: 512MB, max: 1TB}"), r(m(0.5), m(1024.0)));
+        assert_eq!(
+            range::<Memory>("{min: 512MB, max: 1TB}"),
+            r(m(0.5), m(1024.0))
+        );
         assert_eq!(range::<Memory>("-5GB"), None);
     }
 
@@ -305,17 +348,39 @@ mod tests {
     fn intersection_vectors() {
         let x = |a: Option<i64>, b: Option<i64>| Range { min: a, max: b };
         assert_eq!(x(Some(1), Some(2)).intersect(&x(Some(3), Some(4))), None);
-        assert_eq!(x(Some(1), Some(2)).intersect(&x(Some(2), Some(3))), Some(x(Some(2), Some(2))));
-        assert_eq!(x(Some(1), Some(3)).intersect(&x(Some(2), Some(4))), Some(x(Some(2), Some(3))));
-        assert_eq!(x(None, Some(1)).intersect(&x(Some(1), None)), Some(x(Some(1), Some(1))));
-        assert_eq!(x(None, Some(1)).intersect(&x(None, Some(2))), Some(x(None, Some(1))));
-        assert_eq!(x(Some(1), None).intersect(&x(None, Some(2))), Some(x(Some(1), Some(2))));
+        assert_eq!(
+            x(Some(1), Some(2)).intersect(&x(Some(2), Some(3))),
+            Some(x(Some(2), Some(2)))
+        );
+        assert_eq!(
+            x(Some(1), Some(3)).intersect(&x(Some(2), Some(4))),
+            Some(x(Some(2), Some(3)))
+        );
+        assert_eq!(
+            x(None, Some(1)).intersect(&x(Some(1), None)),
+            Some(x(Some(1), Some(1)))
+        );
+        assert_eq!(
+            x(None, Some(1)).intersect(&x(None, Some(2))),
+            Some(x(None, Some(1)))
+        );
+        assert_eq!(
+            x(Some(1), None).intersect(&x(None, Some(2))),
+            Some(x(Some(1), Some(2)))
+        );
     }
 
     #[test]
     fn displays_like_dstack() {
         assert_eq!(Range::exact(2i64).to_string(), "2");
         assert_eq!(Range::at_least(Memory(8.0)).to_string(), "8GB..");
-        assert_eq!(Range { min: None, max: Some(Memory(0.5)) }.to_string(), "..0.5GB");
+        assert_eq!(
+            Range {
+                min: None,
+                max: Some(Memory(0.5))
+            }
+            .to_string(),
+            "..0.5GB"
+        );
     }
 }

@@ -22,7 +22,10 @@ impl EntityReference {
     pub fn parse_str(s: &str) -> Result<Self, String> {
         let bad = || format!("invalid reference '{s}'; expected NAME or PROJECT/NAME");
         match s.split('/').collect::<Vec<_>>().as_slice() {
-            [name] if !name.is_empty() => Ok(EntityReference { name: name.to_string(), project: None }),
+            [name] if !name.is_empty() => Ok(EntityReference {
+                name: name.to_string(),
+                project: None,
+            }),
             [project, name] if !project.is_empty() && !name.is_empty() => Ok(EntityReference {
                 name: name.to_string(),
                 project: Some(project.to_string()),
@@ -39,7 +42,10 @@ impl Decode for EntityReference {
             let name = f.req(cx, path, "name");
             let project = f.opt(cx, path, "project");
             f.finish(cx, path);
-            return Some(EntityReference { name: name?, project });
+            return Some(EntityReference {
+                name: name?,
+                project,
+            });
         }
         let text = String::decode(node, cx, path)?;
         match EntityReference::parse_str(&text) {
@@ -137,11 +143,14 @@ pub fn decode_tags(node: &Node, cx: &mut Cx, path: &Path<'_>) -> Option<Tags> {
     let mut ok = true;
     for (k, v) in &tags {
         let key_ok = (1..=60).contains(&k.len())
-            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
         let value_ok = v.len() <= 256
-            && v.bytes().all(|b| b.is_ascii_alphanumeric() || b" .:/=_-+@".contains(&b));
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b" .:/=_-+@".contains(&b));
         if !key_ok {
-            let message = format!("invalid tag key '{k}'; keys are 1-60 characters of a-z A-Z 0-9 _ -");
+            let message =
+                format!("invalid tag key '{k}'; keys are 1-60 characters of a-z A-Z 0-9 _ -");
             cx.invalid(node, &path.key(k), message);
             ok = false;
         } else if !value_ok {
@@ -161,12 +170,23 @@ mod tests {
 
     #[test]
     fn unix_user_vectors() {
-        for ok in ["0", "1000", "debian", "1000:2000", "1000:wheel", "root:0", "admin:wheel"] {
+        for ok in [
+            "0",
+            "1000",
+            "debian",
+            "1000:2000",
+            "1000:wheel",
+            "root:0",
+            "admin:wheel",
+        ] {
             assert_eq!(check_unix_user(ok), Ok(()), "{ok}");
         }
         let err = |s| check_unix_user(s).unwrap_err();
         assert_eq!(err("1000:1000:"), "invalid user format: too many parts");
-        assert_eq!(err("user:group:foo:bar"), "invalid user format: too many parts");
+        assert_eq!(
+            err("user:group:foo:bar"),
+            "invalid user format: too many parts"
+        );
         assert_eq!(err(""), "invalid user format: empty user name or id");
         assert_eq!(err(":group"), "invalid user format: empty user name or id");
         assert_eq!(err("-1"), "invalid user format: negative uid -1");
@@ -180,7 +200,10 @@ mod tests {
         let r = EntityReference::parse_str("fleet").unwrap();
         assert_eq!((r.project, r.name.as_str()), (None, "fleet"));
         let r = EntityReference::parse_str("project/fleet").unwrap();
-        assert_eq!((r.project.as_deref(), r.name.as_str()), (Some("project"), "fleet"));
+        assert_eq!(
+            (r.project.as_deref(), r.name.as_str()),
+            (Some("project"), "fleet")
+        );
         for bad in ["", "/name", "name/", "/", "a/b/c"] {
             assert!(EntityReference::parse_str(bad).is_err(), "{bad}");
         }

@@ -43,7 +43,10 @@ pub struct CpuSpec {
 
 impl Default for CpuSpec {
     fn default() -> Self {
-        CpuSpec { arch: None, count: Range::at_least(2) }
+        CpuSpec {
+            arch: None,
+            count: Range::at_least(2),
+        }
     }
 }
 
@@ -69,19 +72,27 @@ impl CpuSpec {
                     ));
                 };
                 if arch.is_some() {
-                    return Err(format!("CPU arch conflict in '{s}': two architectures given"));
+                    return Err(format!(
+                        "CPU arch conflict in '{s}': two architectures given"
+                    ));
                 }
                 arch = Some(a);
             }
         }
-        Ok(CpuSpec { arch, count: count.unwrap_or_else(|| CpuSpec::default().count) })
+        Ok(CpuSpec {
+            arch,
+            count: count.unwrap_or_else(|| CpuSpec::default().count),
+        })
     }
 }
 
 impl Decode for CpuSpec {
     fn decode(node: &Node, cx: &mut Cx, path: &Path<'_>) -> Option<Self> {
         let spec = match &node.kind {
-            NodeKind::Int(_) => CpuSpec { arch: None, count: decode_range(node, cx, path)? },
+            NodeKind::Int(_) => CpuSpec {
+                arch: None,
+                count: decode_range(node, cx, path)?,
+            },
             NodeKind::Str(s) => match CpuSpec::parse_str(s) {
                 Ok(spec) => spec,
                 Err(message) => {
@@ -94,7 +105,10 @@ impl Decode for CpuSpec {
                 if node.as_map().is_some_and(|m| m.is_empty()) {
                     CpuSpec::default()
                 } else {
-                    CpuSpec { arch: None, count: decode_range(node, cx, path)? }
+                    CpuSpec {
+                        arch: None,
+                        count: decode_range(node, cx, path)?,
+                    }
                 }
             }
             NodeKind::Map(_) => {
@@ -103,16 +117,27 @@ impl Decode for CpuSpec {
                     let text = String::decode(n, cx, p)?;
                     let arch = CpuArch::parse(&text.to_ascii_lowercase());
                     if arch.is_none() {
-                        cx.invalid(n, p, format!("invalid CPU architecture '{text}'; expected x86 or arm"));
+                        cx.invalid(
+                            n,
+                            p,
+                            format!("invalid CPU architecture '{text}'; expected x86 or arm"),
+                        );
                     }
                     arch
                 });
                 let count = f.or_with(cx, path, "count", || CpuSpec::default().count, decode_range);
                 f.finish(cx, path);
-                CpuSpec { arch, count: count? }
+                CpuSpec {
+                    arch,
+                    count: count?,
+                }
             }
             _ => {
-                cx.expected(node, path, "a CPU spec (a count such as 4 or 2.., or arch:count such as x86:2..)");
+                cx.expected(
+                    node,
+                    path,
+                    "a CPU spec (a count such as 4 or 2.., or arch:count such as x86:2..)",
+                );
                 return None;
             }
         };
@@ -148,18 +173,24 @@ impl Decode for ComputeCapability {
             NodeKind::Str(s) => ComputeCapability::parse_str(s),
             NodeKind::Float(f) => ComputeCapability::parse_str(&super::yaml::py_float_repr(*f)),
             NodeKind::Int(i) => u32::try_from(*i).ok().map(|m| ComputeCapability(m, 0)),
-            NodeKind::Seq(items) if items.len() == 2 => {
-                match (&items[0].kind, &items[1].kind) {
-                    (NodeKind::Int(a), NodeKind::Int(b)) => {
-                        Some(ComputeCapability(u32::try_from(*a).ok()?, u32::try_from(*b).ok()?))
-                    }
-                    _ => None,
-                }
-            }
+            NodeKind::Seq(items) if items.len() == 2 => match (&items[0].kind, &items[1].kind) {
+                (NodeKind::Int(a), NodeKind::Int(b)) => Some(ComputeCapability(
+                    u32::try_from(*a).ok()?,
+                    u32::try_from(*b).ok()?,
+                )),
+                _ => None,
+            },
             _ => None,
         };
         if parsed.is_none() {
-            cx.invalid(node, path, format!("invalid compute capability {}; expected e.g. \"7.5\"", node.preview()));
+            cx.invalid(
+                node,
+                path,
+                format!(
+                    "invalid compute capability {}; expected e.g. \"7.5\"",
+                    node.preview()
+                ),
+            );
         }
         parsed
     }
@@ -190,7 +221,10 @@ pub struct GpuSpec {
 impl GpuSpec {
     /// The spec used when `gpu` is not given: GPUs optional (`0..`).
     pub fn optional() -> Self {
-        GpuSpec { count: Range::at_least(0), ..GpuSpec::any() }
+        GpuSpec {
+            count: Range::at_least(0),
+            ..GpuSpec::any()
+        }
     }
 
     /// An explicit spec without constraints: at least one GPU.
@@ -226,7 +260,9 @@ impl GpuSpec {
                 names = Some(parse_gpu_names(token.split(','))?);
             } else if token.bytes().any(|b| b.is_ascii_alphabetic()) {
                 if memory.is_some() {
-                    return Err(format!("GPU memory conflict in '{s}': two memory sizes given"));
+                    return Err(format!(
+                        "GPU memory conflict in '{s}': two memory sizes given"
+                    ));
                 }
                 memory = Some(Range::<Memory>::parse_str(token)?);
             } else {
@@ -260,7 +296,10 @@ fn parse_gpu_names<'a>(names: impl Iterator<Item = &'a str>) -> Result<Vec<Strin
 impl Decode for GpuSpec {
     fn decode(node: &Node, cx: &mut Cx, path: &Path<'_>) -> Option<Self> {
         let spec = match &node.kind {
-            NodeKind::Int(_) => GpuSpec { count: decode_range(node, cx, path)?, ..GpuSpec::any() },
+            NodeKind::Int(_) => GpuSpec {
+                count: decode_range(node, cx, path)?,
+                ..GpuSpec::any()
+            },
             NodeKind::Str(s) => match GpuSpec::parse_str(s) {
                 Ok(spec) => spec,
                 Err(message) => {
@@ -270,17 +309,28 @@ impl Decode for GpuSpec {
             },
             NodeKind::Map(_) => decode_gpu_mapping(node, cx, path)?,
             _ => {
-                cx.expected(node, path, "a GPU spec (e.g. A100:80GB:2, 24GB.., 1..4, nvidia:2)");
+                cx.expected(
+                    node,
+                    path,
+                    "a GPU spec (e.g. A100:80GB:2, 24GB.., 1..4, nvidia:2)",
+                );
                 return None;
             }
         };
         for (range_path, check) in [
             ("count", spec.count.check()),
             ("memory", spec.memory.map_or(Ok(()), |m| m.check())),
-            ("total_memory", spec.total_memory.map_or(Ok(()), |m| m.check())),
+            (
+                "total_memory",
+                spec.total_memory.map_or(Ok(()), |m| m.check()),
+            ),
         ] {
             if let Err((code, message)) = check {
-                let p = if matches!(node.kind, NodeKind::Map(_)) { path.key(range_path) } else { *path };
+                let p = if matches!(node.kind, NodeKind::Map(_)) {
+                    path.key(range_path)
+                } else {
+                    *path
+                };
                 cx.error(node.mark, &p, code, message);
                 return None;
             }
@@ -322,7 +372,14 @@ fn decode_gpu_mapping(node: &Node, cx: &mut Cx, path: &Path<'_>) -> Option<GpuSp
     if cx.error_count() > before {
         return None;
     }
-    Some(GpuSpec { vendor, name, count: count?, memory, total_memory, compute_capability })
+    Some(GpuSpec {
+        vendor,
+        name,
+        count: count?,
+        memory,
+        total_memory,
+        compute_capability,
+    })
 }
 
 /// `disk:` — the size range of the instance disk.
@@ -334,21 +391,26 @@ pub struct DiskSpec {
 
 impl Default for DiskSpec {
     fn default() -> Self {
-        DiskSpec { size: Range::at_least(Memory(100.0)) }
+        DiskSpec {
+            size: Range::at_least(Memory(100.0)),
+        }
     }
 }
 
 impl Decode for DiskSpec {
     fn decode(node: &Node, cx: &mut Cx, path: &Path<'_>) -> Option<Self> {
         if let NodeKind::Map(_) = node.kind {
-            if node.get("size").is_some() || node.get("min").is_none() && node.get("max").is_none() {
+            if node.get("size").is_some() || node.get("min").is_none() && node.get("max").is_none()
+            {
                 let mut f = Fields::new(node, cx, path, "disk spec")?;
                 let size = f.req_with(cx, path, "size", decode_range);
                 f.finish(cx, path);
                 return Some(DiskSpec { size: size? });
             }
         }
-        Some(DiskSpec { size: decode_range(node, cx, path)? })
+        Some(DiskSpec {
+            size: decode_range(node, cx, path)?,
+        })
     }
 }
 
@@ -392,7 +454,13 @@ impl Decode for ResourcesSpec {
         let gpu = nullable(&mut f, cx, path, "gpu", GpuSpec::optional);
         let disk = nullable(&mut f, cx, path, "disk", DiskSpec::default);
         f.finish(cx, path);
-        Some(ResourcesSpec { cpu: cpu?, memory: memory?, shm_size, gpu: gpu?, disk: disk? })
+        Some(ResourcesSpec {
+            cpu: cpu?,
+            memory: memory?,
+            shm_size,
+            gpu: gpu?,
+            disk: disk?,
+        })
     }
 }
 
@@ -416,7 +484,12 @@ pub fn decode_memory(node: &Node, cx: &mut Cx, path: &Path<'_>) -> Option<Memory
     use super::range::Bound;
     match Memory::from_node(node) {
         Ok(m) if m.0 < 0.0 => {
-            cx.error(node.mark, path, ErrorCode::OutOfRange, format!("must not be negative, got {m}"));
+            cx.error(
+                node.mark,
+                path,
+                ErrorCode::OutOfRange,
+                format!("must not be negative, got {m}"),
+            );
             None
         }
         Ok(m) => Some(m),
@@ -438,12 +511,20 @@ mod tests {
         let v = T::decode(doc.get("v").unwrap(), &mut cx, &Path::ROOT);
         match v {
             Some(v) if !cx.has_errors() => Ok(v),
-            _ => Err(cx.into_errors().into_iter().map(|e| e.message).collect::<Vec<_>>().join("; ")),
+            _ => Err(cx
+                .into_errors()
+                .into_iter()
+                .map(|e| e.message)
+                .collect::<Vec<_>>()
+                .join("; ")),
         }
     }
 
     fn cpu(arch: Option<CpuArch>, min: Option<i64>, max: Option<i64>) -> Result<CpuSpec, String> {
-        Ok(CpuSpec { arch, count: Range { min, max } })
+        Ok(CpuSpec {
+            arch,
+            count: Range { min, max },
+        })
     }
 
     #[test]
@@ -453,22 +534,43 @@ mod tests {
         assert_eq!(decode::<CpuSpec>("1..2"), cpu(None, Some(1), Some(2)));
         assert_eq!(decode::<CpuSpec>("X86"), cpu(Some(X86), Some(2), None));
         assert_eq!(decode::<CpuSpec>("x86:2"), cpu(Some(X86), Some(2), Some(2)));
-        assert_eq!(decode::<CpuSpec>("'2..:ARM'"), cpu(Some(Arm), Some(2), None));
-        assert_eq!(decode::<CpuSpec>("{min: 1, max: 2}"), cpu(None, Some(1), Some(2)));
+        assert_eq!(
+            decode::<CpuSpec>("'2..:ARM'"),
+            cpu(Some(Arm), Some(2), None)
+        );
+        assert_eq!(
+            decode::<CpuSpec>("{min: 1, max: 2}"),
+            cpu(None, Some(1), Some(2))
+        );
         assert_eq!(decode::<CpuSpec>("{min: 1}"), cpu(None, Some(1), None));
         assert_eq!(decode::<CpuSpec>("{max: 2}"), cpu(None, None, Some(2)));
         assert_eq!(decode::<CpuSpec>("{}"), cpu(None, Some(2), None));
-        assert_eq!(decode::<CpuSpec>("{arch: ARM, count: {min: 1, max: 2}}"), cpu(Some(Arm), Some(1), Some(2)));
-        assert_eq!(decode::<CpuSpec>("{count: {max: 2}}"), cpu(None, None, Some(2)));
+        assert_eq!(
+            decode::<CpuSpec>("{arch: ARM, count: {min: 1, max: 2}}"),
+            cpu(Some(Arm), Some(1), Some(2))
+        );
+        assert_eq!(
+            decode::<CpuSpec>("{count: {max: 2}}"),
+            cpu(None, None, Some(2))
+        );
         assert!(decode::<CpuSpec>("{arch: x86, min: 1, max: 2}").is_err());
-        assert_eq!(decode::<CpuSpec>("'arm:'").unwrap_err(), "empty token in CPU spec 'arm:'");
+        assert_eq!(
+            decode::<CpuSpec>("'arm:'").unwrap_err(),
+            "empty token in CPU spec 'arm:'"
+        );
         assert_eq!(
             decode::<CpuSpec>("'2:foo'").unwrap_err(),
             "invalid CPU architecture 'foo'; expected x86 or arm, or a count"
         );
-        assert!(decode::<CpuSpec>("arm:x86").unwrap_err().contains("arch conflict"));
-        assert!(decode::<CpuSpec>("'2:arm:2'").unwrap_err().contains("count conflict"));
-        assert!(decode::<CpuSpec>("4..2").unwrap_err().contains("invalid range order"));
+        assert!(decode::<CpuSpec>("arm:x86")
+            .unwrap_err()
+            .contains("arch conflict"));
+        assert!(decode::<CpuSpec>("'2:arm:2'")
+            .unwrap_err()
+            .contains("count conflict"));
+        assert!(decode::<CpuSpec>("4..2")
+            .unwrap_err()
+            .contains("invalid range order"));
     }
 
     fn gpu(text: &str) -> GpuSpec {
@@ -483,42 +585,96 @@ mod tests {
         assert_eq!(g.memory, Some(Range::exact(Memory(80.0))));
         assert_eq!(g.count, Range::exact(2));
         let g = gpu("24GB..");
-        assert_eq!((g.memory, g.count), (Some(Range::at_least(Memory(24.0))), Range::at_least(1)));
+        assert_eq!(
+            (g.memory, g.count),
+            (Some(Range::at_least(Memory(24.0))), Range::at_least(1))
+        );
         let g = gpu("H100,A100:8");
         assert_eq!(g.name, Some(vec!["H100".into(), "A100".into()]));
         assert_eq!(g.count, Range::exact(8));
         let g = gpu("nvidia:2");
         assert_eq!((g.vendor, g.count), (Some(Nvidia), Range::exact(2)));
-        assert_eq!(gpu("1..4").count, Range { min: Some(1), max: Some(4) });
-        assert_eq!(gpu("'1'"), GpuSpec { count: Range::exact(1), ..GpuSpec::any() });
+        assert_eq!(
+            gpu("1..4").count,
+            Range {
+                min: Some(1),
+                max: Some(4)
+            }
+        );
+        assert_eq!(
+            gpu("'1'"),
+            GpuSpec {
+                count: Range::exact(1),
+                ..GpuSpec::any()
+            }
+        );
         assert_eq!(gpu("Nvidia").vendor, Some(Nvidia));
         let g = gpu("google:v3-64");
-        assert_eq!((g.vendor, g.name), (Some(Google), Some(vec!["v3-64".into()])));
+        assert_eq!(
+            (g.vendor, g.name),
+            (Some(Google), Some(vec!["v3-64".into()]))
+        );
         assert_eq!(gpu("tpu:v5p-1024").vendor, Some(Google));
         assert_eq!(gpu("v5litepod-64:TPU").vendor, Some(Google));
         let g = gpu("MI300X:AMD");
         assert_eq!((g.vendor, g.name), (Some(Amd), Some(vec!["MI300X".into()])));
-        for (v, want) in [("NVIDIA", Nvidia), ("amd", Amd), ("Google", Google), ("tpu", Google), ("TPU", Google)] {
+        for (v, want) in [
+            ("NVIDIA", Nvidia),
+            ("amd", Amd),
+            ("Google", Google),
+            ("tpu", Google),
+            ("TPU", Google),
+        ] {
             assert_eq!(gpu(&format!("{{vendor: {v}}}")).vendor, Some(want));
         }
         let g = gpu("tpu-v3-2048");
         assert_eq!((g.vendor, g.name), (None, Some(vec!["v3-2048".into()])));
         assert_eq!(gpu("16GB").memory, Some(Range::exact(Memory(16.0))));
-        assert_eq!(gpu("A10,A10G:2").name, Some(vec!["A10".into(), "A10G".into()]));
-        assert_eq!(gpu("16GB..32").memory, Some(Range { min: Some(Memory(16.0)), max: Some(Memory(32.0)) }));
+        assert_eq!(
+            gpu("A10,A10G:2").name,
+            Some(vec!["A10".into(), "A10G".into()])
+        );
+        assert_eq!(
+            gpu("16GB..32").memory,
+            Some(Range {
+                min: Some(Memory(16.0)),
+                max: Some(Memory(32.0))
+            })
+        );
         assert_eq!(gpu("0").count, Range::exact(0));
-        assert_eq!(decode::<GpuSpec>("'A100,:2'").unwrap_err(), "empty GPU name in the name list");
-        assert_eq!(decode::<GpuSpec>("'A100:'").unwrap_err(), "empty token in GPU spec 'A100:'");
-        assert!(decode::<GpuSpec>("Nvidia:A100:2:AMD").unwrap_err().contains("vendor conflict"));
-        assert!(decode::<GpuSpec>("'A100:2:3'").unwrap_err().contains("count conflict"));
-        assert!(decode::<GpuSpec>("8..1").unwrap_err().contains("invalid range order"));
+        assert_eq!(
+            decode::<GpuSpec>("'A100,:2'").unwrap_err(),
+            "empty GPU name in the name list"
+        );
+        assert_eq!(
+            decode::<GpuSpec>("'A100:'").unwrap_err(),
+            "empty token in GPU spec 'A100:'"
+        );
+        assert!(decode::<GpuSpec>("Nvidia:A100:2:AMD")
+            .unwrap_err()
+            .contains("vendor conflict"));
+        assert!(decode::<GpuSpec>("'A100:2:3'")
+            .unwrap_err()
+            .contains("count conflict"));
+        assert!(decode::<GpuSpec>("8..1")
+            .unwrap_err()
+            .contains("invalid range order"));
     }
 
     #[test]
     fn compute_capability_vectors() {
-        assert_eq!(decode::<ComputeCapability>("'3.5'"), Ok(ComputeCapability(3, 5)));
-        assert_eq!(decode::<ComputeCapability>("8.0"), Ok(ComputeCapability(8, 0)));
-        assert_eq!(decode::<ComputeCapability>("[7, 5]"), Ok(ComputeCapability(7, 5)));
+        assert_eq!(
+            decode::<ComputeCapability>("'3.5'"),
+            Ok(ComputeCapability(3, 5))
+        );
+        assert_eq!(
+            decode::<ComputeCapability>("8.0"),
+            Ok(ComputeCapability(8, 0))
+        );
+        assert_eq!(
+            decode::<ComputeCapability>("[7, 5]"),
+            Ok(ComputeCapability(7, 5))
+        );
         assert!(decode::<ComputeCapability>("3.5.1").is_err());
         assert!(decode::<ComputeCapability>("3.x").is_err());
     }
@@ -529,7 +685,10 @@ mod tests {
         assert_eq!(r, ResourcesSpec::default());
         let r = decode::<ResourcesSpec>("{gpu: null, disk: null}").unwrap();
         assert_eq!((r.gpu, r.disk), (None, None));
-        assert_eq!(decode::<ResourcesSpec>("{cpu: null}").unwrap_err(), "must not be null");
+        assert_eq!(
+            decode::<ResourcesSpec>("{cpu: null}").unwrap_err(),
+            "must not be null"
+        );
         let r = decode::<ResourcesSpec>("{disk: 200GB.., shm_size: 16GB}").unwrap();
         assert_eq!(r.disk.unwrap().size, Range::at_least(Memory(200.0)));
         assert_eq!(r.shm_size, Some(Memory(16.0)));

@@ -30,7 +30,10 @@ impl Decode for RegistryAuth {
         let username = f.req(cx, path, "username");
         let password = f.req(cx, path, "password");
         f.finish(cx, path);
-        Some(RegistryAuth { username: username?, password: password? })
+        Some(RegistryAuth {
+            username: username?,
+            password: password?,
+        })
     }
 }
 
@@ -107,7 +110,11 @@ fn decode_shell(node: &Node, cx: &mut Cx, path: &Path<'_>) -> Option<String> {
         "sh" | "bash" => Some(s),
         p if p.starts_with('/') => Some(s),
         _ => {
-            cx.invalid(node, path, format!("invalid shell '{s}'; expected sh, bash or an absolute path"));
+            cx.invalid(
+                node,
+                path,
+                format!("invalid shell '{s}'; expected sh, bash or an absolute path"),
+            );
             None
         }
     }
@@ -116,29 +123,53 @@ fn decode_shell(node: &Node, cx: &mut Cx, path: &Path<'_>) -> Option<String> {
 impl RunCommon {
     /// Reads the common fields; `None` only when a required value could not be decoded.
     pub fn read(node: &Node, f: &mut Fields<'_>, cx: &mut Cx, path: &Path<'_>) -> Option<Self> {
+        let name = f.opt(cx, path, "name");
+        let image = f.opt(cx, path, "image");
+        let user = f.opt_with(cx, path, "user", decode_user);
+        let privileged = f.or(cx, path, "privileged", || false);
+        let entrypoint = f.opt(cx, path, "entrypoint");
+        let working_dir = f.opt(cx, path, "working_dir");
+        let home_dir = f.or(cx, path, "home_dir", || "/root".to_string());
+        let registry_auth = f.opt(cx, path, "registry_auth");
+        let python = f.opt_with(cx, path, "python", decode_python);
+        let nvcc = f.opt(cx, path, "nvcc");
+        let single_branch = f.opt(cx, path, "single_branch");
+        let env = f.or(cx, path, "env", Env::default);
+        let shell = f.opt_with(cx, path, "shell", decode_shell);
+        let resources = f.or(cx, path, "resources", ResourcesSpec::default);
+        let priority = f.opt_with(cx, path, "priority", |n, cx, p| {
+            int_between(n, cx, p, 0, 100)
+        });
+        let volumes = f.or(cx, path, "volumes", Vec::new);
+        let docker = f.opt(cx, path, "docker");
+        let repos = f.or(cx, path, "repos", Vec::new);
+        let files = f.or(cx, path, "files", Vec::new);
+        let dstack = f.or(cx, path, "dstack", || false);
+        let setup = f.or(cx, path, "setup", Vec::new);
+        let profile = ProfileParams::read(f, cx, path, ProfileScope::Run);
         let common = RunCommon {
-            name: f.opt(cx, path, "name"),
-            image: f.opt(cx, path, "image"),
-            user: f.opt_with(cx, path, "user", decode_user),
-            privileged: f.or(cx, path, "privileged", || false)?,
-            entrypoint: f.opt(cx, path, "entrypoint"),
-            working_dir: f.opt(cx, path, "working_dir"),
-            home_dir: f.or(cx, path, "home_dir", || "/root".to_string())?,
-            registry_auth: f.opt(cx, path, "registry_auth"),
-            python: f.opt_with(cx, path, "python", decode_python),
-            nvcc: f.opt(cx, path, "nvcc"),
-            single_branch: f.opt(cx, path, "single_branch"),
-            env: f.or(cx, path, "env", Env::default)?,
-            shell: f.opt_with(cx, path, "shell", decode_shell),
-            resources: f.or(cx, path, "resources", ResourcesSpec::default)?,
-            priority: f.opt_with(cx, path, "priority", |n, cx, p| int_between(n, cx, p, 0, 100)),
-            volumes: f.or(cx, path, "volumes", Vec::new)?,
-            docker: f.opt(cx, path, "docker"),
-            repos: f.or(cx, path, "repos", Vec::new)?,
-            files: f.or(cx, path, "files", Vec::new)?,
-            dstack: f.or(cx, path, "dstack", || false)?,
-            setup: f.or(cx, path, "setup", Vec::new)?,
-            profile: ProfileParams::read(f, cx, path, ProfileScope::Run),
+            name,
+            image,
+            user,
+            privileged: privileged?,
+            entrypoint,
+            working_dir,
+            home_dir: home_dir?,
+            registry_auth,
+            python,
+            nvcc,
+            single_branch,
+            env: env?,
+            shell,
+            resources: resources?,
+            priority,
+            volumes: volumes?,
+            docker,
+            repos: repos?,
+            files: files?,
+            dstack: dstack?,
+            setup: setup?,
+            profile,
         };
         common.check(node, cx, path);
         Some(common)
@@ -147,10 +178,25 @@ impl RunCommon {
     /// Cross-field rules of the image source and repos.
     fn check(&self, node: &Node, cx: &mut Cx, path: &Path<'_>) {
         let conflicts = [
-            ("python", self.python.is_some(), "image", self.image.is_some()),
+            (
+                "python",
+                self.python.is_some(),
+                "image",
+                self.image.is_some(),
+            ),
             ("nvcc", self.nvcc.is_some(), "image", self.image.is_some()),
-            ("docker", self.docker.is_some(), "image", self.image.is_some()),
-            ("docker", self.docker.is_some(), "python", self.python.is_some()),
+            (
+                "docker",
+                self.docker.is_some(),
+                "image",
+                self.image.is_some(),
+            ),
+            (
+                "docker",
+                self.docker.is_some(),
+                "python",
+                self.python.is_some(),
+            ),
             ("docker", self.docker.is_some(), "nvcc", self.nvcc.is_some()),
         ];
         for (a, has_a, b, has_b) in conflicts {
@@ -161,7 +207,11 @@ impl RunCommon {
         }
         if self.repos.len() > 1 {
             let message = format!("at most one repo is supported, got {}", self.repos.len());
-            cx.invalid(node.get("repos").unwrap_or(node), &path.key("repos"), message);
+            cx.invalid(
+                node.get("repos").unwrap_or(node),
+                &path.key("repos"),
+                message,
+            );
         }
     }
 }
@@ -214,24 +264,44 @@ impl DevEnvironmentConfiguration {
         let common = common?;
         if common.entrypoint.is_some() {
             let message = "`entrypoint` is not supported for dev environments";
-            cx.error(mark_of(node, "entrypoint"), &path.key("entrypoint"), ErrorCode::Conflict, message);
+            cx.error(
+                mark_of(node, "entrypoint"),
+                &path.key("entrypoint"),
+                ErrorCode::Conflict,
+                message,
+            );
         }
         if let Some(v) = &version {
             match ide {
                 None => {
                     let message = "`version` requires `ide`";
-                    cx.error(mark_of(node, "version"), &path.key("version"), ErrorCode::Conflict, message);
+                    cx.error(
+                        mark_of(node, "version"),
+                        &path.key("version"),
+                        ErrorCode::Conflict,
+                        message,
+                    );
                 }
                 Some(Ide::Windsurf) if !is_windsurf_version(v) => {
-                    let message = format!("invalid windsurf version '{v}'; expected VERSION@COMMIT_HASH");
-                    cx.invalid(node.get("version").unwrap_or(node), &path.key("version"), message);
+                    let message =
+                        format!("invalid windsurf version '{v}'; expected VERSION@COMMIT_HASH");
+                    cx.invalid(
+                        node.get("version").unwrap_or(node),
+                        &path.key("version"),
+                        message,
+                    );
                 }
                 _ => {}
             }
         }
         if common.dstack && inactivity_duration.is_some() {
             let message = "`dstack: true` cannot be combined with `inactivity_duration`";
-            cx.error(mark_of(node, "dstack"), &path.key("dstack"), ErrorCode::Conflict, message);
+            cx.error(
+                mark_of(node, "dstack"),
+                &path.key("dstack"),
+                ErrorCode::Conflict,
+                message,
+            );
         }
         Some(DevEnvironmentConfiguration {
             common,
@@ -269,7 +339,13 @@ impl Decode for NodeGroup {
     fn decode(node: &Node, cx: &mut Cx, path: &Path<'_>) -> Option<Self> {
         let mut f = Fields::new(node, cx, path, "node group")?;
         let name = f.opt_with(cx, path, "name", decode_group_name);
-        let nodes = f.or_with(cx, path, "nodes", || 1, |n, cx, p| int_between(n, cx, p, 1, i64::MAX));
+        let nodes = f.or_with(
+            cx,
+            path,
+            "nodes",
+            || 1,
+            |n, cx, p| int_between(n, cx, p, 1, i64::MAX),
+        );
         let resources = f.or(cx, path, "resources", ResourcesSpec::default);
         let commands = read_commands(&mut f, cx, path);
         let ports = read_ports(&mut f, cx, path);
@@ -291,7 +367,8 @@ pub fn decode_group_name(node: &Node, cx: &mut Cx, path: &Path<'_>) -> Option<St
     let ok = !b.is_empty()
         && b.len() <= 40
         && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-');
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-');
     if !ok {
         let message = format!(
             "invalid group name '{name}'; use 1-40 characters of a-z, 0-9 and -, starting with a letter or digit"
@@ -346,16 +423,34 @@ impl TaskConfiguration {
         let common = RunCommon::read(node, f, cx, path);
         let commands = read_commands(f, cx, path);
         let ports = read_ports(f, cx, path);
-        let nodes = f.opt_with(cx, path, "nodes", |n, cx, p| int_between(n, cx, p, 1, i64::MAX));
+        let nodes = f.opt_with(cx, path, "nodes", |n, cx, p| {
+            int_between(n, cx, p, 1, i64::MAX)
+        });
         let mut groups: Option<Vec<NodeGroup>> = f.opt(cx, path, "groups");
         let (common, commands, ports) = (common?, commands?, ports?);
         if let (Some(groups), Some(group_nodes)) = (&mut groups, node.get("groups")) {
-            check_task_groups(node, groups, group_nodes, &common, &commands, &ports, nodes, cx, path);
+            check_task_groups(
+                node,
+                groups,
+                group_nodes,
+                &common,
+                &commands,
+                &ports,
+                nodes,
+                cx,
+                path,
+            );
         } else if commands.is_empty() && common.image.is_none() {
             let message = "either `commands` or `image` must be set";
             cx.error(node.mark, path, ErrorCode::MissingField, message);
         }
-        Some(TaskConfiguration { common, commands, ports, nodes, groups })
+        Some(TaskConfiguration {
+            common,
+            commands,
+            ports,
+            nodes,
+            groups,
+        })
     }
 }
 
@@ -384,7 +479,12 @@ fn check_task_groups(
     ] {
         if set {
             let message = format!("`{key}` cannot be set at the top level together with `groups`");
-            cx.error(mark_of(node, key), &path.key(key), ErrorCode::Conflict, message);
+            cx.error(
+                mark_of(node, key),
+                &path.key(key),
+                ErrorCode::Conflict,
+                message,
+            );
         }
     }
     let items: Vec<&Node> = match &group_nodes.kind {
@@ -394,8 +494,17 @@ fn check_task_groups(
     for (i, g) in groups.iter().enumerate() {
         if g.commands.is_empty() && common.image.is_none() {
             let message = "the group needs `commands` (or an `image` on the task)";
-            cx.error(items[i].mark, &gpath.index(i), ErrorCode::MissingField, message);
+            cx.error(
+                items[i].mark,
+                &gpath.index(i),
+                ErrorCode::MissingField,
+                message,
+            );
         }
     }
-    name_groups(groups.iter_mut().map(|g| &mut g.name).zip(items), cx, &gpath);
+    name_groups(
+        groups.iter_mut().map(|g| &mut g.name).zip(items),
+        cx,
+        &gpath,
+    );
 }

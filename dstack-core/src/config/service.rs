@@ -44,7 +44,12 @@ impl Decode for ScalingSpec {
         let target = f.req_with(cx, path, "target", |n, cx, p| {
             let v = f64::decode(n, cx, p)?;
             if v <= 0.0 {
-                cx.error(n.mark, p, ErrorCode::OutOfRange, format!("must be greater than 0, got {v}"));
+                cx.error(
+                    n.mark,
+                    p,
+                    ErrorCode::OutOfRange,
+                    format!("must be greater than 0, got {v}"),
+                );
                 return None;
             }
             Some(v)
@@ -52,7 +57,11 @@ impl Decode for ScalingSpec {
         let window = f.opt_with(cx, path, "window", |n, cx, p| {
             let d = Duration::decode(n, cx, p)?;
             if ![30, 60, 300].contains(&d.0) {
-                cx.invalid(n, p, format!("invalid window {}s; expected 30s, 1m or 5m", d.0));
+                cx.invalid(
+                    n,
+                    p,
+                    format!("invalid window {}s; expected 30s, 1m or 5m", d.0),
+                );
                 return None;
             }
             Some(d)
@@ -105,32 +114,55 @@ impl Decode for ModelSpec {
     fn decode(node: &Node, cx: &mut Cx, path: &Path<'_>) -> Option<Self> {
         if !matches!(node.kind, NodeKind::Map(_)) {
             let name = String::decode(node, cx, path)?;
-            return Some(ModelSpec::OpenAi { kind: "chat", name, prefix: "/v1".into() });
+            return Some(ModelSpec::OpenAi {
+                kind: "chat",
+                name,
+                prefix: "/v1".into(),
+            });
         }
         let mut f = Fields::new(node, cx, path, "model")?;
-        let kind = f.or_with(cx, path, "type", || "chat", |n, cx, p| {
-            let s = String::decode(n, cx, p)?;
-            if s != "chat" {
-                cx.invalid(n, p, format!("invalid model type '{s}'; expected chat"));
-                return None;
-            }
-            Some("chat")
-        });
+        let kind = f.or_with(
+            cx,
+            path,
+            "type",
+            || "chat",
+            |n, cx, p| {
+                let s = String::decode(n, cx, p)?;
+                if s != "chat" {
+                    cx.invalid(n, p, format!("invalid model type '{s}'; expected chat"));
+                    return None;
+                }
+                Some("chat")
+            },
+        );
         let format = f.req::<String>(cx, path, "format");
         let name = f.req::<String>(cx, path, "name");
         let model = match format.as_deref() {
             Some("openai") => {
                 let prefix = f.or(cx, path, "prefix", || "/v1".to_string());
-                Some(ModelSpec::OpenAi { kind: kind?, name: name?, prefix: prefix? })
+                Some(ModelSpec::OpenAi {
+                    kind: kind?,
+                    name: name?,
+                    prefix: prefix?,
+                })
             }
             Some("tgi") => {
                 let chat_template = f.opt(cx, path, "chat_template");
                 let eos_token = f.opt(cx, path, "eos_token");
-                Some(ModelSpec::Tgi { kind: kind?, name: name?, chat_template, eos_token })
+                Some(ModelSpec::Tgi {
+                    kind: kind?,
+                    name: name?,
+                    chat_template,
+                    eos_token,
+                })
             }
             Some(other) => {
                 let message = format!("invalid model format '{other}'; expected openai or tgi");
-                cx.invalid(node.get("format").unwrap_or(node), &path.key("format"), message);
+                cx.invalid(
+                    node.get("format").unwrap_or(node),
+                    &path.key("format"),
+                    message,
+                );
                 None
             }
             None => None,
@@ -170,7 +202,10 @@ impl Decode for HttpHeader {
         let name = f.req_with(cx, path, "name", |n, cx, p| bounded_string(n, cx, p, 256));
         let value = f.req_with(cx, path, "value", |n, cx, p| bounded_string(n, cx, p, 2048));
         f.finish(cx, path);
-        Some(HttpHeader { name: name?, value: value? })
+        Some(HttpHeader {
+            name: name?,
+            value: value?,
+        })
     }
 }
 
@@ -205,7 +240,13 @@ pub struct ProbeConfig {
     pub until_ready: Option<bool>,
 }
 
-fn duration_between(node: &Node, cx: &mut Cx, path: &Path<'_>, min: i64, max: i64) -> Option<Duration> {
+fn duration_between(
+    node: &Node,
+    cx: &mut Cx,
+    path: &Path<'_>,
+    min: i64,
+    max: i64,
+) -> Option<Duration> {
     let d = Duration::decode(node, cx, path)?;
     if d.0 < min || d.0 > max {
         let message = format!("must be between {min}s and {max}s, got {}s", d.0);
@@ -229,7 +270,11 @@ impl Decode for ProbeConfig {
         let url = f.opt_with(cx, path, "url", |n, cx, p| {
             let s = String::decode(n, cx, p)?;
             if !s.starts_with('/') || s.len() > 2048 || s.chars().any(|c| c.is_control()) {
-                cx.invalid(n, p, format!("invalid probe url '{s}'; expected a path starting with /"));
+                cx.invalid(
+                    n,
+                    p,
+                    format!("invalid probe url '{s}'; expected a path starting with /"),
+                );
                 return None;
             }
             Some(s)
@@ -238,20 +283,37 @@ impl Decode for ProbeConfig {
         let headers = f.or_with(cx, path, "headers", Vec::new, |n, cx, p| {
             let list = Vec::<HttpHeader>::decode(n, cx, p)?;
             if list.len() > 16 {
-                cx.error(n.mark, p, ErrorCode::OutOfRange, "at most 16 headers are allowed");
+                cx.error(
+                    n.mark,
+                    p,
+                    ErrorCode::OutOfRange,
+                    "at most 16 headers are allowed",
+                );
                 return None;
             }
             Some(list)
         });
         let body = f.opt_with(cx, path, "body", |n, cx, p| bounded_string(n, cx, p, 2048));
-        let timeout = f.opt_with(cx, path, "timeout", |n, cx, p| duration_between(n, cx, p, 1, 300));
-        let interval = f.opt_with(cx, path, "interval", |n, cx, p| duration_between(n, cx, p, 1, i64::MAX));
-        let ready_after = f.opt_with(cx, path, "ready_after", |n, cx, p| int_between(n, cx, p, 1, i64::MAX));
+        let timeout = f.opt_with(cx, path, "timeout", |n, cx, p| {
+            duration_between(n, cx, p, 1, 300)
+        });
+        let interval = f.opt_with(cx, path, "interval", |n, cx, p| {
+            duration_between(n, cx, p, 1, i64::MAX)
+        });
+        let ready_after = f.opt_with(cx, path, "ready_after", |n, cx, p| {
+            int_between(n, cx, p, 1, i64::MAX)
+        });
         let until_ready = f.opt(cx, path, "until_ready");
         f.finish(cx, path);
         if body.is_some() && matches!(method, None | Some(ProbeMethod::Get | ProbeMethod::Head)) {
-            let message = "a probe `body` needs a method that sends one (post, put, delete or patch)";
-            cx.error(mark_of(node, "body"), &path.key("body"), ErrorCode::Conflict, message);
+            let message =
+                "a probe `body` needs a method that sends one (post, put, delete or patch)";
+            cx.error(
+                mark_of(node, "body"),
+                &path.key("body"),
+                ErrorCode::Conflict,
+                message,
+            );
         }
         Some(ProbeConfig {
             kind: kind?,
@@ -291,7 +353,8 @@ impl Decode for RateLimitKey {
                     let h = String::decode(n, cx, p)?;
                     let ok = !h.is_empty()
                         && h.len() <= 500
-                        && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                        && h.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
                     if !ok {
                         cx.invalid(n, p, format!("invalid header name '{h}'"));
                         return None;
@@ -327,29 +390,57 @@ pub struct RateLimit {
 impl Decode for RateLimit {
     fn decode(node: &Node, cx: &mut Cx, path: &Path<'_>) -> Option<Self> {
         let mut f = Fields::new(node, cx, path, "rate limit")?;
-        let prefix = f.or_with(cx, path, "prefix", || "/".to_string(), |n, cx, p| {
-            let s = String::decode(n, cx, p)?;
-            let ok = s.starts_with('/')
-                && s.len() <= 4094
-                && !s.chars().any(|c| c.is_whitespace() || c == '\\' || c == '{' || c == '}');
-            if !ok {
-                cx.invalid(n, p, format!("invalid prefix '{s}'; expected a URL path starting with /"));
-                return None;
-            }
-            Some(s)
-        });
+        let prefix = f.or_with(
+            cx,
+            path,
+            "prefix",
+            || "/".to_string(),
+            |n, cx, p| {
+                let s = String::decode(n, cx, p)?;
+                let ok = s.starts_with('/')
+                    && s.len() <= 4094
+                    && !s
+                        .chars()
+                        .any(|c| c.is_whitespace() || c == '\\' || c == '{' || c == '}');
+                if !ok {
+                    cx.invalid(
+                        n,
+                        p,
+                        format!("invalid prefix '{s}'; expected a URL path starting with /"),
+                    );
+                    return None;
+                }
+                Some(s)
+            },
+        );
         let key = f.or(cx, path, "key", || RateLimitKey::IpAddress);
         let rps = f.req_with(cx, path, "rps", |n, cx, p| {
             let v = f64::decode(n, cx, p)?;
             if v < 1.0 / 60.0 {
-                cx.error(n.mark, p, ErrorCode::OutOfRange, format!("must be at least 1/60, got {v}"));
+                cx.error(
+                    n.mark,
+                    p,
+                    ErrorCode::OutOfRange,
+                    format!("must be at least 1/60, got {v}"),
+                );
                 return None;
             }
             Some(v)
         });
-        let burst = f.or_with(cx, path, "burst", || 0, |n, cx, p| int_between(n, cx, p, 0, i64::MAX));
+        let burst = f.or_with(
+            cx,
+            path,
+            "burst",
+            || 0,
+            |n, cx, p| int_between(n, cx, p, 0, i64::MAX),
+        );
         f.finish(cx, path);
-        Some(RateLimit { prefix: prefix?, key: key?, rps: rps?, burst: burst? })
+        Some(RateLimit {
+            prefix: prefix?,
+            key: key?,
+            rps: rps?,
+            burst: burst?,
+        })
     }
 }
 
@@ -419,7 +510,11 @@ impl Decode for ReplicaGroup {
     fn decode(node: &Node, cx: &mut Cx, path: &Path<'_>) -> Option<Self> {
         let mut f = Fields::new(node, cx, path, "replica group")?;
         let name = f.opt_with(cx, path, "name", decode_group_name);
-        let key = if f.has("count") && !f.has("replicas") { "count" } else { "replicas" };
+        let key = if f.has("count") && !f.has("replicas") {
+            "count"
+        } else {
+            "replicas"
+        };
         let replicas = f.req_with(cx, path, key, decode_replicas);
         let scaling: Option<ScalingSpec> = f.opt(cx, path, "scaling");
         let resources = f.or(cx, path, "resources", ResourcesSpec::default);
@@ -457,7 +552,11 @@ impl Decode for ReplicaGroup {
 fn decode_replicas(node: &Node, cx: &mut Cx, path: &Path<'_>) -> Option<Range<i64>> {
     let mut r = decode_range::<i64>(node, cx, path)?;
     if r.max.is_none() {
-        cx.invalid(node, path, format!("the maximum number of replicas must be set, got '{r}'"));
+        cx.invalid(
+            node,
+            path,
+            format!("the maximum number of replicas must be set, got '{r}'"),
+        );
         return None;
     }
     r.min = Some(r.min.unwrap_or(0));
@@ -474,7 +573,12 @@ fn check_replicas_scaling(
 ) {
     if replicas.min != replicas.max && !has_scaling {
         let message = "when `replicas` is a range, `scaling` must be set";
-        cx.error(mark_of(node, key), &path.key(key), ErrorCode::MissingField, message);
+        cx.error(
+            mark_of(node, key),
+            &path.key(key),
+            ErrorCode::MissingField,
+            message,
+        );
     }
 }
 
@@ -561,13 +665,17 @@ impl ServiceConfiguration {
     pub fn read(node: &Node, f: &mut Fields<'_>, cx: &mut Cx, path: &Path<'_>) -> Option<Self> {
         let common = RunCommon::read(node, f, cx, path);
         let commands = read_commands(f, cx, path);
-        let port = f.req_with(cx, path, "port", |n, cx, p| decode_port(n, cx, p, false, Some(80)));
+        let port = f.req_with(cx, path, "port", |n, cx, p| {
+            decode_port(n, cx, p, false, Some(80))
+        });
         let gateway = f.opt(cx, path, "gateway");
         let strip_prefix = f.or(cx, path, "strip_prefix", || true);
         let model = f.opt(cx, path, "model");
         let https = f.opt(cx, path, "https");
         let auth = f.or(cx, path, "auth", || true);
-        let legacy_groups = node.get("replicas").is_some_and(|n| matches!(n.kind, NodeKind::Seq(_)));
+        let legacy_groups = node
+            .get("replicas")
+            .is_some_and(|n| matches!(n.kind, NodeKind::Seq(_)));
         let (replicas, legacy): (Option<Range<i64>>, Option<Vec<ReplicaGroup>>) = if legacy_groups {
             (None, f.opt(cx, path, "replicas"))
         } else {
@@ -578,7 +686,12 @@ impl ServiceConfiguration {
         let probes = f.opt_with(cx, path, "probes", |n, cx, p| {
             let list = Vec::<ProbeConfig>::decode(n, cx, p)?;
             if list.len() > 10 {
-                cx.error(n.mark, p, ErrorCode::OutOfRange, "at most 10 probes are allowed");
+                cx.error(
+                    n.mark,
+                    p,
+                    ErrorCode::OutOfRange,
+                    "at most 10 probes are allowed",
+                );
                 return None;
             }
             Some(list)
@@ -587,12 +700,26 @@ impl ServiceConfiguration {
         let (common, commands, port) = (common?, commands?, port?);
         if legacy.is_some() && f.has("groups") {
             let message = "`replicas` as a list and `groups` are mutually exclusive";
-            cx.error(mark_of(node, "groups"), &path.key("groups"), ErrorCode::Conflict, message);
+            cx.error(
+                mark_of(node, "groups"),
+                &path.key("groups"),
+                ErrorCode::Conflict,
+                message,
+            );
         }
-        let groups_key = if legacy.is_some() { "replicas" } else { "groups" };
+        let groups_key = if legacy.is_some() {
+            "replicas"
+        } else {
+            "groups"
+        };
         let mut groups = legacy.or(explicit_groups);
         if let Some(groups) = &mut groups {
-            let ctx = ServiceGroupsCheck { node, common: &common, commands: &commands, groups_key };
+            let ctx = ServiceGroupsCheck {
+                node,
+                common: &common,
+                commands: &commands,
+                groups_key,
+            };
             ctx.check(groups, replicas.is_some(), scaling.is_some(), cx, path);
         } else {
             if commands.is_empty() && common.image.is_none() {
@@ -601,10 +728,6 @@ impl ServiceConfiguration {
             }
             if let Some(r) = &replicas {
                 check_replicas_scaling(node, r, scaling.is_some(), cx, path, "replicas");
-            }
-            if scaling.is_some() && replicas.is_none_or(|r| r.min == r.max) {
-                let message = "`scaling` requires `replicas` to be a range, e.g. 0..4";
-                cx.error(mark_of(node, "scaling"), &path.key("scaling"), ErrorCode::Conflict, message);
             }
         }
         Some(ServiceConfiguration {
@@ -630,7 +753,12 @@ fn decode_rate_limits(node: &Node, cx: &mut Cx, path: &Path<'_>) -> Option<Vec<R
     for (i, limit) in list.iter().enumerate() {
         if list[..i].iter().any(|l| l.prefix == limit.prefix) {
             let message = format!("duplicate rate limit prefix '{}'", limit.prefix);
-            cx.error(node.mark, &path.index(i).key("prefix"), ErrorCode::Conflict, message);
+            cx.error(
+                node.mark,
+                &path.index(i).key("prefix"),
+                ErrorCode::Conflict,
+                message,
+            );
             return None;
         }
     }
@@ -646,7 +774,14 @@ struct ServiceGroupsCheck<'a> {
 }
 
 impl ServiceGroupsCheck<'_> {
-    fn check(&self, groups: &mut [ReplicaGroup], has_replicas: bool, has_scaling: bool, cx: &mut Cx, path: &Path<'_>) {
+    fn check(
+        &self,
+        groups: &mut [ReplicaGroup],
+        has_replicas: bool,
+        has_scaling: bool,
+        cx: &mut Cx,
+        path: &Path<'_>,
+    ) {
         let (node, common) = (self.node, self.common);
         let gpath = path.key(self.groups_key);
         let gnode = node.get(self.groups_key).unwrap_or(node);
@@ -660,8 +795,14 @@ impl ServiceGroupsCheck<'_> {
             ("commands", !self.commands.is_empty()),
         ] {
             if set {
-                let message = format!("`{key}` cannot be set at the top level together with replica groups");
-                cx.error(mark_of(node, key), &path.key(key), ErrorCode::Conflict, message);
+                let message =
+                    format!("`{key}` cannot be set at the top level together with replica groups");
+                cx.error(
+                    mark_of(node, key),
+                    &path.key(key),
+                    ErrorCode::Conflict,
+                    message,
+                );
             }
         }
         let items: Vec<&Node> = match &gnode.kind {
@@ -675,44 +816,92 @@ impl ServiceGroupsCheck<'_> {
             let service_level = [
                 ("image", common.image.is_some(), g.image.is_some()),
                 ("docker", common.docker.is_some(), g.docker.is_some()),
-                ("privileged", node.get("privileged").is_some(), g.privileged.is_some()),
+                (
+                    "privileged",
+                    node.get("privileged").is_some(),
+                    g.privileged.is_some(),
+                ),
                 ("python", common.python.is_some(), g.python.is_some()),
                 ("nvcc", common.nvcc.is_some(), g.nvcc.is_some()),
-                ("spot_policy", common.profile.spot_policy.is_some(), g.spot_policy.is_some()),
-                ("reservation", common.profile.reservation.is_some(), g.reservation.is_some()),
+                (
+                    "spot_policy",
+                    common.profile.spot_policy.is_some(),
+                    g.spot_policy.is_some(),
+                ),
+                (
+                    "reservation",
+                    common.profile.reservation.is_some(),
+                    g.reservation.is_some(),
+                ),
             ];
             for (key, at_service, in_group) in service_level {
                 if at_service && in_group {
                     let message = format!("`{key}` is set both on the service and in the group");
-                    cx.error(mark_of(here, key), &gp.key(key), ErrorCode::Conflict, message);
+                    cx.error(
+                        mark_of(here, key),
+                        &gp.key(key),
+                        ErrorCode::Conflict,
+                        message,
+                    );
                 }
             }
-            let group_sources = [("image", g.image.is_some()), ("python", g.python.is_some()), ("docker", g.docker.is_some())];
-            let set: Vec<&str> = group_sources.iter().filter(|(_, s)| *s).map(|(k, _)| *k).collect();
+            let group_sources = [
+                ("image", g.image.is_some()),
+                ("python", g.python.is_some()),
+                ("docker", g.docker.is_some()),
+            ];
+            let set: Vec<&str> = group_sources
+                .iter()
+                .filter(|(_, s)| *s)
+                .map(|(k, _)| *k)
+                .collect();
             if set.len() > 1 || (g.nvcc.is_some() && (g.image.is_some() || g.docker.is_some())) {
                 let message = "`image`, `python`, `nvcc` and `docker` are mutually exclusive";
                 cx.error(here.mark, &gp, ErrorCode::Conflict, message);
             }
             if g.commands.is_empty() && g.image.is_none() && common.image.is_none() {
-                let message = "the group needs `commands` or an `image` (on the group or the service)";
+                let message =
+                    "the group needs `commands` or an `image` (on the group or the service)";
                 cx.error(here.mark, &gp, ErrorCode::MissingField, message);
             }
             if g.router.is_some() {
                 routers += 1;
                 if g.replicas != Range::exact(1) {
                     let message = "a router group must have exactly 1 replica";
-                    cx.error(here.mark, &gp.key("replicas"), ErrorCode::InvalidValue, message);
+                    cx.error(
+                        here.mark,
+                        &gp.key("replicas"),
+                        ErrorCode::InvalidValue,
+                        message,
+                    );
                 }
             }
-            let dynamo = g.router.as_ref().is_some_and(|r| r.kind == RouterType::Dynamo);
+            let dynamo = g
+                .router
+                .as_ref()
+                .is_some_and(|r| r.kind == RouterType::Dynamo);
             if dynamo && common.profile.retry.is_some() {
                 let message = "services with a dynamo router cannot use `retry`";
-                cx.error(mark_of(node, "retry"), &path.key("retry"), ErrorCode::Conflict, message);
+                cx.error(
+                    mark_of(node, "retry"),
+                    &path.key("retry"),
+                    ErrorCode::Conflict,
+                    message,
+                );
             }
         }
         if routers > 1 {
-            cx.error(gnode.mark, &gpath, ErrorCode::Conflict, "at most one replica group may have a router");
+            cx.error(
+                gnode.mark,
+                &gpath,
+                ErrorCode::Conflict,
+                "at most one replica group may have a router",
+            );
         }
-        name_groups(groups.iter_mut().map(|g| &mut g.name).zip(items), cx, &gpath);
+        name_groups(
+            groups.iter_mut().map(|g| &mut g.name).zip(items),
+            cx,
+            &gpath,
+        );
     }
 }

@@ -38,16 +38,22 @@ fn has_drive_letter(s: &str) -> bool {
     b.len() >= 3 && b[0].is_ascii_alphabetic() && b[1] == b':' && (b[2] == b'\\' || b[2] == b'/')
 }
 
-/// Splits `SOURCE[:TARGET]` keeping a leading Windows drive in the source.
+/// Splits `SOURCE[:TARGET…]` on `:`, keeping Windows drives (`C:\\dir`) in one part.
 fn split_source_target(s: &str) -> Vec<&str> {
-    if has_drive_letter(s) {
-        let rest: Vec<&str> = s[2..].split(':').collect();
-        let first_len = 2 + rest[0].len();
-        let mut parts = vec![&s[..first_len]];
-        parts.extend(rest.into_iter().skip(1));
-        parts
-    } else {
-        s.split(':').collect()
+    let mut parts = Vec::new();
+    let mut rest = s;
+    loop {
+        let skip = if has_drive_letter(rest) { 2 } else { 0 };
+        match rest[skip..].find(':') {
+            Some(i) => {
+                parts.push(&rest[..skip + i]);
+                rest = &rest[skip + i + 1..];
+            }
+            None => {
+                parts.push(rest);
+                return parts;
+            }
+        }
     }
 }
 
@@ -71,14 +77,27 @@ impl RepoSpec {
         };
         let path = target.unwrap_or(".").to_string();
         check_repo_path(&path)?;
-        let (local_path, url) = if is_url { (None, Some(source)) } else { (Some(source), None) };
-        Ok(RepoSpec { local_path, url, branch: None, hash: None, path, if_exists: RepoExistsAction::Error })
+        let (local_path, url) = if is_url {
+            (None, Some(source))
+        } else {
+            (Some(source), None)
+        };
+        Ok(RepoSpec {
+            local_path,
+            url,
+            branch: None,
+            hash: None,
+            path,
+            if_exists: RepoExistsAction::Error,
+        })
     }
 }
 
 fn check_repo_path(path: &str) -> Result<(), String> {
     if path.starts_with('~') && !(path == "~" || path.starts_with("~/")) {
-        return Err(format!("the ~user syntax is not supported in repo path: {path}"));
+        return Err(format!(
+            "the ~user syntax is not supported in repo path: {path}"
+        ));
     }
     Ok(())
 }
@@ -120,7 +139,14 @@ impl Decode for RepoSpec {
             cx.invalid(node, &path.key("path"), message);
             return None;
         }
-        Some(RepoSpec { local_path, url, branch, hash, path: target, if_exists: if_exists? })
+        Some(RepoSpec {
+            local_path,
+            url,
+            branch,
+            hash,
+            path: target,
+            if_exists: if_exists?,
+        })
     }
 }
 
@@ -140,10 +166,17 @@ impl FilePathMapping {
         let (local, target) = match parts.as_slice() {
             [local] => (*local, *local),
             [local, target] => (*local, *target),
-            _ => return Err(format!("invalid file path mapping: {s}; expected LOCAL or LOCAL:PATH")),
+            _ => {
+                return Err(format!(
+                    "invalid file path mapping: {s}; expected LOCAL or LOCAL:PATH"
+                ))
+            }
         };
         check_unix_path(target)?;
-        Ok(FilePathMapping { local_path: local.to_string(), path: target.to_string() })
+        Ok(FilePathMapping {
+            local_path: local.to_string(),
+            path: target.to_string(),
+        })
     }
 }
 
@@ -165,7 +198,10 @@ impl Decode for FilePathMapping {
             let target: Option<String> = f.req(cx, path, "path");
             f.finish(cx, path);
             let (local_path, target) = (local_path?, target?);
-            check_unix_path(&target).map(|()| FilePathMapping { local_path, path: target })
+            check_unix_path(&target).map(|()| FilePathMapping {
+                local_path,
+                path: target,
+            })
         };
         match parsed {
             Ok(m) => Some(m),
@@ -196,12 +232,29 @@ mod tests {
         assert_eq!(repo(".:/repo"), local(".", "/repo"));
         assert_eq!(repo("C:\\repo"), local("C:\\repo", "."));
         assert_eq!(repo("C:\\repo:/repo"), local("C:\\repo", "/repo"));
-        assert_eq!(repo("https://example.com/repo.git"), url("https://example.com/repo.git", "."));
-        assert_eq!(repo("https://example.com/repo.git:/repo"), url("https://example.com/repo.git", "/repo"));
-        assert_eq!(repo("git@example.com:repo.git"), url("git@example.com:repo.git", "."));
-        assert_eq!(repo("git@example.com:repo.git:/repo"), url("git@example.com:repo.git", "/repo"));
-        assert_eq!(RepoSpec::parse_str("./foo:bar:baz").unwrap_err(), "invalid repo: ./foo:bar:baz");
-        assert!(RepoSpec::parse_str(".:~alice/repo").unwrap_err().contains("not supported"));
+        assert_eq!(
+            repo("https://example.com/repo.git"),
+            url("https://example.com/repo.git", ".")
+        );
+        assert_eq!(
+            repo("https://example.com/repo.git:/repo"),
+            url("https://example.com/repo.git", "/repo")
+        );
+        assert_eq!(
+            repo("git@example.com:repo.git"),
+            url("git@example.com:repo.git", ".")
+        );
+        assert_eq!(
+            repo("git@example.com:repo.git:/repo"),
+            url("git@example.com:repo.git", "/repo")
+        );
+        assert_eq!(
+            RepoSpec::parse_str("./foo:bar:baz").unwrap_err(),
+            "invalid repo: ./foo:bar:baz"
+        );
+        assert!(RepoSpec::parse_str(".:~alice/repo")
+            .unwrap_err()
+            .contains("not supported"));
         assert_eq!(repo(".:~/repo"), local(".", "~/repo"));
     }
 
@@ -216,7 +269,11 @@ mod tests {
         let m = FilePathMapping::parse_str("C:\\dir:dir").unwrap();
         assert_eq!((m.local_path.as_str(), m.path.as_str()), ("C:\\dir", "dir"));
         assert!(FilePathMapping::parse_str("./foo:bar:baz").is_err());
-        assert!(FilePathMapping::parse_str("C:\\dir:C:\\").unwrap_err().contains("Unix file path"));
-        assert!(FilePathMapping::parse_str("a:d:/path/to").unwrap_err().contains("Unix file path"));
+        assert!(FilePathMapping::parse_str("C:\\dir:C:\\")
+            .unwrap_err()
+            .contains("Unix file path"));
+        assert!(FilePathMapping::parse_str("a:d:/path/to")
+            .unwrap_err()
+            .contains("Unix file path"));
     }
 }

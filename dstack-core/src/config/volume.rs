@@ -63,7 +63,11 @@ impl VolumeConfiguration {
                 return None;
             }
             Some(b)
-        })?;
+        });
+        let Some(backend) = backend else {
+            f.skip_rest();
+            return None;
+        };
         let b = backend.as_str();
         let name = f.opt(cx, path, "name");
         let auto_cleanup_duration = f.opt_with(cx, path, "auto_cleanup_duration", decode_idle);
@@ -99,7 +103,9 @@ impl VolumeConfiguration {
         } else {
             v.claim_name = f.opt(cx, path, "claim_name");
             v.storage_class_name = f.opt(cx, path, "storage_class_name");
-            v.access_modes = f.or(cx, path, "access_modes", || vec!["ReadWriteOnce".to_string()]);
+            v.access_modes = f.or(cx, path, "access_modes", || {
+                vec!["ReadWriteOnce".to_string()]
+            });
             v.read_only = f.or(cx, path, "read_only", || false);
         }
         Some(v)

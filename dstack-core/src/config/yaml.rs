@@ -22,7 +22,10 @@ pub struct Mark {
 
 impl Mark {
     fn from_marker(m: Marker) -> Self {
-        Mark { line: m.line(), col: m.col() + 1 }
+        Mark {
+            line: m.line(),
+            col: m.col() + 1,
+        }
     }
 }
 
@@ -91,7 +94,11 @@ impl Node {
 
     /// Looks a key up in a mapping node.
     pub fn get(&self, key: &str) -> Option<&Node> {
-        self.as_map()?.iter().rev().find(|(k, _)| k.as_key() == Some(key)).map(|(_, v)| v)
+        self.as_map()?
+            .iter()
+            .rev()
+            .find(|(k, _)| k.as_key() == Some(key))
+            .map(|(_, v)| v)
     }
 
     /// Renders the node back as a compact, flow-style string for messages.
@@ -160,9 +167,15 @@ pub fn load(text: &str) -> Result<Node, SyntaxError> {
         message: e.info().to_string(),
     })?;
     if let Some(message) = builder.error {
-        return Err(SyntaxError { mark: builder.error_mark, message });
+        return Err(SyntaxError {
+            mark: builder.error_mark,
+            message,
+        });
     }
-    Ok(builder.root.unwrap_or(Node { kind: NodeKind::Null, mark: Mark { line: 1, col: 1 } }))
+    Ok(builder.root.unwrap_or(Node {
+        kind: NodeKind::Null,
+        mark: Mark { line: 1, col: 1 },
+    }))
 }
 
 /// Containers being built, innermost last.
@@ -194,7 +207,15 @@ impl Builder {
                 }
             }
             Some(Open::Map(map, _, pending)) => match pending.take() {
-                None => *pending = Some(node),
+                None => {
+                    // A block mapping's start event is marked after its first key: the mapping
+                    // starts where that key does.
+                    let empty = matches!(&map.kind, NodeKind::Map(entries) if entries.is_empty());
+                    if empty && (node.mark.line, node.mark.col) < (map.mark.line, map.mark.col) {
+                        map.mark = node.mark;
+                    }
+                    *pending = Some(node)
+                }
                 Some(key) => {
                     if let NodeKind::Map(entries) = &mut map.kind {
                         insert_entry(entries, key, node);
@@ -243,6 +264,16 @@ impl MarkedEventReceiver for Builder {
         let mark = Mark::from_marker(marker);
         match ev {
             Event::Scalar(value, style, anchor, tag) => {
+                // An empty value (`key:` and nothing) is marked on the next token; point it at
+                // its key instead.
+                let mark = match self.stack.last() {
+                    Some(Open::Map(_, _, Some(key)))
+                        if value.is_empty() && style == TScalarStyle::Plain =>
+                    {
+                        key.mark
+                    }
+                    _ => mark,
+                };
                 let kind = resolve_scalar(value, style, tag.as_ref());
                 let node = Node { kind, mark };
                 if anchor > 0 {
@@ -251,10 +282,19 @@ impl MarkedEventReceiver for Builder {
                 self.push_value(node);
             }
             Event::SequenceStart(anchor, _) => {
-                self.stack.push(Open::Seq(Node { kind: NodeKind::Seq(Vec::new()), mark }, anchor));
+                self.stack.push(Open::Seq(
+                    Node {
+                        kind: NodeKind::Seq(Vec::new()),
+                        mark,
+                    },
+                    anchor,
+                ));
             }
             Event::MappingStart(anchor, _) => {
-                let node = Node { kind: NodeKind::Map(Vec::new()), mark };
+                let node = Node {
+                    kind: NodeKind::Map(Vec::new()),
+                    mark,
+                };
                 self.stack.push(Open::Map(node, anchor, None));
             }
             Event::SequenceEnd | Event::MappingEnd => {
@@ -271,7 +311,10 @@ impl MarkedEventReceiver for Builder {
             }
             Event::Alias(id) => match self.anchors.get(&id) {
                 Some(node) => {
-                    let node = Node { kind: node.kind.clone(), mark };
+                    let node = Node {
+                        kind: node.kind.clone(),
+                        mark,
+                    };
                     self.push_value(node);
                 }
                 None => self.fail(mark, "found undefined alias"),
@@ -339,6 +382,9 @@ fn all(s: &str, pred: impl Fn(u8) -> bool) -> bool {
 
 /// Parses digits (underscores ignored) in `radix`; `None` when not all are digits.
 fn digits_value(s: &str, radix: u32) -> Option<f64> {
+    if radix == 10 {
+        return s.replace('_', "").parse().ok();
+    }
     let mut v = 0f64;
     let mut any = false;
     for c in s.chars() {
@@ -378,7 +424,11 @@ fn resolve_int(s: &str) -> Option<NodeKind> {
     }
     if let Some(hex) = body.strip_prefix("0x") {
         if all(hex, |b| b.is_ascii_hexdigit() || b == b'_') {
-            return Some(int_kind(sign, digits_value(hex, 16)?, digits_exact(hex, 16)));
+            return Some(int_kind(
+                sign,
+                digits_value(hex, 16)?,
+                digits_exact(hex, 16),
+            ));
         }
         return None;
     }
@@ -396,7 +446,11 @@ fn resolve_int(s: &str) -> Option<NodeKind> {
         return None;
     }
     if all(body, |b| b.is_ascii_digit() || b == b'_') {
-        return Some(int_kind(sign, digits_value(body, 10)?, digits_exact(body, 10)));
+        return Some(int_kind(
+            sign,
+            digits_value(body, 10)?,
+            digits_exact(body, 10),
+        ));
     }
     // Sexagesimal: 1:30 == 90.
     let mut parts = body.split(':');
@@ -507,7 +561,11 @@ pub fn py_float_repr(f: f64) -> String {
         return if f > 0.0 { "inf".into() } else { "-inf".into() };
     }
     if f == 0.0 {
-        return if f.is_sign_negative() { "-0.0".into() } else { "0.0".into() };
+        return if f.is_sign_negative() {
+            "-0.0".into()
+        } else {
+            "0.0".into()
+        };
     }
     // Shortest round-trip digits and the decimal exponent.
     let sci = format!("{:e}", f);
@@ -523,7 +581,11 @@ pub fn py_float_repr(f: f64) -> String {
             if n <= int_len {
                 format!("{}{}.0", digits, "0".repeat((int_len - n) as usize))
             } else {
-                format!("{}.{}", &digits[..int_len as usize], &digits[int_len as usize..])
+                format!(
+                    "{}.{}",
+                    &digits[..int_len as usize],
+                    &digits[int_len as usize..]
+                )
             }
         } else {
             format!("0.{}{}", "0".repeat((-exp - 1) as usize), digits)
@@ -531,7 +593,11 @@ pub fn py_float_repr(f: f64) -> String {
         format!("{sign}{body}")
     } else {
         let (first, rest) = digits.split_at(1);
-        let frac = if rest.is_empty() { String::new() } else { format!(".{rest}") };
+        let frac = if rest.is_empty() {
+            String::new()
+        } else {
+            format!(".{rest}")
+        };
         let esign = if exp < 0 { '-' } else { '+' };
         format!("{sign}{first}{frac}e{esign}{:02}", exp.abs())
     }
@@ -542,7 +608,12 @@ mod tests {
     use super::*;
 
     fn scalar(s: &str) -> NodeKind {
-        load(&format!("v: {s}")).unwrap().get("v").unwrap().kind.clone()
+        load(&format!("v: {s}"))
+            .unwrap()
+            .get("v")
+            .unwrap()
+            .kind
+            .clone()
     }
 
     #[test]
@@ -582,8 +653,14 @@ mod tests {
         let doc = load("a: 1\nb:\n  - x\n  - &y {k: v}\nc: *y\nd:\n  <<: *y\n  z: 2\n").unwrap();
         assert_eq!(doc.get("b").unwrap().mark, Mark { line: 3, col: 3 });
         assert_eq!(doc.get("a").unwrap().mark, Mark { line: 1, col: 4 });
-        assert_eq!(doc.get("c").unwrap().get("k").unwrap().kind, NodeKind::Str("v".into()));
-        assert_eq!(doc.get("d").unwrap().get("k").unwrap().kind, NodeKind::Str("v".into()));
+        assert_eq!(
+            doc.get("c").unwrap().get("k").unwrap().kind,
+            NodeKind::Str("v".into())
+        );
+        assert_eq!(
+            doc.get("d").unwrap().get("k").unwrap().kind,
+            NodeKind::Str("v".into())
+        );
     }
 
     #[test]

@@ -1,0 +1,126 @@
+//! Error messages are part of the interface: their wording, line, column, field path and code
+//! are locked here.
+
+use dstack_core::config::{parse, ErrorCode};
+
+/// Parses `text` and returns its error lines.
+fn errors(text: &str) -> Vec<String> {
+    parse(text, "f.dstack.yml")
+        .unwrap_err()
+        .to_string()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn unknown_field_points_at_the_key_and_suggests_a_fix() {
+    assert_eq!(
+        errors("type: task\ncommands: [x]\nresources:\n  gpus: 1\n"),
+        ["f.dstack.yml:4:3: resources.gpus: unknown field `gpus`; did you mean `gpu`? [unknown_field]"]
+    );
+}
+
+#[test]
+fn unknown_type_lists_the_known_ones() {
+    assert_eq!(
+        errors("type: dev-environments\n"),
+        ["f.dstack.yml:1:7: type: unknown configuration type 'dev-environments'; expected one of: \
+          dev-environment, task, service, fleet, gateway, volume, preset [unknown_type]"]
+    );
+    assert_eq!(
+        errors("name: x\n"),
+        [
+            "f.dstack.yml:1:1: type: field required; set `type` to one of: dev-environment, task, \
+          service, fleet, gateway, volume, preset [missing_field]"
+        ]
+    );
+}
+
+#[test]
+fn every_problem_of_a_file_is_reported_in_order() {
+    let text =
+        "type: task\nname: t\ncommands: echo hi\nresources:\n  cpu: 4..2\n  gpu: 'A100:2:3'\n\
+                spot_policy: sometimes\nmax_duration: 2y\nports: [70000]\n";
+    assert_eq!(
+        errors(text),
+        [
+            "f.dstack.yml:3:11: commands: expected a list, found a string 'echo hi' [invalid_type]",
+            "f.dstack.yml:5:8: resources.cpu: invalid range order: 4..2 (the minimum is above the maximum) [out_of_range]",
+            "f.dstack.yml:6:8: resources.gpu: GPU count conflict in 'A100:2:3': two counts given [invalid_value]",
+            "f.dstack.yml:7:14: spot_policy: invalid value 'sometimes'; expected one of: spot, on-demand, auto [invalid_value]",
+            "f.dstack.yml:8:15: max_duration: invalid duration '2y'; expected a duration such as 90, \"30s\", \"5m\", \"2h\", \"1d\" or \"1w\" [invalid_value]",
+            "f.dstack.yml:9:9: ports[0]: must be between 1 and 65535, got 70000 [out_of_range]",
+        ]
+    );
+}
+
+#[test]
+fn missing_required_fields_point_at_the_mapping() {
+    assert_eq!(
+        errors("type: service\nimage: nginx\n"),
+        ["f.dstack.yml:1:1: port: field required [missing_field]"]
+    );
+    assert_eq!(
+        errors("type: task\nvolumes:\n  - /a:/b\n"),
+        ["f.dstack.yml:1:1: (root): either `commands` or `image` must be set [missing_field]"]
+    );
+    assert_eq!(
+        errors("type: task\ncommands: [x]\nresources:\n"),
+        ["f.dstack.yml:3:1: resources: must not be null [invalid_type]"]
+    );
+}
+
+#[test]
+fn nested_list_items_have_indexed_paths() {
+    assert_eq!(
+        errors("type: task\ncommands: [x]\nvolumes:\n  - data:/x\n  - name: v\n    path: rel\n"),
+        ["f.dstack.yml:6:11: volumes[1].path: path must be absolute: rel [invalid_value]"]
+    );
+    assert_eq!(
+        errors("type: task\ncommands: [x]\nenv:\n  - A=1\n  - 1B=2\n"),
+        ["f.dstack.yml:5:5: env[1]: invalid environment variable '1B=2'; expected NAME=VALUE or \
+          NAME, where NAME matches [a-zA-Z_][a-zA-Z0-9_]* [invalid_value]"]
+    );
+}
+
+#[test]
+fn conflicting_fields_are_named() {
+    assert_eq!(
+        errors("type: task\ncommands: [x]\nimage: ubuntu\npython: 3.11\n"),
+        ["f.dstack.yml:4:9: python: `python` and `image` are mutually exclusive [conflict]"]
+    );
+    assert_eq!(
+        errors("type: service\nport: 80\ncommands: [x]\nreplicas: 0..4\n"),
+        ["f.dstack.yml:4:11: replicas: when `replicas` is a range, `scaling` must be set [missing_field]"]
+    );
+    assert_eq!(
+        errors("type: fleet\nnodes: 2\nssh_config:\n  hosts: [h1]\n"),
+        ["f.dstack.yml:2:8: nodes: `nodes` cannot be used in an SSH fleet (one with `ssh_config`) [conflict]"]
+    );
+}
+
+#[test]
+fn yaml_syntax_errors_are_located() {
+    let e = parse("type: task\ncommands: [x\n", "f.yml").unwrap_err();
+    assert_eq!(e.errors.len(), 1);
+    assert_eq!(e.errors[0].code, ErrorCode::Syntax);
+    assert!(
+        e.errors[0].message.starts_with("invalid YAML: "),
+        "{}",
+        e.errors[0].message
+    );
+    assert!(e.errors[0].mark.line >= 2, "{:?}", e.errors[0].mark);
+}
+
+#[test]
+fn a_document_that_is_not_a_mapping_is_rejected() {
+    assert_eq!(
+        errors("- type: task\n"),
+        ["f.dstack.yml:1:1: (root): expected a mapping (a dstack configuration), found a list [invalid_type]"]
+    );
+    assert_eq!(
+        errors(""),
+        ["f.dstack.yml:1:1: (root): expected a mapping (a dstack configuration), found null [invalid_type]"]
+    );
+}
