@@ -9,8 +9,9 @@ fn main() {
         .next()
         .and_then(|r| r.parse().ok())
         .expect("usage: parse_throughput ROUNDS FILE...");
-    let files: Vec<(String, String)> =
-        args.map(|f| (std::fs::read_to_string(&f).expect("readable file"), f)).collect();
+    let files: Vec<(String, String)> = args
+        .map(|f| (std::fs::read_to_string(&f).expect("readable file"), f))
+        .collect();
     for (text, name) in &files {
         if let Err(e) = dstack_core::config::parse(text, name) {
             panic!("{e}");
