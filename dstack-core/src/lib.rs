@@ -4,4 +4,5 @@
 //! This crate creates no async runtime and pulls in no cloud SDK or Python; backends live in
 //! `dstack-backends`, the host agent in `dstack-agent`.
 
+pub mod agent;
 pub mod config;

@@ -1,0 +1,235 @@
+//! The engine's side of the agent API: one HTTP/1.1 connection per request over a transport
+//! (a unix socket for the local agent; SSH channels later).
+
+use std::path::PathBuf;
+use std::pin::Pin;
+
+use bytes::{Bytes, BytesMut};
+use futures_core::Stream;
+use futures_util::{StreamExt, TryStreamExt};
+use http_body_util::{BodyExt, BodyStream, Full};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+
+use super::protocol::{Healthcheck, JobInfo, JobSubmit, StopRequest};
+
+/// A failure talking to an agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The agent could not be reached (not running, socket missing, connection dropped).
+    #[error("cannot reach the agent at {target}: {source}")]
+    Unreachable {
+        /// Where the agent was expected.
+        target: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The HTTP exchange failed midway.
+    #[error("agent connection failed: {0}")]
+    Http(#[from] hyper::Error),
+    /// The agent answered with an error status.
+    #[error("agent answered {status}: {message}")]
+    Status {
+        /// The HTTP status.
+        status: u16,
+        /// The agent's message.
+        message: String,
+    },
+    /// The agent's answer was not the expected JSON.
+    #[error("unexpected answer from the agent: {0}")]
+    Decode(#[from] serde_json::Error),
+}
+
+impl AgentError {
+    /// Whether the agent was not found at all (as opposed to answering with an error).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, AgentError::Unreachable { .. } | AgentError::Http(_))
+    }
+}
+
+type Io = TokioIo<tokio::net::UnixStream>;
+
+/// A byte stream from the agent (logs).
+pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, AgentError>> + Send>>;
+/// A stream of job updates from the agent.
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<JobInfo, AgentError>> + Send>>;
+
+/// A client of one agent.
+#[derive(Clone, Debug)]
+pub struct AgentClient {
+    socket: PathBuf,
+}
+
+impl AgentClient {
+    /// A client of the agent listening on the unix socket `socket`.
+    pub fn unix(socket: impl Into<PathBuf>) -> Self {
+        AgentClient {
+            socket: socket.into(),
+        }
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> &std::path::Path {
+        &self.socket
+    }
+
+    async fn connect(&self) -> Result<Io, AgentError> {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|source| AgentError::Unreachable {
+                target: self.socket.display().to_string(),
+                source,
+            })?;
+        Ok(TokioIo::new(stream))
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Response<Incoming>, AgentError> {
+        let io = self.connect().await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+        tokio::spawn(conn);
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "dstack-agent");
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| AgentError::Status {
+                status: 0,
+                message: e.to_string(),
+            })?;
+        let resp = sender.send_request(req).await?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        Err(AgentError::Status {
+            status,
+            message: String::from_utf8_lossy(&bytes).trim().to_string(),
+        })
+    }
+
+    async fn json<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, AgentError> {
+        let resp = self.send(method, path, body).await?;
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        Ok(serde_json::from_slice(&bytes)?)
+    }
+
+    /// `GET /api/healthcheck`.
+    pub async fn healthcheck(&self) -> Result<Healthcheck, AgentError> {
+        self.json(Method::GET, "/api/healthcheck", None).await
+    }
+
+    /// `POST /api/jobs`: starts a job (idempotent by id).
+    pub async fn submit(&self, job: &JobSubmit) -> Result<JobInfo, AgentError> {
+        self.json(Method::POST, "/api/jobs", Some(serde_json::to_vec(job)?))
+            .await
+    }
+
+    /// `GET /api/jobs/{id}`; `None` when the agent does not know the job.
+    pub async fn job(&self, id: &str) -> Result<Option<JobInfo>, AgentError> {
+        match self
+            .json(Method::GET, &format!("/api/jobs/{id}"), None)
+            .await
+        {
+            Err(AgentError::Status { status: 404, .. }) => Ok(None),
+            other => other.map(Some),
+        }
+    }
+
+    /// `GET /api/jobs`.
+    pub async fn jobs(&self) -> Result<Vec<JobInfo>, AgentError> {
+        self.json(Method::GET, "/api/jobs", None).await
+    }
+
+    /// `POST /api/jobs/{id}/stop`.
+    pub async fn stop(&self, id: &str, req: &StopRequest) -> Result<JobInfo, AgentError> {
+        let path = format!("/api/jobs/{id}/stop");
+        self.json(Method::POST, &path, Some(serde_json::to_vec(req)?))
+            .await
+    }
+
+    /// `DELETE /api/jobs/{id}`.
+    pub async fn remove(&self, id: &str) -> Result<(), AgentError> {
+        self.send(Method::DELETE, &format!("/api/jobs/{id}"), None)
+            .await
+            .map(|_| ())
+    }
+
+    /// `GET /api/jobs/{id}/logs`: the output from byte `offset`, following while `follow`.
+    pub async fn logs(
+        &self,
+        id: &str,
+        offset: u64,
+        follow: bool,
+    ) -> Result<ByteStream, AgentError> {
+        self.body_stream(&format!(
+            "/api/jobs/{id}/logs?offset={offset}&follow={follow}"
+        ))
+        .await
+    }
+
+    /// `GET /api/events`: the state of every job, then every change.
+    pub async fn events(&self) -> Result<EventStream, AgentError> {
+        let bytes = self.body_stream("/api/events").await?;
+        Ok(Box::pin(json_lines(bytes)))
+    }
+
+    /// A GET whose body is consumed as a stream of chunks.
+    async fn body_stream(&self, path: &str) -> Result<ByteStream, AgentError> {
+        let resp = self.send(Method::GET, path, None).await?;
+        let stream = TryStreamExt::map_err(BodyStream::new(resp.into_body()), AgentError::Http)
+            .try_filter_map(|frame| async move { Ok(frame.into_data().ok()) });
+        Ok(Box::pin(stream))
+    }
+}
+
+/// Splits a byte stream into JSON lines.
+fn json_lines(bytes: ByteStream) -> impl Stream<Item = Result<JobInfo, AgentError>> + Send {
+    futures_util::stream::unfold(
+        (bytes, BytesMut::new(), false),
+        |(mut bytes, mut buf, done)| async move {
+            loop {
+                if let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                    let line = buf.split_to(pos + 1);
+                    let item =
+                        serde_json::from_slice::<JobInfo>(&line[..pos]).map_err(AgentError::from);
+                    return Some((item, (bytes, buf, done)));
+                }
+                if done {
+                    return None;
+                }
+                match bytes.next().await {
+                    Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                    Some(Err(e)) => return Some((Err(e), (bytes, buf, true))),
+                    None => {
+                        let e = std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "event stream closed",
+                        );
+                        let target = "agent event stream".to_string();
+                        return Some((
+                            Err(AgentError::Unreachable { target, source: e }),
+                            (bytes, buf, true),
+                        ));
+                    }
+                }
+            }
+        },
+    )
+}

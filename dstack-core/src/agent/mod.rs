@@ -1,0 +1,24 @@
+//! The engine ↔ host-agent protocol and its client side.
+//!
+//! Every host (this machine, an SSH host, a cloud VM) runs the same `dstack-agent`, which
+//! supervises jobs and serves a small HTTP/1.1 API. The engine never reaches it over a network
+//! port: locally it speaks over a unix socket, remotely over an SSH channel.
+//!
+//! | Method & path | Body | Response |
+//! |---|---|---|
+//! | `GET /api/healthcheck` | — | [`Healthcheck`] |
+//! | `POST /api/jobs` | [`JobSubmit`] | [`JobInfo`] (idempotent: the same id returns the existing job) |
+//! | `GET /api/jobs` | — | `[JobInfo]` |
+//! | `GET /api/jobs/{id}` | — | [`JobInfo`]; 404 |
+//! | `POST /api/jobs/{id}/stop` | [`StopRequest`] | [`JobInfo`]; 404 |
+//! | `DELETE /api/jobs/{id}` | — | 204; 409 while running (removes the job and its logs) |
+//! | `GET /api/jobs/{id}/logs?offset=N&follow=B` | — | the raw output from byte `offset`; with `follow=true` the body stays open until the job has finished and every byte was sent |
+//! | `GET /api/events` | — | newline-delimited [`JobInfo`] JSON: one line per job at connection time, then one per change, forever |
+//!
+//! Errors are plain text with a status code.
+
+mod client;
+mod protocol;
+
+pub use client::{AgentClient, AgentError};
+pub use protocol::*;

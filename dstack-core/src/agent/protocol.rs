@@ -1,0 +1,119 @@
+//! Wire types of the agent API (JSON).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The agent's answer to `GET /api/healthcheck`: who it is and what the host has.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Healthcheck {
+    /// Always `dstack-agent`.
+    pub service: String,
+    /// The agent's version (the crate version).
+    pub version: String,
+    /// The agent's process id.
+    pub pid: u32,
+    /// The host's resources.
+    pub host: HostInfo,
+}
+
+/// Resources of the agent's host.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HostInfo {
+    /// Logical CPUs.
+    pub cpus: u32,
+    /// Total RAM in bytes.
+    pub memory_bytes: u64,
+    /// Total size in bytes of the filesystem holding the agent's working directory.
+    pub disk_bytes: u64,
+    /// CPU architecture (`x86` or `arm`).
+    pub cpu_arch: String,
+    /// GPUs, in `nvidia-smi` index order.
+    pub gpus: Vec<GpuInfo>,
+}
+
+/// One GPU of the host.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GpuInfo {
+    /// Index as `CUDA_VISIBLE_DEVICES` counts them.
+    pub index: u32,
+    /// Normalized name (`A100`, `H100`, `RTX4090`, …).
+    pub name: String,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// Vendor (`nvidia`).
+    pub vendor: String,
+    /// Device UUID, when known.
+    pub uuid: Option<String>,
+}
+
+/// `POST /api/jobs`: start a job as a process.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobSubmit {
+    /// The job submission id (unique; submitting the same id again is a no-op).
+    pub id: String,
+    /// The job name (`<run>-<job_num>-<replica_num>`), for humans.
+    pub name: String,
+    /// The program and its arguments, e.g. `["/bin/bash", "-c", "echo hi"]`.
+    pub argv: Vec<String>,
+    /// The complete environment of the process (nothing else is inherited).
+    pub env: BTreeMap<String, String>,
+    /// Absolute working directory; the job fails with `executor_error` if it does not exist.
+    pub working_dir: String,
+    /// Terminate with `max_duration_exceeded` after this many seconds of running.
+    pub max_duration_secs: Option<u64>,
+}
+
+/// The state of a job on the agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentJobStatus {
+    /// The process is running.
+    Running,
+    /// Exited with status 0.
+    Done,
+    /// Exited non-zero, could not start, or was lost.
+    Failed,
+    /// Stopped (by request or by `max_duration`).
+    Terminated,
+}
+
+impl AgentJobStatus {
+    /// Whether the job has finished.
+    pub fn is_finished(self) -> bool {
+        self != AgentJobStatus::Running
+    }
+}
+
+/// A job as the agent sees it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobInfo {
+    /// The job submission id.
+    pub id: String,
+    /// The state.
+    pub status: AgentJobStatus,
+    /// The exit status of the process, when it exited (negative: killed by that signal).
+    pub exit_status: Option<i32>,
+    /// A dstack job termination reason (`done_by_runner`, `container_exited_with_error`,
+    /// `executor_error`, `max_duration_exceeded`, `terminated_by_user`, `aborted_by_user`, …).
+    pub termination_reason: Option<String>,
+    /// A human explanation of the reason.
+    pub termination_message: Option<String>,
+    /// Unix milliseconds when the process started.
+    pub started_at_ms: u64,
+    /// Unix milliseconds when it finished.
+    pub finished_at_ms: Option<u64>,
+    /// Bytes of output written so far.
+    pub log_bytes: u64,
+}
+
+/// `POST /api/jobs/{id}/stop`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StopRequest {
+    /// Kill at once (SIGKILL to the process group) instead of SIGTERM and a grace period.
+    pub abort: bool,
+    /// Seconds between SIGTERM and SIGKILL.
+    pub grace_secs: u64,
+    /// The termination reason to record (`terminated_by_user`, `aborted_by_user`, …).
+    pub reason: String,
+}
