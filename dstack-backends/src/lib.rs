@@ -1,1 +1,9 @@
-//! x
+//! Compute backends of dstack-rs, one module per backend behind a cargo feature.
+//!
+//! - `local` (default): this machine, through a detached `dstack-agent`.
+
+#[cfg(feature = "local")]
+pub mod local;
+
+#[cfg(feature = "local")]
+pub use local::embedded_client;

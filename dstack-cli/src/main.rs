@@ -1,7 +1,14 @@
 //! The `dstack` command-line interface.
 
+mod apply;
+mod drive;
+mod fleet;
+mod offer;
+mod runs;
+mod table;
 mod validate;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -16,16 +23,92 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Apply a configuration: plan it, submit the run and stream its logs.
+    ///
+    /// Exits with the job's exit code. Ctrl-C detaches and leaves the run running.
+    Apply(apply::ApplyArgs),
+    /// List runs (unfinished ones unless --all).
+    Ps(runs::PsArgs),
+    /// Print the output of a run.
+    Logs(runs::LogsArgs),
+    /// Stop a run (gracefully, or at once with -x).
+    Stop(runs::StopArgs),
+    /// Show where a run with these resources could run.
+    Offer(offer::OfferArgs),
+    /// List fleets and their instances.
+    Fleet,
     /// Check configuration files and show them normalized, as dstack would read them.
     ///
     /// Exits 0 when every file is valid and 1 when any is not; each problem is printed on
     /// stderr as FILE:LINE:COL: FIELD: MESSAGE [CODE].
     Validate(validate::Args),
+    /// Runs the engine in the background until no run waits for it (started by `apply -d`).
+    #[command(name = "_drive", hide = true)]
+    Drive,
+}
+
+/// A command failure: printed on stderr, exit status 1.
+#[derive(Debug)]
+pub struct Failure(String);
+
+impl Failure {
+    /// A failure with this message.
+    pub fn new(message: impl Into<String>) -> Self {
+        Failure(message.into())
+    }
+}
+
+impl From<dstack_core::engine::EngineError> for Failure {
+    fn from(e: dstack_core::engine::EngineError) -> Self {
+        Failure(e.to_string())
+    }
+}
+
+/// Asks a yes/no question on the terminal; without a terminal the answer is yes.
+pub fn confirm(question: &str) -> bool {
+    if !std::io::stdin().is_terminal() {
+        return true;
+    }
+    eprint!("{question} [y/n]: ");
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer).is_ok() && answer.trim().eq_ignore_ascii_case("y")
+}
+
+async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
+    if let Command::Validate(args) = &command {
+        return Ok(validate::run(args));
+    }
+    let client = dstack_backends::embedded_client().await?;
+    match command {
+        Command::Apply(args) => apply::apply(&client, &args).await,
+        Command::Ps(args) => runs::ps(&client, &args).await,
+        Command::Logs(args) => runs::logs(&client, &args).await,
+        Command::Stop(args) => runs::stop(&client, &args).await,
+        Command::Offer(args) => offer::offer(&client, &args).await,
+        Command::Fleet => fleet::list(&client).await,
+        Command::Drive => drive::drive(&client).await,
+        Command::Validate(_) => unreachable!("handled above"),
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Validate(args) => validate::run(&args),
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(Failure(message)) => {
+            eprintln!("{message}");
+            ExitCode::from(1)
+        }
     }
 }

@@ -5,4 +5,12 @@
 //! `dstack-backends`, the host agent in `dstack-agent`.
 
 pub mod agent;
+pub mod backend;
+pub mod client;
 pub mod config;
+pub mod engine;
+pub mod model;
+pub mod offers;
+pub mod store;
+
+pub use client::{Client, ClientOptions, RunHandle};

@@ -1,0 +1,208 @@
+//! The `local` backend: this machine is the only offer, and its instance is the implicit
+//! `local` fleet. Jobs run as processes under a `dstack-agent` that this backend starts
+//! detached (and restarts when it is gone), so runs outlive the process that started them.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dstack_core::agent::AgentClient;
+use dstack_core::backend::{BoxFuture, Compute, ComputeError, CreatedInstance};
+use dstack_core::engine::{EngineError, EngineOptions};
+use dstack_core::model::Instance;
+use dstack_core::offers::{Availability, Offer};
+use dstack_core::{Client, ClientOptions};
+
+/// How long a freshly started agent may take to answer.
+const AGENT_START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// This machine as a backend.
+pub struct LocalBackend {
+    state_dir: PathBuf,
+    agent_bin: PathBuf,
+}
+
+impl LocalBackend {
+    /// A backend whose agent keeps its state in `<home>/agent` and is the `agent_bin` binary.
+    pub fn new(home: &Path, agent_bin: PathBuf) -> Self {
+        LocalBackend {
+            state_dir: home.join("agent"),
+            agent_bin,
+        }
+    }
+
+    /// A backend using the `dstack-agent` found by [`find_agent_binary`].
+    pub fn with_default_agent(home: &Path) -> Result<Self, ComputeError> {
+        Ok(Self::new(home, find_agent_binary()?))
+    }
+
+    /// The agent's unix socket.
+    pub fn socket(&self) -> PathBuf {
+        self.state_dir.join("agent.sock")
+    }
+
+    /// Returns a client of the running agent, starting it if it does not answer.
+    pub async fn ensure_agent(&self) -> Result<AgentClient, ComputeError> {
+        let client = AgentClient::unix(self.socket());
+        if client.healthcheck().await.is_ok() {
+            return Ok(client);
+        }
+        std::fs::create_dir_all(&self.state_dir)
+            .map_err(|e| other("cannot create the agent state dir", e))?;
+        // One starter at a time across processes; the others find it running.
+        let lock = std::fs::File::create(self.state_dir.join("start.lock"))
+            .map_err(|e| other("cannot create the agent start lock", e))?;
+        let lock = tokio::task::spawn_blocking(move || lock.lock().map(|()| lock))
+            .await
+            .map_err(|e| ComputeError::Other(e.to_string()))?
+            .map_err(|e| other("cannot lock the agent start lock", e))?;
+        if client.healthcheck().await.is_ok() {
+            return Ok(client);
+        }
+        self.spawn_agent()?;
+        let deadline = tokio::time::Instant::now() + AGENT_START_TIMEOUT;
+        let mut delay = Duration::from_millis(5);
+        loop {
+            if client.healthcheck().await.is_ok() {
+                drop(lock);
+                return Ok(client);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ComputeError::Other(format!(
+                    "the local agent did not start within {}s; see {}",
+                    AGENT_START_TIMEOUT.as_secs(),
+                    self.state_dir.join("agent.log").display()
+                )));
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(100));
+        }
+    }
+
+    fn spawn_agent(&self) -> Result<(), ComputeError> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.state_dir.join("agent.log"))
+            .map_err(|e| other("cannot open the agent log", e))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| other("cannot open the agent log", e))?;
+        std::process::Command::new(&self.agent_bin)
+            .arg("serve")
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--detach")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .map_err(|e| other(&format!("cannot start {}", self.agent_bin.display()), e))?;
+        Ok(())
+    }
+}
+
+fn other(what: &str, e: std::io::Error) -> ComputeError {
+    ComputeError::Other(format!("{what}: {e}"))
+}
+
+/// Finds `dstack-agent`: `$DSTACK_AGENT_BIN`, next to the current executable (or one level
+/// up, as for test binaries), then on `PATH`.
+pub fn find_agent_binary() -> Result<PathBuf, ComputeError> {
+    if let Some(path) = std::env::var_os("DSTACK_AGENT_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let name = "dstack-agent";
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1).take(2) {
+            let candidate = dir.join(name);
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let candidate = dir.join(name);
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    Err(ComputeError::NotFound(
+        "the `dstack-agent` binary was not found next to this program or on PATH; set DSTACK_AGENT_BIN".to_string(),
+    ))
+}
+
+impl Compute for LocalBackend {
+    fn backend(&self) -> &'static str {
+        "local"
+    }
+
+    fn supports_containers(&self) -> bool {
+        false
+    }
+
+    fn offers(&self) -> BoxFuture<'_, Result<Vec<Offer>, ComputeError>> {
+        Box::pin(async move {
+            let client = self.ensure_agent().await?;
+            let health = client
+                .healthcheck()
+                .await
+                .map_err(|e| ComputeError::Other(e.to_string()))?;
+            Ok(vec![Offer {
+                backend: "local".to_string(),
+                instance_type: "local".to_string(),
+                region: "local".to_string(),
+                price: 0.0,
+                spot: false,
+                resources: health.host,
+                availability: Availability::Available,
+            }])
+        })
+    }
+
+    fn create_instance<'a>(
+        &'a self,
+        offer: &'a Offer,
+    ) -> BoxFuture<'a, Result<CreatedInstance, ComputeError>> {
+        Box::pin(async move {
+            self.ensure_agent().await?;
+            let backend_data = serde_json::json!({ "socket": self.socket() });
+            Ok(CreatedInstance {
+                offer: offer.clone(),
+                backend_data,
+            })
+        })
+    }
+
+    fn connect<'a>(
+        &'a self,
+        _instance: &'a Instance,
+    ) -> BoxFuture<'a, Result<AgentClient, ComputeError>> {
+        Box::pin(self.ensure_agent())
+    }
+
+    fn terminate_instance<'a>(
+        &'a self,
+        _instance: &'a Instance,
+    ) -> BoxFuture<'a, Result<(), ComputeError>> {
+        // This machine is never terminated.
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// The embedded default: state in `$DSTACK_HOME` (default `~/.dstack`) and the local backend.
+pub async fn embedded_client() -> Result<Client, EngineError> {
+    let home = dstack_core::client::default_home();
+    let backend = LocalBackend::with_default_agent(&home)?;
+    Client::open(ClientOptions {
+        home,
+        backends: vec![Arc::new(backend)],
+        engine: EngineOptions::default(),
+    })
+    .await
+}

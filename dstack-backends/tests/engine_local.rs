@@ -1,0 +1,459 @@
+//! The engine and the local backend end to end: real agent, real processes, real SQLite.
+//! The agent binary comes from the workspace build (`cargo build` builds it; `cargo test
+//! --workspace` too).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dstack_backends::local::LocalBackend;
+use dstack_core::config::parse;
+use dstack_core::engine::{ApplyOptions, EngineOptions};
+use dstack_core::model::{JobStatus, RunStatus};
+use dstack_core::{Client, ClientOptions, RunHandle};
+use futures_util::StreamExt;
+
+/// A temporary `$DSTACK_HOME` whose agent is stopped when the test ends.
+struct Home {
+    dir: tempfile::TempDir,
+}
+
+impl Home {
+    fn new() -> Self {
+        Home {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn agent_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.path().join("agent/agent.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    async fn client(&self) -> Client {
+        let options = EngineOptions {
+            retry_delays: vec![Duration::from_millis(200)],
+            stop_grace: Duration::from_secs(2),
+        };
+        let backend = LocalBackend::new(self.path(), agent_binary());
+        Client::open(ClientOptions {
+            home: self.path().to_path_buf(),
+            backends: vec![Arc::new(backend)],
+            engine: options,
+        })
+        .await
+        .unwrap()
+    }
+}
+
+impl Drop for Home {
+    fn drop(&mut self) {
+        if let Some(pid) = self.agent_pid() {
+            let _ = std::process::Command::new("kill")
+                .arg("-9")
+                .arg(pid.to_string())
+                .status();
+        }
+    }
+}
+
+fn agent_binary() -> PathBuf {
+    let bin = dstack_backends::local::find_agent_binary().expect("dstack-agent is built");
+    assert!(
+        bin.is_file(),
+        "build the agent first: cargo build -p dstack-agent"
+    );
+    bin
+}
+
+fn opts(dir: &Path) -> ApplyOptions {
+    let mut env = BTreeMap::new();
+    env.insert(
+        "PATH".to_string(),
+        std::env::var("PATH").unwrap_or_default(),
+    );
+    ApplyOptions {
+        client_dir: Some(dir.display().to_string()),
+        client_env: Some(env),
+        ..ApplyOptions::default()
+    }
+}
+
+async fn apply(client: &Client, yaml: &str, dir: &Path) -> RunHandle {
+    let config = parse(yaml, "test.dstack.yml").unwrap_or_else(|e| panic!("{e}"));
+    client.runs().apply(config, opts(dir)).await.unwrap()
+}
+
+async fn finish(run: &RunHandle) -> dstack_core::model::Run {
+    tokio::time::timeout(Duration::from_secs(60), run.wait())
+        .await
+        .expect("run finishes")
+        .unwrap()
+}
+
+async fn all_logs(run: &RunHandle) -> String {
+    let mut out = Vec::new();
+    let mut logs = run.logs(false);
+    while let Some(chunk) = logs.next().await {
+        out.extend_from_slice(&chunk.unwrap());
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+const SMALL: &str = "resources: {cpu: 1.., memory: 0.1GB.., disk: 1GB..}\n";
+
+fn task(commands: &str) -> String {
+    format!("type: task\ncommands:\n{commands}{SMALL}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn success_streams_logs_and_records_exit_status() {
+    let home = Home::new();
+    let client = home.client().await;
+    let run = apply(
+        &client,
+        &task("  - echo hello\n  - echo world >&2\n"),
+        home.path(),
+    )
+    .await;
+    let done = finish(&run).await;
+    assert_eq!(done.status, RunStatus::Done);
+    assert_eq!(done.termination_reason.as_deref(), Some("all_jobs_done"));
+    assert_eq!(run.exit_status().unwrap(), Some(0));
+    assert_eq!(all_logs(&run).await, "hello\nworld\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_end_with_the_right_reason() {
+    let home = Home::new();
+    let client = home.client().await;
+    let dir = home.path();
+    let failing = apply(&client, &task("  - echo about to fail\n  - exit 3\n"), dir).await;
+    let missing = apply(&client, &task("  - no-such-command-xyz\n"), dir).await;
+    let bad_dir = apply(
+        &client,
+        &format!("{}working_dir: /no/such/dir\n", task("  - echo x\n")),
+        dir,
+    )
+    .await;
+    let r = finish(&failing).await;
+    assert_eq!(
+        (r.status, r.termination_reason.as_deref()),
+        (RunStatus::Failed, Some("job_failed"))
+    );
+    let job = &failing.jobs().unwrap()[0];
+    assert_eq!(
+        job.termination_reason.as_deref(),
+        Some("container_exited_with_error")
+    );
+    assert_eq!(job.exit_status, Some(3));
+    assert_eq!(all_logs(&failing).await, "about to fail\n");
+    assert_eq!(finish(&missing).await.status, RunStatus::Failed);
+    assert_eq!(missing.exit_status().unwrap(), Some(127));
+    assert!(all_logs(&missing).await.contains("no-such-command-xyz"));
+    assert_eq!(finish(&bad_dir).await.status, RunStatus::Failed);
+    let job = &bad_dir.jobs().unwrap()[0];
+    assert_eq!(job.termination_reason.as_deref(), Some("executor_error"));
+    assert!(
+        job.termination_message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("/no/such/dir"),
+        "{job:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_abort_and_max_duration() {
+    let home = Home::new();
+    let client = home.client().await;
+    let dir = home.path();
+    let graceful = apply(
+        &client,
+        &task("  - trap 'echo got TERM; exit 0' TERM\n  - echo started\n  - sleep 1000 & wait\n"),
+        dir,
+    )
+    .await;
+    let aborted = apply(&client, &task("  - sleep 1000\n"), dir).await;
+    let limited = apply(
+        &client,
+        &format!("{}max_duration: 1s\n", task("  - sleep 1000\n")),
+        dir,
+    )
+    .await;
+    for run in [&graceful, &aborted] {
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            run.wait_until(|s| s == RunStatus::Running),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    graceful.stop(false).await.unwrap();
+    aborted.stop(true).await.unwrap();
+    let g = finish(&graceful).await;
+    assert_eq!(
+        (g.status, g.termination_reason.as_deref()),
+        (RunStatus::Terminated, Some("stopped_by_user"))
+    );
+    assert_eq!(graceful.jobs().unwrap()[0].status, JobStatus::Terminated);
+    assert_eq!(
+        graceful.jobs().unwrap()[0].termination_reason.as_deref(),
+        Some("terminated_by_user")
+    );
+    assert!(all_logs(&graceful).await.contains("got TERM"));
+    let a = finish(&aborted).await;
+    assert_eq!(
+        (a.status, a.termination_reason.as_deref()),
+        (RunStatus::Terminated, Some("aborted_by_user"))
+    );
+    assert_eq!(aborted.jobs().unwrap()[0].status, JobStatus::Aborted);
+    let m = finish(&limited).await;
+    assert_eq!(m.status, RunStatus::Failed);
+    assert_eq!(
+        limited.jobs().unwrap()[0].termination_reason.as_deref(),
+        Some("max_duration_exceeded")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_on_error_and_gives_up_on_no_capacity() {
+    let home = Home::new();
+    let client = home.client().await;
+    let dir = home.path();
+    let marker = dir.join("tried-once");
+    let flaky = format!(
+        "{}retry:\n  on_events: [error]\n  duration: 1h\n",
+        task(&format!(
+            "  - if [ -e {m} ]; then echo second; else touch {m}; echo first; exit 1; fi\n",
+            m = marker.display()
+        ))
+    );
+    let run = apply(&client, &flaky, dir).await;
+    let r = finish(&run).await;
+    assert_eq!(r.status, RunStatus::Done);
+    let jobs = run.jobs().unwrap();
+    assert_eq!(jobs.len(), 2);
+    assert_eq!(jobs[0].status, JobStatus::Failed);
+    assert_eq!(jobs[1].submission_num, 1);
+    assert_eq!(all_logs(&run).await, "second\n");
+
+    let never = "type: task\ncommands: [echo x]\nresources: {gpu: 8}\nretry:\n  on_events: [no-capacity]\n  duration: 1s\n";
+    let run = apply(&client, never, dir).await;
+    let r = finish(&run).await;
+    assert_eq!(
+        (r.status, r.termination_reason.as_deref()),
+        (RunStatus::Failed, Some("retry_limit_exceeded"))
+    );
+    assert!(
+        run.jobs().unwrap().len() >= 2,
+        "it was retried before giving up"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_that_can_never_fit_fails_at_once_and_says_why() {
+    let home = Home::new();
+    let client = home.client().await;
+    let run = apply(
+        &client,
+        "type: task\ncommands: [echo x]\nresources: {gpu: 1}\n",
+        home.path(),
+    )
+    .await;
+    let r = finish(&run).await;
+    assert_eq!(r.status, RunStatus::Failed);
+    let job = &run.jobs().unwrap()[0];
+    assert_eq!(
+        job.termination_reason.as_deref(),
+        Some("failed_to_start_due_to_no_capacity")
+    );
+    let message = job.termination_message.clone().unwrap_or_default();
+    assert!(
+        message.starts_with("no offers:") && message.contains("GPU"),
+        "{message}"
+    );
+    let plan = client
+        .runs()
+        .plan(&parse("type: task\ncommands: [x]\nresources: {gpu: 1}\n", "p").unwrap())
+        .await
+        .unwrap();
+    assert!(plan.offers.is_empty() && plan.no_offers_reason.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_are_refused_until_a_container_runtime_exists() {
+    let home = Home::new();
+    let client = home.client().await;
+    let config = parse("type: task\nimage: ubuntu\ncommands: [echo x]\n", "t").unwrap();
+    let err = client
+        .runs()
+        .apply(config, opts(home.path()))
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        err.to_string().contains("container runtime not available")
+            || err.to_string().contains("needs a container runtime"),
+        "{err}"
+    );
+    assert!(
+        client.runs().list(true).unwrap().is_empty(),
+        "nothing was submitted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_get_dstacks_environment() {
+    let home = Home::new();
+    let client = home.client().await;
+    let yaml = format!(
+        "name: env-check\nenv:\n  - GREETING=hi there\n{}",
+        task("  - env | grep -E '^(DSTACK_|GREETING|CUDA_VISIBLE)' | sort\n  - pwd\n")
+    );
+    let run = apply(&client, &yaml, home.path()).await;
+    assert_eq!(finish(&run).await.status, RunStatus::Done);
+    let logs = all_logs(&run).await;
+    let job = &run.jobs().unwrap()[0];
+    for expected in [
+        "DSTACK_RUN_NAME=env-check".to_string(),
+        format!("DSTACK_RUN_ID={}", run.id()),
+        format!("DSTACK_JOB_ID={}", job.id),
+        "DSTACK_NODE_RANK=0".to_string(),
+        "DSTACK_NODES_NUM=1".to_string(),
+        "DSTACK_MASTER_NODE_IP=127.0.0.1".to_string(),
+        "DSTACK_NODES_IPS=127.0.0.1".to_string(),
+        "DSTACK_GPUS_NUM=0".to_string(),
+        "DSTACK_GPUS_PER_NODE=0".to_string(),
+        format!("DSTACK_WORKING_DIR={}", home.path().display()),
+        "GREETING=hi there".to_string(),
+        "CUDA_VISIBLE_DEVICES=".to_string(),
+    ] {
+        assert!(
+            logs.lines().any(|l| l == expected),
+            "missing {expected} in:\n{logs}"
+        );
+    }
+    assert!(
+        logs.lines().any(|l| l == home.path().display().to_string()),
+        "{logs}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_runs_at_once_finish_without_over_committing() {
+    let home = Home::new();
+    let client = home.client().await;
+    let cpus = client.fleets().list().unwrap()[0].1[0].host.cpus;
+    let mut runs = Vec::new();
+    for i in 0..50 {
+        runs.push(
+            apply(
+                &client,
+                &task(&format!("  - echo run {i}\n  - sleep 0.05\n")),
+                home.path(),
+            )
+            .await,
+        );
+    }
+    for (i, run) in runs.iter().enumerate() {
+        assert_eq!(finish(run).await.status, RunStatus::Done, "run {i}");
+        assert_eq!(all_logs(run).await, format!("run {i}\n"));
+    }
+    // Sweep the recorded intervals: at no moment did the held CPUs exceed the host's.
+    let mut events: Vec<(u64, i64)> = Vec::new();
+    for run in &runs {
+        let job = &run.jobs().unwrap()[0];
+        let held = job.reservation.as_ref().unwrap().cpus as i64;
+        events.push((job.started_at_ms.unwrap(), held));
+        events.push((job.finished_at_ms.unwrap(), -held));
+    }
+    events.sort_by_key(|(t, d)| (*t, *d));
+    let mut held = 0;
+    for (_, delta) in events {
+        held += delta;
+        assert!(held <= cpus as i64, "{held} CPUs held on a {cpus}-CPU host");
+    }
+    assert_eq!(client.runs().list(true).unwrap().len(), 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_agent_fails_its_job_within_seconds() {
+    let home = Home::new();
+    let client = home.client().await;
+    let run = apply(
+        &client,
+        &task("  - echo before\n  - sleep 1000\n"),
+        home.path(),
+    )
+    .await;
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        run.wait_until(|s| s == RunStatus::Running),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let pid = home.agent_pid().expect("agent pid");
+    std::process::Command::new("kill")
+        .arg("-9")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let r = finish(&run).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(r.status, RunStatus::Failed);
+    let job = &run.jobs().unwrap()[0];
+    assert_eq!(job.termination_reason.as_deref(), Some("executor_error"));
+    assert!(
+        job.termination_message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("agent"),
+        "{job:?}"
+    );
+    assert!(all_logs(&run).await.starts_with("before\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gigabyte_of_output_streams_with_bounded_memory() {
+    let home = Home::new();
+    let client = home.client().await;
+    let run = apply(
+        &client,
+        &task("  - head -c 1073741824 /dev/zero\n"),
+        home.path(),
+    )
+    .await;
+    let mut total = 0usize;
+    let mut logs = run.logs(true);
+    while let Some(chunk) = logs.next().await {
+        total += chunk.unwrap().len();
+    }
+    assert_eq!(total, 1 << 30);
+    assert_eq!(finish(&run).await.status, RunStatus::Done);
+    for pid in ["self".to_string(), home.agent_pid().unwrap().to_string()] {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let hwm_kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        assert!(hwm_kb < 256 * 1024, "{pid}: peak RSS {hwm_kb} kB");
+    }
+}

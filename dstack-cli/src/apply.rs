@@ -1,0 +1,190 @@
+//! `dstack apply -f FILE`: plan, submit, attach and stream logs; exit with the job's code.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use dstack_core::config::{self, Configuration};
+use dstack_core::engine::{ApplyOptions, RunPlan};
+use dstack_core::model::{Run, RunStatus};
+use dstack_core::Client;
+
+use crate::table::{resources, Table};
+use crate::Failure;
+
+/// Arguments of `dstack apply`.
+#[derive(clap::Args)]
+pub struct ApplyArgs {
+    /// The configuration file (`-` reads standard input).
+    #[arg(short, long, default_value = ".dstack.yml", value_name = "FILE")]
+    file: PathBuf,
+    /// Do not ask for confirmation.
+    #[arg(short, long)]
+    yes: bool,
+    /// Submit and return at once instead of streaming the logs.
+    #[arg(short, long)]
+    detach: bool,
+    /// Set an environment variable: KEY=VALUE, or KEY to pass this shell's value.
+    #[arg(short, long = "env", value_name = "KEY[=VALUE]")]
+    env: Vec<String>,
+    /// The run name (overrides `name:`).
+    #[arg(short, long)]
+    name: Option<String>,
+}
+
+/// Reads and validates the configuration file.
+pub fn load(file: &PathBuf) -> Result<Configuration, Failure> {
+    let name = file.display().to_string();
+    let text = if name == "-" {
+        std::io::read_to_string(std::io::stdin())
+            .map_err(|e| Failure::new(format!("cannot read stdin: {e}")))?
+    } else {
+        std::fs::read_to_string(file).map_err(|e| {
+            Failure::new(format!(
+                "{name}:1:1: (file): cannot read the file: {e} [io]"
+            ))
+        })?
+    };
+    config::parse(&text, &name).map_err(|e| Failure::new(e.to_string()))
+}
+
+fn parse_env(items: &[String]) -> Result<BTreeMap<String, String>, Failure> {
+    let mut env = BTreeMap::new();
+    for item in items {
+        let (k, v) = match item.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => {
+                let v = std::env::var(item).map_err(|_| {
+                    Failure::new(format!("-e {item}: {item} is not set in this shell"))
+                })?;
+                (item.clone(), v)
+            }
+        };
+        if !config::env::is_env_name(&k) {
+            return Err(Failure::new(format!(
+                "-e {item}: invalid variable name `{k}`"
+            )));
+        }
+        env.insert(k, v);
+    }
+    Ok(env)
+}
+
+/// Prints the plan as dstack does: the configuration summary, then the offers.
+pub fn print_plan(plan: &RunPlan, file: &str) {
+    let common = match &plan.configuration {
+        Configuration::Task(t) => &t.common,
+        Configuration::Service(s) => &s.common,
+        Configuration::DevEnvironment(d) => &d.common,
+        _ => return,
+    };
+    let r = &common.resources;
+    let mut res = format!("cpu={} mem={}", r.cpu.count, r.memory);
+    if let Some(d) = &r.disk {
+        res.push_str(&format!(" disk={}", d.size));
+    }
+    if let Some(g) = r.gpu.as_ref().filter(|g| g.count.max != Some(0)) {
+        res.push_str(&format!(" gpu={}", g.count));
+    }
+    let p = &common.profile;
+    let mut summary = Table::new(&["Configuration", file]);
+    summary.row(vec!["Type".into(), plan.configuration.type_name().into()]);
+    summary.row(vec!["Resources".into(), res]);
+    summary.row(vec![
+        "Spot policy".into(),
+        p.spot_policy.map_or("on-demand", |s| s.as_str()).into(),
+    ]);
+    summary.row(vec![
+        "Max price".into(),
+        p.max_price.map_or("-".into(), |m| format!("${m}")),
+    ]);
+    summary.row(vec![
+        "Retry policy".into(),
+        if p.retry.is_some() { "yes" } else { "no" }.into(),
+    ]);
+    println!("{}", summary.render());
+    if plan.offers.is_empty() {
+        println!(
+            " No offers: {}\n",
+            plan.no_offers_reason.as_deref().unwrap_or("no capacity")
+        );
+        return;
+    }
+    let mut offers = Table::new(&["#", "BACKEND", "RESOURCES", "INSTANCE TYPE", "PRICE", ""]);
+    for (i, o) in plan.offers.iter().enumerate() {
+        offers.row(vec![
+            (i + 1).to_string(),
+            format!("{} ({})", o.backend, o.region),
+            resources(&o.resources),
+            o.instance_type.clone(),
+            format!("${}", o.price),
+            format!("{:?}", o.availability).to_lowercase(),
+        ]);
+    }
+    println!("{}", offers.render());
+}
+
+/// The process exit code for a finished run: the job's exit status when it has one.
+pub fn exit_code(run: &Run, exit_status: Option<i32>) -> ExitCode {
+    match (run.status, exit_status) {
+        (RunStatus::Done, _) => ExitCode::SUCCESS,
+        (_, Some(code)) if (1..=255).contains(&code) => ExitCode::from(code as u8),
+        _ => ExitCode::from(1),
+    }
+}
+
+/// `dstack apply`.
+pub async fn apply(client: &Client, args: &ApplyArgs) -> Result<ExitCode, Failure> {
+    let configuration = load(&args.file)?;
+    if matches!(
+        configuration,
+        Configuration::Fleet(_) | Configuration::Volume(_) | Configuration::Gateway(_)
+    ) {
+        return Err(Failure::new(format!(
+            "applying a {} is not supported yet: the embedded default uses this machine as its only fleet",
+            configuration.type_name()
+        )));
+    }
+    let file = args.file.display().to_string();
+    let plan = client.runs().plan(&configuration).await?;
+    print_plan(&plan, &file);
+    if !args.yes && !crate::confirm("Submit the run?") {
+        return Ok(ExitCode::from(1));
+    }
+    let options = ApplyOptions {
+        name: args.name.clone(),
+        env: parse_env(&args.env)?,
+        configuration_path: Some(file),
+        ..ApplyOptions::default()
+    };
+    let run = client.runs().apply(configuration, options).await?;
+    println!("Submitted run {}", run.name());
+    if args.detach {
+        crate::drive::ensure_driver(client)?;
+        println!("Detached. Follow it with: dstack logs -f {}", run.name());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let attached = async {
+        crate::runs::stream_logs(&run, true).await?;
+        let finished = run.wait().await?;
+        Ok::<_, Failure>((finished.clone(), run.exit_status()?))
+    };
+    tokio::select! {
+        result = attached => {
+            let (finished, code) = result?;
+            let reason = finished.termination_reason.as_deref().unwrap_or("-");
+            eprintln!("\nRun {} {} ({reason})", finished.name, finished.status);
+            if let Some(message) = run.jobs()?.iter().rev().find_map(|j| j.termination_message.clone()) {
+                if finished.status != RunStatus::Done {
+                    eprintln!("{message}");
+                }
+            }
+            Ok(exit_code(&finished, code))
+        }
+        _ = tokio::signal::ctrl_c() => {
+            crate::drive::ensure_driver(client)?;
+            eprintln!("\nDetached from {}; it keeps running. Reattach with: dstack logs -f {}", run.name(), run.name());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

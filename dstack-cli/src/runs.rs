@@ -1,0 +1,179 @@
+//! `dstack ps`, `dstack logs`, `dstack stop`.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use futures_util::StreamExt;
+
+use dstack_core::model::{Job, Run};
+use dstack_core::Client;
+
+use crate::table::{ago, Table};
+use crate::Failure;
+
+/// Arguments of `dstack ps`.
+#[derive(clap::Args)]
+pub struct PsArgs {
+    /// Show finished runs too.
+    #[arg(short, long)]
+    all: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `dstack logs`.
+#[derive(clap::Args)]
+pub struct LogsArgs {
+    /// The run name.
+    run: String,
+    /// Keep streaming until the run finishes.
+    #[arg(short, long)]
+    follow: bool,
+}
+
+/// Arguments of `dstack stop`.
+#[derive(clap::Args)]
+pub struct StopArgs {
+    /// The run name.
+    run: String,
+    /// Kill at once instead of stopping gracefully.
+    #[arg(short = 'x', long)]
+    abort: bool,
+    /// Do not ask for confirmation.
+    #[arg(short, long)]
+    yes: bool,
+}
+
+fn latest_job(jobs: &[Job]) -> Option<&Job> {
+    jobs.iter()
+        .filter(|j| j.job_num == 0)
+        .max_by_key(|j| j.submission_num)
+}
+
+/// The status column: the status, with the reason when it is not obvious.
+fn status_text(run: &Run, job: Option<&Job>) -> String {
+    let mut s = run.status.to_string();
+    if let Some(job) = job.filter(|_| run.status.is_finished()) {
+        match (job.exit_status, job.termination_reason.as_deref()) {
+            (Some(code), _) if code != 0 => s.push_str(&format!(" (exit {code})")),
+            (_, Some(reason)) if reason != "done_by_runner" => s.push_str(&format!(" ({reason})")),
+            _ => {}
+        }
+    }
+    s
+}
+
+/// `dstack ps`.
+pub async fn ps(client: &Client, args: &PsArgs) -> Result<ExitCode, Failure> {
+    let runs = client.runs().list(args.all)?;
+    if args.json {
+        let mut out = Vec::new();
+        for run in &runs {
+            let jobs = client
+                .engine()
+                .store()
+                .jobs_of_run(&run.id)
+                .map_err(dstack_core::engine::EngineError::from)?;
+            out.push(serde_json::json!({ "run": run, "jobs": jobs }));
+        }
+        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut table = Table::new(&[
+        "NAME",
+        "BACKEND",
+        "RESOURCES",
+        "PRICE",
+        "STATUS",
+        "SUBMITTED",
+        "ERROR",
+    ]);
+    for run in &runs {
+        let jobs = client
+            .engine()
+            .store()
+            .jobs_of_run(&run.id)
+            .map_err(dstack_core::engine::EngineError::from)?;
+        let job = latest_job(&jobs);
+        let reservation = job.and_then(|j| j.reservation.as_ref());
+        let resources = reservation
+            .map(|r| {
+                let mut s = format!("cpu={} mem={}GB", r.cpus, r.memory_mib / 1024);
+                if !r.gpus.is_empty() {
+                    s.push_str(&format!(" gpu={}", r.gpus.len()));
+                }
+                s
+            })
+            .unwrap_or_else(|| "-".to_string());
+        let backend = if job.and_then(|j| j.instance_id.as_ref()).is_some() {
+            "local"
+        } else {
+            "-"
+        };
+        let error = job
+            .and_then(|j| j.termination_message.clone())
+            .filter(|_| run.status == dstack_core::model::RunStatus::Failed)
+            .unwrap_or_default();
+        table.row(vec![
+            run.name.clone(),
+            backend.to_string(),
+            resources,
+            if backend == "-" {
+                "-".into()
+            } else {
+                "$0".into()
+            },
+            status_text(run, job),
+            ago(run.submitted_at_ms),
+            error,
+        ]);
+    }
+    print!("{}", table.render());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Streams a run's logs to stdout.
+pub async fn stream_logs(run: &dstack_core::RunHandle, follow: bool) -> Result<(), Failure> {
+    let mut logs = run.logs(follow);
+    let stdout = std::io::stdout();
+    while let Some(chunk) = logs.next().await {
+        let chunk = chunk?;
+        let mut out = stdout.lock();
+        out.write_all(&chunk)
+            .map_err(|e| Failure::new(format!("cannot write logs: {e}")))?;
+        out.flush().ok();
+    }
+    Ok(())
+}
+
+/// `dstack logs`.
+pub async fn logs(client: &Client, args: &LogsArgs) -> Result<ExitCode, Failure> {
+    let run = find(client, &args.run)?;
+    stream_logs(&run, args.follow).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `dstack stop`.
+pub async fn stop(client: &Client, args: &StopArgs) -> Result<ExitCode, Failure> {
+    let run = find(client, &args.run)?;
+    if !args.yes && !crate::confirm(&format!("Stop the run {}?", args.run)) {
+        return Ok(ExitCode::from(1));
+    }
+    let stopped = run.stop(args.abort).await?;
+    let final_run = if stopped.status.is_finished() {
+        stopped
+    } else {
+        run.wait().await?
+    };
+    println!("{} {}", final_run.name, final_run.status);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A run by name, or a clear error.
+pub fn find(client: &Client, name: &str) -> Result<dstack_core::RunHandle, Failure> {
+    client
+        .runs()
+        .get(name)?
+        .ok_or_else(|| Failure::new(format!("run {name} not found; see `dstack ps -a`")))
+}

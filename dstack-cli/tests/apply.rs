@@ -1,0 +1,176 @@
+//! `dstack apply / ps / logs / stop` end to end, as a terminal user runs them, with a private
+//! `$DSTACK_HOME` per test and the real agent.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+struct Env {
+    home: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Self {
+        Env {
+            home: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dstack"));
+        cmd.args(args)
+            .env("DSTACK_HOME", self.home.path())
+            .env("DSTACK_AGENT_BIN", agent_binary())
+            .current_dir(workspace())
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    fn write(&self, name: &str, text: &str) -> String {
+        let path = self.home.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(self.home.path().join("agent/agent.pid")) {
+            let _ = Command::new("kill").arg("-9").arg(pid.trim()).status();
+        }
+    }
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn agent_binary() -> PathBuf {
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_dstack"));
+    let agent = exe.with_file_name("dstack-agent");
+    assert!(
+        agent.is_file(),
+        "build the agent first: cargo build -p dstack-agent"
+    );
+    agent
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn apply_runs_the_hello_example_and_exits_with_its_code() {
+    let env = Env::new();
+    let out = env.run(&["apply", "-f", "examples/hello.dstack.yml", "-y"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("Hello from dstack-rs"), "{stdout}");
+    assert!(stdout.contains("BACKEND"), "the plan is printed: {stdout}");
+    let failing = env.write(
+        "fail.dstack.yml",
+        "type: task\ncommands: [echo oops, exit 7]\nresources: {cpu: 1.., memory: 0.1GB..}\n",
+    );
+    let out = env.run(&["apply", "-f", &failing, "-y"]);
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("oops"));
+    let ps = text(&env.run(&["ps", "-a"]).stdout);
+    assert!(
+        ps.contains("failed (exit 7)") && ps.contains("done"),
+        "{ps}"
+    );
+}
+
+#[test]
+fn invalid_configurations_and_images_fail_clearly() {
+    let env = Env::new();
+    let bad = env.write(
+        "bad.dstack.yml",
+        "type: task\ncommands: [x]\nresources: {gpus: 1}\n",
+    );
+    let out = env.run(&["apply", "-f", &bad, "-y"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("bad.dstack.yml:3:14: resources.gpus: unknown field"),
+        "{}",
+        text(&out.stderr)
+    );
+    let image = env.write(
+        "image.dstack.yml",
+        "type: task\nimage: ubuntu\ncommands: [x]\n",
+    );
+    let out = env.run(&["apply", "-f", &image, "-y"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("container runtime not available on this backend yet"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn runs_survive_a_killed_client() {
+    let env = Env::new();
+    let file = env.write(
+        "slow.dstack.yml",
+        "type: task\nname: slow\ncommands:\n  - for i in 1 2 3 4 5 6; do echo line $i; sleep 0.5; done\nresources: {cpu: 1.., memory: 0.1GB..}\n",
+    );
+    let mut client: Child = env
+        .cmd(&["apply", "-f", &file, "-y"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(
+        || text(&env.run(&["ps"]).stdout).contains("running"),
+        "the run to start",
+    );
+    client.kill().unwrap();
+    client.wait().unwrap();
+    let ps = text(&env.run(&["ps"]).stdout);
+    assert!(ps.contains("slow") && ps.contains("running"), "{ps}");
+    let logs = env.run(&["logs", "-f", "slow"]);
+    let expected: String = (1..=6).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(text(&logs.stdout), expected);
+    wait_for(
+        || text(&env.run(&["ps", "-a"]).stdout).contains("done"),
+        "the run to be done",
+    );
+}
+
+#[test]
+fn stop_from_another_process() {
+    let env = Env::new();
+    let file = env.write("sleep.dstack.yml", "type: task\nname: sleeper\ncommands: [sleep 1000]\nresources: {cpu: 1.., memory: 0.1GB..}\n");
+    let out = env.run(&["apply", "-f", &file, "-y", "-d"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    wait_for(
+        || text(&env.run(&["ps"]).stdout).contains("running"),
+        "the run to start",
+    );
+    let out = env.run(&["stop", "sleeper", "-y"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("sleeper terminated"),
+        "{}",
+        text(&out.stdout)
+    );
+}

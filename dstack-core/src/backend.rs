@@ -1,0 +1,78 @@
+//! The [`Compute`] trait every backend implements.
+//!
+//! Contract:
+//! - a backend *provisions*; it never runs jobs (the agent on the instance does);
+//! - every method is cancel-safe: dropping the future leaves no half-created resource that the
+//!   engine does not know about (creation is recorded before it is attempted);
+//! - `terminate_instance` is idempotent: terminating a terminated or unknown instance is `Ok`;
+//! - errors say which kind they are ([`ComputeError`]), so the engine can move on to the next
+//!   offer on `NoCapacity` and give up on `Unauthenticated`.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::agent::AgentClient;
+use crate::model::Instance;
+use crate::offers::Offer;
+
+/// A boxed, sendable future (the trait is object-safe).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What went wrong in a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum ComputeError {
+    /// The offer cannot be provisioned now (capacity, quota); try the next one.
+    #[error("no capacity: {0}")]
+    NoCapacity(String),
+    /// The resource does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// Credentials are missing or rejected.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// The backend cannot do this.
+    #[error("not supported: {0}")]
+    NotSupported(String),
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// What a backend records about an instance it created.
+#[derive(Clone, Debug)]
+pub struct CreatedInstance {
+    /// The offer it was created from (resources, price, region).
+    pub offer: Offer,
+    /// Backend-specific data needed to reach or terminate it later.
+    pub backend_data: serde_json::Value,
+}
+
+/// A provider of instances.
+pub trait Compute: Send + Sync {
+    /// The backend type (`local`, `ssh`, `aws`, …).
+    fn backend(&self) -> &'static str;
+
+    /// Whether jobs with `image:` can run on this backend's instances.
+    fn supports_containers(&self) -> bool;
+
+    /// Offers this backend can provision now.
+    fn offers(&self) -> BoxFuture<'_, Result<Vec<Offer>, ComputeError>>;
+
+    /// Creates an instance from one of its offers.
+    fn create_instance<'a>(
+        &'a self,
+        offer: &'a Offer,
+    ) -> BoxFuture<'a, Result<CreatedInstance, ComputeError>>;
+
+    /// Returns a client of the instance's agent, (re)starting the agent if the backend can.
+    fn connect<'a>(
+        &'a self,
+        instance: &'a Instance,
+    ) -> BoxFuture<'a, Result<AgentClient, ComputeError>>;
+
+    /// Terminates an instance (idempotent).
+    fn terminate_instance<'a>(
+        &'a self,
+        instance: &'a Instance,
+    ) -> BoxFuture<'a, Result<(), ComputeError>>;
+}

@@ -1,0 +1,325 @@
+//! The public, typed API: [`Client`] with its [`Runs`] and [`Fleets`] collections and the
+//! [`RunHandle`] of one run.
+//!
+//! ```no_run
+//! # async fn demo(client: dstack_core::Client) -> Result<(), dstack_core::engine::EngineError> {
+//! use futures_util::StreamExt;
+//! let config = dstack_core::config::parse("type: task\ncommands: [echo hi]\n", "inline").unwrap();
+//! let run = client.runs().apply(config, Default::default()).await?;
+//! let mut logs = run.logs(true);
+//! while let Some(chunk) = logs.next().await {
+//!     print!("{}", String::from_utf8_lossy(&chunk?));
+//! }
+//! println!("finished: {}", run.wait().await?.status);
+//! # Ok(()) }
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_core::Stream;
+use futures_util::StreamExt;
+
+use crate::agent::ByteStream;
+use crate::backend::Compute;
+use crate::config::Configuration;
+use crate::engine::{ApplyOptions, Engine, EngineError, EngineOptions, RunPlan};
+use crate::model::{Fleet, Instance, Job, Run, RunStatus};
+use crate::store::{RunFilter, SqliteStore};
+
+/// `$DSTACK_HOME`, or `~/.dstack`.
+pub fn default_home() -> PathBuf {
+    if let Some(home) = std::env::var_os("DSTACK_HOME") {
+        return PathBuf::from(home);
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    home.join(".dstack")
+}
+
+/// How to open a [`Client`].
+pub struct ClientOptions {
+    /// The state directory (`$DSTACK_HOME`).
+    pub home: PathBuf,
+    /// The backends to use.
+    pub backends: Vec<Arc<dyn Compute>>,
+    /// Engine tunables.
+    pub engine: EngineOptions,
+}
+
+/// An embedded dstack: runs, fleets and the engine that drives them.
+#[derive(Clone)]
+pub struct Client {
+    engine: Engine,
+}
+
+impl Client {
+    /// Opens the state in `options.home` (`state.db`, created if needed) and starts the
+    /// engine. Must be called within a tokio runtime.
+    pub async fn open(options: ClientOptions) -> Result<Client, EngineError> {
+        let store = SqliteStore::open(&state_file(&options.home))?;
+        let engine = Engine::start(Arc::new(store), options.backends, options.engine).await?;
+        Ok(Client { engine })
+    }
+
+    /// The runs.
+    pub fn runs(&self) -> Runs<'_> {
+        Runs { client: self }
+    }
+
+    /// The fleets.
+    pub fn fleets(&self) -> Fleets<'_> {
+        Fleets { client: self }
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+}
+
+/// The state database inside a state directory.
+pub fn state_file(home: &Path) -> PathBuf {
+    home.join("state.db")
+}
+
+/// The runs of a [`Client`].
+pub struct Runs<'a> {
+    client: &'a Client,
+}
+
+impl Runs<'_> {
+    /// Where a configuration would run, without running it.
+    pub async fn plan(&self, configuration: &Configuration) -> Result<RunPlan, EngineError> {
+        self.client.engine.plan(configuration).await
+    }
+
+    /// Submits a run.
+    pub async fn apply(
+        &self,
+        configuration: Configuration,
+        options: ApplyOptions,
+    ) -> Result<RunHandle, EngineError> {
+        let run = self.client.engine.apply(configuration, options).await?;
+        Ok(self.handle(&run))
+    }
+
+    /// The current run with this name.
+    pub fn get(&self, name: &str) -> Result<Option<RunHandle>, EngineError> {
+        Ok(self
+            .client
+            .engine
+            .store()
+            .run_by_name(name)?
+            .map(|r| self.handle(&r)))
+    }
+
+    /// Runs, newest first: only unfinished ones unless `all`.
+    pub fn list(&self, all: bool) -> Result<Vec<Run>, EngineError> {
+        let filter = RunFilter {
+            active_only: !all,
+            limit: None,
+        };
+        Ok(self.client.engine.store().runs(filter)?)
+    }
+
+    fn handle(&self, run: &Run) -> RunHandle {
+        RunHandle {
+            engine: self.client.engine.clone(),
+            id: run.id.clone(),
+            name: run.name.clone(),
+        }
+    }
+}
+
+/// The fleets of a [`Client`].
+pub struct Fleets<'a> {
+    client: &'a Client,
+}
+
+impl Fleets<'_> {
+    /// Every fleet with its instances.
+    pub fn list(&self) -> Result<Vec<(Fleet, Vec<Instance>)>, EngineError> {
+        let store = self.client.engine.store();
+        let instances = store.instances()?;
+        Ok(store
+            .fleets()?
+            .into_iter()
+            .map(|f| {
+                let own = instances
+                    .iter()
+                    .filter(|i| i.fleet_id == f.id)
+                    .cloned()
+                    .collect();
+                (f, own)
+            })
+            .collect())
+    }
+
+    /// A fleet by name, with its instances.
+    pub fn get(&self, name: &str) -> Result<Option<(Fleet, Vec<Instance>)>, EngineError> {
+        Ok(self.list()?.into_iter().find(|(f, _)| f.name == name))
+    }
+}
+
+/// A stream of log bytes.
+pub type LogStream = Pin<Box<dyn Stream<Item = Result<Bytes, EngineError>> + Send>>;
+
+/// One run.
+#[derive(Clone)]
+pub struct RunHandle {
+    engine: Engine,
+    id: String,
+    name: String,
+}
+
+impl RunHandle {
+    /// The run id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The run name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The run record, read now.
+    pub fn run(&self) -> Result<Run, EngineError> {
+        self.engine
+            .store()
+            .run(&self.id)?
+            .ok_or_else(|| EngineError::Invalid(format!("run {} no longer exists", self.name)))
+    }
+
+    /// The current status.
+    pub fn status(&self) -> Result<RunStatus, EngineError> {
+        Ok(self.run()?.status)
+    }
+
+    /// Every job submission of the run.
+    pub fn jobs(&self) -> Result<Vec<Job>, EngineError> {
+        Ok(self.engine.store().jobs_of_run(&self.id)?)
+    }
+
+    /// The exit status of the latest submission of job 0, once it exited.
+    pub fn exit_status(&self) -> Result<Option<i32>, EngineError> {
+        Ok(self
+            .jobs()?
+            .into_iter()
+            .filter(|j| j.job_num == 0)
+            .max_by_key(|j| j.submission_num)
+            .and_then(|j| j.exit_status))
+    }
+
+    /// Waits until the run has finished and returns it.
+    pub async fn wait(&self) -> Result<Run, EngineError> {
+        self.wait_until(|s| s.is_finished()).await
+    }
+
+    /// Waits until the run's status satisfies `done` (or the run finished) and returns it.
+    pub async fn wait_until(&self, done: impl Fn(RunStatus) -> bool) -> Result<Run, EngineError> {
+        let mut changes = self.engine.subscribe();
+        loop {
+            let run = self.run()?;
+            if done(run.status) || run.status.is_finished() {
+                return Ok(run);
+            }
+            // Changes made in this process arrive at once; the timeout catches other processes.
+            let _ = tokio::time::timeout(Duration::from_secs(1), changes.recv()).await;
+        }
+    }
+
+    /// Stops the run (see [`Engine::stop`]).
+    pub async fn stop(&self, abort: bool) -> Result<Run, EngineError> {
+        self.engine.stop(&self.id, abort).await
+    }
+
+    /// The output of the run's job: everything written so far, and with `follow` everything
+    /// it writes until it finishes (across retries).
+    pub fn logs(&self, follow: bool) -> LogStream {
+        let state = LogState {
+            handle: self.clone(),
+            follow,
+            streamed: Vec::new(),
+            current: None,
+            changes: self.engine.subscribe(),
+        };
+        Box::pin(futures_util::stream::unfold(
+            state,
+            |mut state| async move {
+                match state.next_chunk().await {
+                    Ok(Some(chunk)) => Some((Ok(chunk), state)),
+                    Ok(None) => None,
+                    Err(e) => {
+                        state.follow = false;
+                        state.current = None;
+                        state.streamed.push(String::new());
+                        Some((Err(e), state))
+                    }
+                }
+            },
+        ))
+    }
+}
+
+struct LogState {
+    handle: RunHandle,
+    follow: bool,
+    /// Job submissions already streamed.
+    streamed: Vec<String>,
+    current: Option<ByteStream>,
+    changes: tokio::sync::broadcast::Receiver<crate::engine::RunChange>,
+}
+
+impl LogState {
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, EngineError> {
+        loop {
+            if let Some(stream) = &mut self.current {
+                match stream.next().await {
+                    Some(Ok(chunk)) => return Ok(Some(chunk)),
+                    Some(Err(e)) => return Err(e.into()),
+                    None => {
+                        self.current = None;
+                        if !self.follow {
+                            return Ok(None);
+                        }
+                        continue;
+                    }
+                }
+            }
+            if !self.streamed.is_empty() && !self.follow {
+                return Ok(None);
+            }
+            let run = self.handle.run()?;
+            let jobs = self.handle.jobs()?;
+            let next = jobs
+                .iter()
+                .filter(|j| {
+                    j.job_num == 0 && j.instance_id.is_some() && !self.streamed.contains(&j.id)
+                })
+                .filter(|j| j.started_at_ms.is_some() || j.status.is_finished())
+                .max_by_key(|j| j.submission_num);
+            if let Some(job) = next {
+                self.streamed.push(job.id.clone());
+                let instance = job.instance_id.clone().unwrap_or_default();
+                let agent = self.handle.engine.agent(&instance).await?;
+                let follow = self.follow && !job.status.is_finished();
+                match agent.logs(&job.id, 0, follow).await {
+                    Ok(stream) => self.current = Some(stream),
+                    Err(crate::agent::AgentError::Status { status: 404, .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                continue;
+            }
+            if !self.follow || run.status.is_finished() {
+                return Ok(None);
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.changes.recv()).await;
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! What a job runs: the argv, environment and working directory built from a configuration,
+//! as dstack's job configurators and runner do, for jobs that run as host processes.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::agent::JobSubmit;
+use crate::config::env::EnvValue;
+use crate::config::run::RunCommon;
+use crate::config::Configuration;
+use crate::model::{Job, Run};
+
+/// A job that cannot be built (e.g. a bare `env` name the client did not have).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct CommandError(pub String);
+
+/// The shell that runs `commands`: the configured one, else bash when present, else sh.
+fn shell(common: &RunCommon) -> String {
+    match common.shell.as_deref() {
+        Some("sh") => "/bin/sh".to_string(),
+        Some("bash") => "/bin/bash".to_string(),
+        Some(path) => path.to_string(),
+        None if Path::new("/bin/bash").exists() => "/bin/bash".to_string(),
+        None => "/bin/sh".to_string(),
+    }
+}
+
+/// Joins commands with ` && `, wrapping a command that ends in `&` in braces, as dstack does.
+pub fn join_commands(commands: &[String]) -> String {
+    commands
+        .iter()
+        .map(|c| c.trim())
+        .filter(|c| !c.is_empty())
+        .map(|c| {
+            if c.ends_with('&') {
+                format!("{{ {c} }}")
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" && ")
+}
+
+/// Splits a command line the way a POSIX shell would tokenize words (quotes and backslashes,
+/// no expansion).
+pub fn shell_split(s: &str) -> Result<Vec<String>, CommandError> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut in_word = false;
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' => {
+                in_word = true;
+                loop {
+                    match chars.next() {
+                        Some('\'') => break,
+                        Some(ch) => word.push(ch),
+                        None => return Err(CommandError(format!("unclosed ' in `{s}`"))),
+                    }
+                }
+            }
+            '"' => {
+                in_word = true;
+                loop {
+                    match chars.next() {
+                        Some('"') => break,
+                        Some('\\') => match chars.next() {
+                            Some(ch @ ('"' | '\\' | '$' | '`')) => word.push(ch),
+                            Some(ch) => {
+                                word.push('\\');
+                                word.push(ch);
+                            }
+                            None => return Err(CommandError(format!("unclosed \" in `{s}`"))),
+                        },
+                        Some(ch) => word.push(ch),
+                        None => return Err(CommandError(format!("unclosed \" in `{s}`"))),
+                    }
+                }
+            }
+            '\\' => {
+                in_word = true;
+                if let Some(ch) = chars.next() {
+                    word.push(ch);
+                }
+            }
+            c if c.is_whitespace() => {
+                if in_word {
+                    words.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
+            }
+            c => {
+                in_word = true;
+                word.push(c);
+            }
+        }
+    }
+    if in_word {
+        words.push(word);
+    }
+    Ok(words)
+}
+
+/// The commands and shell settings of a run configuration.
+fn script(config: &Configuration) -> (&RunCommon, Vec<String>) {
+    match config {
+        Configuration::Task(t) => (
+            &t.common,
+            [t.common.setup.clone(), t.commands.clone()].concat(),
+        ),
+        Configuration::Service(s) => (
+            &s.common,
+            [s.common.setup.clone(), s.commands.clone()].concat(),
+        ),
+        Configuration::DevEnvironment(d) => {
+            let keep_alive = vec!["tail -f /dev/null".to_string()];
+            (
+                &d.common,
+                [d.common.setup.clone(), d.init.clone(), keep_alive].concat(),
+            )
+        }
+        _ => unreachable!("only run configurations have jobs"),
+    }
+}
+
+/// The argv of a job: `entrypoint` + commands, or the shell running the joined commands.
+pub fn argv(config: &Configuration) -> Result<Vec<String>, CommandError> {
+    let (common, commands) = script(config);
+    if let Some(entrypoint) = &common.entrypoint {
+        let mut argv = shell_split(entrypoint)?;
+        argv.extend(commands);
+        if argv.is_empty() {
+            return Err(CommandError("`entrypoint` is empty".to_string()));
+        }
+        return Ok(argv);
+    }
+    Ok(vec![
+        shell(common),
+        "-c".to_string(),
+        join_commands(&commands),
+    ])
+}
+
+/// The run-configuration fields shared by every type.
+pub fn common(config: &Configuration) -> &RunCommon {
+    match config {
+        Configuration::Task(t) => &t.common,
+        Configuration::Service(s) => &s.common,
+        Configuration::DevEnvironment(d) => &d.common,
+        _ => unreachable!("only run configurations have jobs"),
+    }
+}
+
+/// The working directory: the configured one (`~` expanded) or the directory the run was
+/// applied from.
+pub fn working_dir(run: &Run, common: &RunCommon) -> String {
+    match &common.working_dir {
+        Some(dir) if dir == "~" || dir.starts_with("~/") => {
+            let home = run
+                .spec
+                .client_env
+                .get("HOME")
+                .cloned()
+                .unwrap_or_else(|| "/root".into());
+            format!("{home}{}", &dir[1..])
+        }
+        Some(dir) if dir.starts_with('/') => dir.clone(),
+        Some(dir) => format!("{}/{dir}", run.spec.client_dir.trim_end_matches('/')),
+        None => run.spec.client_dir.clone(),
+    }
+}
+
+/// Everything the agent needs to start `job`.
+pub fn job_submit(
+    run: &Run,
+    config: &Configuration,
+    job: &Job,
+    host_ip: &str,
+) -> Result<JobSubmit, CommandError> {
+    let common = common(config);
+    let working_dir = working_dir(run, common);
+    let mut env: BTreeMap<String, String> = run.spec.client_env.clone();
+    for (name, value) in &common.env.0 {
+        let value = match value {
+            EnvValue::Value(v) => v.clone(),
+            EnvValue::FromClient => run.spec.client_env.get(name).cloned().ok_or_else(|| {
+                CommandError(format!(
+                    "environment variable {name} is not set on the client"
+                ))
+            })?,
+        };
+        env.insert(name.clone(), value);
+    }
+    let gpus = job
+        .reservation
+        .as_ref()
+        .map(|r| r.gpus.clone())
+        .unwrap_or_default();
+    let visible = gpus
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let dstack = [
+        ("DSTACK_RUN_NAME", run.name.clone()),
+        ("DSTACK_RUN_ID", run.id.clone()),
+        ("DSTACK_JOB_ID", job.id.clone()),
+        ("DSTACK_REPO_ID", "none".to_string()),
+        ("DSTACK_WORKING_DIR", working_dir.clone()),
+        ("DSTACK_NODE_RANK", job.job_num.to_string()),
+        ("DSTACK_NODES_NUM", "1".to_string()),
+        ("DSTACK_MASTER_NODE_IP", host_ip.to_string()),
+        ("DSTACK_NODES_IPS", host_ip.to_string()),
+        ("DSTACK_GPUS_PER_NODE", gpus.len().to_string()),
+        ("DSTACK_GPUS_NUM", gpus.len().to_string()),
+        ("CUDA_VISIBLE_DEVICES", visible.clone()),
+        (
+            "NVIDIA_VISIBLE_DEVICES",
+            if visible.is_empty() {
+                "void".to_string()
+            } else {
+                visible
+            },
+        ),
+    ];
+    for (k, v) in dstack {
+        env.insert(k.to_string(), v);
+    }
+    let max_duration_secs = match common.profile.max_duration {
+        Some(crate::config::duration::OffableDuration::Seconds(d)) if d.0 > 0 => Some(d.0 as u64),
+        _ => None,
+    };
+    Ok(JobSubmit {
+        id: job.id.clone(),
+        name: job.name(),
+        argv: argv(config)?,
+        env,
+        working_dir,
+        max_duration_secs,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn joins_commands_like_dstack() {
+        let c = |v: &[&str]| join_commands(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(c(&["echo a", " echo b "]), "echo a && echo b");
+        assert_eq!(c(&["sleep 1 &", "echo b"]), "{ sleep 1 & } && echo b");
+    }
+
+    #[test]
+    fn splits_like_a_shell() {
+        assert_eq!(
+            shell_split("python -m 'a b' \"c \\\"d\\\"\" e\\ f").unwrap(),
+            ["python", "-m", "a b", "c \"d\"", "e f"]
+        );
+        assert!(shell_split("echo 'oops").is_err());
+    }
+}

@@ -1,0 +1,175 @@
+//! Starting jobs on their agents and recording what the agents report.
+
+use std::sync::Arc;
+
+use super::{runs, EngineError, Inner};
+use crate::agent::{AgentError, AgentJobStatus, JobInfo, StopRequest};
+use crate::model::{now_ms, Job, JobStatus, JobTerminationReason};
+
+const UNFINISHED: &[JobStatus] = &[
+    JobStatus::Submitted,
+    JobStatus::Provisioning,
+    JobStatus::Pulling,
+    JobStatus::Running,
+    JobStatus::Terminating,
+];
+
+/// Starts a `provisioning` job on its instance's agent (idempotent: safe to repeat after a
+/// crash, the agent knows the job by its id).
+pub(crate) async fn start(inner: Arc<Inner>, job: Job) {
+    if let Err(e) = try_start(&inner, &job).await {
+        let reason = match &e {
+            EngineError::Agent(a) if a.is_unreachable() => {
+                JobTerminationReason::InstanceUnreachable
+            }
+            _ => JobTerminationReason::ExecutorError,
+        };
+        fail(&inner, job, reason, e.to_string()).await;
+    }
+}
+
+async fn try_start(inner: &Arc<Inner>, job: &Job) -> Result<(), EngineError> {
+    let run = inner
+        .store
+        .run(&job.run_id)?
+        .ok_or_else(|| EngineError::Invalid(format!("job {} has no run", job.id)))?;
+    let instance_id = job.instance_id.clone().unwrap_or_default();
+    let config = inner.configuration(&run)?;
+    let submit = super::command::job_submit(&run, &config, job, "127.0.0.1")
+        .map_err(|e| EngineError::Invalid(e.to_string()))?;
+    let agent = inner.agent(&instance_id).await?;
+    let info = agent.submit(&submit).await?;
+    if info.status.is_finished() {
+        on_agent_job(inner, info).await;
+        return Ok(());
+    }
+    let mut running = job.clone();
+    running.status = JobStatus::Running;
+    running.started_at_ms = Some(info.started_at_ms);
+    if inner
+        .store
+        .update_job(&running, &[JobStatus::Provisioning])?
+    {
+        runs::reconcile(inner, &job.run_id).await?;
+        return Ok(());
+    }
+    // The job changed meanwhile: finished (a fast job) or asked to stop before it started.
+    if let Some(current) = inner.store.job(&job.id)? {
+        if current.status == JobStatus::Terminating {
+            let reason = current.termination_reason.clone().unwrap_or_default();
+            let aborted = reason == JobTerminationReason::AbortedByUser.as_str();
+            let grace = inner.options.stop_grace.as_secs();
+            agent
+                .stop(
+                    &job.id,
+                    &StopRequest {
+                        abort: aborted,
+                        grace_secs: grace,
+                        reason,
+                    },
+                )
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Records that a job could not be started or was lost.
+pub(crate) async fn fail(
+    inner: &Arc<Inner>,
+    mut job: Job,
+    reason: JobTerminationReason,
+    message: String,
+) {
+    let from = job.status;
+    job.status = reason.job_status();
+    job.termination_reason = Some(reason.as_str().to_string());
+    job.termination_message = Some(message);
+    job.finished_at_ms = Some(now_ms());
+    if inner.store.update_job(&job, &[from]).unwrap_or(false) {
+        let _ = runs::reconcile(inner, &job.run_id).await;
+        inner.schedule.notify_one();
+    }
+}
+
+/// Applies an agent's report about a job to the store.
+pub(crate) async fn on_agent_job(inner: &Arc<Inner>, info: JobInfo) {
+    let Ok(Some(mut job)) = inner.store.job(&info.id) else {
+        return;
+    };
+    if job.status.is_finished() {
+        return;
+    }
+    if info.status == AgentJobStatus::Running {
+        if job.status == JobStatus::Provisioning {
+            job.status = JobStatus::Running;
+            job.started_at_ms = Some(info.started_at_ms);
+            if inner
+                .store
+                .update_job(&job, &[JobStatus::Provisioning])
+                .unwrap_or(false)
+            {
+                let _ = runs::reconcile(inner, &job.run_id).await;
+            }
+        }
+        return;
+    }
+    let default = match info.status {
+        AgentJobStatus::Done => JobTerminationReason::DoneByRunner,
+        AgentJobStatus::Terminated => JobTerminationReason::TerminatedByUser,
+        _ => JobTerminationReason::ContainerExitedWithError,
+    };
+    let reason = info
+        .termination_reason
+        .as_deref()
+        .and_then(JobTerminationReason::parse)
+        .unwrap_or(default);
+    let from = job.status;
+    job.status = reason.job_status();
+    job.termination_reason = Some(reason.as_str().to_string());
+    job.termination_message = info.termination_message.clone();
+    job.exit_status = info.exit_status;
+    job.started_at_ms = job.started_at_ms.or(Some(info.started_at_ms));
+    job.finished_at_ms = Some(info.finished_at_ms.unwrap_or_else(now_ms));
+    if inner.store.update_job(&job, &[from]).unwrap_or(false) {
+        let _ = runs::reconcile(inner, &job.run_id).await;
+        inner.schedule.notify_one();
+    }
+}
+
+/// Fails the `running` jobs of an instance that its agent does not know (lost with its state).
+pub(crate) async fn fail_unknown(inner: &Arc<Inner>, instance_id: &str, known: &[JobInfo]) {
+    let Ok(jobs) = inner
+        .store
+        .jobs_with_status(&[JobStatus::Running, JobStatus::Terminating])
+    else {
+        return;
+    };
+    for job in jobs {
+        if job.instance_id.as_deref() == Some(instance_id) && !known.iter().any(|k| k.id == job.id)
+        {
+            let message = "the agent has no record of this job; it was lost".to_string();
+            fail(inner, job, JobTerminationReason::ExecutorError, message).await;
+        }
+    }
+}
+
+/// Fails every unfinished job placed on an instance that cannot be reached.
+pub(crate) async fn fail_unreachable(inner: &Arc<Inner>, instance_id: &str, error: &AgentError) {
+    let Ok(jobs) = inner.store.jobs_with_status(&UNFINISHED[1..]) else {
+        return;
+    };
+    for job in jobs
+        .into_iter()
+        .filter(|j| j.instance_id.as_deref() == Some(instance_id))
+    {
+        let message = format!("the instance's agent cannot be reached: {error}");
+        fail(
+            inner,
+            job,
+            JobTerminationReason::InstanceUnreachable,
+            message,
+        )
+        .await;
+    }
+}

@@ -1,0 +1,529 @@
+//! The engine: plans runs, places their jobs on instances, starts them through the agents and
+//! drives runs and jobs through dstack's state machines.
+//!
+//! Event-driven: submitting a run wakes the scheduler, an agent's job update wakes the run's
+//! reconciliation and (when resources free up) the scheduler again. Timers exist only for
+//! retry backoff. Write before act: a job is recorded `provisioning` with its reservation
+//! before the agent is asked to start it, and a start is idempotent, so a crashed process
+//! leaves nothing that a new one cannot finish.
+
+mod agents;
+mod command;
+mod jobs;
+pub mod names;
+mod runs;
+mod scheduler;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{broadcast, Notify};
+use tokio::task::AbortHandle;
+
+pub use command::{join_commands, shell_split};
+
+use crate::agent::{AgentClient, AgentError};
+use crate::backend::{Compute, ComputeError};
+use crate::config::Configuration;
+use crate::model::{
+    now_ms, Fleet, FleetStatus, Instance, InstanceStatus, Job, JobStatus, Run, RunSpec, RunStatus,
+};
+use crate::offers::{mismatch, Availability, Offer};
+use crate::store::{Store, StoreError};
+
+/// Tunables of the engine (dstack's values by default).
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    /// Delays before a failed run is resubmitted, by attempt (the last one repeats).
+    pub retry_delays: Vec<Duration>,
+    /// Time between SIGTERM and SIGKILL when a job is stopped (unless `stop_duration` is set).
+    pub stop_grace: Duration,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        let secs = |s| Duration::from_secs(s);
+        EngineOptions {
+            retry_delays: vec![
+                secs(15),
+                secs(30),
+                secs(60),
+                secs(120),
+                secs(300),
+                secs(600),
+            ],
+            stop_grace: secs(10),
+        }
+    }
+}
+
+/// A failure of an engine operation.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The state store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A backend failed.
+    #[error(transparent)]
+    Compute(#[from] ComputeError),
+    /// An agent failed.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    /// The configuration cannot run here.
+    #[error("{0}")]
+    Unsupported(String),
+    /// A bad request (unknown run, invalid name, …).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The result of planning a run.
+#[derive(Clone, Debug)]
+pub struct RunPlan {
+    /// The configuration as it will run.
+    pub configuration: Configuration,
+    /// Where it can run: existing instances first, then new capacity, unavailable last.
+    pub offers: Vec<Offer>,
+    /// Why there are no offers, when there are none.
+    pub no_offers_reason: Option<String>,
+}
+
+/// How to apply a configuration.
+#[derive(Clone, Debug, Default)]
+pub struct ApplyOptions {
+    /// Overrides the run name.
+    pub name: Option<String>,
+    /// Extra or overriding environment variables (`-e KEY=VALUE`).
+    pub env: BTreeMap<String, String>,
+    /// The configuration file, for humans.
+    pub configuration_path: Option<String>,
+    /// The directory the run is applied from (default: the current directory).
+    pub client_dir: Option<String>,
+    /// The client's environment (default: this process's), from which bare `env` names and
+    /// the basics of a local session are taken.
+    pub client_env: Option<BTreeMap<String, String>>,
+}
+
+/// Variables of the client session passed to local jobs (besides the configuration's env).
+const SESSION_VARS: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TERM",
+    "TMPDIR",
+    "TZ",
+    "VIRTUAL_ENV",
+    "CONDA_PREFIX",
+    "PYTHONPATH",
+    "LD_LIBRARY_PATH",
+];
+
+/// A change of a run, as broadcast to waiters.
+#[derive(Clone, Debug)]
+pub struct RunChange {
+    /// The run id.
+    pub run_id: String,
+    /// Its new status.
+    pub status: RunStatus,
+}
+
+pub(crate) struct Inner {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) backends: Vec<Arc<dyn Compute>>,
+    pub(crate) options: EngineOptions,
+    /// Wakes the scheduler.
+    pub(crate) schedule: Notify,
+    /// Wakes the retry timer.
+    pub(crate) retries: Notify,
+    pub(crate) changes: broadcast::Sender<RunChange>,
+    pub(crate) agents: Mutex<HashMap<String, AgentClient>>,
+    pub(crate) configs: Mutex<HashMap<String, Arc<Configuration>>>,
+}
+
+struct Shared {
+    inner: Arc<Inner>,
+    tasks: Vec<AbortHandle>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// The engine. Cheap to clone; background tasks stop when the last clone is dropped.
+#[derive(Clone)]
+pub struct Engine {
+    shared: Arc<Shared>,
+}
+
+impl Engine {
+    /// Starts the engine on `store` with `backends`: creates the implicit local fleet if a
+    /// backend provides one, connects to every instance's agent, resumes unfinished work.
+    /// Must be called within a tokio runtime.
+    pub async fn start(
+        store: Arc<dyn Store>,
+        backends: Vec<Arc<dyn Compute>>,
+        options: EngineOptions,
+    ) -> Result<Engine, EngineError> {
+        let inner = Arc::new(Inner {
+            store,
+            backends,
+            options,
+            schedule: Notify::new(),
+            retries: Notify::new(),
+            changes: broadcast::channel(1024).0,
+            agents: Mutex::new(HashMap::new()),
+            configs: Mutex::new(HashMap::new()),
+        });
+        inner.ensure_implicit_fleets().await?;
+        let mut tasks = Vec::new();
+        for instance in inner.store.instances()? {
+            if matches!(
+                instance.status,
+                InstanceStatus::Terminated | InstanceStatus::Terminating
+            ) {
+                continue;
+            }
+            let watcher = agents::watch(inner.clone(), instance);
+            tasks.push(tokio::spawn(watcher).abort_handle());
+        }
+        tasks.push(tokio::spawn(scheduler::run(inner.clone())).abort_handle());
+        tasks.push(tokio::spawn(runs::retry_timer(inner.clone())).abort_handle());
+        for job in inner.store.jobs_with_status(&[JobStatus::Provisioning])? {
+            tokio::spawn(jobs::start(inner.clone(), job));
+        }
+        for run in inner.store.runs_with_status(&[RunStatus::Terminating])? {
+            runs::terminate_jobs(&inner, &run, false).await;
+        }
+        inner.schedule.notify_one();
+        Ok(Engine {
+            shared: Arc::new(Shared { inner, tasks }),
+        })
+    }
+
+    fn inner(&self) -> &Arc<Inner> {
+        &self.shared.inner
+    }
+
+    /// The state store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner().store
+    }
+
+    /// Subscribes to run status changes.
+    pub fn subscribe(&self) -> broadcast::Receiver<RunChange> {
+        self.inner().changes.subscribe()
+    }
+
+    /// Offers for a configuration, without side effects.
+    pub async fn plan(&self, configuration: &Configuration) -> Result<RunPlan, EngineError> {
+        self.inner().plan(configuration).await
+    }
+
+    /// Records a run and wakes the scheduler; returns the run.
+    pub async fn apply(
+        &self,
+        configuration: Configuration,
+        opts: ApplyOptions,
+    ) -> Result<Run, EngineError> {
+        let inner = self.inner();
+        inner.check_runnable(&configuration)?;
+        let common = command::common(&configuration);
+        let name = match opts.name.clone().or_else(|| common.name.clone()) {
+            Some(name) if !names::is_valid(&name) => {
+                return Err(EngineError::Invalid(format!(
+                    "invalid run name `{name}`: use 2-41 characters of a-z, 0-9 and -, starting with a letter"
+                )))
+            }
+            Some(name) => name,
+            None => names::generate(uuid::Uuid::new_v4().as_u128() as u64, &inner.store.run_names()?),
+        };
+        let client_env = opts
+            .client_env
+            .clone()
+            .unwrap_or_else(|| std::env::vars().collect());
+        let mut captured: BTreeMap<String, String> = SESSION_VARS
+            .iter()
+            .filter_map(|k| client_env.get(*k).map(|v| (k.to_string(), v.clone())))
+            .collect();
+        for (k, v) in &common.env.0 {
+            if let crate::config::env::EnvValue::FromClient = v {
+                match client_env.get(k) {
+                    Some(value) => {
+                        captured.insert(k.clone(), value.clone());
+                    }
+                    None => {
+                        return Err(EngineError::Invalid(format!(
+                            "environment variable {k} is listed in `env` without a value, and it is not set here"
+                        )))
+                    }
+                }
+            }
+        }
+        let mut configuration = configuration;
+        apply_env_overrides(&mut configuration, &opts.env);
+        let client_dir = match opts.client_dir {
+            Some(dir) => dir,
+            None => std::env::current_dir()
+                .map(|d| d.display().to_string())
+                .map_err(|e| {
+                    EngineError::Invalid(format!("cannot read the current directory: {e}"))
+                })?,
+        };
+        let now = now_ms();
+        let run = Run {
+            id: uuid::Uuid::new_v4().to_string(),
+            name,
+            status: RunStatus::Submitted,
+            termination_reason: None,
+            status_message: None,
+            spec: RunSpec {
+                configuration: configuration.to_json(),
+                configuration_path: opts.configuration_path,
+                client_dir,
+                client_env: captured,
+            },
+            submitted_at_ms: now,
+            resubmission_attempt: 0,
+            next_attempt_at_ms: None,
+        };
+        let job = Job {
+            id: uuid::Uuid::new_v4().to_string(),
+            run_id: run.id.clone(),
+            run_name: run.name.clone(),
+            job_num: 0,
+            replica_num: 0,
+            submission_num: 0,
+            status: JobStatus::Submitted,
+            termination_reason: None,
+            termination_message: None,
+            exit_status: None,
+            instance_id: None,
+            reservation: None,
+            submitted_at_ms: now,
+            started_at_ms: None,
+            finished_at_ms: None,
+        };
+        inner.store.insert_run(&run, &[job])?;
+        inner
+            .configs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(run.id.clone(), Arc::new(configuration));
+        inner.emit(&run);
+        inner.schedule.notify_one();
+        Ok(run)
+    }
+
+    /// Stops a run: gracefully (SIGTERM, then SIGKILL after the grace period) or, with
+    /// `abort`, at once.
+    pub async fn stop(&self, run_id: &str, abort: bool) -> Result<Run, EngineError> {
+        runs::stop(self.inner(), run_id, abort).await
+    }
+
+    /// A client of the agent of an instance.
+    pub async fn agent(&self, instance_id: &str) -> Result<AgentClient, EngineError> {
+        self.inner().agent(instance_id).await
+    }
+}
+
+/// Applies `-e KEY=VALUE` overrides to a run configuration's env.
+fn apply_env_overrides(configuration: &mut Configuration, env: &BTreeMap<String, String>) {
+    use crate::config::env::EnvValue;
+    let common = match configuration {
+        Configuration::Task(t) => &mut t.common,
+        Configuration::Service(s) => &mut s.common,
+        Configuration::DevEnvironment(d) => &mut d.common,
+        _ => return,
+    };
+    for (k, v) in env {
+        common.env.0.insert(k.clone(), EnvValue::Value(v.clone()));
+    }
+}
+
+impl Inner {
+    pub(crate) fn emit(&self, run: &Run) {
+        let _ = self.changes.send(RunChange {
+            run_id: run.id.clone(),
+            status: run.status,
+        });
+    }
+
+    pub(crate) fn backend(&self, name: &str) -> Option<&Arc<dyn Compute>> {
+        self.backends.iter().find(|b| b.backend() == name)
+    }
+
+    /// The parsed configuration of a run (cached).
+    pub(crate) fn configuration(&self, run: &Run) -> Result<Arc<Configuration>, EngineError> {
+        let mut cache = self.configs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = cache.get(&run.id) {
+            return Ok(c.clone());
+        }
+        let parsed = run.spec.configuration().map_err(|e| {
+            EngineError::Invalid(format!("stored configuration of run {}: {e}", run.name))
+        })?;
+        let parsed = Arc::new(parsed);
+        cache.insert(run.id.clone(), parsed.clone());
+        Ok(parsed)
+    }
+
+    fn check_runnable(&self, configuration: &Configuration) -> Result<(), EngineError> {
+        let common = match configuration {
+            Configuration::Task(_)
+            | Configuration::Service(_)
+            | Configuration::DevEnvironment(_) => command::common(configuration),
+            other => {
+                return Err(EngineError::Invalid(format!(
+                    "a {} configuration is not a run; apply it as a {}",
+                    other.type_name(),
+                    other.type_name()
+                )))
+            }
+        };
+        let containers = self.backends.iter().any(|b| b.supports_containers());
+        if (common.image.is_some() || common.docker == Some(true)) && !containers {
+            return Err(EngineError::Unsupported(
+                "container runtime not available on this backend yet: `image:` and `docker:` need \
+                 one, and the local backend runs jobs as processes on this machine"
+                    .to_string(),
+            ));
+        }
+        if let Configuration::Task(t) = configuration {
+            if t.nodes.unwrap_or(1) > 1 || t.groups.is_some() {
+                return Err(EngineError::Unsupported(
+                    "multi-node tasks need a fleet with `placement: cluster`; none is available"
+                        .to_string(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn plan(&self, configuration: &Configuration) -> Result<RunPlan, EngineError> {
+        self.check_runnable(configuration)?;
+        let spec = &command::common(configuration).resources;
+        let mut offers = Vec::new();
+        let mut reasons = Vec::new();
+        for instance in self.store.instances()? {
+            if matches!(
+                instance.status,
+                InstanceStatus::Terminated | InstanceStatus::Terminating
+            ) {
+                continue;
+            }
+            match mismatch(spec, &instance.host) {
+                Some(reason) => reasons.push(format!("{}: {reason}", instance.name)),
+                None => {
+                    let busy = !self
+                        .store
+                        .jobs_with_status(&[JobStatus::Running])?
+                        .is_empty();
+                    offers.push(Offer {
+                        backend: instance.backend.clone(),
+                        instance_type: instance.name.clone(),
+                        region: "local".to_string(),
+                        price: instance.price,
+                        spot: false,
+                        resources: instance.host.clone(),
+                        availability: if busy {
+                            Availability::Busy
+                        } else {
+                            Availability::Idle
+                        },
+                    });
+                }
+            }
+        }
+        let no_offers_reason = offers.is_empty().then(|| {
+            if reasons.is_empty() {
+                "no fleet can run it: no instances are configured".to_string()
+            } else {
+                reasons.join("; ")
+            }
+        });
+        Ok(RunPlan {
+            configuration: configuration.clone(),
+            offers,
+            no_offers_reason,
+        })
+    }
+
+    /// Creates the implicit fleet of each backend that has one (the local backend: this host).
+    async fn ensure_implicit_fleets(&self) -> Result<(), EngineError> {
+        let instances = self.store.instances()?;
+        for backend in &self.backends {
+            if backend.backend() != "local" {
+                continue;
+            }
+            if let Some(existing) = instances.iter().find(|i| i.backend == "local") {
+                let client = backend.connect(existing).await?;
+                let health = client.healthcheck().await?;
+                if health.host != existing.host {
+                    let mut updated = existing.clone();
+                    updated.host = health.host;
+                    self.store.put_instance(&updated)?;
+                }
+                continue;
+            }
+            let offer = backend.offers().await?.into_iter().next().ok_or_else(|| {
+                EngineError::Unsupported("the local backend has no offer for this host".to_string())
+            })?;
+            let fleet = Fleet {
+                id: uuid::Uuid::new_v4().to_string(),
+                name: "local".to_string(),
+                status: FleetStatus::Active,
+                configuration: None,
+                created_at_ms: now_ms(),
+            };
+            self.store.put_fleet(&fleet)?;
+            let created = backend.create_instance(&offer).await?;
+            let instance = Instance {
+                id: uuid::Uuid::new_v4().to_string(),
+                name: "local-0".to_string(),
+                fleet_id: fleet.id.clone(),
+                backend: "local".to_string(),
+                status: InstanceStatus::Idle,
+                host: created.offer.resources,
+                price: 0.0,
+                backend_data: created.backend_data,
+                created_at_ms: now_ms(),
+            };
+            self.store.put_instance(&instance)?;
+        }
+        Ok(())
+    }
+
+    /// A client of an instance's agent, connecting (and restarting it) if needed.
+    pub(crate) async fn agent(&self, instance_id: &str) -> Result<AgentClient, EngineError> {
+        if let Some(c) = self
+            .agents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(instance_id)
+        {
+            return Ok(c.clone());
+        }
+        let instance = self
+            .store
+            .instance(instance_id)?
+            .ok_or_else(|| EngineError::Invalid(format!("unknown instance {instance_id}")))?;
+        let backend = self.backend(&instance.backend).ok_or_else(|| {
+            EngineError::Unsupported(format!("backend {} is not configured", instance.backend))
+        })?;
+        let client = backend.connect(&instance).await?;
+        self.agents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(instance_id.to_string(), client.clone());
+        Ok(client)
+    }
+}

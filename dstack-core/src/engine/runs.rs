@@ -1,0 +1,384 @@
+//! The run state machine: status derivation from jobs, retries, stopping.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{EngineError, Inner};
+use crate::agent::StopRequest;
+use crate::backend::BoxFuture;
+use crate::config::duration::OffableDuration;
+use crate::config::profile::{Retry, RetryEvent};
+use crate::model::{
+    now_ms, Job, JobStatus, JobTerminationReason, Run, RunStatus, RunTerminationReason,
+};
+
+/// The effective retry policy of a run: events and duration in seconds.
+fn retry_policy(retry: &Option<Retry>) -> Option<(Vec<RetryEvent>, i64)> {
+    let all = vec![
+        RetryEvent::NoCapacity,
+        RetryEvent::Interruption,
+        RetryEvent::Error,
+    ];
+    match retry {
+        None | Some(Retry::Enabled(false)) => None,
+        Some(Retry::Enabled(true)) => Some((all, 3600)),
+        Some(Retry::Policy {
+            on_events,
+            duration,
+        }) => Some((
+            on_events.clone().unwrap_or(all),
+            duration.map_or(3600, |d| d.0),
+        )),
+    }
+}
+
+/// What one job contributes to its run's status.
+enum Verdict {
+    Done,
+    Running,
+    Provisioning,
+    Submitted,
+    Retry,
+    Failed(RunTerminationReason),
+}
+
+/// The latest submission of each job number.
+fn latest(jobs: &[Job]) -> Vec<&Job> {
+    let mut out: Vec<&Job> = Vec::new();
+    for job in jobs {
+        match out.iter_mut().find(|j| j.job_num == job.job_num) {
+            Some(slot) if slot.submission_num < job.submission_num => *slot = job,
+            Some(_) => {}
+            None => out.push(job),
+        }
+    }
+    out
+}
+
+fn verdict(run: &Run, retry: &Option<Retry>, job: &Job, all: &[Job], now: u64) -> Verdict {
+    let reason = job
+        .termination_reason
+        .as_deref()
+        .and_then(JobTerminationReason::parse);
+    match job.status {
+        JobStatus::Done => return Verdict::Done,
+        JobStatus::Running | JobStatus::Terminating | JobStatus::Pulling => {
+            return if reason == Some(JobTerminationReason::DoneByRunner) {
+                Verdict::Done
+            } else {
+                Verdict::Running
+            }
+        }
+        JobStatus::Provisioning => return Verdict::Provisioning,
+        JobStatus::Submitted => return Verdict::Submitted,
+        JobStatus::Failed | JobStatus::Terminated | JobStatus::Aborted => {}
+    }
+    let Some((events, duration)) = retry_policy(retry) else {
+        return Verdict::Failed(RunTerminationReason::JobFailed);
+    };
+    let Some(event) = reason.and_then(JobTerminationReason::retry_event) else {
+        return Verdict::Failed(RunTerminationReason::JobFailed);
+    };
+    if !events.contains(&event) {
+        return Verdict::Failed(RunTerminationReason::JobFailed);
+    }
+    let provisioned = all
+        .iter()
+        .filter(|j| j.job_num == job.job_num && j.started_at_ms.is_some())
+        .max_by_key(|j| j.submission_num);
+    let since = match provisioned {
+        None if event == RetryEvent::NoCapacity => run.submitted_at_ms,
+        None => job.finished_at_ms.unwrap_or(now),
+        Some(p) => p.finished_at_ms.or(p.started_at_ms).unwrap_or(now),
+    };
+    if now.saturating_sub(since) as i64 > duration * 1000 {
+        Verdict::Failed(RunTerminationReason::RetryLimitExceeded)
+    } else {
+        Verdict::Retry
+    }
+}
+
+/// Brings a run's status in line with its jobs (and retries, terminates or finishes it).
+pub(crate) async fn reconcile(inner: &Arc<Inner>, run_id: &str) -> Result<(), EngineError> {
+    let Some(mut run) = inner.store.run(run_id)? else {
+        return Ok(());
+    };
+    if run.status.is_finished() {
+        return Ok(());
+    }
+    let jobs = inner.store.jobs_of_run(run_id)?;
+    let current = latest(&jobs);
+    if run.status == RunStatus::Terminating {
+        return finish_if_done(inner, run, &jobs);
+    }
+    if run.status == RunStatus::Pending {
+        return Ok(());
+    }
+    let config = inner.configuration(&run)?;
+    let retry = super::command::common(&config).profile.retry.clone();
+    let now = now_ms();
+    let verdicts: Vec<Verdict> = current
+        .iter()
+        .map(|j| verdict(&run, &retry, j, &jobs, now))
+        .collect();
+    let failed = verdicts.iter().find_map(|v| match v {
+        Verdict::Failed(RunTerminationReason::JobFailed) => Some(RunTerminationReason::JobFailed),
+        _ => None,
+    });
+    let failed = failed.or_else(|| {
+        verdicts.iter().find_map(|v| match v {
+            Verdict::Failed(r) => Some(*r),
+            _ => None,
+        })
+    });
+    let any = |f: fn(&Verdict) -> bool| verdicts.iter().any(f);
+    let from = run.status;
+    if let Some(reason) = failed {
+        return terminate(inner, run, reason, false).await;
+    } else if any(|v| matches!(v, Verdict::Running)) {
+        run.status = RunStatus::Running;
+    } else if any(|v| matches!(v, Verdict::Provisioning)) {
+        run.status = RunStatus::Provisioning;
+        run.resubmission_attempt = 0;
+    } else if any(|v| matches!(v, Verdict::Submitted)) {
+        run.status = RunStatus::Submitted;
+    } else if any(|v| matches!(v, Verdict::Retry)) {
+        run.status = RunStatus::Pending;
+        run.resubmission_attempt += 1;
+        let delays = &inner.options.retry_delays;
+        let delay = delays
+            .get(run.resubmission_attempt as usize - 1)
+            .or(delays.last())
+            .copied()
+            .unwrap_or(Duration::ZERO);
+        run.next_attempt_at_ms = Some(now + delay.as_millis() as u64);
+        run.status_message = Some(format!("retrying in {}s", delay.as_secs()));
+    } else {
+        return terminate(inner, run, RunTerminationReason::AllJobsDone, false).await;
+    }
+    if run.status != from && inner.store.update_run(&run, &[from])? {
+        if run.status == RunStatus::Pending {
+            inner.retries.notify_one();
+        }
+        inner.emit(&run);
+    }
+    Ok(())
+}
+
+/// Moves a run to `terminating` with `reason`, stops its jobs, and finishes it when they are.
+async fn terminate(
+    inner: &Arc<Inner>,
+    mut run: Run,
+    reason: RunTerminationReason,
+    abort: bool,
+) -> Result<(), EngineError> {
+    let from = run.status;
+    run.status = RunStatus::Terminating;
+    run.termination_reason = Some(reason.as_str().to_string());
+    run.status_message = reason.error().map(str::to_string);
+    if !inner.store.update_run(&run, &[from])? {
+        return Ok(());
+    }
+    inner.emit(&run);
+    terminate_jobs(inner, &run, abort).await;
+    let jobs = inner.store.jobs_of_run(&run.id)?;
+    finish_if_done(inner, run, &jobs)
+}
+
+fn finish_if_done(inner: &Arc<Inner>, mut run: Run, jobs: &[Job]) -> Result<(), EngineError> {
+    if jobs.iter().any(|j| !j.status.is_finished()) {
+        return Ok(());
+    }
+    let reason = run
+        .termination_reason
+        .as_deref()
+        .and_then(RunTerminationReason::parse)
+        .unwrap_or(RunTerminationReason::ServerError);
+    run.status = reason.run_status();
+    if inner.store.update_run(&run, &[RunStatus::Terminating])? {
+        inner
+            .configs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&run.id);
+        inner.emit(&run);
+    }
+    Ok(())
+}
+
+/// Stops every unfinished job of a terminating run.
+pub(crate) async fn terminate_jobs(inner: &Arc<Inner>, run: &Run, abort: bool) {
+    let reason = run
+        .termination_reason
+        .as_deref()
+        .and_then(RunTerminationReason::parse)
+        .unwrap_or(RunTerminationReason::ServerError);
+    let abort = abort || reason == RunTerminationReason::AbortedByUser;
+    let job_reason = reason.job_reason();
+    let jobs = match inner.store.jobs_of_run(&run.id) {
+        Ok(jobs) => jobs,
+        Err(_) => return,
+    };
+    for mut job in jobs.into_iter().filter(|j| !j.status.is_finished()) {
+        let from = job.status;
+        if from == JobStatus::Submitted {
+            job.status = job_reason.job_status();
+            job.termination_reason = Some(job_reason.as_str().to_string());
+            job.finished_at_ms = Some(now_ms());
+            let _ = inner.store.update_job(&job, &[from]);
+            continue;
+        }
+        if from != JobStatus::Terminating {
+            job.status = JobStatus::Terminating;
+            job.termination_reason = Some(job_reason.as_str().to_string());
+            if !inner.store.update_job(&job, &[from]).unwrap_or(false) {
+                continue;
+            }
+        }
+        let grace = stop_grace(inner, run);
+        let request = StopRequest {
+            abort,
+            grace_secs: grace,
+            reason: job_reason.as_str().to_string(),
+        };
+        tokio::spawn(stop_on_agent(inner.clone(), job, request));
+    }
+}
+
+fn stop_grace(inner: &Inner, run: &Run) -> u64 {
+    let configured = inner
+        .configuration(run)
+        .ok()
+        .and_then(|c| super::command::common(&c).profile.stop_duration);
+    match configured {
+        Some(OffableDuration::Seconds(d)) => d.0.max(0) as u64,
+        _ => inner.options.stop_grace.as_secs(),
+    }
+}
+
+/// Asks the job's agent to stop it; a job the agent never got is finished here. (A boxed,
+/// type-erased task: stopping reports back into the run state machine that started it.)
+fn stop_on_agent(inner: Arc<Inner>, job: Job, request: StopRequest) -> BoxFuture<'static, ()> {
+    Box::pin(async move { stop_job_on_agent(&inner, job, request).await })
+}
+
+async fn stop_job_on_agent(inner: &Arc<Inner>, job: Job, request: StopRequest) {
+    let Some(instance_id) = job.instance_id.clone() else {
+        return;
+    };
+    let result = match inner.agent(&instance_id).await {
+        Ok(agent) => agent
+            .stop(&job.id, &request)
+            .await
+            .map_err(EngineError::from),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(info) if info.status.is_finished() => super::jobs::on_agent_job(inner, info).await,
+        Ok(_) => {}
+        Err(EngineError::Agent(crate::agent::AgentError::Status { status: 404, .. })) => {
+            let mut job = job;
+            let reason = JobTerminationReason::parse(&request.reason)
+                .unwrap_or(JobTerminationReason::TerminatedByServer);
+            job.status = reason.job_status();
+            job.finished_at_ms = Some(now_ms());
+            if inner
+                .store
+                .update_job(&job, &[JobStatus::Terminating])
+                .unwrap_or(false)
+            {
+                let _ = reconcile(inner, &job.run_id).await;
+                inner.schedule.notify_one();
+            }
+        }
+        Err(_) => {} // the agent watcher fails the job if the instance stays unreachable
+    }
+}
+
+/// Stops a run by user request.
+pub(crate) async fn stop(
+    inner: &Arc<Inner>,
+    run_id: &str,
+    abort: bool,
+) -> Result<Run, EngineError> {
+    let run = inner
+        .store
+        .run(run_id)?
+        .ok_or_else(|| EngineError::Invalid(format!("no run with id {run_id}")))?;
+    if run.status.is_finished() {
+        return Ok(run);
+    }
+    if run.status == RunStatus::Terminating {
+        if abort {
+            terminate_jobs(inner, &run, true).await;
+        }
+    } else {
+        let reason = if abort {
+            RunTerminationReason::AbortedByUser
+        } else {
+            RunTerminationReason::StoppedByUser
+        };
+        terminate(inner, run, reason, abort).await?;
+    }
+    Ok(inner
+        .store
+        .run(run_id)?
+        .unwrap_or_else(|| unreachable!("runs are never deleted while stopping")))
+}
+
+/// Resubmits `pending` runs when their backoff has passed.
+pub(crate) async fn retry_timer(inner: Arc<Inner>) {
+    loop {
+        let notified = inner.retries.notified();
+        let now = now_ms();
+        let mut next: Option<u64> = None;
+        if let Ok(pending) = inner.store.runs_with_status(&[RunStatus::Pending]) {
+            for run in pending {
+                let at = run.next_attempt_at_ms.unwrap_or(0);
+                if at <= now {
+                    let _ = resubmit(&inner, run).await;
+                } else {
+                    next = Some(next.map_or(at, |n: u64| n.min(at)));
+                }
+            }
+        }
+        match next {
+            Some(at) => {
+                let wait = Duration::from_millis(at.saturating_sub(now_ms()));
+                let _ = tokio::time::timeout(wait, notified).await;
+            }
+            None => notified.await,
+        }
+    }
+}
+
+async fn resubmit(inner: &Arc<Inner>, mut run: Run) -> Result<(), EngineError> {
+    run.status = RunStatus::Submitted;
+    run.next_attempt_at_ms = None;
+    run.status_message = None;
+    if !inner.store.update_run(&run, &[RunStatus::Pending])? {
+        return Ok(());
+    }
+    let jobs = inner.store.jobs_of_run(&run.id)?;
+    for job in latest(&jobs)
+        .into_iter()
+        .filter(|j| j.status != JobStatus::Done)
+    {
+        let mut next = job.clone();
+        next.id = uuid::Uuid::new_v4().to_string();
+        next.submission_num = job.submission_num + 1;
+        next.status = JobStatus::Submitted;
+        next.termination_reason = None;
+        next.termination_message = None;
+        next.exit_status = None;
+        next.instance_id = None;
+        next.reservation = None;
+        next.submitted_at_ms = now_ms();
+        next.started_at_ms = None;
+        next.finished_at_ms = None;
+        inner.store.insert_job(&next)?;
+    }
+    inner.emit(&run);
+    inner.schedule.notify_one();
+    Ok(())
+}

@@ -1,0 +1,99 @@
+//! Placement: puts `submitted` jobs on instances with room for them.
+
+use std::sync::Arc;
+
+use super::{jobs, runs, Inner};
+use crate::model::{Instance, InstanceStatus, JobStatus, JobTerminationReason, Reservation};
+use crate::offers::{mismatch, reserve};
+
+/// How many waiting jobs one pass looks at (the oldest first).
+const PASS_LIMIT: usize = 256;
+
+/// Runs a placement pass whenever woken.
+pub(crate) async fn run(inner: Arc<Inner>) {
+    loop {
+        let notified = inner.schedule.notified();
+        pass(&inner).await;
+        notified.await;
+    }
+}
+
+async fn pass(inner: &Arc<Inner>) {
+    let Ok(waiting) = inner.store.jobs_with_status(&[JobStatus::Submitted]) else {
+        return;
+    };
+    if waiting.is_empty() {
+        return;
+    }
+    let Ok(instances) = inner.store.instances() else {
+        return;
+    };
+    let instances: Vec<Instance> = instances
+        .into_iter()
+        .filter(|i| matches!(i.status, InstanceStatus::Idle | InstanceStatus::Busy))
+        .collect();
+    // Requirements that did not fit in this pass: anything at least as large will not either.
+    let mut blocked: Vec<Reservation> = Vec::new();
+    for job in waiting.into_iter().take(PASS_LIMIT) {
+        let Ok(Some(run)) = inner.store.run(&job.run_id) else {
+            continue;
+        };
+        if run.status.is_finished() || run.status == crate::model::RunStatus::Terminating {
+            continue;
+        }
+        let Ok(config) = inner.configuration(&run) else {
+            continue;
+        };
+        let spec = &super::command::common(&config).resources;
+        let reasons: Vec<String> = instances
+            .iter()
+            .filter_map(|i| mismatch(spec, &i.host).map(|r| format!("{}: {r}", i.name)))
+            .collect();
+        if reasons.len() == instances.len() {
+            let message = if instances.is_empty() {
+                "no offers: no fleet has instances".to_string()
+            } else {
+                format!("no offers: {}", reasons.join("; "))
+            };
+            jobs::fail(
+                inner,
+                job,
+                JobTerminationReason::FailedToStartDueToNoCapacity,
+                message,
+            )
+            .await;
+            continue;
+        }
+        let Some(want) = instances.iter().find_map(|i| reserve(spec, &i.host, &[])) else {
+            continue;
+        };
+        if blocked.iter().any(|b| covers(&want, b)) {
+            continue;
+        }
+        let mut placed = None;
+        for instance in &instances {
+            let host = instance.host.clone();
+            let fit = |held: &[Reservation]| reserve(spec, &host, held);
+            match inner.store.assign_job(&job.id, &instance.id, &fit) {
+                Ok(Some(assigned)) => {
+                    placed = Some(assigned);
+                    break;
+                }
+                Ok(None) => {}
+                Err(_) => break,
+            }
+        }
+        match placed {
+            Some(assigned) => {
+                let _ = runs::reconcile(inner, &assigned.run_id).await;
+                tokio::spawn(jobs::start(inner.clone(), assigned));
+            }
+            None => blocked.push(want),
+        }
+    }
+}
+
+/// Whether requirement `a` is at least as large as `b` in every dimension.
+fn covers(a: &Reservation, b: &Reservation) -> bool {
+    a.cpus >= b.cpus && a.memory_mib >= b.memory_mib && a.gpus.len() >= b.gpus.len()
+}

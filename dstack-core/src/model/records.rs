@@ -1,0 +1,145 @@
+//! The persisted records of the engine.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::status::{FleetStatus, InstanceStatus, JobStatus, RunStatus};
+use crate::agent::HostInfo;
+use crate::config::Configuration;
+
+/// What the client sent with a configuration: everything the engine needs to (re)start the
+/// run later, from any process.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunSpec {
+    /// The validated configuration.
+    pub configuration: serde_json::Value,
+    /// Where the configuration came from, for humans.
+    pub configuration_path: Option<String>,
+    /// The directory the run was applied from (the default working directory of local jobs).
+    pub client_dir: String,
+    /// Environment variables captured from the client when the run was applied: the
+    /// configuration's bare `env` names and the basics of a local session (`PATH`, `HOME`, …).
+    pub client_env: BTreeMap<String, String>,
+}
+
+impl RunSpec {
+    /// The configuration, parsed back from its stored JSON.
+    pub fn configuration(&self) -> Result<Configuration, crate::config::ConfigErrors> {
+        crate::config::parse(&self.configuration.to_string(), "<stored run spec>")
+    }
+}
+
+/// A run: one applied task, service or dev environment.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Run {
+    /// UUID.
+    pub id: String,
+    /// Unique among active runs.
+    pub name: String,
+    /// Status.
+    pub status: RunStatus,
+    /// Why it ended (a `RunTerminationReason` string).
+    pub termination_reason: Option<String>,
+    /// A human explanation of the status.
+    pub status_message: Option<String>,
+    /// What to run.
+    pub spec: RunSpec,
+    /// When it was applied (Unix ms).
+    pub submitted_at_ms: u64,
+    /// How many times it went back to `pending` for a retry.
+    pub resubmission_attempt: u32,
+    /// When a `pending` run is resubmitted (Unix ms).
+    pub next_attempt_at_ms: Option<u64>,
+}
+
+/// Resources set aside for a job on its instance.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Reservation {
+    /// vCPUs.
+    pub cpus: u32,
+    /// RAM in MiB.
+    pub memory_mib: u64,
+    /// GPU indices on the instance.
+    pub gpus: Vec<u32>,
+}
+
+/// One submission of one job of a run (a retry is a new submission).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    /// Submission UUID (what the agent knows the job by).
+    pub id: String,
+    /// The run.
+    pub run_id: String,
+    /// The run name.
+    pub run_name: String,
+    /// Node rank within the replica.
+    pub job_num: u32,
+    /// Replica number (services).
+    pub replica_num: u32,
+    /// 0 for the first submission, +1 per retry.
+    pub submission_num: u32,
+    /// Status.
+    pub status: JobStatus,
+    /// A `JobTerminationReason` string.
+    pub termination_reason: Option<String>,
+    /// A human explanation of the reason.
+    pub termination_message: Option<String>,
+    /// The exit status of the job's commands.
+    pub exit_status: Option<i32>,
+    /// The instance it was assigned to.
+    pub instance_id: Option<String>,
+    /// Resources set aside on that instance.
+    pub reservation: Option<Reservation>,
+    /// When it was submitted (Unix ms).
+    pub submitted_at_ms: u64,
+    /// When it started running (Unix ms).
+    pub started_at_ms: Option<u64>,
+    /// When it finished (Unix ms).
+    pub finished_at_ms: Option<u64>,
+}
+
+impl Job {
+    /// `<run>-<job_num>-<replica_num>`, as dstack names jobs.
+    pub fn name(&self) -> String {
+        format!("{}-{}-{}", self.run_name, self.job_num, self.replica_num)
+    }
+}
+
+/// A host that can run jobs: this machine, an SSH host or a cloud VM.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Instance {
+    /// UUID.
+    pub id: String,
+    /// `<fleet>-<num>`.
+    pub name: String,
+    /// The fleet it belongs to.
+    pub fleet_id: String,
+    /// The backend that provides it (`local`, `ssh`, `aws`, …).
+    pub backend: String,
+    /// Status.
+    pub status: InstanceStatus,
+    /// Its resources, as its agent reports them.
+    pub host: HostInfo,
+    /// Price per hour.
+    pub price: f64,
+    /// Backend-specific data (e.g. the agent socket of the local backend).
+    pub backend_data: serde_json::Value,
+    /// When it was created (Unix ms).
+    pub created_at_ms: u64,
+}
+
+/// A fleet: a named group of instances.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Fleet {
+    /// UUID.
+    pub id: String,
+    /// Unique name.
+    pub name: String,
+    /// Status.
+    pub status: FleetStatus,
+    /// The fleet configuration, when it was applied from one (the implicit local fleet has none).
+    pub configuration: Option<serde_json::Value>,
+    /// When it was created (Unix ms).
+    pub created_at_ms: u64,
+}

@@ -1,0 +1,246 @@
+//! Offers and requirement matching.
+//!
+//! An [`Offer`] is capacity a backend can provide (for the local backend: this host). A job's
+//! [`ResourcesSpec`] matches an offer when every minimum fits in it; on a shared host the job
+//! then holds a [`Reservation`] of the minimums (CPUs, memory, whole GPUs), so several jobs run
+//! side by side while their minimums add up within the host.
+
+use serde::{Deserialize, Serialize};
+
+use crate::agent::{GpuInfo, HostInfo};
+use crate::config::resources::{CpuArch, GpuSpec, ResourcesSpec};
+use crate::model::Reservation;
+
+/// Whether an offer can be used now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Availability {
+    /// An existing instance with nothing running.
+    Idle,
+    /// An existing instance with jobs running (may still have room).
+    Busy,
+    /// New capacity that can be provisioned.
+    Available,
+    /// Not available now.
+    NotAvailable,
+}
+
+/// Capacity a backend can provide.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Offer {
+    /// The backend.
+    pub backend: String,
+    /// The instance type or host name.
+    pub instance_type: String,
+    /// The region (`local` for this machine).
+    pub region: String,
+    /// Price per hour in USD.
+    pub price: f64,
+    /// Spot capacity.
+    pub spot: bool,
+    /// Resources.
+    pub resources: HostInfo,
+    /// Availability.
+    pub availability: Availability,
+}
+
+const MIB_PER_GIB: f64 = 1024.0;
+
+fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0 * 1024.0)
+}
+
+/// Why an offer can never satisfy a spec, or `None` when it can.
+pub fn mismatch(spec: &ResourcesSpec, host: &HostInfo) -> Option<String> {
+    if let Some(arch) = spec.cpu.arch {
+        let want = match arch {
+            CpuArch::X86 => "x86",
+            CpuArch::Arm => "arm",
+        };
+        if host.cpu_arch != want {
+            return Some(format!(
+                "requires {want} CPUs, the host is {}",
+                host.cpu_arch
+            ));
+        }
+    }
+    let cpus = spec.cpu.count.min.unwrap_or(0);
+    if cpus > i64::from(host.cpus) {
+        return Some(format!("requires {cpus} CPUs, the host has {}", host.cpus));
+    }
+    let memory = spec.memory.min.map_or(0.0, |m| m.0);
+    if memory > gib(host.memory_bytes) + 1e-9 {
+        return Some(format!(
+            "requires {memory}GB of memory, the host has {:.1}GB",
+            gib(host.memory_bytes)
+        ));
+    }
+    if let Some(disk) = spec.disk.as_ref().and_then(|d| d.size.min) {
+        if disk.0 > gib(host.disk_bytes) + 1e-9 {
+            return Some(format!(
+                "requires {disk} of disk, the host has {:.1}GB",
+                gib(host.disk_bytes)
+            ));
+        }
+    }
+    if let Some(gpu) = &spec.gpu {
+        let wanted = gpu.count.min.unwrap_or(0);
+        let matching = host.gpus.iter().filter(|g| gpu_matches(gpu, g)).count() as i64;
+        if wanted > matching {
+            let what = describe_gpus(gpu);
+            return Some(if host.gpus.is_empty() {
+                format!("requires {wanted} GPU(s){what}, the host has none")
+            } else {
+                format!(
+                    "requires {wanted} GPU(s){what}, the host has {matching} matching of {}",
+                    host.gpus.len()
+                )
+            });
+        }
+    }
+    None
+}
+
+fn describe_gpus(gpu: &GpuSpec) -> String {
+    let mut parts = Vec::new();
+    if let Some(names) = &gpu.name {
+        parts.push(names.join(" or "));
+    }
+    if let Some(m) = &gpu.memory {
+        parts.push(format!("{m} memory"));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", parts.join(", "))
+    }
+}
+
+/// Whether one GPU of the host satisfies the spec's per-GPU constraints.
+pub fn gpu_matches(spec: &GpuSpec, gpu: &GpuInfo) -> bool {
+    if let Some(vendor) = spec.vendor {
+        if vendor.as_str() != gpu.vendor {
+            return false;
+        }
+    }
+    if let Some(names) = &spec.name {
+        if !names.iter().any(|n| n.eq_ignore_ascii_case(&gpu.name)) {
+            return false;
+        }
+    }
+    if let Some(memory) = &spec.memory {
+        let have = gpu.memory_mib as f64 / MIB_PER_GIB;
+        if memory.min.is_some_and(|m| have + 1e-9 < m.0)
+            || memory.max.is_some_and(|m| have > m.0 + 1e-9)
+        {
+            return false;
+        }
+    }
+    true
+}
+
+/// The reservation a job needs on `host` given what `held` already holds, or `None` if it does
+/// not fit right now.
+pub fn reserve(spec: &ResourcesSpec, host: &HostInfo, held: &[Reservation]) -> Option<Reservation> {
+    let cpus = spec.cpu.count.min.unwrap_or(0).max(0) as u32;
+    let memory_mib = (spec.memory.min.map_or(0.0, |m| m.0) * MIB_PER_GIB).ceil() as u64;
+    let used_cpus: u32 = held.iter().map(|r| r.cpus).sum();
+    let used_mib: u64 = held.iter().map(|r| r.memory_mib).sum();
+    let total_mib = host.memory_bytes / (1024 * 1024);
+    if used_cpus + cpus > host.cpus || used_mib + memory_mib > total_mib {
+        return None;
+    }
+    let mut gpus = Vec::new();
+    if let Some(gpu) = &spec.gpu {
+        let wanted = gpu.count.min.unwrap_or(0).max(0) as usize;
+        let busy: Vec<u32> = held.iter().flat_map(|r| r.gpus.iter().copied()).collect();
+        gpus = host
+            .gpus
+            .iter()
+            .filter(|g| !busy.contains(&g.index) && gpu_matches(gpu, g))
+            .map(|g| g.index)
+            .take(wanted)
+            .collect();
+        if gpus.len() < wanted {
+            return None;
+        }
+    }
+    Some(Reservation {
+        cpus,
+        memory_mib,
+        gpus,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse;
+    use crate::config::Configuration;
+
+    fn host(cpus: u32, gib: u64, gpus: &[(&str, u64)]) -> HostInfo {
+        HostInfo {
+            cpus,
+            memory_bytes: gib << 30,
+            disk_bytes: 500 << 30,
+            cpu_arch: "x86".into(),
+            gpus: gpus
+                .iter()
+                .enumerate()
+                .map(|(i, (name, mib))| GpuInfo {
+                    index: i as u32,
+                    name: name.to_string(),
+                    memory_mib: *mib,
+                    vendor: "nvidia".into(),
+                    uuid: None,
+                })
+                .collect(),
+        }
+    }
+
+    fn resources(yaml: &str) -> ResourcesSpec {
+        let text = format!("type: task\ncommands: [x]\nresources: {yaml}\n");
+        let Configuration::Task(t) = parse(&text, "t").unwrap() else {
+            unreachable!()
+        };
+        t.common.resources.clone()
+    }
+
+    #[test]
+    fn explains_why_an_offer_never_fits() {
+        let h = host(2, 8, &[]);
+        assert_eq!(mismatch(&resources("{cpu: 1.., memory: 1GB..}"), &h), None);
+        assert_eq!(
+            mismatch(&resources("{cpu: 4..}"), &h).unwrap(),
+            "requires 4 CPUs, the host has 2"
+        );
+        assert_eq!(
+            mismatch(&resources("{cpu: 1, memory: 1GB.., gpu: 1}"), &h).unwrap(),
+            "requires 1 GPU(s), the host has none"
+        );
+        let g = host(8, 64, &[("A100", 81920), ("T4", 15360)]);
+        assert_eq!(mismatch(&resources("{gpu: A100:1}"), &g), None);
+        assert!(mismatch(&resources("{gpu: A100:2}"), &g)
+            .unwrap()
+            .contains("1 matching of 2"));
+        assert!(mismatch(&resources("{gpu: 40GB..:1}"), &g).is_none());
+    }
+
+    #[test]
+    fn reservations_share_a_host_without_over_committing() {
+        let h = host(2, 8, &[("T4", 15360), ("T4", 15360)]);
+        let spec = resources("{cpu: 1.., memory: 2GB.., gpu: 1}");
+        let a = reserve(&spec, &h, &[]).unwrap();
+        assert_eq!(
+            a,
+            Reservation {
+                cpus: 1,
+                memory_mib: 2048,
+                gpus: vec![0]
+            }
+        );
+        let b = reserve(&spec, &h, std::slice::from_ref(&a)).unwrap();
+        assert_eq!(b.gpus, vec![1]);
+        assert_eq!(reserve(&spec, &h, &[a, b]), None);
+    }
+}

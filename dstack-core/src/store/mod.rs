@@ -1,0 +1,98 @@
+//! Durable state: the [`Store`] trait and its SQLite implementation (the embedded default).
+//!
+//! Every transition is a compare-and-set on the record's status, so several engine processes
+//! sharing one state file never apply the same transition twice, and job placement is one
+//! atomic transaction, so they never over-commit an instance.
+
+mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+use crate::model::{Fleet, Instance, Job, JobStatus, Reservation, Run, RunStatus};
+
+/// A failure of the state store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite reported an error.
+    #[error("state database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A stored record could not be decoded.
+    #[error("corrupt record in the state database: {0}")]
+    Corrupt(#[from] serde_json::Error),
+    /// The state directory could not be prepared.
+    #[error("cannot prepare the state directory: {0}")]
+    Io(#[from] std::io::Error),
+    /// An active run already has this name.
+    #[error("a run named `{0}` is still active; stop it first or choose another name")]
+    NameTaken(String),
+    /// The database was written by a newer version.
+    #[error("the state database has schema version {found}; this build knows up to {known}")]
+    TooNew {
+        /// The database's version.
+        found: i64,
+        /// The newest version this build knows.
+        known: i64,
+    },
+}
+
+/// Which runs to list.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunFilter {
+    /// Only runs that have not finished.
+    pub active_only: bool,
+    /// At most this many, newest first.
+    pub limit: Option<usize>,
+}
+
+/// Decides where a job fits on an instance, given what its active jobs already hold.
+pub type FitFn<'a> = &'a dyn Fn(&[Reservation]) -> Option<Reservation>;
+
+/// Durable storage of runs, jobs, instances and fleets.
+pub trait Store: Send + Sync {
+    /// Inserts a new run with its first jobs. A finished run of the same name is replaced;
+    /// an active one is [`StoreError::NameTaken`].
+    fn insert_run(&self, run: &Run, jobs: &[Job]) -> Result<(), StoreError>;
+    /// A run by id.
+    fn run(&self, id: &str) -> Result<Option<Run>, StoreError>;
+    /// The current run with this name.
+    fn run_by_name(&self, name: &str) -> Result<Option<Run>, StoreError>;
+    /// Runs, newest first.
+    fn runs(&self, filter: RunFilter) -> Result<Vec<Run>, StoreError>;
+    /// Runs in any of these statuses, oldest first.
+    fn runs_with_status(&self, statuses: &[RunStatus]) -> Result<Vec<Run>, StoreError>;
+    /// Names in use by runs that have not been replaced.
+    fn run_names(&self) -> Result<Vec<String>, StoreError>;
+    /// Writes `run` if its stored status is one of `expected`; `false` if it was not.
+    fn update_run(&self, run: &Run, expected: &[RunStatus]) -> Result<bool, StoreError>;
+
+    /// Adds a job submission.
+    fn insert_job(&self, job: &Job) -> Result<(), StoreError>;
+    /// A job submission by id.
+    fn job(&self, id: &str) -> Result<Option<Job>, StoreError>;
+    /// Every submission of a run's jobs, by job number then submission number.
+    fn jobs_of_run(&self, run_id: &str) -> Result<Vec<Job>, StoreError>;
+    /// Job submissions in any of these statuses, oldest first.
+    fn jobs_with_status(&self, statuses: &[JobStatus]) -> Result<Vec<Job>, StoreError>;
+    /// Writes `job` if its stored status is one of `expected`; `false` if it was not.
+    fn update_job(&self, job: &Job, expected: &[JobStatus]) -> Result<bool, StoreError>;
+    /// Atomically places a `submitted` job on an instance: `fit` sees the reservations of the
+    /// instance's unfinished jobs and returns the job's reservation, or `None` if it does not
+    /// fit now. Returns the job, now `provisioning`, or `None`.
+    fn assign_job(
+        &self,
+        job_id: &str,
+        instance_id: &str,
+        fit: FitFn<'_>,
+    ) -> Result<Option<Job>, StoreError>;
+
+    /// Inserts or replaces a fleet.
+    fn put_fleet(&self, fleet: &Fleet) -> Result<(), StoreError>;
+    /// Every fleet.
+    fn fleets(&self) -> Result<Vec<Fleet>, StoreError>;
+    /// Inserts or replaces an instance.
+    fn put_instance(&self, instance: &Instance) -> Result<(), StoreError>;
+    /// An instance by id.
+    fn instance(&self, id: &str) -> Result<Option<Instance>, StoreError>;
+    /// Every instance.
+    fn instances(&self) -> Result<Vec<Instance>, StoreError>;
+}

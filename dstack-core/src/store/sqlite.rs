@@ -1,0 +1,384 @@
+//! The SQLite store: one file under `$DSTACK_HOME`, WAL mode, versioned migrations.
+//!
+//! Records are stored as JSON next to the columns that are queried (status, names, times).
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::{FitFn, RunFilter, Store, StoreError};
+use crate::model::{Fleet, Instance, Job, JobStatus, Run, RunStatus};
+
+/// The schema, one entry per version; applied in order, each in a transaction.
+const MIGRATIONS: &[&str] = &[
+    // 1: runs, jobs, fleets, instances.
+    "CREATE TABLE runs (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        status TEXT NOT NULL,
+        active INTEGER NOT NULL,
+        replaced INTEGER NOT NULL DEFAULT 0,
+        submitted_at INTEGER NOT NULL,
+        data TEXT NOT NULL
+    );
+    CREATE UNIQUE INDEX runs_active_name ON runs(name) WHERE active = 1;
+    CREATE INDEX runs_status ON runs(status);
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+        job_num INTEGER NOT NULL,
+        submission_num INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        instance_id TEXT,
+        submitted_at INTEGER NOT NULL,
+        data TEXT NOT NULL
+    );
+    CREATE INDEX jobs_run ON jobs(run_id);
+    CREATE INDEX jobs_status ON jobs(status);
+    CREATE INDEX jobs_instance ON jobs(instance_id);
+    CREATE TABLE fleets (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, data TEXT NOT NULL);
+    CREATE TABLE instances (id TEXT PRIMARY KEY, fleet_id TEXT NOT NULL, data TEXT NOT NULL);",
+];
+
+/// Job statuses that hold resources on their instance.
+const HOLDING: &[JobStatus] = &[
+    JobStatus::Provisioning,
+    JobStatus::Pulling,
+    JobStatus::Running,
+    JobStatus::Terminating,
+];
+
+/// The embedded store.
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+fn json<T: Serialize>(v: &T) -> Result<String, StoreError> {
+    Ok(serde_json::to_string(v)?)
+}
+
+fn from_json<T: DeserializeOwned>(s: &str) -> Result<T, StoreError> {
+    Ok(serde_json::from_str(s)?)
+}
+
+fn placeholders(n: usize) -> String {
+    vec!["?"; n].join(",")
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the state file at `path`, in a directory readable only by
+    /// the owner, and migrates it to the current schema.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let conn = Connection::open(path)?;
+        Self::init(conn)
+    }
+
+    /// An in-memory store (tests, throw-away engines).
+    pub fn in_memory() -> Result<Self, StoreError> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(mut conn: Connection) -> Result<Self, StoreError> {
+        conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        migrate(&mut conn)?;
+        Ok(SqliteStore {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn with<R>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut conn)
+    }
+
+    fn query<T: DeserializeOwned>(
+        &self,
+        sql: &str,
+        args: &[&dyn rusqlite::ToSql],
+    ) -> Result<Vec<T>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(sql)?;
+            let rows = stmt.query_map(args, |r| r.get::<_, String>(0))?;
+            let mut out = Vec::new();
+            for row in rows {
+                out.push(from_json(&row?)?);
+            }
+            Ok(out)
+        })
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(StoreError::TooNew {
+            found: version,
+            known,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let current: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if current > i as i64 {
+            continue; // another process migrated meanwhile
+        }
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i as i64 + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+fn status_strs<S: Copy>(statuses: &[S], f: impl Fn(S) -> &'static str) -> Vec<&'static str> {
+    statuses.iter().map(|s| f(*s)).collect()
+}
+
+impl Store for SqliteStore {
+    fn insert_run(&self, run: &Run, jobs: &[Job]) -> Result<(), StoreError> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let active: Option<String> = tx
+                .query_row("SELECT id FROM runs WHERE name = ? AND active = 1", [&run.name], |r| r.get(0))
+                .optional()?;
+            if active.is_some() {
+                return Err(StoreError::NameTaken(run.name.clone()));
+            }
+            tx.execute("UPDATE runs SET replaced = 1 WHERE name = ?", [&run.name])?;
+            tx.execute(
+                "INSERT INTO runs (id, name, status, active, submitted_at, data) VALUES (?, ?, ?, ?, ?, ?)",
+                params![
+                    run.id,
+                    run.name,
+                    run.status.as_str(),
+                    !run.status.is_finished(),
+                    run.submitted_at_ms as i64,
+                    json(run)?
+                ],
+            )?;
+            for job in jobs {
+                insert_job(&tx, job)?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn run(&self, id: &str) -> Result<Option<Run>, StoreError> {
+        Ok(self
+            .query("SELECT data FROM runs WHERE id = ?", &[&id])?
+            .pop())
+    }
+
+    fn run_by_name(&self, name: &str) -> Result<Option<Run>, StoreError> {
+        let sql = "SELECT data FROM runs WHERE name = ? AND replaced = 0 ORDER BY submitted_at DESC LIMIT 1";
+        Ok(self.query(sql, &[&name])?.pop())
+    }
+
+    fn runs(&self, filter: RunFilter) -> Result<Vec<Run>, StoreError> {
+        let limit = filter.limit.map_or(-1, |l| l as i64);
+        let sql = if filter.active_only {
+            "SELECT data FROM runs WHERE active = 1 ORDER BY submitted_at DESC LIMIT ?"
+        } else {
+            "SELECT data FROM runs WHERE replaced = 0 ORDER BY submitted_at DESC LIMIT ?"
+        };
+        self.query(sql, &[&limit])
+    }
+
+    fn runs_with_status(&self, statuses: &[RunStatus]) -> Result<Vec<Run>, StoreError> {
+        let names = status_strs(statuses, RunStatus::as_str);
+        let sql = format!(
+            "SELECT data FROM runs WHERE status IN ({}) ORDER BY submitted_at",
+            placeholders(names.len())
+        );
+        let args: Vec<&dyn rusqlite::ToSql> =
+            names.iter().map(|s| s as &dyn rusqlite::ToSql).collect();
+        self.query(&sql, &args)
+    }
+
+    fn run_names(&self) -> Result<Vec<String>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached("SELECT name FROM runs WHERE replaced = 0")?;
+            let names = stmt
+                .query_map([], |r| r.get(0))?
+                .collect::<Result<Vec<String>, _>>()?;
+            Ok(names)
+        })
+    }
+
+    fn update_run(&self, run: &Run, expected: &[RunStatus]) -> Result<bool, StoreError> {
+        let names = status_strs(expected, RunStatus::as_str);
+        let sql = format!(
+            "UPDATE runs SET status = ?, active = ?, data = ? WHERE id = ? AND status IN ({})",
+            placeholders(names.len())
+        );
+        let data = json(run)?;
+        let active = !run.status.is_finished();
+        let mut args: Vec<&dyn rusqlite::ToSql> = vec![&run.status, &active, &data, &run.id];
+        args.extend(names.iter().map(|s| s as &dyn rusqlite::ToSql));
+        self.with(|c| Ok(c.prepare_cached(&sql)?.execute(args.as_slice())? == 1))
+    }
+
+    fn insert_job(&self, job: &Job) -> Result<(), StoreError> {
+        self.with(|c| insert_job(c, job))
+    }
+
+    fn job(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        Ok(self
+            .query("SELECT data FROM jobs WHERE id = ?", &[&id])?
+            .pop())
+    }
+
+    fn jobs_of_run(&self, run_id: &str) -> Result<Vec<Job>, StoreError> {
+        self.query(
+            "SELECT data FROM jobs WHERE run_id = ? ORDER BY job_num, submission_num",
+            &[&run_id],
+        )
+    }
+
+    fn jobs_with_status(&self, statuses: &[JobStatus]) -> Result<Vec<Job>, StoreError> {
+        let names = status_strs(statuses, JobStatus::as_str);
+        let sql = format!(
+            "SELECT data FROM jobs WHERE status IN ({}) ORDER BY submitted_at",
+            placeholders(names.len())
+        );
+        let args: Vec<&dyn rusqlite::ToSql> =
+            names.iter().map(|s| s as &dyn rusqlite::ToSql).collect();
+        self.query(&sql, &args)
+    }
+
+    fn update_job(&self, job: &Job, expected: &[JobStatus]) -> Result<bool, StoreError> {
+        self.with(|c| update_job(c, job, expected))
+    }
+
+    fn assign_job(
+        &self,
+        job_id: &str,
+        instance_id: &str,
+        fit: FitFn<'_>,
+    ) -> Result<Option<Job>, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let job: Option<String> = tx
+                .query_row(
+                    "SELECT data FROM jobs WHERE id = ? AND status = 'submitted'",
+                    [job_id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let Some(job) = job else { return Ok(None) };
+            let mut job: Job = from_json(&job)?;
+            let holding = status_strs(HOLDING, JobStatus::as_str);
+            let sql = format!(
+                "SELECT data FROM jobs WHERE instance_id = ? AND status IN ({})",
+                placeholders(holding.len())
+            );
+            let mut args: Vec<&dyn rusqlite::ToSql> = vec![&instance_id];
+            args.extend(holding.iter().map(|s| s as &dyn rusqlite::ToSql));
+            let held = {
+                let mut stmt = tx.prepare_cached(&sql)?;
+                let rows = stmt.query_map(args.as_slice(), |r| r.get::<_, String>(0))?;
+                let mut held = Vec::new();
+                for row in rows {
+                    let other: Job = from_json(&row?)?;
+                    held.extend(other.reservation);
+                }
+                held
+            };
+            let Some(reservation) = fit(&held) else {
+                return Ok(None);
+            };
+            job.status = JobStatus::Provisioning;
+            job.instance_id = Some(instance_id.to_string());
+            job.reservation = Some(reservation);
+            update_job(&tx, &job, &[JobStatus::Submitted])?;
+            tx.commit()?;
+            Ok(Some(job))
+        })
+    }
+
+    fn put_fleet(&self, fleet: &Fleet) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO fleets (id, name, data) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(id) DO UPDATE SET name = ?2, data = ?3",
+                params![fleet.id, fleet.name, json(fleet)?],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn fleets(&self) -> Result<Vec<Fleet>, StoreError> {
+        self.query("SELECT data FROM fleets ORDER BY name", &[])
+    }
+
+    fn put_instance(&self, instance: &Instance) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO instances (id, fleet_id, data) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(id) DO UPDATE SET fleet_id = ?2, data = ?3",
+                params![instance.id, instance.fleet_id, json(instance)?],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn instance(&self, id: &str) -> Result<Option<Instance>, StoreError> {
+        Ok(self
+            .query("SELECT data FROM instances WHERE id = ?", &[&id])?
+            .pop())
+    }
+
+    fn instances(&self) -> Result<Vec<Instance>, StoreError> {
+        self.query("SELECT data FROM instances", &[])
+    }
+}
+
+impl rusqlite::ToSql for RunStatus {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(self.as_str().into())
+    }
+}
+
+fn insert_job(c: &Connection, job: &Job) -> Result<(), StoreError> {
+    c.prepare_cached(
+        "INSERT INTO jobs (id, run_id, job_num, submission_num, status, instance_id, submitted_at, data)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    )?
+    .execute(params![
+        job.id,
+        job.run_id,
+        job.job_num,
+        job.submission_num,
+        job.status.as_str(),
+        job.instance_id,
+        job.submitted_at_ms as i64,
+        json(job)?
+    ])?;
+    Ok(())
+}
+
+fn update_job(c: &Connection, job: &Job, expected: &[JobStatus]) -> Result<bool, StoreError> {
+    let names = status_strs(expected, JobStatus::as_str);
+    let sql = format!(
+        "UPDATE jobs SET status = ?, instance_id = ?, data = ? WHERE id = ? AND status IN ({})",
+        placeholders(names.len())
+    );
+    let data = json(job)?;
+    let status = job.status.as_str();
+    let mut args: Vec<&dyn rusqlite::ToSql> = vec![&status, &job.instance_id, &data, &job.id];
+    args.extend(names.iter().map(|s| s as &dyn rusqlite::ToSql));
+    Ok(c.prepare_cached(&sql)?.execute(args.as_slice())? == 1)
+}
