@@ -245,7 +245,10 @@ impl Engine {
                 )))
             }
             Some(name) => name,
-            None => names::generate(uuid::Uuid::new_v4().as_u128() as u64, &inner.store.run_names()?),
+            None => {
+                let prefix = names::prefix(uuid::Uuid::new_v4().as_u128() as u64);
+                names::generate(&prefix, &inner.store.run_names(&prefix)?)
+            }
         };
         let client_env = opts
             .client_env

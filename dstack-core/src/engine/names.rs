@@ -10,14 +10,19 @@ const ANIMALS: &[&str] = &[
     "lion", "lizard", "mole", "moth", "otter", "owl", "panda", "seal", "swan", "wolf",
 ];
 
-/// A name not in `taken`, picked from a seed (e.g. random bits).
-pub fn generate(seed: u64, taken: &[String]) -> String {
+/// The `<adjective>-<animal>-` prefix picked by a seed (e.g. random bits).
+pub fn prefix(seed: u64) -> String {
     let adjective = ADJECTIVES[(seed % ADJECTIVES.len() as u64) as usize];
     let animal = ANIMALS[((seed / 97) % ANIMALS.len() as u64) as usize];
+    format!("{adjective}-{animal}-")
+}
+
+/// The first `<prefix><n>` (n ≥ 1) not in `taken`.
+pub fn generate(prefix: &str, taken: &[String]) -> String {
     (1..)
-        .map(|n| format!("{adjective}-{animal}-{n}"))
+        .map(|n| format!("{prefix}{n}"))
         .find(|name| !taken.contains(name))
-        .unwrap_or_else(|| format!("{adjective}-{animal}"))
+        .unwrap_or_else(|| prefix.trim_end_matches('-').to_string())
 }
 
 /// Whether `name` is a valid resource name: `^[a-z][a-z0-9-]{1,40}$`.
@@ -35,9 +40,10 @@ mod tests {
 
     #[test]
     fn picks_the_first_free_number() {
-        let a = generate(0, &[]);
+        assert_eq!(prefix(0), "brave-badger-");
+        let a = generate(&prefix(0), &[]);
         assert_eq!(a, "brave-badger-1");
-        assert_eq!(generate(0, &[a]), "brave-badger-2");
+        assert_eq!(generate(&prefix(0), &[a]), "brave-badger-2");
         assert!(is_valid("my-run-1"));
         assert!(!is_valid("My_Run"));
         assert!(!is_valid("a"));

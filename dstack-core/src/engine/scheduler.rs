@@ -19,7 +19,10 @@ pub(crate) async fn run(inner: Arc<Inner>) {
 }
 
 async fn pass(inner: &Arc<Inner>) {
-    let Ok(waiting) = inner.store.jobs_with_status(&[JobStatus::Submitted]) else {
+    let Ok(waiting) = inner
+        .store
+        .oldest_jobs_with_status(&[JobStatus::Submitted], PASS_LIMIT)
+    else {
         return;
     };
     if waiting.is_empty() {
@@ -34,7 +37,7 @@ async fn pass(inner: &Arc<Inner>) {
         .collect();
     // Requirements that did not fit in this pass: anything at least as large will not either.
     let mut blocked: Vec<Reservation> = Vec::new();
-    for job in waiting.into_iter().take(PASS_LIMIT) {
+    for job in waiting {
         let Ok(Some(run)) = inner.store.run(&job.run_id) else {
             continue;
         };

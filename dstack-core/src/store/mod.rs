@@ -60,8 +60,8 @@ pub trait Store: Send + Sync {
     fn runs(&self, filter: RunFilter) -> Result<Vec<Run>, StoreError>;
     /// Runs in any of these statuses, oldest first.
     fn runs_with_status(&self, statuses: &[RunStatus]) -> Result<Vec<Run>, StoreError>;
-    /// Names in use by runs that have not been replaced.
-    fn run_names(&self) -> Result<Vec<String>, StoreError>;
+    /// Names starting with `prefix` in use by runs that have not been replaced.
+    fn run_names(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
     /// Writes `run` if its stored status is one of `expected`; `false` if it was not.
     fn update_run(&self, run: &Run, expected: &[RunStatus]) -> Result<bool, StoreError>;
 
@@ -72,7 +72,15 @@ pub trait Store: Send + Sync {
     /// Every submission of a run's jobs, by job number then submission number.
     fn jobs_of_run(&self, run_id: &str) -> Result<Vec<Job>, StoreError>;
     /// Job submissions in any of these statuses, oldest first.
-    fn jobs_with_status(&self, statuses: &[JobStatus]) -> Result<Vec<Job>, StoreError>;
+    fn jobs_with_status(&self, statuses: &[JobStatus]) -> Result<Vec<Job>, StoreError> {
+        self.oldest_jobs_with_status(statuses, usize::MAX)
+    }
+    /// At most `limit` job submissions in any of these statuses, oldest first.
+    fn oldest_jobs_with_status(
+        &self,
+        statuses: &[JobStatus],
+        limit: usize,
+    ) -> Result<Vec<Job>, StoreError>;
     /// Writes `job` if its stored status is one of `expected`; `false` if it was not.
     fn update_job(&self, job: &Job, expected: &[JobStatus]) -> Result<bool, StoreError>;
     /// Atomically places a `submitted` job on an instance: `fit` sees the reservations of the

@@ -208,11 +208,13 @@ impl Store for SqliteStore {
         self.query(&sql, &args)
     }
 
-    fn run_names(&self) -> Result<Vec<String>, StoreError> {
+    fn run_names(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         self.with(|c| {
-            let mut stmt = c.prepare_cached("SELECT name FROM runs WHERE replaced = 0")?;
+            let sql = "SELECT name FROM runs WHERE replaced = 0 AND substr(name, 1, ?1) = ?2";
+            let mut stmt = c.prepare_cached(sql)?;
+            let len = prefix.len() as i64;
             let names = stmt
-                .query_map([], |r| r.get(0))?
+                .query_map(params![len, prefix], |r| r.get(0))?
                 .collect::<Result<Vec<String>, _>>()?;
             Ok(names)
         })
@@ -248,14 +250,20 @@ impl Store for SqliteStore {
         )
     }
 
-    fn jobs_with_status(&self, statuses: &[JobStatus]) -> Result<Vec<Job>, StoreError> {
+    fn oldest_jobs_with_status(
+        &self,
+        statuses: &[JobStatus],
+        limit: usize,
+    ) -> Result<Vec<Job>, StoreError> {
         let names = status_strs(statuses, JobStatus::as_str);
         let sql = format!(
-            "SELECT data FROM jobs WHERE status IN ({}) ORDER BY submitted_at",
+            "SELECT data FROM jobs WHERE status IN ({}) ORDER BY submitted_at LIMIT ?",
             placeholders(names.len())
         );
-        let args: Vec<&dyn rusqlite::ToSql> =
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut args: Vec<&dyn rusqlite::ToSql> =
             names.iter().map(|s| s as &dyn rusqlite::ToSql).collect();
+        args.push(&limit);
         self.query(&sql, &args)
     }
 

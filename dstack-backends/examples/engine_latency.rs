@@ -1,0 +1,144 @@
+//! Engine latency and throughput on the local backend vs the floor of spawning processes
+//! directly. `cargo run --release -p dstack-backends --example engine_latency [N] [SWEEP]`
+//! (defaults: 200 sequential runs, a sweep of 1000). Results go to BENCHMARKS.md.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dstack_backends::local::{find_agent_binary, LocalBackend};
+use dstack_core::config::parse;
+use dstack_core::engine::{ApplyOptions, EngineOptions};
+use dstack_core::model::RunStatus;
+use dstack_core::{Client, ClientOptions};
+
+const TASK: &str =
+    "type: task\ncommands: ['true']\nresources: {cpu: 1.., memory: 0.1GB.., disk: 1GB..}\n";
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn report(label: &str, mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    let p50 = percentile(&samples, 0.5);
+    println!(
+        "{label:<34} p50 {:>8.2} ms   p99 {:>8.2} ms",
+        p50.as_secs_f64() * 1e3,
+        percentile(&samples, 0.99).as_secs_f64() * 1e3
+    );
+    p50
+}
+
+fn spawn_true() {
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("true")
+        .status()
+        .expect("sh runs");
+    assert!(status.success());
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let mut args = std::env::args().skip(1);
+    let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(200);
+    let sweep: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(1000);
+    let home = tempfile::tempdir().expect("temp dir");
+    let backend = LocalBackend::new(
+        home.path(),
+        find_agent_binary().expect("dstack-agent built"),
+    );
+    let options = ClientOptions {
+        home: home.path().to_path_buf(),
+        backends: vec![Arc::new(backend)],
+        engine: EngineOptions::default(),
+    };
+    let client = Client::open(options).await.expect("client");
+    let config = parse(TASK, "bench").expect("valid");
+    let apply_opts = || ApplyOptions {
+        client_dir: Some("/tmp".into()),
+        client_env: Some(Default::default()),
+        ..Default::default()
+    };
+
+    let floor: Vec<Duration> = (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            spawn_true();
+            t.elapsed()
+        })
+        .collect();
+    let floor_p50 = report("floor: spawn `sh -c true`", floor);
+
+    let mut to_running = Vec::with_capacity(n);
+    let mut to_done = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut changes = client.engine().subscribe();
+        let t = Instant::now();
+        let run = client
+            .runs()
+            .apply(config.clone(), apply_opts())
+            .await
+            .expect("apply");
+        loop {
+            let change = changes.recv().await.expect("changes");
+            if change.run_id == run.id()
+                && matches!(
+                    change.status,
+                    RunStatus::Running | RunStatus::Done | RunStatus::Terminating
+                )
+            {
+                to_running.push(t.elapsed());
+                break;
+            }
+        }
+        let finished = run.wait().await.expect("wait");
+        to_done.push(t.elapsed());
+        assert_eq!(finished.status, RunStatus::Done);
+    }
+    let running_p50 = report("engine: submit -> running", to_running);
+    report("engine: submit -> done", to_done);
+    println!(
+        "overhead over the floor (p50, submit -> running): {:.2} ms",
+        (running_p50.as_secs_f64() - floor_p50.as_secs_f64()) * 1e3
+    );
+
+    let t = Instant::now();
+    let per_thread = sweep / 2;
+    let threads: Vec<_> = (0..2)
+        .map(|_| std::thread::spawn(move || (0..per_thread).for_each(|_| spawn_true())))
+        .collect();
+    threads.into_iter().for_each(|h| h.join().expect("thread"));
+    let floor_sweep = t.elapsed();
+
+    let t = Instant::now();
+    let mut runs = Vec::with_capacity(sweep);
+    for _ in 0..sweep {
+        runs.push(
+            client
+                .runs()
+                .apply(config.clone(), apply_opts())
+                .await
+                .expect("apply"),
+        );
+    }
+    for run in &runs {
+        assert_eq!(run.wait().await.expect("wait").status, RunStatus::Done);
+    }
+    let engine_sweep = t.elapsed();
+    println!(
+        "floor: {sweep} spawns, two at a time      {:>8.3} s",
+        floor_sweep.as_secs_f64()
+    );
+    println!(
+        "engine: sweep of {sweep} `true` tasks      {:>8.3} s",
+        engine_sweep.as_secs_f64()
+    );
+    println!(
+        "ratio: {:.2}x the floor",
+        engine_sweep.as_secs_f64() / floor_sweep.as_secs_f64()
+    );
+    if let Ok(pid) = std::fs::read_to_string(home.path().join("agent/agent.pid")) {
+        let _ = std::process::Command::new("kill").arg(pid.trim()).status();
+    }
+}
