@@ -326,3 +326,40 @@ fn failed(job: JobInfo, reason: &str, message: &str, log: &mut LogWriter) -> Job
         ..job
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use futures_util::StreamExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_lagging_event_subscriber_is_sent_every_job_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = Arc::new(Jobs::recover(dir.path().to_path_buf()).unwrap());
+        let spec = JobSubmit {
+            id: "nodir".into(),
+            name: "nodir-0-0".into(),
+            argv: vec!["/bin/true".into()],
+            env: BTreeMap::new(),
+            working_dir: "/no/such/dir".into(),
+            max_duration_secs: None,
+        };
+        let failed = jobs.submit(spec).unwrap();
+        let snapshot = json_lines([failed.clone()]);
+
+        let mut events = Box::pin(jobs.events());
+        assert_eq!(events.next().await.unwrap().unwrap(), snapshot);
+        let other = JobInfo {
+            id: "other".into(),
+            ..failed
+        };
+        for _ in 0..EVENT_BACKLOG + 10 {
+            jobs.events.send(other.clone()).unwrap();
+        }
+        assert_eq!(events.next().await.unwrap().unwrap(), snapshot);
+        assert_eq!(events.next().await.unwrap().unwrap(), json_lines([other]));
+    }
+}

@@ -201,6 +201,32 @@ async fn background_processes_end_with_the_job() {
 }
 
 #[tokio::test]
+async fn a_process_leaving_the_group_does_not_keep_the_job_running() {
+    let agent = TestAgent::start().await;
+    let scratch = agent.scratch();
+    // The escaped process keeps the job's output open, but the job ends with its leader.
+    let script = "setsid sh -c 'echo $$ > escaped.pid; exec sleep 1000' & \
+                  while [ ! -s escaped.pid ]; do sleep 0.05; done; echo leader done";
+    let mut job = shell_job("escape", script);
+    job.working_dir = scratch.display().to_string();
+    agent.client.submit(&job).await.unwrap();
+    let info = wait_finished(&agent.client, "escape").await;
+    let escaped: i32 = std::fs::read_to_string(scratch.join("escaped.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(common::alive(escaped));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(escaped),
+        nix::sys::signal::SIGKILL,
+    )
+    .unwrap();
+    assert_eq!(info.status, AgentJobStatus::Done);
+    assert_eq!(read_logs(&agent.client, "escape", 0).await, "leader done\n");
+}
+
+#[tokio::test]
 async fn jobs_are_removed_only_once_finished() {
     let agent = TestAgent::start().await;
     agent
