@@ -1,1 +1,184 @@
-//! x
+//! The dstack-rs host agent.
+//!
+//! The same agent runs on every host (this machine, SSH hosts, cloud VMs). It supervises jobs
+//! as plain processes, keeps their state and output under a state directory, and serves the
+//! agent API described in [`dstack_core::agent`] over HTTP/1.1 on a unix socket (never on a
+//! network port).
+//!
+//! Embedding: [`Agent::start`] then [`Agent::serve_until`], or [`serve`] to run until SIGTERM
+//! or SIGINT. To run an agent that outlives its caller, use [`spawn_detached`].
+
+mod daemon;
+mod host;
+mod http;
+mod jobs;
+mod logs;
+mod process;
+mod state;
+mod supervisor;
+
+use std::ffi::OsString;
+use std::fs;
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dstack_core::agent::Healthcheck;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::signal::unix::{signal, SignalKind};
+
+pub use daemon::{new_session, spawn_detached, start_in_background};
+
+use http::App;
+use jobs::Jobs;
+use state::StateDir;
+
+/// Where an agent listens and keeps its state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// The unix socket the API is served on (created with mode 0600).
+    pub socket: PathBuf,
+    /// The state directory (mode 0700): job records and their output.
+    pub state_dir: PathBuf,
+    /// A `PATH`-style list of directories where host tools (`nvidia-smi`) are looked for;
+    /// `None` means the agent's own `PATH`.
+    pub tool_path: Option<OsString>,
+}
+
+impl AgentConfig {
+    /// An agent on `socket` keeping its state in `state_dir`, finding host tools on `PATH`.
+    pub fn new(socket: impl Into<PathBuf>, state_dir: impl Into<PathBuf>) -> Self {
+        AgentConfig {
+            socket: socket.into(),
+            state_dir: state_dir.into(),
+            tool_path: None,
+        }
+    }
+}
+
+/// An agent that has recovered its jobs and is listening on its socket, ready to serve.
+pub struct Agent {
+    listener: UnixListener,
+    app: Arc<App>,
+    socket: PathBuf,
+    state: StateDir,
+}
+
+impl Agent {
+    /// Takes the state directory (creating and locking it), recovers the jobs recorded there,
+    /// detects the host, binds the socket and writes `agent.pid`. Fails if another agent uses
+    /// the state directory or answers on the socket.
+    pub async fn start(config: AgentConfig) -> io::Result<Agent> {
+        let state = StateDir::open(&config.state_dir)?;
+        let jobs = Arc::new(Jobs::recover(state.jobs())?);
+        let tool_path = config.tool_path.or_else(|| std::env::var_os("PATH"));
+        let host = host::detect(state.root(), tool_path.as_deref()).await;
+        let listener = bind(&config.socket).await?;
+        fs::write(state.pid_file(), format!("{}\n", std::process::id()))?;
+        let health = Healthcheck {
+            service: "dstack-agent".to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            host,
+        };
+        Ok(Agent {
+            listener,
+            app: Arc::new(App { jobs, health }),
+            socket: config.socket,
+            state,
+        })
+    }
+
+    /// The socket the agent listens on.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Serves requests until `shutdown` completes, then stops listening and removes the socket
+    /// and `agent.pid`. Running jobs are left alone: they are recorded, and the next agent on
+    /// this state directory reports them as lost.
+    pub async fn serve_until(self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, _)) => serve_connection(self.app.clone(), stream),
+                    Err(e) => {
+                        // E.g. out of file descriptors: retry without spinning.
+                        eprintln!("dstack-agent: cannot accept a connection: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+            }
+        }
+        drop(self.listener);
+        let _ = fs::remove_file(&self.socket);
+        let _ = fs::remove_file(self.state.pid_file());
+    }
+}
+
+/// Runs an agent until SIGTERM or SIGINT.
+pub async fn serve(config: AgentConfig) -> io::Result<()> {
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let agent = Agent::start(config).await?;
+    agent
+        .serve_until(async move {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+        })
+        .await;
+    Ok(())
+}
+
+fn serve_connection(app: Arc<App>, stream: UnixStream) {
+    tokio::spawn(async move {
+        let service = service_fn(move |req| http::handle(app.clone(), req));
+        // A failed connection concerns only its client (e.g. it went away mid-stream).
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+    });
+}
+
+/// Binds the socket (mode 0600), replacing a stale socket file that nobody answers on.
+async fn bind(socket: &Path) -> io::Result<UnixListener> {
+    if let Some(parent) = socket.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)?;
+    }
+    if let Ok(meta) = fs::symlink_metadata(socket) {
+        let shown = socket.display();
+        if !meta.file_type().is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{shown} exists and is not a socket"),
+            ));
+        }
+        if UnixStream::connect(socket).await.is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("another dstack-agent is already listening on {shown}"),
+            ));
+        }
+        fs::remove_file(socket)?;
+    }
+    let listener = UnixListener::bind(socket).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot listen on {}: {e}", socket.display()),
+        )
+    })?;
+    fs::set_permissions(socket, fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}

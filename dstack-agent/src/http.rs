@@ -1,0 +1,187 @@
+//! The HTTP API (see `dstack_core::agent`): routing requests to the jobs, and the bodies of
+//! answers (JSON, plain-text errors, streams).
+
+use std::convert::Infallible;
+use std::io;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use dstack_core::agent::Healthcheck;
+use futures_util::{Stream, TryStreamExt};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::jobs::{JobError, Jobs};
+
+/// The largest request body accepted.
+const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+
+type Body = UnsyncBoxBody<Bytes, io::Error>;
+
+/// What the API serves.
+pub(crate) struct App {
+    /// The jobs.
+    pub jobs: Arc<Jobs>,
+    /// The answer to `GET /api/healthcheck`.
+    pub health: Healthcheck,
+}
+
+/// A failed request: a status and a plain-text message.
+struct HttpError(StatusCode, String);
+
+impl From<JobError> for HttpError {
+    fn from(e: JobError) -> Self {
+        let status = match e {
+            JobError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            JobError::NotFound(_) => StatusCode::NOT_FOUND,
+            JobError::Conflict(_) => StatusCode::CONFLICT,
+            JobError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        HttpError(status, e.to_string())
+    }
+}
+
+impl From<io::Error> for HttpError {
+    fn from(e: io::Error) -> Self {
+        JobError::Io(e).into()
+    }
+}
+
+/// Answers one request.
+pub(crate) async fn handle(
+    app: Arc<App>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    Ok(route(&app, req)
+        .await
+        .unwrap_or_else(|HttpError(status, message)| {
+            respond(status, "text/plain; charset=utf-8", format!("{message}\n"))
+        }))
+}
+
+async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, HttpError> {
+    let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (req.method().clone(), segments.as_slice()) {
+        (Method::GET, ["api", "healthcheck"]) => Ok(json(&app.health)),
+        (Method::GET, ["api", "jobs"]) => Ok(json(&app.jobs.list())),
+        (Method::POST, ["api", "jobs"]) => Ok(json(&app.jobs.submit(read_json(req).await?)?)),
+        (Method::GET, ["api", "jobs", id]) => Ok(json(&app.jobs.get(id)?.info())),
+        (Method::DELETE, ["api", "jobs", id]) => {
+            app.jobs.remove(id)?;
+            Ok(respond(StatusCode::NO_CONTENT, "text/plain", ""))
+        }
+        (Method::POST, ["api", "jobs", id, "stop"]) => {
+            Ok(json(&app.jobs.stop(id, read_json(req).await?)?))
+        }
+        (Method::GET, ["api", "jobs", id, "logs"]) => {
+            let (offset, follow) = log_query(req.uri().query().unwrap_or(""))?;
+            let logs = app.jobs.get(id)?.logs(offset, follow).await?;
+            Ok(stream("application/octet-stream", logs))
+        }
+        (Method::GET, ["api", "events"]) => Ok(stream("application/x-ndjson", app.jobs.events())),
+        (
+            _,
+            ["api", "healthcheck" | "jobs" | "events"]
+            | ["api", "jobs", _]
+            | ["api", "jobs", _, "stop" | "logs"],
+        ) => Err(HttpError(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{} is not allowed on {path}", req.method()),
+        )),
+        _ => Err(HttpError(
+            StatusCode::NOT_FOUND,
+            format!("no such path {path}"),
+        )),
+    }
+}
+
+/// `offset=N&follow=B` (both optional: 0 and false).
+fn log_query(query: &str) -> Result<(u64, bool), HttpError> {
+    let bad = |what: &str| {
+        HttpError(
+            StatusCode::BAD_REQUEST,
+            format!("invalid {what} in {query:?}"),
+        )
+    };
+    let (mut offset, mut follow) = (0, false);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=').unwrap_or((pair, "")) {
+            ("offset", n) => offset = n.parse().map_err(|_| bad("offset"))?,
+            ("follow", "true" | "1") => follow = true,
+            ("follow", "false" | "0") => follow = false,
+            ("follow", _) => return Err(bad("follow")),
+            _ => {}
+        }
+    }
+    Ok((offset, follow))
+}
+
+async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, HttpError> {
+    let bad = |message: String| HttpError(StatusCode::BAD_REQUEST, message);
+    let body = Limited::new(req.into_body(), MAX_REQUEST_BYTES)
+        .collect()
+        .await
+        .map_err(|e| bad(format!("cannot read the request body: {e}")))?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(|e| bad(format!("invalid request body: {e}")))
+}
+
+fn json(value: &impl Serialize) -> Response<Body> {
+    match serde_json::to_vec(value) {
+        Ok(body) => respond(StatusCode::OK, "application/json", body),
+        Err(e) => respond(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain; charset=utf-8",
+            e.to_string(),
+        ),
+    }
+}
+
+fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Body> {
+    let body = Full::new(body.into()).map_err(|never| match never {});
+    with_type(status, content_type, body.boxed_unsync())
+}
+
+/// A chunked answer whose body is `chunks`.
+fn stream(
+    content_type: &'static str,
+    chunks: impl Stream<Item = io::Result<Bytes>> + Send + 'static,
+) -> Response<Body> {
+    let body = StreamBody::new(chunks.map_ok(Frame::data));
+    with_type(StatusCode::OK, content_type, body.boxed_unsync())
+}
+
+fn with_type(status: StatusCode, content_type: &'static str, body: Body) -> Response<Body> {
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_queries_are_parsed() {
+        assert!(matches!(log_query(""), Ok((0, false))));
+        assert!(matches!(log_query("offset=12&follow=true"), Ok((12, true))));
+        assert!(matches!(
+            log_query("follow=false&x=y&offset=3"),
+            Ok((3, false))
+        ));
+        assert!(log_query("offset=-1").is_err());
+        assert!(log_query("follow=maybe").is_err());
+    }
+}

@@ -1,0 +1,62 @@
+//! `dstack-agent`: the dstack-rs host agent.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use dstack_agent::AgentConfig;
+
+#[derive(Parser)]
+#[command(name = "dstack-agent", version, about = "The dstack-rs host agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Supervise jobs and serve the agent API on a unix socket.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// The unix socket to serve the API on.
+    #[arg(long)]
+    socket: PathBuf,
+    /// The state directory (job records and logs).
+    #[arg(long)]
+    state_dir: PathBuf,
+    /// Run in the background, in a session of its own: exit once the agent answers.
+    #[arg(long)]
+    detach: bool,
+    /// Internal (used by --detach): start a new session and ignore SIGHUP first.
+    #[arg(long, hide = true, conflicts_with = "detach")]
+    new_session: bool,
+}
+
+fn main() -> ExitCode {
+    let Cmd::Serve(args) = Cli::parse().command;
+    let config = AgentConfig::new(args.socket, args.state_dir);
+    let result = tokio::runtime::Runtime::new().and_then(|runtime| {
+        runtime.block_on(async {
+            if args.detach {
+                let program = std::env::current_exe()?;
+                return dstack_agent::start_in_background(&program, &config)
+                    .await
+                    .map(drop);
+            }
+            if args.new_session {
+                dstack_agent::new_session()?;
+            }
+            dstack_agent::serve(config).await
+        })
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dstack-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! Process groups of jobs: signalling them, recognising them across agent restarts, and
+//! describing how a process ended.
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
+
+use nix::errno::Errno;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+/// The process group a job runs in (its leader's pid is the group id), plus what tells it
+/// apart from an unrelated group that later reuses the id.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct ProcessGroup {
+    /// The process group id (= the leader's pid).
+    pub pgid: i32,
+    /// `/proc/sys/kernel/random/boot_id` when the job started.
+    boot_id: Option<String>,
+    /// The leader's start time in clock ticks since boot (`/proc/<pid>/stat`, field 22).
+    leader_start: Option<u64>,
+}
+
+impl ProcessGroup {
+    /// The group led by the just-spawned process `pid`.
+    pub fn led_by(pid: u32) -> Self {
+        ProcessGroup {
+            pgid: pid as i32,
+            boot_id: boot_id(),
+            leader_start: start_time(pid as i32),
+        }
+    }
+
+    /// Sends `signal` to every process of the group; a group that is already gone is fine.
+    pub fn signal(&self, signal: Signal) {
+        match killpg(Pid::from_raw(self.pgid), signal) {
+            Ok(()) | Err(Errno::ESRCH) => {}
+            Err(e) => eprintln!(
+                "dstack-agent: cannot send {signal} to group {}: {e}",
+                self.pgid
+            ),
+        }
+    }
+
+    /// Kills what is left of the group of a job recorded by an earlier agent, unless the id
+    /// now belongs to someone else (the host rebooted, or a new process leads the group).
+    pub fn kill_leftovers(&self) {
+        let rebooted =
+            matches!((&self.boot_id, boot_id()), (Some(then), Some(now)) if *then != now);
+        let replaced = matches!(
+            (self.leader_start, start_time(self.pgid)),
+            (Some(then), Some(now)) if then != now
+        );
+        if !rebooted && !replaced {
+            self.signal(Signal::SIGKILL);
+        }
+    }
+}
+
+fn boot_id() -> Option<String> {
+    let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    Some(id.trim().to_string())
+}
+
+/// The start time of process `pid` (clock ticks since boot), if it exists.
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses: count from the last ')'.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    // `after_name` starts with field 3 (state); the start time is field 22.
+    after_name.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// How a process ended: its exit status as the protocol reports it (negative: the signal that
+/// killed it) and a human description.
+pub(crate) fn describe_exit(status: ExitStatus) -> (i32, String) {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => (code, format!("the process exited with status {code}")),
+        (None, Some(sig)) => {
+            let name = Signal::try_from(sig).map_or_else(|_| sig.to_string(), |s| s.to_string());
+            (
+                -sig,
+                format!("the process was killed by signal {sig} ({name})"),
+            )
+        }
+        (None, None) => (-1, format!("the process ended with {status}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_statuses_are_described() {
+        assert_eq!(
+            describe_exit(ExitStatus::from_raw(3 << 8)),
+            (3, "the process exited with status 3".to_string())
+        );
+        assert_eq!(
+            describe_exit(ExitStatus::from_raw(9)),
+            (
+                -9,
+                "the process was killed by signal 9 (SIGKILL)".to_string()
+            )
+        );
+    }
+
+    #[test]
+    fn own_process_is_recognised() {
+        let me = ProcessGroup::led_by(std::process::id());
+        assert!(me.leader_start.is_some());
+        assert_eq!(start_time(me.pgid), me.leader_start);
+    }
+}

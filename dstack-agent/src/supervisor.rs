@@ -1,0 +1,271 @@
+//! Running one job's process: starting it, copying its output to the log, stopping it on
+//! request or after `max_duration`, and recording how it ended.
+
+use std::io::{self, PipeReader, Read};
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dstack_core::agent::{AgentJobStatus, JobInfo, StopRequest};
+use nix::errno::Errno;
+use nix::sys::signal::Signal;
+use tokio::process::Child;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::jobs::Job;
+use crate::logs::{LogWriter, CHUNK};
+use crate::process::{describe_exit, ProcessGroup};
+use crate::state::unix_ms;
+
+/// Seconds between SIGTERM and SIGKILL when a job exceeds its `max_duration`.
+const MAX_DURATION_GRACE_SECS: u64 = 10;
+
+/// How long the output may stay open after the process group is gone (a process that left
+/// the group can hold it open forever); later output is dropped.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(5);
+
+/// A job process that has started.
+pub(crate) struct Launched {
+    child: Child,
+    output: PipeReader,
+    /// The process group the job runs in.
+    pub group: ProcessGroup,
+}
+
+/// Starts the job's process in its own process group, with exactly the given environment
+/// and stdout and stderr both on one pipe. The error is a message for the user.
+pub(crate) fn launch(spec: &dstack_core::agent::JobSubmit) -> Result<Launched, String> {
+    let dir = Path::new(&spec.working_dir);
+    if !dir.is_absolute() {
+        return Err(format!(
+            "working directory {} is not an absolute path",
+            spec.working_dir
+        ));
+    }
+    if !dir.is_dir() {
+        return Err(format!(
+            "working directory {} does not exist",
+            spec.working_dir
+        ));
+    }
+    let program = &spec.argv[0];
+    let (output, stdout) =
+        std::io::pipe().map_err(|e| format!("cannot create the output pipe: {}", describe(&e)))?;
+    let stderr = stdout
+        .try_clone()
+        .map_err(|e| format!("cannot create the output pipe: {}", describe(&e)))?;
+    let mut command = tokio::process::Command::new(program);
+    command
+        .args(&spec.argv[1..])
+        .env_clear()
+        .envs(&spec.env)
+        .current_dir(dir)
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr);
+    let child = command
+        .spawn()
+        .map_err(|e| format!("cannot start {program}: {}", describe(&e)))?;
+    // The command holds the pipe's write ends: drop them so that the output ends when the
+    // job's processes close theirs.
+    drop(command);
+    let pid = child
+        .id()
+        .ok_or_else(|| format!("cannot start {program}: it exited at once"))?;
+    Ok(Launched {
+        child,
+        output,
+        group: ProcessGroup::led_by(pid),
+    })
+}
+
+/// An I/O error without Rust's `(os error N)` suffix.
+fn describe(e: &io::Error) -> String {
+    e.raw_os_error().map_or_else(
+        || e.to_string(),
+        |code| Errno::from_raw(code).desc().to_string(),
+    )
+}
+
+/// Supervises a launched job until it ends: copies its output to `log` and obeys stop
+/// requests and the job's `max_duration`.
+pub(crate) fn supervise(
+    job: Arc<Job>,
+    launched: Launched,
+    log: LogWriter,
+    stop_requests: mpsc::UnboundedReceiver<StopRequest>,
+) {
+    let output = OutputCopy::start(launched.output, log, job.clone());
+    tokio::spawn(run(
+        job,
+        launched.child,
+        launched.group,
+        stop_requests,
+        output,
+    ));
+}
+
+/// Why a job is being stopped.
+struct Stopping {
+    reason: String,
+    message: Option<String>,
+}
+
+async fn run(
+    job: Arc<Job>,
+    mut child: Child,
+    group: ProcessGroup,
+    mut stop_requests: mpsc::UnboundedReceiver<StopRequest>,
+    output: OutputCopy,
+) {
+    let max_duration = job.spec().max_duration_secs;
+    let deadline = max_duration.and_then(after);
+    let mut stopping: Option<Stopping> = None;
+    let mut kill_at: Option<Instant> = None;
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status,
+            Some(request) = stop_requests.recv() => {
+                stopping = Some(Stopping { reason: request.reason, message: None });
+                if request.abort {
+                    group.signal(Signal::SIGKILL);
+                } else {
+                    group.signal(Signal::SIGTERM);
+                    kill_at = earliest(kill_at, after(request.grace_secs));
+                }
+            }
+            () = sleep_until(deadline), if stopping.is_none() => {
+                let secs = max_duration.unwrap_or_default();
+                stopping = Some(Stopping {
+                    reason: "max_duration_exceeded".to_string(),
+                    message: Some(format!("the job ran longer than its max_duration of {secs}s")),
+                });
+                group.signal(Signal::SIGTERM);
+                kill_at = earliest(kill_at, after(MAX_DURATION_GRACE_SECS));
+            }
+            () = sleep_until(kill_at) => {
+                group.signal(Signal::SIGKILL);
+                kill_at = None;
+            }
+        }
+    };
+    // Background processes of the job do not outlive it.
+    group.signal(Signal::SIGKILL);
+    output.finish().await;
+    job.transition(ended(job.info(), status, stopping));
+}
+
+/// `secs` seconds from now; `None` if that is beyond what a clock can represent.
+fn after(secs: u64) -> Option<Instant> {
+    Instant::now().checked_add(Duration::from_secs(secs))
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Sleeps until `deadline`; forever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The final state of a job whose process ended with `status`.
+fn ended(job: JobInfo, status: io::Result<ExitStatus>, stopping: Option<Stopping>) -> JobInfo {
+    let (exit_status, description) = match status {
+        Ok(status) => {
+            let (code, description) = describe_exit(status);
+            (Some(code), description)
+        }
+        Err(e) => (None, format!("cannot wait for the process: {e}")),
+    };
+    let (status, reason, message) = match (stopping, exit_status) {
+        (Some(stop), _) => (
+            AgentJobStatus::Terminated,
+            stop.reason,
+            Some(stop.message.unwrap_or(description)),
+        ),
+        (None, Some(0)) => (AgentJobStatus::Done, "done_by_runner".to_string(), None),
+        (None, Some(_)) => (
+            AgentJobStatus::Failed,
+            "container_exited_with_error".to_string(),
+            Some(description),
+        ),
+        (None, None) => (
+            AgentJobStatus::Failed,
+            "executor_error".to_string(),
+            Some(description),
+        ),
+    };
+    JobInfo {
+        status,
+        exit_status,
+        termination_reason: Some(reason),
+        termination_message: message,
+        finished_at_ms: Some(unix_ms()),
+        ..job
+    }
+}
+
+/// A thread copying a job's output pipe to its log, chunk by chunk.
+struct OutputCopy {
+    done: oneshot::Receiver<()>,
+    abandoned: Arc<AtomicBool>,
+}
+
+impl OutputCopy {
+    fn start(output: PipeReader, log: LogWriter, job: Arc<Job>) -> OutputCopy {
+        let (done_tx, done) = oneshot::channel();
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let flag = abandoned.clone();
+        let name = format!("output-{}", job.spec().id);
+        let copy = move || {
+            if let Err(e) = copy_output(output, log, &job, &flag) {
+                eprintln!("dstack-agent: output of job {} lost: {e}", job.spec().id);
+            }
+            let _ = done_tx.send(());
+        };
+        if let Err(e) = std::thread::Builder::new().name(name).spawn(copy) {
+            // `done` resolves at once: the output pipe was dropped with the closure.
+            eprintln!("dstack-agent: cannot start an output thread: {e}");
+        }
+        OutputCopy { done, abandoned }
+    }
+
+    /// Waits until the output has ended and every byte of it is in the log.
+    async fn finish(self) {
+        if tokio::time::timeout(OUTPUT_DRAIN, self.done).await.is_err() {
+            self.abandoned.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+fn copy_output(
+    mut output: PipeReader,
+    mut log: LogWriter,
+    job: &Job,
+    abandoned: &AtomicBool,
+) -> io::Result<()> {
+    let mut buf = vec![0; CHUNK];
+    loop {
+        let n = match output.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if abandoned.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        job.set_log_bytes(log.append(&buf[..n])?);
+    }
+}

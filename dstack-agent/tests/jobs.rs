@@ -1,0 +1,335 @@
+//! Running jobs through the API: outcomes, environment, idempotence, max_duration, removal
+//! and bad requests.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::{group_alive, read_logs, shell_job, wait_finished, within, TestAgent};
+use dstack_core::agent::{AgentError, AgentJobStatus, StopRequest};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn a_successful_job_is_done_with_its_output() {
+    let agent = TestAgent::start().await;
+    let started = agent
+        .client
+        .submit(&shell_job("ok", "echo hi"))
+        .await
+        .unwrap();
+    assert_eq!(started.id, "ok");
+
+    let info = wait_finished(&agent.client, "ok").await;
+    assert_eq!(info.status, AgentJobStatus::Done);
+    assert_eq!(info.exit_status, Some(0));
+    assert_eq!(info.termination_reason.as_deref(), Some("done_by_runner"));
+    assert_eq!(info.log_bytes, 3);
+    assert!(info.finished_at_ms.unwrap() >= info.started_at_ms);
+    assert_eq!(read_logs(&agent.client, "ok", 0).await, "hi\n");
+    assert_eq!(agent.client.jobs().await.unwrap(), vec![info]);
+}
+
+#[tokio::test]
+async fn stdout_and_stderr_share_one_log_in_order() {
+    let agent = TestAgent::start().await;
+    let script = "echo 1; echo 2 >&2; echo 3; echo 4 >&2";
+    agent
+        .client
+        .submit(&shell_job("both", script))
+        .await
+        .unwrap();
+    wait_finished(&agent.client, "both").await;
+    assert_eq!(read_logs(&agent.client, "both", 0).await, "1\n2\n3\n4\n");
+}
+
+#[tokio::test]
+async fn a_non_zero_exit_fails_the_job() {
+    let agent = TestAgent::start().await;
+    agent
+        .client
+        .submit(&shell_job("bad", "exit 3"))
+        .await
+        .unwrap();
+    let info = wait_finished(&agent.client, "bad").await;
+    assert_eq!(info.status, AgentJobStatus::Failed);
+    assert_eq!(info.exit_status, Some(3));
+    assert_eq!(
+        info.termination_reason.as_deref(),
+        Some("container_exited_with_error")
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_command_fails_with_127() {
+    let agent = TestAgent::start().await;
+    agent
+        .client
+        .submit(&shell_job("nf", "nosuchcmd"))
+        .await
+        .unwrap();
+    let info = wait_finished(&agent.client, "nf").await;
+    assert_eq!(info.status, AgentJobStatus::Failed);
+    assert_eq!(info.exit_status, Some(127));
+    assert!(read_logs(&agent.client, "nf", 0)
+        .await
+        .contains("nosuchcmd"));
+}
+
+#[tokio::test]
+async fn a_missing_program_is_an_executor_error() {
+    let agent = TestAgent::start().await;
+    let mut job = shell_job("noprog", "");
+    job.argv = vec!["/no/such/program".into()];
+    let info = agent.client.submit(&job).await.unwrap();
+    assert_eq!(info.status, AgentJobStatus::Failed);
+    assert_eq!(info.termination_reason.as_deref(), Some("executor_error"));
+    let message = "cannot start /no/such/program: No such file or directory";
+    assert_eq!(info.termination_message.as_deref(), Some(message));
+    assert_eq!(info.exit_status, None);
+    assert_eq!(
+        read_logs(&agent.client, "noprog", 0).await,
+        format!("{message}\n")
+    );
+}
+
+#[tokio::test]
+async fn a_missing_working_dir_is_an_executor_error() {
+    let agent = TestAgent::start().await;
+    let mut job = shell_job("nodir", "echo never");
+    job.working_dir = "/no/such/dir".into();
+    let info = agent.client.submit(&job).await.unwrap();
+    assert_eq!(info.status, AgentJobStatus::Failed);
+    assert_eq!(info.termination_reason.as_deref(), Some("executor_error"));
+    let message = "working directory /no/such/dir does not exist";
+    assert_eq!(info.termination_message.as_deref(), Some(message));
+    assert_eq!(
+        read_logs(&agent.client, "nodir", 0).await,
+        format!("{message}\n")
+    );
+    // It is a finished job like any other.
+    assert_eq!(wait_finished(&agent.client, "nodir").await, info);
+}
+
+#[tokio::test]
+async fn submitting_the_same_id_again_returns_the_existing_job() {
+    let agent = TestAgent::start().await;
+    let first = agent
+        .client
+        .submit(&shell_job("same", "echo first"))
+        .await
+        .unwrap();
+    let again = agent
+        .client
+        .submit(&shell_job("same", "echo second"))
+        .await
+        .unwrap();
+    assert_eq!(again.started_at_ms, first.started_at_ms);
+    wait_finished(&agent.client, "same").await;
+    let after = agent
+        .client
+        .submit(&shell_job("same", "echo third"))
+        .await
+        .unwrap();
+    assert_eq!(after.status, AgentJobStatus::Done);
+    assert_eq!(agent.client.jobs().await.unwrap().len(), 1);
+    assert_eq!(read_logs(&agent.client, "same", 0).await, "first\n");
+}
+
+#[tokio::test]
+async fn the_environment_and_working_dir_are_exactly_what_was_given() {
+    let agent = TestAgent::start().await;
+    let scratch = agent.scratch().canonicalize().unwrap();
+    let mut job = shell_job("env", "");
+    job.argv = vec!["/usr/bin/env".into()];
+    job.env = BTreeMap::from([
+        ("FOO".to_string(), "bar baz".to_string()),
+        ("EMPTY".to_string(), String::new()),
+    ]);
+    job.working_dir = scratch.display().to_string();
+    agent.client.submit(&job).await.unwrap();
+    wait_finished(&agent.client, "env").await;
+    let mut lines: Vec<String> = read_logs(&agent.client, "env", 0)
+        .await
+        .lines()
+        .map(String::from)
+        .collect();
+    lines.sort();
+    assert_eq!(lines, ["EMPTY=", "FOO=bar baz"]);
+
+    let mut job = shell_job("pwd", "pwd");
+    job.working_dir = scratch.display().to_string();
+    agent.client.submit(&job).await.unwrap();
+    wait_finished(&agent.client, "pwd").await;
+    let pwd = read_logs(&agent.client, "pwd", 0).await;
+    assert_eq!(pwd.trim(), scratch.display().to_string());
+}
+
+#[tokio::test]
+async fn max_duration_terminates_the_job() {
+    let agent = TestAgent::start().await;
+    let mut job = shell_job("slow", "echo $$; exec sleep 1000");
+    job.max_duration_secs = Some(1);
+    agent.client.submit(&job).await.unwrap();
+    let pgid = common::leader_pid(&agent.client, "slow").await;
+    let info = wait_finished(&agent.client, "slow").await;
+    assert_eq!(info.status, AgentJobStatus::Terminated);
+    assert_eq!(
+        info.termination_reason.as_deref(),
+        Some("max_duration_exceeded")
+    );
+    assert_eq!(info.exit_status, Some(-15));
+    assert!(
+        info.finished_at_ms.unwrap() - info.started_at_ms >= 1000,
+        "{info:?}"
+    );
+    common::eventually("the process group to die", || !group_alive(pgid)).await;
+}
+
+#[tokio::test]
+async fn background_processes_end_with_the_job() {
+    let agent = TestAgent::start().await;
+    let job = shell_job("bg", "sleep 1000 & echo $!");
+    agent.client.submit(&job).await.unwrap();
+    let info = wait_finished(&agent.client, "bg").await;
+    assert_eq!(info.status, AgentJobStatus::Done);
+    let pid: i32 = read_logs(&agent.client, "bg", 0)
+        .await
+        .trim()
+        .parse()
+        .unwrap();
+    common::eventually("the background sleep to die", || !common::alive(pid)).await;
+}
+
+#[tokio::test]
+async fn a_process_leaving_the_group_does_not_keep_the_job_running() {
+    let agent = TestAgent::start().await;
+    let scratch = agent.scratch();
+    // The escaped process keeps the job's output open, but the job ends with its leader.
+    let script = "setsid sh -c 'echo $$ > escaped.pid; exec sleep 1000' & \
+                  while [ ! -s escaped.pid ]; do sleep 0.05; done; echo leader done";
+    let mut job = shell_job("escape", script);
+    job.working_dir = scratch.display().to_string();
+    agent.client.submit(&job).await.unwrap();
+    let info = wait_finished(&agent.client, "escape").await;
+    let escaped: i32 = std::fs::read_to_string(scratch.join("escaped.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(common::alive(escaped));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(escaped),
+        nix::sys::signal::SIGKILL,
+    )
+    .unwrap();
+    assert_eq!(info.status, AgentJobStatus::Done);
+    assert_eq!(read_logs(&agent.client, "escape", 0).await, "leader done\n");
+}
+
+#[tokio::test]
+async fn jobs_are_removed_only_once_finished() {
+    let agent = TestAgent::start().await;
+    agent
+        .client
+        .submit(&shell_job("rm", "exec sleep 1000"))
+        .await
+        .unwrap();
+    let err = agent.client.remove("rm").await.unwrap_err();
+    assert!(
+        matches!(err, AgentError::Status { status: 409, .. }),
+        "{err}"
+    );
+
+    let abort = StopRequest {
+        abort: true,
+        grace_secs: 0,
+        reason: "aborted_by_user".into(),
+    };
+    agent.client.stop("rm", &abort).await.unwrap();
+    wait_finished(&agent.client, "rm").await;
+    agent.client.remove("rm").await.unwrap();
+    assert_eq!(agent.client.job("rm").await.unwrap(), None);
+    assert!(!agent.state_dir().join("jobs/rm").exists());
+    let err = agent.client.remove("rm").await.unwrap_err();
+    assert!(
+        matches!(err, AgentError::Status { status: 404, .. }),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_get_plain_text_errors() {
+    let agent = TestAgent::start().await;
+    let status = |e: AgentError| match e {
+        AgentError::Status { status, message } => {
+            assert!(!message.is_empty());
+            status
+        }
+        other => panic!("{other}"),
+    };
+    assert_eq!(agent.client.job("nope").await.unwrap(), None);
+    let stop = StopRequest {
+        abort: false,
+        grace_secs: 1,
+        reason: "terminated_by_user".into(),
+    };
+    assert_eq!(
+        status(agent.client.stop("nope", &stop).await.unwrap_err()),
+        404
+    );
+    assert_eq!(
+        status(agent.client.logs("nope", 0, false).await.err().unwrap()),
+        404
+    );
+    assert_eq!(
+        status(
+            agent
+                .client
+                .submit(&shell_job("../x", "true"))
+                .await
+                .unwrap_err()
+        ),
+        400
+    );
+    let mut no_argv = shell_job("empty", "");
+    no_argv.argv.clear();
+    assert_eq!(
+        status(agent.client.submit(&no_argv).await.unwrap_err()),
+        400
+    );
+
+    let raw = |request: &'static str| {
+        let socket = agent.client.socket().to_path_buf();
+        async move {
+            let mut stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).await.unwrap();
+            answer
+        }
+    };
+    let answer = within(
+        "an answer to bad JSON",
+        raw("POST /api/jobs HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\nconnection: close\r\n\r\n{x}"),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("invalid request body"), "{answer}");
+    let answer = within(
+        "an answer to an unknown path",
+        raw("GET /api/nothing HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n"),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    let answer = within(
+        "an answer to a bad log offset",
+        raw("GET /api/jobs/x/logs?offset=z HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n"),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    // The agent is still fine, and cleans up its socket when shut down.
+    agent.client.healthcheck().await.unwrap();
+    let socket = agent.client.socket().to_path_buf();
+    agent.shut_down().await;
+    assert!(!socket.exists());
+}

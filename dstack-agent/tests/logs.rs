@@ -1,0 +1,142 @@
+//! Reading and following job output, and the event stream.
+
+mod common;
+
+use common::{read_logs, shell_job, wait_finished, within, TestAgent};
+use dstack_core::agent::AgentJobStatus;
+use futures_util::StreamExt;
+
+#[tokio::test]
+async fn logs_are_read_from_an_offset() {
+    let agent = TestAgent::start().await;
+    agent
+        .client
+        .submit(&shell_job("off", "printf 'hello world'"))
+        .await
+        .unwrap();
+    wait_finished(&agent.client, "off").await;
+    assert_eq!(read_logs(&agent.client, "off", 0).await, "hello world");
+    assert_eq!(read_logs(&agent.client, "off", 6).await, "world");
+    assert_eq!(read_logs(&agent.client, "off", 11).await, "");
+    assert_eq!(read_logs(&agent.client, "off", 1000).await, "");
+    let index = std::fs::read_to_string(agent.state_dir().join("jobs/off/output.idx")).unwrap();
+    assert!(index.starts_with("0 "), "{index}");
+}
+
+#[tokio::test]
+async fn following_gets_all_output_of_a_running_job_and_ends_at_exit() {
+    let agent = TestAgent::start().await;
+    let script = "for i in 1 2 3 4 5; do echo line $i; sleep 0.2; done";
+    agent
+        .client
+        .submit(&shell_job("slow", script))
+        .await
+        .unwrap();
+    let mut stream = agent.client.logs("slow", 0, true).await.unwrap();
+    let mut out = Vec::new();
+    let mut chunks = 0;
+    within("the followed output to end", async {
+        while let Some(chunk) = stream.next().await {
+            out.extend_from_slice(&chunk.unwrap());
+            chunks += 1;
+        }
+    })
+    .await;
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "line 1\nline 2\nline 3\nline 4\nline 5\n"
+    );
+    assert!(chunks > 1, "the output arrived as it was printed");
+    let info = agent.client.job("slow").await.unwrap().unwrap();
+    assert_eq!(info.status, AgentJobStatus::Done);
+
+    // Following from an offset of a finished job returns the rest and ends.
+    let mut rest = String::new();
+    let mut stream = agent.client.logs("slow", 21, true).await.unwrap();
+    while let Some(chunk) = stream.next().await {
+        rest.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+    }
+    assert_eq!(rest, "line 4\nline 5\n");
+}
+
+/// Peak resident memory of this process (the agent runs in it) in bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_output_is_streamed_fully_with_bounded_memory() {
+    const SIZE: u64 = 200_000_000;
+    let agent = TestAgent::start().await;
+    let job = shell_job("huge", &format!("head -c {SIZE} /dev/zero"));
+    agent.client.submit(&job).await.unwrap();
+    let mut stream = agent.client.logs("huge", 0, true).await.unwrap();
+    let mut received = 0u64;
+    tokio::time::timeout(std::time::Duration::from_secs(120), async {
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.unwrap();
+            assert!(chunk.iter().all(|b| *b == 0));
+            received += chunk.len() as u64;
+        }
+    })
+    .await
+    .expect("the whole output within two minutes");
+    assert_eq!(received, SIZE);
+    let info = agent.client.job("huge").await.unwrap().unwrap();
+    assert_eq!((info.status, info.log_bytes), (AgentJobStatus::Done, SIZE));
+    let peak = peak_rss();
+    assert!(
+        peak < SIZE / 2,
+        "peak memory {peak} bytes: the output was buffered"
+    );
+}
+
+#[tokio::test]
+async fn events_report_jobs_then_their_changes() {
+    let agent = TestAgent::start().await;
+    agent
+        .client
+        .submit(&shell_job("before", "true"))
+        .await
+        .unwrap();
+    wait_finished(&agent.client, "before").await;
+
+    let mut events = agent.client.events().await.unwrap();
+    let first = within("the snapshot", events.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (first.id.as_str(), first.status),
+        ("before", AgentJobStatus::Done)
+    );
+
+    agent
+        .client
+        .submit(&shell_job("watched", "echo hi"))
+        .await
+        .unwrap();
+    // Only the changes of the new job matter (a late echo of the first one's is harmless).
+    let mut watched = Vec::new();
+    within("the start and finish events", async {
+        while watched.len() < 2 {
+            let event = events.next().await.unwrap().unwrap();
+            if event.id == "watched" {
+                watched.push(event);
+            }
+        }
+    })
+    .await;
+    assert_eq!(watched[0].status, AgentJobStatus::Running);
+    let finished = watched.pop().unwrap();
+    assert_eq!(finished.status, AgentJobStatus::Done);
+    assert_eq!(finished.log_bytes, 3);
+    assert_eq!(Some(finished), agent.client.job("watched").await.unwrap());
+}
