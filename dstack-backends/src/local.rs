@@ -60,36 +60,21 @@ impl LocalBackend {
         if client.healthcheck().await.is_ok() {
             return Ok(client);
         }
-        self.spawn_agent()?;
-        let deadline = tokio::time::Instant::now() + AGENT_START_TIMEOUT;
-        let mut delay = Duration::from_millis(5);
-        loop {
-            if client.healthcheck().await.is_ok() {
-                drop(lock);
-                return Ok(client);
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(ComputeError::Other(format!(
-                    "the local agent did not start within {}s; see {}",
-                    AGENT_START_TIMEOUT.as_secs(),
-                    self.state_dir.join("agent.log").display()
-                )));
-            }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_millis(100));
-        }
+        self.spawn_agent().await?;
+        client.healthcheck().await.map_err(|e| {
+            ComputeError::Other(format!(
+                "the local agent started but does not answer ({e}); see {}",
+                self.state_dir.join("agent.log").display()
+            ))
+        })?;
+        drop(lock);
+        Ok(client)
     }
 
-    fn spawn_agent(&self) -> Result<(), ComputeError> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.state_dir.join("agent.log"))
-            .map_err(|e| other("cannot open the agent log", e))?;
-        let log_err = log
-            .try_clone()
-            .map_err(|e| other("cannot open the agent log", e))?;
-        std::process::Command::new(&self.agent_bin)
+    /// Runs `dstack-agent serve --detach`, which returns once the detached agent answers.
+    async fn spawn_agent(&self) -> Result<(), ComputeError> {
+        let log = self.state_dir.join("agent.log");
+        let mut child = tokio::process::Command::new(&self.agent_bin)
             .arg("serve")
             .arg("--socket")
             .arg(self.socket())
@@ -97,10 +82,31 @@ impl LocalBackend {
             .arg(&self.state_dir)
             .arg("--detach")
             .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| other(&format!("cannot start {}", self.agent_bin.display()), e))?;
+        let mut stderr = String::new();
+        if let Some(mut pipe) = child.stderr.take() {
+            use tokio::io::AsyncReadExt;
+            let _ = pipe.read_to_string(&mut stderr).await;
+        }
+        let status = tokio::time::timeout(AGENT_START_TIMEOUT, child.wait())
+            .await
+            .map_err(|_| {
+                ComputeError::Other(format!(
+                    "the local agent did not start within {}s; see {}",
+                    AGENT_START_TIMEOUT.as_secs(),
+                    log.display()
+                ))
+            })?
+            .map_err(|e| other("cannot wait for the agent", e))?;
+        if !status.success() {
+            return Err(ComputeError::Other(format!(
+                "the local agent failed to start: {}",
+                stderr.trim()
+            )));
+        }
         Ok(())
     }
 }

@@ -101,7 +101,7 @@ fn invalid_configurations_and_images_fail_clearly() {
     let out = env.run(&["apply", "-f", &bad, "-y"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        text(&out.stderr).contains("bad.dstack.yml:3:14: resources.gpus: unknown field"),
+        text(&out.stderr).contains("bad.dstack.yml:3:13: resources.gpus: unknown field"),
         "{}",
         text(&out.stderr)
     );
