@@ -12,7 +12,7 @@ use dstack_core::model::RunStatus;
 use dstack_core::{Client, ClientOptions};
 
 const TASK: &str =
-    "type: task\ncommands: ['true']\nresources: {cpu: 1.., memory: 0.1GB.., disk: 1GB..}\n";
+    "type: task\nshell: sh\ncommands: ['true']\nresources: {cpu: 1.., memory: 0.1GB.., disk: 1GB..}\n";
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]

@@ -365,6 +365,23 @@ impl Inner {
         self.backends.iter().find(|b| b.backend() == name)
     }
 
+    /// The parsed configuration of a run by id (cached; reads the run only on a miss).
+    pub(crate) fn configuration_of(&self, run_id: &str) -> Result<Arc<Configuration>, EngineError> {
+        if let Some(c) = self
+            .configs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(run_id)
+        {
+            return Ok(c.clone());
+        }
+        let run = self
+            .store
+            .run(run_id)?
+            .ok_or_else(|| EngineError::Invalid(format!("unknown run {run_id}")))?;
+        self.configuration(&run)
+    }
+
     /// The parsed configuration of a run (cached).
     pub(crate) fn configuration(&self, run: &Run) -> Result<Arc<Configuration>, EngineError> {
         let mut cache = self.configs.lock().unwrap_or_else(|e| e.into_inner());

@@ -7,7 +7,7 @@ use crate::model::{Instance, InstanceStatus, JobStatus, JobTerminationReason, Re
 use crate::offers::{mismatch, reserve};
 
 /// How many waiting jobs one pass looks at (the oldest first).
-const PASS_LIMIT: usize = 256;
+const PASS_LIMIT: usize = 64;
 
 /// Runs a placement pass whenever woken.
 pub(crate) async fn run(inner: Arc<Inner>) {
@@ -38,13 +38,9 @@ async fn pass(inner: &Arc<Inner>) {
     // Requirements that did not fit in this pass: anything at least as large will not either.
     let mut blocked: Vec<Reservation> = Vec::new();
     for job in waiting {
-        let Ok(Some(run)) = inner.store.run(&job.run_id) else {
-            continue;
-        };
-        if run.status.is_finished() || run.status == crate::model::RunStatus::Terminating {
-            continue;
-        }
-        let Ok(config) = inner.configuration(&run) else {
+        // Submitted jobs of a terminating run are finished by the run's termination; the
+        // configuration is cached, so most jobs cost no store read here.
+        let Ok(config) = inner.configuration_of(&job.run_id) else {
             continue;
         };
         let spec = &super::command::common(&config).resources;
