@@ -21,6 +21,7 @@ const AGENT_START_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct LocalBackend {
     state_dir: PathBuf,
     agent_bin: PathBuf,
+    agent_path: Option<std::ffi::OsString>,
 }
 
 impl LocalBackend {
@@ -29,7 +30,15 @@ impl LocalBackend {
         LocalBackend {
             state_dir: home.join("agent"),
             agent_bin,
+            agent_path: None,
         }
+    }
+
+    /// Starts the agent with this `PATH` (where it finds `nvidia-smi`), instead of inheriting
+    /// this process's.
+    pub fn with_agent_path(mut self, path: impl Into<std::ffi::OsString>) -> Self {
+        self.agent_path = Some(path.into());
+        self
     }
 
     /// A backend using the `dstack-agent` found by [`find_agent_binary`].
@@ -74,7 +83,11 @@ impl LocalBackend {
     /// Runs `dstack-agent serve --detach`, which returns once the detached agent answers.
     async fn spawn_agent(&self) -> Result<(), ComputeError> {
         let log = self.state_dir.join("agent.log");
-        let mut child = tokio::process::Command::new(&self.agent_bin)
+        let mut command = tokio::process::Command::new(&self.agent_bin);
+        if let Some(path) = &self.agent_path {
+            command.env("PATH", path);
+        }
+        let mut child = command
             .arg("serve")
             .arg("--socket")
             .arg(self.socket())

@@ -39,11 +39,15 @@ impl Home {
     }
 
     async fn client(&self) -> Client {
+        self.client_with(LocalBackend::new(self.path(), agent_binary()))
+            .await
+    }
+
+    async fn client_with(&self, backend: LocalBackend) -> Client {
         let options = EngineOptions {
             retry_delays: vec![Duration::from_millis(200)],
             stop_grace: Duration::from_secs(2),
         };
-        let backend = LocalBackend::new(self.path(), agent_binary());
         Client::open(ClientOptions {
             home: self.path().to_path_buf(),
             backends: vec![Arc::new(backend)],
@@ -456,4 +460,59 @@ async fn a_gigabyte_of_output_streams_with_bounded_memory() {
             .unwrap();
         assert!(hwm_kb < 256 * 1024, "{pid}: peak RSS {hwm_kb} kB");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_job_gets_its_own_gpus() {
+    let home = Home::new();
+    // A fake `nvidia-smi` (no GPU exists here) printing what a 2×A100 host prints.
+    let tools = home.path().join("tools");
+    std::fs::create_dir_all(&tools).unwrap();
+    let smi = tools.join("nvidia-smi");
+    std::fs::write(
+        &smi,
+        "#!/bin/sh\nprintf '0, NVIDIA A100-SXM4-80GB, 81920, GPU-aaa\\n1, NVIDIA A100-SXM4-80GB, 81920, GPU-bbb\\n'\n",
+    )
+    .unwrap();
+    std::process::Command::new("chmod")
+        .arg("+x")
+        .arg(&smi)
+        .status()
+        .unwrap();
+    let path = format!(
+        "{}:{}",
+        tools.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let client = home
+        .client_with(LocalBackend::new(home.path(), agent_binary()).with_agent_path(path))
+        .await;
+    let host = client.fleets().list().unwrap()[0].1[0].host.clone();
+    assert_eq!(host.gpus.len(), 2);
+    assert_eq!(host.gpus[0].name, "A100");
+    let gpu_task = "type: task\ncommands: ['echo gpus=$CUDA_VISIBLE_DEVICES n=$DSTACK_GPUS_NUM', 'sleep 0.5']\n\
+                    resources: {cpu: 0.., memory: 0.1GB.., disk: 1GB.., gpu: A100:1}\n";
+    let runs = [
+        apply(&client, gpu_task, home.path()).await,
+        apply(&client, gpu_task, home.path()).await,
+        apply(&client, gpu_task, home.path()).await,
+    ];
+    let mut seen = Vec::new();
+    for run in &runs {
+        assert_eq!(finish(run).await.status, RunStatus::Done);
+        seen.push(all_logs(run).await);
+    }
+    assert!(seen.iter().all(|l| l.ends_with("n=1\n")), "{seen:?}");
+    assert_ne!(
+        seen[0], seen[1],
+        "the first two run side by side on different GPUs"
+    );
+    // The third waited for a free GPU: it started after one of the first two finished.
+    let start = |r: &RunHandle| r.jobs().unwrap()[0].started_at_ms.unwrap();
+    let end = |r: &RunHandle| r.jobs().unwrap()[0].finished_at_ms.unwrap();
+    assert!(start(&runs[2]) >= end(&runs[0]).min(end(&runs[1])));
+    let two = parse("type: task\ncommands: [x]\nresources: {gpu: A100:2}\n", "p").unwrap();
+    assert_eq!(client.runs().plan(&two).await.unwrap().offers.len(), 1);
+    let three = parse("type: task\ncommands: [x]\nresources: {gpu: 3}\n", "p").unwrap();
+    assert!(client.runs().plan(&three).await.unwrap().offers.is_empty());
 }

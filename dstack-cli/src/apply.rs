@@ -83,7 +83,7 @@ pub fn print_plan(plan: &RunPlan, file: &str) {
     if let Some(d) = &r.disk {
         res.push_str(&format!(" disk={}", d.size));
     }
-    if let Some(g) = r.gpu.as_ref().filter(|g| g.count.max != Some(0)) {
+    if let Some(g) = r.gpu.as_ref().filter(|g| g.count.min.unwrap_or(0) > 0) {
         res.push_str(&format!(" gpu={}", g.count));
     }
     let p = &common.profile;

@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 
+use dstack_core::model::JobStatus;
 use dstack_core::Client;
 
 use crate::table::{ago, resources, Table};
@@ -18,6 +19,19 @@ pub async fn list(client: &Client) -> Result<ExitCode, Failure> {
         "STATUS",
         "CREATED",
     ]);
+    let holding = [
+        JobStatus::Provisioning,
+        JobStatus::Running,
+        JobStatus::Terminating,
+    ];
+    let busy: Vec<String> = client
+        .engine()
+        .store()
+        .jobs_with_status(&holding)
+        .map_err(dstack_core::engine::EngineError::from)?
+        .into_iter()
+        .filter_map(|j| j.instance_id)
+        .collect();
     for (fleet, instances) in client.fleets().list()? {
         for (i, instance) in instances.iter().enumerate() {
             table.row(vec![
@@ -30,7 +44,11 @@ pub async fn list(client: &Client) -> Result<ExitCode, Failure> {
                 instance.backend.clone(),
                 resources(&instance.host),
                 format!("${}", instance.price),
-                instance.status.to_string(),
+                if busy.contains(&instance.id) {
+                    "busy".to_string()
+                } else {
+                    instance.status.to_string()
+                },
                 ago(instance.created_at_ms),
             ]);
         }
