@@ -174,3 +174,40 @@ fn stop_from_another_process() {
         text(&out.stdout)
     );
 }
+
+#[test]
+fn ctrl_c_detaches_and_the_run_goes_on() {
+    let env = Env::new();
+    let file = env.write(
+        "tick.dstack.yml",
+        "type: task\nname: ticker\ncommands:\n  - for i in 1 2 3 4; do echo tick $i; sleep 0.3; done\nresources: {cpu: 1.., memory: 0.1GB..}\n",
+    );
+    let client = env
+        .cmd(&["apply", "-f", &file, "-y"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(
+        || text(&env.run(&["ps"]).stdout).contains("running"),
+        "the run to start",
+    );
+    Command::new("kill")
+        .arg("-INT")
+        .arg(client.id().to_string())
+        .status()
+        .unwrap();
+    let out = client.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("Detached from ticker") && stderr.contains("dstack logs -f ticker"),
+        "{stderr}"
+    );
+    wait_for(
+        || text(&env.run(&["ps", "-a"]).stdout).contains("done"),
+        "the run to finish after detaching",
+    );
+    let logs = text(&env.run(&["logs", "ticker"]).stdout);
+    assert_eq!(logs, "tick 1\ntick 2\ntick 3\ntick 4\n");
+}

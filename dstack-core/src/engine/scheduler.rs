@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use super::{jobs, runs, Inner};
-use crate::model::{Instance, InstanceStatus, JobStatus, JobTerminationReason, Reservation};
+use crate::model::{Instance, InstanceStatus, JobTerminationReason, Reservation};
 use crate::offers::{mismatch, reserve};
 
 /// How many waiting jobs one pass looks at (the oldest first).
@@ -19,10 +19,7 @@ pub(crate) async fn run(inner: Arc<Inner>) {
 }
 
 async fn pass(inner: &Arc<Inner>) {
-    let Ok(waiting) = inner
-        .store
-        .oldest_jobs_with_status(&[JobStatus::Submitted], PASS_LIMIT)
-    else {
+    let Ok(waiting) = inner.store.waiting_jobs(PASS_LIMIT) else {
         return;
     };
     if waiting.is_empty() {
@@ -37,10 +34,10 @@ async fn pass(inner: &Arc<Inner>) {
         .collect();
     // Requirements that did not fit in this pass: anything at least as large will not either.
     let mut blocked: Vec<Reservation> = Vec::new();
-    for job in waiting {
+    for (job_id, run_id) in waiting {
         // Submitted jobs of a terminating run are finished by the run's termination; the
         // configuration is cached, so most jobs cost no store read here.
-        let Ok(config) = inner.configuration_of(&job.run_id) else {
+        let Ok(config) = inner.configuration_of(&run_id) else {
             continue;
         };
         let spec = &super::command::common(&config).resources;
@@ -54,13 +51,10 @@ async fn pass(inner: &Arc<Inner>) {
             } else {
                 format!("no offers: {}", reasons.join("; "))
             };
-            jobs::fail(
-                inner,
-                job,
-                JobTerminationReason::FailedToStartDueToNoCapacity,
-                message,
-            )
-            .await;
+            if let Ok(Some(job)) = inner.store.job(&job_id) {
+                let reason = JobTerminationReason::FailedToStartDueToNoCapacity;
+                jobs::fail(inner, job, reason, message).await;
+            }
             continue;
         }
         let Some(want) = instances.iter().find_map(|i| reserve(spec, &i.host, &[])) else {
@@ -73,7 +67,7 @@ async fn pass(inner: &Arc<Inner>) {
         for instance in &instances {
             let host = instance.host.clone();
             let fit = |held: &[Reservation]| reserve(spec, &host, held);
-            match inner.store.assign_job(&job.id, &instance.id, &fit) {
+            match inner.store.assign_job(&job_id, &instance.id, &fit) {
                 Ok(Some(assigned)) => {
                     placed = Some(assigned);
                     break;

@@ -81,6 +81,8 @@ pub trait Store: Send + Sync {
         statuses: &[JobStatus],
         limit: usize,
     ) -> Result<Vec<Job>, StoreError>;
+    /// `(job id, run id)` of at most `limit` `submitted` jobs, oldest first (cheap: no decoding).
+    fn waiting_jobs(&self, limit: usize) -> Result<Vec<(String, String)>, StoreError>;
     /// Writes `job` if its stored status is one of `expected`; `false` if it was not.
     fn update_job(&self, job: &Job, expected: &[JobStatus]) -> Result<bool, StoreError>;
     /// Atomically places a `submitted` job on an instance: `fit` sees the reservations of the

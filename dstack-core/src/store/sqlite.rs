@@ -267,6 +267,16 @@ impl Store for SqliteStore {
         self.query(&sql, &args)
     }
 
+    fn waiting_jobs(&self, limit: usize) -> Result<Vec<(String, String)>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with(|c| {
+            let sql = "SELECT id, run_id FROM jobs WHERE status = 'submitted' ORDER BY submitted_at LIMIT ?";
+            let mut stmt = c.prepare_cached(sql)?;
+            let rows = stmt.query_map([limit], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
     fn update_job(&self, job: &Job, expected: &[JobStatus]) -> Result<bool, StoreError> {
         self.with(|c| update_job(c, job, expected))
     }
