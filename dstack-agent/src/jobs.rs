@@ -1,5 +1,5 @@
 //! The agent's jobs: submitting, stopping, removing, recovering them after a restart, and the
-//! stream of their changes.
+//! stream of their changes. Every change is recorded in the journal (see [`crate::journal`]).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -13,9 +13,10 @@ use futures_util::Stream;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{broadcast, mpsc, watch};
 
+use crate::journal::{JobRecord, Journal};
 use crate::logs::{self, LogWriter};
 use crate::process::ProcessGroup;
-use crate::state::{unix_ms, JobRecord};
+use crate::state::{unix_ms, StateDir};
 use crate::supervisor;
 
 /// How many changes a slow `/api/events` subscriber may fall behind before it is resent the
@@ -46,7 +47,9 @@ pub(crate) enum JobError {
 /// followers of its logs (every change, including output growth) and to event subscribers
 /// (every change of status).
 pub(crate) struct Job {
+    /// Where its output goes (created with the first output).
     dir: PathBuf,
+    journal: Arc<Journal>,
     spec: JobSubmit,
     process: Option<ProcessGroup>,
     info: watch::Sender<JobInfo>,
@@ -65,14 +68,14 @@ impl Job {
         self.info.borrow().clone()
     }
 
-    /// Records a change of state: persists it, then publishes it.
+    /// Records a change of state: appends it to the journal, then publishes it.
     pub fn transition(&self, info: JobInfo) {
         let record = JobRecord {
             info: info.clone(),
             spec: self.spec.clone(),
             process: self.process.clone(),
         };
-        if let Err(e) = record.save(&self.dir) {
+        if let Err(e) = self.journal.record(record) {
             eprintln!("dstack-agent: cannot record job {}: {e}", self.spec.id);
         }
         self.info.send_replace(info.clone());
@@ -103,19 +106,30 @@ impl Job {
 
 /// Every job of the agent, keyed by id.
 pub(crate) struct Jobs {
+    /// The directory holding the directories of jobs.
     root: PathBuf,
+    journal: Arc<Journal>,
     jobs: Mutex<BTreeMap<String, Arc<Job>>>,
     events: broadcast::Sender<JobInfo>,
 }
 
 impl Jobs {
-    /// Loads the jobs recorded under `root`. Jobs recorded as running belonged to an agent
-    /// that is gone, so nobody can wait for their processes any more: what is left of them is
-    /// killed and they are recorded as lost.
-    pub fn recover(root: PathBuf) -> io::Result<Jobs> {
+    /// Loads the jobs recorded in the state directory (compacting its journal). Jobs recorded
+    /// as running belonged to an agent that is gone, so nobody can wait for their processes
+    /// any more: what is left of them is killed and they are recorded as lost.
+    pub fn recover(state: &StateDir) -> io::Result<Jobs> {
+        let root = state.jobs();
+        let (journal, records) = Journal::open(&state.journal(), &root)?;
+        let journal = Arc::new(journal);
         let (events, _) = broadcast::channel(EVENT_BACKLOG);
         let mut jobs = BTreeMap::new();
-        for (dir, record) in JobRecord::load_all(&root)? {
+        for record in records {
+            // Only a hand-edited journal holds ids that could name a path outside `root`.
+            if let Err(e) = validate(&record.spec) {
+                eprintln!("dstack-agent: skipping a job record: {e}");
+                continue;
+            }
+            let dir = root.join(&record.spec.id);
             let mut log = match LogWriter::open(&dir) {
                 Ok(log) => log,
                 Err(e) => {
@@ -128,6 +142,7 @@ impl Jobs {
             let lost = !info.status.is_finished();
             let job = Job {
                 dir,
+                journal: journal.clone(),
                 spec: record.spec,
                 process: record.process,
                 info: watch::Sender::new(info.clone()),
@@ -144,6 +159,7 @@ impl Jobs {
         }
         Ok(Jobs {
             root,
+            journal,
             jobs: Mutex::new(jobs),
             events,
         })
@@ -162,11 +178,13 @@ impl Jobs {
             return Ok(job.info());
         }
         let dir = self.root.join(&spec.id);
+        // Output left behind by an earlier job of this id (e.g. its removal was interrupted)
+        // is not this job's.
         remove_dir_if_exists(&dir)?;
-        fs::create_dir(&dir)?;
         let mut log = LogWriter::open(&dir)?;
         let mut job = Job {
             dir,
+            journal: self.journal.clone(),
             info: watch::Sender::new(running(&spec.id)),
             spec,
             process: None,
@@ -215,7 +233,8 @@ impl Jobs {
         Ok(job.info())
     }
 
-    /// Forgets a finished job and deletes its directory (logs included).
+    /// Forgets a finished job: deletes its directory (logs included), then records the removal
+    /// in the journal.
     pub fn remove(&self, id: &str) -> Result<(), JobError> {
         let mut jobs = self.lock();
         let job = jobs
@@ -225,6 +244,7 @@ impl Jobs {
             return Err(JobError::Conflict(format!("job {id} is running")));
         }
         remove_dir_if_exists(&job.dir)?;
+        self.journal.remove(id)?;
         jobs.remove(id);
         Ok(())
     }
@@ -338,7 +358,8 @@ mod tests {
     #[tokio::test]
     async fn a_lagging_event_subscriber_is_sent_every_job_again() {
         let dir = tempfile::tempdir().unwrap();
-        let jobs = Arc::new(Jobs::recover(dir.path().to_path_buf()).unwrap());
+        let state = StateDir::open(dir.path()).unwrap();
+        let jobs = Arc::new(Jobs::recover(&state).unwrap());
         let spec = JobSubmit {
             id: "nodir".into(),
             name: "nodir-0-0".into(),

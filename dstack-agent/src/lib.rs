@@ -12,6 +12,7 @@ mod daemon;
 mod host;
 mod http;
 mod jobs;
+mod journal;
 mod logs;
 mod process;
 mod state;
@@ -75,7 +76,7 @@ impl Agent {
     /// the state directory or answers on the socket.
     pub async fn start(config: AgentConfig) -> io::Result<Agent> {
         let state = StateDir::open(&config.state_dir)?;
-        let jobs = Arc::new(Jobs::recover(state.jobs())?);
+        let jobs = Arc::new(Jobs::recover(&state)?);
         let tool_path = config.tool_path.or_else(|| std::env::var_os("PATH"));
         let host = host::detect(state.root(), tool_path.as_deref()).await;
         let listener = bind(&config.socket).await?;

@@ -1,5 +1,6 @@
 //! The agent's state directory: `agent.lock` (held while an agent uses the directory),
-//! `agent.pid`, and `jobs/<id>/job.json` records written atomically on every transition.
+//! `agent.pid`, the job journal `jobs.journal` (see [`crate::journal`]), and `jobs/<id>/`,
+//! created for a job only once it has output (see [`crate::logs`]).
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io;
@@ -7,12 +8,8 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use dstack_core::agent::{JobInfo, JobSubmit};
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
-use serde::{Deserialize, Serialize};
-
-use crate::process::ProcessGroup;
 
 /// Milliseconds since the Unix epoch.
 pub(crate) fn unix_ms() -> u64 {
@@ -62,9 +59,14 @@ impl StateDir {
         })
     }
 
-    /// The directory holding one subdirectory per job.
+    /// The directory holding the subdirectory of each job that has output.
     pub fn jobs(&self) -> PathBuf {
         self.root.join("jobs")
+    }
+
+    /// The job journal.
+    pub fn journal(&self) -> PathBuf {
+        self.root.join("jobs.journal")
     }
 
     /// The root of the state directory.
@@ -75,43 +77,5 @@ impl StateDir {
     /// The file holding the agent's pid.
     pub fn pid_file(&self) -> PathBuf {
         self.root.join("agent.pid")
-    }
-}
-
-/// What `job.json` holds: everything needed to report, and after a restart recover, a job.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub(crate) struct JobRecord {
-    /// The job as the API reports it.
-    pub info: JobInfo,
-    /// What was submitted.
-    pub spec: JobSubmit,
-    /// The process group, when the process was started.
-    pub process: Option<ProcessGroup>,
-}
-
-impl JobRecord {
-    /// Writes the record to `<dir>/job.json` atomically (a temporary file, then a rename).
-    pub fn save(&self, dir: &Path) -> io::Result<()> {
-        let tmp = dir.join("job.json.tmp");
-        fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
-        fs::rename(tmp, dir.join("job.json"))
-    }
-
-    /// Reads every `<jobs>/*/job.json`, with the directory each came from. Unreadable
-    /// records are reported and skipped.
-    pub fn load_all(jobs: &Path) -> io::Result<Vec<(PathBuf, JobRecord)>> {
-        let mut records = Vec::new();
-        for entry in fs::read_dir(jobs)? {
-            let dir = entry?.path();
-            let path = dir.join("job.json");
-            let record = fs::read(&path).and_then(|bytes| {
-                serde_json::from_slice::<JobRecord>(&bytes).map_err(io::Error::from)
-            });
-            match record {
-                Ok(record) => records.push((dir, record)),
-                Err(e) => eprintln!("dstack-agent: skipping {}: {e}", path.display()),
-            }
-        }
-        Ok(records)
     }
 }

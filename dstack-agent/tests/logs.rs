@@ -2,6 +2,9 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
 use common::{read_logs, shell_job, wait_finished, within, TestAgent};
 use dstack_core::agent::AgentJobStatus;
 use futures_util::StreamExt;
@@ -139,4 +142,55 @@ async fn events_report_jobs_then_their_changes() {
     assert_eq!(finished.status, AgentJobStatus::Done);
     assert_eq!(finished.log_bytes, 3);
     assert_eq!(Some(finished), agent.client.job("watched").await.unwrap());
+}
+
+#[tokio::test]
+async fn a_job_that_prints_nothing_creates_no_files() {
+    let agent = TestAgent::start().await;
+    agent
+        .client
+        .submit(&shell_job("quiet", "true"))
+        .await
+        .unwrap();
+    let info = wait_finished(&agent.client, "quiet").await;
+    assert_eq!((info.status, info.log_bytes), (AgentJobStatus::Done, 0));
+    assert_eq!(read_logs(&agent.client, "quiet", 0).await, "");
+    assert_eq!(read_logs(&agent.client, "quiet", 5).await, "");
+    let jobs = agent.state_dir().join("jobs");
+    assert!(!jobs.join("quiet").exists());
+    assert_eq!(std::fs::read_dir(&jobs).unwrap().count(), 0);
+
+    // Output creates the job's directory, private to the user.
+    agent
+        .client
+        .submit(&shell_job("loud", "echo hi"))
+        .await
+        .unwrap();
+    wait_finished(&agent.client, "loud").await;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&jobs.join("loud")), 0o700);
+    assert_eq!(mode(&jobs.join("loud/output.log")), 0o600);
+    assert_eq!(mode(&jobs.join("loud/output.idx")), 0o600);
+    assert_eq!(mode(&agent.state_dir().join("jobs.journal")), 0o600);
+}
+
+#[tokio::test]
+async fn following_gets_output_that_starts_late() {
+    let agent = TestAgent::start().await;
+    agent
+        .client
+        .submit(&shell_job("late", "sleep 0.5; echo late"))
+        .await
+        .unwrap();
+    let mut stream = agent.client.logs("late", 0, true).await.unwrap();
+    let mut out = Vec::new();
+    within("the followed output to end", async {
+        while let Some(chunk) = stream.next().await {
+            out.extend_from_slice(&chunk.unwrap());
+        }
+    })
+    .await;
+    assert_eq!(String::from_utf8(out).unwrap(), "late\n");
+    let info = agent.client.job("late").await.unwrap().unwrap();
+    assert_eq!((info.status, info.log_bytes), (AgentJobStatus::Done, 5));
 }

@@ -516,3 +516,18 @@ async fn each_job_gets_its_own_gpus() {
     let three = parse("type: task\ncommands: [x]\nresources: {gpu: 3}\n", "p").unwrap();
     assert!(client.runs().plan(&three).await.unwrap().offers.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_instant_runs_all_finish() {
+    // Jobs that exit at once race their own start bookkeeping; none may be left behind.
+    let home = Home::new();
+    let client = home.client().await;
+    let yaml = "type: task\nshell: sh\ncommands: ['true']\nresources: {cpu: 0.., memory: 0.01GB.., disk: 1GB..}\n";
+    let mut runs = Vec::new();
+    for _ in 0..150 {
+        runs.push(apply(&client, yaml, home.path()).await);
+    }
+    for run in &runs {
+        assert_eq!(finish(run).await.status, RunStatus::Done, "{}", run.name());
+    }
+}

@@ -47,7 +47,11 @@ pub struct TestAgent {
 impl TestAgent {
     /// Starts an agent; it answers as soon as this returns.
     pub async fn start() -> TestAgent {
-        let dir = tempfile::tempdir().unwrap();
+        TestAgent::start_in(tempfile::tempdir().unwrap()).await
+    }
+
+    /// Starts an agent in `dir` (from [`TestAgent::stop`]), on the state an earlier agent left.
+    pub async fn start_in(dir: TempDir) -> TestAgent {
         let config = AgentConfig::new(dir.path().join("agent.sock"), dir.path().join("state"));
         let agent = Agent::start(config).await.expect("the agent starts");
         let client = AgentClient::unix(agent.socket());
@@ -76,11 +80,17 @@ impl TestAgent {
     }
 
     /// Stops serving and waits for the agent to return.
-    pub async fn shut_down(mut self) {
+    pub async fn shut_down(self) {
+        self.stop().await;
+    }
+
+    /// Stops serving, waits for the agent to return, and hands over its directory.
+    pub async fn stop(mut self) -> TempDir {
         let _ = self.shutdown.take().unwrap().send(());
         within("the agent to stop", self.task.take().unwrap())
             .await
             .unwrap();
+        self.dir
     }
 }
 

@@ -87,8 +87,10 @@ pub(crate) async fn fail(
     job.termination_message = Some(message);
     job.finished_at_ms = Some(now_ms());
     if inner.store.update_job(&job, &[from]).unwrap_or(false) {
-        let _ = runs::reconcile(inner, &job.run_id).await;
+        // The job's resources are free now: let the scheduler place the next job while the
+        // run's own bookkeeping goes on.
         inner.schedule.notify_one();
+        let _ = runs::reconcile(inner, &job.run_id).await;
     }
 }
 
@@ -132,8 +134,10 @@ pub(crate) async fn on_agent_job(inner: &Arc<Inner>, info: JobInfo) {
     job.started_at_ms = job.started_at_ms.or(Some(info.started_at_ms));
     job.finished_at_ms = Some(info.finished_at_ms.unwrap_or_else(now_ms));
     if inner.store.update_job(&job, &[from]).unwrap_or(false) {
-        let _ = runs::reconcile(inner, &job.run_id).await;
+        // The job's resources are free now: let the scheduler place the next job while the
+        // run's own bookkeeping goes on.
         inner.schedule.notify_one();
+        let _ = runs::reconcile(inner, &job.run_id).await;
     }
 }
 

@@ -99,20 +99,37 @@ fn verdict(run: &Run, retry: &Option<Retry>, job: &Job, all: &[Job], now: u64) -
 }
 
 /// Brings a run's status in line with its jobs (and retries, terminates or finishes it).
+///
+/// Several tasks (and processes) may reconcile the same run at once; each decision is a
+/// compare-and-set on the run's status, and a task whose decision lost the race reads the run
+/// again and decides anew, so the last job change is never lost.
 pub(crate) async fn reconcile(inner: &Arc<Inner>, run_id: &str) -> Result<(), EngineError> {
+    for _ in 0..16 {
+        if reconcile_once(inner, run_id).await? {
+            return Ok(());
+        }
+    }
+    Err(EngineError::Invalid(format!(
+        "run {run_id} keeps changing; its status will be updated on the next change"
+    )))
+}
+
+/// One reconciliation; `false` when another writer changed the run first.
+async fn reconcile_once(inner: &Arc<Inner>, run_id: &str) -> Result<bool, EngineError> {
     let Some(mut run) = inner.store.run(run_id)? else {
-        return Ok(());
+        return Ok(true);
     };
     if run.status.is_finished() {
-        return Ok(());
+        return Ok(true);
     }
     let jobs = inner.store.jobs_of_run(run_id)?;
     let current = latest(&jobs);
     if run.status == RunStatus::Terminating {
-        return finish_if_done(inner, run, &jobs);
+        finish_if_done(inner, run, &jobs)?;
+        return Ok(true);
     }
     if run.status == RunStatus::Pending {
-        return Ok(());
+        return Ok(true);
     }
     let config = inner.configuration(&run)?;
     let retry = super::command::common(&config).profile.retry.clone();
@@ -156,33 +173,39 @@ pub(crate) async fn reconcile(inner: &Arc<Inner>, run_id: &str) -> Result<(), En
     } else {
         return terminate(inner, run, RunTerminationReason::AllJobsDone, false).await;
     }
-    if run.status != from && inner.store.update_run(&run, &[from])? {
-        if run.status == RunStatus::Pending {
-            inner.retries.notify_one();
-        }
-        inner.emit(&run);
+    if run.status == from {
+        return Ok(true);
     }
-    Ok(())
+    if !inner.store.update_run(&run, &[from])? {
+        return Ok(false);
+    }
+    if run.status == RunStatus::Pending {
+        inner.retries.notify_one();
+    }
+    inner.emit(&run);
+    Ok(true)
 }
 
 /// Moves a run to `terminating` with `reason`, stops its jobs, and finishes it when they are.
+/// `false` when another writer changed the run first.
 async fn terminate(
     inner: &Arc<Inner>,
     mut run: Run,
     reason: RunTerminationReason,
     abort: bool,
-) -> Result<(), EngineError> {
+) -> Result<bool, EngineError> {
     let from = run.status;
     run.status = RunStatus::Terminating;
     run.termination_reason = Some(reason.as_str().to_string());
     run.status_message = reason.error().map(str::to_string);
     if !inner.store.update_run(&run, &[from])? {
-        return Ok(());
+        return Ok(false);
     }
     inner.emit(&run);
     terminate_jobs(inner, &run, abort).await;
     let jobs = inner.store.jobs_of_run(&run.id)?;
-    finish_if_done(inner, run, &jobs)
+    finish_if_done(inner, run, &jobs)?;
+    Ok(true)
 }
 
 fn finish_if_done(inner: &Arc<Inner>, mut run: Run, jobs: &[Job]) -> Result<(), EngineError> {
@@ -301,29 +324,31 @@ pub(crate) async fn stop(
     run_id: &str,
     abort: bool,
 ) -> Result<Run, EngineError> {
-    let run = inner
-        .store
-        .run(run_id)?
-        .ok_or_else(|| EngineError::Invalid(format!("no run with id {run_id}")))?;
-    if run.status.is_finished() {
-        return Ok(run);
-    }
-    if run.status == RunStatus::Terminating {
-        if abort {
-            terminate_jobs(inner, &run, true).await;
-        }
+    let reason = if abort {
+        RunTerminationReason::AbortedByUser
     } else {
-        let reason = if abort {
-            RunTerminationReason::AbortedByUser
-        } else {
-            RunTerminationReason::StoppedByUser
-        };
-        terminate(inner, run, reason, abort).await?;
+        RunTerminationReason::StoppedByUser
+    };
+    loop {
+        let run = inner
+            .store
+            .run(run_id)?
+            .ok_or_else(|| EngineError::Invalid(format!("no run with id {run_id}")))?;
+        if run.status.is_finished() {
+            return Ok(run);
+        }
+        if run.status == RunStatus::Terminating {
+            if abort {
+                terminate_jobs(inner, &run, true).await;
+            }
+        } else if !terminate(inner, run, reason, abort).await? {
+            continue; // the run changed meanwhile: decide again
+        }
+        return inner
+            .store
+            .run(run_id)?
+            .ok_or_else(|| EngineError::Invalid(format!("run {run_id} disappeared")));
     }
-    Ok(inner
-        .store
-        .run(run_id)?
-        .unwrap_or_else(|| unreachable!("runs are never deleted while stopping")))
 }
 
 /// Resubmits `pending` runs when their backoff has passed.

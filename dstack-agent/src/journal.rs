@@ -1,0 +1,314 @@
+//! The job journal: one append-only file (`<state>/jobs.journal`) recording every job's state.
+//!
+//! Each line is one JSON object: either a [`JobRecord`] (a job's full state; the last record
+//! of an id wins) or a tombstone `{"removed":"<id>"}` (the job was deleted). Lines are
+//! appended whole, with one write, by a single writer, and not synced (a crash of the host
+//! loses at most the last changes, which recovery treats like any other job of a lost agent).
+//!
+//! On start the journal is read (lines that do not decode, such as one torn by a crash, are
+//! skipped), then compacted: rewritten, and synced, with only the live records. Records of
+//! older agents (`jobs/<id>/job.json`) are read too, carried into the compacted journal, and
+//! deleted.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, BufWriter, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+
+use dstack_core::agent::{JobInfo, JobSubmit};
+use serde::{Deserialize, Serialize};
+
+use crate::process::ProcessGroup;
+
+/// What the journal records about a job: everything needed to report, and after a restart
+/// recover, it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct JobRecord {
+    /// The job as the API reports it.
+    pub info: JobInfo,
+    /// What was submitted.
+    pub spec: JobSubmit,
+    /// The process group, when the process was started.
+    pub process: Option<ProcessGroup>,
+}
+
+/// One line of the journal.
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum Line {
+    /// The job was deleted: its earlier records no longer count.
+    Removed { removed: String },
+    /// The state of a job.
+    Record(Box<JobRecord>),
+}
+
+/// The open journal, appended to by every job.
+pub(crate) struct Journal {
+    file: Mutex<File>,
+}
+
+impl Journal {
+    /// Reads the journal at `path` and the records of older agents under `legacy_jobs`,
+    /// compacts the journal, and returns it open for appending with the live records.
+    pub fn open(path: &Path, legacy_jobs: &Path) -> io::Result<(Journal, Vec<JobRecord>)> {
+        let mut live = BTreeMap::new();
+        let legacy_files = read_legacy(legacy_jobs, &mut live)?;
+        match File::open(path) {
+            Ok(file) => replay(BufReader::new(file), path, &mut live)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let records: Vec<JobRecord> = live.into_values().collect();
+        compact(path, &records)?;
+        for legacy_file in legacy_files {
+            if let Err(e) = fs::remove_file(&legacy_file) {
+                eprintln!("dstack-agent: cannot remove {}: {e}", legacy_file.display());
+            }
+        }
+        let file = OpenOptions::new().append(true).open(path)?;
+        let journal = Journal {
+            file: Mutex::new(file),
+        };
+        Ok((journal, records))
+    }
+
+    /// Appends the current state of a job.
+    pub fn record(&self, record: JobRecord) -> io::Result<()> {
+        self.append(&Line::Record(Box::new(record)))
+    }
+
+    /// Appends the tombstone of the deleted job `id`.
+    pub fn remove(&self, id: &str) -> io::Result<()> {
+        self.append(&Line::Removed {
+            removed: id.to_string(),
+        })
+    }
+
+    fn append(&self, line: &Line) -> io::Result<()> {
+        let mut bytes = serde_json::to_vec(line)?;
+        bytes.push(b'\n');
+        let mut file = self.file.lock().unwrap_or_else(PoisonError::into_inner);
+        file.write_all(&bytes)
+    }
+}
+
+/// Applies the lines of a journal to `live`, skipping (and reporting) those that do not decode.
+fn replay(
+    journal: impl BufRead,
+    path: &Path,
+    live: &mut BTreeMap<String, JobRecord>,
+) -> io::Result<()> {
+    let mut lines = journal.split(b'\n').enumerate().peekable();
+    while let Some((index, line)) = lines.next() {
+        let line = line?;
+        if line.is_empty() {
+            continue;
+        }
+        match serde_json::from_slice::<Line>(&line) {
+            Ok(Line::Record(record)) => {
+                live.insert(record.spec.id.clone(), *record);
+            }
+            Ok(Line::Removed { removed }) => {
+                live.remove(&removed);
+            }
+            // The write of the last line was cut short (by a crash, or a full disk).
+            Err(_) if lines.peek().is_none() => {
+                eprintln!(
+                    "dstack-agent: ignoring the torn last line of {}",
+                    path.display()
+                );
+            }
+            Err(e) => eprintln!(
+                "dstack-agent: skipping line {} of {}: {e}",
+                index + 1,
+                path.display()
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// Replaces the journal at `path` by one holding only `records` (a temporary file, synced,
+/// then a rename: a crash leaves either journal whole).
+fn compact(path: &Path, records: &[JobRecord]) -> io::Result<()> {
+    let tmp = path.with_extension("journal.tmp");
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.set_permissions(fs::Permissions::from_mode(0o600))?;
+    let mut out = BufWriter::new(file);
+    for record in records {
+        serde_json::to_writer(&mut out, record)?;
+        out.write_all(b"\n")?;
+    }
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    fs::rename(tmp, path)
+}
+
+/// Adds the `<jobs>/<id>/job.json` records written by older agents to `live`; returns the
+/// files read. Unreadable records are reported and skipped.
+fn read_legacy(jobs: &Path, live: &mut BTreeMap<String, JobRecord>) -> io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in fs::read_dir(jobs)? {
+        let path = entry?.path().join("job.json");
+        let record = fs::read(&path)
+            .and_then(|bytes| serde_json::from_slice::<JobRecord>(&bytes).map_err(io::Error::from));
+        match record {
+            Ok(record) => {
+                live.insert(record.spec.id.clone(), record);
+                files.push(path);
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => eprintln!("dstack-agent: skipping {}: {e}", path.display()),
+        }
+    }
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use dstack_core::agent::AgentJobStatus;
+
+    use super::*;
+
+    fn record(id: &str, status: AgentJobStatus) -> JobRecord {
+        JobRecord {
+            info: JobInfo {
+                id: id.to_string(),
+                status,
+                exit_status: None,
+                termination_reason: None,
+                termination_message: None,
+                started_at_ms: 1,
+                finished_at_ms: None,
+                log_bytes: 0,
+            },
+            spec: JobSubmit {
+                id: id.to_string(),
+                name: format!("{id}-0-0"),
+                argv: vec!["/bin/true".into()],
+                env: BTreeMap::new(),
+                working_dir: "/".into(),
+                max_duration_secs: None,
+            },
+            process: None,
+        }
+    }
+
+    struct State {
+        dir: tempfile::TempDir,
+    }
+
+    impl State {
+        fn new() -> State {
+            let dir = tempfile::tempdir().unwrap();
+            fs::create_dir(dir.path().join("jobs")).unwrap();
+            State { dir }
+        }
+
+        fn journal(&self) -> PathBuf {
+            self.dir.path().join("jobs.journal")
+        }
+
+        fn jobs(&self) -> PathBuf {
+            self.dir.path().join("jobs")
+        }
+
+        /// Opens the journal; returns it and the (id, status) of its live records.
+        fn open(&self) -> (Journal, Vec<(String, AgentJobStatus)>) {
+            let (journal, records) = Journal::open(&self.journal(), &self.jobs()).unwrap();
+            let live = records
+                .into_iter()
+                .map(|r| (r.spec.id, r.info.status))
+                .collect();
+            (journal, live)
+        }
+
+        fn lines(&self) -> usize {
+            fs::read_to_string(self.journal()).unwrap().lines().count()
+        }
+    }
+
+    #[test]
+    fn the_last_record_wins_and_tombstones_remove() {
+        let state = State::new();
+        let (journal, live) = state.open();
+        assert!(live.is_empty());
+        journal
+            .record(record("a", AgentJobStatus::Running))
+            .unwrap();
+        journal
+            .record(record("b", AgentJobStatus::Running))
+            .unwrap();
+        journal.record(record("a", AgentJobStatus::Done)).unwrap();
+        journal.record(record("b", AgentJobStatus::Failed)).unwrap();
+        journal.remove("b").unwrap();
+        drop(journal);
+        assert_eq!(state.lines(), 5);
+
+        let (_journal, live) = state.open();
+        assert_eq!(live, [("a".to_string(), AgentJobStatus::Done)]);
+        assert_eq!(state.lines(), 1, "compacted");
+        let mode = fs::metadata(state.journal()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn undecodable_lines_are_skipped() {
+        let state = State::new();
+        let (journal, _) = state.open();
+        journal.record(record("a", AgentJobStatus::Done)).unwrap();
+        drop(journal);
+        let mut file = OpenOptions::new()
+            .append(true)
+            .open(state.journal())
+            .unwrap();
+        file.write_all(b"not json\n\xff\xfe\n").unwrap();
+        let mut good = serde_json::to_vec(&record("b", AgentJobStatus::Done)).unwrap();
+        good.push(b'\n');
+        file.write_all(&good).unwrap();
+        // A crash in the middle of a write.
+        let torn = serde_json::to_vec(&record("c", AgentJobStatus::Done)).unwrap();
+        file.write_all(&torn[..torn.len() / 2]).unwrap();
+        drop(file);
+
+        let (journal, live) = state.open();
+        let ids: Vec<&str> = live.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(ids, ["a", "b"]);
+        // Appending after a torn line starts a line of its own.
+        journal.record(record("d", AgentJobStatus::Done)).unwrap();
+        drop(journal);
+        assert_eq!(state.open().1.len(), 3);
+    }
+
+    #[test]
+    fn records_of_older_agents_are_carried_into_the_journal() {
+        let state = State::new();
+        let dir = state.jobs().join("old");
+        fs::create_dir(&dir).unwrap();
+        let old = record("old", AgentJobStatus::Done);
+        fs::write(
+            dir.join("job.json"),
+            serde_json::to_vec_pretty(&old).unwrap(),
+        )
+        .unwrap();
+        fs::write(dir.join("output.log"), "kept\n").unwrap();
+        let broken = state.jobs().join("broken");
+        fs::create_dir(&broken).unwrap();
+        fs::write(broken.join("job.json"), "{").unwrap();
+        fs::create_dir(state.jobs().join("new-style")).unwrap();
+
+        let (_journal, live) = state.open();
+        assert_eq!(live, [("old".to_string(), AgentJobStatus::Done)]);
+        assert!(!dir.join("job.json").exists());
+        assert!(dir.join("output.log").exists());
+        assert_eq!(state.lines(), 1);
+        let (_journal, live) = state.open();
+        assert_eq!(live, [("old".to_string(), AgentJobStatus::Done)]);
+    }
+}
