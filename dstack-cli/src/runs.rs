@@ -45,6 +45,13 @@ pub struct StopArgs {
     yes: bool,
 }
 
+fn jobs_of(client: &Client, run: &Run) -> Result<Vec<Job>, Failure> {
+    let store = client.engine().store();
+    Ok(store
+        .jobs_of_run(&run.id)
+        .map_err(dstack_core::engine::EngineError::from)?)
+}
+
 fn latest_job(jobs: &[Job]) -> Option<&Job> {
     jobs.iter()
         .filter(|j| j.job_num == 0)
@@ -70,11 +77,7 @@ pub async fn ps(client: &Client, args: &PsArgs) -> Result<ExitCode, Failure> {
     if args.json {
         let mut out = Vec::new();
         for run in &runs {
-            let jobs = client
-                .engine()
-                .store()
-                .jobs_of_run(&run.id)
-                .map_err(dstack_core::engine::EngineError::from)?;
+            let jobs = jobs_of(client, run)?;
             out.push(serde_json::json!({ "run": run, "jobs": jobs }));
         }
         println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
@@ -90,11 +93,7 @@ pub async fn ps(client: &Client, args: &PsArgs) -> Result<ExitCode, Failure> {
         "ERROR",
     ]);
     for run in &runs {
-        let jobs = client
-            .engine()
-            .store()
-            .jobs_of_run(&run.id)
-            .map_err(dstack_core::engine::EngineError::from)?;
+        let jobs = jobs_of(client, run)?;
         let job = latest_job(&jobs);
         let reservation = job.and_then(|j| j.reservation.as_ref());
         let resources = reservation
