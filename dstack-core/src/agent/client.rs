@@ -51,6 +51,10 @@ impl AgentError {
 
 type Io = TokioIo<tokio::net::UnixStream>;
 
+/// How long an agent may take to answer a request (the response head; streamed bodies may
+/// last as long as they need).
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A byte stream from the agent (logs).
 pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, AgentError>> + Send>>;
 /// A stream of job updates from the agent.
@@ -85,7 +89,26 @@ impl AgentClient {
         Ok(TokioIo::new(stream))
     }
 
+    /// Sends a request and waits for the response head, at most [`REQUEST_TIMEOUT`].
     async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Response<Incoming>, AgentError> {
+        match tokio::time::timeout(REQUEST_TIMEOUT, self.exchange(method, path, body)).await {
+            Ok(result) => result,
+            Err(_) => Err(AgentError::Unreachable {
+                target: self.socket.display().to_string(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the agent did not answer in time",
+                ),
+            }),
+        }
+    }
+
+    async fn exchange(
         &self,
         method: Method,
         path: &str,

@@ -20,8 +20,10 @@ pub(crate) async fn watch(inner: Arc<Inner>, instance: Instance) {
     loop {
         match follow(&inner, &instance).await {
             Ok(()) => {
+                // The stream ended (the agent restarted): reconnect soon, but never in a hot loop.
                 unreachable_since = None;
                 backoff = Duration::from_millis(50);
+                tokio::time::sleep(backoff).await;
             }
             Err(e) => {
                 let since = *unreachable_since.get_or_insert_with(tokio::time::Instant::now);
@@ -58,6 +60,7 @@ async fn follow(inner: &Arc<Inner>, instance: &Instance) -> Result<(), AgentErro
     while let Some(event) = events.next().await {
         match event {
             Ok(info) => jobs::on_agent_job(inner, info).await,
+            Err(AgentError::Decode(_)) => continue, // a line from a newer agent: skip it
             Err(_) => break,
         }
     }

@@ -17,7 +17,21 @@ const UNFINISHED: &[JobStatus] = &[
 /// Starts a `provisioning` job on its instance's agent (idempotent: safe to repeat after a
 /// crash, the agent knows the job by its id).
 pub(crate) async fn start(inner: Arc<Inner>, job: Job) {
-    if let Err(e) = try_start(&inner, &job).await {
+    if !inner
+        .starting
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(job.id.clone())
+    {
+        return; // already being started by this process
+    }
+    let result = try_start(&inner, &job).await;
+    inner
+        .starting
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&job.id);
+    if let Err(e) = result {
         let reason = match &e {
             EngineError::Agent(a) if a.is_unreachable() => {
                 JobTerminationReason::InstanceUnreachable
@@ -53,25 +67,44 @@ async fn try_start(inner: &Arc<Inner>, job: &Job) -> Result<(), EngineError> {
         runs::reconcile(inner, &job.run_id).await?;
         return Ok(());
     }
-    // The job changed meanwhile: finished (a fast job) or asked to stop before it started.
-    if let Some(current) = inner.store.job(&job.id)? {
-        if current.status == JobStatus::Terminating {
-            let reason = current.termination_reason.clone().unwrap_or_default();
-            let aborted = reason == JobTerminationReason::AbortedByUser.as_str();
-            let grace = inner.options.stop_grace.as_secs();
-            agent
-                .stop(
-                    &job.id,
-                    &StopRequest {
-                        abort: aborted,
-                        grace_secs: grace,
-                        reason,
-                    },
-                )
-                .await?;
-        }
+    // The job changed meanwhile: finished (a fast job), or asked to stop (or given up on) before
+    // it started. Whatever the store says now, a process the store does not show as running
+    // must not run on.
+    let current = inner.store.job(&job.id)?;
+    if current
+        .as_ref()
+        .is_none_or(|c| c.status != JobStatus::Running)
+    {
+        stop_orphan(inner, &agent, current.as_ref(), &job.id).await;
     }
     Ok(())
+}
+
+/// Stops a process that runs on an agent while the store no longer expects it to.
+async fn stop_orphan(
+    inner: &Arc<Inner>,
+    agent: &crate::agent::AgentClient,
+    job: Option<&Job>,
+    id: &str,
+) {
+    let reason = job
+        .and_then(|j| j.termination_reason.clone())
+        .unwrap_or_else(|| {
+            JobTerminationReason::TerminatedByServer
+                .as_str()
+                .to_string()
+        });
+    let abort = reason == JobTerminationReason::AbortedByUser.as_str();
+    let request = StopRequest {
+        abort,
+        grace_secs: inner.options.stop_grace.as_secs(),
+        reason,
+    };
+    if let Ok(info) = agent.stop(id, &request).await {
+        if info.status.is_finished() {
+            Box::pin(on_agent_job(inner, info)).await;
+        }
+    }
 }
 
 /// Records that a job could not be started or was lost.
@@ -100,9 +133,39 @@ pub(crate) async fn on_agent_job(inner: &Arc<Inner>, info: JobInfo) {
         return;
     };
     if job.status.is_finished() {
+        if info.status == AgentJobStatus::Running {
+            // Recorded as finished (given up on), yet running: stop it.
+            if let Some(agent) = job.instance_id.as_deref().and_then(|i| {
+                inner
+                    .agents
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(i)
+                    .cloned()
+            }) {
+                Box::pin(stop_orphan(inner, &agent, Some(&job), &job.id)).await;
+            }
+        } else {
+            // Make sure the run saw this job's end (a reconcile may have been lost in a crash).
+            let _ = Box::pin(runs::reconcile(inner, &job.run_id)).await;
+        }
         return;
     }
     if info.status == AgentJobStatus::Running {
+        if job.status == JobStatus::Terminating {
+            // A stop that may have reached the agent before the job did: send it again.
+            if let Some(agent) = job.instance_id.as_deref().and_then(|i| {
+                inner
+                    .agents
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(i)
+                    .cloned()
+            }) {
+                Box::pin(stop_orphan(inner, &agent, Some(&job), &job.id)).await;
+            }
+            return;
+        }
         if job.status == JobStatus::Provisioning {
             job.status = JobStatus::Running;
             job.started_at_ms = Some(info.started_at_ms);

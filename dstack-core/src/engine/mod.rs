@@ -13,6 +13,7 @@ mod jobs;
 pub mod names;
 mod runs;
 mod scheduler;
+mod sweep;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -143,6 +144,8 @@ pub(crate) struct Inner {
     pub(crate) retries: Notify,
     pub(crate) changes: broadcast::Sender<RunChange>,
     pub(crate) agents: Mutex<HashMap<String, AgentClient>>,
+    /// Jobs this process is starting right now.
+    pub(crate) starting: Mutex<std::collections::HashSet<String>>,
     pub(crate) configs: Mutex<HashMap<String, Arc<Configuration>>>,
 }
 
@@ -182,6 +185,7 @@ impl Engine {
             retries: Notify::new(),
             changes: broadcast::channel(1024).0,
             agents: Mutex::new(HashMap::new()),
+            starting: Mutex::new(Default::default()),
             configs: Mutex::new(HashMap::new()),
         });
         inner.ensure_implicit_fleets().await?;
@@ -198,6 +202,7 @@ impl Engine {
         }
         tasks.push(tokio::spawn(scheduler::run(inner.clone())).abort_handle());
         tasks.push(tokio::spawn(runs::retry_timer(inner.clone())).abort_handle());
+        tasks.push(tokio::spawn(sweep::run(inner.clone())).abort_handle());
         for job in inner.store.jobs_with_status(&[JobStatus::Provisioning])? {
             tokio::spawn(jobs::start(inner.clone(), job));
         }
@@ -417,6 +422,16 @@ impl Inner {
                     .to_string(),
             ));
         }
+        if let Some(crate::config::profile::Retry::Policy {
+            duration: Some(d), ..
+        }) = &common.profile.retry
+        {
+            if d.0 < 0 {
+                return Err(EngineError::Invalid(
+                    "retry.duration cannot be negative".to_string(),
+                ));
+            }
+        }
         if let Configuration::Task(t) = configuration {
             if t.nodes.unwrap_or(1) > 1 || t.groups.is_some() {
                 return Err(EngineError::Unsupported(
@@ -497,17 +512,20 @@ impl Inner {
             let offer = backend.offers().await?.into_iter().next().ok_or_else(|| {
                 EngineError::Unsupported("the local backend has no offer for this host".to_string())
             })?;
-            let fleet = Fleet {
-                id: uuid::Uuid::new_v4().to_string(),
+            // Reuse the fleet if an earlier start got as far as creating it.
+            let existing = self.store.fleets()?.into_iter().find(|f| f.name == "local");
+            // Fixed ids: processes starting on a fresh state file at once write the same rows.
+            let fleet = existing.unwrap_or_else(|| Fleet {
+                id: "fleet-local".to_string(),
                 name: "local".to_string(),
                 status: FleetStatus::Active,
                 configuration: None,
                 created_at_ms: now_ms(),
-            };
+            });
             self.store.put_fleet(&fleet)?;
             let created = backend.create_instance(&offer).await?;
             let instance = Instance {
-                id: uuid::Uuid::new_v4().to_string(),
+                id: "instance-local-0".to_string(),
                 name: "local-0".to_string(),
                 fleet_id: fleet.id.clone(),
                 backend: "local".to_string(),

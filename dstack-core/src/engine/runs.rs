@@ -84,14 +84,14 @@ fn verdict(run: &Run, retry: &Option<Retry>, job: &Job, all: &[Job], now: u64) -
     }
     let provisioned = all
         .iter()
-        .filter(|j| j.job_num == job.job_num && j.started_at_ms.is_some())
+        .filter(|j| j.job_num == job.job_num && j.instance_id.is_some())
         .max_by_key(|j| j.submission_num);
     let since = match provisioned {
-        None if event == RetryEvent::NoCapacity => run.submitted_at_ms,
-        None => job.finished_at_ms.unwrap_or(now),
+        // Never placed: the window runs from the run's submission.
+        None => run.submitted_at_ms,
         Some(p) => p.finished_at_ms.or(p.started_at_ms).unwrap_or(now),
     };
-    if now.saturating_sub(since) as i64 > duration * 1000 {
+    if now.saturating_sub(since) as i64 > duration.max(0).saturating_mul(1000) {
         Verdict::Failed(RunTerminationReason::RetryLimitExceeded)
     } else {
         Verdict::Retry
@@ -242,29 +242,51 @@ pub(crate) async fn terminate_jobs(inner: &Arc<Inner>, run: &Run, abort: bool) {
         Ok(jobs) => jobs,
         Err(_) => return,
     };
-    for mut job in jobs.into_iter().filter(|j| !j.status.is_finished()) {
+    for job in jobs.into_iter().filter(|j| !j.status.is_finished()) {
+        terminate_job(inner, run, job, job_reason, abort);
+    }
+}
+
+/// Stops one job of a terminating run. A compare-and-set that loses to a concurrent change
+/// (the job was just placed or started) reads the job again and retries, so no job of a
+/// terminating run is left running.
+fn terminate_job(
+    inner: &Arc<Inner>,
+    run: &Run,
+    mut job: Job,
+    reason: JobTerminationReason,
+    abort: bool,
+) {
+    for _ in 0..16 {
         let from = job.status;
+        if from.is_finished() {
+            return;
+        }
+        let mut next = job.clone();
+        next.termination_reason = Some(reason.as_str().to_string());
         if from == JobStatus::Submitted {
-            job.status = job_reason.job_status();
-            job.termination_reason = Some(job_reason.as_str().to_string());
-            job.finished_at_ms = Some(now_ms());
-            let _ = inner.store.update_job(&job, &[from]);
-            continue;
+            next.status = reason.job_status();
+            next.finished_at_ms = Some(now_ms());
+        } else {
+            next.status = JobStatus::Terminating;
         }
-        if from != JobStatus::Terminating {
-            job.status = JobStatus::Terminating;
-            job.termination_reason = Some(job_reason.as_str().to_string());
-            if !inner.store.update_job(&job, &[from]).unwrap_or(false) {
-                continue;
+        let changed = from == JobStatus::Terminating
+            || inner.store.update_job(&next, &[from]).unwrap_or(false);
+        if changed {
+            if next.status == JobStatus::Terminating {
+                let request = StopRequest {
+                    abort,
+                    grace_secs: stop_grace(inner, run),
+                    reason: reason.as_str().to_string(),
+                };
+                tokio::spawn(stop_on_agent(inner.clone(), next, request));
             }
+            return;
         }
-        let grace = stop_grace(inner, run);
-        let request = StopRequest {
-            abort,
-            grace_secs: grace,
-            reason: job_reason.as_str().to_string(),
-        };
-        tokio::spawn(stop_on_agent(inner.clone(), job, request));
+        match inner.store.job(&job.id) {
+            Ok(Some(current)) => job = current,
+            _ => return,
+        }
     }
 }
 
@@ -338,9 +360,8 @@ pub(crate) async fn stop(
             return Ok(run);
         }
         if run.status == RunStatus::Terminating {
-            if abort {
-                terminate_jobs(inner, &run, true).await;
-            }
+            // Stop again: escalates to abort, and re-sends a stop an agent may have missed.
+            terminate_jobs(inner, &run, abort).await;
         } else if !terminate(inner, run, reason, abort).await? {
             continue; // the run changed meanwhile: decide again
         }

@@ -298,6 +298,26 @@ impl Store for SqliteStore {
                 .optional()?;
             let Some(job) = job else { return Ok(None) };
             let mut job: Job = from_json(&job)?;
+            let run_status: Option<String> = tx
+                .query_row("SELECT status FROM runs WHERE id = ?", [&job.run_id], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            let ending = ["terminating", "terminated", "failed", "done"];
+            if run_status.as_deref().is_none_or(|s| ending.contains(&s)) {
+                return Ok(None); // the run is ending: its termination finishes this job
+            }
+            let run_status: Option<String> = tx
+                .query_row("SELECT status FROM runs WHERE id = ?", [&job.run_id], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            if run_status
+                .as_deref()
+                .is_none_or(|s| ["terminating", "terminated", "failed", "done"].contains(&s))
+            {
+                return Ok(None); // the run is ending: its termination finishes this job
+            }
             let holding = status_strs(HOLDING, JobStatus::as_str);
             let sql = format!(
                 "SELECT data FROM jobs WHERE instance_id = ? AND status IN ({})",

@@ -1,0 +1,38 @@
+//! A slow safety net under the event-driven paths: every few seconds, pick up what an event
+//! could not deliver — work left by a process that exited mid-way, changes made by other
+//! processes sharing the state file, a reconciliation lost to an error.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{jobs, runs, Inner};
+use crate::model::{JobStatus, RunStatus};
+
+/// How often the sweep runs.
+const PERIOD: Duration = Duration::from_secs(3);
+
+/// Runs the sweep forever.
+pub(crate) async fn run(inner: Arc<Inner>) {
+    loop {
+        tokio::time::sleep(PERIOD).await;
+        inner.schedule.notify_one();
+        inner.retries.notify_one();
+        if let Ok(jobs) = inner.store.jobs_with_status(&[JobStatus::Provisioning]) {
+            for job in jobs {
+                // Starting is idempotent on the agent, so a start in flight elsewhere is harmless.
+                tokio::spawn(jobs::start(inner.clone(), job));
+            }
+        }
+        let active = [
+            RunStatus::Submitted,
+            RunStatus::Provisioning,
+            RunStatus::Running,
+            RunStatus::Terminating,
+        ];
+        if let Ok(active) = inner.store.runs_with_status(&active) {
+            for run in active {
+                let _ = runs::reconcile(&inner, &run.id).await;
+            }
+        }
+    }
+}
