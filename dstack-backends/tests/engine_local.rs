@@ -531,3 +531,45 @@ async fn many_instant_runs_all_finish() {
         assert_eq!(finish(run).await.status, RunStatus::Done, "{}", run.name());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_right_after_applying_leaves_nothing_running() {
+    // Stop races placement and start; every run must end terminated and no process survive.
+    let home = Home::new();
+    let client = home.client().await;
+    let yaml = "type: task\nshell: sh\ncommands: ['sleep 30']\nresources: {cpu: 0.., memory: 0.01GB.., disk: 1GB..}\n";
+    let mut runs = Vec::new();
+    for i in 0..30 {
+        let run = apply(&client, yaml, home.path()).await;
+        match i % 3 {
+            0 => tokio::task::yield_now().await,
+            1 => tokio::time::sleep(Duration::from_millis(2 * (i % 7))).await,
+            _ => {}
+        }
+        run.stop(i % 2 == 0).await.unwrap();
+        runs.push(run);
+    }
+    for run in &runs {
+        let r = finish(run).await;
+        assert_eq!(r.status, RunStatus::Terminated, "{}", run.name());
+    }
+    let agent = client.engine().agent("instance-local-0").await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let running: Vec<_> = agent
+            .jobs()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|j| !j.status.is_finished())
+            .collect();
+        if running.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running on the agent: {running:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
