@@ -12,7 +12,7 @@ use dstack_core::model::RunStatus;
 use dstack_core::{Client, ClientOptions};
 
 const TASK: &str =
-    "type: task\nshell: sh\ncommands: ['true']\nresources: {cpu: 1.., memory: 0.1GB.., disk: 1GB..}\n";
+    "type: task\nshell: sh\ncommands: ['true']\nresources: {cpu: CPUS, memory: 0.1GB.., disk: 1GB..}\n";
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
@@ -54,7 +54,12 @@ async fn main() {
         engine: EngineOptions::default(),
     };
     let client = Client::open(options).await.expect("client");
-    let config = parse(TASK, "bench").expect("valid");
+    // BENCH_CPU sets the task's `cpu:` (default `1..`: two at a time on two cores).
+    let task = TASK.replace(
+        "CPUS",
+        &std::env::var("BENCH_CPU").unwrap_or_else(|_| "1..".into()),
+    );
+    let config = parse(&task, "bench").expect("valid");
     let apply_opts = || ApplyOptions {
         client_dir: Some("/tmp".into()),
         client_env: Some(Default::default()),
@@ -122,10 +127,15 @@ async fn main() {
                 .expect("apply"),
         );
     }
+    let submitted = t.elapsed();
     for run in &runs {
         assert_eq!(run.wait().await.expect("wait").status, RunStatus::Done);
     }
     let engine_sweep = t.elapsed();
+    println!(
+        "engine: {sweep} runs submitted in          {:>8.3} s",
+        submitted.as_secs_f64()
+    );
     println!(
         "floor: {sweep} spawns, two at a time      {:>8.3} s",
         floor_sweep.as_secs_f64()

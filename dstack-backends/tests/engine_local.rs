@@ -180,12 +180,17 @@ async fn stop_abort_and_max_duration() {
     let home = Home::new();
     let client = home.client().await;
     let dir = home.path();
-    let graceful = apply(
-        &client,
-        &task("  - trap 'echo got TERM; exit 0' TERM\n  - echo started\n  - sleep 1000 & wait\n"),
-        dir,
-    )
-    .await;
+    let graceful =
+        apply(
+            &client,
+            // A generous grace period: under a loaded CI machine the trap must get to run.
+            &format!(
+            "{}stop_duration: 60s\n",
+            task("  - trap 'echo got TERM; exit 0' TERM\n  - echo started\n  - sleep 1000 & wait\n")
+        ),
+            dir,
+        )
+        .await;
     let aborted = apply(&client, &task("  - sleep 1000\n"), dir).await;
     let limited = apply(
         &client,
@@ -202,7 +207,15 @@ async fn stop_abort_and_max_duration() {
         .unwrap()
         .unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Stop only once the job's shell has installed its trap.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !all_logs(&graceful).await.contains("started") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job never started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     graceful.stop(false).await.unwrap();
     aborted.stop(true).await.unwrap();
     let g = finish(&graceful).await;

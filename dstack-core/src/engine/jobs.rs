@@ -152,20 +152,6 @@ pub(crate) async fn on_agent_job(inner: &Arc<Inner>, info: JobInfo) {
         return;
     }
     if info.status == AgentJobStatus::Running {
-        if job.status == JobStatus::Terminating {
-            // A stop that may have reached the agent before the job did: send it again.
-            if let Some(agent) = job.instance_id.as_deref().and_then(|i| {
-                inner
-                    .agents
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get(i)
-                    .cloned()
-            }) {
-                Box::pin(stop_orphan(inner, &agent, Some(&job), &job.id)).await;
-            }
-            return;
-        }
         if job.status == JobStatus::Provisioning {
             job.status = JobStatus::Running;
             job.started_at_ms = Some(info.started_at_ms);

@@ -23,8 +23,8 @@ pub(crate) async fn run(inner: Arc<Inner>) {
                 tokio::spawn(jobs::start(inner.clone(), job));
             }
         }
+        // Runs whose jobs are placed (waiting runs are the scheduler's, woken above).
         let active = [
-            RunStatus::Submitted,
             RunStatus::Provisioning,
             RunStatus::Running,
             RunStatus::Terminating,

@@ -41,6 +41,10 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX jobs_instance ON jobs(instance_id);
     CREATE TABLE fleets (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, data TEXT NOT NULL);
     CREATE TABLE instances (id TEXT PRIMARY KEY, fleet_id TEXT NOT NULL, data TEXT NOT NULL);",
+    // 2: indexes for the hot queries (placement, the waiting queue, names).
+    "CREATE INDEX jobs_instance_status ON jobs(instance_id, status);
+    CREATE INDEX jobs_status_submitted ON jobs(status, submitted_at);
+    CREATE INDEX runs_name ON runs(name, submitted_at);",
 ];
 
 /// Job statuses that hold resources on their instance.
@@ -210,11 +214,12 @@ impl Store for SqliteStore {
 
     fn run_names(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         self.with(|c| {
-            let sql = "SELECT name FROM runs WHERE replaced = 0 AND substr(name, 1, ?1) = ?2";
+            // Names are ASCII: every name starting with `prefix` sorts below `prefix` + DEL.
+            let sql = "SELECT name FROM runs WHERE name >= ?1 AND name < ?2 AND replaced = 0";
             let mut stmt = c.prepare_cached(sql)?;
-            let len = prefix.len() as i64;
+            let upper = format!("{prefix}\u{7f}");
             let names = stmt
-                .query_map(params![len, prefix], |r| r.get(0))?
+                .query_map(params![prefix, upper], |r| r.get(0))?
                 .collect::<Result<Vec<String>, _>>()?;
             Ok(names)
         })
