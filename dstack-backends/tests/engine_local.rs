@@ -103,6 +103,17 @@ async fn finish(run: &RunHandle) -> dstack_core::model::Run {
         .unwrap()
 }
 
+/// Waits for the run and asserts it is done, showing its jobs when it is not.
+async fn assert_done(run: &RunHandle) {
+    let r = finish(run).await;
+    assert_eq!(
+        r.status,
+        RunStatus::Done,
+        "{r:?}\n{:?}",
+        run.jobs().unwrap()
+    );
+}
+
 async fn all_logs(run: &RunHandle) -> String {
     let mut out = Vec::new();
     let mut logs = run.logs(false);
@@ -186,7 +197,7 @@ async fn stop_abort_and_max_duration() {
             // A generous grace period: under a loaded CI machine the trap must get to run.
             &format!(
             "{}stop_duration: 60s\n",
-            task("  - trap 'echo got TERM; exit 0' TERM\n  - echo started\n  - sleep 1000 & wait\n")
+            task("  - trap 'echo got TERM; exit 0' TERM\n  - echo started\n  - while true; do sleep 0.1; done\n")
         ),
             dir,
         )
@@ -228,7 +239,12 @@ async fn stop_abort_and_max_duration() {
         graceful.jobs().unwrap()[0].termination_reason.as_deref(),
         Some("terminated_by_user")
     );
-    assert!(all_logs(&graceful).await.contains("got TERM"));
+    let logs = all_logs(&graceful).await;
+    assert!(
+        logs.contains("got TERM"),
+        "logs: {logs:?}, job: {:?}",
+        graceful.jobs().unwrap()[0]
+    );
     let a = finish(&aborted).await;
     assert_eq!(
         (a.status, a.termination_reason.as_deref()),
@@ -339,7 +355,7 @@ async fn jobs_get_dstacks_environment() {
         task("  - env | grep -E '^(DSTACK_|GREETING|CUDA_VISIBLE)' | sort\n  - pwd\n")
     );
     let run = apply(&client, &yaml, home.path()).await;
-    assert_eq!(finish(&run).await.status, RunStatus::Done);
+    assert_done(&run).await;
     let logs = all_logs(&run).await;
     let job = &run.jobs().unwrap()[0];
     for expected in [
@@ -421,6 +437,12 @@ async fn a_killed_agent_fails_its_job_within_seconds() {
     .await
     .unwrap()
     .unwrap();
+    // Kill only once the output is on disk (output still in the pipe dies with the agent).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !all_logs(&run).await.starts_with("before\n") {
+        assert!(std::time::Instant::now() < deadline, "no output");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let pid = home.agent_pid().expect("agent pid");
     std::process::Command::new("kill")
         .arg("-9")
@@ -444,7 +466,12 @@ async fn a_killed_agent_fails_its_job_within_seconds() {
             .contains("agent"),
         "{job:?}"
     );
-    assert!(all_logs(&run).await.starts_with("before\n"));
+    let logs = all_logs(&run).await;
+    assert!(
+        logs.starts_with("before\n"),
+        "{logs:?} {:?}",
+        run.jobs().unwrap()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -463,7 +490,7 @@ async fn a_gigabyte_of_output_streams_with_bounded_memory() {
         total += chunk.unwrap().len();
     }
     assert_eq!(total, 1 << 30);
-    assert_eq!(finish(&run).await.status, RunStatus::Done);
+    assert_done(&run).await;
     for pid in ["self".to_string(), home.agent_pid().unwrap().to_string()] {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         let hwm_kb: u64 = status
@@ -541,7 +568,13 @@ async fn many_instant_runs_all_finish() {
         runs.push(apply(&client, yaml, home.path()).await);
     }
     for run in &runs {
-        assert_eq!(finish(run).await.status, RunStatus::Done, "{}", run.name());
+        let r = finish(run).await;
+        assert_eq!(
+            r.status,
+            RunStatus::Done,
+            "{r:?}\n{:?}",
+            run.jobs().unwrap()
+        );
     }
 }
 

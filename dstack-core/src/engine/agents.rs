@@ -52,8 +52,9 @@ async fn follow(inner: &Arc<Inner>, instance: &Instance) -> Result<(), AgentErro
             source: std::io::Error::other(e.to_string()),
         })?;
     let mut events = client.events().await?;
+    let candidates = jobs::started_on(inner, &instance.id);
     let snapshot = client.jobs().await?;
-    jobs::fail_unknown(inner, &instance.id, &snapshot).await;
+    jobs::fail_unknown(inner, candidates, &snapshot).await;
     for info in snapshot {
         jobs::on_agent_job(inner, info).await;
     }

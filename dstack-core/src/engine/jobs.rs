@@ -190,21 +190,25 @@ pub(crate) async fn on_agent_job(inner: &Arc<Inner>, info: JobInfo) {
     }
 }
 
-/// Fails the `running` jobs of an instance that its agent does not know (lost with its state).
-pub(crate) async fn fail_unknown(inner: &Arc<Inner>, instance_id: &str, known: &[JobInfo]) {
-    let Ok(jobs) = inner
-        .store
-        .jobs_with_status(&[JobStatus::Running, JobStatus::Terminating])
-    else {
-        return;
-    };
-    for job in jobs {
-        if job.instance_id.as_deref() == Some(instance_id) && !known.iter().any(|k| k.id == job.id)
-        {
+/// Fails the `candidates` (see [`started_on`]) that the agent does not know (lost with its
+/// state).
+pub(crate) async fn fail_unknown(inner: &Arc<Inner>, candidates: Vec<Job>, known: &[JobInfo]) {
+    for job in candidates {
+        if !known.iter().any(|k| k.id == job.id) {
             let message = "the agent has no record of this job; it was lost".to_string();
             fail(inner, job, JobTerminationReason::ExecutorError, message).await;
         }
     }
+}
+
+/// The jobs an instance's agent must know: those the store shows running there. Read them
+/// *before* asking the agent, so that a job started in between is not taken for lost.
+pub(crate) fn started_on(inner: &Inner, instance_id: &str) -> Vec<Job> {
+    let statuses = [JobStatus::Running, JobStatus::Terminating];
+    let jobs = inner.store.jobs_with_status(&statuses).unwrap_or_default();
+    jobs.into_iter()
+        .filter(|j| j.instance_id.as_deref() == Some(instance_id))
+        .collect()
 }
 
 /// Fails every unfinished job placed on an instance that cannot be reached.

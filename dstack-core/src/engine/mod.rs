@@ -189,6 +189,7 @@ impl Engine {
             configs: Mutex::new(HashMap::new()),
         });
         inner.ensure_implicit_fleets().await?;
+        inner.catch_up().await;
         let mut tasks = Vec::new();
         for instance in inner.store.instances()? {
             if matches!(
@@ -490,6 +491,39 @@ impl Inner {
             offers,
             no_offers_reason,
         })
+    }
+
+    /// Records what the agents did while no engine was watching (jobs that finished meanwhile),
+    /// so that a fresh process reports the truth at once instead of after its watchers connect.
+    async fn catch_up(self: &Arc<Self>) {
+        let Ok(instances) = self.store.instances() else {
+            return;
+        };
+        let Ok(unfinished) = self
+            .store
+            .jobs_with_status(&[JobStatus::Running, JobStatus::Terminating])
+        else {
+            return;
+        };
+        for instance in instances {
+            if !unfinished
+                .iter()
+                .any(|j| j.instance_id.as_deref() == Some(instance.id.as_str()))
+            {
+                continue;
+            }
+            let Ok(agent) = self.agent(&instance.id).await else {
+                continue;
+            };
+            let Ok(reported) = agent.jobs().await else {
+                continue;
+            };
+            for info in reported {
+                if info.status.is_finished() && unfinished.iter().any(|j| j.id == info.id) {
+                    jobs::on_agent_job(self, info).await;
+                }
+            }
+        }
     }
 
     /// Creates the implicit fleet of each backend that has one (the local backend: this host).

@@ -151,7 +151,7 @@ async fn reconcile_once(inner: &Arc<Inner>, run_id: &str) -> Result<bool, Engine
     let any = |f: fn(&Verdict) -> bool| verdicts.iter().any(f);
     let from = run.status;
     if let Some(reason) = failed {
-        return terminate(inner, run, reason, false).await;
+        return terminate(inner, run, reason, false, &jobs).await;
     } else if any(|v| matches!(v, Verdict::Running)) {
         run.status = RunStatus::Running;
     } else if any(|v| matches!(v, Verdict::Provisioning)) {
@@ -171,7 +171,7 @@ async fn reconcile_once(inner: &Arc<Inner>, run_id: &str) -> Result<bool, Engine
         run.next_attempt_at_ms = Some(now + delay.as_millis() as u64);
         run.status_message = Some(format!("retrying in {}s", delay.as_secs()));
     } else {
-        return terminate(inner, run, RunTerminationReason::AllJobsDone, false).await;
+        return terminate(inner, run, RunTerminationReason::AllJobsDone, false, &jobs).await;
     }
     if run.status == from {
         return Ok(true);
@@ -193,11 +193,22 @@ async fn terminate(
     mut run: Run,
     reason: RunTerminationReason,
     abort: bool,
+    jobs: &[Job],
 ) -> Result<bool, EngineError> {
     let from = run.status;
-    run.status = RunStatus::Terminating;
     run.termination_reason = Some(reason.as_str().to_string());
     run.status_message = reason.error().map(str::to_string);
+    if jobs.iter().all(|j| j.status.is_finished()) {
+        // Nothing to stop: finish in one step.
+        run.status = reason.run_status();
+        if !inner.store.update_run(&run, &[from])? {
+            return Ok(false);
+        }
+        forget(inner, &run);
+        inner.emit(&run);
+        return Ok(true);
+    }
+    run.status = RunStatus::Terminating;
     if !inner.store.update_run(&run, &[from])? {
         return Ok(false);
     }
@@ -206,6 +217,15 @@ async fn terminate(
     let jobs = inner.store.jobs_of_run(&run.id)?;
     finish_if_done(inner, run, &jobs)?;
     Ok(true)
+}
+
+/// Drops what the engine caches about a finished run.
+fn forget(inner: &Inner, run: &Run) {
+    inner
+        .configs
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&run.id);
 }
 
 fn finish_if_done(inner: &Arc<Inner>, mut run: Run, jobs: &[Job]) -> Result<(), EngineError> {
@@ -219,11 +239,7 @@ fn finish_if_done(inner: &Arc<Inner>, mut run: Run, jobs: &[Job]) -> Result<(), 
         .unwrap_or(RunTerminationReason::ServerError);
     run.status = reason.run_status();
     if inner.store.update_run(&run, &[RunStatus::Terminating])? {
-        inner
-            .configs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&run.id);
+        forget(inner, &run);
         inner.emit(&run);
     }
     Ok(())
@@ -362,7 +378,7 @@ pub(crate) async fn stop(
         if run.status == RunStatus::Terminating {
             // Stop again: escalates to abort, and re-sends a stop an agent may have missed.
             terminate_jobs(inner, &run, abort).await;
-        } else if !terminate(inner, run, reason, abort).await? {
+        } else if !terminate(inner, run, reason, abort, &inner.store.jobs_of_run(run_id)?).await? {
             continue; // the run changed meanwhile: decide again
         }
         return inner

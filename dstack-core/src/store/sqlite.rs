@@ -45,6 +45,8 @@ const MIGRATIONS: &[&str] = &[
     "CREATE INDEX jobs_instance_status ON jobs(instance_id, status);
     CREATE INDEX jobs_status_submitted ON jobs(status, submitted_at);
     CREATE INDEX runs_name ON runs(name, submitted_at);",
+    // 3: a job's reservation beside its record, so placement sums it without decoding jobs.
+    "ALTER TABLE jobs ADD COLUMN reservation TEXT;",
 ];
 
 /// Job statuses that hold resources on their instance.
@@ -325,18 +327,24 @@ impl Store for SqliteStore {
             }
             let holding = status_strs(HOLDING, JobStatus::as_str);
             let sql = format!(
-                "SELECT data FROM jobs WHERE instance_id = ? AND status IN ({})",
+                "SELECT reservation, data FROM jobs WHERE instance_id = ? AND status IN ({})",
                 placeholders(holding.len())
             );
             let mut args: Vec<&dyn rusqlite::ToSql> = vec![&instance_id];
             args.extend(holding.iter().map(|s| s as &dyn rusqlite::ToSql));
             let held = {
                 let mut stmt = tx.prepare_cached(&sql)?;
-                let rows = stmt.query_map(args.as_slice(), |r| r.get::<_, String>(0))?;
+                let rows = stmt.query_map(args.as_slice(), |r| {
+                    Ok((r.get::<_, Option<String>>(0)?, r.get::<_, String>(1)?))
+                })?;
                 let mut held = Vec::new();
                 for row in rows {
-                    let other: Job = from_json(&row?)?;
-                    held.extend(other.reservation);
+                    let (reservation, data) = row?;
+                    match reservation {
+                        Some(r) => held.push(from_json(&r)?),
+                        // Written before the column existed.
+                        None => held.extend(from_json::<Job>(&data)?.reservation),
+                    }
                 }
                 held
             };
@@ -397,8 +405,8 @@ impl rusqlite::ToSql for RunStatus {
 
 fn insert_job(c: &Connection, job: &Job) -> Result<(), StoreError> {
     c.prepare_cached(
-        "INSERT INTO jobs (id, run_id, job_num, submission_num, status, instance_id, submitted_at, data)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO jobs (id, run_id, job_num, submission_num, status, instance_id, submitted_at, data, reservation)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )?
     .execute(params![
         job.id,
@@ -408,7 +416,8 @@ fn insert_job(c: &Connection, job: &Job) -> Result<(), StoreError> {
         job.status.as_str(),
         job.instance_id,
         job.submitted_at_ms as i64,
-        json(job)?
+        json(job)?,
+        job.reservation.as_ref().map(json).transpose()?
     ])?;
     Ok(())
 }
@@ -416,12 +425,14 @@ fn insert_job(c: &Connection, job: &Job) -> Result<(), StoreError> {
 fn update_job(c: &Connection, job: &Job, expected: &[JobStatus]) -> Result<bool, StoreError> {
     let names = status_strs(expected, JobStatus::as_str);
     let sql = format!(
-        "UPDATE jobs SET status = ?, instance_id = ?, data = ? WHERE id = ? AND status IN ({})",
+        "UPDATE jobs SET status = ?, instance_id = ?, data = ?, reservation = ? WHERE id = ? AND status IN ({})",
         placeholders(names.len())
     );
     let data = json(job)?;
+    let reservation = job.reservation.as_ref().map(json).transpose()?;
     let status = job.status.as_str();
-    let mut args: Vec<&dyn rusqlite::ToSql> = vec![&status, &job.instance_id, &data, &job.id];
+    let mut args: Vec<&dyn rusqlite::ToSql> =
+        vec![&status, &job.instance_id, &data, &reservation, &job.id];
     args.extend(names.iter().map(|s| s as &dyn rusqlite::ToSql));
     Ok(c.prepare_cached(&sql)?.execute(args.as_slice())? == 1)
 }
