@@ -327,13 +327,25 @@ async fn stop_job_on_agent(inner: &Arc<Inner>, job: Job, request: StopRequest) {
     let Some(instance_id) = job.instance_id.clone() else {
         return;
     };
-    let result = match inner.agent(&instance_id).await {
-        Ok(agent) => agent
-            .stop(&job.id, &request)
-            .await
-            .map_err(EngineError::from),
-        Err(e) => Err(e),
-    };
+    // A stop that fails (agent restarting, busy) is retried a few times before the watcher's
+    // unreachable deadline takes over.
+    let mut delay = Duration::from_millis(200);
+    let mut result = Err(EngineError::Invalid("not tried".to_string()));
+    for _ in 0..5 {
+        result = match inner.agent(&instance_id).await {
+            Ok(agent) => agent
+                .stop(&job.id, &request)
+                .await
+                .map_err(EngineError::from),
+            Err(e) => Err(e),
+        };
+        let retry = matches!(&result, Err(e) if !matches!(e, EngineError::Agent(crate::agent::AgentError::Status { status: 404, .. })));
+        if !retry {
+            break;
+        }
+        tokio::time::sleep(delay).await;
+        delay *= 2;
+    }
     match result {
         Ok(info) if info.status.is_finished() => super::jobs::on_agent_job(inner, info).await,
         Ok(_) => {}
