@@ -118,10 +118,19 @@ fn invalid_configurations_and_images_fail_clearly() {
     );
 }
 
-fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
+/// Polls `f` for up to 30 s; on timeout shows the runs and the agent's log.
+fn wait_for(env: &Env, mut f: impl FnMut() -> bool, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        if Instant::now() >= deadline {
+            let runs = text(&env.run(&["ps", "-a", "--json"]).stdout);
+            let read =
+                |p: &str| std::fs::read_to_string(env.home.path().join(p)).unwrap_or_default();
+            let (log, client) = (read("agent/agent.log"), read("client.err"));
+            panic!(
+                "timed out waiting for {what}\nruns: {runs}\nagent log: {log}\nclient stderr: {client}"
+            );
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -136,10 +145,11 @@ fn runs_survive_a_killed_client() {
     let mut client: Child = env
         .cmd(&["apply", "-f", &file, "-y"])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(env.home.path().join("client.err")).unwrap())
         .spawn()
         .unwrap();
     wait_for(
+        &env,
         || text(&env.run(&["ps"]).stdout).contains("running"),
         "the run to start",
     );
@@ -151,6 +161,7 @@ fn runs_survive_a_killed_client() {
     let expected: String = (1..=6).map(|i| format!("line {i}\n")).collect();
     assert_eq!(text(&logs.stdout), expected);
     wait_for(
+        &env,
         || text(&env.run(&["ps", "-a"]).stdout).contains("done"),
         "the run to be done",
     );
@@ -163,6 +174,7 @@ fn stop_from_another_process() {
     let out = env.run(&["apply", "-f", &file, "-y", "-d"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     wait_for(
+        &env,
         || text(&env.run(&["ps"]).stdout).contains("running"),
         "the run to start",
     );
@@ -189,6 +201,7 @@ fn ctrl_c_detaches_and_the_run_goes_on() {
         .spawn()
         .unwrap();
     wait_for(
+        &env,
         || text(&env.run(&["ps"]).stdout).contains("running"),
         "the run to start",
     );
@@ -205,6 +218,7 @@ fn ctrl_c_detaches_and_the_run_goes_on() {
         "{stderr}"
     );
     wait_for(
+        &env,
         || text(&env.run(&["ps", "-a"]).stdout).contains("done"),
         "the run to finish after detaching",
     );

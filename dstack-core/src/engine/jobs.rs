@@ -31,14 +31,20 @@ pub(crate) async fn start(inner: Arc<Inner>, job: Job) {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .remove(&job.id);
-    if let Err(e) = result {
-        let reason = match &e {
-            EngineError::Agent(a) if a.is_unreachable() => {
-                JobTerminationReason::InstanceUnreachable
-            }
-            _ => JobTerminationReason::ExecutorError,
-        };
-        fail(&inner, job, reason, e.to_string()).await;
+    // The agent refused the job, or the job cannot be built: that is final. Anything else is
+    // transient (the agent restarting, this process shutting down, a busy store): the job
+    // stays `provisioning`; the sweep tries again, and the instance's unreachable deadline
+    // fails it if the agent never comes back.
+    if let Err(e @ (EngineError::Agent(AgentError::Status { .. }) | EngineError::Invalid(_))) =
+        result
+    {
+        fail(
+            &inner,
+            job,
+            JobTerminationReason::ExecutorError,
+            e.to_string(),
+        )
+        .await;
     }
 }
 
