@@ -430,27 +430,31 @@ async fn resubmit(inner: &Arc<Inner>, mut run: Run) -> Result<(), EngineError> {
     run.status = RunStatus::Submitted;
     run.next_attempt_at_ms = None;
     run.status_message = None;
-    if !inner.store.update_run(&run, &[RunStatus::Pending])? {
-        return Ok(());
-    }
     let jobs = inner.store.jobs_of_run(&run.id)?;
-    for job in latest(&jobs)
+    let next: Vec<Job> = latest(&jobs)
         .into_iter()
         .filter(|j| j.status != JobStatus::Done)
+        .map(|job| Job {
+            id: uuid::Uuid::new_v4().to_string(),
+            submission_num: job.submission_num + 1,
+            status: JobStatus::Submitted,
+            termination_reason: None,
+            termination_message: None,
+            exit_status: None,
+            instance_id: None,
+            reservation: None,
+            submitted_at_ms: now_ms(),
+            started_at_ms: None,
+            finished_at_ms: None,
+            ..job.clone()
+        })
+        .collect();
+    // The run's status and its new submissions are written together, or not at all.
+    if !inner
+        .store
+        .update_run_with_jobs(&run, &[RunStatus::Pending], &next)?
     {
-        let mut next = job.clone();
-        next.id = uuid::Uuid::new_v4().to_string();
-        next.submission_num = job.submission_num + 1;
-        next.status = JobStatus::Submitted;
-        next.termination_reason = None;
-        next.termination_message = None;
-        next.exit_status = None;
-        next.instance_id = None;
-        next.reservation = None;
-        next.submitted_at_ms = now_ms();
-        next.started_at_ms = None;
-        next.finished_at_ms = None;
-        inner.store.insert_job(&next)?;
+        return Ok(());
     }
     inner.emit(&run);
     inner.schedule.notify_one();

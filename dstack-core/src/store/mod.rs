@@ -65,22 +65,20 @@ pub trait Store: Send + Sync {
     /// Writes `run` if its stored status is one of `expected`; `false` if it was not.
     fn update_run(&self, run: &Run, expected: &[RunStatus]) -> Result<bool, StoreError>;
 
-    /// Adds a job submission.
-    fn insert_job(&self, job: &Job) -> Result<(), StoreError>;
+    /// Atomically writes `run` (if its stored status is one of `expected`) together with new
+    /// job submissions; `false` (and nothing written) if the status did not match.
+    fn update_run_with_jobs(
+        &self,
+        run: &Run,
+        expected: &[RunStatus],
+        jobs: &[Job],
+    ) -> Result<bool, StoreError>;
     /// A job submission by id.
     fn job(&self, id: &str) -> Result<Option<Job>, StoreError>;
     /// Every submission of a run's jobs, by job number then submission number.
     fn jobs_of_run(&self, run_id: &str) -> Result<Vec<Job>, StoreError>;
     /// Job submissions in any of these statuses, oldest first.
-    fn jobs_with_status(&self, statuses: &[JobStatus]) -> Result<Vec<Job>, StoreError> {
-        self.oldest_jobs_with_status(statuses, usize::MAX)
-    }
-    /// At most `limit` job submissions in any of these statuses, oldest first.
-    fn oldest_jobs_with_status(
-        &self,
-        statuses: &[JobStatus],
-        limit: usize,
-    ) -> Result<Vec<Job>, StoreError>;
+    fn jobs_with_status(&self, statuses: &[JobStatus]) -> Result<Vec<Job>, StoreError>;
     /// `(job id, run id)` of at most `limit` `submitted` jobs, oldest first (cheap: no decoding).
     fn waiting_jobs(&self, limit: usize) -> Result<Vec<(String, String)>, StoreError>;
     /// Writes `job` if its stored status is one of `expected`; `false` if it was not.

@@ -228,20 +228,26 @@ impl Store for SqliteStore {
     }
 
     fn update_run(&self, run: &Run, expected: &[RunStatus]) -> Result<bool, StoreError> {
-        let names = status_strs(expected, RunStatus::as_str);
-        let sql = format!(
-            "UPDATE runs SET status = ?, active = ?, data = ? WHERE id = ? AND status IN ({})",
-            placeholders(names.len())
-        );
-        let data = json(run)?;
-        let active = !run.status.is_finished();
-        let mut args: Vec<&dyn rusqlite::ToSql> = vec![&run.status, &active, &data, &run.id];
-        args.extend(names.iter().map(|s| s as &dyn rusqlite::ToSql));
-        self.with(|c| Ok(c.prepare_cached(&sql)?.execute(args.as_slice())? == 1))
+        self.with(|c| update_run(c, run, expected))
     }
 
-    fn insert_job(&self, job: &Job) -> Result<(), StoreError> {
-        self.with(|c| insert_job(c, job))
+    fn update_run_with_jobs(
+        &self,
+        run: &Run,
+        expected: &[RunStatus],
+        jobs: &[Job],
+    ) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if !update_run(&tx, run, expected)? {
+                return Ok(false);
+            }
+            for job in jobs {
+                insert_job(&tx, job)?;
+            }
+            tx.commit()?;
+            Ok(true)
+        })
     }
 
     fn job(&self, id: &str) -> Result<Option<Job>, StoreError> {
@@ -257,20 +263,14 @@ impl Store for SqliteStore {
         )
     }
 
-    fn oldest_jobs_with_status(
-        &self,
-        statuses: &[JobStatus],
-        limit: usize,
-    ) -> Result<Vec<Job>, StoreError> {
+    fn jobs_with_status(&self, statuses: &[JobStatus]) -> Result<Vec<Job>, StoreError> {
         let names = status_strs(statuses, JobStatus::as_str);
         let sql = format!(
-            "SELECT data FROM jobs WHERE status IN ({}) ORDER BY submitted_at LIMIT ?",
+            "SELECT data FROM jobs WHERE status IN ({}) ORDER BY submitted_at",
             placeholders(names.len())
         );
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let mut args: Vec<&dyn rusqlite::ToSql> =
+        let args: Vec<&dyn rusqlite::ToSql> =
             names.iter().map(|s| s as &dyn rusqlite::ToSql).collect();
-        args.push(&limit);
         self.query(&sql, &args)
     }
 
@@ -403,6 +403,19 @@ impl rusqlite::ToSql for RunStatus {
     }
 }
 
+fn update_run(c: &Connection, run: &Run, expected: &[RunStatus]) -> Result<bool, StoreError> {
+    let names = status_strs(expected, RunStatus::as_str);
+    let sql = format!(
+        "UPDATE runs SET status = ?, active = ?, data = ? WHERE id = ? AND status IN ({})",
+        placeholders(names.len())
+    );
+    let data = json(run)?;
+    let active = !run.status.is_finished();
+    let mut args: Vec<&dyn rusqlite::ToSql> = vec![&run.status, &active, &data, &run.id];
+    args.extend(names.iter().map(|s| s as &dyn rusqlite::ToSql));
+    Ok(c.prepare_cached(&sql)?.execute(args.as_slice())? == 1)
+}
+
 fn insert_job(c: &Connection, job: &Job) -> Result<(), StoreError> {
     c.prepare_cached(
         "INSERT INTO jobs (id, run_id, job_num, submission_num, status, instance_id, submitted_at, data, reservation)
@@ -435,4 +448,163 @@ fn update_job(c: &Connection, job: &Job, expected: &[JobStatus]) -> Result<bool,
         vec![&status, &job.instance_id, &data, &reservation, &job.id];
     args.extend(names.iter().map(|s| s as &dyn rusqlite::ToSql));
     Ok(c.prepare_cached(&sql)?.execute(args.as_slice())? == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Reservation, RunSpec};
+
+    fn run(name: &str, status: RunStatus) -> Run {
+        Run {
+            id: uuid::Uuid::new_v4().to_string(),
+            name: name.to_string(),
+            status,
+            termination_reason: None,
+            status_message: None,
+            spec: RunSpec {
+                configuration: serde_json::json!({"type": "task", "commands": ["x"]}),
+                configuration_path: None,
+                client_dir: "/".to_string(),
+                client_env: Default::default(),
+            },
+            submitted_at_ms: crate::model::now_ms(),
+            resubmission_attempt: 0,
+            next_attempt_at_ms: None,
+        }
+    }
+
+    fn job(run: &Run) -> Job {
+        Job {
+            id: uuid::Uuid::new_v4().to_string(),
+            run_id: run.id.clone(),
+            run_name: run.name.clone(),
+            job_num: 0,
+            replica_num: 0,
+            submission_num: 0,
+            status: JobStatus::Submitted,
+            termination_reason: None,
+            termination_message: None,
+            exit_status: None,
+            instance_id: None,
+            reservation: None,
+            submitted_at_ms: crate::model::now_ms(),
+            started_at_ms: None,
+            finished_at_ms: None,
+        }
+    }
+
+    #[test]
+    fn migrations_are_idempotent_and_versioned() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let first = SqliteStore::open(&path).unwrap();
+        first
+            .insert_run(&run("a-run", RunStatus::Submitted), &[])
+            .unwrap();
+        drop(first);
+        let again = SqliteStore::open(&path).unwrap();
+        assert_eq!(again.run_by_name("a-run").unwrap().unwrap().name, "a-run");
+        let version: i64 = again
+            .with(|c| Ok(c.pragma_query_value(None, "user_version", |r| r.get(0))?))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        again
+            .with(|c| Ok(c.pragma_update(None, "user_version", 999)?))
+            .unwrap();
+        drop(again);
+        assert!(matches!(
+            SqliteStore::open(&path),
+            Err(StoreError::TooNew { found: 999, .. })
+        ));
+    }
+
+    #[test]
+    fn active_names_are_unique_and_finished_runs_are_replaced() {
+        let store = SqliteStore::in_memory().unwrap();
+        let mut first = run("train", RunStatus::Running);
+        store.insert_run(&first, &[]).unwrap();
+        assert!(matches!(
+            store.insert_run(&run("train", RunStatus::Submitted), &[]),
+            Err(StoreError::NameTaken(_))
+        ));
+        first.status = RunStatus::Done;
+        assert!(store.update_run(&first, &[RunStatus::Running]).unwrap());
+        let second = run("train", RunStatus::Submitted);
+        store.insert_run(&second, &[]).unwrap();
+        assert_eq!(store.run_by_name("train").unwrap().unwrap().id, second.id);
+        assert_eq!(
+            store.runs(RunFilter::default()).unwrap().len(),
+            1,
+            "the replaced run is hidden"
+        );
+        assert_eq!(store.run_names("tra").unwrap(), vec!["train".to_string()]);
+        assert!(store.run_names("trb").unwrap().is_empty());
+    }
+
+    #[test]
+    fn transitions_are_compare_and_set() {
+        let store = SqliteStore::in_memory().unwrap();
+        let mut r = run("cas", RunStatus::Submitted);
+        let j = job(&r);
+        store.insert_run(&r, std::slice::from_ref(&j)).unwrap();
+        r.status = RunStatus::Running;
+        assert!(store.update_run(&r, &[RunStatus::Submitted]).unwrap());
+        assert!(
+            !store.update_run(&r, &[RunStatus::Submitted]).unwrap(),
+            "the second writer loses"
+        );
+        let mut done = j.clone();
+        done.status = JobStatus::Done;
+        assert!(!store.update_job(&done, &[JobStatus::Running]).unwrap());
+        assert!(store.update_job(&done, &[JobStatus::Submitted]).unwrap());
+        assert_eq!(store.job(&j.id).unwrap().unwrap().status, JobStatus::Done);
+    }
+
+    #[test]
+    fn placement_never_over_commits_and_skips_ending_runs() {
+        let store = SqliteStore::in_memory().unwrap();
+        let r = run("place", RunStatus::Submitted);
+        let jobs: Vec<Job> = (0..3).map(|_| job(&r)).collect();
+        store.insert_run(&r, &jobs).unwrap();
+        // One CPU per job on a two-CPU instance.
+        let fit = |held: &[Reservation]| {
+            (held.iter().map(|h| h.cpus).sum::<u32>() < 2).then(|| Reservation {
+                cpus: 1,
+                memory_mib: 1,
+                gpus: vec![],
+            })
+        };
+        let placed: Vec<bool> = jobs
+            .iter()
+            .map(|j| store.assign_job(&j.id, "i-1", &fit).unwrap().is_some())
+            .collect();
+        assert_eq!(placed, [true, true, false]);
+        assert!(
+            store
+                .assign_job(&jobs[0].id, "i-1", &fit)
+                .unwrap()
+                .is_none(),
+            "only submitted jobs are placed"
+        );
+        assert_eq!(
+            store.waiting_jobs(10).unwrap(),
+            vec![(jobs[2].id.clone(), r.id.clone())]
+        );
+        let mut ending = store.run(&r.id).unwrap().unwrap();
+        ending.status = RunStatus::Terminating;
+        assert!(store.update_run(&ending, &[RunStatus::Submitted]).unwrap());
+        let mut finished = store.job(&jobs[0].id).unwrap().unwrap();
+        finished.status = JobStatus::Done;
+        assert!(store
+            .update_job(&finished, &[JobStatus::Provisioning])
+            .unwrap());
+        assert!(
+            store
+                .assign_job(&jobs[2].id, "i-1", &fit)
+                .unwrap()
+                .is_none(),
+            "an ending run gets no placement"
+        );
+    }
 }
