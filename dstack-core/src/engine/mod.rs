@@ -305,23 +305,7 @@ impl Engine {
             resubmission_attempt: 0,
             next_attempt_at_ms: None,
         };
-        let job = Job {
-            id: uuid::Uuid::new_v4().to_string(),
-            run_id: run.id.clone(),
-            run_name: run.name.clone(),
-            job_num: 0,
-            replica_num: 0,
-            submission_num: 0,
-            status: JobStatus::Submitted,
-            termination_reason: None,
-            termination_message: None,
-            exit_status: None,
-            instance_id: None,
-            reservation: None,
-            submitted_at_ms: now,
-            started_at_ms: None,
-            finished_at_ms: None,
-        };
+        let job = Job::submission(&run, 0, 0);
         inner.store.insert_run(&run, &[job])?;
         inner
             .configs

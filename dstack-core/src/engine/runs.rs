@@ -434,20 +434,7 @@ async fn resubmit(inner: &Arc<Inner>, mut run: Run) -> Result<(), EngineError> {
     let next: Vec<Job> = latest(&jobs)
         .into_iter()
         .filter(|j| j.status != JobStatus::Done)
-        .map(|job| Job {
-            id: uuid::Uuid::new_v4().to_string(),
-            submission_num: job.submission_num + 1,
-            status: JobStatus::Submitted,
-            termination_reason: None,
-            termination_message: None,
-            exit_status: None,
-            instance_id: None,
-            reservation: None,
-            submitted_at_ms: now_ms(),
-            started_at_ms: None,
-            finished_at_ms: None,
-            ..job.clone()
-        })
+        .map(|job| Job::submission(&run, job.job_num, job.submission_num + 1))
         .collect();
     // The run's status and its new submissions are written together, or not at all.
     if !inner

@@ -100,6 +100,27 @@ pub struct Job {
 }
 
 impl Job {
+    /// A new `submitted` submission (`submission_num`) of job `job_num` of a run.
+    pub fn submission(run: &Run, job_num: u32, submission_num: u32) -> Job {
+        Job {
+            id: uuid::Uuid::new_v4().to_string(),
+            run_id: run.id.clone(),
+            run_name: run.name.clone(),
+            job_num,
+            replica_num: 0,
+            submission_num,
+            status: JobStatus::Submitted,
+            termination_reason: None,
+            termination_message: None,
+            exit_status: None,
+            instance_id: None,
+            reservation: None,
+            submitted_at_ms: super::now_ms(),
+            started_at_ms: None,
+            finished_at_ms: None,
+        }
+    }
+
     /// `<run>-<job_num>-<replica_num>`, as dstack names jobs.
     pub fn name(&self) -> String {
         format!("{}-{}-{}", self.run_name, self.job_num, self.replica_num)

@@ -475,23 +475,7 @@ mod tests {
     }
 
     fn job(run: &Run) -> Job {
-        Job {
-            id: uuid::Uuid::new_v4().to_string(),
-            run_id: run.id.clone(),
-            run_name: run.name.clone(),
-            job_num: 0,
-            replica_num: 0,
-            submission_num: 0,
-            status: JobStatus::Submitted,
-            termination_reason: None,
-            termination_message: None,
-            exit_status: None,
-            instance_id: None,
-            reservation: None,
-            submitted_at_ms: crate::model::now_ms(),
-            started_at_ms: None,
-            finished_at_ms: None,
-        }
+        Job::submission(run, 0, 0)
     }
 
     #[test]
