@@ -98,7 +98,9 @@ pub async fn ps(client: &Client, args: &PsArgs) -> Result<ExitCode, Failure> {
         let reservation = job.and_then(|j| j.reservation.as_ref());
         let resources = reservation
             .map(|r| {
-                let mut s = format!("cpu={} mem={}GB", r.cpus, r.memory_mib / 1024);
+                let gb = format!("{:.1}", r.memory_mib as f64 / 1024.0);
+                let gb = gb.strip_suffix(".0").unwrap_or(&gb);
+                let mut s = format!("cpu={} mem={gb}GB", r.cpus);
                 if !r.gpus.is_empty() {
                     s.push_str(&format!(" gpu={}", r.gpus.len()));
                 }
