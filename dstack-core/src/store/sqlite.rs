@@ -78,10 +78,18 @@ impl SqliteStore {
     /// Opens (creating if needed) the state file at `path`, in a directory readable only by
     /// the owner, and migrates it to the current schema.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
+            if !dir.exists() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)?;
+            }
         }
         let conn = Connection::open(path)?;
+        // Runs carry environment values captured from the client: owner only.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         Self::init(conn)
     }
 
@@ -480,9 +488,13 @@ mod tests {
 
     #[test]
     fn migrations_are_idempotent_and_versioned() {
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.db");
+        let path = dir.path().join("home/state.db");
         let first = SqliteStore::open(&path).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(path.parent().unwrap()), 0o700);
         first
             .insert_run(&run("a-run", RunStatus::Submitted), &[])
             .unwrap();
