@@ -103,6 +103,33 @@ async fn finish(run: &RunHandle) -> dstack_core::model::Run {
         .unwrap()
 }
 
+/// Waits (up to 30 s) until the run is running.
+async fn wait_running(run: &RunHandle) {
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        run.wait_until(|s| s == RunStatus::Running),
+    )
+    .await
+    .expect("the run starts")
+    .unwrap();
+}
+
+/// Waits (up to 30 s) until the run's output satisfies `done`.
+async fn wait_logs(run: &RunHandle, done: impl Fn(&str) -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let logs = all_logs(run).await;
+        if done(&logs) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "output never arrived: {logs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits for the run and asserts it is done, showing its jobs when it is not.
 async fn assert_done(run: &RunHandle) {
     let r = finish(run).await;
@@ -210,23 +237,10 @@ async fn stop_abort_and_max_duration() {
     )
     .await;
     for run in [&graceful, &aborted] {
-        tokio::time::timeout(
-            Duration::from_secs(30),
-            run.wait_until(|s| s == RunStatus::Running),
-        )
-        .await
-        .unwrap()
-        .unwrap();
+        wait_running(run).await;
     }
     // Stop only once the job's shell has installed its trap.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !all_logs(&graceful).await.contains("started") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the job never started"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_logs(&graceful, |l| l.contains("started")).await;
     graceful.stop(false).await.unwrap();
     aborted.stop(true).await.unwrap();
     let g = finish(&graceful).await;
@@ -430,19 +444,9 @@ async fn a_killed_agent_fails_its_job_within_seconds() {
         home.path(),
     )
     .await;
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        run.wait_until(|s| s == RunStatus::Running),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    wait_running(&run).await;
     // Kill only once the output is on disk (output still in the pipe dies with the agent).
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !all_logs(&run).await.starts_with("before\n") {
-        assert!(std::time::Instant::now() < deadline, "no output");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_logs(&run, |l| l.starts_with("before\n")).await;
     let pid = home.agent_pid().expect("agent pid");
     std::process::Command::new("kill")
         .arg("-9")
