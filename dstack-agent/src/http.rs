@@ -84,12 +84,17 @@ async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, Http
             let logs = app.jobs.get(id)?.logs(offset, follow).await?;
             Ok(stream("application/octet-stream", logs))
         }
+        (Method::GET, ["api", "jobs", id, "metrics"]) => Ok(respond(
+            StatusCode::OK,
+            "application/x-ndjson",
+            app.jobs.metrics(id)?,
+        )),
         (Method::GET, ["api", "events"]) => Ok(stream("application/x-ndjson", app.jobs.events())),
         (
             _,
             ["api", "healthcheck" | "jobs" | "events"]
             | ["api", "jobs", _]
-            | ["api", "jobs", _, "stop" | "logs"],
+            | ["api", "jobs", _, "stop" | "logs" | "metrics"],
         ) => Err(HttpError(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{} is not allowed on {path}", req.method()),

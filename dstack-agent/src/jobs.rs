@@ -169,9 +169,19 @@ impl Jobs {
         self.jobs.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// What the job wrote to its metrics file (`$DSTACK_METRICS_FILE`); empty when nothing.
+    pub fn metrics(&self, id: &str) -> Result<Vec<u8>, JobError> {
+        let job = self.get(id)?;
+        match fs::read(metrics_path(&self.root, &job.spec.id)) {
+            Ok(bytes) => Ok(bytes),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Starts a job, or returns the job already submitted with this id. A job whose process
     /// cannot start is recorded as failed with `executor_error`.
-    pub fn submit(&self, spec: JobSubmit) -> Result<JobInfo, JobError> {
+    pub fn submit(&self, mut spec: JobSubmit) -> Result<JobInfo, JobError> {
         validate(&spec)?;
         let mut jobs = self.lock();
         if let Some(job) = jobs.get(&spec.id) {
@@ -181,7 +191,11 @@ impl Jobs {
         // Output left behind by an earlier job of this id (e.g. its removal was interrupted)
         // is not this job's.
         remove_dir_if_exists(&dir)?;
+        let metrics = metrics_path(&self.root, &spec.id);
+        remove_file_if_exists(&metrics)?;
         let mut log = LogWriter::open(&dir)?;
+        spec.env
+            .insert(METRICS_ENV.to_string(), metrics.display().to_string());
         let mut job = Job {
             dir,
             journal: self.journal.clone(),
@@ -244,6 +258,7 @@ impl Jobs {
             return Err(JobError::Conflict(format!("job {id} is running")));
         }
         remove_dir_if_exists(&job.dir)?;
+        remove_file_if_exists(&metrics_path(&self.root, id))?;
         self.journal.remove(id)?;
         jobs.remove(id);
         Ok(())
@@ -306,6 +321,22 @@ fn validate(spec: &JobSubmit) -> Result<(), JobError> {
         return Err(JobError::BadRequest("argv must not be empty".to_string()));
     }
     Ok(())
+}
+
+/// The variable that tells a job where to append its metrics (JSON lines).
+pub const METRICS_ENV: &str = "DSTACK_METRICS_FILE";
+
+/// The metrics file of job `id`: beside the job directories, so that it exists before the
+/// job's first output creates its directory.
+fn metrics_path(root: &Path, id: &str) -> PathBuf {
+    root.join(format!("{id}.metrics.jsonl"))
+}
+
+fn remove_file_if_exists(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 fn remove_dir_if_exists(dir: &Path) -> io::Result<()> {

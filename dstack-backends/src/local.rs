@@ -216,8 +216,20 @@ impl Compute for LocalBackend {
 
 /// The embedded default: state in `$DSTACK_HOME` (default `~/.dstack`) and the local backend.
 pub async fn embedded_client() -> Result<Client, EngineError> {
-    let home = dstack_core::client::default_home();
-    let backend = LocalBackend::with_default_agent(&home)?;
+    local_client(dstack_core::client::default_home(), None).await
+}
+
+/// A client with its state in `home` and the local backend, whose agent is `agent_bin` (or
+/// the one [`find_agent_binary`] finds).
+pub async fn local_client(
+    home: PathBuf,
+    agent_bin: Option<PathBuf>,
+) -> Result<Client, EngineError> {
+    let agent_bin = match agent_bin {
+        Some(bin) => bin,
+        None => find_agent_binary()?,
+    };
+    let backend = LocalBackend::new(&home, agent_bin);
     Client::open(ClientOptions {
         home,
         backends: vec![Arc::new(backend)],

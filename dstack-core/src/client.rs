@@ -208,12 +208,38 @@ impl RunHandle {
 
     /// The exit status of the latest submission of job 0, once it exited.
     pub fn exit_status(&self) -> Result<Option<i32>, EngineError> {
+        Ok(self.latest_job()?.and_then(|j| j.exit_status))
+    }
+
+    /// The metrics the run's job reported: every JSON object it wrote as a line to
+    /// `$DSTACK_METRICS_FILE`, in order (other lines are skipped). Empty before the job starts.
+    pub async fn metrics(&self) -> Result<Vec<serde_json::Value>, EngineError> {
+        let Some(job) = self.latest_job()? else {
+            return Ok(Vec::new());
+        };
+        let Some(instance) = job.instance_id.as_deref() else {
+            return Ok(Vec::new());
+        };
+        let agent = self.engine.agent(instance).await?;
+        let bytes = match agent.metrics(&job.id).await {
+            Ok(bytes) => bytes,
+            Err(crate::agent::AgentError::Status { status: 404, .. }) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(bytes
+            .split(|b| *b == b'\n')
+            .filter_map(|line| serde_json::from_slice::<serde_json::Value>(line).ok())
+            .filter(serde_json::Value::is_object)
+            .collect())
+    }
+
+    /// The latest submission of job 0.
+    fn latest_job(&self) -> Result<Option<Job>, EngineError> {
         Ok(self
             .jobs()?
             .into_iter()
             .filter(|j| j.job_num == 0)
-            .max_by_key(|j| j.submission_num)
-            .and_then(|j| j.exit_status))
+            .max_by_key(|j| j.submission_num))
     }
 
     /// Waits until the run has finished and returns it.

@@ -207,6 +207,14 @@ impl AgentClient {
         .await
     }
 
+    /// `GET /api/jobs/{id}/metrics`: the JSON lines the job wrote to `$DSTACK_METRICS_FILE`.
+    pub async fn metrics(&self, id: &str) -> Result<Bytes, AgentError> {
+        let resp = self
+            .send(Method::GET, &format!("/api/jobs/{id}/metrics"), None)
+            .await?;
+        Ok(resp.into_body().collect().await?.to_bytes())
+    }
+
     /// `GET /api/events`: the state of every job, then every change.
     pub async fn events(&self) -> Result<EventStream, AgentError> {
         let bytes = self.body_stream("/api/events").await?;

@@ -71,11 +71,10 @@ impl fmt::Display for ConfigError {
         } else {
             &self.path
         };
-        write!(
-            f,
-            "{}:{}: {}: {} [{}]",
-            self.mark.line, self.mark.col, path, self.message, self.code
-        )
+        if self.mark.line > 0 {
+            write!(f, "{}:{}: ", self.mark.line, self.mark.col)?;
+        }
+        write!(f, "{}: {} [{}]", path, self.message, self.code)
     }
 }
 
@@ -94,7 +93,8 @@ impl fmt::Display for ConfigErrors {
             if i > 0 {
                 writeln!(f)?;
             }
-            write!(f, "{}:{}", self.file, e)?;
+            let sep = if e.mark.line > 0 { ":" } else { ": " };
+            write!(f, "{}{sep}{e}", self.file)?;
         }
         Ok(())
     }

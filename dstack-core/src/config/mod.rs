@@ -128,11 +128,23 @@ pub fn parse(text: &str, file: &str) -> Result<Configuration, ConfigErrors> {
             return Err(fail(vec![error]));
         }
     };
+    parse_root(&root, file)
+}
+
+/// Validates a configuration given as data (e.g. built by the Python classes) rather than
+/// text. Errors name `source` and the field path (there are no lines to point at).
+pub fn parse_value(value: &serde_json::Value, source: &str) -> Result<Configuration, ConfigErrors> {
+    parse_root(&yaml::Node::from_json(value), source)
+}
+
+fn parse_root(root: &yaml::Node, file: &str) -> Result<Configuration, ConfigErrors> {
     let mut cx = Cx::default();
-    let parsed = parse_node(&root, &mut cx);
-    match parsed {
+    match parse_node(root, &mut cx) {
         Some(config) if !cx.has_errors() => Ok(config),
-        _ => Err(fail(cx.into_errors())),
+        _ => Err(ConfigErrors {
+            file: file.to_string(),
+            errors: cx.into_errors(),
+        }),
     }
 }
 

@@ -58,6 +58,37 @@ pub enum NodeKind {
 }
 
 impl Node {
+    /// A node tree for a JSON value built in code (not read from a file): every mark is
+    /// [`Mark::default`] (line 0), which error messages render as a field path only.
+    pub fn from_json(value: &serde_json::Value) -> Node {
+        use serde_json::Value;
+        let kind = match value {
+            Value::Null => NodeKind::Null,
+            Value::Bool(b) => NodeKind::Bool(*b),
+            Value::Number(n) => match n.as_i64() {
+                Some(i) => NodeKind::Int(i),
+                None => NodeKind::Float(n.as_f64().unwrap_or(f64::NAN)),
+            },
+            Value::String(s) => NodeKind::Str(s.clone()),
+            Value::Array(items) => NodeKind::Seq(items.iter().map(Node::from_json).collect()),
+            Value::Object(entries) => NodeKind::Map(
+                entries
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            Node::from_json(&Value::String(k.clone())),
+                            Node::from_json(v),
+                        )
+                    })
+                    .collect(),
+            ),
+        };
+        Node {
+            kind,
+            mark: Mark::default(),
+        }
+    }
+
     /// A short human name of the node's type, used in error messages.
     pub fn type_name(&self) -> &'static str {
         match self.kind {

@@ -104,6 +104,8 @@ pub struct ApplyOptions {
     /// The client's environment (default: this process's), from which bare `env` names and
     /// the basics of a local session are taken.
     pub client_env: Option<BTreeMap<String, String>>,
+    /// The group (sweep) the run belongs to.
+    pub group: Option<crate::model::RunGroup>,
 }
 
 /// Variables of the client session passed to local jobs (besides the configuration's env).
@@ -300,6 +302,7 @@ impl Engine {
                 configuration_path: opts.configuration_path,
                 client_dir,
                 client_env: captured,
+                group: opts.group.clone(),
             },
             submitted_at_ms: now,
             resubmission_attempt: 0,

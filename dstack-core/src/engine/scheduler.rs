@@ -63,6 +63,10 @@ async fn pass(inner: &Arc<Inner>) {
         if blocked.iter().any(|b| covers(&want, b)) {
             continue;
         }
+        // A full group is not a lack of room: the job must not block others.
+        if !inner.store.group_has_room(&run_id).unwrap_or(false) {
+            continue;
+        }
         let mut placed = None;
         for instance in &instances {
             let host = instance.host.clone();

@@ -21,12 +21,25 @@ pub struct RunSpec {
     /// Environment variables captured from the client when the run was applied: the
     /// configuration's bare `env` names and the basics of a local session (`PATH`, `HOME`, …).
     pub client_env: BTreeMap<String, String>,
+    /// The group the run belongs to (the trials of a sweep), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<RunGroup>,
+}
+
+/// Runs submitted together (the trials of a sweep) that share a limit on how many of them
+/// hold resources at once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunGroup {
+    /// The group id (shared by every run of the group).
+    pub id: String,
+    /// At most this many runs of the group are placed at once; `None`: no limit.
+    pub max_parallel: Option<u32>,
 }
 
 impl RunSpec {
     /// The configuration, parsed back from its stored JSON.
     pub fn configuration(&self) -> Result<Configuration, crate::config::ConfigErrors> {
-        crate::config::parse(&self.configuration.to_string(), "<stored run spec>")
+        crate::config::parse_value(&self.configuration, "<stored run spec>")
     }
 }
 

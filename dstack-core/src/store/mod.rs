@@ -79,10 +79,14 @@ pub trait Store: Send + Sync {
     fn jobs_of_run(&self, run_id: &str) -> Result<Vec<Job>, StoreError>;
     /// Job submissions in any of these statuses, oldest first.
     fn jobs_with_status(&self, statuses: &[JobStatus]) -> Result<Vec<Job>, StoreError>;
-    /// `(job id, run id)` of at most `limit` `submitted` jobs, oldest first (cheap: no decoding).
+    /// `(job id, run id)` of at most `limit` `submitted` jobs, oldest first (cheap: no
+    /// decoding), leaving out jobs of run groups that are at their limit.
     fn waiting_jobs(&self, limit: usize) -> Result<Vec<(String, String)>, StoreError>;
     /// Writes `job` if its stored status is one of `expected`; `false` if it was not.
     fn update_job(&self, job: &Job, expected: &[JobStatus]) -> Result<bool, StoreError>;
+    /// Whether run `run_id` may be placed as far as its group's limit goes (`true` for runs
+    /// without a group).
+    fn group_has_room(&self, run_id: &str) -> Result<bool, StoreError>;
     /// Atomically places a `submitted` job on an instance: `fit` sees the reservations of the
     /// instance's unfinished jobs and returns the job's reservation, or `None` if it does not
     /// fit now. Returns the job, now `provisioning`, or `None`.

@@ -47,7 +47,25 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX runs_name ON runs(name, submitted_at);",
     // 3: a job's reservation beside its record, so placement sums it without decoding jobs.
     "ALTER TABLE jobs ADD COLUMN reservation TEXT;",
+    // 4: run groups (sweeps) with a limit on how many of their runs are placed at once.
+    "ALTER TABLE runs ADD COLUMN group_id TEXT;
+    ALTER TABLE runs ADD COLUMN group_max INTEGER;
+    CREATE INDEX runs_group ON runs(group_id) WHERE group_id IS NOT NULL;",
 ];
+
+/// SQL: whether the group of run `r` (if it has one with a limit) may place one more run,
+/// counting the group's runs with a job that holds resources.
+macro_rules! group_room_sql {
+    () => {
+        "(r.group_max IS NULL OR r.group_max > (
+            SELECT COUNT(DISTINCT h.run_id) FROM jobs h JOIN runs g ON g.id = h.run_id
+            WHERE g.group_id = r.group_id
+              AND h.status IN ('provisioning', 'pulling', 'running', 'terminating')))"
+    };
+}
+
+/// Whether run `?` may be placed as far as its group's limit goes.
+const GROUP_HAS_ROOM: &str = concat!("SELECT ", group_room_sql!(), " FROM runs r WHERE r.id = ?");
 
 /// Job statuses that hold resources on their instance.
 const HOLDING: &[JobStatus] = &[
@@ -172,14 +190,17 @@ impl Store for SqliteStore {
             }
             tx.execute("UPDATE runs SET replaced = 1 WHERE name = ?", [&run.name])?;
             tx.execute(
-                "INSERT INTO runs (id, name, status, active, submitted_at, data) VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO runs (id, name, status, active, submitted_at, data, group_id, group_max) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 params![
                     run.id,
                     run.name,
                     run.status.as_str(),
                     !run.status.is_finished(),
                     run.submitted_at_ms as i64,
-                    json(run)?
+                    json(run)?,
+                    run.spec.group.as_ref().map(|g| &g.id),
+                    run.spec.group.as_ref().and_then(|g| g.max_parallel),
                 ],
             )?;
             for job in jobs {
@@ -285,7 +306,14 @@ impl Store for SqliteStore {
     fn waiting_jobs(&self, limit: usize) -> Result<Vec<(String, String)>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.with(|c| {
-            let sql = "SELECT id, run_id FROM jobs WHERE status = 'submitted' ORDER BY submitted_at LIMIT ?";
+            // Jobs of a group already at its limit are left out: they cannot be placed now,
+            // and they must not fill the window that other runs wait behind.
+            let sql = concat!(
+                "SELECT j.id, j.run_id FROM jobs j JOIN runs r ON r.id = j.run_id ",
+                "WHERE j.status = 'submitted' AND ",
+                group_room_sql!(),
+                " ORDER BY j.submitted_at LIMIT ?"
+            );
             let mut stmt = c.prepare_cached(sql)?;
             let rows = stmt.query_map([limit], |r| Ok((r.get(0)?, r.get(1)?)))?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
@@ -294,6 +322,10 @@ impl Store for SqliteStore {
 
     fn update_job(&self, job: &Job, expected: &[JobStatus]) -> Result<bool, StoreError> {
         self.with(|c| update_job(c, job, expected))
+    }
+
+    fn group_has_room(&self, run_id: &str) -> Result<bool, StoreError> {
+        self.with(|c| group_has_room(c, run_id))
     }
 
     fn assign_job(
@@ -322,16 +354,8 @@ impl Store for SqliteStore {
             if run_status.as_deref().is_none_or(|s| ending.contains(&s)) {
                 return Ok(None); // the run is ending: its termination finishes this job
             }
-            let run_status: Option<String> = tx
-                .query_row("SELECT status FROM runs WHERE id = ?", [&job.run_id], |r| {
-                    r.get(0)
-                })
-                .optional()?;
-            if run_status
-                .as_deref()
-                .is_none_or(|s| ["terminating", "terminated", "failed", "done"].contains(&s))
-            {
-                return Ok(None); // the run is ending: its termination finishes this job
+            if !group_has_room(&tx, &job.run_id)? {
+                return Ok(None);
             }
             let holding = status_strs(HOLDING, JobStatus::as_str);
             let sql = format!(
@@ -458,6 +482,14 @@ fn update_job(c: &Connection, job: &Job, expected: &[JobStatus]) -> Result<bool,
     Ok(c.prepare_cached(&sql)?.execute(args.as_slice())? == 1)
 }
 
+fn group_has_room(c: &Connection, run_id: &str) -> Result<bool, StoreError> {
+    let room: Option<bool> = c
+        .prepare_cached(GROUP_HAS_ROOM)?
+        .query_row([run_id], |r| r.get(0))
+        .optional()?;
+    Ok(room.unwrap_or(false))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -475,6 +507,7 @@ mod tests {
                 configuration_path: None,
                 client_dir: "/".to_string(),
                 client_env: Default::default(),
+                group: None,
             },
             submitted_at_ms: crate::model::now_ms(),
             resubmission_attempt: 0,

@@ -1,17 +1,53 @@
-"""dstack-rs: an embeddable orchestration engine for AI workloads, compatible with dstack."""
+"""dstack-rs: an embeddable orchestration engine for AI workloads, compatible with dstack.
 
-import json
-from typing import Any, Dict
+```python
+from dstack.api import Client, Task
+client = Client.from_config()
+run = client.runs.apply_configuration(Task(commands=["echo hello"]))
+run.wait()
+```
 
-from dstack._native import ConfigurationError, parse_configuration
+Names are imported on first use, so `import dstack` stays fast.
+"""
 
-__all__ = ["ConfigurationError", "load_configuration"]
+from typing import TYPE_CHECKING, Any
+
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "Run",
+    "RunStatus",
+    "Sweep",
+    "load_configuration",
+]
+
+if TYPE_CHECKING:
+    from dstack._async import AsyncClient
+    from dstack._client import Client, Run
+    from dstack._records import RunStatus
+    from dstack._sweep import Sweep
+    from dstack._load import load_configuration
+
+_LAZY = {
+    "AsyncClient": "dstack._async",
+    "Client": "dstack._client",
+    "Run": "dstack._client",
+    "RunStatus": "dstack._records",
+    "Sweep": "dstack._sweep",
+    "load_configuration": "dstack._load",
+}
 
 
-def load_configuration(text: str, file: str = "<string>") -> Dict[str, Any]:
-    """Validates a `.dstack.yml` text and returns the normalized configuration as a dict.
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dstack' has no attribute {name!r}")
+    import importlib
 
-    Raises ConfigurationError listing every problem as FILE:LINE:COL: FIELD: MESSAGE.
-    """
-    result: Dict[str, Any] = json.loads(parse_configuration(text, file))
-    return result
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> "list[str]":
+    return sorted([*globals(), *__all__])

@@ -1,0 +1,167 @@
+"""The asyncio client: `AsyncClient` mirrors `Client`, with awaitable methods and logs as an
+async iterator. Work runs on the extension's tokio runtime; cancelling the awaiting task
+cancels the Rust future."""
+
+import asyncio
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Dict, List, Mapping, Optional, TypeVar, Union
+
+from dstack._client import Run
+from dstack._records import ConfigurationLike, RunPlan, configuration_data, no_repo, open_raw
+from dstack.errors import WaitTimeoutError
+
+if TYPE_CHECKING:
+    import os
+
+    from dstack._native import RawClient, RawLogs, RawRun, RawTask
+
+__all__ = ["AsyncClient", "AsyncRun", "AsyncRunCollection"]
+
+T = TypeVar("T")
+
+
+async def _native(start: "Callable[[Callable[[bool, Any], None]], RawTask]") -> Any:
+    """Awaits a native task: `start(done)` launches it and `done(ok, value)` is called on a
+    runtime thread when it ends."""
+    loop = asyncio.get_running_loop()
+    future: "asyncio.Future[Any]" = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if future.done():
+            return
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+    def done(ok: bool, value: Any) -> None:
+        loop.call_soon_threadsafe(settle, ok, value)
+
+    task = start(done)
+    try:
+        return await future
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+
+
+class AsyncRun(Run):
+    """A run, with awaitable `wait`, `stop`, `refresh`, `attach`, `get_metrics` and async
+    `logs()`. Properties read the state of the last refresh."""
+
+    async def refresh(self) -> "AsyncRun":  # type: ignore[override]
+        """Reads the run's current state."""
+        self._snapshot = self._raw.snapshot()
+        return self
+
+    async def wait(self, timeout: Optional[float] = None) -> "AsyncRun":  # type: ignore[override]
+        """Waits until the run has finished; `WaitTimeoutError` after `timeout` seconds."""
+        raw = self._raw
+        snapshot = await _native(lambda done: raw.wait_async(done, timeout))
+        if snapshot is None:
+            raise WaitTimeoutError(f"run {self.name} did not finish within {timeout}s")
+        self._snapshot = snapshot
+        return self
+
+    async def attach(self, *args: Any, **kwargs: Any) -> bool:  # type: ignore[override]
+        """Waits until the run is running; `False` if it finished first."""
+        raw = self._raw
+        self._snapshot = await _native(lambda done: raw.wait_async(done, None, True))
+        self._attached = not self.status.is_finished()
+        return self._attached
+
+    async def stop(self, abort: bool = False) -> None:  # type: ignore[override]
+        """Stops the run (see `Run.stop`)."""
+        raw = self._raw
+        self._snapshot = await _native(lambda done: raw.stop_async(done, abort))
+
+    async def get_metrics(self) -> List[Dict[str, Any]]:
+        """The values the job reported (see `Run.metrics`)."""
+        raw = self._raw
+        metrics: List[Dict[str, Any]] = await _native(lambda done: raw.metrics_async(done))
+        return metrics
+
+    def logs(self, *args: Any, **kwargs: Any) -> AsyncIterator[bytes]:  # type: ignore[override]
+        """The job's output as an async iterator of bytes (following when attached)."""
+        return _AsyncLogs(self._raw.logs(follow=self._attached))
+
+
+class _AsyncLogs:
+    def __init__(self, raw: "RawLogs") -> None:
+        self._raw = raw
+
+    def __aiter__(self) -> "_AsyncLogs":
+        return self
+
+    async def __anext__(self) -> bytes:
+        raw = self._raw
+        chunk: bytes = await _native(lambda done: raw.next_async(done))
+        return chunk
+
+
+class AsyncRunCollection:
+    """`client.runs` of an `AsyncClient`."""
+
+    def __init__(self, raw: "RawClient") -> None:
+        self._raw = raw
+
+    async def get_run_plan(self, configuration: ConfigurationLike, repo: Any = None, **_: Any) -> RunPlan:
+        """Where `configuration` would run."""
+        no_repo(repo)
+        data = configuration_data(configuration)
+        raw = self._raw
+        plan = await _native(lambda done: raw.plan_async(data, done))
+        return RunPlan(plan, data)
+
+    async def apply_plan(self, run_plan: RunPlan, repo: Any = None, reserve_ports: bool = True) -> AsyncRun:
+        """Submits a planned run."""
+        no_repo(repo)
+        raw = self._raw
+        run = await _native(lambda done: raw.apply_async(run_plan._submitted, done))
+        return AsyncRun(run)
+
+    async def apply_configuration(
+        self,
+        configuration: ConfigurationLike,
+        repo: Any = None,
+        configuration_path: Optional[str] = None,
+        *,
+        name: Optional[str] = None,
+        env: Optional[Mapping[str, str]] = None,
+        **_: Any,
+    ) -> AsyncRun:
+        """Submits a run of `configuration` (see `RunCollection.apply_configuration`)."""
+        no_repo(repo)
+        data = configuration_data(configuration)
+        raw = self._raw
+        env_dict = None if env is None else dict(env)
+        run = await _native(
+            lambda done: raw.apply_async(data, done, name, env_dict, configuration_path)
+        )
+        return AsyncRun(run)
+
+    async def get(self, run_name: str) -> Optional[AsyncRun]:
+        """The current run with this name, or `None`."""
+        raw = self._raw.get(run_name)
+        return None if raw is None else AsyncRun(raw)
+
+    async def list(self, all: bool = False, limit: Optional[int] = None) -> List[AsyncRun]:
+        """Runs, newest first: unfinished ones only unless `all`."""
+        names = [r["name"] for r in self._raw.list(all, limit)]
+        return [AsyncRun(raw) for raw in self._raw.handles(names)]
+
+
+class AsyncClient:
+    """The asyncio twin of `dstack.Client`."""
+
+    def __init__(self, raw: "RawClient") -> None:
+        from dstack._client import FleetCollection, VolumeCollection
+
+        self._raw = raw
+        self.runs = AsyncRunCollection(raw)
+        self.fleets = FleetCollection(raw)
+        self.volumes = VolumeCollection(raw)
+
+    @staticmethod
+    def from_config(*, home: Union[str, "os.PathLike[str]", None] = None) -> "AsyncClient":
+        """The embedded client of `home` (default `$DSTACK_HOME` or `~/.dstack`)."""
+        return AsyncClient(open_raw(home))

@@ -1,0 +1,327 @@
+"""The synchronous client: `Client`, its `runs`, `fleets` and `volumes`, and `Run`.
+
+Every call that waits releases the GIL and honours Ctrl-C (`KeyboardInterrupt` within
+~50 ms); interrupting a wait or a log stream leaves the run running.
+"""
+
+import os
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+
+from dstack._records import (
+    ConfigurationLike,
+    RunPlan,
+    RunStatus,
+    configuration_data,
+    html_table,
+    no_repo,
+    open_raw,
+    timestamp,
+)
+from dstack.errors import NotSupportedError, WaitTimeoutError
+
+if TYPE_CHECKING:
+    from dstack._native import RawClient, RawRun
+    from dstack._sweep import Params, Sweep
+    from dstack._config import Task
+
+__all__ = ["Client", "FleetCollection", "Run", "RunCollection", "VolumeCollection"]
+
+
+class Run:
+    """A submitted run. Its fields are read when the run is created or `refresh()`ed."""
+
+    def __init__(self, raw: "RawRun", snapshot: Optional[Dict[str, Any]] = None) -> None:
+        self._raw = raw
+        self._attached = False
+        self._snapshot: Dict[str, Any] = snapshot or raw.snapshot()
+
+    @property
+    def name(self) -> str:
+        """The run name."""
+        return self._raw.name
+
+    @property
+    def id(self) -> str:
+        """The run id."""
+        return self._raw.id
+
+    @property
+    def status(self) -> RunStatus:
+        """The status as of the last refresh."""
+        return RunStatus(self._snapshot["run"]["status"])
+
+    @property
+    def status_message(self) -> Optional[str]:
+        """Why the run is in its status (e.g. the reason it waits), when known."""
+        message: Optional[str] = self._snapshot["run"].get("status_message")
+        return message
+
+    @property
+    def termination_reason(self) -> Optional[str]:
+        """Why the run ended."""
+        reason: Optional[str] = self._snapshot["run"].get("termination_reason")
+        return reason
+
+    @property
+    def submitted_at(self) -> datetime:
+        """When the run was submitted."""
+        at = timestamp(self._snapshot["run"]["submitted_at_ms"])
+        assert at is not None
+        return at
+
+    @property
+    def configuration(self) -> Dict[str, Any]:
+        """The normalized configuration the run was submitted with."""
+        configuration: Dict[str, Any] = self._snapshot["run"]["spec"]["configuration"]
+        return configuration
+
+    @property
+    def jobs(self) -> List[Dict[str, Any]]:
+        """Every job submission of the run (records, oldest first)."""
+        jobs: List[Dict[str, Any]] = self._snapshot["jobs"]
+        return jobs
+
+    @property
+    def exit_status(self) -> Optional[int]:
+        """The exit status of the latest submission of the run's job, once it exited."""
+        job = self._latest_job()
+        return None if job is None else job.get("exit_status")
+
+    @property
+    def duration(self) -> Optional[float]:
+        """Seconds the latest job has been running (or ran), once it started."""
+        job = self._latest_job()
+        if job is None or job.get("started_at_ms") is None:
+            return None
+        end = job.get("finished_at_ms") or int(datetime.now().timestamp() * 1000)
+        return max(0.0, (end - job["started_at_ms"]) / 1000)
+
+    @property
+    def metrics(self) -> List[Dict[str, Any]]:
+        """The values the job reported: each JSON object it appended as a line to the file
+        named by `$DSTACK_METRICS_FILE`, in order."""
+        metrics: List[Dict[str, Any]] = self._raw.metrics()
+        return metrics
+
+    def _latest_job(self) -> Optional[Dict[str, Any]]:
+        jobs = [j for j in self.jobs if j["job_num"] == 0]
+        return max(jobs, key=lambda j: j["submission_num"]) if jobs else None
+
+    def refresh(self) -> "Run":
+        """Reads the run's current state."""
+        self._snapshot = self._raw.snapshot()
+        return self
+
+    def wait(self, timeout: Optional[float] = None) -> "Run":
+        """Waits until the run has finished and returns it. Raises `WaitTimeoutError` after
+        `timeout` seconds (the run keeps going)."""
+        snapshot = self._raw.wait(timeout)
+        if snapshot is None:
+            raise WaitTimeoutError(f"run {self.name} did not finish within {timeout}s")
+        self._snapshot = snapshot
+        return self
+
+    def attach(
+        self,
+        ssh_identity_file: Optional[str] = None,
+        bind_address: Optional[str] = None,
+        ports_overrides: Optional[Sequence[Any]] = None,
+        replica_num: int = 0,
+        job_num: int = 0,
+    ) -> bool:
+        """Waits until the run is running; afterwards `logs()` follows the output until the
+        run ends. Returns `False` if the run finished before it could be attached. Ports of
+        local jobs are already reachable on this machine."""
+        if ports_overrides or replica_num or job_num:
+            raise NotSupportedError("attaching to other ports, replicas or jobs is not supported yet")
+        snapshot = self._raw.wait(None, running=True)
+        self._snapshot = snapshot
+        if self.status.is_finished():
+            return False
+        self._attached = True
+        return True
+
+    def detach(self) -> None:
+        """Stops following: `logs()` then returns the output written so far."""
+        self._attached = False
+
+    def logs(
+        self,
+        start_time: Optional[datetime] = None,
+        diagnose: bool = False,
+        replica_num: int = 0,
+        job_num: int = 0,
+    ) -> Iterator[bytes]:
+        """The job's output as chunks of bytes: when attached, everything until the run ends
+        (across retries); otherwise what it wrote so far."""
+        if start_time is not None or diagnose or replica_num or job_num:
+            raise NotSupportedError(
+                "logs(start_time=, diagnose=, replica_num=, job_num=) are not supported yet"
+            )
+        return iter(self._raw.logs(follow=self._attached))
+
+    def stop(self, abort: bool = False) -> None:
+        """Stops the run: SIGTERM, then SIGKILL after the grace period (at once with
+        `abort`)."""
+        self._snapshot = self._raw.stop(abort)
+
+    def __repr__(self) -> str:
+        return f"<Run {self.name} {self.status.value}>"
+
+    def _repr_html_(self) -> str:
+        exit_status = self.exit_status
+        row = [
+            self.name,
+            self.status.value,
+            "" if exit_status is None else exit_status,
+            self.termination_reason or "",
+            self.submitted_at.strftime("%Y-%m-%d %H:%M:%S"),
+        ]
+        return html_table(["run", "status", "exit", "reason", "submitted"], [row])
+
+
+class RunCollection:
+    """The runs of a client: plan, apply, get, list, and sweeps."""
+
+    def __init__(self, raw: "RawClient") -> None:
+        self._raw = raw
+
+    def get_run_plan(
+        self,
+        configuration: ConfigurationLike,
+        repo: Any = None,
+        configuration_path: Optional[str] = None,
+        repo_dir: Optional[str] = None,
+        ssh_identity_file: Optional[str] = None,
+    ) -> RunPlan:
+        """Where `configuration` would run, without running it."""
+        no_repo(repo)
+        data = configuration_data(configuration)
+        plan = RunPlan(self._raw.plan(data), data)
+        plan.configuration_path = configuration_path  # type: ignore[attr-defined]
+        return plan
+
+    def apply_plan(self, run_plan: RunPlan, repo: Any = None, reserve_ports: bool = True) -> Run:
+        """Submits a planned run."""
+        no_repo(repo)
+        path = getattr(run_plan, "configuration_path", None)
+        return Run(self._raw.apply(run_plan._submitted, configuration_path=path))
+
+    def apply_configuration(
+        self,
+        configuration: ConfigurationLike,
+        repo: Any = None,
+        configuration_path: Optional[str] = None,
+        repo_dir: Optional[str] = None,
+        ssh_identity_file: Optional[str] = None,
+        reserve_ports: bool = True,
+        *,
+        name: Optional[str] = None,
+        env: Optional[Mapping[str, str]] = None,
+    ) -> Run:
+        """Submits a run of `configuration` (a `Task`/`Service`/`DevEnvironment`, a dict, or
+        YAML text) and returns it; `name` and `env` override the configuration's."""
+        no_repo(repo)
+        raw = self._raw.apply(
+            configuration_data(configuration),
+            name=name,
+            env=None if env is None else dict(env),
+            configuration_path=configuration_path,
+        )
+        return Run(raw)
+
+    def get(self, run_name: str) -> Optional[Run]:
+        """The current run with this name, or `None`."""
+        raw = self._raw.get(run_name)
+        return None if raw is None else Run(raw)
+
+    def list(self, all: bool = False, limit: Optional[int] = None) -> List[Run]:
+        """Runs, newest first: unfinished ones only unless `all`."""
+        names = [r["name"] for r in self._raw.list(all, limit)]
+        return [Run(raw) for raw in self._raw.handles(names)]
+
+    def sweep(
+        self,
+        task: "Task",
+        params: "Params",
+        max_parallel: Optional[int] = None,
+        name: Optional[str] = None,
+    ) -> "Sweep":
+        """Runs `task` once per parameter combination: `params` is a grid
+        (`{"lr": [1e-3, 1e-4], "bs": [32, 64]}`) or a list of dicts. Each trial's env holds
+        its parameters, `DSTACK_SWEEP_INDEX` and `DSTACK_SWEEP_SIZE`; at most `max_parallel`
+        trials run at once."""
+        from dstack._sweep import Sweep
+
+        return Sweep.submit(self._raw, task, params, max_parallel, name)
+
+
+class FleetCollection:
+    """The fleets of a client (the local machine is the implicit `local` fleet)."""
+
+    def __init__(self, raw: "RawClient") -> None:
+        self._raw = raw
+
+    def list(self) -> List[Dict[str, Any]]:
+        """Fleets as records, each with its `instances`."""
+        return [dict(f["fleet"], instances=f["instances"]) for f in self._raw.fleets()]
+
+    def get(self, name: str) -> Optional[Dict[str, Any]]:
+        """A fleet by name, or `None`."""
+        return next((f for f in self.list() if f["name"] == name), None)
+
+
+class VolumeCollection:
+    """The volumes of a client. The local backend has none; network volumes come with the
+    cloud backends."""
+
+    def __init__(self, raw: "RawClient") -> None:
+        self._raw = raw
+
+    def list(self) -> List[Dict[str, Any]]:
+        """Volumes as records."""
+        return []
+
+    def get(self, name: str) -> Optional[Dict[str, Any]]:
+        """A volume by name, or `None`."""
+        return None
+
+
+class Client:
+    """An embedded dstack: the engine runs in this process, state lives in `$DSTACK_HOME`
+    (default `~/.dstack`), and jobs run on this machine through a detached agent, so they
+    outlive this process."""
+
+    def __init__(self, raw: "RawClient", project_name: str = "main") -> None:
+        self._raw = raw
+        self.project = project_name
+        self.runs = RunCollection(raw)
+        self.fleets = FleetCollection(raw)
+        self.volumes = VolumeCollection(raw)
+
+    @staticmethod
+    def from_config(
+        project_name: Optional[str] = None,
+        server_url: Optional[str] = None,
+        user_token: Optional[str] = None,
+        ssh_identity_file: Optional[str] = None,
+        *,
+        home: Union[str, "os.PathLike[str]", None] = None,
+    ) -> "Client":
+        """The embedded client of `home` (default `$DSTACK_HOME` or `~/.dstack`). A remote
+        server (`server_url`, `user_token`) is not supported yet."""
+        if server_url is not None or user_token is not None:
+            raise NotSupportedError(
+                "connecting to a dstack server is not supported yet: dstack-rs embeds the "
+                "engine; call Client.from_config() without server_url/user_token"
+            )
+        return Client(open_raw(home), project_name or "main")
+
+    @property
+    def home(self) -> str:
+        """The state directory."""
+        return str(self._raw.home)
+
+    def __repr__(self) -> str:
+        return f"<Client home={self.home}>"

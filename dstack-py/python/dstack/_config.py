@@ -1,0 +1,259 @@
+"""Configuration classes: `Task`, `Service`, `DevEnvironment`, `Fleet`, `Volume`, and the
+pieces they are made of (`Resources`, `CPU`, `GPU`, `Memory`, `Disk`, `Range`,
+`RegistryAuth`, ...).
+
+They take dstack's keyword arguments and only build plain data: validation happens once, in
+Rust, with the same rules and messages as for `.dstack.yml` files. A top-level configuration
+is validated when it is created (an invalid one raises `dstack.errors.ConfigurationError`
+naming the field); its normalized fields read as attributes (`task.image`, `task.env`).
+"""
+
+from enum import Enum
+from pathlib import PurePath
+from typing import Any, ClassVar, Dict, Generic, Optional, TypeVar, Union
+
+__all__ = [
+    "CPU",
+    "GPU",
+    "ComputeCapability",
+    "DevEnvironment",
+    "Disk",
+    "Fleet",
+    "Memory",
+    "Range",
+    "RegistryAuth",
+    "Resources",
+    "Retry",
+    "Scaling",
+    "Service",
+    "Task",
+    "Volume",
+    "configuration_from_data",
+    "plain",
+]
+
+T = TypeVar("T")
+
+
+def plain(value: Any) -> Any:
+    """`value` as plain data (dicts, lists, strings, numbers, booleans, None)."""
+    if isinstance(value, _Data):
+        return value.to_data()
+    if isinstance(value, Range):
+        return value.to_data()
+    if isinstance(value, Memory):
+        return f"{float(value):g}GB"
+    if isinstance(value, Enum):
+        return plain(value.value)
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+class _Data:
+    """Keyword arguments as fields; `None` fields are left out (dstack's defaults apply)."""
+
+    def __init__(self, **fields: Any) -> None:
+        self.__dict__["_fields"] = dict(fields)
+
+    def to_data(self) -> Dict[str, Any]:
+        """The fields as plain data."""
+        fields: Dict[str, Any] = self.__dict__["_fields"]
+        return {k: plain(v) for k, v in fields.items() if v is not None}
+
+    def __getattr__(self, name: str) -> Any:
+        fields: Dict[str, Any] = self.__dict__["_fields"]
+        if name in fields:
+            return fields[name]
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self.__dict__["_fields"][name] = value
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and plain(other) == plain(self)
+
+    def __hash__(self) -> int:
+        return hash(repr(self))
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.__dict__["_fields"].items())
+        return f"{type(self).__name__}({fields})"
+
+
+class Range(Generic[T]):
+    """A range of values: `Range[int](min=1, max=4)`; either bound may be left open."""
+
+    def __init__(self, min: Optional[T] = None, max: Optional[T] = None) -> None:
+        self.min = min
+        self.max = max
+
+    def to_data(self) -> Dict[str, Any]:
+        """`{"min": ..., "max": ...}` without the open bounds."""
+        data = {"min": plain(self.min), "max": plain(self.max)}
+        return {k: v for k, v in data.items() if v is not None}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Range) and (other.min, other.max) == (self.min, self.max)
+
+    def __hash__(self) -> int:
+        return hash((self.min, self.max))
+
+    def __repr__(self) -> str:
+        lo = "" if self.min is None else str(self.min)
+        hi = "" if self.max is None else str(self.max)
+        return f"Range({lo}..{hi})"
+
+
+class Memory(float):
+    """An amount of memory in GB: `Memory(16)` or `Memory.parse("512MB")`."""
+
+    _UNITS: ClassVar[Dict[str, float]] = {
+        "MB": 1 / 1024,
+        "GB": 1.0,
+        "TB": 1024.0,
+    }
+
+    @classmethod
+    def parse(cls, value: Union[str, float, int]) -> "Memory":
+        """Reads `"512MB"`, `"16GB"`, `"1TB"` or a number of GB."""
+        if isinstance(value, (int, float)):
+            return cls(value)
+        text = value.strip().upper()
+        for unit, factor in cls._UNITS.items():
+            if text.endswith(unit):
+                return cls(float(text[: -len(unit)]) * factor)
+        return cls(float(text))
+
+    def __repr__(self) -> str:
+        return f"{float(self):g}GB"
+
+
+class CPU(_Data):
+    """CPU requirements: `CPU(count=Range[int](min=4), arch="x86")`."""
+
+
+class GPU(_Data):
+    """GPU requirements: `GPU(name="A100", count=2, memory="40GB..")`, `GPU(count=0)`."""
+
+
+class ComputeCapability(_Data):
+    """A minimum CUDA compute capability (as dstack's `compute_capability` field)."""
+
+
+class Disk(_Data):
+    """Disk requirements: `Disk(size="100GB..")`."""
+
+
+class Resources(_Data):
+    """Resource requirements: `cpu`, `memory`, `shm_size`, `gpu`, `disk`."""
+
+
+class RegistryAuth(_Data):
+    """Credentials of a private image registry: `username`, `password`."""
+
+
+class Retry(_Data):
+    """A retry policy: `on_events`, `duration`."""
+
+
+class Scaling(_Data):
+    """Service auto-scaling: `metric`, `target`, `scale_up_delay`, `scale_down_delay`."""
+
+
+class _Configuration(_Data):
+    """A top-level configuration: validated (in Rust) when created."""
+
+    TYPE: ClassVar[str] = ""
+
+    def __init__(self, **fields: Any) -> None:
+        fields.pop("type", None)
+        super().__init__(**fields)
+        self.__dict__["_normalized"] = None
+        self.validate()
+
+    def to_data(self) -> Dict[str, Any]:
+        """The configuration as plain data, with its `type`."""
+        return {"type": self.TYPE, **super().to_data()}
+
+    def validate(self) -> Dict[str, Any]:
+        """Validates the current fields; returns the normalized configuration (dstack's JSON
+        shape). Raises `dstack.errors.ConfigurationError`."""
+        from dstack._native import validate
+
+        normalized: Dict[str, Any] = validate(self.to_data(), f"{type(self).__name__}(...)")
+        self.__dict__["_normalized"] = normalized
+        return normalized
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        self.__dict__["_normalized"] = None
+
+    def __getattr__(self, name: str) -> Any:
+        fields: Dict[str, Any] = self.__dict__["_fields"]
+        if name in fields or name.startswith("_"):
+            return super().__getattr__(name)
+        normalized = self.__dict__.get("_normalized") or self.validate()
+        return normalized.get(name)
+
+    def dict(self) -> Dict[str, Any]:
+        """The normalized configuration."""
+        return dict(self.__dict__.get("_normalized") or self.validate())
+
+    def json(self) -> str:
+        """The normalized configuration as JSON."""
+        import json
+
+        return json.dumps(self.dict())
+
+
+class Task(_Configuration):
+    """`type: task` — a batch job: `commands`, `resources`, `env`, `nodes`, `ports`, ..."""
+
+    TYPE = "task"
+
+
+class Service(_Configuration):
+    """`type: service` — a long-running job serving a `port`."""
+
+    TYPE = "service"
+
+
+class DevEnvironment(_Configuration):
+    """`type: dev-environment` — an interactive environment with an `ide`."""
+
+    TYPE = "dev-environment"
+
+
+class Fleet(_Configuration):
+    """`type: fleet` — instances to run on (`nodes`, or `ssh_config` for your own hosts)."""
+
+    TYPE = "fleet"
+
+
+class Volume(_Configuration):
+    """`type: volume` — a network volume."""
+
+    TYPE = "volume"
+
+
+_CLASSES: Dict[str, type] = {
+    c.TYPE: c for c in (Task, Service, DevEnvironment, Fleet, Volume)
+}
+
+
+def configuration_from_data(data: Dict[str, Any]) -> _Configuration:
+    """The configuration object for a normalized configuration dict."""
+    cls = _CLASSES.get(str(data.get("type")))
+    if cls is None:
+        from dstack.errors import NotSupportedError
+
+        raise NotSupportedError(f"`type: {data.get('type')}` configurations are not supported here")
+    config: _Configuration = cls(**data)
+    return config

@@ -1,0 +1,186 @@
+"""Shared pieces of the sync and async clients: statuses, the client registry, plans,
+turning configurations into data, and notebook rendering."""
+
+import atexit
+import os
+import subprocess
+from datetime import datetime, timezone
+from enum import Enum
+from html import escape
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
+
+from dstack import _binaries
+from dstack._config import _Configuration, plain
+
+if TYPE_CHECKING:
+    from dstack._native import RawClient
+
+__all__ = ["RunPlan", "RunStatus"]
+
+ConfigurationLike = Union[_Configuration, Dict[str, Any], str]
+
+
+class RunStatus(str, Enum):
+    """A run's status, as dstack names it."""
+
+    PENDING = "pending"
+    SUBMITTED = "submitted"
+    PROVISIONING = "provisioning"
+    RUNNING = "running"
+    TERMINATING = "terminating"
+    TERMINATED = "terminated"
+    FAILED = "failed"
+    DONE = "done"
+
+    def is_finished(self) -> bool:
+        """Whether the run has ended (terminated, failed or done)."""
+        return self in (RunStatus.TERMINATED, RunStatus.FAILED, RunStatus.DONE)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def home_dir(home: Union[str, "os.PathLike[str]", None] = None) -> Path:
+    """The state directory: `home`, `$DSTACK_HOME`, or `~/.dstack`."""
+    if home is not None:
+        return Path(home)
+    env = os.environ.get("DSTACK_HOME")
+    return Path(env) if env else Path.home() / ".dstack"
+
+
+_OPEN: Dict[Path, "RawClient"] = {}
+
+
+def open_raw(home: Union[str, "os.PathLike[str]", None]) -> "RawClient":
+    """The engine of a state directory, opened once per process."""
+    from dstack._native import RawClient
+
+    path = home_dir(home).expanduser().absolute()
+    raw = _OPEN.get(path)
+    if raw is None:
+        agent = _binaries.agent()
+        raw = RawClient.open(str(path), None if agent is None else str(agent))
+        if not _OPEN:
+            atexit.register(_hand_over)
+        _OPEN[path] = raw
+    return raw
+
+
+def _hand_over() -> None:
+    """At exit: runs still waiting for the engine are handed to a detached `dstack _drive`
+    (one per state directory; it exits when nothing waits)."""
+    for path, raw in _OPEN.items():
+        try:
+            if raw.waiting() == 0:
+                continue
+        except Exception:  # noqa: BLE001 - best effort at interpreter exit
+            continue
+        exe = _binaries.find("dstack")
+        if exe is None:
+            continue
+        env = dict(os.environ, DSTACK_HOME=str(path))
+        agent = _binaries.agent()
+        if agent is not None:
+            env["DSTACK_AGENT_BIN"] = str(agent)
+        subprocess.Popen(
+            [str(exe), "_drive"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
+def configuration_data(configuration: ConfigurationLike) -> Union[Dict[str, Any], str]:
+    """What the native side validates: plain data, or YAML text."""
+    if isinstance(configuration, str):
+        return configuration
+    if isinstance(configuration, _Configuration):
+        return configuration.to_data()
+    if isinstance(configuration, dict):
+        data: Dict[str, Any] = plain(configuration)
+        return data
+    raise TypeError(
+        "expected a configuration (Task, Service, DevEnvironment, a dict or YAML text), "
+        f"not {type(configuration).__name__}"
+    )
+
+
+def no_repo(repo: Any) -> None:
+    """Repos are not supported by the local backend yet: jobs run in the client's directory."""
+    if repo is not None:
+        from dstack.errors import NotSupportedError
+
+        raise NotSupportedError(
+            "repo= is not supported yet: on the local backend jobs run in the current "
+            "directory (set working_dir to choose another); pass repo=None"
+        )
+
+
+def timestamp(ms: Optional[int]) -> Optional[datetime]:
+    """A record's millisecond timestamp as an aware datetime."""
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+
+
+class JobPlan:
+    """The offers for one job of a run (dstack's `job_plans[i]`)."""
+
+    def __init__(self, offers: List[Dict[str, Any]]) -> None:
+        self.offers = offers
+        self.total_offers = len(offers)
+        self.max_price = max((float(o.get("price", 0.0)) for o in offers), default=None)
+
+
+class RunPlan:
+    """Where a configuration would run: `offers` (idle instances first), or
+    `no_offers_reason`. Apply it with `client.runs.apply_plan(plan)`."""
+
+    def __init__(self, raw: Dict[str, Any], configuration: Union[Dict[str, Any], str]) -> None:
+        self.configuration: Dict[str, Any] = raw["configuration"]
+        self.offers: List[Dict[str, Any]] = raw["offers"]
+        self.no_offers_reason: Optional[str] = raw["no_offers_reason"]
+        self.job_plans = [JobPlan(self.offers)]
+        self._submitted = configuration
+
+    def __repr__(self) -> str:
+        return f"RunPlan(offers={len(self.offers)}, no_offers_reason={self.no_offers_reason!r})"
+
+    def _repr_html_(self) -> str:
+        rows = [
+            [
+                o["backend"],
+                o["region"],
+                o["instance_type"],
+                _resources(o["resources"]),
+                "yes" if o["spot"] else "no",
+                f"${o['price']:g}",
+                o["availability"],
+            ]
+            for o in self.offers
+        ]
+        header = ["backend", "region", "instance", "resources", "spot", "price", "status"]
+        caption = self.no_offers_reason or f"{len(self.offers)} offer(s)"
+        return html_table(header, rows, caption)
+
+
+def _resources(host: Dict[str, Any]) -> str:
+    parts = [f"{host.get('cpus', '?')}xCPU"]
+    memory = host.get("memory_bytes")
+    if memory:
+        parts.append(f"{memory / 2**30:.0f}GB")
+    gpus = host.get("gpus") or []
+    if gpus:
+        parts.append(f"{len(gpus)}x{gpus[0].get('name', 'GPU')}")
+    return ", ".join(parts)
+
+
+def html_table(header: Sequence[str], rows: Sequence[Sequence[Any]], caption: str = "") -> str:
+    """A small HTML table for notebooks."""
+    head = "".join(f"<th>{escape(str(h))}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
+    )
+    cap = f"<caption>{escape(caption)}</caption>" if caption else ""
+    return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"

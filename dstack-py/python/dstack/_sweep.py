@@ -1,0 +1,258 @@
+"""Sweeps: one task run over a grid (or a list) of parameters, as a group of runs of which at
+most `max_parallel` hold resources at once, with results as a table.
+
+A trial reports metrics by appending JSON objects, one per line, to the file named by
+`$DSTACK_METRICS_FILE` (e.g. `{"step": 10, "loss": 0.31}`); `results()` keeps the last value
+of each metric.
+"""
+
+import itertools
+import json
+import sys
+import time
+import uuid
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Union
+
+from dstack._client import Run
+from dstack._records import RunStatus, html_table
+from dstack.errors import ConfigurationError, NoCapacityError, WaitTimeoutError
+
+if TYPE_CHECKING:
+    from dstack._config import Task
+    from dstack._native import RawClient
+
+__all__ = ["Params", "Sweep", "expand"]
+
+Params = Union[Mapping[str, Sequence[Any]], Sequence[Mapping[str, Any]]]
+
+# How often `wait()` re-counts the trials (it also wakes at once when the trial it waits on ends).
+_POLL_SECONDS = 0.5
+
+
+def expand(params: Params) -> List[Dict[str, Any]]:
+    """The trials of `params`: every combination of a grid, or the dicts of a list."""
+    if isinstance(params, Mapping):
+        keys = list(params)
+        for key in keys:
+            values = params[key]
+            if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+                raise ConfigurationError(
+                    f"sweep params: `{key}` must be a list of values, not {type(values).__name__}"
+                )
+        return [dict(zip(keys, combo)) for combo in itertools.product(*(params[k] for k in keys))]
+    trials = [dict(p) for p in params]
+    for i, trial in enumerate(trials):
+        if not all(isinstance(k, str) for k in trial):
+            raise ConfigurationError(f"sweep params[{i}]: parameter names must be strings")
+    return trials
+
+
+def env_value(value: Any) -> str:
+    """A parameter as an environment value: strings as they are, anything else as JSON."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+class Sweep:
+    """The runs of one sweep, in trial order."""
+
+    def __init__(self, name: str, params: List[Dict[str, Any]], runs: List[Run]) -> None:
+        self.name = name
+        self.params = params
+        self.runs = runs
+
+    @classmethod
+    def submit(
+        cls,
+        raw: "RawClient",
+        task: "Task",
+        params: Params,
+        max_parallel: Optional[int],
+        name: Optional[str],
+    ) -> "Sweep":
+        """Plans `task` once, then submits one run per trial."""
+        from dstack._records import configuration_data
+
+        trials = expand(params)
+        if not trials:
+            raise ConfigurationError("sweep params: no trials (an empty grid or list)")
+        if max_parallel is not None and max_parallel < 1:
+            raise ConfigurationError("sweep max_parallel: must be at least 1")
+        data = configuration_data(task)
+        plan = raw.plan(data)
+        if not plan["offers"]:
+            raise NoCapacityError(plan["no_offers_reason"] or "no offers for the sweep's task")
+        base = name or (getattr(task, "name", None) if not isinstance(data, str) else None)
+        base = base or f"sweep-{uuid.uuid4().hex[:6]}"
+        group = f"{base}-{uuid.uuid4().hex[:8]}"
+        size = len(trials)
+        runs = []
+        for index, trial in enumerate(trials):
+            env = {k: env_value(v) for k, v in trial.items()}
+            env["DSTACK_SWEEP_INDEX"] = str(index)
+            env["DSTACK_SWEEP_SIZE"] = str(size)
+            env["DSTACK_SWEEP_PARAMS"] = json.dumps(trial)
+            run = raw.apply(
+                data,
+                name=f"{base}-{index}",
+                env=env,
+                group_id=group,
+                max_parallel=max_parallel,
+            )
+            runs.append(Run(run))
+        return cls(base, trials, runs)
+
+    def refresh(self) -> "Sweep":
+        """Reads every trial's current state."""
+        for run in self.runs:
+            if not run.status.is_finished():
+                run.refresh()
+        return self
+
+    def counts(self) -> Dict[str, int]:
+        """How many trials are done, failed (or stopped), running, and waiting."""
+        counts = {"done": 0, "failed": 0, "running": 0, "waiting": 0}
+        for run in self.runs:
+            status = run.status
+            if status == RunStatus.DONE:
+                counts["done"] += 1
+            elif status.is_finished():
+                counts["failed"] += 1
+            elif status in (RunStatus.RUNNING, RunStatus.TERMINATING):
+                counts["running"] += 1
+            else:
+                counts["waiting"] += 1
+        return counts
+
+    def wait(self, timeout: Optional[float] = None, progress: bool = True) -> "Sweep":
+        """Waits until every trial has finished, showing progress (a live line in a
+        notebook, on stderr otherwise). Raises `WaitTimeoutError` after `timeout` seconds
+        (the trials keep going)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        show = _Progress(self) if progress else None
+        try:
+            while True:
+                self.refresh()
+                if show is not None:
+                    show.update()
+                pending = [r for r in self.runs if not r.status.is_finished()]
+                if not pending:
+                    return self
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise WaitTimeoutError(
+                        f"sweep {self.name}: {len(pending)} trial(s) unfinished after {timeout}s"
+                    )
+                step = _POLL_SECONDS if left is None else min(_POLL_SECONDS, left)
+                pending[0]._raw.wait(step)
+        finally:
+            if show is not None:
+                show.close()
+
+    def stop(self, abort: bool = False) -> None:
+        """Stops every unfinished trial."""
+        for run in self.runs:
+            if not run.refresh().status.is_finished():
+                run.stop(abort)
+
+    def results(self) -> List[Dict[str, Any]]:
+        """One row per trial: `run`, its params, `status`, `exit_status`, `duration` (s), and
+        the last value of each metric it reported."""
+        rows = []
+        for params, run in zip(self.params, self.runs):
+            run.refresh()
+            row: Dict[str, Any] = {"run": run.name, **params}
+            row["status"] = run.status.value
+            row["exit_status"] = run.exit_status
+            row["duration"] = run.duration
+            for record in run.metrics:
+                row.update(record)
+            rows.append(row)
+        return rows
+
+    def to_pandas(self) -> Any:
+        """`results()` as a pandas DataFrame (needs pandas)."""
+        import pandas
+
+        return pandas.DataFrame(self.results())
+
+    def best(self, metric: str, mode: str = "min") -> Optional[Dict[str, Any]]:
+        """The row of `results()` with the lowest (`mode="min"`) or highest (`"max"`) last
+        value of `metric`; `None` when no trial reported it."""
+        if mode not in ("min", "max"):
+            raise ValueError(f'mode must be "min" or "max", not {mode!r}')
+        rows = [r for r in self.results() if isinstance(r.get(metric), (int, float))]
+        if not rows:
+            return None
+        pick = min if mode == "min" else max
+        return pick(rows, key=lambda r: r[metric])
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+    def __repr__(self) -> str:
+        counts = self.counts()
+        return (
+            f"<Sweep {self.name}: {len(self.runs)} trials, {counts['done']} done, "
+            f"{counts['running']} running, {counts['failed']} failed>"
+        )
+
+    def _repr_html_(self) -> str:
+        rows = self.results()
+        header: List[str] = []
+        for row in rows:
+            header.extend(k for k in row if k not in header)
+        cells = [[_cell(row.get(k)) for k in header] for row in rows]
+        counts = self.counts()
+        caption = (
+            f"sweep {self.name}: {counts['done']} done, {counts['running']} running, "
+            f"{counts['waiting']} waiting, {counts['failed']} failed"
+        )
+        return html_table(header, cells, caption)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+class _Progress:
+    """Trials done / running / failed: a display updated in place in a notebook, a line
+    rewritten on stderr in a terminal."""
+
+    def __init__(self, sweep: Sweep) -> None:
+        self._sweep = sweep
+        self._last = ""
+        self._display: Any = None
+        ipython = sys.modules.get("IPython")
+        if ipython is not None and getattr(ipython, "get_ipython", lambda: None)() is not None:
+            from IPython.display import display
+
+            self._display = display(self._text(), display_id=True)
+
+    def _text(self) -> str:
+        c = self._sweep.counts()
+        total = len(self._sweep.runs)
+        return (
+            f"sweep {self._sweep.name}: {c['done'] + c['failed']}/{total} finished "
+            f"({c['done']} done, {c['failed']} failed), {c['running']} running, "
+            f"{c['waiting']} waiting"
+        )
+
+    def update(self) -> None:
+        text = self._text()
+        if text == self._last:
+            return
+        self._last = text
+        if self._display is not None:
+            self._display.update(text)
+        else:
+            sys.stderr.write("\r" + text)
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self._display is None and self._last:
+            sys.stderr.write("\n")
+            sys.stderr.flush()

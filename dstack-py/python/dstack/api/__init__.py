@@ -1,0 +1,65 @@
+"""dstack's Python API (`dstack.api`), served by the embedded dstack-rs engine.
+
+```python
+from dstack.api import Task, GPU, Client, Resources
+client = Client.from_config()
+task = Task(name="my-run", commands=["echo hello"], resources=Resources(gpu=GPU(count=0)))
+run = client.runs.apply_configuration(configuration=task, repo=None)
+run.attach()
+for log in run.logs():
+    print(log)
+run.detach()
+```
+"""
+
+from dstack._async import AsyncClient, AsyncRun
+from dstack._client import Client, FleetCollection, Run, RunCollection, VolumeCollection
+from dstack._config import (
+    CPU,
+    GPU,
+    ComputeCapability,
+    DevEnvironment,
+    Disk,
+    Fleet,
+    Memory,
+    Range,
+    RegistryAuth,
+    Resources,
+    Retry,
+    Scaling,
+    Service,
+    Task,
+    Volume,
+)
+from dstack._load import load_configuration
+from dstack._records import RunPlan, RunStatus
+from dstack._sweep import Sweep
+
+__all__ = [
+    "CPU",
+    "GPU",
+    "AsyncClient",
+    "AsyncRun",
+    "Client",
+    "ComputeCapability",
+    "DevEnvironment",
+    "Disk",
+    "Fleet",
+    "FleetCollection",
+    "Memory",
+    "Range",
+    "RegistryAuth",
+    "Resources",
+    "Retry",
+    "Run",
+    "RunCollection",
+    "RunPlan",
+    "RunStatus",
+    "Scaling",
+    "Service",
+    "Sweep",
+    "Task",
+    "Volume",
+    "VolumeCollection",
+    "load_configuration",
+]

@@ -1,0 +1,239 @@
+//! `RawClient`: the native side of `dstack.Client` — an embedded engine with the local
+//! backend, and its runs and fleets as plain data.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use dstack_core::config::Configuration;
+use dstack_core::engine::{ApplyOptions, EngineError, RunPlan};
+use dstack_core::model::{RunGroup, RunStatus};
+use dstack_core::Client;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::convert::{from_py, record_to_py, to_py};
+use crate::errors::{raise, Failure, Outcome};
+use crate::run::RawRun;
+use crate::runtime::{block_on, spawn, RawTask};
+
+/// Run statuses that need an engine process to make progress.
+const WAITING: &[RunStatus] = &[
+    RunStatus::Pending,
+    RunStatus::Submitted,
+    RunStatus::Provisioning,
+    RunStatus::Terminating,
+];
+
+/// An open state directory with its engine.
+#[pyclass(module = "dstack._native", frozen)]
+pub struct RawClient {
+    client: Client,
+    home: PathBuf,
+}
+
+/// How to apply a run, as the Python layer passes it.
+#[derive(Default)]
+struct Apply {
+    name: Option<String>,
+    env: BTreeMap<String, String>,
+    configuration_path: Option<String>,
+    group: Option<RunGroup>,
+}
+
+#[pymethods]
+impl RawClient {
+    /// Opens (creating if needed) the state in `home` and starts the engine; `agent` is the
+    /// `dstack-agent` binary to run jobs with.
+    #[staticmethod]
+    #[pyo3(signature = (home, agent = None))]
+    fn open(py: Python<'_>, home: PathBuf, agent: Option<PathBuf>) -> PyResult<RawClient> {
+        let opened = block_on(
+            py,
+            dstack_backends::local::local_client(home.clone(), agent),
+        )?;
+        let client = raise(py, opened.map_err(Failure::from))?;
+        Ok(RawClient { client, home })
+    }
+
+    /// The state directory.
+    #[getter]
+    fn home(&self) -> String {
+        self.home.display().to_string()
+    }
+
+    /// Where a configuration would run: `{"configuration", "offers", "no_offers_reason"}`.
+    fn plan(&self, py: Python<'_>, configuration: &Bound<'_, PyAny>) -> PyResult<PyObject> {
+        let configuration = configuration_of(py, configuration)?;
+        let client = self.client.clone();
+        let plan = block_on(py, async move { client.runs().plan(&configuration).await })?;
+        plan_to_py(py, raise(py, plan.map_err(Failure::from))?)
+    }
+
+    /// `plan`, for asyncio: `done(ok, value)` receives the result.
+    fn plan_async(
+        &self,
+        py: Python<'_>,
+        configuration: &Bound<'_, PyAny>,
+        done: PyObject,
+    ) -> PyResult<RawTask> {
+        let configuration = configuration_of(py, configuration)?;
+        let client = self.client.clone();
+        let fut = async move { Ok(client.runs().plan(&configuration).await?) };
+        spawn(fut, plan_to_py, done)
+    }
+
+    /// Submits a run and returns its handle.
+    #[pyo3(signature = (configuration, name = None, env = None, configuration_path = None, group_id = None, max_parallel = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn apply(
+        &self,
+        py: Python<'_>,
+        configuration: &Bound<'_, PyAny>,
+        name: Option<String>,
+        env: Option<BTreeMap<String, String>>,
+        configuration_path: Option<String>,
+        group_id: Option<String>,
+        max_parallel: Option<u32>,
+    ) -> PyResult<RawRun> {
+        let configuration = configuration_of(py, configuration)?;
+        let options = Apply {
+            name,
+            env: env.unwrap_or_default(),
+            configuration_path,
+            group: group_id.map(|id| RunGroup { id, max_parallel }),
+        };
+        let client = self.client.clone();
+        let run = block_on(py, apply(client, configuration, options))?;
+        raise(py, run)
+    }
+
+    /// `apply`, for asyncio.
+    #[pyo3(signature = (configuration, done, name = None, env = None, configuration_path = None))]
+    fn apply_async(
+        &self,
+        py: Python<'_>,
+        configuration: &Bound<'_, PyAny>,
+        done: PyObject,
+        name: Option<String>,
+        env: Option<BTreeMap<String, String>>,
+        configuration_path: Option<String>,
+    ) -> PyResult<RawTask> {
+        let configuration = configuration_of(py, configuration)?;
+        let options = Apply {
+            name,
+            env: env.unwrap_or_default(),
+            configuration_path,
+            group: None,
+        };
+        let fut = apply(self.client.clone(), configuration, options);
+        spawn(fut, |py, run| Ok(Py::new(py, run)?.into_any()), done)
+    }
+
+    /// The current run with this name, or `None`.
+    fn get(&self, py: Python<'_>, name: &str) -> PyResult<Option<RawRun>> {
+        let found = self.client.runs().get(name).map_err(Failure::from);
+        Ok(raise(py, found)?.map(RawRun::new))
+    }
+
+    /// Runs (as records), newest first: unfinished ones only unless `all`.
+    #[pyo3(signature = (all = false, limit = None))]
+    fn list(&self, py: Python<'_>, all: bool, limit: Option<usize>) -> PyResult<Vec<PyObject>> {
+        let runs = raise(py, self.client.runs().list(all).map_err(Failure::from))?;
+        runs.iter()
+            .take(limit.unwrap_or(usize::MAX))
+            .map(|r| record_to_py(py, r))
+            .collect()
+    }
+
+    /// Handles of these run names (current runs only; unknown names are skipped).
+    fn handles(&self, py: Python<'_>, names: Vec<String>) -> PyResult<Vec<RawRun>> {
+        let mut handles = Vec::new();
+        for name in names {
+            let found = self.client.runs().get(&name).map_err(Failure::from);
+            handles.extend(raise(py, found)?.map(RawRun::new));
+        }
+        Ok(handles)
+    }
+
+    /// Fleets, each `{"fleet": …, "instances": […]}`.
+    fn fleets(&self, py: Python<'_>) -> PyResult<Vec<PyObject>> {
+        let fleets = raise(py, self.client.fleets().list().map_err(Failure::from))?;
+        fleets
+            .iter()
+            .map(|(fleet, instances)| {
+                let item = PyDict::new(py);
+                item.set_item("fleet", record_to_py(py, fleet)?)?;
+                item.set_item("instances", record_to_py(py, instances)?)?;
+                Ok(item.into_any().unbind())
+            })
+            .collect()
+    }
+
+    /// How many runs still need an engine process (waiting for resources, a retry, or
+    /// their termination).
+    fn waiting(&self, py: Python<'_>) -> PyResult<usize> {
+        let runs = self.client.engine().store().runs_with_status(WAITING);
+        Ok(raise(py, runs.map_err(|e| Failure::from(EngineError::from(e))))?.len())
+    }
+}
+
+async fn apply(client: Client, configuration: Configuration, options: Apply) -> Outcome<RawRun> {
+    let options = ApplyOptions {
+        name: options.name,
+        env: options.env,
+        configuration_path: options.configuration_path,
+        group: options.group,
+        ..ApplyOptions::default()
+    };
+    let run = client.runs().apply(configuration, options).await?;
+    Ok(RawRun::new(run))
+}
+
+/// A configuration from Python: YAML text is parsed (errors name `file`, or `<string>`, with
+/// line and column); plain data (a dict built by the configuration classes, or one returned by
+/// `load_configuration`) is validated (errors name `file`, or the configuration type, and the
+/// field).
+fn parse_any(
+    py: Python<'_>,
+    configuration: &Bound<'_, PyAny>,
+    file: Option<&str>,
+) -> PyResult<Configuration> {
+    let parsed = if let Ok(text) = configuration.extract::<String>() {
+        let file = file.unwrap_or("<string>");
+        py.allow_threads(|| dstack_core::config::parse(&text, file))
+    } else {
+        let value = from_py(configuration)?;
+        let source = match (file, value.get("type").and_then(|t| t.as_str())) {
+            (Some(file), _) => file.to_string(),
+            (None, Some(kind)) => format!("{kind} configuration"),
+            (None, None) => "configuration".to_string(),
+        };
+        dstack_core::config::parse_value(&value, &source)
+    };
+    raise(py, parsed.map_err(Failure::from))
+}
+
+fn configuration_of(py: Python<'_>, configuration: &Bound<'_, PyAny>) -> PyResult<Configuration> {
+    parse_any(py, configuration, None)
+}
+
+fn plan_to_py(py: Python<'_>, plan: RunPlan) -> PyResult<PyObject> {
+    let dict = PyDict::new(py);
+    dict.set_item("configuration", to_py(py, &plan.configuration.to_json())?)?;
+    dict.set_item("offers", record_to_py(py, &plan.offers)?)?;
+    dict.set_item("no_offers_reason", plan.no_offers_reason)?;
+    Ok(dict.into_any().unbind())
+}
+
+/// Validates a configuration and returns it normalized (dstack's JSON shape). `configuration`
+/// is YAML text (errors name `file`, line and column) or plain data (errors name the field).
+#[pyfunction]
+#[pyo3(signature = (configuration, file = None))]
+pub fn validate(
+    py: Python<'_>,
+    configuration: &Bound<'_, PyAny>,
+    file: Option<&str>,
+) -> PyResult<PyObject> {
+    let configuration = parse_any(py, configuration, file)?;
+    to_py(py, &configuration.to_json())
+}

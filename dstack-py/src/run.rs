@@ -1,0 +1,197 @@
+//! `RawRun` and `RawLogs`: the native side of `dstack.Run` — a run's record, waiting,
+//! stopping, metrics and logs, each blocking (GIL released, Ctrl-C honoured) or for asyncio.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dstack_core::client::LogStream;
+use dstack_core::model::RunStatus;
+use dstack_core::RunHandle;
+use futures_util::StreamExt;
+use pyo3::exceptions::PyStopAsyncIteration;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+use tokio::sync::Mutex;
+
+use crate::convert::{record_to_py, to_py};
+use crate::errors::{raise, Failure, Outcome};
+use crate::runtime::{block_on, spawn, RawTask};
+
+/// One run.
+#[pyclass(module = "dstack._native", frozen)]
+pub struct RawRun {
+    handle: RunHandle,
+}
+
+impl RawRun {
+    pub fn new(handle: RunHandle) -> Self {
+        RawRun { handle }
+    }
+}
+
+/// The run record with its jobs and exit status, as one dict.
+struct Snapshot {
+    run: dstack_core::model::Run,
+    jobs: Vec<dstack_core::model::Job>,
+}
+
+fn snapshot(handle: &RunHandle) -> Outcome<Snapshot> {
+    Ok(Snapshot {
+        run: handle.run()?,
+        jobs: handle.jobs()?,
+    })
+}
+
+fn snapshot_to_py(py: Python<'_>, s: Snapshot) -> PyResult<PyObject> {
+    let dict = PyDict::new(py);
+    dict.set_item("run", record_to_py(py, &s.run)?)?;
+    dict.set_item("jobs", record_to_py(py, &s.jobs)?)?;
+    Ok(dict.into_any().unbind())
+}
+
+/// Waits for the run to finish (or, with `running`, to be running or finished), at most
+/// `timeout` seconds; `None` when the time ran out.
+async fn wait(handle: RunHandle, timeout: Option<f64>, running: bool) -> Outcome<Option<Snapshot>> {
+    let until = handle.wait_until(|s| running && s == RunStatus::Running);
+    let finished = match timeout {
+        None => Some(until.await?),
+        Some(secs) => {
+            let limit = Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or(Duration::MAX);
+            match tokio::time::timeout(limit, until).await {
+                Ok(run) => Some(run?),
+                Err(_) => None,
+            }
+        }
+    };
+    match finished {
+        Some(_) => Ok(Some(snapshot(&handle)?)),
+        None => Ok(None),
+    }
+}
+
+fn waited_to_py(py: Python<'_>, waited: Option<Snapshot>) -> PyResult<PyObject> {
+    match waited {
+        Some(s) => snapshot_to_py(py, s),
+        None => Ok(py.None()),
+    }
+}
+
+async fn metrics(handle: RunHandle) -> Outcome<Vec<serde_json::Value>> {
+    Ok(handle.metrics().await?)
+}
+
+fn metrics_to_py(py: Python<'_>, values: Vec<serde_json::Value>) -> PyResult<PyObject> {
+    to_py(py, &serde_json::Value::Array(values))
+}
+
+async fn stop(handle: RunHandle, abort: bool) -> Outcome<Snapshot> {
+    handle.stop(abort).await?;
+    snapshot(&handle)
+}
+
+#[pymethods]
+impl RawRun {
+    /// The run id.
+    #[getter]
+    fn id(&self) -> &str {
+        self.handle.id()
+    }
+
+    /// The run name.
+    #[getter]
+    fn name(&self) -> &str {
+        self.handle.name()
+    }
+
+    /// `{"run": …, "jobs": […]}`, read now.
+    fn snapshot(&self, py: Python<'_>) -> PyResult<PyObject> {
+        let s = raise(py, snapshot(&self.handle))?;
+        snapshot_to_py(py, s)
+    }
+
+    /// Waits until the run finished (with `running`: is running or finished), at most
+    /// `timeout` seconds, and returns its snapshot, or `None` if the time ran out.
+    #[pyo3(signature = (timeout = None, running = false))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>, running: bool) -> PyResult<PyObject> {
+        let waited = block_on(py, wait(self.handle.clone(), timeout, running))?;
+        waited_to_py(py, raise(py, waited)?)
+    }
+
+    /// `wait`, for asyncio.
+    #[pyo3(signature = (done, timeout = None, running = false))]
+    fn wait_async(&self, done: PyObject, timeout: Option<f64>, running: bool) -> PyResult<RawTask> {
+        spawn(
+            wait(self.handle.clone(), timeout, running),
+            waited_to_py,
+            done,
+        )
+    }
+
+    /// Stops the run (gracefully, or at once with `abort`) and returns its snapshot.
+    #[pyo3(signature = (abort = false))]
+    fn stop(&self, py: Python<'_>, abort: bool) -> PyResult<PyObject> {
+        let stopped = block_on(py, stop(self.handle.clone(), abort))?;
+        snapshot_to_py(py, raise(py, stopped)?)
+    }
+
+    /// `stop`, for asyncio.
+    #[pyo3(signature = (done, abort = false))]
+    fn stop_async(&self, done: PyObject, abort: bool) -> PyResult<RawTask> {
+        spawn(stop(self.handle.clone(), abort), snapshot_to_py, done)
+    }
+
+    /// The metrics the job reported (a list of dicts).
+    fn metrics(&self, py: Python<'_>) -> PyResult<PyObject> {
+        let values = block_on(py, metrics(self.handle.clone()))?;
+        metrics_to_py(py, raise(py, values)?)
+    }
+
+    /// `metrics`, for asyncio.
+    fn metrics_async(&self, done: PyObject) -> PyResult<RawTask> {
+        spawn(metrics(self.handle.clone()), metrics_to_py, done)
+    }
+
+    /// The job's output: what it wrote so far, and with `follow` everything until it ends.
+    #[pyo3(signature = (follow = false))]
+    fn logs(&self, follow: bool) -> RawLogs {
+        RawLogs {
+            stream: Arc::new(Mutex::new(self.handle.logs(follow))),
+        }
+    }
+}
+
+/// An iterator of output chunks (`bytes`).
+#[pyclass(module = "dstack._native", frozen)]
+pub struct RawLogs {
+    stream: Arc<Mutex<LogStream>>,
+}
+
+async fn next_chunk(stream: Arc<Mutex<LogStream>>) -> Outcome<Option<Vec<u8>>> {
+    match stream.lock().await.next().await {
+        Some(Ok(chunk)) => Ok(Some(chunk.to_vec())),
+        Some(Err(e)) => Err(Failure::from(e)),
+        None => Ok(None),
+    }
+}
+
+#[pymethods]
+impl RawLogs {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<Py<PyBytes>>> {
+        let chunk = block_on(py, next_chunk(self.stream.clone()))?;
+        Ok(raise(py, chunk)?.map(|c| PyBytes::new(py, &c).unbind()))
+    }
+
+    /// The next chunk, for asyncio: `done(True, bytes)`, or `done(False, StopAsyncIteration())`
+    /// at the end.
+    fn next_async(&self, done: PyObject) -> PyResult<RawTask> {
+        let convert = |py: Python<'_>, chunk: Option<Vec<u8>>| match chunk {
+            Some(c) => Ok(PyBytes::new(py, &c).into_any().unbind()),
+            None => Err(PyStopAsyncIteration::new_err(())),
+        };
+        spawn(next_chunk(self.stream.clone()), convert, done)
+    }
+}
