@@ -14,3 +14,5 @@ echo "==> cargo test"
 cargo test --workspace --exclude dstack-py
 echo "==> examples validate"
 "$CARGO_TARGET_DIR/debug/dstack" validate examples/*.dstack.yml
+echo "==> python package, examples and notebooks"
+bash scripts/test-python.sh

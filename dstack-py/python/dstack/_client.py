@@ -95,7 +95,7 @@ class Run:
         if job is None or job.get("started_at_ms") is None:
             return None
         end = job.get("finished_at_ms") or int(datetime.now().timestamp() * 1000)
-        return max(0.0, (end - job["started_at_ms"]) / 1000)
+        return max(0.0, float(end - job["started_at_ms"]) / 1000)
 
     @property
     def metrics(self) -> List[Dict[str, Any]]:
@@ -136,6 +136,7 @@ class Run:
         if ports_overrides or replica_num or job_num:
             raise NotSupportedError("attaching to other ports, replicas or jobs is not supported yet")
         snapshot = self._raw.wait(None, running=True)
+        assert snapshot is not None  # no timeout
         self._snapshot = snapshot
         if self.status.is_finished():
             return False

@@ -6,6 +6,7 @@ A trial reports metrics by appending JSON objects, one per line, to the file nam
 of each metric.
 """
 
+import importlib
 import itertools
 import json
 import sys
@@ -171,8 +172,7 @@ class Sweep:
 
     def to_pandas(self) -> Any:
         """`results()` as a pandas DataFrame (needs pandas)."""
-        import pandas
-
+        pandas = importlib.import_module("pandas")
         return pandas.DataFrame(self.results())
 
     def best(self, metric: str, mode: str = "min") -> Optional[Dict[str, Any]]:
@@ -218,6 +218,16 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+class _Text:
+    """Text that a notebook shows as it is (a `str` would be shown with quotes)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
 class _Progress:
     """Trials done / running / failed: a display updated in place in a notebook, a line
     rewritten on stderr in a terminal."""
@@ -228,9 +238,8 @@ class _Progress:
         self._display: Any = None
         ipython = sys.modules.get("IPython")
         if ipython is not None and getattr(ipython, "get_ipython", lambda: None)() is not None:
-            from IPython.display import display
-
-            self._display = display(self._text(), display_id=True)
+            display = importlib.import_module("IPython.display").display
+            self._display = display(_Text(self._text()), display_id=True)
 
     def _text(self) -> str:
         c = self._sweep.counts()
@@ -247,12 +256,14 @@ class _Progress:
             return
         self._last = text
         if self._display is not None:
-            self._display.update(text)
-        else:
+            self._display.update(_Text(text))
+        elif sys.stderr.isatty():
             sys.stderr.write("\r" + text)
             sys.stderr.flush()
+        else:
+            sys.stderr.write(text + "\n")
 
     def close(self) -> None:
-        if self._display is None and self._last:
+        if self._display is None and self._last and sys.stderr.isatty():
             sys.stderr.write("\n")
             sys.stderr.flush()

@@ -1,0 +1,49 @@
+"""Fixtures: one temporary `DSTACK_HOME` per test session (its agent is killed at the end),
+and an embedded client on it. Everything runs for real: the engine, SQLite, the agent and the
+jobs' processes."""
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+import dstack
+from dstack.api import Client
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def kill_agent(home: Path) -> None:
+    try:
+        pid = int((home / "agent" / "agent.pid").read_text().strip())
+    except (OSError, ValueError):
+        return
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="session")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = tmp_path_factory.mktemp("dstack-home")
+    os.environ["DSTACK_HOME"] = str(path)
+    yield path
+    kill_agent(path)
+
+
+@pytest.fixture(scope="session")
+def client(home: Path) -> Client:
+    return Client.from_config(home=home)
+
+
+@pytest.fixture()
+def python() -> str:
+    """The interpreter running the tests (jobs use it for Python one-liners)."""
+    return sys.executable
+
+
+__all__ = ["REPO", "dstack", "kill_agent"]

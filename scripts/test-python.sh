@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The Python side: builds and installs the package with `pip install .` (the wheel, with its
+# bundled `dstack` and `dstack-agent`) into a virtualenv, then runs the pytest suite, mypy
+# --strict on the package and the examples, every examples/*.py, and every notebook
+# (headless, nbclient) — all against the embedded default in throwaway $DSTACK_HOMEs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/dstack-rs/target}"
+VENV="${DSTACK_TEST_VENV:-$HOME/.cache/dstack-rs/venv}"
+# Tests build in the dev profile (as `cargo test` does): shared builds, no release wait.
+export MATURIN_PEP517_ARGS="${MATURIN_PEP517_ARGS:---profile dev}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "==> python venv $VENV"
+  python3 -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+echo "==> pip install test tools"
+"$PY" -m pip install -q --disable-pip-version-check \
+  "maturin>=1.5,<2" pytest mypy nbclient nbformat ipykernel numpy pandas
+echo "==> pip install . ($MATURIN_PEP517_ARGS)"
+"$PY" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps .
+
+homes=()
+cleanup() {
+  for home in "${homes[@]}"; do
+    if [ -f "$home/agent/agent.pid" ]; then kill -9 "$(cat "$home/agent/agent.pid")" 2>/dev/null || true; fi
+    rm -rf "$home"
+  done
+}
+trap cleanup EXIT
+fresh_home() {
+  local home
+  home="$(mktemp -d)"
+  homes+=("$home")
+  echo "$home"
+}
+
+echo "==> pytest"
+(cd dstack-py && DSTACK_HOME="$(fresh_home)" "$PY" -m pytest -q -p no:cacheprovider tests)
+echo "==> mypy --strict (package and examples)"
+"$PY" -m mypy --strict --no-incremental dstack-py/python/dstack examples/*.py
+for example in examples/*.py; do
+  echo "==> $example"
+  DSTACK_HOME="$(fresh_home)" "$PY" "$example" >/dev/null
+done
+for notebook in notebooks/*.ipynb; do
+  echo "==> $notebook"
+  DSTACK_HOME="$(fresh_home)" "$PY" - "$notebook" <<'PY'
+import sys
+
+import nbclient
+import nbformat
+
+path = sys.argv[1]
+notebook = nbformat.read(path, as_version=4)
+nbclient.NotebookClient(
+    notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": "notebooks"}}
+).execute()
+PY
+done
