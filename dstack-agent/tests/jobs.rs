@@ -136,7 +136,7 @@ async fn submitting_the_same_id_again_returns_the_existing_job() {
 }
 
 #[tokio::test]
-async fn the_environment_and_working_dir_are_exactly_what_was_given() {
+async fn the_environment_and_working_dir_are_exactly_what_was_given_plus_the_metrics_file() {
     let agent = TestAgent::start().await;
     let scratch = agent.scratch().canonicalize().unwrap();
     let mut job = shell_job("env", "");
@@ -154,6 +154,11 @@ async fn the_environment_and_working_dir_are_exactly_what_was_given() {
         .map(String::from)
         .collect();
     lines.sort();
+    let metrics = lines.remove(0);
+    assert!(
+        metrics.starts_with("DSTACK_METRICS_FILE=/") && metrics.ends_with("/env.metrics.jsonl"),
+        "{metrics}"
+    );
     assert_eq!(lines, ["EMPTY=", "FOO=bar baz"]);
 
     let mut job = shell_job("pwd", "pwd");
@@ -332,4 +337,29 @@ async fn bad_requests_get_plain_text_errors() {
     let socket = agent.client.socket().to_path_buf();
     agent.shut_down().await;
     assert!(!socket.exists());
+}
+
+#[tokio::test]
+async fn metrics_written_by_a_job_are_served_until_it_is_removed() {
+    let agent = TestAgent::start().await;
+    let script = r#"echo '{"loss": 1}' >> "$DSTACK_METRICS_FILE"; echo '{"loss": 0.5}' >> "$DSTACK_METRICS_FILE""#;
+    agent
+        .client
+        .submit(&shell_job("metered", script))
+        .await
+        .unwrap();
+    wait_finished(&agent.client, "metered").await;
+    let metrics = agent.client.metrics("metered").await.unwrap();
+    assert_eq!(&metrics[..], b"{\"loss\": 1}\n{\"loss\": 0.5}\n");
+
+    agent
+        .client
+        .submit(&shell_job("quiet", "true"))
+        .await
+        .unwrap();
+    wait_finished(&agent.client, "quiet").await;
+    assert!(agent.client.metrics("quiet").await.unwrap().is_empty());
+
+    agent.client.remove("metered").await.unwrap();
+    assert!(agent.client.metrics("metered").await.is_err());
 }

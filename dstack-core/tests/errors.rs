@@ -124,3 +124,36 @@ fn a_document_that_is_not_a_mapping_is_rejected() {
         ["f.dstack.yml:1:1: (root): expected a mapping (a dstack configuration), found null [invalid_type]"]
     );
 }
+
+#[test]
+fn configurations_given_as_data_name_the_source_and_field_but_no_line() {
+    let value = serde_json::json!({
+        "type": "task",
+        "commands": ["x"],
+        "resources": {"gpu": {"count": "many"}},
+        "nodes": 0,
+    });
+    let text = dstack_core::config::parse_value(&value, "Task(...)")
+        .unwrap_err()
+        .to_string();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(lines
+        .iter()
+        .any(|l| l.starts_with("Task(...): resources.gpu.count: ")));
+    assert!(lines.iter().all(|l| l.starts_with("Task(...): ")));
+}
+
+#[test]
+fn data_and_yaml_normalize_alike() {
+    let yaml = parse(
+        "type: task\ncommands: [x]\nenv: [A=1]\nresources: {gpu: 0}\n",
+        "f",
+    )
+    .unwrap();
+    let value = serde_json::json!({
+        "type": "task", "commands": ["x"], "env": ["A=1"], "resources": {"gpu": 0},
+    });
+    let data = dstack_core::config::parse_value(&value, "data").unwrap();
+    assert_eq!(yaml.to_json(), data.to_json());
+}

@@ -636,4 +636,60 @@ mod tests {
             "an ending run gets no placement"
         );
     }
+
+    #[test]
+    fn a_group_at_its_limit_is_neither_placed_nor_queued_until_a_run_finishes() {
+        let store = SqliteStore::in_memory().unwrap();
+        let group = crate::model::RunGroup {
+            id: "sweep-1".to_string(),
+            max_parallel: Some(2),
+        };
+        let trials: Vec<(Run, Job)> = (0..3)
+            .map(|i| {
+                let mut r = run(&format!("trial-{i}"), RunStatus::Submitted);
+                r.spec.group = Some(group.clone());
+                let j = job(&r);
+                store.insert_run(&r, std::slice::from_ref(&j)).unwrap();
+                (r, j)
+            })
+            .collect();
+        let other = run("other", RunStatus::Submitted);
+        let other_job = job(&other);
+        store
+            .insert_run(&other, std::slice::from_ref(&other_job))
+            .unwrap();
+        let fit = |_: &[Reservation]| {
+            Some(Reservation {
+                cpus: 1,
+                memory_mib: 1,
+                gpus: vec![],
+            })
+        };
+        for (_, j) in &trials[..2] {
+            assert!(store.assign_job(&j.id, "i-1", &fit).unwrap().is_some());
+        }
+        let (third_run, third_job) = &trials[2];
+        assert!(!store.group_has_room(&third_run.id).unwrap());
+        assert!(store
+            .assign_job(&third_job.id, "i-1", &fit)
+            .unwrap()
+            .is_none());
+        assert_eq!(
+            store.waiting_jobs(10).unwrap(),
+            vec![(other_job.id.clone(), other.id.clone())],
+            "a full group does not fill the queue others wait in"
+        );
+        assert!(
+            store.group_has_room(&other.id).unwrap(),
+            "no group: no limit"
+        );
+        let mut done = store.job(&trials[0].1.id).unwrap().unwrap();
+        done.status = JobStatus::Done;
+        assert!(store.update_job(&done, &[JobStatus::Provisioning]).unwrap());
+        assert!(store.group_has_room(&third_run.id).unwrap());
+        assert!(store
+            .assign_job(&third_job.id, "i-1", &fit)
+            .unwrap()
+            .is_some());
+    }
 }
