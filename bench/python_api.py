@@ -6,13 +6,20 @@
            backend, N sequential runs, p50/p99 (what the Rust `engine_latency` example
            measures as submit -> running).
 
+  interrupt  SIGINT -> KeyboardInterrupt while blocked in run.wait() and in run.logs()
+           (following), N times each; the run is still running afterwards.
+
 usage: python bench/python_api.py import PYTHON MODULE [N]
        python bench/python_api.py latency [N]
+       python bench/python_api.py interrupt [N]
 """
 
+import os
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 
@@ -54,8 +61,45 @@ def bench_latency(n: int) -> None:
     print(f"python apply_configuration->running  p50 {p50 * 1e3:8.2f} ms   p99 {p99 * 1e3:8.2f} ms")
 
 
+def bench_interrupt(n: int) -> None:
+    from dstack.api import Client, Resources, Task
+
+    client = Client.from_config()
+    task = Task(commands=["sleep 600"], resources=Resources(cpu=1, memory="0.1GB.."))
+    run = client.runs.apply_configuration(task)
+    run.attach()
+    sent: list = []
+
+    def interrupt() -> None:
+        sent.append(time.perf_counter())
+        os.kill(os.getpid(), signal.SIGINT)
+
+    for call in ("wait", "logs"):
+        samples = []
+        for _ in range(n):
+            threading.Timer(0.1, interrupt).start()
+            try:
+                if call == "wait":
+                    run.wait()
+                else:
+                    for _chunk in run.logs():
+                        pass
+            except KeyboardInterrupt:
+                samples.append(time.perf_counter() - sent[-1])
+        assert not run.refresh().status.is_finished(), "the run must keep running"
+        samples.sort()
+        print(
+            f"Ctrl-C in run.{call}():  p50 {samples[len(samples) // 2] * 1e3:6.1f} ms   "
+            f"max {samples[-1] * 1e3:6.1f} ms   ({len(samples)} interrupts, run still running)"
+        )
+    run.stop(abort=True)
+    run.wait()
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "import":
         bench_import(sys.argv[2], sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else 20)
+    elif sys.argv[1] == "interrupt":
+        bench_interrupt(int(sys.argv[2]) if len(sys.argv) > 2 else 20)
     else:
         bench_latency(int(sys.argv[2]) if len(sys.argv) > 2 else 200)

@@ -3,7 +3,8 @@
 #   - `import dstack` (dstack-rs, release wheel) vs `import dstack.api` (dstack 0.22.5 from
 #     PyPI, in a throw-away venv);
 #   - apply_configuration -> running from Python vs submit -> running from the Rust API
-#     (the engine_latency example), both on the local backend with `true` tasks.
+#     (the engine_latency example), both on the local backend with `true` tasks;
+#   - how long Ctrl-C takes to interrupt run.wait() and run.logs() (target: 200 ms).
 #   usage: bench/python_api.sh [N]   (default 200 runs for latency)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,4 +26,5 @@ cargo build -q --release -p dstack-agent -p dstack-backends --example engine_lat
 home="$(mktemp -d)"
 trap 'kill -9 "$(cat "$home/agent/agent.pid" 2>/dev/null)" 2>/dev/null; rm -rf "$home"' EXIT
 DSTACK_HOME="$home" "$ours/bin/python" bench/python_api.py latency "$n"
+DSTACK_HOME="$home" "$ours/bin/python" bench/python_api.py interrupt 20
 "$CARGO_TARGET_DIR/release/examples/engine_latency" "$n" 0 | grep -E 'floor|submit'

@@ -32,12 +32,27 @@ pub struct RawClient {
 }
 
 /// How to apply a run, as the Python layer passes it.
-#[derive(Default)]
 struct Apply {
     name: Option<String>,
     env: BTreeMap<String, String>,
     configuration_path: Option<String>,
     group: Option<RunGroup>,
+}
+
+impl Apply {
+    fn new(
+        name: Option<String>,
+        env: Option<BTreeMap<String, String>>,
+        configuration_path: Option<String>,
+        group: Option<RunGroup>,
+    ) -> Self {
+        Apply {
+            name,
+            env: env.unwrap_or_default(),
+            configuration_path,
+            group,
+        }
+    }
 }
 
 #[pymethods]
@@ -69,17 +84,12 @@ impl RawClient {
         plan_to_py(py, raise(py, plan.map_err(Failure::from))?)
     }
 
-    /// `plan`, for asyncio: `done(ok, value)` receives the result.
-    fn plan_async(
-        &self,
-        py: Python<'_>,
-        configuration: &Bound<'_, PyAny>,
-        done: PyObject,
-    ) -> PyResult<RawTask> {
+    /// `plan`, for asyncio (see [`RawTask`]).
+    fn plan_async(&self, py: Python<'_>, configuration: &Bound<'_, PyAny>) -> PyResult<RawTask> {
         let configuration = configuration_of(py, configuration)?;
         let client = self.client.clone();
         let fut = async move { Ok(client.runs().plan(&configuration).await?) };
-        spawn(fut, plan_to_py, done)
+        spawn(fut, plan_to_py)
     }
 
     /// Submits a run and returns its handle.
@@ -96,49 +106,40 @@ impl RawClient {
         max_parallel: Option<u32>,
     ) -> PyResult<RawRun> {
         let configuration = configuration_of(py, configuration)?;
-        let options = Apply {
-            name,
-            env: env.unwrap_or_default(),
-            configuration_path,
-            group: group_id.map(|id| RunGroup { id, max_parallel }),
-        };
+        let group = group_id.map(|id| RunGroup { id, max_parallel });
+        let options = Apply::new(name, env, configuration_path, group);
         let client = self.client.clone();
         let run = block_on(py, apply(client, configuration, options))?;
         raise(py, run)
     }
 
     /// `apply`, for asyncio.
-    #[pyo3(signature = (configuration, done, name = None, env = None, configuration_path = None))]
+    #[pyo3(signature = (configuration, name = None, env = None, configuration_path = None))]
     fn apply_async(
         &self,
         py: Python<'_>,
         configuration: &Bound<'_, PyAny>,
-        done: PyObject,
         name: Option<String>,
         env: Option<BTreeMap<String, String>>,
         configuration_path: Option<String>,
     ) -> PyResult<RawTask> {
         let configuration = configuration_of(py, configuration)?;
-        let options = Apply {
-            name,
-            env: env.unwrap_or_default(),
-            configuration_path,
-            group: None,
-        };
+        let options = Apply::new(name, env, configuration_path, None);
         let fut = apply(self.client.clone(), configuration, options);
-        spawn(fut, |py, run| Ok(Py::new(py, run)?.into_any()), done)
+        spawn(fut, |py, run| Ok(Py::new(py, run)?.into_any()))
     }
 
     /// The current run with this name, or `None`.
     fn get(&self, py: Python<'_>, name: &str) -> PyResult<Option<RawRun>> {
-        let found = self.client.runs().get(name).map_err(Failure::from);
+        let found = py.allow_threads(|| self.client.runs().get(name).map_err(Failure::from));
         Ok(raise(py, found)?.map(RawRun::new))
     }
 
     /// Runs (as records), newest first: unfinished ones only unless `all`.
     #[pyo3(signature = (all = false, limit = None))]
     fn list(&self, py: Python<'_>, all: bool, limit: Option<usize>) -> PyResult<Vec<PyObject>> {
-        let runs = raise(py, self.client.runs().list(all).map_err(Failure::from))?;
+        let runs = py.allow_threads(|| self.client.runs().list(all).map_err(Failure::from));
+        let runs = raise(py, runs)?;
         runs.iter()
             .take(limit.unwrap_or(usize::MAX))
             .map(|r| record_to_py(py, r))
@@ -147,17 +148,25 @@ impl RawClient {
 
     /// Handles of these run names (current runs only; unknown names are skipped).
     fn handles(&self, py: Python<'_>, names: Vec<String>) -> PyResult<Vec<RawRun>> {
-        let mut handles = Vec::new();
-        for name in names {
-            let found = self.client.runs().get(&name).map_err(Failure::from);
-            handles.extend(raise(py, found)?.map(RawRun::new));
-        }
-        Ok(handles)
+        let found = py.allow_threads(|| {
+            let runs = self.client.runs();
+            names
+                .iter()
+                .map(|name| runs.get(name))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(Failure::from)
+        });
+        Ok(raise(py, found)?
+            .into_iter()
+            .flatten()
+            .map(RawRun::new)
+            .collect())
     }
 
     /// Fleets, each `{"fleet": …, "instances": […]}`.
     fn fleets(&self, py: Python<'_>) -> PyResult<Vec<PyObject>> {
-        let fleets = raise(py, self.client.fleets().list().map_err(Failure::from))?;
+        let fleets = py.allow_threads(|| self.client.fleets().list().map_err(Failure::from));
+        let fleets = raise(py, fleets)?;
         fleets
             .iter()
             .map(|(fleet, instances)| {
@@ -172,8 +181,11 @@ impl RawClient {
     /// How many runs still need an engine process (waiting for resources, a retry, or
     /// their termination).
     fn waiting(&self, py: Python<'_>) -> PyResult<usize> {
-        let runs = self.client.engine().store().runs_with_status(WAITING);
-        Ok(raise(py, runs.map_err(|e| Failure::from(EngineError::from(e))))?.len())
+        let runs = py.allow_threads(|| {
+            let runs = self.client.engine().store().runs_with_status(WAITING);
+            runs.map_err(|e| Failure::from(EngineError::from(e)))
+        });
+        Ok(raise(py, runs)?.len())
     }
 }
 

@@ -105,7 +105,7 @@ impl RawRun {
 
     /// `{"run": …, "jobs": […]}`, read now.
     fn snapshot(&self, py: Python<'_>) -> PyResult<PyObject> {
-        let s = raise(py, snapshot(&self.handle))?;
+        let s = raise(py, py.allow_threads(|| snapshot(&self.handle)))?;
         snapshot_to_py(py, s)
     }
 
@@ -118,13 +118,9 @@ impl RawRun {
     }
 
     /// `wait`, for asyncio.
-    #[pyo3(signature = (done, timeout = None, running = false))]
-    fn wait_async(&self, done: PyObject, timeout: Option<f64>, running: bool) -> PyResult<RawTask> {
-        spawn(
-            wait(self.handle.clone(), timeout, running),
-            waited_to_py,
-            done,
-        )
+    #[pyo3(signature = (timeout = None, running = false))]
+    fn wait_async(&self, timeout: Option<f64>, running: bool) -> PyResult<RawTask> {
+        spawn(wait(self.handle.clone(), timeout, running), waited_to_py)
     }
 
     /// Stops the run (gracefully, or at once with `abort`) and returns its snapshot.
@@ -135,9 +131,9 @@ impl RawRun {
     }
 
     /// `stop`, for asyncio.
-    #[pyo3(signature = (done, abort = false))]
-    fn stop_async(&self, done: PyObject, abort: bool) -> PyResult<RawTask> {
-        spawn(stop(self.handle.clone(), abort), snapshot_to_py, done)
+    #[pyo3(signature = (abort = false))]
+    fn stop_async(&self, abort: bool) -> PyResult<RawTask> {
+        spawn(stop(self.handle.clone(), abort), snapshot_to_py)
     }
 
     /// The metrics the job reported (a list of dicts).
@@ -147,8 +143,8 @@ impl RawRun {
     }
 
     /// `metrics`, for asyncio.
-    fn metrics_async(&self, done: PyObject) -> PyResult<RawTask> {
-        spawn(metrics(self.handle.clone()), metrics_to_py, done)
+    fn metrics_async(&self) -> PyResult<RawTask> {
+        spawn(metrics(self.handle.clone()), metrics_to_py)
     }
 
     /// The job's output: what it wrote so far, and with `follow` everything until it ends.
@@ -185,13 +181,12 @@ impl RawLogs {
         Ok(raise(py, chunk)?.map(|c| PyBytes::new(py, &c).unbind()))
     }
 
-    /// The next chunk, for asyncio: `done(True, bytes)`, or `done(False, StopAsyncIteration())`
-    /// at the end.
-    fn next_async(&self, done: PyObject) -> PyResult<RawTask> {
+    /// The next chunk, for asyncio: `bytes`, or `StopAsyncIteration` raised at the end.
+    fn next_async(&self) -> PyResult<RawTask> {
         let convert = |py: Python<'_>, chunk: Option<Vec<u8>>| match chunk {
             Some(c) => Ok(PyBytes::new(py, &c).into_any().unbind()),
             None => Err(PyStopAsyncIteration::new_err(())),
         };
-        spawn(next_chunk(self.stream.clone()), convert, done)
+        spawn(next_chunk(self.stream.clone()), convert)
     }
 }

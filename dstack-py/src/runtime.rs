@@ -1,9 +1,11 @@
 //! The one tokio runtime of the extension, and the two ways Python waits on it: blocking
-//! (GIL released, Ctrl-C checked every [`SIGNAL_CHECK`]) and through a callback (for
-//! `asyncio`).
+//! (GIL released, Ctrl-C checked every [`SIGNAL_CHECK`]) and as a [`RawTask`] whose pipe an
+//! `asyncio` loop watches.
 
 use std::future::Future;
-use std::sync::OnceLock;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use pyo3::exceptions::PyRuntimeError;
@@ -71,43 +73,70 @@ where
     }
 }
 
-/// A Rust task whose result goes to a Python callback; `cancel()` drops it.
+/// A result waiting for the GIL: converted to Python by whoever collects it.
+type Deferred = Box<dyn FnOnce(Python<'_>) -> PyResult<PyObject> + Send>;
+
+/// A Rust task for asyncio. Runtime threads never touch the interpreter: when the task ends
+/// it stores its result and writes a byte to a pipe whose read end (`fileno()`) the event
+/// loop watches (`loop.add_reader`); the loop's thread then collects it with `result()`.
+/// (Taking the GIL from a runtime thread could race with interpreter shutdown.)
 #[pyclass(module = "dstack._native", frozen)]
 pub struct RawTask {
     abort: AbortHandle,
+    ready: std::io::PipeReader,
+    result: Arc<Mutex<Option<Deferred>>>,
 }
 
 #[pymethods]
 impl RawTask {
-    /// Cancels the task (its callback is then never called).
+    /// The file descriptor that becomes readable when the task has ended.
+    fn fileno(&self) -> i32 {
+        self.ready.as_raw_fd()
+    }
+
+    /// The task's value (or its exception, raised); only once it has ended, and only once.
+    fn result(&self, py: Python<'_>) -> PyResult<PyObject> {
+        let taken = self
+            .result
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        match taken {
+            Some(deferred) => deferred(py),
+            None => Err(PyRuntimeError::new_err(
+                "the task has not ended (or was collected)",
+            )),
+        }
+    }
+
+    /// Cancels the task (dropping its future); it then never becomes ready.
     fn cancel(&self) {
         self.abort.abort();
     }
 }
 
-/// Runs `fut` on the runtime and calls `done(True, value)` with its converted output, or
-/// `done(False, exception)` with its error. `done` runs on a runtime thread: it must only
-/// hand the result over (e.g. with `loop.call_soon_threadsafe`).
-pub fn spawn<T, F, C>(fut: F, convert: C, done: PyObject) -> PyResult<RawTask>
+/// Runs `fut` on the runtime; its output, converted by `convert` (or its error), is collected
+/// from the returned [`RawTask`] once its pipe is readable.
+pub fn spawn<T, F, C>(fut: F, convert: C) -> PyResult<RawTask>
 where
     F: Future<Output = Outcome<T>> + Send + 'static,
     T: Send + 'static,
     C: FnOnce(Python<'_>, T) -> PyResult<PyObject> + Send + 'static,
 {
+    let (ready, mut notify) = std::io::pipe()
+        .map_err(|e| PyRuntimeError::new_err(format!("cannot create a pipe: {e}")))?;
+    let result: Arc<Mutex<Option<Deferred>>> = Arc::default();
+    let slot = result.clone();
     let handle = runtime()?.spawn(async move {
         let output = fut.await;
-        Python::with_gil(|py| {
-            let converted = raise(py, output).and_then(|v| convert(py, v));
-            let (ok, value) = match converted {
-                Ok(value) => (true, value),
-                Err(e) => (false, e.into_value(py).into_any()),
-            };
-            if let Err(e) = done.call1(py, (ok, value)) {
-                e.write_unraisable(py, None);
-            }
-        });
+        let deferred: Deferred = Box::new(move |py| raise(py, output).and_then(|v| convert(py, v)));
+        *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(deferred);
+        // The reader may be gone (the task was dropped); nothing else to tell then.
+        let _ = notify.write_all(b"x");
     });
     Ok(RawTask {
         abort: handle.abort_handle(),
+        ready,
+        result,
     })
 }

@@ -10,10 +10,7 @@ from typing import Iterator
 
 import pytest
 
-import dstack
 from dstack.api import Client
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def kill_agent(home: Path) -> None:
@@ -45,5 +42,3 @@ def python() -> str:
     """The interpreter running the tests (jobs use it for Python one-liners)."""
     return sys.executable
 
-
-__all__ = ["REPO", "dstack", "kill_agent"]

@@ -16,16 +16,8 @@ from dstack.errors import (
     WaitTimeoutError,
 )
 
-DOC_SCRIPT = """
-from dstack.api import Task, GPU, Client, Resources
-client = Client.from_config()
-task = Task(name="my-run", commands=["echo hello"], resources=Resources(gpu=GPU(count=0)))
-run = client.runs.apply_configuration(configuration=task, repo=None)
-run.attach()
-for log in run.logs():
-    print(log)
-run.detach()
-"""
+# dstack's documentation script, as examples/quickstart.py holds it.
+DOC_SCRIPT = (Path(__file__).resolve().parents[2] / "examples" / "quickstart.py").read_text()
 
 
 def test_documentation_script_runs_unchanged(home: Path) -> None:

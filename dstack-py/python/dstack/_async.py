@@ -1,9 +1,9 @@
 """The asyncio client: `AsyncClient` mirrors `Client`, with awaitable methods and logs as an
 async iterator. Work runs on the extension's tokio runtime; cancelling the awaiting task
-cancels the Rust future."""
+cancels the Rust future. Needs an event loop with `add_reader` (the default on Unix)."""
 
 import asyncio
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Dict, List, Mapping, Optional, TypeVar, Union
+from typing import TYPE_CHECKING, Any, AsyncIterator, Dict, List, Mapping, Optional, Union
 
 from dstack._client import Run
 from dstack._records import ConfigurationLike, RunPlan, configuration_data, no_repo, open_raw
@@ -16,32 +16,28 @@ if TYPE_CHECKING:
 
 __all__ = ["AsyncClient", "AsyncRun", "AsyncRunCollection"]
 
-T = TypeVar("T")
 
-
-async def _native(start: "Callable[[Callable[[bool, Any], None]], RawTask]") -> Any:
-    """Awaits a native task: `start(done)` launches it and `done(ok, value)` is called on a
-    runtime thread when it ends."""
+async def _native(task: "RawTask") -> Any:
+    """Awaits a native task: its pipe becomes readable when it ends (runtime threads never take
+    the GIL); its result is then collected on the loop's thread. Cancelling the awaiting
+    asyncio task cancels the Rust future."""
     loop = asyncio.get_running_loop()
-    future: "asyncio.Future[Any]" = loop.create_future()
+    future: "asyncio.Future[None]" = loop.create_future()
+    fd = task.fileno()
 
-    def settle(ok: bool, value: Any) -> None:
-        if future.done():
-            return
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
+    def ready() -> None:
+        loop.remove_reader(fd)
+        if not future.done():
+            future.set_result(None)
 
-    def done(ok: bool, value: Any) -> None:
-        loop.call_soon_threadsafe(settle, ok, value)
-
-    task = start(done)
+    loop.add_reader(fd, ready)
     try:
-        return await future
+        await future
     except asyncio.CancelledError:
+        loop.remove_reader(fd)
         task.cancel()
         raise
+    return task.result()
 
 
 class AsyncRun(Run):
@@ -56,7 +52,7 @@ class AsyncRun(Run):
     async def wait(self, timeout: Optional[float] = None) -> "AsyncRun":  # type: ignore[override]
         """Waits until the run has finished; `WaitTimeoutError` after `timeout` seconds."""
         raw = self._raw
-        snapshot = await _native(lambda done: raw.wait_async(done, timeout))
+        snapshot = await _native(raw.wait_async(timeout))
         if snapshot is None:
             raise WaitTimeoutError(f"run {self.name} did not finish within {timeout}s")
         self._snapshot = snapshot
@@ -65,19 +61,19 @@ class AsyncRun(Run):
     async def attach(self, *args: Any, **kwargs: Any) -> bool:  # type: ignore[override]
         """Waits until the run is running; `False` if it finished first."""
         raw = self._raw
-        self._snapshot = await _native(lambda done: raw.wait_async(done, None, True))
+        self._snapshot = await _native(raw.wait_async(None, True))
         self._attached = not self.status.is_finished()
         return self._attached
 
     async def stop(self, abort: bool = False) -> None:  # type: ignore[override]
         """Stops the run (see `Run.stop`)."""
         raw = self._raw
-        self._snapshot = await _native(lambda done: raw.stop_async(done, abort))
+        self._snapshot = await _native(raw.stop_async(abort))
 
     async def get_metrics(self) -> List[Dict[str, Any]]:
         """The values the job reported (see `Run.metrics`)."""
         raw = self._raw
-        metrics: List[Dict[str, Any]] = await _native(lambda done: raw.metrics_async(done))
+        metrics: List[Dict[str, Any]] = await _native(raw.metrics_async())
         return metrics
 
     def logs(self, *args: Any, **kwargs: Any) -> AsyncIterator[bytes]:  # type: ignore[override]
@@ -94,7 +90,7 @@ class _AsyncLogs:
 
     async def __anext__(self) -> bytes:
         raw = self._raw
-        chunk: bytes = await _native(lambda done: raw.next_async(done))
+        chunk: bytes = await _native(raw.next_async())
         return chunk
 
 
@@ -109,14 +105,14 @@ class AsyncRunCollection:
         no_repo(repo)
         data = configuration_data(configuration)
         raw = self._raw
-        plan = await _native(lambda done: raw.plan_async(data, done))
+        plan = await _native(raw.plan_async(data))
         return RunPlan(plan, data)
 
     async def apply_plan(self, run_plan: RunPlan, repo: Any = None, reserve_ports: bool = True) -> AsyncRun:
         """Submits a planned run."""
         no_repo(repo)
         raw = self._raw
-        run = await _native(lambda done: raw.apply_async(run_plan._submitted, done))
+        run = await _native(raw.apply_async(run_plan._submitted))
         return AsyncRun(run)
 
     async def apply_configuration(
@@ -134,9 +130,7 @@ class AsyncRunCollection:
         data = configuration_data(configuration)
         raw = self._raw
         env_dict = None if env is None else dict(env)
-        run = await _native(
-            lambda done: raw.apply_async(data, done, name, env_dict, configuration_path)
-        )
+        run = await _native(raw.apply_async(data, name, env_dict, configuration_path))
         return AsyncRun(run)
 
     async def get(self, run_name: str) -> Optional[AsyncRun]:

@@ -1,16 +1,5 @@
-"""dstack's Python API (`dstack.api`), served by the embedded dstack-rs engine.
-
-```python
-from dstack.api import Task, GPU, Client, Resources
-client = Client.from_config()
-task = Task(name="my-run", commands=["echo hello"], resources=Resources(gpu=GPU(count=0)))
-run = client.runs.apply_configuration(configuration=task, repo=None)
-run.attach()
-for log in run.logs():
-    print(log)
-run.detach()
-```
-"""
+"""dstack's Python API (`dstack.api`), served by the embedded dstack-rs engine: dstack's
+documentation script runs unchanged (see `examples/quickstart.py`)."""
 
 from dstack._async import AsyncClient, AsyncRun
 from dstack._client import Client, FleetCollection, Run, RunCollection, VolumeCollection
