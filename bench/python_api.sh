@@ -18,7 +18,7 @@ if [ ! -x "$theirs/bin/python" ] || ! "$theirs/bin/python" -c 'import dstack' 2>
 fi
 [ -x "$ours/bin/python" ] || python3 -m venv "$ours"
 "$ours/bin/pip" install -q --disable-pip-version-check "maturin>=1.5,<2"
-MATURIN_PEP517_ARGS="--release" "$ours/bin/pip" install -q --disable-pip-version-check --force-reinstall --no-deps .
+MATURIN_PEP517_ARGS="--profile release" "$ours/bin/pip" install -q --disable-pip-version-check --force-reinstall --no-deps .
 cargo build -q --release -p dstack-agent -p dstack-backends --example engine_latency
 
 "$ours/bin/python" bench/python_api.py import "$ours/bin/python" dstack

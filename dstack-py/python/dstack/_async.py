@@ -6,7 +6,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any, AsyncIterator, Dict, List, Mapping, Optional, Union
 
 from dstack._client import Run
-from dstack._records import ConfigurationLike, RunPlan, configuration_data, no_repo, open_raw
+from dstack._records import ConfigurationLike, RunPlan, RunStatus, configuration_data, no_repo, open_raw
 from dstack.errors import WaitTimeoutError
 
 if TYPE_CHECKING:
@@ -59,16 +59,18 @@ class AsyncRun(Run):
         return self
 
     async def attach(self, *args: Any, **kwargs: Any) -> bool:  # type: ignore[override]
-        """Waits until the run is running; `False` if it finished first."""
+        """Waits until the run is running (or has finished); `False` if it finished
+        unsuccessfully (see `Run.attach`)."""
         raw = self._raw
         self._snapshot = await _native(raw.wait_async(None, True))
-        self._attached = not self.status.is_finished()
+        self._attached = not (self.status.is_finished() and self.status != RunStatus.DONE)
         return self._attached
 
     async def stop(self, abort: bool = False) -> None:  # type: ignore[override]
-        """Stops the run (see `Run.stop`)."""
+        """Stops the run and detaches (see `Run.stop`)."""
         raw = self._raw
         self._snapshot = await _native(raw.stop_async(abort))
+        self._attached = False
 
     async def get_metrics(self) -> List[Dict[str, Any]]:
         """The values the job reported (see `Run.metrics`)."""

@@ -14,6 +14,7 @@ from dstack._records import (
     RunStatus,
     configuration_data,
     html_table,
+    no_profile,
     no_repo,
     open_raw,
     timestamp,
@@ -98,6 +99,27 @@ class Run:
         return max(0.0, float(end - job["started_at_ms"]) / 1000)
 
     @property
+    def backend(self) -> Optional[str]:
+        """The backend the latest job runs on (`local`), once placed."""
+        job = self._latest_job()
+        return "local" if job is not None and job.get("instance_id") else None
+
+    @property
+    def hostname(self) -> Optional[str]:
+        """The address of the host the job runs on, once placed."""
+        return "127.0.0.1" if self.backend == "local" else None
+
+    @property
+    def ports(self) -> Optional[Dict[int, int]]:
+        """While attached: the configured ports, each reachable on this machine at the same
+        number (local jobs listen here directly)."""
+        if not self._attached:
+            return None
+        ports = self.configuration.get("ports") or []
+        mapped = [p.get("container_port") for p in ports if isinstance(p, dict)]
+        return {p: p for p in mapped if isinstance(p, int)}
+
+    @property
     def metrics(self) -> List[Dict[str, Any]]:
         """The values the job reported: each JSON object it appended as a line to the file
         named by `$DSTACK_METRICS_FILE`, in order."""
@@ -130,15 +152,15 @@ class Run:
         replica_num: int = 0,
         job_num: int = 0,
     ) -> bool:
-        """Waits until the run is running; afterwards `logs()` follows the output until the
-        run ends. Returns `False` if the run finished before it could be attached. Ports of
-        local jobs are already reachable on this machine."""
+        """Waits until the run is running (or has finished); afterwards `logs()` follows the
+        output until the run ends. Returns `False` if the run finished unsuccessfully. Ports
+        of local jobs are already reachable on this machine (`ports` maps them)."""
         if ports_overrides or replica_num or job_num:
             raise NotSupportedError("attaching to other ports, replicas or jobs is not supported yet")
         snapshot = self._raw.wait(None, running=True)
         assert snapshot is not None  # no timeout
         self._snapshot = snapshot
-        if self.status.is_finished():
+        if self.status.is_finished() and self.status != RunStatus.DONE:
             return False
         self._attached = True
         return True
@@ -164,8 +186,9 @@ class Run:
 
     def stop(self, abort: bool = False) -> None:
         """Stops the run: SIGTERM, then SIGKILL after the grace period (at once with
-        `abort`)."""
+        `abort`). Also detaches."""
         self._snapshot = self._raw.stop(abort)
+        self._attached = False
 
     def __repr__(self) -> str:
         return f"<Run {self.name} {self.status.value}>"
@@ -192,31 +215,39 @@ class RunCollection:
         self,
         configuration: ConfigurationLike,
         repo: Any = None,
+        profile: Any = None,
         configuration_path: Optional[str] = None,
-        repo_dir: Optional[str] = None,
         ssh_identity_file: Optional[str] = None,
+        ssh_key_pub: Optional[str] = None,
+        max_offers: Optional[int] = None,
+        full_offers: bool = False,
+        unallocated_resources: bool = False,
+        for_offers_only: bool = False,
     ) -> RunPlan:
-        """Where `configuration` would run, without running it."""
+        """Where `configuration` would run (at most `max_offers` offers), without running it."""
         no_repo(repo)
+        no_profile(profile)
         data = configuration_data(configuration)
-        plan = RunPlan(self._raw.plan(data), data)
-        plan.configuration_path = configuration_path  # type: ignore[attr-defined]
+        plan = RunPlan(self._raw.plan(data), data, configuration_path)
+        if max_offers is not None:
+            plan.offers = plan.offers[:max_offers]
         return plan
 
     def apply_plan(self, run_plan: RunPlan, repo: Any = None, reserve_ports: bool = True) -> Run:
         """Submits a planned run."""
         no_repo(repo)
-        path = getattr(run_plan, "configuration_path", None)
-        return Run(self._raw.apply(run_plan._submitted, configuration_path=path))
+        raw = self._raw.apply(run_plan._submitted, configuration_path=run_plan.configuration_path)
+        return Run(raw)
 
     def apply_configuration(
         self,
         configuration: ConfigurationLike,
         repo: Any = None,
+        profile: Any = None,
         configuration_path: Optional[str] = None,
-        repo_dir: Optional[str] = None,
-        ssh_identity_file: Optional[str] = None,
         reserve_ports: bool = True,
+        ssh_identity_file: Optional[str] = None,
+        ssh_key_pub: Optional[str] = None,
         *,
         name: Optional[str] = None,
         env: Optional[Mapping[str, str]] = None,
@@ -224,6 +255,7 @@ class RunCollection:
         """Submits a run of `configuration` (a `Task`/`Service`/`DevEnvironment`, a dict, or
         YAML text) and returns it; `name` and `env` override the configuration's."""
         no_repo(repo)
+        no_profile(profile)
         raw = self._raw.apply(
             configuration_data(configuration),
             name=name,

@@ -119,6 +119,18 @@ def no_repo(repo: Any) -> None:
         )
 
 
+def no_profile(profile: Any) -> None:
+    """Profiles (`.dstack/profiles.yml`) are not supported yet: profile parameters go in the
+    configuration itself."""
+    if profile is not None:
+        from dstack.errors import NotSupportedError
+
+        raise NotSupportedError(
+            "profile= is not supported yet: set profile parameters (spot_policy, retry, "
+            "max_duration, ...) in the configuration; pass profile=None"
+        )
+
+
 def timestamp(ms: Optional[int]) -> Optional[datetime]:
     """A record's millisecond timestamp as an aware datetime."""
     return None if ms is None else datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
@@ -137,8 +149,14 @@ class RunPlan:
     """Where a configuration would run: `offers` (idle instances first), or
     `no_offers_reason`. Apply it with `client.runs.apply_plan(plan)`."""
 
-    def __init__(self, raw: Dict[str, Any], configuration: Union[Dict[str, Any], str]) -> None:
+    def __init__(
+        self,
+        raw: Dict[str, Any],
+        configuration: Union[Dict[str, Any], str],
+        configuration_path: Optional[str] = None,
+    ) -> None:
         self.configuration: Dict[str, Any] = raw["configuration"]
+        self.configuration_path = configuration_path
         self.offers: List[Dict[str, Any]] = raw["offers"]
         self.no_offers_reason: Optional[str] = raw["no_offers_reason"]
         self.job_plans = [JobPlan(self.offers)]

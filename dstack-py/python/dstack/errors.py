@@ -2,9 +2,11 @@
 
 ```
 DstackError
-├── ConfigurationError      .errors: [{file, line, column, loc, type, msg}]
-├── ResourceNotExistsError
-├── ResourceExistsError
+├── ClientError
+│   ├── ConfigurationError  .errors: [{file, line, column, loc, type, msg}]
+│   ├── PortUsedError
+│   ├── ResourceNotExistsError
+│   └── ResourceExistsError
 ├── BackendError
 │   ├── BackendAuthError
 │   ├── NoCapacityError
@@ -26,6 +28,7 @@ __all__ = [
     "DstackError",
     "NoCapacityError",
     "NotSupportedError",
+    "PortUsedError",
     "ResourceExistsError",
     "ResourceNotExistsError",
     "SSHError",
@@ -52,6 +55,10 @@ class ConfigurationError(ClientError, ValueError):
     def __init__(self, message: str, errors: Optional[List[Dict[str, Any]]] = None) -> None:
         super().__init__(message)
         self.errors: List[Dict[str, Any]] = list(errors or [])
+
+
+class PortUsedError(ClientError):
+    """A port to forward is already in use on this machine."""
 
 
 class ResourceNotExistsError(ClientError):

@@ -23,6 +23,7 @@ from dstack._config import (
 from dstack._load import load_configuration
 from dstack._records import RunPlan, RunStatus
 from dstack._sweep import Sweep
+from dstack.errors import ClientError, PortUsedError
 
 __all__ = [
     "CPU",
@@ -30,12 +31,14 @@ __all__ = [
     "AsyncClient",
     "AsyncRun",
     "Client",
+    "ClientError",
     "ComputeCapability",
     "DevEnvironment",
     "Disk",
     "Fleet",
     "FleetCollection",
     "Memory",
+    "PortUsedError",
     "Range",
     "RegistryAuth",
     "Resources",
