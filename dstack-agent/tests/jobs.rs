@@ -304,7 +304,7 @@ async fn bad_requests_get_plain_text_errors() {
     );
 
     let raw = |request: &'static str| {
-        let socket = agent.client.socket().to_path_buf();
+        let socket = agent.client.socket().unwrap().to_path_buf();
         async move {
             let mut stream = tokio::net::UnixStream::connect(socket).await.unwrap();
             stream.write_all(request.as_bytes()).await.unwrap();
@@ -334,7 +334,7 @@ async fn bad_requests_get_plain_text_errors() {
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     // The agent is still fine, and cleans up its socket when shut down.
     agent.client.healthcheck().await.unwrap();
-    let socket = agent.client.socket().to_path_buf();
+    let socket = agent.client.socket().unwrap().to_path_buf();
     agent.shut_down().await;
     assert!(!socket.exists());
 }

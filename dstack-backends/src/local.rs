@@ -219,8 +219,8 @@ pub async fn embedded_client() -> Result<Client, EngineError> {
     local_client(dstack_core::client::default_home(), None).await
 }
 
-/// A client with its state in `home` and the local backend, whose agent is `agent_bin` (or
-/// the one [`find_agent_binary`] finds).
+/// A client with its state in `home`, the local backend and (with the `ssh` feature) SSH
+/// fleets; the agent is `agent_bin` (or the one [`find_agent_binary`] finds).
 pub async fn local_client(
     home: PathBuf,
     agent_bin: Option<PathBuf>,
@@ -229,10 +229,16 @@ pub async fn local_client(
         Some(bin) => bin,
         None => find_agent_binary()?,
     };
-    let backend = LocalBackend::new(&home, agent_bin);
+    let mut backends: Vec<Arc<dyn Compute>> = Vec::new();
+    #[cfg(feature = "ssh")]
+    backends.push(Arc::new(crate::ssh::SshCompute::new(
+        crate::ssh::KnownHosts::in_home(&home),
+        agent_bin.clone(),
+    )));
+    backends.insert(0, Arc::new(LocalBackend::new(&home, agent_bin)));
     Client::open(ClientOptions {
         home,
-        backends: vec![Arc::new(backend)],
+        backends,
         engine: EngineOptions::default(),
     })
     .await

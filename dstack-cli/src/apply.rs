@@ -136,12 +136,15 @@ pub fn exit_code(run: &Run, exit_status: Option<i32>) -> ExitCode {
 /// `dstack apply`.
 pub async fn apply(client: &Client, args: &ApplyArgs) -> Result<ExitCode, Failure> {
     let configuration = load(&args.file)?;
+    if let Configuration::Fleet(_) = configuration {
+        return crate::fleet::apply(client, &configuration, args.yes).await;
+    }
     if matches!(
         configuration,
-        Configuration::Fleet(_) | Configuration::Volume(_) | Configuration::Gateway(_)
+        Configuration::Volume(_) | Configuration::Gateway(_)
     ) {
         return Err(Failure::new(format!(
-            "applying a {} is not supported yet: the embedded default uses this machine as its only fleet",
+            "applying a {} is not supported yet",
             configuration.type_name()
         )));
     }

@@ -1,8 +1,11 @@
-//! `dstack fleet`: fleets and their instances.
+//! `dstack fleet`: fleets and their instances; `dstack apply -f fleet.yml` (SSH fleets) and
+//! `dstack fleet delete`.
 
+use std::io::Write;
 use std::process::ExitCode;
 
-use dstack_core::model::JobStatus;
+use dstack_core::config::Configuration;
+use dstack_core::model::{Instance, InstanceStatus, JobStatus};
 use dstack_core::Client;
 
 use crate::table::{ago, resources, Table};
@@ -32,7 +35,11 @@ pub async fn list(client: &Client) -> Result<ExitCode, Failure> {
         .into_iter()
         .filter_map(|j| j.instance_id)
         .collect();
-    for (fleet, instances) in client.fleets().list()? {
+    let fleets = client.fleets().list()?;
+    let shown = fleets
+        .iter()
+        .filter(|(f, _)| f.status != dstack_core::model::FleetStatus::Terminated);
+    for (fleet, instances) in shown {
         for (i, instance) in instances.iter().enumerate() {
             table.row(vec![
                 if i == 0 {
@@ -44,10 +51,10 @@ pub async fn list(client: &Client) -> Result<ExitCode, Failure> {
                 instance.backend.clone(),
                 resources(&instance.host),
                 format!("${}", instance.price),
-                if busy.contains(&instance.id) {
-                    "busy".to_string()
-                } else {
-                    instance.status.to_string()
+                match (&instance.status_message, busy.contains(&instance.id)) {
+                    (_, true) => "busy".to_string(),
+                    (Some(why), false) => format!("{} ({why})", instance.status),
+                    (None, false) => instance.status.to_string(),
                 },
                 ago(instance.created_at_ms),
             ]);
@@ -55,4 +62,81 @@ pub async fn list(client: &Client) -> Result<ExitCode, Failure> {
     }
     print!("{}", table.render());
     Ok(ExitCode::SUCCESS)
+}
+
+/// `dstack apply -f FLEET`: deploys every host at once, printing each host's progress; exits 1
+/// if any host failed to join (the others joined all the same).
+pub async fn apply(
+    client: &Client,
+    configuration: &Configuration,
+    yes: bool,
+) -> Result<ExitCode, Failure> {
+    let Configuration::Fleet(fleet) = configuration else {
+        return Err(Failure::new("not a fleet configuration"));
+    };
+    let hosts = fleet.ssh_config.as_ref().map_or(0, |s| s.hosts.len());
+    let name = fleet.name.clone().unwrap_or_default();
+    eprintln!("Fleet {name}: {hosts} SSH host(s)");
+    if !yes && !crate::confirm("Apply the fleet?") {
+        return Ok(ExitCode::from(1));
+    }
+    let progress = |instance: &Instance, step: &str| {
+        let host = instance
+            .backend_data
+            .get("hostname")
+            .and_then(|h| h.as_str())
+            .unwrap_or("?");
+        let mut err = std::io::stderr().lock();
+        let _ = writeln!(err, "  {} ({host}): {step}", instance.name);
+    };
+    let (fleet, instances) = client
+        .engine()
+        .apply_fleet(configuration, &progress)
+        .await?;
+    let joined = instances
+        .iter()
+        .filter(|i| matches!(i.status, InstanceStatus::Idle | InstanceStatus::Busy))
+        .count();
+    eprintln!(
+        "Fleet {}: {joined} of {hosts} host(s) ready ({})",
+        fleet.name, fleet.status
+    );
+    Ok(if joined == hosts {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// Arguments of `dstack fleet delete`.
+#[derive(clap::Args)]
+pub struct DeleteArgs {
+    /// The fleet.
+    name: String,
+    /// Do not ask for confirmation.
+    #[arg(short, long)]
+    yes: bool,
+    /// Delete even while jobs run on it (they are stopped with their hosts' agents).
+    #[arg(long)]
+    force: bool,
+}
+
+/// `dstack fleet delete NAME`: stops the agents and removes what was installed.
+pub async fn delete(client: &Client, args: &DeleteArgs) -> Result<ExitCode, Failure> {
+    if !args.yes && !crate::confirm(&format!("Delete fleet {}?", args.name)) {
+        return Ok(ExitCode::from(1));
+    }
+    let (fleet, instances) = client.engine().delete_fleet(&args.name, args.force).await?;
+    let mut code = ExitCode::SUCCESS;
+    for (instance, error) in &instances {
+        match error {
+            None => eprintln!("  {}: agent stopped and removed", instance.name),
+            Some(e) => {
+                eprintln!("  {}: could not clean up: {e}", instance.name);
+                code = ExitCode::from(1);
+            }
+        }
+    }
+    eprintln!("Fleet {} deleted", fleet.name);
+    Ok(code)
 }

@@ -35,8 +35,11 @@ enum Command {
     Stop(runs::StopArgs),
     /// Show where a run with these resources could run.
     Offer(offer::OfferArgs),
-    /// List fleets and their instances.
-    Fleet,
+    /// List fleets and their instances (`dstack fleet delete NAME` deletes one).
+    Fleet {
+        #[command(subcommand)]
+        action: Option<FleetAction>,
+    },
     /// Check configuration files and show them normalized, as dstack would read them.
     ///
     /// Exits 0 when every file is valid and 1 when any is not; each problem is printed on
@@ -45,6 +48,15 @@ enum Command {
     /// Runs the engine in the background until no run waits for it (started by `apply -d`).
     #[command(name = "_drive", hide = true)]
     Drive,
+}
+
+/// `dstack fleet` subcommands.
+#[derive(Subcommand)]
+enum FleetAction {
+    /// List fleets and their instances (the default).
+    List,
+    /// Delete a fleet: stop its hosts' agents and remove what was installed on them.
+    Delete(fleet::DeleteArgs),
 }
 
 /// A command failure: printed on stderr, exit status 1.
@@ -85,7 +97,10 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
         Command::Logs(args) => runs::logs(&client, &args).await,
         Command::Stop(args) => runs::stop(&client, &args).await,
         Command::Offer(args) => offer::offer(&client, &args).await,
-        Command::Fleet => fleet::list(&client).await,
+        Command::Fleet { action } => match action {
+            None | Some(FleetAction::List) => fleet::list(&client).await,
+            Some(FleetAction::Delete(args)) => fleet::delete(&client, &args).await,
+        },
         Command::Drive => drive::drive(&client).await,
         Command::Validate(_) => unreachable!("handled above"),
     }

@@ -92,6 +92,11 @@ pub async fn ps(client: &Client, args: &PsArgs) -> Result<ExitCode, Failure> {
         "SUBMITTED",
         "ERROR",
     ]);
+    let instances = client
+        .engine()
+        .store()
+        .instances()
+        .map_err(dstack_core::engine::EngineError::from)?;
     for run in &runs {
         let jobs = jobs_of(client, run)?;
         let job = latest_job(&jobs);
@@ -107,11 +112,10 @@ pub async fn ps(client: &Client, args: &PsArgs) -> Result<ExitCode, Failure> {
                 s
             })
             .unwrap_or_else(|| "-".to_string());
-        let backend = if job.and_then(|j| j.instance_id.as_ref()).is_some() {
-            "local"
-        } else {
-            "-"
-        };
+        let instance = job
+            .and_then(|j| j.instance_id.as_deref())
+            .and_then(|id| instances.iter().find(|i| i.id == id));
+        let backend = instance.map_or("-", |i| i.backend.as_str());
         let error = job
             .and_then(|j| j.termination_message.clone())
             .filter(|_| run.status == dstack_core::model::RunStatus::Failed)

@@ -47,6 +47,17 @@ pub struct CreatedInstance {
     pub backend_data: serde_json::Value,
 }
 
+/// What deploying a user-supplied instance found (see [`Compute::deploy`]).
+#[derive(Clone, Debug)]
+pub struct Deployed {
+    /// The host's resources, as its agent reports them.
+    pub host: crate::agent::HostInfo,
+    /// The instance's backend data, updated (e.g. where the agent was installed).
+    pub backend_data: serde_json::Value,
+    /// The login session jobs get on the host.
+    pub session: crate::model::HostSession,
+}
+
 /// A provider of instances.
 pub trait Compute: Send + Sync {
     /// The backend type (`local`, `ssh`, `aws`, …).
@@ -63,6 +74,21 @@ pub trait Compute: Send + Sync {
         &'a self,
         offer: &'a Offer,
     ) -> BoxFuture<'a, Result<CreatedInstance, ComputeError>>;
+
+    /// Prepares an instance the user supplied (an SSH host): installs and starts its agent
+    /// and reports what the host has. Backends that create their own instances do not
+    /// support it.
+    fn deploy<'a>(
+        &'a self,
+        instance: &'a Instance,
+    ) -> BoxFuture<'a, Result<Deployed, ComputeError>> {
+        let message = format!(
+            "the {} backend creates its own instances; {} cannot be deployed",
+            self.backend(),
+            instance.name
+        );
+        Box::pin(async move { Err(ComputeError::NotSupported(message)) })
+    }
 
     /// Returns a client of the instance's agent, (re)starting the agent if the backend can.
     fn connect<'a>(

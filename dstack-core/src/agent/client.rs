@@ -1,8 +1,10 @@
 //! The engine's side of the agent API: one HTTP/1.1 connection per request over a transport
-//! (a unix socket for the local agent; SSH channels later).
+//! (a unix socket for the local agent; an [`AgentDialer`] such as SSH channels to the agent's
+//! socket on a remote host).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use futures_core::Stream;
@@ -49,7 +51,30 @@ impl AgentError {
     }
 }
 
-type Io = TokioIo<tokio::net::UnixStream>;
+/// A bidirectional byte stream to an agent.
+pub trait AgentStream:
+    tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static
+{
+}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> AgentStream for T {}
+
+/// Opens connections to an agent that is not behind a local unix socket (e.g. an SSH channel
+/// to the agent's socket on a remote host). Each request opens one connection.
+pub trait AgentDialer: Send + Sync + 'static {
+    /// Opens one connection to the agent.
+    fn dial(&self) -> crate::backend::BoxFuture<'_, std::io::Result<Box<dyn AgentStream>>>;
+    /// Where the agent is, for messages (`user@host:port:/path/agent.sock`).
+    fn target(&self) -> String;
+}
+
+#[derive(Clone)]
+enum Transport {
+    Unix(PathBuf),
+    Dialer(Arc<dyn AgentDialer>),
+}
+
+type Io = TokioIo<Box<dyn AgentStream>>;
 
 /// How long an agent may take to answer a request (the response head; streamed bodies may
 /// last as long as they need).
@@ -61,31 +86,59 @@ pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, AgentError>> + Sen
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<JobInfo, AgentError>> + Send>>;
 
 /// A client of one agent.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct AgentClient {
-    socket: PathBuf,
+    transport: Transport,
+}
+
+impl std::fmt::Debug for AgentClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AgentClient({})", self.target())
+    }
 }
 
 impl AgentClient {
     /// A client of the agent listening on the unix socket `socket`.
     pub fn unix(socket: impl Into<PathBuf>) -> Self {
         AgentClient {
-            socket: socket.into(),
+            transport: Transport::Unix(socket.into()),
         }
     }
 
-    /// The socket path.
-    pub fn socket(&self) -> &std::path::Path {
-        &self.socket
+    /// A client of an agent reached through `dialer`.
+    pub fn dial(dialer: Arc<dyn AgentDialer>) -> Self {
+        AgentClient {
+            transport: Transport::Dialer(dialer),
+        }
+    }
+
+    /// The local socket path, for an agent on this machine.
+    pub fn socket(&self) -> Option<&Path> {
+        match &self.transport {
+            Transport::Unix(path) => Some(path),
+            Transport::Dialer(_) => None,
+        }
+    }
+
+    /// Where the agent is, for messages.
+    pub fn target(&self) -> String {
+        match &self.transport {
+            Transport::Unix(path) => path.display().to_string(),
+            Transport::Dialer(dialer) => dialer.target(),
+        }
     }
 
     async fn connect(&self) -> Result<Io, AgentError> {
-        let stream = tokio::net::UnixStream::connect(&self.socket)
-            .await
-            .map_err(|source| AgentError::Unreachable {
-                target: self.socket.display().to_string(),
-                source,
-            })?;
+        let stream: std::io::Result<Box<dyn AgentStream>> = match &self.transport {
+            Transport::Unix(path) => tokio::net::UnixStream::connect(path)
+                .await
+                .map(|s| Box::new(s) as Box<dyn AgentStream>),
+            Transport::Dialer(dialer) => dialer.dial().await,
+        };
+        let stream = stream.map_err(|source| AgentError::Unreachable {
+            target: self.target(),
+            source,
+        })?;
         Ok(TokioIo::new(stream))
     }
 
@@ -99,7 +152,7 @@ impl AgentClient {
         match tokio::time::timeout(REQUEST_TIMEOUT, self.exchange(method, path, body)).await {
             Ok(result) => result,
             Err(_) => Err(AgentError::Unreachable {
-                target: self.socket.display().to_string(),
+                target: self.target(),
                 source: std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     "the agent did not answer in time",

@@ -20,5 +20,5 @@
 mod client;
 mod protocol;
 
-pub use client::{AgentClient, AgentError, ByteStream, EventStream};
+pub use client::{AgentClient, AgentDialer, AgentError, AgentStream, ByteStream, EventStream};
 pub use protocol::*;

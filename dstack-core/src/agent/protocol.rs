@@ -17,8 +17,8 @@ pub struct Healthcheck {
     pub host: HostInfo,
 }
 
-/// Resources of the agent's host.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// Resources of the agent's host (all zero until an agent reported them).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct HostInfo {
     /// Logical CPUs.
     pub cpus: u32,

@@ -8,7 +8,7 @@ use crate::agent::JobSubmit;
 use crate::config::env::EnvValue;
 use crate::config::run::RunCommon;
 use crate::config::Configuration;
-use crate::model::{Job, Run};
+use crate::model::{HostSession, Instance, Job, Run};
 
 /// A job that cannot be built (e.g. a bare `env` name the client did not have).
 #[derive(Debug, thiserror::Error)]
@@ -154,22 +154,26 @@ pub fn common(config: &Configuration) -> &RunCommon {
     }
 }
 
-/// The working directory: the configured one (`~` expanded) or the directory the run was
-/// applied from.
-pub fn working_dir(run: &Run, common: &RunCommon) -> String {
-    match &common.working_dir {
-        Some(dir) if dir == "~" || dir.starts_with("~/") => {
-            let home = run
-                .spec
+/// The working directory: the configured one (`~` expanded), relative ones resolved against
+/// the default; by default the directory the run was applied from (this machine) or the
+/// login user's home (a remote host).
+fn working_dir(run: &Run, common: &RunCommon, session: Option<&HostSession>) -> String {
+    let (home, default) = match session {
+        Some(s) => (s.home.clone(), s.home.clone()),
+        None => (
+            run.spec
                 .client_env
                 .get("HOME")
                 .cloned()
-                .unwrap_or_else(|| "/root".into());
-            format!("{home}{}", &dir[1..])
-        }
+                .unwrap_or_else(|| "/root".into()),
+            run.spec.client_dir.clone(),
+        ),
+    };
+    match &common.working_dir {
+        Some(dir) if dir == "~" || dir.starts_with("~/") => format!("{home}{}", &dir[1..]),
         Some(dir) if dir.starts_with('/') => dir.clone(),
-        Some(dir) => format!("{}/{dir}", run.spec.client_dir.trim_end_matches('/')),
-        None => run.spec.client_dir.clone(),
+        Some(dir) => format!("{}/{dir}", default.trim_end_matches('/')),
+        None => default,
     }
 }
 
@@ -178,11 +182,17 @@ pub fn job_submit(
     run: &Run,
     config: &Configuration,
     job: &Job,
-    host_ip: &str,
+    instance: &Instance,
 ) -> Result<JobSubmit, CommandError> {
     let common = common(config);
-    let working_dir = working_dir(run, common);
-    let mut env: BTreeMap<String, String> = run.spec.client_env.clone();
+    let session = instance.session.as_ref();
+    let host_ip = instance.address.as_deref().unwrap_or("127.0.0.1");
+    let working_dir = working_dir(run, common, session);
+    // This machine: the client's session; a remote host: its login session.
+    let mut env: BTreeMap<String, String> = match session {
+        Some(s) => s.env.clone(),
+        None => run.spec.client_env.clone(),
+    };
     for (name, value) in &common.env.0 {
         let value = match value {
             EnvValue::Value(v) => v.clone(),

@@ -54,8 +54,12 @@ async fn try_start(inner: &Arc<Inner>, job: &Job) -> Result<(), EngineError> {
         .run(&job.run_id)?
         .ok_or_else(|| EngineError::Invalid(format!("job {} has no run", job.id)))?;
     let instance_id = job.instance_id.clone().unwrap_or_default();
+    let instance = inner
+        .store
+        .instance(&instance_id)?
+        .ok_or_else(|| EngineError::Invalid(format!("job {} has no instance", job.id)))?;
     let config = inner.configuration(&run)?;
-    let submit = super::command::job_submit(&run, &config, job, "127.0.0.1")
+    let submit = super::command::job_submit(&run, &config, job, &instance)
         .map_err(|e| EngineError::Invalid(e.to_string()))?;
     let agent = inner.agent(&instance_id).await?;
     let info = agent.submit(&submit).await?;

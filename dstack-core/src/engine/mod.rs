@@ -9,6 +9,7 @@
 
 mod agents;
 mod command;
+pub mod fleets;
 mod jobs;
 pub mod names;
 mod runs;
@@ -146,6 +147,8 @@ pub(crate) struct Inner {
     pub(crate) retries: Notify,
     pub(crate) changes: broadcast::Sender<RunChange>,
     pub(crate) agents: Mutex<HashMap<String, AgentClient>>,
+    /// The watcher task of each live instance (see `agents::watch`).
+    pub(crate) watchers: Mutex<HashMap<String, AbortHandle>>,
     /// Jobs this process is starting right now.
     pub(crate) starting: Mutex<std::collections::HashSet<String>>,
     pub(crate) configs: Mutex<HashMap<String, Arc<Configuration>>>,
@@ -160,6 +163,14 @@ impl Drop for Shared {
     fn drop(&mut self) {
         for t in &self.tasks {
             t.abort();
+        }
+        let watchers = self
+            .inner
+            .watchers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for w in watchers.values() {
+            w.abort();
         }
     }
 }
@@ -187,22 +198,14 @@ impl Engine {
             retries: Notify::new(),
             changes: broadcast::channel(1024).0,
             agents: Mutex::new(HashMap::new()),
+            watchers: Mutex::new(HashMap::new()),
             starting: Mutex::new(Default::default()),
             configs: Mutex::new(HashMap::new()),
         });
         inner.ensure_implicit_fleets().await?;
         inner.catch_up().await;
         let mut tasks = Vec::new();
-        for instance in inner.store.instances()? {
-            if matches!(
-                instance.status,
-                InstanceStatus::Terminated | InstanceStatus::Terminating
-            ) {
-                continue;
-            }
-            let watcher = agents::watch(inner.clone(), instance);
-            tasks.push(tokio::spawn(watcher).abort_handle());
-        }
+        inner.watch_instances();
         tasks.push(tokio::spawn(scheduler::run(inner.clone())).abort_handle());
         tasks.push(tokio::spawn(runs::retry_timer(inner.clone())).abort_handle());
         tasks.push(tokio::spawn(sweep::run(inner.clone())).abort_handle());
@@ -320,6 +323,27 @@ impl Engine {
         Ok(run)
     }
 
+    /// Applies a fleet configuration: records it, deploys every host at once (one bad host
+    /// fails alone, with its reason in `status_message`), and returns the fleet with its live
+    /// instances. `progress` hears each step of each host.
+    pub async fn apply_fleet(
+        &self,
+        configuration: &Configuration,
+        progress: fleets::Progress<'_>,
+    ) -> Result<(Fleet, Vec<Instance>), EngineError> {
+        self.inner().apply_fleet(configuration, progress).await
+    }
+
+    /// Deletes a fleet: stops its hosts' agents and removes what was installed; refuses while
+    /// jobs run on it unless `force`. Returns each instance with the error of its removal.
+    pub async fn delete_fleet(
+        &self,
+        name: &str,
+        force: bool,
+    ) -> Result<(Fleet, Vec<(Instance, Option<String>)>), EngineError> {
+        self.inner().delete_fleet(name, force).await
+    }
+
     /// Stops a run: gracefully (SIGTERM, then SIGKILL after the grace period) or, with
     /// `abort`, at once.
     pub async fn stop(&self, run_id: &str, abort: bool) -> Result<Run, EngineError> {
@@ -347,6 +371,32 @@ fn apply_env_overrides(configuration: &mut Configuration, env: &BTreeMap<String,
 }
 
 impl Inner {
+    /// Starts a watcher for every ready instance that has none (instances join while the
+    /// engine runs: fleets applied here or by other processes), and stops the watchers of
+    /// instances that are gone.
+    pub(crate) fn watch_instances(self: &Arc<Self>) {
+        let Ok(instances) = self.store.instances() else {
+            return;
+        };
+        let mut watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        for instance in instances {
+            let live = matches!(instance.status, InstanceStatus::Idle | InstanceStatus::Busy);
+            match (live, watchers.contains_key(&instance.id)) {
+                (true, false) => {
+                    let id = instance.id.clone();
+                    let watcher = tokio::spawn(agents::watch(self.clone(), instance));
+                    watchers.insert(id, watcher.abort_handle());
+                }
+                (false, true) if instance.status != InstanceStatus::Provisioning => {
+                    if let Some(w) = watchers.remove(&instance.id) {
+                        w.abort();
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
     pub(crate) fn emit(&self, run: &Run) {
         let _ = self.changes.send(RunChange {
             run_id: run.id.clone(),
@@ -433,16 +483,19 @@ impl Inner {
 
     async fn plan(&self, configuration: &Configuration) -> Result<RunPlan, EngineError> {
         self.check_runnable(configuration)?;
-        let spec = &command::common(configuration).resources;
+        let common = command::common(configuration);
+        let spec = &common.resources;
         let mut offers = Vec::new();
         let mut reasons = Vec::new();
-        for instance in self.store.instances()? {
-            if matches!(
-                instance.status,
-                InstanceStatus::Terminated | InstanceStatus::Terminating
-            ) {
-                continue;
-            }
+        let ready: Vec<Instance> = self
+            .store
+            .instances()?
+            .into_iter()
+            .filter(|i| matches!(i.status, InstanceStatus::Idle | InstanceStatus::Busy))
+            .collect();
+        let fleets = self.store.fleets()?;
+        let selection = scheduler::fleet_selection(common);
+        for instance in scheduler::eligible(&ready, &fleets, selection.as_deref()) {
             match mismatch(spec, &instance.host) {
                 Some(reason) => reasons.push(format!("{}: {reason}", instance.name)),
                 None => {
@@ -453,7 +506,12 @@ impl Inner {
                     offers.push(Offer {
                         backend: instance.backend.clone(),
                         instance_type: instance.name.clone(),
-                        region: "local".to_string(),
+                        region: if instance.backend == "local" {
+                            "local"
+                        } else {
+                            "remote"
+                        }
+                        .to_string(),
                         price: instance.price,
                         spot: false,
                         resources: instance.host.clone(),
@@ -555,6 +613,9 @@ impl Inner {
                 price: 0.0,
                 backend_data: created.backend_data,
                 created_at_ms: now_ms(),
+                address: None,
+                session: None,
+                status_message: None,
             };
             self.store.put_instance(&instance)?;
         }

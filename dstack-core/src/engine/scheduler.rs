@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use super::{jobs, runs, Inner};
-use crate::model::{Instance, InstanceStatus, JobTerminationReason, Reservation};
+use crate::model::{Fleet, Instance, InstanceStatus, JobTerminationReason, Reservation};
 use crate::offers::{mismatch, reserve};
 
 /// How many waiting jobs one pass looks at (the oldest first).
@@ -28,28 +28,40 @@ async fn pass(inner: &Arc<Inner>) {
     let Ok(instances) = inner.store.instances() else {
         return;
     };
+    let Ok(fleets) = inner.store.fleets() else {
+        return;
+    };
     let instances: Vec<Instance> = instances
         .into_iter()
         .filter(|i| matches!(i.status, InstanceStatus::Idle | InstanceStatus::Busy))
         .collect();
-    // Requirements that did not fit in this pass: anything at least as large will not either.
-    let mut blocked: Vec<Reservation> = Vec::new();
+    // Requirements that did not fit in this pass (per fleet selection): anything at least as
+    // large will not either.
+    let mut blocked: Vec<(Option<Vec<String>>, Reservation)> = Vec::new();
     for (job_id, run_id) in waiting {
         // Submitted jobs of a terminating run are finished by the run's termination; the
         // configuration is cached, so most jobs cost no store read here.
         let Ok(config) = inner.configuration_of(&run_id) else {
             continue;
         };
-        let spec = &super::command::common(&config).resources;
-        let reasons: Vec<String> = instances
+        let common = super::command::common(&config);
+        let spec = &common.resources;
+        let selection = fleet_selection(common);
+        let candidates = eligible(&instances, &fleets, selection.as_deref());
+        let reasons: Vec<String> = candidates
             .iter()
             .filter_map(|i| mismatch(spec, &i.host).map(|r| format!("{}: {r}", i.name)))
             .collect();
-        if reasons.len() == instances.len() {
-            let message = if instances.is_empty() {
-                "no offers: no fleet has instances".to_string()
-            } else {
-                format!("no offers: {}", reasons.join("; "))
+        if reasons.len() == candidates.len() {
+            let message = match (&selection, candidates.is_empty()) {
+                (Some(names), true) => {
+                    format!(
+                        "no offers: fleets {} have no ready instances",
+                        names.join(", ")
+                    )
+                }
+                (None, true) => "no offers: no fleet has instances".to_string(),
+                _ => format!("no offers: {}", reasons.join("; ")),
             };
             if let Ok(Some(job)) = inner.store.job(&job_id) {
                 let reason = JobTerminationReason::FailedToStartDueToNoCapacity;
@@ -57,10 +69,13 @@ async fn pass(inner: &Arc<Inner>) {
             }
             continue;
         }
-        let Some(want) = instances.iter().find_map(|i| reserve(spec, &i.host, &[])) else {
+        let Some(want) = candidates.iter().find_map(|i| reserve(spec, &i.host, &[])) else {
             continue;
         };
-        if blocked.iter().any(|b| covers(&want, b)) {
+        if blocked
+            .iter()
+            .any(|(s, b)| *s == selection && covers(&want, b))
+        {
             continue;
         }
         // A full group is not a lack of room: the job must not block others.
@@ -68,7 +83,7 @@ async fn pass(inner: &Arc<Inner>) {
             continue;
         }
         let mut placed = None;
-        for instance in &instances {
+        for instance in &candidates {
             let host = instance.host.clone();
             let fit = |held: &[Reservation]| reserve(spec, &host, held);
             match inner.store.assign_job(&job_id, &instance.id, &fit) {
@@ -85,9 +100,36 @@ async fn pass(inner: &Arc<Inner>) {
                 let _ = runs::reconcile(inner, &assigned.run_id).await;
                 tokio::spawn(jobs::start(inner.clone(), assigned));
             }
-            None => blocked.push(want),
+            None => blocked.push((selection, want)),
         }
     }
+}
+
+/// The fleet names a run is limited to (`fleets:`), if any.
+pub(crate) fn fleet_selection(common: &crate::config::run::RunCommon) -> Option<Vec<String>> {
+    common
+        .profile
+        .fleets
+        .as_ref()
+        .map(|refs| refs.iter().map(|r| r.name.clone()).collect())
+}
+
+/// The instances a run may use: all of them, or those of the selected fleets.
+pub(crate) fn eligible<'a>(
+    instances: &'a [Instance],
+    fleets: &[Fleet],
+    selection: Option<&[String]>,
+) -> Vec<&'a Instance> {
+    instances
+        .iter()
+        .filter(|i| {
+            selection.is_none_or(|names| {
+                fleets
+                    .iter()
+                    .any(|f| f.id == i.fleet_id && names.contains(&f.name))
+            })
+        })
+        .collect()
 }
 
 /// Whether requirement `a` is at least as large as `b` in every dimension.

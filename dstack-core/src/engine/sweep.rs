@@ -1,6 +1,7 @@
 //! A slow safety net under the event-driven paths: every few seconds, pick up what an event
 //! could not deliver — work left by a process that exited mid-way, changes made by other
-//! processes sharing the state file, a reconciliation lost to an error.
+//! processes sharing the state file (including instances they added), a reconciliation lost
+//! to an error.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +16,7 @@ const PERIOD: Duration = Duration::from_secs(3);
 pub(crate) async fn run(inner: Arc<Inner>) {
     loop {
         tokio::time::sleep(PERIOD).await;
+        inner.watch_instances();
         inner.schedule.notify_one();
         inner.retries.notify_one();
         if let Ok(jobs) = inner.store.jobs_with_status(&[JobStatus::Provisioning]) {

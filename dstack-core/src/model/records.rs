@@ -161,6 +161,25 @@ pub struct Instance {
     pub backend_data: serde_json::Value,
     /// When it was created (Unix ms).
     pub created_at_ms: u64,
+    /// The address other nodes reach it at; `None`: this machine (`127.0.0.1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// The login session jobs get on a remote host; `None`: this machine, where jobs get the
+    /// client's session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<HostSession>,
+    /// Why it is in its status (e.g. why a host failed to join its fleet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_message: Option<String>,
+}
+
+/// The session of the user the agent runs as on a remote host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostSession {
+    /// The user's home directory: where jobs start unless they set `working_dir`.
+    pub home: String,
+    /// Session variables jobs get there (`HOME`, `PATH`, `USER`, `LANG`, …).
+    pub env: BTreeMap<String, String>,
 }
 
 /// A fleet: a named group of instances.

@@ -1,0 +1,217 @@
+//! The `ssh` backend: hosts listed in a fleet's `ssh_config`. It never creates or destroys
+//! machines: `deploy` installs and starts the agent on a host, `connect` reaches that agent
+//! through an SSH channel (one pooled connection per host), and `terminate_instance` stops
+//! the agent and removes what was installed.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use dstack_core::agent::AgentClient;
+use dstack_core::backend::{BoxFuture, Compute, ComputeError, CreatedInstance, Deployed};
+use dstack_core::model::{HostSession, Instance};
+use dstack_core::offers::Offer;
+use serde::{Deserialize, Serialize};
+
+use super::deploy::RemoteAgent;
+use super::known_hosts::KnownHosts;
+use super::link::HostLink;
+use super::session::{SshError, SshTarget};
+
+/// What an SSH instance records as its `backend_data`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SshInstanceData {
+    /// How to reach the host.
+    #[serde(flatten)]
+    pub target: SshTarget,
+    /// The host's address on the fleet's private network, when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub internal_ip: Option<String>,
+    /// The agent's directory on the host, once deployed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<String>,
+}
+
+/// SSH hosts as a backend.
+pub struct SshCompute {
+    known_hosts: KnownHosts,
+    agent_bin: PathBuf,
+    links: Mutex<HashMap<String, Arc<HostLink>>>,
+}
+
+impl SshCompute {
+    /// A backend recording host keys in `known_hosts` and installing `agent_bin` on hosts.
+    pub fn new(known_hosts: KnownHosts, agent_bin: PathBuf) -> Self {
+        SshCompute {
+            known_hosts,
+            agent_bin,
+            links: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn data(instance: &Instance) -> Result<SshInstanceData, ComputeError> {
+        serde_json::from_value(instance.backend_data.clone()).map_err(|e| {
+            ComputeError::Other(format!(
+                "instance {}: bad SSH host data: {e}",
+                instance.name
+            ))
+        })
+    }
+
+    /// The pooled link to a host (one per user@host:port).
+    fn link(&self, target: &SshTarget) -> Arc<HostLink> {
+        let mut links = self.links.lock().unwrap_or_else(PoisonError::into_inner);
+        links
+            .entry(format!("{target}"))
+            .or_insert_with(|| Arc::new(HostLink::new(target.clone(), self.known_hosts.clone())))
+            .clone()
+    }
+
+    async fn deploy_host(&self, instance: &Instance) -> Result<Deployed, ComputeError> {
+        let mut data = Self::data(instance)?;
+        let link = self.link(&data.target);
+        link.reset().await; // deploying checks the host afresh
+        let session = link.session().await.map_err(to_compute)?;
+        let arch = session
+            .run("uname -m", None)
+            .await
+            .map_err(to_compute)?
+            .text();
+        let ours = std::env::consts::ARCH;
+        if normalize_arch(&arch) != normalize_arch(ours) {
+            return Err(ComputeError::NotSupported(format!(
+                "{}: the host is {arch}; this dstack-agent is built for {ours}",
+                data.target
+            )));
+        }
+        let login = session
+            .run(SESSION_PROBE, None)
+            .await
+            .map_err(to_compute)?
+            .text();
+        let session_info = parse_session(&login);
+        let agent = RemoteAgent {
+            dir: format!("{}/.dstack-rs/{}", session_info.home, instance.name),
+        };
+        agent
+            .install(&session, &self.agent_bin)
+            .await
+            .map_err(to_compute)?;
+        let host = agent.start(&link).await.map_err(to_compute)?;
+        data.dir = Some(agent.dir.clone());
+        let backend_data = serde_json::to_value(&data)
+            .map_err(|e| ComputeError::Other(format!("cannot record the host: {e}")))?;
+        Ok(Deployed {
+            host,
+            backend_data,
+            session: session_info,
+        })
+    }
+
+    fn remote_agent(
+        instance: &Instance,
+        data: &SshInstanceData,
+    ) -> Result<RemoteAgent, ComputeError> {
+        let dir = data.dir.clone().ok_or_else(|| {
+            ComputeError::NotFound(format!("instance {} has no agent deployed", instance.name))
+        })?;
+        Ok(RemoteAgent { dir })
+    }
+}
+
+/// Prints the login session jobs get on the host: home, then `NAME=value` lines.
+const SESSION_PROBE: &str = r#"printf '%s\n' "$HOME"
+for v in HOME PATH USER LOGNAME SHELL LANG; do
+  eval "x=\${$v-}"
+  [ -n "$x" ] && printf '%s=%s\n' "$v" "$x"
+done
+[ -n "${USER-}" ] || printf 'USER=%s\n' "$(id -un)""#;
+
+fn parse_session(text: &str) -> HostSession {
+    let mut lines = text.lines();
+    let home = lines.next().unwrap_or("/").to_string();
+    let env = lines
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    HostSession { home, env }
+}
+
+fn normalize_arch(arch: &str) -> &str {
+    match arch {
+        "x86_64" | "amd64" => "x86_64",
+        "aarch64" | "arm64" => "aarch64",
+        other => other,
+    }
+}
+
+/// SSH failures as backend error kinds.
+fn to_compute(e: SshError) -> ComputeError {
+    match e {
+        SshError::Auth { .. } | SshError::Key { .. } => {
+            ComputeError::Unauthenticated(e.to_string())
+        }
+        other => ComputeError::Other(other.to_string()),
+    }
+}
+
+impl Compute for SshCompute {
+    fn backend(&self) -> &'static str {
+        "ssh"
+    }
+
+    fn supports_containers(&self) -> bool {
+        false
+    }
+
+    fn offers(&self) -> BoxFuture<'_, Result<Vec<Offer>, ComputeError>> {
+        // SSH hosts are listed in fleets, never provisioned from offers.
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    fn create_instance<'a>(
+        &'a self,
+        _offer: &'a Offer,
+    ) -> BoxFuture<'a, Result<CreatedInstance, ComputeError>> {
+        Box::pin(async {
+            Err(ComputeError::NotSupported(
+                "SSH hosts are added by applying a fleet with `ssh_config`".to_string(),
+            ))
+        })
+    }
+
+    fn deploy<'a>(
+        &'a self,
+        instance: &'a Instance,
+    ) -> BoxFuture<'a, Result<Deployed, ComputeError>> {
+        Box::pin(self.deploy_host(instance))
+    }
+
+    fn connect<'a>(
+        &'a self,
+        instance: &'a Instance,
+    ) -> BoxFuture<'a, Result<AgentClient, ComputeError>> {
+        Box::pin(async move {
+            let data = Self::data(instance)?;
+            let agent = Self::remote_agent(instance, &data)?;
+            Ok(agent.client(self.link(&data.target)))
+        })
+    }
+
+    fn terminate_instance<'a>(
+        &'a self,
+        instance: &'a Instance,
+    ) -> BoxFuture<'a, Result<(), ComputeError>> {
+        Box::pin(async move {
+            let data = Self::data(instance)?;
+            let Ok(agent) = Self::remote_agent(instance, &data) else {
+                return Ok(()); // nothing was installed
+            };
+            let link = self.link(&data.target);
+            let session = link.session().await.map_err(to_compute)?;
+            agent.remove(&session).await.map_err(to_compute)?;
+            link.reset().await;
+            Ok(())
+        })
+    }
+}

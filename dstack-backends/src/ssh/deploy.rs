@@ -1,0 +1,130 @@
+//! Installing, starting and removing the agent on an SSH host. Everything lives in one
+//! directory of the login user (`~/.dstack-rs/<instance>`): the agent binary, its socket and
+//! its state. The agent runs detached (its own session), so it outlives the SSH connection.
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::Path;
+
+use dstack_core::agent::{AgentClient, AgentDialer, AgentStream, HostInfo};
+use dstack_core::backend::BoxFuture;
+use std::sync::Arc;
+
+use super::link::HostLink;
+use super::session::{quote, SshError, SshSession};
+
+/// Where the agent of one instance lives on its host.
+#[derive(Clone, Debug)]
+pub struct RemoteAgent {
+    /// The directory (absolute).
+    pub dir: String,
+}
+
+impl RemoteAgent {
+    fn binary(&self) -> String {
+        format!("{}/dstack-agent", self.dir)
+    }
+
+    /// The agent's unix socket on the host.
+    pub fn socket(&self) -> String {
+        format!("{}/agent.sock", self.dir)
+    }
+
+    fn state_dir(&self) -> String {
+        format!("{}/agent", self.dir)
+    }
+
+    /// Uploads `binary` unless the host already has this very build (a stamp file records
+    /// which one it has). The upload goes to a temporary name first, so a full disk leaves no
+    /// half-written agent behind.
+    pub async fn install(&self, session: &SshSession, binary: &Path) -> Result<(), SshError> {
+        let bytes = std::fs::read(binary).map_err(|e| SshError::Session {
+            target: session.target().to_string(),
+            message: format!("cannot read the agent binary {}: {e}", binary.display()),
+        })?;
+        let stamp = stamp(&bytes);
+        let dir = quote(&self.dir);
+        let bin = quote(&self.binary());
+        let current = session
+            .exec(&format!("cat {dir}/agent.stamp 2>/dev/null"), None)
+            .await?
+            .text();
+        if current == stamp && session.exec(&format!("test -x {bin}"), None).await?.status == 0 {
+            return Ok(());
+        }
+        let tmp = quote(&format!("{}.upload", self.binary()));
+        let command = format!(
+            "umask 077 && mkdir -p {dir} && cat > {tmp} && chmod 700 {tmp} && mv {tmp} {bin} \
+             && printf %s {} > {dir}/agent.stamp || {{ rm -f {tmp}; exit 1; }}",
+            quote(&stamp)
+        );
+        session.run(&command, Some(&bytes)).await.map(drop)
+    }
+
+    /// Starts the agent if it does not answer; returns what the host has.
+    pub async fn start(&self, link: &Arc<HostLink>) -> Result<HostInfo, SshError> {
+        let client = self.client(link.clone());
+        let session = link.session().await?;
+        if let Ok(health) = client.healthcheck().await {
+            return Ok(health.host);
+        }
+        let command = format!(
+            "{} serve --detach --socket {} --state-dir {}",
+            quote(&self.binary()),
+            quote(&self.socket()),
+            quote(&self.state_dir())
+        );
+        session.run(&command, None).await?;
+        client
+            .healthcheck()
+            .await
+            .map(|h| h.host)
+            .map_err(|e| SshError::Session {
+                target: session.target().to_string(),
+                message: format!("the agent started but does not answer: {e}"),
+            })
+    }
+
+    /// Stops the agent (its jobs end with it) and removes the directory.
+    pub async fn remove(&self, session: &SshSession) -> Result<(), SshError> {
+        let dir = quote(&self.dir);
+        let pid = quote(&format!("{}/agent.pid", self.state_dir()));
+        let command =
+            format!("if [ -f {pid} ]; then kill -9 \"$(cat {pid})\" 2>/dev/null; fi; rm -rf {dir}");
+        session.run(&command, None).await.map(drop)
+    }
+
+    /// A client of this agent over the host's (pooled, reconnecting) SSH connection.
+    pub fn client(&self, link: Arc<HostLink>) -> AgentClient {
+        AgentClient::dial(Arc::new(SshDialer {
+            link,
+            socket: self.socket(),
+        }))
+    }
+}
+
+/// Opens a channel to the agent's socket for each request, reconnecting to the host first if
+/// its connection dropped.
+struct SshDialer {
+    link: Arc<HostLink>,
+    socket: String,
+}
+
+impl AgentDialer for SshDialer {
+    fn dial(&self) -> BoxFuture<'_, std::io::Result<Box<dyn AgentStream>>> {
+        Box::pin(async move {
+            let session = self.link.session().await.map_err(std::io::Error::other)?;
+            session.dial(&self.socket).await
+        })
+    }
+
+    fn target(&self) -> String {
+        format!("{}:{}", self.link.target(), self.socket)
+    }
+}
+
+/// Identifies a build of the agent.
+fn stamp(bytes: &[u8]) -> String {
+    let mut hasher = DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    format!("{}-{:016x}", bytes.len(), hasher.finish())
+}

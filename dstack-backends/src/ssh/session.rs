@@ -1,0 +1,391 @@
+//! One SSH connection to a host (through an optional jump host): host-key checking, public-key
+//! authentication, commands, uploads, and channels to unix sockets on the host.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use russh::client::{self, Handle};
+use russh::keys::{load_secret_key, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
+use russh::ChannelMsg;
+use serde::{Deserialize, Serialize};
+
+use super::known_hosts::{HostKeyCheck, KnownHosts};
+use dstack_core::agent::AgentStream;
+
+/// How long to wait for a TCP connection and the SSH handshake.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Keepalives are sent this often; after [`KEEPALIVE_MAX`] unanswered ones the connection is
+/// considered dead (so a cut link is noticed within about 20 s).
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// Unanswered keepalives before the connection is dropped.
+pub const KEEPALIVE_MAX: usize = 3;
+
+/// Where and as whom to connect.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SshTarget {
+    /// Host name or address.
+    pub hostname: String,
+    /// SSH port.
+    pub port: u16,
+    /// User to log in as.
+    pub user: String,
+    /// Private key file.
+    pub identity_file: PathBuf,
+    /// A host to connect through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_jump: Option<Box<SshTarget>>,
+}
+
+impl std::fmt::Display for SshTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}:{}", self.user, self.hostname, self.port)
+    }
+}
+
+/// Why an SSH operation failed; each names the host.
+#[derive(Debug, thiserror::Error)]
+pub enum SshError {
+    /// No TCP connection (address unreachable, refused, timed out).
+    #[error("{target}: cannot connect: {message}")]
+    Connect {
+        /// The host.
+        target: String,
+        /// What happened.
+        message: String,
+    },
+    /// The host presented another key than the one recorded for it.
+    #[error(
+        "{target}: the host key has changed (it presented {presented}); refusing to connect. \
+         If the host was reinstalled, remove line {line} of {file} and apply again"
+    )]
+    HostKeyChanged {
+        /// The host.
+        target: String,
+        /// The presented key's fingerprint.
+        presented: String,
+        /// The known-hosts line with the recorded key.
+        line: usize,
+        /// The known-hosts file.
+        file: String,
+    },
+    /// The private key could not be read.
+    #[error("{target}: cannot use identity file {path}: {message}")]
+    Key {
+        /// The host.
+        target: String,
+        /// The key file.
+        path: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The host refused the key for this user.
+    #[error("{target}: authentication failed: the host refused the key {path} for user {user}")]
+    Auth {
+        /// The host.
+        target: String,
+        /// The user.
+        user: String,
+        /// The key file.
+        path: String,
+    },
+    /// The SSH session failed.
+    #[error("{target}: {message}")]
+    Session {
+        /// The host.
+        target: String,
+        /// What happened.
+        message: String,
+    },
+    /// A command on the host failed.
+    #[error("{target}: `{command}` failed (exit status {status}): {stderr}")]
+    Command {
+        /// The host.
+        target: String,
+        /// The command (without uploaded data).
+        command: String,
+        /// Its exit status.
+        status: u32,
+        /// What it wrote to stderr.
+        stderr: String,
+    },
+}
+
+impl SshError {
+    /// Whether the host could not be reached at all (as opposed to refusing us).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, SshError::Connect { .. } | SshError::Session { .. })
+    }
+}
+
+struct Verifier {
+    host: String,
+    port: u16,
+    known_hosts: KnownHosts,
+    verdict: Arc<Mutex<Option<Result<HostKeyCheck, String>>>>,
+}
+
+impl client::Handler for Verifier {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        server_public_key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let PublicKeyOrCertificate::PublicKey { key, .. } = server_public_key else {
+            *self.verdict.lock().unwrap_or_else(PoisonError::into_inner) =
+                Some(Err("host certificates are not supported".to_string()));
+            return Ok(false);
+        };
+        let check = self
+            .known_hosts
+            .check(&self.host, self.port, key)
+            .map_err(|e| {
+                format!(
+                    "cannot read or write {}: {e}",
+                    self.known_hosts.path().display()
+                )
+            });
+        let accept = matches!(check, Ok(HostKeyCheck::Known | HostKeyCheck::Learned));
+        *self.verdict.lock().unwrap_or_else(PoisonError::into_inner) = Some(check);
+        Ok(accept)
+    }
+}
+
+/// A logged-in SSH connection.
+pub struct SshSession {
+    handle: Handle<Verifier>,
+    target: SshTarget,
+    /// The jump host's session, kept alive while this one lives.
+    _via: Option<Box<SshSession>>,
+}
+
+/// What a command did.
+#[derive(Debug, Default)]
+pub struct Output {
+    /// Its exit status (255 when the host reported none).
+    pub status: u32,
+    /// Its standard output.
+    pub stdout: Vec<u8>,
+    /// Its standard error.
+    pub stderr: Vec<u8>,
+}
+
+impl Output {
+    /// Standard output as trimmed text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).trim().to_string()
+    }
+}
+
+fn config() -> Arc<client::Config> {
+    Arc::new(client::Config {
+        inactivity_timeout: None,
+        keepalive_interval: Some(KEEPALIVE_INTERVAL),
+        keepalive_max: KEEPALIVE_MAX,
+        nodelay: true,
+        ..Default::default()
+    })
+}
+
+impl SshSession {
+    /// Connects and logs in, checking the host key against `known_hosts` (recording it on
+    /// first use).
+    pub async fn connect(
+        target: &SshTarget,
+        known_hosts: &KnownHosts,
+    ) -> Result<SshSession, SshError> {
+        let name = target.to_string();
+        let key = load_secret_key(&target.identity_file, None).map_err(|e| SshError::Key {
+            target: name.clone(),
+            path: target.identity_file.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let verdict = Arc::new(Mutex::new(None));
+        let verifier = Verifier {
+            host: target.hostname.clone(),
+            port: target.port,
+            known_hosts: known_hosts.clone(),
+            verdict: verdict.clone(),
+        };
+        let (connected, via) = match &target.proxy_jump {
+            None => {
+                let addr = (target.hostname.as_str(), target.port);
+                let connecting = client::connect(config(), addr, verifier);
+                (
+                    tokio::time::timeout(CONNECT_TIMEOUT, connecting).await,
+                    None,
+                )
+            }
+            Some(proxy) => {
+                let jump = Box::pin(SshSession::connect(proxy, known_hosts)).await?;
+                let channel = jump
+                    .handle
+                    .channel_open_direct_tcpip(
+                        target.hostname.clone(),
+                        u32::from(target.port),
+                        "127.0.0.1",
+                        0,
+                    )
+                    .await
+                    .map_err(|e| SshError::Connect {
+                        target: name.clone(),
+                        message: format!("through {proxy}: {e}"),
+                    })?;
+                let connecting = client::connect_stream(config(), channel.into_stream(), verifier);
+                (
+                    tokio::time::timeout(CONNECT_TIMEOUT, connecting).await,
+                    Some(Box::new(jump)),
+                )
+            }
+        };
+        let rejected = |message: String| match verdict
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            Some(Ok(HostKeyCheck::Changed { presented, line })) => SshError::HostKeyChanged {
+                target: name.clone(),
+                presented,
+                line,
+                file: known_hosts.path().display().to_string(),
+            },
+            Some(Err(why)) => SshError::Session {
+                target: name.clone(),
+                message: why,
+            },
+            _ => SshError::Connect {
+                target: name.clone(),
+                message,
+            },
+        };
+        let mut handle = match connected {
+            Err(_) => {
+                return Err(rejected(format!(
+                    "timed out after {}s",
+                    CONNECT_TIMEOUT.as_secs()
+                )))
+            }
+            Ok(Err(e)) => return Err(rejected(e.to_string())),
+            Ok(Ok(handle)) => handle,
+        };
+        let session_error = |e: russh::Error| SshError::Session {
+            target: name.clone(),
+            message: e.to_string(),
+        };
+        let hash = handle
+            .best_supported_rsa_hash()
+            .await
+            .map_err(session_error)?
+            .flatten();
+        let auth = handle
+            .authenticate_publickey(
+                target.user.clone(),
+                PrivateKeyWithHashAlg::new(Arc::new(key), hash),
+            )
+            .await
+            .map_err(session_error)?;
+        if !auth.success() {
+            return Err(SshError::Auth {
+                target: name,
+                user: target.user.clone(),
+                path: target.identity_file.display().to_string(),
+            });
+        }
+        Ok(SshSession {
+            handle,
+            target: target.clone(),
+            _via: via,
+        })
+    }
+
+    /// The host.
+    pub fn target(&self) -> &SshTarget {
+        &self.target
+    }
+
+    /// Whether the connection has ended (dropped, or no keepalive answered).
+    pub fn is_closed(&self) -> bool {
+        self.handle.is_closed()
+    }
+
+    fn session_error(&self, e: russh::Error) -> SshError {
+        SshError::Session {
+            target: self.target.to_string(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Runs `command` (by the user's login shell), feeding it `input`, and returns what it did.
+    pub async fn exec(&self, command: &str, input: Option<&[u8]>) -> Result<Output, SshError> {
+        let mut channel = self
+            .handle
+            .channel_open_session()
+            .await
+            .map_err(|e| self.session_error(e))?;
+        channel
+            .exec(true, command)
+            .await
+            .map_err(|e| self.session_error(e))?;
+        if let Some(input) = input {
+            channel
+                .data(input)
+                .await
+                .map_err(|e| self.session_error(e))?;
+        }
+        channel.eof().await.map_err(|e| self.session_error(e))?;
+        let mut output = Output {
+            status: 255,
+            ..Output::default()
+        };
+        while let Some(message) = channel.wait().await {
+            match message {
+                ChannelMsg::Data { data } => output.stdout.extend_from_slice(&data),
+                ChannelMsg::ExtendedData { data, ext: 1 } => output.stderr.extend_from_slice(&data),
+                ChannelMsg::ExitStatus { exit_status } => output.status = exit_status,
+                _ => {}
+            }
+        }
+        Ok(output)
+    }
+
+    /// Runs `command` and fails unless it exits 0.
+    pub async fn run(&self, command: &str, input: Option<&[u8]>) -> Result<Output, SshError> {
+        let output = self.exec(command, input).await?;
+        if output.status != 0 {
+            return Err(SshError::Command {
+                target: self.target.to_string(),
+                command: command.to_string(),
+                status: output.status,
+                stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+            });
+        }
+        Ok(output)
+    }
+
+    /// A byte stream to the unix socket `path` on the host (a `direct-streamlocal` channel).
+    pub async fn dial(&self, path: &str) -> std::io::Result<Box<dyn AgentStream>> {
+        let channel = self
+            .handle
+            .channel_open_direct_streamlocal(path)
+            .await
+            .map_err(std::io::Error::other)?;
+        Ok(Box::new(channel.into_stream()))
+    }
+}
+
+/// `s` as one shell word (single-quoted).
+pub fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quote;
+
+    #[test]
+    fn quoting_keeps_every_character() {
+        assert_eq!(quote("plain"), "'plain'");
+        assert_eq!(quote("it's $HOME; rm -rf /"), r"'it'\''s $HOME; rm -rf /'");
+    }
+}

@@ -1,0 +1,162 @@
+//! Test hosts on this machine: each is a network namespace with its own address in
+//! 10.231.0.0/16 (a veth pair to the root namespace) and its own sshd, which accepts one
+//! generated client key. Everything is removed on drop. Needs root, `ip` and `sshd`
+//! (`.ci/run` installs openssh-server).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+fn sh(command: &str) {
+    let status = Command::new("sh").arg("-c").arg(command).status().unwrap();
+    assert!(status.success(), "`{command}` failed ({status})");
+}
+
+fn keygen(path: &Path) {
+    let _ = std::fs::remove_file(path);
+    sh(&format!(
+        "ssh-keygen -q -t ed25519 -N '' -f {}",
+        path.display()
+    ));
+}
+
+/// One namespace host.
+pub struct TestHost {
+    /// The namespace.
+    pub ns: String,
+    /// The host's address (inside the namespace).
+    pub addr: String,
+    veth: String,
+    dir: PathBuf,
+}
+
+impl TestHost {
+    fn sshd_pid(&self) -> PathBuf {
+        self.dir.join("sshd.pid")
+    }
+
+    /// (Re)starts sshd with the host key in the host's directory.
+    pub fn start_sshd(&self) {
+        assert!(
+            Path::new("/usr/sbin/sshd").exists(),
+            "SSH fleet tests need sshd: apt-get install openssh-server (as .ci/run does)"
+        );
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        sh(&format!(
+            "ip netns exec {ns} /usr/sbin/sshd -f /dev/null -h {dir}/host_key \
+             -o ListenAddress={addr} -o PidFile={pid} -o AuthorizedKeysFile={dir}/authorized_keys \
+             -o StrictModes=no -o UsePAM=no -o PermitRootLogin=prohibit-password \
+             -o MaxStartups=100 -o MaxSessions=100",
+            ns = self.ns,
+            dir = self.dir.display(),
+            addr = self.addr,
+            pid = self.sshd_pid().display(),
+        ));
+    }
+
+    /// Stops sshd (the host then refuses connections).
+    pub fn stop_sshd(&self) {
+        if let Ok(pid) = std::fs::read_to_string(self.sshd_pid()) {
+            let _ = Command::new("kill").arg(pid.trim()).status();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+
+    /// Gives sshd a new host key (as a reinstalled host would have).
+    pub fn change_host_key(&self) {
+        self.stop_sshd();
+        keygen(&self.dir.join("host_key"));
+        self.start_sshd();
+    }
+}
+
+/// Namespace hosts sharing one client key.
+pub struct TestHosts {
+    /// The hosts.
+    pub hosts: Vec<TestHost>,
+    /// The client's private key (accepted by every host).
+    pub key: PathBuf,
+    /// A key no host accepts.
+    pub wrong_key: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TestHosts {
+    /// Starts `n` hosts.
+    pub fn start(n: usize) -> TestHosts {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("client_key");
+        let wrong_key = dir.path().join("wrong_key");
+        keygen(&key);
+        keygen(&wrong_key);
+        let authorized = std::fs::read_to_string(dir.path().join("client_key.pub")).unwrap();
+        let pid = std::process::id();
+        let mut hosts = Vec::new();
+        for _ in 0..n {
+            let k = NEXT.fetch_add(1, Ordering::SeqCst);
+            assert!(k < 64, "too many test hosts in one process");
+            let ns = format!("dsr{}x{k}", pid % 100_000);
+            let veth = format!("v{ns}");
+            let (a, b) = (pid % 200 + 20, k * 4);
+            let addr = format!("10.231.{a}.{}", b + 2);
+            let host_dir = dir.path().join(&ns);
+            std::fs::create_dir_all(&host_dir).unwrap();
+            std::fs::write(host_dir.join("authorized_keys"), &authorized).unwrap();
+            keygen(&host_dir.join("host_key"));
+            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+            sh(&format!(
+                "ip netns add {ns} && ip link add {veth} type veth peer name {veth}n && \
+                 ip link set {veth}n netns {ns} && ip addr add 10.231.{a}.{}/30 dev {veth} && \
+                 ip link set {veth} up && ip netns exec {ns} ip addr add {addr}/30 dev {veth}n && \
+                 ip netns exec {ns} ip link set {veth}n up && ip netns exec {ns} ip link set lo up",
+                b + 1
+            ));
+            let host = TestHost {
+                ns,
+                addr,
+                veth,
+                dir: host_dir,
+            };
+            host.start_sshd();
+            hosts.push(host);
+        }
+        TestHosts {
+            hosts,
+            key,
+            wrong_key,
+            _dir: dir,
+        }
+    }
+
+    /// A fleet configuration listing every host (as root, with the client key).
+    pub fn fleet_yaml(&self, name: &str) -> String {
+        let hosts: Vec<String> = self
+            .hosts
+            .iter()
+            .map(|h| format!("    - {}\n", h.addr))
+            .collect();
+        format!(
+            "type: fleet\nname: {name}\nssh_config:\n  user: root\n  identity_file: {}\n  hosts:\n{}",
+            self.key.display(),
+            hosts.concat()
+        )
+    }
+}
+
+impl Drop for TestHosts {
+    fn drop(&mut self) {
+        for host in &self.hosts {
+            let _ = Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "for p in $(ip netns pids {ns}); do kill -9 $p; done; ip netns del {ns}; \
+                     ip link del {veth} 2>/dev/null; true",
+                    ns = host.ns,
+                    veth = host.veth
+                ))
+                .status();
+        }
+    }
+}

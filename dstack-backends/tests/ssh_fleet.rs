@@ -1,0 +1,219 @@
+//! SSH fleets against real sshd hosts in network namespaces (see `common/netns.rs`): apply,
+//! list, run tasks spread over the hosts, delete; one bad host failing alone; a changed host
+//! key refused. Jobs run for real on the namespace hosts through the uploaded agent.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::netns::TestHosts;
+use dstack_backends::local::{find_agent_binary, LocalBackend};
+use dstack_backends::ssh::{KnownHosts, SshCompute};
+use dstack_core::config::parse;
+use dstack_core::engine::{ApplyOptions, EngineOptions};
+use dstack_core::model::{Instance, InstanceStatus, RunStatus};
+use dstack_core::{Client, ClientOptions};
+use futures_util::StreamExt;
+
+async fn client(home: &Path) -> Client {
+    let agent = find_agent_binary().expect("dstack-agent is built");
+    let backends: Vec<Arc<dyn dstack_core::backend::Compute>> = vec![
+        Arc::new(LocalBackend::new(home, agent.clone())),
+        Arc::new(SshCompute::new(KnownHosts::in_home(home), agent)),
+    ];
+    Client::open(ClientOptions {
+        home: home.to_path_buf(),
+        backends,
+        engine: EngineOptions::default(),
+    })
+    .await
+    .unwrap()
+}
+
+/// Applies `yaml` and returns the live instances and every progress line.
+async fn apply_fleet(client: &Client, yaml: &str) -> (Vec<Instance>, Vec<String>) {
+    let lines = Mutex::new(Vec::new());
+    let progress =
+        |i: &Instance, step: &str| lines.lock().unwrap().push(format!("{}: {step}", i.name));
+    let config = parse(yaml, "fleet.dstack.yml").unwrap();
+    let (_, instances) = client
+        .engine()
+        .apply_fleet(&config, &progress)
+        .await
+        .unwrap();
+    (instances, lines.into_inner().unwrap())
+}
+
+fn all_instances(client: &Client, fleet: &str) -> Vec<Instance> {
+    client
+        .fleets()
+        .get(fleet)
+        .unwrap()
+        .map(|(_, i)| i)
+        .unwrap_or_default()
+}
+
+async fn output(run: &dstack_core::RunHandle) -> String {
+    let mut logs = run.logs(false);
+    let mut out = Vec::new();
+    while let Some(chunk) = logs.next().await {
+        out.extend_from_slice(&chunk.unwrap());
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_of_three_hosts_runs_six_tasks_spread_over_them_and_is_deleted() {
+    let hosts = TestHosts::start(3);
+    let home = tempfile::tempdir().unwrap();
+    let client = client(home.path()).await;
+    let fleet = format!("spread-{}", std::process::id());
+    let (instances, progress) = apply_fleet(&client, &hosts.fleet_yaml(&fleet)).await;
+    assert_eq!(instances.len(), 3, "{progress:?}");
+    for host in &hosts.hosts {
+        let instance = instances
+            .iter()
+            .find(|i| i.address.as_deref() == Some(host.addr.as_str()))
+            .unwrap_or_else(|| panic!("no instance for {}: {progress:?}", host.addr));
+        assert_eq!(instance.status, InstanceStatus::Idle);
+        assert!(instance.host.cpus > 0 && instance.host.memory_bytes > 0);
+        assert!(progress.contains(&format!("{}: ready", instance.name)));
+    }
+    let dirs: Vec<String> = instances
+        .iter()
+        .map(|i| i.backend_data["dir"].as_str().unwrap().to_string())
+        .collect();
+    for dir in &dirs {
+        assert!(Path::new(dir).join("dstack-agent").is_file(), "{dir}");
+    }
+    // Host keys were recorded on first use, privately.
+    let known = std::fs::read_to_string(home.path().join("ssh/known_hosts")).unwrap();
+    assert_eq!(known.lines().filter(|l| !l.is_empty()).count(), 3);
+
+    let task = format!(
+        "type: task\nfleets: [{fleet}]\nresources: {{cpu: 1.., memory: 0.1GB..}}\ncommands:\n  \
+         - sleep 1\n  - ip -brief addr | awk '/^v/ {{print $3}}' | cut -d/ -f1\n  - pwd\n"
+    );
+    let mut runs = Vec::new();
+    for _ in 0..6 {
+        let config = parse(&task, "task.dstack.yml").unwrap();
+        runs.push(
+            client
+                .runs()
+                .apply(config, ApplyOptions::default())
+                .await
+                .unwrap(),
+        );
+    }
+    let mut per_host: BTreeMap<String, usize> = BTreeMap::new();
+    for run in &runs {
+        let Ok(finished) = tokio::time::timeout(Duration::from_secs(60), run.wait()).await else {
+            panic!(
+                "run {} unfinished: {:?}; jobs {:?}",
+                run.name(),
+                run.run().unwrap(),
+                run.jobs().unwrap()
+            );
+        };
+        let finished = finished.unwrap();
+        assert_eq!(finished.status, RunStatus::Done, "{}", output(run).await);
+        let out = output(run).await;
+        let mut lines = out.lines();
+        let addr = lines.next().unwrap_or_default().to_string();
+        assert_eq!(
+            lines.next(),
+            Some("/root"),
+            "jobs start in the login user's home"
+        );
+        let job = run.jobs().unwrap().pop().unwrap();
+        let instance = instances
+            .iter()
+            .find(|i| Some(&i.id) == job.instance_id.as_ref())
+            .unwrap();
+        assert_eq!(
+            instance.address.as_deref(),
+            Some(addr.as_str()),
+            "ran where recorded"
+        );
+        *per_host.entry(addr).or_default() += 1;
+    }
+    assert_eq!(per_host.len(), 3, "spread over every host: {per_host:?}");
+    assert!(per_host.values().all(|n| *n == 2), "{per_host:?}");
+
+    let (deleted, results) = client.engine().delete_fleet(&fleet, false).await.unwrap();
+    assert_eq!(deleted.name, fleet);
+    assert!(results.iter().all(|(_, e)| e.is_none()), "{results:?}");
+    for dir in &dirs {
+        assert!(!Path::new(dir).exists(), "{dir} removed");
+    }
+    assert!(all_instances(&client, &fleet)
+        .iter()
+        .all(|i| i.status == InstanceStatus::Terminated));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_bad_host_fails_alone_with_a_clear_reason() {
+    let hosts = TestHosts::start(3);
+    hosts.hosts[1].stop_sshd();
+    let home = tempfile::tempdir().unwrap();
+    let client = client(home.path()).await;
+    let fleet = format!("mixed-{}", std::process::id());
+    let yaml = format!(
+        "type: fleet\nname: {fleet}\nssh_config:\n  user: root\n  identity_file: {key}\n  hosts:\n    \
+         - {good}\n    - {down}\n    - hostname: {wrong}\n      identity_file: {wrong_key}\n",
+        key = hosts.key.display(),
+        good = hosts.hosts[0].addr,
+        down = hosts.hosts[1].addr,
+        wrong = hosts.hosts[2].addr,
+        wrong_key = hosts.wrong_key.display(),
+    );
+    let (live, progress) = apply_fleet(&client, &yaml).await;
+    assert_eq!(live.len(), 1, "{progress:?}");
+    assert_eq!(
+        live[0].address.as_deref(),
+        Some(hosts.hosts[0].addr.as_str())
+    );
+    let all = all_instances(&client, &fleet);
+    let reason = |addr: &str| {
+        all.iter()
+            .find(|i| i.address.as_deref() == Some(addr))
+            .and_then(|i| i.status_message.clone())
+            .unwrap_or_default()
+    };
+    let down = reason(&hosts.hosts[1].addr);
+    assert!(down.contains("cannot connect"), "{down}");
+    let wrong = reason(&hosts.hosts[2].addr);
+    assert!(
+        wrong.contains("authentication failed") && wrong.contains("wrong_key"),
+        "{wrong}"
+    );
+    client.engine().delete_fleet(&fleet, false).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_host_key_is_refused() {
+    let hosts = TestHosts::start(1);
+    let home = tempfile::tempdir().unwrap();
+    let client = client(home.path()).await;
+    let fleet = format!("rekeyed-{}", std::process::id());
+    let yaml = hosts.fleet_yaml(&fleet);
+    let (live, progress) = apply_fleet(&client, &yaml).await;
+    assert_eq!(live.len(), 1, "{progress:?}");
+    client.engine().delete_fleet(&fleet, false).await.unwrap();
+
+    hosts.hosts[0].change_host_key();
+    let (live, progress) = apply_fleet(&client, &yaml).await;
+    assert!(live.is_empty(), "{progress:?}");
+    let message = all_instances(&client, &fleet)
+        .into_iter()
+        .find_map(|i| i.status_message)
+        .unwrap_or_default();
+    assert!(message.contains("host key has changed"), "{message}");
+    assert!(
+        message.contains("known_hosts"),
+        "says which file to fix: {message}"
+    );
+}

@@ -1,0 +1,379 @@
+//! Fleets the user applies: SSH fleets, whose hosts are listed in `ssh_config`. Applying one
+//! records the fleet and one instance per host (write before act), then deploys every host at
+//! once; each host ends `idle` (its agent answers) or `terminated` with the reason, so one bad
+//! host never holds back the others. Re-applying keeps the hosts that joined, retries the ones
+//! that did not, and removes hosts no longer listed.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use super::{EngineError, Inner};
+use crate::config::fleet::{FleetConfiguration, SshConfig, SshHostEntry, SshProxy};
+use crate::config::Configuration;
+use crate::model::{now_ms, Fleet, FleetStatus, Instance, InstanceStatus, JobStatus};
+
+/// The backend of SSH fleet instances.
+pub const SSH_BACKEND: &str = "ssh";
+
+/// A step of a fleet apply, per host, for progress output.
+pub type Progress<'a> = &'a (dyn Fn(&Instance, &str) + Send + Sync);
+
+/// How to reach one host, as recorded in its instance's `backend_data`.
+fn host_data(
+    config: &SshConfig,
+    entry: &SshHostEntry,
+    home: &Path,
+) -> Result<(String, serde_json::Value), String> {
+    let (hostname, host) = match entry {
+        SshHostEntry::Name(name) => (name.clone(), None),
+        SshHostEntry::Host(h) => (h.hostname.clone(), Some(h)),
+    };
+    let port = host.and_then(|h| h.port).or(config.port).unwrap_or(22);
+    let user = host
+        .and_then(|h| h.user.clone())
+        .or_else(|| config.user.clone())
+        .ok_or_else(|| format!("{hostname}: no `user` (set ssh_config.user or the host's user)"))?;
+    if host.is_some_and(|h| h.ssh_key.is_some()) || config.ssh_key.is_some() {
+        return Err(format!(
+            "{hostname}: inline `ssh_key` is not supported; use `identity_file`"
+        ));
+    }
+    let identity = host
+        .and_then(|h| h.identity_file.clone())
+        .or_else(|| config.identity_file.clone())
+        .ok_or_else(|| {
+            format!("{hostname}: no `identity_file` (set ssh_config.identity_file or the host's)")
+        })?;
+    let proxy = host
+        .and_then(|h| h.proxy_jump.as_ref())
+        .or(config.proxy_jump.as_ref())
+        .map(|p| proxy_data(p, home));
+    let mut data = serde_json::json!({
+        "hostname": hostname,
+        "port": port,
+        "user": user,
+        "identity_file": expand_home(&identity, home),
+    });
+    if let Some(proxy) = proxy {
+        data["proxy_jump"] = proxy;
+    }
+    if let Some(ip) = host.and_then(|h| h.internal_ip.clone()) {
+        data["internal_ip"] = serde_json::Value::String(ip);
+    }
+    Ok((format!("{hostname}:{port}"), data))
+}
+
+fn proxy_data(proxy: &SshProxy, home: &Path) -> serde_json::Value {
+    serde_json::json!({
+        "hostname": proxy.hostname,
+        "port": proxy.port.unwrap_or(22),
+        "user": proxy.user,
+        "identity_file": expand_home(&proxy.identity_file, home),
+    })
+}
+
+/// `~/…` against the user's home (`$HOME`), as the CLI does for identity files.
+fn expand_home(path: &str, home: &Path) -> String {
+    match path.strip_prefix("~/") {
+        Some(rest) => home.join(rest).display().to_string(),
+        None if path == "~" => home.display().to_string(),
+        None => path.to_string(),
+    }
+}
+
+fn host_key(instance: &Instance) -> Option<String> {
+    let data = &instance.backend_data;
+    Some(format!(
+        "{}:{}",
+        data.get("hostname")?.as_str()?,
+        data.get("port")?.as_u64()?
+    ))
+}
+
+fn user_home() -> std::path::PathBuf {
+    std::env::var_os("HOME").map_or_else(|| "/".into(), Into::into)
+}
+
+impl Inner {
+    /// Applies a fleet configuration (see the module docs); returns the fleet and its live
+    /// instances. `progress` hears every step of every host.
+    pub(crate) async fn apply_fleet(
+        self: &Arc<Self>,
+        configuration: &Configuration,
+        progress: Progress<'_>,
+    ) -> Result<(Fleet, Vec<Instance>), EngineError> {
+        let Configuration::Fleet(config) = configuration else {
+            return Err(EngineError::Invalid(format!(
+                "a {} configuration is not a fleet",
+                configuration.type_name()
+            )));
+        };
+        let (fleet, wanted) = self.record_fleet(config, configuration)?;
+        let mut deployments = Vec::new();
+        for instance in wanted {
+            deployments.push(self.deploy(instance, progress));
+        }
+        let deployed = futures_util::future::join_all(deployments).await;
+        let joined: Vec<Instance> = deployed
+            .into_iter()
+            .filter(|i| i.status == InstanceStatus::Idle)
+            .collect();
+        let mut fleet = fleet;
+        fleet.status = if joined.is_empty() {
+            FleetStatus::Failed
+        } else {
+            FleetStatus::Active
+        };
+        self.store.put_fleet(&fleet)?;
+        let live = self.fleet_instances(&fleet.id)?;
+        self.watch_instances();
+        self.schedule.notify_one();
+        Ok((fleet, live))
+    }
+
+    /// Records the fleet and the instances to deploy (hosts that have not joined yet), and
+    /// terminates instances of hosts no longer listed.
+    fn record_fleet(
+        &self,
+        config: &FleetConfiguration,
+        configuration: &Configuration,
+    ) -> Result<(Fleet, Vec<Instance>), EngineError> {
+        let ssh = config.ssh_config.as_ref().ok_or_else(|| {
+            EngineError::Unsupported(
+                "only SSH fleets (`ssh_config`) can be applied yet; cloud fleets come with the \
+                 cloud backends"
+                    .to_string(),
+            )
+        })?;
+        if self.backend(SSH_BACKEND).is_none() {
+            return Err(EngineError::Unsupported(
+                "this build has no SSH backend (cargo feature `ssh` of dstack-backends)"
+                    .to_string(),
+            ));
+        }
+        let name = config
+            .name
+            .clone()
+            .ok_or_else(|| EngineError::Invalid("a fleet needs a `name`".to_string()))?;
+        if !super::names::is_valid(&name) || name == "local" {
+            return Err(EngineError::Invalid(format!(
+                "invalid fleet name `{name}`: use 2-41 characters of a-z, 0-9 and -, starting \
+                 with a letter (`local` is the implicit fleet of this machine)"
+            )));
+        }
+        let home = user_home();
+        let mut hosts = BTreeMap::new();
+        for entry in &ssh.hosts {
+            let (key, data) = host_data(ssh, entry, &home).map_err(EngineError::Invalid)?;
+            if hosts.insert(key.clone(), data).is_some() {
+                return Err(EngineError::Invalid(format!("host {key} is listed twice")));
+            }
+        }
+        let fleets = self.store.fleets()?;
+        let existing = fleets.iter().find(|f| f.name == name).cloned();
+        let instances = self.store.instances()?;
+        let live = |i: &&Instance| i.status != InstanceStatus::Terminated;
+        for other in instances.iter().filter(live) {
+            let Some(key) = host_key(other) else { continue };
+            let own = existing.as_ref().is_some_and(|f| f.id == other.fleet_id);
+            if hosts.contains_key(&key) && !own {
+                let owner = fleets.iter().find(|f| f.id == other.fleet_id);
+                let owner = owner.map_or("another fleet", |f| f.name.as_str());
+                return Err(EngineError::Invalid(format!(
+                    "host {key} already belongs to fleet {owner}"
+                )));
+            }
+        }
+        let fleet = Fleet {
+            id: existing
+                .as_ref()
+                .map_or_else(|| uuid::Uuid::new_v4().to_string(), |f| f.id.clone()),
+            name: name.clone(),
+            status: FleetStatus::Submitted,
+            configuration: Some(configuration.to_json()),
+            created_at_ms: existing.as_ref().map_or_else(now_ms, |f| f.created_at_ms),
+        };
+        self.store.put_fleet(&fleet)?;
+        let own: Vec<&Instance> = instances
+            .iter()
+            .filter(|i| i.fleet_id == fleet.id)
+            .filter(live)
+            .collect();
+        for gone in own
+            .iter()
+            .filter(|i| host_key(i).is_none_or(|k| !hosts.contains_key(&k)))
+        {
+            let mut gone = (*gone).clone();
+            gone.status = InstanceStatus::Terminating;
+            self.store.put_instance(&gone)?;
+        }
+        let mut taken: Vec<String> = instances
+            .iter()
+            .filter(|i| i.fleet_id == fleet.id)
+            .map(|i| i.name.clone())
+            .collect();
+        let mut wanted = Vec::new();
+        for (key, data) in hosts {
+            let current = own
+                .iter()
+                .find(|i| host_key(i).as_deref() == Some(key.as_str()));
+            if let Some(current) =
+                current.filter(|i| matches!(i.status, InstanceStatus::Idle | InstanceStatus::Busy))
+            {
+                let _ = current; // joined already: kept as it is
+                continue;
+            }
+            let num = (0..)
+                .find(|n| !taken.contains(&format!("{name}-{n}")))
+                .unwrap_or(0);
+            let instance_name = format!("{name}-{num}");
+            taken.push(instance_name.clone());
+            let internal_ip = data
+                .get("internal_ip")
+                .and_then(|v| v.as_str())
+                .map(str::to_string);
+            let hostname = data
+                .get("hostname")
+                .and_then(|v| v.as_str())
+                .map(str::to_string);
+            let instance = Instance {
+                id: current.map_or_else(|| uuid::Uuid::new_v4().to_string(), |i| i.id.clone()),
+                name: current.map_or(instance_name, |i| i.name.clone()),
+                fleet_id: fleet.id.clone(),
+                backend: SSH_BACKEND.to_string(),
+                status: InstanceStatus::Pending,
+                host: Default::default(),
+                price: 0.0,
+                backend_data: data,
+                created_at_ms: now_ms(),
+                address: internal_ip.or(hostname),
+                session: None,
+                status_message: None,
+            };
+            self.store.put_instance(&instance)?;
+            wanted.push(instance);
+        }
+        Ok((fleet, wanted))
+    }
+
+    /// Deploys one host; returns its instance as recorded afterwards.
+    async fn deploy(&self, mut instance: Instance, progress: Progress<'_>) -> Instance {
+        instance.status = InstanceStatus::Provisioning;
+        let _ = self.store.put_instance(&instance);
+        progress(&instance, "connecting and installing the agent");
+        let result = match self.backend(&instance.backend) {
+            Some(backend) => backend.deploy(&instance).await,
+            None => Err(crate::backend::ComputeError::NotSupported(format!(
+                "backend {} is not configured",
+                instance.backend
+            ))),
+        };
+        match result {
+            Ok(deployed) => {
+                instance.host = deployed.host;
+                instance.backend_data = deployed.backend_data;
+                instance.session = Some(deployed.session);
+                instance.status = InstanceStatus::Idle;
+                instance.status_message = None;
+                progress(&instance, "ready");
+            }
+            Err(e) => {
+                instance.status = InstanceStatus::Terminated;
+                instance.status_message = Some(e.to_string());
+                progress(&instance, &format!("failed: {e}"));
+            }
+        }
+        self.agents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&instance.id);
+        if let Err(e) = self.store.put_instance(&instance) {
+            progress(&instance, &format!("cannot record the host: {e}"));
+        }
+        instance
+    }
+
+    fn fleet_instances(&self, fleet_id: &str) -> Result<Vec<Instance>, EngineError> {
+        Ok(self
+            .store
+            .instances()?
+            .into_iter()
+            .filter(|i| i.fleet_id == fleet_id && i.status != InstanceStatus::Terminated)
+            .collect())
+    }
+
+    /// Deletes a fleet: refuses while runs use it (unless `force`), then stops each host's
+    /// agent and removes what was installed. A host that cannot be reached is still marked
+    /// terminated; its error is returned in the list.
+    pub(crate) async fn delete_fleet(
+        self: &Arc<Self>,
+        name: &str,
+        force: bool,
+    ) -> Result<(Fleet, Vec<(Instance, Option<String>)>), EngineError> {
+        if name == "local" {
+            return Err(EngineError::Invalid(
+                "the `local` fleet is this machine; it cannot be deleted".to_string(),
+            ));
+        }
+        let mut fleet = self
+            .store
+            .fleets()?
+            .into_iter()
+            .find(|f| f.name == name && f.status != FleetStatus::Terminated)
+            .ok_or_else(|| EngineError::Invalid(format!("no fleet named {name}")))?;
+        let instances: Vec<Instance> = self
+            .store
+            .instances()?
+            .into_iter()
+            .filter(|i| i.fleet_id == fleet.id && i.status != InstanceStatus::Terminated)
+            .collect();
+        let busy = self
+            .store
+            .jobs_with_status(&[
+                JobStatus::Provisioning,
+                JobStatus::Pulling,
+                JobStatus::Running,
+                JobStatus::Terminating,
+            ])?
+            .into_iter()
+            .filter(|j| {
+                instances
+                    .iter()
+                    .any(|i| j.instance_id.as_deref() == Some(i.id.as_str()))
+            })
+            .count();
+        if busy > 0 && !force {
+            return Err(EngineError::Invalid(format!(
+                "fleet {name} has {busy} job(s) running; stop them first or delete with force"
+            )));
+        }
+        fleet.status = FleetStatus::Terminating;
+        self.store.put_fleet(&fleet)?;
+        let mut results = Vec::new();
+        for mut instance in instances {
+            instance.status = InstanceStatus::Terminating;
+            self.store.put_instance(&instance)?;
+            let error = match self.backend(&instance.backend) {
+                Some(backend) => backend
+                    .terminate_instance(&instance)
+                    .await
+                    .err()
+                    .map(|e| e.to_string()),
+                None => Some(format!("backend {} is not configured", instance.backend)),
+            };
+            instance.status = InstanceStatus::Terminated;
+            instance.status_message = error.clone();
+            self.store.put_instance(&instance)?;
+            self.agents
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&instance.id);
+            results.push((instance, error));
+        }
+        fleet.status = FleetStatus::Terminated;
+        self.store.put_fleet(&fleet)?;
+        self.watch_instances();
+        Ok((fleet, results))
+    }
+}
