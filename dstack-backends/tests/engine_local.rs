@@ -47,6 +47,7 @@ impl Home {
         let options = EngineOptions {
             retry_delays: vec![Duration::from_millis(200)],
             stop_grace: Duration::from_secs(2),
+            ..EngineOptions::default()
         };
         Client::open(ClientOptions {
             home: self.path().to_path_buf(),

@@ -11,26 +11,75 @@ use std::time::Duration;
 
 use common::netns::TestHosts;
 use dstack_backends::local::{find_agent_binary, LocalBackend};
-use dstack_backends::ssh::{KnownHosts, SshCompute};
+use dstack_backends::ssh::{Keepalive, KnownHosts, SshCompute};
 use dstack_core::config::parse;
 use dstack_core::engine::{ApplyOptions, EngineOptions};
-use dstack_core::model::{Instance, InstanceStatus, RunStatus};
+use dstack_core::model::{Instance, InstanceStatus, JobStatus, RunStatus};
 use dstack_core::{Client, ClientOptions};
 use futures_util::StreamExt;
 
 async fn client(home: &Path) -> Client {
+    client_with(home, EngineOptions::default(), Keepalive::default()).await
+}
+
+/// A client that gives up on unreachable hosts quickly (for the failure tests).
+async fn impatient_client(home: &Path) -> Client {
+    let options = EngineOptions {
+        retry_delays: vec![Duration::from_millis(200)],
+        unreachable_after: Duration::from_secs(2),
+        ..EngineOptions::default()
+    };
+    let keepalive = Keepalive {
+        interval: Duration::from_secs(1),
+        max: 2,
+    };
+    client_with(home, options, keepalive).await
+}
+
+async fn client_with(home: &Path, engine: EngineOptions, keepalive: Keepalive) -> Client {
     let agent = find_agent_binary().expect("dstack-agent is built");
-    let backends: Vec<Arc<dyn dstack_core::backend::Compute>> = vec![
-        Arc::new(LocalBackend::new(home, agent.clone())),
-        Arc::new(SshCompute::new(KnownHosts::in_home(home), agent)),
-    ];
+    let ssh = SshCompute::new(KnownHosts::in_home(home), agent.clone()).with_keepalive(keepalive);
+    let backends: Vec<Arc<dyn dstack_core::backend::Compute>> =
+        vec![Arc::new(LocalBackend::new(home, agent)), Arc::new(ssh)];
     Client::open(ClientOptions {
         home: home.to_path_buf(),
         backends,
-        engine: EngineOptions::default(),
+        engine,
     })
     .await
     .unwrap()
+}
+
+/// Polls `check` every 100 ms for up to `secs` seconds.
+async fn eventually(secs: u64, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn submit(client: &Client, yaml: &str) -> dstack_core::RunHandle {
+    let config = parse(yaml, "task.dstack.yml").unwrap();
+    client
+        .runs()
+        .apply(config, ApplyOptions::default())
+        .await
+        .unwrap()
+}
+
+/// The address of the host a run's latest job was placed on.
+fn host_of(run: &dstack_core::RunHandle, instances: &[Instance]) -> Option<String> {
+    let job = run
+        .jobs()
+        .ok()?
+        .into_iter()
+        .max_by_key(|j| j.submission_num)?;
+    let id = job.instance_id?;
+    instances.iter().find(|i| i.id == id)?.address.clone()
 }
 
 /// Applies `yaml` and returns the live instances and every progress line.
@@ -216,4 +265,161 @@ async fn a_changed_host_key_is_refused() {
         message.contains("known_hosts"),
         "says which file to fix: {message}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_agent_fails_its_job_which_retries_on_another_host_and_the_host_comes_back() {
+    let hosts = TestHosts::start(3);
+    let home = tempfile::tempdir().unwrap();
+    let client = impatient_client(home.path()).await;
+    let fleet = format!("lossy-{}", std::process::id());
+    let (instances, progress) = apply_fleet(&client, &hosts.fleet_yaml(&fleet)).await;
+    assert_eq!(instances.len(), 3, "{progress:?}");
+    let small = "resources: {cpu: 1.., memory: 0.1GB..}";
+    // A whole host (every host has the CPUs of this machine), so the steady run goes elsewhere.
+    let whole = format!("resources: {{cpu: {}.., memory: 0.1GB..}}", instances[0].host.cpus);
+    let marker = home.path().join("first-try");
+    let addr = "ip -brief addr | awk '/^v/ {print $3}' | cut -d/ -f1";
+    // The first submission waits; a retry prints where it ran and ends.
+    let flaky = format!(
+        "type: task\nfleets: [{fleet}]\n{whole}\nretry: {{on_events: [error], duration: 1m}}\n\
+         commands:\n  - if [ -e {m} ]; then echo retried on $({addr}); else touch {m}; sleep 60; fi\n",
+        m = marker.display()
+    );
+    let steady = format!("type: task\nfleets: [{fleet}]\n{small}\ncommands: [sleep 4]\n");
+
+    let flaky = submit(&client, &flaky).await;
+    eventually(20, "the flaky run is running", || marker.exists()).await;
+    let lost_addr = host_of(&flaky, &instances).unwrap();
+    let steady = submit(&client, &steady).await;
+    eventually(20, "the steady run is running", || {
+        steady.status().unwrap() == RunStatus::Running
+    })
+    .await;
+    let steady_addr = host_of(&steady, &instances).unwrap();
+
+    let lost = hosts.hosts.iter().find(|h| h.addr == lost_addr).unwrap();
+    lost.kill("dstack-agent serve");
+    let finished = tokio::time::timeout(Duration::from_secs(60), flaky.wait())
+        .await
+        .expect("the retry finishes")
+        .unwrap();
+    assert_eq!(
+        finished.status,
+        RunStatus::Done,
+        "{:?}",
+        flaky.jobs().unwrap()
+    );
+    let jobs = flaky.jobs().unwrap();
+    let first = jobs.iter().find(|j| j.submission_num == 0).unwrap();
+    assert_eq!(first.status, JobStatus::Failed);
+    assert_eq!(
+        first.termination_reason.as_deref(),
+        Some("instance_unreachable")
+    );
+    let out = output(&flaky).await;
+    let retried_on = out
+        .trim()
+        .strip_prefix("retried on ")
+        .unwrap_or_default()
+        .to_string();
+    assert!(!retried_on.is_empty() && retried_on != lost_addr, "{out}");
+
+    let steady_done = tokio::time::timeout(Duration::from_secs(30), steady.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        steady_done.status,
+        RunStatus::Done,
+        "undisturbed on {steady_addr}"
+    );
+
+    // The host is redeployed and usable again; it was never terminated.
+    let lost_id = instances
+        .iter()
+        .find(|i| i.address.as_deref() == Some(lost_addr.as_str()))
+        .unwrap()
+        .id
+        .clone();
+    eventually(30, "the host is reachable again", || {
+        client
+            .engine()
+            .store()
+            .instance(&lost_id)
+            .unwrap()
+            .is_some_and(|i| !i.unreachable && i.status == InstanceStatus::Idle)
+    })
+    .await;
+    client.engine().delete_fleet(&fleet, true).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_link_fails_the_job_and_the_host_returns_when_the_link_does() {
+    let hosts = TestHosts::start(1);
+    let home = tempfile::tempdir().unwrap();
+    let client = impatient_client(home.path()).await;
+    let fleet = format!("cut-{}", std::process::id());
+    let (instances, progress) = apply_fleet(&client, &hosts.fleet_yaml(&fleet)).await;
+    assert_eq!(instances.len(), 1, "{progress:?}");
+    let task = format!(
+        "type: task\nfleets: [{fleet}]\nresources: {{cpu: 1.., memory: 0.1GB..}}\ncommands: [sleep 120]\n"
+    );
+    let run = client
+        .runs()
+        .apply(parse(&task, "t.yml").unwrap(), ApplyOptions::default())
+        .await
+        .unwrap();
+    eventually(20, "the run is running", || {
+        run.status().unwrap() == RunStatus::Running
+    })
+    .await;
+    hosts.hosts[0].set_link(false);
+    let failed = tokio::time::timeout(Duration::from_secs(60), run.wait())
+        .await
+        .expect("the job is given up within the documented bound")
+        .unwrap();
+    assert_eq!(failed.status, RunStatus::Failed);
+    let job = run.jobs().unwrap().pop().unwrap();
+    assert_eq!(
+        job.termination_reason.as_deref(),
+        Some("instance_unreachable")
+    );
+    let id = instances[0].id.clone();
+    assert!(
+        client
+            .engine()
+            .store()
+            .instance(&id)
+            .unwrap()
+            .unwrap()
+            .unreachable
+    );
+
+    hosts.hosts[0].set_link(true);
+    eventually(60, "the host is reachable again", || {
+        client
+            .engine()
+            .store()
+            .instance(&id)
+            .unwrap()
+            .is_some_and(|i| !i.unreachable && i.status == InstanceStatus::Idle)
+    })
+    .await;
+    // The job given up on was stopped on the host, and the host takes new work.
+    let quick = format!(
+        "type: task\nfleets: [{fleet}]\nresources: {{cpu: 1.., memory: 0.1GB..}}\ncommands: [echo back]\n"
+    );
+    let again = client
+        .runs()
+        .apply(parse(&quick, "t.yml").unwrap(), ApplyOptions::default())
+        .await
+        .unwrap();
+    let done = tokio::time::timeout(Duration::from_secs(30), again.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.status, RunStatus::Done);
+    assert_eq!(output(&again).await, "back\n");
+    client.engine().delete_fleet(&fleet, true).await.unwrap();
 }

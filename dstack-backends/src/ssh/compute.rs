@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::deploy::RemoteAgent;
 use super::known_hosts::KnownHosts;
 use super::link::HostLink;
-use super::session::{SshError, SshTarget};
+use super::session::{Keepalive, SshError, SshTarget};
 
 /// What an SSH instance records as its `backend_data`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -36,6 +36,7 @@ pub struct SshInstanceData {
 pub struct SshCompute {
     known_hosts: KnownHosts,
     agent_bin: PathBuf,
+    keepalive: Keepalive,
     links: Mutex<HashMap<String, Arc<HostLink>>>,
 }
 
@@ -45,8 +46,15 @@ impl SshCompute {
         SshCompute {
             known_hosts,
             agent_bin,
+            keepalive: Keepalive::default(),
             links: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Notices dead connections with this keepalive (default: every 5 s, 3 missed).
+    pub fn with_keepalive(mut self, keepalive: Keepalive) -> Self {
+        self.keepalive = keepalive;
+        self
     }
 
     fn data(instance: &Instance) -> Result<SshInstanceData, ComputeError> {
@@ -63,7 +71,13 @@ impl SshCompute {
         let mut links = self.links.lock().unwrap_or_else(PoisonError::into_inner);
         links
             .entry(format!("{target}"))
-            .or_insert_with(|| Arc::new(HostLink::new(target.clone(), self.known_hosts.clone())))
+            .or_insert_with(|| {
+                Arc::new(HostLink::new(
+                    target.clone(),
+                    self.known_hosts.clone(),
+                    self.keepalive,
+                ))
+            })
             .clone()
     }
 

@@ -6,21 +6,23 @@ use std::sync::Arc;
 use tokio::sync::Mutex;
 
 use super::known_hosts::KnownHosts;
-use super::session::{SshError, SshSession, SshTarget};
+use super::session::{Keepalive, SshError, SshSession, SshTarget};
 
 /// One host's connection.
 pub struct HostLink {
     target: SshTarget,
     known_hosts: KnownHosts,
+    keepalive: Keepalive,
     current: Mutex<Option<Arc<SshSession>>>,
 }
 
 impl HostLink {
     /// A link to `target` (nothing is connected yet).
-    pub fn new(target: SshTarget, known_hosts: KnownHosts) -> Self {
+    pub fn new(target: SshTarget, known_hosts: KnownHosts, keepalive: Keepalive) -> Self {
         HostLink {
             target,
             known_hosts,
+            keepalive,
             current: Mutex::new(None),
         }
     }
@@ -37,7 +39,8 @@ impl HostLink {
             return Ok(session.clone());
         }
         *current = None;
-        let session = Arc::new(SshSession::connect(&self.target, &self.known_hosts).await?);
+        let session =
+            Arc::new(SshSession::connect(&self.target, &self.known_hosts, self.keepalive).await?);
         *current = Some(session.clone());
         Ok(session)
     }

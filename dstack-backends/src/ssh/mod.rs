@@ -11,4 +11,4 @@ mod session;
 
 pub use compute::{SshCompute, SshInstanceData};
 pub use known_hosts::{HostKeyCheck, KnownHosts};
-pub use session::{quote, Output, SshError, SshSession, SshTarget, CONNECT_TIMEOUT};
+pub use session::{quote, Keepalive, Output, SshError, SshSession, SshTarget, CONNECT_TIMEOUT};

@@ -15,11 +15,24 @@ use dstack_core::agent::AgentStream;
 
 /// How long to wait for a TCP connection and the SSH handshake.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Keepalives are sent this often; after [`KEEPALIVE_MAX`] unanswered ones the connection is
-/// considered dead (so a cut link is noticed within about 20 s).
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
-/// Unanswered keepalives before the connection is dropped.
-pub const KEEPALIVE_MAX: usize = 3;
+/// How a dead connection is noticed: a keepalive every `interval`; after `max` unanswered
+/// ones the connection is dropped. The default (5 s, 3) notices a cut link within ~20 s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Time between keepalives.
+    pub interval: Duration,
+    /// Unanswered keepalives before the connection is dropped.
+    pub max: usize,
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Keepalive {
+            interval: Duration::from_secs(5),
+            max: 3,
+        }
+    }
+}
 
 /// Where and as whom to connect.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -178,11 +191,11 @@ impl Output {
     }
 }
 
-fn config() -> Arc<client::Config> {
+fn config(keepalive: Keepalive) -> Arc<client::Config> {
     Arc::new(client::Config {
         inactivity_timeout: None,
-        keepalive_interval: Some(KEEPALIVE_INTERVAL),
-        keepalive_max: KEEPALIVE_MAX,
+        keepalive_interval: Some(keepalive.interval),
+        keepalive_max: keepalive.max,
         nodelay: true,
         ..Default::default()
     })
@@ -194,6 +207,7 @@ impl SshSession {
     pub async fn connect(
         target: &SshTarget,
         known_hosts: &KnownHosts,
+        keepalive: Keepalive,
     ) -> Result<SshSession, SshError> {
         let name = target.to_string();
         let key = load_secret_key(&target.identity_file, None).map_err(|e| SshError::Key {
@@ -211,14 +225,14 @@ impl SshSession {
         let (connected, via) = match &target.proxy_jump {
             None => {
                 let addr = (target.hostname.as_str(), target.port);
-                let connecting = client::connect(config(), addr, verifier);
+                let connecting = client::connect(config(keepalive), addr, verifier);
                 (
                     tokio::time::timeout(CONNECT_TIMEOUT, connecting).await,
                     None,
                 )
             }
             Some(proxy) => {
-                let jump = Box::pin(SshSession::connect(proxy, known_hosts)).await?;
+                let jump = Box::pin(SshSession::connect(proxy, known_hosts, keepalive)).await?;
                 let channel = jump
                     .handle
                     .channel_open_direct_tcpip(
@@ -232,7 +246,8 @@ impl SshSession {
                         target: name.clone(),
                         message: format!("through {proxy}: {e}"),
                     })?;
-                let connecting = client::connect_stream(config(), channel.into_stream(), verifier);
+                let connecting =
+                    client::connect_stream(config(keepalive), channel.into_stream(), verifier);
                 (
                     tokio::time::timeout(CONNECT_TIMEOUT, connecting).await,
                     Some(Box::new(jump)),

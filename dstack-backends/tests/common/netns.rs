@@ -64,6 +64,29 @@ impl TestHost {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 
+    /// Kills (SIGKILL) every process in the namespace whose command line contains `needle`.
+    pub fn kill(&self, needle: &str) {
+        let pids = Command::new("ip")
+            .args(["netns", "pids", &self.ns])
+            .output()
+            .unwrap();
+        for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline)
+                .replace('\0', " ")
+                .contains(needle)
+            {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+            }
+        }
+    }
+
+    /// Cuts (`false`) or restores (`true`) the host's link.
+    pub fn set_link(&self, up: bool) {
+        let state = if up { "up" } else { "down" };
+        sh(&format!("ip link set {} {state}", self.veth));
+    }
+
     /// Gives sshd a new host key (as a reinstalled host would have).
     pub fn change_host_key(&self) {
         self.stop_sshd();

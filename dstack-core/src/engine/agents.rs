@@ -1,5 +1,12 @@
 //! One watcher per instance: keeps a connection to its agent's event stream, applies job
 //! updates as they happen, and reconnects (restarting the agent where the backend can).
+//!
+//! An agent that stays unreachable for `EngineOptions::unreachable_after` fails the jobs on
+//! its instance with `instance_unreachable` (their runs retry elsewhere if their policy says
+//! so) and marks the instance unreachable, so nothing new is placed there. The watcher keeps
+//! trying; from twice that time on it also redeploys the agent where the backend can (an SSH
+//! host whose agent died), after the failed jobs' retries had the time to go elsewhere. When the agent answers again the instance is usable again:
+//! instances are never terminated for being unreachable.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,25 +17,31 @@ use super::{jobs, Inner};
 use crate::agent::AgentError;
 use crate::model::Instance;
 
-/// How long an instance may stay unreachable before its jobs fail.
-const UNREACHABLE_DEADLINE: Duration = Duration::from_secs(20);
-
 /// Watches one instance's agent forever.
 pub(crate) async fn watch(inner: Arc<Inner>, instance: Instance) {
     let mut unreachable_since: Option<tokio::time::Instant> = None;
+    let mut given_up = false;
     let mut backoff = Duration::from_millis(50);
     loop {
         match follow(&inner, &instance).await {
             Ok(()) => {
                 // The stream ended (the agent restarted): reconnect soon, but never in a hot loop.
                 unreachable_since = None;
+                given_up = false;
                 backoff = Duration::from_millis(50);
                 tokio::time::sleep(backoff).await;
             }
             Err(e) => {
                 let since = *unreachable_since.get_or_insert_with(tokio::time::Instant::now);
-                if since.elapsed() >= UNREACHABLE_DEADLINE {
+                let deadline = inner.options.unreachable_after;
+                if since.elapsed() >= deadline && !given_up {
+                    given_up = true;
+                    set_unreachable(&inner, &instance.id, true);
                     jobs::fail_unreachable(&inner, &instance.id, &e).await;
+                }
+                // Revive only a while later, so that retries of the failed jobs go elsewhere.
+                if given_up && since.elapsed() >= deadline * 2 {
+                    revive(&inner, &instance.id).await;
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -42,6 +55,36 @@ pub(crate) async fn watch(inner: Arc<Inner>, instance: Instance) {
     }
 }
 
+/// Records whether the instance's agent can be reached.
+fn set_unreachable(inner: &Inner, instance_id: &str, unreachable: bool) {
+    if let Ok(Some(mut instance)) = inner.store.instance(instance_id) {
+        if instance.unreachable != unreachable {
+            instance.unreachable = unreachable;
+            let _ = inner.store.put_instance(&instance);
+            if !unreachable {
+                inner.schedule.notify_one();
+            }
+        }
+    }
+}
+
+/// Redeploys the agent of an instance whose jobs were given up (backends that cannot deploy
+/// restart their agents in `connect`).
+async fn revive(inner: &Inner, instance_id: &str) {
+    let Ok(Some(instance)) = inner.store.instance(instance_id) else {
+        return;
+    };
+    let Some(backend) = inner.backend(&instance.backend) else {
+        return;
+    };
+    if let Ok(deployed) = backend.deploy(&instance).await {
+        let mut revived = instance;
+        revived.host = deployed.host;
+        revived.backend_data = deployed.backend_data;
+        let _ = inner.store.put_instance(&revived);
+    }
+}
+
 /// Connects, reconciles with the agent's view, and applies events until the stream ends.
 async fn follow(inner: &Arc<Inner>, instance: &Instance) -> Result<(), AgentError> {
     let client = inner
@@ -52,6 +95,7 @@ async fn follow(inner: &Arc<Inner>, instance: &Instance) -> Result<(), AgentErro
             source: std::io::Error::other(e.to_string()),
         })?;
     let mut events = client.events().await?;
+    set_unreachable(inner, &instance.id, false);
     let candidates = jobs::started_on(inner, &instance.id);
     let snapshot = client.jobs().await?;
     jobs::fail_unknown(inner, candidates, &snapshot).await;

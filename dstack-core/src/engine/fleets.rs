@@ -250,6 +250,7 @@ impl Inner {
                 address: internal_ip.or(hostname),
                 session: None,
                 status_message: None,
+                unreachable: false,
             };
             self.store.put_instance(&instance)?;
             wanted.push(instance);

@@ -41,6 +41,10 @@ pub struct EngineOptions {
     pub retry_delays: Vec<Duration>,
     /// Time between SIGTERM and SIGKILL when a job is stopped (unless `stop_duration` is set).
     pub stop_grace: Duration,
+    /// How long an instance's agent may stay unreachable before its jobs fail with
+    /// `instance_unreachable` (after the connection is found dead: for SSH hosts, after the
+    /// keepalives went unanswered).
+    pub unreachable_after: Duration,
 }
 
 impl Default for EngineOptions {
@@ -56,6 +60,7 @@ impl Default for EngineOptions {
                 secs(600),
             ],
             stop_grace: secs(10),
+            unreachable_after: secs(20),
         }
     }
 }
@@ -491,7 +496,9 @@ impl Inner {
             .store
             .instances()?
             .into_iter()
-            .filter(|i| matches!(i.status, InstanceStatus::Idle | InstanceStatus::Busy))
+            .filter(|i| {
+                matches!(i.status, InstanceStatus::Idle | InstanceStatus::Busy) && !i.unreachable
+            })
             .collect();
         let fleets = self.store.fleets()?;
         let selection = scheduler::fleet_selection(common);
@@ -616,6 +623,7 @@ impl Inner {
                 address: None,
                 session: None,
                 status_message: None,
+                unreachable: false,
             };
             self.store.put_instance(&instance)?;
         }

@@ -33,7 +33,9 @@ async fn pass(inner: &Arc<Inner>) {
     };
     let instances: Vec<Instance> = instances
         .into_iter()
-        .filter(|i| matches!(i.status, InstanceStatus::Idle | InstanceStatus::Busy))
+        .filter(|i| {
+            matches!(i.status, InstanceStatus::Idle | InstanceStatus::Busy) && !i.unreachable
+        })
         .collect();
     // Requirements that did not fit in this pass (per fleet selection): anything at least as
     // large will not either.

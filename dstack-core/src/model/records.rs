@@ -171,6 +171,9 @@ pub struct Instance {
     /// Why it is in its status (e.g. why a host failed to join its fleet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status_message: Option<String>,
+    /// Its agent cannot be reached now: no new jobs go there until it answers again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unreachable: bool,
 }
 
 /// The session of the user the agent runs as on a remote host.
