@@ -196,6 +196,12 @@ impl Jobs {
         let mut log = LogWriter::open(&dir)?;
         spec.env
             .insert(METRICS_ENV.to_string(), metrics.display().to_string());
+        if let Some(hosts) = &spec.mpi_hostfile {
+            let hostfile = hostfile_path(&self.root, &spec.id);
+            fs::write(&hostfile, hosts)?;
+            spec.env
+                .insert(HOSTFILE_ENV.to_string(), hostfile.display().to_string());
+        }
         let mut job = Job {
             dir,
             journal: self.journal.clone(),
@@ -259,6 +265,7 @@ impl Jobs {
         }
         remove_dir_if_exists(&job.dir)?;
         remove_file_if_exists(&metrics_path(&self.root, id))?;
+        remove_file_if_exists(&hostfile_path(&self.root, id))?;
         self.journal.remove(id)?;
         jobs.remove(id);
         Ok(())
@@ -332,6 +339,14 @@ fn metrics_path(root: &Path, id: &str) -> PathBuf {
     root.join(format!("{id}.metrics.jsonl"))
 }
 
+/// The variable that names a multi-node job's MPI hostfile.
+pub const HOSTFILE_ENV: &str = "DSTACK_MPI_HOSTFILE";
+
+/// The MPI hostfile of job `id`.
+fn hostfile_path(root: &Path, id: &str) -> PathBuf {
+    root.join(format!("{id}.hostfile"))
+}
+
 fn remove_file_if_exists(path: &Path) -> io::Result<()> {
     match fs::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
@@ -398,6 +413,7 @@ mod tests {
             env: BTreeMap::new(),
             working_dir: "/no/such/dir".into(),
             max_duration_secs: None,
+            mpi_hostfile: None,
         };
         let failed = jobs.submit(spec).unwrap();
         let snapshot = json_lines([failed.clone()]);

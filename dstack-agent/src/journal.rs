@@ -195,6 +195,7 @@ mod tests {
                 env: BTreeMap::new(),
                 working_dir: "/".into(),
                 max_duration_secs: None,
+                mpi_hostfile: None,
             },
             process: None,
         }

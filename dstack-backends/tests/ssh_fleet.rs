@@ -277,7 +277,10 @@ async fn a_lost_agent_fails_its_job_which_retries_on_another_host_and_the_host_c
     assert_eq!(instances.len(), 3, "{progress:?}");
     let small = "resources: {cpu: 1.., memory: 0.1GB..}";
     // A whole host (every host has the CPUs of this machine), so the steady run goes elsewhere.
-    let whole = format!("resources: {{cpu: {}.., memory: 0.1GB..}}", instances[0].host.cpus);
+    let whole = format!(
+        "resources: {{cpu: {}.., memory: 0.1GB..}}",
+        instances[0].host.cpus
+    );
     let marker = home.path().join("first-try");
     let addr = "ip -brief addr | awk '/^v/ {print $3}' | cut -d/ -f1";
     // The first submission waits; a retry prints where it ran and ends.
@@ -421,5 +424,107 @@ async fn a_cut_link_fails_the_job_and_the_host_returns_when_the_link_does() {
         .unwrap();
     assert_eq!(done.status, RunStatus::Done);
     assert_eq!(output(&again).await, "back\n");
+    client.engine().delete_fleet(&fleet, true).await.unwrap();
+}
+
+/// The output of one job, read from its agent.
+async fn job_output(client: &Client, job: &dstack_core::model::Job) -> String {
+    let agent = client
+        .engine()
+        .agent(job.instance_id.as_deref().unwrap())
+        .await
+        .unwrap();
+    let mut logs = agent.logs(&job.id, 0, false).await.unwrap();
+    let mut out = Vec::new();
+    while let Some(chunk) = logs.next().await {
+        out.extend_from_slice(&chunk.unwrap());
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_node_task_sees_consistent_ranks_and_a_failing_node_stops_the_rest() {
+    let hosts = TestHosts::start(3);
+    let home = tempfile::tempdir().unwrap();
+    let client = client(home.path()).await;
+    let fleet = format!("cluster-{}", std::process::id());
+    let yaml = format!("{}placement: cluster\n", hosts.fleet_yaml(&fleet));
+    let (instances, progress) = apply_fleet(&client, &yaml).await;
+    assert_eq!(instances.len(), 3, "{progress:?}");
+    let head = format!(
+        "type: task\nnodes: 3\nfleets: [{fleet}]\nresources: {{cpu: 1.., memory: 0.1GB..}}\n"
+    );
+    let report = "echo \"rank=$DSTACK_NODE_RANK nodes=$DSTACK_NODES_NUM \
+                  master=$DSTACK_MASTER_NODE_IP ips=$(echo \"$DSTACK_NODES_IPS\" | paste -sd, -) \
+                  me=$(ip -brief addr | awk '/^v/ {print $3}' | cut -d/ -f1) \
+                  hosts=$(tr ' ' _ < \"$DSTACK_MPI_HOSTFILE\" | paste -sd, -)\"";
+    let run = submit(&client, &format!("{head}commands:\n  - {report}\n")).await;
+    let done = tokio::time::timeout(Duration::from_secs(60), run.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.status, RunStatus::Done, "{:?}", run.jobs().unwrap());
+    let mut jobs = run.jobs().unwrap();
+    jobs.sort_by_key(|j| j.job_num);
+    assert_eq!(jobs.len(), 3);
+    let mut reports = Vec::new();
+    for job in &jobs {
+        let out = job_output(&client, job).await;
+        let fields: BTreeMap<String, String> = out
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(fields["rank"], job.job_num.to_string(), "{out}");
+        assert_eq!(fields["nodes"], "3");
+        reports.push(fields);
+    }
+    let ips: Vec<String> = reports.iter().map(|r| r["me"].clone()).collect();
+    let distinct: std::collections::BTreeSet<&String> = ips.iter().collect();
+    assert_eq!(distinct.len(), 3, "one node per host: {ips:?}");
+    for r in &reports {
+        assert_eq!(r["master"], ips[0], "rank 0 is the master");
+        assert_eq!(
+            r["ips"],
+            ips.join(","),
+            "every node sees the same list, in rank order"
+        );
+        let hostfile: Vec<String> = ips.iter().map(|ip| format!("{ip}_slots=1")).collect();
+        assert_eq!(r["hosts"], hostfile.join(","), "the MPI hostfile lists every node");
+    }
+
+    // One node fails: the others are stopped and the run fails.
+    let failing = format!(
+        "{head}commands:\n  - if [ \"$DSTACK_NODE_RANK\" = 1 ]; then sleep 1; exit 3; fi; sleep 60\n"
+    );
+    let run = submit(&client, &failing).await;
+    let failed = tokio::time::timeout(Duration::from_secs(30), run.wait())
+        .await
+        .expect("the other nodes are stopped at once")
+        .unwrap();
+    assert_eq!(failed.status, RunStatus::Failed);
+    let jobs = run.jobs().unwrap();
+    assert!(jobs.iter().all(|j| j.status.is_finished()), "{jobs:?}");
+    let rank1 = jobs.iter().find(|j| j.job_num == 1).unwrap();
+    assert_eq!(rank1.exit_status, Some(3));
+    for other in jobs.iter().filter(|j| j.job_num != 1) {
+        assert_ne!(other.status, JobStatus::Done, "{other:?}");
+    }
+
+    // More nodes than hosts: fails at once, saying why.
+    let too_many = format!(
+        "type: task\nnodes: 4\nfleets: [{fleet}]\nresources: {{cpu: 1.., memory: 0.1GB..}}\ncommands: ['true']\n"
+    );
+    let run = submit(&client, &too_many).await;
+    let failed = tokio::time::timeout(Duration::from_secs(10), run.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(failed.status, RunStatus::Failed);
+    let message = run.jobs().unwrap()[0]
+        .termination_message
+        .clone()
+        .unwrap_or_default();
+    assert!(message.contains("placement: cluster"), "{message}");
     client.engine().delete_fleet(&fleet, true).await.unwrap();
 }

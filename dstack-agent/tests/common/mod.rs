@@ -103,6 +103,7 @@ pub fn shell_job(id: &str, script: &str) -> JobSubmit {
         env: BTreeMap::from([("PATH".to_string(), "/usr/bin:/bin".to_string())]),
         working_dir: "/".to_string(),
         max_duration_secs: None,
+        mpi_hostfile: None,
     }
 }
 

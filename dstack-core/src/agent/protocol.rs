@@ -62,6 +62,10 @@ pub struct JobSubmit {
     pub working_dir: String,
     /// Terminate with `max_duration_exceeded` after this many seconds of running.
     pub max_duration_secs: Option<u64>,
+    /// The MPI hostfile of a multi-node job: the agent writes it to a file of its own and
+    /// points `DSTACK_MPI_HOSTFILE` at it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mpi_hostfile: Option<String>,
 }
 
 /// The state of a job on the agent.

@@ -154,6 +154,14 @@ pub fn common(config: &Configuration) -> &RunCommon {
     }
 }
 
+/// How many nodes a run has (`nodes:` of a task; 1 otherwise).
+pub fn nodes(config: &Configuration) -> usize {
+    match config {
+        Configuration::Task(t) => t.nodes.unwrap_or(1).max(1) as usize,
+        _ => 1,
+    }
+}
+
 /// The working directory: the configured one (`~` expanded), relative ones resolved against
 /// the default; by default the directory the run was applied from (this machine) or the
 /// login user's home (a remote host).
@@ -178,15 +186,19 @@ fn working_dir(run: &Run, common: &RunCommon, session: Option<&HostSession>) -> 
 }
 
 /// Everything the agent needs to start `job`.
+///
+/// `nodes` holds the address of every node of the run in rank order (just this instance's
+/// for a single-node run).
 pub fn job_submit(
     run: &Run,
     config: &Configuration,
     job: &Job,
     instance: &Instance,
+    nodes: &[String],
 ) -> Result<JobSubmit, CommandError> {
     let common = common(config);
     let session = instance.session.as_ref();
-    let host_ip = instance.address.as_deref().unwrap_or("127.0.0.1");
+    let master = nodes.first().map_or("127.0.0.1", String::as_str);
     let working_dir = working_dir(run, common, session);
     // This machine: the client's session; a remote host: its login session.
     let mut env: BTreeMap<String, String> = match session {
@@ -221,11 +233,11 @@ pub fn job_submit(
         ("DSTACK_REPO_ID", "none".to_string()),
         ("DSTACK_WORKING_DIR", working_dir.clone()),
         ("DSTACK_NODE_RANK", job.job_num.to_string()),
-        ("DSTACK_NODES_NUM", "1".to_string()),
-        ("DSTACK_MASTER_NODE_IP", host_ip.to_string()),
-        ("DSTACK_NODES_IPS", host_ip.to_string()),
+        ("DSTACK_NODES_NUM", nodes.len().to_string()),
+        ("DSTACK_MASTER_NODE_IP", master.to_string()),
+        ("DSTACK_NODES_IPS", nodes.join("\n")),
         ("DSTACK_GPUS_PER_NODE", gpus.len().to_string()),
-        ("DSTACK_GPUS_NUM", gpus.len().to_string()),
+        ("DSTACK_GPUS_NUM", (gpus.len() * nodes.len()).to_string()),
         ("CUDA_VISIBLE_DEVICES", visible.clone()),
         (
             "NVIDIA_VISIBLE_DEVICES",
@@ -250,6 +262,13 @@ pub fn job_submit(
         env,
         working_dir,
         max_duration_secs,
+        mpi_hostfile: (nodes.len() > 1).then(|| {
+            let slots = gpus.len().max(1);
+            nodes
+                .iter()
+                .map(|ip| format!("{ip} slots={slots}\n"))
+                .collect()
+        }),
     })
 }
 

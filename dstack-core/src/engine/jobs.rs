@@ -48,6 +48,43 @@ pub(crate) async fn start(inner: Arc<Inner>, job: Job) {
     }
 }
 
+/// The address of every node of the run, in rank order: the instances of the latest
+/// submission of each job (all placed together for a multi-node run).
+fn node_addresses(
+    inner: &Inner,
+    run: &crate::model::Run,
+    config: &crate::config::Configuration,
+    instance: &crate::model::Instance,
+) -> Result<Vec<String>, EngineError> {
+    let own = || {
+        instance
+            .address
+            .clone()
+            .unwrap_or_else(|| "127.0.0.1".to_string())
+    };
+    if super::command::nodes(config) <= 1 {
+        return Ok(vec![own()]);
+    }
+    let jobs = inner.store.jobs_of_run(&run.id)?;
+    let mut latest = super::runs::latest(&jobs);
+    latest.sort_by_key(|j| j.job_num);
+    let mut addresses = Vec::new();
+    for job in latest {
+        let id = job.instance_id.as_deref().ok_or_else(|| {
+            EngineError::Invalid(format!(
+                "node {} of run {} is not placed",
+                job.job_num, run.name
+            ))
+        })?;
+        let node = inner
+            .store
+            .instance(id)?
+            .ok_or_else(|| EngineError::Invalid(format!("unknown instance {id}")))?;
+        addresses.push(node.address.unwrap_or_else(|| "127.0.0.1".to_string()));
+    }
+    Ok(addresses)
+}
+
 async fn try_start(inner: &Arc<Inner>, job: &Job) -> Result<(), EngineError> {
     let run = inner
         .store
@@ -59,7 +96,8 @@ async fn try_start(inner: &Arc<Inner>, job: &Job) -> Result<(), EngineError> {
         .instance(&instance_id)?
         .ok_or_else(|| EngineError::Invalid(format!("job {} has no instance", job.id)))?;
     let config = inner.configuration(&run)?;
-    let submit = super::command::job_submit(&run, &config, job, &instance)
+    let nodes = node_addresses(inner, &run, &config, &instance)?;
+    let submit = super::command::job_submit(&run, &config, job, &instance, &nodes)
         .map_err(|e| EngineError::Invalid(e.to_string()))?;
     let agent = inner.agent(&instance_id).await?;
     let info = agent.submit(&submit).await?;

@@ -10,6 +10,7 @@
 mod agents;
 mod command;
 pub mod fleets;
+mod gang;
 mod jobs;
 pub mod names;
 mod runs;
@@ -316,8 +317,10 @@ impl Engine {
             resubmission_attempt: 0,
             next_attempt_at_ms: None,
         };
-        let job = Job::submission(&run, 0, 0);
-        inner.store.insert_run(&run, &[job])?;
+        let jobs: Vec<Job> = (0..command::nodes(&configuration) as u32)
+            .map(|num| Job::submission(&run, num, 0))
+            .collect();
+        inner.store.insert_run(&run, &jobs)?;
         inner
             .configs
             .lock()
@@ -476,10 +479,9 @@ impl Inner {
             }
         }
         if let Configuration::Task(t) = configuration {
-            if t.nodes.unwrap_or(1) > 1 || t.groups.is_some() {
+            if t.groups.is_some() {
                 return Err(EngineError::Unsupported(
-                    "multi-node tasks need a fleet with `placement: cluster`; none is available"
-                        .to_string(),
+                    "node groups (`groups:`) are not supported yet; use `nodes: N`".to_string(),
                 ));
             }
         }

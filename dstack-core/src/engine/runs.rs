@@ -43,7 +43,7 @@ enum Verdict {
 }
 
 /// The latest submission of each job number.
-fn latest(jobs: &[Job]) -> Vec<&Job> {
+pub(crate) fn latest(jobs: &[Job]) -> Vec<&Job> {
     let mut out: Vec<&Job> = Vec::new();
     for job in jobs {
         match out.iter_mut().find(|j| j.job_num == job.job_num) {
@@ -134,10 +134,37 @@ async fn reconcile_once(inner: &Arc<Inner>, run_id: &str) -> Result<bool, Engine
     let config = inner.configuration(&run)?;
     let retry = super::command::common(&config).profile.retry.clone();
     let now = now_ms();
-    let verdicts: Vec<Verdict> = current
+    let mut verdicts: Vec<Verdict> = current
         .iter()
         .map(|j| verdict(&run, &retry, j, &jobs, now))
         .collect();
+    // Multi-node: the nodes of a run retry together. A node that will be retried stops the
+    // others; nodes stopped that way are retried with it.
+    if super::command::nodes(&config) > 1 && verdicts.iter().any(|v| matches!(v, Verdict::Retry)) {
+        let stopped = JobTerminationReason::TerminatedByServer.as_str();
+        for (v, job) in verdicts.iter_mut().zip(&current) {
+            if job.status.is_finished() && job.termination_reason.as_deref() == Some(stopped) {
+                *v = Verdict::Retry;
+            }
+        }
+        let unfinished: Vec<Job> = current
+            .iter()
+            .filter(|j| !j.status.is_finished())
+            .map(|j| (*j).clone())
+            .collect();
+        if !unfinished.is_empty() {
+            for job in unfinished {
+                terminate_job(
+                    inner,
+                    &run,
+                    job,
+                    JobTerminationReason::TerminatedByServer,
+                    false,
+                );
+            }
+            return Ok(true);
+        }
+    }
     let failed = verdicts.iter().find_map(|v| match v {
         Verdict::Failed(RunTerminationReason::JobFailed) => Some(RunTerminationReason::JobFailed),
         _ => None,

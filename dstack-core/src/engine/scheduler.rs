@@ -40,12 +40,21 @@ async fn pass(inner: &Arc<Inner>) {
     // Requirements that did not fit in this pass (per fleet selection): anything at least as
     // large will not either.
     let mut blocked: Vec<(Option<Vec<String>>, Reservation)> = Vec::new();
+    // Multi-node runs already handled in this pass (all their jobs at once).
+    let mut gangs: Vec<String> = Vec::new();
     for (job_id, run_id) in waiting {
         // Submitted jobs of a terminating run are finished by the run's termination; the
         // configuration is cached, so most jobs cost no store read here.
         let Ok(config) = inner.configuration_of(&run_id) else {
             continue;
         };
+        if super::command::nodes(&config) > 1 {
+            if !gangs.contains(&run_id) {
+                super::gang::place(inner, &run_id, &config, &instances, &fleets).await;
+                gangs.push(run_id);
+            }
+            continue;
+        }
         let common = super::command::common(&config);
         let spec = &common.resources;
         let selection = fleet_selection(common);
