@@ -490,7 +490,11 @@ async fn a_three_node_task_sees_consistent_ranks_and_a_failing_node_stops_the_re
             "every node sees the same list, in rank order"
         );
         let hostfile: Vec<String> = ips.iter().map(|ip| format!("{ip}_slots=1")).collect();
-        assert_eq!(r["hosts"], hostfile.join(","), "the MPI hostfile lists every node");
+        assert_eq!(
+            r["hosts"],
+            hostfile.join(","),
+            "the MPI hostfile lists every node"
+        );
     }
 
     // One node fails: the others are stopped and the run fails.
@@ -526,5 +530,65 @@ async fn a_three_node_task_sees_consistent_ranks_and_a_failing_node_stops_the_re
         .clone()
         .unwrap_or_default();
     assert!(message.contains("placement: cluster"), "{message}");
+    client.engine().delete_fleet(&fleet, true).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ports_of_a_job_on_a_fleet_host_are_forwarded_to_localhost_while_attached() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hosts = TestHosts::start(1);
+    let home = tempfile::tempdir().unwrap();
+    let client = client(home.path()).await;
+    let fleet = format!("ports-{}", std::process::id());
+    let (instances, progress) = apply_fleet(&client, &hosts.fleet_yaml(&fleet)).await;
+    assert_eq!(instances.len(), 1, "{progress:?}");
+    // A free port here; the job listens on it on the host's loopback only.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let task = format!(
+        "type: task\nfleets: [{fleet}]\nports: [{port}]\nresources: {{cpu: 1.., memory: 0.1GB..}}\n\
+         commands:\n  - echo forwarded > index.html\n  \
+         - exec python3 -m http.server {port} --bind 127.0.0.1\nworking_dir: {}\n",
+        home.path().display()
+    );
+    let run = submit(&client, &task).await;
+    eventually(20, "the run is running", || {
+        run.status().unwrap() == RunStatus::Running
+    })
+    .await;
+    let forward = run.forward_ports().await.unwrap();
+    assert_eq!(forward.ports, vec![(port, port)]);
+    let mut body = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        // The server may still be starting: retry until it answers.
+        if let Ok(mut conn) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+            let request = "GET /index.html HTTP/1.0\r\nHost: localhost\r\n\r\n";
+            conn.write_all(request.as_bytes()).await.unwrap();
+            body.clear();
+            let _ = conn.read_to_string(&mut body).await;
+            if body.contains("forwarded") {
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no answer through the forward: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(body.starts_with("HTTP/1.0 200"), "{body}");
+    drop(forward);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err(),
+        "forwarding stops with its guard"
+    );
+    run.stop(true).await.unwrap();
     client.engine().delete_fleet(&fleet, true).await.unwrap();
 }

@@ -167,11 +167,7 @@ pub async fn apply(client: &Client, args: &ApplyArgs) -> Result<ExitCode, Failur
         println!("Detached. Follow it with: dstack logs -f {}", run.name());
         return Ok(ExitCode::SUCCESS);
     }
-    let attached = async {
-        crate::runs::stream_logs(&run, true).await?;
-        let finished = run.wait().await?;
-        Ok::<_, Failure>((finished.clone(), run.exit_status()?))
-    };
+    let attached = crate::runs::attach(&run);
     tokio::select! {
         result = attached => {
             let (finished, code) = result?;

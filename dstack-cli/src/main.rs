@@ -31,6 +31,10 @@ enum Command {
     Ps(runs::PsArgs),
     /// Print the output of a run.
     Logs(runs::LogsArgs),
+    /// Attach to a run: forward its ports to localhost and stream its output until it ends.
+    ///
+    /// Ctrl-C detaches and leaves the run running.
+    Attach(runs::AttachArgs),
     /// Stop a run (gracefully, or at once with -x).
     Stop(runs::StopArgs),
     /// Show where a run with these resources could run.
@@ -95,6 +99,7 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
         Command::Apply(args) => apply::apply(&client, &args).await,
         Command::Ps(args) => runs::ps(&client, &args).await,
         Command::Logs(args) => runs::logs(&client, &args).await,
+        Command::Attach(args) => runs::attach_cmd(&client, &args).await,
         Command::Stop(args) => runs::stop(&client, &args).await,
         Command::Offer(args) => offer::offer(&client, &args).await,
         Command::Fleet { action } => match action {

@@ -32,6 +32,62 @@ pub struct LogsArgs {
     follow: bool,
 }
 
+/// Arguments of `dstack attach`.
+#[derive(clap::Args)]
+pub struct AttachArgs {
+    /// The run name.
+    run: String,
+}
+
+/// Waits until the run is running, forwards its ports to this machine (for jobs on other
+/// hosts) and streams its output until it finishes; returns the finished run and its exit
+/// status.
+pub async fn attach(
+    run: &dstack_core::RunHandle,
+) -> Result<(dstack_core::model::Run, Option<i32>), Failure> {
+    let current = run
+        .wait_until(|s| s == dstack_core::model::RunStatus::Running)
+        .await?;
+    let _forwarding = if current.status.is_finished() {
+        None
+    } else {
+        match run.forward_ports().await {
+            Ok(forward) => {
+                for (here, there) in &forward.ports {
+                    eprintln!("Port {there} of the job is reachable at localhost:{here}");
+                }
+                Some(forward)
+            }
+            Err(e) => {
+                eprintln!("warning: ports are not forwarded: {e}");
+                None
+            }
+        }
+    };
+    stream_logs(run, true).await?;
+    let finished = run.wait().await?;
+    Ok((finished, run.exit_status()?))
+}
+
+/// `dstack attach NAME`: forward ports and stream logs until the run ends (Ctrl-C detaches).
+pub async fn attach_cmd(client: &Client, args: &AttachArgs) -> Result<ExitCode, Failure> {
+    let run = client
+        .runs()
+        .get(&args.run)?
+        .ok_or_else(|| Failure::new(format!("no run named {}", args.run)))?;
+    tokio::select! {
+        result = attach(&run) => {
+            let (finished, code) = result?;
+            eprintln!("\nRun {} {}", finished.name, finished.status);
+            Ok(crate::apply::exit_code(&finished, code))
+        }
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("\nDetached from {}; it keeps running", run.name());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
 /// Arguments of `dstack stop`.
 #[derive(clap::Args)]
 pub struct StopArgs {

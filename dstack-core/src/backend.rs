@@ -90,6 +90,20 @@ pub trait Compute: Send + Sync {
         Box::pin(async move { Err(ComputeError::NotSupported(message)) })
     }
 
+    /// Opens a TCP connection to `port` on the instance's host (to forward a job's ports to
+    /// this machine). By default the instance is this machine.
+    fn dial_port<'a>(
+        &'a self,
+        instance: &'a Instance,
+        port: u16,
+    ) -> BoxFuture<'a, std::io::Result<Box<dyn crate::agent::AgentStream>>> {
+        let _ = instance;
+        Box::pin(async move {
+            let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+            Ok(Box::new(stream) as Box<dyn crate::agent::AgentStream>)
+        })
+    }
+
     /// Returns a client of the instance's agent, (re)starting the agent if the backend can.
     fn connect<'a>(
         &'a self,

@@ -233,6 +233,32 @@ impl RunHandle {
             .collect())
     }
 
+    /// Forwards the ports of the run's job to this machine for as long as the returned guard
+    /// lives (see [`crate::forward`]). Call it once the run is running.
+    pub async fn forward_ports(&self) -> Result<crate::forward::PortForward, EngineError> {
+        let run = self.run()?;
+        let config = run.spec.configuration().map_err(|e| {
+            EngineError::Invalid(format!("stored configuration of run {}: {e}", run.name))
+        })?;
+        let ports: Vec<(u16, u16)> = crate::engine::ports(&config)
+            .iter()
+            .map(|p| (p.local_port.unwrap_or(p.container_port), p.container_port))
+            .collect();
+        let job = self
+            .latest_job()?
+            .ok_or_else(|| EngineError::Invalid(format!("run {} has no job", run.name)))?;
+        let instance_id = job.instance_id.ok_or_else(|| {
+            EngineError::Invalid(format!("run {} is not placed on an instance yet", run.name))
+        })?;
+        let instance = self
+            .engine
+            .store()
+            .instance(&instance_id)?
+            .ok_or_else(|| EngineError::Invalid(format!("unknown instance {instance_id}")))?;
+        let local = instance.session.is_none();
+        crate::forward::forward(&self.engine, &instance_id, ports, local).await
+    }
+
     /// The latest submission of job 0.
     fn latest_job(&self) -> Result<Option<Job>, EngineError> {
         Ok(self

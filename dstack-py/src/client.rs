@@ -178,6 +178,51 @@ impl RawClient {
             .collect()
     }
 
+    /// Applies a fleet configuration (SSH hosts): deploys every host at once and returns
+    /// `{"fleet": …, "instances": […]}`; `progress(instance_name, step)` hears each step.
+    #[pyo3(signature = (configuration, progress = None))]
+    fn apply_fleet(
+        &self,
+        py: Python<'_>,
+        configuration: &Bound<'_, PyAny>,
+        progress: Option<PyObject>,
+    ) -> PyResult<PyObject> {
+        let configuration = configuration_of(py, configuration)?;
+        let report = move |instance: &dstack_core::model::Instance, step: &str| {
+            if let Some(callback) = &progress {
+                Python::with_gil(|py| {
+                    if let Err(e) = callback.call1(py, (instance.name.clone(), step.to_string())) {
+                        e.write_unraisable(py, None);
+                    }
+                });
+            }
+        };
+        let client = self.client.clone();
+        let applied = block_on(py, async move {
+            client.engine().apply_fleet(&configuration, &report).await
+        })?;
+        let (fleet, instances) = raise(py, applied.map_err(Failure::from))?;
+        let item = PyDict::new(py);
+        item.set_item("fleet", record_to_py(py, &fleet)?)?;
+        item.set_item("instances", record_to_py(py, &instances)?)?;
+        Ok(item.into_any().unbind())
+    }
+
+    /// Deletes a fleet (stops its hosts' agents, removes what was installed); returns
+    /// `[(instance_name, error or None)]`.
+    #[pyo3(signature = (name, force = false))]
+    fn delete_fleet(
+        &self,
+        py: Python<'_>,
+        name: String,
+        force: bool,
+    ) -> PyResult<Vec<(String, Option<String>)>> {
+        let client = self.client.clone();
+        let deleted = block_on(py, async move { client.engine().delete_fleet(&name, force).await })?;
+        let (_, instances) = raise(py, deleted.map_err(Failure::from))?;
+        Ok(instances.into_iter().map(|(i, e)| (i.name, e)).collect())
+    }
+
     /// How many runs still need an engine process (waiting for resources, a retry, or
     /// their termination).
     fn waiting(&self, py: Python<'_>) -> PyResult<usize> {

@@ -20,6 +20,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<client::RawClient>()?;
     m.add_class::<run::RawRun>()?;
     m.add_class::<run::RawLogs>()?;
+    m.add_class::<run::RawForward>()?;
     m.add_class::<runtime::RawTask>()?;
     Ok(())
 }

@@ -147,12 +147,50 @@ impl RawRun {
         spawn(metrics(self.handle.clone()), metrics_to_py)
     }
 
+    /// Forwards the job's ports to this machine (jobs on other hosts) until the returned
+    /// object is closed or dropped.
+    fn forward_ports(&self, py: Python<'_>) -> PyResult<RawForward> {
+        let handle = self.handle.clone();
+        let forward = block_on(py, async move { handle.forward_ports().await })?;
+        let forward = raise(py, forward.map_err(Failure::from))?;
+        Ok(RawForward {
+            ports: forward.ports.clone(),
+            guard: std::sync::Mutex::new(Some(forward)),
+        })
+    }
+
     /// The job's output: what it wrote so far, and with `follow` everything until it ends.
     #[pyo3(signature = (follow = false))]
     fn logs(&self, follow: bool) -> RawLogs {
         RawLogs {
             stream: Arc::new(Mutex::new(self.handle.logs(follow))),
         }
+    }
+}
+
+/// Forwarded ports; `close()` (or garbage collection) stops forwarding.
+#[pyclass(module = "dstack._native", frozen)]
+pub struct RawForward {
+    ports: Vec<(u16, u16)>,
+    guard: std::sync::Mutex<Option<dstack_core::forward::PortForward>>,
+}
+
+#[pymethods]
+impl RawForward {
+    /// `[(local port, port on the job's host)]`.
+    #[getter]
+    fn ports(&self) -> Vec<(u16, u16)> {
+        self.ports.clone()
+    }
+
+    /// Stops forwarding.
+    fn close(&self) {
+        let guard = self
+            .guard
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        drop(guard);
     }
 }
 

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use dstack_core::agent::AgentClient;
+use dstack_core::agent::{AgentClient, AgentStream};
 use dstack_core::backend::{BoxFuture, Compute, ComputeError, CreatedInstance, Deployed};
 use dstack_core::model::{HostSession, Instance};
 use dstack_core::offers::Offer;
@@ -199,6 +199,22 @@ impl Compute for SshCompute {
         instance: &'a Instance,
     ) -> BoxFuture<'a, Result<Deployed, ComputeError>> {
         Box::pin(self.deploy_host(instance))
+    }
+
+    fn dial_port<'a>(
+        &'a self,
+        instance: &'a Instance,
+        port: u16,
+    ) -> BoxFuture<'a, std::io::Result<Box<dyn AgentStream>>> {
+        Box::pin(async move {
+            let data = Self::data(instance).map_err(std::io::Error::other)?;
+            let session = self
+                .link(&data.target)
+                .session()
+                .await
+                .map_err(std::io::Error::other)?;
+            session.dial_tcp(port).await
+        })
     }
 
     fn connect<'a>(

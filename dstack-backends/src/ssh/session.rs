@@ -378,6 +378,16 @@ impl SshSession {
         Ok(output)
     }
 
+    /// A TCP connection to `port` on the host's loopback (a `direct-tcpip` channel).
+    pub async fn dial_tcp(&self, port: u16) -> std::io::Result<Box<dyn AgentStream>> {
+        let channel = self
+            .handle
+            .channel_open_direct_tcpip("127.0.0.1", u32::from(port), "127.0.0.1", 0)
+            .await
+            .map_err(std::io::Error::other)?;
+        Ok(Box::new(channel.into_stream()))
+    }
+
     /// A byte stream to the unix socket `path` on the host (a `direct-streamlocal` channel).
     pub async fn dial(&self, path: &str) -> std::io::Result<Box<dyn AgentStream>> {
         let channel = self

@@ -154,6 +154,16 @@ pub fn common(config: &Configuration) -> &RunCommon {
     }
 }
 
+/// The ports a run's job listens on, as configured (`ports:`, or a service's `port:`).
+pub fn ports(config: &Configuration) -> Vec<crate::config::ports::PortMapping> {
+    match config {
+        Configuration::Task(t) => t.ports.clone(),
+        Configuration::DevEnvironment(d) => d.ports.clone(),
+        Configuration::Service(s) => vec![s.port],
+        _ => Vec::new(),
+    }
+}
+
 /// How many nodes a run has (`nodes:` of a task; 1 otherwise).
 pub fn nodes(config: &Configuration) -> usize {
     match config {

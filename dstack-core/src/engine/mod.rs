@@ -24,7 +24,7 @@ use std::time::Duration;
 use tokio::sync::{broadcast, Notify};
 use tokio::task::AbortHandle;
 
-pub use command::{join_commands, shell_split};
+pub use command::{join_commands, ports, shell_split};
 
 use crate::agent::{AgentClient, AgentError};
 use crate::backend::{Compute, ComputeError};
@@ -329,6 +329,24 @@ impl Engine {
         inner.emit(&run);
         inner.schedule.notify_one();
         Ok(run)
+    }
+
+    /// Opens a TCP connection to `port` on an instance's host (see `Compute::dial_port`).
+    pub async fn dial_port(
+        &self,
+        instance_id: &str,
+        port: u16,
+    ) -> std::io::Result<Box<dyn crate::agent::AgentStream>> {
+        let inner = self.inner();
+        let instance = inner
+            .store
+            .instance(instance_id)
+            .map_err(std::io::Error::other)?
+            .ok_or_else(|| std::io::Error::other(format!("unknown instance {instance_id}")))?;
+        let backend = inner.backend(&instance.backend).ok_or_else(|| {
+            std::io::Error::other(format!("backend {} is not configured", instance.backend))
+        })?;
+        backend.dial_port(&instance, port).await
     }
 
     /// Applies a fleet configuration: records it, deploys every host at once (one bad host

@@ -64,13 +64,15 @@ class AsyncRun(Run):
         raw = self._raw
         self._snapshot = await _native(raw.wait_async(None, True))
         self._attached = not (self.status.is_finished() and self.status != RunStatus.DONE)
+        if self._attached and not self.status.is_finished() and self._forward is None:
+            self._forward = self._raw.forward_ports()
         return self._attached
 
     async def stop(self, abort: bool = False) -> None:  # type: ignore[override]
         """Stops the run and detaches (see `Run.stop`)."""
         raw = self._raw
         self._snapshot = await _native(raw.stop_async(abort))
-        self._attached = False
+        self.detach()
 
     async def get_metrics(self) -> List[Dict[str, Any]]:
         """The values the job reported (see `Run.metrics`)."""

@@ -6,7 +6,7 @@ Every call that waits releases the GIL and honours Ctrl-C (`KeyboardInterrupt` w
 
 import os
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 from dstack._records import (
     ConfigurationLike,
@@ -22,7 +22,7 @@ from dstack._records import (
 from dstack.errors import NotSupportedError, WaitTimeoutError
 
 if TYPE_CHECKING:
-    from dstack._native import RawClient, RawRun
+    from dstack._native import RawClient, RawForward, RawRun
     from dstack._sweep import Params, Sweep
     from dstack._config import Task
 
@@ -35,6 +35,7 @@ class Run:
     def __init__(self, raw: "RawRun", snapshot: Optional[Dict[str, Any]] = None) -> None:
         self._raw = raw
         self._attached = False
+        self._forward: Optional["RawForward"] = None
         self._snapshot: Dict[str, Any] = snapshot or raw.snapshot()
 
     @property
@@ -111,13 +112,11 @@ class Run:
 
     @property
     def ports(self) -> Optional[Dict[int, int]]:
-        """While attached: the configured ports, each reachable on this machine at the same
-        number (local jobs listen here directly)."""
-        if not self._attached:
+        """While attached: each configured port of the job mapped to the port of this machine
+        where it is reachable (forwarded over SSH for jobs on fleet hosts)."""
+        if not self._attached or self._forward is None:
             return None
-        ports = self.configuration.get("ports") or []
-        mapped = [p.get("container_port") for p in ports if isinstance(p, dict)]
-        return {p: p for p in mapped if isinstance(p, int)}
+        return {there: here for here, there in self._forward.ports}
 
     @property
     def metrics(self) -> List[Dict[str, Any]]:
@@ -162,12 +161,17 @@ class Run:
         self._snapshot = snapshot
         if self.status.is_finished() and self.status != RunStatus.DONE:
             return False
+        if not self.status.is_finished() and self._forward is None:
+            self._forward = self._raw.forward_ports()
         self._attached = True
         return True
 
     def detach(self) -> None:
-        """Stops following: `logs()` then returns the output written so far."""
+        """Stops following and forwarding: `logs()` then returns the output written so far."""
         self._attached = False
+        if self._forward is not None:
+            self._forward.close()
+            self._forward = None
 
     def logs(
         self,
@@ -188,7 +192,7 @@ class Run:
         """Stops the run: SIGTERM, then SIGKILL after the grace period (at once with
         `abort`). Also detaches."""
         self._snapshot = self._raw.stop(abort)
-        self._attached = False
+        self.detach()
 
     def __repr__(self) -> str:
         return f"<Run {self.name} {self.status.value}>"
@@ -291,10 +295,27 @@ class RunCollection:
 
 
 class FleetCollection:
-    """The fleets of a client (the local machine is the implicit `local` fleet)."""
+    """The fleets of a client: the implicit `local` fleet (this machine) and SSH fleets."""
 
     def __init__(self, raw: "RawClient") -> None:
         self._raw = raw
+
+    def apply_configuration(
+        self,
+        configuration: ConfigurationLike,
+        progress: Optional[Callable[[str, str], None]] = None,
+    ) -> Dict[str, Any]:
+        """Applies a fleet (`Fleet(ssh_config=...)`, a dict, or YAML text): connects to each
+        host over SSH, installs and starts the agent, and returns the fleet record with its
+        `instances`. A host that fails does so alone: its instance is `terminated` with the
+        reason in `status_message`. `progress(instance, step)` hears each step."""
+        applied = self._raw.apply_fleet(configuration_data(configuration), progress)
+        return dict(applied["fleet"], instances=applied["instances"])
+
+    def delete(self, name: str, force: bool = False) -> Dict[str, Optional[str]]:
+        """Deletes a fleet: stops its hosts' agents and removes what was installed; refuses
+        while jobs run on it unless `force`. Returns each instance's cleanup error (or None)."""
+        return dict(self._raw.delete_fleet(name, force))
 
     def list(self) -> List[Dict[str, Any]]:
         """Fleets as records, each with its `instances`."""

@@ -1,0 +1,71 @@
+//! Forwarding a run's ports to this machine while a client is attached, as dstack does: each
+//! configured port (`ports:`, a service's `port:`) listens on `127.0.0.1` here (at its
+//! `local_port`, or the same number) and every connection is carried to the job's host (over
+//! SSH for fleet hosts). Jobs on this machine already listen here, so nothing is forwarded
+//! for them.
+
+use std::io;
+
+use tokio::net::TcpListener;
+use tokio::task::AbortHandle;
+
+use crate::engine::{Engine, EngineError};
+
+/// Forwarded ports; forwarding stops when this is dropped.
+pub struct PortForward {
+    /// `(local port, port on the job's host)`, as configured.
+    pub ports: Vec<(u16, u16)>,
+    tasks: Vec<AbortHandle>,
+}
+
+impl Drop for PortForward {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Forwards `ports` (`(local, remote)`) to the host of `instance_id`; with `local` set, only
+/// records them.
+pub(crate) async fn forward(
+    engine: &Engine,
+    instance_id: &str,
+    ports: Vec<(u16, u16)>,
+    local: bool,
+) -> Result<PortForward, EngineError> {
+    let mut tasks = Vec::new();
+    if !local {
+        for &(here, there) in &ports {
+            let listener = TcpListener::bind(("127.0.0.1", here)).await.map_err(|e| {
+                EngineError::Invalid(format!(
+                    "cannot forward port {here}: it is in use here ({e})"
+                ))
+            })?;
+            let task = tokio::spawn(serve(
+                engine.clone(),
+                instance_id.to_string(),
+                listener,
+                there,
+            ));
+            tasks.push(task.abort_handle());
+        }
+    }
+    Ok(PortForward { ports, tasks })
+}
+
+async fn serve(engine: Engine, instance_id: String, listener: TcpListener, port: u16) {
+    loop {
+        let Ok((mut inbound, _)) = listener.accept().await else {
+            continue;
+        };
+        let engine = engine.clone();
+        let instance_id = instance_id.clone();
+        tokio::spawn(async move {
+            let Ok(mut outbound) = engine.dial_port(&instance_id, port).await else {
+                return; // the connection closes: the client sees the refusal
+            };
+            let _: io::Result<_> = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+        });
+    }
+}
