@@ -206,6 +206,23 @@ impl RunHandle {
         Ok(self.engine.store().jobs_of_run(&self.id)?)
     }
 
+    /// The instances the run's job submissions were placed on.
+    pub fn instances(&self) -> Result<Vec<Instance>, EngineError> {
+        let mut ids: Vec<String> = self
+            .jobs()?
+            .into_iter()
+            .filter_map(|j| j.instance_id)
+            .collect();
+        ids.sort();
+        ids.dedup();
+        let store = self.engine.store();
+        let mut instances = Vec::new();
+        for id in ids {
+            instances.extend(store.instance(&id)?);
+        }
+        Ok(instances)
+    }
+
     /// The exit status of the latest submission of job 0, once it exited.
     pub fn exit_status(&self) -> Result<Option<i32>, EngineError> {
         Ok(self.latest_job()?.and_then(|j| j.exit_status))

@@ -218,7 +218,9 @@ impl RawClient {
         force: bool,
     ) -> PyResult<Vec<(String, Option<String>)>> {
         let client = self.client.clone();
-        let deleted = block_on(py, async move { client.engine().delete_fleet(&name, force).await })?;
+        let deleted = block_on(py, async move {
+            client.engine().delete_fleet(&name, force).await
+        })?;
         let (_, instances) = raise(py, deleted.map_err(Failure::from))?;
         Ok(instances.into_iter().map(|(i, e)| (i.name, e)).collect())
     }

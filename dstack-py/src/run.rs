@@ -33,12 +33,14 @@ impl RawRun {
 struct Snapshot {
     run: dstack_core::model::Run,
     jobs: Vec<dstack_core::model::Job>,
+    instances: Vec<dstack_core::model::Instance>,
 }
 
 fn snapshot(handle: &RunHandle) -> Outcome<Snapshot> {
     Ok(Snapshot {
         run: handle.run()?,
         jobs: handle.jobs()?,
+        instances: handle.instances()?,
     })
 }
 
@@ -46,6 +48,7 @@ fn snapshot_to_py(py: Python<'_>, s: Snapshot) -> PyResult<PyObject> {
     let dict = PyDict::new(py);
     dict.set_item("run", record_to_py(py, &s.run)?)?;
     dict.set_item("jobs", record_to_py(py, &s.jobs)?)?;
+    dict.set_item("instances", record_to_py(py, &s.instances)?)?;
     Ok(dict.into_any().unbind())
 }
 
@@ -103,7 +106,7 @@ impl RawRun {
         self.handle.name()
     }
 
-    /// `{"run": …, "jobs": […]}`, read now.
+    /// `{"run": …, "jobs": […], "instances": […]}`, read now.
     fn snapshot(&self, py: Python<'_>) -> PyResult<PyObject> {
         let s = raise(py, py.allow_threads(|| snapshot(&self.handle)))?;
         snapshot_to_py(py, s)

@@ -25,16 +25,16 @@ def ssh_host(tmp_path: Path) -> Iterator[Tuple[str, Path]]:
     """One namespace host with sshd; yields its address and the client key it accepts."""
     ns = f"dsrpy{os.getpid() % 100000}"
     veth = f"v{ns}"
-    subnet = 10 + os.getpid() % 200
-    addr = f"10.231.253.{subnet}"
+    base = 4 * (os.getpid() % 60)
+    addr = f"10.231.253.{base + 2}"
     subprocess.run(["ip", "netns", "del", ns], capture_output=True)
     for name in ("host_key", "client_key"):
         sh(f"ssh-keygen -q -t ed25519 -N '' -f {tmp_path / name}")
     (tmp_path / "authorized_keys").write_text((tmp_path / "client_key.pub").read_text())
     sh(
         f"ip netns add {ns} && ip link add {veth} type veth peer name {veth}n && "
-        f"ip link set {veth}n netns {ns} && ip addr add 10.231.253.{subnet - 1}/31 dev {veth} && "
-        f"ip link set {veth} up && ip netns exec {ns} ip addr add {addr}/31 dev {veth}n && "
+        f"ip link set {veth}n netns {ns} && ip addr add 10.231.253.{base + 1}/30 dev {veth} && "
+        f"ip link set {veth} up && ip netns exec {ns} ip addr add {addr}/30 dev {veth}n && "
         f"ip netns exec {ns} ip link set {veth}n up && ip netns exec {ns} ip link set lo up && "
         f"mkdir -p /run/sshd && ip netns exec {ns} /usr/sbin/sshd -f /dev/null "
         f"-h {tmp_path}/host_key -o ListenAddress={addr} -o PidFile={tmp_path}/sshd.pid "
@@ -67,12 +67,21 @@ def test_fleet_apply_run_with_forwarded_port_and_delete(
         Fleet(name=name, ssh_config={"user": "root", "identity_file": str(key), "hosts": [addr]}),
         progress=lambda instance, step: steps.append((instance, step)),
     )
-    assert fleet["status"] == "active"
+    assert fleet["status"] == "active", steps
     (instance,) = fleet["instances"]
     assert instance["status"] == "idle" and instance["address"] == addr
     assert (instance["name"], "ready") in steps
     assert client.fleets.get(name) is not None
 
+    try:
+        check_run_on_fleet(client, name, addr, tmp_path)
+    finally:
+        deleted = client.fleets.delete(name, force=True)
+    assert deleted == {instance["name"]: None}
+    assert client.fleets.get(name)["status"] == "terminated"  # type: ignore[index]
+
+
+def check_run_on_fleet(client: Client, name: str, addr: str, tmp_path: Path) -> None:
     port = free_port()
     (tmp_path / "index.html").write_text("from the fleet host")
     task = Task(
@@ -85,7 +94,7 @@ def test_fleet_apply_run_with_forwarded_port_and_delete(
     run = client.runs.apply_configuration(task)
     assert run.attach()
     assert run.ports == {port: port}
-    assert run.backend == "ssh"
+    assert run.backend == "ssh" and run.hostname == addr
     body = ""
     deadline = time.monotonic() + 20
     while "from the fleet host" not in body:
@@ -98,9 +107,6 @@ def test_fleet_apply_run_with_forwarded_port_and_delete(
     run.stop(abort=True)
     assert run.ports is None  # stopping detaches
     assert run.wait(timeout=30).status == RunStatus.TERMINATED
-
-    assert client.fleets.delete(name) == {instance["name"]: None}
-    assert client.fleets.get(name)["status"] == "terminated"  # type: ignore[index]
 
 
 def test_fleet_errors_are_clear(client: Client) -> None:

@@ -99,16 +99,25 @@ class Run:
         end = job.get("finished_at_ms") or int(datetime.now().timestamp() * 1000)
         return max(0.0, float(end - job["started_at_ms"]) / 1000)
 
+    def _instance(self) -> Optional[Dict[str, Any]]:
+        job = self._latest_job()
+        instance_id = None if job is None else job.get("instance_id")
+        instances: List[Dict[str, Any]] = self._snapshot.get("instances", [])
+        return next((i for i in instances if i["id"] == instance_id), None)
+
     @property
     def backend(self) -> Optional[str]:
-        """The backend the latest job runs on (`local`), once placed."""
-        job = self._latest_job()
-        return "local" if job is not None and job.get("instance_id") else None
+        """The backend the latest job runs on (`local`, `ssh`), once placed."""
+        instance = self._instance()
+        return None if instance is None else str(instance["backend"])
 
     @property
     def hostname(self) -> Optional[str]:
         """The address of the host the job runs on, once placed."""
-        return "127.0.0.1" if self.backend == "local" else None
+        instance = self._instance()
+        if instance is None:
+            return None
+        return str(instance.get("address") or "127.0.0.1")
 
     @property
     def ports(self) -> Optional[Dict[int, int]]:

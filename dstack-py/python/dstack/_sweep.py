@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, 
 
 from dstack._client import Run
 from dstack._records import RunStatus, html_table
-from dstack.errors import ConfigurationError, NoCapacityError, WaitTimeoutError
+from dstack.errors import ConfigurationError, DstackError, NoCapacityError, WaitTimeoutError
 
 if TYPE_CHECKING:
     from dstack._config import Task
@@ -165,7 +165,11 @@ class Sweep:
             row["status"] = run.status.value
             row["exit_status"] = run.exit_status
             row["duration"] = run.duration
-            for record in run.metrics:
+            try:
+                metrics = run.metrics
+            except DstackError:
+                metrics = []  # the trial's host cannot be reached now: no metrics to show
+            for record in metrics:
                 row.update(record)
             rows.append(row)
         return rows
