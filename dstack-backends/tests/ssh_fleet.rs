@@ -210,6 +210,7 @@ async fn one_bad_host_fails_alone_with_a_clear_reason() {
     let home = tempfile::tempdir().unwrap();
     let client = client(home.path()).await;
     let fleet = format!("mixed-{}", std::process::id());
+    hosts.track(&fleet);
     let yaml = format!(
         "type: fleet\nname: {fleet}\nssh_config:\n  user: root\n  identity_file: {key}\n  hosts:\n    \
          - {good}\n    - {down}\n    - hostname: {wrong}\n      identity_file: {wrong_key}\n",

@@ -103,6 +103,9 @@ pub struct TestHosts {
     pub key: PathBuf,
     /// A key no host accepts.
     pub wrong_key: PathBuf,
+    /// Fleets deployed to these hosts: what they installed is removed on drop, even when a
+    /// test fails before deleting them.
+    fleets: std::sync::Mutex<Vec<String>>,
     _dir: tempfile::TempDir,
 }
 
@@ -149,12 +152,19 @@ impl TestHosts {
             hosts,
             key,
             wrong_key,
+            fleets: std::sync::Mutex::new(Vec::new()),
             _dir: dir,
         }
     }
 
+    /// Records that fleet `name` is deployed to these hosts.
+    pub fn track(&self, name: &str) {
+        self.fleets.lock().unwrap().push(name.to_string());
+    }
+
     /// A fleet configuration listing every host (as root, with the client key).
     pub fn fleet_yaml(&self, name: &str) -> String {
+        self.track(name);
         let hosts: Vec<String> = self
             .hosts
             .iter()
@@ -170,6 +180,13 @@ impl TestHosts {
 
 impl Drop for TestHosts {
     fn drop(&mut self) {
+        let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+        for fleet in self.fleets.lock().unwrap().iter() {
+            let _ = Command::new("sh")
+                .arg("-c")
+                .arg(format!("rm -rf {home}/.dstack-rs/{fleet}-*"))
+                .status();
+        }
         for host in &self.hosts {
             let _ = Command::new("sh")
                 .arg("-c")
