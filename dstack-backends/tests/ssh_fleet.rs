@@ -120,7 +120,11 @@ async fn a_fleet_of_three_hosts_runs_six_tasks_spread_over_them_and_is_deleted()
     let home = tempfile::tempdir().unwrap();
     let client = client(home.path()).await;
     let fleet = format!("spread-{}", std::process::id());
-    let (instances, progress) = apply_fleet(&client, &hosts.fleet_yaml(&fleet)).await;
+    // Two blocks per host (each host has this machine's CPUs): two 1-block tasks per host.
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    assert!(cpus.is_multiple_of(2), "the spread test needs an even CPU count");
+    let yaml = format!("{}blocks: 2\n", hosts.fleet_yaml(&fleet));
+    let (instances, progress) = apply_fleet(&client, &yaml).await;
     assert_eq!(instances.len(), 3, "{progress:?}");
     for host in &hosts.hosts {
         let instance = instances
@@ -129,6 +133,7 @@ async fn a_fleet_of_three_hosts_runs_six_tasks_spread_over_them_and_is_deleted()
             .unwrap_or_else(|| panic!("no instance for {}: {progress:?}", host.addr));
         assert_eq!(instance.status, InstanceStatus::Idle);
         assert!(instance.host.cpus > 0 && instance.host.memory_bytes > 0);
+        assert_eq!(instance.blocks, Some(2));
         assert!(progress.contains(&format!("{}: ready", instance.name)));
     }
     let dirs: Vec<String> = instances
@@ -144,7 +149,7 @@ async fn a_fleet_of_three_hosts_runs_six_tasks_spread_over_them_and_is_deleted()
 
     let task = format!(
         "type: task\nfleets: [{fleet}]\nresources: {{cpu: 1.., memory: 0.1GB..}}\ncommands:\n  \
-         - sleep 1\n  - ip -brief addr | awk '/^v/ {{print $3}}' | cut -d/ -f1\n  - pwd\n"
+         - sleep 2\n  - ip -brief addr | awk '/^v/ {{print $3}}' | cut -d/ -f1\n  - pwd\n"
     );
     let mut runs = Vec::new();
     for _ in 0..6 {

@@ -30,6 +30,9 @@ pub struct SshInstanceData {
     /// The agent's directory on the host, once deployed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dir: Option<String>,
+    /// The host's `blocks:` as configured (kept for the engine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocks: Option<serde_json::Value>,
 }
 
 /// SSH hosts as a backend.

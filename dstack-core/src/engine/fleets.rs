@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::{EngineError, Inner};
-use crate::config::fleet::{FleetConfiguration, SshConfig, SshHostEntry, SshProxy};
+use crate::config::fleet::{Blocks, FleetConfiguration, SshConfig, SshHostEntry, SshProxy};
 use crate::config::Configuration;
 use crate::model::{now_ms, Fleet, FleetStatus, Instance, InstanceStatus, JobStatus};
 
@@ -23,6 +23,7 @@ pub type Progress<'a> = &'a (dyn Fn(&Instance, &str) + Send + Sync);
 fn host_data(
     config: &SshConfig,
     entry: &SshHostEntry,
+    fleet_blocks: Blocks,
     home: &Path,
 ) -> Result<(String, serde_json::Value), String> {
     let (hostname, host) = match entry {
@@ -61,6 +62,8 @@ fn host_data(
     if let Some(ip) = host.and_then(|h| h.internal_ip.clone()) {
         data["internal_ip"] = serde_json::Value::String(ip);
     }
+    let blocks = host.and_then(|h| h.blocks).unwrap_or(fleet_blocks);
+    data["blocks"] = serde_json::to_value(blocks).unwrap_or_default();
     Ok((format!("{hostname}:{port}"), data))
 }
 
@@ -89,6 +92,15 @@ fn host_key(instance: &Instance) -> Option<String> {
         data.get("hostname")?.as_str()?,
         data.get("port")?.as_u64()?
     ))
+}
+
+/// The `blocks:` recorded for a host (a number, or `auto`; 1 when absent).
+fn blocks_of(instance: &Instance) -> Blocks {
+    match instance.backend_data.get("blocks") {
+        Some(serde_json::Value::String(s)) if s == "auto" => Blocks::Auto,
+        Some(v) => v.as_i64().map_or(Blocks::Count(1), Blocks::Count),
+        None => Blocks::Count(1),
+    }
 }
 
 fn user_home() -> std::path::PathBuf {
@@ -165,7 +177,8 @@ impl Inner {
         let home = user_home();
         let mut hosts = BTreeMap::new();
         for entry in &ssh.hosts {
-            let (key, data) = host_data(ssh, entry, &home).map_err(EngineError::Invalid)?;
+            let (key, data) =
+                host_data(ssh, entry, config.blocks, &home).map_err(EngineError::Invalid)?;
             if hosts.insert(key.clone(), data).is_some() {
                 return Err(EngineError::Invalid(format!("host {key} is listed twice")));
             }
@@ -251,6 +264,7 @@ impl Inner {
                 session: None,
                 status_message: None,
                 unreachable: false,
+                blocks: None,
             };
             self.store.put_instance(&instance)?;
             wanted.push(instance);
@@ -270,8 +284,15 @@ impl Inner {
                 instance.backend
             ))),
         };
+        let result = result.and_then(|deployed| {
+            let blocks = blocks_of(&instance);
+            let count = crate::offers::block_count(blocks, &deployed.host)
+                .map_err(crate::backend::ComputeError::NotSupported)?;
+            Ok((deployed, count))
+        });
         match result {
-            Ok(deployed) => {
+            Ok((deployed, blocks)) => {
+                instance.blocks = Some(blocks);
                 instance.host = deployed.host;
                 instance.backend_data = deployed.backend_data;
                 instance.session = Some(deployed.session);

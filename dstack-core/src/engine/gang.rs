@@ -1,14 +1,14 @@
-//! Placement of multi-node tasks (`nodes: N`): all N jobs together, each on its own host of
-//! one fleet with `placement: cluster`, or none of them. Job `k` (rank `k`) goes to the `k`-th
+//! Placement of multi-node tasks (`nodes: N`): all N jobs together, each on its own host (all
+//! of its blocks) of one fleet with `placement: cluster`, or none of them. Job `k` (rank `k`) goes to the `k`-th
 //! host chosen; rank 0 is the master node.
 
 use std::sync::Arc;
 
-use super::scheduler::{eligible, fleet_selection};
+use super::scheduler::{eligible, fit, fleet_selection};
 use super::{jobs, runs, Inner};
 use crate::config::Configuration;
 use crate::model::{Fleet, Instance, Job, JobStatus, JobTerminationReason, Reservation};
-use crate::offers::{mismatch, reserve};
+use crate::offers::mismatch;
 
 /// Whether a fleet's hosts are interconnected (`placement: cluster`).
 fn is_cluster(fleet: &Fleet) -> bool {
@@ -99,9 +99,8 @@ fn assign_all(
     for job in waiting {
         let mut assigned = None;
         for host in hosts.iter().filter(|h| !used.contains(&h.id.as_str())) {
-            let info = host.host.clone();
-            let fit = |held: &[Reservation]| reserve(spec, &info, held);
-            if let Ok(Some(job)) = inner.store.assign_job(&job.id, &host.id, &fit) {
+            let fits = |held: &[Reservation]| fit(spec, host, held, true);
+            if let Ok(Some(job)) = inner.store.assign_job(&job.id, &host.id, &fits) {
                 used.push(&host.id);
                 assigned = Some(job);
                 break;

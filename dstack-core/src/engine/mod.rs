@@ -644,6 +644,7 @@ impl Inner {
                 session: None,
                 status_message: None,
                 unreachable: false,
+                blocks: None,
             };
             self.store.put_instance(&instance)?;
         }

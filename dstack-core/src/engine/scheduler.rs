@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use super::{jobs, runs, Inner};
 use crate::model::{Fleet, Instance, InstanceStatus, JobTerminationReason, Reservation};
-use crate::offers::{mismatch, reserve};
+use crate::offers::{mismatch, reserve, reserve_blocks};
 
 /// How many waiting jobs one pass looks at (the oldest first).
 const PASS_LIMIT: usize = 64;
@@ -80,7 +80,7 @@ async fn pass(inner: &Arc<Inner>) {
             }
             continue;
         }
-        let Some(want) = candidates.iter().find_map(|i| reserve(spec, &i.host, &[])) else {
+        let Some(want) = candidates.iter().find_map(|i| fit(spec, i, &[], false)) else {
             continue;
         };
         if blocked
@@ -95,9 +95,8 @@ async fn pass(inner: &Arc<Inner>) {
         }
         let mut placed = None;
         for instance in &candidates {
-            let host = instance.host.clone();
-            let fit = |held: &[Reservation]| reserve(spec, &host, held);
-            match inner.store.assign_job(&job_id, &instance.id, &fit) {
+            let fits = |held: &[Reservation]| fit(spec, instance, held, false);
+            match inner.store.assign_job(&job_id, &instance.id, &fits) {
                 Ok(Some(assigned)) => {
                     placed = Some(assigned);
                     break;
@@ -113,6 +112,20 @@ async fn pass(inner: &Arc<Inner>) {
             }
             None => blocked.push((selection, want)),
         }
+    }
+}
+
+/// The reservation a job needs on `instance` given what `held` holds there: whole blocks on a
+/// block-split host (all of them with `whole`), range minimums otherwise.
+pub(crate) fn fit(
+    spec: &crate::config::resources::ResourcesSpec,
+    instance: &Instance,
+    held: &[Reservation],
+    whole: bool,
+) -> Option<Reservation> {
+    match instance.blocks {
+        Some(blocks) => reserve_blocks(spec, &instance.host, held, blocks, whole),
+        None => reserve(spec, &instance.host, held),
     }
 }
 

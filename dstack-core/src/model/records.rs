@@ -171,6 +171,10 @@ pub struct Instance {
     /// Why it is in its status (e.g. why a host failed to join its fleet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status_message: Option<String>,
+    /// The equal blocks jobs take whole (SSH fleet hosts; `blocks:`); `None`: jobs share the
+    /// host by their resource minimums (this machine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocks: Option<u32>,
     /// Its agent cannot be reached now: no new jobs go there until it answers again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unreachable: bool,

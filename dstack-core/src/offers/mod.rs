@@ -172,6 +172,81 @@ pub fn reserve(spec: &ResourcesSpec, host: &HostInfo, held: &[Reservation]) -> O
     })
 }
 
+/// The reservation a job needs on a host split into `blocks` equal blocks, given what `held`
+/// already holds, or `None` if it does not fit right now. A job takes the fewest blocks whose
+/// share (CPUs, memory and GPUs divided by `blocks`, times the number taken) matches its
+/// requirements, or every block with `whole` (nodes of a multi-node run).
+pub fn reserve_blocks(
+    spec: &ResourcesSpec,
+    host: &HostInfo,
+    held: &[Reservation],
+    blocks: u32,
+    whole: bool,
+) -> Option<Reservation> {
+    let n = blocks.max(1);
+    let total_mib = host.memory_bytes / (1024 * 1024);
+    let (cpu_block, mib_block) = (host.cpus / n, total_mib / u64::from(n));
+    let gpu_block = host.gpus.len() / n as usize;
+    let share = |k: u32| HostInfo {
+        cpus: cpu_block * k,
+        memory_bytes: mib_block * u64::from(k) * 1024 * 1024,
+        gpus: host
+            .gpus
+            .iter()
+            .take(gpu_block * k as usize)
+            .cloned()
+            .collect(),
+        ..host.clone()
+    };
+    let k = if whole {
+        n
+    } else {
+        (1..=n).find(|&k| mismatch(spec, &share(k)).is_none())?
+    };
+    let cpus = cpu_block * k;
+    let memory_mib = mib_block * u64::from(k);
+    let used_cpus: u32 = held.iter().map(|r| r.cpus).sum();
+    let used_mib: u64 = held.iter().map(|r| r.memory_mib).sum();
+    if used_cpus + cpus > host.cpus || used_mib + memory_mib > total_mib {
+        return None;
+    }
+    let busy: Vec<u32> = held.iter().flat_map(|r| r.gpus.iter().copied()).collect();
+    let wanted = gpu_block * k as usize;
+    let gpus: Vec<u32> = host
+        .gpus
+        .iter()
+        .filter(|g| !busy.contains(&g.index))
+        .filter(|g| spec.gpu.as_ref().is_none_or(|want| gpu_matches(want, g)))
+        .map(|g| g.index)
+        .take(wanted)
+        .collect();
+    (gpus.len() == wanted).then_some(Reservation {
+        cpus,
+        memory_mib,
+        gpus,
+    })
+}
+
+/// How many blocks `blocks:` (`auto`: one per GPU, or per CPU without GPUs) splits `host`
+/// into, or why it cannot be split so.
+pub fn block_count(blocks: crate::config::fleet::Blocks, host: &HostInfo) -> Result<u32, String> {
+    use crate::config::fleet::Blocks;
+    let gpus = host.gpus.len() as u32;
+    let n = match blocks {
+        Blocks::Auto if gpus > 0 => gpus,
+        Blocks::Auto => host.cpus.max(1),
+        Blocks::Count(n) => u32::try_from(n).unwrap_or(u32::MAX),
+    };
+    if n == 0 || !host.cpus.is_multiple_of(n) || !gpus.is_multiple_of(n) {
+        return Err(format!(
+            "cannot split the host into {n} blocks: its CPU count ({}) and GPU count ({gpus}) \
+             must both be divisible by it",
+            host.cpus
+        ));
+    }
+    Ok(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,5 +317,52 @@ mod tests {
         let b = reserve(&spec, &h, std::slice::from_ref(&a)).unwrap();
         assert_eq!(b.gpus, vec![1]);
         assert_eq!(reserve(&spec, &h, &[a, b]), None);
+    }
+
+    #[test]
+    fn blocks_give_each_job_whole_blocks() {
+        let h = host(
+            8,
+            64,
+            &[
+                ("A100", 81920),
+                ("A100", 81920),
+                ("A100", 81920),
+                ("A100", 81920),
+            ],
+        );
+        let one_gpu = resources("{cpu: 1.., memory: 1GB.., gpu: 1}");
+        // 4 blocks of 2 CPUs, 16 GB, 1 GPU: a 1-GPU job takes one block.
+        let first = reserve_blocks(&one_gpu, &h, &[], 4, false).unwrap();
+        assert_eq!(
+            (first.cpus, first.memory_mib, first.gpus.len()),
+            (2, 16 * 1024, 1)
+        );
+        let two_gpus = resources("{gpu: 2}");
+        let second = reserve_blocks(&two_gpus, &h, std::slice::from_ref(&first), 4, false).unwrap();
+        assert_eq!((second.cpus, second.gpus.len()), (4, 2));
+        assert!(!second.gpus.contains(&first.gpus[0]));
+        let held = [first, second];
+        assert!(
+            reserve_blocks(&two_gpus, &h, &held, 4, false).is_none(),
+            "one block left"
+        );
+        // The default, one block: a job holds the whole host.
+        let whole = reserve_blocks(&one_gpu, &h, &[], 1, false).unwrap();
+        assert_eq!((whole.cpus, whole.gpus.len()), (8, 4));
+        assert!(reserve_blocks(&one_gpu, &h, std::slice::from_ref(&whole), 1, false).is_none());
+        assert_eq!(reserve_blocks(&one_gpu, &h, &[], 4, true).unwrap().cpus, 8);
+    }
+
+    #[test]
+    fn block_counts_must_divide_the_host() {
+        use crate::config::fleet::Blocks;
+        let h = host(8, 64, &[("A100", 81920), ("A100", 81920)]);
+        assert_eq!(block_count(Blocks::Auto, &h), Ok(2));
+        assert_eq!(block_count(Blocks::Auto, &host(6, 8, &[])), Ok(6));
+        assert_eq!(block_count(Blocks::Count(1), &h), Ok(1));
+        assert!(block_count(Blocks::Count(4), &h)
+            .unwrap_err()
+            .contains("cannot split"));
     }
 }
