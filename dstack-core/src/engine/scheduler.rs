@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use super::{jobs, runs, Inner};
-use crate::model::{Fleet, Instance, InstanceStatus, JobTerminationReason, Reservation};
+use crate::model::{Fleet, Instance, InstanceStatus, JobStatus, JobTerminationReason, Reservation};
 use crate::offers::{mismatch, reserve, reserve_blocks};
 
 /// How many waiting jobs one pass looks at (the oldest first).
@@ -31,12 +31,30 @@ async fn pass(inner: &Arc<Inner>) {
     let Ok(fleets) = inner.store.fleets() else {
         return;
     };
-    let instances: Vec<Instance> = instances
+    let mut instances: Vec<Instance> = instances
         .into_iter()
         .filter(|i| {
             matches!(i.status, InstanceStatus::Idle | InstanceStatus::Busy) && !i.unreachable
         })
         .collect();
+    // Idle instances first, then the cheapest (as dstack orders its pool offers); an instance
+    // that gets a job in this pass is busy from then on.
+    let mut busy: Vec<String> = Vec::new();
+    if instances.len() > 1 {
+        busy = inner
+            .store
+            .jobs_with_status(&[
+                JobStatus::Provisioning,
+                JobStatus::Pulling,
+                JobStatus::Running,
+                JobStatus::Terminating,
+            ])
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|j| j.instance_id)
+            .collect();
+        order(&mut instances, &busy);
+    }
     // Requirements that did not fit in this pass (per fleet selection): anything at least as
     // large will not either.
     let mut blocked: Vec<(Option<Vec<String>>, Reservation)> = Vec::new();
@@ -107,12 +125,26 @@ async fn pass(inner: &Arc<Inner>) {
         }
         match placed {
             Some(assigned) => {
+                if instances.len() > 1 {
+                    busy.extend(assigned.instance_id.clone());
+                    order(&mut instances, &busy);
+                }
                 let _ = runs::reconcile(inner, &assigned.run_id).await;
                 tokio::spawn(jobs::start(inner.clone(), assigned));
             }
             None => blocked.push((selection, want)),
         }
     }
+}
+
+/// Idle instances first, then by price.
+fn order(instances: &mut [Instance], busy: &[String]) {
+    instances.sort_by(|a, b| {
+        let key = |i: &Instance| (busy.contains(&i.id), i.price);
+        key(a)
+            .partial_cmp(&key(b))
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
 }
 
 /// The reservation a job needs on `instance` given what `held` holds there: whole blocks on a
