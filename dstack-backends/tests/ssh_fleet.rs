@@ -122,7 +122,10 @@ async fn a_fleet_of_three_hosts_runs_six_tasks_spread_over_them_and_is_deleted()
     let fleet = format!("spread-{}", std::process::id());
     // Two blocks per host (each host has this machine's CPUs): two 1-block tasks per host.
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
-    assert!(cpus.is_multiple_of(2), "the spread test needs an even CPU count");
+    assert!(
+        cpus.is_multiple_of(2),
+        "the spread test needs an even CPU count"
+    );
     let yaml = format!("{}blocks: 2\n", hosts.fleet_yaml(&fleet));
     let (instances, progress) = apply_fleet(&client, &yaml).await;
     assert_eq!(instances.len(), 3, "{progress:?}");
@@ -210,22 +213,28 @@ async fn a_fleet_of_three_hosts_runs_six_tasks_spread_over_them_and_is_deleted()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_bad_host_fails_alone_with_a_clear_reason() {
-    let hosts = TestHosts::start(3);
+    let hosts = TestHosts::start(4);
     hosts.hosts[1].stop_sshd();
     let home = tempfile::tempdir().unwrap();
     let client = client(home.path()).await;
     let fleet = format!("mixed-{}", std::process::id());
     hosts.track(&fleet);
+    // An address in the test range that no host has: there is no route to it.
+    let nowhere = "10.231.255.254";
     let yaml = format!(
         "type: fleet\nname: {fleet}\nssh_config:\n  user: root\n  identity_file: {key}\n  hosts:\n    \
-         - {good}\n    - {down}\n    - hostname: {wrong}\n      identity_file: {wrong_key}\n",
+         - {good}\n    - {down}\n    - hostname: {wrong}\n      identity_file: {wrong_key}\n    \
+         - hostname: {stranger}\n      user: nobody-here\n    - {nowhere}\n",
         key = hosts.key.display(),
         good = hosts.hosts[0].addr,
         down = hosts.hosts[1].addr,
         wrong = hosts.hosts[2].addr,
         wrong_key = hosts.wrong_key.display(),
+        stranger = hosts.hosts[3].addr,
     );
+    let started = std::time::Instant::now();
     let (live, progress) = apply_fleet(&client, &yaml).await;
+    assert!(started.elapsed() < Duration::from_secs(15), "never a hang");
     assert_eq!(live.len(), 1, "{progress:?}");
     assert_eq!(
         live[0].address.as_deref(),
@@ -240,11 +249,22 @@ async fn one_bad_host_fails_alone_with_a_clear_reason() {
     };
     let down = reason(&hosts.hosts[1].addr);
     assert!(down.contains("cannot connect"), "{down}");
-    let wrong = reason(&hosts.hosts[2].addr);
+    let by_host = |host: &str| {
+        all.iter()
+            .filter(|i| i.backend_data["hostname"] == host)
+            .filter_map(|i| i.status_message.clone())
+            .collect::<Vec<_>>()
+            .join(" | ")
+    };
+    let wrong = by_host(&hosts.hosts[2].addr);
     assert!(
         wrong.contains("authentication failed") && wrong.contains("wrong_key"),
         "{wrong}"
     );
+    let stranger = by_host(&hosts.hosts[3].addr);
+    assert!(stranger.contains("for user nobody-here"), "{stranger}");
+    let nowhere = reason(nowhere);
+    assert!(nowhere.contains("cannot connect"), "{nowhere}");
     client.engine().delete_fleet(&fleet, false).await.unwrap();
 }
 
@@ -597,4 +617,29 @@ async fn ports_of_a_job_on_a_fleet_host_are_forwarded_to_localhost_while_attache
     );
     run.stop(true).await.unwrap();
     client.engine().delete_fleet(&fleet, true).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_disk_space_for_the_agent_is_a_clear_per_host_error() {
+    let hosts = TestHosts::start(1);
+    let home = tempfile::tempdir().unwrap();
+    let client = client(home.path()).await;
+    let fleet = format!("nodisk-{}", std::process::id());
+    // The instance's agent directory on the host is a 1 MB file system: the upload fails.
+    let home_dir = std::env::var("HOME").unwrap();
+    let dir = format!("{home_dir}/.dstack-rs/{fleet}-0");
+    let host = &hosts.hosts[0];
+    host.run_inside(&format!(
+        "mkdir -p {dir} && mount -t tmpfs -o size=1m tmpfs {dir}"
+    ));
+    let (live, progress) = apply_fleet(&client, &hosts.fleet_yaml(&fleet)).await;
+    assert!(live.is_empty(), "{progress:?}");
+    let message = all_instances(&client, &fleet)
+        .into_iter()
+        .find_map(|i| i.status_message)
+        .unwrap_or_default();
+    assert!(message.contains("No space left on device"), "{message}");
+    let left = host.run_inside(&format!("ls -A {dir}"));
+    host.run_inside(&format!("umount {dir}"));
+    assert_eq!(left.trim(), "", "no half-written agent is left behind");
 }

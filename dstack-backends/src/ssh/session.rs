@@ -332,8 +332,10 @@ impl SshSession {
     }
 
     /// Runs `command` (by the user's login shell), feeding it `input`, and returns what it did.
+    /// Input stops as soon as the command ends (e.g. it failed on a full disk): a command that
+    /// stops reading never makes this hang.
     pub async fn exec(&self, command: &str, input: Option<&[u8]>) -> Result<Output, SshError> {
-        let mut channel = self
+        let channel = self
             .handle
             .channel_open_session()
             .await
@@ -342,23 +344,36 @@ impl SshSession {
             .exec(true, command)
             .await
             .map_err(|e| self.session_error(e))?;
-        if let Some(input) = input {
-            channel
-                .data(input)
-                .await
-                .map_err(|e| self.session_error(e))?;
-        }
-        channel.eof().await.map_err(|e| self.session_error(e))?;
+        let (mut read, write) = channel.split();
+        let send = async {
+            if let Some(input) = input {
+                write.data(input).await?;
+            }
+            write.eof().await
+        };
+        let mut send = std::pin::pin!(send);
+        let mut sending = true;
         let mut output = Output {
             status: 255,
             ..Output::default()
         };
-        while let Some(message) = channel.wait().await {
+        loop {
+            let message = tokio::select! {
+                sent = &mut send, if sending => {
+                    sending = false;
+                    sent.map_err(|e| self.session_error(e))?;
+                    continue;
+                }
+                message = read.wait() => message,
+            };
             match message {
-                ChannelMsg::Data { data } => output.stdout.extend_from_slice(&data),
-                ChannelMsg::ExtendedData { data, ext: 1 } => output.stderr.extend_from_slice(&data),
-                ChannelMsg::ExitStatus { exit_status } => output.status = exit_status,
-                _ => {}
+                Some(ChannelMsg::Data { data }) => output.stdout.extend_from_slice(&data),
+                Some(ChannelMsg::ExtendedData { data, ext: 1 }) => {
+                    output.stderr.extend_from_slice(&data)
+                }
+                Some(ChannelMsg::ExitStatus { exit_status }) => output.status = exit_status,
+                Some(_) => {}
+                None => break,
             }
         }
         Ok(output)

@@ -81,6 +81,18 @@ impl TestHost {
         }
     }
 
+    /// Runs `command` in the host's own mount namespace (that of its sshd, where its logins
+    /// and agent live) and returns its output.
+    pub fn run_inside(&self, command: &str) -> String {
+        let pid = std::fs::read_to_string(self.sshd_pid()).unwrap();
+        let out = Command::new("nsenter")
+            .args(["-t", pid.trim(), "-m", "sh", "-c", command])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "`{command}` failed: {:?}", out);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Cuts (`false`) or restores (`true`) the host's link.
     pub fn set_link(&self, up: bool) {
         let state = if up { "up" } else { "down" };
