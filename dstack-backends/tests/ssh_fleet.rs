@@ -126,7 +126,10 @@ async fn a_fleet_of_three_hosts_runs_six_tasks_spread_over_them_and_is_deleted()
         cpus.is_multiple_of(2),
         "the spread test needs an even CPU count"
     );
-    let yaml = format!("{}blocks: 2\n", hosts.fleet_yaml(&fleet));
+    let yaml = format!(
+        "{}blocks: 2\nenv: [FLEET_GREETING=hi from the fleet]\n",
+        hosts.fleet_yaml(&fleet)
+    );
     let (instances, progress) = apply_fleet(&client, &yaml).await;
     assert_eq!(instances.len(), 3, "{progress:?}");
     for host in &hosts.hosts {
@@ -152,7 +155,8 @@ async fn a_fleet_of_three_hosts_runs_six_tasks_spread_over_them_and_is_deleted()
 
     let task = format!(
         "type: task\nfleets: [{fleet}]\nresources: {{cpu: 1.., memory: 0.1GB..}}\ncommands:\n  \
-         - sleep 2\n  - ip -brief addr | awk '/^v/ {{print $3}}' | cut -d/ -f1\n  - pwd\n"
+         - sleep 2\n  - ip -brief addr | awk '/^v/ {{print $3}}' | cut -d/ -f1\n  - pwd\n  \
+         - echo $FLEET_GREETING\n"
     );
     let mut runs = Vec::new();
     for _ in 0..6 {

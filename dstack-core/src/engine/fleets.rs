@@ -94,6 +94,26 @@ fn host_key(instance: &Instance) -> Option<String> {
     ))
 }
 
+/// The fleet's `env`, which every job on its hosts gets (bare names take this process's
+/// values, as when the fleet is applied).
+fn fleet_env(config: &FleetConfiguration) -> Result<BTreeMap<String, String>, EngineError> {
+    use crate::config::env::EnvValue;
+    let mut env = BTreeMap::new();
+    for (name, value) in &config.env.0 {
+        let value = match value {
+            EnvValue::Value(v) => v.clone(),
+            EnvValue::FromClient => std::env::var(name).map_err(|_| {
+                EngineError::Invalid(format!(
+                    "environment variable {name} is listed in the fleet's `env` without a value, \
+                     and it is not set here"
+                ))
+            })?,
+        };
+        env.insert(name.clone(), value);
+    }
+    Ok(env)
+}
+
 /// The `blocks:` recorded for a host (a number, or `auto`; 1 when absent).
 fn blocks_of(instance: &Instance) -> Blocks {
     match instance.backend_data.get("blocks") {
@@ -122,9 +142,10 @@ impl Inner {
             )));
         };
         let (fleet, wanted) = self.record_fleet(config, configuration)?;
+        let env = fleet_env(config)?;
         let mut deployments = Vec::new();
         for instance in wanted {
-            deployments.push(self.deploy(instance, progress));
+            deployments.push(self.deploy(instance, &env, progress));
         }
         let deployed = futures_util::future::join_all(deployments).await;
         let joined: Vec<Instance> = deployed
@@ -273,7 +294,12 @@ impl Inner {
     }
 
     /// Deploys one host; returns its instance as recorded afterwards.
-    async fn deploy(&self, mut instance: Instance, progress: Progress<'_>) -> Instance {
+    async fn deploy(
+        &self,
+        mut instance: Instance,
+        env: &BTreeMap<String, String>,
+        progress: Progress<'_>,
+    ) -> Instance {
         instance.status = InstanceStatus::Provisioning;
         let _ = self.store.put_instance(&instance);
         progress(&instance, "connecting and installing the agent");
@@ -295,7 +321,9 @@ impl Inner {
                 instance.blocks = Some(blocks);
                 instance.host = deployed.host;
                 instance.backend_data = deployed.backend_data;
-                instance.session = Some(deployed.session);
+                let mut session = deployed.session;
+                session.env.extend(env.clone());
+                instance.session = Some(session);
                 instance.status = InstanceStatus::Idle;
                 instance.status_message = None;
                 progress(&instance, "ready");
