@@ -22,15 +22,10 @@ pub async fn list(client: &Client) -> Result<ExitCode, Failure> {
         "STATUS",
         "CREATED",
     ]);
-    let holding = [
-        JobStatus::Provisioning,
-        JobStatus::Running,
-        JobStatus::Terminating,
-    ];
     let busy: Vec<String> = client
         .engine()
         .store()
-        .jobs_with_status(&holding)
+        .jobs_with_status(JobStatus::HOLDING)
         .map_err(dstack_core::engine::EngineError::from)?
         .into_iter()
         .filter_map(|j| j.instance_id)

@@ -380,12 +380,7 @@ impl Inner {
             .collect();
         let busy = self
             .store
-            .jobs_with_status(&[
-                JobStatus::Provisioning,
-                JobStatus::Pulling,
-                JobStatus::Running,
-                JobStatus::Terminating,
-            ])?
+            .jobs_with_status(JobStatus::HOLDING)?
             .into_iter()
             .filter(|j| {
                 instances

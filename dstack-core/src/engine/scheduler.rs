@@ -43,12 +43,7 @@ async fn pass(inner: &Arc<Inner>) {
     if instances.len() > 1 {
         busy = inner
             .store
-            .jobs_with_status(&[
-                JobStatus::Provisioning,
-                JobStatus::Pulling,
-                JobStatus::Running,
-                JobStatus::Terminating,
-            ])
+            .jobs_with_status(JobStatus::HOLDING)
             .unwrap_or_default()
             .into_iter()
             .filter_map(|j| j.instance_id)

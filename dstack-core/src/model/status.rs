@@ -90,6 +90,14 @@ text_enum! {
 }
 
 impl JobStatus {
+    /// The statuses in which a job holds resources on its instance.
+    pub const HOLDING: &'static [JobStatus] = &[
+        JobStatus::Provisioning,
+        JobStatus::Pulling,
+        JobStatus::Running,
+        JobStatus::Terminating,
+    ];
+
     /// Whether the job has finished.
     pub fn is_finished(self) -> bool {
         matches!(

@@ -67,14 +67,6 @@ macro_rules! group_room_sql {
 /// Whether run `?` may be placed as far as its group's limit goes.
 const GROUP_HAS_ROOM: &str = concat!("SELECT ", group_room_sql!(), " FROM runs r WHERE r.id = ?");
 
-/// Job statuses that hold resources on their instance.
-const HOLDING: &[JobStatus] = &[
-    JobStatus::Provisioning,
-    JobStatus::Pulling,
-    JobStatus::Running,
-    JobStatus::Terminating,
-];
-
 /// The embedded store.
 pub struct SqliteStore {
     conn: Mutex<Connection>,
@@ -357,7 +349,7 @@ impl Store for SqliteStore {
             if !group_has_room(&tx, &job.run_id)? {
                 return Ok(None);
             }
-            let holding = status_strs(HOLDING, JobStatus::as_str);
+            let holding = status_strs(JobStatus::HOLDING, JobStatus::as_str);
             let sql = format!(
                 "SELECT reservation, data FROM jobs WHERE instance_id = ? AND status IN ({})",
                 placeholders(holding.len())
