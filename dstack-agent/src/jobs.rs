@@ -111,9 +111,17 @@ pub(crate) struct Jobs {
     journal: Arc<Journal>,
     jobs: Mutex<BTreeMap<String, Arc<Job>>>,
     events: broadcast::Sender<JobInfo>,
+    /// The container engine's socket, for `image:` jobs.
+    containers: Option<String>,
 }
 
 impl Jobs {
+    /// Runs `image:` jobs with the container engine at `socket`.
+    pub fn with_containers(mut self, socket: Option<String>) -> Jobs {
+        self.containers = socket;
+        self
+    }
+
     /// Loads the jobs recorded in the state directory (compacting its journal). Jobs recorded
     /// as running belonged to an agent that is gone, so nobody can wait for their processes
     /// any more: what is left of them is killed and they are recorded as lost.
@@ -162,6 +170,7 @@ impl Jobs {
             journal,
             jobs: Mutex::new(jobs),
             events,
+            containers: None,
         })
     }
 
@@ -211,6 +220,15 @@ impl Jobs {
             stops: None,
             events: self.events.clone(),
         };
+        if job.spec.container.is_some() {
+            let (stops, stop_requests) = mpsc::unbounded_channel();
+            job.stops = Some(stops);
+            let job = Arc::new(job);
+            job.transition(job.info());
+            crate::container::supervise(job.clone(), self.containers.clone(), log, stop_requests);
+            jobs.insert(job.spec.id.clone(), job.clone());
+            return Ok(job.info());
+        }
         let job = match supervisor::launch(&job.spec) {
             Ok(launched) => {
                 let (stops, stop_requests) = mpsc::unbounded_channel();
@@ -324,7 +342,7 @@ fn validate(spec: &JobSubmit) -> Result<(), JobError> {
             spec.id
         )));
     }
-    if spec.argv.is_empty() {
+    if spec.argv.is_empty() && spec.container.is_none() {
         return Err(JobError::BadRequest("argv must not be empty".to_string()));
     }
     Ok(())
@@ -414,6 +432,7 @@ mod tests {
             working_dir: "/no/such/dir".into(),
             max_duration_secs: None,
             mpi_hostfile: None,
+            container: None,
         };
         let failed = jobs.submit(spec).unwrap();
         let snapshot = json_lines([failed.clone()]);

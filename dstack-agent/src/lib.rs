@@ -8,6 +8,7 @@
 //! Embedding: [`Agent::start`] then [`Agent::serve_until`], or [`serve`] to run until SIGTERM
 //! or SIGINT. To run an agent that outlives its caller, use [`spawn_detached`].
 
+mod container;
 mod daemon;
 mod host;
 mod http;
@@ -76,7 +77,8 @@ impl Agent {
     /// the state directory or answers on the socket.
     pub async fn start(config: AgentConfig) -> io::Result<Agent> {
         let state = StateDir::open(&config.state_dir)?;
-        let jobs = Arc::new(Jobs::recover(&state)?);
+        let containers = container::detect().await;
+        let jobs = Arc::new(Jobs::recover(&state)?.with_containers(containers.clone()));
         let tool_path = config.tool_path.or_else(|| std::env::var_os("PATH"));
         let host = host::detect(state.root(), tool_path.as_deref()).await;
         let listener = bind(&config.socket).await?;
@@ -86,6 +88,7 @@ impl Agent {
             version: env!("CARGO_PKG_VERSION").to_string(),
             pid: std::process::id(),
             host,
+            containers,
         };
         Ok(Agent {
             listener,

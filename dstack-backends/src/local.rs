@@ -22,6 +22,9 @@ pub struct LocalBackend {
     state_dir: PathBuf,
     agent_bin: PathBuf,
     agent_path: Option<std::ffi::OsString>,
+    docker_host: Option<std::ffi::OsString>,
+    /// Whether the agent reported a container engine (learned from its healthcheck).
+    containers: std::sync::atomic::AtomicBool,
 }
 
 impl LocalBackend {
@@ -31,6 +34,8 @@ impl LocalBackend {
             state_dir: home.join("agent"),
             agent_bin,
             agent_path: None,
+            docker_host: None,
+            containers: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -38,6 +43,13 @@ impl LocalBackend {
     /// this process's.
     pub fn with_agent_path(mut self, path: impl Into<std::ffi::OsString>) -> Self {
         self.agent_path = Some(path.into());
+        self
+    }
+
+    /// Starts the agent with this container engine (`DOCKER_HOST`: `unix:///path/to.sock`)
+    /// instead of the one in this process's environment.
+    pub fn with_container_engine(mut self, docker_host: impl Into<std::ffi::OsString>) -> Self {
+        self.docker_host = Some(docker_host.into());
         self
     }
 
@@ -54,7 +66,8 @@ impl LocalBackend {
     /// Returns a client of the running agent, starting it if it does not answer.
     pub async fn ensure_agent(&self) -> Result<AgentClient, ComputeError> {
         let client = AgentClient::unix(self.socket());
-        if client.healthcheck().await.is_ok() {
+        if let Ok(health) = client.healthcheck().await {
+            self.note_containers(health.containers.is_some());
             return Ok(client);
         }
         std::fs::create_dir_all(&self.state_dir)
@@ -66,18 +79,26 @@ impl LocalBackend {
             .await
             .map_err(|e| ComputeError::Other(e.to_string()))?
             .map_err(|e| other("cannot lock the agent start lock", e))?;
-        if client.healthcheck().await.is_ok() {
+        if let Ok(health) = client.healthcheck().await {
+            self.note_containers(health.containers.is_some());
             return Ok(client);
         }
         self.spawn_agent().await?;
-        client.healthcheck().await.map_err(|e| {
+        let health = client.healthcheck().await.map_err(|e| {
             ComputeError::Other(format!(
                 "the local agent started but does not answer ({e}); see {}",
                 self.state_dir.join("agent.log").display()
             ))
         })?;
+        self.note_containers(health.containers.is_some());
         drop(lock);
         Ok(client)
+    }
+
+    /// Records whether the agent has a container engine (see `supports_containers`).
+    fn note_containers(&self, available: bool) {
+        self.containers
+            .store(available, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Runs `dstack-agent serve --detach`, which returns once the detached agent answers.
@@ -86,6 +107,9 @@ impl LocalBackend {
         let mut command = tokio::process::Command::new(&self.agent_bin);
         if let Some(path) = &self.agent_path {
             command.env("PATH", path);
+        }
+        if let Some(host) = &self.docker_host {
+            command.env("DOCKER_HOST", host);
         }
         let mut child = command
             .arg("serve")
@@ -162,7 +186,7 @@ impl Compute for LocalBackend {
     }
 
     fn supports_containers(&self) -> bool {
-        false
+        self.containers.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn offers(&self) -> BoxFuture<'_, Result<Vec<Offer>, ComputeError>> {

@@ -15,6 +15,10 @@ pub struct Healthcheck {
     pub pid: u32,
     /// The host's resources.
     pub host: HostInfo,
+    /// The container engine the agent can run `image:` jobs with (`docker` API at this
+    /// socket), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub containers: Option<String>,
 }
 
 /// Resources of the agent's host (all zero until an agent reported them).
@@ -66,6 +70,39 @@ pub struct JobSubmit {
     /// points `DSTACK_MPI_HOSTFILE` at it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mpi_hostfile: Option<String>,
+    /// Run the job in a container instead of as a process of the host: `argv` is then the
+    /// container's command (empty: the image's own) and `working_dir` its working directory
+    /// (empty: the image's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerSpec>,
+}
+
+/// How to run a job in a container.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ContainerSpec {
+    /// The image (pulled when missing).
+    pub image: String,
+    /// Replaces the image's entrypoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    /// The user to run as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Run privileged.
+    #[serde(default)]
+    pub privileged: bool,
+    /// Size of `/dev/shm` in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shm_size_bytes: Option<u64>,
+    /// Ports published on the host's 127.0.0.1 at the same number.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    /// `(host path, container path)` bind mounts.
+    #[serde(default)]
+    pub mounts: Vec<(String, String)>,
+    /// Registry credentials: `(username, password)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_auth: Option<(String, String)>,
 }
 
 /// The state of a job on the agent.

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::agent::JobSubmit;
+use crate::agent::{ContainerSpec, JobSubmit};
 use crate::config::env::EnvValue;
 use crate::config::run::RunCommon;
 use crate::config::Configuration;
@@ -144,6 +144,64 @@ pub fn argv(config: &Configuration) -> Result<Vec<String>, CommandError> {
     ])
 }
 
+/// What a container job runs: with `entrypoint`, the entrypoint is replaced and the commands
+/// are its arguments; with commands only, the configured shell (`/bin/sh` by default in custom
+/// images) runs them joined with `&&`; with neither, the image's own entrypoint and command.
+fn container_argv(
+    config: &Configuration,
+) -> Result<(Option<Vec<String>>, Vec<String>), CommandError> {
+    let (common, commands) = script(config);
+    if let Some(entrypoint) = &common.entrypoint {
+        return Ok((Some(shell_split(entrypoint)?), commands));
+    }
+    if commands.iter().all(|c| c.trim().is_empty()) {
+        return Ok((None, Vec::new()));
+    }
+    let shell = match common.shell.as_deref() {
+        Some("bash") => "/bin/bash".to_string(),
+        Some("sh") | None => "/bin/sh".to_string(),
+        Some(path) => path.to_string(),
+    };
+    Ok((
+        None,
+        vec![shell, "-c".to_string(), join_commands(&commands)],
+    ))
+}
+
+/// How the agent runs an `image:` job (`None` for jobs run as host processes).
+fn container_spec(config: &Configuration) -> Option<ContainerSpec> {
+    let common = common(config);
+    let image = common.image.clone()?;
+    let mounts = common
+        .volumes
+        .iter()
+        .filter_map(|m| match m {
+            crate::config::mounts::MountPoint::Instance {
+                instance_path,
+                path,
+                ..
+            } => Some((instance_path.clone(), path.clone())),
+            _ => None,
+        })
+        .collect();
+    Some(ContainerSpec {
+        image,
+        entrypoint: None,
+        user: common.user.clone(),
+        privileged: common.privileged,
+        shm_size_bytes: common
+            .resources
+            .shm_size
+            .map(|m| (m.0 * 1024.0 * 1024.0 * 1024.0) as u64),
+        ports: ports(config).iter().map(|p| p.container_port).collect(),
+        mounts,
+        registry_auth: common
+            .registry_auth
+            .as_ref()
+            .map(|a| (a.username.clone(), a.password.clone())),
+    })
+}
+
 /// The run-configuration fields shared by every type.
 pub fn common(config: &Configuration) -> &RunCommon {
     match config {
@@ -209,11 +267,19 @@ pub fn job_submit(
     let common = common(config);
     let session = instance.session.as_ref();
     let master = nodes.first().map_or("127.0.0.1", String::as_str);
-    let working_dir = working_dir(run, common, session);
-    // This machine: the client's session; a remote host: its login session.
-    let mut env: BTreeMap<String, String> = match session {
-        Some(s) => s.env.clone(),
-        None => run.spec.client_env.clone(),
+    let mut container = container_spec(config);
+    // A container starts in the image's working directory unless one is configured.
+    let working_dir = match (&container, &common.working_dir) {
+        (Some(_), Some(dir)) if dir.starts_with('/') => dir.clone(),
+        (Some(_), _) => String::new(),
+        (None, _) => working_dir(run, common, session),
+    };
+    // A container: only what the job is given; this machine: the client's session; a remote
+    // host: its login session.
+    let mut env: BTreeMap<String, String> = match (&container, session) {
+        (Some(_), _) => BTreeMap::new(),
+        (None, Some(s)) => s.env.clone(),
+        (None, None) => run.spec.client_env.clone(),
     };
     for (name, value) in &common.env.0 {
         let value = match value {
@@ -265,10 +331,18 @@ pub fn job_submit(
         Some(crate::config::duration::OffableDuration::Seconds(d)) if d.0 > 0 => Some(d.0 as u64),
         _ => None,
     };
+    let argv = match &mut container {
+        Some(spec) => {
+            let (entrypoint, argv) = container_argv(config)?;
+            spec.entrypoint = entrypoint;
+            argv
+        }
+        None => argv(config)?,
+    };
     Ok(JobSubmit {
         id: job.id.clone(),
         name: job.name(),
-        argv: argv(config)?,
+        argv,
         env,
         working_dir,
         max_duration_secs,
@@ -279,6 +353,7 @@ pub fn job_submit(
                 .map(|ip| format!("{ip} slots={slots}\n"))
                 .collect()
         }),
+        container,
     })
 }
 

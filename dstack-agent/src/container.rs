@@ -1,0 +1,340 @@
+//! Running a job in a container through the Docker Engine API (Docker, or podman's
+//! compatible service): the image is used when present and pulled otherwise (progress in the
+//! job's log), the container gets the job's environment, working directory, user, mounts and
+//! ports (published on 127.0.0.1), its output goes to the job's log like a process's, a stop
+//! sends SIGTERM and kills after the grace period, and the container is removed at the end.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bollard::auth::DockerCredentials;
+use bollard::container::LogOutput;
+use bollard::models::{ContainerCreateBody, HostConfig, PortBinding};
+use bollard::query_parameters::{
+    CreateContainerOptions, CreateImageOptions, KillContainerOptions, LogsOptions,
+    RemoveContainerOptions, StopContainerOptions,
+};
+use bollard::Docker;
+use dstack_core::agent::{AgentJobStatus, ContainerSpec, JobInfo, JobSubmit, StopRequest};
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+
+use crate::jobs::Job;
+use crate::logs::LogWriter;
+use crate::state::unix_ms;
+
+/// The container engine's socket: `$DOCKER_HOST` (`unix://…`), else Docker's or podman's
+/// usual one, if it answers.
+pub async fn detect() -> Option<String> {
+    let mut candidates = Vec::new();
+    if let Ok(host) = std::env::var("DOCKER_HOST") {
+        candidates.push(host.replacen("unix://", "", 1));
+    }
+    candidates.push("/var/run/docker.sock".to_string());
+    candidates.push("/run/podman/podman.sock".to_string());
+    for socket in candidates {
+        let Ok(docker) = Docker::connect_with_unix(&socket, 10, bollard::API_DEFAULT_VERSION)
+        else {
+            continue;
+        };
+        if tokio::time::timeout(Duration::from_secs(2), docker.ping())
+            .await
+            .is_ok_and(|r| r.is_ok())
+        {
+            return Some(socket);
+        }
+    }
+    None
+}
+
+/// Runs `job` in a container on the engine at `socket`, until it ends.
+pub(crate) fn supervise(
+    job: Arc<Job>,
+    socket: Option<String>,
+    log: LogWriter,
+    stop_requests: mpsc::UnboundedReceiver<StopRequest>,
+) {
+    tokio::spawn(async move {
+        let info = run(&job, socket, log, stop_requests).await;
+        job.transition(info);
+    });
+}
+
+/// Why a job is being stopped.
+struct Stopping {
+    reason: String,
+    message: Option<String>,
+}
+
+async fn run(
+    job: &Arc<Job>,
+    socket: Option<String>,
+    mut log: LogWriter,
+    mut stop_requests: mpsc::UnboundedReceiver<StopRequest>,
+) -> JobInfo {
+    let spec = job.spec().clone();
+    let container = spec.container.clone().unwrap_or_default();
+    let Some(socket) = socket else {
+        return failed(job, "creating_container_error", "no container engine on this host: `image:` jobs need Docker or podman's Docker API (set DOCKER_HOST)");
+    };
+    let docker = match Docker::connect_with_unix(&socket, 600, bollard::API_DEFAULT_VERSION) {
+        Ok(d) => d,
+        Err(e) => {
+            return failed(
+                job,
+                "creating_container_error",
+                &format!("cannot reach the container engine at {socket}: {e}"),
+            )
+        }
+    };
+    if let Err(message) = ensure_image(&docker, &container, job, &mut log).await {
+        return failed(job, "creating_container_error", &message);
+    }
+    let name = format!("dstack-{}", spec.id);
+    let _ = docker
+        .remove_container(
+            &name,
+            Some(RemoveContainerOptions {
+                force: true,
+                ..Default::default()
+            }),
+        )
+        .await;
+    let options = CreateContainerOptions {
+        name: Some(name.clone()),
+        ..Default::default()
+    };
+    if let Err(e) = docker
+        .create_container(Some(options), create_body(&spec, &container))
+        .await
+    {
+        return failed(
+            job,
+            "creating_container_error",
+            &format!("cannot create the container: {e}"),
+        );
+    }
+    if let Err(e) = docker.start_container(&name, None).await {
+        remove(&docker, &name).await;
+        return failed(
+            job,
+            "creating_container_error",
+            &format!("cannot start the container: {e}"),
+        );
+    }
+    let logs = docker.logs(
+        &name,
+        Some(LogsOptions {
+            follow: true,
+            stdout: true,
+            stderr: true,
+            ..Default::default()
+        }),
+    );
+    let mut logs = std::pin::pin!(logs);
+    let mut stopping: Option<Stopping> = None;
+    let deadline = spec
+        .max_duration_secs
+        .map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
+    loop {
+        tokio::select! {
+            chunk = logs.next() => match chunk {
+                Some(Ok(LogOutput::StdOut { message } | LogOutput::StdErr { message } | LogOutput::Console { message })) => {
+                    if let Ok(len) = log.append(&message) {
+                        job.set_log_bytes(len);
+                    }
+                }
+                Some(Ok(LogOutput::StdIn { .. })) => {}
+                Some(Err(_)) | None => break,
+            },
+            Some(request) = stop_requests.recv() => {
+                stopping = Some(Stopping { reason: request.reason, message: None });
+                stop(&docker, &name, if request.abort { 0 } else { request.grace_secs }).await;
+            }
+            () = sleep_until(deadline), if stopping.is_none() => {
+                let secs = spec.max_duration_secs.unwrap_or_default();
+                stopping = Some(Stopping {
+                    reason: "max_duration_exceeded".to_string(),
+                    message: Some(format!("the job ran longer than its max_duration of {secs}s")),
+                });
+                stop(&docker, &name, 10).await;
+            }
+        }
+    }
+    let code = exit_code(&docker, &name).await;
+    remove(&docker, &name).await;
+    ended(job.info(), code, stopping)
+}
+
+/// Uses the image when present, pulls it otherwise (progress lines go to the job's log).
+async fn ensure_image(
+    docker: &Docker,
+    container: &ContainerSpec,
+    job: &Job,
+    log: &mut LogWriter,
+) -> Result<(), String> {
+    if docker.inspect_image(&container.image).await.is_ok() {
+        return Ok(());
+    }
+    let (from_image, tag) = match container.image.rsplit_once(':') {
+        Some((name, tag)) if !tag.contains('/') => (name.to_string(), tag.to_string()),
+        _ => (container.image.clone(), "latest".to_string()),
+    };
+    let options = CreateImageOptions {
+        from_image: Some(from_image),
+        tag: Some(tag),
+        ..Default::default()
+    };
+    let credentials = container
+        .registry_auth
+        .as_ref()
+        .map(|(user, password)| DockerCredentials {
+            username: Some(user.clone()),
+            password: Some(password.clone()),
+            ..Default::default()
+        });
+    let mut pull = docker.create_image(Some(options), None, credentials);
+    let mut last = String::new();
+    while let Some(progress) = pull.next().await {
+        match progress {
+            Ok(info) => {
+                let status = info.status.unwrap_or_default();
+                if !status.is_empty() && status != last {
+                    if let Ok(len) =
+                        log.append(format!("pulling {}: {status}\n", container.image).as_bytes())
+                    {
+                        job.set_log_bytes(len);
+                    }
+                    last = status;
+                }
+            }
+            Err(e) => return Err(format!("cannot pull image {}: {e}", container.image)),
+        }
+    }
+    docker
+        .inspect_image(&container.image)
+        .await
+        .map(drop)
+        .map_err(|e| {
+            format!(
+                "image {} is not available after pulling: {e}",
+                container.image
+            )
+        })
+}
+
+fn create_body(spec: &JobSubmit, container: &ContainerSpec) -> ContainerCreateBody {
+    let env = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let port_bindings: HashMap<String, Option<Vec<PortBinding>>> = container
+        .ports
+        .iter()
+        .map(|p| {
+            let binding = PortBinding {
+                host_ip: Some("127.0.0.1".to_string()),
+                host_port: Some(p.to_string()),
+            };
+            (format!("{p}/tcp"), Some(vec![binding]))
+        })
+        .collect();
+    ContainerCreateBody {
+        image: Some(container.image.clone()),
+        entrypoint: container.entrypoint.clone(),
+        cmd: (!spec.argv.is_empty()).then(|| spec.argv.clone()),
+        env: Some(env),
+        working_dir: (!spec.working_dir.is_empty()).then(|| spec.working_dir.clone()),
+        user: container.user.clone(),
+        exposed_ports: Some(container.ports.iter().map(|p| format!("{p}/tcp")).collect()),
+        host_config: Some(HostConfig {
+            binds: Some(
+                container
+                    .mounts
+                    .iter()
+                    .map(|(h, c)| format!("{h}:{c}"))
+                    .collect(),
+            ),
+            port_bindings: Some(port_bindings),
+            privileged: Some(container.privileged),
+            shm_size: container.shm_size_bytes.map(|b| b as i64),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// SIGTERM, then SIGKILL after `grace_secs` (at once with 0).
+async fn stop(docker: &Docker, name: &str, grace_secs: u64) {
+    if grace_secs == 0 {
+        let options = KillContainerOptions {
+            signal: "SIGKILL".to_string(),
+        };
+        let _ = docker.kill_container(name, Some(options)).await;
+        return;
+    }
+    let options = StopContainerOptions {
+        t: Some(i32::try_from(grace_secs).unwrap_or(i32::MAX)),
+        ..Default::default()
+    };
+    let docker = docker.clone();
+    let name = name.to_string();
+    // The stop call returns when the container is gone; the logs end at the same time.
+    tokio::spawn(async move {
+        let _ = docker.stop_container(&name, Some(options)).await;
+    });
+}
+
+async fn exit_code(docker: &Docker, name: &str) -> Option<i64> {
+    let inspected = docker.inspect_container(name, None).await.ok()?;
+    inspected.state?.exit_code
+}
+
+async fn remove(docker: &Docker, name: &str) {
+    let options = RemoveContainerOptions {
+        force: true,
+        ..Default::default()
+    };
+    let _ = docker.remove_container(name, Some(options)).await;
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn failed(job: &Job, reason: &str, message: &str) -> JobInfo {
+    JobInfo {
+        status: AgentJobStatus::Failed,
+        termination_reason: Some(reason.to_string()),
+        termination_message: Some(message.to_string()),
+        finished_at_ms: Some(unix_ms()),
+        ..job.info()
+    }
+}
+
+fn ended(job: JobInfo, code: Option<i64>, stopping: Option<Stopping>) -> JobInfo {
+    let exit_status = code.map(|c| i32::try_from(c).unwrap_or(-1));
+    let (status, reason, message) = match (stopping, exit_status) {
+        (Some(stop), _) => (AgentJobStatus::Terminated, stop.reason, stop.message),
+        (None, Some(0)) => (AgentJobStatus::Done, "done_by_runner".to_string(), None),
+        (None, Some(c)) => (
+            AgentJobStatus::Failed,
+            "container_exited_with_error".to_string(),
+            Some(format!("the container exited with status {c}")),
+        ),
+        (None, None) => (
+            AgentJobStatus::Failed,
+            "executor_error".to_string(),
+            Some("the container's exit status is unknown".to_string()),
+        ),
+    };
+    JobInfo {
+        status,
+        exit_status,
+        termination_reason: Some(reason),
+        termination_message: message,
+        finished_at_ms: Some(unix_ms()),
+        ..job
+    }
+}

@@ -1,0 +1,224 @@
+//! `image:` jobs on the local backend through a real container engine: podman's Docker API
+//! service, started by the test on its own socket, with a busybox image built locally (no
+//! registry is reachable). Needs podman, runc and busybox-static (`.ci/run` installs them).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dstack_backends::local::{find_agent_binary, LocalBackend};
+use dstack_core::config::parse;
+use dstack_core::engine::{ApplyOptions, EngineOptions};
+use dstack_core::model::{JobStatus, RunStatus};
+use dstack_core::{Client, ClientOptions, RunHandle};
+use futures_util::StreamExt;
+
+const IMAGE: &str = "localhost/dstack-test-busybox:latest";
+
+/// A podman API service on a private socket; stopped on drop.
+struct Podman {
+    service: Child,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Podman {
+    fn start() -> Podman {
+        assert!(
+            Path::new("/usr/bin/podman").exists(),
+            "container tests need podman: apt-get install podman runc busybox-static (as .ci/run does)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("podman.sock");
+        let service = Command::new("podman")
+            .args(["system", "service", "--time=0"])
+            .arg(format!("unix://{}", socket.display()))
+            .spawn()
+            .unwrap();
+        for _ in 0..100 {
+            if socket.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(socket.exists(), "podman service did not start");
+        build_image(dir.path());
+        Podman {
+            service,
+            socket,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        let _ = self.service.kill();
+        let _ = self.service.wait();
+    }
+}
+
+/// A busybox root file system imported as an image (once per machine).
+fn build_image(scratch: &Path) {
+    let present = Command::new("podman")
+        .args(["image", "exists", IMAGE])
+        .status()
+        .unwrap();
+    if present.success() {
+        return;
+    }
+    let root = scratch.join("rootfs");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::create_dir_all(root.join("tmp")).unwrap();
+    std::fs::create_dir_all(root.join("work")).unwrap();
+    std::fs::copy("/usr/bin/busybox", root.join("bin/busybox")).unwrap();
+    for applet in [
+        "sh", "echo", "cat", "ls", "env", "pwd", "sleep", "id", "printf", "true",
+    ] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    let tar = scratch.join("rootfs.tar");
+    let status = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let status = Command::new("podman")
+        .arg("import")
+        .arg(&tar)
+        .arg(IMAGE)
+        .status()
+        .unwrap();
+    assert!(status.success(), "podman import");
+}
+
+async fn client(home: &Path, podman: &Podman) -> Client {
+    let backend = LocalBackend::new(home, find_agent_binary().expect("dstack-agent is built"))
+        .with_container_engine(format!("unix://{}", podman.socket.display()));
+    let options = EngineOptions {
+        stop_grace: Duration::from_secs(2),
+        ..EngineOptions::default()
+    };
+    Client::open(ClientOptions {
+        home: home.to_path_buf(),
+        backends: vec![Arc::new(backend)],
+        engine: options,
+    })
+    .await
+    .unwrap()
+}
+
+async fn submit(client: &Client, yaml: &str) -> RunHandle {
+    let config = parse(yaml, "task.dstack.yml").unwrap();
+    client
+        .runs()
+        .apply(config, ApplyOptions::default())
+        .await
+        .unwrap()
+}
+
+async fn output(run: &RunHandle) -> String {
+    let mut logs = run.logs(false);
+    let mut out = Vec::new();
+    while let Some(chunk) = logs.next().await {
+        out.extend_from_slice(&chunk.unwrap());
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn finished(run: &RunHandle) -> dstack_core::model::Run {
+    tokio::time::timeout(Duration::from_secs(60), run.wait())
+        .await
+        .expect("the run finishes")
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_jobs_run_in_containers_with_their_env_dir_mounts_and_exit_code() {
+    let podman = Podman::start();
+    let home = tempfile::tempdir().unwrap();
+    let client = client(home.path(), &podman).await;
+    let shared = tempfile::tempdir().unwrap();
+    std::fs::write(shared.path().join("from-host"), "shared\n").unwrap();
+    let yaml = format!(
+        "type: task\nimage: {IMAGE}\nenv: [GREETING=hi]\nworking_dir: /work\n\
+         volumes: [{}:/data]\nresources: {{cpu: 1.., memory: 0.1GB..}}\ncommands:\n  \
+         - echo \"$GREETING in $(pwd) as $(id -u) run=$DSTACK_RUN_NAME\"\n  - cat /data/from-host\n  \
+         - echo back > /data/from-container\n  - exit 3\n",
+        shared.path().display()
+    );
+    let run = submit(&client, &yaml).await;
+    let run_record = finished(&run).await;
+    assert_eq!(run_record.status, RunStatus::Failed);
+    let job = run.jobs().unwrap().pop().unwrap();
+    assert_eq!(job.exit_status, Some(3));
+    assert_eq!(
+        job.termination_reason.as_deref(),
+        Some("container_exited_with_error")
+    );
+    assert_eq!(
+        output(&run).await,
+        format!("hi in /work as 0 run={}\nshared\n", run.name())
+    );
+    let back = std::fs::read_to_string(shared.path().join("from-container")).unwrap();
+    assert_eq!(back, "back\n", "an instance volume is shared both ways");
+    let left = Command::new("podman")
+        .args([
+            "ps",
+            "-a",
+            "--filter",
+            &format!("name=dstack-{}", job.id),
+            "-q",
+        ])
+        .env(
+            "CONTAINER_HOST",
+            format!("unix://{}", podman.socket.display()),
+        )
+        .output()
+        .unwrap();
+    assert!(
+        left.stdout.is_empty(),
+        "the container is removed at the end"
+    );
+
+    // Stop: SIGTERM, then SIGKILL after the grace period.
+    let sleeper = format!(
+        "type: task\nimage: {IMAGE}\nresources: {{cpu: 1.., memory: 0.1GB..}}\ncommands: [echo up, sleep 300]\n"
+    );
+    let run = submit(&client, &sleeper).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !output(&run).await.contains("up") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the container started"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    run.stop(false).await.unwrap();
+    let stopped = finished(&run).await;
+    assert_eq!(stopped.status, RunStatus::Terminated);
+    assert_eq!(run.jobs().unwrap()[0].status, JobStatus::Terminated);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_image_fails_with_a_clear_reason() {
+    let podman = Podman::start();
+    let home = tempfile::tempdir().unwrap();
+    let client = client(home.path(), &podman).await;
+    let yaml = "type: task\nimage: localhost/no-such-image:1\nresources: {cpu: 1.., memory: 0.1GB..}\ncommands: ['true']\n";
+    let run = submit(&client, yaml).await;
+    let record = finished(&run).await;
+    assert_eq!(record.status, RunStatus::Failed);
+    let job = run.jobs().unwrap().pop().unwrap();
+    assert_eq!(
+        job.termination_reason.as_deref(),
+        Some("creating_container_error")
+    );
+    let message = job.termination_message.unwrap_or_default();
+    assert!(message.contains("localhost/no-such-image:1"), "{message}");
+}
