@@ -206,19 +206,43 @@ async fn image_jobs_run_in_containers_with_their_env_dir_mounts_and_exit_code() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_missing_image_fails_with_a_clear_reason() {
+async fn missing_and_malformed_images_fail_with_a_clear_reason() {
     let podman = Podman::start();
     let home = tempfile::tempdir().unwrap();
     let client = client(home.path(), &podman).await;
-    let yaml = "type: task\nimage: localhost/no-such-image:1\nresources: {cpu: 1.., memory: 0.1GB..}\ncommands: ['true']\n";
-    let run = submit(&client, yaml).await;
+    for image in ["localhost/no-such-image:1", "Not//A::Valid@Name"] {
+        let yaml = format!(
+            "type: task\nimage: '{image}'\nresources: {{cpu: 1.., memory: 0.1GB..}}\ncommands: ['true']\n"
+        );
+        let run = submit(&client, &yaml).await;
+        let record = finished(&run).await;
+        assert_eq!(record.status, RunStatus::Failed);
+        let job = run.jobs().unwrap().pop().unwrap();
+        assert_eq!(
+            job.termination_reason.as_deref(),
+            Some("creating_container_error")
+        );
+        let message = job.termination_message.unwrap_or_default();
+        assert!(message.contains(image), "{message}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_duration_stops_a_container() {
+    let podman = Podman::start();
+    let home = tempfile::tempdir().unwrap();
+    let client = client(home.path(), &podman).await;
+    let yaml = format!(
+        "type: task\nimage: {IMAGE}\nmax_duration: 2s\nresources: {{cpu: 1.., memory: 0.1GB..}}\n\
+         commands: [sleep 300]\n"
+    );
+    let run = submit(&client, &yaml).await;
     let record = finished(&run).await;
-    assert_eq!(record.status, RunStatus::Failed);
+    assert_eq!(record.status, RunStatus::Failed, "as for processes");
     let job = run.jobs().unwrap().pop().unwrap();
+    assert_eq!(job.status, JobStatus::Terminated);
     assert_eq!(
         job.termination_reason.as_deref(),
-        Some("creating_container_error")
+        Some("max_duration_exceeded")
     );
-    let message = job.termination_message.unwrap_or_default();
-    assert!(message.contains("localhost/no-such-image:1"), "{message}");
 }
