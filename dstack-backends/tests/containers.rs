@@ -2,10 +2,14 @@
 //! service, started by the test on its own socket, with a busybox image built locally (no
 //! registry is reachable). Needs podman, runc and busybox-static (`.ci/run` installs them).
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+mod common;
+
+use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
+
+use common::podman::{Podman, IMAGE};
 
 use dstack_backends::local::{find_agent_binary, LocalBackend};
 use dstack_core::config::parse;
@@ -13,89 +17,6 @@ use dstack_core::engine::{ApplyOptions, EngineOptions};
 use dstack_core::model::{JobStatus, RunStatus};
 use dstack_core::{Client, ClientOptions, RunHandle};
 use futures_util::StreamExt;
-
-const IMAGE: &str = "localhost/dstack-test-busybox:latest";
-
-/// A podman API service on a private socket; stopped on drop.
-struct Podman {
-    service: Child,
-    socket: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Podman {
-    fn start() -> Podman {
-        assert!(
-            Path::new("/usr/bin/podman").exists(),
-            "container tests need podman: apt-get install podman runc busybox-static (as .ci/run does)"
-        );
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("podman.sock");
-        let service = Command::new("podman")
-            .args(["system", "service", "--time=0"])
-            .arg(format!("unix://{}", socket.display()))
-            .spawn()
-            .unwrap();
-        for _ in 0..100 {
-            if socket.exists() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        assert!(socket.exists(), "podman service did not start");
-        build_image(dir.path());
-        Podman {
-            service,
-            socket,
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for Podman {
-    fn drop(&mut self) {
-        let _ = self.service.kill();
-        let _ = self.service.wait();
-    }
-}
-
-/// A busybox root file system imported as an image (once per machine).
-fn build_image(scratch: &Path) {
-    let present = Command::new("podman")
-        .args(["image", "exists", IMAGE])
-        .status()
-        .unwrap();
-    if present.success() {
-        return;
-    }
-    let root = scratch.join("rootfs");
-    std::fs::create_dir_all(root.join("bin")).unwrap();
-    std::fs::create_dir_all(root.join("tmp")).unwrap();
-    std::fs::create_dir_all(root.join("work")).unwrap();
-    std::fs::copy("/usr/bin/busybox", root.join("bin/busybox")).unwrap();
-    for applet in [
-        "sh", "echo", "cat", "ls", "env", "pwd", "sleep", "id", "printf", "true",
-    ] {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
-    }
-    let tar = scratch.join("rootfs.tar");
-    let status = Command::new("tar")
-        .arg("-C")
-        .arg(&root)
-        .arg("-cf")
-        .arg(&tar)
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let status = Command::new("podman")
-        .arg("import")
-        .arg(&tar)
-        .arg(IMAGE)
-        .status()
-        .unwrap();
-    assert!(status.success(), "podman import");
-}
 
 async fn client(home: &Path, podman: &Podman) -> Client {
     let backend = LocalBackend::new(home, find_agent_binary().expect("dstack-agent is built"))

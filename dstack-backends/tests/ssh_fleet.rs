@@ -647,3 +647,42 @@ async fn no_disk_space_for_the_agent_is_a_clear_per_host_error() {
     host.run_inside(&format!("umount {dir}"));
     assert_eq!(left.trim(), "", "no half-written agent is left behind");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_jobs_run_in_containers_on_a_fleet_host_whose_agent_has_an_engine() {
+    let podman = common::podman::Podman::start();
+    let hosts = TestHosts::start(1);
+    let home = tempfile::tempdir().unwrap();
+    let client = client(home.path()).await;
+    let fleet = format!("boxes-{}", std::process::id());
+    // The fleet's env reaches the host's agent: it finds its container engine there.
+    let yaml = format!(
+        "{}env: [DOCKER_HOST=unix://{}]\n",
+        hosts.fleet_yaml(&fleet),
+        podman.socket.display()
+    );
+    let (instances, progress) = apply_fleet(&client, &yaml).await;
+    assert_eq!(instances.len(), 1, "{progress:?}");
+    assert!(
+        instances[0].containers,
+        "the host's agent reports its engine"
+    );
+    let task = format!(
+        "type: task\nfleets: [{fleet}]\nimage: {}\nresources: {{cpu: 1.., memory: 0.1GB..}}\n\
+         commands: ['echo in a container on $DSTACK_NODES_IPS']\n",
+        common::podman::IMAGE
+    );
+    let run = submit(&client, &task).await;
+    let done = tokio::time::timeout(Duration::from_secs(60), run.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.status, RunStatus::Done, "{:?}", run.jobs().unwrap());
+    assert_eq!(
+        output(&run).await,
+        format!("in a container on {}\n", hosts.hosts[0].addr)
+    );
+    let job = run.jobs().unwrap().pop().unwrap();
+    assert_eq!(job.instance_id.as_deref(), Some(instances[0].id.as_str()));
+    client.engine().delete_fleet(&fleet, true).await.unwrap();
+}

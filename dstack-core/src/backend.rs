@@ -56,6 +56,8 @@ pub struct Deployed {
     pub backend_data: serde_json::Value,
     /// The login session jobs get on the host.
     pub session: crate::model::HostSession,
+    /// Whether the host's agent has a container engine (runs `image:` jobs).
+    pub containers: bool,
 }
 
 /// A provider of instances.

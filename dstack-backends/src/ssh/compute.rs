@@ -3,7 +3,7 @@
 //! through an SSH channel (one pooled connection per host), and `terminate_instance` stops
 //! the agent and removes what was installed.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -33,6 +33,9 @@ pub struct SshInstanceData {
     /// The host's `blocks:` as configured (kept for the engine).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blocks: Option<serde_json::Value>,
+    /// The fleet's `env`, which the agent gets too.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
 }
 
 /// SSH hosts as a backend.
@@ -114,14 +117,15 @@ impl SshCompute {
             .install(&session, &self.agent_bin)
             .await
             .map_err(to_compute)?;
-        let host = agent.start(&link).await.map_err(to_compute)?;
+        let health = agent.start(&link, &data.env).await.map_err(to_compute)?;
         data.dir = Some(agent.dir.clone());
         let backend_data = serde_json::to_value(&data)
             .map_err(|e| ComputeError::Other(format!("cannot record the host: {e}")))?;
         Ok(Deployed {
-            host,
+            host: health.host,
             backend_data,
             session: session_info,
+            containers: health.containers.is_some(),
         })
     }
 

@@ -5,7 +5,7 @@
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::Path;
 
-use dstack_core::agent::{AgentClient, AgentDialer, AgentStream, HostInfo};
+use dstack_core::agent::{AgentClient, AgentDialer, AgentStream, Healthcheck};
 use dstack_core::backend::BoxFuture;
 use std::sync::Arc;
 
@@ -60,28 +60,34 @@ impl RemoteAgent {
         session.run(&command, Some(&bytes)).await.map(drop)
     }
 
-    /// Starts the agent if it does not answer; returns what the host has.
-    pub async fn start(&self, link: &Arc<HostLink>) -> Result<HostInfo, SshError> {
+    /// Starts the agent (with `env`) if it does not answer; returns its healthcheck.
+    pub async fn start(
+        &self,
+        link: &Arc<HostLink>,
+        env: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Healthcheck, SshError> {
         let client = self.client(link.clone());
         let session = link.session().await?;
         if let Ok(health) = client.healthcheck().await {
-            return Ok(health.host);
+            return Ok(health);
         }
+        // The fleet's env reaches the agent too (e.g. DOCKER_HOST for its container engine).
+        let env: Vec<String> = env
+            .iter()
+            .map(|(k, v)| quote(&format!("{k}={v}")))
+            .collect();
         let command = format!(
-            "{} serve --detach --socket {} --state-dir {}",
+            "env {} {} serve --detach --socket {} --state-dir {}",
+            env.join(" "),
             quote(&self.binary()),
             quote(&self.socket()),
             quote(&self.state_dir())
         );
         session.run(&command, None).await?;
-        client
-            .healthcheck()
-            .await
-            .map(|h| h.host)
-            .map_err(|e| SshError::Session {
-                target: session.target().to_string(),
-                message: format!("the agent started but does not answer: {e}"),
-            })
+        client.healthcheck().await.map_err(|e| SshError::Session {
+            target: session.target().to_string(),
+            message: format!("the agent started but does not answer: {e}"),
+        })
     }
 
     /// Stops the agent (its jobs end with it) and removes the directory.

@@ -141,8 +141,8 @@ impl Inner {
                 configuration.type_name()
             )));
         };
-        let (fleet, wanted) = self.record_fleet(config, configuration)?;
         let env = fleet_env(config)?;
+        let (fleet, wanted) = self.record_fleet(config, configuration, &env)?;
         let mut deployments = Vec::new();
         for instance in wanted {
             deployments.push(self.deploy(instance, &env, progress));
@@ -171,6 +171,7 @@ impl Inner {
         &self,
         config: &FleetConfiguration,
         configuration: &Configuration,
+        env: &BTreeMap<String, String>,
     ) -> Result<(Fleet, Vec<Instance>), EngineError> {
         let ssh = config.ssh_config.as_ref().ok_or_else(|| {
             EngineError::Unsupported(
@@ -198,8 +199,11 @@ impl Inner {
         let home = user_home();
         let mut hosts = BTreeMap::new();
         for entry in &ssh.hosts {
-            let (key, data) =
+            let (key, mut data) =
                 host_data(ssh, entry, config.blocks, &home).map_err(EngineError::Invalid)?;
+            if !env.is_empty() {
+                data["env"] = serde_json::to_value(env).unwrap_or_default();
+            }
             if hosts.insert(key.clone(), data).is_some() {
                 return Err(EngineError::Invalid(format!("host {key} is listed twice")));
             }
@@ -286,6 +290,7 @@ impl Inner {
                 status_message: None,
                 unreachable: false,
                 blocks: None,
+                containers: false,
             };
             self.store.put_instance(&instance)?;
             wanted.push(instance);
@@ -319,6 +324,7 @@ impl Inner {
         match result {
             Ok((deployed, blocks)) => {
                 instance.blocks = Some(blocks);
+                instance.containers = deployed.containers;
                 instance.host = deployed.host;
                 instance.backend_data = deployed.backend_data;
                 let mut session = deployed.session;

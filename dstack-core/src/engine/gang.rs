@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::scheduler::{eligible, fit, fleet_selection};
+use super::scheduler::{eligible, fit};
 use super::{jobs, runs, Inner};
 use crate::config::Configuration;
 use crate::model::{Fleet, Instance, Job, JobStatus, JobTerminationReason, Reservation};
@@ -43,8 +43,7 @@ pub(crate) async fn place(
     waiting.sort_by_key(|j| j.job_num);
     let common = super::command::common(config);
     let spec = &common.resources;
-    let selection = fleet_selection(common);
-    let candidates = eligible(instances, fleets, selection.as_deref());
+    let candidates = eligible(instances, fleets, common);
     // Hosts that could ever run a node, per cluster fleet.
     let mut clusters: Vec<(&Fleet, Vec<&Instance>)> = fleets
         .iter()

@@ -478,7 +478,10 @@ impl Inner {
                 )))
             }
         };
-        let containers = self.backends.iter().any(|b| b.supports_containers());
+        let containers = self.backends.iter().any(|b| b.supports_containers())
+            || self.store.instances()?.iter().any(|i| {
+                i.containers && matches!(i.status, InstanceStatus::Idle | InstanceStatus::Busy)
+            });
         if (common.image.is_some() || common.docker == Some(true)) && !containers {
             return Err(EngineError::Unsupported(
                 "container runtime not available on this backend yet: `image:` and `docker:` need \
@@ -521,8 +524,7 @@ impl Inner {
             })
             .collect();
         let fleets = self.store.fleets()?;
-        let selection = scheduler::fleet_selection(common);
-        for instance in scheduler::eligible(&ready, &fleets, selection.as_deref()) {
+        for instance in scheduler::eligible(&ready, &fleets, common) {
             match mismatch(spec, &instance.host) {
                 Some(reason) => reasons.push(format!("{}: {reason}", instance.name)),
                 None => {
@@ -608,9 +610,11 @@ impl Inner {
             if let Some(existing) = instances.iter().find(|i| i.backend == "local") {
                 let client = backend.connect(existing).await?;
                 let health = client.healthcheck().await?;
-                if health.host != existing.host {
+                let containers = health.containers.is_some();
+                if health.host != existing.host || containers != existing.containers {
                     let mut updated = existing.clone();
                     updated.host = health.host;
+                    updated.containers = containers;
                     self.store.put_instance(&updated)?;
                 }
                 continue;
@@ -645,6 +649,7 @@ impl Inner {
                 status_message: None,
                 unreachable: false,
                 blocks: None,
+                containers: backend.supports_containers(),
             };
             self.store.put_instance(&instance)?;
         }

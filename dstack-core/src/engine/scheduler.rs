@@ -71,7 +71,7 @@ async fn pass(inner: &Arc<Inner>) {
         let common = super::command::common(&config);
         let spec = &common.resources;
         let selection = fleet_selection(common);
-        let candidates = eligible(&instances, &fleets, selection.as_deref());
+        let candidates = eligible(&instances, &fleets, common);
         let reasons: Vec<String> = candidates
             .iter()
             .filter_map(|i| mismatch(spec, &i.host).map(|r| format!("{}: {r}", i.name)))
@@ -165,16 +165,20 @@ pub(crate) fn fleet_selection(common: &crate::config::run::RunCommon) -> Option<
         .map(|refs| refs.iter().map(|r| r.name.clone()).collect())
 }
 
-/// The instances a run may use: all of them, or those of the selected fleets.
+/// The instances a run may use: all of them, or those of the selected fleets; only those
+/// with a container engine for `image:` runs.
 pub(crate) fn eligible<'a>(
     instances: &'a [Instance],
     fleets: &[Fleet],
-    selection: Option<&[String]>,
+    common: &crate::config::run::RunCommon,
 ) -> Vec<&'a Instance> {
+    let selection = fleet_selection(common);
+    let containers = common.image.is_some() || common.docker == Some(true);
     instances
         .iter()
+        .filter(|i| !containers || i.containers)
         .filter(|i| {
-            selection.is_none_or(|names| {
+            selection.as_ref().is_none_or(|names| {
                 fleets
                     .iter()
                     .any(|f| f.id == i.fleet_id && names.contains(&f.name))

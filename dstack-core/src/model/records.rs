@@ -175,6 +175,9 @@ pub struct Instance {
     /// host by their resource minimums (this machine).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blocks: Option<u32>,
+    /// Its agent has a container engine: `image:` jobs may run there.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub containers: bool,
     /// Its agent cannot be reached now: no new jobs go there until it answers again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unreachable: bool,
