@@ -1,7 +1,8 @@
 //! Running a job in a container through the Docker Engine API (Docker, or podman's
 //! compatible service): the image is used when present and pulled otherwise (progress in the
-//! job's log), the container gets the job's environment, working directory, user, mounts and
-//! ports (published on 127.0.0.1), its output goes to the job's log like a process's, a stop
+//! job's log), the container gets the job's environment, working directory, user, mounts,
+//! ports (published on 127.0.0.1), its reservation as CPU and memory limits and its GPUs
+//! (device requests), its output goes to the job's log like a process's, a stop
 //! sends SIGTERM and kills after the grace period, and the container is removed at the end.
 
 use std::collections::HashMap;
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use bollard::auth::DockerCredentials;
 use bollard::container::LogOutput;
-use bollard::models::{ContainerCreateBody, HostConfig, PortBinding};
+use bollard::models::{ContainerCreateBody, DeviceRequest, HostConfig, PortBinding};
 use bollard::query_parameters::{
     CreateContainerOptions, CreateImageOptions, KillContainerOptions, LogsOptions,
     RemoveContainerOptions, StopContainerOptions,
@@ -256,6 +257,16 @@ fn create_body(spec: &JobSubmit, container: &ContainerSpec) -> ContainerCreateBo
             port_bindings: Some(port_bindings),
             privileged: Some(container.privileged),
             shm_size: container.shm_size_bytes.map(|b| b as i64),
+            nano_cpus: (container.cpus > 0).then(|| i64::from(container.cpus) * 1_000_000_000),
+            memory: (container.memory_mib > 0).then(|| (container.memory_mib as i64) << 20),
+            device_requests: (!container.gpus.is_empty()).then(|| {
+                vec![DeviceRequest {
+                    driver: Some("nvidia".to_string()),
+                    device_ids: Some(container.gpus.iter().map(u32::to_string).collect()),
+                    capabilities: Some(vec![vec!["gpu".to_string()]]),
+                    ..Default::default()
+                }]
+            }),
             ..Default::default()
         }),
         ..Default::default()

@@ -120,6 +120,21 @@ async fn image_jobs_run_in_containers_with_their_env_dir_mounts_and_exit_code() 
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The job's reservation (1 CPU, 0.1 GB → 103 MiB) limits the container.
+    let job = run.jobs().unwrap().pop().unwrap();
+    let limits = Command::new("podman")
+        .args([
+            "inspect",
+            "--format",
+            "{{.HostConfig.NanoCpus}} {{.HostConfig.Memory}}",
+        ])
+        .arg(format!("dstack-{}", job.id))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&limits.stdout).trim(),
+        format!("1000000000 {}", 103u64 << 20)
+    );
     run.stop(false).await.unwrap();
     let stopped = finished(&run).await;
     assert_eq!(stopped.status, RunStatus::Terminated);

@@ -103,6 +103,15 @@ pub struct ContainerSpec {
     /// Registry credentials: `(username, password)`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registry_auth: Option<(String, String)>,
+    /// CPU limit (the job's reservation); 0: none.
+    #[serde(default)]
+    pub cpus: u32,
+    /// Memory limit in MiB (the job's reservation); 0: none.
+    #[serde(default)]
+    pub memory_mib: u64,
+    /// The host GPUs the container gets (indices).
+    #[serde(default)]
+    pub gpus: Vec<u32>,
 }
 
 /// The state of a job on the agent.

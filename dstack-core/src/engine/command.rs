@@ -168,8 +168,9 @@ fn container_argv(
     ))
 }
 
-/// How the agent runs an `image:` job (`None` for jobs run as host processes).
-fn container_spec(config: &Configuration) -> Option<ContainerSpec> {
+/// How the agent runs an `image:` job (`None` for jobs run as host processes), limited to the
+/// job's reservation.
+fn container_spec(config: &Configuration, job: &Job) -> Option<ContainerSpec> {
     let common = common(config);
     let image = common.image.clone()?;
     let mounts = common
@@ -199,6 +200,13 @@ fn container_spec(config: &Configuration) -> Option<ContainerSpec> {
             .registry_auth
             .as_ref()
             .map(|a| (a.username.clone(), a.password.clone())),
+        cpus: job.reservation.as_ref().map_or(0, |r| r.cpus),
+        memory_mib: job.reservation.as_ref().map_or(0, |r| r.memory_mib),
+        gpus: job
+            .reservation
+            .as_ref()
+            .map(|r| r.gpus.clone())
+            .unwrap_or_default(),
     })
 }
 
@@ -267,7 +275,7 @@ pub fn job_submit(
     let common = common(config);
     let session = instance.session.as_ref();
     let master = nodes.first().map_or("127.0.0.1", String::as_str);
-    let mut container = container_spec(config);
+    let mut container = container_spec(config, job);
     // A container starts in the image's working directory unless one is configured.
     let working_dir = match (&container, &common.working_dir) {
         (Some(_), Some(dir)) if dir.starts_with('/') => dir.clone(),
