@@ -257,8 +257,8 @@ fn create_body(spec: &JobSubmit, container: &ContainerSpec) -> ContainerCreateBo
             port_bindings: Some(port_bindings),
             privileged: Some(container.privileged),
             shm_size: container.shm_size_bytes.map(|b| b as i64),
-            nano_cpus: (container.cpus > 0).then(|| i64::from(container.cpus) * 1_000_000_000),
-            memory: (container.memory_mib > 0).then(|| (container.memory_mib as i64) << 20),
+            nano_cpus: (container.cpus > 0).then_some(i64::from(container.cpus) * 1_000_000_000),
+            memory: (container.memory_mib > 0).then_some((container.memory_mib as i64) << 20),
             device_requests: (!container.gpus.is_empty()).then(|| {
                 vec![DeviceRequest {
                     driver: Some("nvidia".to_string()),
