@@ -182,3 +182,49 @@ async fn max_duration_stops_a_container() {
         Some("max_duration_exceeded")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_of_a_container_job_is_reachable_from_the_client_side() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let podman = Podman::start();
+    let home = tempfile::tempdir().unwrap();
+    let client = client(home.path(), &podman).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let yaml = format!(
+        "type: task\nimage: {IMAGE}\nports: [{port}]\nresources: {{cpu: 1.., memory: 0.1GB..}}\n\
+         commands:\n  - echo served > /tmp/index.html\n  \
+         - exec /bin/busybox httpd -f -p {port} -h /tmp\n"
+    );
+    let run = submit(&client, &yaml).await;
+    let forward = loop {
+        if run.status().unwrap() == RunStatus::Running {
+            break run.forward_ports().await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(forward.ports, vec![(port, port)]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut body = String::new();
+    while !body.contains("served") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no answer on port {port}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let Ok(mut conn) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+            continue;
+        };
+        let request = "GET /index.html HTTP/1.0\r\n\r\n";
+        if conn.write_all(request.as_bytes()).await.is_ok() {
+            body.clear();
+            let _ = conn.read_to_string(&mut body).await;
+        }
+    }
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    run.stop(true).await.unwrap();
+    assert_eq!(finished(&run).await.status, RunStatus::Terminated);
+}

@@ -171,14 +171,20 @@ pub async fn ps(client: &Client, args: &PsArgs) -> Result<ExitCode, Failure> {
         let instance = job
             .and_then(|j| j.instance_id.as_deref())
             .and_then(|id| instances.iter().find(|i| i.id == id));
-        let backend = instance.map_or("-", |i| i.backend.as_str());
+        // Which runtime the job uses: a container (`image:`) or a process of the host.
+        let runtime = if run.spec.configuration.get("image").is_some_and(|i| !i.is_null()) {
+            "container"
+        } else {
+            "process"
+        };
+        let backend = instance.map_or("-".to_string(), |i| format!("{} ({runtime})", i.backend));
         let error = job
             .and_then(|j| j.termination_message.clone())
             .filter(|_| run.status == dstack_core::model::RunStatus::Failed)
             .unwrap_or_default();
         table.row(vec![
             run.name.clone(),
-            backend.to_string(),
+            backend.clone(),
             resources,
             if backend == "-" {
                 "-".into()
