@@ -172,7 +172,12 @@ pub async fn ps(client: &Client, args: &PsArgs) -> Result<ExitCode, Failure> {
             .and_then(|j| j.instance_id.as_deref())
             .and_then(|id| instances.iter().find(|i| i.id == id));
         // Which runtime the job uses: a container (`image:`) or a process of the host.
-        let runtime = if run.spec.configuration.get("image").is_some_and(|i| !i.is_null()) {
+        let runtime = if run
+            .spec
+            .configuration
+            .get("image")
+            .is_some_and(|i| !i.is_null())
+        {
             "container"
         } else {
             "process"
