@@ -17,6 +17,7 @@ if ! podman image exists "$image"; then
   for a in sh true echo sleep; do ln -s busybox "$dir/rootfs/bin/$a"; done
   tar -C "$dir/rootfs" -cf "$dir/rootfs.tar" . && podman import "$dir/rootfs.tar" "$image"
 fi
-cargo build -q --release -p dstack-agent -p dstack-backends --example container_latency
+cargo build -q --release -p dstack-agent
+cargo build -q --release -p dstack-backends --example container_latency
 for _ in $(seq 50); do [ -S "$dir/podman.sock" ] && break; sleep 0.1; done
 "$CARGO_TARGET_DIR/release/examples/container_latency" "unix://$dir/podman.sock" "$image" "$n"

@@ -19,7 +19,8 @@ fi
 [ -x "$ours/bin/python" ] || python3 -m venv "$ours"
 "$ours/bin/pip" install -q --disable-pip-version-check "maturin>=1.5,<2"
 MATURIN_PEP517_ARGS="--profile release" "$ours/bin/pip" install -q --disable-pip-version-check --force-reinstall --no-deps .
-cargo build -q --release -p dstack-agent -p dstack-backends --example engine_latency
+cargo build -q --release -p dstack-agent
+cargo build -q --release -p dstack-backends --example engine_latency
 
 "$ours/bin/python" bench/python_api.py import "$ours/bin/python" dstack
 "$theirs/bin/python" bench/python_api.py import "$theirs/bin/python" dstack.api

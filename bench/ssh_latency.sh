@@ -37,5 +37,6 @@ ssh_config:
   identity_file: $dir/client_key
   hosts: [10.231.254.2]
 YAML
-cargo build -q --release -p dstack-agent -p dstack-backends --example ssh_latency
+cargo build -q --release -p dstack-agent
+cargo build -q --release -p dstack-backends --example ssh_latency
 "$CARGO_TARGET_DIR/release/examples/ssh_latency" "$dir/fleet.yml" "$n"

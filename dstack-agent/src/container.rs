@@ -25,6 +25,12 @@ use crate::jobs::Job;
 use crate::logs::LogWriter;
 use crate::state::unix_ms;
 
+/// How often the container is checked for having exited (besides its log stream ending).
+const EXIT_CHECK: Duration = Duration::from_millis(500);
+
+/// How long output may still arrive after the container exited.
+const LOG_DRAIN: Duration = Duration::from_secs(2);
+
 /// The container engine's socket: `$DOCKER_HOST` (`unix://…`), else Docker's or podman's
 /// usual one, if it answers.
 pub async fn detect() -> Option<String> {
@@ -134,6 +140,11 @@ async fn run(
         }),
     );
     let mut logs = std::pin::pin!(logs);
+    // The container's end is watched on its own: a log stream may outlive it (podman keeps
+    // following a container that exited before the stream attached), so once it has exited
+    // the remaining output gets a short drain and no more.
+    let mut check = tokio::time::interval(EXIT_CHECK);
+    let mut drain: Option<tokio::time::Instant> = None;
     let mut stopping: Option<Stopping> = None;
     let deadline = spec
         .max_duration_secs
@@ -153,6 +164,12 @@ async fn run(
                 stopping = Some(Stopping { reason: request.reason, message: None });
                 stop(&docker, &name, if request.abort { 0 } else { request.grace_secs }).await;
             }
+            _ = check.tick(), if drain.is_none() => {
+                if !running(&docker, &name).await {
+                    drain = Some(tokio::time::Instant::now() + LOG_DRAIN);
+                }
+            }
+            () = sleep_until(drain) => break,
             () = sleep_until(deadline), if stopping.is_none() => {
                 let secs = spec.max_duration_secs.unwrap_or_default();
                 stopping = Some(Stopping {
@@ -292,6 +309,14 @@ async fn stop(docker: &Docker, name: &str, grace_secs: u64) {
     tokio::spawn(async move {
         let _ = docker.stop_container(&name, Some(options)).await;
     });
+}
+
+/// Whether the container still runs (an error counts as running: the log stream decides).
+async fn running(docker: &Docker, name: &str) -> bool {
+    match docker.inspect_container(name, None).await {
+        Ok(inspected) => inspected.state.and_then(|s| s.running).unwrap_or(true),
+        Err(_) => true,
+    }
 }
 
 async fn exit_code(docker: &Docker, name: &str) -> Option<i64> {

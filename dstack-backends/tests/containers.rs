@@ -228,3 +228,21 @@ async fn a_port_of_a_container_job_is_reachable_from_the_client_side() {
     run.stop(true).await.unwrap();
     assert_eq!(finished(&run).await.status, RunStatus::Terminated);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_that_exit_at_once_finish_their_jobs() {
+    let podman = Podman::start();
+    let home = tempfile::tempdir().unwrap();
+    let client = client(home.path(), &podman).await;
+    let yaml = format!(
+        "type: task\nimage: {IMAGE}\nresources: {{cpu: 1.., memory: 0.1GB..}}\ncommands: ['true']\n"
+    );
+    for _ in 0..3 {
+        let run = submit(&client, &yaml).await;
+        let record = tokio::time::timeout(Duration::from_secs(30), run.wait())
+            .await
+            .expect("a container that exits before its logs are followed still ends its job")
+            .unwrap();
+        assert_eq!(record.status, RunStatus::Done);
+    }
+}
