@@ -11,9 +11,10 @@ import pytest
 
 CHILD = """
 import sys, time
-from dstack.api import Client, Task
+from dstack.api import Client, Resources, Task
 client = Client.from_config()
-run = client.runs.apply_configuration(Task(commands=["echo started; sleep 60"]))
+task = Task(commands=["echo started; sleep 60"], resources=Resources(cpu="1..", memory="0.1GB.."))
+run = client.runs.apply_configuration(task)
 run.attach()
 try:
     print("ready", flush=True)
@@ -33,17 +34,20 @@ except KeyboardInterrupt:
 
 @pytest.mark.parametrize("call", ["wait", "logs"])
 def test_ctrl_c_interrupts_and_the_run_keeps_running(home: Path, call: str) -> None:
-    with subprocess.Popen(
+    stderr_path = home / "child.stderr"
+    with stderr_path.open("w") as stderr, subprocess.Popen(
         [sys.executable, "-c", CHILD, call],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
+        stderr=stderr,
         text=True,
         env=dict(os.environ, DSTACK_HOME=str(home)),
     ) as child:
         assert child.stdout is not None and child.stdin is not None
         assert child.stdout.readline().strip() == "ready"
         child.send_signal(signal.SIGINT)
-        assert child.stdout.readline().strip() == "interrupted"
+        line = child.stdout.readline().strip()
+        assert line == "interrupted", f"child said {line!r}; stderr:\n{stderr_path.read_text()}"
         child.stdin.write("\n")
         child.stdin.flush()
         assert child.stdout.readline().strip() == "running"
