@@ -24,6 +24,7 @@ use tokio::sync::mpsc;
 use crate::jobs::Job;
 use crate::logs::LogWriter;
 use crate::state::unix_ms;
+use crate::supervisor::{finished, sleep_until, Stopping};
 
 /// How often the container is checked for having exited (besides its log stream ending).
 const EXIT_CHECK: Duration = Duration::from_millis(500);
@@ -66,12 +67,6 @@ pub(crate) fn supervise(
         let info = run(&job, socket, log, stop_requests).await;
         job.transition(info);
     });
-}
-
-/// Why a job is being stopped.
-struct Stopping {
-    reason: String,
-    message: Option<String>,
 }
 
 async fn run(
@@ -180,9 +175,15 @@ async fn run(
             }
         }
     }
-    let code = exit_code(&docker, &name).await;
+    let code = exit_code(&docker, &name)
+        .await
+        .map(|c| i32::try_from(c).unwrap_or(-1));
     remove(&docker, &name).await;
-    ended(job.info(), code, stopping)
+    let description = match code {
+        Some(c) => format!("the container exited with status {c}"),
+        None => "the container's exit status is unknown".to_string(),
+    };
+    finished(job.info(), code, description, stopping)
 }
 
 /// Uses the image when present, pulls it otherwise (progress lines go to the job's log).
@@ -332,13 +333,6 @@ async fn remove(docker: &Docker, name: &str) {
     let _ = docker.remove_container(name, Some(options)).await;
 }
 
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
-}
-
 fn failed(job: &Job, reason: &str, message: &str) -> JobInfo {
     JobInfo {
         status: AgentJobStatus::Failed,
@@ -346,31 +340,5 @@ fn failed(job: &Job, reason: &str, message: &str) -> JobInfo {
         termination_message: Some(message.to_string()),
         finished_at_ms: Some(unix_ms()),
         ..job.info()
-    }
-}
-
-fn ended(job: JobInfo, code: Option<i64>, stopping: Option<Stopping>) -> JobInfo {
-    let exit_status = code.map(|c| i32::try_from(c).unwrap_or(-1));
-    let (status, reason, message) = match (stopping, exit_status) {
-        (Some(stop), _) => (AgentJobStatus::Terminated, stop.reason, stop.message),
-        (None, Some(0)) => (AgentJobStatus::Done, "done_by_runner".to_string(), None),
-        (None, Some(c)) => (
-            AgentJobStatus::Failed,
-            "container_exited_with_error".to_string(),
-            Some(format!("the container exited with status {c}")),
-        ),
-        (None, None) => (
-            AgentJobStatus::Failed,
-            "executor_error".to_string(),
-            Some("the container's exit status is unknown".to_string()),
-        ),
-    };
-    JobInfo {
-        status,
-        exit_status,
-        termination_reason: Some(reason),
-        termination_message: message,
-        finished_at_ms: Some(unix_ms()),
-        ..job
     }
 }

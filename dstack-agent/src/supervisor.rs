@@ -110,9 +110,11 @@ pub(crate) fn supervise(
 }
 
 /// Why a job is being stopped.
-struct Stopping {
-    reason: String,
-    message: Option<String>,
+pub(crate) struct Stopping {
+    /// The termination reason.
+    pub reason: String,
+    /// What to tell the user, when more than how the job ended.
+    pub message: Option<String>,
 }
 
 async fn run(
@@ -172,7 +174,7 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
 }
 
 /// Sleeps until `deadline`; forever without one.
-async fn sleep_until(deadline: Option<Instant>) {
+pub(crate) async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
@@ -181,13 +183,28 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 /// The final state of a job whose process ended with `status`.
 fn ended(job: JobInfo, status: io::Result<ExitStatus>, stopping: Option<Stopping>) -> JobInfo {
-    let (exit_status, description) = match status {
+    match status {
         Ok(status) => {
             let (code, description) = describe_exit(status);
-            (Some(code), description)
+            finished(job, Some(code), description, stopping)
         }
-        Err(e) => (None, format!("cannot wait for the process: {e}")),
-    };
+        Err(e) => finished(
+            job,
+            None,
+            format!("cannot wait for the process: {e}"),
+            stopping,
+        ),
+    }
+}
+
+/// The final state of a job (process or container) that ended with `exit_status` (`None`:
+/// unknown), `description` saying how, after `stopping` if it was being stopped.
+pub(crate) fn finished(
+    job: JobInfo,
+    exit_status: Option<i32>,
+    description: String,
+    stopping: Option<Stopping>,
+) -> JobInfo {
     let (status, reason, message) = match (stopping, exit_status) {
         (Some(stop), _) => (
             AgentJobStatus::Terminated,

@@ -2,6 +2,8 @@
 //! directly. `cargo run --release -p dstack-backends --example engine_latency [N] [SWEEP]`
 //! (defaults: 200 sequential runs, a sweep of 1000). Results go to BENCHMARKS.md.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,21 +15,6 @@ use dstack_core::{Client, ClientOptions};
 
 const TASK: &str =
     "type: task\nshell: sh\ncommands: ['true']\nresources: {cpu: CPUS, memory: 0.1GB.., disk: 1GB..}\n";
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
-fn report(label: &str, mut samples: Vec<Duration>) -> Duration {
-    samples.sort();
-    let p50 = percentile(&samples, 0.5);
-    println!(
-        "{label:<34} p50 {:>8.2} ms   p99 {:>8.2} ms",
-        p50.as_secs_f64() * 1e3,
-        percentile(&samples, 0.99).as_secs_f64() * 1e3
-    );
-    p50
-}
 
 fn spawn_true() {
     let status = std::process::Command::new("sh")
@@ -73,36 +60,11 @@ async fn main() {
             t.elapsed()
         })
         .collect();
-    let floor_p50 = report("floor: spawn `sh -c true`", floor);
+    let floor_p50 = common::report("floor: spawn `sh -c true`", floor);
 
-    let mut to_running = Vec::with_capacity(n);
-    let mut to_done = Vec::with_capacity(n);
-    for _ in 0..n {
-        let mut changes = client.engine().subscribe();
-        let t = Instant::now();
-        let run = client
-            .runs()
-            .apply(config.clone(), apply_opts())
-            .await
-            .expect("apply");
-        loop {
-            let change = changes.recv().await.expect("changes");
-            if change.run_id == run.id()
-                && matches!(
-                    change.status,
-                    RunStatus::Running | RunStatus::Done | RunStatus::Terminating
-                )
-            {
-                to_running.push(t.elapsed());
-                break;
-            }
-        }
-        let finished = run.wait().await.expect("wait");
-        to_done.push(t.elapsed());
-        assert_eq!(finished.status, RunStatus::Done);
-    }
-    let running_p50 = report("engine: submit -> running", to_running);
-    report("engine: submit -> done", to_done);
+    let (to_running, to_done) = common::sequential_runs(&client, &config, apply_opts, n).await;
+    let running_p50 = common::report("engine: submit -> running", to_running);
+    common::report("engine: submit -> done", to_done);
     println!(
         "overhead over the floor (p50, submit -> running): {:.2} ms",
         (running_p50.as_secs_f64() - floor_p50.as_secs_f64()) * 1e3

@@ -2,28 +2,16 @@
 //! the same kind of pooled SSH connection). `bench/ssh_latency.sh` sets up a host in a network
 //! namespace and runs: `ssh_latency FLEET_FILE [N]` (default 200 sequential runs).
 
+mod common;
+
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use dstack_backends::local::{find_agent_binary, LocalBackend};
 use dstack_backends::ssh::{KnownHosts, SshCompute, SshSession, SshTarget};
 use dstack_core::config::{parse, Configuration};
 use dstack_core::engine::{ApplyOptions, EngineOptions};
-use dstack_core::model::RunStatus;
 use dstack_core::{Client, ClientOptions};
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
-fn report(label: &str, mut samples: Vec<Duration>) {
-    samples.sort();
-    println!(
-        "{label:<40} p50 {:>8.2} ms   p99 {:>8.2} ms",
-        percentile(&samples, 0.5).as_secs_f64() * 1e3,
-        percentile(&samples, 0.99).as_secs_f64() * 1e3
-    );
-}
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
@@ -76,40 +64,17 @@ async fn main() {
         session.run("true", None).await.expect("exec");
         floor.push(t.elapsed());
     }
-    report("floor: `true` over a pooled SSH session", floor);
+    common::report("floor: `true` over a pooled SSH session", floor);
 
     let task = format!(
         "type: task\nfleets: [{name}]\nshell: sh\ncommands: ['true']\n\
          resources: {{cpu: 1.., memory: 0.1GB.., disk: 1GB..}}\n"
     );
     let config = parse(&task, "bench").expect("valid task");
-    let mut to_running = Vec::with_capacity(n);
-    let mut to_done = Vec::with_capacity(n);
-    for _ in 0..n {
-        let mut changes = client.engine().subscribe();
-        let t = Instant::now();
-        let run = client
-            .runs()
-            .apply(config.clone(), ApplyOptions::default())
-            .await
-            .expect("apply");
-        loop {
-            let change = changes.recv().await.expect("changes");
-            if change.run_id == run.id()
-                && matches!(
-                    change.status,
-                    RunStatus::Running | RunStatus::Done | RunStatus::Terminating
-                )
-            {
-                to_running.push(t.elapsed());
-                break;
-            }
-        }
-        assert_eq!(run.wait().await.expect("wait").status, RunStatus::Done);
-        to_done.push(t.elapsed());
-    }
-    report("ssh host: submit -> running", to_running);
-    report("ssh host: submit -> done", to_done);
+    let (to_running, to_done) =
+        common::sequential_runs(&client, &config, ApplyOptions::default, n).await;
+    common::report("ssh host: submit -> running", to_running);
+    common::report("ssh host: submit -> done", to_done);
     client
         .engine()
         .delete_fleet(&name, true)

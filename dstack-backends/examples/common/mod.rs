@@ -1,0 +1,60 @@
+//! Measuring helpers shared by the latency examples.
+
+use std::time::{Duration, Instant};
+
+use dstack_core::config::Configuration;
+use dstack_core::engine::ApplyOptions;
+use dstack_core::model::RunStatus;
+use dstack_core::Client;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Prints p50 and p99 of `samples` and returns the p50.
+pub fn report(label: &str, mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    let p50 = percentile(&samples, 0.5);
+    println!(
+        "{label:<44} p50 {:>8.2} ms   p99 {:>8.2} ms",
+        p50.as_secs_f64() * 1e3,
+        percentile(&samples, 0.99).as_secs_f64() * 1e3
+    );
+    p50
+}
+
+/// Applies `config` `n` times, one run after the other; returns the submit→running and
+/// submit→done times (a run that finishes before it is seen running counts as running then).
+pub async fn sequential_runs(
+    client: &Client,
+    config: &Configuration,
+    options: impl Fn() -> ApplyOptions,
+    n: usize,
+) -> (Vec<Duration>, Vec<Duration>) {
+    let mut to_running = Vec::with_capacity(n);
+    let mut to_done = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut changes = client.engine().subscribe();
+        let t = Instant::now();
+        let run = client
+            .runs()
+            .apply(config.clone(), options())
+            .await
+            .expect("apply");
+        loop {
+            let change = changes.recv().await.expect("changes");
+            if change.run_id == run.id()
+                && matches!(
+                    change.status,
+                    RunStatus::Running | RunStatus::Done | RunStatus::Terminating
+                )
+            {
+                to_running.push(t.elapsed());
+                break;
+            }
+        }
+        assert_eq!(run.wait().await.expect("wait").status, RunStatus::Done);
+        to_done.push(t.elapsed());
+    }
+    (to_running, to_done)
+}
