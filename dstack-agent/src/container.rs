@@ -56,6 +56,26 @@ pub async fn detect() -> Option<String> {
     None
 }
 
+/// The name of the container of job `id`.
+pub(crate) fn name(id: &str) -> String {
+    format!("dstack-{id}")
+}
+
+/// Removes the containers `names` (killing them if they run) from the engine at `socket`.
+pub(crate) async fn remove_all(socket: &str, names: &[String]) {
+    if names.is_empty() {
+        return;
+    }
+    match Docker::connect_with_unix(socket, 60, bollard::API_DEFAULT_VERSION) {
+        Ok(docker) => {
+            for name in names {
+                remove(&docker, name).await;
+            }
+        }
+        Err(e) => eprintln!("dstack-agent: cannot remove containers of lost jobs: {e}"),
+    }
+}
+
 /// Runs `job` in a container on the engine at `socket`, until it ends.
 pub(crate) fn supervise(
     job: Arc<Job>,
@@ -93,7 +113,7 @@ async fn run(
     if let Err(message) = ensure_image(&docker, &container, job, &mut log).await {
         return failed(job, "creating_container_error", &message);
     }
-    let name = format!("dstack-{}", spec.id);
+    let name = name(&spec.id);
     let _ = docker
         .remove_container(
             &name,

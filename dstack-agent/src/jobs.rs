@@ -13,6 +13,7 @@ use futures_util::Stream;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{broadcast, mpsc, watch};
 
+use crate::container;
 use crate::journal::{JobRecord, Journal};
 use crate::logs::{self, LogWriter};
 use crate::process::ProcessGroup;
@@ -113,6 +114,8 @@ pub(crate) struct Jobs {
     events: broadcast::Sender<JobInfo>,
     /// The container engine's socket, for `image:` jobs.
     containers: Option<String>,
+    /// The containers of jobs that were running when the previous agent stopped.
+    lost_containers: Vec<String>,
 }
 
 impl Jobs {
@@ -131,6 +134,7 @@ impl Jobs {
         let journal = Arc::new(journal);
         let (events, _) = broadcast::channel(EVENT_BACKLOG);
         let mut jobs = BTreeMap::new();
+        let mut lost_containers = Vec::new();
         for record in records {
             // Only a hand-edited journal holds ids that could name a path outside `root`.
             if let Err(e) = validate(&record.spec) {
@@ -161,6 +165,9 @@ impl Jobs {
                 if let Some(group) = &job.process {
                     group.kill_leftovers();
                 }
+                if job.spec.container.is_some() {
+                    lost_containers.push(container::name(&job.spec.id));
+                }
                 job.transition(failed(info, "executor_error", LOST_MESSAGE, &mut log));
             }
             jobs.insert(job.spec.id.clone(), Arc::new(job));
@@ -171,7 +178,16 @@ impl Jobs {
             jobs: Mutex::new(jobs),
             events,
             containers: None,
+            lost_containers,
         })
+    }
+
+    /// Removes the containers of the jobs recovery found lost (their agent could no longer
+    /// follow them), so none keeps running or lingers; needs the container engine.
+    pub async fn remove_lost_containers(&self) {
+        if let Some(socket) = &self.containers {
+            container::remove_all(socket, &self.lost_containers).await;
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Job>>> {

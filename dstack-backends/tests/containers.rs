@@ -9,7 +9,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::podman::{Podman, IMAGE};
+use common::podman::{Podman, DIND_IMAGE, IMAGE};
 
 use dstack_backends::local::{find_agent_binary, LocalBackend};
 use dstack_core::config::parse;
@@ -244,5 +244,84 @@ async fn containers_that_exit_at_once_finish_their_jobs() {
             .expect("a container that exits before its logs are followed still ends its job")
             .unwrap();
         assert_eq!(record.status, RunStatus::Done);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_true_runs_the_dind_image_privileged_after_start_dockerd() {
+    let podman = Podman::start();
+    let home = tempfile::tempdir().unwrap();
+    let client = client(home.path(), &podman).await;
+    let yaml = "type: task\ndocker: true\nresources: {cpu: 1.., memory: 0.1GB..}\n\
+                commands:\n  - test -f /tmp/dockerd.started\n  - cat /proc/self/status\n";
+    let run = submit(&client, yaml).await;
+    assert_eq!(
+        finished(&run).await.status,
+        RunStatus::Done,
+        "{:?}",
+        run.jobs()
+    );
+    let out = output(&run).await;
+    assert!(out.starts_with("dockerd started\n"), "{out}");
+    // Privileged: every capability is effective (a default container has about a dozen).
+    let effective = out
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|hex| u64::from_str_radix(hex.trim(), 16).unwrap())
+        .unwrap();
+    assert!(effective.count_ones() >= 38, "CapEff {effective:x}");
+    // The stand-in is what ran: its start-dockerd wrote the first line.
+    assert!(Command::new("podman")
+        .args(["image", "exists", DIND_IMAGE])
+        .status()
+        .unwrap()
+        .success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_removes_the_containers_of_jobs_it_lost() {
+    let podman = Podman::start();
+    let home = tempfile::tempdir().unwrap();
+    let client = client(home.path(), &podman).await;
+    let yaml = format!(
+        "type: task\nimage: {IMAGE}\nresources: {{cpu: 1.., memory: 0.1GB..}}\ncommands: [echo up, sleep 300]\n"
+    );
+    let run = submit(&client, &yaml).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !output(&run).await.contains("up") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the container started"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let job = run.jobs().unwrap().pop().unwrap();
+    let container = format!("dstack-{}", job.id);
+    let pid = std::fs::read_to_string(home.path().join("agent/agent.pid")).unwrap();
+    let killed = Command::new("kill")
+        .args(["-9", pid.trim()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    // The engine restarts the agent; the new agent reports the job lost and removes its
+    // container.
+    let record = finished(&run).await;
+    assert_eq!(record.status, RunStatus::Failed);
+    let job = run.jobs().unwrap().pop().unwrap();
+    assert_eq!(job.termination_reason.as_deref(), Some("executor_error"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let exists = Command::new("podman")
+            .args(["container", "exists", &container])
+            .status()
+            .unwrap();
+        if !exists.success() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the lost job's container {container} is still there"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

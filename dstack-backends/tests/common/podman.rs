@@ -8,6 +8,20 @@ use std::time::Duration;
 /// The test image (a busybox root file system).
 pub const IMAGE: &str = "localhost/dstack-test-busybox:latest";
 
+/// A stand-in for dstack's Docker-in-Docker image, under the name `docker: true` runs use
+/// (no registry is reachable, and no Docker daemon can be installed here): busybox with a
+/// `bash` and a `start-dockerd` that only reports that it ran.
+pub const DIND_IMAGE: &str = "docker.io/dstackai/dind:latest";
+
+/// The files of the Docker-in-Docker stand-in besides busybox: `(path, script)`.
+const DIND_FILES: [(&str, &str); 2] = [
+    ("bin/bash", "#!/bin/sh\nexec /bin/sh \"$@\"\n"),
+    (
+        "usr/local/bin/start-dockerd",
+        "#!/bin/sh\necho dockerd started\ntouch /tmp/dockerd.started\n",
+    ),
+];
+
 /// A podman API service on a private socket; stopped on drop.
 pub struct Podman {
     service: Child,
@@ -37,7 +51,8 @@ impl Podman {
             std::thread::sleep(Duration::from_millis(100));
         }
         assert!(socket.exists(), "podman service did not start");
-        build_image(dir.path());
+        build_image(&dir.path().join("busybox"), IMAGE, &[]);
+        build_image(&dir.path().join("dind"), DIND_IMAGE, &DIND_FILES);
         Podman {
             service,
             socket,
@@ -53,10 +68,11 @@ impl Drop for Podman {
     }
 }
 
-/// A busybox root file system imported as an image (once per machine).
-fn build_image(scratch: &Path) {
+/// A busybox root file system with `files` (executable scripts) imported as image `name`
+/// (once per machine).
+fn build_image(scratch: &Path, name: &str, files: &[(&str, &str)]) {
     let present = Command::new("podman")
-        .args(["image", "exists", IMAGE])
+        .args(["image", "exists", name])
         .status()
         .unwrap();
     if present.success() {
@@ -72,6 +88,13 @@ fn build_image(scratch: &Path) {
     ] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
     }
+    for (path, script) in files {
+        let path = root.join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, script).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+    }
     let tar = scratch.join("rootfs.tar");
     let status = Command::new("tar")
         .arg("-C")
@@ -85,7 +108,7 @@ fn build_image(scratch: &Path) {
     let status = Command::new("podman")
         .arg("import")
         .arg(&tar)
-        .arg(IMAGE)
+        .arg(name)
         .status()
         .unwrap();
     assert!(status.success(), "podman import");

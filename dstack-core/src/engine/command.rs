@@ -15,6 +15,13 @@ use crate::model::{HostSession, Instance, Job, Run};
 #[error("{0}")]
 pub struct CommandError(pub String);
 
+/// The image of `docker: true` runs (Docker-in-Docker), as dstack's.
+pub const DIND_IMAGE: &str = "dstackai/dind";
+
+/// The command that starts the Docker daemon inside [`DIND_IMAGE`], run before the commands
+/// of `docker: true` runs.
+const DIND_PROLOGUE: &str = "start-dockerd";
+
 /// The shell that runs `commands`: the configured one, else bash when present, else sh.
 fn shell(common: &RunCommon) -> String {
     match common.shell.as_deref() {
@@ -146,20 +153,27 @@ pub fn argv(config: &Configuration) -> Result<Vec<String>, CommandError> {
 
 /// What a container job runs: with `entrypoint`, the entrypoint is replaced and the commands
 /// are its arguments; with commands only, the configured shell (`/bin/sh` by default in custom
-/// images) runs them joined with `&&`; with neither, the image's own entrypoint and command.
+/// images, bash in dstack's own) runs them joined with `&&` (after `start-dockerd` with
+/// `docker: true`); with neither, the image's own entrypoint and command.
 fn container_argv(
     config: &Configuration,
 ) -> Result<(Option<Vec<String>>, Vec<String>), CommandError> {
-    let (common, commands) = script(config);
+    let (common, mut commands) = script(config);
     if let Some(entrypoint) = &common.entrypoint {
         return Ok((Some(shell_split(entrypoint)?), commands));
     }
     if commands.iter().all(|c| c.trim().is_empty()) {
         return Ok((None, Vec::new()));
     }
+    let dind = common.image.is_none() && common.docker == Some(true);
+    if dind {
+        commands.insert(0, DIND_PROLOGUE.to_string());
+    }
     let shell = match common.shell.as_deref() {
         Some("bash") => "/bin/bash".to_string(),
-        Some("sh") | None => "/bin/sh".to_string(),
+        Some("sh") => "/bin/sh".to_string(),
+        None if dind => "/bin/bash".to_string(),
+        None => "/bin/sh".to_string(),
         Some(path) => path.to_string(),
     };
     Ok((
@@ -168,11 +182,17 @@ fn container_argv(
     ))
 }
 
-/// How the agent runs an `image:` job (`None` for jobs run as host processes), limited to the
-/// job's reservation.
+/// How the agent runs an `image:` or `docker: true` job (`None` for jobs run as host
+/// processes), limited to the job's reservation. `docker: true` runs [`DIND_IMAGE`]
+/// privileged, as dstack does.
 fn container_spec(config: &Configuration, job: &Job) -> Option<ContainerSpec> {
     let common = common(config);
-    let image = common.image.clone()?;
+    let dind = common.docker == Some(true);
+    let image = match &common.image {
+        Some(image) => image.clone(),
+        None if dind => DIND_IMAGE.to_string(),
+        None => return None,
+    };
     let mounts = common
         .volumes
         .iter()
@@ -189,7 +209,7 @@ fn container_spec(config: &Configuration, job: &Job) -> Option<ContainerSpec> {
         image,
         entrypoint: None,
         user: common.user.clone(),
-        privileged: common.privileged,
+        privileged: common.privileged || dind,
         shm_size_bytes: common
             .resources
             .shm_size
@@ -374,6 +394,21 @@ mod tests {
         let c = |v: &[&str]| join_commands(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
         assert_eq!(c(&["echo a", " echo b "]), "echo a && echo b");
         assert_eq!(c(&["sleep 1 &", "echo b"]), "{ sleep 1 & } && echo b");
+    }
+
+    #[test]
+    fn docker_true_runs_start_dockerd_first_in_bash_privileged() {
+        let config =
+            crate::config::parse("type: task\ndocker: true\ncommands: [docker ps]\n", "t.yml")
+                .unwrap();
+        let (entrypoint, argv) = container_argv(&config).unwrap();
+        assert_eq!(entrypoint, None);
+        assert_eq!(argv, ["/bin/bash", "-c", "start-dockerd && docker ps"]);
+        let common = common(&config);
+        assert_eq!(common.docker, Some(true));
+        let custom =
+            crate::config::parse("type: task\nimage: alpine\ncommands: [ls]\n", "t.yml").unwrap();
+        assert_eq!(container_argv(&custom).unwrap().1, ["/bin/sh", "-c", "ls"]);
     }
 
     #[test]
