@@ -26,8 +26,8 @@ use crate::logs::LogWriter;
 use crate::state::unix_ms;
 use crate::supervisor::{finished, sleep_until, Stopping};
 
-/// How often the container is checked for having exited (besides its log stream ending).
-const EXIT_CHECK: Duration = Duration::from_millis(500);
+/// How often the container is checked for having exited when the engine's wait call failed.
+const EXIT_CHECK: Duration = Duration::from_secs(2);
 
 /// How long output may still arrive after the container exited.
 const LOG_DRAIN: Duration = Duration::from_secs(2);
@@ -158,6 +158,9 @@ async fn run(
     // The container's end is watched on its own: a log stream may outlive it (podman keeps
     // following a container that exited before the stream attached), so once it has exited
     // the remaining output gets a short drain and no more.
+    // The engine's wait call reports the exit at once; should it fail, polling takes over.
+    let mut wait = std::pin::pin!(docker.wait_container(&name, None));
+    let mut waiting = true;
     let mut check = tokio::time::interval(EXIT_CHECK);
     let mut drain: Option<tokio::time::Instant> = None;
     let mut stopping: Option<Stopping> = None;
@@ -179,7 +182,13 @@ async fn run(
                 stopping = Some(Stopping { reason: request.reason, message: None });
                 stop(&docker, &name, if request.abort { 0 } else { request.grace_secs }).await;
             }
-            _ = check.tick(), if drain.is_none() => {
+            waited = wait.next(), if waiting && drain.is_none() => match waited {
+                Some(Ok(_) | Err(bollard::errors::Error::DockerContainerWaitError { .. })) => {
+                    drain = Some(tokio::time::Instant::now() + LOG_DRAIN);
+                }
+                Some(Err(_)) | None => waiting = false,
+            },
+            _ = check.tick(), if !waiting && drain.is_none() => {
                 if !running(&docker, &name).await {
                     drain = Some(tokio::time::Instant::now() + LOG_DRAIN);
                 }
