@@ -161,6 +161,7 @@ async fn run(
     // The engine's wait call reports the exit at once; should it fail, polling takes over.
     let mut wait = std::pin::pin!(docker.wait_container(&name, None));
     let mut waiting = true;
+    let mut waited_code: Option<i64> = None;
     let mut check = tokio::time::interval(EXIT_CHECK);
     let mut drain: Option<tokio::time::Instant> = None;
     let mut stopping: Option<Stopping> = None;
@@ -183,8 +184,15 @@ async fn run(
                 stop(&docker, &name, if request.abort { 0 } else { request.grace_secs }).await;
             }
             waited = wait.next(), if waiting && drain.is_none() => match waited {
-                Some(Ok(_) | Err(bollard::errors::Error::DockerContainerWaitError { .. })) => {
-                    drain = Some(tokio::time::Instant::now() + LOG_DRAIN);
+                Some(Ok(bollard::models::ContainerWaitResponse { status_code: code, .. })
+                | Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => {
+                    // Trust the wait only once the container is seen stopped; else wait again.
+                    if running(&docker, &name).await {
+                        wait.set(docker.wait_container(&name, None));
+                    } else {
+                        waited_code = Some(code);
+                        drain = Some(tokio::time::Instant::now() + LOG_DRAIN);
+                    }
                 }
                 Some(Err(_)) | None => waiting = false,
             },
@@ -204,9 +212,11 @@ async fn run(
             }
         }
     }
-    let code = exit_code(&docker, &name)
-        .await
-        .map(|c| i32::try_from(c).unwrap_or(-1));
+    let code = match waited_code {
+        Some(code) => Some(code),
+        None => exit_code(&docker, &name).await,
+    }
+    .map(|c| i32::try_from(c).unwrap_or(-1));
     remove(&docker, &name).await;
     let description = match code {
         Some(c) => format!("the container exited with status {c}"),
@@ -345,13 +355,26 @@ async fn stop(docker: &Docker, name: &str, grace_secs: u64) {
 async fn running(docker: &Docker, name: &str) -> bool {
     match docker.inspect_container(name, None).await {
         Ok(inspected) => inspected.state.and_then(|s| s.running).unwrap_or(true),
-        Err(_) => true,
+        Err(e) => !podman_stopped(&e),
     }
 }
 
 async fn exit_code(docker: &Docker, name: &str) -> Option<i64> {
-    let inspected = docker.inspect_container(name, None).await.ok()?;
-    inspected.state?.exit_code
+    for _ in 0..40 {
+        match docker.inspect_container(name, None).await {
+            Ok(inspected) => return inspected.state?.exit_code,
+            // Until podman settles the state on `exited`, its exit code is not final.
+            Err(e) if podman_stopped(&e) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+/// Whether inspecting failed on podman's transient `stopped` state (which the Docker API, and
+/// so bollard, does not know): the container is no longer running.
+fn podman_stopped(e: &bollard::errors::Error) -> bool {
+    matches!(e, bollard::errors::Error::JsonDataError { message, .. } if message.contains("`stopped`"))
 }
 
 async fn remove(docker: &Docker, name: &str) {
