@@ -204,6 +204,8 @@ impl Compute for LocalBackend {
                 spot: false,
                 resources: health.host,
                 availability: Availability::Available,
+                availability_zones: None,
+                backend_data: serde_json::Value::Null,
             }])
         })
     }

@@ -549,6 +549,8 @@ impl Inner {
                         } else {
                             Availability::Idle
                         },
+                        availability_zones: None,
+                        backend_data: serde_json::Value::Null,
                     });
                 }
             }

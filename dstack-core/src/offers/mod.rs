@@ -1,11 +1,18 @@
 //! Offers and requirement matching.
 //!
+//! Cloud capacity comes from [`catalog`]s in gpuhunt's format, filtered with a
+//! [`query::QueryFilter`] built from a run's requirements.
+//!
 //! An [`Offer`] is capacity a backend can provide (for the local backend: this host). A job's
 //! [`ResourcesSpec`] matches an offer when every minimum fits in it; on a shared host the job
 //! then holds a [`Reservation`] of the minimums (CPUs, memory, whole GPUs), so several jobs run
 //! side by side while their minimums add up within the host.
 
 use serde::{Deserialize, Serialize};
+
+pub mod catalog;
+pub mod gpus;
+pub mod query;
 
 use crate::agent::{GpuInfo, HostInfo};
 use crate::config::resources::{CpuArch, GpuSpec, ResourcesSpec};
@@ -42,6 +49,12 @@ pub struct Offer {
     pub resources: HostInfo,
     /// Availability.
     pub availability: Availability,
+    /// The zones the offer is available in (`None`: unknown or not applicable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub availability_zones: Option<Vec<String>>,
+    /// Provider-specific data from the catalog.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub backend_data: serde_json::Value,
 }
 
 const MIB_PER_GIB: f64 = 1024.0;
