@@ -2,6 +2,7 @@
 //!
 //! - `local` (default): this machine, through a detached `dstack-agent`.
 //! - `ssh` (default): hosts listed in SSH fleets, reached with russh.
+//! - `aws`: AWS EC2 (aws-sdk-ec2), configured in `$DSTACK_HOME/config.yml` ([`config`]).
 
 #[cfg(feature = "local")]
 pub mod local;
@@ -11,3 +12,12 @@ pub use local::embedded_client;
 
 #[cfg(feature = "ssh")]
 pub mod ssh;
+
+pub mod cloud;
+pub mod config;
+
+#[cfg(feature = "ssh")]
+pub mod project;
+
+#[cfg(feature = "aws")]
+pub mod aws;

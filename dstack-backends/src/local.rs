@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dstack_core::agent::AgentClient;
-use dstack_core::backend::{BoxFuture, Compute, ComputeError, CreatedInstance};
+use dstack_core::backend::{BoxFuture, Compute, ComputeError, CreatedInstance, InstanceConfig};
 use dstack_core::engine::{EngineError, EngineOptions};
 use dstack_core::model::Instance;
 use dstack_core::offers::{Availability, Offer};
@@ -213,6 +213,7 @@ impl Compute for LocalBackend {
     fn create_instance<'a>(
         &'a self,
         offer: &'a Offer,
+        _config: &'a InstanceConfig,
     ) -> BoxFuture<'a, Result<CreatedInstance, ComputeError>> {
         Box::pin(async move {
             self.ensure_agent().await?;

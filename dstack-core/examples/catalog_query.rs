@@ -36,7 +36,10 @@ fn main() {
         ..QueryFilter::default()
     };
     let queries = [
-        ("default task (cpu 2.., memory 8GB.., on-demand)", base.clone()),
+        (
+            "default task (cpu 2.., memory 8GB.., on-demand)",
+            base.clone(),
+        ),
         (
             "gpu A100:80GB:2",
             QueryFilter {

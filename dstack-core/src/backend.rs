@@ -11,8 +11,12 @@
 use std::future::Future;
 use std::pin::Pin;
 
+use std::collections::BTreeMap;
+
 use crate::agent::AgentClient;
+use crate::config::range::{Memory, Range};
 use crate::model::Instance;
+use crate::offers::query::QueryFilter;
 use crate::offers::Offer;
 
 /// A boxed, sendable future (the trait is object-safe).
@@ -36,6 +40,40 @@ pub enum ComputeError {
     /// Anything else.
     #[error("{0}")]
     Other(String),
+}
+
+/// What a job or fleet asks of backends that provision new capacity.
+#[derive(Clone, Debug, Default)]
+pub struct OfferRequest {
+    /// Resources, spot choice and price limit, as a catalog filter.
+    pub filter: QueryFilter,
+    /// The requested disk (`None`: dstack's default `100GB..`).
+    pub disk: Option<Range<Memory>>,
+}
+
+/// What a backend needs to create an instance besides its offer.
+#[derive(Clone, Debug)]
+pub struct InstanceConfig {
+    /// The engine's id of the instance (tagged on the cloud resource, so that a resource
+    /// whose creation was not recorded can be found again).
+    pub instance_id: String,
+    /// The instance's name (`<fleet>-<n>`).
+    pub name: String,
+    /// The fleet's name.
+    pub fleet: String,
+    /// Tags from the configuration, besides the backend's own.
+    pub tags: BTreeMap<String, String>,
+}
+
+/// A cloud resource carrying this state's owner tag (see [`Compute::owned_instances`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct OwnedInstance {
+    /// The provider's id of the instance.
+    pub cloud_id: String,
+    /// The engine's instance id it was tagged with, if any.
+    pub instance_id: Option<String>,
+    /// Where it is.
+    pub region: String,
 }
 
 /// What a backend records about an instance it created.
@@ -71,11 +109,53 @@ pub trait Compute: Send + Sync {
     /// Offers this backend can provision now.
     fn offers(&self) -> BoxFuture<'_, Result<Vec<Offer>, ComputeError>>;
 
-    /// Creates an instance from one of its offers.
+    /// Whether the backend provisions new capacity (a cloud) for fleets with `nodes:`.
+    fn creates_instances(&self) -> bool {
+        false
+    }
+
+    /// Offers of new capacity matching `request`, cheapest first (clouds: their catalog in
+    /// their regions). Backends with fixed capacity have none.
+    fn offers_for<'a>(
+        &'a self,
+        request: &'a OfferRequest,
+    ) -> BoxFuture<'a, Result<Vec<Offer>, ComputeError>> {
+        let _ = request;
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    /// Creates an instance from one of its offers. The engine has recorded the instance
+    /// (`config.instance_id`) before calling.
     fn create_instance<'a>(
         &'a self,
         offer: &'a Offer,
+        config: &'a InstanceConfig,
     ) -> BoxFuture<'a, Result<CreatedInstance, ComputeError>>;
+
+    /// Checks on an instance being provisioned: its backend data once it can be deployed
+    /// (e.g. its address is known), `None` while it is still starting. An error means it
+    /// will never be ready. By default instances are ready at once.
+    fn update_provisioning<'a>(
+        &'a self,
+        instance: &'a Instance,
+    ) -> BoxFuture<'a, Result<Option<serde_json::Value>, ComputeError>> {
+        Box::pin(async move { Ok(Some(instance.backend_data.clone())) })
+    }
+
+    /// The instances this state's owner tag is on (to find strays: created but never
+    /// recorded, or recorded as terminated). Backends that create nothing have none.
+    fn owned_instances(&self) -> BoxFuture<'_, Result<Vec<OwnedInstance>, ComputeError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    /// Terminates a resource found by [`Compute::owned_instances`] (idempotent).
+    fn terminate_owned<'a>(
+        &'a self,
+        owned: &'a OwnedInstance,
+    ) -> BoxFuture<'a, Result<(), ComputeError>> {
+        let message = format!("{} cannot terminate {}", self.backend(), owned.cloud_id);
+        Box::pin(async move { Err(ComputeError::NotSupported(message)) })
+    }
 
     /// Prepares an instance the user supplied (an SSH host): installs and starts its agent
     /// and reports what the host has. Backends that create their own instances do not

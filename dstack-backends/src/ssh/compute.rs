@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use dstack_core::agent::{AgentClient, AgentStream};
-use dstack_core::backend::{BoxFuture, Compute, ComputeError, CreatedInstance, Deployed};
+use dstack_core::backend::{
+    BoxFuture, Compute, ComputeError, CreatedInstance, Deployed, InstanceConfig,
+};
 use dstack_core::model::{HostSession, Instance};
 use dstack_core::offers::Offer;
 use serde::{Deserialize, Serialize};
@@ -193,6 +195,7 @@ impl Compute for SshCompute {
     fn create_instance<'a>(
         &'a self,
         _offer: &'a Offer,
+        _config: &'a InstanceConfig,
     ) -> BoxFuture<'a, Result<CreatedInstance, ComputeError>> {
         Box::pin(async {
             Err(ComputeError::NotSupported(

@@ -3,5 +3,6 @@
 // Each test crate uses some of the helpers.
 #![allow(dead_code)]
 
+pub mod moto;
 pub mod netns;
 pub mod podman;

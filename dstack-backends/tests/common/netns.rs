@@ -169,6 +169,16 @@ impl TestHosts {
         }
     }
 
+    /// Lets `public_key` log in as root on every host too.
+    pub fn authorize(&self, public_key: &str) {
+        for host in &self.hosts {
+            let path = host.dir.join("authorized_keys");
+            let mut keys = std::fs::read_to_string(&path).unwrap();
+            keys.push_str(&format!("{public_key}\n"));
+            std::fs::write(&path, keys).unwrap();
+        }
+    }
+
     /// Records that fleet `name` is deployed to these hosts.
     pub fn track(&self, name: &str) {
         self.fleets.lock().unwrap().push(name.to_string());

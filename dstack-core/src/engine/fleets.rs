@@ -1,4 +1,5 @@
-//! Fleets the user applies: SSH fleets, whose hosts are listed in `ssh_config`. Applying one
+//! Fleets the user applies. Backend fleets (`nodes:`) are provisioned by `provision`; here are
+//! SSH fleets, whose hosts are listed in `ssh_config`. Applying one
 //! records the fleet and one instance per host (write before act), then deploys every host at
 //! once; each host ends `idle` (its agent answers) or `terminated` with the reason, so one bad
 //! host never holds back the others. Re-applying keeps the hosts that joined, retries the ones
@@ -141,6 +142,11 @@ impl Inner {
                 configuration.type_name()
             )));
         };
+        if config.ssh_config.is_none() && config.nodes.is_some() {
+            return self
+                .apply_backend_fleet(config, configuration, progress)
+                .await;
+        }
         let env = fleet_env(config)?;
         let (fleet, wanted) = self.record_fleet(config, configuration, &env)?;
         let mut deployments = Vec::new();
@@ -174,10 +180,8 @@ impl Inner {
         env: &BTreeMap<String, String>,
     ) -> Result<(Fleet, Vec<Instance>), EngineError> {
         let ssh = config.ssh_config.as_ref().ok_or_else(|| {
-            EngineError::Unsupported(
-                "only SSH fleets (`ssh_config`) can be applied yet; cloud fleets come with the \
-                 cloud backends"
-                    .to_string(),
+            EngineError::Invalid(
+                "a fleet needs `ssh_config` (your hosts) or `nodes` (cloud instances)".to_string(),
             )
         })?;
         if self.backend(SSH_BACKEND).is_none() {
@@ -186,16 +190,7 @@ impl Inner {
                     .to_string(),
             ));
         }
-        let name = config
-            .name
-            .clone()
-            .ok_or_else(|| EngineError::Invalid("a fleet needs a `name`".to_string()))?;
-        if !super::names::is_valid(&name) || name == "local" {
-            return Err(EngineError::Invalid(format!(
-                "invalid fleet name `{name}`: use 2-41 characters of a-z, 0-9 and -, starting \
-                 with a letter (`local` is the implicit fleet of this machine)"
-            )));
-        }
+        let name = self.fleet_name(config)?;
         let home = user_home();
         let mut hosts = BTreeMap::new();
         for entry in &ssh.hosts {
@@ -289,6 +284,9 @@ impl Inner {
                 session: None,
                 status_message: None,
                 unreachable: false,
+                offer: None,
+                idle_timeout_secs: None,
+                last_job_at_ms: None,
                 blocks: None,
                 containers: false,
             };
@@ -298,8 +296,23 @@ impl Inner {
         Ok((fleet, wanted))
     }
 
+    /// The fleet's name, checked.
+    pub(super) fn fleet_name(&self, config: &FleetConfiguration) -> Result<String, EngineError> {
+        let name = config
+            .name
+            .clone()
+            .ok_or_else(|| EngineError::Invalid("a fleet needs a `name`".to_string()))?;
+        if !super::names::is_valid(&name) || name == "local" {
+            return Err(EngineError::Invalid(format!(
+                "invalid fleet name `{name}`: use 2-41 characters of a-z, 0-9 and -, starting \
+                 with a letter (`local` is the implicit fleet of this machine)"
+            )));
+        }
+        Ok(name)
+    }
+
     /// Deploys one host; returns its instance as recorded afterwards.
-    async fn deploy(
+    pub(super) async fn deploy(
         &self,
         mut instance: Instance,
         env: &BTreeMap<String, String>,
@@ -350,7 +363,7 @@ impl Inner {
         instance
     }
 
-    fn fleet_instances(&self, fleet_id: &str) -> Result<Vec<Instance>, EngineError> {
+    pub(super) fn fleet_instances(&self, fleet_id: &str) -> Result<Vec<Instance>, EngineError> {
         Ok(self
             .store
             .instances()?

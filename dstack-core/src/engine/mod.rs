@@ -13,6 +13,7 @@ pub mod fleets;
 mod gang;
 mod jobs;
 pub mod names;
+mod provision;
 mod runs;
 mod scheduler;
 mod sweep;
@@ -46,6 +47,11 @@ pub struct EngineOptions {
     /// `instance_unreachable` (after the connection is found dead: for SSH hosts, after the
     /// keepalives went unanswered).
     pub unreachable_after: Duration,
+    /// How long a cloud instance may take to become reachable after it was created.
+    pub provisioning_timeout: Duration,
+    /// How old a `pending` instance record must be before a process that did not create it
+    /// takes it as abandoned (its creator stopped mid-way) and reaps what it left.
+    pub orphan_grace: Duration,
 }
 
 impl Default for EngineOptions {
@@ -62,6 +68,8 @@ impl Default for EngineOptions {
             ],
             stop_grace: secs(10),
             unreachable_after: secs(20),
+            provisioning_timeout: secs(600),
+            orphan_grace: secs(120),
         }
     }
 }
@@ -95,7 +103,13 @@ pub struct RunPlan {
     pub offers: Vec<Offer>,
     /// Why there are no offers, when there are none.
     pub no_offers_reason: Option<String>,
+    /// How many offers there are in all (`offers` keeps the first [`PLAN_OFFERS`] of new
+    /// capacity).
+    pub total_offers: usize,
 }
+
+/// How many offers of new capacity a plan lists.
+pub const PLAN_OFFERS: usize = 50;
 
 /// How to apply a configuration.
 #[derive(Clone, Debug, Default)]
@@ -158,6 +172,8 @@ pub(crate) struct Inner {
     /// Jobs this process is starting right now.
     pub(crate) starting: Mutex<std::collections::HashSet<String>>,
     pub(crate) configs: Mutex<HashMap<String, Arc<Configuration>>>,
+    /// Instances this process is provisioning right now.
+    pub(crate) provisioning: Mutex<std::collections::HashSet<String>>,
 }
 
 struct Shared {
@@ -207,6 +223,7 @@ impl Engine {
             watchers: Mutex::new(HashMap::new()),
             starting: Mutex::new(Default::default()),
             configs: Mutex::new(HashMap::new()),
+            provisioning: Mutex::new(Default::default()),
         });
         inner.ensure_implicit_fleets().await?;
         inner.catch_up().await;
@@ -220,6 +237,12 @@ impl Engine {
         }
         for run in inner.store.runs_with_status(&[RunStatus::Terminating])? {
             runs::terminate_jobs(&inner, &run, false).await;
+        }
+        if inner.backends.iter().any(|b| b.creates_instances()) {
+            let reaper = inner.clone();
+            tokio::spawn(async move {
+                let _ = reaper.reap_orphans().await;
+            });
         }
         inner.schedule.notify_one();
         Ok(Engine {
@@ -555,6 +578,14 @@ impl Inner {
                 }
             }
         }
+        let request = crate::backend::OfferRequest {
+            filter: crate::offers::query::QueryFilter::for_run(common),
+            disk: spec.disk.as_ref().map(|d| d.size),
+        };
+        let (cloud, errors) = self.cloud_offers(&request, &[&common.profile]).await;
+        reasons.extend(errors);
+        let total_offers = offers.len() + cloud.len();
+        offers.extend(cloud.into_iter().take(PLAN_OFFERS));
         let no_offers_reason = offers.is_empty().then(|| {
             if reasons.is_empty() {
                 "no fleet can run it: no instances are configured".to_string()
@@ -566,6 +597,7 @@ impl Inner {
             configuration: configuration.clone(),
             offers,
             no_offers_reason,
+            total_offers,
         })
     }
 
@@ -635,7 +667,13 @@ impl Inner {
                 created_at_ms: now_ms(),
             });
             self.store.put_fleet(&fleet)?;
-            let created = backend.create_instance(&offer).await?;
+            let config = crate::backend::InstanceConfig {
+                instance_id: "instance-local-0".to_string(),
+                name: "local-0".to_string(),
+                fleet: fleet.name.clone(),
+                tags: Default::default(),
+            };
+            let created = backend.create_instance(&offer, &config).await?;
             let instance = Instance {
                 id: "instance-local-0".to_string(),
                 name: "local-0".to_string(),
@@ -650,6 +688,9 @@ impl Inner {
                 session: None,
                 status_message: None,
                 unreachable: false,
+                offer: None,
+                idle_timeout_secs: None,
+                last_job_at_ms: None,
                 blocks: None,
                 containers: backend.supports_containers(),
             };

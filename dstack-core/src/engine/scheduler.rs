@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use super::provision::ForJob;
 use super::{jobs, runs, Inner};
 use crate::model::{Fleet, Instance, InstanceStatus, JobStatus, JobTerminationReason, Reservation};
 use crate::offers::{mismatch, reserve, reserve_blocks};
@@ -77,6 +78,12 @@ async fn pass(inner: &Arc<Inner>) {
             .filter_map(|i| mismatch(spec, &i.host).map(|r| format!("{}: {r}", i.name)))
             .collect();
         if reasons.len() == candidates.len() {
+            let provisioning = inner.provision_for_job(&job_id, &config).await;
+            let why = match provisioning {
+                Ok(ForJob::Provisioning) => continue,
+                Ok(ForJob::Impossible(why)) => why,
+                Err(e) => e.to_string(),
+            };
             let message = match (&selection, candidates.is_empty()) {
                 (Some(names), true) => {
                     format!(
@@ -86,6 +93,11 @@ async fn pass(inner: &Arc<Inner>) {
                 }
                 (None, true) => "no offers: no fleet has instances".to_string(),
                 _ => format!("no offers: {}", reasons.join("; ")),
+            };
+            let message = if why.is_empty() {
+                message
+            } else {
+                format!("{message}; {why}")
             };
             if let Ok(Some(job)) = inner.store.job(&job_id) {
                 let reason = JobTerminationReason::FailedToStartDueToNoCapacity;
@@ -127,7 +139,13 @@ async fn pass(inner: &Arc<Inner>) {
                 let _ = runs::reconcile(inner, &assigned.run_id).await;
                 tokio::spawn(jobs::start(inner.clone(), assigned));
             }
-            None => blocked.push((selection, want)),
+            None => {
+                // No room now: a backend fleet may provision an instance for it.
+                if let Ok(ForJob::Provisioning) = inner.provision_for_job(&job_id, &config).await {
+                    continue;
+                }
+                blocked.push((selection, want));
+            }
         }
     }
 }

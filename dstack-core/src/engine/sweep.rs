@@ -12,10 +12,21 @@ use crate::model::{JobStatus, RunStatus};
 /// How often the sweep runs.
 const PERIOD: Duration = Duration::from_secs(3);
 
+/// How many sweeps pass between two searches for orphaned cloud resources.
+const ORPHAN_SWEEPS: u32 = 20;
+
 /// Runs the sweep forever.
 pub(crate) async fn run(inner: Arc<Inner>) {
+    let mut count = 0u32;
     loop {
         tokio::time::sleep(PERIOD).await;
+        count = count.wrapping_add(1);
+        if inner.backends.iter().any(|b| b.creates_instances()) {
+            let _ = inner.reap_idle().await;
+            if count.is_multiple_of(ORPHAN_SWEEPS) {
+                let _ = inner.reap_orphans().await;
+            }
+        }
         inner.watch_instances();
         inner.schedule.notify_one();
         inner.retries.notify_one();

@@ -181,6 +181,15 @@ pub struct Instance {
     /// Its agent cannot be reached now: no new jobs go there until it answers again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unreachable: bool,
+    /// The offer a cloud instance was created from (instance type, region, spot, price).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offer: Option<crate::offers::Offer>,
+    /// Terminate it after this long idle (`idle_duration`); `None`: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_secs: Option<u64>,
+    /// When a job last held it (Unix ms), for idle reaping.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_job_at_ms: Option<u64>,
 }
 
 /// The session of the user the agent runs as on a remote host.

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::agent::{GpuInfo, HostInfo};
-use crate::config::range::Range;
 use crate::config::range::Memory;
+use crate::config::range::Range;
 
 use super::query::QueryFilter;
 use super::{Availability, Offer};
@@ -145,16 +145,18 @@ impl Catalog {
 
     /// Adds (replaces) the catalog of `provider` from CSV text read from `source`. Malformed
     /// rows are skipped and listed in [`Catalog::skipped`], as gpuhunt skips them.
-    pub fn add_csv(&mut self, provider: &str, source: &str, text: &str) -> Result<(), CatalogError> {
+    pub fn add_csv(
+        &mut self,
+        provider: &str,
+        source: &str,
+        text: &str,
+    ) -> Result<(), CatalogError> {
         let format = |message: String| CatalogError::Format {
             path: source.to_string(),
             message,
         };
         let mut reader = csv::ReaderBuilder::new().from_reader(text.as_bytes());
-        let header = reader
-            .headers()
-            .map_err(|e| format(e.to_string()))?
-            .clone();
+        let header = reader.headers().map_err(|e| format(e.to_string()))?.clone();
         let column = |name: &str| header.iter().position(|h| h.trim() == name);
         for name in REQUIRED {
             if column(name).is_none() {
@@ -400,7 +402,11 @@ mod tests {
         assert_eq!(c.len(), 3);
         assert_eq!(c.skipped, ["aws.csv:4: `price` is not a number: \"cheap\""]);
         let all = c.query(&[], &QueryFilter::default());
-        let tpu = all.iter().find(|(_, i)| i.instance_name == "v5litepod-8").unwrap().1;
+        let tpu = all
+            .iter()
+            .find(|(_, i)| i.instance_name == "v5litepod-8")
+            .unwrap()
+            .1;
         assert_eq!(tpu.gpu_name.as_deref(), Some("v5litepod"));
         assert_eq!(tpu.gpu_vendor.as_deref(), Some("google"));
         let g5 = to_offer("aws", all[0].1, 100.0);
@@ -415,7 +421,9 @@ mod tests {
         let err = Catalog::default()
             .add_csv("aws", "aws.csv", "instance_name,price\nx,1\n")
             .unwrap_err();
-        assert!(err.to_string().starts_with("aws.csv: the header has no `location` column"));
+        assert!(err
+            .to_string()
+            .starts_with("aws.csv: the header has no `location` column"));
     }
 
     #[test]
@@ -446,9 +454,18 @@ mod tests {
             max: max.map(Memory),
         };
         assert_eq!(offer_disk_gb(None, (100.0, 16384.0)), Some(100.0));
-        assert_eq!(offer_disk_gb(Some(&r(Some(50.0), None)), (20.0, 32768.0)), Some(50.0));
-        assert_eq!(offer_disk_gb(Some(&r(Some(10.0), None)), (100.0, 16384.0)), Some(100.0));
-        assert_eq!(offer_disk_gb(Some(&r(None, Some(50.0))), (100.0, 16384.0)), None);
+        assert_eq!(
+            offer_disk_gb(Some(&r(Some(50.0), None)), (20.0, 32768.0)),
+            Some(50.0)
+        );
+        assert_eq!(
+            offer_disk_gb(Some(&r(Some(10.0), None)), (100.0, 16384.0)),
+            Some(100.0)
+        );
+        assert_eq!(
+            offer_disk_gb(Some(&r(None, Some(50.0))), (100.0, 16384.0)),
+            None
+        );
     }
 
     #[test]

@@ -134,7 +134,9 @@ pub const KNOWN_GPUS: &[KnownGpu] = &[
 
 /// The first known accelerator called `name` (case-insensitive).
 pub fn find(name: &str) -> Option<&'static KnownGpu> {
-    KNOWN_GPUS.iter().find(|g| g.name.eq_ignore_ascii_case(name))
+    KNOWN_GPUS
+        .iter()
+        .find(|g| g.name.eq_ignore_ascii_case(name))
 }
 
 /// The compute capability of an NVIDIA GPU called `name`, if known.

@@ -161,7 +161,9 @@ impl QueryFilter {
         {
             return false;
         }
-        if !(self.min_gpu_count == Some(0.0) && item.gpu_count == 0) && !self.gpus_match(item) {
+        // GPU filters do not apply to CPU-only items when GPUs are optional.
+        let gpus_optional = self.min_gpu_count == Some(0.0) && item.gpu_count == 0;
+        if !gpus_optional && !self.gpus_match(item) {
             return false;
         }
         if let Some(disk) = item.disk_size {
@@ -227,7 +229,14 @@ mod tests {
     use super::*;
     use crate::config::{parse, Configuration};
 
-    fn item(cpu: u32, memory: f64, gpus: u32, gpu: &str, gpu_memory: f64, spot: bool) -> CatalogItem {
+    fn item(
+        cpu: u32,
+        memory: f64,
+        gpus: u32,
+        gpu: &str,
+        gpu_memory: f64,
+        spot: bool,
+    ) -> CatalogItem {
         CatalogItem {
             instance_name: "x".into(),
             location: "us-east-1".into(),
@@ -261,8 +270,14 @@ mod tests {
         assert!(q.matches(&item(2, 8.0, 0, "", 0.0, false)));
         assert!(q.matches(&item(8, 32.0, 1, "T4", 16.0, false)));
         assert!(!q.matches(&item(1, 8.0, 0, "", 0.0, false)), "cpu: 2..");
-        assert!(!q.matches(&item(2, 4.0, 0, "", 0.0, false)), "memory: 8GB..");
-        assert!(!q.matches(&item(2, 8.0, 0, "", 0.0, true)), "on-demand by default");
+        assert!(
+            !q.matches(&item(2, 4.0, 0, "", 0.0, false)),
+            "memory: 8GB.."
+        );
+        assert!(
+            !q.matches(&item(2, 8.0, 0, "", 0.0, true)),
+            "on-demand by default"
+        );
     }
 
     #[test]

@@ -1,0 +1,699 @@
+//! AWS EC2 (`type: aws`), through aws-sdk-ec2.
+//!
+//! Offers come from the catalog's `aws` items in the configured regions, limited to the
+//! instance families dstack supports. `create_instance` finds the image (`os_images`, else
+//! Canonical's Ubuntu 22.04 for CPU and AWS's NVIDIA Deep Learning Base AMI for GPU
+//! instances), makes sure the project's security group exists (SSH in, and everything between
+//! its members), and runs the instance with cloud-init user data that authorizes the
+//! project's SSH key, tags (`owner=dstack`, `dstack_owner=<this state>`,
+//! `dstack_instance_id=<the engine's id>`, …), spot market options for spot offers and a root
+//! disk of the offer's size. Capacity, quota and other per-offer errors are
+//! [`ComputeError::NoCapacity`] (the engine moves on to the next offer);
+//! `InvalidParameterValue` and credential errors stop it. Once the instance runs, the engine
+//! reaches it over SSH as the image's user with the project key, installs the agent and
+//! talks to it through SSH channels, exactly as on an SSH fleet host.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_config::BehaviorVersion;
+use aws_sdk_ec2::error::ProvideErrorMetadata;
+use aws_sdk_ec2::types::{
+    BlockDeviceMapping, EbsBlockDevice, Filter, InstanceInterruptionBehavior,
+    InstanceMarketOptionsRequest, InstanceStateName, InstanceType, IpPermission, IpRange,
+    MarketType, ResourceType, SpotInstanceType, SpotMarketOptions, Tag, TagSpecification,
+    UserIdGroupPair, VolumeType,
+};
+use dstack_core::agent::{AgentClient, AgentStream};
+use dstack_core::backend::{
+    BoxFuture, Compute, ComputeError, CreatedInstance, Deployed, InstanceConfig, OfferRequest,
+    OwnedInstance,
+};
+use dstack_core::model::Instance;
+use dstack_core::offers::catalog::Catalog;
+use dstack_core::offers::Offer;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use crate::cloud::{same_region, shared_catalog, CatalogOffers};
+use crate::config::{AwsConfig, AwsCreds, OsImage};
+use crate::project::Project;
+use crate::ssh::{KnownHosts, SshCompute};
+
+/// Instance-type prefixes dstack provisions on AWS.
+const FAMILIES: &[&str] = &[
+    "m7i.", "c7i.", "r7i.", "t3.", "t2.small", "c5.", "m5.", "p6-b300.", "p6-b200.", "p5.", "p5e.",
+    "p5en.", "p4d.", "p4de.", "g7.", "g7e.", "g6.", "g6e.", "gr6.", "g5.", "g4dn.",
+];
+
+/// Root disk sizes AWS can configure, in GB.
+const DISK_RANGE: (f64, f64) = (100.0, 16384.0);
+
+/// How long a credentials check may take before the backend is skipped.
+const CREDENTIALS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The image CPU instances boot by default: Canonical's Ubuntu 22.04.
+fn default_cpu_image() -> OsImage {
+    OsImage {
+        name: "ubuntu/images/hvm-ssd/ubuntu-jammy-22.04-amd64-server-*".to_string(),
+        owner: "099720109477".to_string(),
+        user: "ubuntu".to_string(),
+    }
+}
+
+/// The image GPU instances boot by default: AWS's NVIDIA Deep Learning Base AMI (as dstack's).
+fn default_nvidia_image() -> OsImage {
+    OsImage {
+        name: "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) *".to_string(),
+        owner: "898082745236".to_string(),
+        user: "ubuntu".to_string(),
+    }
+}
+
+/// What an AWS instance records under `backend_data.aws` (the rest of its backend data, once
+/// it runs, is how to reach it over SSH).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct AwsInstanceData {
+    instance_id: String,
+    region: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    availability_zone: Option<String>,
+    spot: bool,
+    user: String,
+    /// The address mapped from `instance_addresses`, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    address: Option<String>,
+}
+
+/// AWS EC2 as a backend.
+pub struct AwsCompute {
+    config: AwsConfig,
+    project: Project,
+    project_name: String,
+    sdk: aws_config::SdkConfig,
+    catalog: Arc<Catalog>,
+    offers: CatalogOffers,
+    clients: Mutex<HashMap<String, aws_sdk_ec2::Client>>,
+    ssh: SshCompute,
+}
+
+impl AwsCompute {
+    /// The backend of `config` for the state in `home` (its owner id and project key),
+    /// installing `agent_bin` on instances. Fails, saying why, without usable credentials.
+    pub async fn new(
+        config: AwsConfig,
+        home: &Path,
+        project_name: &str,
+        agent_bin: PathBuf,
+    ) -> Result<AwsCompute, ComputeError> {
+        let project = Project::load_or_create(home)
+            .map_err(|e| ComputeError::Other(format!("project identity: {e}")))?;
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .region(aws_config::Region::new("us-east-1"));
+        if let Some(AwsCreds::AccessKey {
+            access_key,
+            secret_key,
+        }) = &config.creds
+        {
+            loader = loader.credentials_provider(aws_sdk_ec2::config::Credentials::new(
+                access_key,
+                secret_key,
+                None,
+                None,
+                "config.yml",
+            ));
+        }
+        if let Some(url) = &config.endpoint_url {
+            loader = loader.endpoint_url(url);
+        }
+        let sdk = loader.load().await;
+        check_credentials(&sdk).await?;
+        let mut families: Vec<String> = FAMILIES.iter().map(|f| f.to_string()).collect();
+        families.extend(config.experimental_instance_types.iter().flatten().cloned());
+        let offers = CatalogOffers {
+            backend: "aws",
+            provider: "aws",
+            regions: config.regions.clone(),
+            families: Some(families),
+            disk_range: DISK_RANGE,
+            region_of: same_region,
+        };
+        Ok(AwsCompute {
+            ssh: SshCompute::new(KnownHosts::in_home(home), agent_bin),
+            config,
+            project,
+            project_name: project_name.to_string(),
+            sdk,
+            catalog: shared_catalog()?,
+            offers,
+            clients: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The EC2 client of a region.
+    async fn client(&self, region: &str) -> aws_sdk_ec2::Client {
+        let mut clients = self.clients.lock().await;
+        clients
+            .entry(region.to_string())
+            .or_insert_with(|| {
+                let config = aws_sdk_ec2::config::Builder::from(&self.sdk)
+                    .region(aws_config::Region::new(region.to_string()))
+                    .build();
+                aws_sdk_ec2::Client::from_conf(config)
+            })
+            .clone()
+    }
+
+    /// The regions to look for this state's instances in.
+    fn regions(&self) -> Vec<String> {
+        match &self.config.regions {
+            Some(regions) => regions.clone(),
+            None => {
+                let mut all: Vec<String> = self
+                    .catalog
+                    .query(&["aws"], &Default::default())
+                    .into_iter()
+                    .map(|(_, i)| i.location.clone())
+                    .collect();
+                all.sort();
+                all.dedup();
+                all
+            }
+        }
+    }
+
+    /// The newest image matching the configured (or default) image for the offer.
+    async fn image(
+        &self,
+        client: &aws_sdk_ec2::Client,
+        offer: &Offer,
+    ) -> Result<(String, String), ComputeError> {
+        let wanted = if offer.resources.gpus.is_empty() {
+            self.config
+                .os_images
+                .cpu
+                .clone()
+                .unwrap_or_else(default_cpu_image)
+        } else {
+            self.config
+                .os_images
+                .nvidia
+                .clone()
+                .unwrap_or_else(default_nvidia_image)
+        };
+        let found = client
+            .describe_images()
+            .owners(&wanted.owner)
+            .filters(Filter::builder().name("name").values(&wanted.name).build())
+            .filters(Filter::builder().name("state").values("available").build())
+            .send()
+            .await
+            .map_err(|e| classify(e, "DescribeImages"))?;
+        let newest = found
+            .images()
+            .iter()
+            .filter(|i| i.image_id().is_some())
+            .max_by(|a, b| a.creation_date().cmp(&b.creation_date()))
+            .and_then(|i| i.image_id())
+            .ok_or_else(|| {
+                ComputeError::NoCapacity(format!(
+                    "no image named {} owned by {} in {}",
+                    wanted.name, wanted.owner, offer.region
+                ))
+            })?;
+        Ok((newest.to_string(), wanted.user))
+    }
+
+    /// The project's security group (created when missing): SSH from anywhere, everything
+    /// between its members, everything out.
+    async fn security_group(&self, client: &aws_sdk_ec2::Client) -> Result<String, ComputeError> {
+        let name = format!("dstack_security_group_{}", self.project_name);
+        let existing = client
+            .describe_security_groups()
+            .filters(Filter::builder().name("group-name").values(&name).build())
+            .send()
+            .await
+            .map_err(|e| classify(e, "DescribeSecurityGroups"))?;
+        if let Some(id) = existing
+            .security_groups()
+            .first()
+            .and_then(|g| g.group_id())
+        {
+            return Ok(id.to_string());
+        }
+        let created = client
+            .create_security_group()
+            .group_name(&name)
+            .description("dstack-rs instances: SSH in, all traffic between members")
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::SecurityGroup)
+                    .tags(tag("owner", "dstack"))
+                    .tags(tag("dstack_project", &self.project_name))
+                    .tags(tag("dstack_owner", &self.project.owner_id))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| classify(e, "CreateSecurityGroup"))?;
+        let id = created
+            .group_id()
+            .ok_or_else(|| ComputeError::Other("CreateSecurityGroup returned no id".into()))?
+            .to_string();
+        client
+            .authorize_security_group_ingress()
+            .group_id(&id)
+            .ip_permissions(
+                IpPermission::builder()
+                    .ip_protocol("tcp")
+                    .from_port(22)
+                    .to_port(22)
+                    .ip_ranges(IpRange::builder().cidr_ip("0.0.0.0/0").build())
+                    .build(),
+            )
+            .ip_permissions(
+                IpPermission::builder()
+                    .ip_protocol("-1")
+                    .user_id_group_pairs(UserIdGroupPair::builder().group_id(&id).build())
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| classify(e, "AuthorizeSecurityGroupIngress"))?;
+        Ok(id)
+    }
+
+    /// This state's instances in a region that are not terminated.
+    async fn owned_in(
+        &self,
+        region: &str,
+    ) -> Result<Vec<aws_sdk_ec2::types::Instance>, ComputeError> {
+        let client = self.client(region).await;
+        let found = client
+            .describe_instances()
+            .filters(
+                Filter::builder()
+                    .name("tag:dstack_owner")
+                    .values(&self.project.owner_id)
+                    .build(),
+            )
+            .filters(
+                Filter::builder()
+                    .name("instance-state-name")
+                    .values("pending")
+                    .values("running")
+                    .values("stopping")
+                    .values("stopped")
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| classify(e, "DescribeInstances"))?;
+        Ok(found
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances().iter().cloned())
+            .collect())
+    }
+
+    /// The first `instance_addresses` entry no live instance of this state uses (`None` when
+    /// the option is not set).
+    async fn free_address(&self) -> Result<Option<String>, ComputeError> {
+        if self.config.instance_addresses.is_empty() {
+            return Ok(None);
+        }
+        let mut used = Vec::new();
+        for region in self.regions() {
+            for instance in self.owned_in(&region).await? {
+                used.extend(tag_value(instance.tags(), "dstack_address"));
+            }
+        }
+        self.config
+            .instance_addresses
+            .iter()
+            .find(|a| !used.contains(a))
+            .cloned()
+            .map(Some)
+            .ok_or_else(|| {
+                ComputeError::NoCapacity("every address in instance_addresses is in use".into())
+            })
+    }
+
+    /// The tags of a new instance: dstack's, then the backend's, then the configuration's
+    /// (earlier sources win).
+    fn tags(&self, config: &InstanceConfig, address: Option<&str>) -> Vec<Tag> {
+        let mut tags: BTreeMap<String, String> = BTreeMap::new();
+        let user = std::env::var("USER").unwrap_or_else(|_| "dstack".to_string());
+        let base = [
+            ("Name", config.name.as_str()),
+            ("owner", "dstack"),
+            ("dstack_project", self.project_name.as_str()),
+            ("dstack_name", config.name.as_str()),
+            ("dstack_user", user.as_str()),
+            ("dstack_fleet", config.fleet.as_str()),
+            ("dstack_owner", self.project.owner_id.as_str()),
+            ("dstack_instance_id", config.instance_id.as_str()),
+        ];
+        for (k, v) in base {
+            tags.insert(k.to_string(), v.to_string());
+        }
+        if let Some(address) = address {
+            tags.insert("dstack_address".to_string(), address.to_string());
+        }
+        for (k, v) in self.config.tags.iter().chain(config.tags.iter()) {
+            tags.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        tags.iter().map(|(k, v)| tag(k, v)).collect()
+    }
+
+    fn data(instance: &Instance) -> Result<AwsInstanceData, ComputeError> {
+        serde_json::from_value(
+            instance
+                .backend_data
+                .get("aws")
+                .cloned()
+                .unwrap_or_default(),
+        )
+        .map_err(|e| {
+            ComputeError::Other(format!(
+                "instance {}: bad AWS instance data: {e}",
+                instance.name
+            ))
+        })
+    }
+
+    async fn create(
+        &self,
+        offer: &Offer,
+        config: &InstanceConfig,
+    ) -> Result<CreatedInstance, ComputeError> {
+        let client = self.client(&offer.region).await;
+        let (image, user) = self.image(&client, offer).await?;
+        let group = self.security_group(&client).await?;
+        let address = self.free_address().await?;
+        let user_data = format!(
+            "#cloud-config\nssh_authorized_keys:\n  - {}\n",
+            self.project.ssh_public_key
+        );
+        let disk_gb = (offer.resources.disk_bytes >> 30).max(1) as i32;
+        let mut request = client
+            .run_instances()
+            .image_id(image)
+            .instance_type(InstanceType::from(offer.instance_type.as_str()))
+            .min_count(1)
+            .max_count(1)
+            .user_data(aws_smithy_types::base64::encode(user_data.as_bytes()))
+            .security_group_ids(group)
+            .block_device_mappings(
+                BlockDeviceMapping::builder()
+                    .device_name("/dev/sda1")
+                    .ebs(
+                        EbsBlockDevice::builder()
+                            .volume_size(disk_gb)
+                            .volume_type(VolumeType::Gp2)
+                            .delete_on_termination(true)
+                            .build(),
+                    )
+                    .build(),
+            )
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Instance)
+                    .set_tags(Some(self.tags(config, address.as_deref())))
+                    .build(),
+            );
+        if let Some(profile) = &self.config.iam_instance_profile {
+            request = request.iam_instance_profile(
+                aws_sdk_ec2::types::IamInstanceProfileSpecification::builder()
+                    .name(profile)
+                    .build(),
+            );
+        }
+        if offer.spot {
+            request = request.instance_market_options(
+                InstanceMarketOptionsRequest::builder()
+                    .market_type(MarketType::Spot)
+                    .spot_options(
+                        SpotMarketOptions::builder()
+                            .spot_instance_type(SpotInstanceType::OneTime)
+                            .instance_interruption_behavior(InstanceInterruptionBehavior::Terminate)
+                            .build(),
+                    )
+                    .build(),
+            );
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| classify(e, "RunInstances"))?;
+        let instance = response
+            .instances()
+            .first()
+            .ok_or_else(|| ComputeError::Other("RunInstances returned no instance".into()))?;
+        let data = AwsInstanceData {
+            instance_id: instance.instance_id().unwrap_or_default().to_string(),
+            region: offer.region.clone(),
+            availability_zone: instance
+                .placement()
+                .and_then(|p| p.availability_zone())
+                .map(str::to_string),
+            spot: offer.spot,
+            user,
+            address,
+        };
+        Ok(CreatedInstance {
+            offer: offer.clone(),
+            backend_data: serde_json::json!({ "aws": data }),
+        })
+    }
+
+    async fn check(&self, instance: &Instance) -> Result<Option<serde_json::Value>, ComputeError> {
+        let data = Self::data(instance)?;
+        let client = self.client(&data.region).await;
+        let found = client
+            .describe_instances()
+            .instance_ids(&data.instance_id)
+            .send()
+            .await
+            .map_err(|e| classify(e, "DescribeInstances"))?;
+        let described = found
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .next()
+            .ok_or_else(|| ComputeError::NotFound(format!("instance {}", data.instance_id)))?;
+        let state = described
+            .state()
+            .and_then(|s| s.name())
+            .cloned()
+            .unwrap_or(InstanceStateName::Pending);
+        match state {
+            InstanceStateName::Pending => Ok(None),
+            InstanceStateName::Running => {
+                let address = data
+                    .address
+                    .clone()
+                    .or_else(|| described.public_ip_address().map(str::to_string))
+                    .or_else(|| described.private_ip_address().map(str::to_string))
+                    .ok_or_else(|| {
+                        ComputeError::Other(format!("{} has no address", data.instance_id))
+                    })?;
+                Ok(Some(serde_json::json!({
+                    "aws": data,
+                    "hostname": address,
+                    "port": 22,
+                    "user": data.user,
+                    "identity_file": self.project.ssh_key,
+                })))
+            }
+            other => Err(ComputeError::Other(format!(
+                "instance {} is {}",
+                data.instance_id,
+                other.as_str()
+            ))),
+        }
+    }
+
+    async fn terminate(&self, region: &str, instance_id: &str) -> Result<(), ComputeError> {
+        let client = self.client(region).await;
+        match client
+            .terminate_instances()
+            .instance_ids(instance_id)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some("InvalidInstanceID.NotFound") => Ok(()),
+            Err(e) => Err(classify(e, "TerminateInstances")),
+        }
+    }
+}
+
+impl Compute for AwsCompute {
+    fn backend(&self) -> &'static str {
+        "aws"
+    }
+
+    fn supports_containers(&self) -> bool {
+        false
+    }
+
+    fn offers(&self) -> BoxFuture<'_, Result<Vec<Offer>, ComputeError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    fn creates_instances(&self) -> bool {
+        true
+    }
+
+    fn offers_for<'a>(
+        &'a self,
+        request: &'a OfferRequest,
+    ) -> BoxFuture<'a, Result<Vec<Offer>, ComputeError>> {
+        Box::pin(async move { Ok(self.offers.offers(&self.catalog, request)) })
+    }
+
+    fn create_instance<'a>(
+        &'a self,
+        offer: &'a Offer,
+        config: &'a InstanceConfig,
+    ) -> BoxFuture<'a, Result<CreatedInstance, ComputeError>> {
+        Box::pin(self.create(offer, config))
+    }
+
+    fn update_provisioning<'a>(
+        &'a self,
+        instance: &'a Instance,
+    ) -> BoxFuture<'a, Result<Option<serde_json::Value>, ComputeError>> {
+        Box::pin(self.check(instance))
+    }
+
+    fn deploy<'a>(
+        &'a self,
+        instance: &'a Instance,
+    ) -> BoxFuture<'a, Result<Deployed, ComputeError>> {
+        Box::pin(async move {
+            let mut deployed = self.ssh.deploy(instance).await?;
+            if let (Some(map), Some(aws)) = (
+                deployed.backend_data.as_object_mut(),
+                instance.backend_data.get("aws"),
+            ) {
+                map.insert("aws".to_string(), aws.clone());
+            }
+            Ok(deployed)
+        })
+    }
+
+    fn dial_port<'a>(
+        &'a self,
+        instance: &'a Instance,
+        port: u16,
+    ) -> BoxFuture<'a, std::io::Result<Box<dyn AgentStream>>> {
+        self.ssh.dial_port(instance, port)
+    }
+
+    fn connect<'a>(
+        &'a self,
+        instance: &'a Instance,
+    ) -> BoxFuture<'a, Result<AgentClient, ComputeError>> {
+        self.ssh.connect(instance)
+    }
+
+    fn terminate_instance<'a>(
+        &'a self,
+        instance: &'a Instance,
+    ) -> BoxFuture<'a, Result<(), ComputeError>> {
+        Box::pin(async move {
+            let Some(aws) = instance.backend_data.get("aws") else {
+                return Ok(()); // never created
+            };
+            let data: AwsInstanceData = serde_json::from_value(aws.clone())
+                .map_err(|e| ComputeError::Other(format!("bad AWS instance data: {e}")))?;
+            self.terminate(&data.region, &data.instance_id).await
+        })
+    }
+
+    fn owned_instances(&self) -> BoxFuture<'_, Result<Vec<OwnedInstance>, ComputeError>> {
+        Box::pin(async move {
+            let mut owned = Vec::new();
+            for region in self.regions() {
+                for instance in self.owned_in(&region).await? {
+                    owned.push(OwnedInstance {
+                        cloud_id: instance.instance_id().unwrap_or_default().to_string(),
+                        instance_id: tag_value(instance.tags(), "dstack_instance_id"),
+                        region: region.clone(),
+                    });
+                }
+            }
+            Ok(owned)
+        })
+    }
+
+    fn terminate_owned<'a>(
+        &'a self,
+        owned: &'a OwnedInstance,
+    ) -> BoxFuture<'a, Result<(), ComputeError>> {
+        Box::pin(self.terminate(&owned.region, &owned.cloud_id))
+    }
+}
+
+/// Fails unless the SDK finds credentials in time (never hangs on a missing metadata service).
+async fn check_credentials(sdk: &aws_config::SdkConfig) -> Result<(), ComputeError> {
+    use aws_credential_types::provider::ProvideCredentials;
+    let missing = |why: String| {
+        ComputeError::Unauthenticated(format!(
+            "no AWS credentials ({why}): set `creds` in config.yml, AWS_ACCESS_KEY_ID and \
+             AWS_SECRET_ACCESS_KEY, or a profile in ~/.aws/credentials"
+        ))
+    };
+    let provider = sdk
+        .credentials_provider()
+        .ok_or_else(|| missing("no provider".to_string()))?;
+    match tokio::time::timeout(CREDENTIALS_TIMEOUT, provider.provide_credentials()).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(missing(e.to_string())),
+        Err(_) => Err(missing(format!(
+            "none found within {CREDENTIALS_TIMEOUT:?}"
+        ))),
+    }
+}
+
+/// An SDK error as the engine needs it: credentials, a hard parameter error, or (anything
+/// else about this offer) no capacity, so the next offer is tried.
+fn classify<E, R>(e: aws_sdk_ec2::error::SdkError<E, R>, call: &str) -> ComputeError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    let code = e.code().unwrap_or_default().to_string();
+    let message = e.message().map_or_else(
+        || aws_sdk_ec2::error::DisplayErrorContext(&e).to_string(),
+        str::to_string,
+    );
+    let text = if code.is_empty() {
+        format!("{call}: {message}")
+    } else {
+        format!("{call}: {code}: {message}")
+    };
+    match code.as_str() {
+        "AuthFailure"
+        | "UnauthorizedOperation"
+        | "InvalidClientTokenId"
+        | "SignatureDoesNotMatch" => ComputeError::Unauthenticated(text),
+        "InvalidParameterValue" => ComputeError::Other(text),
+        _ => ComputeError::NoCapacity(text),
+    }
+}
+
+fn tag(key: &str, value: &str) -> Tag {
+    Tag::builder().key(key).value(value).build()
+}
+
+fn tag_value(tags: &[Tag], key: &str) -> Option<String> {
+    tags.iter()
+        .find(|t| t.key() == Some(key))
+        .and_then(|t| t.value())
+        .map(str::to_string)
+}

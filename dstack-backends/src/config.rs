@@ -1,0 +1,317 @@
+//! Cloud backend configuration in dstack's server config format, read from
+//! `$DSTACK_HOME/config.yml`:
+//!
+//! ```yaml
+//! projects:
+//!   - name: main
+//!     backends:
+//!       - type: aws
+//!         creds: {type: access_key, access_key: AKIA…, secret_key: …}   # or {type: default}
+//!         regions: [us-east-1, us-west-2]
+//! ```
+//!
+//! The first project is used. Besides dstack's fields, a backend accepts `endpoint_url` (send
+//! API calls there, e.g. to a local stand-in) and `instance_addresses` (reach instances at these
+//! addresses instead of their own: each new instance takes the first one no live instance has —
+//! a test option, so that fake clouds never make the engine contact the addresses they hand
+//! out).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use dstack_core::config::yaml::{self, Node, NodeKind};
+use serde::Deserialize;
+
+/// AWS credentials.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AwsCreds {
+    /// An access key pair.
+    AccessKey {
+        /// The key id.
+        access_key: String,
+        /// The secret.
+        secret_key: String,
+    },
+    /// The SDK's default chain (environment, profile files, instance metadata).
+    Default,
+}
+
+/// An OS image to boot instances from.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OsImage {
+    /// Image name (wildcards allowed); the newest match is used.
+    pub name: String,
+    /// The image owner's account id or alias.
+    pub owner: String,
+    /// The user to log in as.
+    #[serde(default = "default_user")]
+    pub user: String,
+}
+
+fn default_user() -> String {
+    "ubuntu".to_string()
+}
+
+/// Images for CPU and NVIDIA instances.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OsImages {
+    /// For instances without GPUs.
+    pub cpu: Option<OsImage>,
+    /// For NVIDIA GPU instances.
+    pub nvidia: Option<OsImage>,
+}
+
+/// `type: aws`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AwsConfig {
+    /// Credentials (default: the SDK's default chain).
+    pub creds: Option<AwsCreds>,
+    /// Regions to use (default: every region of the catalog).
+    pub regions: Option<Vec<String>>,
+    /// Tags for every resource.
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// Images to boot (default: dstack's).
+    #[serde(default)]
+    pub os_images: OsImages,
+    /// Give instances public IPs (default true).
+    pub public_ips: Option<bool>,
+    /// The VPC to use by name (default: the default VPC).
+    pub vpc_name: Option<String>,
+    /// The VPC to use per region.
+    pub vpc_ids: Option<BTreeMap<String, String>>,
+    /// Use default VPCs (default true).
+    pub default_vpcs: Option<bool>,
+    /// An IAM instance profile for instances.
+    pub iam_instance_profile: Option<String>,
+    /// Instance types beyond the families dstack supports.
+    pub experimental_instance_types: Option<Vec<String>>,
+    /// dstack-rs: send EC2 API calls here (e.g. a moto server).
+    pub endpoint_url: Option<String>,
+    /// dstack-rs test option: reach instances at these addresses (see the module docs).
+    #[serde(default)]
+    pub instance_addresses: Vec<String>,
+}
+
+/// GCP credentials.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum GcpCreds {
+    /// A service account key (a file, or its JSON inline).
+    ServiceAccount {
+        /// The key file.
+        filename: Option<String>,
+        /// The key JSON.
+        data: Option<String>,
+    },
+    /// Application default credentials.
+    Default,
+}
+
+/// `type: gcp`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GcpConfig {
+    /// The project to create resources in.
+    pub project_id: String,
+    /// Credentials.
+    pub creds: Option<GcpCreds>,
+    /// Regions to use (default: every region of the catalog).
+    pub regions: Option<Vec<String>>,
+    /// Labels for every resource.
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// The VPC network (default `default`).
+    pub vpc_name: Option<String>,
+    /// Give instances public IPs (default true).
+    pub public_ips: Option<bool>,
+    /// A service account for instances.
+    pub vm_service_account: Option<String>,
+    /// dstack-rs: send Compute API calls here (e.g. a local stand-in).
+    pub endpoint_url: Option<String>,
+    /// dstack-rs test option: reach instances at these addresses (see the module docs).
+    #[serde(default)]
+    pub instance_addresses: Vec<String>,
+}
+
+/// One configured backend.
+#[derive(Clone, Debug, PartialEq)]
+pub enum BackendConfig {
+    /// AWS EC2.
+    Aws(AwsConfig),
+    /// GCP Compute Engine.
+    Gcp(GcpConfig),
+}
+
+/// The backends of the first project of a server config.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServerConfig {
+    /// The project's name.
+    pub project: String,
+    /// Its backends, in file order.
+    pub backends: Vec<BackendConfig>,
+}
+
+/// A config file that cannot be used: `file:line:col: path: what is wrong`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Reads `config.yml` of `home`; an absent file is an empty config.
+pub fn load(home: &Path) -> Result<ServerConfig, ConfigError> {
+    let path = home.join("config.yml");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => parse(&text, &path.display().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ServerConfig::default()),
+        Err(e) => Err(ConfigError(format!("{}: {e}", path.display()))),
+    }
+}
+
+/// Parses a server config; `file` names it in errors.
+pub fn parse(text: &str, file: &str) -> Result<ServerConfig, ConfigError> {
+    let root = yaml::load(text).map_err(|e| {
+        ConfigError(format!(
+            "{file}:{}:{}: {}",
+            e.mark.line, e.mark.col, e.message
+        ))
+    })?;
+    let at = |node: &Node, path: &str, message: &str| {
+        ConfigError(format!(
+            "{file}:{}:{}: {path}: {message}",
+            node.mark.line, node.mark.col
+        ))
+    };
+    if root.is_null() {
+        return Ok(ServerConfig::default());
+    }
+    let Some(projects) = root.get("projects") else {
+        return Err(at(
+            &root,
+            "projects",
+            "missing; expected a list of projects",
+        ));
+    };
+    let NodeKind::Seq(projects) = &projects.kind else {
+        return Err(at(projects, "projects", "expected a list of projects"));
+    };
+    let Some(project) = projects.first() else {
+        return Ok(ServerConfig::default());
+    };
+    let name = match project.get("name").map(|n| &n.kind) {
+        Some(NodeKind::Str(s)) => s.clone(),
+        _ => {
+            return Err(at(
+                project,
+                "projects[0].name",
+                "expected the project's name",
+            ))
+        }
+    };
+    let mut config = ServerConfig {
+        project: name,
+        backends: Vec::new(),
+    };
+    let backends = match project.get("backends") {
+        None => return Ok(config),
+        Some(Node {
+            kind: NodeKind::Seq(items),
+            ..
+        }) => items,
+        Some(other) => return Err(at(other, "projects[0].backends", "expected a list")),
+    };
+    for (i, node) in backends.iter().enumerate() {
+        let path = format!("projects[0].backends[{i}]");
+        let json = to_json(node);
+        let kind = json.get("type").and_then(|t| t.as_str()).unwrap_or("");
+        let mut body = json.clone();
+        if let Some(map) = body.as_object_mut() {
+            map.remove("type");
+        }
+        let backend = match kind {
+            "aws" => serde_json::from_value(body).map(BackendConfig::Aws),
+            "gcp" => serde_json::from_value(body).map(BackendConfig::Gcp),
+            "" => return Err(at(node, &path, "missing `type` (aws or gcp)")),
+            other => return Err(at(
+                node,
+                &format!("{path}.type"),
+                &format!(
+                    "backend type `{other}` is not supported by dstack-rs yet; expected aws or gcp"
+                ),
+            )),
+        };
+        config
+            .backends
+            .push(backend.map_err(|e| at(node, &path, &e.to_string()))?);
+    }
+    Ok(config)
+}
+
+fn to_json(node: &Node) -> serde_json::Value {
+    use serde_json::Value;
+    match &node.kind {
+        NodeKind::Null => Value::Null,
+        NodeKind::Bool(b) => Value::Bool(*b),
+        NodeKind::Int(i) => Value::from(*i),
+        NodeKind::Float(f) => Value::from(*f),
+        NodeKind::Str(s) => Value::String(s.clone()),
+        NodeKind::Seq(items) => Value::Array(items.iter().map(to_json).collect()),
+        NodeKind::Map(entries) => Value::Object(
+            entries
+                .iter()
+                .map(|(k, v)| (k.as_key().unwrap_or_default().to_string(), to_json(v)))
+                .collect(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_dstack_server_configs() {
+        let text = "projects:\n- name: main\n  backends:\n  - type: aws\n    creds:\n      type: access_key\n      access_key: AK\n      secret_key: SK\n    regions: [us-east-1]\n  - type: gcp\n    project_id: p\n    creds: {type: default}\n";
+        let config = parse(text, "config.yml").unwrap();
+        assert_eq!(config.project, "main");
+        let BackendConfig::Aws(aws) = &config.backends[0] else {
+            panic!()
+        };
+        assert_eq!(aws.regions.as_deref(), Some(&["us-east-1".to_string()][..]));
+        assert_eq!(
+            aws.creds,
+            Some(AwsCreds::AccessKey {
+                access_key: "AK".into(),
+                secret_key: "SK".into()
+            })
+        );
+        assert!(matches!(&config.backends[1], BackendConfig::Gcp(g) if g.project_id == "p"));
+    }
+
+    #[test]
+    fn errors_name_the_line_and_field() {
+        let err = parse(
+            "projects:\n- name: main\n  backends:\n  - type: aws\n    regoins: [x]\n",
+            "config.yml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("config.yml:4:5: projects[0].backends[0]: unknown field `regoins`"),
+            "{err}"
+        );
+        let err = parse(
+            "projects:\n- name: main\n  backends:\n  - type: azure\n",
+            "c.yml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("backends[0].type: backend type `azure` is not supported"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,130 @@
+//! What cloud backends know about the state they work for, kept under `$DSTACK_HOME`: the
+//! owner id tagged on every cloud resource (so that strays can be found and nothing else is
+//! touched) and the project SSH key pair instances are reached with (`ssh/project_key`, mode
+//! 0600 in a 0700 directory).
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use russh::keys::ssh_key::private::Ed25519Keypair;
+use russh::keys::ssh_key::LineEnding;
+use russh::keys::PrivateKey;
+
+/// The identity of one `$DSTACK_HOME`.
+#[derive(Clone, Debug)]
+pub struct Project {
+    /// Tagged on every cloud resource as `dstack_owner`.
+    pub owner_id: String,
+    /// The private key instances accept (OpenSSH format).
+    pub ssh_key: PathBuf,
+    /// Its public half (`ssh-ed25519 AAAA… dstack`).
+    pub ssh_public_key: String,
+}
+
+impl Project {
+    /// Loads the identity of `home`, creating what is missing.
+    pub fn load_or_create(home: &Path) -> io::Result<Project> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(home)?;
+        let owner_file = home.join("owner-id");
+        let owner_id = match fs::read_to_string(&owner_file) {
+            Ok(id) if !id.trim().is_empty() => id.trim().to_string(),
+            _ => {
+                let id = uuid_like(&random_bytes::<16>()?);
+                write_private(&owner_file, format!("{id}\n").as_bytes())?;
+                id
+            }
+        };
+        let dir = home.join("ssh");
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)?;
+        let ssh_key = dir.join("project_key");
+        let private = match fs::read_to_string(&ssh_key) {
+            Ok(text) => PrivateKey::from_openssh(&text).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: {e}", ssh_key.display()),
+                )
+            })?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let pair = Ed25519Keypair::from_seed(&random_bytes::<32>()?);
+                let mut key = PrivateKey::from(pair);
+                key.set_comment("dstack");
+                let text = key
+                    .to_openssh(LineEnding::LF)
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                write_private(&ssh_key, text.as_bytes())?;
+                key
+            }
+            Err(e) => return Err(e),
+        };
+        fs::set_permissions(&ssh_key, fs::Permissions::from_mode(0o600))?;
+        let ssh_public_key = private
+            .public_key()
+            .to_openssh()
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        Ok(Project {
+            owner_id,
+            ssh_key,
+            ssh_public_key,
+        })
+    }
+}
+
+fn random_bytes<const N: usize>() -> io::Result<[u8; N]> {
+    let mut bytes = [0u8; N];
+    fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes)
+}
+
+fn uuid_like(b: &[u8; 16]) -> String {
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
+/// Writes a new file readable by its owner only.
+fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_identity_is_created_once_and_kept_private() {
+        let home = tempfile::tempdir().unwrap();
+        let a = Project::load_or_create(home.path()).unwrap();
+        let b = Project::load_or_create(home.path()).unwrap();
+        assert_eq!(a.owner_id, b.owner_id);
+        assert_eq!(a.ssh_public_key, b.ssh_public_key);
+        assert!(a.ssh_public_key.starts_with("ssh-ed25519 "));
+        let mode = fs::metadata(&a.ssh_key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let dir = fs::metadata(home.path().join("ssh"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(dir, 0o700);
+    }
+}

@@ -1,0 +1,382 @@
+//! The AWS backend through the real SDK against a moto server (`common/moto.rs`). moto's
+//! instances never boot, so each is mapped (`instance_addresses`) to a namespace host running
+//! sshd (`common/netns.rs`): provisioning, reaching the instance, installing the agent,
+//! running a job and reaping all happen for real, and nothing but loopback and the test's own
+//! namespace hosts is ever contacted.
+
+#![cfg(feature = "aws")]
+
+mod common;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_sdk_ec2::types::InstanceStateName;
+use common::moto::{Fault, FaultProxy, Moto};
+use common::netns::TestHosts;
+use dstack_backends::aws::AwsCompute;
+use dstack_backends::config::{AwsConfig, AwsCreds, OsImage, OsImages};
+use dstack_backends::local::find_agent_binary;
+use dstack_backends::project::Project;
+use dstack_core::backend::Compute;
+use dstack_core::config::parse;
+use dstack_core::engine::{ApplyOptions, EngineOptions};
+use dstack_core::model::{Instance, InstanceStatus, RunStatus};
+use dstack_core::{Client, ClientOptions};
+use futures_util::StreamExt;
+
+/// A moto image the fake instances "boot", logged into as root (the namespace hosts' user).
+fn image() -> OsImages {
+    OsImages {
+        cpu: Some(OsImage {
+            name: "ubuntu/images/hvm-ssd/ubuntu-xenial-16.04-amd64-server-*".into(),
+            owner: "099720109477".into(),
+            user: "root".into(),
+        }),
+        nvidia: None,
+    }
+}
+
+fn aws_config(endpoint: &str, regions: &[&str], hosts: &TestHosts) -> AwsConfig {
+    AwsConfig {
+        creds: Some(AwsCreds::AccessKey {
+            access_key: "testing".into(),
+            secret_key: "testing".into(),
+        }),
+        regions: Some(regions.iter().map(|r| r.to_string()).collect()),
+        os_images: image(),
+        endpoint_url: Some(endpoint.to_string()),
+        instance_addresses: hosts.hosts.iter().map(|h| h.addr.clone()).collect(),
+        ..AwsConfig::default()
+    }
+}
+
+/// A client with the AWS backend only, whose project key the namespace hosts accept.
+async fn client(
+    home: &Path,
+    config: AwsConfig,
+    hosts: &TestHosts,
+    engine: EngineOptions,
+) -> Client {
+    let project = Project::load_or_create(home).unwrap();
+    hosts.authorize(&project.ssh_public_key);
+    let agent = find_agent_binary().expect("dstack-agent is built");
+    let aws = AwsCompute::new(config, home, "main", agent).await.unwrap();
+    Client::open(ClientOptions {
+        home: home.to_path_buf(),
+        backends: vec![Arc::new(aws) as Arc<dyn Compute>],
+        engine,
+    })
+    .await
+    .unwrap()
+}
+
+/// The SDK pointed at moto directly, to look at what the backend did.
+async fn ec2(moto: &Moto, region: &str) -> aws_sdk_ec2::Client {
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(region.to_string()))
+        .endpoint_url(&moto.url)
+        .credentials_provider(aws_sdk_ec2::config::Credentials::new(
+            "testing", "testing", None, None, "test",
+        ))
+        .load()
+        .await;
+    aws_sdk_ec2::Client::new(&config)
+}
+
+/// Every instance moto holds in `region`.
+async fn cloud_instances(moto: &Moto, region: &str) -> Vec<aws_sdk_ec2::types::Instance> {
+    ec2(moto, region)
+        .await
+        .describe_instances()
+        .send()
+        .await
+        .unwrap()
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances().iter().cloned())
+        .collect()
+}
+
+fn state(i: &aws_sdk_ec2::types::Instance) -> InstanceStateName {
+    i.state().and_then(|s| s.name()).cloned().unwrap()
+}
+
+fn tag<'a>(i: &'a aws_sdk_ec2::types::Instance, key: &str) -> Option<&'a str> {
+    i.tags()
+        .iter()
+        .find(|t| t.key() == Some(key))
+        .and_then(|t| t.value())
+}
+
+async fn apply_fleet(client: &Client, yaml: &str) -> Result<Vec<Instance>, String> {
+    let lines = Mutex::new(Vec::new());
+    let progress =
+        |i: &Instance, step: &str| lines.lock().unwrap().push(format!("{}: {step}", i.name));
+    let config = parse(yaml, "fleet.dstack.yml").unwrap();
+    let result = client.engine().apply_fleet(&config, &progress).await;
+    let lines = lines.into_inner().unwrap().join("\n");
+    result
+        .map(|(_, instances)| instances)
+        .map_err(|e| format!("{e}\n{lines}"))
+}
+
+async fn eventually(secs: u64, what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn output(run: &dstack_core::RunHandle) -> String {
+    let mut logs = run.logs(false);
+    let mut out = Vec::new();
+    while let Some(chunk) = logs.next().await {
+        out.extend_from_slice(&chunk.unwrap());
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_provisions_tagged_instances_in_the_cheapest_region_and_runs_tasks() {
+    let moto = Moto::start();
+    let hosts = TestHosts::start(2);
+    let home = tempfile::tempdir().unwrap();
+    let config = aws_config(&moto.url, &["eu-west-1", "us-east-1"], &hosts);
+    let client = client(home.path(), config, &hosts, EngineOptions::default()).await;
+    hosts.track("cloud");
+    let yaml = "type: fleet\nname: cloud\nnodes: 2\nresources: {cpu: 2.., memory: 4GB..}\n";
+    let instances = apply_fleet(&client, yaml).await.unwrap();
+    assert_eq!(instances.len(), 2, "{instances:?}");
+    for instance in &instances {
+        assert_eq!(instance.status, InstanceStatus::Idle, "{instance:?}");
+        assert_eq!(instance.backend, "aws");
+        let offer = instance.offer.as_ref().unwrap();
+        // t3.medium in us-east-1 is the cheapest on-demand offer with 2 CPUs and 4 GB.
+        assert_eq!(
+            (offer.instance_type.as_str(), offer.region.as_str()),
+            ("t3.medium", "us-east-1")
+        );
+        assert!(!offer.spot);
+    }
+    let cloud = cloud_instances(&moto, "us-east-1").await;
+    assert_eq!(cloud.len(), 2);
+    let owner = Project::load_or_create(home.path()).unwrap().owner_id;
+    for i in &cloud {
+        assert_eq!(tag(i, "owner"), Some("dstack"));
+        assert_eq!(tag(i, "dstack_owner"), Some(owner.as_str()));
+        assert_eq!(tag(i, "dstack_fleet"), Some("cloud"));
+        let id = tag(i, "dstack_instance_id").unwrap();
+        assert!(
+            instances.iter().any(|r| r.id == id),
+            "tagged with its record"
+        );
+        assert_eq!(i.instance_type().map(|t| t.as_str()), Some("t3.medium"));
+    }
+    assert!(cloud_instances(&moto, "eu-west-1").await.is_empty());
+
+    // A task runs on one of them, on the namespace host the instance is mapped to.
+    let task = parse(
+        "type: task\nfleets: [cloud]\nresources: {cpu: 1.., memory: 0.1GB..}\ncommands: [cat /proc/sys/kernel/hostname, echo on-aws]\n",
+        "task.dstack.yml",
+    )
+    .unwrap();
+    let run = client
+        .runs()
+        .apply(task, ApplyOptions::default())
+        .await
+        .unwrap();
+    let done = tokio::time::timeout(Duration::from_secs(60), run.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.status, RunStatus::Done, "{:?}", run.jobs());
+    assert!(output(&run).await.ends_with("on-aws\n"));
+    let job = run.jobs().unwrap().pop().unwrap();
+    assert!(instances
+        .iter()
+        .any(|i| Some(&i.id) == job.instance_id.as_ref()));
+
+    // Deleting the fleet terminates its instances.
+    client.engine().delete_fleet("cloud", false).await.unwrap();
+    let cloud = cloud_instances(&moto, "us-east-1").await;
+    assert!(
+        cloud
+            .iter()
+            .all(|i| state(i) == InstanceStateName::Terminated),
+        "{cloud:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spot_fleets_get_spot_instances_and_capacity_errors_fall_through() {
+    let moto = Moto::start();
+    let proxy = FaultProxy::start(&moto.url, vec![("t3.medium".into(), Fault::NoCapacity)]).await;
+    let hosts = TestHosts::start(1);
+    let home = tempfile::tempdir().unwrap();
+    let config = aws_config(&proxy.url, &["us-east-1"], &hosts);
+    let client = client(home.path(), config, &hosts, EngineOptions::default()).await;
+    hosts.track("spotty");
+    let yaml = "type: fleet\nname: spotty\nnodes: 1\nspot_policy: spot\nresources: {cpu: 2.., memory: 4GB..}\n";
+    let instances = apply_fleet(&client, yaml).await.unwrap();
+    assert_eq!(instances.len(), 1);
+    let offer = instances[0].offer.clone().unwrap();
+    // t3.medium had no capacity: the next cheapest spot offer was taken.
+    assert_eq!(proxy.asked.lock().unwrap()[0], "t3.medium");
+    assert_ne!(offer.instance_type, "t3.medium");
+    assert!(offer.spot);
+    let cloud = cloud_instances(&moto, "us-east-1").await;
+    assert_eq!(cloud.len(), 1, "nothing was created for the refused offer");
+    assert_eq!(
+        cloud[0].instance_lifecycle().map(|l| l.as_str()),
+        Some("spot"),
+        "a spot offer runs a spot instance"
+    );
+    assert_eq!(
+        cloud[0].instance_type().map(|t| t.as_str()),
+        Some(offer.instance_type.as_str())
+    );
+    client.engine().delete_fleet("spotty", false).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_provision_in_elastic_fleets_and_idle_instances_are_reaped() {
+    let moto = Moto::start();
+    let hosts = TestHosts::start(1);
+    let home = tempfile::tempdir().unwrap();
+    let config = aws_config(&moto.url, &["us-east-1"], &hosts);
+    let client = client(home.path(), config, &hosts, EngineOptions::default()).await;
+    hosts.track("elastic");
+    let yaml = "type: fleet\nname: elastic\nnodes: 0..1\nidle_duration: 2s\n";
+    let instances = apply_fleet(&client, yaml).await.unwrap();
+    assert!(
+        instances.is_empty(),
+        "nodes.min 0: nothing provisioned up front"
+    );
+    let task = parse(
+        "type: task\nresources: {cpu: 1.., memory: 0.1GB..}\ncommands: [echo provisioned-for-me]\n",
+        "task.dstack.yml",
+    )
+    .unwrap();
+    let run = client
+        .runs()
+        .apply(task, ApplyOptions::default())
+        .await
+        .unwrap();
+    let done = tokio::time::timeout(Duration::from_secs(90), run.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.status, RunStatus::Done, "{:?}", run.jobs());
+    assert_eq!(output(&run).await, "provisioned-for-me\n");
+    assert_eq!(cloud_instances(&moto, "us-east-1").await.len(), 1);
+    // Idle for longer than idle_duration: terminated, in the store and in the cloud.
+    eventually(30, "the idle instance is terminated", async || {
+        let cloud = cloud_instances(&moto, "us-east-1").await;
+        cloud
+            .iter()
+            .all(|i| state(i) == InstanceStateName::Terminated)
+    })
+    .await;
+    let (_, instances) = client.fleets().get("elastic").unwrap().unwrap();
+    assert!(instances
+        .iter()
+        .all(|i| i.status == InstanceStatus::Terminated));
+    assert!(instances[0]
+        .status_message
+        .as_deref()
+        .unwrap_or_default()
+        .starts_with("idle_timeout"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_stopped_mid_provisioning_leaks_no_instance() {
+    let moto = Moto::start();
+    // RunInstances creates the instance, but its answer never reaches the client.
+    let proxy = FaultProxy::start(&moto.url, vec![("t3.medium".into(), Fault::Hang)]).await;
+    let hosts = TestHosts::start(1);
+    let home = tempfile::tempdir().unwrap();
+    let options = EngineOptions {
+        orphan_grace: Duration::from_millis(500),
+        ..EngineOptions::default()
+    };
+    {
+        let config = aws_config(&proxy.url, &["us-east-1"], &hosts);
+        let client = client(home.path(), config, &hosts, options.clone()).await;
+        let yaml = "type: fleet\nname: lost\nnodes: 1\nresources: {cpu: 2.., memory: 4GB..}\n";
+        let applied =
+            tokio::time::timeout(Duration::from_secs(5), apply_fleet(&client, yaml)).await;
+        assert!(
+            applied.is_err(),
+            "the apply is cut off while RunInstances hangs"
+        );
+        let cloud = cloud_instances(&moto, "us-east-1").await;
+        assert_eq!(cloud.len(), 1, "the instance was created");
+        assert_eq!(state(&cloud[0]), InstanceStateName::Running);
+    }
+    // A new client on the same state finds the instance by its owner tag and terminates it.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let config = aws_config(&moto.url, &["us-east-1"], &hosts);
+    let client = client(home.path(), config, &hosts, options).await;
+    eventually(20, "the stray instance is terminated", async || {
+        let cloud = cloud_instances(&moto, "us-east-1").await;
+        cloud
+            .iter()
+            .all(|i| state(i) == InstanceStateName::Terminated)
+    })
+    .await;
+    let (_, instances) = client.fleets().get("lost").unwrap().unwrap();
+    assert!(
+        instances
+            .iter()
+            .all(|i| i.status == InstanceStatus::Terminated),
+        "{instances:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_of_other_owners_are_left_alone() {
+    let moto = Moto::start();
+    let hosts = TestHosts::start(1);
+    let home = tempfile::tempdir().unwrap();
+    // Someone else's instance in the same account and region.
+    let ec2 = ec2(&moto, "us-east-1").await;
+    let image = ec2
+        .describe_images()
+        .owners("099720109477")
+        .send()
+        .await
+        .unwrap()
+        .images()[0]
+        .image_id()
+        .unwrap()
+        .to_string();
+    ec2.run_instances()
+        .image_id(image)
+        .min_count(1)
+        .max_count(1)
+        .send()
+        .await
+        .unwrap();
+    let options = EngineOptions {
+        orphan_grace: Duration::ZERO,
+        ..EngineOptions::default()
+    };
+    let config = aws_config(&moto.url, &["us-east-1"], &hosts);
+    let client = client(home.path(), config, &hosts, options).await;
+    // The client looks for strays as it starts; give it time to (wrongly) act.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let cloud = cloud_instances(&moto, "us-east-1").await;
+    assert_eq!(cloud.len(), 1);
+    assert_eq!(
+        state(&cloud[0]),
+        InstanceStateName::Running,
+        "not ours: untouched"
+    );
+    drop(client);
+}

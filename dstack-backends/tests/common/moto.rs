@@ -1,0 +1,205 @@
+//! AWS for tests: a moto server (EC2 through the real SDK) on a free loopback port, and a
+//! fault proxy in front of it that answers chosen `RunInstances` calls with a capacity error or
+//! holds their answer back (as a client killed mid-call would never see it). moto comes from
+//! `pip install "moto[server]"` (`.ci/run` installs it in `~/.cache/dstack-rs/venv`).
+
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A moto server; killed on drop.
+pub struct Moto {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+}
+
+fn moto_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("MOTO_SERVER") {
+        return path.into();
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let venv = PathBuf::from(home).join(".cache/dstack-rs/venv/bin/moto_server");
+    if venv.exists() {
+        return venv;
+    }
+    "moto_server".into()
+}
+
+impl Moto {
+    /// Starts moto and waits until it answers.
+    pub fn start() -> Moto {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = Command::new(moto_binary())
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "AWS tests need moto: pip install \"moto[server]\" (as .ci/run does) or set \
+                     MOTO_SERVER: {e}"
+                )
+            });
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Moto {
+                    child,
+                    url: format!("http://127.0.0.1:{port}"),
+                };
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("moto did not start on port {port}");
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What the proxy does with a `RunInstances` call for an instance type.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Fault {
+    /// Answer `InsufficientInstanceCapacity` without creating anything.
+    NoCapacity,
+    /// Create the instance, then never answer.
+    Hang,
+}
+
+/// A proxy in front of moto injecting [`Fault`]s; it records the instance types asked for.
+pub struct FaultProxy {
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// `RunInstances` instance types, in call order.
+    pub asked: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FaultProxy {
+    /// Starts a proxy to `upstream` with faults per instance type.
+    pub async fn start(upstream: &str, faults: Vec<(String, Fault)>) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let upstream = upstream.trim_start_matches("http://").to_string();
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let seen = asked.clone();
+        let faults = Arc::new(faults);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                let (upstream, seen, faults) = (upstream.clone(), seen.clone(), faults.clone());
+                tokio::spawn(async move {
+                    let _ = serve(client, &upstream, &seen, &faults).await;
+                });
+            }
+        });
+        FaultProxy { url, asked, task }
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One connection: requests in turn, each forwarded on a fresh upstream connection.
+async fn serve(
+    mut client: TcpStream,
+    upstream: &str,
+    seen: &Mutex<Vec<String>>,
+    faults: &[(String, Fault)],
+) -> std::io::Result<()> {
+    loop {
+        let Some((head, body)) = read_request(&mut client).await? else {
+            return Ok(());
+        };
+        let text = String::from_utf8_lossy(&body).into_owned();
+        let fault = if text.contains("Action=RunInstances") {
+            let kind = param(&text, "InstanceType").unwrap_or_default();
+            seen.lock().unwrap().push(kind.clone());
+            faults
+                .iter()
+                .find(|(k, _)| *k == kind)
+                .map(|(_, f)| f.clone())
+        } else {
+            None
+        };
+        if fault == Some(Fault::NoCapacity) {
+            let xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error>\
+                <Code>InsufficientInstanceCapacity</Code><Message>We currently do not have \
+                sufficient capacity in the Availability Zone you requested.</Message></Error>\
+                </Errors><RequestID>injected</RequestID></Response>";
+            let answer = format!(
+                "HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/xml\r\nContent-Length: {}\r\n\r\n{xml}",
+                xml.len()
+            );
+            client.write_all(answer.as_bytes()).await?;
+            continue;
+        }
+        let mut up = TcpStream::connect(upstream).await?;
+        let head = head
+            .lines()
+            .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
+            .collect::<Vec<_>>()
+            .join("\r\n");
+        up.write_all(format!("{head}\r\nConnection: close\r\n\r\n").as_bytes())
+            .await?;
+        up.write_all(&body).await?;
+        let mut answer = Vec::new();
+        up.read_to_end(&mut answer).await?;
+        if fault == Some(Fault::Hang) {
+            // The instance exists now; its creator never hears of it.
+            std::future::pending::<()>().await;
+        }
+        client.write_all(&answer).await?;
+    }
+}
+
+/// Reads one HTTP/1.1 request: its head (without the blank line) and body.
+async fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<(String, Vec<u8>)>> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).await? == 0 {
+            return Ok(None);
+        }
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf[..buf.len() - 4]).into_owned();
+    let length = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).await?;
+    Ok(Some((head, body)))
+}
+
+/// A form parameter of a query-protocol body.
+fn param(body: &str, name: &str) -> Option<String> {
+    body.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == name).then(|| v.replace("%2E", ".").replace("%2e", "."))
+    })
+}
