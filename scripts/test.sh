@@ -6,12 +6,23 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/dstack-rs/target}"
 
+# Tests never reach a cloud's metadata service (nor any address but loopback and their own
+# namespace hosts).
+export AWS_EC2_METADATA_DISABLED=true
+VENV="${DSTACK_TEST_VENV:-$HOME/.cache/dstack-rs/venv}"
+
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
-echo "==> cargo clippy (all targets, warnings are errors)"
-cargo clippy --workspace --all-targets -- -D warnings
+echo "==> cargo clippy (all targets and the cloud features, warnings are errors)"
+cargo clippy --workspace --all-targets --features dstack-backends/aws -- -D warnings
+echo "==> cloud backend features compile alone"
+cargo check -q -p dstack-backends --no-default-features --features aws
 echo "==> cargo test"
 cargo test --workspace --exclude dstack-py
+echo "==> AWS backend against moto (pip install moto[server] into $VENV)"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check "moto[server]"
+MOTO_SERVER="$VENV/bin/moto_server" cargo test -p dstack-backends --features aws --lib --test aws --examples
 echo "==> examples validate"
 "$CARGO_TARGET_DIR/debug/dstack" validate examples/*.dstack.yml
 echo "==> python package, examples and notebooks"

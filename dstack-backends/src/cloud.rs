@@ -2,9 +2,10 @@
 //! regions, limited to the instance families they support, disk sized within what they can
 //! configure).
 
+use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
-use dstack_core::backend::{ComputeError, OfferRequest};
+use dstack_core::backend::{Compute, ComputeError, OfferRequest};
 use dstack_core::offers::catalog::{offer_disk_gb, to_offer, Catalog};
 use dstack_core::offers::Offer;
 
@@ -84,6 +85,41 @@ impl CatalogOffers {
         }
         offers
     }
+}
+
+/// The cloud backends `$DSTACK_HOME/config.yml` configures, and why any configured one is
+/// left out (not built into this binary, no credentials). A malformed file is an error.
+#[cfg_attr(not(feature = "aws"), allow(unused_variables))]
+pub async fn configured_backends(
+    home: &Path,
+    agent_bin: &Path,
+) -> Result<(Vec<Arc<dyn Compute>>, Vec<String>), crate::config::ConfigError> {
+    use crate::config::BackendConfig;
+    let config = crate::config::load(home)?;
+    let mut backends: Vec<Arc<dyn Compute>> = Vec::new();
+    let mut skipped = Vec::new();
+    for backend in config.backends {
+        match backend {
+            #[cfg(feature = "aws")]
+            BackendConfig::Aws(aws) => {
+                let built =
+                    crate::aws::AwsCompute::new(aws, home, &config.project, agent_bin.into()).await;
+                match built {
+                    Ok(aws) => backends.push(Arc::new(aws)),
+                    Err(e) => skipped.push(format!("the aws backend is skipped: {e}")),
+                }
+            }
+            #[cfg(not(feature = "aws"))]
+            BackendConfig::Aws(_) => skipped.push(
+                "the aws backend is skipped: this build has no AWS support (cargo feature `aws` \
+                 of dstack-backends / dstack-cli)"
+                    .to_string(),
+            ),
+            BackendConfig::Gcp(_) => skipped
+                .push("the gcp backend is skipped: this build has no GCP support yet".to_string()),
+        }
+    }
+    Ok((backends, skipped))
 }
 
 /// The region of a location that is already a region.

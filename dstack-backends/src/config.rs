@@ -235,13 +235,15 @@ pub fn parse(text: &str, file: &str) -> Result<ServerConfig, ConfigError> {
             "aws" => serde_json::from_value(body).map(BackendConfig::Aws),
             "gcp" => serde_json::from_value(body).map(BackendConfig::Gcp),
             "" => return Err(at(node, &path, "missing `type` (aws or gcp)")),
-            other => return Err(at(
-                node,
-                &format!("{path}.type"),
-                &format!(
+            other => {
+                return Err(at(
+                    node,
+                    &format!("{path}.type"),
+                    &format!(
                     "backend type `{other}` is not supported by dstack-rs yet; expected aws or gcp"
                 ),
-            )),
+                ))
+            }
         };
         config
             .backends

@@ -246,8 +246,10 @@ pub async fn embedded_client() -> Result<Client, EngineError> {
     local_client(dstack_core::client::default_home(), None).await
 }
 
-/// A client with its state in `home`, the local backend and (with the `ssh` feature) SSH
-/// fleets; the agent is `agent_bin` (or the one [`find_agent_binary`] finds).
+/// A client with its state in `home`, the local backend, (with the `ssh` feature) SSH fleets
+/// and the cloud backends `home/config.yml` configures (a backend that cannot be used is
+/// skipped with a message on stderr); the agent is `agent_bin` (or the one
+/// [`find_agent_binary`] finds).
 pub async fn local_client(
     home: PathBuf,
     agent_bin: Option<PathBuf>,
@@ -262,6 +264,13 @@ pub async fn local_client(
         crate::ssh::KnownHosts::in_home(&home),
         agent_bin.clone(),
     )));
+    let (clouds, skipped) = crate::cloud::configured_backends(&home, &agent_bin)
+        .await
+        .map_err(|e| EngineError::Invalid(e.to_string()))?;
+    for why in skipped {
+        eprintln!("dstack: {why}");
+    }
+    backends.extend(clouds);
     backends.insert(0, Arc::new(LocalBackend::new(&home, agent_bin)));
     Client::open(ClientOptions {
         home,

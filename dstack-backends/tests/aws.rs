@@ -380,3 +380,48 @@ async fn instances_of_other_owners_are_left_alone() {
     );
     drop(client);
 }
+
+#[test]
+fn without_credentials_the_backend_is_skipped_with_a_reason_at_once() {
+    // A clean environment (no AWS variables, an empty home, the metadata service off) in a
+    // child process: the SDK's default chain finds nothing and nothing is contacted.
+    let home = tempfile::tempdir().unwrap();
+    std::fs::write(
+        home.path().join("config.yml"),
+        "projects:\n- name: main\n  backends:\n  - type: aws\n    creds: {type: default}\n    regions: [us-east-1]\n",
+    )
+    .unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let examples = exe.parent().unwrap().parent().unwrap().join("examples");
+    let example = examples.join("cloud_backends");
+    assert!(
+        example.exists(),
+        "{} is missing: run `cargo test -p dstack-backends --features aws` without a --test \
+         filter (it builds the examples)",
+        example.display()
+    );
+    let out = std::process::Command::new(example)
+        .arg(home.path())
+        .env_clear()
+        .env("HOME", home.path())
+        .env("PATH", "/usr/bin:/bin")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!text.contains("backend aws"), "{text}");
+    assert!(
+        text.contains("skipped the aws backend is skipped: unauthenticated: no AWS credentials"),
+        "{text}"
+    );
+    let took: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("took ")?.strip_suffix(" ms")?.parse().ok())
+        .unwrap();
+    assert!(took < 10_000, "nothing hangs: {took} ms");
+}

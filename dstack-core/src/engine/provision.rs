@@ -206,11 +206,7 @@ impl Inner {
     ) -> Result<(Fleet, Vec<Instance>), EngineError> {
         let name = self.fleet_name(config)?;
         let target = config.nodes.map_or(0, |n| n.target);
-        let existing = self
-            .store
-            .fleets()?
-            .into_iter()
-            .find(|f| f.name == name && f.status != FleetStatus::Terminated);
+        let existing = self.store.fleets()?.into_iter().find(|f| f.name == name);
         let mut fleet = Fleet {
             id: existing
                 .as_ref()

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::status::{FleetStatus, InstanceStatus, JobStatus, RunStatus};
+use super::status::{FleetStatus, InstanceStatus, JobStatus, RunStatus, VolumeStatus};
 use crate::agent::HostInfo;
 use crate::config::Configuration;
 
@@ -199,6 +199,52 @@ pub struct HostSession {
     pub home: String,
     /// Session variables jobs get there (`HOME`, `PATH`, `USER`, `LANG`, …).
     pub env: BTreeMap<String, String>,
+}
+
+/// A network volume (`type: volume`): a cloud disk that runs mount.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Volume {
+    /// UUID.
+    pub id: String,
+    /// Unique name among volumes not deleted.
+    pub name: String,
+    /// Status.
+    pub status: VolumeStatus,
+    /// Why it is in its status (e.g. why creating it failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_message: Option<String>,
+    /// The volume configuration it was applied from.
+    pub configuration: serde_json::Value,
+    /// The backend that holds it.
+    pub backend: String,
+    /// Its region.
+    pub region: String,
+    /// The cloud's id of the disk, once created or registered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_id: Option<String>,
+    /// Its availability zone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub availability_zone: Option<String>,
+    /// Its size in GB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_gb: Option<u64>,
+    /// Registered (`volume_id:`) rather than created: deleting it only forgets it.
+    #[serde(default)]
+    pub external: bool,
+    /// The instances it is attached to, with the device name it got there.
+    #[serde(default)]
+    pub attachments: Vec<VolumeAttachment>,
+    /// When it was recorded (Unix ms).
+    pub created_at_ms: u64,
+}
+
+/// One attachment of a volume.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeAttachment {
+    /// The instance.
+    pub instance_id: String,
+    /// The device the volume appears as there (`/dev/sdf`).
+    pub device_name: String,
 }
 
 /// A fleet: a named group of instances.

@@ -282,6 +282,20 @@ text_enum! {
     }
 }
 
+text_enum! {
+    /// The status of a network volume.
+    VolumeStatus {
+        /// Recorded; being created or registered.
+        Submitted = "submitted",
+        /// Usable.
+        Active = "active",
+        /// Could not be created or registered.
+        Failed = "failed",
+        /// Deleted (or, for a registered volume, forgotten).
+        Deleted = "deleted",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

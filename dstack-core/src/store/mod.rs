@@ -8,7 +8,7 @@ mod sqlite;
 
 pub use sqlite::SqliteStore;
 
-use crate::model::{Fleet, Instance, Job, JobStatus, Reservation, Run, RunStatus};
+use crate::model::{Fleet, Instance, Job, JobStatus, Reservation, Run, RunStatus, Volume};
 
 /// A failure of the state store.
 #[derive(Debug, thiserror::Error)]
@@ -107,4 +107,8 @@ pub trait Store: Send + Sync {
     fn instance(&self, id: &str) -> Result<Option<Instance>, StoreError>;
     /// Every instance.
     fn instances(&self) -> Result<Vec<Instance>, StoreError>;
+    /// Inserts or replaces a volume.
+    fn put_volume(&self, volume: &Volume) -> Result<(), StoreError>;
+    /// Every volume, deleted ones included, by name.
+    fn volumes(&self) -> Result<Vec<Volume>, StoreError>;
 }

@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::{FitFn, RunFilter, Store, StoreError};
-use crate::model::{Fleet, Instance, Job, JobStatus, Run, RunStatus};
+use crate::model::{Fleet, Instance, Job, JobStatus, Run, RunStatus, Volume};
 
 /// The schema, one entry per version; applied in order, each in a transaction.
 const MIGRATIONS: &[&str] = &[
@@ -51,6 +51,8 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE runs ADD COLUMN group_id TEXT;
     ALTER TABLE runs ADD COLUMN group_max INTEGER;
     CREATE INDEX runs_group ON runs(group_id) WHERE group_id IS NOT NULL;",
+    // 5: network volumes.
+    "CREATE TABLE volumes (id TEXT PRIMARY KEY, name TEXT NOT NULL, data TEXT NOT NULL);",
 ];
 
 /// SQL: whether the group of run `r` (if it has one with a limit) may place one more run,
@@ -418,6 +420,21 @@ impl Store for SqliteStore {
 
     fn instances(&self) -> Result<Vec<Instance>, StoreError> {
         self.query("SELECT data FROM instances", &[])
+    }
+
+    fn put_volume(&self, volume: &Volume) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO volumes (id, name, data) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(id) DO UPDATE SET name = ?2, data = ?3",
+                params![volume.id, volume.name, json(volume)?],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn volumes(&self) -> Result<Vec<Volume>, StoreError> {
+        self.query("SELECT data FROM volumes ORDER BY name", &[])
     }
 }
 
