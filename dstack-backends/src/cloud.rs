@@ -96,6 +96,7 @@ pub async fn configured_backends(
 ) -> Result<(Vec<Arc<dyn Compute>>, Vec<String>), crate::config::ConfigError> {
     use crate::config::BackendConfig;
     let config = crate::config::load(home)?;
+    #[cfg_attr(not(feature = "aws"), allow(unused_mut))]
     let mut backends: Vec<Arc<dyn Compute>> = Vec::new();
     let mut skipped = Vec::new();
     for backend in config.backends {
