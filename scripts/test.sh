@@ -14,15 +14,16 @@ VENV="${DSTACK_TEST_VENV:-$HOME/.cache/dstack-rs/venv}"
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy (all targets and the cloud features, warnings are errors)"
-cargo clippy --workspace --all-targets --features dstack-backends/aws -- -D warnings
+cargo clippy --workspace --all-targets --features dstack-backends/aws,dstack-backends/gcp -- -D warnings
 echo "==> cloud backend features compile alone"
 cargo check -q -p dstack-backends --no-default-features --features aws
+cargo check -q -p dstack-backends --no-default-features --features gcp
 echo "==> cargo test"
 cargo test --workspace --exclude dstack-py
-echo "==> AWS backend against moto (pip install moto[server] into $VENV)"
+echo "==> cloud backends: AWS against moto (pip install moto[server] into $VENV), GCP against a stand-in"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check "moto[server]"
-MOTO_SERVER="$VENV/bin/moto_server" cargo test -p dstack-backends --features aws --lib --test aws --examples
+MOTO_SERVER="$VENV/bin/moto_server" cargo test -p dstack-backends --features aws,gcp --lib --test aws --test gcp --examples
 echo "==> examples validate"
 "$CARGO_TARGET_DIR/debug/dstack" validate examples/*.dstack.yml
 echo "==> python package, examples and notebooks"

@@ -89,14 +89,14 @@ impl CatalogOffers {
 
 /// The cloud backends `$DSTACK_HOME/config.yml` configures, and why any configured one is
 /// left out (not built into this binary, no credentials). A malformed file is an error.
-#[cfg_attr(not(feature = "aws"), allow(unused_variables))]
+#[cfg_attr(not(any(feature = "aws", feature = "gcp")), allow(unused_variables))]
 pub async fn configured_backends(
     home: &Path,
     agent_bin: &Path,
 ) -> Result<(Vec<Arc<dyn Compute>>, Vec<String>), crate::config::ConfigError> {
     use crate::config::BackendConfig;
     let config = crate::config::load(home)?;
-    #[cfg_attr(not(feature = "aws"), allow(unused_mut))]
+    #[cfg_attr(not(any(feature = "aws", feature = "gcp")), allow(unused_mut))]
     let mut backends: Vec<Arc<dyn Compute>> = Vec::new();
     let mut skipped = Vec::new();
     for backend in config.backends {

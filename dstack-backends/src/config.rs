@@ -41,9 +41,11 @@ pub enum AwsCreds {
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct OsImage {
-    /// Image name (wildcards allowed); the newest match is used.
+    /// Image name (AWS: wildcards allowed, the newest match is used; GCP: an image or image
+    /// family URL such as `projects/ubuntu-os-cloud/global/images/family/ubuntu-2204-lts`).
     pub name: String,
-    /// The image owner's account id or alias.
+    /// The image owner's account id or alias (AWS).
+    #[serde(default)]
     pub owner: String,
     /// The user to log in as.
     #[serde(default = "default_user")]
@@ -108,8 +110,10 @@ pub enum GcpCreds {
         /// The key JSON.
         data: Option<String>,
     },
-    /// Application default credentials.
+    /// Application default credentials (`GOOGLE_APPLICATION_CREDENTIALS` or gcloud's ADC file).
     Default,
+    /// dstack-rs test option: send no credentials (for an `endpoint_url` stand-in only).
+    Anonymous,
 }
 
 /// `type: gcp`.
@@ -131,6 +135,10 @@ pub struct GcpConfig {
     pub public_ips: Option<bool>,
     /// A service account for instances.
     pub vm_service_account: Option<String>,
+    /// dstack-rs: images to boot (default: Ubuntu 22.04 for CPU, Google's Deep Learning VM
+    /// with CUDA for NVIDIA instances; the user defaults to `ubuntu`).
+    #[serde(default)]
+    pub os_images: OsImages,
     /// dstack-rs: send Compute API calls here (e.g. a local stand-in).
     pub endpoint_url: Option<String>,
     /// dstack-rs test option: reach instances at these addresses (see the module docs).

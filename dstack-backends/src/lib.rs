@@ -3,6 +3,7 @@
 //! - `local` (default): this machine, through a detached `dstack-agent`.
 //! - `ssh` (default): hosts listed in SSH fleets, reached with russh.
 //! - `aws`: AWS EC2 (aws-sdk-ec2), configured in `$DSTACK_HOME/config.yml` ([`config`]).
+//! - `gcp`: GCP Compute Engine (google-cloud-compute-v1), likewise.
 
 #[cfg(feature = "local")]
 pub mod local;
@@ -21,3 +22,6 @@ pub mod project;
 
 #[cfg(feature = "aws")]
 pub mod aws;
+
+#[cfg(feature = "gcp")]
+pub mod gcp;

@@ -425,3 +425,124 @@ fn without_credentials_the_backend_is_skipped_with_a_reason_at_once() {
         .unwrap();
     assert!(took < 10_000, "nothing hangs: {took} ms");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumes_go_through_their_life_cycle() {
+    use dstack_core::model::VolumeStatus;
+    let moto = Moto::start();
+    let hosts = TestHosts::start(1);
+    let home = tempfile::tempdir().unwrap();
+    let config = aws_config(&moto.url, &["us-east-1"], &hosts);
+    let client = client(home.path(), config, &hosts, EngineOptions::default()).await;
+    let ec2 = ec2(&moto, "us-east-1").await;
+
+    // Created: an EBS volume of the size asked, tagged with its owner.
+    let created = parse(
+        "type: volume\nname: data\nbackend: aws\nregion: us-east-1\nsize: 10GB\n",
+        "volume.dstack.yml",
+    )
+    .unwrap();
+    let data = client.volumes().apply(&created).await.unwrap();
+    assert_eq!(data.status, VolumeStatus::Active, "{data:?}");
+    assert!(!data.external);
+    let id = data.volume_id.clone().unwrap();
+    let described = ec2.describe_volumes().volume_ids(&id).send().await.unwrap();
+    let ebs = &described.volumes()[0];
+    assert_eq!(ebs.size(), Some(10));
+    assert_eq!(ebs.volume_type().map(|t| t.as_str()), Some("gp3"));
+    assert_eq!(data.availability_zone.as_deref(), ebs.availability_zone());
+    assert!(ebs
+        .tags()
+        .iter()
+        .any(|t| t.key() == Some("dstack_name") && t.value() == Some("data")));
+
+    // Registered: an existing volume by id, only forgotten when deleted.
+    let existing = ec2
+        .create_volume()
+        .availability_zone("us-east-1a")
+        .size(7)
+        .send()
+        .await
+        .unwrap();
+    let existing_id = existing.volume_id().unwrap().to_string();
+    let registered = parse(
+        &format!(
+            "type: volume\nname: old\nbackend: aws\nregion: us-east-1\nvolume_id: {existing_id}\n"
+        ),
+        "volume.dstack.yml",
+    )
+    .unwrap();
+    let old = client.volumes().apply(&registered).await.unwrap();
+    assert_eq!(
+        (old.status, old.external, old.size_gb),
+        (VolumeStatus::Active, true, Some(7))
+    );
+    let missing = parse(
+        "type: volume\nname: ghost\nbackend: aws\nregion: us-east-1\nvolume_id: vol-00000000000000000\n",
+        "volume.dstack.yml",
+    )
+    .unwrap();
+    let ghost = client.volumes().apply(&missing).await.unwrap();
+    assert_eq!(ghost.status, VolumeStatus::Failed);
+    assert!(ghost
+        .status_message
+        .unwrap()
+        .contains("vol-00000000000000000"));
+
+    // Attached to an instance of the same region; deleting is refused meanwhile.
+    hosts.track("disks");
+    let instances = apply_fleet(&client, "type: fleet\nname: disks\nnodes: 1\n")
+        .await
+        .unwrap();
+    let instance = &instances[0];
+    let attached = client
+        .engine()
+        .attach_volume("data", &instance.id)
+        .await
+        .unwrap();
+    assert_eq!(attached.attachments[0].device_name, "/dev/sdf");
+    let cloud_id = instance.backend_data["aws"]["instance_id"]
+        .as_str()
+        .unwrap();
+    let described = ec2.describe_volumes().volume_ids(&id).send().await.unwrap();
+    let attachment = &described.volumes()[0].attachments()[0];
+    assert_eq!(attachment.instance_id(), Some(cloud_id));
+    assert_eq!(attachment.device(), Some("/dev/sdf"));
+    let refused = client
+        .volumes()
+        .delete("data")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("is attached to disks-0"), "{refused}");
+
+    // Detached, then deleted from the cloud; the registered one is only forgotten.
+    let detached = client
+        .engine()
+        .detach_volume("data", &instance.id, false)
+        .await
+        .unwrap();
+    assert!(detached.attachments.is_empty());
+    let described = ec2.describe_volumes().volume_ids(&id).send().await.unwrap();
+    assert!(described.volumes()[0].attachments().is_empty());
+    let deleted = client.volumes().delete("data").await.unwrap();
+    assert_eq!(deleted.status, VolumeStatus::Deleted);
+    assert!(
+        ec2.describe_volumes().volume_ids(&id).send().await.is_err(),
+        "deleted in EC2"
+    );
+    client.volumes().delete("old").await.unwrap();
+    let still = ec2
+        .describe_volumes()
+        .volume_ids(&existing_id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        still.volumes().len(),
+        1,
+        "a registered volume is not deleted"
+    );
+    assert!(client.volumes().get("data").unwrap().is_none());
+    client.engine().delete_fleet("disks", false).await.unwrap();
+}

@@ -139,10 +139,10 @@ pub async fn apply(client: &Client, args: &ApplyArgs) -> Result<ExitCode, Failur
     if let Configuration::Fleet(_) = configuration {
         return crate::fleet::apply(client, &configuration, args.yes).await;
     }
-    if matches!(
-        configuration,
-        Configuration::Volume(_) | Configuration::Gateway(_)
-    ) {
+    if let Configuration::Volume(_) = configuration {
+        return crate::volume::apply(client, &configuration).await;
+    }
+    if matches!(configuration, Configuration::Gateway(_)) {
         return Err(Failure::new(format!(
             "applying a {} is not supported yet",
             configuration.type_name()

@@ -1,5 +1,5 @@
-//! `dstack fleet`: fleets and their instances; `dstack apply -f fleet.yml` (SSH fleets) and
-//! `dstack fleet delete`.
+//! `dstack fleet`: fleets and their instances; `dstack apply -f fleet.yml` (SSH fleets and
+//! backend fleets with `nodes:`) and `dstack fleet delete`.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -43,7 +43,16 @@ pub async fn list(client: &Client) -> Result<ExitCode, Failure> {
                     String::new()
                 },
                 instance.name.clone(),
-                instance.backend.clone(),
+                match &instance.offer {
+                    Some(o) => format!(
+                        "{} ({}, {}{})",
+                        o.backend,
+                        o.region,
+                        o.instance_type,
+                        if o.spot { ", spot" } else { "" }
+                    ),
+                    None => instance.backend.clone(),
+                },
                 resources(&instance.host),
                 format!("${}", instance.price),
                 match (&instance.status_message, busy.contains(&instance.id)) {
@@ -69,9 +78,16 @@ pub async fn apply(
     let Configuration::Fleet(fleet) = configuration else {
         return Err(Failure::new("not a fleet configuration"));
     };
-    let hosts = fleet.ssh_config.as_ref().map_or(0, |s| s.hosts.len());
+    let (hosts, what) = match (&fleet.ssh_config, fleet.nodes) {
+        (Some(ssh), _) => (ssh.hosts.len(), "SSH host(s)"),
+        (None, Some(nodes)) => (
+            usize::try_from(nodes.target).unwrap_or(0),
+            "cloud instance(s) to provision",
+        ),
+        (None, None) => (0, "instance(s)"),
+    };
     let name = fleet.name.clone().unwrap_or_default();
-    eprintln!("Fleet {name}: {hosts} SSH host(s)");
+    eprintln!("Fleet {name}: {hosts} {what}");
     if !yes && !crate::confirm("Apply the fleet?") {
         return Ok(ExitCode::from(1));
     }
@@ -80,6 +96,7 @@ pub async fn apply(
             .backend_data
             .get("hostname")
             .and_then(|h| h.as_str())
+            .or(instance.offer.as_ref().map(|o| o.region.as_str()))
             .unwrap_or("?");
         let mut err = std::io::stderr().lock();
         let _ = writeln!(err, "  {} ({host}): {step}", instance.name);

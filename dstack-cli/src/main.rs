@@ -7,6 +7,7 @@ mod offer;
 mod runs;
 mod table;
 mod validate;
+mod volume;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -44,6 +45,11 @@ enum Command {
         #[command(subcommand)]
         action: Option<FleetAction>,
     },
+    /// List network volumes (`dstack volume delete NAME` deletes one).
+    Volume {
+        #[command(subcommand)]
+        action: Option<VolumeAction>,
+    },
     /// Check configuration files and show them normalized, as dstack would read them.
     ///
     /// Exits 0 when every file is valid and 1 when any is not; each problem is printed on
@@ -61,6 +67,15 @@ enum FleetAction {
     List,
     /// Delete a fleet: stop its hosts' agents and remove what was installed on them.
     Delete(fleet::DeleteArgs),
+}
+
+/// `dstack volume` subcommands.
+#[derive(Subcommand)]
+enum VolumeAction {
+    /// List volumes (the default).
+    List,
+    /// Delete a volume attached nowhere (a registered one is only forgotten).
+    Delete(volume::DeleteArgs),
 }
 
 /// A command failure: printed on stderr, exit status 1.
@@ -105,6 +120,10 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
         Command::Fleet { action } => match action {
             None | Some(FleetAction::List) => fleet::list(&client).await,
             Some(FleetAction::Delete(args)) => fleet::delete(&client, &args).await,
+        },
+        Command::Volume { action } => match action {
+            None | Some(VolumeAction::List) => volume::list(&client),
+            Some(VolumeAction::Delete(args)) => volume::delete(&client, &args).await,
         },
         Command::Drive => drive::drive(&client).await,
         Command::Validate(_) => unreachable!("handled above"),

@@ -15,7 +15,8 @@ use std::collections::BTreeMap;
 
 use crate::agent::AgentClient;
 use crate::config::range::{Memory, Range};
-use crate::model::Instance;
+use crate::config::volume::VolumeConfiguration;
+use crate::model::{Instance, Volume};
 use crate::offers::query::QueryFilter;
 use crate::offers::Offer;
 
@@ -74,6 +75,17 @@ pub struct OwnedInstance {
     pub instance_id: Option<String>,
     /// Where it is.
     pub region: String,
+}
+
+/// What a backend reports about a volume it created or registered.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VolumeProvisioning {
+    /// The cloud's id of the disk.
+    pub volume_id: String,
+    /// Its size in GB.
+    pub size_gb: u64,
+    /// Its availability zone.
+    pub availability_zone: Option<String>,
 }
 
 /// What a backend records about an instance it created.
@@ -146,6 +158,70 @@ pub trait Compute: Send + Sync {
     /// recorded, or recorded as terminated). Backends that create nothing have none.
     fn owned_instances(&self) -> BoxFuture<'_, Result<Vec<OwnedInstance>, ComputeError>> {
         Box::pin(async { Ok(Vec::new()) })
+    }
+
+    /// Creates the network volume `config` describes (`name` is the volume's name).
+    fn create_volume<'a>(
+        &'a self,
+        name: &'a str,
+        config: &'a VolumeConfiguration,
+    ) -> BoxFuture<'a, Result<VolumeProvisioning, ComputeError>> {
+        let _ = (name, config);
+        Box::pin(async move { Err(self.no_volumes()) })
+    }
+
+    /// Looks up the existing volume `config.volume_id` names.
+    fn register_volume<'a>(
+        &'a self,
+        config: &'a VolumeConfiguration,
+    ) -> BoxFuture<'a, Result<VolumeProvisioning, ComputeError>> {
+        let _ = config;
+        Box::pin(async move { Err(self.no_volumes()) })
+    }
+
+    /// Deletes a volume it created (idempotent).
+    fn delete_volume<'a>(&'a self, volume: &'a Volume) -> BoxFuture<'a, Result<(), ComputeError>> {
+        let _ = volume;
+        Box::pin(async move { Err(self.no_volumes()) })
+    }
+
+    /// Attaches a volume to an instance; returns the device name it got there.
+    fn attach_volume<'a>(
+        &'a self,
+        volume: &'a Volume,
+        instance: &'a Instance,
+    ) -> BoxFuture<'a, Result<String, ComputeError>> {
+        let _ = (volume, instance);
+        Box::pin(async move { Err(self.no_volumes()) })
+    }
+
+    /// Detaches a volume from an instance (`force`: even if it is in use there).
+    fn detach_volume<'a>(
+        &'a self,
+        volume: &'a Volume,
+        instance: &'a Instance,
+        force: bool,
+    ) -> BoxFuture<'a, Result<(), ComputeError>> {
+        let _ = (volume, instance, force);
+        Box::pin(async move { Err(self.no_volumes()) })
+    }
+
+    /// Whether the volume is no longer attached to the instance.
+    fn is_volume_detached<'a>(
+        &'a self,
+        volume: &'a Volume,
+        instance: &'a Instance,
+    ) -> BoxFuture<'a, Result<bool, ComputeError>> {
+        let _ = (volume, instance);
+        Box::pin(async { Ok(true) })
+    }
+
+    /// The error of volume calls on a backend without network volumes.
+    fn no_volumes(&self) -> ComputeError {
+        ComputeError::NotSupported(format!(
+            "the {} backend has no network volumes",
+            self.backend()
+        ))
     }
 
     /// Terminates a resource found by [`Compute::owned_instances`] (idempotent).

@@ -76,6 +76,11 @@ impl Client {
         Fleets { client: self }
     }
 
+    /// The network volumes.
+    pub fn volumes(&self) -> Volumes<'_> {
+        Volumes { client: self }
+    }
+
     /// The engine.
     pub fn engine(&self) -> &Engine {
         &self.engine
@@ -163,6 +168,43 @@ impl Fleets<'_> {
     /// A fleet by name, with its instances.
     pub fn get(&self, name: &str) -> Result<Option<(Fleet, Vec<Instance>)>, EngineError> {
         Ok(self.list()?.into_iter().find(|(f, _)| f.name == name))
+    }
+}
+
+/// The network volumes of a [`Client`].
+pub struct Volumes<'a> {
+    client: &'a Client,
+}
+
+impl Volumes<'_> {
+    /// Every volume not deleted.
+    pub fn list(&self) -> Result<Vec<crate::model::Volume>, EngineError> {
+        Ok(self
+            .client
+            .engine
+            .store()
+            .volumes()?
+            .into_iter()
+            .filter(|v| v.status != crate::model::VolumeStatus::Deleted)
+            .collect())
+    }
+
+    /// A volume by name (not deleted).
+    pub fn get(&self, name: &str) -> Result<Option<crate::model::Volume>, EngineError> {
+        Ok(self.list()?.into_iter().find(|v| v.name == name))
+    }
+
+    /// Creates (or registers) a volume from its configuration.
+    pub async fn apply(
+        &self,
+        configuration: &crate::config::Configuration,
+    ) -> Result<crate::model::Volume, EngineError> {
+        self.client.engine.apply_volume(configuration).await
+    }
+
+    /// Deletes a volume attached nowhere.
+    pub async fn delete(&self, name: &str) -> Result<crate::model::Volume, EngineError> {
+        self.client.engine.delete_volume(name).await
     }
 }
 

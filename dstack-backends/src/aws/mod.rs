@@ -12,6 +12,10 @@
 //! `InvalidParameterValue` and credential errors stop it. Once the instance runs, the engine
 //! reaches it over SSH as the image's user with the project key, installs the agent and
 //! talks to it through SSH channels, exactly as on an SSH fleet host.
+//!
+//! Network volumes are EBS volumes (gp3, in the configured or first zone of the region, tagged
+//! like instances): created or registered by id, attached at the first free device name of
+//! `/dev/sdf` … `/dev/sdn`, detached, deleted.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -21,17 +25,18 @@ use std::time::Duration;
 use aws_config::BehaviorVersion;
 use aws_sdk_ec2::error::ProvideErrorMetadata;
 use aws_sdk_ec2::types::{
-    BlockDeviceMapping, EbsBlockDevice, Filter, InstanceInterruptionBehavior,
-    InstanceMarketOptionsRequest, InstanceStateName, InstanceType, IpPermission, IpRange,
-    MarketType, ResourceType, SpotInstanceType, SpotMarketOptions, Tag, TagSpecification,
-    UserIdGroupPair, VolumeType,
+    BlockDeviceMapping, EbsBlockDevice, Filter, InstanceAttributeName,
+    InstanceInterruptionBehavior, InstanceMarketOptionsRequest, InstanceStateName, InstanceType,
+    IpPermission, IpRange, MarketType, ResourceType, SpotInstanceType, SpotMarketOptions, Tag,
+    TagSpecification, UserIdGroupPair, VolumeAttachmentState, VolumeType,
 };
 use dstack_core::agent::{AgentClient, AgentStream};
 use dstack_core::backend::{
     BoxFuture, Compute, ComputeError, CreatedInstance, Deployed, InstanceConfig, OfferRequest,
-    OwnedInstance,
+    OwnedInstance, VolumeProvisioning,
 };
-use dstack_core::model::Instance;
+use dstack_core::config::volume::VolumeConfiguration;
+use dstack_core::model::{Instance, Volume};
 use dstack_core::offers::catalog::Catalog;
 use dstack_core::offers::Offer;
 use serde::{Deserialize, Serialize};
@@ -96,6 +101,7 @@ pub struct AwsCompute {
     catalog: Arc<Catalog>,
     offers: CatalogOffers,
     clients: Mutex<HashMap<String, aws_sdk_ec2::Client>>,
+    creating: Mutex<()>,
     ssh: SshCompute,
 }
 
@@ -149,6 +155,7 @@ impl AwsCompute {
             catalog: shared_catalog()?,
             offers,
             clients: Mutex::new(HashMap::new()),
+            creating: Mutex::new(()),
         })
     }
 
@@ -243,7 +250,7 @@ impl AwsCompute {
         {
             return Ok(id.to_string());
         }
-        let created = client
+        let created = match client
             .create_security_group()
             .group_name(&name)
             .description("dstack-rs instances: SSH in, all traffic between members")
@@ -257,12 +264,19 @@ impl AwsCompute {
             )
             .send()
             .await
-            .map_err(|e| classify(e, "CreateSecurityGroup"))?;
+        {
+            Ok(created) => created,
+            // Another process created it meanwhile.
+            Err(e) if e.code() == Some("InvalidGroup.Duplicate") => {
+                return Box::pin(self.security_group(client)).await;
+            }
+            Err(e) => return Err(classify(e, "CreateSecurityGroup")),
+        };
         let id = created
             .group_id()
             .ok_or_else(|| ComputeError::Other("CreateSecurityGroup returned no id".into()))?
             .to_string();
-        client
+        let authorized = client
             .authorize_security_group_ingress()
             .group_id(&id)
             .ip_permissions(
@@ -280,9 +294,12 @@ impl AwsCompute {
                     .build(),
             )
             .send()
-            .await
-            .map_err(|e| classify(e, "AuthorizeSecurityGroupIngress"))?;
-        Ok(id)
+            .await;
+        match authorized {
+            Ok(_) => Ok(id),
+            Err(e) if e.code() == Some("InvalidPermission.Duplicate") => Ok(id),
+            Err(e) => Err(classify(e, "AuthorizeSecurityGroupIngress")),
+        }
     }
 
     /// This state's instances in a region that are not terminated.
@@ -389,6 +406,9 @@ impl AwsCompute {
         offer: &Offer,
         config: &InstanceConfig,
     ) -> Result<CreatedInstance, ComputeError> {
+        // One creation at a time: the security group is made once and each instance takes
+        // its own `instance_addresses` entry.
+        let _creating = self.creating.lock().await;
         let client = self.client(&offer.region).await;
         let (image, user) = self.image(&client, offer).await?;
         let group = self.security_group(&client).await?;
@@ -516,6 +536,186 @@ impl AwsCompute {
         }
     }
 
+    async fn new_volume(
+        &self,
+        name: &str,
+        config: &VolumeConfiguration,
+    ) -> Result<VolumeProvisioning, ComputeError> {
+        let region = config.region.clone().unwrap_or_default();
+        let client = self.client(&region).await;
+        let zone = match &config.availability_zone {
+            Some(zone) => zone.clone(),
+            None => client
+                .describe_availability_zones()
+                .send()
+                .await
+                .map_err(|e| classify(e, "DescribeAvailabilityZones"))?
+                .availability_zones()
+                .iter()
+                .filter_map(|z| z.zone_name())
+                .min()
+                .map(str::to_string)
+                .ok_or_else(|| ComputeError::Other(format!("{region} has no zones")))?,
+        };
+        let size = config.size.map_or(100, |s| s.0.ceil().max(1.0) as i32);
+        let mut tags = vec![
+            tag("Name", name),
+            tag("owner", "dstack"),
+            tag("dstack_project", &self.project_name),
+            tag("dstack_name", name),
+            tag("dstack_owner", &self.project.owner_id),
+        ];
+        for (k, v) in self.config.tags.iter().chain(config.tags.iter().flatten()) {
+            if !tags.iter().any(|t| t.key() == Some(k.as_str())) {
+                tags.push(tag(k, v));
+            }
+        }
+        let created = client
+            .create_volume()
+            .availability_zone(&zone)
+            .size(size)
+            .volume_type(VolumeType::Gp3)
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Volume)
+                    .set_tags(Some(tags))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| classify(e, "CreateVolume"))?;
+        Ok(VolumeProvisioning {
+            volume_id: created.volume_id().unwrap_or_default().to_string(),
+            size_gb: created.size().map_or(size as u64, |s| s as u64),
+            availability_zone: created
+                .availability_zone()
+                .map(str::to_string)
+                .or(Some(zone)),
+        })
+    }
+
+    /// The volume as EC2 describes it (`None`: it does not exist).
+    async fn describe_volume(
+        &self,
+        region: &str,
+        volume_id: &str,
+    ) -> Result<Option<aws_sdk_ec2::types::Volume>, ComputeError> {
+        let client = self.client(region).await;
+        match client.describe_volumes().volume_ids(volume_id).send().await {
+            Ok(found) => Ok(found.volumes().first().cloned()),
+            Err(e) if e.code() == Some("InvalidVolume.NotFound") => Ok(None),
+            Err(e) => Err(classify(e, "DescribeVolumes")),
+        }
+    }
+
+    async fn existing_volume(
+        &self,
+        config: &VolumeConfiguration,
+    ) -> Result<VolumeProvisioning, ComputeError> {
+        let region = config.region.clone().unwrap_or_default();
+        let id = config.volume_id.clone().unwrap_or_default();
+        let volume = self
+            .describe_volume(&region, &id)
+            .await?
+            .ok_or_else(|| ComputeError::NotFound(format!("volume {id} in {region}")))?;
+        Ok(VolumeProvisioning {
+            volume_id: id,
+            size_gb: volume.size().unwrap_or_default() as u64,
+            availability_zone: volume.availability_zone().map(str::to_string),
+        })
+    }
+
+    /// Attaches at the first free device name of `/dev/sdf` … `/dev/sdn`.
+    async fn attach(&self, volume: &Volume, instance: &Instance) -> Result<String, ComputeError> {
+        let data = Self::data(instance)?;
+        let client = self.client(&data.region).await;
+        let volume_id = volume.volume_id.clone().unwrap_or_default();
+        let used = client
+            .describe_instance_attribute()
+            .instance_id(&data.instance_id)
+            .attribute(InstanceAttributeName::BlockDeviceMapping)
+            .send()
+            .await
+            .map_err(|e| classify(e, "DescribeInstanceAttribute"))?;
+        let used: Vec<&str> = used
+            .block_device_mappings()
+            .iter()
+            .filter_map(|m| m.device_name())
+            .collect();
+        for letter in 'f'..='n' {
+            let device = format!("/dev/sd{letter}");
+            if used.contains(&device.as_str()) {
+                continue;
+            }
+            let attached = client
+                .attach_volume()
+                .volume_id(&volume_id)
+                .instance_id(&data.instance_id)
+                .device(&device)
+                .send()
+                .await;
+            match attached {
+                Ok(_) => return Ok(device),
+                Err(e) if e.message().is_some_and(|m| m.contains("unixDevice")) => continue,
+                Err(e) => return Err(ComputeError::Other(classify(e, "AttachVolume").to_string())),
+            }
+        }
+        Err(ComputeError::Other(format!(
+            "no free device name on {} for {volume_id}",
+            data.instance_id
+        )))
+    }
+
+    async fn detach(
+        &self,
+        volume: &Volume,
+        instance: &Instance,
+        force: bool,
+    ) -> Result<(), ComputeError> {
+        let data = Self::data(instance)?;
+        let client = self.client(&data.region).await;
+        let device = volume
+            .attachments
+            .iter()
+            .find(|a| a.instance_id == instance.id)
+            .map(|a| a.device_name.clone());
+        let detached = client
+            .detach_volume()
+            .volume_id(volume.volume_id.clone().unwrap_or_default())
+            .instance_id(&data.instance_id)
+            .set_device(device)
+            .force(force)
+            .send()
+            .await;
+        match detached {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some("IncorrectState") => Ok(()),
+            Err(e) => Err(classify(e, "DetachVolume")),
+        }
+    }
+
+    async fn detached(&self, volume: &Volume, instance: &Instance) -> Result<bool, ComputeError> {
+        let data = Self::data(instance)?;
+        let id = volume.volume_id.clone().unwrap_or_default();
+        let Some(described) = self.describe_volume(&volume.region, &id).await? else {
+            return Ok(true);
+        };
+        Ok(!described.attachments().iter().any(|a| {
+            a.instance_id() == Some(data.instance_id.as_str())
+                && a.state() != Some(&VolumeAttachmentState::Detached)
+        }))
+    }
+
+    async fn remove_volume(&self, volume: &Volume) -> Result<(), ComputeError> {
+        let client = self.client(&volume.region).await;
+        let id = volume.volume_id.clone().unwrap_or_default();
+        match client.delete_volume().volume_id(&id).send().await {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some("InvalidVolume.NotFound") => Ok(()),
+            Err(e) => Err(classify(e, "DeleteVolume")),
+        }
+    }
+
     async fn terminate(&self, region: &str, instance_id: &str) -> Result<(), ComputeError> {
         let client = self.client(region).await;
         match client
@@ -636,6 +836,50 @@ impl Compute for AwsCompute {
         owned: &'a OwnedInstance,
     ) -> BoxFuture<'a, Result<(), ComputeError>> {
         Box::pin(self.terminate(&owned.region, &owned.cloud_id))
+    }
+
+    fn create_volume<'a>(
+        &'a self,
+        name: &'a str,
+        config: &'a VolumeConfiguration,
+    ) -> BoxFuture<'a, Result<VolumeProvisioning, ComputeError>> {
+        Box::pin(self.new_volume(name, config))
+    }
+
+    fn register_volume<'a>(
+        &'a self,
+        config: &'a VolumeConfiguration,
+    ) -> BoxFuture<'a, Result<VolumeProvisioning, ComputeError>> {
+        Box::pin(self.existing_volume(config))
+    }
+
+    fn delete_volume<'a>(&'a self, volume: &'a Volume) -> BoxFuture<'a, Result<(), ComputeError>> {
+        Box::pin(self.remove_volume(volume))
+    }
+
+    fn attach_volume<'a>(
+        &'a self,
+        volume: &'a Volume,
+        instance: &'a Instance,
+    ) -> BoxFuture<'a, Result<String, ComputeError>> {
+        Box::pin(self.attach(volume, instance))
+    }
+
+    fn detach_volume<'a>(
+        &'a self,
+        volume: &'a Volume,
+        instance: &'a Instance,
+        force: bool,
+    ) -> BoxFuture<'a, Result<(), ComputeError>> {
+        Box::pin(self.detach(volume, instance, force))
+    }
+
+    fn is_volume_detached<'a>(
+        &'a self,
+        volume: &'a Volume,
+        instance: &'a Instance,
+    ) -> BoxFuture<'a, Result<bool, ComputeError>> {
+        Box::pin(self.detached(volume, instance))
     }
 }
 

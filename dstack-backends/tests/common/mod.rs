@@ -3,6 +3,8 @@
 // Each test crate uses some of the helpers.
 #![allow(dead_code)]
 
+pub mod gcp;
+pub mod http;
 pub mod moto;
 pub mod netns;
 pub mod podman;

@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::http::read_request;
 use tokio::net::{TcpListener, TcpStream};
 
 /// A moto server; killed on drop.
@@ -170,30 +172,6 @@ async fn serve(
         }
         client.write_all(&answer).await?;
     }
-}
-
-/// Reads one HTTP/1.1 request: its head (without the blank line) and body.
-async fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<(String, Vec<u8>)>> {
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    while !buf.ends_with(b"\r\n\r\n") {
-        if stream.read(&mut byte).await? == 0 {
-            return Ok(None);
-        }
-        buf.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&buf[..buf.len() - 4]).into_owned();
-    let length = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse::<usize>().ok())?
-        })
-        .unwrap_or(0);
-    let mut body = vec![0u8; length];
-    stream.read_exact(&mut body).await?;
-    Ok(Some((head, body)))
 }
 
 /// A form parameter of a query-protocol body.

@@ -17,6 +17,7 @@ mod provision;
 mod runs;
 mod scheduler;
 mod sweep;
+mod volumes;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -32,6 +33,7 @@ use crate::backend::{Compute, ComputeError};
 use crate::config::Configuration;
 use crate::model::{
     now_ms, Fleet, FleetStatus, Instance, InstanceStatus, Job, JobStatus, Run, RunSpec, RunStatus,
+    Volume,
 };
 use crate::offers::{mismatch, Availability, Offer};
 use crate::store::{Store, StoreError};
@@ -391,6 +393,36 @@ impl Engine {
         force: bool,
     ) -> Result<(Fleet, Vec<(Instance, Option<String>)>), EngineError> {
         self.inner().delete_fleet(name, force).await
+    }
+
+    /// Applies a volume configuration: creates the disk (or registers `volume_id`) and returns
+    /// the volume, `active` or `failed` with the reason.
+    pub async fn apply_volume(&self, configuration: &Configuration) -> Result<Volume, EngineError> {
+        self.inner().apply_volume(configuration).await
+    }
+
+    /// Deletes a volume that is attached nowhere (a registered one is only forgotten).
+    pub async fn delete_volume(&self, name: &str) -> Result<Volume, EngineError> {
+        self.inner().delete_volume(name).await
+    }
+
+    /// Attaches a volume to an instance of its backend and region.
+    pub async fn attach_volume(
+        &self,
+        name: &str,
+        instance_id: &str,
+    ) -> Result<Volume, EngineError> {
+        self.inner().attach_volume(name, instance_id).await
+    }
+
+    /// Detaches a volume from an instance (`force`: even while in use).
+    pub async fn detach_volume(
+        &self,
+        name: &str,
+        instance_id: &str,
+        force: bool,
+    ) -> Result<Volume, EngineError> {
+        self.inner().detach_volume(name, instance_id, force).await
     }
 
     /// Stops a run: gracefully (SIGTERM, then SIGKILL after the grace period) or, with

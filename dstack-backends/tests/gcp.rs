@@ -1,0 +1,289 @@
+//! The GCP backend through the real client library (google-cloud-compute-v1) against a local
+//! stand-in that checks request shapes (`common/gcp.rs`; no GCP emulator exists, so this is
+//! verification at the API-shape level only). As with AWS, the stand-in's instances are mapped
+//! (`instance_addresses`) to namespace hosts running sshd, so provisioning, the agent and a
+//! job run for real; nothing but loopback and the test's own hosts is contacted.
+
+#![cfg(feature = "gcp")]
+
+mod common;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::gcp::GcpStandIn;
+use common::netns::TestHosts;
+use dstack_backends::config::{GcpConfig, GcpCreds, OsImage, OsImages};
+use dstack_backends::gcp::GcpCompute;
+use dstack_backends::local::find_agent_binary;
+use dstack_backends::project::Project;
+use dstack_core::backend::Compute;
+use dstack_core::config::parse;
+use dstack_core::engine::{ApplyOptions, EngineOptions};
+use dstack_core::model::{Instance, InstanceStatus, RunStatus, VolumeStatus};
+use dstack_core::{Client, ClientOptions};
+use futures_util::StreamExt;
+
+fn gcp_config(endpoint: &str, hosts: &TestHosts) -> GcpConfig {
+    GcpConfig {
+        project_id: "test-project".into(),
+        creds: Some(GcpCreds::Anonymous),
+        regions: Some(vec!["us-central1".into()]),
+        os_images: OsImages {
+            cpu: Some(OsImage {
+                name: "projects/ubuntu-os-cloud/global/images/family/ubuntu-2204-lts".into(),
+                owner: String::new(),
+                user: "root".into(),
+            }),
+            nvidia: None,
+        },
+        endpoint_url: Some(endpoint.to_string()),
+        instance_addresses: hosts.hosts.iter().map(|h| h.addr.clone()).collect(),
+        ..GcpConfig::default()
+    }
+}
+
+async fn client(
+    home: &Path,
+    config: GcpConfig,
+    hosts: &TestHosts,
+    engine: EngineOptions,
+) -> Client {
+    let project = Project::load_or_create(home).unwrap();
+    hosts.authorize(&project.ssh_public_key);
+    let agent = find_agent_binary().expect("dstack-agent is built");
+    let gcp = GcpCompute::new(config, home, "main", agent).await.unwrap();
+    Client::open(ClientOptions {
+        home: home.to_path_buf(),
+        backends: vec![Arc::new(gcp) as Arc<dyn Compute>],
+        engine,
+    })
+    .await
+    .unwrap()
+}
+
+async fn apply_fleet(client: &Client, yaml: &str) -> Vec<Instance> {
+    let lines = Mutex::new(Vec::new());
+    let progress =
+        |i: &Instance, step: &str| lines.lock().unwrap().push(format!("{}: {step}", i.name));
+    let config = parse(yaml, "fleet.dstack.yml").unwrap();
+    match client.engine().apply_fleet(&config, &progress).await {
+        Ok((_, instances)) => instances,
+        Err(e) => panic!("{e}\n{}", lines.into_inner().unwrap().join("\n")),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_provisions_through_the_compute_api_and_runs_a_task() {
+    let gcp = GcpStandIn::start().await;
+    let hosts = TestHosts::start(1);
+    let home = tempfile::tempdir().unwrap();
+    let client = client(
+        home.path(),
+        gcp_config(&gcp.url, &hosts),
+        &hosts,
+        EngineOptions::default(),
+    )
+    .await;
+    hosts.track("gce");
+    let instances = apply_fleet(&client, "type: fleet\nname: gce\nnodes: 1\n").await;
+    assert_eq!(instances.len(), 1);
+    let instance = &instances[0];
+    assert_eq!(instance.status, InstanceStatus::Idle, "{instance:?}");
+    let offer = instance.offer.clone().unwrap();
+    // The cheapest on-demand offer of the built-in catalog in us-central1.
+    assert_eq!(
+        (offer.instance_type.as_str(), offer.region.as_str()),
+        ("e2-standard-2", "us-central1")
+    );
+    assert!(gcp.violations().is_empty(), "{:?}", gcp.violations());
+    {
+        let state = gcp.state.lock().unwrap();
+        assert!(state.firewalls.contains_key("dstack-ssh-in-default"));
+        let (key, created) = state.instances.iter().next().unwrap();
+        assert!(key.starts_with("us-central1-a/dstack-main-gce-0-"), "{key}");
+        let owner = Project::load_or_create(home.path()).unwrap().owner_id;
+        assert_eq!(created["labels"]["dstack_owner"], owner.as_str());
+        assert_eq!(
+            created["labels"]["dstack_instance_id"],
+            instance.id.as_str()
+        );
+        assert_eq!(
+            created["machineType"],
+            "zones/us-central1-a/machineTypes/e2-standard-2"
+        );
+        assert_eq!(created["disks"][0]["initializeParams"]["diskSizeGb"], "100");
+    }
+    let task = parse(
+        "type: task\nresources: {cpu: 1.., memory: 0.1GB..}\ncommands: [echo on-gcp]\n",
+        "task.dstack.yml",
+    )
+    .unwrap();
+    let run = client
+        .runs()
+        .apply(task, ApplyOptions::default())
+        .await
+        .unwrap();
+    let done = tokio::time::timeout(Duration::from_secs(60), run.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.status, RunStatus::Done, "{:?}", run.jobs());
+    let mut logs = run.logs(false);
+    let mut out = Vec::new();
+    while let Some(chunk) = logs.next().await {
+        out.extend_from_slice(&chunk.unwrap());
+    }
+    assert_eq!(String::from_utf8_lossy(&out), "on-gcp\n");
+    client.engine().delete_fleet("gce", false).await.unwrap();
+    assert!(gcp.state.lock().unwrap().instances.is_empty(), "deleted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_zones_fall_through_and_spot_is_requested_as_spot() {
+    let gcp = GcpStandIn::start().await;
+    gcp.exhaust("us-central1-a", "e2-standard-2");
+    let hosts = TestHosts::start(1);
+    let home = tempfile::tempdir().unwrap();
+    let client = client(
+        home.path(),
+        gcp_config(&gcp.url, &hosts),
+        &hosts,
+        EngineOptions::default(),
+    )
+    .await;
+    hosts.track("cheap");
+    let instances = apply_fleet(
+        &client,
+        "type: fleet\nname: cheap\nnodes: 1\nspot_policy: spot\n",
+    )
+    .await;
+    assert_eq!(instances[0].status, InstanceStatus::Idle);
+    assert!(gcp.violations().is_empty(), "{:?}", gcp.violations());
+    let state = gcp.state.lock().unwrap();
+    let inserts: Vec<&String> = state
+        .calls
+        .iter()
+        .filter(|c| c.starts_with("POST") && c.ends_with("/instances"))
+        .collect();
+    assert_eq!(inserts.len(), 2, "{inserts:?}");
+    assert!(inserts[0].contains("/zones/us-central1-a/"));
+    assert!(
+        inserts[1].contains("/zones/us-central1-b/"),
+        "the next zone of the offer"
+    );
+    let (key, created) = state.instances.iter().next().unwrap();
+    assert!(key.starts_with("us-central1-b/"));
+    assert_eq!(created["scheduling"]["provisioningModel"], "SPOT");
+    assert_eq!(created["scheduling"]["instanceTerminationAction"], "STOP");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strays_are_reaped_and_disks_go_through_their_life_cycle() {
+    let gcp = GcpStandIn::start().await;
+    let hosts = TestHosts::start(1);
+    let home = tempfile::tempdir().unwrap();
+    let owner = Project::load_or_create(home.path()).unwrap().owner_id;
+    // An instance of this state that the store never recorded, and one of someone else.
+    {
+        let mut state = gcp.state.lock().unwrap();
+        for (name, who) in [
+            ("dstack-main-stray-1", owner.as_str()),
+            ("theirs", "someone-else"),
+        ] {
+            let instance = serde_json::json!({
+                "name": name, "status": "RUNNING",
+                "zone": "https://compute.googleapis.com/compute/v1/projects/p/zones/us-central1-a",
+                "labels": {"owner": "dstack", "dstack_owner": who, "dstack_instance_id": "unknown"},
+            });
+            state
+                .instances
+                .insert(format!("us-central1-a/{name}"), instance);
+        }
+    }
+    let options = EngineOptions {
+        orphan_grace: Duration::ZERO,
+        ..EngineOptions::default()
+    };
+    let client = client(home.path(), gcp_config(&gcp.url, &hosts), &hosts, options).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while gcp
+        .state
+        .lock()
+        .unwrap()
+        .instances
+        .contains_key("us-central1-a/dstack-main-stray-1")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stray is deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(gcp
+        .state
+        .lock()
+        .unwrap()
+        .instances
+        .contains_key("us-central1-a/theirs"));
+
+    let volume = parse(
+        "type: volume\nname: cache\nbackend: gcp\nregion: us-central1\nsize: 50GB\n",
+        "volume.dstack.yml",
+    )
+    .unwrap();
+    let cache = client.volumes().apply(&volume).await.unwrap();
+    assert_eq!(cache.status, VolumeStatus::Active, "{cache:?}");
+    assert_eq!(cache.size_gb, Some(50));
+    assert_eq!(cache.availability_zone.as_deref(), Some("us-central1-a"));
+    hosts.track("withdisk");
+    let instances = apply_fleet(&client, "type: fleet\nname: withdisk\nnodes: 1\n").await;
+    let attached = client
+        .engine()
+        .attach_volume("cache", &instances[0].id)
+        .await
+        .unwrap();
+    assert_eq!(attached.attachments[0].device_name, "pd-dstack-main-cache");
+    assert!(
+        client.volumes().delete("cache").await.is_err(),
+        "attached: kept"
+    );
+    client
+        .engine()
+        .detach_volume("cache", &instances[0].id, false)
+        .await
+        .unwrap();
+    client.volumes().delete("cache").await.unwrap();
+    assert!(gcp.state.lock().unwrap().disks.is_empty());
+    assert!(gcp.violations().is_empty(), "{:?}", gcp.violations());
+    client
+        .engine()
+        .delete_fleet("withdisk", false)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn without_credentials_the_backend_says_why() {
+    let home = tempfile::tempdir().unwrap();
+    let config = GcpConfig {
+        project_id: "p".into(),
+        creds: Some(GcpCreds::ServiceAccount {
+            filename: Some(home.path().join("missing.json").display().to_string()),
+            data: None,
+        }),
+        ..GcpConfig::default()
+    };
+    let agent = find_agent_binary().expect("dstack-agent is built");
+    let err = GcpCompute::new(config, home.path(), "main", agent)
+        .await
+        .err()
+        .expect("no credentials");
+    let text = err.to_string();
+    assert!(
+        text.starts_with("unauthenticated: no GCP credentials"),
+        "{text}"
+    );
+    assert!(text.contains("missing.json"), "{text}");
+}
