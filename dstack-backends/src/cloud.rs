@@ -116,8 +116,21 @@ pub async fn configured_backends(
                  of dstack-backends / dstack-cli)"
                     .to_string(),
             ),
-            BackendConfig::Gcp(_) => skipped
-                .push("the gcp backend is skipped: this build has no GCP support yet".to_string()),
+            #[cfg(feature = "gcp")]
+            BackendConfig::Gcp(gcp) => {
+                let built =
+                    crate::gcp::GcpCompute::new(gcp, home, &config.project, agent_bin.into()).await;
+                match built {
+                    Ok(gcp) => backends.push(Arc::new(gcp)),
+                    Err(e) => skipped.push(format!("the gcp backend is skipped: {e}")),
+                }
+            }
+            #[cfg(not(feature = "gcp"))]
+            BackendConfig::Gcp(_) => skipped.push(
+                "the gcp backend is skipped: this build has no GCP support (cargo feature `gcp` \
+                 of dstack-backends / dstack-cli)"
+                    .to_string(),
+            ),
         }
     }
     Ok((backends, skipped))
