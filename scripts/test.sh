@@ -16,8 +16,8 @@ cargo fmt --all -- --check
 echo "==> cargo clippy (all targets and the cloud features, warnings are errors)"
 cargo clippy --workspace --all-targets --features dstack-backends/aws,dstack-backends/gcp -- -D warnings
 echo "==> cloud backend features compile alone"
-cargo check -q -p dstack-backends --no-default-features --features aws
-cargo check -q -p dstack-backends --no-default-features --features gcp
+cargo clippy -q -p dstack-backends --no-default-features --features aws -- -D warnings
+cargo clippy -q -p dstack-backends --no-default-features --features gcp -- -D warnings
 echo "==> cargo test"
 cargo test --workspace --exclude dstack-py
 echo "==> cloud backends: AWS against moto (pip install moto[server] into $VENV), GCP against a stand-in"
