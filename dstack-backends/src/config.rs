@@ -302,6 +302,13 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_is_valid() {
+        let text = include_str!("../../examples/config.example.yml");
+        let config = parse(text, "config.example.yml").unwrap();
+        assert_eq!(config.backends.len(), 2);
+    }
+
+    #[test]
     fn errors_name_the_line_and_field() {
         let err = parse(
             "projects:\n- name: main\n  backends:\n  - type: aws\n    regoins: [x]\n",

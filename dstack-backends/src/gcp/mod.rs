@@ -761,7 +761,14 @@ fn credentials(
             let text = match (data, filename) {
                 (Some(data), _) => data.clone(),
                 (None, Some(file)) => {
-                    std::fs::read_to_string(file).map_err(|e| missing(format!("{file}: {e}")))?
+                    let path = match file.strip_prefix("~/") {
+                        Some(rest) => {
+                            Path::new(&std::env::var("HOME").unwrap_or_default()).join(rest)
+                        }
+                        None => PathBuf::from(file),
+                    };
+                    std::fs::read_to_string(&path)
+                        .map_err(|e| missing(format!("{}: {e}", path.display())))?
                 }
                 (None, None) => {
                     return Err(missing("service_account needs filename or data".into()))
