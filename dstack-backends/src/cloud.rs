@@ -40,6 +40,24 @@ pub struct CatalogOffers {
 }
 
 impl CatalogOffers {
+    /// The catalog locations (regions or zones) of its provider within its regions, sorted.
+    pub fn locations(&self, catalog: &Catalog) -> Vec<String> {
+        let mut all: Vec<String> = catalog
+            .query(&[self.provider], &Default::default())
+            .into_iter()
+            .map(|(_, i)| i.location.clone())
+            .filter(|location| {
+                self.regions.as_ref().is_none_or(|r| {
+                    let region = (self.region_of)(location);
+                    r.iter().any(|x| x.eq_ignore_ascii_case(&region))
+                })
+            })
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+
     /// The offers matching `request`, cheapest first; for zoned providers one offer per
     /// region, with the zones it exists in.
     pub fn offers(&self, catalog: &Catalog, request: &OfferRequest) -> Vec<Offer> {

@@ -20,6 +20,9 @@ pub mod config;
 #[cfg(feature = "ssh")]
 pub mod project;
 
+#[cfg(feature = "ssh")]
+pub mod provider;
+
 #[cfg(feature = "aws")]
 pub mod aws;
 

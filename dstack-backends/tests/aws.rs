@@ -9,22 +9,21 @@
 mod common;
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_ec2::types::InstanceStateName;
+use common::harness;
 use common::moto::{Fault, FaultProxy, Moto};
 use common::netns::TestHosts;
 use dstack_backends::aws::AwsCompute;
 use dstack_backends::config::{AwsConfig, AwsCreds, OsImage, OsImages};
 use dstack_backends::local::find_agent_binary;
 use dstack_backends::project::Project;
-use dstack_core::backend::Compute;
 use dstack_core::config::parse;
-use dstack_core::engine::{ApplyOptions, EngineOptions};
-use dstack_core::model::{Instance, InstanceStatus, RunStatus};
-use dstack_core::{Client, ClientOptions};
-use futures_util::StreamExt;
+use dstack_core::engine::EngineOptions;
+use dstack_core::model::{InstanceStatus, RunStatus};
+use dstack_core::Client;
 
 /// A moto image the fake instances "boot", logged into as root (the namespace hosts' user).
 fn image() -> OsImages {
@@ -59,17 +58,10 @@ async fn client(
     hosts: &TestHosts,
     engine: EngineOptions,
 ) -> Client {
-    let project = Project::load_or_create(home).unwrap();
-    hosts.authorize(&project.ssh_public_key);
+    harness::authorize_project(home, hosts);
     let agent = find_agent_binary().expect("dstack-agent is built");
     let aws = AwsCompute::new(config, home, "main", agent).await.unwrap();
-    Client::open(ClientOptions {
-        home: home.to_path_buf(),
-        backends: vec![Arc::new(aws) as Arc<dyn Compute>],
-        engine,
-    })
-    .await
-    .unwrap()
+    harness::client(home, Arc::new(aws), engine).await
 }
 
 /// The SDK pointed at moto directly, to look at what the backend did.
@@ -110,18 +102,6 @@ fn tag<'a>(i: &'a aws_sdk_ec2::types::Instance, key: &str) -> Option<&'a str> {
         .and_then(|t| t.value())
 }
 
-async fn apply_fleet(client: &Client, yaml: &str) -> Result<Vec<Instance>, String> {
-    let lines = Mutex::new(Vec::new());
-    let progress =
-        |i: &Instance, step: &str| lines.lock().unwrap().push(format!("{}: {step}", i.name));
-    let config = parse(yaml, "fleet.dstack.yml").unwrap();
-    let result = client.engine().apply_fleet(&config, &progress).await;
-    let lines = lines.into_inner().unwrap().join("\n");
-    result
-        .map(|(_, instances)| instances)
-        .map_err(|e| format!("{e}\n{lines}"))
-}
-
 async fn eventually(secs: u64, what: &str, mut check: impl AsyncFnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     while !check().await {
@@ -133,15 +113,6 @@ async fn eventually(secs: u64, what: &str, mut check: impl AsyncFnMut() -> bool)
     }
 }
 
-async fn output(run: &dstack_core::RunHandle) -> String {
-    let mut logs = run.logs(false);
-    let mut out = Vec::new();
-    while let Some(chunk) = logs.next().await {
-        out.extend_from_slice(&chunk.unwrap());
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_provisions_tagged_instances_in_the_cheapest_region_and_runs_tasks() {
     let moto = Moto::start();
@@ -151,7 +122,7 @@ async fn a_fleet_provisions_tagged_instances_in_the_cheapest_region_and_runs_tas
     let client = client(home.path(), config, &hosts, EngineOptions::default()).await;
     hosts.track("cloud");
     let yaml = "type: fleet\nname: cloud\nnodes: 2\nresources: {cpu: 2.., memory: 4GB..}\n";
-    let instances = apply_fleet(&client, yaml).await.unwrap();
+    let instances = harness::apply_fleet(&client, yaml).await.unwrap();
     assert_eq!(instances.len(), 2, "{instances:?}");
     for instance in &instances {
         assert_eq!(instance.status, InstanceStatus::Idle, "{instance:?}");
@@ -181,22 +152,11 @@ async fn a_fleet_provisions_tagged_instances_in_the_cheapest_region_and_runs_tas
     assert!(cloud_instances(&moto, "eu-west-1").await.is_empty());
 
     // A task runs on one of them, on the namespace host the instance is mapped to.
-    let task = parse(
-        "type: task\nfleets: [cloud]\nresources: {cpu: 1.., memory: 0.1GB..}\ncommands: [cat /proc/sys/kernel/hostname, echo on-aws]\n",
-        "task.dstack.yml",
-    )
-    .unwrap();
-    let run = client
-        .runs()
-        .apply(task, ApplyOptions::default())
-        .await
-        .unwrap();
-    let done = tokio::time::timeout(Duration::from_secs(60), run.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let task = "type: task\nfleets: [cloud]\nresources: {cpu: 1.., memory: 0.1GB..}\n\
+                commands: [cat /proc/sys/kernel/hostname, echo on-aws]\n";
+    let (run, done, out) = harness::run_task(&client, task, 60).await;
     assert_eq!(done.status, RunStatus::Done, "{:?}", run.jobs());
-    assert!(output(&run).await.ends_with("on-aws\n"));
+    assert!(out.ends_with("on-aws\n"));
     let job = run.jobs().unwrap().pop().unwrap();
     assert!(instances
         .iter()
@@ -223,7 +183,7 @@ async fn spot_fleets_get_spot_instances_and_capacity_errors_fall_through() {
     let client = client(home.path(), config, &hosts, EngineOptions::default()).await;
     hosts.track("spotty");
     let yaml = "type: fleet\nname: spotty\nnodes: 1\nspot_policy: spot\nresources: {cpu: 2.., memory: 4GB..}\n";
-    let instances = apply_fleet(&client, yaml).await.unwrap();
+    let instances = harness::apply_fleet(&client, yaml).await.unwrap();
     assert_eq!(instances.len(), 1);
     let offer = instances[0].offer.clone().unwrap();
     // t3.medium had no capacity: the next cheapest spot offer was taken.
@@ -253,27 +213,16 @@ async fn runs_provision_in_elastic_fleets_and_idle_instances_are_reaped() {
     let client = client(home.path(), config, &hosts, EngineOptions::default()).await;
     hosts.track("elastic");
     let yaml = "type: fleet\nname: elastic\nnodes: 0..1\nidle_duration: 2s\n";
-    let instances = apply_fleet(&client, yaml).await.unwrap();
+    let instances = harness::apply_fleet(&client, yaml).await.unwrap();
     assert!(
         instances.is_empty(),
         "nodes.min 0: nothing provisioned up front"
     );
-    let task = parse(
-        "type: task\nresources: {cpu: 1.., memory: 0.1GB..}\ncommands: [echo provisioned-for-me]\n",
-        "task.dstack.yml",
-    )
-    .unwrap();
-    let run = client
-        .runs()
-        .apply(task, ApplyOptions::default())
-        .await
-        .unwrap();
-    let done = tokio::time::timeout(Duration::from_secs(90), run.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let task =
+        "type: task\nresources: {cpu: 1.., memory: 0.1GB..}\ncommands: [echo provisioned-for-me]\n";
+    let (run, done, out) = harness::run_task(&client, task, 90).await;
     assert_eq!(done.status, RunStatus::Done, "{:?}", run.jobs());
-    assert_eq!(output(&run).await, "provisioned-for-me\n");
+    assert_eq!(out, "provisioned-for-me\n");
     assert_eq!(cloud_instances(&moto, "us-east-1").await.len(), 1);
     // Idle for longer than idle_duration: terminated, in the store and in the cloud.
     eventually(30, "the idle instance is terminated", async || {
@@ -310,7 +259,7 @@ async fn a_client_stopped_mid_provisioning_leaks_no_instance() {
         let client = client(home.path(), config, &hosts, options.clone()).await;
         let yaml = "type: fleet\nname: lost\nnodes: 1\nresources: {cpu: 2.., memory: 4GB..}\n";
         let applied =
-            tokio::time::timeout(Duration::from_secs(5), apply_fleet(&client, yaml)).await;
+            tokio::time::timeout(Duration::from_secs(5), harness::apply_fleet(&client, yaml)).await;
         assert!(
             applied.is_err(),
             "the apply is cut off while RunInstances hangs"
@@ -491,7 +440,7 @@ async fn volumes_go_through_their_life_cycle() {
 
     // Attached to an instance of the same region; deleting is refused meanwhile.
     hosts.track("disks");
-    let instances = apply_fleet(&client, "type: fleet\nname: disks\nnodes: 1\n")
+    let instances = harness::apply_fleet(&client, "type: fleet\nname: disks\nnodes: 1\n")
         .await
         .unwrap();
     let instance = &instances[0];
@@ -545,4 +494,30 @@ async fn volumes_go_through_their_life_cycle() {
     );
     assert!(client.volumes().get("data").unwrap().is_none());
     client.engine().delete_fleet("disks", false).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleets_keep_their_minimum_when_idle() {
+    let moto = Moto::start();
+    let hosts = TestHosts::start(1);
+    let home = tempfile::tempdir().unwrap();
+    let config = aws_config(&moto.url, &["us-east-1"], &hosts);
+    let client = client(home.path(), config, &hosts, EngineOptions::default()).await;
+    hosts.track("steady");
+    let yaml = "type: fleet\nname: steady\nnodes: 1..2\nidle_duration: 1s\n";
+    let instances = harness::apply_fleet(&client, yaml).await.unwrap();
+    assert_eq!(instances.len(), 1, "nodes.min = target = 1");
+    // Several reaping sweeps (every 3 s) pass with the instance idle past its idle_duration.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let (_, instances) = client.fleets().get("steady").unwrap().unwrap();
+    assert_eq!(instances.len(), 1);
+    assert_eq!(
+        instances[0].status,
+        InstanceStatus::Idle,
+        "{:?}",
+        instances[0]
+    );
+    let cloud = cloud_instances(&moto, "us-east-1").await;
+    assert_eq!(state(&cloud[0]), InstanceStateName::Running);
+    client.engine().delete_fleet("steady", false).await.unwrap();
 }

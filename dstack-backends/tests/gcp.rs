@@ -9,21 +9,20 @@
 mod common;
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::gcp::GcpStandIn;
+use common::harness;
 use common::netns::TestHosts;
 use dstack_backends::config::{GcpConfig, GcpCreds, OsImage, OsImages};
 use dstack_backends::gcp::GcpCompute;
 use dstack_backends::local::find_agent_binary;
 use dstack_backends::project::Project;
-use dstack_core::backend::Compute;
 use dstack_core::config::parse;
-use dstack_core::engine::{ApplyOptions, EngineOptions};
+use dstack_core::engine::EngineOptions;
 use dstack_core::model::{Instance, InstanceStatus, RunStatus, VolumeStatus};
-use dstack_core::{Client, ClientOptions};
-use futures_util::StreamExt;
+use dstack_core::Client;
 
 fn gcp_config(endpoint: &str, hosts: &TestHosts) -> GcpConfig {
     GcpConfig {
@@ -44,34 +43,24 @@ fn gcp_config(endpoint: &str, hosts: &TestHosts) -> GcpConfig {
     }
 }
 
+/// A client with the GCP backend only, whose project key the namespace hosts accept.
 async fn client(
     home: &Path,
     config: GcpConfig,
     hosts: &TestHosts,
     engine: EngineOptions,
 ) -> Client {
-    let project = Project::load_or_create(home).unwrap();
-    hosts.authorize(&project.ssh_public_key);
+    harness::authorize_project(home, hosts);
     let agent = find_agent_binary().expect("dstack-agent is built");
     let gcp = GcpCompute::new(config, home, "main", agent).await.unwrap();
-    Client::open(ClientOptions {
-        home: home.to_path_buf(),
-        backends: vec![Arc::new(gcp) as Arc<dyn Compute>],
-        engine,
-    })
-    .await
-    .unwrap()
+    harness::client(home, Arc::new(gcp), engine).await
 }
 
+/// Applies a fleet that must apply.
 async fn apply_fleet(client: &Client, yaml: &str) -> Vec<Instance> {
-    let lines = Mutex::new(Vec::new());
-    let progress =
-        |i: &Instance, step: &str| lines.lock().unwrap().push(format!("{}: {step}", i.name));
-    let config = parse(yaml, "fleet.dstack.yml").unwrap();
-    match client.engine().apply_fleet(&config, &progress).await {
-        Ok((_, instances)) => instances,
-        Err(e) => panic!("{e}\n{}", lines.into_inner().unwrap().join("\n")),
-    }
+    harness::apply_fleet(client, yaml)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -115,27 +104,10 @@ async fn a_fleet_provisions_through_the_compute_api_and_runs_a_task() {
         );
         assert_eq!(created["disks"][0]["initializeParams"]["diskSizeGb"], "100");
     }
-    let task = parse(
-        "type: task\nresources: {cpu: 1.., memory: 0.1GB..}\ncommands: [echo on-gcp]\n",
-        "task.dstack.yml",
-    )
-    .unwrap();
-    let run = client
-        .runs()
-        .apply(task, ApplyOptions::default())
-        .await
-        .unwrap();
-    let done = tokio::time::timeout(Duration::from_secs(60), run.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let task = "type: task\nresources: {cpu: 1.., memory: 0.1GB..}\ncommands: [echo on-gcp]\n";
+    let (run, done, out) = harness::run_task(&client, task, 60).await;
     assert_eq!(done.status, RunStatus::Done, "{:?}", run.jobs());
-    let mut logs = run.logs(false);
-    let mut out = Vec::new();
-    while let Some(chunk) = logs.next().await {
-        out.extend_from_slice(&chunk.unwrap());
-    }
-    assert_eq!(String::from_utf8_lossy(&out), "on-gcp\n");
+    assert_eq!(out, "on-gcp\n");
     client.engine().delete_fleet("gce", false).await.unwrap();
     assert!(gcp.state.lock().unwrap().instances.is_empty(), "deleted");
 }

@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::netns::TestHosts;
@@ -84,16 +84,8 @@ fn host_of(run: &dstack_core::RunHandle, instances: &[Instance]) -> Option<Strin
 
 /// Applies `yaml` and returns the live instances and every progress line.
 async fn apply_fleet(client: &Client, yaml: &str) -> (Vec<Instance>, Vec<String>) {
-    let lines = Mutex::new(Vec::new());
-    let progress =
-        |i: &Instance, step: &str| lines.lock().unwrap().push(format!("{}: {step}", i.name));
-    let config = parse(yaml, "fleet.dstack.yml").unwrap();
-    let (_, instances) = client
-        .engine()
-        .apply_fleet(&config, &progress)
-        .await
-        .unwrap();
-    (instances, lines.into_inner().unwrap())
+    let (instances, lines) = common::harness::apply_fleet_with_progress(client, yaml).await;
+    (instances.unwrap(), lines)
 }
 
 fn all_instances(client: &Client, fleet: &str) -> Vec<Instance> {

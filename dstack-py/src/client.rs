@@ -225,6 +225,34 @@ impl RawClient {
         Ok(instances.into_iter().map(|(i, e)| (i.name, e)).collect())
     }
 
+    /// Network volumes (not deleted), as records.
+    fn volumes(&self, py: Python<'_>) -> PyResult<PyObject> {
+        let volumes = py.allow_threads(|| self.client.volumes().list().map_err(Failure::from));
+        let volumes = raise(py, volumes)?;
+        record_to_py(py, &volumes)
+    }
+
+    /// Applies a volume configuration (creates the disk or registers `volume_id`); returns
+    /// the volume record, `active` or `failed` with its reason.
+    fn apply_volume(&self, py: Python<'_>, configuration: &Bound<'_, PyAny>) -> PyResult<PyObject> {
+        let configuration = configuration_of(py, configuration)?;
+        let client = self.client.clone();
+        let applied = block_on(
+            py,
+            async move { client.volumes().apply(&configuration).await },
+        )?;
+        let volume = raise(py, applied.map_err(Failure::from))?;
+        record_to_py(py, &volume)
+    }
+
+    /// Deletes a volume attached nowhere; returns its record.
+    fn delete_volume(&self, py: Python<'_>, name: String) -> PyResult<PyObject> {
+        let client = self.client.clone();
+        let deleted = block_on(py, async move { client.volumes().delete(&name).await })?;
+        let volume = raise(py, deleted.map_err(Failure::from))?;
+        record_to_py(py, &volume)
+    }
+
     /// How many runs still need an engine process (waiting for resources, a retry, or
     /// their termination).
     fn waiting(&self, py: Python<'_>) -> PyResult<usize> {

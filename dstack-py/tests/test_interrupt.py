@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 
 CHILD = """
-import sys, time
+import signal, sys, time
+# A shell that starts jobs in the background (`cmd &`) makes them ignore SIGINT, and Python
+# then keeps it ignored; the test is about what Ctrl-C does with Python's own handler.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from dstack.api import Client, Resources, Task
 client = Client.from_config()
 task = Task(commands=["echo started; sleep 60"], resources=Resources(cpu="1..", memory="0.1GB.."))

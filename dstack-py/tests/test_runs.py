@@ -150,6 +150,13 @@ def test_fleets_and_volumes(client: Client) -> None:
     assert local is not None and local in fleets
     assert local["instances"][0]["backend"] == "local"
     assert client.volumes.list() == []
+    # A network volume needs its cloud backend in $DSTACK_HOME/config.yml.
+    from dstack.api import Volume
+
+    volume = Volume(name="data", backend="aws", region="us-east-1", size="10GB")
+    with pytest.raises(NotSupportedError, match="backend aws is not configured"):
+        client.volumes.apply_configuration(volume)
+    assert client.volumes.get("data") is None
 
 
 def test_html_rendering(client: Client) -> None:

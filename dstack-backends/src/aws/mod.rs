@@ -19,7 +19,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use aws_config::BehaviorVersion;
@@ -30,14 +29,11 @@ use aws_sdk_ec2::types::{
     IpPermission, IpRange, MarketType, ResourceType, SpotInstanceType, SpotMarketOptions, Tag,
     TagSpecification, UserIdGroupPair, VolumeAttachmentState, VolumeType,
 };
-use dstack_core::agent::{AgentClient, AgentStream};
 use dstack_core::backend::{
-    BoxFuture, Compute, ComputeError, CreatedInstance, Deployed, InstanceConfig, OfferRequest,
-    OwnedInstance, VolumeProvisioning,
+    ComputeError, CreatedInstance, InstanceConfig, OwnedInstance, VolumeProvisioning,
 };
 use dstack_core::config::volume::VolumeConfiguration;
 use dstack_core::model::{Instance, Volume};
-use dstack_core::offers::catalog::Catalog;
 use dstack_core::offers::Offer;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
@@ -45,7 +41,7 @@ use tokio::sync::Mutex;
 use crate::cloud::{same_region, shared_catalog, CatalogOffers};
 use crate::config::{AwsConfig, AwsCreds, OsImage};
 use crate::project::Project;
-use crate::ssh::{KnownHosts, SshCompute};
+use crate::provider::{CloudCompute, Provider};
 
 /// Instance-type prefixes dstack provisions on AWS.
 const FAMILIES: &[&str] = &[
@@ -92,18 +88,20 @@ struct AwsInstanceData {
     address: Option<String>,
 }
 
-/// AWS EC2 as a backend.
-pub struct AwsCompute {
+/// The AWS EC2 API calls of the `aws` backend.
+pub struct Aws {
     config: AwsConfig,
     project: Project,
     project_name: String,
     sdk: aws_config::SdkConfig,
-    catalog: Arc<Catalog>,
-    offers: CatalogOffers,
+    /// Where this state's instances may be.
+    regions: Vec<String>,
     clients: Mutex<HashMap<String, aws_sdk_ec2::Client>>,
     creating: Mutex<()>,
-    ssh: SshCompute,
 }
+
+/// AWS EC2 as a backend.
+pub type AwsCompute = CloudCompute<Aws>;
 
 impl AwsCompute {
     /// The backend of `config` for the state in `home` (its owner id and project key),
@@ -146,19 +144,22 @@ impl AwsCompute {
             disk_range: DISK_RANGE,
             region_of: same_region,
         };
-        Ok(AwsCompute {
-            ssh: SshCompute::new(KnownHosts::in_home(home), agent_bin),
+        let catalog = shared_catalog()?;
+        let regions = offers.locations(&catalog);
+        let aws = Aws {
             config,
             project,
             project_name: project_name.to_string(),
             sdk,
-            catalog: shared_catalog()?,
-            offers,
+            regions,
             clients: Mutex::new(HashMap::new()),
             creating: Mutex::new(()),
-        })
+        };
+        CloudCompute::from_provider(aws, offers, home, agent_bin)
     }
+}
 
+impl Aws {
     /// The EC2 client of a region.
     async fn client(&self, region: &str) -> aws_sdk_ec2::Client {
         let mut clients = self.clients.lock().await;
@@ -171,24 +172,6 @@ impl AwsCompute {
                 aws_sdk_ec2::Client::from_conf(config)
             })
             .clone()
-    }
-
-    /// The regions to look for this state's instances in.
-    fn regions(&self) -> Vec<String> {
-        match &self.config.regions {
-            Some(regions) => regions.clone(),
-            None => {
-                let mut all: Vec<String> = self
-                    .catalog
-                    .query(&["aws"], &Default::default())
-                    .into_iter()
-                    .map(|(_, i)| i.location.clone())
-                    .collect();
-                all.sort();
-                all.dedup();
-                all
-            }
-        }
     }
 
     /// The newest image matching the configured (or default) image for the offer.
@@ -342,8 +325,8 @@ impl AwsCompute {
             return Ok(None);
         }
         let mut used = Vec::new();
-        for region in self.regions() {
-            for instance in self.owned_in(&region).await? {
+        for region in &self.regions {
+            for instance in self.owned_in(region).await? {
                 used.extend(tag_value(instance.tags(), "dstack_address"));
             }
         }
@@ -401,7 +384,7 @@ impl AwsCompute {
         })
     }
 
-    async fn create(
+    async fn run_instance(
         &self,
         offer: &Offer,
         config: &InstanceConfig,
@@ -489,7 +472,10 @@ impl AwsCompute {
         })
     }
 
-    async fn check(&self, instance: &Instance) -> Result<Option<serde_json::Value>, ComputeError> {
+    async fn describe_state(
+        &self,
+        instance: &Instance,
+    ) -> Result<Option<serde_json::Value>, ComputeError> {
         let data = Self::data(instance)?;
         let client = self.client(&data.region).await;
         let found = client
@@ -716,7 +702,7 @@ impl AwsCompute {
         }
     }
 
-    async fn terminate(&self, region: &str, instance_id: &str) -> Result<(), ComputeError> {
+    async fn terminate_by_id(&self, region: &str, instance_id: &str) -> Result<(), ComputeError> {
         let client = self.client(region).await;
         match client
             .terminate_instances()
@@ -731,155 +717,86 @@ impl AwsCompute {
     }
 }
 
-impl Compute for AwsCompute {
-    fn backend(&self) -> &'static str {
-        "aws"
+impl Provider for Aws {
+    const NAME: &'static str = "aws";
+
+    async fn create(
+        &self,
+        offer: &Offer,
+        config: &InstanceConfig,
+    ) -> Result<CreatedInstance, ComputeError> {
+        self.run_instance(offer, config).await
     }
 
-    fn supports_containers(&self) -> bool {
-        false
+    async fn check(&self, instance: &Instance) -> Result<Option<serde_json::Value>, ComputeError> {
+        self.describe_state(instance).await
     }
 
-    fn offers(&self) -> BoxFuture<'_, Result<Vec<Offer>, ComputeError>> {
-        Box::pin(async { Ok(Vec::new()) })
+    async fn terminate(&self, instance: &Instance) -> Result<(), ComputeError> {
+        let data = Self::data(instance)?;
+        self.terminate_by_id(&data.region, &data.instance_id).await
     }
 
-    fn creates_instances(&self) -> bool {
-        true
-    }
-
-    fn offers_for<'a>(
-        &'a self,
-        request: &'a OfferRequest,
-    ) -> BoxFuture<'a, Result<Vec<Offer>, ComputeError>> {
-        Box::pin(async move { Ok(self.offers.offers(&self.catalog, request)) })
-    }
-
-    fn create_instance<'a>(
-        &'a self,
-        offer: &'a Offer,
-        config: &'a InstanceConfig,
-    ) -> BoxFuture<'a, Result<CreatedInstance, ComputeError>> {
-        Box::pin(self.create(offer, config))
-    }
-
-    fn update_provisioning<'a>(
-        &'a self,
-        instance: &'a Instance,
-    ) -> BoxFuture<'a, Result<Option<serde_json::Value>, ComputeError>> {
-        Box::pin(self.check(instance))
-    }
-
-    fn deploy<'a>(
-        &'a self,
-        instance: &'a Instance,
-    ) -> BoxFuture<'a, Result<Deployed, ComputeError>> {
-        Box::pin(async move {
-            let mut deployed = self.ssh.deploy(instance).await?;
-            if let (Some(map), Some(aws)) = (
-                deployed.backend_data.as_object_mut(),
-                instance.backend_data.get("aws"),
-            ) {
-                map.insert("aws".to_string(), aws.clone());
+    async fn owned(&self) -> Result<Vec<OwnedInstance>, ComputeError> {
+        let mut owned = Vec::new();
+        for region in &self.regions {
+            for instance in self.owned_in(region).await? {
+                owned.push(OwnedInstance {
+                    cloud_id: instance.instance_id().unwrap_or_default().to_string(),
+                    instance_id: tag_value(instance.tags(), "dstack_instance_id"),
+                    region: region.clone(),
+                });
             }
-            Ok(deployed)
-        })
+        }
+        Ok(owned)
     }
 
-    fn dial_port<'a>(
-        &'a self,
-        instance: &'a Instance,
-        port: u16,
-    ) -> BoxFuture<'a, std::io::Result<Box<dyn AgentStream>>> {
-        self.ssh.dial_port(instance, port)
+    async fn terminate_owned(&self, owned: &OwnedInstance) -> Result<(), ComputeError> {
+        self.terminate_by_id(&owned.region, &owned.cloud_id).await
     }
 
-    fn connect<'a>(
-        &'a self,
-        instance: &'a Instance,
-    ) -> BoxFuture<'a, Result<AgentClient, ComputeError>> {
-        self.ssh.connect(instance)
+    async fn create_volume(
+        &self,
+        name: &str,
+        config: &VolumeConfiguration,
+    ) -> Result<VolumeProvisioning, ComputeError> {
+        self.new_volume(name, config).await
     }
 
-    fn terminate_instance<'a>(
-        &'a self,
-        instance: &'a Instance,
-    ) -> BoxFuture<'a, Result<(), ComputeError>> {
-        Box::pin(async move {
-            let Some(aws) = instance.backend_data.get("aws") else {
-                return Ok(()); // never created
-            };
-            let data: AwsInstanceData = serde_json::from_value(aws.clone())
-                .map_err(|e| ComputeError::Other(format!("bad AWS instance data: {e}")))?;
-            self.terminate(&data.region, &data.instance_id).await
-        })
+    async fn register_volume(
+        &self,
+        config: &VolumeConfiguration,
+    ) -> Result<VolumeProvisioning, ComputeError> {
+        self.existing_volume(config).await
     }
 
-    fn owned_instances(&self) -> BoxFuture<'_, Result<Vec<OwnedInstance>, ComputeError>> {
-        Box::pin(async move {
-            let mut owned = Vec::new();
-            for region in self.regions() {
-                for instance in self.owned_in(&region).await? {
-                    owned.push(OwnedInstance {
-                        cloud_id: instance.instance_id().unwrap_or_default().to_string(),
-                        instance_id: tag_value(instance.tags(), "dstack_instance_id"),
-                        region: region.clone(),
-                    });
-                }
-            }
-            Ok(owned)
-        })
+    async fn delete_volume(&self, volume: &Volume) -> Result<(), ComputeError> {
+        self.remove_volume(volume).await
     }
 
-    fn terminate_owned<'a>(
-        &'a self,
-        owned: &'a OwnedInstance,
-    ) -> BoxFuture<'a, Result<(), ComputeError>> {
-        Box::pin(self.terminate(&owned.region, &owned.cloud_id))
+    async fn attach_volume(
+        &self,
+        volume: &Volume,
+        instance: &Instance,
+    ) -> Result<String, ComputeError> {
+        self.attach(volume, instance).await
     }
 
-    fn create_volume<'a>(
-        &'a self,
-        name: &'a str,
-        config: &'a VolumeConfiguration,
-    ) -> BoxFuture<'a, Result<VolumeProvisioning, ComputeError>> {
-        Box::pin(self.new_volume(name, config))
-    }
-
-    fn register_volume<'a>(
-        &'a self,
-        config: &'a VolumeConfiguration,
-    ) -> BoxFuture<'a, Result<VolumeProvisioning, ComputeError>> {
-        Box::pin(self.existing_volume(config))
-    }
-
-    fn delete_volume<'a>(&'a self, volume: &'a Volume) -> BoxFuture<'a, Result<(), ComputeError>> {
-        Box::pin(self.remove_volume(volume))
-    }
-
-    fn attach_volume<'a>(
-        &'a self,
-        volume: &'a Volume,
-        instance: &'a Instance,
-    ) -> BoxFuture<'a, Result<String, ComputeError>> {
-        Box::pin(self.attach(volume, instance))
-    }
-
-    fn detach_volume<'a>(
-        &'a self,
-        volume: &'a Volume,
-        instance: &'a Instance,
+    async fn detach_volume(
+        &self,
+        volume: &Volume,
+        instance: &Instance,
         force: bool,
-    ) -> BoxFuture<'a, Result<(), ComputeError>> {
-        Box::pin(self.detach(volume, instance, force))
+    ) -> Result<(), ComputeError> {
+        self.detach(volume, instance, force).await
     }
 
-    fn is_volume_detached<'a>(
-        &'a self,
-        volume: &'a Volume,
-        instance: &'a Instance,
-    ) -> BoxFuture<'a, Result<bool, ComputeError>> {
-        Box::pin(self.detached(volume, instance))
+    async fn is_volume_detached(
+        &self,
+        volume: &Volume,
+        instance: &Instance,
+    ) -> Result<bool, ComputeError> {
+        self.detached(volume, instance).await
     }
 }
 

@@ -16,17 +16,13 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
-use dstack_core::agent::{AgentClient, AgentStream};
 use dstack_core::backend::{
-    BoxFuture, Compute, ComputeError, CreatedInstance, Deployed, InstanceConfig, OfferRequest,
-    OwnedInstance, VolumeProvisioning,
+    ComputeError, CreatedInstance, InstanceConfig, OwnedInstance, VolumeProvisioning,
 };
 use dstack_core::config::volume::VolumeConfiguration;
 use dstack_core::model::{Instance, Volume};
-use dstack_core::offers::catalog::Catalog;
 use dstack_core::offers::Offer;
 use google_cloud_compute_v1::client::{Disks, Firewalls, Instances, ZoneOperations};
 use google_cloud_compute_v1::model;
@@ -35,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::cloud::{shared_catalog, zone_region, CatalogOffers};
 use crate::config::{GcpConfig, GcpCreds, OsImage};
 use crate::project::Project;
-use crate::ssh::{KnownHosts, SshCompute};
+use crate::provider::{CloudCompute, Provider};
 
 /// Boot disk sizes GCP can configure, in GB.
 const DISK_RANGE: (f64, f64) = (20.0, 32768.0);
@@ -84,20 +80,24 @@ struct GcpInstanceData {
     address: Option<String>,
 }
 
-/// GCP Compute Engine as a backend.
-pub struct GcpCompute {
+/// The Compute Engine API calls of the `gcp` backend.
+pub struct Gcp {
     config: GcpConfig,
     project: Project,
     project_name: String,
-    catalog: Arc<Catalog>,
-    offers: CatalogOffers,
+    /// The zones of the configured regions: where this state's instances may be.
+    zones: Vec<String>,
+    /// Every zone of the catalog (volumes may be in any region).
+    all_zones: Vec<String>,
     instances: Instances,
     firewalls: Firewalls,
     disks: Disks,
     operations: ZoneOperations,
     creating: tokio::sync::Mutex<()>,
-    ssh: SshCompute,
 }
+
+/// GCP Compute Engine as a backend.
+pub type GcpCompute = CloudCompute<Gcp>;
 
 type Error = google_cloud_compute_v1::Error;
 
@@ -146,45 +146,34 @@ impl GcpCompute {
             disk_range: DISK_RANGE,
             region_of: zone_region,
         };
-        Ok(GcpCompute {
+        let catalog = shared_catalog()?;
+        let all_zones = CatalogOffers {
+            regions: None,
+            ..offers.clone()
+        }
+        .locations(&catalog);
+        let gcp = Gcp {
+            zones: offers.locations(&catalog),
+            all_zones,
             instances: client!(Instances),
             firewalls: client!(Firewalls),
             disks: client!(Disks),
             operations: client!(ZoneOperations),
             creating: tokio::sync::Mutex::new(()),
-            ssh: SshCompute::new(KnownHosts::in_home(home), agent_bin),
             config,
             project,
             project_name: project_name.to_string(),
-            catalog: shared_catalog()?,
-            offers,
-        })
+        };
+        CloudCompute::from_provider(gcp, offers, home, agent_bin)
     }
+}
 
+impl Gcp {
     fn network(&self) -> String {
         self.config
             .vpc_name
             .clone()
             .unwrap_or_else(|| "default".to_string())
-    }
-
-    /// The zones of the configured regions (all catalog zones without a region list).
-    fn zones(&self) -> Vec<String> {
-        let mut zones: Vec<String> = self
-            .catalog
-            .query(&["gcp"], &Default::default())
-            .into_iter()
-            .map(|(_, i)| i.location.clone())
-            .filter(|zone| {
-                self.config.regions.as_ref().is_none_or(|r| {
-                    let region = zone_region(zone);
-                    r.iter().any(|x| x.eq_ignore_ascii_case(&region))
-                })
-            })
-            .collect();
-        zones.sort();
-        zones.dedup();
-        zones
     }
 
     /// Makes sure SSH may reach the project's instances.
@@ -228,14 +217,14 @@ impl GcpCompute {
     }
 
     /// This state's instances (not terminated) in every zone.
-    async fn owned(&self) -> Result<Vec<model::Instance>, ComputeError> {
+    async fn owned_list(&self) -> Result<Vec<model::Instance>, ComputeError> {
         let mut found = Vec::new();
-        for zone in self.zones() {
+        for zone in &self.zones {
             let listed = self
                 .instances
                 .list()
                 .set_project(&self.config.project_id)
-                .set_zone(&zone)
+                .set_zone(zone)
                 .set_filter(format!(
                     "labels.dstack_owner = \"{}\"",
                     self.project.owner_id
@@ -259,7 +248,7 @@ impl GcpCompute {
             return Ok(None);
         }
         let used: Vec<String> = self
-            .owned()
+            .owned_list()
             .await?
             .iter()
             .filter_map(|i| i.labels.get("dstack_address").cloned())
@@ -426,7 +415,7 @@ impl GcpCompute {
         labels
     }
 
-    async fn create(
+    async fn insert_instance(
         &self,
         offer: &Offer,
         config: &InstanceConfig,
@@ -519,7 +508,10 @@ impl GcpCompute {
         })
     }
 
-    async fn check(&self, instance: &Instance) -> Result<Option<serde_json::Value>, ComputeError> {
+    async fn get_state(
+        &self,
+        instance: &Instance,
+    ) -> Result<Option<serde_json::Value>, ComputeError> {
         let data = Self::data(instance)?;
         let got = self
             .instances
@@ -580,12 +572,10 @@ impl GcpCompute {
             return Ok(zone.clone());
         }
         let region = config.region.clone().unwrap_or_default();
-        self.catalog
-            .query(&["gcp"], &Default::default())
-            .into_iter()
-            .map(|(_, i)| i.location.clone())
-            .filter(|z| zone_region(z) == region)
-            .min()
+        self.all_zones
+            .iter()
+            .find(|z| zone_region(z) == region)
+            .cloned()
             .ok_or_else(|| ComputeError::Other(format!("no known zone in {region}")))
     }
 
@@ -632,16 +622,12 @@ impl GcpCompute {
     ) -> Result<VolumeProvisioning, ComputeError> {
         let id = config.volume_id.clone().unwrap_or_default();
         let region = config.region.clone().unwrap_or_default();
-        for zone in self
-            .zones()
-            .into_iter()
-            .filter(|z| zone_region(z) == region)
-        {
+        for zone in self.all_zones.iter().filter(|z| zone_region(z) == region) {
             match self
                 .disks
                 .get()
                 .set_project(&self.config.project_id)
-                .set_zone(&zone)
+                .set_zone(zone)
                 .set_disk(&id)
                 .send()
                 .await
@@ -650,7 +636,7 @@ impl GcpCompute {
                     return Ok(VolumeProvisioning {
                         volume_id: id,
                         size_gb: disk.size_gb.unwrap_or_default() as u64,
-                        availability_zone: Some(zone),
+                        availability_zone: Some(zone.clone()),
                     })
                 }
                 Err(e) if not_found(&e) => {}
@@ -828,161 +814,90 @@ fn label_value(value: &str) -> String {
         .collect()
 }
 
-impl Compute for GcpCompute {
-    fn backend(&self) -> &'static str {
-        "gcp"
+impl Provider for Gcp {
+    const NAME: &'static str = "gcp";
+
+    async fn create(
+        &self,
+        offer: &Offer,
+        config: &InstanceConfig,
+    ) -> Result<CreatedInstance, ComputeError> {
+        self.insert_instance(offer, config).await
     }
 
-    fn supports_containers(&self) -> bool {
-        false
+    async fn check(&self, instance: &Instance) -> Result<Option<serde_json::Value>, ComputeError> {
+        self.get_state(instance).await
     }
 
-    fn offers(&self) -> BoxFuture<'_, Result<Vec<Offer>, ComputeError>> {
-        Box::pin(async { Ok(Vec::new()) })
+    async fn terminate(&self, instance: &Instance) -> Result<(), ComputeError> {
+        let data = Self::data(instance)?;
+        self.delete_instance(&data.zone, &data.name).await
     }
 
-    fn creates_instances(&self) -> bool {
-        true
+    async fn owned(&self) -> Result<Vec<OwnedInstance>, ComputeError> {
+        Ok(self
+            .owned_list()
+            .await?
+            .into_iter()
+            .map(|i| OwnedInstance {
+                cloud_id: i.name.clone().unwrap_or_default(),
+                instance_id: i.labels.get("dstack_instance_id").cloned(),
+                region: i
+                    .zone
+                    .as_deref()
+                    .and_then(|z| z.rsplit('/').next())
+                    .unwrap_or_default()
+                    .to_string(),
+            })
+            .collect())
     }
 
-    fn offers_for<'a>(
-        &'a self,
-        request: &'a OfferRequest,
-    ) -> BoxFuture<'a, Result<Vec<Offer>, ComputeError>> {
-        Box::pin(async move { Ok(self.offers.offers(&self.catalog, request)) })
+    async fn terminate_owned(&self, owned: &OwnedInstance) -> Result<(), ComputeError> {
+        self.delete_instance(&owned.region, &owned.cloud_id).await
     }
 
-    fn create_instance<'a>(
-        &'a self,
-        offer: &'a Offer,
-        config: &'a InstanceConfig,
-    ) -> BoxFuture<'a, Result<CreatedInstance, ComputeError>> {
-        Box::pin(self.create(offer, config))
+    async fn create_volume(
+        &self,
+        name: &str,
+        config: &VolumeConfiguration,
+    ) -> Result<VolumeProvisioning, ComputeError> {
+        self.new_disk(name, config).await
     }
 
-    fn update_provisioning<'a>(
-        &'a self,
-        instance: &'a Instance,
-    ) -> BoxFuture<'a, Result<Option<serde_json::Value>, ComputeError>> {
-        Box::pin(self.check(instance))
+    async fn register_volume(
+        &self,
+        config: &VolumeConfiguration,
+    ) -> Result<VolumeProvisioning, ComputeError> {
+        self.existing_disk(config).await
     }
 
-    fn deploy<'a>(
-        &'a self,
-        instance: &'a Instance,
-    ) -> BoxFuture<'a, Result<Deployed, ComputeError>> {
-        Box::pin(async move {
-            let mut deployed = self.ssh.deploy(instance).await?;
-            if let (Some(map), Some(gcp)) = (
-                deployed.backend_data.as_object_mut(),
-                instance.backend_data.get("gcp"),
-            ) {
-                map.insert("gcp".to_string(), gcp.clone());
-            }
-            Ok(deployed)
-        })
+    async fn delete_volume(&self, volume: &Volume) -> Result<(), ComputeError> {
+        self.delete_disk(volume).await
     }
 
-    fn dial_port<'a>(
-        &'a self,
-        instance: &'a Instance,
-        port: u16,
-    ) -> BoxFuture<'a, std::io::Result<Box<dyn AgentStream>>> {
-        self.ssh.dial_port(instance, port)
+    async fn attach_volume(
+        &self,
+        volume: &Volume,
+        instance: &Instance,
+    ) -> Result<String, ComputeError> {
+        self.attach(volume, instance).await
     }
 
-    fn connect<'a>(
-        &'a self,
-        instance: &'a Instance,
-    ) -> BoxFuture<'a, Result<AgentClient, ComputeError>> {
-        self.ssh.connect(instance)
-    }
-
-    fn terminate_instance<'a>(
-        &'a self,
-        instance: &'a Instance,
-    ) -> BoxFuture<'a, Result<(), ComputeError>> {
-        Box::pin(async move {
-            if instance.backend_data.get("gcp").is_none() {
-                return Ok(()); // never created
-            }
-            let data = Self::data(instance)?;
-            self.delete_instance(&data.zone, &data.name).await
-        })
-    }
-
-    fn owned_instances(&self) -> BoxFuture<'_, Result<Vec<OwnedInstance>, ComputeError>> {
-        Box::pin(async move {
-            Ok(self
-                .owned()
-                .await?
-                .into_iter()
-                .map(|i| {
-                    let zone = i
-                        .zone
-                        .as_deref()
-                        .and_then(|z| z.rsplit('/').next())
-                        .unwrap_or_default()
-                        .to_string();
-                    OwnedInstance {
-                        cloud_id: i.name.clone().unwrap_or_default(),
-                        instance_id: i.labels.get("dstack_instance_id").cloned(),
-                        region: zone,
-                    }
-                })
-                .collect())
-        })
-    }
-
-    fn terminate_owned<'a>(
-        &'a self,
-        owned: &'a OwnedInstance,
-    ) -> BoxFuture<'a, Result<(), ComputeError>> {
-        Box::pin(self.delete_instance(&owned.region, &owned.cloud_id))
-    }
-
-    fn create_volume<'a>(
-        &'a self,
-        name: &'a str,
-        config: &'a VolumeConfiguration,
-    ) -> BoxFuture<'a, Result<VolumeProvisioning, ComputeError>> {
-        Box::pin(self.new_disk(name, config))
-    }
-
-    fn register_volume<'a>(
-        &'a self,
-        config: &'a VolumeConfiguration,
-    ) -> BoxFuture<'a, Result<VolumeProvisioning, ComputeError>> {
-        Box::pin(self.existing_disk(config))
-    }
-
-    fn delete_volume<'a>(&'a self, volume: &'a Volume) -> BoxFuture<'a, Result<(), ComputeError>> {
-        Box::pin(self.delete_disk(volume))
-    }
-
-    fn attach_volume<'a>(
-        &'a self,
-        volume: &'a Volume,
-        instance: &'a Instance,
-    ) -> BoxFuture<'a, Result<String, ComputeError>> {
-        Box::pin(self.attach(volume, instance))
-    }
-
-    fn detach_volume<'a>(
-        &'a self,
-        volume: &'a Volume,
-        instance: &'a Instance,
+    async fn detach_volume(
+        &self,
+        volume: &Volume,
+        instance: &Instance,
         _force: bool,
-    ) -> BoxFuture<'a, Result<(), ComputeError>> {
-        Box::pin(self.detach(volume, instance))
+    ) -> Result<(), ComputeError> {
+        self.detach(volume, instance).await
     }
 
-    fn is_volume_detached<'a>(
-        &'a self,
-        volume: &'a Volume,
-        instance: &'a Instance,
-    ) -> BoxFuture<'a, Result<bool, ComputeError>> {
-        Box::pin(self.detached(volume, instance))
+    async fn is_volume_detached(
+        &self,
+        volume: &Volume,
+        instance: &Instance,
+    ) -> Result<bool, ComputeError> {
+        self.detached(volume, instance).await
     }
 }
 

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod gcp;
+pub mod harness;
 pub mod http;
 pub mod moto;
 pub mod netns;

@@ -336,19 +336,31 @@ class FleetCollection:
 
 
 class VolumeCollection:
-    """The volumes of a client. The local backend has none; network volumes come with the
-    cloud backends."""
+    """The network volumes of a client (`type: volume` on a cloud backend configured in
+    `$DSTACK_HOME/config.yml`)."""
 
     def __init__(self, raw: "RawClient") -> None:
         self._raw = raw
 
+    def apply_configuration(self, configuration: ConfigurationLike) -> Dict[str, Any]:
+        """Creates the volume (or registers the existing `volume_id`) and returns its record:
+        `status` is `active`, or `failed` with the reason in `status_message`."""
+        volume: Dict[str, Any] = self._raw.apply_volume(configuration_data(configuration))
+        return volume
+
+    def delete(self, name: str) -> Dict[str, Any]:
+        """Deletes a volume attached nowhere (a registered one is only forgotten)."""
+        volume: Dict[str, Any] = self._raw.delete_volume(name)
+        return volume
+
     def list(self) -> List[Dict[str, Any]]:
-        """Volumes as records."""
-        return []
+        """Volumes (not deleted) as records."""
+        volumes: List[Dict[str, Any]] = self._raw.volumes()
+        return volumes
 
     def get(self, name: str) -> Optional[Dict[str, Any]]:
         """A volume by name, or `None`."""
-        return None
+        return next((v for v in self.list() if v["name"] == name), None)
 
 
 class Client:

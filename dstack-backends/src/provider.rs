@@ -1,0 +1,268 @@
+//! Cloud backends in two parts: a [`Provider`] holds what differs per cloud (its API calls),
+//! and [`CloudCompute`] makes any provider a [`Compute`] backend — offers from the catalog,
+//! instances reached over SSH with the project key and running the same agent as SSH fleet
+//! hosts (see `ssh`).
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use dstack_core::agent::{AgentClient, AgentStream};
+use dstack_core::backend::{
+    BoxFuture, Compute, ComputeError, CreatedInstance, Deployed, InstanceConfig, OfferRequest,
+    OwnedInstance, VolumeProvisioning,
+};
+use dstack_core::config::volume::VolumeConfiguration;
+use dstack_core::model::{Instance, Volume};
+use dstack_core::offers::catalog::Catalog;
+use dstack_core::offers::Offer;
+
+use crate::cloud::{shared_catalog, CatalogOffers};
+use crate::ssh::{KnownHosts, SshCompute};
+
+/// The API calls of one cloud. An instance's data lives under `backend_data[NAME]`; once the
+/// instance runs, [`Provider::check`] adds how to reach it over SSH beside it.
+pub trait Provider: Send + Sync + 'static {
+    /// The backend type (`aws`, `gcp`).
+    const NAME: &'static str;
+
+    /// Creates an instance from an offer (the engine has recorded it, `config.instance_id`).
+    fn create(
+        &self,
+        offer: &Offer,
+        config: &InstanceConfig,
+    ) -> impl Future<Output = Result<CreatedInstance, ComputeError>> + Send;
+
+    /// The instance's backend data once it runs (with `hostname`, `port`, `user`,
+    /// `identity_file`), `None` while it starts; an error if it never will.
+    fn check(
+        &self,
+        instance: &Instance,
+    ) -> impl Future<Output = Result<Option<serde_json::Value>, ComputeError>> + Send;
+
+    /// Terminates a created instance (idempotent).
+    fn terminate(
+        &self,
+        instance: &Instance,
+    ) -> impl Future<Output = Result<(), ComputeError>> + Send;
+
+    /// The instances carrying this state's owner tag.
+    fn owned(&self) -> impl Future<Output = Result<Vec<OwnedInstance>, ComputeError>> + Send;
+
+    /// Terminates one of [`Provider::owned`] (idempotent).
+    fn terminate_owned(
+        &self,
+        owned: &OwnedInstance,
+    ) -> impl Future<Output = Result<(), ComputeError>> + Send;
+
+    /// Creates a network volume.
+    fn create_volume(
+        &self,
+        name: &str,
+        config: &VolumeConfiguration,
+    ) -> impl Future<Output = Result<VolumeProvisioning, ComputeError>> + Send;
+
+    /// Looks up the existing volume `config.volume_id`.
+    fn register_volume(
+        &self,
+        config: &VolumeConfiguration,
+    ) -> impl Future<Output = Result<VolumeProvisioning, ComputeError>> + Send;
+
+    /// Deletes a volume (idempotent).
+    fn delete_volume(
+        &self,
+        volume: &Volume,
+    ) -> impl Future<Output = Result<(), ComputeError>> + Send;
+
+    /// Attaches a volume; returns its device name on the instance.
+    fn attach_volume(
+        &self,
+        volume: &Volume,
+        instance: &Instance,
+    ) -> impl Future<Output = Result<String, ComputeError>> + Send;
+
+    /// Detaches a volume (`force`: even while in use).
+    fn detach_volume(
+        &self,
+        volume: &Volume,
+        instance: &Instance,
+        force: bool,
+    ) -> impl Future<Output = Result<(), ComputeError>> + Send;
+
+    /// Whether the volume is no longer attached to the instance.
+    fn is_volume_detached(
+        &self,
+        volume: &Volume,
+        instance: &Instance,
+    ) -> impl Future<Output = Result<bool, ComputeError>> + Send;
+}
+
+/// A cloud provider as a backend.
+pub struct CloudCompute<P> {
+    provider: P,
+    catalog: Arc<Catalog>,
+    offers: CatalogOffers,
+    ssh: SshCompute,
+}
+
+impl<P: Provider> CloudCompute<P> {
+    /// `provider`, offering what `offers` reads from the shared catalog, recording host keys
+    /// under `home` and installing `agent_bin` on its instances.
+    pub fn from_provider(
+        provider: P,
+        offers: CatalogOffers,
+        home: &Path,
+        agent_bin: PathBuf,
+    ) -> Result<Self, ComputeError> {
+        Ok(CloudCompute {
+            provider,
+            catalog: shared_catalog()?,
+            offers,
+            ssh: SshCompute::new(KnownHosts::in_home(home), agent_bin),
+        })
+    }
+
+    /// The provider.
+    pub fn provider(&self) -> &P {
+        &self.provider
+    }
+}
+
+impl<P: Provider> Compute for CloudCompute<P> {
+    fn backend(&self) -> &'static str {
+        P::NAME
+    }
+
+    fn supports_containers(&self) -> bool {
+        false
+    }
+
+    fn offers(&self) -> BoxFuture<'_, Result<Vec<Offer>, ComputeError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    fn creates_instances(&self) -> bool {
+        true
+    }
+
+    fn offers_for<'a>(
+        &'a self,
+        request: &'a OfferRequest,
+    ) -> BoxFuture<'a, Result<Vec<Offer>, ComputeError>> {
+        Box::pin(async move { Ok(self.offers.offers(&self.catalog, request)) })
+    }
+
+    fn create_instance<'a>(
+        &'a self,
+        offer: &'a Offer,
+        config: &'a InstanceConfig,
+    ) -> BoxFuture<'a, Result<CreatedInstance, ComputeError>> {
+        Box::pin(self.provider.create(offer, config))
+    }
+
+    fn update_provisioning<'a>(
+        &'a self,
+        instance: &'a Instance,
+    ) -> BoxFuture<'a, Result<Option<serde_json::Value>, ComputeError>> {
+        Box::pin(self.provider.check(instance))
+    }
+
+    fn deploy<'a>(
+        &'a self,
+        instance: &'a Instance,
+    ) -> BoxFuture<'a, Result<Deployed, ComputeError>> {
+        Box::pin(async move {
+            // The SSH backend records how it reached the host; the cloud's data stays beside.
+            let mut deployed = self.ssh.deploy(instance).await?;
+            if let (Some(map), Some(own)) = (
+                deployed.backend_data.as_object_mut(),
+                instance.backend_data.get(P::NAME),
+            ) {
+                map.insert(P::NAME.to_string(), own.clone());
+            }
+            Ok(deployed)
+        })
+    }
+
+    fn dial_port<'a>(
+        &'a self,
+        instance: &'a Instance,
+        port: u16,
+    ) -> BoxFuture<'a, std::io::Result<Box<dyn AgentStream>>> {
+        self.ssh.dial_port(instance, port)
+    }
+
+    fn connect<'a>(
+        &'a self,
+        instance: &'a Instance,
+    ) -> BoxFuture<'a, Result<AgentClient, ComputeError>> {
+        self.ssh.connect(instance)
+    }
+
+    fn terminate_instance<'a>(
+        &'a self,
+        instance: &'a Instance,
+    ) -> BoxFuture<'a, Result<(), ComputeError>> {
+        Box::pin(async move {
+            if instance.backend_data.get(P::NAME).is_none() {
+                return Ok(()); // never created
+            }
+            self.provider.terminate(instance).await
+        })
+    }
+
+    fn owned_instances(&self) -> BoxFuture<'_, Result<Vec<OwnedInstance>, ComputeError>> {
+        Box::pin(self.provider.owned())
+    }
+
+    fn terminate_owned<'a>(
+        &'a self,
+        owned: &'a OwnedInstance,
+    ) -> BoxFuture<'a, Result<(), ComputeError>> {
+        Box::pin(self.provider.terminate_owned(owned))
+    }
+
+    fn create_volume<'a>(
+        &'a self,
+        name: &'a str,
+        config: &'a VolumeConfiguration,
+    ) -> BoxFuture<'a, Result<VolumeProvisioning, ComputeError>> {
+        Box::pin(self.provider.create_volume(name, config))
+    }
+
+    fn register_volume<'a>(
+        &'a self,
+        config: &'a VolumeConfiguration,
+    ) -> BoxFuture<'a, Result<VolumeProvisioning, ComputeError>> {
+        Box::pin(self.provider.register_volume(config))
+    }
+
+    fn delete_volume<'a>(&'a self, volume: &'a Volume) -> BoxFuture<'a, Result<(), ComputeError>> {
+        Box::pin(self.provider.delete_volume(volume))
+    }
+
+    fn attach_volume<'a>(
+        &'a self,
+        volume: &'a Volume,
+        instance: &'a Instance,
+    ) -> BoxFuture<'a, Result<String, ComputeError>> {
+        Box::pin(self.provider.attach_volume(volume, instance))
+    }
+
+    fn detach_volume<'a>(
+        &'a self,
+        volume: &'a Volume,
+        instance: &'a Instance,
+        force: bool,
+    ) -> BoxFuture<'a, Result<(), ComputeError>> {
+        Box::pin(self.provider.detach_volume(volume, instance, force))
+    }
+
+    fn is_volume_detached<'a>(
+        &'a self,
+        volume: &'a Volume,
+        instance: &'a Instance,
+    ) -> BoxFuture<'a, Result<bool, ComputeError>> {
+        Box::pin(self.provider.is_volume_detached(volume, instance))
+    }
+}
