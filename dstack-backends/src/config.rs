@@ -66,6 +66,24 @@ pub struct OsImages {
     pub nvidia: Option<OsImage>,
 }
 
+impl OsImages {
+    /// The image for an instance with GPUs (`gpu`) or without: the configured one, else the
+    /// backend's default.
+    pub fn pick(
+        &self,
+        gpu: bool,
+        default_cpu: fn() -> OsImage,
+        default_nvidia: fn() -> OsImage,
+    ) -> OsImage {
+        let (configured, default) = if gpu {
+            (&self.nvidia, default_nvidia)
+        } else {
+            (&self.cpu, default_cpu)
+        };
+        configured.clone().unwrap_or_else(default)
+    }
+}
+
 /// `type: aws`.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]

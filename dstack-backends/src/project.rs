@@ -77,6 +77,41 @@ impl Project {
     }
 }
 
+impl Project {
+    /// The tags of a new cloud instance: dstack's (`owner=dstack`, the project, name, user and
+    /// fleet, this state's owner id, the engine's instance id, and the address it is reached
+    /// at when mapped), then `backend` tags, then the configuration's — earlier sources win.
+    pub fn instance_tags(
+        &self,
+        project_name: &str,
+        config: &dstack_core::backend::InstanceConfig,
+        address: Option<&str>,
+        backend: &std::collections::BTreeMap<String, String>,
+    ) -> std::collections::BTreeMap<String, String> {
+        let user = std::env::var("USER").unwrap_or_else(|_| "dstack".to_string());
+        let mut tags = std::collections::BTreeMap::new();
+        let base = [
+            ("owner", "dstack"),
+            ("dstack_project", project_name),
+            ("dstack_name", config.name.as_str()),
+            ("dstack_user", user.as_str()),
+            ("dstack_fleet", config.fleet.as_str()),
+            ("dstack_owner", self.owner_id.as_str()),
+            ("dstack_instance_id", config.instance_id.as_str()),
+        ];
+        for (k, v) in base {
+            tags.insert(k.to_string(), v.to_string());
+        }
+        if let Some(address) = address {
+            tags.insert("dstack_address".to_string(), address.to_string());
+        }
+        for (k, v) in backend.iter().chain(config.tags.iter()) {
+            tags.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        tags
+    }
+}
+
 fn random_bytes<const N: usize>() -> io::Result<[u8; N]> {
     let mut bytes = [0u8; N];
     fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;

@@ -17,7 +17,7 @@
 //! like instances): created or registered by id, attached at the first free device name of
 //! `/dev/sdf` … `/dev/sdn`, detached, deleted.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -180,19 +180,11 @@ impl Aws {
         client: &aws_sdk_ec2::Client,
         offer: &Offer,
     ) -> Result<(String, String), ComputeError> {
-        let wanted = if offer.resources.gpus.is_empty() {
-            self.config
-                .os_images
-                .cpu
-                .clone()
-                .unwrap_or_else(default_cpu_image)
-        } else {
-            self.config
-                .os_images
-                .nvidia
-                .clone()
-                .unwrap_or_else(default_nvidia_image)
-        };
+        let wanted = self.config.os_images.pick(
+            !offer.resources.gpus.is_empty(),
+            default_cpu_image,
+            default_nvidia_image,
+        );
         let found = client
             .describe_images()
             .owners(&wanted.owner)
@@ -341,30 +333,12 @@ impl Aws {
             })
     }
 
-    /// The tags of a new instance: dstack's, then the backend's, then the configuration's
-    /// (earlier sources win).
+    /// The tags of a new instance: the project's (see [`Project::instance_tags`]) and `Name`.
     fn tags(&self, config: &InstanceConfig, address: Option<&str>) -> Vec<Tag> {
-        let mut tags: BTreeMap<String, String> = BTreeMap::new();
-        let user = std::env::var("USER").unwrap_or_else(|_| "dstack".to_string());
-        let base = [
-            ("Name", config.name.as_str()),
-            ("owner", "dstack"),
-            ("dstack_project", self.project_name.as_str()),
-            ("dstack_name", config.name.as_str()),
-            ("dstack_user", user.as_str()),
-            ("dstack_fleet", config.fleet.as_str()),
-            ("dstack_owner", self.project.owner_id.as_str()),
-            ("dstack_instance_id", config.instance_id.as_str()),
-        ];
-        for (k, v) in base {
-            tags.insert(k.to_string(), v.to_string());
-        }
-        if let Some(address) = address {
-            tags.insert("dstack_address".to_string(), address.to_string());
-        }
-        for (k, v) in self.config.tags.iter().chain(config.tags.iter()) {
-            tags.entry(k.clone()).or_insert_with(|| v.clone());
-        }
+        let mut tags =
+            self.project
+                .instance_tags(&self.project_name, config, address, &self.config.tags);
+        tags.insert("Name".to_string(), config.name.clone());
         tags.iter().map(|(k, v)| tag(k, v)).collect()
     }
 
@@ -384,7 +358,39 @@ impl Aws {
         })
     }
 
-    async fn run_instance(
+    /// The volume as EC2 describes it (`None`: it does not exist).
+    async fn describe_volume(
+        &self,
+        region: &str,
+        volume_id: &str,
+    ) -> Result<Option<aws_sdk_ec2::types::Volume>, ComputeError> {
+        let client = self.client(region).await;
+        match client.describe_volumes().volume_ids(volume_id).send().await {
+            Ok(found) => Ok(found.volumes().first().cloned()),
+            Err(e) if e.code() == Some("InvalidVolume.NotFound") => Ok(None),
+            Err(e) => Err(classify(e, "DescribeVolumes")),
+        }
+    }
+
+    async fn terminate_by_id(&self, region: &str, instance_id: &str) -> Result<(), ComputeError> {
+        let client = self.client(region).await;
+        match client
+            .terminate_instances()
+            .instance_ids(instance_id)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some("InvalidInstanceID.NotFound") => Ok(()),
+            Err(e) => Err(classify(e, "TerminateInstances")),
+        }
+    }
+}
+
+impl Provider for Aws {
+    const NAME: &'static str = "aws";
+
+    async fn create(
         &self,
         offer: &Offer,
         config: &InstanceConfig,
@@ -472,10 +478,7 @@ impl Aws {
         })
     }
 
-    async fn describe_state(
-        &self,
-        instance: &Instance,
-    ) -> Result<Option<serde_json::Value>, ComputeError> {
+    async fn check(&self, instance: &Instance) -> Result<Option<serde_json::Value>, ComputeError> {
         let data = Self::data(instance)?;
         let client = self.client(&data.region).await;
         let found = client
@@ -522,7 +525,30 @@ impl Aws {
         }
     }
 
-    async fn new_volume(
+    async fn terminate(&self, instance: &Instance) -> Result<(), ComputeError> {
+        let data = Self::data(instance)?;
+        self.terminate_by_id(&data.region, &data.instance_id).await
+    }
+
+    async fn owned(&self) -> Result<Vec<OwnedInstance>, ComputeError> {
+        let mut owned = Vec::new();
+        for region in &self.regions {
+            for instance in self.owned_in(region).await? {
+                owned.push(OwnedInstance {
+                    cloud_id: instance.instance_id().unwrap_or_default().to_string(),
+                    instance_id: tag_value(instance.tags(), "dstack_instance_id"),
+                    region: region.clone(),
+                });
+            }
+        }
+        Ok(owned)
+    }
+
+    async fn terminate_owned(&self, owned: &OwnedInstance) -> Result<(), ComputeError> {
+        self.terminate_by_id(&owned.region, &owned.cloud_id).await
+    }
+
+    async fn create_volume(
         &self,
         name: &str,
         config: &VolumeConfiguration,
@@ -580,21 +606,7 @@ impl Aws {
         })
     }
 
-    /// The volume as EC2 describes it (`None`: it does not exist).
-    async fn describe_volume(
-        &self,
-        region: &str,
-        volume_id: &str,
-    ) -> Result<Option<aws_sdk_ec2::types::Volume>, ComputeError> {
-        let client = self.client(region).await;
-        match client.describe_volumes().volume_ids(volume_id).send().await {
-            Ok(found) => Ok(found.volumes().first().cloned()),
-            Err(e) if e.code() == Some("InvalidVolume.NotFound") => Ok(None),
-            Err(e) => Err(classify(e, "DescribeVolumes")),
-        }
-    }
-
-    async fn existing_volume(
+    async fn register_volume(
         &self,
         config: &VolumeConfiguration,
     ) -> Result<VolumeProvisioning, ComputeError> {
@@ -611,8 +623,21 @@ impl Aws {
         })
     }
 
-    /// Attaches at the first free device name of `/dev/sdf` … `/dev/sdn`.
-    async fn attach(&self, volume: &Volume, instance: &Instance) -> Result<String, ComputeError> {
+    async fn delete_volume(&self, volume: &Volume) -> Result<(), ComputeError> {
+        let client = self.client(&volume.region).await;
+        let id = volume.volume_id.clone().unwrap_or_default();
+        match client.delete_volume().volume_id(&id).send().await {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some("InvalidVolume.NotFound") => Ok(()),
+            Err(e) => Err(classify(e, "DeleteVolume")),
+        }
+    }
+
+    async fn attach_volume(
+        &self,
+        volume: &Volume,
+        instance: &Instance,
+    ) -> Result<String, ComputeError> {
         let data = Self::data(instance)?;
         let client = self.client(&data.region).await;
         let volume_id = volume.volume_id.clone().unwrap_or_default();
@@ -652,7 +677,7 @@ impl Aws {
         )))
     }
 
-    async fn detach(
+    async fn detach_volume(
         &self,
         volume: &Volume,
         instance: &Instance,
@@ -680,7 +705,11 @@ impl Aws {
         }
     }
 
-    async fn detached(&self, volume: &Volume, instance: &Instance) -> Result<bool, ComputeError> {
+    async fn is_volume_detached(
+        &self,
+        volume: &Volume,
+        instance: &Instance,
+    ) -> Result<bool, ComputeError> {
         let data = Self::data(instance)?;
         let id = volume.volume_id.clone().unwrap_or_default();
         let Some(described) = self.describe_volume(&volume.region, &id).await? else {
@@ -690,113 +719,6 @@ impl Aws {
             a.instance_id() == Some(data.instance_id.as_str())
                 && a.state() != Some(&VolumeAttachmentState::Detached)
         }))
-    }
-
-    async fn remove_volume(&self, volume: &Volume) -> Result<(), ComputeError> {
-        let client = self.client(&volume.region).await;
-        let id = volume.volume_id.clone().unwrap_or_default();
-        match client.delete_volume().volume_id(&id).send().await {
-            Ok(_) => Ok(()),
-            Err(e) if e.code() == Some("InvalidVolume.NotFound") => Ok(()),
-            Err(e) => Err(classify(e, "DeleteVolume")),
-        }
-    }
-
-    async fn terminate_by_id(&self, region: &str, instance_id: &str) -> Result<(), ComputeError> {
-        let client = self.client(region).await;
-        match client
-            .terminate_instances()
-            .instance_ids(instance_id)
-            .send()
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if e.code() == Some("InvalidInstanceID.NotFound") => Ok(()),
-            Err(e) => Err(classify(e, "TerminateInstances")),
-        }
-    }
-}
-
-impl Provider for Aws {
-    const NAME: &'static str = "aws";
-
-    async fn create(
-        &self,
-        offer: &Offer,
-        config: &InstanceConfig,
-    ) -> Result<CreatedInstance, ComputeError> {
-        self.run_instance(offer, config).await
-    }
-
-    async fn check(&self, instance: &Instance) -> Result<Option<serde_json::Value>, ComputeError> {
-        self.describe_state(instance).await
-    }
-
-    async fn terminate(&self, instance: &Instance) -> Result<(), ComputeError> {
-        let data = Self::data(instance)?;
-        self.terminate_by_id(&data.region, &data.instance_id).await
-    }
-
-    async fn owned(&self) -> Result<Vec<OwnedInstance>, ComputeError> {
-        let mut owned = Vec::new();
-        for region in &self.regions {
-            for instance in self.owned_in(region).await? {
-                owned.push(OwnedInstance {
-                    cloud_id: instance.instance_id().unwrap_or_default().to_string(),
-                    instance_id: tag_value(instance.tags(), "dstack_instance_id"),
-                    region: region.clone(),
-                });
-            }
-        }
-        Ok(owned)
-    }
-
-    async fn terminate_owned(&self, owned: &OwnedInstance) -> Result<(), ComputeError> {
-        self.terminate_by_id(&owned.region, &owned.cloud_id).await
-    }
-
-    async fn create_volume(
-        &self,
-        name: &str,
-        config: &VolumeConfiguration,
-    ) -> Result<VolumeProvisioning, ComputeError> {
-        self.new_volume(name, config).await
-    }
-
-    async fn register_volume(
-        &self,
-        config: &VolumeConfiguration,
-    ) -> Result<VolumeProvisioning, ComputeError> {
-        self.existing_volume(config).await
-    }
-
-    async fn delete_volume(&self, volume: &Volume) -> Result<(), ComputeError> {
-        self.remove_volume(volume).await
-    }
-
-    async fn attach_volume(
-        &self,
-        volume: &Volume,
-        instance: &Instance,
-    ) -> Result<String, ComputeError> {
-        self.attach(volume, instance).await
-    }
-
-    async fn detach_volume(
-        &self,
-        volume: &Volume,
-        instance: &Instance,
-        force: bool,
-    ) -> Result<(), ComputeError> {
-        self.detach(volume, instance, force).await
-    }
-
-    async fn is_volume_detached(
-        &self,
-        volume: &Volume,
-        instance: &Instance,
-    ) -> Result<bool, ComputeError> {
-        self.detached(volume, instance).await
     }
 }
 

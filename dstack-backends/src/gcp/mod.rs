@@ -387,109 +387,14 @@ impl Gcp {
         instance
     }
 
-    /// Labels: dstack's, then the backend's, then the configuration's (earlier win), as GCP
-    /// allows them (lower case, `[a-z0-9_-]`).
+    /// Labels: the project's tags (see [`Project::instance_tags`]) as GCP allows them
+    /// (lower case, `[a-z0-9_-]`).
     fn labels(&self, config: &InstanceConfig, address: Option<&str>) -> HashMap<String, String> {
-        let user = std::env::var("USER").unwrap_or_else(|_| "dstack".to_string());
-        let mut labels = HashMap::new();
-        let base = [
-            ("owner", "dstack"),
-            ("dstack_project", self.project_name.as_str()),
-            ("dstack_name", config.name.as_str()),
-            ("dstack_user", user.as_str()),
-            ("dstack_fleet", config.fleet.as_str()),
-            ("dstack_owner", self.project.owner_id.as_str()),
-            ("dstack_instance_id", config.instance_id.as_str()),
-        ];
-        for (k, v) in base {
-            labels.insert(k.to_string(), label_value(v));
-        }
-        if let Some(address) = address {
-            labels.insert("dstack_address".to_string(), label_value(address));
-        }
-        for (k, v) in self.config.tags.iter().chain(config.tags.iter()) {
-            labels
-                .entry(label_value(k))
-                .or_insert_with(|| label_value(v));
-        }
-        labels
-    }
-
-    async fn insert_instance(
-        &self,
-        offer: &Offer,
-        config: &InstanceConfig,
-    ) -> Result<CreatedInstance, ComputeError> {
-        let mut zones = offer.availability_zones.clone().unwrap_or_default();
-        zones.sort();
-        if zones.is_empty() {
-            return Err(ComputeError::NoCapacity(format!(
-                "{} in {} has no zones",
-                offer.instance_type, offer.region
-            )));
-        }
-        // One creation at a time: the firewall rule is made once and each instance takes its
-        // own `instance_addresses` entry.
-        let _creating = self.creating.lock().await;
-        self.ensure_firewall().await?;
-        let image = if offer.resources.gpus.is_empty() {
-            self.config
-                .os_images
-                .cpu
-                .clone()
-                .unwrap_or_else(default_cpu_image)
-        } else {
-            self.config
-                .os_images
-                .nvidia
-                .clone()
-                .unwrap_or_else(default_nvidia_image)
-        };
-        let address = self.free_address().await?;
-        let suffix: String = config
-            .instance_id
-            .chars()
-            .filter(char::is_ascii_alphanumeric)
-            .take(8)
-            .collect();
-        let name = instance_name(&self.project_name, &config.name, &suffix);
-        let mut failures = Vec::new();
-        for zone in zones {
-            let body = self.body(offer, config, &zone, &name, &image, address.as_deref());
-            let inserted = self
-                .instances
-                .insert()
-                .set_project(&self.config.project_id)
-                .set_zone(&zone)
-                .set_body(body)
-                .send()
-                .await;
-            let result = match inserted {
-                Ok(op) => self.finish(&zone, op).await,
-                Err(e) if matches!(e.http_status_code(), Some(429 | 503)) => {
-                    Err(ComputeError::NoCapacity(format!("instances.insert: {e}")))
-                }
-                Err(e) => Err(other("instances.insert", e)),
-            };
-            match result {
-                Ok(()) => {
-                    let data = GcpInstanceData {
-                        name,
-                        zone,
-                        spot: offer.spot,
-                        user: image.user.clone(),
-                        address,
-                    };
-                    return Ok(CreatedInstance {
-                        offer: offer.clone(),
-                        backend_data: serde_json::json!({ "gcp": data }),
-                    });
-                }
-                Err(ComputeError::NoCapacity(why)) => failures.push(format!("{zone}: {why}")),
-                Err(e) => return Err(e),
-            }
-        }
-        Err(ComputeError::NoCapacity(failures.join("; ")))
+        self.project
+            .instance_tags(&self.project_name, config, address, &self.config.tags)
+            .iter()
+            .map(|(k, v)| (label_value(k), label_value(v)))
+            .collect()
     }
 
     fn data(instance: &Instance) -> Result<GcpInstanceData, ComputeError> {
@@ -506,49 +411,6 @@ impl Gcp {
                 instance.name
             ))
         })
-    }
-
-    async fn get_state(
-        &self,
-        instance: &Instance,
-    ) -> Result<Option<serde_json::Value>, ComputeError> {
-        let data = Self::data(instance)?;
-        let got = self
-            .instances
-            .get()
-            .set_project(&self.config.project_id)
-            .set_zone(&data.zone)
-            .set_instance(&data.name)
-            .send()
-            .await
-            .map_err(|e| other("instances.get", e))?;
-        use model::instance::Status;
-        match got.status {
-            Some(Status::Provisioning | Status::Staging | Status::Pending) | None => Ok(None),
-            Some(Status::Running) => {
-                let nic = got.network_interfaces.first();
-                let address = data
-                    .address
-                    .clone()
-                    .or_else(|| {
-                        nic.and_then(|n| n.access_configs.first())
-                            .and_then(|a| a.nat_ip.clone())
-                    })
-                    .or_else(|| nic.and_then(|n| n.network_ip.clone()))
-                    .ok_or_else(|| ComputeError::Other(format!("{} has no address", data.name)))?;
-                Ok(Some(serde_json::json!({
-                    "gcp": data,
-                    "hostname": address,
-                    "port": 22,
-                    "user": data.user,
-                    "identity_file": self.project.ssh_key,
-                })))
-            }
-            Some(other) => Err(ComputeError::Other(format!(
-                "instance {} is {other:?}",
-                data.name
-            ))),
-        }
     }
 
     async fn delete_instance(&self, zone: &str, name: &str) -> Result<(), ComputeError> {
@@ -579,99 +441,6 @@ impl Gcp {
             .ok_or_else(|| ComputeError::Other(format!("no known zone in {region}")))
     }
 
-    async fn new_disk(
-        &self,
-        name: &str,
-        config: &VolumeConfiguration,
-    ) -> Result<VolumeProvisioning, ComputeError> {
-        let zone = self.volume_zone(config)?;
-        let size = config.size.map_or(100, |s| s.0.ceil().max(1.0) as i64);
-        let disk_name = format!("dstack-{}-{name}", self.project_name);
-        let mut disk = model::Disk::default();
-        disk.name = Some(disk_name.clone());
-        disk.size_gb = Some(size);
-        disk.r#type = Some(format!("zones/{zone}/diskTypes/pd-balanced"));
-        let mut labels = HashMap::new();
-        labels.insert("owner".to_string(), "dstack".to_string());
-        labels.insert("dstack_name".to_string(), label_value(name));
-        labels.insert(
-            "dstack_owner".to_string(),
-            label_value(&self.project.owner_id),
-        );
-        disk.labels = labels;
-        let op = self
-            .disks
-            .insert()
-            .set_project(&self.config.project_id)
-            .set_zone(&zone)
-            .set_body(disk)
-            .send()
-            .await
-            .map_err(|e| other("disks.insert", e))?;
-        self.finish(&zone, op).await?;
-        Ok(VolumeProvisioning {
-            volume_id: disk_name,
-            size_gb: size as u64,
-            availability_zone: Some(zone),
-        })
-    }
-
-    async fn existing_disk(
-        &self,
-        config: &VolumeConfiguration,
-    ) -> Result<VolumeProvisioning, ComputeError> {
-        let id = config.volume_id.clone().unwrap_or_default();
-        let region = config.region.clone().unwrap_or_default();
-        for zone in self.all_zones.iter().filter(|z| zone_region(z) == region) {
-            match self
-                .disks
-                .get()
-                .set_project(&self.config.project_id)
-                .set_zone(zone)
-                .set_disk(&id)
-                .send()
-                .await
-            {
-                Ok(disk) => {
-                    return Ok(VolumeProvisioning {
-                        volume_id: id,
-                        size_gb: disk.size_gb.unwrap_or_default() as u64,
-                        availability_zone: Some(zone.clone()),
-                    })
-                }
-                Err(e) if not_found(&e) => {}
-                Err(e) => return Err(other("disks.get", e)),
-            }
-        }
-        Err(ComputeError::NotFound(format!("disk {id} in {region}")))
-    }
-
-    async fn attach(&self, volume: &Volume, instance: &Instance) -> Result<String, ComputeError> {
-        let data = Self::data(instance)?;
-        let id = volume.volume_id.clone().unwrap_or_default();
-        let zone = volume.availability_zone.clone().unwrap_or_default();
-        let device = format!("pd-{id}");
-        let mut disk = model::AttachedDisk::default();
-        disk.source = Some(format!(
-            "projects/{}/zones/{zone}/disks/{id}",
-            self.config.project_id
-        ));
-        disk.device_name = Some(device.clone());
-        disk.auto_delete = Some(false);
-        let op = self
-            .instances
-            .attach_disk()
-            .set_project(&self.config.project_id)
-            .set_zone(&data.zone)
-            .set_instance(&data.name)
-            .set_body(disk)
-            .send()
-            .await
-            .map_err(|e| other("instances.attachDisk", e))?;
-        self.finish(&data.zone, op).await?;
-        Ok(device)
-    }
-
     async fn detach(&self, volume: &Volume, instance: &Instance) -> Result<(), ComputeError> {
         let data = Self::data(instance)?;
         let device = format!("pd-{}", volume.volume_id.clone().unwrap_or_default());
@@ -688,44 +457,6 @@ impl Gcp {
             Ok(op) => self.finish(&data.zone, op).await,
             Err(e) if not_found(&e) => Ok(()),
             Err(e) => Err(other("instances.detachDisk", e)),
-        }
-    }
-
-    async fn detached(&self, volume: &Volume, instance: &Instance) -> Result<bool, ComputeError> {
-        let data = Self::data(instance)?;
-        let zone = volume.availability_zone.clone().unwrap_or_default();
-        match self
-            .disks
-            .get()
-            .set_project(&self.config.project_id)
-            .set_zone(&zone)
-            .set_disk(volume.volume_id.clone().unwrap_or_default())
-            .send()
-            .await
-        {
-            Ok(disk) => Ok(!disk
-                .users
-                .iter()
-                .any(|u| u.ends_with(&format!("/instances/{}", data.name)))),
-            Err(e) if not_found(&e) => Ok(true),
-            Err(e) => Err(other("disks.get", e)),
-        }
-    }
-
-    async fn delete_disk(&self, volume: &Volume) -> Result<(), ComputeError> {
-        let zone = volume.availability_zone.clone().unwrap_or_default();
-        match self
-            .disks
-            .delete()
-            .set_project(&self.config.project_id)
-            .set_zone(&zone)
-            .set_disk(volume.volume_id.clone().unwrap_or_default())
-            .send()
-            .await
-        {
-            Ok(op) => self.finish(&zone, op).await,
-            Err(e) if not_found(&e) => Ok(()),
-            Err(e) => Err(other("disks.delete", e)),
         }
     }
 }
@@ -822,11 +553,108 @@ impl Provider for Gcp {
         offer: &Offer,
         config: &InstanceConfig,
     ) -> Result<CreatedInstance, ComputeError> {
-        self.insert_instance(offer, config).await
+        let mut zones = offer.availability_zones.clone().unwrap_or_default();
+        zones.sort();
+        if zones.is_empty() {
+            return Err(ComputeError::NoCapacity(format!(
+                "{} in {} has no zones",
+                offer.instance_type, offer.region
+            )));
+        }
+        // One creation at a time: the firewall rule is made once and each instance takes its
+        // own `instance_addresses` entry.
+        let _creating = self.creating.lock().await;
+        self.ensure_firewall().await?;
+        let image = self.config.os_images.pick(
+            !offer.resources.gpus.is_empty(),
+            default_cpu_image,
+            default_nvidia_image,
+        );
+        let address = self.free_address().await?;
+        let suffix: String = config
+            .instance_id
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(8)
+            .collect();
+        let name = instance_name(&self.project_name, &config.name, &suffix);
+        let mut failures = Vec::new();
+        for zone in zones {
+            let body = self.body(offer, config, &zone, &name, &image, address.as_deref());
+            let inserted = self
+                .instances
+                .insert()
+                .set_project(&self.config.project_id)
+                .set_zone(&zone)
+                .set_body(body)
+                .send()
+                .await;
+            let result = match inserted {
+                Ok(op) => self.finish(&zone, op).await,
+                Err(e) if matches!(e.http_status_code(), Some(429 | 503)) => {
+                    Err(ComputeError::NoCapacity(format!("instances.insert: {e}")))
+                }
+                Err(e) => Err(other("instances.insert", e)),
+            };
+            match result {
+                Ok(()) => {
+                    let data = GcpInstanceData {
+                        name,
+                        zone,
+                        spot: offer.spot,
+                        user: image.user.clone(),
+                        address,
+                    };
+                    return Ok(CreatedInstance {
+                        offer: offer.clone(),
+                        backend_data: serde_json::json!({ "gcp": data }),
+                    });
+                }
+                Err(ComputeError::NoCapacity(why)) => failures.push(format!("{zone}: {why}")),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ComputeError::NoCapacity(failures.join("; ")))
     }
 
     async fn check(&self, instance: &Instance) -> Result<Option<serde_json::Value>, ComputeError> {
-        self.get_state(instance).await
+        let data = Self::data(instance)?;
+        let got = self
+            .instances
+            .get()
+            .set_project(&self.config.project_id)
+            .set_zone(&data.zone)
+            .set_instance(&data.name)
+            .send()
+            .await
+            .map_err(|e| other("instances.get", e))?;
+        use model::instance::Status;
+        match got.status {
+            Some(Status::Provisioning | Status::Staging | Status::Pending) | None => Ok(None),
+            Some(Status::Running) => {
+                let nic = got.network_interfaces.first();
+                let address = data
+                    .address
+                    .clone()
+                    .or_else(|| {
+                        nic.and_then(|n| n.access_configs.first())
+                            .and_then(|a| a.nat_ip.clone())
+                    })
+                    .or_else(|| nic.and_then(|n| n.network_ip.clone()))
+                    .ok_or_else(|| ComputeError::Other(format!("{} has no address", data.name)))?;
+                Ok(Some(serde_json::json!({
+                    "gcp": data,
+                    "hostname": address,
+                    "port": 22,
+                    "user": data.user,
+                    "identity_file": self.project.ssh_key,
+                })))
+            }
+            Some(other) => Err(ComputeError::Other(format!(
+                "instance {} is {other:?}",
+                data.name
+            ))),
+        }
     }
 
     async fn terminate(&self, instance: &Instance) -> Result<(), ComputeError> {
@@ -861,18 +689,83 @@ impl Provider for Gcp {
         name: &str,
         config: &VolumeConfiguration,
     ) -> Result<VolumeProvisioning, ComputeError> {
-        self.new_disk(name, config).await
+        let zone = self.volume_zone(config)?;
+        let size = config.size.map_or(100, |s| s.0.ceil().max(1.0) as i64);
+        let disk_name = format!("dstack-{}-{name}", self.project_name);
+        let mut disk = model::Disk::default();
+        disk.name = Some(disk_name.clone());
+        disk.size_gb = Some(size);
+        disk.r#type = Some(format!("zones/{zone}/diskTypes/pd-balanced"));
+        let mut labels = HashMap::new();
+        labels.insert("owner".to_string(), "dstack".to_string());
+        labels.insert("dstack_name".to_string(), label_value(name));
+        labels.insert(
+            "dstack_owner".to_string(),
+            label_value(&self.project.owner_id),
+        );
+        disk.labels = labels;
+        let op = self
+            .disks
+            .insert()
+            .set_project(&self.config.project_id)
+            .set_zone(&zone)
+            .set_body(disk)
+            .send()
+            .await
+            .map_err(|e| other("disks.insert", e))?;
+        self.finish(&zone, op).await?;
+        Ok(VolumeProvisioning {
+            volume_id: disk_name,
+            size_gb: size as u64,
+            availability_zone: Some(zone),
+        })
     }
 
     async fn register_volume(
         &self,
         config: &VolumeConfiguration,
     ) -> Result<VolumeProvisioning, ComputeError> {
-        self.existing_disk(config).await
+        let id = config.volume_id.clone().unwrap_or_default();
+        let region = config.region.clone().unwrap_or_default();
+        for zone in self.all_zones.iter().filter(|z| zone_region(z) == region) {
+            match self
+                .disks
+                .get()
+                .set_project(&self.config.project_id)
+                .set_zone(zone)
+                .set_disk(&id)
+                .send()
+                .await
+            {
+                Ok(disk) => {
+                    return Ok(VolumeProvisioning {
+                        volume_id: id,
+                        size_gb: disk.size_gb.unwrap_or_default() as u64,
+                        availability_zone: Some(zone.clone()),
+                    })
+                }
+                Err(e) if not_found(&e) => {}
+                Err(e) => return Err(other("disks.get", e)),
+            }
+        }
+        Err(ComputeError::NotFound(format!("disk {id} in {region}")))
     }
 
     async fn delete_volume(&self, volume: &Volume) -> Result<(), ComputeError> {
-        self.delete_disk(volume).await
+        let zone = volume.availability_zone.clone().unwrap_or_default();
+        match self
+            .disks
+            .delete()
+            .set_project(&self.config.project_id)
+            .set_zone(&zone)
+            .set_disk(volume.volume_id.clone().unwrap_or_default())
+            .send()
+            .await
+        {
+            Ok(op) => self.finish(&zone, op).await,
+            Err(e) if not_found(&e) => Ok(()),
+            Err(e) => Err(other("disks.delete", e)),
+        }
     }
 
     async fn attach_volume(
@@ -880,7 +773,29 @@ impl Provider for Gcp {
         volume: &Volume,
         instance: &Instance,
     ) -> Result<String, ComputeError> {
-        self.attach(volume, instance).await
+        let data = Self::data(instance)?;
+        let id = volume.volume_id.clone().unwrap_or_default();
+        let zone = volume.availability_zone.clone().unwrap_or_default();
+        let device = format!("pd-{id}");
+        let mut disk = model::AttachedDisk::default();
+        disk.source = Some(format!(
+            "projects/{}/zones/{zone}/disks/{id}",
+            self.config.project_id
+        ));
+        disk.device_name = Some(device.clone());
+        disk.auto_delete = Some(false);
+        let op = self
+            .instances
+            .attach_disk()
+            .set_project(&self.config.project_id)
+            .set_zone(&data.zone)
+            .set_instance(&data.name)
+            .set_body(disk)
+            .send()
+            .await
+            .map_err(|e| other("instances.attachDisk", e))?;
+        self.finish(&data.zone, op).await?;
+        Ok(device)
     }
 
     async fn detach_volume(
@@ -897,7 +812,24 @@ impl Provider for Gcp {
         volume: &Volume,
         instance: &Instance,
     ) -> Result<bool, ComputeError> {
-        self.detached(volume, instance).await
+        let data = Self::data(instance)?;
+        let zone = volume.availability_zone.clone().unwrap_or_default();
+        match self
+            .disks
+            .get()
+            .set_project(&self.config.project_id)
+            .set_zone(&zone)
+            .set_disk(volume.volume_id.clone().unwrap_or_default())
+            .send()
+            .await
+        {
+            Ok(disk) => Ok(!disk
+                .users
+                .iter()
+                .any(|u| u.ends_with(&format!("/instances/{}", data.name)))),
+            Err(e) if not_found(&e) => Ok(true),
+            Err(e) => Err(other("disks.get", e)),
+        }
     }
 }
 
