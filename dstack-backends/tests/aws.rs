@@ -521,3 +521,37 @@ async fn fleets_keep_their_minimum_when_idle() {
     assert_eq!(state(&cloud[0]), InstanceStateName::Running);
     client.engine().delete_fleet("steady", false).await.unwrap();
 }
+
+#[tokio::test]
+async fn plans_list_cloud_offers_cheapest_first() {
+    let home = tempfile::tempdir().unwrap();
+    let config = AwsConfig {
+        creds: Some(AwsCreds::AccessKey {
+            access_key: "testing".into(),
+            secret_key: "testing".into(),
+        }),
+        regions: Some(vec!["us-east-1".into(), "eu-west-1".into()]),
+        ..AwsConfig::default()
+    };
+    let agent = find_agent_binary().expect("dstack-agent is built");
+    let aws = AwsCompute::new(config, home.path(), "main", agent)
+        .await
+        .unwrap();
+    let client = harness::client(home.path(), Arc::new(aws), EngineOptions::default()).await;
+    let task = dstack_core::config::parse(
+        "type: task\ncommands: [nvidia-smi]\nresources: {gpu: 24GB..}\nspot_policy: auto\n",
+        "task.dstack.yml",
+    )
+    .unwrap();
+    let plan = client.runs().plan(&task).await.unwrap();
+    assert!(!plan.offers.is_empty());
+    assert!(plan.offers.iter().all(|o| o.backend == "aws"));
+    assert!(plan.offers.windows(2).all(|w| w[0].price <= w[1].price));
+    assert!(plan.offers.iter().all(|o| {
+        !o.resources.gpus.is_empty()
+            && o.resources.gpus.iter().all(|g| g.memory_mib >= 24 * 1024)
+            && ["us-east-1", "eu-west-1"].contains(&o.region.as_str())
+    }));
+    assert!(plan.offers.iter().any(|o| o.spot) && plan.offers.iter().any(|o| !o.spot));
+    assert_eq!(plan.total_offers, plan.offers.len());
+}
