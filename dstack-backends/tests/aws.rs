@@ -25,6 +25,9 @@ use dstack_core::engine::EngineOptions;
 use dstack_core::model::{InstanceStatus, RunStatus};
 use dstack_core::Client;
 
+/// The proxy matcher of `RunInstances` calls for t3.medium.
+const RUN_T3_MEDIUM: [&str; 2] = ["Action=RunInstances", "InstanceType=t3.medium"];
+
 /// A moto image the fake instances "boot", logged into as root (the namespace hosts' user).
 fn image() -> OsImages {
     OsImages {
@@ -176,7 +179,8 @@ async fn a_fleet_provisions_tagged_instances_in_the_cheapest_region_and_runs_tas
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spot_fleets_get_spot_instances_and_capacity_errors_fall_through() {
     let moto = Moto::start();
-    let proxy = FaultProxy::start(&moto.url, vec![("t3.medium".into(), Fault::NoCapacity)]).await;
+    let proxy =
+        FaultProxy::start(&moto.url, vec![(RUN_T3_MEDIUM.to_vec(), Fault::NoCapacity)]).await;
     let hosts = TestHosts::start(1);
     let home = tempfile::tempdir().unwrap();
     let config = aws_config(&proxy.url, &["us-east-1"], &hosts);
@@ -247,7 +251,7 @@ async fn runs_provision_in_elastic_fleets_and_idle_instances_are_reaped() {
 async fn a_client_stopped_mid_provisioning_leaks_no_instance() {
     let moto = Moto::start();
     // RunInstances creates the instance, but its answer never reaches the client.
-    let proxy = FaultProxy::start(&moto.url, vec![("t3.medium".into(), Fault::Hang)]).await;
+    let proxy = FaultProxy::start(&moto.url, vec![(RUN_T3_MEDIUM.to_vec(), Fault::Hang)]).await;
     let hosts = TestHosts::start(1);
     let home = tempfile::tempdir().unwrap();
     let options = EngineOptions {
@@ -272,20 +276,21 @@ async fn a_client_stopped_mid_provisioning_leaks_no_instance() {
     tokio::time::sleep(Duration::from_millis(600)).await;
     let config = aws_config(&moto.url, &["us-east-1"], &hosts);
     let client = client(home.path(), config, &hosts, options).await;
-    eventually(20, "the stray instance is terminated", async || {
-        let cloud = cloud_instances(&moto, "us-east-1").await;
-        cloud
-            .iter()
-            .all(|i| state(i) == InstanceStateName::Terminated)
-    })
+    eventually(
+        20,
+        "the stray instance and its record are terminated",
+        async || {
+            let cloud = cloud_instances(&moto, "us-east-1").await;
+            let (_, instances) = client.fleets().get("lost").unwrap().unwrap();
+            cloud
+                .iter()
+                .all(|i| state(i) == InstanceStateName::Terminated)
+                && instances
+                    .iter()
+                    .all(|i| i.status == InstanceStatus::Terminated)
+        },
+    )
     .await;
-    let (_, instances) = client.fleets().get("lost").unwrap().unwrap();
-    assert!(
-        instances
-            .iter()
-            .all(|i| i.status == InstanceStatus::Terminated),
-        "{instances:?}"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -554,4 +559,52 @@ async fn plans_list_cloud_offers_cheapest_first() {
     }));
     assert!(plan.offers.iter().any(|o| o.spot) && plan.offers.iter().any(|o| !o.spot));
     assert_eq!(plan.total_offers, plan.offers.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_created_by_a_stopped_client_is_brought_up_by_the_next() {
+    let moto = Moto::start();
+    // The instance is created and recorded, but checking on it never returns.
+    let describe_by_id = vec!["Action=DescribeInstances", "InstanceId.1"];
+    let proxy = FaultProxy::start(&moto.url, vec![(describe_by_id, Fault::Hang)]).await;
+    let hosts = TestHosts::start(1);
+    let home = tempfile::tempdir().unwrap();
+    let options = EngineOptions {
+        orphan_grace: Duration::from_millis(500),
+        ..EngineOptions::default()
+    };
+    hosts.track("resumed");
+    {
+        let config = aws_config(&proxy.url, &["us-east-1"], &hosts);
+        let client = client(home.path(), config, &hosts, options.clone()).await;
+        let yaml = "type: fleet\nname: resumed\nnodes: 1\n";
+        let cut = tokio::time::timeout(Duration::from_secs(5), harness::apply_fleet(&client, yaml));
+        assert!(
+            cut.await.is_err(),
+            "the apply is cut off while the instance starts"
+        );
+        let (_, instances) = client.fleets().get("resumed").unwrap().unwrap();
+        assert_eq!(instances[0].status, InstanceStatus::Provisioning);
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let config = aws_config(&moto.url, &["us-east-1"], &hosts);
+    let client = client(home.path(), config, &hosts, options).await;
+    eventually(60, "the instance joins its fleet", async || {
+        let (_, instances) = client.fleets().get("resumed").unwrap().unwrap();
+        assert_ne!(
+            instances[0].status,
+            InstanceStatus::Terminated,
+            "{:?}",
+            instances[0]
+        );
+        instances[0].status == InstanceStatus::Idle
+    })
+    .await;
+    let cloud = cloud_instances(&moto, "us-east-1").await;
+    assert_eq!(cloud.len(), 1, "the same instance, not a second one");
+    client
+        .engine()
+        .delete_fleet("resumed", false)
+        .await
+        .unwrap();
 }

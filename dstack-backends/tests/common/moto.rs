@@ -73,16 +73,21 @@ impl Drop for Moto {
     }
 }
 
-/// What the proxy does with a `RunInstances` call for an instance type.
+/// What the proxy does with a matching call.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Fault {
-    /// Answer `InsufficientInstanceCapacity` without creating anything.
+    /// Answer `InsufficientInstanceCapacity` without doing anything.
     NoCapacity,
-    /// Create the instance, then never answer.
+    /// Do it, then never answer.
     Hang,
 }
 
-/// A proxy in front of moto injecting [`Fault`]s; it records the instance types asked for.
+/// The calls a fault applies to: those whose form body holds every one of these parameters
+/// (e.g. `["Action=RunInstances", "InstanceType=t3.medium"]`; a bare name matches any value).
+pub type Matcher = Vec<&'static str>;
+
+/// A proxy in front of moto injecting [`Fault`]s; it records the instance types
+/// `RunInstances` asked for.
 pub struct FaultProxy {
     /// `http://127.0.0.1:PORT`.
     pub url: String,
@@ -92,8 +97,8 @@ pub struct FaultProxy {
 }
 
 impl FaultProxy {
-    /// Starts a proxy to `upstream` with faults per instance type.
-    pub async fn start(upstream: &str, faults: Vec<(String, Fault)>) -> FaultProxy {
+    /// Starts a proxy to `upstream` with these faults.
+    pub async fn start(upstream: &str, faults: Vec<(Matcher, Fault)>) -> FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let upstream = upstream.trim_start_matches("http://").to_string();
@@ -126,23 +131,32 @@ async fn serve(
     mut client: TcpStream,
     upstream: &str,
     seen: &Mutex<Vec<String>>,
-    faults: &[(String, Fault)],
+    faults: &[(Matcher, Fault)],
 ) -> std::io::Result<()> {
     loop {
         let Some((head, body)) = read_request(&mut client).await? else {
             return Ok(());
         };
         let text = String::from_utf8_lossy(&body).into_owned();
-        let fault = if text.contains("Action=RunInstances") {
+        if text.contains("Action=RunInstances") {
             let kind = param(&text, "InstanceType").unwrap_or_default();
-            seen.lock().unwrap().push(kind.clone());
-            faults
-                .iter()
-                .find(|(k, _)| *k == kind)
-                .map(|(_, f)| f.clone())
-        } else {
-            None
-        };
+            seen.lock().unwrap().push(kind);
+        }
+        let params: Vec<String> = text
+            .split('&')
+            .map(|p| p.replace("%2E", ".").replace("%2e", "."))
+            .collect();
+        let fault = faults
+            .iter()
+            .find(|(all, _)| {
+                // `Name=value` must appear as is; a bare `Name` matches any value.
+                all.iter().all(|want| {
+                    params
+                        .iter()
+                        .any(|p| p == want || p.split('=').next() == Some(want))
+                })
+            })
+            .map(|(_, f)| f.clone());
         if fault == Some(Fault::NoCapacity) {
             let xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error>\
                 <Code>InsufficientInstanceCapacity</Code><Message>We currently do not have \
@@ -167,7 +181,7 @@ async fn serve(
         let mut answer = Vec::new();
         up.read_to_end(&mut answer).await?;
         if fault == Some(Fault::Hang) {
-            // The instance exists now; its creator never hears of it.
+            // Done upstream; the caller never hears of it.
             std::future::pending::<()>().await;
         }
         client.write_all(&answer).await?;

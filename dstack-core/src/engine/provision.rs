@@ -5,8 +5,9 @@
 //! [`MAX_OFFERS_TRIED`]). An instance is recorded `pending` with its offer *before* the backend
 //! is asked (write before act); the backend tags the resource with the instance's id, so a
 //! resource whose creation was never recorded is found and terminated by the orphan sweep
-//! ([`Inner::reap_orphans`]). Idle instances are terminated after their `idle_duration`
-//! unless their fleet would drop below `nodes.min`.
+//! ([`Inner::reap_orphans`]), which also brings up instances a stopped process had created
+//! but not yet deployed. Idle instances are terminated after their `idle_duration` unless
+//! their fleet would drop below `nodes.min`.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -383,6 +384,17 @@ impl Inner {
                 .end_provisioning(instance, message, true, progress)
                 .await;
         }
+        self.bring_up(instance, progress).await
+    }
+
+    /// Waits until a created instance can be reached, then deploys its agent; returns it as
+    /// recorded afterwards (`idle`, or `terminated` with its cloud resource terminated).
+    async fn bring_up(
+        self: &Arc<Self>,
+        mut instance: Instance,
+        progress: Progress<'_>,
+    ) -> Instance {
+        self.in_flight(&instance.id, true);
         progress(&instance, "waiting for the instance to start");
         match self.wait_ready(&instance).await {
             Ok(data) => instance.backend_data = data,
@@ -673,6 +685,29 @@ impl Inner {
         Ok(instance)
     }
 
+    /// Brings up instances recorded as created (`provisioning`) by a process that stopped
+    /// before they joined (none is left running unused): each is deployed, or terminated.
+    fn resume_provisioning(self: &Arc<Self>, instances: &[Instance], in_flight: &HashSet<String>) {
+        for instance in instances {
+            if instance.status != InstanceStatus::Provisioning
+                || instance.backend == super::fleets::SSH_BACKEND
+                || in_flight.contains(&instance.id)
+                || !self.past_orphan_grace(instance)
+                || !self
+                    .backend(&instance.backend)
+                    .is_some_and(|b| b.creates_instances())
+            {
+                continue;
+            }
+            self.in_flight(&instance.id, true);
+            let (inner, instance) = (self.clone(), instance.clone());
+            tokio::spawn(async move {
+                let quiet: Progress<'_> = &|_, _| {};
+                inner.bring_up(instance, quiet).await;
+            });
+        }
+    }
+
     /// Terminates cloud resources carrying this state's owner tag that the store does not
     /// hold as live (created by a process that stopped before recording them, or recorded as
     /// terminated), and ends records left `pending` by a process that stopped mid-way.
@@ -711,7 +746,9 @@ impl Inner {
                 }
             }
         }
-        for instance in self.store.instances()? {
+        let instances = self.store.instances()?;
+        self.resume_provisioning(&instances, &in_flight);
+        for instance in instances {
             if instance.status == InstanceStatus::Pending
                 && !instance.backend.is_empty()
                 && !in_flight.contains(&instance.id)
