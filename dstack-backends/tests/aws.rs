@@ -608,3 +608,34 @@ async fn an_instance_created_by_a_stopped_client_is_brought_up_by_the_next() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unused_volumes_are_deleted_after_their_auto_cleanup_duration() {
+    use dstack_core::model::VolumeStatus;
+    let moto = Moto::start();
+    let hosts = TestHosts::start(1);
+    let home = tempfile::tempdir().unwrap();
+    let config = aws_config(&moto.url, &["us-east-1"], &hosts);
+    let client = client(home.path(), config, &hosts, EngineOptions::default()).await;
+    let apply = |yaml: &str| dstack_core::config::parse(yaml, "volume.dstack.yml").unwrap();
+    let temporary = apply(
+        "type: volume\nname: scratch\nbackend: aws\nregion: us-east-1\nsize: 5GB\nauto_cleanup_duration: 1s\n",
+    );
+    let kept = apply("type: volume\nname: keep\nbackend: aws\nregion: us-east-1\nsize: 5GB\n");
+    let scratch = client.volumes().apply(&temporary).await.unwrap();
+    client.volumes().apply(&kept).await.unwrap();
+    let id = scratch.volume_id.clone().unwrap();
+    let ec2 = ec2(&moto, "us-east-1").await;
+    // The sweep (every 3 s) deletes it once unused for longer than 1 s.
+    eventually(15, "the unused volume is deleted", async || {
+        ec2.describe_volumes().volume_ids(&id).send().await.is_err()
+    })
+    .await;
+    assert!(client.volumes().get("scratch").unwrap().is_none());
+    let keep = client.volumes().get("keep").unwrap().unwrap();
+    assert_eq!(
+        keep.status,
+        VolumeStatus::Active,
+        "no auto_cleanup_duration: kept"
+    );
+}

@@ -23,6 +23,7 @@ pub(crate) async fn run(inner: Arc<Inner>) {
         count = count.wrapping_add(1);
         if inner.backends.iter().any(|b| b.creates_instances()) {
             let _ = inner.reap_idle().await;
+            let _ = inner.clean_up_volumes().await;
             if count.is_multiple_of(ORPHAN_SWEEPS) {
                 let _ = inner.reap_orphans().await;
             }

@@ -1,8 +1,9 @@
 //! Network volumes (`type: volume`), as dstack manages them: applying one records it
 //! (`submitted`, write before act), then creates the disk — or registers the existing one
 //! `volume_id` names — and ends `active` or `failed` with the backend's reason. Attaching and
-//! detaching are recorded per instance; a volume is deleted only when attached nowhere, and a
-//! registered volume is only forgotten, never deleted from the cloud.
+//! detaching are recorded per instance; a volume is deleted only when attached nowhere (by
+//! hand, or by the sweep once unused for its `auto_cleanup_duration`), and a registered volume
+//! is only forgotten, never deleted from the cloud.
 
 use std::sync::Arc;
 
@@ -64,6 +65,7 @@ impl Inner {
             external: config.volume_id.is_some(),
             attachments: Vec::new(),
             created_at_ms: now_ms(),
+            last_used_at_ms: None,
         };
         self.store.put_volume(&volume)?;
         let provisioned = match &config.volume_id {
@@ -164,8 +166,33 @@ impl Inner {
             )));
         }
         volume.attachments.retain(|a| a.instance_id != instance.id);
+        volume.last_used_at_ms = Some(now_ms());
         self.store.put_volume(&volume)?;
         Ok(volume)
+    }
+
+    /// Deletes active volumes attached nowhere that have been unused for longer than their
+    /// `auto_cleanup_duration` (positive durations only; `off`/`-1` keep them).
+    pub(crate) async fn clean_up_volumes(self: &Arc<Self>) -> Result<(), EngineError> {
+        let now = now_ms();
+        for volume in self.store.volumes()? {
+            if volume.status != VolumeStatus::Active || !volume.attachments.is_empty() {
+                continue;
+            }
+            let Ok(Configuration::Volume(config)) =
+                crate::config::parse_value(&volume.configuration, "<stored volume>")
+            else {
+                continue;
+            };
+            let Some(limit) = config.auto_cleanup_duration.map(|d| d.seconds()) else {
+                continue;
+            };
+            let since = volume.last_used_at_ms.unwrap_or(volume.created_at_ms);
+            if limit > 0 && now.saturating_sub(since) > limit as u64 * 1000 {
+                self.delete_volume(&volume.name).await?;
+            }
+        }
+        Ok(())
     }
 
     /// The volume called `name` that is not deleted.

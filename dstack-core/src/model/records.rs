@@ -236,6 +236,10 @@ pub struct Volume {
     pub attachments: Vec<VolumeAttachment>,
     /// When it was recorded (Unix ms).
     pub created_at_ms: u64,
+    /// When it was last detached (Unix ms): with `created_at_ms`, the start of its idle time
+    /// for `auto_cleanup_duration`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used_at_ms: Option<u64>,
 }
 
 /// One attachment of a volume.
