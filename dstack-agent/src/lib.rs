@@ -63,6 +63,11 @@ impl AgentConfig {
     }
 }
 
+/// How often the agent checks that its state directory still exists: an agent whose
+/// directory was removed (e.g. a deleted `$DSTACK_HOME`) stops its jobs and exits instead of
+/// running on forever.
+const STATE_CHECK: Duration = Duration::from_secs(2);
+
 /// An agent that has recovered its jobs and is listening on its socket, ready to serve.
 pub struct Agent {
     listener: UnixListener,
@@ -106,12 +111,24 @@ impl Agent {
 
     /// Serves requests until `shutdown` completes, then stops listening and removes the socket
     /// and `agent.pid`. Running jobs are left alone: they are recorded, and the next agent on
-    /// this state directory reports them as lost.
+    /// this state directory reports them as lost. If the state directory is removed, the agent
+    /// aborts its jobs and stops serving.
     pub async fn serve_until(self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
+        let mut check = tokio::time::interval(STATE_CHECK);
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
+                _ = check.tick() => {
+                    if !self.state.root().exists() {
+                        eprintln!(
+                            "dstack-agent: {} was removed; stopping its jobs and exiting",
+                            self.state.root().display()
+                        );
+                        self.abort_all().await;
+                        break;
+                    }
+                }
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, _)) => serve_connection(self.app.clone(), stream),
                     Err(e) => {
@@ -125,6 +142,36 @@ impl Agent {
         drop(self.listener);
         let _ = fs::remove_file(&self.socket);
         let _ = fs::remove_file(self.state.pid_file());
+    }
+}
+
+impl Agent {
+    /// Aborts every running job and gives their supervisors a moment to finish.
+    async fn abort_all(&self) {
+        let jobs = &self.app.jobs;
+        let running: Vec<String> = jobs
+            .list()
+            .into_iter()
+            .filter(|j| !j.status.is_finished())
+            .map(|j| j.id)
+            .collect();
+        for id in &running {
+            let request = dstack_core::agent::StopRequest {
+                abort: true,
+                grace_secs: 0,
+                reason: "terminated_by_server".to_string(),
+            };
+            let _ = jobs.stop(id, request);
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while tokio::time::Instant::now() < deadline
+            && jobs
+                .list()
+                .iter()
+                .any(|j| running.contains(&j.id) && !j.status.is_finished())
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 

@@ -178,3 +178,18 @@ async fn gpus_are_detected_with_nvidia_smi_on_the_path() {
     assert!(health.host.cpus >= 1 && health.host.memory_bytes > 0 && health.host.disk_bytes > 0);
     signal_and_wait(health.pid, Signal::SIGTERM).await;
 }
+
+#[tokio::test]
+async fn an_agent_whose_state_directory_is_removed_stops_its_jobs_and_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path());
+    let (health, client) = start(&config).await;
+    client
+        .submit(&shell_job("stranded", "echo $$; exec sleep 1000"))
+        .await
+        .unwrap();
+    let job = leader_pid(&client, "stranded").await;
+    std::fs::remove_dir_all(&config.state_dir).unwrap();
+    eventually("the agent to exit", || !alive(health.pid as i32)).await;
+    assert!(!group_alive(job), "its job was stopped");
+}
