@@ -21,19 +21,19 @@ echo "==> pip install test tools"
 echo "==> pip install . ($MATURIN_PEP517_ARGS)"
 "$PY" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps .
 
-homes=()
+# Every $DSTACK_HOME of this run lives under one directory (fresh_home runs in a subshell,
+# so a list of homes kept in a variable would be lost); at exit their agents are stopped and
+# the directory removed.
+HOMES="$(mktemp -d)"
 cleanup() {
-  for home in "${homes[@]}"; do
-    if [ -f "$home/agent/agent.pid" ]; then kill -9 "$(cat "$home/agent/agent.pid")" 2>/dev/null || true; fi
-    rm -rf "$home"
+  for pid_file in "$HOMES"/*/agent/agent.pid; do
+    [ -f "$pid_file" ] && kill -9 "$(cat "$pid_file")" 2>/dev/null || true
   done
+  rm -rf "$HOMES"
 }
 trap cleanup EXIT
 fresh_home() {
-  local home
-  home="$(mktemp -d)"
-  homes+=("$home")
-  echo "$home"
+  mktemp -d -p "$HOMES"
 }
 
 echo "==> pytest"
