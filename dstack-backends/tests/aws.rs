@@ -229,17 +229,23 @@ async fn runs_provision_in_elastic_fleets_and_idle_instances_are_reaped() {
     assert_eq!(out, "provisioned-for-me\n");
     assert_eq!(cloud_instances(&moto, "us-east-1").await.len(), 1);
     // Idle for longer than idle_duration: terminated, in the store and in the cloud.
-    eventually(30, "the idle instance is terminated", async || {
-        let cloud = cloud_instances(&moto, "us-east-1").await;
-        cloud
-            .iter()
-            .all(|i| state(i) == InstanceStateName::Terminated)
-    })
+    // (The record is marked terminated once the cloud call returns.)
+    eventually(
+        30,
+        "the idle instance and its record are terminated",
+        async || {
+            let cloud = cloud_instances(&moto, "us-east-1").await;
+            let (_, instances) = client.fleets().get("elastic").unwrap().unwrap();
+            cloud
+                .iter()
+                .all(|i| state(i) == InstanceStateName::Terminated)
+                && instances
+                    .iter()
+                    .all(|i| i.status == InstanceStatus::Terminated)
+        },
+    )
     .await;
     let (_, instances) = client.fleets().get("elastic").unwrap().unwrap();
-    assert!(instances
-        .iter()
-        .all(|i| i.status == InstanceStatus::Terminated));
     assert!(instances[0]
         .status_message
         .as_deref()

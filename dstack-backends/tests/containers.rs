@@ -52,6 +52,18 @@ async fn output(run: &RunHandle) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Waits up to 30 s until the run's output holds `needle` (the container started).
+async fn wait_output(run: &RunHandle, needle: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !output(run).await.contains(needle) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the container started"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn finished(run: &RunHandle) -> dstack_core::model::Run {
     tokio::time::timeout(Duration::from_secs(60), run.wait())
         .await
@@ -112,14 +124,7 @@ async fn image_jobs_run_in_containers_with_their_env_dir_mounts_and_exit_code() 
         "type: task\nimage: {IMAGE}\nresources: {{cpu: 1.., memory: 0.1GB..}}\ncommands: [echo up, sleep 300]\n"
     );
     let run = submit(&client, &sleeper).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !output(&run).await.contains("up") {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the container started"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_output(&run, "up").await;
     // The job's reservation (1 CPU, 0.1 GB → 103 MiB) limits the container.
     let job = run.jobs().unwrap().pop().unwrap();
     let limits = Command::new("podman")
@@ -287,14 +292,7 @@ async fn a_restarted_agent_removes_the_containers_of_jobs_it_lost() {
         "type: task\nimage: {IMAGE}\nresources: {{cpu: 1.., memory: 0.1GB..}}\ncommands: [echo up, sleep 300]\n"
     );
     let run = submit(&client, &yaml).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !output(&run).await.contains("up") {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the container started"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_output(&run, "up").await;
     let job = run.jobs().unwrap().pop().unwrap();
     let container = format!("dstack-{}", job.id);
     let pid = std::fs::read_to_string(home.path().join("agent/agent.pid")).unwrap();

@@ -124,6 +124,22 @@ fn blocks_of(instance: &Instance) -> Blocks {
     }
 }
 
+/// The record of a fleet being applied: `submitted`, keeping the id and creation time of an
+/// earlier fleet of the same name (names are unique in the store).
+pub(super) fn submitted_fleet(
+    existing: Option<&Fleet>,
+    name: &str,
+    configuration: &Configuration,
+) -> Fleet {
+    Fleet {
+        id: existing.map_or_else(|| uuid::Uuid::new_v4().to_string(), |f| f.id.clone()),
+        name: name.to_string(),
+        status: FleetStatus::Submitted,
+        configuration: Some(configuration.to_json()),
+        created_at_ms: existing.map_or_else(now_ms, |f| f.created_at_ms),
+    }
+}
+
 fn user_home() -> std::path::PathBuf {
     std::env::var_os("HOME").map_or_else(|| "/".into(), Into::into)
 }
@@ -218,15 +234,7 @@ impl Inner {
                 )));
             }
         }
-        let fleet = Fleet {
-            id: existing
-                .as_ref()
-                .map_or_else(|| uuid::Uuid::new_v4().to_string(), |f| f.id.clone()),
-            name: name.clone(),
-            status: FleetStatus::Submitted,
-            configuration: Some(configuration.to_json()),
-            created_at_ms: existing.as_ref().map_or_else(now_ms, |f| f.created_at_ms),
-        };
+        let fleet = submitted_fleet(existing.as_ref(), &name, configuration);
         self.store.put_fleet(&fleet)?;
         let own: Vec<&Instance> = instances
             .iter()

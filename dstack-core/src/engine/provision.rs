@@ -208,15 +208,7 @@ impl Inner {
         let name = self.fleet_name(config)?;
         let target = config.nodes.map_or(0, |n| n.target);
         let existing = self.store.fleets()?.into_iter().find(|f| f.name == name);
-        let mut fleet = Fleet {
-            id: existing
-                .as_ref()
-                .map_or_else(|| uuid::Uuid::new_v4().to_string(), |f| f.id.clone()),
-            name: name.clone(),
-            status: FleetStatus::Submitted,
-            configuration: Some(configuration.to_json()),
-            created_at_ms: existing.as_ref().map_or_else(now_ms, |f| f.created_at_ms),
-        };
+        let mut fleet = super::fleets::submitted_fleet(existing.as_ref(), &name, configuration);
         self.store.put_fleet(&fleet)?;
         let live = self.fleet_instances(&fleet.id)?;
         let missing = usize::try_from(target)
