@@ -54,14 +54,36 @@ impl TestHost {
             addr = self.addr,
             pid = self.sshd_pid().display(),
         ));
+        // sshd forks into the background before it binds its port: wait until it listens.
+        let target: std::net::SocketAddr = format!("{}:22", self.addr).parse().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect_timeout(&target, std::time::Duration::from_millis(200))
+            .is_err()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "sshd of {} does not listen",
+                self.ns
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
-    /// Stops sshd (the host then refuses connections).
+    /// Stops sshd and waits until it has exited (the host then refuses connections).
     pub fn stop_sshd(&self) {
-        if let Ok(pid) = std::fs::read_to_string(self.sshd_pid()) {
-            let _ = Command::new("kill").arg(pid.trim()).status();
+        let Ok(pid) = std::fs::read_to_string(self.sshd_pid()) else {
+            return;
+        };
+        let pid = pid.trim();
+        let _ = Command::new("kill").arg(pid).status();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let running = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|stat| !stat.contains(") Z "))
+        };
+        while running() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        std::thread::sleep(std::time::Duration::from_millis(100));
     }
 
     /// Kills (SIGKILL) every process in the namespace whose command line contains `needle`.
@@ -143,7 +165,10 @@ impl TestHosts {
             std::fs::create_dir_all(&host_dir).unwrap();
             std::fs::write(host_dir.join("authorized_keys"), &authorized).unwrap();
             keygen(&host_dir.join("host_key"));
-            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+            let _ = Command::new("ip")
+                .args(["netns", "del", &ns])
+                .stderr(std::process::Stdio::null())
+                .status();
             sh(&format!(
                 "ip netns add {ns} && ip link add {veth} type veth peer name {veth}n && \
                  ip link set {veth}n netns {ns} && ip addr add 10.231.{a}.{}/30 dev {veth} && \
