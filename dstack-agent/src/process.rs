@@ -57,9 +57,15 @@ impl ProcessGroup {
     }
 }
 
+/// This boot's id (read once: it does not change while the agent runs).
 fn boot_id() -> Option<String> {
-    let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
-    Some(id.trim().to_string())
+    static BOOT_ID: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    BOOT_ID
+        .get_or_init(|| {
+            let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+            Some(id.trim().to_string())
+        })
+        .clone()
 }
 
 /// The start time of process `pid` (clock ticks since boot), if it exists.

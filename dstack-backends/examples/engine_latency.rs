@@ -25,6 +25,25 @@ fn spawn_true() {
     assert!(status.success());
 }
 
+/// CPU seconds (user + system) used so far by process `pid` and the children it has waited
+/// for, from `/proc/<pid>/stat` (clock ticks of 10 ms).
+pub fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at field 3 (state).
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // utime, stime, cutime, cstime are fields 14-17, i.e. 11-14 after the state.
+    let ticks: f64 = fields
+        .iter()
+        .skip(11)
+        .take(4)
+        .filter_map(|f| f.parse::<f64>().ok())
+        .sum();
+    ticks / 100.0
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let mut args = std::env::args().skip(1);
@@ -78,6 +97,10 @@ async fn main() {
     threads.into_iter().for_each(|h| h.join().expect("thread"));
     let floor_sweep = t.elapsed();
 
+    let agent_pid = std::fs::read_to_string(home.path().join("agent/agent.pid"))
+        .map(|p| p.trim().to_string())
+        .unwrap_or_default();
+    let (engine_cpu, agent_cpu) = (cpu_seconds("self"), cpu_seconds(&agent_pid));
     let t = Instant::now();
     let mut runs = Vec::with_capacity(sweep);
     for _ in 0..sweep {
@@ -110,7 +133,10 @@ async fn main() {
         "ratio: {:.2}x the floor",
         engine_sweep.as_secs_f64() / floor_sweep.as_secs_f64()
     );
-    if let Ok(pid) = std::fs::read_to_string(home.path().join("agent/agent.pid")) {
-        let _ = std::process::Command::new("kill").arg(pid.trim()).status();
-    }
+    println!(
+        "CPU per task: engine process {:.2} ms, agent {:.2} ms (with its jobs' processes)",
+        (cpu_seconds("self") - engine_cpu) * 1e3 / sweep as f64,
+        (cpu_seconds(&agent_pid) - agent_cpu) * 1e3 / sweep as f64,
+    );
+    let _ = std::process::Command::new("kill").arg(&agent_pid).status();
 }

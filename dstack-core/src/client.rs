@@ -22,6 +22,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_core::Stream;
 use futures_util::StreamExt;
+use tokio::sync::broadcast;
 
 use crate::agent::ByteStream;
 use crate::backend::Compute;
@@ -335,13 +336,21 @@ impl RunHandle {
     /// Waits until the run's status satisfies `done` (or the run finished) and returns it.
     pub async fn wait_until(&self, done: impl Fn(RunStatus) -> bool) -> Result<Run, EngineError> {
         let mut changes = self.engine.subscribe();
+        let mut run = self.run()?;
         loop {
-            let run = self.run()?;
             if done(run.status) || run.status.is_finished() {
                 return Ok(run);
             }
             // Changes made in this process arrive at once; the timeout catches other processes.
-            let _ = tokio::time::timeout(Duration::from_secs(1), changes.recv()).await;
+            match tokio::time::timeout(Duration::from_secs(1), changes.recv()).await {
+                // Another run's change: nothing to read.
+                Ok(Ok(change)) if change.run_id != self.id => continue,
+                Ok(Err(broadcast::error::RecvError::Closed)) => {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                _ => {}
+            }
+            run = self.run()?;
         }
     }
 

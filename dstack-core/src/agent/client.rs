@@ -1,6 +1,6 @@
-//! The engine's side of the agent API: one HTTP/1.1 connection per request over a transport
-//! (a unix socket for the local agent; an [`AgentDialer`] such as SSH channels to the agent's
-//! socket on a remote host).
+//! The engine's side of the agent API: HTTP/1.1 over a transport (a unix socket for the
+//! local agent, whose connections are kept alive and reused; an [`AgentDialer`] such as SSH
+//! channels to the agent's socket on a remote host, one connection per request).
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -85,10 +85,19 @@ pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, AgentError>> + Sen
 /// A stream of job updates from the agent.
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<JobInfo, AgentError>> + Send>>;
 
+/// A request sender on one HTTP/1.1 connection to an agent.
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// How many idle keep-alive connections a local agent's client keeps.
+const IDLE_CONNECTIONS: usize = 4;
+
 /// A client of one agent.
 #[derive(Clone)]
 pub struct AgentClient {
     transport: Transport,
+    /// Idle keep-alive connections to a local agent, reused by the next request (a request
+    /// body is read whole, so its connection is free again once the answer is read).
+    idle: Arc<std::sync::Mutex<Vec<Sender>>>,
 }
 
 impl std::fmt::Debug for AgentClient {
@@ -102,6 +111,7 @@ impl AgentClient {
     pub fn unix(socket: impl Into<PathBuf>) -> Self {
         AgentClient {
             transport: Transport::Unix(socket.into()),
+            idle: Default::default(),
         }
     }
 
@@ -109,6 +119,7 @@ impl AgentClient {
     pub fn dial(dialer: Arc<dyn AgentDialer>) -> Self {
         AgentClient {
             transport: Transport::Dialer(dialer),
+            idle: Default::default(),
         }
     }
 
@@ -149,6 +160,20 @@ impl AgentClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Response<Incoming>, AgentError> {
+        self.send_keeping(method, path, body)
+            .await
+            .map(|(resp, _)| resp)
+    }
+
+    /// [`Self::send`], also returning the connection's sender (for [`Self::release`] once
+    /// the response body has been read).
+    async fn send_keeping(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(Response<Incoming>, Sender), AgentError> {
+        let body = Bytes::from(body.unwrap_or_default());
         match tokio::time::timeout(REQUEST_TIMEOUT, self.exchange(method, path, body)).await {
             Ok(result) => result,
             Err(_) => Err(AgentError::Unreachable {
@@ -161,34 +186,77 @@ impl AgentClient {
         }
     }
 
+    /// An idle connection that is still open, if any.
+    fn reuse(&self) -> Option<Sender> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(sender) = idle.pop() {
+            if !sender.is_closed() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    /// Keeps a connection whose response was read whole for the next request (local agents).
+    fn release(&self, sender: Sender) {
+        if matches!(self.transport, Transport::Unix(_)) && !sender.is_closed() {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            if idle.len() < IDLE_CONNECTIONS {
+                idle.push(sender);
+            }
+        }
+    }
+
+    async fn open(&self) -> Result<Sender, AgentError> {
+        let io = self.connect().await?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+        tokio::spawn(conn);
+        Ok(sender)
+    }
+
     async fn exchange(
         &self,
         method: Method,
         path: &str,
-        body: Option<Vec<u8>>,
-    ) -> Result<Response<Incoming>, AgentError> {
-        let io = self.connect().await?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
-        tokio::spawn(conn);
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "dstack-agent");
-        if body.is_some() {
-            req = req.header("content-type", "application/json");
-        }
-        let req = req
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| AgentError::Status {
-                status: 0,
-                message: e.to_string(),
-            })?;
-        let resp = sender.send_request(req).await?;
+        body: Bytes,
+    ) -> Result<(Response<Incoming>, Sender), AgentError> {
+        let request = || {
+            let mut req = Request::builder()
+                .method(method.clone())
+                .uri(path)
+                .header("host", "dstack-agent");
+            if !body.is_empty() {
+                req = req.header("content-type", "application/json");
+            }
+            req.body(Full::new(body.clone()))
+                .map_err(|e| AgentError::Status {
+                    status: 0,
+                    message: e.to_string(),
+                })
+        };
+        // A kept connection may have been closed by the agent (restarted) just now: the
+        // request then goes once more on a new connection (every request is idempotent).
+        let reused = match self.reuse() {
+            Some(mut sender) => match sender.send_request(request()?).await {
+                Ok(resp) => Some((resp, sender)),
+                Err(_) => None,
+            },
+            None => None,
+        };
+        let (resp, sender) = match reused {
+            Some(done) => done,
+            None => {
+                let mut sender = self.open().await?;
+                let resp = sender.send_request(request()?).await?;
+                (resp, sender)
+            }
+        };
         if resp.status().is_success() {
-            return Ok(resp);
+            return Ok((resp, sender));
         }
         let status = resp.status().as_u16();
         let bytes = resp.into_body().collect().await?.to_bytes();
+        self.release(sender);
         Err(AgentError::Status {
             status,
             message: String::from_utf8_lossy(&bytes).trim().to_string(),
@@ -201,8 +269,9 @@ impl AgentClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<T, AgentError> {
-        let resp = self.send(method, path, body).await?;
+        let (resp, sender) = self.send_keeping(method, path, body).await?;
         let bytes = resp.into_body().collect().await?.to_bytes();
+        self.release(sender);
         Ok(serde_json::from_slice(&bytes)?)
     }
 

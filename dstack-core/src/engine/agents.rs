@@ -62,7 +62,7 @@ fn set_unreachable(inner: &Inner, instance_id: &str, unreachable: bool) {
             instance.unreachable = unreachable;
             let _ = inner.store.put_instance(&instance);
             if !unreachable {
-                inner.schedule.notify_one();
+                inner.wake_scheduler();
             }
         }
     }

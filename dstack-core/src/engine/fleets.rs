@@ -183,7 +183,7 @@ impl Inner {
         self.store.put_fleet(&fleet)?;
         let live = self.fleet_instances(&fleet.id)?;
         self.watch_instances();
-        self.schedule.notify_one();
+        self.wake_scheduler();
         Ok((fleet, live))
     }
 

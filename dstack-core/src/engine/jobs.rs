@@ -33,18 +33,22 @@ pub(crate) async fn start(inner: Arc<Inner>, job: Job) {
         .remove(&job.id);
     // The agent refused the job, or the job cannot be built: that is final. Anything else is
     // transient (the agent restarting, this process shutting down, a busy store): the job
-    // stays `provisioning`; the sweep tries again, and the instance's unreachable deadline
-    // fails it if the agent never comes back.
-    if let Err(e @ (EngineError::Agent(AgentError::Status { .. }) | EngineError::Invalid(_))) =
-        result
-    {
-        fail(
-            &inner,
-            job,
-            JobTerminationReason::ExecutorError,
-            e.to_string(),
-        )
-        .await;
+    // stays `provisioning` (and so does its run); the sweep tries again, and the instance's
+    // unreachable deadline fails it if the agent never comes back.
+    match result {
+        Ok(()) => {}
+        Err(e @ (EngineError::Agent(AgentError::Status { .. }) | EngineError::Invalid(_))) => {
+            fail(
+                &inner,
+                job,
+                JobTerminationReason::ExecutorError,
+                e.to_string(),
+            )
+            .await;
+        }
+        Err(_) => {
+            let _ = runs::reconcile(&inner, &job.run_id).await;
+        }
     }
 }
 
@@ -170,7 +174,7 @@ pub(crate) async fn fail(
     if inner.store.update_job(&job, &[from]).unwrap_or(false) {
         // The job's resources are free now: let the scheduler place the next job while the
         // run's own bookkeeping goes on.
-        inner.schedule.notify_one();
+        inner.wake_scheduler();
         let _ = runs::reconcile(inner, &job.run_id).await;
     }
 }
@@ -233,7 +237,7 @@ pub(crate) async fn on_agent_job(inner: &Arc<Inner>, info: JobInfo) {
     if inner.store.update_job(&job, &[from]).unwrap_or(false) {
         // The job's resources are free now: let the scheduler place the next job while the
         // run's own bookkeeping goes on.
-        inner.schedule.notify_one();
+        inner.wake_scheduler();
         let _ = runs::reconcile(inner, &job.run_id).await;
     }
 }

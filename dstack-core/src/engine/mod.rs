@@ -163,8 +163,13 @@ pub(crate) struct Inner {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) backends: Vec<Arc<dyn Compute>>,
     pub(crate) options: EngineOptions,
-    /// Wakes the scheduler.
+    /// Wakes the scheduler (through [`Inner::wake_scheduler`] and
+    /// [`Inner::wake_for_new_run`]).
     pub(crate) schedule: Notify,
+    /// Bumped by every change that may free or add capacity (see `scheduler::Blocked`).
+    pub(crate) capacity_epoch: std::sync::atomic::AtomicU64,
+    /// What the last placement pass found no room for.
+    pub(crate) blocked: Mutex<scheduler::Blocked>,
     /// Wakes the retry timer.
     pub(crate) retries: Notify,
     pub(crate) changes: broadcast::Sender<RunChange>,
@@ -219,6 +224,8 @@ impl Engine {
             backends,
             options,
             schedule: Notify::new(),
+            capacity_epoch: Default::default(),
+            blocked: Default::default(),
             retries: Notify::new(),
             changes: broadcast::channel(1024).0,
             agents: Mutex::new(HashMap::new()),
@@ -246,7 +253,7 @@ impl Engine {
                 let _ = reaper.reap_orphans().await;
             });
         }
-        inner.schedule.notify_one();
+        inner.wake_scheduler();
         Ok(Engine {
             shared: Arc::new(Shared { inner, tasks }),
         })
@@ -316,6 +323,7 @@ impl Engine {
         }
         let mut configuration = configuration;
         apply_env_overrides(&mut configuration, &opts.env);
+        let configuration = Arc::new(configuration);
         let client_dir = match opts.client_dir {
             Some(dir) => dir,
             None => std::env::current_dir()
@@ -350,9 +358,9 @@ impl Engine {
             .configs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(run.id.clone(), Arc::new(configuration));
+            .insert(run.id.clone(), configuration.clone());
         inner.emit(&run);
-        inner.schedule.notify_one();
+        inner.wake_for_new_run(&configuration);
         Ok(run)
     }
 
@@ -533,11 +541,13 @@ impl Inner {
                 )))
             }
         };
-        let containers = self.backends.iter().any(|b| b.supports_containers())
-            || self.store.instances()?.iter().any(|i| {
+        let needs_containers = common.image.is_some() || common.docker == Some(true);
+        if needs_containers
+            && !self.backends.iter().any(|b| b.supports_containers())
+            && !self.store.instances()?.iter().any(|i| {
                 i.containers && matches!(i.status, InstanceStatus::Idle | InstanceStatus::Busy)
-            });
-        if (common.image.is_some() || common.docker == Some(true)) && !containers {
+            })
+        {
             return Err(EngineError::Unsupported(
                 "container runtime not available on this backend yet: `image:` and `docker:` need \
                  one, and the local backend runs jobs as processes on this machine"

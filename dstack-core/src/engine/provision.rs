@@ -243,7 +243,7 @@ impl Inner {
         };
         self.store.put_fleet(&fleet)?;
         self.watch_instances();
-        self.schedule.notify_one();
+        self.wake_scheduler();
         Ok((fleet.clone(), self.fleet_instances(&fleet.id)?))
     }
 
@@ -404,7 +404,7 @@ impl Inner {
                 .end_provisioning(deployed, message, true, progress)
                 .await;
         }
-        self.schedule.notify_one();
+        self.wake_scheduler();
         deployed
     }
 
@@ -465,7 +465,7 @@ impl Inner {
                 }
             }
         }
-        self.schedule.notify_one();
+        self.wake_scheduler();
         instance
     }
 

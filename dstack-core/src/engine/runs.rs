@@ -388,7 +388,7 @@ async fn stop_job_on_agent(inner: &Arc<Inner>, job: Job, request: StopRequest) {
                 .unwrap_or(false)
             {
                 let _ = reconcile(inner, &job.run_id).await;
-                inner.schedule.notify_one();
+                inner.wake_scheduler();
             }
         }
         Err(_) => {} // the agent watcher fails the job if the instance stays unreachable
@@ -471,6 +471,6 @@ async fn resubmit(inner: &Arc<Inner>, mut run: Run) -> Result<(), EngineError> {
         return Ok(());
     }
     inner.emit(&run);
-    inner.schedule.notify_one();
+    inner.wake_scheduler();
     Ok(())
 }

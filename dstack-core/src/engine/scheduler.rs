@@ -1,14 +1,75 @@
 //! Placement: puts `submitted` jobs on instances with room for them.
 
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::provision::ForJob;
-use super::{jobs, runs, Inner};
-use crate::model::{Fleet, Instance, InstanceStatus, JobStatus, JobTerminationReason, Reservation};
+use super::{jobs, Inner};
+use crate::config::resources::ResourcesSpec;
+use crate::config::Configuration;
+use crate::model::{Fleet, Instance, InstanceStatus, JobTerminationReason, Reservation};
 use crate::offers::{mismatch, reserve, reserve_blocks};
 
 /// How many waiting jobs one pass looks at (the oldest first).
 const PASS_LIMIT: usize = 64;
+
+/// What decides whether a single-node job fits where another did not: its fleet selection,
+/// its resources, and whether it needs a container engine.
+#[derive(Clone, PartialEq)]
+struct Demand {
+    selection: Option<Vec<String>>,
+    resources: ResourcesSpec,
+    containers: bool,
+}
+
+impl Demand {
+    /// The demand of a single-node run (`None` for multi-node runs, placed as a whole).
+    fn of(config: &Configuration) -> Option<Demand> {
+        if super::command::nodes(config) > 1 {
+            return None;
+        }
+        let common = super::command::common(config);
+        Some(Demand {
+            selection: fleet_selection(common),
+            resources: common.resources.clone(),
+            containers: common.image.is_some() || common.docker == Some(true),
+        })
+    }
+}
+
+/// The demands the last placement pass found no room for, valid while the capacity epoch
+/// it started at is current: a new run with one of them cannot be placed either, so it
+/// waits without waking the scheduler (what frees capacity wakes it).
+#[derive(Default)]
+pub(crate) struct Blocked {
+    epoch: u64,
+    demands: Vec<Demand>,
+}
+
+impl Inner {
+    /// Wakes the scheduler after a change that may free or add capacity (or submit a job).
+    pub(crate) fn wake_scheduler(&self) {
+        self.capacity_epoch.fetch_add(1, Ordering::SeqCst);
+        self.schedule.notify_one();
+    }
+
+    /// Wakes the scheduler for a newly submitted run, unless the last pass found no room for
+    /// the same demand and the capacity has not changed since.
+    pub(crate) fn wake_for_new_run(&self, config: &Configuration) {
+        let blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+        let waits = blocked.epoch == self.capacity_epoch.load(Ordering::SeqCst)
+            && Demand::of(config).is_some_and(|d| blocked.demands.contains(&d));
+        drop(blocked);
+        if !waits {
+            self.schedule.notify_one();
+        }
+    }
+
+    fn set_blocked(&self, blocked: Blocked) {
+        *self.blocked.lock().unwrap_or_else(|e| e.into_inner()) = blocked;
+    }
+}
 
 /// Runs a placement pass whenever woken.
 pub(crate) async fn run(inner: Arc<Inner>) {
@@ -20,6 +81,9 @@ pub(crate) async fn run(inner: Arc<Inner>) {
 }
 
 async fn pass(inner: &Arc<Inner>) {
+    let epoch = inner.capacity_epoch.load(Ordering::SeqCst);
+    inner.set_blocked(Blocked::default());
+    let mut unplaced: Vec<Demand> = Vec::new();
     let Ok(waiting) = inner.store.waiting_jobs(PASS_LIMIT) else {
         return;
     };
@@ -38,19 +102,18 @@ async fn pass(inner: &Arc<Inner>) {
             matches!(i.status, InstanceStatus::Idle | InstanceStatus::Busy) && !i.unreachable
         })
         .collect();
+    // What each instance holds now, kept up to date through the pass: placement is only
+    // attempted (in a store transaction that checks again) where the job fits.
+    let Ok(reservations) = inner.store.reservations() else {
+        return;
+    };
+    let mut held: HashMap<String, Vec<Reservation>> = HashMap::new();
+    for (instance, reservation) in reservations {
+        held.entry(instance).or_default().push(reservation);
+    }
     // Idle instances first, then the cheapest (as dstack orders its pool offers); an instance
     // that gets a job in this pass is busy from then on.
-    let mut busy: Vec<String> = Vec::new();
-    if instances.len() > 1 {
-        busy = inner
-            .store
-            .jobs_with_status(JobStatus::HOLDING)
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|j| j.instance_id)
-            .collect();
-        order(&mut instances, &busy);
-    }
+    order(&mut instances, &held);
     // Requirements that did not fit in this pass (per fleet selection): anything at least as
     // large will not either.
     let mut blocked: Vec<(Option<Vec<String>>, Reservation)> = Vec::new();
@@ -120,6 +183,10 @@ async fn pass(inner: &Arc<Inner>) {
         }
         let mut placed = None;
         for instance in &candidates {
+            let holding = held.get(&instance.id).map_or(&[][..], Vec::as_slice);
+            if fit(spec, instance, holding, false).is_none() {
+                continue;
+            }
             let fits = |held: &[Reservation]| fit(spec, instance, held, false);
             match inner.store.assign_job(&job_id, &instance.id, &fits) {
                 Ok(Some(assigned)) => {
@@ -132,11 +199,14 @@ async fn pass(inner: &Arc<Inner>) {
         }
         match placed {
             Some(assigned) => {
-                if instances.len() > 1 {
-                    busy.extend(assigned.instance_id.clone());
-                    order(&mut instances, &busy);
+                if let (Some(instance), Some(reservation)) =
+                    (&assigned.instance_id, &assigned.reservation)
+                {
+                    held.entry(instance.clone())
+                        .or_default()
+                        .push(reservation.clone());
+                    order(&mut instances, &held);
                 }
-                let _ = runs::reconcile(inner, &assigned.run_id).await;
                 tokio::spawn(jobs::start(inner.clone(), assigned));
             }
             None => {
@@ -145,15 +215,23 @@ async fn pass(inner: &Arc<Inner>) {
                     continue;
                 }
                 blocked.push((selection, want));
+                unplaced.extend(Demand::of(&config));
             }
         }
     }
+    inner.set_blocked(Blocked {
+        epoch,
+        demands: unplaced,
+    });
 }
 
-/// Idle instances first, then by price.
-fn order(instances: &mut [Instance], busy: &[String]) {
+/// Idle instances (holding nothing) first, then by price.
+fn order(instances: &mut [Instance], held: &HashMap<String, Vec<Reservation>>) {
+    if instances.len() < 2 {
+        return;
+    }
     instances.sort_by(|a, b| {
-        let key = |i: &Instance| (busy.contains(&i.id), i.price);
+        let key = |i: &Instance| (held.get(&i.id).is_some_and(|h| !h.is_empty()), i.price);
         key(a)
             .partial_cmp(&key(b))
             .unwrap_or(std::cmp::Ordering::Equal)

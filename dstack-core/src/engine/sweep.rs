@@ -29,7 +29,7 @@ pub(crate) async fn run(inner: Arc<Inner>) {
             }
         }
         inner.watch_instances();
-        inner.schedule.notify_one();
+        inner.wake_scheduler();
         inner.retries.notify_one();
         if let Ok(jobs) = inner.store.jobs_with_status(&[JobStatus::Provisioning]) {
             for job in jobs {

@@ -87,6 +87,8 @@ pub trait Store: Send + Sync {
     /// Whether run `run_id` may be placed as far as its group's limit goes (`true` for runs
     /// without a group).
     fn group_has_room(&self, run_id: &str) -> Result<bool, StoreError>;
+    /// `(instance id, reservation)` of every job that holds resources on an instance.
+    fn reservations(&self) -> Result<Vec<(String, Reservation)>, StoreError>;
     /// Atomically places a `submitted` job on an instance: `fit` sees the reservations of the
     /// instance's unfinished jobs and returns the job's reservation, or `None` if it does not
     /// fit now. Returns the job, now `provisioning`, or `None`.
