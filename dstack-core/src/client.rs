@@ -343,8 +343,14 @@ impl RunHandle {
             }
             // Changes made in this process arrive at once; the timeout catches other processes.
             match tokio::time::timeout(Duration::from_secs(1), changes.recv()).await {
-                // Another run's change: nothing to read.
-                Ok(Ok(change)) if change.run_id != self.id => continue,
+                // Another run's change, or a step of this one that is not awaited: nothing
+                // to read.
+                Ok(Ok(change))
+                    if change.run_id != self.id
+                        || !(done(change.status) || change.status.is_finished()) =>
+                {
+                    continue
+                }
                 Ok(Err(broadcast::error::RecvError::Closed)) => {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }

@@ -171,18 +171,50 @@ pub(crate) async fn fail(
     job.termination_reason = Some(reason.as_str().to_string());
     job.termination_message = Some(message);
     job.finished_at_ms = Some(now_ms());
-    if inner.store.update_job(&job, &[from]).unwrap_or(false) {
-        // The job's resources are free now: let the scheduler place the next job while the
-        // run's own bookkeeping goes on.
-        inner.wake_scheduler();
-        let _ = runs::reconcile(inner, &job.run_id).await;
+    let _ = record_end(inner, &job, from).await;
+}
+
+/// Records a job's end (a compare-and-set from `from`); once recorded, wakes the scheduler
+/// (the job's resources are free now) and reconciles its run. `Ok(false)`: the job changed
+/// first.
+async fn record_end(
+    inner: &Arc<Inner>,
+    job: &Job,
+    from: JobStatus,
+) -> Result<bool, crate::store::StoreError> {
+    if !inner.store.update_job(job, &[from])? {
+        return Ok(false);
     }
+    inner.wake_scheduler();
+    let _ = runs::reconcile(inner, &job.run_id).await;
+    Ok(true)
 }
 
 /// Applies an agent's report about a job to the store.
 pub(crate) async fn on_agent_job(inner: &Arc<Inner>, info: JobInfo) {
-    let Ok(Some(mut job)) = inner.store.job(&info.id) else {
+    // A job this process is starting is recorded running by the start itself.
+    let starting = inner
+        .starting
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains(&info.id);
+    if starting && info.status == AgentJobStatus::Running {
         return;
+    }
+    // The job may change meanwhile (recorded running by its start): apply the report to
+    // what the store holds then.
+    for _ in 0..16 {
+        if record_report(inner, &info).await {
+            return;
+        }
+    }
+}
+
+/// Applies an agent's report to the job as stored now; `false` when the job changed before
+/// the report could be recorded.
+async fn record_report(inner: &Arc<Inner>, info: &JobInfo) -> bool {
+    let Ok(Some(mut job)) = inner.store.job(&info.id) else {
+        return true;
     };
     if job.status.is_finished() {
         if info.status == AgentJobStatus::Running {
@@ -201,7 +233,7 @@ pub(crate) async fn on_agent_job(inner: &Arc<Inner>, info: JobInfo) {
             // Make sure the run saw this job's end (a reconcile may have been lost in a crash).
             let _ = Box::pin(runs::reconcile(inner, &job.run_id)).await;
         }
-        return;
+        return true;
     }
     if info.status == AgentJobStatus::Running {
         if job.status == JobStatus::Provisioning {
@@ -215,7 +247,7 @@ pub(crate) async fn on_agent_job(inner: &Arc<Inner>, info: JobInfo) {
                 let _ = runs::reconcile(inner, &job.run_id).await;
             }
         }
-        return;
+        return true;
     }
     let default = match info.status {
         AgentJobStatus::Done => JobTerminationReason::DoneByRunner,
@@ -234,12 +266,8 @@ pub(crate) async fn on_agent_job(inner: &Arc<Inner>, info: JobInfo) {
     job.exit_status = info.exit_status;
     job.started_at_ms = job.started_at_ms.or(Some(info.started_at_ms));
     job.finished_at_ms = Some(info.finished_at_ms.unwrap_or_else(now_ms));
-    if inner.store.update_job(&job, &[from]).unwrap_or(false) {
-        // The job's resources are free now: let the scheduler place the next job while the
-        // run's own bookkeeping goes on.
-        inner.wake_scheduler();
-        let _ = runs::reconcile(inner, &job.run_id).await;
-    }
+    // A store error gives up; the agent reports the job again when next connected.
+    record_end(inner, &job, from).await.unwrap_or(true)
 }
 
 /// Fails the `candidates` (see [`started_on`]) that the agent does not know (lost with its

@@ -116,13 +116,12 @@ pub(crate) async fn reconcile(inner: &Arc<Inner>, run_id: &str) -> Result<(), En
 
 /// One reconciliation; `false` when another writer changed the run first.
 async fn reconcile_once(inner: &Arc<Inner>, run_id: &str) -> Result<bool, EngineError> {
-    let Some(mut run) = inner.store.run(run_id)? else {
+    let Some((mut run, jobs)) = inner.store.run_with_jobs(run_id)? else {
         return Ok(true);
     };
     if run.status.is_finished() {
         return Ok(true);
     }
-    let jobs = inner.store.jobs_of_run(run_id)?;
     let current = latest(&jobs);
     if run.status == RunStatus::Terminating {
         finish_if_done(inner, run, &jobs)?;

@@ -10,6 +10,7 @@ use crate::config::resources::ResourcesSpec;
 use crate::config::Configuration;
 use crate::model::{Fleet, Instance, InstanceStatus, JobTerminationReason, Reservation};
 use crate::offers::{mismatch, reserve, reserve_blocks};
+use crate::store::WaitingJob;
 
 /// How many waiting jobs one pass looks at (the oldest first).
 const PASS_LIMIT: usize = 64;
@@ -119,7 +120,12 @@ async fn pass(inner: &Arc<Inner>) {
     let mut blocked: Vec<(Option<Vec<String>>, Reservation)> = Vec::new();
     // Multi-node runs already handled in this pass (all their jobs at once).
     let mut gangs: Vec<String> = Vec::new();
-    for (job_id, run_id) in waiting {
+    for WaitingJob {
+        job_id,
+        run_id,
+        grouped,
+    } in waiting
+    {
         // Submitted jobs of a terminating run are finished by the run's termination; the
         // configuration is cached, so most jobs cost no store read here.
         let Ok(config) = inner.configuration_of(&run_id) else {
@@ -178,7 +184,7 @@ async fn pass(inner: &Arc<Inner>) {
             continue;
         }
         // A full group is not a lack of room: the job must not block others.
-        if !inner.store.group_has_room(&run_id).unwrap_or(false) {
+        if grouped && !inner.store.group_has_room(&run_id).unwrap_or(false) {
             continue;
         }
         let mut placed = None;

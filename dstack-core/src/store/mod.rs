@@ -44,6 +44,17 @@ pub struct RunFilter {
     pub limit: Option<usize>,
 }
 
+/// A `submitted` job as the scheduler sees it first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WaitingJob {
+    /// The job id.
+    pub job_id: String,
+    /// Its run's id.
+    pub run_id: String,
+    /// Whether its run belongs to a group with a limit (see [`Store::group_has_room`]).
+    pub grouped: bool,
+}
+
 /// Decides where a job fits on an instance, given what its active jobs already hold.
 pub type FitFn<'a> = &'a dyn Fn(&[Reservation]) -> Option<Reservation>;
 
@@ -77,11 +88,18 @@ pub trait Store: Send + Sync {
     fn job(&self, id: &str) -> Result<Option<Job>, StoreError>;
     /// Every submission of a run's jobs, by job number then submission number.
     fn jobs_of_run(&self, run_id: &str) -> Result<Vec<Job>, StoreError>;
+    /// A run and every submission of its jobs, read together.
+    fn run_with_jobs(&self, run_id: &str) -> Result<Option<(Run, Vec<Job>)>, StoreError> {
+        let Some(run) = self.run(run_id)? else {
+            return Ok(None);
+        };
+        Ok(Some((run, self.jobs_of_run(run_id)?)))
+    }
     /// Job submissions in any of these statuses, oldest first.
     fn jobs_with_status(&self, statuses: &[JobStatus]) -> Result<Vec<Job>, StoreError>;
-    /// `(job id, run id)` of at most `limit` `submitted` jobs, oldest first (cheap: no
-    /// decoding), leaving out jobs of run groups that are at their limit.
-    fn waiting_jobs(&self, limit: usize) -> Result<Vec<(String, String)>, StoreError>;
+    /// At most `limit` `submitted` jobs, oldest first (cheap: no decoding), leaving out jobs
+    /// of run groups that are at their limit.
+    fn waiting_jobs(&self, limit: usize) -> Result<Vec<WaitingJob>, StoreError>;
     /// Writes `job` if its stored status is one of `expected`; `false` if it was not.
     fn update_job(&self, job: &Job, expected: &[JobStatus]) -> Result<bool, StoreError>;
     /// Whether run `run_id` may be placed as far as its group's limit goes (`true` for runs

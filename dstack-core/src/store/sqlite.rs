@@ -9,7 +9,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::{FitFn, RunFilter, Store, StoreError};
+use super::{FitFn, RunFilter, Store, StoreError, WaitingJob};
 use crate::model::{Fleet, Instance, Job, JobStatus, Reservation, Run, RunStatus, Volume};
 
 /// The schema, one entry per version; applied in order, each in a transaction.
@@ -280,6 +280,31 @@ impl Store for SqliteStore {
         })
     }
 
+    fn run_with_jobs(&self, run_id: &str) -> Result<Option<(Run, Vec<Job>)>, StoreError> {
+        let (run, jobs): (Option<String>, Vec<String>) = self.with(|c| {
+            // One read transaction: the run and its jobs as of the same moment.
+            let tx = c.transaction()?;
+            let run = tx
+                .prepare_cached("SELECT data FROM runs WHERE id = ?")?
+                .query_row([run_id], |r| r.get(0))
+                .optional()?;
+            let jobs = tx
+                .prepare_cached(
+                    "SELECT data FROM jobs WHERE run_id = ? ORDER BY job_num, submission_num",
+                )?
+                .query_map([run_id], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            tx.commit()?;
+            Ok((run, jobs))
+        })?;
+        let Some(run) = run else { return Ok(None) };
+        let jobs = jobs
+            .iter()
+            .map(|j| from_json(j))
+            .collect::<Result<_, _>>()?;
+        Ok(Some((from_json(&run)?, jobs)))
+    }
+
     fn job(&self, id: &str) -> Result<Option<Job>, StoreError> {
         Ok(self
             .query("SELECT data FROM jobs WHERE id = ?", &[&id])?
@@ -304,7 +329,7 @@ impl Store for SqliteStore {
         self.query(&sql, &args)
     }
 
-    fn waiting_jobs(&self, limit: usize) -> Result<Vec<(String, String)>, StoreError> {
+    fn waiting_jobs(&self, limit: usize) -> Result<Vec<WaitingJob>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.with(|c| {
             // Jobs of a group already at its limit are left out: they cannot be placed now,
@@ -321,17 +346,29 @@ impl Store for SqliteStore {
                     "SELECT id, run_id FROM jobs WHERE status = 'submitted' \
                      ORDER BY submitted_at LIMIT ?",
                 )?;
-                let rows = stmt.query_map([limit], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                let rows = stmt.query_map([limit], |r| {
+                    Ok(WaitingJob {
+                        job_id: r.get(0)?,
+                        run_id: r.get(1)?,
+                        grouped: false,
+                    })
+                })?;
                 return Ok(rows.collect::<Result<Vec<_>, _>>()?);
             }
             let sql = concat!(
-                "SELECT j.id, j.run_id FROM jobs j JOIN runs r ON r.id = j.run_id ",
+                "SELECT j.id, j.run_id, r.group_max IS NOT NULL FROM jobs j JOIN runs r ON r.id = j.run_id ",
                 "WHERE j.status = 'submitted' AND ",
                 group_room_sql!(),
                 " ORDER BY j.submitted_at LIMIT ?"
             );
             let mut stmt = c.prepare_cached(sql)?;
-            let rows = stmt.query_map([limit], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            let rows = stmt.query_map([limit], |r| {
+                Ok(WaitingJob {
+                    job_id: r.get(0)?,
+                    run_id: r.get(1)?,
+                    grouped: r.get(2)?,
+                })
+            })?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
     }
@@ -552,6 +589,12 @@ mod tests {
     use super::*;
     use crate::model::{Reservation, RunSpec};
 
+    /// `(job id, run id)` of the waiting jobs.
+    fn waiting(store: &SqliteStore) -> Vec<(String, String)> {
+        let waiting = store.waiting_jobs(10).unwrap();
+        waiting.into_iter().map(|w| (w.job_id, w.run_id)).collect()
+    }
+
     fn run(name: &str, status: RunStatus) -> Run {
         Run {
             id: uuid::Uuid::new_v4().to_string(),
@@ -673,10 +716,7 @@ mod tests {
                 .is_none(),
             "only submitted jobs are placed"
         );
-        assert_eq!(
-            store.waiting_jobs(10).unwrap(),
-            vec![(jobs[2].id.clone(), r.id.clone())]
-        );
+        assert_eq!(waiting(&store), vec![(jobs[2].id.clone(), r.id.clone())]);
         let mut ending = store.run(&r.id).unwrap().unwrap();
         ending.status = RunStatus::Terminating;
         assert!(store.update_run(&ending, &[RunStatus::Submitted]).unwrap());
@@ -732,7 +772,7 @@ mod tests {
             .unwrap()
             .is_none());
         assert_eq!(
-            store.waiting_jobs(10).unwrap(),
+            waiting(&store),
             vec![(other_job.id.clone(), other.id.clone())],
             "a full group does not fill the queue others wait in"
         );
