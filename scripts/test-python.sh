@@ -26,7 +26,7 @@ echo "==> pip install . ($MATURIN_PEP517_ARGS)"
 # the directory removed.
 HOMES="$(mktemp -d)"
 cleanup() {
-  for pid_file in "$HOMES"/*/agent/agent.pid; do
+  for pid_file in "$HOMES"/*/agent/agent.pid "$HOMES"/pytest/*/agent/agent.pid; do
     [ -f "$pid_file" ] && kill -9 "$(cat "$pid_file")" 2>/dev/null || true
   done
   rm -rf "$HOMES"
@@ -37,7 +37,8 @@ fresh_home() {
 }
 
 echo "==> pytest"
-(cd dstack-py && DSTACK_HOME="$(fresh_home)" "$PY" -m pytest -q -p no:cacheprovider tests)
+(cd dstack-py && DSTACK_HOME="$(fresh_home)" "$PY" -m pytest -q -p no:cacheprovider \
+  --basetemp "$HOMES/pytest" tests)
 echo "==> mypy --strict (package and examples)"
 "$PY" -m mypy --strict --no-incremental dstack-py/python/dstack examples/*.py
 for example in examples/*.py; do

@@ -362,6 +362,48 @@ async fn images_are_refused_until_a_container_runtime_exists() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mounts_a_process_job_cannot_have_are_refused_not_dropped() {
+    let home = Home::new();
+    let client = home.client().await;
+    let refused = |yaml: String| {
+        let client = client.clone();
+        let dir = home.path().to_path_buf();
+        async move {
+            let config = parse(&yaml, "t").unwrap();
+            let err = client.runs().apply(config, opts(&dir)).await.err();
+            err.expect("refused").to_string()
+        }
+    };
+    let network = refused(format!(
+        "volumes: [{{name: my-data, path: /data}}]\n{}",
+        task("  - ls\n")
+    ))
+    .await;
+    assert!(
+        network.contains("volumes[0]") && network.contains("my-data"),
+        "{network}"
+    );
+    let elsewhere = refused(format!("volumes: [/tmp:/data]\n{}", task("  - ls\n"))).await;
+    assert!(
+        elsewhere.contains("volumes[0]") && elsewhere.contains("needs a container"),
+        "{elsewhere}"
+    );
+    assert!(
+        client.runs().list(true).unwrap().is_empty(),
+        "nothing was submitted"
+    );
+
+    // The same path on both sides, and optional mounts, run as they are.
+    let dir = home.path().display();
+    let same = format!(
+        "volumes: ['{dir}:{dir}', {{instance_path: /srv/x, path: /x, optional: true}}]\n{}",
+        task(&format!("  - test -d {dir}\n"))
+    );
+    let run = apply(&client, &same, home.path()).await;
+    assert_eq!(finish(&run).await.status, RunStatus::Done);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_get_dstacks_environment() {
     let home = Home::new();
     let client = home.client().await;

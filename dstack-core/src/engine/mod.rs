@@ -30,6 +30,7 @@ pub use command::{join_commands, ports, shell_split};
 
 use crate::agent::{AgentClient, AgentError};
 use crate::backend::{Compute, ComputeError};
+use crate::config::mounts::{MountPoint, VolumeNames};
 use crate::config::Configuration;
 use crate::model::{
     now_ms, Fleet, FleetStatus, Instance, InstanceStatus, Job, JobStatus, Run, RunSpec, RunStatus,
@@ -446,6 +447,40 @@ impl Engine {
 }
 
 /// Applies `-e KEY=VALUE` overrides to a run configuration's env.
+/// Refuses mounts a run would otherwise silently go without: network volumes (not mounted
+/// into runs yet) and, for jobs run as host processes, instance directories mounted at
+/// another path (that needs a container); `optional` instance mounts are skipped there.
+fn check_mounts(mounts: &[MountPoint], containers: bool) -> Result<(), EngineError> {
+    for (i, mount) in mounts.iter().enumerate() {
+        match mount {
+            MountPoint::Volume { name, path } => {
+                let name = match name {
+                    VolumeNames::One(name) => name.clone(),
+                    VolumeNames::Any(names) => names.join(" | "),
+                };
+                return Err(EngineError::Unsupported(format!(
+                    "volumes[{i}]: network volume `{name}` at {path}: mounting network volumes \
+                     into runs is not supported yet (manage them with `dstack volume`; \
+                     instance directories `/host/path:{path}` work)"
+                )));
+            }
+            MountPoint::Instance {
+                instance_path,
+                path,
+                optional,
+            } if !containers && !optional && instance_path != path => {
+                return Err(EngineError::Unsupported(format!(
+                    "volumes[{i}]: {instance_path}:{path}: a job run as a host process sees \
+                     the host's own paths; mounting {instance_path} at {path} needs a container \
+                     (`image:`), or use the same path on both sides"
+                )));
+            }
+            MountPoint::Instance { .. } => {}
+        }
+    }
+    Ok(())
+}
+
 fn apply_env_overrides(configuration: &mut Configuration, env: &BTreeMap<String, String>) {
     use crate::config::env::EnvValue;
     let common = match configuration {
@@ -571,7 +606,7 @@ impl Inner {
                 ));
             }
         }
-        Ok(())
+        check_mounts(&common.volumes, needs_containers)
     }
 
     async fn plan(&self, configuration: &Configuration) -> Result<RunPlan, EngineError> {
