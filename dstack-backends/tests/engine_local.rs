@@ -404,6 +404,28 @@ async fn mounts_a_process_job_cannot_have_are_refused_not_dropped() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_left_submitted_behind_its_running_job_is_repaired() {
+    let home = Home::new();
+    let client = home.client().await;
+    let run = apply(&client, &task("  - sleep 30\n"), home.path()).await;
+    wait_running(&run).await;
+    // As if the reconcile after the job's start had been lost (a crash, a store error).
+    let mut behind = run.run().unwrap();
+    behind.status = RunStatus::Submitted;
+    let store = client.engine().store();
+    assert!(store.update_run(&behind, &[RunStatus::Running]).unwrap());
+    assert_eq!(run.run().unwrap().status, RunStatus::Submitted);
+    let repaired = tokio::time::timeout(
+        Duration::from_secs(15),
+        run.wait_until(|s| s == RunStatus::Running),
+    )
+    .await
+    .expect("the sweep repairs the run");
+    assert_eq!(repaired.unwrap().status, RunStatus::Running);
+    run.stop(true).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_get_dstacks_environment() {
     let home = Home::new();
     let client = home.client().await;

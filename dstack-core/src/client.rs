@@ -341,20 +341,21 @@ impl RunHandle {
             if done(run.status) || run.status.is_finished() {
                 return Ok(run);
             }
-            // Changes made in this process arrive at once; the timeout catches other processes.
-            match tokio::time::timeout(Duration::from_secs(1), changes.recv()).await {
-                // Another run's change, or a step of this one that is not awaited: nothing
-                // to read.
-                Ok(Ok(change))
-                    if change.run_id != self.id
-                        || !(done(change.status) || change.status.is_finished()) =>
-                {
-                    continue
+            // Changes made in this process arrive at once; the store is read again at least
+            // every second for other processes' changes.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+            loop {
+                match tokio::time::timeout_at(deadline, changes.recv()).await {
+                    // Another run's change, or a step of this one that is not awaited.
+                    Ok(Ok(change))
+                        if change.run_id != self.id
+                            || !(done(change.status) || change.status.is_finished()) => {}
+                    Ok(Err(broadcast::error::RecvError::Closed)) => {
+                        tokio::time::sleep_until(deadline).await;
+                        break;
+                    }
+                    _ => break,
                 }
-                Ok(Err(broadcast::error::RecvError::Closed)) => {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-                _ => {}
             }
             run = self.run()?;
         }

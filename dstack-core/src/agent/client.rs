@@ -234,15 +234,19 @@ impl AgentClient {
                     message: e.to_string(),
                 })
         };
-        // A kept connection may have been closed by the agent (restarted) just now: the
-        // request then goes once more on a new connection (every request is idempotent).
-        let reused = match self.reuse() {
-            Some(mut sender) => match sender.send_request(request()?).await {
-                Ok(resp) => Some((resp, sender)),
-                Err(_) => None,
-            },
-            None => None,
-        };
+        // A kept connection is used once it has finished its previous exchange; one that
+        // closed meanwhile (the agent restarted) is dropped, and a request it did not take
+        // goes on a new connection. A request that was sent is never sent twice.
+        let mut reused = None;
+        if let Some(mut sender) = self.reuse() {
+            if sender.ready().await.is_ok() {
+                match sender.try_send_request(request()?).await {
+                    Ok(resp) => reused = Some((resp, sender)),
+                    Err(e) if e.message().is_some() => {}
+                    Err(e) => return Err(e.into_error().into()),
+                }
+            }
+        }
         let (resp, sender) = match reused {
             Some(done) => done,
             None => {

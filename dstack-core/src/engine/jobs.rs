@@ -116,7 +116,9 @@ async fn try_start(inner: &Arc<Inner>, job: &Job) -> Result<(), EngineError> {
         .store
         .update_job(&running, &[JobStatus::Provisioning])?
     {
-        runs::reconcile(inner, &job.run_id).await?;
+        // The job runs whatever happens to this bookkeeping (the sweep repairs a run left
+        // behind its jobs).
+        let _ = runs::reconcile(inner, &job.run_id).await;
         return Ok(());
     }
     // The job changed meanwhile: finished (a fast job), or asked to stop (or given up on) before
@@ -266,7 +268,8 @@ async fn record_report(inner: &Arc<Inner>, info: &JobInfo) -> bool {
     job.exit_status = info.exit_status;
     job.started_at_ms = job.started_at_ms.or(Some(info.started_at_ms));
     job.finished_at_ms = Some(info.finished_at_ms.unwrap_or_else(now_ms));
-    // A store error gives up; the agent reports the job again when next connected.
+    // A store error gives up: the report is applied again only when the agent's state is
+    // read anew (the watcher's snapshot after a reconnect).
     record_end(inner, &job, from).await.unwrap_or(true)
 }
 

@@ -446,7 +446,6 @@ impl Engine {
     }
 }
 
-/// Applies `-e KEY=VALUE` overrides to a run configuration's env.
 /// Refuses mounts a run would otherwise silently go without: network volumes (not mounted
 /// into runs yet) and, for jobs run as host processes, instance directories mounted at
 /// another path (that needs a container); `optional` instance mounts are skipped there.
@@ -481,6 +480,7 @@ fn check_mounts(mounts: &[MountPoint], containers: bool) -> Result<(), EngineErr
     Ok(())
 }
 
+/// Applies `-e KEY=VALUE` overrides to a run configuration's env.
 fn apply_env_overrides(configuration: &mut Configuration, env: &BTreeMap<String, String>) {
     use crate::config::env::EnvValue;
     let common = match configuration {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::provision::ForJob;
 use super::{jobs, Inner};
+use crate::config::profile::ProfileParams;
 use crate::config::resources::ResourcesSpec;
 use crate::config::Configuration;
 use crate::model::{Fleet, Instance, InstanceStatus, JobTerminationReason, Reservation};
@@ -16,12 +17,14 @@ use crate::store::WaitingJob;
 const PASS_LIMIT: usize = 64;
 
 /// What decides whether a single-node job fits where another did not: its fleet selection,
-/// its resources, and whether it needs a container engine.
+/// its resources, whether it needs a container engine, and its profile (what a backend
+/// fleet may provision for it).
 #[derive(Clone, PartialEq)]
 struct Demand {
     selection: Option<Vec<String>>,
     resources: ResourcesSpec,
     containers: bool,
+    profile: ProfileParams,
 }
 
 impl Demand {
@@ -35,6 +38,7 @@ impl Demand {
             selection: fleet_selection(common),
             resources: common.resources.clone(),
             containers: common.image.is_some() || common.docker == Some(true),
+            profile: common.profile.clone(),
         })
     }
 }
@@ -188,11 +192,15 @@ async fn pass(inner: &Arc<Inner>) {
             continue;
         }
         let mut placed = None;
+        // Whether the job fit somewhere as far as this pass knows (it may still not be
+        // placed: another process placed it first, its run is ending, a store error).
+        let mut had_room = false;
         for instance in &candidates {
             let holding = held.get(&instance.id).map_or(&[][..], Vec::as_slice);
             if fit(spec, instance, holding, false).is_none() {
                 continue;
             }
+            had_room = true;
             let fits = |held: &[Reservation]| fit(spec, instance, held, false);
             match inner.store.assign_job(&job_id, &instance.id, &fits) {
                 Ok(Some(assigned)) => {
@@ -215,6 +223,7 @@ async fn pass(inner: &Arc<Inner>) {
                 }
                 tokio::spawn(jobs::start(inner.clone(), assigned));
             }
+            None if had_room => {}
             None => {
                 // No room now: a backend fleet may provision an instance for it.
                 if let Ok(ForJob::Provisioning) = inner.provision_for_job(&job_id, &config).await {

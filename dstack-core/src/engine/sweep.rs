@@ -48,5 +48,12 @@ pub(crate) async fn run(inner: Arc<Inner>) {
                 let _ = runs::reconcile(&inner, &run.id).await;
             }
         }
+        // Runs still `submitted` although a job of theirs was placed (a reconcile after the
+        // start was lost to a crash or a store error).
+        if let Ok(behind) = inner.store.submitted_runs_with_placed_jobs() {
+            for run_id in behind {
+                let _ = runs::reconcile(&inner, &run_id).await;
+            }
+        }
     }
 }

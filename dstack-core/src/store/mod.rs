@@ -95,6 +95,9 @@ pub trait Store: Send + Sync {
         };
         Ok(Some((run, self.jobs_of_run(run_id)?)))
     }
+    /// Ids of `submitted` runs with a job that is already placed (their status is behind:
+    /// a reconcile after the job's start was lost).
+    fn submitted_runs_with_placed_jobs(&self) -> Result<Vec<String>, StoreError>;
     /// Job submissions in any of these statuses, oldest first.
     fn jobs_with_status(&self, statuses: &[JobStatus]) -> Result<Vec<Job>, StoreError>;
     /// At most `limit` `submitted` jobs, oldest first (cheap: no decoding), leaving out jobs

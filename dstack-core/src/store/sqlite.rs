@@ -305,6 +305,17 @@ impl Store for SqliteStore {
         Ok(Some((from_json(&run)?, jobs)))
     }
 
+    fn submitted_runs_with_placed_jobs(&self) -> Result<Vec<String>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT DISTINCT r.id FROM runs r JOIN jobs j ON j.run_id = r.id \
+                 WHERE r.status = 'submitted' AND j.status IN ('provisioning', 'pulling', 'running')",
+            )?;
+            let ids = stmt.query_map([], |r| r.get(0))?;
+            Ok(ids.collect::<Result<_, _>>()?)
+        })
+    }
+
     fn job(&self, id: &str) -> Result<Option<Job>, StoreError> {
         Ok(self
             .query("SELECT data FROM jobs WHERE id = ?", &[&id])?
