@@ -98,6 +98,18 @@ fn state(i: &aws_sdk_ec2::types::Instance) -> InstanceStateName {
     i.state().and_then(|s| s.name()).cloned().unwrap()
 }
 
+/// Whether every instance in us-east-1 and every record of `fleet` is terminated.
+async fn all_terminated(moto: &Moto, client: &Client, fleet: &str) -> bool {
+    let cloud = cloud_instances(moto, "us-east-1").await;
+    let (_, instances) = client.fleets().get(fleet).unwrap().unwrap();
+    cloud
+        .iter()
+        .all(|i| state(i) == InstanceStateName::Terminated)
+        && instances
+            .iter()
+            .all(|i| i.status == InstanceStatus::Terminated)
+}
+
 fn tag<'a>(i: &'a aws_sdk_ec2::types::Instance, key: &str) -> Option<&'a str> {
     i.tags()
         .iter()
@@ -233,16 +245,7 @@ async fn runs_provision_in_elastic_fleets_and_idle_instances_are_reaped() {
     eventually(
         30,
         "the idle instance and its record are terminated",
-        async || {
-            let cloud = cloud_instances(&moto, "us-east-1").await;
-            let (_, instances) = client.fleets().get("elastic").unwrap().unwrap();
-            cloud
-                .iter()
-                .all(|i| state(i) == InstanceStateName::Terminated)
-                && instances
-                    .iter()
-                    .all(|i| i.status == InstanceStatus::Terminated)
-        },
+        async || all_terminated(&moto, &client, "elastic").await,
     )
     .await;
     let (_, instances) = client.fleets().get("elastic").unwrap().unwrap();
@@ -285,16 +288,7 @@ async fn a_client_stopped_mid_provisioning_leaks_no_instance() {
     eventually(
         20,
         "the stray instance and its record are terminated",
-        async || {
-            let cloud = cloud_instances(&moto, "us-east-1").await;
-            let (_, instances) = client.fleets().get("lost").unwrap().unwrap();
-            cloud
-                .iter()
-                .all(|i| state(i) == InstanceStateName::Terminated)
-                && instances
-                    .iter()
-                    .all(|i| i.status == InstanceStatus::Terminated)
-        },
+        async || all_terminated(&moto, &client, "lost").await,
     )
     .await;
 }

@@ -56,6 +56,17 @@ async fn client(
     harness::client(home, Arc::new(gcp), engine).await
 }
 
+/// [`client`] with the stand-in's default configuration and engine options.
+async fn default_client(home: &Path, gcp: &GcpStandIn, hosts: &TestHosts) -> Client {
+    client(
+        home,
+        gcp_config(&gcp.url, hosts),
+        hosts,
+        EngineOptions::default(),
+    )
+    .await
+}
+
 /// Applies a fleet that must apply.
 async fn apply_fleet(client: &Client, yaml: &str) -> Vec<Instance> {
     harness::apply_fleet(client, yaml)
@@ -68,13 +79,7 @@ async fn a_fleet_provisions_through_the_compute_api_and_runs_a_task() {
     let gcp = GcpStandIn::start().await;
     let hosts = TestHosts::start(1);
     let home = tempfile::tempdir().unwrap();
-    let client = client(
-        home.path(),
-        gcp_config(&gcp.url, &hosts),
-        &hosts,
-        EngineOptions::default(),
-    )
-    .await;
+    let client = default_client(home.path(), &gcp, &hosts).await;
     hosts.track("gce");
     let instances = apply_fleet(&client, "type: fleet\nname: gce\nnodes: 1\n").await;
     assert_eq!(instances.len(), 1);
@@ -118,13 +123,7 @@ async fn exhausted_zones_fall_through_and_spot_is_requested_as_spot() {
     gcp.exhaust("us-central1-a", "e2-standard-2");
     let hosts = TestHosts::start(1);
     let home = tempfile::tempdir().unwrap();
-    let client = client(
-        home.path(),
-        gcp_config(&gcp.url, &hosts),
-        &hosts,
-        EngineOptions::default(),
-    )
-    .await;
+    let client = default_client(home.path(), &gcp, &hosts).await;
     hosts.track("cheap");
     let instances = apply_fleet(
         &client,

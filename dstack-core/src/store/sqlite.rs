@@ -137,6 +137,26 @@ impl SqliteStore {
         f(&mut conn)
     }
 
+    /// Inserts or replaces record `id` of `table` (a table of `id`, one queried column
+    /// `column` holding `key`, and the record's JSON `data`).
+    fn upsert(
+        &self,
+        table: &str,
+        column: &str,
+        id: &str,
+        key: &str,
+        data: String,
+    ) -> Result<(), StoreError> {
+        let sql = format!(
+            "INSERT INTO {table} (id, {column}, data) VALUES (?1, ?2, ?3) \
+             ON CONFLICT(id) DO UPDATE SET {column} = ?2, data = ?3"
+        );
+        self.with(|c| {
+            c.prepare_cached(&sql)?.execute(params![id, key, data])?;
+            Ok(())
+        })
+    }
+
     /// The JSON records `sql` selects (in its first column), decoded once the connection is
     /// free again.
     fn query<T: DeserializeOwned>(
@@ -442,14 +462,7 @@ impl Store for SqliteStore {
     }
 
     fn put_fleet(&self, fleet: &Fleet) -> Result<(), StoreError> {
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO fleets (id, name, data) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(id) DO UPDATE SET name = ?2, data = ?3",
-                params![fleet.id, fleet.name, json(fleet)?],
-            )?;
-            Ok(())
-        })
+        self.upsert("fleets", "name", &fleet.id, &fleet.name, json(fleet)?)
     }
 
     fn fleets(&self) -> Result<Vec<Fleet>, StoreError> {
@@ -457,14 +470,13 @@ impl Store for SqliteStore {
     }
 
     fn put_instance(&self, instance: &Instance) -> Result<(), StoreError> {
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO instances (id, fleet_id, data) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(id) DO UPDATE SET fleet_id = ?2, data = ?3",
-                params![instance.id, instance.fleet_id, json(instance)?],
-            )?;
-            Ok(())
-        })
+        self.upsert(
+            "instances",
+            "fleet_id",
+            &instance.id,
+            &instance.fleet_id,
+            json(instance)?,
+        )
     }
 
     fn instance(&self, id: &str) -> Result<Option<Instance>, StoreError> {
@@ -478,14 +490,7 @@ impl Store for SqliteStore {
     }
 
     fn put_volume(&self, volume: &Volume) -> Result<(), StoreError> {
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO volumes (id, name, data) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(id) DO UPDATE SET name = ?2, data = ?3",
-                params![volume.id, volume.name, json(volume)?],
-            )?;
-            Ok(())
-        })
+        self.upsert("volumes", "name", &volume.id, &volume.name, json(volume)?)
     }
 
     fn volumes(&self) -> Result<Vec<Volume>, StoreError> {
