@@ -119,7 +119,7 @@ impl SqliteStore {
         conn.busy_timeout(std::time::Duration::from_secs(30))?;
         // Every statement the store runs stays prepared (the default keeps only 16).
         conn.set_prepared_statement_cache_capacity(128);
-        conn.pragma_update(None, "journal_mode", "WAL")?;
+        use_wal(&conn)?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrate(&mut conn)?;
@@ -170,6 +170,24 @@ impl SqliteStore {
             Ok(rows.collect::<Result<_, _>>()?)
         })?;
         rows.iter().map(|row| from_json(row)).collect()
+    }
+}
+
+/// Switches the database to WAL mode. Switching needs an exclusive lock, and SQLite reports
+/// "database is locked" at once (without the busy timeout) while another process opening
+/// the new file holds one: try again for as long as the busy timeout would wait.
+fn use_wal(conn: &Connection) -> Result<(), StoreError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return Ok(other?),
+        }
     }
 }
 
@@ -604,6 +622,29 @@ fn group_has_room(c: &Connection, run_id: &str) -> Result<bool, StoreError> {
 mod tests {
     use super::*;
     use crate::model::{Reservation, RunSpec};
+
+    #[test]
+    fn connections_opening_a_new_state_file_at_once_all_succeed() {
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("state.db");
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(6));
+            let openers: Vec<_> = (0..6)
+                .map(|_| {
+                    let (path, barrier) = (path.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        SqliteStore::open(&path).map(drop)
+                    })
+                })
+                .collect();
+            for opener in openers {
+                if let Err(e) = opener.join().unwrap() {
+                    panic!("{e}");
+                }
+            }
+        }
+    }
 
     /// `(job id, run id)` of the waiting jobs.
     fn waiting(store: &SqliteStore) -> Vec<(String, String)> {
