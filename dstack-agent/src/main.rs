@@ -38,7 +38,12 @@ struct ServeArgs {
 fn main() -> ExitCode {
     let Cmd::Serve(args) = Cli::parse().command;
     let config = AgentConfig::new(args.socket, args.state_dir);
-    let result = tokio::runtime::Runtime::new().and_then(|runtime| {
+    // One thread: the agent multiplexes I/O and child processes, and copies job output on
+    // threads of its own; a single-threaded runtime hands work between threads less often.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    let result = runtime.and_then(|runtime| {
         runtime.block_on(async {
             if args.detach {
                 let program = std::env::current_exe()?;

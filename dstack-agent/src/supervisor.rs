@@ -1,18 +1,19 @@
 //! Running one job's process: starting it, copying its output to the log, stopping it on
 //! request or after `max_duration`, and recording how it ended.
 
-use std::io::{self, PipeReader, Read};
+use std::io::{self, PipeReader};
+use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use dstack_core::agent::{AgentJobStatus, JobInfo, StopRequest};
 use nix::errno::Errno;
 use nix::sys::signal::Signal;
+use tokio::io::AsyncReadExt;
 use tokio::process::Child;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::jobs::Job;
@@ -233,54 +234,37 @@ pub(crate) fn finished(
     }
 }
 
-/// A thread copying a job's output pipe to its log, chunk by chunk.
+/// A task copying a job's output pipe to its log, chunk by chunk.
 struct OutputCopy {
-    done: oneshot::Receiver<()>,
-    abandoned: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl OutputCopy {
     fn start(output: PipeReader, log: LogWriter, job: Arc<Job>) -> OutputCopy {
-        let (done_tx, done) = oneshot::channel();
-        let abandoned = Arc::new(AtomicBool::new(false));
-        let flag = abandoned.clone();
-        let name = format!("output-{}", job.spec().id);
-        let copy = move || {
-            if let Err(e) = copy_output(output, log, &job, &flag) {
+        let task = tokio::spawn(async move {
+            if let Err(e) = copy_output(output, log, &job).await {
                 eprintln!("dstack-agent: output of job {} lost: {e}", job.spec().id);
             }
-            let _ = done_tx.send(());
-        };
-        if let Err(e) = std::thread::Builder::new().name(name).spawn(copy) {
-            // `done` resolves at once: the output pipe was dropped with the closure.
-            eprintln!("dstack-agent: cannot start an output thread: {e}");
-        }
-        OutputCopy { done, abandoned }
+        });
+        OutputCopy { task }
     }
 
-    /// Waits until the output has ended and every byte of it is in the log.
+    /// Waits until the output has ended and every byte of it is in the log; gives up (and
+    /// drops later output) after [`OUTPUT_DRAIN`].
     async fn finish(self) {
-        if tokio::time::timeout(OUTPUT_DRAIN, self.done).await.is_err() {
-            self.abandoned.store(true, Ordering::Relaxed);
+        let mut task = self.task;
+        if tokio::time::timeout(OUTPUT_DRAIN, &mut task).await.is_err() {
+            task.abort();
         }
     }
 }
 
-fn copy_output(
-    mut output: PipeReader,
-    mut log: LogWriter,
-    job: &Job,
-    abandoned: &AtomicBool,
-) -> io::Result<()> {
+async fn copy_output(output: PipeReader, mut log: LogWriter, job: &Job) -> io::Result<()> {
+    let mut pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(output))?;
     let mut buf = vec![0; CHUNK];
     loop {
-        let n = match output.read(&mut buf) {
-            Ok(0) => return Ok(()),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        if abandoned.load(Ordering::Relaxed) {
+        let n = pipe.read(&mut buf).await?;
+        if n == 0 {
             return Ok(());
         }
         job.set_log_bytes(log.append(&buf[..n])?);

@@ -4,11 +4,12 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use super::Definition;
 use crate::agent::{ContainerSpec, JobSubmit};
 use crate::config::env::EnvValue;
 use crate::config::run::RunCommon;
 use crate::config::Configuration;
-use crate::model::{HostSession, Instance, Job, Run};
+use crate::model::{HostSession, Instance, Job};
 
 /// A job that cannot be built (e.g. a bare `env` name the client did not have).
 #[derive(Debug, thiserror::Error)]
@@ -261,7 +262,7 @@ pub fn nodes(config: &Configuration) -> usize {
 /// The working directory: the configured one (`~` expanded), relative ones resolved against
 /// the default; by default the directory the run was applied from (this machine) or the
 /// login user's home (a remote host).
-fn working_dir(run: &Run, common: &RunCommon, session: Option<&HostSession>) -> String {
+fn working_dir(run: &Definition, common: &RunCommon, session: Option<&HostSession>) -> String {
     let (home, default) = match session {
         Some(s) => (s.home.clone(), s.home.clone()),
         None => (
@@ -285,13 +286,13 @@ fn working_dir(run: &Run, common: &RunCommon, session: Option<&HostSession>) -> 
 ///
 /// `nodes` holds the address of every node of the run in rank order (just this instance's
 /// for a single-node run).
-pub fn job_submit(
-    run: &Run,
-    config: &Configuration,
+pub(crate) fn job_submit(
+    run: &Definition,
     job: &Job,
     instance: &Instance,
     nodes: &[String],
 ) -> Result<JobSubmit, CommandError> {
+    let config = &*run.config;
     let common = common(config);
     let session = instance.session.as_ref();
     let master = nodes.first().map_or("127.0.0.1", String::as_str);

@@ -4,7 +4,8 @@ use std::sync::Arc;
 
 use super::{runs, EngineError, Inner};
 use crate::agent::{AgentError, AgentJobStatus, JobInfo, StopRequest};
-use crate::model::{now_ms, Job, JobStatus, JobTerminationReason};
+use crate::model::{now_ms, Job, JobStatus, JobTerminationReason, Run};
+use crate::store::JobAndRun;
 
 const UNFINISHED: &[JobStatus] = &[
     JobStatus::Submitted,
@@ -56,8 +57,7 @@ pub(crate) async fn start(inner: Arc<Inner>, job: Job) {
 /// submission of each job (all placed together for a multi-node run).
 fn node_addresses(
     inner: &Inner,
-    run: &crate::model::Run,
-    config: &crate::config::Configuration,
+    run: &super::Definition,
     instance: &crate::model::Instance,
 ) -> Result<Vec<String>, EngineError> {
     let own = || {
@@ -66,7 +66,7 @@ fn node_addresses(
             .clone()
             .unwrap_or_else(|| "127.0.0.1".to_string())
     };
-    if super::command::nodes(config) <= 1 {
+    if super::command::nodes(&run.config) <= 1 {
         return Ok(vec![own()]);
     }
     let jobs = inner.store.jobs_of_run(&run.id)?;
@@ -90,18 +90,14 @@ fn node_addresses(
 }
 
 async fn try_start(inner: &Arc<Inner>, job: &Job) -> Result<(), EngineError> {
-    let run = inner
-        .store
-        .run(&job.run_id)?
-        .ok_or_else(|| EngineError::Invalid(format!("job {} has no run", job.id)))?;
+    let run = inner.definition_of(&job.run_id)?;
     let instance_id = job.instance_id.clone().unwrap_or_default();
     let instance = inner
         .store
         .instance(&instance_id)?
         .ok_or_else(|| EngineError::Invalid(format!("job {} has no instance", job.id)))?;
-    let config = inner.configuration(&run)?;
-    let nodes = node_addresses(inner, &run, &config, &instance)?;
-    let submit = super::command::job_submit(&run, &config, job, &instance, &nodes)
+    let nodes = node_addresses(inner, &run, &instance)?;
+    let submit = super::command::job_submit(&run, job, &instance, &nodes)
         .map_err(|e| EngineError::Invalid(e.to_string()))?;
     let agent = inner.agent(&instance_id).await?;
     let info = agent.submit(&submit).await?;
@@ -112,13 +108,7 @@ async fn try_start(inner: &Arc<Inner>, job: &Job) -> Result<(), EngineError> {
     let mut running = job.clone();
     running.status = JobStatus::Running;
     running.started_at_ms = Some(info.started_at_ms);
-    if inner
-        .store
-        .update_job(&running, &[JobStatus::Provisioning])?
-    {
-        // The job runs whatever happens to this bookkeeping (the sweep repairs a run left
-        // behind its jobs).
-        let _ = runs::reconcile(inner, &job.run_id).await;
+    if record(inner, &running, JobStatus::Provisioning).await? {
         return Ok(());
     }
     // The job changed meanwhile: finished (a fast job), or asked to stop (or given up on) before
@@ -173,22 +163,39 @@ pub(crate) async fn fail(
     job.termination_reason = Some(reason.as_str().to_string());
     job.termination_message = Some(message);
     job.finished_at_ms = Some(now_ms());
-    let _ = record_end(inner, &job, from).await;
+    let _ = record(inner, &job, from).await;
 }
 
-/// Records a job's end (a compare-and-set from `from`); once recorded, wakes the scheduler
-/// (the job's resources are free now) and reconciles its run. `Ok(false)`: the job changed
-/// first.
-async fn record_end(
+/// Records a job's change (a compare-and-set from `from`) and its run's status in one
+/// transaction; a run decision that needs jobs stopped is carried out after. A finished job
+/// wakes the scheduler (its resources are free now). `Ok(false)`: the job changed first.
+pub(crate) async fn record(
     inner: &Arc<Inner>,
     job: &Job,
     from: JobStatus,
 ) -> Result<bool, crate::store::StoreError> {
-    if !inner.store.update_job(job, &[from])? {
+    let config = inner.configuration_of(&job.run_id).ok();
+    // Without the configuration (a corrupt record) the run is left to a reconcile.
+    let mut deferred = config.is_none();
+    let written = {
+        let mut derive = |run: &Run, jobs: &[Job]| {
+            let config = config.as_ref()?;
+            runs::derive_update(inner, run, jobs, config, &mut deferred)
+        };
+        inner.store.update_job_and_run(job, &[from], &mut derive)?
+    };
+    let JobAndRun::Written(run) = written else {
         return Ok(false);
+    };
+    if job.status.is_finished() {
+        inner.wake_scheduler();
     }
-    inner.wake_scheduler();
-    let _ = runs::reconcile(inner, &job.run_id).await;
+    if let Some(run) = run {
+        runs::updated(inner, &run);
+    }
+    if deferred {
+        let _ = runs::reconcile(inner, &job.run_id).await;
+    }
     Ok(true)
 }
 
@@ -241,13 +248,11 @@ async fn record_report(inner: &Arc<Inner>, info: &JobInfo) -> bool {
         if job.status == JobStatus::Provisioning {
             job.status = JobStatus::Running;
             job.started_at_ms = Some(info.started_at_ms);
-            if inner
-                .store
-                .update_job(&job, &[JobStatus::Provisioning])
-                .unwrap_or(false)
-            {
-                let _ = runs::reconcile(inner, &job.run_id).await;
-            }
+            // Lost to a concurrent change: apply the report again to the job as it is then.
+            return !matches!(
+                record(inner, &job, JobStatus::Provisioning).await,
+                Ok(false)
+            );
         }
         return true;
     }
@@ -270,7 +275,7 @@ async fn record_report(inner: &Arc<Inner>, info: &JobInfo) -> bool {
     job.finished_at_ms = Some(info.finished_at_ms.unwrap_or_else(now_ms));
     // A store error gives up: the report is applied again only when the agent's state is
     // read anew (the watcher's snapshot after a reconnect).
-    record_end(inner, &job, from).await.unwrap_or(true)
+    record(inner, &job, from).await.unwrap_or(true)
 }
 
 /// Fails the `candidates` (see [`started_on`]) that the agent does not know (lost with its

@@ -179,9 +179,23 @@ pub(crate) struct Inner {
     pub(crate) watchers: Mutex<HashMap<String, AbortHandle>>,
     /// Jobs this process is starting right now.
     pub(crate) starting: Mutex<std::collections::HashSet<String>>,
-    pub(crate) configs: Mutex<HashMap<String, Arc<Configuration>>>,
+    /// The definition of each unfinished run this process has dealt with.
+    pub(crate) definitions: Mutex<HashMap<String, Arc<Definition>>>,
     /// Instances this process is provisioning right now.
     pub(crate) provisioning: Mutex<std::collections::HashSet<String>>,
+}
+
+/// What never changes about a run once it is applied, with its parsed configuration: cached
+/// per unfinished run, so that placing and starting its jobs need not read the run.
+pub(crate) struct Definition {
+    /// The run's id.
+    pub id: String,
+    /// The run's name.
+    pub name: String,
+    /// What was applied.
+    pub spec: RunSpec,
+    /// `spec`'s configuration, parsed.
+    pub config: Arc<Configuration>,
 }
 
 struct Shared {
@@ -232,7 +246,7 @@ impl Engine {
             agents: Mutex::new(HashMap::new()),
             watchers: Mutex::new(HashMap::new()),
             starting: Mutex::new(Default::default()),
-            configs: Mutex::new(HashMap::new()),
+            definitions: Mutex::new(HashMap::new()),
             provisioning: Mutex::new(Default::default()),
         });
         inner.ensure_implicit_fleets().await?;
@@ -355,11 +369,17 @@ impl Engine {
             .map(|num| Job::submission(&run, num, 0))
             .collect();
         inner.store.insert_run(&run, &jobs)?;
+        let definition = Definition {
+            id: run.id.clone(),
+            name: run.name.clone(),
+            spec: run.spec.clone(),
+            config: configuration.clone(),
+        };
         inner
-            .configs
+            .definitions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(run.id.clone(), configuration.clone());
+            .insert(run.id.clone(), Arc::new(definition));
         inner.emit(&run);
         inner.wake_for_new_run(&configuration);
         Ok(run)
@@ -534,33 +554,48 @@ impl Inner {
 
     /// The parsed configuration of a run by id (cached; reads the run only on a miss).
     pub(crate) fn configuration_of(&self, run_id: &str) -> Result<Arc<Configuration>, EngineError> {
-        if let Some(c) = self
-            .configs
+        Ok(self.definition_of(run_id)?.config.clone())
+    }
+
+    /// The parsed configuration of a run (cached).
+    pub(crate) fn configuration(&self, run: &Run) -> Result<Arc<Configuration>, EngineError> {
+        Ok(self.definition(run)?.config.clone())
+    }
+
+    /// The definition of a run by id (cached; reads the run only on a miss).
+    pub(crate) fn definition_of(&self, run_id: &str) -> Result<Arc<Definition>, EngineError> {
+        if let Some(d) = self
+            .definitions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(run_id)
         {
-            return Ok(c.clone());
+            return Ok(d.clone());
         }
         let run = self
             .store
             .run(run_id)?
             .ok_or_else(|| EngineError::Invalid(format!("unknown run {run_id}")))?;
-        self.configuration(&run)
+        self.definition(&run)
     }
 
-    /// The parsed configuration of a run (cached).
-    pub(crate) fn configuration(&self, run: &Run) -> Result<Arc<Configuration>, EngineError> {
-        let mut cache = self.configs.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = cache.get(&run.id) {
-            return Ok(c.clone());
+    /// The definition of a run (cached).
+    pub(crate) fn definition(&self, run: &Run) -> Result<Arc<Definition>, EngineError> {
+        let mut cache = self.definitions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(d) = cache.get(&run.id) {
+            return Ok(d.clone());
         }
         let parsed = run.spec.configuration().map_err(|e| {
             EngineError::Invalid(format!("stored configuration of run {}: {e}", run.name))
         })?;
-        let parsed = Arc::new(parsed);
-        cache.insert(run.id.clone(), parsed.clone());
-        Ok(parsed)
+        let definition = Arc::new(Definition {
+            id: run.id.clone(),
+            name: run.name.clone(),
+            spec: run.spec.clone(),
+            config: Arc::new(parsed),
+        });
+        cache.insert(run.id.clone(), definition.clone());
+        Ok(definition)
     }
 
     fn check_runnable(&self, configuration: &Configuration) -> Result<(), EngineError> {

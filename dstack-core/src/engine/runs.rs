@@ -114,32 +114,44 @@ pub(crate) async fn reconcile(inner: &Arc<Inner>, run_id: &str) -> Result<(), En
     )))
 }
 
-/// One reconciliation; `false` when another writer changed the run first.
-async fn reconcile_once(inner: &Arc<Inner>, run_id: &str) -> Result<bool, EngineError> {
-    let Some((mut run, jobs)) = inner.store.run_with_jobs(run_id)? else {
-        return Ok(true);
-    };
-    if run.status.is_finished() {
-        return Ok(true);
+/// What reconciling a run decides from the run and its jobs alone.
+pub(crate) enum Decision {
+    /// Nothing to change.
+    Keep,
+    /// Write the run as given (a new status; nothing to stop).
+    Update(Run),
+    /// Write the run as given (`terminating`, with its termination reason), then stop its
+    /// unfinished jobs.
+    Terminate(Run),
+    /// Stop these unfinished nodes of a multi-node run: a node will be retried, and the nodes
+    /// of a run retry together.
+    StopNodes(Run, Vec<Job>),
+}
+
+/// Decides how a run follows its jobs, as of `now` (retry windows), with the engine's retry
+/// delays.
+pub(crate) fn decide(
+    mut run: Run,
+    jobs: &[Job],
+    config: &crate::config::Configuration,
+    retry_delays: &[Duration],
+    now: u64,
+) -> Decision {
+    if run.status.is_finished() || run.status == RunStatus::Pending {
+        return Decision::Keep;
     }
-    let current = latest(&jobs);
     if run.status == RunStatus::Terminating {
-        finish_if_done(inner, run, &jobs)?;
-        return Ok(true);
+        return finished(run, jobs).map_or(Decision::Keep, Decision::Update);
     }
-    if run.status == RunStatus::Pending {
-        return Ok(true);
-    }
-    let config = inner.configuration(&run)?;
-    let retry = super::command::common(&config).profile.retry.clone();
-    let now = now_ms();
+    let current = latest(jobs);
+    let retry = &super::command::common(config).profile.retry;
     let mut verdicts: Vec<Verdict> = current
         .iter()
-        .map(|j| verdict(&run, &retry, j, &jobs, now))
+        .map(|j| verdict(&run, retry, j, jobs, now))
         .collect();
     // Multi-node: the nodes of a run retry together. A node that will be retried stops the
     // others; nodes stopped that way are retried with it.
-    if super::command::nodes(&config) > 1 && verdicts.iter().any(|v| matches!(v, Verdict::Retry)) {
+    if super::command::nodes(config) > 1 && verdicts.iter().any(|v| matches!(v, Verdict::Retry)) {
         let stopped = JobTerminationReason::TerminatedByServer.as_str();
         for (v, job) in verdicts.iter_mut().zip(&current) {
             if job.status.is_finished() && job.termination_reason.as_deref() == Some(stopped) {
@@ -152,16 +164,7 @@ async fn reconcile_once(inner: &Arc<Inner>, run_id: &str) -> Result<bool, Engine
             .map(|j| (*j).clone())
             .collect();
         if !unfinished.is_empty() {
-            for job in unfinished {
-                terminate_job(
-                    inner,
-                    &run,
-                    job,
-                    JobTerminationReason::TerminatedByServer,
-                    false,
-                );
-            }
-            return Ok(true);
+            return Decision::StopNodes(run, unfinished);
         }
     }
     let failed = verdicts.iter().find_map(|v| match v {
@@ -177,7 +180,7 @@ async fn reconcile_once(inner: &Arc<Inner>, run_id: &str) -> Result<bool, Engine
     let any = |f: fn(&Verdict) -> bool| verdicts.iter().any(f);
     let from = run.status;
     if let Some(reason) = failed {
-        return terminate(inner, run, reason, false, &jobs).await;
+        return ending(run, reason, jobs);
     } else if any(|v| matches!(v, Verdict::Running)) {
         run.status = RunStatus::Running;
     } else if any(|v| matches!(v, Verdict::Provisioning)) {
@@ -188,75 +191,50 @@ async fn reconcile_once(inner: &Arc<Inner>, run_id: &str) -> Result<bool, Engine
     } else if any(|v| matches!(v, Verdict::Retry)) {
         run.status = RunStatus::Pending;
         run.resubmission_attempt += 1;
-        let delays = &inner.options.retry_delays;
-        let delay = delays
+        let delay = retry_delays
             .get(run.resubmission_attempt as usize - 1)
-            .or(delays.last())
+            .or(retry_delays.last())
             .copied()
             .unwrap_or(Duration::ZERO);
         run.next_attempt_at_ms = Some(now + delay.as_millis() as u64);
         run.status_message = Some(format!("retrying in {}s", delay.as_secs()));
     } else {
-        return terminate(inner, run, RunTerminationReason::AllJobsDone, false, &jobs).await;
+        return ending(run, RunTerminationReason::AllJobsDone, jobs);
     }
     if run.status == from {
-        return Ok(true);
+        Decision::Keep
+    } else {
+        Decision::Update(run)
     }
-    if !inner.store.update_run(&run, &[from])? {
-        return Ok(false);
-    }
-    if run.status == RunStatus::Pending {
-        inner.retries.notify_one();
-    }
-    inner.emit(&run);
-    Ok(true)
 }
 
-/// Moves a run to `terminating` with `reason`, stops its jobs, and finishes it when they are.
-/// `false` when another writer changed the run first.
-async fn terminate(
-    inner: &Arc<Inner>,
-    mut run: Run,
-    reason: RunTerminationReason,
-    abort: bool,
-    jobs: &[Job],
-) -> Result<bool, EngineError> {
-    let from = run.status;
+/// Ending a run with `reason`: in one step when none of its jobs is left to stop.
+fn ending(run: Run, reason: RunTerminationReason, jobs: &[Job]) -> Decision {
+    let run = with_termination(run, reason, jobs);
+    if run.status == RunStatus::Terminating {
+        Decision::Terminate(run)
+    } else {
+        Decision::Update(run)
+    }
+}
+
+/// The run ending with `reason`: finished if none of its jobs is left to stop, `terminating`
+/// otherwise.
+fn with_termination(mut run: Run, reason: RunTerminationReason, jobs: &[Job]) -> Run {
     run.termination_reason = Some(reason.as_str().to_string());
     run.status_message = reason.error().map(str::to_string);
-    if jobs.iter().all(|j| j.status.is_finished()) {
-        // Nothing to stop: finish in one step.
-        run.status = reason.run_status();
-        if !inner.store.update_run(&run, &[from])? {
-            return Ok(false);
-        }
-        forget(inner, &run);
-        inner.emit(&run);
-        return Ok(true);
-    }
-    run.status = RunStatus::Terminating;
-    if !inner.store.update_run(&run, &[from])? {
-        return Ok(false);
-    }
-    inner.emit(&run);
-    terminate_jobs(inner, &run, abort).await;
-    let jobs = inner.store.jobs_of_run(&run.id)?;
-    finish_if_done(inner, run, &jobs)?;
-    Ok(true)
+    run.status = if jobs.iter().all(|j| j.status.is_finished()) {
+        reason.run_status()
+    } else {
+        RunStatus::Terminating
+    };
+    run
 }
 
-/// Drops what the engine caches about a finished run.
-fn forget(inner: &Inner, run: &Run) {
-    inner
-        .configs
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .remove(&run.id);
-}
-
-fn finish_if_done(inner: &Arc<Inner>, mut run: Run, jobs: &[Job]) -> Result<(), EngineError> {
+/// A `terminating` run whose jobs have all finished, in its final status.
+fn finished(mut run: Run, jobs: &[Job]) -> Option<Run> {
     if jobs.iter().any(|j| !j.status.is_finished()) {
-        return Ok(());
+        return None;
     }
     let reason = run
         .termination_reason
@@ -264,11 +242,131 @@ fn finish_if_done(inner: &Arc<Inner>, mut run: Run, jobs: &[Job]) -> Result<(), 
         .and_then(RunTerminationReason::parse)
         .unwrap_or(RunTerminationReason::ServerError);
     run.status = reason.run_status();
-    if inner.store.update_run(&run, &[RunStatus::Terminating])? {
-        forget(inner, &run);
-        inner.emit(&run);
+    Some(run)
+}
+
+/// The run `derive` writes beside a job change (see `Store::update_job_and_run`): the
+/// decision when it is a plain update. A decision that needs jobs stopped is left to a
+/// reconcile after the write, and `deferred` says so.
+pub(crate) fn derive_update(
+    inner: &Inner,
+    run: &Run,
+    jobs: &[Job],
+    config: &crate::config::Configuration,
+    deferred: &mut bool,
+) -> Option<Run> {
+    match decide(
+        run.clone(),
+        jobs,
+        config,
+        &inner.options.retry_delays,
+        now_ms(),
+    ) {
+        Decision::Keep => None,
+        Decision::Update(next) => Some(next),
+        Decision::Terminate(..) | Decision::StopNodes(..) => {
+            *deferred = true;
+            None
+        }
     }
-    Ok(())
+}
+
+/// What follows a run's update once it is written: wake the retry timer for a `pending`
+/// run, drop what is cached about a finished one, tell the waiters.
+pub(crate) fn updated(inner: &Inner, run: &Run) {
+    if run.status == RunStatus::Pending {
+        inner.retries.notify_one();
+    }
+    if run.status.is_finished() {
+        forget(inner, run);
+    }
+    inner.emit(run);
+}
+
+/// One reconciliation; `false` when another writer changed the run first.
+async fn reconcile_once(inner: &Arc<Inner>, run_id: &str) -> Result<bool, EngineError> {
+    let Some((run, jobs)) = inner.store.run_with_jobs(run_id)? else {
+        return Ok(true);
+    };
+    if run.status.is_finished() {
+        return Ok(true);
+    }
+    let config = inner.configuration(&run)?;
+    let from = run.status;
+    match decide(run, &jobs, &config, &inner.options.retry_delays, now_ms()) {
+        Decision::Keep => Ok(true),
+        Decision::Update(run) => write_update(inner, &run, from),
+        Decision::Terminate(run) => stop_and_finish(inner, run, from, false).await,
+        Decision::StopNodes(run, unfinished) => {
+            for job in unfinished {
+                terminate_job(
+                    inner,
+                    &run,
+                    job,
+                    JobTerminationReason::TerminatedByServer,
+                    false,
+                );
+            }
+            Ok(true)
+        }
+    }
+}
+
+/// Writes a run's update (a compare-and-set from `from`) and what follows it; `false` when
+/// another writer changed the run first.
+fn write_update(inner: &Inner, run: &Run, from: RunStatus) -> Result<bool, EngineError> {
+    if !inner.store.update_run(run, &[from])? {
+        return Ok(false);
+    }
+    updated(inner, run);
+    Ok(true)
+}
+
+/// Moves a run to `terminating` with `reason`, stops its jobs, and finishes it when they are.
+/// `false` when another writer changed the run first.
+async fn terminate(
+    inner: &Arc<Inner>,
+    run: Run,
+    reason: RunTerminationReason,
+    abort: bool,
+    jobs: &[Job],
+) -> Result<bool, EngineError> {
+    let from = run.status;
+    let run = with_termination(run, reason, jobs);
+    if run.status == RunStatus::Terminating {
+        stop_and_finish(inner, run, from, abort).await
+    } else {
+        write_update(inner, &run, from)
+    }
+}
+
+/// Writes a `terminating` run (a compare-and-set from `from`), stops its jobs, and finishes
+/// it when they are. `false` when another writer changed the run first.
+async fn stop_and_finish(
+    inner: &Arc<Inner>,
+    run: Run,
+    from: RunStatus,
+    abort: bool,
+) -> Result<bool, EngineError> {
+    if !inner.store.update_run(&run, &[from])? {
+        return Ok(false);
+    }
+    inner.emit(&run);
+    terminate_jobs(inner, &run, abort).await;
+    let jobs = inner.store.jobs_of_run(&run.id)?;
+    if let Some(done) = finished(run, &jobs) {
+        write_update(inner, &done, RunStatus::Terminating)?;
+    }
+    Ok(true)
+}
+
+/// Drops what the engine caches about a finished run.
+fn forget(inner: &Inner, run: &Run) {
+    inner
+        .definitions
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&run.id);
 }
 
 /// Stops every unfinished job of a terminating run.
@@ -381,14 +479,7 @@ async fn stop_job_on_agent(inner: &Arc<Inner>, job: Job, request: StopRequest) {
                 .unwrap_or(JobTerminationReason::TerminatedByServer);
             job.status = reason.job_status();
             job.finished_at_ms = Some(now_ms());
-            if inner
-                .store
-                .update_job(&job, &[JobStatus::Terminating])
-                .unwrap_or(false)
-            {
-                let _ = reconcile(inner, &job.run_id).await;
-                inner.wake_scheduler();
-            }
+            let _ = super::jobs::record(inner, &job, JobStatus::Terminating).await;
         }
         Err(_) => {} // the agent watcher fails the job if the instance stays unreachable
     }

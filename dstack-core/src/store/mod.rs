@@ -58,6 +58,19 @@ pub struct WaitingJob {
 /// Decides where a job fits on an instance, given what its active jobs already hold.
 pub type FitFn<'a> = &'a dyn Fn(&[Reservation]) -> Option<Reservation>;
 
+/// Decides a run's new state from the run and its jobs (`None`: leave it as it is).
+pub type DeriveFn<'a> = &'a mut dyn FnMut(&Run, &[Job]) -> Option<Run>;
+
+/// What [`Store::update_job_and_run`] wrote.
+#[derive(Clone, Debug, PartialEq)]
+pub enum JobAndRun {
+    /// The job's stored status was not one of those expected: nothing was written.
+    JobChanged,
+    /// The job was written, and its run too when the derive function returned one (the run
+    /// as written).
+    Written(Option<Box<Run>>),
+}
+
 /// Durable storage of runs, jobs, instances and fleets.
 pub trait Store: Send + Sync {
     /// Inserts a new run with its first jobs. A finished run of the same name is replaced;
@@ -105,6 +118,14 @@ pub trait Store: Send + Sync {
     fn waiting_jobs(&self, limit: usize) -> Result<Vec<WaitingJob>, StoreError>;
     /// Writes `job` if its stored status is one of `expected`; `false` if it was not.
     fn update_job(&self, job: &Job, expected: &[JobStatus]) -> Result<bool, StoreError>;
+    /// Writes `job` if its stored status is one of `expected` and, in the same transaction,
+    /// its run as `derive` decides from the run and its jobs as stored after the job's write.
+    fn update_job_and_run(
+        &self,
+        job: &Job,
+        expected: &[JobStatus],
+        derive: DeriveFn<'_>,
+    ) -> Result<JobAndRun, StoreError>;
     /// Whether run `run_id` may be placed as far as its group's limit goes (`true` for runs
     /// without a group).
     fn group_has_room(&self, run_id: &str) -> Result<bool, StoreError>;

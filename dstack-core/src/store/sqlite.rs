@@ -9,7 +9,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::{FitFn, RunFilter, Store, StoreError, WaitingJob};
+use super::{DeriveFn, FitFn, JobAndRun, RunFilter, Store, StoreError, WaitingJob};
 use crate::model::{Fleet, Instance, Job, JobStatus, Reservation, Run, RunStatus, Volume};
 
 /// The schema, one entry per version; applied in order, each in a transaction.
@@ -89,6 +89,26 @@ fn from_json<T: DeserializeOwned>(s: &str) -> Result<T, StoreError> {
 
 fn placeholders(n: usize) -> String {
     vec!["?"; n].join(",")
+}
+
+/// Runs `f` in a transaction that takes the write lock at once (`BEGIN IMMEDIATE`) or, for
+/// reads, a deferred one: committed when `f` succeeds, rolled back when it fails. Unlike
+/// rusqlite's `Transaction`, its `BEGIN` and `COMMIT` stay prepared.
+fn in_transaction<R>(
+    c: &Connection,
+    write: bool,
+    f: impl FnOnce(&Connection) -> Result<R, StoreError>,
+) -> Result<R, StoreError> {
+    let begin = if write { "BEGIN IMMEDIATE" } else { "BEGIN" };
+    c.prepare_cached(begin)?.execute([])?;
+    let result = f(c).and_then(|r| {
+        c.prepare_cached("COMMIT")?.execute([])?;
+        Ok(r)
+    });
+    if result.is_err() && !c.is_autocommit() {
+        let _ = c.prepare_cached("ROLLBACK").and_then(|mut s| s.execute([]));
+    }
+    result
 }
 
 impl SqliteStore {
@@ -219,35 +239,7 @@ fn status_strs<S: Copy>(statuses: &[S], f: impl Fn(S) -> &'static str) -> Vec<&'
 
 impl Store for SqliteStore {
     fn insert_run(&self, run: &Run, jobs: &[Job]) -> Result<(), StoreError> {
-        self.with(|c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let active: Option<String> = tx
-                .query_row("SELECT id FROM runs WHERE name = ? AND active = 1", [&run.name], |r| r.get(0))
-                .optional()?;
-            if active.is_some() {
-                return Err(StoreError::NameTaken(run.name.clone()));
-            }
-            tx.execute("UPDATE runs SET replaced = 1 WHERE name = ?", [&run.name])?;
-            tx.execute(
-                "INSERT INTO runs (id, name, status, active, submitted_at, data, group_id, group_max) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                params![
-                    run.id,
-                    run.name,
-                    run.status.as_str(),
-                    !run.status.is_finished(),
-                    run.submitted_at_ms as i64,
-                    json(run)?,
-                    run.spec.group.as_ref().map(|g| &g.id),
-                    run.spec.group.as_ref().and_then(|g| g.max_parallel),
-                ],
-            )?;
-            for job in jobs {
-                insert_job(&tx, job)?;
-            }
-            tx.commit()?;
-            Ok(())
-        })
+        self.with(|c| in_transaction(c, true, |c| insert_run(c, run, jobs)))
     }
 
     fn run(&self, id: &str) -> Result<Option<Run>, StoreError> {
@@ -306,35 +298,22 @@ impl Store for SqliteStore {
         jobs: &[Job],
     ) -> Result<bool, StoreError> {
         self.with(|c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            if !update_run(&tx, run, expected)? {
-                return Ok(false);
-            }
-            for job in jobs {
-                insert_job(&tx, job)?;
-            }
-            tx.commit()?;
-            Ok(true)
+            in_transaction(c, true, |c| {
+                if !update_run(c, run, expected)? {
+                    return Ok(false);
+                }
+                for job in jobs {
+                    insert_job(c, job)?;
+                }
+                Ok(true)
+            })
         })
     }
 
     fn run_with_jobs(&self, run_id: &str) -> Result<Option<(Run, Vec<Job>)>, StoreError> {
-        let (run, jobs): (Option<String>, Vec<String>) = self.with(|c| {
-            // One read transaction: the run and its jobs as of the same moment.
-            let tx = c.transaction()?;
-            let run = tx
-                .prepare_cached("SELECT data FROM runs WHERE id = ?")?
-                .query_row([run_id], |r| r.get(0))
-                .optional()?;
-            let jobs = tx
-                .prepare_cached(
-                    "SELECT data FROM jobs WHERE run_id = ? ORDER BY job_num, submission_num",
-                )?
-                .query_map([run_id], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
-            tx.commit()?;
-            Ok((run, jobs))
-        })?;
+        // One read transaction: the run and its jobs as of the same moment.
+        let (run, jobs): (Option<String>, Vec<String>) =
+            self.with(|c| in_transaction(c, false, |c| run_with_jobs_data(c, run_id)))?;
         let Some(run) = run else { return Ok(None) };
         let jobs = jobs
             .iter()
@@ -426,6 +405,35 @@ impl Store for SqliteStore {
         self.with(|c| update_job(c, job, expected))
     }
 
+    fn update_job_and_run(
+        &self,
+        job: &Job,
+        expected: &[JobStatus],
+        derive: DeriveFn<'_>,
+    ) -> Result<JobAndRun, StoreError> {
+        self.with(|c| {
+            in_transaction(c, true, |c| {
+                if !update_job(c, job, expected)? {
+                    return Ok(JobAndRun::JobChanged);
+                }
+                let (Some(run), jobs) = run_with_jobs_data(c, &job.run_id)? else {
+                    return Ok(JobAndRun::Written(None));
+                };
+                let run: Run = from_json(&run)?;
+                let jobs: Vec<Job> = jobs
+                    .iter()
+                    .map(|j| from_json(j))
+                    .collect::<Result<_, _>>()?;
+                let Some(next) = derive(&run, &jobs) else {
+                    return Ok(JobAndRun::Written(None));
+                };
+                // The transaction holds the write lock: the run is as just read.
+                update_run(c, &next, &[run.status])?;
+                Ok(JobAndRun::Written(Some(Box::new(next))))
+            })
+        })
+    }
+
     fn group_has_room(&self, run_id: &str) -> Result<bool, StoreError> {
         self.with(|c| group_has_room(c, run_id))
     }
@@ -437,41 +445,37 @@ impl Store for SqliteStore {
         fit: FitFn<'_>,
     ) -> Result<Option<Job>, StoreError> {
         self.with(|c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let job: Option<String> = tx
-                .query_row(
-                    "SELECT data FROM jobs WHERE id = ? AND status = 'submitted'",
-                    [job_id],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            let Some(job) = job else { return Ok(None) };
-            let mut job: Job = from_json(&job)?;
-            let run_status: Option<String> = tx
-                .query_row("SELECT status FROM runs WHERE id = ?", [&job.run_id], |r| {
-                    r.get(0)
-                })
-                .optional()?;
-            let ending = ["terminating", "terminated", "failed", "done"];
-            if run_status.as_deref().is_none_or(|s| ending.contains(&s)) {
-                return Ok(None); // the run is ending: its termination finishes this job
-            }
-            if !group_has_room(&tx, &job.run_id)? {
-                return Ok(None);
-            }
-            let held: Vec<Reservation> = held_reservations(&tx, Some(instance_id))?
-                .into_iter()
-                .map(|(_, r)| r)
-                .collect();
-            let Some(reservation) = fit(&held) else {
-                return Ok(None);
-            };
-            job.status = JobStatus::Provisioning;
-            job.instance_id = Some(instance_id.to_string());
-            job.reservation = Some(reservation);
-            update_job(&tx, &job, &[JobStatus::Submitted])?;
-            tx.commit()?;
-            Ok(Some(job))
+            in_transaction(c, true, |c| {
+                let job: Option<String> = c
+                    .prepare_cached("SELECT data FROM jobs WHERE id = ? AND status = 'submitted'")?
+                    .query_row([job_id], |r| r.get(0))
+                    .optional()?;
+                let Some(job) = job else { return Ok(None) };
+                let mut job: Job = from_json(&job)?;
+                let run_status: Option<String> = c
+                    .prepare_cached("SELECT status FROM runs WHERE id = ?")?
+                    .query_row([&job.run_id], |r| r.get(0))
+                    .optional()?;
+                let ending = ["terminating", "terminated", "failed", "done"];
+                if run_status.as_deref().is_none_or(|s| ending.contains(&s)) {
+                    return Ok(None); // the run is ending: its termination finishes this job
+                }
+                if !group_has_room(c, &job.run_id)? {
+                    return Ok(None);
+                }
+                let held: Vec<Reservation> = held_reservations(c, Some(instance_id))?
+                    .into_iter()
+                    .map(|(_, r)| r)
+                    .collect();
+                let Some(reservation) = fit(&held) else {
+                    return Ok(None);
+                };
+                job.status = JobStatus::Provisioning;
+                job.instance_id = Some(instance_id.to_string());
+                job.reservation = Some(reservation);
+                update_job(c, &job, &[JobStatus::Submitted])?;
+                Ok(Some(job))
+            })
         })
     }
 
@@ -533,6 +537,52 @@ fn update_run(c: &Connection, run: &Run, expected: &[RunStatus]) -> Result<bool,
     let mut args: Vec<&dyn rusqlite::ToSql> = vec![&run.status, &active, &data, &run.id];
     args.extend(names.iter().map(|s| s as &dyn rusqlite::ToSql));
     Ok(c.prepare_cached(&sql)?.execute(args.as_slice())? == 1)
+}
+
+/// The JSON of run `run_id` and of its jobs (by job number, then submission number).
+fn run_with_jobs_data(
+    c: &Connection,
+    run_id: &str,
+) -> Result<(Option<String>, Vec<String>), StoreError> {
+    let run = c
+        .prepare_cached("SELECT data FROM runs WHERE id = ?")?
+        .query_row([run_id], |r| r.get(0))
+        .optional()?;
+    let jobs = c
+        .prepare_cached("SELECT data FROM jobs WHERE run_id = ? ORDER BY job_num, submission_num")?
+        .query_map([run_id], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    Ok((run, jobs))
+}
+
+fn insert_run(c: &Connection, run: &Run, jobs: &[Job]) -> Result<(), StoreError> {
+    let active: Option<String> = c
+        .prepare_cached("SELECT id FROM runs WHERE name = ? AND active = 1")?
+        .query_row([&run.name], |r| r.get(0))
+        .optional()?;
+    if active.is_some() {
+        return Err(StoreError::NameTaken(run.name.clone()));
+    }
+    c.prepare_cached("UPDATE runs SET replaced = 1 WHERE name = ?")?
+        .execute([&run.name])?;
+    c.prepare_cached(
+        "INSERT INTO runs (id, name, status, active, submitted_at, data, group_id, group_max) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    )?
+    .execute(params![
+        run.id,
+        run.name,
+        run.status.as_str(),
+        !run.status.is_finished(),
+        run.submitted_at_ms as i64,
+        json(run)?,
+        run.spec.group.as_ref().map(|g| &g.id),
+        run.spec.group.as_ref().and_then(|g| g.max_parallel),
+    ])?;
+    for job in jobs {
+        insert_job(c, job)?;
+    }
+    Ok(())
 }
 
 fn insert_job(c: &Connection, job: &Job) -> Result<(), StoreError> {
@@ -745,6 +795,53 @@ mod tests {
         assert!(!store.update_job(&done, &[JobStatus::Running]).unwrap());
         assert!(store.update_job(&done, &[JobStatus::Submitted]).unwrap());
         assert_eq!(store.job(&j.id).unwrap().unwrap().status, JobStatus::Done);
+    }
+
+    #[test]
+    fn a_job_and_its_run_are_written_together_or_not_at_all() {
+        let store = SqliteStore::in_memory().unwrap();
+        let r = run("together", RunStatus::Submitted);
+        let j = job(&r);
+        store.insert_run(&r, std::slice::from_ref(&j)).unwrap();
+        let mut running = j.clone();
+        running.status = JobStatus::Running;
+        // The derive function sees the job as just written, and its run is written with it.
+        let mut seen = Vec::new();
+        let mut derive = |run: &Run, jobs: &[Job]| {
+            seen.extend(jobs.iter().map(|j| j.status));
+            let mut next = run.clone();
+            next.status = RunStatus::Running;
+            Some(next)
+        };
+        let written = store
+            .update_job_and_run(&running, &[JobStatus::Submitted], &mut derive)
+            .unwrap();
+        assert!(
+            matches!(&written, JobAndRun::Written(Some(run)) if run.status == RunStatus::Running)
+        );
+        assert_eq!(seen, vec![JobStatus::Running]);
+        assert_eq!(
+            store.run(&r.id).unwrap().unwrap().status,
+            RunStatus::Running
+        );
+        // A job that changed meanwhile: neither the job nor the run is written, and the
+        // derive function is not asked.
+        let mut done = j.clone();
+        done.status = JobStatus::Done;
+        let mut asked = false;
+        let mut derive = |_: &Run, _: &[Job]| {
+            asked = true;
+            None
+        };
+        let written = store
+            .update_job_and_run(&done, &[JobStatus::Provisioning], &mut derive)
+            .unwrap();
+        assert_eq!(written, JobAndRun::JobChanged);
+        assert!(!asked);
+        assert_eq!(
+            store.job(&j.id).unwrap().unwrap().status,
+            JobStatus::Running
+        );
     }
 
     #[test]
