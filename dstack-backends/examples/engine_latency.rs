@@ -1,6 +1,7 @@
 //! Engine latency and throughput on the local backend vs the floor of spawning processes
 //! directly. `cargo run --release -p dstack-backends --example engine_latency [N] [SWEEP]`
-//! (defaults: 200 sequential runs, a sweep of 1000). Results go to BENCHMARKS.md.
+//! (defaults: 200 sequential runs, a sweep of 1000 submitted at once as sweeps do, then one
+//! run at a time). Results go to BENCHMARKS.md.
 
 mod common;
 
@@ -100,43 +101,46 @@ async fn main() {
     let agent_pid = std::fs::read_to_string(home.path().join("agent/agent.pid"))
         .map(|p| p.trim().to_string())
         .unwrap_or_default();
-    let (engine_cpu, agent_cpu) = (cpu_seconds("self"), cpu_seconds(&agent_pid));
-    let t = Instant::now();
-    let mut runs = Vec::with_capacity(sweep);
-    for _ in 0..sweep {
-        runs.push(
-            client
-                .runs()
-                .apply(config.clone(), apply_opts())
-                .await
-                .expect("apply"),
-        );
-    }
-    let submitted = t.elapsed();
-    for run in &runs {
-        assert_eq!(run.wait().await.expect("wait").status, RunStatus::Done);
-    }
-    let engine_sweep = t.elapsed();
-    println!(
-        "engine: {sweep} runs submitted in          {:>8.3} s",
-        submitted.as_secs_f64()
-    );
     println!(
         "floor: {sweep} spawns, two at a time      {:>8.3} s",
         floor_sweep.as_secs_f64()
     );
-    println!(
-        "engine: sweep of {sweep} `true` tasks      {:>8.3} s",
-        engine_sweep.as_secs_f64()
-    );
-    println!(
-        "ratio: {:.2}x the floor",
-        engine_sweep.as_secs_f64() / floor_sweep.as_secs_f64()
-    );
-    println!(
-        "CPU per task: engine process {:.2} ms, agent {:.2} ms (with its jobs' processes)",
-        (cpu_seconds("self") - engine_cpu) * 1e3 / sweep as f64,
-        (cpu_seconds(&agent_pid) - agent_cpu) * 1e3 / sweep as f64,
-    );
+    // A sweep as sweeps submit it (`apply_all`: one transaction), then the same number of
+    // runs applied one at a time.
+    for batch in [true, false] {
+        let (engine_cpu, agent_cpu) = (cpu_seconds("self"), cpu_seconds(&agent_pid));
+        let t = Instant::now();
+        let runs = if batch {
+            let items = (0..sweep).map(|_| (config.clone(), apply_opts())).collect();
+            client.runs().apply_all(items).await.expect("apply")
+        } else {
+            let mut runs = Vec::with_capacity(sweep);
+            for _ in 0..sweep {
+                let run = client.runs().apply(config.clone(), apply_opts()).await;
+                runs.push(run.expect("apply"));
+            }
+            runs
+        };
+        let submitted = t.elapsed();
+        for run in &runs {
+            assert_eq!(run.wait().await.expect("wait").status, RunStatus::Done);
+        }
+        let engine_sweep = t.elapsed();
+        let how = if batch { "at once" } else { "one by one" };
+        println!(
+            "engine: sweep of {sweep} `true` tasks ({how}: submitted in {:.3} s) {:>8.3} s",
+            submitted.as_secs_f64(),
+            engine_sweep.as_secs_f64()
+        );
+        println!(
+            "ratio: {:.2}x the floor",
+            engine_sweep.as_secs_f64() / floor_sweep.as_secs_f64()
+        );
+        println!(
+            "CPU per task: engine process {:.2} ms, agent {:.2} ms (with its jobs' processes)",
+            (cpu_seconds("self") - engine_cpu) * 1e3 / sweep as f64,
+            (cpu_seconds(&agent_pid) - agent_cpu) * 1e3 / sweep as f64,
+        );
+    }
     let _ = std::process::Command::new("kill").arg(&agent_pid).status();
 }

@@ -648,6 +648,35 @@ async fn many_instant_runs_all_finish() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_applied_together_are_recorded_all_or_none() {
+    let home = Home::new();
+    let client = home.client().await;
+    let yaml = "type: task\nshell: sh\ncommands: ['true']\nresources: {cpu: 0.., memory: 0.01GB.., disk: 1GB..}\n";
+    let config = parse(yaml, "test.dstack.yml").unwrap();
+    let named = |name: Option<&str>| {
+        let mut o = opts(home.path());
+        o.name = name.map(str::to_string);
+        (config.clone(), o)
+    };
+    // Two runs of one name in a batch: nothing is recorded.
+    let clash = vec![named(Some("twin")), named(None), named(Some("twin"))];
+    let err = client.runs().apply_all(clash).await.err().expect("refused");
+    assert!(err.to_string().contains("twin"), "{err}");
+    assert!(client.runs().list(true).unwrap().is_empty());
+    // A batch with generated names: every name differs, every run finishes.
+    let runs = client
+        .runs()
+        .apply_all((0..40).map(|_| named(None)).collect())
+        .await
+        .unwrap();
+    let names: std::collections::BTreeSet<&str> = runs.iter().map(|r| r.name()).collect();
+    assert_eq!(names.len(), 40);
+    for run in &runs {
+        assert_eq!(finish(run).await.status, RunStatus::Done);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopping_right_after_applying_leaves_nothing_running() {
     // Stop races placement and start; every run must end terminated and no process survive.
     let home = Home::new();

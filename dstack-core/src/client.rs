@@ -114,6 +114,16 @@ impl Runs<'_> {
         Ok(self.handle(&run))
     }
 
+    /// Submits several runs at once, in one store transaction: all of them, or none if one
+    /// is invalid (e.g. the trials of a sweep).
+    pub async fn apply_all(
+        &self,
+        items: Vec<(Configuration, ApplyOptions)>,
+    ) -> Result<Vec<RunHandle>, EngineError> {
+        let runs = self.client.engine.apply_all(items).await?;
+        Ok(runs.iter().map(|run| self.handle(run)).collect())
+    }
+
     /// The current run with this name.
     pub fn get(&self, name: &str) -> Result<Option<RunHandle>, EngineError> {
         Ok(self

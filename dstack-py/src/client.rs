@@ -36,7 +36,6 @@ struct Apply {
     name: Option<String>,
     env: BTreeMap<String, String>,
     configuration_path: Option<String>,
-    group: Option<RunGroup>,
 }
 
 impl Apply {
@@ -44,13 +43,11 @@ impl Apply {
         name: Option<String>,
         env: Option<BTreeMap<String, String>>,
         configuration_path: Option<String>,
-        group: Option<RunGroup>,
     ) -> Self {
         Apply {
             name,
             env: env.unwrap_or_default(),
             configuration_path,
-            group,
         }
     }
 }
@@ -93,8 +90,7 @@ impl RawClient {
     }
 
     /// Submits a run and returns its handle.
-    #[pyo3(signature = (configuration, name = None, env = None, configuration_path = None, group_id = None, max_parallel = None))]
-    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (configuration, name = None, env = None, configuration_path = None))]
     fn apply(
         &self,
         py: Python<'_>,
@@ -102,15 +98,48 @@ impl RawClient {
         name: Option<String>,
         env: Option<BTreeMap<String, String>>,
         configuration_path: Option<String>,
-        group_id: Option<String>,
-        max_parallel: Option<u32>,
     ) -> PyResult<RawRun> {
         let configuration = configuration_of(py, configuration)?;
-        let group = group_id.map(|id| RunGroup { id, max_parallel });
-        let options = Apply::new(name, env, configuration_path, group);
+        let options = Apply::new(name, env, configuration_path);
         let client = self.client.clone();
         let run = block_on(py, apply(client, configuration, options))?;
         raise(py, run)
+    }
+
+    /// Submits one run of `configuration` per trial `(name, env)`, all in one transaction,
+    /// as group `group_id` of which at most `max_parallel` runs hold resources at once.
+    #[pyo3(signature = (configuration, trials, group_id, max_parallel = None))]
+    fn apply_group(
+        &self,
+        py: Python<'_>,
+        configuration: &Bound<'_, PyAny>,
+        trials: Vec<(String, BTreeMap<String, String>)>,
+        group_id: String,
+        max_parallel: Option<u32>,
+    ) -> PyResult<Vec<RawRun>> {
+        let configuration = configuration_of(py, configuration)?;
+        let group = RunGroup {
+            id: group_id,
+            max_parallel,
+        };
+        let items = trials
+            .into_iter()
+            .map(|(name, env)| {
+                let options = ApplyOptions {
+                    name: Some(name),
+                    env,
+                    group: Some(group.clone()),
+                    ..ApplyOptions::default()
+                };
+                (configuration.clone(), options)
+            })
+            .collect();
+        let client = self.client.clone();
+        let runs = block_on(py, async move {
+            let runs = client.runs().apply_all(items).await?;
+            Ok::<_, Failure>(runs.into_iter().map(RawRun::new).collect())
+        })?;
+        raise(py, runs)
     }
 
     /// `apply`, for asyncio.
@@ -124,7 +153,7 @@ impl RawClient {
         configuration_path: Option<String>,
     ) -> PyResult<RawTask> {
         let configuration = configuration_of(py, configuration)?;
-        let options = Apply::new(name, env, configuration_path, None);
+        let options = Apply::new(name, env, configuration_path);
         let fut = apply(self.client.clone(), configuration, options);
         spawn(fut, |py, run| Ok(Py::new(py, run)?.into_any()))
     }
@@ -269,7 +298,6 @@ async fn apply(client: Client, configuration: Configuration, options: Apply) -> 
         name: options.name,
         env: options.env,
         configuration_path: options.configuration_path,
-        group: options.group,
         ..ApplyOptions::default()
     };
     let run = client.runs().apply(configuration, options).await?;

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from dstack.api import Client, Task
-from dstack.errors import ConfigurationError, NoCapacityError
+from dstack.errors import ConfigurationError, NoCapacityError, ResourceExistsError
 from dstack._sweep import expand
 from dstack.api import GPU, Resources, Sweep
 
@@ -93,6 +93,21 @@ def test_sweep_that_cannot_run_submits_nothing(client: Client) -> None:
     with pytest.raises(NoCapacityError):
         client.runs.sweep(task, {"x": [1, 2]}, name="nofit")
     assert len(client.runs.list(all=True)) == before
+
+
+def test_a_sweep_is_submitted_whole_or_not_at_all(client: Client) -> None:
+    # A trial's name is taken by an active run: no trial of the sweep is submitted.
+    blocker = client.runs.apply_configuration(
+        Task(name="clash-2", commands=["sleep 30"], resources=SMALL)
+    )
+    try:
+        before = len(client.runs.list(all=True))
+        with pytest.raises(ResourceExistsError, match="clash-2"):
+            client.runs.sweep(Task(commands=["true"]), {"x": [1, 2, 3, 4]}, name="clash")
+        assert len(client.runs.list(all=True)) == before
+        assert client.runs.get("clash-0") is None
+    finally:
+        blocker.stop(abort=True)
 
 
 def test_sweep_progress_is_shown(client: Client, capsys: pytest.CaptureFixture[str]) -> None:

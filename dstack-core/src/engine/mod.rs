@@ -299,90 +299,47 @@ impl Engine {
         configuration: Configuration,
         opts: ApplyOptions,
     ) -> Result<Run, EngineError> {
+        let mut runs = self.apply_all(vec![(configuration, opts)]).await?;
+        runs.pop()
+            .ok_or_else(|| EngineError::Invalid("no run was recorded".to_string()))
+    }
+
+    /// Records several runs in one transaction (all of them, or none if any is invalid) and
+    /// wakes the scheduler; returns them in order. Sweeps submit their trials this way.
+    pub async fn apply_all(
+        &self,
+        items: Vec<(Configuration, ApplyOptions)>,
+    ) -> Result<Vec<Run>, EngineError> {
         let inner = self.inner();
-        inner.check_runnable(&configuration)?;
-        let common = command::common(&configuration);
-        let name = match opts.name.clone().or_else(|| common.name.clone()) {
-            Some(name) if !names::is_valid(&name) => {
-                return Err(EngineError::Invalid(format!(
-                    "invalid run name `{name}`: use 2-41 characters of a-z, 0-9 and -, starting with a letter"
-                )))
-            }
-            Some(name) => name,
-            None => {
-                let prefix = names::prefix(uuid::Uuid::new_v4().as_u128() as u64);
-                names::generate(&prefix, &inner.store.run_names(&prefix)?)
-            }
-        };
-        let client_env = opts
-            .client_env
-            .clone()
-            .unwrap_or_else(|| std::env::vars().collect());
-        let mut captured: BTreeMap<String, String> = SESSION_VARS
-            .iter()
-            .filter_map(|k| client_env.get(*k).map(|v| (k.to_string(), v.clone())))
-            .collect();
-        for (k, v) in &common.env.0 {
-            if let crate::config::env::EnvValue::FromClient = v {
-                match client_env.get(k) {
-                    Some(value) => {
-                        captured.insert(k.clone(), value.clone());
-                    }
-                    None => {
-                        return Err(EngineError::Invalid(format!(
-                            "environment variable {k} is listed in `env` without a value, and it is not set here"
-                        )))
-                    }
-                }
-            }
+        let mut batch: Vec<(Run, Vec<Job>, Arc<Configuration>)> = Vec::with_capacity(items.len());
+        let mut generated: Vec<String> = Vec::new();
+        for (configuration, opts) in items {
+            let prepared = inner.prepare_run(configuration, opts, &mut generated)?;
+            batch.push(prepared);
         }
-        let mut configuration = configuration;
-        apply_env_overrides(&mut configuration, &opts.env);
-        let configuration = Arc::new(configuration);
-        let client_dir = match opts.client_dir {
-            Some(dir) => dir,
-            None => std::env::current_dir()
-                .map(|d| d.display().to_string())
-                .map_err(|e| {
-                    EngineError::Invalid(format!("cannot read the current directory: {e}"))
-                })?,
-        };
-        let now = now_ms();
-        let run = Run {
-            id: uuid::Uuid::new_v4().to_string(),
-            name,
-            status: RunStatus::Submitted,
-            termination_reason: None,
-            status_message: None,
-            spec: RunSpec {
-                configuration: configuration.to_json(),
-                configuration_path: opts.configuration_path,
-                client_dir,
-                client_env: captured,
-                group: opts.group.clone(),
-            },
-            submitted_at_ms: now,
-            resubmission_attempt: 0,
-            next_attempt_at_ms: None,
-        };
-        let jobs: Vec<Job> = (0..command::nodes(&configuration) as u32)
-            .map(|num| Job::submission(&run, num, 0))
+        let records: Vec<(&Run, &[Job])> = batch
+            .iter()
+            .map(|(run, jobs, _)| (run, jobs.as_slice()))
             .collect();
-        inner.store.insert_run(&run, &jobs)?;
-        let definition = Definition {
-            id: run.id.clone(),
-            name: run.name.clone(),
-            spec: run.spec.clone(),
-            config: configuration.clone(),
-        };
-        inner
-            .definitions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(run.id.clone(), Arc::new(definition));
-        inner.emit(&run);
-        inner.wake_for_new_run(&configuration);
-        Ok(run)
+        inner.store.insert_runs(&records)?;
+        let mut runs = Vec::with_capacity(batch.len());
+        for (run, _, configuration) in batch {
+            let definition = Definition {
+                id: run.id.clone(),
+                name: run.name.clone(),
+                spec: run.spec.clone(),
+                config: configuration.clone(),
+            };
+            inner
+                .definitions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(run.id.clone(), Arc::new(definition));
+            inner.emit(&run);
+            inner.wake_for_new_run(&configuration);
+            runs.push(run);
+        }
+        Ok(runs)
     }
 
     /// Opens a TCP connection to `port` on an instance's host (see `Compute::dial_port`).
@@ -539,6 +496,90 @@ impl Inner {
                 _ => {}
             }
         }
+    }
+
+    /// A new run (`submitted`) and its first jobs, from a configuration as applied. Names
+    /// generated for runs of the same batch so far are in `generated` (and this run's is
+    /// added).
+    fn prepare_run(
+        &self,
+        configuration: Configuration,
+        opts: ApplyOptions,
+        generated: &mut Vec<String>,
+    ) -> Result<(Run, Vec<Job>, Arc<Configuration>), EngineError> {
+        self.check_runnable(&configuration)?;
+        let common = command::common(&configuration);
+        let name = match opts.name.clone().or_else(|| common.name.clone()) {
+            Some(name) if !names::is_valid(&name) => {
+                return Err(EngineError::Invalid(format!(
+                    "invalid run name `{name}`: use 2-41 characters of a-z, 0-9 and -, starting with a letter"
+                )))
+            }
+            Some(name) => name,
+            None => {
+                let prefix = names::prefix(uuid::Uuid::new_v4().as_u128() as u64);
+                let mut taken = self.store.run_names(&prefix)?;
+                taken.extend(generated.iter().filter(|n| n.starts_with(&prefix)).cloned());
+                let name = names::generate(&prefix, &taken);
+                generated.push(name.clone());
+                name
+            }
+        };
+        let client_env = opts
+            .client_env
+            .clone()
+            .unwrap_or_else(|| std::env::vars().collect());
+        let mut captured: BTreeMap<String, String> = SESSION_VARS
+            .iter()
+            .filter_map(|k| client_env.get(*k).map(|v| (k.to_string(), v.clone())))
+            .collect();
+        for (k, v) in &common.env.0 {
+            if let crate::config::env::EnvValue::FromClient = v {
+                match client_env.get(k) {
+                    Some(value) => {
+                        captured.insert(k.clone(), value.clone());
+                    }
+                    None => {
+                        return Err(EngineError::Invalid(format!(
+                            "environment variable {k} is listed in `env` without a value, and it is not set here"
+                        )))
+                    }
+                }
+            }
+        }
+        let mut configuration = configuration;
+        apply_env_overrides(&mut configuration, &opts.env);
+        let configuration = Arc::new(configuration);
+        let client_dir = match opts.client_dir {
+            Some(dir) => dir,
+            None => std::env::current_dir()
+                .map(|d| d.display().to_string())
+                .map_err(|e| {
+                    EngineError::Invalid(format!("cannot read the current directory: {e}"))
+                })?,
+        };
+        let now = now_ms();
+        let run = Run {
+            id: uuid::Uuid::new_v4().to_string(),
+            name,
+            status: RunStatus::Submitted,
+            termination_reason: None,
+            status_message: None,
+            spec: RunSpec {
+                configuration: configuration.to_json(),
+                configuration_path: opts.configuration_path,
+                client_dir,
+                client_env: captured,
+                group: opts.group.clone(),
+            },
+            submitted_at_ms: now,
+            resubmission_attempt: 0,
+            next_attempt_at_ms: None,
+        };
+        let jobs: Vec<Job> = (0..command::nodes(&configuration) as u32)
+            .map(|num| Job::submission(&run, num, 0))
+            .collect();
+        Ok((run, jobs, configuration))
     }
 
     pub(crate) fn emit(&self, run: &Run) {

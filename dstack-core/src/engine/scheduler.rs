@@ -6,8 +6,6 @@ use std::sync::Arc;
 
 use super::provision::ForJob;
 use super::{jobs, Inner};
-use crate::config::profile::ProfileParams;
-use crate::config::resources::ResourcesSpec;
 use crate::config::Configuration;
 use crate::model::{Fleet, Instance, InstanceStatus, JobTerminationReason, Reservation};
 use crate::offers::{mismatch, reserve, reserve_blocks};
@@ -16,40 +14,14 @@ use crate::store::WaitingJob;
 /// How many waiting jobs one pass looks at (the oldest first).
 const PASS_LIMIT: usize = 64;
 
-/// What decides whether a single-node job fits where another did not: its fleet selection,
-/// its resources, whether it needs a container engine, and its profile (what a backend
-/// fleet may provision for it).
-#[derive(Clone, PartialEq)]
-struct Demand {
-    selection: Option<Vec<String>>,
-    resources: ResourcesSpec,
-    containers: bool,
-    profile: ProfileParams,
-}
-
-impl Demand {
-    /// The demand of a single-node run (`None` for multi-node runs, placed as a whole).
-    fn of(config: &Configuration) -> Option<Demand> {
-        if super::command::nodes(config) > 1 {
-            return None;
-        }
-        let common = super::command::common(config);
-        Some(Demand {
-            selection: fleet_selection(common),
-            resources: common.resources.clone(),
-            containers: common.image.is_some() || common.docker == Some(true),
-            profile: common.profile.clone(),
-        })
-    }
-}
-
-/// The demands the last placement pass found no room for, valid while the capacity epoch
-/// it started at is current: a new run with one of them cannot be placed either, so it
-/// waits without waking the scheduler (what frees capacity wakes it).
+/// The configurations of the single-node jobs the last placement pass found no room for,
+/// valid while the capacity epoch it started at is current: a new run with the same demand
+/// (see [`same_demand`]) cannot be placed either, so it waits without waking the scheduler
+/// (what frees capacity wakes it).
 #[derive(Default)]
 pub(crate) struct Blocked {
     epoch: u64,
-    demands: Vec<Demand>,
+    demands: Vec<Arc<Configuration>>,
 }
 
 impl Inner {
@@ -64,7 +36,7 @@ impl Inner {
     pub(crate) fn wake_for_new_run(&self, config: &Configuration) {
         let blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
         let waits = blocked.epoch == self.capacity_epoch.load(Ordering::SeqCst)
-            && Demand::of(config).is_some_and(|d| blocked.demands.contains(&d));
+            && blocked.demands.iter().any(|d| same_demand(d, config));
         drop(blocked);
         if !waits {
             self.schedule.notify_one();
@@ -88,7 +60,8 @@ pub(crate) async fn run(inner: Arc<Inner>) {
 async fn pass(inner: &Arc<Inner>) {
     let epoch = inner.capacity_epoch.load(Ordering::SeqCst);
     inner.set_blocked(Blocked::default());
-    let mut unplaced: Vec<Demand> = Vec::new();
+    // Configurations of the single-node jobs this pass found no room for.
+    let mut unplaced: Vec<Arc<Configuration>> = Vec::new();
     let Ok(waiting) = inner.store.waiting_jobs(PASS_LIMIT) else {
         return;
     };
@@ -135,6 +108,11 @@ async fn pass(inner: &Arc<Inner>) {
         let Ok(config) = inner.configuration_of(&run_id) else {
             continue;
         };
+        // A job whose demand already found no room in this pass finds none either (most of
+        // a sweep's waiting jobs end here, at the cost of a comparison).
+        if unplaced.iter().any(|c| same_demand(c, &config)) {
+            continue;
+        }
         if super::command::nodes(&config) > 1 {
             if !gangs.contains(&run_id) {
                 super::gang::place(inner, &run_id, &config, &instances, &fleets).await;
@@ -230,7 +208,7 @@ async fn pass(inner: &Arc<Inner>) {
                     continue;
                 }
                 blocked.push((selection, want));
-                unplaced.extend(Demand::of(&config));
+                unplaced.push(config.clone());
             }
         }
     }
@@ -238,6 +216,20 @@ async fn pass(inner: &Arc<Inner>) {
         epoch,
         demands: unplaced,
     });
+}
+
+/// Whether two runs are single-node runs that demand the same: the same resources, profile
+/// (fleet selection, and what a backend fleet may provision for them) and need of a
+/// container engine. Where one does not fit, neither does the other.
+fn same_demand(a: &Configuration, b: &Configuration) -> bool {
+    let (x, y) = (super::command::common(a), super::command::common(b));
+    let containers =
+        |c: &crate::config::run::RunCommon| c.image.is_some() || c.docker == Some(true);
+    super::command::nodes(a) == 1
+        && super::command::nodes(b) == 1
+        && x.resources == y.resources
+        && x.profile == y.profile
+        && containers(x) == containers(y)
 }
 
 /// Idle instances (holding nothing) first, then by price.

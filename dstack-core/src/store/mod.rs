@@ -75,7 +75,12 @@ pub enum JobAndRun {
 pub trait Store: Send + Sync {
     /// Inserts a new run with its first jobs. A finished run of the same name is replaced;
     /// an active one is [`StoreError::NameTaken`].
-    fn insert_run(&self, run: &Run, jobs: &[Job]) -> Result<(), StoreError>;
+    fn insert_run(&self, run: &Run, jobs: &[Job]) -> Result<(), StoreError> {
+        self.insert_runs(&[(run, jobs)])
+    }
+    /// Inserts new runs with their first jobs, in one transaction: all of them, or none if
+    /// one fails (as [`Store::insert_run`] would).
+    fn insert_runs(&self, runs: &[(&Run, &[Job])]) -> Result<(), StoreError>;
     /// A run by id.
     fn run(&self, id: &str) -> Result<Option<Run>, StoreError>;
     /// The current run with this name.

@@ -58,16 +58,48 @@ const MIGRATIONS: &[&str] = &[
     "DROP INDEX jobs_status;
     DROP INDEX jobs_instance;
     CREATE INDEX runs_active_group ON runs(group_id) WHERE group_id IS NOT NULL AND active = 1;",
+    // 7: status indexes hold unfinished records only, so a transition writes fewer, shallower
+    // index pages however long the history grows (and the waiting queue is read from its index
+    // alone).
+    "DROP INDEX jobs_status_submitted;
+    DROP INDEX jobs_instance_status;
+    DROP INDEX runs_status;
+    CREATE INDEX jobs_unfinished ON jobs(status, submitted_at, id, run_id)
+        WHERE status IN ('submitted', 'provisioning', 'pulling', 'running', 'terminating');
+    CREATE INDEX jobs_holding ON jobs(instance_id)
+        WHERE status IN ('provisioning', 'pulling', 'running', 'terminating');
+    CREATE INDEX runs_unfinished ON runs(status, submitted_at) WHERE active = 1;",
 ];
+
+/// SQL: a job is unfinished; exactly the condition of the `jobs_unfinished` index, which
+/// SQLite uses only for queries that state it.
+macro_rules! job_unfinished {
+    () => {
+        "status IN ('submitted', 'provisioning', 'pulling', 'running', 'terminating')"
+    };
+}
+
+/// SQL: a job holds resources on its instance (the condition of the `jobs_holding` index).
+macro_rules! job_holding {
+    () => {
+        "status IN ('provisioning', 'pulling', 'running', 'terminating')"
+    };
+}
+
+const JOB_UNFINISHED: &str = job_unfinished!();
+const JOB_HOLDING: &str = job_holding!();
 
 /// SQL: whether the group of run `r` (if it has one with a limit) may place one more run,
 /// counting the group's runs with a job that holds resources.
 macro_rules! group_room_sql {
     () => {
-        "(r.group_max IS NULL OR r.group_max > (
+        concat!(
+            "(r.group_max IS NULL OR r.group_max > (
             SELECT COUNT(DISTINCT h.run_id) FROM jobs h JOIN runs g ON g.id = h.run_id
-            WHERE g.group_id = r.group_id
-              AND h.status IN ('provisioning', 'pulling', 'running', 'terminating')))"
+            WHERE g.group_id = r.group_id AND h.",
+            job_holding!(),
+            "))"
+        )
     };
 }
 
@@ -238,8 +270,13 @@ fn status_strs<S: Copy>(statuses: &[S], f: impl Fn(S) -> &'static str) -> Vec<&'
 }
 
 impl Store for SqliteStore {
-    fn insert_run(&self, run: &Run, jobs: &[Job]) -> Result<(), StoreError> {
-        self.with(|c| in_transaction(c, true, |c| insert_run(c, run, jobs)))
+    fn insert_runs(&self, runs: &[(&Run, &[Job])]) -> Result<(), StoreError> {
+        self.with(|c| {
+            in_transaction(c, true, |c| {
+                runs.iter()
+                    .try_for_each(|(run, jobs)| insert_run(c, run, jobs))
+            })
+        })
     }
 
     fn run(&self, id: &str) -> Result<Option<Run>, StoreError> {
@@ -265,8 +302,14 @@ impl Store for SqliteStore {
 
     fn runs_with_status(&self, statuses: &[RunStatus]) -> Result<Vec<Run>, StoreError> {
         let names = status_strs(statuses, RunStatus::as_str);
+        // Unfinished statuses are found through the index of active runs.
+        let active = if statuses.iter().all(|s| !s.is_finished()) {
+            "active = 1 AND "
+        } else {
+            ""
+        };
         let sql = format!(
-            "SELECT data FROM runs WHERE status IN ({}) ORDER BY submitted_at",
+            "SELECT data FROM runs WHERE {active}status IN ({}) ORDER BY submitted_at",
             placeholders(names.len())
         );
         let args: Vec<&dyn rusqlite::ToSql> =
@@ -326,7 +369,8 @@ impl Store for SqliteStore {
         self.with(|c| {
             let mut stmt = c.prepare_cached(
                 "SELECT DISTINCT r.id FROM runs r JOIN jobs j ON j.run_id = r.id \
-                 WHERE r.status = 'submitted' AND j.status IN ('provisioning', 'pulling', 'running')",
+                 WHERE r.active = 1 AND r.status = 'submitted' \
+                   AND j.status IN ('provisioning', 'pulling', 'running')",
             )?;
             let ids = stmt.query_map([], |r| r.get(0))?;
             Ok(ids.collect::<Result<_, _>>()?)
@@ -348,8 +392,14 @@ impl Store for SqliteStore {
 
     fn jobs_with_status(&self, statuses: &[JobStatus]) -> Result<Vec<Job>, StoreError> {
         let names = status_strs(statuses, JobStatus::as_str);
+        // Unfinished statuses are found through the index of unfinished jobs.
+        let unfinished = if statuses.iter().all(|s| !s.is_finished()) {
+            format!("{JOB_UNFINISHED} AND ")
+        } else {
+            String::new()
+        };
         let sql = format!(
-            "SELECT data FROM jobs WHERE status IN ({}) ORDER BY submitted_at",
+            "SELECT data FROM jobs WHERE {unfinished}status IN ({}) ORDER BY submitted_at",
             placeholders(names.len())
         );
         let args: Vec<&dyn rusqlite::ToSql> =
@@ -370,10 +420,11 @@ impl Store for SqliteStore {
                 )?
                 .query_row([], |r| r.get(0))?;
             if !grouped {
-                let mut stmt = c.prepare_cached(
-                    "SELECT id, run_id FROM jobs WHERE status = 'submitted' \
-                     ORDER BY submitted_at LIMIT ?",
-                )?;
+                let sql = format!(
+                    "SELECT id, run_id FROM jobs WHERE {JOB_UNFINISHED} AND status = 'submitted' \
+                     ORDER BY submitted_at LIMIT ?"
+                );
+                let mut stmt = c.prepare_cached(&sql)?;
                 let rows = stmt.query_map([limit], |r| {
                     Ok(WaitingJob {
                         job_id: r.get(0)?,
@@ -385,7 +436,7 @@ impl Store for SqliteStore {
             }
             let sql = concat!(
                 "SELECT j.id, j.run_id, r.group_max IS NOT NULL FROM jobs j JOIN runs r ON r.id = j.run_id ",
-                "WHERE j.status = 'submitted' AND ",
+                "WHERE j.", job_unfinished!(), " AND j.status = 'submitted' AND ",
                 group_room_sql!(),
                 " ORDER BY j.submitted_at LIMIT ?"
             );
@@ -625,27 +676,25 @@ fn held_reservations(
     c: &Connection,
     instance_id: Option<&str>,
 ) -> Result<Vec<(String, Reservation)>, StoreError> {
-    let holding = status_strs(JobStatus::HOLDING, JobStatus::as_str);
     let on = if instance_id.is_some() {
         "instance_id = ?"
     } else {
         "instance_id IS NOT NULL"
     };
     let sql = format!(
-        "SELECT instance_id, reservation, data FROM jobs WHERE {on} AND status IN ({})",
-        placeholders(holding.len())
+        "SELECT instance_id, reservation, CASE WHEN reservation IS NULL THEN data END \
+         FROM jobs WHERE {on} AND {JOB_HOLDING}"
     );
-    let mut args: Vec<&dyn rusqlite::ToSql> = Vec::new();
-    if let Some(id) = &instance_id {
-        args.push(id);
-    }
-    args.extend(holding.iter().map(|s| s as &dyn rusqlite::ToSql));
+    let args: Vec<&dyn rusqlite::ToSql> = instance_id
+        .iter()
+        .map(|id| id as &dyn rusqlite::ToSql)
+        .collect();
     let mut stmt = c.prepare_cached(&sql)?;
     let rows = stmt.query_map(args.as_slice(), |r| {
         Ok((
             r.get::<_, String>(0)?,
             r.get::<_, Option<String>>(1)?,
-            r.get::<_, String>(2)?,
+            r.get::<_, Option<String>>(2)?,
         ))
     })?;
     let mut held = Vec::new();
@@ -654,7 +703,10 @@ fn held_reservations(
         match reservation {
             Some(r) => held.push((instance, from_json(&r)?)),
             // Written before the column existed.
-            None => held.extend(from_json::<Job>(&data)?.reservation.map(|r| (instance, r))),
+            None => {
+                let job: Job = from_json(data.as_deref().unwrap_or("null"))?;
+                held.extend(job.reservation.map(|r| (instance, r)));
+            }
         }
     }
     Ok(held)
@@ -795,6 +847,42 @@ mod tests {
         assert!(!store.update_job(&done, &[JobStatus::Running]).unwrap());
         assert!(store.update_job(&done, &[JobStatus::Submitted]).unwrap());
         assert_eq!(store.job(&j.id).unwrap().unwrap().status, JobStatus::Done);
+    }
+
+    #[test]
+    fn hot_queries_use_the_indexes_of_unfinished_records() {
+        // The SQL conditions name exactly the statuses of the model.
+        let quoted = |statuses: &[JobStatus]| {
+            let names: Vec<String> = statuses
+                .iter()
+                .map(|s| format!("'{}'", s.as_str()))
+                .collect();
+            format!("status IN ({})", names.join(", "))
+        };
+        assert_eq!(JOB_HOLDING, quoted(JobStatus::HOLDING));
+        let mut unfinished = vec![JobStatus::Submitted];
+        unfinished.extend_from_slice(JobStatus::HOLDING);
+        assert_eq!(JOB_UNFINISHED, quoted(&unfinished));
+        let store = SqliteStore::in_memory().unwrap();
+        let plan = |sql: &str| -> String {
+            store
+                .with(|c| {
+                    let mut stmt = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+                    let rows = stmt.query_map([], |r| r.get::<_, String>(3))?;
+                    Ok(rows.collect::<Result<Vec<_>, _>>()?.join("; "))
+                })
+                .unwrap()
+        };
+        let waiting = format!(
+            "SELECT id, run_id FROM jobs WHERE {JOB_UNFINISHED} AND status = 'submitted' \
+             ORDER BY submitted_at LIMIT 64"
+        );
+        assert!(plan(&waiting).contains("COVERING INDEX jobs_unfinished"));
+        let holding =
+            format!("SELECT reservation FROM jobs WHERE instance_id = 'i' AND {JOB_HOLDING}");
+        assert!(plan(&holding).contains("INDEX jobs_holding"));
+        let pending = "SELECT data FROM runs WHERE active = 1 AND status IN ('pending')";
+        assert!(plan(pending).contains("INDEX runs_unfinished"));
     }
 
     #[test]

@@ -50,9 +50,14 @@ class RawClient:
         name: Optional[str] = None,
         env: Optional[Dict[str, str]] = None,
         configuration_path: Optional[str] = None,
-        group_id: Optional[str] = None,
-        max_parallel: Optional[int] = None,
     ) -> RawRun: ...
+    def apply_group(
+        self,
+        configuration: ConfigurationData,
+        trials: List[Tuple[str, Dict[str, str]]],
+        group_id: str,
+        max_parallel: Optional[int] = None,
+    ) -> List[RawRun]: ...
     def apply_async(
         self,
         configuration: ConfigurationData,

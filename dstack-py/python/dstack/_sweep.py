@@ -86,20 +86,16 @@ class Sweep:
         base = base or f"sweep-{uuid.uuid4().hex[:6]}"
         group = f"{base}-{uuid.uuid4().hex[:8]}"
         size = len(trials)
-        runs = []
+        submissions = []
         for index, trial in enumerate(trials):
             env = {k: env_value(v) for k, v in trial.items()}
             env["DSTACK_SWEEP_INDEX"] = str(index)
             env["DSTACK_SWEEP_SIZE"] = str(size)
             env["DSTACK_SWEEP_PARAMS"] = json.dumps(trial)
-            run = raw.apply(
-                data,
-                name=f"{base}-{index}",
-                env=env,
-                group_id=group,
-                max_parallel=max_parallel,
-            )
-            runs.append(Run(run))
+            submissions.append((f"{base}-{index}", env))
+        # All trials in one transaction: a sweep is submitted whole or not at all.
+        raws = raw.apply_group(data, submissions, group, max_parallel)
+        runs = [Run(r) for r in raws]
         return cls(base, trials, runs)
 
     def refresh(self) -> "Sweep":
