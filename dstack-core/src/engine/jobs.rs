@@ -174,13 +174,23 @@ pub(crate) async fn record(
     job: &Job,
     from: JobStatus,
 ) -> Result<bool, crate::store::StoreError> {
-    let config = inner.configuration_of(&job.run_id).ok();
-    // Without the configuration (a corrupt record) the run is left to a reconcile.
-    let mut deferred = config.is_none();
+    let mut deferred = false;
     let written = {
         let mut derive = |run: &Run, jobs: &[Job]| {
-            let config = config.as_ref()?;
-            runs::derive_update(inner, run, jobs, config, &mut deferred)
+            if run.status.is_finished() {
+                return None;
+            }
+            match inner.definition(run) {
+                Ok(definition) => {
+                    runs::derive_update(inner, run, jobs, &definition.config, &mut deferred)
+                }
+                // A configuration that cannot be read (a corrupt record): left to a
+                // reconcile, which reports it.
+                Err(_) => {
+                    deferred = true;
+                    None
+                }
+            }
         };
         inner.store.update_job_and_run(job, &[from], &mut derive)?
     };

@@ -125,6 +125,7 @@ pub trait Store: Send + Sync {
     fn update_job(&self, job: &Job, expected: &[JobStatus]) -> Result<bool, StoreError>;
     /// Writes `job` if its stored status is one of `expected` and, in the same transaction,
     /// its run as `derive` decides from the run and its jobs as stored after the job's write.
+    /// `derive` runs inside the transaction: it must not call the store.
     fn update_job_and_run(
         &self,
         job: &Job,
