@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use super::{runs, EngineError, Inner};
 use crate::agent::{AgentError, AgentJobStatus, JobInfo, StopRequest};
-use crate::model::{now_ms, Job, JobStatus, JobTerminationReason, Run};
+use crate::model::{now_ms, Instance, Job, JobStatus, JobTerminationReason, Run};
 use crate::store::JobAndRun;
 
 const UNFINISHED: &[JobStatus] = &[
@@ -18,6 +18,15 @@ const UNFINISHED: &[JobStatus] = &[
 /// Starts a `provisioning` job on its instance's agent (idempotent: safe to repeat after a
 /// crash, the agent knows the job by its id).
 pub(crate) async fn start(inner: Arc<Inner>, job: Job) {
+    start_with(inner, job, None).await;
+}
+
+/// [`start`], on `instance` as the caller just read it (the job's instance).
+pub(crate) async fn start_on(inner: Arc<Inner>, job: Job, instance: Instance) {
+    start_with(inner, job, Some(instance)).await;
+}
+
+async fn start_with(inner: Arc<Inner>, job: Job, instance: Option<Instance>) {
     if !inner
         .starting
         .lock()
@@ -26,7 +35,7 @@ pub(crate) async fn start(inner: Arc<Inner>, job: Job) {
     {
         return; // already being started by this process
     }
-    let result = try_start(&inner, &job).await;
+    let result = try_start(&inner, &job, instance).await;
     inner
         .starting
         .lock()
@@ -58,7 +67,7 @@ pub(crate) async fn start(inner: Arc<Inner>, job: Job) {
 fn node_addresses(
     inner: &Inner,
     run: &super::Definition,
-    instance: &crate::model::Instance,
+    instance: &Instance,
 ) -> Result<Vec<String>, EngineError> {
     let own = || {
         instance
@@ -89,13 +98,20 @@ fn node_addresses(
     Ok(addresses)
 }
 
-async fn try_start(inner: &Arc<Inner>, job: &Job) -> Result<(), EngineError> {
+async fn try_start(
+    inner: &Arc<Inner>,
+    job: &Job,
+    instance: Option<Instance>,
+) -> Result<(), EngineError> {
     let run = inner.definition_of(&job.run_id)?;
     let instance_id = job.instance_id.clone().unwrap_or_default();
-    let instance = inner
-        .store
-        .instance(&instance_id)?
-        .ok_or_else(|| EngineError::Invalid(format!("job {} has no instance", job.id)))?;
+    let instance = match instance.filter(|i| i.id == instance_id) {
+        Some(instance) => instance,
+        None => inner
+            .store
+            .instance(&instance_id)?
+            .ok_or_else(|| EngineError::Invalid(format!("job {} has no instance", job.id)))?,
+    };
     let nodes = node_addresses(inner, &run, &instance)?;
     let submit = super::command::job_submit(&run, job, &instance, &nodes)
         .map_err(|e| EngineError::Invalid(e.to_string()))?;

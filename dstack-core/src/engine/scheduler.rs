@@ -182,7 +182,7 @@ async fn pass(inner: &Arc<Inner>) {
             let fits = |held: &[Reservation]| fit(spec, instance, held, false);
             match inner.store.assign_job(&job_id, &instance.id, &fits) {
                 Ok(Some(assigned)) => {
-                    placed = Some(assigned);
+                    placed = Some((assigned, (*instance).clone()));
                     break;
                 }
                 Ok(None) => {}
@@ -190,16 +190,14 @@ async fn pass(inner: &Arc<Inner>) {
             }
         }
         match placed {
-            Some(assigned) => {
-                if let (Some(instance), Some(reservation)) =
-                    (&assigned.instance_id, &assigned.reservation)
-                {
-                    held.entry(instance.clone())
+            Some((assigned, instance)) => {
+                if let Some(reservation) = &assigned.reservation {
+                    held.entry(instance.id.clone())
                         .or_default()
                         .push(reservation.clone());
                     order(&mut instances, &held);
                 }
-                tokio::spawn(jobs::start(inner.clone(), assigned));
+                tokio::spawn(jobs::start_on(inner.clone(), assigned, instance));
             }
             None if had_room => {}
             None => {
