@@ -408,6 +408,8 @@ impl Store for SqliteStore {
     }
 
     fn waiting_jobs(&self, limit: usize) -> Result<Vec<WaitingJob>, StoreError> {
+        // The limit is written into the SQL: SQLite plans with a bound LIMIT's value, so a
+        // statement with `LIMIT ?` is compiled again on every call.
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.with(|c| {
             // Jobs of a group already at its limit are left out: they cannot be placed now,
@@ -422,10 +424,10 @@ impl Store for SqliteStore {
             if !grouped {
                 let sql = format!(
                     "SELECT id, run_id FROM jobs WHERE {JOB_UNFINISHED} AND status = 'submitted' \
-                     ORDER BY submitted_at LIMIT ?"
+                     ORDER BY submitted_at LIMIT {limit}"
                 );
                 let mut stmt = c.prepare_cached(&sql)?;
-                let rows = stmt.query_map([limit], |r| {
+                let rows = stmt.query_map([], |r| {
                     Ok(WaitingJob {
                         job_id: r.get(0)?,
                         run_id: r.get(1)?,
@@ -434,14 +436,16 @@ impl Store for SqliteStore {
                 })?;
                 return Ok(rows.collect::<Result<Vec<_>, _>>()?);
             }
-            let sql = concat!(
-                "SELECT j.id, j.run_id, r.group_max IS NOT NULL FROM jobs j JOIN runs r ON r.id = j.run_id ",
-                "WHERE j.", job_unfinished!(), " AND j.status = 'submitted' AND ",
-                group_room_sql!(),
-                " ORDER BY j.submitted_at LIMIT ?"
+            let sql = format!(
+                "{} ORDER BY j.submitted_at LIMIT {limit}",
+                concat!(
+                    "SELECT j.id, j.run_id, r.group_max IS NOT NULL FROM jobs j JOIN runs r ON r.id = j.run_id ",
+                    "WHERE j.", job_unfinished!(), " AND j.status = 'submitted' AND ",
+                    group_room_sql!(),
+                )
             );
-            let mut stmt = c.prepare_cached(sql)?;
-            let rows = stmt.query_map([limit], |r| {
+            let mut stmt = c.prepare_cached(&sql)?;
+            let rows = stmt.query_map([], |r| {
                 Ok(WaitingJob {
                     job_id: r.get(0)?,
                     run_id: r.get(1)?,
@@ -883,6 +887,34 @@ mod tests {
         assert!(plan(&holding).contains("INDEX jobs_holding"));
         let pending = "SELECT data FROM runs WHERE active = 1 AND status IN ('pending')";
         assert!(plan(pending).contains("INDEX runs_unfinished"));
+    }
+
+    #[test]
+    fn the_waiting_queue_query_stays_compiled() {
+        let store = SqliteStore::in_memory().unwrap();
+        let r = run("queued", RunStatus::Submitted);
+        store.insert_run(&r, &[job(&r)]).unwrap();
+        for _ in 0..3 {
+            assert_eq!(store.waiting_jobs(64).unwrap().len(), 1);
+        }
+        // Every statement the store ran is cached: none was compiled again by SQLite (as a
+        // bound LIMIT makes it do on every call).
+        let sql = format!(
+            "SELECT id, run_id FROM jobs WHERE {JOB_UNFINISHED} AND status = 'submitted' \
+             ORDER BY submitted_at LIMIT 64"
+        );
+        let reprepared = store
+            .with(|c| {
+                let stmt = c.prepare_cached(&sql)?;
+                use rusqlite::StatementStatus::{RePrepare, Run};
+                Ok((stmt.get_status(Run), stmt.get_status(RePrepare)))
+            })
+            .unwrap();
+        assert_eq!(
+            reprepared,
+            (3, 0),
+            "(runs, recompilations) of the store's statement"
+        );
     }
 
     #[test]
