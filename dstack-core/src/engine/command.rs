@@ -241,6 +241,11 @@ pub fn common(config: &Configuration) -> &RunCommon {
     }
 }
 
+/// Whether a run needs a container engine (`image:`, or `docker: true`).
+pub fn needs_containers(common: &RunCommon) -> bool {
+    common.image.is_some() || common.docker == Some(true)
+}
+
 /// The ports a run's job listens on, as configured (`ports:`, or a service's `port:`).
 pub fn ports(config: &Configuration) -> Vec<crate::config::ports::PortMapping> {
     match config {

@@ -16,17 +16,9 @@ const UNFINISHED: &[JobStatus] = &[
 ];
 
 /// Starts a `provisioning` job on its instance's agent (idempotent: safe to repeat after a
-/// crash, the agent knows the job by its id).
-pub(crate) async fn start(inner: Arc<Inner>, job: Job) {
-    start_with(inner, job, None).await;
-}
-
-/// [`start`], on `instance` as the caller just read it (the job's instance).
-pub(crate) async fn start_on(inner: Arc<Inner>, job: Job, instance: Instance) {
-    start_with(inner, job, Some(instance)).await;
-}
-
-async fn start_with(inner: Arc<Inner>, job: Job, instance: Option<Instance>) {
+/// crash, the agent knows the job by its id). `instance` is the job's instance if the caller
+/// has just read it (it is read from the store otherwise).
+pub(crate) async fn start(inner: Arc<Inner>, job: Job, instance: Option<Instance>) {
     if !inner
         .starting
         .lock()

@@ -198,6 +198,18 @@ pub(crate) struct Definition {
     pub config: Arc<Configuration>,
 }
 
+impl Definition {
+    /// The definition of `run`, whose configuration parses to `config`.
+    fn of(run: &Run, config: Arc<Configuration>) -> Definition {
+        Definition {
+            id: run.id.clone(),
+            name: run.name.clone(),
+            spec: run.spec.clone(),
+            config,
+        }
+    }
+}
+
 struct Shared {
     inner: Arc<Inner>,
     tasks: Vec<AbortHandle>,
@@ -257,7 +269,7 @@ impl Engine {
         tasks.push(tokio::spawn(runs::retry_timer(inner.clone())).abort_handle());
         tasks.push(tokio::spawn(sweep::run(inner.clone())).abort_handle());
         for job in inner.store.jobs_with_status(&[JobStatus::Provisioning])? {
-            tokio::spawn(jobs::start(inner.clone(), job));
+            tokio::spawn(jobs::start(inner.clone(), job, None));
         }
         for run in inner.store.runs_with_status(&[RunStatus::Terminating])? {
             runs::terminate_jobs(&inner, &run, false).await;
@@ -324,12 +336,7 @@ impl Engine {
         inner.store.insert_runs(&records)?;
         let mut runs = Vec::with_capacity(batch.len());
         for (run, _, configuration) in batch {
-            let definition = Definition {
-                id: run.id.clone(),
-                name: run.name.clone(),
-                spec: run.spec.clone(),
-                config: configuration.clone(),
-            };
+            let definition = Definition::of(&run, configuration.clone());
             inner
                 .definitions
                 .lock()
@@ -629,12 +636,7 @@ impl Inner {
         let parsed = run.spec.configuration().map_err(|e| {
             EngineError::Invalid(format!("stored configuration of run {}: {e}", run.name))
         })?;
-        let definition = Arc::new(Definition {
-            id: run.id.clone(),
-            name: run.name.clone(),
-            spec: run.spec.clone(),
-            config: Arc::new(parsed),
-        });
+        let definition = Arc::new(Definition::of(run, Arc::new(parsed)));
         cache.insert(run.id.clone(), definition.clone());
         Ok(definition)
     }
@@ -652,7 +654,7 @@ impl Inner {
                 )))
             }
         };
-        let needs_containers = common.image.is_some() || common.docker == Some(true);
+        let needs_containers = command::needs_containers(common);
         if needs_containers
             && !self.backends.iter().any(|b| b.supports_containers())
             && !self.store.instances()?.iter().any(|i| {

@@ -197,7 +197,7 @@ async fn pass(inner: &Arc<Inner>) {
                         .push(reservation.clone());
                     order(&mut instances, &held);
                 }
-                tokio::spawn(jobs::start_on(inner.clone(), assigned, instance));
+                tokio::spawn(jobs::start(inner.clone(), assigned, Some(instance)));
             }
             None if had_room => {}
             None => {
@@ -221,13 +221,11 @@ async fn pass(inner: &Arc<Inner>) {
 /// container engine. Where one does not fit, neither does the other.
 fn same_demand(a: &Configuration, b: &Configuration) -> bool {
     let (x, y) = (super::command::common(a), super::command::common(b));
-    let containers =
-        |c: &crate::config::run::RunCommon| c.image.is_some() || c.docker == Some(true);
     super::command::nodes(a) == 1
         && super::command::nodes(b) == 1
         && x.resources == y.resources
         && x.profile == y.profile
-        && containers(x) == containers(y)
+        && super::command::needs_containers(x) == super::command::needs_containers(y)
 }
 
 /// Idle instances (holding nothing) first, then by price.
@@ -274,7 +272,7 @@ pub(crate) fn eligible<'a>(
     common: &crate::config::run::RunCommon,
 ) -> Vec<&'a Instance> {
     let selection = fleet_selection(common);
-    let containers = common.image.is_some() || common.docker == Some(true);
+    let containers = super::command::needs_containers(common);
     instances
         .iter()
         .filter(|i| !containers || i.containers)
