@@ -85,7 +85,7 @@ pub(crate) fn supervise(
 ) {
     tokio::spawn(async move {
         let info = run(&job, socket, log, stop_requests).await;
-        job.transition(info);
+        job.finish(info);
     });
 }
 

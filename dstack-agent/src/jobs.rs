@@ -1,11 +1,16 @@
 //! The agent's jobs: submitting, stopping, removing, recovering them after a restart, and the
 //! stream of their changes. Every change is recorded in the journal (see [`crate::journal`]).
+//!
+//! A job submitted to follow another ([`JobSubmit::after`]) is `queued` until that one ends,
+//! and starts the moment it does: before the end is published, so that whoever learns of the
+//! end finds the follower started. A queued job can be stopped (it never starts) or removed
+//! (taken back: as if it had never been submitted).
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 
 use bytes::Bytes;
 use dstack_core::agent::{AgentJobStatus, JobInfo, JobSubmit, StopRequest};
@@ -52,10 +57,16 @@ pub(crate) struct Job {
     dir: PathBuf,
     journal: Arc<Journal>,
     spec: JobSubmit,
-    process: Option<ProcessGroup>,
+    /// Set when the process starts.
+    process: OnceLock<ProcessGroup>,
     info: watch::Sender<JobInfo>,
-    stops: Option<mpsc::UnboundedSender<StopRequest>>,
+    /// Stop requests for its supervisor, from when it starts.
+    stops: OnceLock<mpsc::UnboundedSender<StopRequest>>,
     events: broadcast::Sender<JobInfo>,
+    /// The agent's jobs, which start the job queued behind this one when it ends.
+    owner: Weak<Jobs>,
+    /// The job queued behind this one, if any.
+    follower: Mutex<Option<String>>,
 }
 
 impl Job {
@@ -74,7 +85,7 @@ impl Job {
         let record = JobRecord {
             info: info.clone(),
             spec: self.spec.clone(),
-            process: self.process.clone(),
+            process: self.process.get().cloned(),
         };
         if let Err(e) = self.journal.record(record) {
             eprintln!("dstack-agent: cannot record job {}: {e}", self.spec.id);
@@ -82,6 +93,23 @@ impl Job {
         self.info.send_replace(info.clone());
         // No subscriber is not an error.
         let _ = self.events.send(info);
+    }
+
+    /// Records the job's final state, once its process (or container) is gone; the job
+    /// queued behind it starts first.
+    pub fn finish(&self, info: JobInfo) {
+        match self.owner.upgrade() {
+            Some(jobs) => jobs.finish(self, info),
+            None => self.transition(info),
+        }
+    }
+
+    /// The job queued behind this one, if it is still queued.
+    fn queued_follower(&self, jobs: &BTreeMap<String, Arc<Job>>) -> Option<Arc<Job>> {
+        let follower = lock(&self.follower).clone()?;
+        jobs.get(&follower)
+            .filter(|f| f.info().status == AgentJobStatus::Queued)
+            .cloned()
     }
 
     /// Publishes output growth to log followers (not persisted: the log file is the truth).
@@ -105,6 +133,10 @@ impl Job {
     }
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// Every job of the agent, keyed by id.
 pub(crate) struct Jobs {
     /// The directory holding the directories of jobs.
@@ -116,25 +148,50 @@ pub(crate) struct Jobs {
     containers: Option<String>,
     /// The containers of jobs that were running when the previous agent stopped.
     lost_containers: Vec<String>,
+    /// Itself, for the jobs it creates.
+    this: Weak<Jobs>,
 }
 
 impl Jobs {
-    /// Runs `image:` jobs with the container engine at `socket`.
-    pub fn with_containers(mut self, socket: Option<String>) -> Jobs {
-        self.containers = socket;
-        self
-    }
-
-    /// Loads the jobs recorded in the state directory (compacting its journal). Jobs recorded
-    /// as running belonged to an agent that is gone, so nobody can wait for their processes
-    /// any more: what is left of them is killed and they are recorded as lost.
-    pub fn recover(state: &StateDir) -> io::Result<Jobs> {
+    /// Loads the jobs recorded in the state directory (compacting its journal); `image:` jobs
+    /// run with the container engine at `containers`. Jobs recorded as running belonged to
+    /// an agent that is gone, so nobody can wait for their processes any more: what is left
+    /// of them is killed and they are recorded as lost. Jobs recorded as queued start now
+    /// (the jobs they followed have ended, if only as lost). Needs a Tokio runtime.
+    pub fn recover(state: &StateDir, containers: Option<String>) -> io::Result<Arc<Jobs>> {
         let root = state.jobs();
         let (journal, records) = Journal::open(&state.journal(), &root)?;
         let journal = Arc::new(journal);
-        let (events, _) = broadcast::channel(EVENT_BACKLOG);
+        let jobs = Arc::new_cyclic(|this| {
+            let (events, _) = broadcast::channel(EVENT_BACKLOG);
+            let mut jobs = Jobs {
+                root,
+                journal,
+                jobs: Mutex::new(BTreeMap::new()),
+                events,
+                containers,
+                lost_containers: Vec::new(),
+                this: this.clone(),
+            };
+            jobs.load(records);
+            jobs
+        });
+        let queued: Vec<Arc<Job>> = jobs
+            .lock()
+            .values()
+            .filter(|j| j.info().status == AgentJobStatus::Queued)
+            .cloned()
+            .collect();
+        for job in queued {
+            jobs.launch(job);
+        }
+        Ok(jobs)
+    }
+
+    /// Loads recovered records (see [`Jobs::recover`]), recording running ones as lost.
+    fn load(&mut self, records: Vec<JobRecord>) {
+        let root = &self.root;
         let mut jobs = BTreeMap::new();
-        let mut lost_containers = Vec::new();
         for record in records {
             // Only a hand-edited journal holds ids that could name a path outside `root`.
             if let Err(e) = validate(&record.spec) {
@@ -151,35 +208,38 @@ impl Jobs {
             };
             let mut info = record.info;
             info.log_bytes = log.len();
-            let lost = !info.status.is_finished();
-            let job = Job {
-                dir,
-                journal: journal.clone(),
-                spec: record.spec,
-                process: record.process,
-                info: watch::Sender::new(info.clone()),
-                stops: None,
-                events: events.clone(),
-            };
+            let lost = info.status == AgentJobStatus::Running;
+            let job = self.job(record.spec, info.clone());
+            if let Some(group) = record.process {
+                let _ = job.process.set(group);
+            }
             if lost {
-                if let Some(group) = &job.process {
+                if let Some(group) = job.process.get() {
                     group.kill_leftovers();
                 }
                 if job.spec.container.is_some() {
-                    lost_containers.push(container::name(&job.spec.id));
+                    self.lost_containers.push(container::name(&job.spec.id));
                 }
                 job.transition(failed(info, "executor_error", LOST_MESSAGE, &mut log));
             }
             jobs.insert(job.spec.id.clone(), Arc::new(job));
         }
-        Ok(Jobs {
-            root,
-            journal,
-            jobs: Mutex::new(jobs),
-            events,
-            containers: None,
-            lost_containers,
-        })
+        self.jobs = Mutex::new(jobs);
+    }
+
+    /// A job of this agent, in state `info` (not recorded yet).
+    fn job(&self, spec: JobSubmit, info: JobInfo) -> Job {
+        Job {
+            dir: self.root.join(&spec.id),
+            journal: self.journal.clone(),
+            spec,
+            process: OnceLock::new(),
+            info: watch::Sender::new(info),
+            stops: OnceLock::new(),
+            events: self.events.clone(),
+            owner: self.this.clone(),
+            follower: Mutex::new(None),
+        }
     }
 
     /// Removes the containers of the jobs recovery found lost (their agent could no longer
@@ -191,7 +251,7 @@ impl Jobs {
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Job>>> {
-        self.jobs.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.jobs)
     }
 
     /// What the job wrote to its metrics file (`$DSTACK_METRICS_FILE`); empty when nothing.
@@ -204,13 +264,34 @@ impl Jobs {
         }
     }
 
-    /// Starts a job, or returns the job already submitted with this id. A job whose process
-    /// cannot start is recorded as failed with `executor_error`.
+    /// Starts a job (or queues it behind the job it follows), or returns the job already
+    /// submitted with this id. A job whose process cannot start is recorded as failed with
+    /// `executor_error`.
     pub fn submit(&self, mut spec: JobSubmit) -> Result<JobInfo, JobError> {
         validate(&spec)?;
         let mut jobs = self.lock();
         if let Some(job) = jobs.get(&spec.id) {
             return Ok(job.info());
+        }
+        let leader = match spec.after.as_deref().and_then(|id| jobs.get(id)) {
+            Some(leader) => match leader.info().status {
+                AgentJobStatus::Running => Some(leader.clone()),
+                AgentJobStatus::Queued => {
+                    return Err(JobError::Conflict(format!(
+                        "job {} is queued itself: a job can only follow a running one",
+                        leader.spec.id
+                    )))
+                }
+                _ => None, // it has ended: start at once
+            },
+            None => None,
+        };
+        if let Some(follower) = leader.as_ref().and_then(|l| l.queued_follower(&jobs)) {
+            return Err(JobError::Conflict(format!(
+                "job {} already follows job {}",
+                follower.spec.id,
+                spec.after.as_deref().unwrap_or_default()
+            )));
         }
         let dir = self.root.join(&spec.id);
         // Output left behind by an earlier job of this id (e.g. its removal was interrupted)
@@ -218,7 +299,6 @@ impl Jobs {
         remove_dir_if_exists(&dir)?;
         let metrics = metrics_path(&self.root, &spec.id);
         remove_file_if_exists(&metrics)?;
-        let mut log = LogWriter::open(&dir)?;
         spec.env
             .insert(METRICS_ENV.to_string(), metrics.display().to_string());
         if let Some(hosts) = &spec.mpi_hostfile {
@@ -227,41 +307,49 @@ impl Jobs {
             spec.env
                 .insert(HOSTFILE_ENV.to_string(), hostfile.display().to_string());
         }
-        let mut job = Job {
-            dir,
-            journal: self.journal.clone(),
-            info: watch::Sender::new(running(&spec.id)),
-            spec,
-            process: None,
-            stops: None,
-            events: self.events.clone(),
-        };
-        if job.spec.container.is_some() {
-            let (stops, stop_requests) = mpsc::unbounded_channel();
-            job.stops = Some(stops);
-            let job = Arc::new(job);
-            job.transition(job.info());
-            crate::container::supervise(job.clone(), self.containers.clone(), log, stop_requests);
-            jobs.insert(job.spec.id.clone(), job.clone());
-            return Ok(job.info());
-        }
-        let job = match supervisor::launch(&job.spec) {
-            Ok(launched) => {
-                let (stops, stop_requests) = mpsc::unbounded_channel();
-                job.process = Some(launched.group.clone());
-                job.stops = Some(stops);
-                let job = Arc::new(job);
-                job.transition(job.info());
-                supervisor::supervise(job.clone(), launched, log, stop_requests);
-                job
-            }
-            Err(message) => {
-                job.transition(failed(job.info(), "executor_error", &message, &mut log));
-                Arc::new(job)
-            }
-        };
+        let queued = state(&spec.id, AgentJobStatus::Queued);
+        let job = Arc::new(self.job(spec, queued.clone()));
         jobs.insert(job.spec.id.clone(), job.clone());
+        match leader {
+            Some(leader) => {
+                *lock(&leader.follower) = Some(job.spec.id.clone());
+                job.transition(queued);
+            }
+            None => self.launch(job.clone()),
+        }
         Ok(job.info())
+    }
+
+    /// Starts the process (or container) of a new or queued job.
+    fn launch(&self, job: Arc<Job>) {
+        // Nothing has written to the directory of a job that has not started.
+        let mut log = LogWriter::empty(&job.dir);
+        let (stops, stop_requests) = mpsc::unbounded_channel();
+        let _ = job.stops.set(stops);
+        let running = state(&job.spec.id, AgentJobStatus::Running);
+        if job.spec.container.is_some() {
+            job.transition(running);
+            container::supervise(job, self.containers.clone(), log, stop_requests);
+            return;
+        }
+        match supervisor::launch(&job.spec) {
+            Ok(launched) => {
+                let _ = job.process.set(launched.group.clone());
+                job.transition(running);
+                supervisor::supervise(job, launched, log, stop_requests);
+            }
+            Err(message) => job.transition(failed(running, "executor_error", &message, &mut log)),
+        }
+    }
+
+    /// Records that `job` ended (`info`), starting the job queued behind it first.
+    fn finish(&self, job: &Job, info: JobInfo) {
+        // Under the lock: no job can be queued behind this one between the two steps.
+        let jobs = self.lock();
+        if let Some(follower) = job.queued_follower(&jobs) {
+            self.launch(follower);
+        }
+        job.transition(info);
     }
 
     /// The job `id`.
@@ -277,24 +365,47 @@ impl Jobs {
         self.lock().values().map(|job| job.info()).collect()
     }
 
-    /// Asks the job's supervisor to stop it; a finished job is left as it is.
+    /// Asks the job's supervisor to stop it; a queued job is recorded as stopped (it never
+    /// starts), a finished job is left as it is.
     pub fn stop(&self, id: &str, request: StopRequest) -> Result<JobInfo, JobError> {
-        let job = self.get(id)?;
-        if let Some(stops) = &job.stops {
+        let jobs = self.lock();
+        let job = jobs
+            .get(id)
+            .cloned()
+            .ok_or_else(|| JobError::NotFound(id.to_string()))?;
+        if job.info().status == AgentJobStatus::Queued {
+            let message = "stopped before it started";
+            let mut log = LogWriter::empty(&job.dir);
+            if let Err(e) = log.append_message(message) {
+                eprintln!("dstack-agent: cannot write to the log of job {id}: {e}");
+            }
+            let stopping = supervisor::Stopping {
+                reason: request.reason,
+                message: None,
+            };
+            let info = supervisor::finished(job.info(), None, message.to_string(), Some(stopping));
+            job.transition(JobInfo {
+                log_bytes: log.len(),
+                ..info
+            });
+            return Ok(job.info());
+        }
+        drop(jobs);
+        if let Some(stops) = job.stops.get() {
             // Fails only once the supervisor is gone, i.e. the job has finished.
             let _ = stops.send(request);
         }
         Ok(job.info())
     }
 
-    /// Forgets a finished job: deletes its directory (logs included), then records the removal
-    /// in the journal.
+    /// Forgets a finished job, or takes back a queued one (it will not start): deletes its
+    /// directory (logs included), then records the removal in the journal.
     pub fn remove(&self, id: &str) -> Result<(), JobError> {
         let mut jobs = self.lock();
         let job = jobs
             .get(id)
             .ok_or_else(|| JobError::NotFound(id.to_string()))?;
-        if !job.info().status.is_finished() {
+        if job.info().status == AgentJobStatus::Running {
             return Err(JobError::Conflict(format!("job {id} is running")));
         }
         remove_dir_if_exists(&job.dir)?;
@@ -395,15 +506,19 @@ fn remove_dir_if_exists(dir: &Path) -> io::Result<()> {
     }
 }
 
-/// A job starting now.
-fn running(id: &str) -> JobInfo {
+/// A job that is `status` from now on (`queued` or `running`).
+fn state(id: &str, status: AgentJobStatus) -> JobInfo {
     JobInfo {
         id: id.to_string(),
-        status: AgentJobStatus::Running,
+        status,
         exit_status: None,
         termination_reason: None,
         termination_message: None,
-        started_at_ms: unix_ms(),
+        started_at_ms: if status == AgentJobStatus::Queued {
+            0
+        } else {
+            unix_ms()
+        },
         finished_at_ms: None,
         log_bytes: 0,
     }
@@ -439,7 +554,7 @@ mod tests {
     async fn a_lagging_event_subscriber_is_sent_every_job_again() {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::open(dir.path()).unwrap();
-        let jobs = Arc::new(Jobs::recover(&state).unwrap());
+        let jobs = Jobs::recover(&state, None).unwrap();
         let spec = JobSubmit {
             id: "nodir".into(),
             name: "nodir-0-0".into(),
@@ -448,6 +563,7 @@ mod tests {
             working_dir: "/no/such/dir".into(),
             max_duration_secs: None,
             mpi_hostfile: None,
+            after: None,
             container: None,
         };
         let failed = jobs.submit(spec).unwrap();

@@ -196,6 +196,7 @@ mod tests {
                 working_dir: "/".into(),
                 max_duration_secs: None,
                 mpi_hostfile: None,
+                after: None,
                 container: None,
             },
             process: None,

@@ -83,7 +83,7 @@ impl Agent {
     pub async fn start(config: AgentConfig) -> io::Result<Agent> {
         let state = StateDir::open(&config.state_dir)?;
         let containers = container::detect().await;
-        let jobs = Arc::new(Jobs::recover(&state)?.with_containers(containers.clone()));
+        let jobs = Jobs::recover(&state, containers.clone())?;
         jobs.remove_lost_containers().await;
         let tool_path = config.tool_path.or_else(|| std::env::var_os("PATH"));
         let host = host::detect(state.root(), tool_path.as_deref()).await;

@@ -50,6 +50,15 @@ impl LogWriter {
         })
     }
 
+    /// The log of a job that has no output yet (its directory does not exist).
+    pub fn empty(dir: &Path) -> Self {
+        LogWriter {
+            dir: dir.to_path_buf(),
+            files: None,
+            len: 0,
+        }
+    }
+
     /// Appends a chunk of output; returns the new length of the log.
     pub fn append(&mut self, chunk: &[u8]) -> io::Result<u64> {
         let offset = self.len;

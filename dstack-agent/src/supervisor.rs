@@ -159,7 +159,7 @@ async fn run(
     // Background processes of the job do not outlive it.
     group.signal(Signal::SIGKILL);
     output.finish().await;
-    job.transition(ended(job.info(), status, stopping));
+    job.finish(ended(job.info(), status, stopping));
 }
 
 /// `secs` seconds from now; `None` if that is beyond what a clock can represent.

@@ -717,3 +717,109 @@ async fn stopping_right_after_applying_leaves_nothing_running() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A task needing `cpus` CPUs and `memory` GB of memory (both minimums).
+fn sized_task(commands: &str, cpus: u32, memory: &str) -> String {
+    format!(
+        "type: task\ncommands:\n{commands}resources: {{cpu: {cpus}.., memory: {memory}GB.., disk: 1GB..}}\n"
+    )
+}
+
+/// Waits (up to 30 s) until the run's job is queued behind a running job; returns that job's
+/// id.
+async fn wait_queued(run: &RunHandle) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let job = run.jobs().unwrap().pop().unwrap();
+        if let Some(leader) = job.after_job.clone() {
+            assert_eq!(job.status, JobStatus::Provisioning, "{job:?}");
+            return leader;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never queued: {job:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Two running tasks fill the host: `(bigger, smaller)`, each on about half its CPUs; the
+/// smaller one holds less memory than a task of [`sized_task`]`(.., cpus / 2, "0.2")` needs,
+/// so such a task can only be queued behind the bigger one.
+async fn fill_the_host(client: &Client, dir: &Path, smaller: &str) -> (RunHandle, RunHandle) {
+    let cpus = client.fleets().list().unwrap()[0].1[0].host.cpus;
+    assert!(cpus >= 2, "this test needs two CPUs");
+    let bigger = apply(
+        client,
+        &sized_task("  - sleep 1000\n", cpus - cpus / 2, "0.2"),
+        dir,
+    )
+    .await;
+    let smaller = apply(client, &sized_task(smaller, cpus / 2, "0.1"), dir).await;
+    wait_running(&bigger).await;
+    wait_running(&smaller).await;
+    (bigger, smaller)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_queued_behind_a_long_one_moves_to_a_slot_that_frees_first() {
+    let home = Home::new();
+    let client = home.client().await;
+    let cpus = client.fleets().list().unwrap()[0].1[0].host.cpus;
+    let (long, short) = fill_the_host(&client, home.path(), "  - sleep 2\n").await;
+    let moved = apply(
+        &client,
+        &sized_task("  - echo moved\n", cpus / 2, "0.2"),
+        home.path(),
+    )
+    .await;
+    let leader = wait_queued(&moved).await;
+    assert_eq!(leader, long.jobs().unwrap()[0].id);
+
+    // The short task ends first: the queued task is taken back and runs in its place.
+    assert_done(&moved).await;
+    assert_eq!(all_logs(&moved).await, "moved\n");
+    let job = moved.jobs().unwrap().pop().unwrap();
+    assert_eq!(job.after_job, None);
+    let short_job = short.jobs().unwrap().pop().unwrap();
+    assert!(job.started_at_ms.unwrap() >= short_job.finished_at_ms.unwrap());
+    assert_eq!(long.status().unwrap(), RunStatus::Running);
+    long.stop(true).await.unwrap();
+    finish(&long).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_task_stops_without_ever_running() {
+    let home = Home::new();
+    let client = home.client().await;
+    let cpus = client.fleets().list().unwrap()[0].1[0].host.cpus;
+    let (first, second) = fill_the_host(&client, home.path(), "  - sleep 1000\n").await;
+    let marker = home.path().join("ran");
+    let queued = apply(
+        &client,
+        &sized_task(
+            &format!("  - touch {}\n", marker.display()),
+            cpus / 2,
+            "0.2",
+        ),
+        home.path(),
+    )
+    .await;
+    wait_queued(&queued).await;
+    queued.stop(false).await.unwrap();
+    let run = finish(&queued).await;
+    assert_eq!(
+        (run.status, run.termination_reason.as_deref()),
+        (RunStatus::Terminated, Some("stopped_by_user"))
+    );
+    let job = queued.jobs().unwrap().pop().unwrap();
+    assert_eq!(job.status, JobStatus::Terminated);
+    assert_eq!(job.exit_status, None);
+    assert!(!marker.exists(), "the stopped task ran");
+    for run in [&first, &second] {
+        assert_eq!(run.status().unwrap(), RunStatus::Running);
+        run.stop(true).await.unwrap();
+        finish(run).await;
+    }
+    assert!(!marker.exists(), "the stopped task ran");
+}

@@ -104,6 +104,7 @@ pub fn shell_job(id: &str, script: &str) -> JobSubmit {
         working_dir: "/".to_string(),
         max_duration_secs: None,
         mpi_hostfile: None,
+        after: None,
         container: None,
     }
 }

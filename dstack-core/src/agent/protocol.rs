@@ -75,6 +75,12 @@ pub struct JobSubmit {
     /// (empty: the image's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<ContainerSpec>,
+    /// Start only once this job of the agent has ended (the job is `queued` until then); at
+    /// once if that job has already ended or is unknown. The job named must be running and
+    /// have no other job queued behind it (409 otherwise): the engine queues a job behind
+    /// one whose resources it will take over, so that it starts the moment they free up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
 }
 
 /// How to run a job in a container.
@@ -118,6 +124,8 @@ pub struct ContainerSpec {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AgentJobStatus {
+    /// Waiting for the job it was submitted to follow ([`JobSubmit::after`]) to end.
+    Queued,
     /// The process is running.
     Running,
     /// Exited with status 0.
@@ -131,7 +139,7 @@ pub enum AgentJobStatus {
 impl AgentJobStatus {
     /// Whether the job has finished.
     pub fn is_finished(self) -> bool {
-        self != AgentJobStatus::Running
+        !matches!(self, AgentJobStatus::Queued | AgentJobStatus::Running)
     }
 }
 
@@ -149,7 +157,7 @@ pub struct JobInfo {
     pub termination_reason: Option<String>,
     /// A human explanation of the reason.
     pub termination_message: Option<String>,
-    /// Unix milliseconds when the process started.
+    /// Unix milliseconds when the process started (0 while `queued`).
     pub started_at_ms: u64,
     /// Unix milliseconds when it finished.
     pub finished_at_ms: Option<u64>,

@@ -388,6 +388,7 @@ pub(crate) fn job_submit(
                 .collect()
         }),
         container,
+        after: job.after_job.clone(),
     })
 }
 

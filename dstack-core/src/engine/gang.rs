@@ -99,7 +99,7 @@ fn assign_all(
         let mut assigned = None;
         for host in hosts.iter().filter(|h| !used.contains(&h.id.as_str())) {
             let fits = |held: &[Reservation]| fit(spec, host, held, true);
-            if let Ok(Some(job)) = inner.store.assign_job(&job.id, &host.id, &fits) {
+            if let Ok(Some(job)) = inner.store.assign_job(&job.id, &host.id, None, &fits) {
                 used.push(&host.id);
                 assigned = Some(job);
                 break;

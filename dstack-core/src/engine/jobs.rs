@@ -39,6 +39,13 @@ pub(crate) async fn start(inner: Arc<Inner>, job: Job, instance: Option<Instance
     // unreachable deadline fails it if the agent never comes back.
     match result {
         Ok(()) => {}
+        // The agent would not queue it behind the job it was to follow (which has another
+        // follower there): it waits for a place again.
+        Err(EngineError::Agent(AgentError::Status { status: 409, .. }))
+            if job.after_job.is_some() =>
+        {
+            let _ = requeue(&inner, job).await;
+        }
         Err(e @ (EngineError::Agent(AgentError::Status { .. }) | EngineError::Invalid(_))) => {
             fail(
                 &inner,
@@ -113,6 +120,10 @@ async fn try_start(
         on_agent_job(inner, info).await;
         return Ok(());
     }
+    if info.status == AgentJobStatus::Queued {
+        // Behind the job it follows: the agent reports when it starts.
+        return Ok(());
+    }
     let mut running = job.clone();
     running.status = JobStatus::Running;
     running.started_at_ms = Some(info.started_at_ms);
@@ -157,6 +168,55 @@ async fn stop_orphan(
             Box::pin(on_agent_job(inner, info)).await;
         }
     }
+}
+
+/// Takes back a follower still queued on its agent (see `scheduler`): it waits for a place
+/// again. `false` if it has started (or is being started, or its agent cannot say).
+pub(crate) async fn take_back(inner: &Arc<Inner>, job_id: &str) -> bool {
+    // Marked as being started: nothing submits it again while it is taken back.
+    if !inner
+        .starting
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(job_id.to_string())
+    {
+        return false;
+    }
+    let taken = try_take_back(inner, job_id).await.unwrap_or(false);
+    inner
+        .starting
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(job_id);
+    taken
+}
+
+async fn try_take_back(inner: &Arc<Inner>, job_id: &str) -> Result<bool, EngineError> {
+    let Some(job) = inner.store.job(job_id)? else {
+        return Ok(false);
+    };
+    if job.status != JobStatus::Provisioning || job.after_job.is_none() {
+        return Ok(false);
+    }
+    let agent = inner
+        .agent(job.instance_id.as_deref().unwrap_or_default())
+        .await?;
+    match agent.remove(job_id).await {
+        // Gone from the agent (or never got there): it will not start.
+        Ok(()) | Err(AgentError::Status { status: 404, .. }) => {}
+        // Started already (409), or the agent cannot say.
+        Err(_) => return Ok(false),
+    }
+    Ok(requeue(inner, job).await?)
+}
+
+/// Puts a `provisioning` job that is not on its agent back in the waiting queue.
+async fn requeue(inner: &Arc<Inner>, mut job: Job) -> Result<bool, crate::store::StoreError> {
+    job.status = JobStatus::Submitted;
+    job.instance_id = None;
+    job.reservation = None;
+    job.after_job = None;
+    record(inner, &job, JobStatus::Provisioning).await
 }
 
 /// Records that a job could not be started or was lost.
@@ -207,6 +267,8 @@ pub(crate) async fn record(
     };
     if job.status.is_finished() {
         inner.wake_scheduler();
+    } else if job.status == JobStatus::Running && from == JobStatus::Provisioning {
+        inner.wake_if_blocked(); // a job can be queued behind this one now
     }
     if let Some(run) = run {
         runs::updated(inner, &run);
@@ -219,13 +281,14 @@ pub(crate) async fn record(
 
 /// Applies an agent's report about a job to the store.
 pub(crate) async fn on_agent_job(inner: &Arc<Inner>, info: JobInfo) {
-    // A job this process is starting is recorded running by the start itself.
+    // A job this process is starting is recorded running (or left queued) by the start
+    // itself.
     let starting = inner
         .starting
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .contains(&info.id);
-    if starting && info.status == AgentJobStatus::Running {
+    if starting && !info.status.is_finished() {
         return;
     }
     // The job may change meanwhile (recorded running by its start): apply the report to
@@ -244,8 +307,8 @@ async fn record_report(inner: &Arc<Inner>, info: &JobInfo) -> bool {
         return true;
     };
     if job.status.is_finished() {
-        if info.status == AgentJobStatus::Running {
-            // Recorded as finished (given up on), yet running: stop it.
+        if !info.status.is_finished() {
+            // Recorded as finished (given up on), yet running or queued: stop it.
             if let Some(agent) = job.instance_id.as_deref().and_then(|i| {
                 inner
                     .agents
@@ -261,6 +324,9 @@ async fn record_report(inner: &Arc<Inner>, info: &JobInfo) -> bool {
             let _ = Box::pin(runs::reconcile(inner, &job.run_id)).await;
         }
         return true;
+    }
+    if info.status == AgentJobStatus::Queued {
+        return true; // still `provisioning`: nothing to record
     }
     if info.status == AgentJobStatus::Running {
         if job.status == JobStatus::Provisioning {

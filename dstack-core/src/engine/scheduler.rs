@@ -1,4 +1,10 @@
 //! Placement: puts `submitted` jobs on instances with room for them.
+//!
+//! A task that fits nowhere now may be queued behind a running task whose reservation covers
+//! it (a *follower*: [`crate::model::Job::after_job`]): the agent starts it the moment that
+//! task ends, without waiting for this process to notice. The follower's reservation lies
+//! within its leader's and counts only once the leader has ended, so nothing is over-committed.
+//! A follower still queued when room frees up elsewhere is taken back and placed there.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -7,9 +13,9 @@ use std::sync::Arc;
 use super::provision::ForJob;
 use super::{jobs, Inner};
 use crate::config::Configuration;
-use crate::model::{Fleet, Instance, InstanceStatus, JobTerminationReason, Reservation};
+use crate::model::{Fleet, Instance, InstanceStatus, JobStatus, JobTerminationReason, Reservation};
 use crate::offers::{mismatch, reserve, reserve_blocks};
-use crate::store::WaitingJob;
+use crate::store::{Holding, WaitingJob};
 
 /// How many waiting jobs one pass looks at (the oldest first).
 const PASS_LIMIT: usize = 64;
@@ -43,6 +49,20 @@ impl Inner {
         }
     }
 
+    /// Wakes the scheduler if the last pass left jobs waiting: a job that has just started
+    /// can be followed.
+    pub(crate) fn wake_if_blocked(&self) {
+        let blocked = !self
+            .blocked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .demands
+            .is_empty();
+        if blocked {
+            self.wake_scheduler();
+        }
+    }
+
     fn set_blocked(&self, blocked: Blocked) {
         *self.blocked.lock().unwrap_or_else(|e| e.into_inner()) = blocked;
     }
@@ -62,10 +82,14 @@ async fn pass(inner: &Arc<Inner>) {
     inner.set_blocked(Blocked::default());
     // Configurations of the single-node jobs this pass found no room for.
     let mut unplaced: Vec<Arc<Configuration>> = Vec::new();
-    let Ok(waiting) = inner.store.waiting_jobs(PASS_LIMIT) else {
+    let Ok(mut holdings) = inner.store.holdings() else {
         return;
     };
-    if waiting.is_empty() {
+    let Ok(mut waiting) = inner.store.waiting_jobs(PASS_LIMIT) else {
+        return;
+    };
+    let queued = holdings.iter().any(|h| !h.counts(&holdings));
+    if waiting.is_empty() && !queued {
         return;
     }
     let Ok(instances) = inner.store.instances() else {
@@ -82,13 +106,20 @@ async fn pass(inner: &Arc<Inner>) {
         .collect();
     // What each instance holds now, kept up to date through the pass: placement is only
     // attempted (in a store transaction that checks again) where the job fits.
-    let Ok(reservations) = inner.store.reservations() else {
-        return;
-    };
-    let mut held: HashMap<String, Vec<Reservation>> = HashMap::new();
-    for (instance, reservation) in reservations {
-        held.entry(instance).or_default().push(reservation);
+    let mut held = held_by_instance(&holdings);
+    if queued && take_back(inner, &holdings, &held, &instances, &fleets).await {
+        // Taken-back followers wait again (before the jobs submitted after them).
+        let (Ok(now_holding), Ok(now_waiting)) =
+            (inner.store.holdings(), inner.store.waiting_jobs(PASS_LIMIT))
+        else {
+            return;
+        };
+        holdings = now_holding;
+        waiting = now_waiting;
+        held = held_by_instance(&holdings);
     }
+    // Running tasks nothing is queued behind yet.
+    let mut leaders = leaders(inner, &holdings);
     // Idle instances first, then the cheapest (as dstack orders its pool offers); an instance
     // that gets a job in this pass is busy from then on.
     order(&mut instances, &held);
@@ -159,14 +190,21 @@ async fn pass(inner: &Arc<Inner>) {
         let Some(want) = candidates.iter().find_map(|i| fit(spec, i, &[], false)) else {
             continue;
         };
-        if blocked
+        // A requirement at least as large as one that found no room finds none either.
+        let no_room = blocked
             .iter()
-            .any(|(s, b)| *s == selection && covers(&want, b))
-        {
+            .any(|(s, b)| *s == selection && covers(&want, b));
+        if no_room && leaders.is_empty() {
             continue;
         }
         // A full group is not a lack of room: the job must not block others.
         if grouped && !inner.store.group_has_room(&run_id).unwrap_or(false) {
+            continue;
+        }
+        if no_room {
+            if !follow(inner, &job_id, &config, &candidates, &held, &mut leaders) {
+                unplaced.push(config.clone());
+            }
             continue;
         }
         let mut placed = None;
@@ -180,7 +218,7 @@ async fn pass(inner: &Arc<Inner>) {
             }
             had_room = true;
             let fits = |held: &[Reservation]| fit(spec, instance, held, false);
-            match inner.store.assign_job(&job_id, &instance.id, &fits) {
+            match inner.store.assign_job(&job_id, &instance.id, None, &fits) {
                 Ok(Some(assigned)) => {
                     placed = Some((assigned, (*instance).clone()));
                     break;
@@ -206,7 +244,9 @@ async fn pass(inner: &Arc<Inner>) {
                     continue;
                 }
                 blocked.push((selection, want));
-                unplaced.push(config.clone());
+                if !follow(inner, &job_id, &config, &candidates, &held, &mut leaders) {
+                    unplaced.push(config.clone());
+                }
             }
         }
     }
@@ -214,6 +254,122 @@ async fn pass(inner: &Arc<Inner>) {
         epoch,
         demands: unplaced,
     });
+}
+
+/// The reservations that count on each instance (see [`Holding::counts`]).
+fn held_by_instance(holdings: &[Holding]) -> HashMap<String, Vec<Reservation>> {
+    let mut held: HashMap<String, Vec<Reservation>> = HashMap::new();
+    for h in holdings.iter().filter(|h| h.counts(holdings)) {
+        held.entry(h.instance_id.clone())
+            .or_default()
+            .push(h.reservation.clone());
+    }
+    held
+}
+
+/// Whether jobs of `config` may follow, and be followed by, other jobs: single-node tasks
+/// (services and dev environments do not end by themselves).
+fn may_follow(config: &Configuration) -> bool {
+    matches!(config, Configuration::Task(_)) && super::command::nodes(config) == 1
+}
+
+/// The running tasks that no job is queued behind.
+fn leaders(inner: &Inner, holdings: &[Holding]) -> Vec<Holding> {
+    holdings
+        .iter()
+        .filter(|h| h.status == JobStatus::Running)
+        .filter(|h| {
+            !holdings
+                .iter()
+                .any(|f| f.after_job.as_deref() == Some(h.job_id.as_str()))
+        })
+        .filter(|h| {
+            inner
+                .configuration_of(&h.run_id)
+                .is_ok_and(|c| may_follow(&c))
+        })
+        .cloned()
+        .collect()
+}
+
+/// Queues job `job_id` (of a run of `config`, which fits nowhere now) behind one of the
+/// `leaders` on the `candidates` whose reservation covers it, and starts it there (the agent
+/// holds it until the leader ends). `false` if no leader can take it.
+fn follow(
+    inner: &Arc<Inner>,
+    job_id: &str,
+    config: &Configuration,
+    candidates: &[&Instance],
+    held: &HashMap<String, Vec<Reservation>>,
+    leaders: &mut Vec<Holding>,
+) -> bool {
+    if !may_follow(config) {
+        return false;
+    }
+    let spec = &super::command::common(config).resources;
+    for (index, leader) in leaders.iter().enumerate() {
+        let Some(instance) = candidates.iter().find(|i| i.id == leader.instance_id) else {
+            continue;
+        };
+        // What the instance holds besides the leader.
+        let mut others = held.get(&instance.id).cloned().unwrap_or_default();
+        if let Some(at) = others.iter().position(|r| *r == leader.reservation) {
+            others.remove(at);
+        }
+        let fits = |held: &[Reservation]| {
+            fit(spec, instance, held, false).filter(|r| within(r, &leader.reservation))
+        };
+        if fits(&others).is_none() {
+            continue;
+        }
+        match inner
+            .store
+            .assign_job(job_id, &instance.id, Some(&leader.job_id), &fits)
+        {
+            Ok(Some(assigned)) => {
+                let instance = (*instance).clone();
+                leaders.remove(index);
+                tokio::spawn(jobs::start(inner.clone(), assigned, Some(instance)));
+                return true;
+            }
+            Ok(None) => {}
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+/// Whether reservation `inner` lies within `outer`.
+fn within(inner: &Reservation, outer: &Reservation) -> bool {
+    inner.cpus <= outer.cpus
+        && inner.memory_mib <= outer.memory_mib
+        && inner.gpus.iter().all(|g| outer.gpus.contains(g))
+}
+
+/// Takes back the followers still queued behind their leaders that would fit somewhere now,
+/// so that they are placed there instead of waiting; `true` if it took any back.
+async fn take_back(
+    inner: &Arc<Inner>,
+    holdings: &[Holding],
+    held: &HashMap<String, Vec<Reservation>>,
+    instances: &[Instance],
+    fleets: &[Fleet],
+) -> bool {
+    let mut took = false;
+    for follower in holdings.iter().filter(|h| !h.counts(holdings)) {
+        let Ok(config) = inner.configuration_of(&follower.run_id) else {
+            continue;
+        };
+        let common = super::command::common(&config);
+        let room = eligible(instances, fleets, common).into_iter().any(|i| {
+            let holding = held.get(&i.id).map_or(&[][..], Vec::as_slice);
+            fit(&common.resources, i, holding, false).is_some()
+        });
+        if room && jobs::take_back(inner, &follower.job_id).await {
+            took = true;
+        }
+    }
+    took
 }
 
 /// Whether two runs are single-node runs that demand the same: the same resources, profile

@@ -104,6 +104,10 @@ pub struct Job {
     pub instance_id: Option<String>,
     /// Resources set aside on that instance.
     pub reservation: Option<Reservation>,
+    /// The running job of the same instance this one is queued behind: it starts when that
+    /// one ends and takes over (part of) its reservation, which until then counts only once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_job: Option<String>,
     /// When it was submitted (Unix ms).
     pub submitted_at_ms: u64,
     /// When it started running (Unix ms).
@@ -128,6 +132,7 @@ impl Job {
             exit_status: None,
             instance_id: None,
             reservation: None,
+            after_job: None,
             submitted_at_ms: super::now_ms(),
             started_at_ms: None,
             finished_at_ms: None,

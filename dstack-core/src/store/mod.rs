@@ -55,6 +55,34 @@ pub struct WaitingJob {
     pub grouped: bool,
 }
 
+/// A job that holds resources on an instance.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Holding {
+    /// The instance.
+    pub instance_id: String,
+    /// The job.
+    pub job_id: String,
+    /// The job's run.
+    pub run_id: String,
+    /// Its status (one that holds resources).
+    pub status: JobStatus,
+    /// The job it is queued behind, if any.
+    pub after_job: Option<String>,
+    /// What it holds.
+    pub reservation: Reservation,
+}
+
+impl Holding {
+    /// Whether its reservation counts, `all` being every holding of its instance (or more):
+    /// a follower's does not while the job it follows holds its own (the follower takes it
+    /// over when that job ends).
+    pub fn counts(&self, all: &[Holding]) -> bool {
+        self.after_job
+            .as_deref()
+            .is_none_or(|leader| !all.iter().any(|h| h.job_id == leader))
+    }
+}
+
 /// Decides where a job fits on an instance, given what its active jobs already hold.
 pub type FitFn<'a> = &'a dyn Fn(&[Reservation]) -> Option<Reservation>;
 
@@ -135,15 +163,29 @@ pub trait Store: Send + Sync {
     /// Whether run `run_id` may be placed as far as its group's limit goes (`true` for runs
     /// without a group).
     fn group_has_room(&self, run_id: &str) -> Result<bool, StoreError>;
-    /// `(instance id, reservation)` of every job that holds resources on an instance.
-    fn reservations(&self) -> Result<Vec<(String, Reservation)>, StoreError>;
-    /// Atomically places a `submitted` job on an instance: `fit` sees the reservations of the
-    /// instance's unfinished jobs and returns the job's reservation, or `None` if it does not
-    /// fit now. Returns the job, now `provisioning`, or `None`.
+    /// Every job that holds resources on an instance (followers included: see
+    /// [`Holding::counts`]).
+    fn holdings(&self) -> Result<Vec<Holding>, StoreError>;
+    /// `(instance id, reservation)` of every job whose resources count as held on an
+    /// instance.
+    fn reservations(&self) -> Result<Vec<(String, Reservation)>, StoreError> {
+        let holdings = self.holdings()?;
+        Ok(holdings
+            .iter()
+            .filter(|h| h.counts(&holdings))
+            .map(|h| (h.instance_id.clone(), h.reservation.clone()))
+            .collect())
+    }
+    /// Atomically places a `submitted` job on an instance: `fit` sees the reservations held
+    /// on the instance and returns the job's reservation, or `None` if it does not fit now.
+    /// With `after`, the job is queued behind that job of the instance instead (see
+    /// [`Job::after_job`]), which must be `running` with no follower yet; `fit` then sees what
+    /// the instance holds besides that job. Returns the job, now `provisioning`, or `None`.
     fn assign_job(
         &self,
         job_id: &str,
         instance_id: &str,
+        after: Option<&str>,
         fit: FitFn<'_>,
     ) -> Result<Option<Job>, StoreError>;
 

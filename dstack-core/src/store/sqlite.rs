@@ -9,7 +9,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::{DeriveFn, FitFn, JobAndRun, RunFilter, Store, StoreError, WaitingJob};
+use super::{DeriveFn, FitFn, Holding, JobAndRun, RunFilter, Store, StoreError, WaitingJob};
 use crate::model::{Fleet, Instance, Job, JobStatus, Reservation, Run, RunStatus, Volume};
 
 /// The schema, one entry per version; applied in order, each in a transaction.
@@ -69,6 +69,8 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX jobs_holding ON jobs(instance_id)
         WHERE status IN ('provisioning', 'pulling', 'running', 'terminating');
     CREATE INDEX runs_unfinished ON runs(status, submitted_at) WHERE active = 1;",
+    // 8: the job a job is queued behind, for placement.
+    "ALTER TABLE jobs ADD COLUMN after_job TEXT;",
 ];
 
 /// SQL: a job is unfinished; exactly the condition of the `jobs_unfinished` index, which
@@ -497,6 +499,7 @@ impl Store for SqliteStore {
         &self,
         job_id: &str,
         instance_id: &str,
+        after: Option<&str>,
         fit: FitFn<'_>,
     ) -> Result<Option<Job>, StoreError> {
         self.with(|c| {
@@ -518,9 +521,22 @@ impl Store for SqliteStore {
                 if !group_has_room(c, &job.run_id)? {
                     return Ok(None);
                 }
-                let held: Vec<Reservation> = held_reservations(c, Some(instance_id))?
-                    .into_iter()
-                    .map(|(_, r)| r)
+                let holdings = holdings(c, Some(instance_id))?;
+                if let Some(leader) = after {
+                    let followable = holdings
+                        .iter()
+                        .any(|h| h.job_id == leader && h.status == JobStatus::Running)
+                        && !holdings
+                            .iter()
+                            .any(|h| h.after_job.as_deref() == Some(leader));
+                    if !followable {
+                        return Ok(None);
+                    }
+                }
+                let held: Vec<Reservation> = holdings
+                    .iter()
+                    .filter(|h| h.counts(&holdings) && Some(h.job_id.as_str()) != after)
+                    .map(|h| h.reservation.clone())
                     .collect();
                 let Some(reservation) = fit(&held) else {
                     return Ok(None);
@@ -528,14 +544,15 @@ impl Store for SqliteStore {
                 job.status = JobStatus::Provisioning;
                 job.instance_id = Some(instance_id.to_string());
                 job.reservation = Some(reservation);
+                job.after_job = after.map(str::to_string);
                 update_job(c, &job, &[JobStatus::Submitted])?;
                 Ok(Some(job))
             })
         })
     }
 
-    fn reservations(&self) -> Result<Vec<(String, Reservation)>, StoreError> {
-        self.with(|c| held_reservations(c, None))
+    fn holdings(&self) -> Result<Vec<Holding>, StoreError> {
+        self.with(|c| holdings(c, None))
     }
 
     fn put_fleet(&self, fleet: &Fleet) -> Result<(), StoreError> {
@@ -578,6 +595,15 @@ impl Store for SqliteStore {
 impl rusqlite::ToSql for RunStatus {
     fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
         Ok(self.as_str().into())
+    }
+}
+
+impl rusqlite::types::FromSql for JobStatus {
+    fn column_result(value: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        let text = value.as_str()?;
+        JobStatus::parse(text).ok_or_else(|| {
+            rusqlite::types::FromSqlError::Other(format!("unknown job status {text:?}").into())
+        })
     }
 }
 
@@ -642,8 +668,8 @@ fn insert_run(c: &Connection, run: &Run, jobs: &[Job]) -> Result<(), StoreError>
 
 fn insert_job(c: &Connection, job: &Job) -> Result<(), StoreError> {
     c.prepare_cached(
-        "INSERT INTO jobs (id, run_id, job_num, submission_num, status, instance_id, submitted_at, data, reservation)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO jobs (id, run_id, job_num, submission_num, status, instance_id, submitted_at, data, reservation, after_job)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )?
     .execute(params![
         job.id,
@@ -654,7 +680,8 @@ fn insert_job(c: &Connection, job: &Job) -> Result<(), StoreError> {
         job.instance_id,
         job.submitted_at_ms as i64,
         json(job)?,
-        job.reservation.as_ref().map(json).transpose()?
+        job.reservation.as_ref().map(json).transpose()?,
+        job.after_job,
     ])?;
     Ok(())
 }
@@ -662,31 +689,35 @@ fn insert_job(c: &Connection, job: &Job) -> Result<(), StoreError> {
 fn update_job(c: &Connection, job: &Job, expected: &[JobStatus]) -> Result<bool, StoreError> {
     let names = status_strs(expected, JobStatus::as_str);
     let sql = format!(
-        "UPDATE jobs SET status = ?, instance_id = ?, data = ?, reservation = ? WHERE id = ? AND status IN ({})",
+        "UPDATE jobs SET status = ?, instance_id = ?, data = ?, reservation = ?, after_job = ? \
+         WHERE id = ? AND status IN ({})",
         placeholders(names.len())
     );
     let data = json(job)?;
     let reservation = job.reservation.as_ref().map(json).transpose()?;
     let status = job.status.as_str();
-    let mut args: Vec<&dyn rusqlite::ToSql> =
-        vec![&status, &job.instance_id, &data, &reservation, &job.id];
+    let mut args: Vec<&dyn rusqlite::ToSql> = vec![
+        &status,
+        &job.instance_id,
+        &data,
+        &reservation,
+        &job.after_job,
+        &job.id,
+    ];
     args.extend(names.iter().map(|s| s as &dyn rusqlite::ToSql));
     Ok(c.prepare_cached(&sql)?.execute(args.as_slice())? == 1)
 }
 
-/// `(instance id, reservation)` of the jobs holding resources (on `instance_id` only, if
-/// given).
-fn held_reservations(
-    c: &Connection,
-    instance_id: Option<&str>,
-) -> Result<Vec<(String, Reservation)>, StoreError> {
+/// The jobs holding resources (on `instance_id` only, if given).
+fn holdings(c: &Connection, instance_id: Option<&str>) -> Result<Vec<Holding>, StoreError> {
     let on = if instance_id.is_some() {
         "instance_id = ?"
     } else {
         "instance_id IS NOT NULL"
     };
     let sql = format!(
-        "SELECT instance_id, reservation, CASE WHEN reservation IS NULL THEN data END \
+        "SELECT instance_id, id, run_id, status, after_job, reservation, \
+         CASE WHEN reservation IS NULL THEN data END \
          FROM jobs WHERE {on} AND {JOB_HOLDING}"
     );
     let args: Vec<&dyn rusqlite::ToSql> = instance_id
@@ -696,22 +727,36 @@ fn held_reservations(
     let mut stmt = c.prepare_cached(&sql)?;
     let rows = stmt.query_map(args.as_slice(), |r| {
         Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, Option<String>>(1)?,
-            r.get::<_, Option<String>>(2)?,
+            Holding {
+                instance_id: r.get(0)?,
+                job_id: r.get(1)?,
+                run_id: r.get(2)?,
+                status: r.get(3)?,
+                after_job: r.get(4)?,
+                reservation: Reservation::default(),
+            },
+            r.get::<_, Option<String>>(5)?,
+            r.get::<_, Option<String>>(6)?,
         ))
     })?;
     let mut held = Vec::new();
     for row in rows {
-        let (instance, reservation, data) = row?;
-        match reservation {
-            Some(r) => held.push((instance, from_json(&r)?)),
+        let (holding, reservation, data) = row?;
+        let reservation = match reservation {
+            Some(r) => from_json(&r)?,
             // Written before the column existed.
             None => {
                 let job: Job = from_json(data.as_deref().unwrap_or("null"))?;
-                held.extend(job.reservation.map(|r| (instance, r)));
+                match job.reservation {
+                    Some(r) => r,
+                    None => continue,
+                }
             }
-        }
+        };
+        held.push(Holding {
+            reservation,
+            ..holding
+        });
     }
     Ok(held)
 }
@@ -980,12 +1025,17 @@ mod tests {
         };
         let placed: Vec<bool> = jobs
             .iter()
-            .map(|j| store.assign_job(&j.id, "i-1", &fit).unwrap().is_some())
+            .map(|j| {
+                store
+                    .assign_job(&j.id, "i-1", None, &fit)
+                    .unwrap()
+                    .is_some()
+            })
             .collect();
         assert_eq!(placed, [true, true, false]);
         assert!(
             store
-                .assign_job(&jobs[0].id, "i-1", &fit)
+                .assign_job(&jobs[0].id, "i-1", None, &fit)
                 .unwrap()
                 .is_none(),
             "only submitted jobs are placed"
@@ -1001,11 +1051,95 @@ mod tests {
             .unwrap());
         assert!(
             store
-                .assign_job(&jobs[2].id, "i-1", &fit)
+                .assign_job(&jobs[2].id, "i-1", None, &fit)
                 .unwrap()
                 .is_none(),
             "an ending run gets no placement"
         );
+    }
+
+    #[test]
+    fn a_follower_counts_only_once_its_leader_has_ended() {
+        let store = SqliteStore::in_memory().unwrap();
+        let r = run("follow", RunStatus::Submitted);
+        let jobs: Vec<Job> = (0..4).map(|_| job(&r)).collect();
+        store.insert_run(&r, &jobs).unwrap();
+        // One CPU per job on a one-CPU instance.
+        let fit = |held: &[Reservation]| {
+            (held.iter().map(|h| h.cpus).sum::<u32>() < 1).then(|| Reservation {
+                cpus: 1,
+                memory_mib: 1,
+                gpus: vec![],
+            })
+        };
+        let held_cpus = |store: &SqliteStore| -> u32 {
+            store
+                .reservations()
+                .unwrap()
+                .iter()
+                .map(|(_, r)| r.cpus)
+                .sum()
+        };
+        let [leader, follower, second, third] = &jobs[..] else {
+            unreachable!()
+        };
+        let mut leader = store
+            .assign_job(&leader.id, "i-1", None, &fit)
+            .unwrap()
+            .unwrap();
+        assert!(store
+            .assign_job(&follower.id, "i-1", None, &fit)
+            .unwrap()
+            .is_none());
+        let after = Some(leader.id.as_str());
+        assert!(
+            store
+                .assign_job(&follower.id, "i-1", after, &fit)
+                .unwrap()
+                .is_none(),
+            "only a running job is followed"
+        );
+        leader.status = JobStatus::Running;
+        assert!(store
+            .update_job(&leader, &[JobStatus::Provisioning])
+            .unwrap());
+        let queued = store
+            .assign_job(&follower.id, "i-1", after, &fit)
+            .unwrap()
+            .unwrap();
+        assert_eq!(queued.status, JobStatus::Provisioning);
+        assert_eq!(queued.after_job.as_deref(), after);
+        assert_eq!(held_cpus(&store), 1, "the follower does not count yet");
+        assert!(
+            store
+                .assign_job(&second.id, "i-1", after, &fit)
+                .unwrap()
+                .is_none(),
+            "a job takes one follower"
+        );
+        assert!(
+            store
+                .assign_job(&second.id, "i-1", Some(&queued.id), &fit)
+                .unwrap()
+                .is_none(),
+            "a queued job takes none"
+        );
+        assert!(store
+            .assign_job(&third.id, "i-1", None, &fit)
+            .unwrap()
+            .is_none());
+
+        leader.status = JobStatus::Done;
+        assert!(store.update_job(&leader, &[JobStatus::Running]).unwrap());
+        assert_eq!(held_cpus(&store), 1, "the follower took the leader's place");
+        assert!(store
+            .assign_job(&third.id, "i-1", None, &fit)
+            .unwrap()
+            .is_none());
+        let holdings = store.holdings().unwrap();
+        assert_eq!(holdings.len(), 1);
+        assert_eq!(holdings[0].job_id, queued.id);
+        assert_eq!(holdings[0].after_job.as_deref(), after);
     }
 
     #[test]
@@ -1037,12 +1171,15 @@ mod tests {
             })
         };
         for (_, j) in &trials[..2] {
-            assert!(store.assign_job(&j.id, "i-1", &fit).unwrap().is_some());
+            assert!(store
+                .assign_job(&j.id, "i-1", None, &fit)
+                .unwrap()
+                .is_some());
         }
         let (third_run, third_job) = &trials[2];
         assert!(!store.group_has_room(&third_run.id).unwrap());
         assert!(store
-            .assign_job(&third_job.id, "i-1", &fit)
+            .assign_job(&third_job.id, "i-1", None, &fit)
             .unwrap()
             .is_none());
         assert_eq!(
@@ -1059,7 +1196,7 @@ mod tests {
         assert!(store.update_job(&done, &[JobStatus::Provisioning]).unwrap());
         assert!(store.group_has_room(&third_run.id).unwrap());
         assert!(store
-            .assign_job(&third_job.id, "i-1", &fit)
+            .assign_job(&third_job.id, "i-1", None, &fit)
             .unwrap()
             .is_some());
     }
