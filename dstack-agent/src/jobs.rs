@@ -10,12 +10,13 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 
 use bytes::Bytes;
 use dstack_core::agent::{AgentJobStatus, JobInfo, JobSubmit, StopRequest};
 use futures_util::Stream;
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::container;
@@ -150,6 +151,9 @@ pub(crate) struct Jobs {
     lost_containers: Vec<String>,
     /// Itself, for the jobs it creates.
     this: Weak<Jobs>,
+    /// Set when the agent stops serving: queued jobs no longer start (the next agent on the
+    /// state directory starts them).
+    closed: AtomicBool,
 }
 
 impl Jobs {
@@ -172,6 +176,7 @@ impl Jobs {
                 containers,
                 lost_containers: Vec::new(),
                 this: this.clone(),
+                closed: AtomicBool::new(false),
             };
             jobs.load(records);
             jobs
@@ -347,9 +352,16 @@ impl Jobs {
         // Under the lock: no job can be queued behind this one between the two steps.
         let jobs = self.lock();
         if let Some(follower) = job.queued_follower(&jobs) {
-            self.launch(follower);
+            if !self.closed.load(Ordering::SeqCst) {
+                self.launch(follower);
+            }
         }
         job.transition(info);
+    }
+
+    /// Starts no queued job from now on: the agent has stopped serving.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
     }
 
     /// The job `id`.
@@ -429,7 +441,22 @@ impl Jobs {
                         return Some((Ok(lines), (jobs, changes, None)));
                     }
                     match changes.recv().await {
-                        Ok(info) => return Some((Ok(json_lines([info])), (jobs, changes, None))),
+                        Ok(info) => {
+                            // Changes already waiting go out with it, in one chunk.
+                            let mut infos = vec![info];
+                            let mut next = None;
+                            loop {
+                                match changes.try_recv() {
+                                    Ok(info) => infos.push(info),
+                                    Err(TryRecvError::Lagged(_)) => {
+                                        next = Some(jobs.snapshot());
+                                        break;
+                                    }
+                                    Err(_) => break,
+                                }
+                            }
+                            return Some((Ok(json_lines(infos)), (jobs, changes, next)));
+                        }
                         Err(RecvError::Lagged(_)) => pending = Some(jobs.snapshot()),
                         Err(RecvError::Closed) => return None,
                     }
@@ -579,6 +606,11 @@ mod tests {
             jobs.events.send(other.clone()).unwrap();
         }
         assert_eq!(events.next().await.unwrap().unwrap(), snapshot);
-        assert_eq!(events.next().await.unwrap().unwrap(), json_lines([other]));
+        // Then the changes still buffered, together in one chunk.
+        let rest = events.next().await.unwrap().unwrap();
+        let line = json_lines([other]);
+        assert!(rest.len() > line.len(), "one change per chunk");
+        assert_eq!(rest.len() % line.len(), 0);
+        assert!(rest.chunks(line.len()).all(|l| l == line));
     }
 }

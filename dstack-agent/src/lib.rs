@@ -111,8 +111,9 @@ impl Agent {
 
     /// Serves requests until `shutdown` completes, then stops listening and removes the socket
     /// and `agent.pid`. Running jobs are left alone: they are recorded, and the next agent on
-    /// this state directory reports them as lost. If the state directory is removed, the agent
-    /// aborts its jobs and stops serving.
+    /// this state directory reports them as lost; queued jobs stay queued, for the next agent
+    /// to start. If the state directory is removed, the agent aborts its jobs and stops
+    /// serving.
     pub async fn serve_until(self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         let mut check = tokio::time::interval(STATE_CHECK);
@@ -140,6 +141,7 @@ impl Agent {
             }
         }
         drop(self.listener);
+        self.app.jobs.close();
         let _ = fs::remove_file(&self.socket);
         let _ = fs::remove_file(self.state.pid_file());
     }

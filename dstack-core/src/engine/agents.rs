@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 
 use super::{jobs, Inner};
 use crate::agent::AgentError;
@@ -99,15 +99,28 @@ async fn follow(inner: &Arc<Inner>, instance: &Instance) -> Result<(), AgentErro
     let candidates = jobs::started_on(inner, &instance.id);
     let snapshot = client.jobs().await?;
     jobs::fail_unknown(inner, candidates, &snapshot).await;
-    for info in snapshot {
-        jobs::on_agent_job(inner, info).await;
-    }
-    while let Some(event) = events.next().await {
-        match event {
-            Ok(info) => jobs::on_agent_job(inner, info).await,
-            Err(AgentError::Decode(_)) => continue, // a line from a newer agent: skip it
-            Err(_) => break,
+    jobs::on_agent_jobs(inner, snapshot).await;
+    let mut ended = false;
+    while !ended {
+        let Some(first) = events.next().await else {
+            break;
+        };
+        // Everything the agent has reported meanwhile is recorded together (one store
+        // transaction): the busier the engine, the more each transaction carries.
+        let mut batch = Vec::new();
+        let mut event = Some(first);
+        while let Some(next) = event {
+            match next {
+                Ok(info) => batch.push(info),
+                Err(AgentError::Decode(_)) => {} // a line from a newer agent: skip it
+                Err(_) => {
+                    ended = true;
+                    break;
+                }
+            }
+            event = events.next().now_or_never().flatten();
         }
+        jobs::on_agent_jobs(inner, batch).await;
     }
     Ok(())
 }

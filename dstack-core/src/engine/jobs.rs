@@ -114,32 +114,9 @@ async fn try_start(
     let nodes = node_addresses(inner, &run, &instance)?;
     let submit = super::command::job_submit(&run, job, &instance, &nodes)
         .map_err(|e| EngineError::Invalid(e.to_string()))?;
-    let agent = inner.agent(&instance_id).await?;
-    let info = agent.submit(&submit).await?;
-    if info.status.is_finished() {
-        on_agent_job(inner, info).await;
-        return Ok(());
-    }
-    if info.status == AgentJobStatus::Queued {
-        // Behind the job it follows: the agent reports when it starts.
-        return Ok(());
-    }
-    let mut running = job.clone();
-    running.status = JobStatus::Running;
-    running.started_at_ms = Some(info.started_at_ms);
-    if record(inner, &running, JobStatus::Provisioning).await? {
-        return Ok(());
-    }
-    // The job changed meanwhile: finished (a fast job), or asked to stop (or given up on) before
-    // it started. Whatever the store says now, a process the store does not show as running
-    // must not run on.
-    let current = inner.store.job(&job.id)?;
-    if current
-        .as_ref()
-        .is_none_or(|c| c.status != JobStatus::Running)
-    {
-        stop_orphan(inner, &agent, current.as_ref(), &job.id).await;
-    }
+    // What becomes of the job (running, queued, ended) is recorded from the agent's reports
+    // (see `agents::watch`), once, whether they arrive before or after this answer.
+    inner.agent(&instance_id).await?.submit(&submit).await?;
     Ok(())
 }
 
@@ -234,132 +211,206 @@ pub(crate) async fn fail(
     let _ = record(inner, &job, from).await;
 }
 
+/// The run status derivation of [`runs::derive_update`], for the store to run inside its
+/// write transaction; runs whose decision needs more than a write (stopping jobs) are added
+/// to `deferred`, to be reconciled after.
+fn derive<'a>(
+    inner: &'a Inner,
+    deferred: &'a mut Vec<String>,
+) -> impl FnMut(&Run, &[Job]) -> Option<Run> + 'a {
+    move |run: &Run, jobs: &[Job]| {
+        if run.status.is_finished() {
+            return None;
+        }
+        let mut defer = false;
+        let next = match inner.definition(run) {
+            Ok(definition) => runs::derive_update(inner, run, jobs, &definition.config, &mut defer),
+            // A configuration that cannot be read (a corrupt record): left to a reconcile,
+            // which reports it.
+            Err(_) => {
+                defer = true;
+                None
+            }
+        };
+        if defer && !deferred.contains(&run.id) {
+            deferred.push(run.id.clone());
+        }
+        next
+    }
+}
+
+/// What follows a job's change once it is written: a finished job wakes the scheduler (its
+/// resources are free now, unless they `passed_on` to the job queued behind it), a job that
+/// started may be followed, a changed run is announced.
+fn written(inner: &Inner, job: &Job, from: JobStatus, run: Option<&Run>, passed_on: bool) {
+    if job.status.is_finished() {
+        // A run group with a limit may place another run now, whatever became of the
+        // resources.
+        let grouped = || {
+            inner.definition_of(&job.run_id).map_or(true, |d| {
+                d.spec
+                    .group
+                    .as_ref()
+                    .is_some_and(|g| g.max_parallel.is_some())
+            })
+        };
+        if !passed_on || grouped() {
+            inner.wake_scheduler();
+        }
+    } else if job.status == JobStatus::Running && from == JobStatus::Provisioning {
+        inner.wake_if_blocked(); // a job can be queued behind this one now
+    }
+    if let Some(run) = run {
+        runs::updated(inner, run);
+    }
+}
+
 /// Records a job's change (a compare-and-set from `from`) and its run's status in one
-/// transaction; a run decision that needs jobs stopped is carried out after. A finished job
-/// wakes the scheduler (its resources are free now). `Ok(false)`: the job changed first.
+/// transaction; a run decision that needs jobs stopped is carried out after. `Ok(false)`: the
+/// job changed first.
 pub(crate) async fn record(
     inner: &Arc<Inner>,
     job: &Job,
     from: JobStatus,
 ) -> Result<bool, crate::store::StoreError> {
-    let mut deferred = false;
-    let written = {
-        let mut derive = |run: &Run, jobs: &[Job]| {
-            if run.status.is_finished() {
-                return None;
-            }
-            match inner.definition(run) {
-                Ok(definition) => {
-                    runs::derive_update(inner, run, jobs, &definition.config, &mut deferred)
-                }
-                // A configuration that cannot be read (a corrupt record): left to a
-                // reconcile, which reports it.
-                Err(_) => {
-                    deferred = true;
-                    None
-                }
-            }
-        };
+    let mut deferred = Vec::new();
+    let written_run = {
+        let mut derive = derive(inner, &mut deferred);
         inner.store.update_job_and_run(job, &[from], &mut derive)?
     };
-    let JobAndRun::Written(run) = written else {
+    let JobAndRun::Written(run) = written_run else {
         return Ok(false);
     };
-    if job.status.is_finished() {
-        inner.wake_scheduler();
-    } else if job.status == JobStatus::Running && from == JobStatus::Provisioning {
-        inner.wake_if_blocked(); // a job can be queued behind this one now
-    }
-    if let Some(run) = run {
-        runs::updated(inner, &run);
-    }
-    if deferred {
-        let _ = runs::reconcile(inner, &job.run_id).await;
+    written(inner, job, from, run.as_deref(), false);
+    for run_id in deferred {
+        let _ = runs::reconcile(inner, &run_id).await;
     }
     Ok(true)
 }
 
 /// Applies an agent's report about a job to the store.
 pub(crate) async fn on_agent_job(inner: &Arc<Inner>, info: JobInfo) {
-    // A job this process is starting is recorded running (or left queued) by the start
-    // itself.
-    let starting = inner
-        .starting
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .contains(&info.id);
-    if starting && !info.status.is_finished() {
-        return;
-    }
-    // The job may change meanwhile (recorded running by its start): apply the report to
-    // what the store holds then.
-    for _ in 0..16 {
-        if record_report(inner, &info).await {
-            return;
-        }
-    }
+    on_agent_jobs(inner, vec![info]).await;
 }
 
-/// Applies an agent's report to the job as stored now; `false` when the job changed before
-/// the report could be recorded.
-async fn record_report(inner: &Arc<Inner>, info: &JobInfo) -> bool {
-    let Ok(Some(mut job)) = inner.store.job(&info.id) else {
-        return true;
+/// Applies reports of an agent to the store, all in one transaction.
+pub(crate) async fn on_agent_jobs(inner: &Arc<Inner>, mut infos: Vec<JobInfo>) {
+    // A queued job stays `provisioning`: nothing to record.
+    infos.retain(|info| info.status != AgentJobStatus::Queued);
+    if infos.is_empty() {
+        return;
+    }
+    let ids: Vec<&str> = infos.iter().map(|i| i.id.as_str()).collect();
+    // Jobs the store shows finished that need more than a write (see [`Report`]).
+    let mut attention: Vec<(Job, bool)> = Vec::new();
+    let mut deferred = Vec::new();
+    let changed = {
+        let mut change = |stored: &Job| {
+            // The last report of a job is the one that counts.
+            let info = infos.iter().rev().find(|i| i.id == stored.id)?;
+            match report(stored, info) {
+                Report::Write(job) => Some(*job),
+                Report::Orphan => {
+                    attention.push((stored.clone(), true));
+                    None
+                }
+                Report::Reconcile => {
+                    attention.push((stored.clone(), false));
+                    None
+                }
+                Report::Nothing => None,
+            }
+        };
+        let mut derive = derive(inner, &mut deferred);
+        // A store error gives up: the reports are applied again only when the agent's state
+        // is read anew (the watcher's snapshot after a reconnect).
+        inner
+            .store
+            .change_jobs_and_runs(&ids, &mut change, &mut derive)
+            .unwrap_or_default()
     };
-    if job.status.is_finished() {
-        if !info.status.is_finished() {
-            // Recorded as finished (given up on), yet running or queued: stop it.
-            if let Some(agent) = job.instance_id.as_deref().and_then(|i| {
+    for c in &changed {
+        written(inner, &c.job, c.from, c.run.as_deref(), c.passed_on);
+    }
+    for run_id in deferred {
+        let _ = runs::reconcile(inner, &run_id).await;
+    }
+    for (job, running) in attention {
+        if running {
+            // Recorded as finished or being stopped, yet running: stop it.
+            let agent = job.instance_id.as_deref().and_then(|i| {
                 inner
                     .agents
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .get(i)
                     .cloned()
-            }) {
+            });
+            if let Some(agent) = agent {
                 Box::pin(stop_orphan(inner, &agent, Some(&job), &job.id)).await;
             }
         } else {
             // Make sure the run saw this job's end (a reconcile may have been lost in a crash).
             let _ = Box::pin(runs::reconcile(inner, &job.run_id)).await;
         }
-        return true;
     }
-    if info.status == AgentJobStatus::Queued {
-        return true; // still `provisioning`: nothing to record
+}
+
+/// What an agent's report means for a job as stored.
+enum Report {
+    /// Write the job so.
+    Write(Box<Job>),
+    /// The job is finished (or being stopped) in the store, yet runs on its agent: stop it
+    /// there.
+    Orphan,
+    /// The job is finished in both: make sure its run saw it.
+    Reconcile,
+    /// Nothing to do.
+    Nothing,
+}
+
+fn report(stored: &Job, info: &JobInfo) -> Report {
+    if stored.status.is_finished() {
+        return if info.status.is_finished() {
+            Report::Reconcile
+        } else {
+            Report::Orphan
+        };
     }
-    if info.status == AgentJobStatus::Running {
-        if job.status == JobStatus::Provisioning {
+    if stored.status == JobStatus::Terminating && !info.status.is_finished() {
+        // Being stopped, yet running: the stop may have reached the agent before the job
+        // did (and found nothing to stop). Stopping again is harmless.
+        return Report::Orphan;
+    }
+    let mut job = stored.clone();
+    match info.status {
+        AgentJobStatus::Queued => Report::Nothing,
+        AgentJobStatus::Running if stored.status == JobStatus::Provisioning => {
             job.status = JobStatus::Running;
             job.started_at_ms = Some(info.started_at_ms);
-            // Lost to a concurrent change: apply the report again to the job as it is then.
-            return !matches!(
-                record(inner, &job, JobStatus::Provisioning).await,
-                Ok(false)
-            );
+            Report::Write(Box::new(job))
         }
-        return true;
+        AgentJobStatus::Running => Report::Nothing,
+        AgentJobStatus::Done | AgentJobStatus::Failed | AgentJobStatus::Terminated => {
+            let default = match info.status {
+                AgentJobStatus::Done => JobTerminationReason::DoneByRunner,
+                AgentJobStatus::Terminated => JobTerminationReason::TerminatedByUser,
+                _ => JobTerminationReason::ContainerExitedWithError,
+            };
+            let reason = info
+                .termination_reason
+                .as_deref()
+                .and_then(JobTerminationReason::parse)
+                .unwrap_or(default);
+            job.status = reason.job_status();
+            job.termination_reason = Some(reason.as_str().to_string());
+            job.termination_message = info.termination_message.clone();
+            job.exit_status = info.exit_status;
+            job.started_at_ms = job.started_at_ms.or(Some(info.started_at_ms));
+            job.finished_at_ms = Some(info.finished_at_ms.unwrap_or_else(now_ms));
+            Report::Write(Box::new(job))
+        }
     }
-    let default = match info.status {
-        AgentJobStatus::Done => JobTerminationReason::DoneByRunner,
-        AgentJobStatus::Terminated => JobTerminationReason::TerminatedByUser,
-        _ => JobTerminationReason::ContainerExitedWithError,
-    };
-    let reason = info
-        .termination_reason
-        .as_deref()
-        .and_then(JobTerminationReason::parse)
-        .unwrap_or(default);
-    let from = job.status;
-    job.status = reason.job_status();
-    job.termination_reason = Some(reason.as_str().to_string());
-    job.termination_message = info.termination_message.clone();
-    job.exit_status = info.exit_status;
-    job.started_at_ms = job.started_at_ms.or(Some(info.started_at_ms));
-    job.finished_at_ms = Some(info.finished_at_ms.unwrap_or_else(now_ms));
-    // A store error gives up: the report is applied again only when the agent's state is
-    // read anew (the watcher's snapshot after a reconnect).
-    record(inner, &job, from).await.unwrap_or(true)
 }
 
 /// Fails the `candidates` (see [`started_on`]) that the agent does not know (lost with its

@@ -89,6 +89,23 @@ pub type FitFn<'a> = &'a dyn Fn(&[Reservation]) -> Option<Reservation>;
 /// Decides a run's new state from the run and its jobs (`None`: leave it as it is).
 pub type DeriveFn<'a> = &'a mut dyn FnMut(&Run, &[Job]) -> Option<Run>;
 
+/// Decides a job's new state from the job as stored (`None`: leave it as it is).
+pub type ChangeFn<'a> = &'a mut dyn FnMut(&Job) -> Option<Job>;
+
+/// A job [`Store::change_jobs_and_runs`] wrote.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Changed {
+    /// The job as written.
+    pub job: Job,
+    /// Its status before.
+    pub from: JobStatus,
+    /// Its run as written, when the derive function changed it.
+    pub run: Option<Box<Run>>,
+    /// The job has finished and the job queued behind it holds the same reservation: the
+    /// resources it held passed on, none freed up.
+    pub passed_on: bool,
+}
+
 /// What [`Store::update_job_and_run`] wrote.
 #[derive(Clone, Debug, PartialEq)]
 pub enum JobAndRun {
@@ -160,6 +177,15 @@ pub trait Store: Send + Sync {
         expected: &[JobStatus],
         derive: DeriveFn<'_>,
     ) -> Result<JobAndRun, StoreError>;
+    /// Applies `change` to each of the jobs `ids` as stored now, and writes every job it
+    /// changes together with its run as `derive` decides (see
+    /// [`Store::update_job_and_run`]), all in one transaction. Returns what was written.
+    fn change_jobs_and_runs(
+        &self,
+        ids: &[&str],
+        change: ChangeFn<'_>,
+        derive: DeriveFn<'_>,
+    ) -> Result<Vec<Changed>, StoreError>;
     /// Whether run `run_id` may be placed as far as its group's limit goes (`true` for runs
     /// without a group).
     fn group_has_room(&self, run_id: &str) -> Result<bool, StoreError>;

@@ -9,7 +9,10 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::{DeriveFn, FitFn, Holding, JobAndRun, RunFilter, Store, StoreError, WaitingJob};
+use super::{
+    ChangeFn, Changed, DeriveFn, FitFn, Holding, JobAndRun, RunFilter, Store, StoreError,
+    WaitingJob,
+};
 use crate::model::{Fleet, Instance, Job, JobStatus, Reservation, Run, RunStatus, Volume};
 
 /// The schema, one entry per version; applied in order, each in a transaction.
@@ -473,20 +476,42 @@ impl Store for SqliteStore {
                 if !update_job(c, job, expected)? {
                     return Ok(JobAndRun::JobChanged);
                 }
-                let (Some(run), jobs) = run_with_jobs_data(c, &job.run_id)? else {
-                    return Ok(JobAndRun::Written(None));
-                };
-                let run: Run = from_json(&run)?;
-                let jobs: Vec<Job> = jobs
-                    .iter()
-                    .map(|j| from_json(j))
-                    .collect::<Result<_, _>>()?;
-                let Some(next) = derive(&run, &jobs) else {
-                    return Ok(JobAndRun::Written(None));
-                };
-                // The transaction holds the write lock: the run is as just read.
-                update_run(c, &next, &[run.status])?;
-                Ok(JobAndRun::Written(Some(Box::new(next))))
+                Ok(JobAndRun::Written(derive_run(c, &job.run_id, derive)?))
+            })
+        })
+    }
+
+    fn change_jobs_and_runs(
+        &self,
+        ids: &[&str],
+        change: ChangeFn<'_>,
+        derive: DeriveFn<'_>,
+    ) -> Result<Vec<Changed>, StoreError> {
+        self.with(|c| {
+            in_transaction(c, true, |c| {
+                let mut changed = Vec::new();
+                for id in ids {
+                    let stored: Option<String> = c
+                        .prepare_cached("SELECT data FROM jobs WHERE id = ?")?
+                        .query_row([id], |r| r.get(0))
+                        .optional()?;
+                    let Some(stored) = stored else { continue };
+                    let stored: Job = from_json(&stored)?;
+                    let Some(job) = change(&stored) else {
+                        continue;
+                    };
+                    // The transaction holds the write lock: the job is as just read.
+                    update_job(c, &job, &[stored.status])?;
+                    let run = derive_run(c, &job.run_id, derive)?;
+                    let passed_on = job.status.is_finished() && passed_on(c, &stored)?;
+                    changed.push(Changed {
+                        job,
+                        from: stored.status,
+                        run,
+                        passed_on,
+                    });
+                }
+                Ok(changed)
             })
         })
     }
@@ -609,15 +634,61 @@ impl rusqlite::types::FromSql for JobStatus {
 
 fn update_run(c: &Connection, run: &Run, expected: &[RunStatus]) -> Result<bool, StoreError> {
     let names = status_strs(expected, RunStatus::as_str);
+    let active = !run.status.is_finished();
+    // `active` left out when it cannot change spares SQLite the indexes on it.
+    let set = if active && expected.iter().all(|s| !s.is_finished()) {
+        "status = ?1, data = ?3"
+    } else {
+        "status = ?1, active = ?2, data = ?3"
+    };
     let sql = format!(
-        "UPDATE runs SET status = ?, active = ?, data = ? WHERE id = ? AND status IN ({})",
+        "UPDATE runs SET {set} WHERE id = ?4 AND status IN ({})",
         placeholders(names.len())
     );
     let data = json(run)?;
-    let active = !run.status.is_finished();
     let mut args: Vec<&dyn rusqlite::ToSql> = vec![&run.status, &active, &data, &run.id];
     args.extend(names.iter().map(|s| s as &dyn rusqlite::ToSql));
     Ok(c.prepare_cached(&sql)?.execute(args.as_slice())? == 1)
+}
+
+/// Writes run `run_id` as `derive` decides from it and its jobs as stored now (inside a write
+/// transaction); the run as written, if `derive` changed it.
+fn derive_run(
+    c: &Connection,
+    run_id: &str,
+    derive: DeriveFn<'_>,
+) -> Result<Option<Box<Run>>, StoreError> {
+    let (Some(run), jobs) = run_with_jobs_data(c, run_id)? else {
+        return Ok(None);
+    };
+    let run: Run = from_json(&run)?;
+    let jobs: Vec<Job> = jobs
+        .iter()
+        .map(|j| from_json(j))
+        .collect::<Result<_, _>>()?;
+    let Some(next) = derive(&run, &jobs) else {
+        return Ok(None);
+    };
+    update_run(c, &next, &[run.status])?;
+    Ok(Some(Box::new(next)))
+}
+
+/// Whether the job queued behind `leader` holds the same reservation as `leader` did.
+fn passed_on(c: &Connection, leader: &Job) -> Result<bool, StoreError> {
+    let (Some(instance), Some(held)) = (&leader.instance_id, &leader.reservation) else {
+        return Ok(false);
+    };
+    let sql = format!(
+        "SELECT reservation FROM jobs WHERE instance_id = ? AND {JOB_HOLDING} AND after_job = ?"
+    );
+    let follower: Option<Option<String>> = c
+        .prepare_cached(&sql)?
+        .query_row([instance, &leader.id], |r| r.get(0))
+        .optional()?;
+    match follower.flatten() {
+        Some(reservation) => Ok(from_json::<Reservation>(&reservation)? == *held),
+        None => Ok(false),
+    }
 }
 
 /// The JSON of run `run_id` and of its jobs (by job number, then submission number).
