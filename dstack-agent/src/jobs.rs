@@ -3,8 +3,10 @@
 //!
 //! A job submitted to follow another ([`JobSubmit::after`]) is `queued` until that one ends,
 //! and starts the moment it does: before the end is published, so that whoever learns of the
-//! end finds the follower started. A queued job can be stopped (it never starts) or removed
-//! (taken back: as if it had never been submitted).
+//! end finds the follower started. Jobs queue one behind the other (a running job, the job
+//! queued behind it, the job queued behind that one, ...) and start in that order. A queued
+//! job can be stopped (it never starts) or removed (taken back: as if it had never been
+//! submitted); the job behind it then waits for the one before it.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -68,6 +70,8 @@ pub(crate) struct Job {
     owner: Weak<Jobs>,
     /// The job queued behind this one, if any.
     follower: Mutex<Option<String>>,
+    /// The job this one is queued behind, while it is queued.
+    leader: Mutex<Option<String>>,
 }
 
 impl Job {
@@ -181,13 +185,30 @@ impl Jobs {
             jobs.load(records);
             jobs
         });
-        let queued: Vec<Arc<Job>> = jobs
-            .lock()
-            .values()
-            .filter(|j| j.info().status == AgentJobStatus::Queued)
-            .cloned()
-            .collect();
-        for job in queued {
+        // Queued jobs wait behind the queued jobs they were submitted to follow; the first
+        // of each queue starts (what it waited for ended, if only as lost).
+        let heads: Vec<Arc<Job>> = {
+            let all = jobs.lock();
+            let queued = |id: &str| {
+                all.get(id)
+                    .filter(|j| j.info().status == AgentJobStatus::Queued)
+            };
+            let mut heads = Vec::new();
+            for job in all.values() {
+                if job.info().status != AgentJobStatus::Queued {
+                    continue;
+                }
+                match job.spec.after.as_deref().and_then(queued) {
+                    Some(leader) => {
+                        *lock(&leader.follower) = Some(job.spec.id.clone());
+                        *lock(&job.leader) = Some(leader.spec.id.clone());
+                    }
+                    None => heads.push(job.clone()),
+                }
+            }
+            heads
+        };
+        for job in heads {
             jobs.launch(job);
         }
         Ok(jobs)
@@ -244,6 +265,7 @@ impl Jobs {
             events: self.events.clone(),
             owner: self.this.clone(),
             follower: Mutex::new(None),
+            leader: Mutex::new(None),
         }
     }
 
@@ -278,17 +300,19 @@ impl Jobs {
         if let Some(job) = jobs.get(&spec.id) {
             return Ok(job.info());
         }
-        let leader = match spec.after.as_deref().and_then(|id| jobs.get(id)) {
-            Some(leader) => match leader.info().status {
-                AgentJobStatus::Running => Some(leader.clone()),
-                AgentJobStatus::Queued => {
-                    return Err(JobError::Conflict(format!(
-                        "job {} is queued itself: a job can only follow a running one",
-                        leader.spec.id
-                    )))
-                }
-                _ => None, // it has ended: start at once
-            },
+        let leader = match spec.after.as_deref() {
+            // A job this agent does not know may not have reached it yet: starting now could
+            // run both at once.
+            Some(id) if !jobs.contains_key(id) => {
+                return Err(JobError::Conflict(format!(
+                    "job {id} is unknown here: cannot queue behind it"
+                )));
+            }
+            // A job that has ended is no reason to wait.
+            Some(id) => jobs
+                .get(id)
+                .filter(|leader| !leader.info().status.is_finished())
+                .cloned(),
             None => None,
         };
         if let Some(follower) = leader.as_ref().and_then(|l| l.queued_follower(&jobs)) {
@@ -318,6 +342,7 @@ impl Jobs {
         match leader {
             Some(leader) => {
                 *lock(&leader.follower) = Some(job.spec.id.clone());
+                *lock(&job.leader) = Some(leader.spec.id.clone());
                 job.transition(queued);
             }
             None => self.launch(job.clone()),
@@ -353,10 +378,31 @@ impl Jobs {
         let jobs = self.lock();
         if let Some(follower) = job.queued_follower(&jobs) {
             if !self.closed.load(Ordering::SeqCst) {
+                *lock(&follower.leader) = None;
                 self.launch(follower);
             }
         }
         job.transition(info);
+    }
+
+    /// Takes queued `job` out of its queue (it is being stopped or removed): the job behind
+    /// it now waits for the one before it, or starts if there is none.
+    fn unqueue(&self, jobs: &BTreeMap<String, Arc<Job>>, job: &Job) {
+        let leader = lock(&job.leader)
+            .take()
+            .and_then(|id| jobs.get(&id).cloned())
+            .filter(|l| !l.info().status.is_finished());
+        let follower = job.queued_follower(jobs);
+        *lock(&job.follower) = None;
+        if let Some(leader) = &leader {
+            *lock(&leader.follower) = follower.as_ref().map(|f| f.spec.id.clone());
+        }
+        if let Some(follower) = follower {
+            *lock(&follower.leader) = leader.as_ref().map(|l| l.spec.id.clone());
+            if leader.is_none() && !self.closed.load(Ordering::SeqCst) {
+                self.launch(follower);
+            }
+        }
     }
 
     /// Starts no queued job from now on: the agent has stopped serving.
@@ -386,6 +432,7 @@ impl Jobs {
             .cloned()
             .ok_or_else(|| JobError::NotFound(id.to_string()))?;
         if job.info().status == AgentJobStatus::Queued {
+            self.unqueue(&jobs, &job);
             let message = "stopped before it started";
             let mut log = LogWriter::empty(&job.dir);
             if let Err(e) = log.append_message(message) {
@@ -417,8 +464,12 @@ impl Jobs {
         let job = jobs
             .get(id)
             .ok_or_else(|| JobError::NotFound(id.to_string()))?;
-        if job.info().status == AgentJobStatus::Running {
-            return Err(JobError::Conflict(format!("job {id} is running")));
+        match job.info().status {
+            AgentJobStatus::Running => {
+                return Err(JobError::Conflict(format!("job {id} is running")));
+            }
+            AgentJobStatus::Queued => self.unqueue(&jobs, job),
+            _ => {}
         }
         remove_dir_if_exists(&job.dir)?;
         remove_file_if_exists(&metrics_path(&self.root, id))?;

@@ -76,9 +76,10 @@ pub struct JobSubmit {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<ContainerSpec>,
     /// Start only once this job of the agent has ended (the job is `queued` until then); at
-    /// once if that job has already ended or is unknown. The job named must be running and
-    /// have no other job queued behind it (409 otherwise): the engine queues a job behind
-    /// one whose resources it will take over, so that it starts the moment they free up.
+    /// once if that job has already ended. The job named may be queued itself (jobs queue one
+    /// behind the other and start in that order) but must be known to the agent and have no
+    /// job queued behind it (409 otherwise). The engine queues a job behind one whose resources it will
+    /// take over, so that it starts the moment they free up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after: Option<String>,
 }

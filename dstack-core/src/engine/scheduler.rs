@@ -2,9 +2,11 @@
 //!
 //! A task that fits nowhere now may be queued behind a running task whose reservation covers
 //! it (a *follower*: [`crate::model::Job::after_job`]): the agent starts it the moment that
-//! task ends, without waiting for this process to notice. The follower's reservation lies
-//! within its leader's and counts only once the leader has ended, so nothing is over-committed.
-//! A follower still queued when room frees up elsewhere is taken back and placed there.
+//! task ends, without waiting for this process to notice. Up to [`QUEUE_DEPTH`] tasks queue
+//! one behind the other, so that this process has that many tasks' time to queue the next.
+//! A follower's reservation lies within its leader's and counts only once the leader has
+//! ended, so nothing is over-committed. The last follower of a queue is taken back and placed
+//! elsewhere when room frees up there first (then the one before it, and so on).
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -19,6 +21,9 @@ use crate::store::{Holding, WaitingJob};
 
 /// How many waiting jobs one pass looks at (the oldest first).
 const PASS_LIMIT: usize = 64;
+
+/// How many tasks may be queued behind a running task, one behind the other.
+const QUEUE_DEPTH: usize = 2;
 
 /// The configurations of the single-node jobs the last placement pass found no room for,
 /// valid while the capacity epoch it started at is current: a new run with the same demand
@@ -202,7 +207,14 @@ async fn pass(inner: &Arc<Inner>) {
             continue;
         }
         if no_room {
-            if !follow(inner, &job_id, &config, &candidates, &held, &mut leaders) {
+            if !follow(
+                inner,
+                &job_id,
+                &config,
+                &candidates,
+                &holdings,
+                &mut leaders,
+            ) {
                 unplaced.push(config.clone());
             }
             continue;
@@ -244,7 +256,14 @@ async fn pass(inner: &Arc<Inner>) {
                     continue;
                 }
                 blocked.push((selection, want));
-                if !follow(inner, &job_id, &config, &candidates, &held, &mut leaders) {
+                if !follow(
+                    inner,
+                    &job_id,
+                    &config,
+                    &candidates,
+                    &holdings,
+                    &mut leaders,
+                ) {
                     unplaced.push(config.clone());
                 }
             }
@@ -273,16 +292,16 @@ fn may_follow(config: &Configuration) -> bool {
     matches!(config, Configuration::Task(_)) && super::command::nodes(config) == 1
 }
 
-/// The running tasks that no job is queued behind.
+/// The tasks a task may be queued behind: the running tasks and the queued ones (fewer than
+/// [`QUEUE_DEPTH`] deep) that nothing is queued behind yet.
 fn leaders(inner: &Inner, holdings: &[Holding]) -> Vec<Holding> {
     holdings
         .iter()
-        .filter(|h| h.status == JobStatus::Running)
         .filter(|h| {
-            !holdings
-                .iter()
-                .any(|f| f.after_job.as_deref() == Some(h.job_id.as_str()))
+            let depth = queue_depth(h, holdings);
+            (h.status == JobStatus::Running || depth > 0) && depth < QUEUE_DEPTH
         })
+        .filter(|h| !followed(h, holdings))
         .filter(|h| {
             inner
                 .configuration_of(&h.run_id)
@@ -290,6 +309,18 @@ fn leaders(inner: &Inner, holdings: &[Holding]) -> Vec<Holding> {
         })
         .cloned()
         .collect()
+}
+
+/// How many jobs `holding` is queued behind (0: it is not queued).
+fn queue_depth(holding: &Holding, holdings: &[Holding]) -> usize {
+    holding.queue(holdings).len() - 1
+}
+
+/// Whether a job is queued behind `holding`.
+fn followed(holding: &Holding, holdings: &[Holding]) -> bool {
+    holdings
+        .iter()
+        .any(|f| f.after_job.as_deref() == Some(holding.job_id.as_str()))
 }
 
 /// Queues job `job_id` (of a run of `config`, which fits nowhere now) behind one of the
@@ -300,7 +331,7 @@ fn follow(
     job_id: &str,
     config: &Configuration,
     candidates: &[&Instance],
-    held: &HashMap<String, Vec<Reservation>>,
+    holdings: &[Holding],
     leaders: &mut Vec<Holding>,
 ) -> bool {
     if !may_follow(config) {
@@ -311,11 +342,14 @@ fn follow(
         let Some(instance) = candidates.iter().find(|i| i.id == leader.instance_id) else {
             continue;
         };
-        // What the instance holds besides the leader.
-        let mut others = held.get(&instance.id).cloned().unwrap_or_default();
-        if let Some(at) = others.iter().position(|r| *r == leader.reservation) {
-            others.remove(at);
-        }
+        // What the instance holds besides the leader's queue.
+        let queue = leader.queue(holdings);
+        let others: Vec<Reservation> = holdings
+            .iter()
+            .filter(|h| h.instance_id == instance.id && h.counts(holdings))
+            .filter(|h| !queue.contains(&h.job_id.as_str()))
+            .map(|h| h.reservation.clone())
+            .collect();
         let fits = |held: &[Reservation]| {
             fit(spec, instance, held, false).filter(|r| within(r, &leader.reservation))
         };
@@ -346,8 +380,8 @@ fn within(inner: &Reservation, outer: &Reservation) -> bool {
         && inner.gpus.iter().all(|g| outer.gpus.contains(g))
 }
 
-/// Takes back the followers still queued behind their leaders that would fit somewhere now,
-/// so that they are placed there instead of waiting; `true` if it took any back.
+/// Takes back the last followers of queues that would fit somewhere now, so that they are
+/// placed there instead of waiting; `true` if it took any back.
 async fn take_back(
     inner: &Arc<Inner>,
     holdings: &[Holding],
@@ -356,7 +390,11 @@ async fn take_back(
     fleets: &[Fleet],
 ) -> bool {
     let mut took = false;
-    for follower in holdings.iter().filter(|h| !h.counts(holdings)) {
+    // Only the last of a queue: the one behind it could otherwise start too early.
+    let last = holdings
+        .iter()
+        .filter(|h| !h.counts(holdings) && !followed(h, holdings));
+    for follower in last {
         let Ok(config) = inner.configuration_of(&follower.run_id) else {
             continue;
         };

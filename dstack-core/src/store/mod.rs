@@ -81,6 +81,25 @@ impl Holding {
             .as_deref()
             .is_none_or(|leader| !all.iter().any(|h| h.job_id == leader))
     }
+
+    /// The ids of this job and of the jobs of `all` it is queued behind, nearest first: the
+    /// last one is the one whose reservation counts for them all.
+    pub fn queue<'a>(&'a self, all: &'a [Holding]) -> Vec<&'a str> {
+        let mut queue = vec![self.job_id.as_str()];
+        let mut at = self;
+        while let Some(leader) = at
+            .after_job
+            .as_deref()
+            .and_then(|id| all.iter().find(|h| h.job_id == id))
+        {
+            if queue.contains(&leader.job_id.as_str()) {
+                break; // a cycle cannot be recorded, but never loop on one
+            }
+            queue.push(&leader.job_id);
+            at = leader;
+        }
+        queue
+    }
 }
 
 /// Decides where a job fits on an instance, given what its active jobs already hold.
@@ -205,8 +224,9 @@ pub trait Store: Send + Sync {
     /// Atomically places a `submitted` job on an instance: `fit` sees the reservations held
     /// on the instance and returns the job's reservation, or `None` if it does not fit now.
     /// With `after`, the job is queued behind that job of the instance instead (see
-    /// [`Job::after_job`]), which must be `running` with no follower yet; `fit` then sees what
-    /// the instance holds besides that job. Returns the job, now `provisioning`, or `None`.
+    /// [`Job::after_job`]), which must be `running` or queued itself, with no follower yet;
+    /// `fit` then sees what the instance holds besides that job. Returns the job, now
+    /// `provisioning`, or `None`.
     fn assign_job(
         &self,
         job_id: &str,

@@ -548,19 +548,25 @@ impl Store for SqliteStore {
                 }
                 let holdings = holdings(c, Some(instance_id))?;
                 if let Some(leader) = after {
-                    let followable = holdings
+                    // Running, or queued behind a job that holds resources; followed by none.
+                    let followable = holdings.iter().any(|h| {
+                        h.job_id == leader
+                            && (h.status == JobStatus::Running || !h.counts(&holdings))
+                    }) && !holdings
                         .iter()
-                        .any(|h| h.job_id == leader && h.status == JobStatus::Running)
-                        && !holdings
-                            .iter()
-                            .any(|h| h.after_job.as_deref() == Some(leader));
+                        .any(|h| h.after_job.as_deref() == Some(leader));
                     if !followable {
                         return Ok(None);
                     }
                 }
+                // Behind a job, the job sees what the instance holds besides that job's queue.
+                let queue = after
+                    .and_then(|id| holdings.iter().find(|h| h.job_id == id))
+                    .map(|h| h.queue(&holdings))
+                    .unwrap_or_default();
                 let held: Vec<Reservation> = holdings
                     .iter()
-                    .filter(|h| h.counts(&holdings) && Some(h.job_id.as_str()) != after)
+                    .filter(|h| h.counts(&holdings) && !queue.contains(&h.job_id.as_str()))
                     .map(|h| h.reservation.clone())
                     .collect();
                 let Some(reservation) = fit(&held) else {
@@ -1188,13 +1194,12 @@ mod tests {
                 .is_none(),
             "a job takes one follower"
         );
-        assert!(
-            store
-                .assign_job(&second.id, "i-1", Some(&queued.id), &fit)
-                .unwrap()
-                .is_none(),
-            "a queued job takes none"
-        );
+        // Queued behind the queued follower: one behind the other.
+        let behind = store
+            .assign_job(&second.id, "i-1", Some(&queued.id), &fit)
+            .unwrap()
+            .unwrap();
+        assert_eq!(held_cpus(&store), 1, "neither follower counts yet");
         assert!(store
             .assign_job(&third.id, "i-1", None, &fit)
             .unwrap()
@@ -1208,9 +1213,16 @@ mod tests {
             .unwrap()
             .is_none());
         let holdings = store.holdings().unwrap();
-        assert_eq!(holdings.len(), 1);
-        assert_eq!(holdings[0].job_id, queued.id);
-        assert_eq!(holdings[0].after_job.as_deref(), after);
+        let counted: Vec<&str> = holdings
+            .iter()
+            .filter(|h| h.counts(&holdings))
+            .map(|h| h.job_id.as_str())
+            .collect();
+        assert_eq!(counted, [queued.id.as_str()]);
+        assert_eq!(holdings.len(), 2);
+        assert!(holdings
+            .iter()
+            .any(|h| h.job_id == behind.id && h.after_job.as_deref() == Some(&queued.id)));
     }
 
     #[test]
