@@ -78,7 +78,7 @@ pub(crate) async fn place(
         if let Some(placed) = assign_all(inner, &waiting, &hosts, spec) {
             let _ = runs::reconcile(inner, run_id).await;
             for job in placed {
-                tokio::spawn(jobs::start(inner.clone(), job, None));
+                inner.runtime.spawn(jobs::start(inner.clone(), job, None));
             }
             return;
         }

@@ -161,6 +161,8 @@ pub struct RunChange {
 }
 
 pub(crate) struct Inner {
+    /// The engine's own runtime (see [`EngineThread`]): background work is spawned there.
+    pub(crate) runtime: tokio::runtime::Handle,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) backends: Vec<Arc<dyn Compute>>,
     pub(crate) options: EngineOptions,
@@ -213,6 +215,37 @@ impl Definition {
 struct Shared {
     inner: Arc<Inner>,
     tasks: Vec<AbortHandle>,
+    _thread: EngineThread,
+}
+
+/// The thread the engine's background work runs on: a single-threaded runtime of its own, so
+/// that the engine's tasks (placement, agent watchers, starts) hand work to each other
+/// without crossing threads or contending for the store, whatever runtime the embedding
+/// application uses. It stops when this value is dropped.
+struct EngineThread {
+    runtime: tokio::runtime::Handle,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl EngineThread {
+    fn start() -> std::io::Result<EngineThread> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("dstack-engine".to_string())
+            .spawn(move || {
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                });
+            })?;
+        Ok(EngineThread {
+            runtime: handle,
+            _stop: stop,
+        })
+    }
 }
 
 impl Drop for Shared {
@@ -246,7 +279,10 @@ impl Engine {
         backends: Vec<Arc<dyn Compute>>,
         options: EngineOptions,
     ) -> Result<Engine, EngineError> {
+        let thread = EngineThread::start()
+            .map_err(|e| EngineError::Invalid(format!("cannot start the engine thread: {e}")))?;
         let inner = Arc::new(Inner {
+            runtime: thread.runtime.clone(),
             store,
             backends,
             options,
@@ -265,24 +301,33 @@ impl Engine {
         inner.catch_up().await;
         let mut tasks = Vec::new();
         inner.watch_instances();
-        tasks.push(tokio::spawn(scheduler::run(inner.clone())).abort_handle());
-        tasks.push(tokio::spawn(runs::retry_timer(inner.clone())).abort_handle());
-        tasks.push(tokio::spawn(sweep::run(inner.clone())).abort_handle());
+        let runtime = &inner.runtime;
+        tasks.push(runtime.spawn(scheduler::run(inner.clone())).abort_handle());
+        tasks.push(
+            runtime
+                .spawn(runs::retry_timer(inner.clone()))
+                .abort_handle(),
+        );
+        tasks.push(runtime.spawn(sweep::run(inner.clone())).abort_handle());
         for job in inner.store.jobs_with_status(&[JobStatus::Provisioning])? {
-            tokio::spawn(jobs::start(inner.clone(), job, None));
+            inner.runtime.spawn(jobs::start(inner.clone(), job, None));
         }
         for run in inner.store.runs_with_status(&[RunStatus::Terminating])? {
             runs::terminate_jobs(&inner, &run, false).await;
         }
         if inner.backends.iter().any(|b| b.creates_instances()) {
             let reaper = inner.clone();
-            tokio::spawn(async move {
+            inner.runtime.spawn(async move {
                 let _ = reaper.reap_orphans().await;
             });
         }
         inner.wake_scheduler();
         Ok(Engine {
-            shared: Arc::new(Shared { inner, tasks }),
+            shared: Arc::new(Shared {
+                inner,
+                tasks,
+                _thread: thread,
+            }),
         })
     }
 
@@ -492,7 +537,7 @@ impl Inner {
             match (live, watchers.contains_key(&instance.id)) {
                 (true, false) => {
                     let id = instance.id.clone();
-                    let watcher = tokio::spawn(agents::watch(self.clone(), instance));
+                    let watcher = self.runtime.spawn(agents::watch(self.clone(), instance));
                     watchers.insert(id, watcher.abort_handle());
                 }
                 (false, true) if instance.status != InstanceStatus::Provisioning => {

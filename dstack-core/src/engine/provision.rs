@@ -588,7 +588,7 @@ impl Inner {
         let timeout = idle_timeout(&[&common.profile, &config.profile], RUN_IDLE_SECS);
         let instance = self.placeholder(&fleet, Some(job_id), timeout)?;
         let inner = self.clone();
-        tokio::spawn(async move {
+        self.runtime.spawn(async move {
             let quiet: Progress<'_> = &|_, _| {};
             inner.provision(instance, offers, &config, quiet).await;
         });
@@ -693,7 +693,7 @@ impl Inner {
             }
             self.in_flight(&instance.id, true);
             let (inner, instance) = (self.clone(), instance.clone());
-            tokio::spawn(async move {
+            self.runtime.spawn(async move {
                 let quiet: Progress<'_> = &|_, _| {};
                 inner.bring_up(instance, quiet).await;
             });

@@ -419,7 +419,9 @@ fn terminate_job(
                     grace_secs: stop_grace(inner, run),
                     reason: reason.as_str().to_string(),
                 };
-                tokio::spawn(stop_on_agent(inner.clone(), next, request));
+                inner
+                    .runtime
+                    .spawn(stop_on_agent(inner.clone(), next, request));
             }
             return;
         }

@@ -247,7 +247,9 @@ async fn pass(inner: &Arc<Inner>) {
                         .push(reservation.clone());
                     order(&mut instances, &held);
                 }
-                tokio::spawn(jobs::start(inner.clone(), assigned, Some(instance)));
+                inner
+                    .runtime
+                    .spawn(jobs::start(inner.clone(), assigned, Some(instance)));
             }
             None if had_room => {}
             None => {
@@ -363,7 +365,9 @@ fn follow(
             Ok(Some(assigned)) => {
                 let instance = (*instance).clone();
                 leaders.remove(index);
-                tokio::spawn(jobs::start(inner.clone(), assigned, Some(instance)));
+                inner
+                    .runtime
+                    .spawn(jobs::start(inner.clone(), assigned, Some(instance)));
                 return true;
             }
             Ok(None) => {}

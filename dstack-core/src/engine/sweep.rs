@@ -34,7 +34,7 @@ pub(crate) async fn run(inner: Arc<Inner>) {
         if let Ok(jobs) = inner.store.jobs_with_status(&[JobStatus::Provisioning]) {
             for job in jobs {
                 // Starting is idempotent on the agent, so a start in flight elsewhere is harmless.
-                tokio::spawn(jobs::start(inner.clone(), job, None));
+                inner.runtime.spawn(jobs::start(inner.clone(), job, None));
             }
         }
         // Runs whose jobs are placed (waiting runs are the scheduler's, woken above).
