@@ -206,69 +206,61 @@ async fn pass(inner: &Arc<Inner>) {
         if grouped && !inner.store.group_has_room(&run_id).unwrap_or(false) {
             continue;
         }
-        if no_room {
-            if !follow(
-                inner,
-                &job_id,
-                &config,
-                &candidates,
-                &holdings,
-                &mut leaders,
-            ) {
-                unplaced.push(config.clone());
-            }
-            continue;
-        }
-        let mut placed = None;
-        // Whether the job fit somewhere as far as this pass knows (it may still not be
-        // placed: another process placed it first, its run is ending, a store error).
-        let mut had_room = false;
-        for instance in &candidates {
-            let holding = held.get(&instance.id).map_or(&[][..], Vec::as_slice);
-            if fit(spec, instance, holding, false).is_none() {
-                continue;
-            }
-            had_room = true;
-            let fits = |held: &[Reservation]| fit(spec, instance, held, false);
-            match inner.store.assign_job(&job_id, &instance.id, None, &fits) {
-                Ok(Some(assigned)) => {
-                    placed = Some((assigned, (*instance).clone()));
-                    break;
-                }
-                Ok(None) => {}
-                Err(_) => break,
-            }
-        }
-        match placed {
-            Some((assigned, instance)) => {
-                if let Some(reservation) = &assigned.reservation {
-                    held.entry(instance.id.clone())
-                        .or_default()
-                        .push(reservation.clone());
-                    order(&mut instances, &held);
-                }
-                inner
-                    .runtime
-                    .spawn(jobs::start(inner.clone(), assigned, Some(instance)));
-            }
-            None if had_room => {}
-            None => {
-                // No room now: a backend fleet may provision an instance for it.
-                if let Ok(ForJob::Provisioning) = inner.provision_for_job(&job_id, &config).await {
+        if !no_room {
+            let mut placed = None;
+            // Whether the job fit somewhere as far as this pass knows (it may still not be
+            // placed: another process placed it first, its run is ending, a store error).
+            let mut had_room = false;
+            for instance in &candidates {
+                let holding = held.get(&instance.id).map_or(&[][..], Vec::as_slice);
+                if fit(spec, instance, holding, false).is_none() {
                     continue;
                 }
-                blocked.push((selection, want));
-                if !follow(
-                    inner,
-                    &job_id,
-                    &config,
-                    &candidates,
-                    &holdings,
-                    &mut leaders,
-                ) {
-                    unplaced.push(config.clone());
+                had_room = true;
+                let fits = |held: &[Reservation]| fit(spec, instance, held, false);
+                match inner.store.assign_job(&job_id, &instance.id, None, &fits) {
+                    Ok(Some(assigned)) => {
+                        placed = Some((assigned, (*instance).clone()));
+                        break;
+                    }
+                    Ok(None) => {}
+                    Err(_) => break,
                 }
             }
+            match placed {
+                Some((assigned, instance)) => {
+                    if let Some(reservation) = &assigned.reservation {
+                        held.entry(instance.id.clone())
+                            .or_default()
+                            .push(reservation.clone());
+                        order(&mut instances, &held);
+                    }
+                    inner
+                        .runtime
+                        .spawn(jobs::start(inner.clone(), assigned, Some(instance)));
+                    continue;
+                }
+                None if had_room => continue,
+                None => {
+                    // No room now: a backend fleet may provision an instance for it.
+                    let provisioning = inner.provision_for_job(&job_id, &config).await;
+                    if let Ok(ForJob::Provisioning) = provisioning {
+                        continue;
+                    }
+                    blocked.push((selection, want));
+                }
+            }
+        }
+        // No room anywhere now: queued behind a task that will free room for it, if any.
+        if !follow(
+            inner,
+            &job_id,
+            &config,
+            &candidates,
+            &holdings,
+            &mut leaders,
+        ) {
+            unplaced.push(config.clone());
         }
     }
     inner.set_blocked(Blocked {
