@@ -46,7 +46,8 @@ fn valid_file_prints_normalized_json() {
 
 #[test]
 fn invalid_files_exit_1_with_every_error_located() {
-    let dir = tempdir();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
     let good = write(&dir, "good.dstack.yml", "type: fleet\nnodes: 0..2\n");
     let bad = write(
         &dir,
@@ -75,26 +76,9 @@ fn unreadable_and_binary_input_fail_cleanly() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr)
         .starts_with("/nonexistent/x.dstack.yml:1:1: (file): cannot read"));
-    let dir = tempdir();
-    let path = dir.join("bin.yml");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bin.yml");
     std::fs::write(&path, [0xff, 0xfe, 0x00, 0x01]).unwrap();
     let out = dstack(&["validate", path.to_str().unwrap()], "");
     assert_eq!(out.status.code(), Some(1));
-}
-
-fn tempdir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "dstack-validate-{}-{}",
-        std::process::id(),
-        rand_suffix()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn rand_suffix() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
 }
