@@ -72,6 +72,8 @@ pub(crate) struct Job {
     follower: Mutex<Option<String>>,
     /// The job this one is queued behind, while it is queued.
     leader: Mutex<Option<String>>,
+    /// Whether the journal holds the whole job (later changes append only its state).
+    journaled: AtomicBool,
 }
 
 impl Job {
@@ -85,14 +87,22 @@ impl Job {
         self.info.borrow().clone()
     }
 
-    /// Records a change of state: appends it to the journal, then publishes it.
+    /// Records a change of state: appends it to the journal (the whole job the first time,
+    /// the new state after that), then publishes it.
     pub fn transition(&self, info: JobInfo) {
-        let record = JobRecord {
-            info: info.clone(),
-            spec: self.spec.clone(),
-            process: self.process.get().cloned(),
+        let recorded = if self.journaled.load(Ordering::SeqCst) {
+            self.journal.update(&info, self.process.get())
+        } else {
+            let record = JobRecord {
+                info: info.clone(),
+                spec: self.spec.clone(),
+                process: self.process.get().cloned(),
+            };
+            let recorded = self.journal.record(record);
+            self.journaled.store(recorded.is_ok(), Ordering::SeqCst);
+            recorded
         };
-        if let Err(e) = self.journal.record(record) {
+        if let Err(e) = recorded {
             eprintln!("dstack-agent: cannot record job {}: {e}", self.spec.id);
         }
         self.info.send_replace(info.clone());
@@ -236,6 +246,7 @@ impl Jobs {
             info.log_bytes = log.len();
             let lost = info.status == AgentJobStatus::Running;
             let job = self.job(record.spec, info.clone());
+            job.journaled.store(true, Ordering::SeqCst); // the compacted journal holds it
             if let Some(group) = record.process {
                 let _ = job.process.set(group);
             }
@@ -266,6 +277,7 @@ impl Jobs {
             owner: self.this.clone(),
             follower: Mutex::new(None),
             leader: Mutex::new(None),
+            journaled: AtomicBool::new(false),
         }
     }
 

@@ -1,7 +1,9 @@
 //! The job journal: one append-only file (`<state>/jobs.journal`) recording every job's state.
 //!
-//! Each line is one JSON object: either a [`JobRecord`] (a job's full state; the last record
-//! of an id wins) or a tombstone `{"removed":"<id>"}` (the job was deleted). Lines are
+//! Each line is one JSON object: a [`JobRecord`] (a job's full state, written when the job is
+//! submitted), an update `{"update":"<id>","info":…,"process":…}` (its later states: the
+//! submission is not written again; the last state of an id wins), or a tombstone
+//! `{"removed":"<id>"}` (the job was deleted). Lines are
 //! appended whole, with one write, by a single writer, and not synced (a crash of the host
 //! loses at most the last changes, which recovery treats like any other job of a lost agent).
 //!
@@ -40,6 +42,12 @@ pub(crate) struct JobRecord {
 enum Line {
     /// The job was deleted: its earlier records no longer count.
     Removed { removed: String },
+    /// A later state of a job recorded whole before.
+    Update {
+        update: String,
+        info: JobInfo,
+        process: Option<ProcessGroup>,
+    },
     /// The state of a job.
     Record(Box<JobRecord>),
 }
@@ -79,6 +87,15 @@ impl Journal {
         self.append(&Line::Record(Box::new(record)))
     }
 
+    /// Appends a later state of a job whose record is in the journal.
+    pub fn update(&self, info: &JobInfo, process: Option<&ProcessGroup>) -> io::Result<()> {
+        self.append(&Line::Update {
+            update: info.id.clone(),
+            info: info.clone(),
+            process: process.cloned(),
+        })
+    }
+
     /// Appends the tombstone of the deleted job `id`.
     pub fn remove(&self, id: &str) -> io::Result<()> {
         self.append(&Line::Removed {
@@ -113,6 +130,21 @@ fn replay(
             Ok(Line::Removed { removed }) => {
                 live.remove(&removed);
             }
+            Ok(Line::Update {
+                update,
+                info,
+                process,
+            }) => match live.get_mut(&update) {
+                Some(record) => {
+                    record.info = info;
+                    record.process = process;
+                }
+                None => eprintln!(
+                    "dstack-agent: skipping line {} of {}: no record of job {update}",
+                    index + 1,
+                    path.display()
+                ),
+            },
             // The write of the last line was cut short (by a crash, or a full disk).
             Err(_) if lines.peek().is_none() => {
                 eprintln!(
@@ -259,6 +291,33 @@ mod tests {
         assert_eq!(state.lines(), 1, "compacted");
         let mode = fs::metadata(state.journal()).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn updates_carry_later_states_without_the_submission() {
+        let state = State::new();
+        let (journal, _) = state.open();
+        let running = record("a", AgentJobStatus::Running);
+        journal.record(running.clone()).unwrap();
+        let done = JobInfo {
+            status: AgentJobStatus::Done,
+            exit_status: Some(0),
+            ..running.info.clone()
+        };
+        journal.update(&done, None).unwrap();
+        let orphan = record("b", AgentJobStatus::Done).info;
+        journal.update(&orphan, None).unwrap();
+        let text = fs::read_to_string(state.journal()).unwrap();
+        assert_eq!(text.matches("/bin/true").count(), 1, "{text}");
+        drop(journal);
+
+        let (_, live) = state.open();
+        assert_eq!(live, [("a".to_string(), AgentJobStatus::Done)]);
+        // Compacted into whole records.
+        let (_, records) = Journal::open(&state.journal(), &state.jobs()).unwrap();
+        assert_eq!(records[0].spec, running.spec);
+        assert_eq!(records[0].info, done);
+        assert_eq!(state.lines(), 1);
     }
 
     #[test]

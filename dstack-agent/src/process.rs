@@ -17,17 +17,24 @@ pub(crate) struct ProcessGroup {
     pub pgid: i32,
     /// `/proc/sys/kernel/random/boot_id` when the job started.
     boot_id: Option<String>,
-    /// The leader's start time in clock ticks since boot (`/proc/<pid>/stat`, field 22).
+    /// The leader's start time in clock ticks since boot (`/proc/<pid>/stat`, field 22), as
+    /// read from the boot clock when it was spawned (within [`START_TOLERANCE`]).
     leader_start: Option<u64>,
 }
 
+/// How many clock ticks the start time taken at spawn may differ from the kernel's: the
+/// process starts just before the spawn returns (a tick is 10 ms at the usual 100 Hz; a
+/// process id is not reused within that time).
+const START_TOLERANCE: u64 = 2;
+
 impl ProcessGroup {
-    /// The group led by the just-spawned process `pid`.
+    /// The group led by the just-spawned process `pid` (its start time is now: no need to
+    /// read it from `/proc`).
     pub fn led_by(pid: u32) -> Self {
         ProcessGroup {
             pgid: pid as i32,
             boot_id: boot_id(),
-            leader_start: start_time(pid as i32),
+            leader_start: ticks_since_boot(),
         }
     }
 
@@ -49,7 +56,7 @@ impl ProcessGroup {
             matches!((&self.boot_id, boot_id()), (Some(then), Some(now)) if *then != now);
         let replaced = matches!(
             (self.leader_start, start_time(self.pgid)),
-            (Some(then), Some(now)) if then != now
+            (Some(then), Some(now)) if then.abs_diff(now) > START_TOLERANCE
         );
         if !rebooted && !replaced {
             self.signal(Signal::SIGKILL);
@@ -66,6 +73,19 @@ fn boot_id() -> Option<String> {
             Some(id.trim().to_string())
         })
         .clone()
+}
+
+/// Clock ticks since boot now, on the clock the kernel dates processes by.
+fn ticks_since_boot() -> Option<u64> {
+    static HZ: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    let hz = (*HZ.get_or_init(|| {
+        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
+        u64::try_from(hz).ok()
+    }))?;
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).ok()?;
+    let secs = u64::try_from(now.tv_sec()).ok()?;
+    let nanos = u64::try_from(now.tv_nsec()).ok()?;
+    Some(secs * hz + nanos * hz / 1_000_000_000)
 }
 
 /// The start time of process `pid` (clock ticks since boot), if it exists.
@@ -113,9 +133,29 @@ mod tests {
     }
 
     #[test]
-    fn own_process_is_recognised() {
-        let me = ProcessGroup::led_by(std::process::id());
-        assert!(me.leader_start.is_some());
-        assert_eq!(start_time(me.pgid), me.leader_start);
+    fn leftovers_are_killed_only_if_their_leader_is_the_one_recorded() {
+        use std::os::unix::process::CommandExt;
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let group = ProcessGroup::led_by(child.id());
+        let kernel = start_time(group.pgid).unwrap();
+        let spawned = group.leader_start.unwrap();
+        assert!(
+            spawned.abs_diff(kernel) <= START_TOLERANCE,
+            "{spawned} vs {kernel}"
+        );
+        // A record of an earlier process that had the same id: the group is left alone.
+        let earlier = ProcessGroup {
+            leader_start: Some(spawned.saturating_sub(100)),
+            ..group.clone()
+        };
+        earlier.kill_leftovers();
+        assert!(child.try_wait().unwrap().is_none(), "killed a stranger");
+        group.kill_leftovers();
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(Signal::SIGKILL as i32));
     }
 }

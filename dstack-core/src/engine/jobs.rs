@@ -193,7 +193,11 @@ async fn requeue(inner: &Arc<Inner>, mut job: Job) -> Result<bool, crate::store:
     job.instance_id = None;
     job.reservation = None;
     job.after_job = None;
-    record(inner, &job, JobStatus::Provisioning).await
+    let waiting = record(inner, &job, JobStatus::Provisioning).await?;
+    if waiting {
+        inner.wake_scheduler();
+    }
+    Ok(waiting)
 }
 
 /// Records that a job could not be started or was lost.
