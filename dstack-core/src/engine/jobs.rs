@@ -39,8 +39,8 @@ pub(crate) async fn start(inner: Arc<Inner>, job: Job, instance: Option<Instance
     // unreachable deadline fails it if the agent never comes back.
     match result {
         Ok(()) => {}
-        // The agent would not queue it behind the job it was to follow (which has another
-        // follower there): it waits for a place again.
+        // The agent would not queue it behind the job it was to follow (that job has another
+        // follower there, or has not reached the agent yet): it waits for a place again.
         Err(EngineError::Agent(AgentError::Status { status: 409, .. }))
             if job.after_job.is_some() =>
         {
