@@ -823,3 +823,34 @@ async fn a_queued_task_stops_without_ever_running() {
     }
     assert!(!marker.exists(), "the stopped task ran");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_task_runs_after_the_engine_that_queued_it_is_gone() {
+    let home = Home::new();
+    let names: Vec<String> = {
+        let client = home.client().await;
+        let cpus = client.fleets().list().unwrap()[0].1[0].host.cpus;
+        let (leader, other) = fill_the_host(&client, home.path(), "  - sleep 1000\n").await;
+        let queued = apply(
+            &client,
+            &sized_task("  - echo after\n", cpus / 2, "0.2"),
+            home.path(),
+        )
+        .await;
+        assert_eq!(wait_queued(&queued).await, leader.jobs().unwrap()[0].id);
+        [leader, other, queued]
+            .iter()
+            .map(|r| r.name().to_string())
+            .collect()
+    }; // the engine stops with its client; the agent keeps the queue
+    let client = home.client().await;
+    let get = |name: &str| client.runs().get(name).unwrap().unwrap();
+    let (leader, other, queued) = (get(&names[0]), get(&names[1]), get(&names[2]));
+    assert_eq!(queued.jobs().unwrap()[0].status, JobStatus::Provisioning);
+    leader.stop(true).await.unwrap();
+    assert_done(&queued).await;
+    assert_eq!(all_logs(&queued).await, "after\n");
+    assert_eq!(other.status().unwrap(), RunStatus::Running);
+    other.stop(true).await.unwrap();
+    finish(&other).await;
+}
