@@ -606,20 +606,27 @@ async fn each_job_gets_its_own_gpus() {
         apply(&client, gpu_task, home.path()).await,
         apply(&client, gpu_task, home.path()).await,
     ];
+    // (start, end, output) of each run, in the order they started (runs submitted within the
+    // same millisecond may be placed in any order).
     let mut seen = Vec::new();
     for run in &runs {
         assert_eq!(finish(run).await.status, RunStatus::Done);
-        seen.push(all_logs(run).await);
+        let job = run.jobs().unwrap().pop().unwrap();
+        let (start, end) = (job.started_at_ms.unwrap(), job.finished_at_ms.unwrap());
+        seen.push((start, end, all_logs(run).await));
     }
-    assert!(seen.iter().all(|l| l.ends_with("n=1\n")), "{seen:?}");
-    assert_ne!(
-        seen[0], seen[1],
-        "the first two run side by side on different GPUs"
+    seen.sort();
+    assert!(
+        seen.iter().all(|(_, _, l)| l.ends_with("n=1\n")),
+        "{seen:?}"
     );
+    assert_ne!(
+        seen[0].2, seen[1].2,
+        "the first two run side by side on different GPUs: {seen:?}"
+    );
+    assert!(seen[1].0 < seen[0].1, "the first two overlap: {seen:?}");
     // The third waited for a free GPU: it started after one of the first two finished.
-    let start = |r: &RunHandle| r.jobs().unwrap()[0].started_at_ms.unwrap();
-    let end = |r: &RunHandle| r.jobs().unwrap()[0].finished_at_ms.unwrap();
-    assert!(start(&runs[2]) >= end(&runs[0]).min(end(&runs[1])));
+    assert!(seen[2].0 >= seen[0].1.min(seen[1].1), "{seen:?}");
     let two = parse("type: task\ncommands: [x]\nresources: {gpu: A100:2}\n", "p").unwrap();
     assert_eq!(client.runs().plan(&two).await.unwrap().offers.len(), 1);
     let three = parse("type: task\ncommands: [x]\nresources: {gpu: 3}\n", "p").unwrap();

@@ -175,6 +175,7 @@ pub async fn ps(client: &Client, args: &PsArgs) -> Result<ExitCode, Failure> {
         let runtime = if run
             .spec
             .configuration
+            .value()
             .get("image")
             .is_some_and(|i| !i.is_null())
         {

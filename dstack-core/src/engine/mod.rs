@@ -618,7 +618,7 @@ impl Inner {
             termination_reason: None,
             status_message: None,
             spec: RunSpec {
-                configuration: configuration.to_json(),
+                configuration: crate::model::RawJson::from_value(&configuration.to_json()),
                 configuration_path: opts.configuration_path,
                 client_dir,
                 client_env: captured,

@@ -13,7 +13,7 @@ use crate::config::Configuration;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RunSpec {
     /// The validated configuration.
-    pub configuration: serde_json::Value,
+    pub configuration: RawJson,
     /// Where the configuration came from, for humans.
     pub configuration_path: Option<String>,
     /// The directory the run was applied from (the default working directory of local jobs).
@@ -39,7 +39,43 @@ pub struct RunGroup {
 impl RunSpec {
     /// The configuration, parsed back from its stored JSON.
     pub fn configuration(&self) -> Result<Configuration, crate::config::ConfigErrors> {
-        crate::config::parse_value(&self.configuration, "<stored run spec>")
+        crate::config::parse_value(&self.configuration.value(), "<stored run spec>")
+    }
+}
+
+/// A JSON document kept as its text: a run's record is read and written on every status
+/// change, and its configuration is only parsed when it is needed (once per run and process).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RawJson(Box<serde_json::value::RawValue>);
+
+impl RawJson {
+    /// The document of `value`.
+    pub fn from_value(value: &serde_json::Value) -> RawJson {
+        // A `Value` always serializes into valid JSON.
+        let text = serde_json::to_string(value).unwrap_or_else(|_| "null".to_string());
+        RawJson(
+            serde_json::value::RawValue::from_string(text)
+                .unwrap_or_else(|_| serde_json::value::RawValue::NULL.to_owned()),
+        )
+    }
+
+    /// The document, parsed.
+    pub fn value(&self) -> serde_json::Value {
+        // Valid JSON by construction.
+        serde_json::from_str(self.0.get()).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The document's text.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+}
+
+/// Documents are equal when their texts are (as written by [`RawJson::from_value`]).
+impl PartialEq for RawJson {
+    fn eq(&self, other: &RawJson) -> bool {
+        self.get() == other.get()
     }
 }
 

@@ -849,7 +849,7 @@ fn group_has_room(c: &Connection, run_id: &str) -> Result<bool, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Reservation, RunSpec};
+    use crate::model::{RawJson, Reservation, RunSpec};
 
     #[test]
     fn connections_opening_a_new_state_file_at_once_all_succeed() {
@@ -888,7 +888,9 @@ mod tests {
             termination_reason: None,
             status_message: None,
             spec: RunSpec {
-                configuration: serde_json::json!({"type": "task", "commands": ["x"]}),
+                configuration: RawJson::from_value(
+                    &serde_json::json!({"type": "task", "commands": ["x"]}),
+                ),
                 configuration_path: None,
                 client_dir: "/".to_string(),
                 client_env: Default::default(),
