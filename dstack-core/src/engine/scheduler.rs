@@ -123,7 +123,7 @@ async fn pass(inner: &Arc<Inner>) {
         waiting = now_waiting;
         held = held_by_instance(&holdings);
     }
-    // Running tasks nothing is queued behind yet.
+    // The tasks a task may be queued behind now.
     let mut leaders = leaders(inner, &holdings);
     // Idle instances first, then the cheapest (as dstack orders its pool offers); an instance
     // that gets a job in this pass is busy from then on.
@@ -292,8 +292,11 @@ fn leaders(inner: &Inner, holdings: &[Holding]) -> Vec<Holding> {
     holdings
         .iter()
         .filter(|h| {
+            // Not one being stopped: the agent may have ended it already, and a job queued
+            // behind an ended one starts at once.
             let depth = queue_depth(h, holdings);
-            (h.status == JobStatus::Running || depth > 0) && depth < QUEUE_DEPTH
+            let queued = h.status == JobStatus::Provisioning && depth > 0;
+            (h.status == JobStatus::Running || queued) && depth < QUEUE_DEPTH
         })
         .filter(|h| !followed(h, holdings))
         .filter(|h| {

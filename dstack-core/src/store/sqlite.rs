@@ -548,10 +548,12 @@ impl Store for SqliteStore {
                 }
                 let holdings = holdings(c, Some(instance_id))?;
                 if let Some(leader) = after {
-                    // Running, or queued behind a job that holds resources; followed by none.
+                    // Running, or queued behind a job that holds resources (not being
+                    // stopped); followed by none.
                     let followable = holdings.iter().any(|h| {
                         h.job_id == leader
-                            && (h.status == JobStatus::Running || !h.counts(&holdings))
+                            && (h.status == JobStatus::Running
+                                || (h.status == JobStatus::Provisioning && !h.counts(&holdings)))
                     }) && !holdings
                         .iter()
                         .any(|h| h.after_job.as_deref() == Some(leader));
@@ -1225,6 +1227,16 @@ mod tests {
         assert!(holdings
             .iter()
             .any(|h| h.job_id == behind.id && h.after_job.as_deref() == Some(&queued.id)));
+        // A queued job being stopped may have ended on its agent: nothing queues behind it.
+        let mut stopping = behind.clone();
+        stopping.status = JobStatus::Terminating;
+        assert!(store
+            .update_job(&stopping, &[JobStatus::Provisioning])
+            .unwrap());
+        assert!(store
+            .assign_job(&third.id, "i-1", Some(&behind.id), &fit)
+            .unwrap()
+            .is_none());
     }
 
     #[test]
