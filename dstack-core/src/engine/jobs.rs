@@ -305,9 +305,11 @@ pub(crate) async fn on_agent_jobs(inner: &Arc<Inner>, mut infos: Vec<JobInfo>) {
         return;
     }
     let ids: Vec<&str> = infos.iter().map(|i| i.id.as_str()).collect();
-    // Jobs the store shows finished that need more than a write (see [`Report`]).
-    let mut attention: Vec<(Job, bool)> = Vec::new();
+    // Reports that need more than a write (see [`Report`]): jobs to stop again, and runs to
+    // reconcile (those of reported ends the store already had; once per run).
+    let mut orphans: Vec<Job> = Vec::new();
     let mut deferred = Vec::new();
+    let mut ended: Vec<String> = Vec::new();
     let changed = {
         let mut change = |stored: &Job| {
             // The last report of a job is the one that counts.
@@ -315,11 +317,11 @@ pub(crate) async fn on_agent_jobs(inner: &Arc<Inner>, mut infos: Vec<JobInfo>) {
             match report(stored, info) {
                 Report::Write(job) => Some(*job),
                 Report::Orphan => {
-                    attention.push((stored.clone(), true));
+                    orphans.push(stored.clone());
                     None
                 }
                 Report::Reconcile => {
-                    attention.push((stored.clone(), false));
+                    ended.push(stored.run_id.clone());
                     None
                 }
                 Report::Nothing => None,
@@ -336,26 +338,25 @@ pub(crate) async fn on_agent_jobs(inner: &Arc<Inner>, mut infos: Vec<JobInfo>) {
     for c in &changed {
         written(inner, &c.job, c.from, c.run.as_deref(), c.passed_on);
     }
+    // Make sure the runs saw these ends (a reconcile may have been lost in a crash).
+    deferred.extend(ended);
+    deferred.sort();
+    deferred.dedup();
     for run_id in deferred {
-        let _ = runs::reconcile(inner, &run_id).await;
+        let _ = Box::pin(runs::reconcile(inner, &run_id)).await;
     }
-    for (job, running) in attention {
-        if running {
-            // Recorded as finished or being stopped, yet running: stop it.
-            let agent = job.instance_id.as_deref().and_then(|i| {
-                inner
-                    .agents
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get(i)
-                    .cloned()
-            });
-            if let Some(agent) = agent {
-                Box::pin(stop_orphan(inner, &agent, Some(&job), &job.id)).await;
-            }
-        } else {
-            // Make sure the run saw this job's end (a reconcile may have been lost in a crash).
-            let _ = Box::pin(runs::reconcile(inner, &job.run_id)).await;
+    for job in orphans {
+        // Recorded as finished or being stopped, yet running: stop it.
+        let agent = job.instance_id.as_deref().and_then(|i| {
+            inner
+                .agents
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(i)
+                .cloned()
+        });
+        if let Some(agent) = agent {
+            Box::pin(stop_orphan(inner, &agent, Some(&job), &job.id)).await;
         }
     }
 }
@@ -386,10 +387,10 @@ fn report(stored: &Job, info: &JobInfo) -> Report {
         // did (and found nothing to stop). Stopping again is harmless.
         return Report::Orphan;
     }
-    let mut job = stored.clone();
     match info.status {
         AgentJobStatus::Queued => Report::Nothing,
         AgentJobStatus::Running if stored.status == JobStatus::Provisioning => {
+            let mut job = stored.clone();
             job.status = JobStatus::Running;
             job.started_at_ms = Some(info.started_at_ms);
             Report::Write(Box::new(job))
@@ -406,6 +407,7 @@ fn report(stored: &Job, info: &JobInfo) -> Report {
                 .as_deref()
                 .and_then(JobTerminationReason::parse)
                 .unwrap_or(default);
+            let mut job = stored.clone();
             job.status = reason.job_status();
             job.termination_reason = Some(reason.as_str().to_string());
             job.termination_message = info.termination_message.clone();
