@@ -17,7 +17,7 @@ use super::{jobs, Inner};
 use crate::config::Configuration;
 use crate::model::{Fleet, Instance, InstanceStatus, JobStatus, JobTerminationReason, Reservation};
 use crate::offers::{mismatch, reserve, reserve_blocks};
-use crate::store::{Holding, WaitingJob};
+use crate::store::{Holding, Placement, WaitingJob};
 
 /// How many waiting jobs one pass looks at (the oldest first).
 const PASS_LIMIT: usize = 64;
@@ -133,6 +133,8 @@ async fn pass(inner: &Arc<Inner>) {
     let mut blocked: Vec<(Option<Vec<String>>, Reservation)> = Vec::new();
     // Multi-node runs already handled in this pass (all their jobs at once).
     let mut gangs: Vec<String> = Vec::new();
+    // The placements decided in this pass, made in one transaction at its end.
+    let mut placements: Vec<Pending> = Vec::new();
     for WaitingJob {
         job_id,
         run_id,
@@ -202,67 +204,52 @@ async fn pass(inner: &Arc<Inner>) {
         if no_room && leaders.is_empty() {
             continue;
         }
-        // A full group is not a lack of room: the job must not block others.
-        if grouped && !inner.store.group_has_room(&run_id).unwrap_or(false) {
-            continue;
+        // A full group is not a lack of room: the job must not block others. (The store
+        // counts only placements made: those decided so far are made first.)
+        if grouped {
+            place(inner, std::mem::take(&mut placements));
+            if !inner.store.group_has_room(&run_id).unwrap_or(false) {
+                continue;
+            }
         }
         if !no_room {
-            let mut placed = None;
-            // Whether the job fit somewhere as far as this pass knows (it may still not be
-            // placed: another process placed it first, its run is ending, a store error).
-            let mut had_room = false;
-            for instance in &candidates {
+            let room = candidates.iter().find(|instance| {
                 let holding = held.get(&instance.id).map_or(&[][..], Vec::as_slice);
-                if fit(spec, instance, holding, false).is_none() {
-                    continue;
+                fit(spec, instance, holding, false).is_some()
+            });
+            if let Some(instance) = room {
+                let holding = held.entry(instance.id.clone()).or_default();
+                if let Some(reservation) = fit(spec, instance, holding, false) {
+                    holding.push(reservation);
                 }
-                had_room = true;
-                let fits = |held: &[Reservation]| fit(spec, instance, held, false);
-                match inner.store.assign_job(&job_id, &instance.id, None, &fits) {
-                    Ok(Some(assigned)) => {
-                        placed = Some((assigned, (*instance).clone()));
-                        break;
-                    }
-                    Ok(None) => {}
-                    Err(_) => break,
-                }
+                placements.push(Pending {
+                    job_id,
+                    instance: (*instance).clone(),
+                    config,
+                    leader: None,
+                });
+                order(&mut instances, &held);
+                continue;
             }
-            match placed {
-                Some((assigned, instance)) => {
-                    if let Some(reservation) = &assigned.reservation {
-                        held.entry(instance.id.clone())
-                            .or_default()
-                            .push(reservation.clone());
-                        order(&mut instances, &held);
-                    }
-                    inner
-                        .runtime
-                        .spawn(jobs::start(inner.clone(), assigned, Some(instance)));
-                    continue;
-                }
-                None if had_room => continue,
-                None => {
-                    // No room now: a backend fleet may provision an instance for it.
-                    let provisioning = inner.provision_for_job(&job_id, &config).await;
-                    if let Ok(ForJob::Provisioning) = provisioning {
-                        continue;
-                    }
-                    blocked.push((selection, want));
-                }
+            // No room now: a backend fleet may provision an instance for it.
+            let provisioning = inner.provision_for_job(&job_id, &config).await;
+            if let Ok(ForJob::Provisioning) = provisioning {
+                continue;
             }
+            blocked.push((selection, want));
         }
         // No room anywhere now: queued behind a task that will free room for it, if any.
-        if !follow(
-            inner,
-            &job_id,
-            &config,
-            &candidates,
-            &holdings,
-            &mut leaders,
-        ) {
-            unplaced.push(config.clone());
+        match follow(&config, &candidates, &holdings, &mut leaders) {
+            Some((instance, leader)) => placements.push(Pending {
+                job_id,
+                instance,
+                config,
+                leader: Some(leader),
+            }),
+            None => unplaced.push(config.clone()),
         }
     }
+    place(inner, placements);
     inner.set_blocked(Blocked {
         epoch,
         demands: unplaced,
@@ -320,56 +307,100 @@ fn followed(holding: &Holding, holdings: &[Holding]) -> bool {
         .any(|f| f.after_job.as_deref() == Some(holding.job_id.as_str()))
 }
 
-/// Queues job `job_id` (of a run of `config`, which fits nowhere now) behind one of the
-/// `leaders` on the `candidates` whose reservation covers it, and starts it there (the agent
-/// holds it until the leader ends). `false` if no leader can take it.
+/// The leader among `leaders` (on the `candidates`) whose reservation covers a job of a run
+/// of `config`, which fits nowhere now: the job is to be queued behind it (the agent holds it
+/// until the leader ends). The leader is taken out of `leaders`; `None` if none can take it.
 fn follow(
-    inner: &Arc<Inner>,
-    job_id: &str,
     config: &Configuration,
     candidates: &[&Instance],
     holdings: &[Holding],
     leaders: &mut Vec<Holding>,
-) -> bool {
+) -> Option<(Instance, Holding)> {
     if !may_follow(config) {
-        return false;
+        return None;
     }
     let spec = &super::command::common(config).resources;
-    for (index, leader) in leaders.iter().enumerate() {
-        let Some(instance) = candidates.iter().find(|i| i.id == leader.instance_id) else {
-            continue;
-        };
-        // What the instance holds besides the leader's queue.
-        let queue = leader.queue(holdings);
-        let others: Vec<Reservation> = holdings
+    let index = leaders.iter().position(|leader| {
+        candidates
             .iter()
-            .filter(|h| h.instance_id == instance.id && h.counts(holdings))
-            .filter(|h| !queue.contains(&h.job_id.as_str()))
-            .map(|h| h.reservation.clone())
-            .collect();
-        let fits = |held: &[Reservation]| {
-            fit(spec, instance, held, false).filter(|r| within(r, &leader.reservation))
-        };
-        if fits(&others).is_none() {
-            continue;
-        }
-        match inner
-            .store
-            .assign_job(job_id, &instance.id, Some(&leader.job_id), &fits)
-        {
-            Ok(Some(assigned)) => {
-                let instance = (*instance).clone();
-                leaders.remove(index);
-                inner
-                    .runtime
-                    .spawn(jobs::start(inner.clone(), assigned, Some(instance)));
-                return true;
+            .find(|i| i.id == leader.instance_id)
+            .is_some_and(|instance| {
+                let others = besides_queue(leader, holdings);
+                follower_fit(spec, instance, leader, &others).is_some()
+            })
+    })?;
+    let leader = leaders.remove(index);
+    let instance = candidates.iter().find(|i| i.id == leader.instance_id)?;
+    Some(((*instance).clone(), leader))
+}
+
+/// What the instance of `leader` holds besides the leader's queue.
+fn besides_queue(leader: &Holding, holdings: &[Holding]) -> Vec<Reservation> {
+    let queue = leader.queue(holdings);
+    holdings
+        .iter()
+        .filter(|h| h.instance_id == leader.instance_id && h.counts(holdings))
+        .filter(|h| !queue.contains(&h.job_id.as_str()))
+        .map(|h| h.reservation.clone())
+        .collect()
+}
+
+/// Where a job of `spec` fits on `instance` behind `leader`, given what the instance holds
+/// besides the leader's queue: within the leader's reservation.
+fn follower_fit(
+    spec: &crate::config::resources::ResourcesSpec,
+    instance: &Instance,
+    leader: &Holding,
+    held: &[Reservation],
+) -> Option<Reservation> {
+    fit(spec, instance, held, false).filter(|r| within(r, &leader.reservation))
+}
+
+/// A placement a pass has decided on.
+struct Pending {
+    job_id: String,
+    instance: Instance,
+    config: Arc<Configuration>,
+    /// The job to queue it behind.
+    leader: Option<Holding>,
+}
+
+/// Makes the placements of a pass in one store transaction (which checks each again) and
+/// starts the jobs placed, in order (a follower is submitted after its leader). A placement
+/// the store refuses (its run is ending, another process took the room) is left waiting.
+fn place(inner: &Arc<Inner>, pending: Vec<Pending>) {
+    if pending.is_empty() {
+        return;
+    }
+    let fits: Vec<_> = pending
+        .iter()
+        .map(|p| {
+            let spec = &super::command::common(&p.config).resources;
+            move |held: &[Reservation]| match &p.leader {
+                Some(leader) => follower_fit(spec, &p.instance, leader, held),
+                None => fit(spec, &p.instance, held, false),
             }
-            Ok(None) => {}
-            Err(_) => return false,
+        })
+        .collect();
+    let placements: Vec<Placement<'_>> = pending
+        .iter()
+        .zip(&fits)
+        .map(|(p, fit)| Placement {
+            job_id: &p.job_id,
+            instance_id: &p.instance.id,
+            after: p.leader.as_ref().map(|l| l.job_id.as_str()),
+            fit,
+        })
+        .collect();
+    let Ok(assigned) = inner.store.assign_jobs(&placements) else {
+        return;
+    };
+    for (job, p) in assigned.into_iter().zip(&pending) {
+        if let Some(job) = job {
+            let start = jobs::start(inner.clone(), job, Some(p.instance.clone()));
+            inner.runtime.spawn(start);
         }
     }
-    false
 }
 
 /// Whether reservation `inner` lies within `outer`.

@@ -105,6 +105,18 @@ impl Holding {
 /// Decides where a job fits on an instance, given what its active jobs already hold.
 pub type FitFn<'a> = &'a dyn Fn(&[Reservation]) -> Option<Reservation>;
 
+/// A job to place (see [`Store::assign_job`]).
+pub struct Placement<'a> {
+    /// The `submitted` job.
+    pub job_id: &'a str,
+    /// The instance to place it on.
+    pub instance_id: &'a str,
+    /// The job of the instance to queue it behind, if any.
+    pub after: Option<&'a str>,
+    /// Where it fits, given the reservations held on the instance.
+    pub fit: FitFn<'a>,
+}
+
 /// Decides a run's new state from the run and its jobs (`None`: leave it as it is).
 pub type DeriveFn<'a> = &'a mut dyn FnMut(&Run, &[Job]) -> Option<Run>;
 
@@ -233,7 +245,18 @@ pub trait Store: Send + Sync {
         instance_id: &str,
         after: Option<&str>,
         fit: FitFn<'_>,
-    ) -> Result<Option<Job>, StoreError>;
+    ) -> Result<Option<Job>, StoreError> {
+        let placement = Placement {
+            job_id,
+            instance_id,
+            after,
+            fit,
+        };
+        Ok(self.assign_jobs(&[placement])?.pop().flatten())
+    }
+    /// Places several jobs in one transaction, in order, each as [`Store::assign_job`] would
+    /// (each sees the placements before it): one result per placement.
+    fn assign_jobs(&self, placements: &[Placement<'_>]) -> Result<Vec<Option<Job>>, StoreError>;
 
     /// Inserts or replaces a fleet.
     fn put_fleet(&self, fleet: &Fleet) -> Result<(), StoreError>;

@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::{
-    ChangeFn, Changed, DeriveFn, FitFn, Holding, JobAndRun, RunFilter, Store, StoreError,
+    ChangeFn, Changed, DeriveFn, Holding, JobAndRun, Placement, RunFilter, Store, StoreError,
     WaitingJob,
 };
 use crate::model::{Fleet, Instance, Job, JobStatus, Reservation, Run, RunStatus, Volume};
@@ -520,66 +520,10 @@ impl Store for SqliteStore {
         self.with(|c| group_has_room(c, run_id))
     }
 
-    fn assign_job(
-        &self,
-        job_id: &str,
-        instance_id: &str,
-        after: Option<&str>,
-        fit: FitFn<'_>,
-    ) -> Result<Option<Job>, StoreError> {
+    fn assign_jobs(&self, placements: &[Placement<'_>]) -> Result<Vec<Option<Job>>, StoreError> {
         self.with(|c| {
             in_transaction(c, true, |c| {
-                let job: Option<String> = c
-                    .prepare_cached("SELECT data FROM jobs WHERE id = ? AND status = 'submitted'")?
-                    .query_row([job_id], |r| r.get(0))
-                    .optional()?;
-                let Some(job) = job else { return Ok(None) };
-                let mut job: Job = from_json(&job)?;
-                let run_status: Option<String> = c
-                    .prepare_cached("SELECT status FROM runs WHERE id = ?")?
-                    .query_row([&job.run_id], |r| r.get(0))
-                    .optional()?;
-                let ending = ["terminating", "terminated", "failed", "done"];
-                if run_status.as_deref().is_none_or(|s| ending.contains(&s)) {
-                    return Ok(None); // the run is ending: its termination finishes this job
-                }
-                if !group_has_room(c, &job.run_id)? {
-                    return Ok(None);
-                }
-                let holdings = holdings(c, Some(instance_id))?;
-                if let Some(leader) = after {
-                    // Running, or queued behind a job that holds resources (not being
-                    // stopped); followed by none.
-                    let followable = holdings.iter().any(|h| {
-                        h.job_id == leader
-                            && (h.status == JobStatus::Running
-                                || (h.status == JobStatus::Provisioning && !h.counts(&holdings)))
-                    }) && !holdings
-                        .iter()
-                        .any(|h| h.after_job.as_deref() == Some(leader));
-                    if !followable {
-                        return Ok(None);
-                    }
-                }
-                // Behind a job, the job sees what the instance holds besides that job's queue.
-                let queue = after
-                    .and_then(|id| holdings.iter().find(|h| h.job_id == id))
-                    .map(|h| h.queue(&holdings))
-                    .unwrap_or_default();
-                let held: Vec<Reservation> = holdings
-                    .iter()
-                    .filter(|h| h.counts(&holdings) && !queue.contains(&h.job_id.as_str()))
-                    .map(|h| h.reservation.clone())
-                    .collect();
-                let Some(reservation) = fit(&held) else {
-                    return Ok(None);
-                };
-                job.status = JobStatus::Provisioning;
-                job.instance_id = Some(instance_id.to_string());
-                job.reservation = Some(reservation);
-                job.after_job = after.map(str::to_string);
-                update_job(c, &job, &[JobStatus::Submitted])?;
-                Ok(Some(job))
+                placements.iter().map(|p| assign(c, p)).collect()
             })
         })
     }
@@ -785,6 +729,67 @@ fn update_job(c: &Connection, job: &Job, expected: &[JobStatus]) -> Result<bool,
     ];
     args.extend(names.iter().map(|s| s as &dyn rusqlite::ToSql));
     Ok(c.prepare_cached(&sql)?.execute(args.as_slice())? == 1)
+}
+
+/// Places one job inside a write transaction (see [`Store::assign_job`]).
+fn assign(c: &Connection, placement: &Placement<'_>) -> Result<Option<Job>, StoreError> {
+    let Placement {
+        job_id,
+        instance_id,
+        after,
+        fit,
+    } = *placement;
+    let job: Option<String> = c
+        .prepare_cached("SELECT data FROM jobs WHERE id = ? AND status = 'submitted'")?
+        .query_row([job_id], |r| r.get(0))
+        .optional()?;
+    let Some(job) = job else { return Ok(None) };
+    let mut job: Job = from_json(&job)?;
+    let run_status: Option<String> = c
+        .prepare_cached("SELECT status FROM runs WHERE id = ?")?
+        .query_row([&job.run_id], |r| r.get(0))
+        .optional()?;
+    let ending = ["terminating", "terminated", "failed", "done"];
+    if run_status.as_deref().is_none_or(|s| ending.contains(&s)) {
+        return Ok(None); // the run is ending: its termination finishes this job
+    }
+    if !group_has_room(c, &job.run_id)? {
+        return Ok(None);
+    }
+    let holdings = holdings(c, Some(instance_id))?;
+    if let Some(leader) = after {
+        // Running, or queued behind a job that holds resources (not being
+        // stopped); followed by none.
+        let followable = holdings.iter().any(|h| {
+            h.job_id == leader
+                && (h.status == JobStatus::Running
+                    || (h.status == JobStatus::Provisioning && !h.counts(&holdings)))
+        }) && !holdings
+            .iter()
+            .any(|h| h.after_job.as_deref() == Some(leader));
+        if !followable {
+            return Ok(None);
+        }
+    }
+    // Behind a job, the job sees what the instance holds besides that job's queue.
+    let queue = after
+        .and_then(|id| holdings.iter().find(|h| h.job_id == id))
+        .map(|h| h.queue(&holdings))
+        .unwrap_or_default();
+    let held: Vec<Reservation> = holdings
+        .iter()
+        .filter(|h| h.counts(&holdings) && !queue.contains(&h.job_id.as_str()))
+        .map(|h| h.reservation.clone())
+        .collect();
+    let Some(reservation) = fit(&held) else {
+        return Ok(None);
+    };
+    job.status = JobStatus::Provisioning;
+    job.instance_id = Some(instance_id.to_string());
+    job.reservation = Some(reservation);
+    job.after_job = after.map(str::to_string);
+    update_job(c, &job, &[JobStatus::Submitted])?;
+    Ok(Some(job))
 }
 
 /// The jobs holding resources (on `instance_id` only, if given).
@@ -1137,6 +1142,43 @@ mod tests {
                 .is_none(),
             "an ending run gets no placement"
         );
+    }
+
+    #[test]
+    fn placements_in_one_transaction_each_see_those_before_them() {
+        let store = SqliteStore::in_memory().unwrap();
+        let r = run("batch", RunStatus::Submitted);
+        let jobs: Vec<Job> = (0..3).map(|_| job(&r)).collect();
+        store.insert_run(&r, &jobs).unwrap();
+        // One CPU per job on a two-CPU instance.
+        let fit = |held: &[Reservation]| {
+            (held.iter().map(|h| h.cpus).sum::<u32>() < 2).then(|| Reservation {
+                cpus: 1,
+                memory_mib: 1,
+                gpus: vec![],
+            })
+        };
+        let placement = |job_id| Placement {
+            job_id,
+            instance_id: "i-1",
+            after: None,
+            fit: &fit,
+        };
+        // The unknown job and the third job (no room left) are refused; the rest is placed.
+        let placed: Vec<bool> = store
+            .assign_jobs(&[
+                placement(jobs[0].id.as_str()),
+                placement("no-such-job"),
+                placement(jobs[1].id.as_str()),
+                placement(jobs[2].id.as_str()),
+            ])
+            .unwrap()
+            .iter()
+            .map(Option::is_some)
+            .collect();
+        assert_eq!(placed, [true, false, true, false]);
+        assert_eq!(waiting(&store), vec![(jobs[2].id.clone(), r.id.clone())]);
+        assert_eq!(store.reservations().unwrap().len(), 2);
     }
 
     #[test]
