@@ -861,3 +861,28 @@ async fn a_queued_task_runs_after_the_engine_that_queued_it_is_gone() {
     other.stop(true).await.unwrap();
     finish(&other).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_on_a_run_is_woken_by_that_runs_changes_only() {
+    let home = Home::new();
+    let client = home.client().await;
+    let long = apply(&client, &task("  - sleep 30\n"), home.path()).await;
+    wait_running(&long).await;
+    let mut watched = client.engine().watch_run(long.id(), RunStatus::Running);
+    watched.mark_unchanged();
+    let quick = apply(&client, &task("  - 'true'\n"), home.path()).await;
+    assert_eq!(finish(&quick).await.status, RunStatus::Done);
+    assert!(
+        !watched.has_changed().unwrap(),
+        "woken by another run's changes"
+    );
+    long.stop(false).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !watched.borrow_and_update().is_finished() {
+            watched.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the run's own end reaches its waiter");
+    assert!(finish(&long).await.status.is_finished());
+}

@@ -22,7 +22,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_core::Stream;
 use futures_util::StreamExt;
-use tokio::sync::broadcast;
 
 use crate::agent::ByteStream;
 use crate::backend::Compute;
@@ -345,7 +344,9 @@ impl RunHandle {
 
     /// Waits until the run's status satisfies `done` (or the run finished) and returns it.
     pub async fn wait_until(&self, done: impl Fn(RunStatus) -> bool) -> Result<Run, EngineError> {
-        let mut changes = self.engine.subscribe();
+        // Watching before reading: no change made in between is missed.
+        let mut changes = self.engine.watch_run(&self.id, RunStatus::Submitted);
+        changes.mark_unchanged();
         let mut run = self.run()?;
         loop {
             if done(run.status) || run.status.is_finished() {
@@ -355,12 +356,15 @@ impl RunHandle {
             // every second for other processes' changes.
             let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
             loop {
-                match tokio::time::timeout_at(deadline, changes.recv()).await {
-                    // Another run's change, or a step of this one that is not awaited.
-                    Ok(Ok(change))
-                        if change.run_id != self.id
-                            || !(done(change.status) || change.status.is_finished()) => {}
-                    Ok(Err(broadcast::error::RecvError::Closed)) => {
+                match tokio::time::timeout_at(deadline, changes.changed()).await {
+                    // A step of the run that is not awaited.
+                    Ok(Ok(())) => {
+                        let status = *changes.borrow_and_update();
+                        if done(status) || status.is_finished() {
+                            break;
+                        }
+                    }
+                    Ok(Err(_)) => {
                         tokio::time::sleep_until(deadline).await;
                         break;
                     }

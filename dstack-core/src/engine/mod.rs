@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{broadcast, Notify};
+use tokio::sync::{broadcast, watch, Notify};
 use tokio::task::AbortHandle;
 
 pub use command::{join_commands, ports, shell_split};
@@ -176,6 +176,8 @@ pub(crate) struct Inner {
     /// Wakes the retry timer.
     pub(crate) retries: Notify,
     pub(crate) changes: broadcast::Sender<RunChange>,
+    /// The status of each run someone waits on, as it changes (see [`Engine::watch_run`]).
+    run_watchers: Mutex<HashMap<String, watch::Sender<RunStatus>>>,
     pub(crate) agents: Mutex<HashMap<String, AgentClient>>,
     /// The watcher task of each live instance (see `agents::watch`).
     pub(crate) watchers: Mutex<HashMap<String, AbortHandle>>,
@@ -291,6 +293,7 @@ impl Engine {
             blocked: Default::default(),
             retries: Notify::new(),
             changes: broadcast::channel(1024).0,
+            run_watchers: Mutex::new(HashMap::new()),
             agents: Mutex::new(HashMap::new()),
             watchers: Mutex::new(HashMap::new()),
             starting: Mutex::new(Default::default()),
@@ -343,6 +346,21 @@ impl Engine {
     /// Subscribes to run status changes.
     pub fn subscribe(&self) -> broadcast::Receiver<RunChange> {
         self.inner().changes.subscribe()
+    }
+
+    /// The status of run `id` as this process changes it: a waiter on one run is woken by
+    /// that run's changes only (changes made by other processes are not seen here).
+    pub fn watch_run(&self, id: &str, status: RunStatus) -> watch::Receiver<RunStatus> {
+        let mut watchers = self
+            .inner()
+            .run_watchers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        watchers.retain(|_, sender| sender.receiver_count() > 0);
+        watchers
+            .entry(id.to_string())
+            .or_insert_with(|| watch::channel(status).0)
+            .subscribe()
     }
 
     /// Offers for a configuration, without side effects.
@@ -635,6 +653,14 @@ impl Inner {
     }
 
     pub(crate) fn emit(&self, run: &Run) {
+        if let Some(watcher) = self
+            .run_watchers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&run.id)
+        {
+            watcher.send_replace(run.status);
+        }
         let _ = self.changes.send(RunChange {
             run_id: run.id.clone(),
             status: run.status,
