@@ -113,16 +113,8 @@ const GROUP_HAS_ROOM: &str = concat!("SELECT ", group_room_sql!(), " FROM runs r
 
 /// The embedded store.
 pub struct SqliteStore {
-    /// The connection that writes (and reads in write transactions).
     conn: Mutex<Connection>,
-    /// Connections that only read, so that a reader (a client waiting on its runs, listing
-    /// them) never holds up the writer, nor the writer a reader (WAL lets both proceed). Empty
-    /// for an in-memory store, which reads through the writer.
-    readers: Vec<Mutex<Connection>>,
 }
-
-/// How many read-only connections a store on disk keeps.
-const READERS: usize = 2;
 
 fn json<T: Serialize>(v: &T) -> Result<String, StoreError> {
     Ok(serde_json::to_string(v)?)
@@ -172,17 +164,7 @@ impl SqliteStore {
         let conn = Connection::open(path)?;
         // Runs carry environment values captured from the client: owner only.
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        let mut store = Self::init(conn)?;
-        store.readers = (0..READERS)
-            .map(|_| {
-                let reader = Connection::open(path)?;
-                reader.busy_timeout(std::time::Duration::from_secs(30))?;
-                reader.set_prepared_statement_cache_capacity(128);
-                reader.pragma_update(None, "query_only", true)?;
-                Ok(Mutex::new(reader))
-            })
-            .collect::<Result<_, StoreError>>()?;
-        Ok(store)
+        Self::init(conn)
     }
 
     /// An in-memory store (tests, throw-away engines).
@@ -200,7 +182,6 @@ impl SqliteStore {
         migrate(&mut conn)?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
-            readers: Vec::new(),
         })
     }
 
@@ -211,25 +192,6 @@ impl SqliteStore {
     ) -> Result<R, StoreError> {
         let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         f(&mut conn)
-    }
-
-    /// Runs `f` on a read-only connection (the first one free), or on the writer for an
-    /// in-memory store.
-    fn read<R>(
-        &self,
-        f: impl FnOnce(&Connection) -> Result<R, StoreError>,
-    ) -> Result<R, StoreError> {
-        for reader in &self.readers {
-            match reader.try_lock() {
-                Ok(conn) => return f(&conn),
-                Err(std::sync::TryLockError::Poisoned(e)) => return f(&e.into_inner()),
-                Err(std::sync::TryLockError::WouldBlock) => {}
-            }
-        }
-        match self.readers.first() {
-            Some(reader) => f(&reader.lock().unwrap_or_else(|e| e.into_inner())),
-            None => self.with(|c| f(c)),
-        }
     }
 
     /// Inserts or replaces record `id` of `table` (a table of `id`, one queried column
@@ -259,7 +221,7 @@ impl SqliteStore {
         sql: &str,
         args: &[&dyn rusqlite::ToSql],
     ) -> Result<Vec<T>, StoreError> {
-        let rows: Vec<String> = self.read(|c| {
+        let rows: Vec<String> = self.with(|c| {
             let mut stmt = c.prepare_cached(sql)?;
             let rows = stmt.query_map(args, |r| r.get::<_, String>(0))?;
             Ok(rows.collect::<Result<_, _>>()?)
@@ -361,7 +323,7 @@ impl Store for SqliteStore {
     }
 
     fn run_names(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        self.read(|c| {
+        self.with(|c| {
             // Names are ASCII: every name starting with `prefix` sorts below `prefix` + DEL.
             let sql = "SELECT name FROM runs WHERE name >= ?1 AND name < ?2 AND replaced = 0";
             let mut stmt = c.prepare_cached(sql)?;
@@ -399,7 +361,7 @@ impl Store for SqliteStore {
     fn run_with_jobs(&self, run_id: &str) -> Result<Option<(Run, Vec<Job>)>, StoreError> {
         // One read transaction: the run and its jobs as of the same moment.
         let (run, jobs): (Option<String>, Vec<String>) =
-            self.read(|c| in_transaction(c, false, |c| run_with_jobs_data(c, run_id)))?;
+            self.with(|c| in_transaction(c, false, |c| run_with_jobs_data(c, run_id)))?;
         let Some(run) = run else { return Ok(None) };
         let jobs = jobs
             .iter()
@@ -409,7 +371,7 @@ impl Store for SqliteStore {
     }
 
     fn submitted_runs_with_placed_jobs(&self) -> Result<Vec<String>, StoreError> {
-        self.read(|c| {
+        self.with(|c| {
             let mut stmt = c.prepare_cached(
                 "SELECT DISTINCT r.id FROM runs r JOIN jobs j ON j.run_id = r.id \
                  WHERE r.active = 1 AND r.status = 'submitted' \
@@ -454,7 +416,7 @@ impl Store for SqliteStore {
         // The limit is written into the SQL: SQLite plans with a bound LIMIT's value, so a
         // statement with `LIMIT ?` is compiled again on every call.
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.read(|c| {
+        self.with(|c| {
             // Jobs of a group already at its limit are left out: they cannot be placed now,
             // and they must not fill the window that other runs wait behind. Without active
             // groups, there is nothing to check per job.
@@ -555,7 +517,7 @@ impl Store for SqliteStore {
     }
 
     fn group_has_room(&self, run_id: &str) -> Result<bool, StoreError> {
-        self.read(|c| group_has_room(c, run_id))
+        self.with(|c| group_has_room(c, run_id))
     }
 
     fn assign_jobs(&self, placements: &[Placement<'_>]) -> Result<Vec<Option<Job>>, StoreError> {
@@ -567,7 +529,7 @@ impl Store for SqliteStore {
     }
 
     fn holdings(&self) -> Result<Vec<Holding>, StoreError> {
-        self.read(|c| holdings(c, None))
+        self.with(|c| holdings(c, None))
     }
 
     fn put_fleet(&self, fleet: &Fleet) -> Result<(), StoreError> {
@@ -1180,31 +1142,6 @@ mod tests {
                 .is_none(),
             "an ending run gets no placement"
         );
-    }
-
-    #[test]
-    fn reads_do_not_wait_for_the_writer() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("state.db")).unwrap();
-        let r = run("read", RunStatus::Submitted);
-        store.insert_run(&r, &[job(&r)]).unwrap();
-        // The writer is busy (held here) for the whole read.
-        let writer = store.conn.lock().unwrap();
-        let read = std::thread::scope(|s| {
-            let reader = s.spawn(|| (store.run(&r.id), store.holdings(), store.waiting_jobs(8)));
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            while !reader.is_finished() && std::time::Instant::now() < deadline {
-                std::thread::sleep(std::time::Duration::from_millis(5));
-            }
-            let finished = reader.is_finished();
-            drop(writer);
-            (finished, reader.join().unwrap())
-        });
-        assert!(read.0, "a read waited for the writer");
-        let (found, holdings, waiting) = read.1;
-        assert_eq!(found.unwrap().unwrap().id, r.id);
-        assert!(holdings.unwrap().is_empty());
-        assert_eq!(waiting.unwrap().len(), 1);
     }
 
     #[test]
