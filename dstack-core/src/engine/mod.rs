@@ -349,7 +349,10 @@ impl Engine {
     }
 
     /// The status of run `id` as this process changes it: a waiter on one run is woken by
-    /// that run's changes only (changes made by other processes are not seen here).
+    /// that run's changes only (changes made by other processes are not seen here: read the
+    /// store for those). `status` is the channel's value until its first change when nobody
+    /// watches the run yet (mark it seen and read the run after subscribing: nothing is
+    /// missed in between).
     pub fn watch_run(&self, id: &str, status: RunStatus) -> watch::Receiver<RunStatus> {
         let mut watchers = self
             .inner()

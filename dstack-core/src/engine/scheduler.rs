@@ -213,15 +213,14 @@ async fn pass(inner: &Arc<Inner>) {
             }
         }
         if !no_room {
-            let room = candidates.iter().find(|instance| {
+            let room = candidates.iter().find_map(|instance| {
                 let holding = held.get(&instance.id).map_or(&[][..], Vec::as_slice);
-                fit(spec, instance, holding, false).is_some()
+                fit(spec, instance, holding, false).map(|reservation| (instance, reservation))
             });
-            if let Some(instance) = room {
-                let holding = held.entry(instance.id.clone()).or_default();
-                if let Some(reservation) = fit(spec, instance, holding, false) {
-                    holding.push(reservation);
-                }
+            if let Some((instance, reservation)) = room {
+                held.entry(instance.id.clone())
+                    .or_default()
+                    .push(reservation);
                 placements.push(Pending {
                     job_id,
                     instance: (*instance).clone(),
