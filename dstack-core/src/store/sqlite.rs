@@ -1095,20 +1095,24 @@ mod tests {
         );
     }
 
+    /// Placement of a job that takes one CPU on an instance of `cpus` CPUs.
+    fn one_cpu_of(cpus: u32) -> impl Fn(&[Reservation]) -> Option<Reservation> {
+        move |held| {
+            (held.iter().map(|h| h.cpus).sum::<u32>() < cpus).then(|| Reservation {
+                cpus: 1,
+                memory_mib: 1,
+                gpus: vec![],
+            })
+        }
+    }
+
     #[test]
     fn placement_never_over_commits_and_skips_ending_runs() {
         let store = SqliteStore::in_memory().unwrap();
         let r = run("place", RunStatus::Submitted);
         let jobs: Vec<Job> = (0..3).map(|_| job(&r)).collect();
         store.insert_run(&r, &jobs).unwrap();
-        // One CPU per job on a two-CPU instance.
-        let fit = |held: &[Reservation]| {
-            (held.iter().map(|h| h.cpus).sum::<u32>() < 2).then(|| Reservation {
-                cpus: 1,
-                memory_mib: 1,
-                gpus: vec![],
-            })
-        };
+        let fit = one_cpu_of(2);
         let placed: Vec<bool> = jobs
             .iter()
             .map(|j| {
@@ -1150,14 +1154,7 @@ mod tests {
         let r = run("batch", RunStatus::Submitted);
         let jobs: Vec<Job> = (0..3).map(|_| job(&r)).collect();
         store.insert_run(&r, &jobs).unwrap();
-        // One CPU per job on a two-CPU instance.
-        let fit = |held: &[Reservation]| {
-            (held.iter().map(|h| h.cpus).sum::<u32>() < 2).then(|| Reservation {
-                cpus: 1,
-                memory_mib: 1,
-                gpus: vec![],
-            })
-        };
+        let fit = one_cpu_of(2);
         let placement = |job_id| Placement {
             job_id,
             instance_id: "i-1",
@@ -1187,14 +1184,7 @@ mod tests {
         let r = run("follow", RunStatus::Submitted);
         let jobs: Vec<Job> = (0..4).map(|_| job(&r)).collect();
         store.insert_run(&r, &jobs).unwrap();
-        // One CPU per job on a one-CPU instance.
-        let fit = |held: &[Reservation]| {
-            (held.iter().map(|h| h.cpus).sum::<u32>() < 1).then(|| Reservation {
-                cpus: 1,
-                memory_mib: 1,
-                gpus: vec![],
-            })
-        };
+        let fit = one_cpu_of(1);
         let held_cpus = |store: &SqliteStore| -> u32 {
             store
                 .reservations()
