@@ -9,6 +9,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::checkpoint::Checkpointer;
 use super::{
     ChangeFn, Changed, DeriveFn, Holding, JobAndRun, Placement, RunFilter, Store, StoreError,
     WaitingJob,
@@ -114,6 +115,8 @@ const GROUP_HAS_ROOM: &str = concat!("SELECT ", group_room_sql!(), " FROM runs r
 /// The embedded store.
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    /// Checkpoints the log of a store on disk (none for an in-memory one).
+    checkpointer: Option<Checkpointer>,
 }
 
 fn json<T: Serialize>(v: &T) -> Result<String, StoreError> {
@@ -164,7 +167,10 @@ impl SqliteStore {
         let conn = Connection::open(path)?;
         // Runs carry environment values captured from the client: owner only.
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        Self::init(conn)
+        let mut store = Self::init(conn)?;
+        store.with(|c| Ok(c.pragma_update(None, "wal_autocheckpoint", 0)?))?;
+        store.checkpointer = Some(Checkpointer::start(path)?);
+        Ok(store)
     }
 
     /// An in-memory store (tests, throw-away engines).
@@ -182,6 +188,7 @@ impl SqliteStore {
         migrate(&mut conn)?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
+            checkpointer: None,
         })
     }
 
@@ -191,7 +198,11 @@ impl SqliteStore {
         f: impl FnOnce(&mut Connection) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
         let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
-        f(&mut conn)
+        let result = f(&mut conn);
+        if let Some(checkpointer) = &self.checkpointer {
+            checkpointer.after_writes(conn.total_changes());
+        }
+        result
     }
 
     /// Inserts or replaces record `id` of `table` (a table of `id`, one queried column
@@ -1093,6 +1104,35 @@ mod tests {
             store.job(&j.id).unwrap().unwrap().status,
             JobStatus::Running
         );
+    }
+
+    #[test]
+    fn the_log_is_checkpointed_into_the_database_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let store = SqliteStore::open(&path).unwrap();
+        // Enough row changes to wake the checkpointer twice.
+        for i in 0..200 {
+            let r = run(&format!("logged-{i}"), RunStatus::Submitted);
+            store.insert_run(&r, &[job(&r), job(&r)]).unwrap();
+        }
+        // The database file alone (a copy, without the log) holds them once checkpointed.
+        let copy = dir.path().join("copy.db");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            std::fs::copy(&path, &copy).unwrap();
+            let runs: i64 = Connection::open(&copy)
+                .and_then(|c| c.query_row("SELECT COUNT(*) FROM runs", [], |r| r.get(0)))
+                .unwrap_or(0);
+            if runs >= 100 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not checkpointed: {runs} runs in the database file"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
     /// Placement of a job that takes one CPU on an instance of `cpus` CPUs.
