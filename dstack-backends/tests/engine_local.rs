@@ -772,15 +772,8 @@ async fn fill_the_host(client: &Client, dir: &Path, smaller: &str) -> (RunHandle
 async fn a_task_queued_behind_a_long_one_moves_to_a_slot_that_frees_first() {
     let home = Home::new();
     let client = home.client().await;
-    let cpus = client.fleets().list().unwrap()[0].1[0].host.cpus;
     let (long, short) = fill_the_host(&client, home.path(), "  - sleep 2\n").await;
-    let moved = apply(
-        &client,
-        &sized_task("  - echo moved\n", cpus / 2, "0.2"),
-        home.path(),
-    )
-    .await;
-    let leader = wait_queued(&moved).await;
+    let (moved, leader) = apply_queued(&client, home.path(), "  - echo moved\n").await;
     assert_eq!(leader, long.jobs().unwrap()[0].id);
 
     // The short task ends first: the queued task is taken back and runs in its place.
@@ -795,24 +788,23 @@ async fn a_task_queued_behind_a_long_one_moves_to_a_slot_that_frees_first() {
     finish(&long).await;
 }
 
+/// Applies a task of `commands` that fits only behind the bigger task of [`fill_the_host`]
+/// and waits until it is queued there: the run and the job it follows.
+async fn apply_queued(client: &Client, dir: &Path, commands: &str) -> (RunHandle, String) {
+    let cpus = client.fleets().list().unwrap()[0].1[0].host.cpus;
+    let queued = apply(client, &sized_task(commands, cpus / 2, "0.2"), dir).await;
+    let leader = wait_queued(&queued).await;
+    (queued, leader)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queued_task_stops_without_ever_running() {
     let home = Home::new();
     let client = home.client().await;
-    let cpus = client.fleets().list().unwrap()[0].1[0].host.cpus;
     let (first, second) = fill_the_host(&client, home.path(), "  - sleep 1000\n").await;
     let marker = home.path().join("ran");
-    let queued = apply(
-        &client,
-        &sized_task(
-            &format!("  - touch {}\n", marker.display()),
-            cpus / 2,
-            "0.2",
-        ),
-        home.path(),
-    )
-    .await;
-    wait_queued(&queued).await;
+    let touch = format!("  - touch {}\n", marker.display());
+    let (queued, _) = apply_queued(&client, home.path(), &touch).await;
     queued.stop(false).await.unwrap();
     let run = finish(&queued).await;
     assert_eq!(
@@ -836,15 +828,9 @@ async fn a_queued_task_runs_after_the_engine_that_queued_it_is_gone() {
     let home = Home::new();
     let names: Vec<String> = {
         let client = home.client().await;
-        let cpus = client.fleets().list().unwrap()[0].1[0].host.cpus;
         let (leader, other) = fill_the_host(&client, home.path(), "  - sleep 1000\n").await;
-        let queued = apply(
-            &client,
-            &sized_task("  - echo after\n", cpus / 2, "0.2"),
-            home.path(),
-        )
-        .await;
-        assert_eq!(wait_queued(&queued).await, leader.jobs().unwrap()[0].id);
+        let (queued, followed) = apply_queued(&client, home.path(), "  - echo after\n").await;
+        assert_eq!(followed, leader.jobs().unwrap()[0].id);
         [leader, other, queued]
             .iter()
             .map(|r| r.name().to_string())
