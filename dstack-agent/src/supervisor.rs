@@ -1,9 +1,10 @@
 //! Running one job's process: starting it, copying its output to the log, stopping it on
 //! request or after `max_duration`, and recording how it ended.
 
+use std::collections::BTreeMap;
 use std::io::{self, PipeReader};
 use std::os::fd::OwnedFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use std::time::Duration;
 use dstack_core::agent::{AgentJobStatus, JobInfo, StopRequest};
 use nix::errno::Errno;
 use nix::sys::signal::Signal;
+use nix::unistd::{access, AccessFlags};
 use tokio::io::AsyncReadExt;
 use tokio::process::Child;
 use tokio::sync::mpsc;
@@ -58,7 +60,7 @@ pub(crate) fn launch(spec: &dstack_core::agent::JobSubmit) -> Result<Launched, S
     let stderr = stdout
         .try_clone()
         .map_err(|e| format!("cannot create the output pipe: {}", describe(&e)))?;
-    let mut command = tokio::process::Command::new(program);
+    let mut command = tokio::process::Command::new(found_in_path(program, &spec.env, dir));
     command
         .args(&spec.argv[1..])
         .env_clear()
@@ -82,6 +84,22 @@ pub(crate) fn launch(spec: &dstack_core::agent::JobSubmit) -> Result<Launched, S
         output,
         group: ProcessGroup::led_by(pid),
     })
+}
+
+/// Where the job's own `PATH` finds `program`, when the job sets `PATH` and names its program
+/// without a slash (searched as `execvp` does: entries in order, relative ones and the empty
+/// one from the working directory); `program` as it is otherwise, or when no entry holds it
+/// (starting it then fails as it would have). Given a bare name and a `PATH` of its own, the
+/// standard library cannot use `posix_spawn` and forks the agent instead: a copy of the
+/// agent's page tables for every such job.
+fn found_in_path(program: &str, env: &BTreeMap<String, String>, working_dir: &Path) -> PathBuf {
+    let Some(path) = env.get("PATH").filter(|_| !program.contains('/')) else {
+        return PathBuf::from(program);
+    };
+    path.split(':')
+        .map(|entry| working_dir.join(entry).join(program))
+        .find(|candidate| candidate.is_file() && access(candidate, AccessFlags::X_OK).is_ok())
+        .unwrap_or_else(|| PathBuf::from(program))
 }
 
 /// An I/O error without Rust's `(os error N)` suffix.

@@ -93,6 +93,52 @@ async fn a_missing_program_is_an_executor_error() {
 }
 
 #[tokio::test]
+async fn a_bare_program_name_is_found_on_the_jobs_own_path() {
+    let agent = TestAgent::start().await;
+    let scratch = agent.scratch();
+    let tool = |dir: &str, mode: u32| {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch.join(dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("dstack-test-tool");
+        std::fs::write(&file, format!("#!/bin/sh\necho {}\n", dir.display())).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    // Not executable, then a relative entry (from the working directory), then the rest.
+    tool("first", 0o644);
+    tool("second", 0o755);
+    tool("third", 0o755);
+    let mut job = shell_job("onpath", "");
+    job.argv = vec!["dstack-test-tool".into()];
+    job.working_dir = scratch.display().to_string();
+    let path = format!(
+        "{}:second:{}",
+        scratch.join("first").display(),
+        scratch.join("third").display()
+    );
+    job.env.insert("PATH".into(), path);
+    agent.client.submit(&job).await.unwrap();
+    let info = wait_finished(&agent.client, "onpath").await;
+    assert_eq!(info.status, AgentJobStatus::Done);
+    let second = scratch.join("second");
+    assert_eq!(
+        read_logs(&agent.client, "onpath", 0).await,
+        format!("{}\n", second.display())
+    );
+
+    // A name the job's PATH does not hold is not looked up anywhere else.
+    let mut job = shell_job("offpath", "");
+    job.argv = vec!["sh".into()];
+    job.env
+        .insert("PATH".into(), scratch.join("third").display().to_string());
+    let info = agent.client.submit(&job).await.unwrap();
+    assert_eq!(info.status, AgentJobStatus::Failed);
+    assert_eq!(info.termination_reason.as_deref(), Some("executor_error"));
+    let message = "cannot start sh: No such file or directory";
+    assert_eq!(info.termination_message.as_deref(), Some(message));
+}
+
+#[tokio::test]
 async fn a_missing_working_dir_is_an_executor_error() {
     let agent = TestAgent::start().await;
     let mut job = shell_job("nodir", "echo never");

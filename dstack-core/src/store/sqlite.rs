@@ -1135,6 +1135,26 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_log_starts_over_under_steady_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let store = SqliteStore::open(&path).unwrap();
+        // One transaction after the other, as an engine writes under load: pages for the log
+        // many times over the size at which it should start over.
+        for i in 0..2000 {
+            let r = run(&format!("steady-{i}"), RunStatus::Submitted);
+            store.insert_run(&r, &[job(&r), job(&r)]).unwrap();
+        }
+        // The file keeps the largest size the log ever had; without starting over it would
+        // be over 50 MB by now.
+        let log = std::fs::metadata(dir.path().join("state.db-wal"))
+            .unwrap()
+            .len();
+        let bound = 4 * 4096 * super::super::checkpoint::RESTART_PAGES as u64;
+        assert!(log < bound, "the log grew to {log} bytes");
+    }
+
     /// Placement of a job that takes one CPU on an instance of `cpus` CPUs.
     fn one_cpu_of(cpus: u32) -> impl Fn(&[Reservation]) -> Option<Reservation> {
         move |held| {
