@@ -17,15 +17,6 @@ use dstack_core::{Client, ClientOptions};
 const TASK: &str =
     "type: task\nshell: sh\ncommands: ['true']\nresources: {cpu: CPUS, memory: 0.1GB.., disk: 1GB..}\n";
 
-fn spawn_true() {
-    let status = std::process::Command::new("sh")
-        .arg("-c")
-        .arg("true")
-        .status()
-        .expect("sh runs");
-    assert!(status.success());
-}
-
 /// CPU seconds (user + system) used so far by process `pid` and the children it has waited
 /// for, from `/proc/<pid>/stat` (clock ticks of 10 ms).
 pub fn cpu_seconds(pid: &str) -> f64 {
@@ -88,7 +79,7 @@ async fn main() {
     let floor: Vec<Duration> = (0..n)
         .map(|_| {
             let t = Instant::now();
-            spawn_true();
+            common::spawn_true();
             t.elapsed()
         })
         .collect();
@@ -102,13 +93,7 @@ async fn main() {
         (running_p50.as_secs_f64() - floor_p50.as_secs_f64()) * 1e3
     );
 
-    let t = Instant::now();
-    let per_thread = sweep / 2;
-    let threads: Vec<_> = (0..2)
-        .map(|_| std::thread::spawn(move || (0..per_thread).for_each(|_| spawn_true())))
-        .collect();
-    threads.into_iter().for_each(|h| h.join().expect("thread"));
-    let floor_sweep = t.elapsed();
+    let floor_sweep = common::floor_sweep(sweep);
 
     let agent_pid = std::fs::read_to_string(home.path().join("agent/agent.pid"))
         .map(|p| p.trim().to_string())

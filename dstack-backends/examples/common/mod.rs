@@ -1,5 +1,8 @@
 //! Measuring helpers shared by the latency examples.
 
+// Each example uses some of these helpers.
+#![allow(dead_code)]
+
 use std::time::{Duration, Instant};
 
 use dstack_core::config::Configuration;
@@ -12,6 +15,27 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 /// Prints p50 and p99 of `samples` and returns the p50.
+/// Spawns `sh -c true` directly and waits for it: the floor of starting a task.
+pub fn spawn_true() {
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("true")
+        .status()
+        .expect("sh runs");
+    assert!(status.success());
+}
+
+/// The time `n` spawns of `sh -c true` take when run directly two at a time (one thread
+/// each): the floor of a sweep on two slots.
+pub fn floor_sweep(n: usize) -> Duration {
+    let t = std::time::Instant::now();
+    let threads: Vec<_> = (0..2)
+        .map(|_| std::thread::spawn(move || (0..n / 2).for_each(|_| spawn_true())))
+        .collect();
+    threads.into_iter().for_each(|h| h.join().expect("thread"));
+    t.elapsed()
+}
+
 pub fn report(label: &str, mut samples: Vec<Duration>) -> Duration {
     samples.sort();
     let p50 = percentile(&samples, 0.5);
