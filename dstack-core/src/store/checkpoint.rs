@@ -25,10 +25,17 @@ pub(super) const RESTART_PAGES: i64 = 1_000;
 /// under a millisecond; the writer's are seconds only when something is wrong).
 const WAIT_FOR_WRITER: Duration = Duration::from_secs(30);
 
-/// Between two tries for the writer's lock: short, so that the checkpoint gets it between two
-/// transactions of a busy writer (SQLite's own busy handler sleeps up to 100 ms between
-/// tries, while the log grows by thousands of pages).
-const RETRY_EVERY: Duration = Duration::from_micros(100);
+/// Between two of the first tries for the writer's lock: short, so that the checkpoint gets it
+/// between two transactions of a busy writer (SQLite's own busy handler sleeps up to 100 ms
+/// between tries, while the log grows by thousands of pages).
+const RETRY_SOON: Duration = Duration::from_micros(100);
+
+/// How many tries come [`RETRY_SOON`] after each other (10 ms in all); later ones come
+/// [`RETRY_LATER`] apart (a reader of another process may hold the log for longer).
+const SOON_TRIES: u32 = 100;
+
+/// Between two later tries.
+const RETRY_LATER: Duration = Duration::from_millis(1);
 
 /// The checkpointing thread of one state file.
 pub(super) struct Checkpointer {
@@ -73,14 +80,16 @@ impl Checkpointer {
     }
 }
 
-/// The checkpointer's busy handler: tries again after [`RETRY_EVERY`], for up to
-/// [`WAIT_FOR_WRITER`].
+/// The checkpointer's busy handler: tries again soon, then less often, for up to
+/// [`WAIT_FOR_WRITER`] in all.
 fn retry_soon(tries: i32) -> bool {
-    let waited = RETRY_EVERY.saturating_mul(u32::try_from(tries).unwrap_or(u32::MAX));
+    let tries = u32::try_from(tries).unwrap_or(u32::MAX);
+    let later = tries.saturating_sub(SOON_TRIES);
+    let waited = RETRY_SOON * tries.min(SOON_TRIES) + RETRY_LATER.saturating_mul(later);
     if waited >= WAIT_FOR_WRITER {
         return false;
     }
-    std::thread::sleep(RETRY_EVERY);
+    std::thread::sleep(if later == 0 { RETRY_SOON } else { RETRY_LATER });
     true
 }
 

@@ -1106,16 +1106,24 @@ mod tests {
         );
     }
 
-    #[test]
-    fn the_log_is_checkpointed_into_the_database_file() {
+    /// A state file in a new directory, open, after `runs` runs of two jobs were inserted into
+    /// it one transaction each (as an engine under load writes them). (Closing it would
+    /// checkpoint the whole log.)
+    fn state_file_with(runs: usize) -> (tempfile::TempDir, std::path::PathBuf, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
         let store = SqliteStore::open(&path).unwrap();
-        // Enough row changes to wake the checkpointer twice.
-        for i in 0..200 {
+        for i in 0..runs {
             let r = run(&format!("logged-{i}"), RunStatus::Submitted);
             store.insert_run(&r, &[job(&r), job(&r)]).unwrap();
         }
+        (dir, path, store)
+    }
+
+    #[test]
+    fn the_log_is_checkpointed_into_the_database_file() {
+        // Enough row changes to wake the checkpointer twice.
+        let (dir, path, _store) = state_file_with(200);
         // The database file alone (a copy, without the log) holds them once checkpointed.
         let copy = dir.path().join("copy.db");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -1137,15 +1145,8 @@ mod tests {
 
     #[test]
     fn the_log_starts_over_under_steady_writes() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.db");
-        let store = SqliteStore::open(&path).unwrap();
-        // One transaction after the other, as an engine writes under load: pages for the log
-        // many times over the size at which it should start over.
-        for i in 0..2000 {
-            let r = run(&format!("steady-{i}"), RunStatus::Submitted);
-            store.insert_run(&r, &[job(&r), job(&r)]).unwrap();
-        }
+        // Pages for the log many times over the size at which it should start over.
+        let (dir, _, _store) = state_file_with(2000);
         // The file keeps the largest size the log ever had; without starting over it would
         // be over 50 MB by now.
         let log = std::fs::metadata(dir.path().join("state.db-wal"))
