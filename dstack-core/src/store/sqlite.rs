@@ -75,13 +75,22 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX runs_unfinished ON runs(status, submitted_at) WHERE active = 1;",
     // 8: the job a job is queued behind, for placement.
     "ALTER TABLE jobs ADD COLUMN after_job TEXT;",
+    // 9: no index keyed by status any more, so a transition writes fewer index pages (a
+    // status-first key moved the entry of the job and of its run to another page at every
+    // step): the waiting queue has an index of its own, entered once and left once;
+    // unfinished runs are found through the index of active runs, which a run enters and
+    // leaves once.
+    "DROP INDEX jobs_unfinished;
+    DROP INDEX runs_unfinished;
+    CREATE INDEX jobs_waiting ON jobs(submitted_at, id, run_id) WHERE status = 'submitted';
+    CREATE INDEX runs_active ON runs(submitted_at) WHERE active = 1;",
 ];
 
-/// SQL: a job is unfinished; exactly the condition of the `jobs_unfinished` index, which
-/// SQLite uses only for queries that state it.
-macro_rules! job_unfinished {
+/// SQL: a job waits to be placed (the condition of the `jobs_waiting` index, which SQLite uses
+/// only for queries that state it).
+macro_rules! job_waiting {
     () => {
-        "status IN ('submitted', 'provisioning', 'pulling', 'running', 'terminating')"
+        "status = 'submitted'"
     };
 }
 
@@ -92,7 +101,7 @@ macro_rules! job_holding {
     };
 }
 
-const JOB_UNFINISHED: &str = job_unfinished!();
+const JOB_WAITING: &str = job_waiting!();
 const JOB_HOLDING: &str = job_holding!();
 
 /// SQL: whether the group of run `r` (if it has one with a limit) may place one more run,
@@ -408,14 +417,18 @@ impl Store for SqliteStore {
 
     fn jobs_with_status(&self, statuses: &[JobStatus]) -> Result<Vec<Job>, StoreError> {
         let names = status_strs(statuses, JobStatus::as_str);
-        // Unfinished statuses are found through the index of unfinished jobs.
-        let unfinished = if statuses.iter().all(|s| !s.is_finished()) {
-            format!("{JOB_UNFINISHED} AND ")
+        // Statuses that hold resources are found through the index of holding jobs, and the
+        // waiting one through the waiting queue's index (SQLite uses a partial index only for
+        // a query that states its condition); others take a scan of all jobs.
+        let through = if statuses.iter().all(|s| JobStatus::HOLDING.contains(s)) {
+            concat!(job_holding!(), " AND ")
+        } else if statuses == [JobStatus::Submitted] {
+            concat!(job_waiting!(), " AND ")
         } else {
-            String::new()
+            ""
         };
         let sql = format!(
-            "SELECT data FROM jobs WHERE {unfinished}status IN ({}) ORDER BY submitted_at",
+            "SELECT data FROM jobs WHERE {through}status IN ({}) ORDER BY submitted_at",
             placeholders(names.len())
         );
         let args: Vec<&dyn rusqlite::ToSql> =
@@ -438,11 +451,7 @@ impl Store for SqliteStore {
                 )?
                 .query_row([], |r| r.get(0))?;
             if !grouped {
-                let sql = format!(
-                    "SELECT id, run_id FROM jobs WHERE {JOB_UNFINISHED} AND status = 'submitted' \
-                     ORDER BY submitted_at LIMIT {limit}"
-                );
-                let mut stmt = c.prepare_cached(&sql)?;
+                let mut stmt = c.prepare_cached(&waiting_queue_sql(limit))?;
                 let rows = stmt.query_map([], |r| {
                     Ok(WaitingJob {
                         job_id: r.get(0)?,
@@ -456,7 +465,7 @@ impl Store for SqliteStore {
                 "{} ORDER BY j.submitted_at LIMIT {limit}",
                 concat!(
                     "SELECT j.id, j.run_id, r.group_max IS NOT NULL FROM jobs j JOIN runs r ON r.id = j.run_id ",
-                    "WHERE j.", job_unfinished!(), " AND j.status = 'submitted' AND ",
+                    "WHERE j.", job_waiting!(), " AND ",
                     group_room_sql!(),
                 )
             );
@@ -593,6 +602,11 @@ impl rusqlite::types::FromSql for JobStatus {
             rusqlite::types::FromSqlError::Other(format!("unknown job status {text:?}").into())
         })
     }
+}
+
+/// SQL: the oldest `limit` waiting jobs (id, run id), when no group limits any of them.
+fn waiting_queue_sql(limit: i64) -> String {
+    format!("SELECT id, run_id FROM jobs WHERE {JOB_WAITING} ORDER BY submitted_at LIMIT {limit}")
 }
 
 fn update_run(c: &Connection, run: &Run, expected: &[RunStatus]) -> Result<bool, StoreError> {
@@ -1006,9 +1020,10 @@ mod tests {
             format!("status IN ({})", names.join(", "))
         };
         assert_eq!(JOB_HOLDING, quoted(JobStatus::HOLDING));
-        let mut unfinished = vec![JobStatus::Submitted];
-        unfinished.extend_from_slice(JobStatus::HOLDING);
-        assert_eq!(JOB_UNFINISHED, quoted(&unfinished));
+        assert_eq!(
+            JOB_WAITING,
+            format!("status = '{}'", JobStatus::Submitted.as_str())
+        );
         let store = SqliteStore::in_memory().unwrap();
         let plan = |sql: &str| -> String {
             store
@@ -1019,16 +1034,17 @@ mod tests {
                 })
                 .unwrap()
         };
-        let waiting = format!(
-            "SELECT id, run_id FROM jobs WHERE {JOB_UNFINISHED} AND status = 'submitted' \
-             ORDER BY submitted_at LIMIT 64"
-        );
-        assert!(plan(&waiting).contains("COVERING INDEX jobs_unfinished"));
+        assert!(plan(&waiting_queue_sql(64)).contains("COVERING INDEX jobs_waiting"));
+        let provisioning =
+            format!("SELECT data FROM jobs WHERE {JOB_HOLDING} AND status IN ('provisioning')");
+        assert!(plan(&provisioning).contains("INDEX jobs_holding"));
         let holding =
             format!("SELECT reservation FROM jobs WHERE instance_id = 'i' AND {JOB_HOLDING}");
         assert!(plan(&holding).contains("INDEX jobs_holding"));
-        let pending = "SELECT data FROM runs WHERE active = 1 AND status IN ('pending')";
-        assert!(plan(pending).contains("INDEX runs_unfinished"));
+        let pending = "SELECT data FROM runs WHERE active = 1 AND status IN ('pending') \
+                       ORDER BY submitted_at";
+        assert!(plan(pending).contains("INDEX runs_active"));
+        assert!(!plan(pending).contains("TEMP B-TREE"), "sorted again");
     }
 
     #[test]
@@ -1041,13 +1057,9 @@ mod tests {
         }
         // Every statement the store ran is cached: none was compiled again by SQLite (as a
         // bound LIMIT makes it do on every call).
-        let sql = format!(
-            "SELECT id, run_id FROM jobs WHERE {JOB_UNFINISHED} AND status = 'submitted' \
-             ORDER BY submitted_at LIMIT 64"
-        );
         let reprepared = store
             .with(|c| {
-                let stmt = c.prepare_cached(&sql)?;
+                let stmt = c.prepare_cached(&waiting_queue_sql(64))?;
                 use rusqlite::StatementStatus::{RePrepare, Run};
                 Ok((stmt.get_status(Run), stmt.get_status(RePrepare)))
             })
