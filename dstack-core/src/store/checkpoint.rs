@@ -7,10 +7,10 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, SyncSender};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use rusqlite::Connection;
 
+use super::busy::retry_soon;
 use super::StoreError;
 
 /// Row changes between two checkpoints: a few log pages each, so about SQLite's own
@@ -20,22 +20,6 @@ const CHANGES_PER_CHECKPOINT: u64 = 256;
 /// Log pages (4 KiB each) beyond which a checkpoint waits for the writer, so that the log
 /// starts over from its beginning.
 pub(super) const RESTART_PAGES: i64 = 1_000;
-
-/// How long the checkpointer waits for the writer at most (a write transaction takes well
-/// under a millisecond; the writer's are seconds only when something is wrong).
-const WAIT_FOR_WRITER: Duration = Duration::from_secs(30);
-
-/// Between two of the first tries for the writer's lock: short, so that the checkpoint gets it
-/// between two transactions of a busy writer (SQLite's own busy handler sleeps up to 100 ms
-/// between tries, while the log grows by thousands of pages).
-const RETRY_SOON: Duration = Duration::from_micros(100);
-
-/// How many tries come [`RETRY_SOON`] after each other (10 ms in all); later ones come
-/// [`RETRY_LATER`] apart (a reader of another process may hold the log for longer).
-const SOON_TRIES: u32 = 100;
-
-/// Between two later tries.
-const RETRY_LATER: Duration = Duration::from_millis(1);
 
 /// The checkpointing thread of one state file.
 pub(super) struct Checkpointer {
@@ -78,19 +62,6 @@ impl Checkpointer {
             let _ = wake.try_send(());
         }
     }
-}
-
-/// The checkpointer's busy handler: tries again soon, then less often, for up to
-/// [`WAIT_FOR_WRITER`] in all.
-fn retry_soon(tries: i32) -> bool {
-    let tries = u32::try_from(tries).unwrap_or(u32::MAX);
-    let later = tries.saturating_sub(SOON_TRIES);
-    let waited = RETRY_SOON * tries.min(SOON_TRIES) + RETRY_LATER.saturating_mul(later);
-    if waited >= WAIT_FOR_WRITER {
-        return false;
-    }
-    std::thread::sleep(if later == 0 { RETRY_SOON } else { RETRY_LATER });
-    true
 }
 
 /// Copies what the log holds into the database file without waiting for anyone; once the log

@@ -4,6 +4,7 @@
 //! sharing one state file never apply the same transition twice, and job placement is one
 //! atomic transaction, so they never over-commit an instance.
 
+mod busy;
 mod checkpoint;
 mod sqlite;
 

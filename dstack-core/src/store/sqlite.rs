@@ -9,6 +9,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::busy::retry_soon;
 use super::checkpoint::Checkpointer;
 use super::{
     ChangeFn, Changed, DeriveFn, Holding, JobAndRun, Placement, RunFilter, Store, StoreError,
@@ -188,7 +189,7 @@ impl SqliteStore {
     }
 
     fn init(mut conn: Connection) -> Result<Self, StoreError> {
-        conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        conn.busy_handler(Some(retry_soon))?;
         // Every statement the store runs stays prepared (the default keeps only 16).
         conn.set_prepared_statement_cache_capacity(128);
         use_wal(&conn)?;
