@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 
 use rusqlite::Connection;
 
-use super::busy::retry_soon;
+use super::busy::retry_briefly;
 use super::StoreError;
 
 /// Row changes between two checkpoints: a few log pages each, so about SQLite's own
@@ -33,7 +33,7 @@ impl Checkpointer {
     /// Starts checkpointing the database at `path`, whose writer no longer checkpoints.
     pub fn start(path: &Path) -> Result<Checkpointer, StoreError> {
         let conn = Connection::open(path)?;
-        conn.busy_handler(Some(retry_soon))?;
+        conn.busy_handler(Some(retry_briefly))?;
         let (wake, woken) = mpsc::sync_channel::<()>(1);
         let thread = std::thread::Builder::new()
             .name("dstack-checkpoint".to_string())
@@ -65,15 +65,18 @@ impl Checkpointer {
 }
 
 /// Copies what the log holds into the database file without waiting for anyone; once the log
-/// has grown past [`RESTART_PAGES`], waits for the writer so that the log starts over.
-/// (SQLite starts the log over only when a write begins with nothing in it left to copy. A
-/// passive checkpoint copies all it sees, but under steady writes the writer has added more by
-/// the time it is done: without the wait, the log grows for as long as the writes go on —
-/// 140 MB after two sweeps of 1000 tasks.) Failures are left to the next checkpoint (the log
-/// stays valid whatever happens here).
+/// has grown past [`RESTART_PAGES`], waits for the writer (briefly: [`retry_briefly`]) so that
+/// the log starts over. (SQLite starts the log over only when a write begins with nothing in
+/// it left to copy. A passive checkpoint copies all it sees, but under steady writes the writer
+/// has added more by the time it is done: without the wait, the log grows for as long as the
+/// writes go on — 140 MB after two sweeps of 1000 tasks.) Not while a reader keeps part of the
+/// log from being copied: the wait would hold up the writer until that reader is done.
+/// Failures are left to the next checkpoint (the log stays valid whatever happens here).
 fn checkpoint(conn: &Connection) {
-    let log = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1));
-    if log.is_ok_and(|pages| pages > RESTART_PAGES) {
+    let passive = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+        Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+    });
+    if passive.is_ok_and(|(log, copied)| log > RESTART_PAGES && copied == log) {
         let _ = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()));
     }
 }

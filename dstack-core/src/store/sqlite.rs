@@ -1169,6 +1169,30 @@ mod tests {
         assert!(log < bound, "the log grew to {log} bytes");
     }
 
+    #[test]
+    fn a_reader_holding_the_log_never_holds_up_writes_for_long() {
+        let (_dir, path, store) = state_file_with(10);
+        // Another process's reader in the middle of a long read transaction.
+        let reader = Connection::open(&path).unwrap();
+        reader
+            .execute_batch("BEGIN; SELECT COUNT(*) FROM runs;")
+            .unwrap();
+        let mut slowest = std::time::Duration::ZERO;
+        for i in 0..1500 {
+            let r = run(&format!("while-reading-{i}"), RunStatus::Submitted);
+            let t = std::time::Instant::now();
+            store.insert_run(&r, &[job(&r), job(&r)]).unwrap();
+            slowest = slowest.max(t.elapsed());
+        }
+        // Busy for as long as the reader reads, a checkpoint waiting for it would make the
+        // writes wait behind it (SQLite's checkpoints hold the writer's lock meanwhile).
+        assert!(
+            slowest < std::time::Duration::from_secs(2),
+            "a write waited {slowest:?}"
+        );
+        reader.execute_batch("COMMIT").unwrap();
+    }
+
     /// Placement of a job that takes one CPU on an instance of `cpus` CPUs.
     fn one_cpu_of(cpus: u32) -> impl Fn(&[Reservation]) -> Option<Reservation> {
         move |held| {
