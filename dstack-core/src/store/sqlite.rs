@@ -1193,6 +1193,15 @@ mod tests {
         reader.execute_batch("COMMIT").unwrap();
     }
 
+    /// A store holding one submitted run named `name` with three jobs.
+    fn run_of_three_jobs(name: &str) -> (SqliteStore, Run, Vec<Job>) {
+        let store = SqliteStore::in_memory().unwrap();
+        let r = run(name, RunStatus::Submitted);
+        let jobs: Vec<Job> = (0..3).map(|_| job(&r)).collect();
+        store.insert_run(&r, &jobs).unwrap();
+        (store, r, jobs)
+    }
+
     /// Placement of a job that takes one CPU on an instance of `cpus` CPUs.
     fn one_cpu_of(cpus: u32) -> impl Fn(&[Reservation]) -> Option<Reservation> {
         move |held| {
@@ -1206,10 +1215,7 @@ mod tests {
 
     #[test]
     fn placement_never_over_commits_and_skips_ending_runs() {
-        let store = SqliteStore::in_memory().unwrap();
-        let r = run("place", RunStatus::Submitted);
-        let jobs: Vec<Job> = (0..3).map(|_| job(&r)).collect();
-        store.insert_run(&r, &jobs).unwrap();
+        let (store, r, jobs) = run_of_three_jobs("place");
         let fit = one_cpu_of(2);
         let placed: Vec<bool> = jobs
             .iter()
@@ -1248,10 +1254,7 @@ mod tests {
 
     #[test]
     fn placements_in_one_transaction_each_see_those_before_them() {
-        let store = SqliteStore::in_memory().unwrap();
-        let r = run("batch", RunStatus::Submitted);
-        let jobs: Vec<Job> = (0..3).map(|_| job(&r)).collect();
-        store.insert_run(&r, &jobs).unwrap();
+        let (store, r, jobs) = run_of_three_jobs("batch");
         let fit = one_cpu_of(2);
         let placement = |job_id| Placement {
             job_id,
