@@ -38,8 +38,9 @@ impl Checkpointer {
         let thread = std::thread::Builder::new()
             .name("dstack-checkpoint".to_string())
             .spawn(move || {
+                let mut log = LogProgress::default();
                 while woken.recv().is_ok() {
-                    checkpoint(&conn);
+                    log.checkpoint(&conn);
                 }
             })?;
         Ok(Checkpointer {
@@ -64,20 +65,42 @@ impl Checkpointer {
     }
 }
 
-/// Copies what the log holds into the database file without waiting for anyone; once the log
-/// has grown past [`RESTART_PAGES`], waits for the writer (briefly: [`retry_briefly`]) so that
-/// the log starts over. (SQLite starts the log over only when a write begins with nothing in
-/// it left to copy. A passive checkpoint copies all it sees, but under steady writes the writer
-/// has added more by the time it is done: without the wait, the log grows for as long as the
-/// writes go on — 140 MB after two sweeps of 1000 tasks.) Not while a reader keeps part of the
-/// log from being copied: the wait would hold up the writer until that reader is done.
-/// Failures are left to the next checkpoint (the log stays valid whatever happens here).
-fn checkpoint(conn: &Connection) {
-    let passive = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-        Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
-    });
-    if passive.is_ok_and(|(log, copied)| log > RESTART_PAGES && copied == log) {
-        let _ = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()));
+/// What the checkpoint thread knows of the log from its last checkpoint.
+#[derive(Default)]
+struct LogProgress {
+    /// Log pages the last passive checkpoint had copied (0 once the log started over).
+    copied: i64,
+}
+
+impl LogProgress {
+    /// Copies what the log holds into the database file without waiting for anyone; once the
+    /// log has grown past [`RESTART_PAGES`], waits for the writer (briefly: [`retry_briefly`])
+    /// so that the log starts over. (SQLite starts the log over only when a write begins with
+    /// nothing in it left to copy. A passive checkpoint copies all it sees, but under steady
+    /// writes the writer has added more by the time it is done: without the wait, the log
+    /// grows for as long as the writes go on — 140 MB after two sweeps of 1000 tasks.)
+    ///
+    /// Not while a reader keeps part of the log from being copied — the wait would hold up
+    /// the writer until that reader is done. Such a reader shows as a passive checkpoint that
+    /// copies no more than the one before it while pages are left over. (Pages left over alone
+    /// say nothing: the writer adds pages while the checkpoint copies.)
+    /// Failures are left to the next checkpoint (the log stays valid whatever happens here).
+    fn checkpoint(&mut self, conn: &Connection) {
+        let Ok((log, copied)) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+        }) else {
+            return;
+        };
+        let held_by_a_reader = copied < log && copied <= self.copied;
+        self.copied = copied;
+        if log > RESTART_PAGES && !held_by_a_reader {
+            let started_over = conn
+                .query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0))
+                .is_ok_and(|busy| busy == 0);
+            if started_over {
+                self.copied = 0;
+            }
+        }
     }
 }
 
