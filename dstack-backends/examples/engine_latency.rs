@@ -36,6 +36,22 @@ pub fn cpu_seconds(pid: &str) -> f64 {
     ticks / 100.0
 }
 
+/// Idle and total clock ticks of all processors so far, from `/proc/stat`.
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...: idle is the 4th, iowait the 5th.
+    let idle = ticks.iter().skip(3).take(2).sum();
+    (idle, ticks.iter().sum())
+}
+
 /// The task id of this process's thread named `name` (the engine's own thread is
 /// `dstack-engine`), if any.
 fn thread_named(name: &str) -> Option<String> {
@@ -111,6 +127,7 @@ async fn main() {
     for batch in [true, false] {
         let (engine_cpu, agent_cpu) = (cpu_seconds("self"), cpu_seconds(&agent_pid));
         let thread_cpu = cpu_seconds(&engine_thread);
+        let (idle_before, total_before) = machine_ticks();
         let t = Instant::now();
         let runs = if batch {
             let items = (0..sweep).map(|_| (config.clone(), apply_opts())).collect();
@@ -128,6 +145,7 @@ async fn main() {
             assert_eq!(run.wait().await.expect("wait").status, RunStatus::Done);
         }
         let engine_sweep = t.elapsed();
+        let (idle_after, total_after) = machine_ticks();
         let how = if batch { "at once" } else { "one by one" };
         println!(
             "engine: sweep of {sweep} `true` tasks ({how}: submitted in {:.3} s) {:>8.3} s",
@@ -144,6 +162,10 @@ async fn main() {
             (cpu_seconds("self") - engine_cpu) * 1e3 / sweep as f64,
             (cpu_seconds(&engine_thread) - thread_cpu) * 1e3 / sweep as f64,
             (cpu_seconds(&agent_pid) - agent_cpu) * 1e3 / sweep as f64,
+        );
+        println!(
+            "machine idle during the sweep: {:.0}%",
+            (idle_after - idle_before) as f64 * 100.0 / (total_after - total_before).max(1) as f64
         );
     }
     let _ = std::process::Command::new("kill").arg(&agent_pid).status();

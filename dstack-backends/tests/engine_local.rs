@@ -43,12 +43,30 @@ impl Home {
             .await
     }
 
-    async fn client_with(&self, backend: LocalBackend) -> Client {
-        let options = EngineOptions {
+    /// The engine options of the tests: short retry delays and stop grace.
+    fn options() -> EngineOptions {
+        EngineOptions {
             retry_delays: vec![Duration::from_millis(200)],
             stop_grace: Duration::from_secs(2),
             ..EngineOptions::default()
-        };
+        }
+    }
+
+    async fn client_with(&self, backend: LocalBackend) -> Client {
+        self.client_with_backend_and_options(backend, Home::options())
+            .await
+    }
+
+    async fn client_with_options(&self, options: EngineOptions) -> Client {
+        let backend = LocalBackend::new(self.path(), agent_binary());
+        self.client_with_backend_and_options(backend, options).await
+    }
+
+    async fn client_with_backend_and_options(
+        &self,
+        backend: LocalBackend,
+        options: EngineOptions,
+    ) -> Client {
         Client::open(ClientOptions {
             home: self.path().to_path_buf(),
             backends: vec![Arc::new(backend)],
@@ -795,6 +813,63 @@ async fn apply_queued(client: &Client, dir: &Path, commands: &str) -> (RunHandle
     let queued = apply(client, &sized_task(commands, cpus / 2, "0.2"), dir).await;
     let leader = wait_queued(&queued).await;
     (queued, leader)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_left_waiting_by_a_pass_queues_behind_the_next_task_to_start() {
+    let home = Home::new();
+    // No safety-net sweep during the test: only events may place the tasks.
+    let options = EngineOptions {
+        sweep_period: Duration::from_secs(3600),
+        ..Home::options()
+    };
+    let client = home.client_with_options(options).await;
+    let cpus = client.fleets().list().unwrap()[0].1[0].host.cpus;
+    // Every task needs the whole host: one runs at a time, up to two queue behind it.
+    let whole = |commands: &str| {
+        let yaml = sized_task(commands, cpus, "0.1");
+        (parse(&yaml, "test.dstack.yml").unwrap(), opts(home.path()))
+    };
+    let apply_whole = |commands: &'static str| {
+        let (config, opts) = whole(commands);
+        let runs = client.runs();
+        async move { runs.apply(config, opts).await.unwrap() }
+    };
+    let first = apply_whole("  - sleep 1\n").await;
+    wait_running(&first).await;
+    let second = apply_whole("  - sleep 1\n").await;
+    assert_eq!(wait_queued(&second).await, job_of(&first));
+    let third = apply_whole("  - sleep 1000\n").await;
+    assert_eq!(wait_queued(&third).await, job_of(&second));
+    // Two more wait: no task to queue behind (the queue is two deep).
+    let waiting = client
+        .runs()
+        .apply_all(vec![whole("  - sleep 1000\n"), whole("  - sleep 1000\n")])
+        .await
+        .unwrap();
+    // The first ends, the second starts: one pass queues one of them behind the third and
+    // leaves the other waiting. The second ends, the third starts: the one left waiting
+    // queues behind the one queued last time, without any other event to wake the scheduler.
+    finish(&second).await;
+    let leaders = [
+        wait_queued(&waiting[0]).await,
+        wait_queued(&waiting[1]).await,
+    ];
+    let queued_behind_third = if leaders[0] == job_of(&third) { 0 } else { 1 };
+    assert_eq!(leaders[queued_behind_third], job_of(&third));
+    assert_eq!(
+        leaders[1 - queued_behind_third],
+        job_of(&waiting[queued_behind_third])
+    );
+    for run in [&third, &waiting[0], &waiting[1]] {
+        run.stop(true).await.unwrap();
+        finish(run).await;
+    }
+}
+
+/// The id of the run's (single) job.
+fn job_of(run: &RunHandle) -> String {
+    run.jobs().unwrap()[0].id.clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

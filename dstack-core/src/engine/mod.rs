@@ -55,6 +55,10 @@ pub struct EngineOptions {
     /// How old a `pending` instance record must be before a process that did not create it
     /// takes it as abandoned (its creator stopped mid-way) and reaps what it left.
     pub orphan_grace: Duration,
+    /// How often the engine's safety net goes over the state file: work left by a process
+    /// that exited mid-way, changes of other processes, reconciliations lost to an error
+    /// (see `engine::sweep`). Nothing on the event-driven paths waits for it.
+    pub sweep_period: Duration,
 }
 
 impl Default for EngineOptions {
@@ -73,6 +77,7 @@ impl Default for EngineOptions {
             unreachable_after: secs(20),
             provisioning_timeout: secs(600),
             orphan_grace: secs(120),
+            sweep_period: secs(3),
         }
     }
 }

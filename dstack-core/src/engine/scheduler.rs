@@ -202,6 +202,9 @@ async fn pass(inner: &Arc<Inner>) {
             .iter()
             .any(|(s, b)| *s == selection && covers(&want, b));
         if no_room && leaders.is_empty() {
+            // Waits for room, or for a task to queue behind (a job that starts wakes the
+            // scheduler only while demands wait).
+            unplaced.push(config.clone());
             continue;
         }
         // A full group is not a lack of room: the job must not block others. (The store

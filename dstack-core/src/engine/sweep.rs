@@ -4,13 +4,9 @@
 //! to an error.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use super::{jobs, runs, Inner};
 use crate::model::{JobStatus, RunStatus};
-
-/// How often the sweep runs.
-const PERIOD: Duration = Duration::from_secs(3);
 
 /// How many sweeps pass between two searches for orphaned cloud resources.
 const ORPHAN_SWEEPS: u32 = 20;
@@ -19,7 +15,7 @@ const ORPHAN_SWEEPS: u32 = 20;
 pub(crate) async fn run(inner: Arc<Inner>) {
     let mut count = 0u32;
     loop {
-        tokio::time::sleep(PERIOD).await;
+        tokio::time::sleep(inner.options.sweep_period).await;
         count = count.wrapping_add(1);
         if inner.backends.iter().any(|b| b.creates_instances()) {
             let _ = inner.reap_idle().await;
