@@ -279,12 +279,14 @@ impl OutputCopy {
 
 async fn copy_output(output: PipeReader, mut log: LogWriter, job: &Job) -> io::Result<()> {
     let mut pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(output))?;
-    let mut buf = vec![0; CHUNK];
+    // Read into spare capacity: nothing is zeroed or touched before output arrives (most
+    // short jobs write little or nothing).
+    let mut buf = bytes::BytesMut::with_capacity(CHUNK);
     loop {
-        let n = pipe.read(&mut buf).await?;
-        if n == 0 {
+        buf.clear();
+        if pipe.read_buf(&mut buf).await? == 0 {
             return Ok(());
         }
-        job.set_log_bytes(log.append(&buf[..n])?);
+        job.set_log_bytes(log.append(&buf)?);
     }
 }

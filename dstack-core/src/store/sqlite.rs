@@ -381,12 +381,12 @@ impl Store for SqliteStore {
 
     fn run_with_jobs(&self, run_id: &str) -> Result<Option<(Run, Vec<Job>)>, StoreError> {
         // One read transaction: the run and its jobs as of the same moment.
-        let (run, jobs): (Option<String>, Vec<String>) =
+        let (run, jobs) =
             self.with(|c| in_transaction(c, false, |c| run_with_jobs_data(c, run_id)))?;
         let Some(run) = run else { return Ok(None) };
         let jobs = jobs
             .iter()
-            .map(|j| from_json(j))
+            .map(|(_, data)| from_json(data))
             .collect::<Result<_, _>>()?;
         Ok(Some((from_json(&run)?, jobs)))
     }
@@ -497,7 +497,7 @@ impl Store for SqliteStore {
                 if !update_job(c, job, expected)? {
                     return Ok(JobAndRun::JobChanged);
                 }
-                Ok(JobAndRun::Written(derive_run(c, &job.run_id, derive)?))
+                Ok(JobAndRun::Written(derive_run(c, job, derive)?))
             })
         })
     }
@@ -523,7 +523,7 @@ impl Store for SqliteStore {
                     };
                     // The transaction holds the write lock: the job is as just read.
                     update_job(c, &job, &[stored.status])?;
-                    let run = derive_run(c, &job.run_id, derive)?;
+                    let run = derive_run(c, &job, derive)?;
                     let passed_on = job.status.is_finished() && passed_on(c, &stored)?;
                     changed.push(Changed {
                         job,
@@ -629,20 +629,27 @@ fn update_run(c: &Connection, run: &Run, expected: &[RunStatus]) -> Result<bool,
     Ok(c.prepare_cached(&sql)?.execute(args.as_slice())? == 1)
 }
 
-/// Writes run `run_id` as `derive` decides from it and its jobs as stored now (inside a write
-/// transaction); the run as written, if `derive` changed it.
+/// Writes the run of job `written` (just written, in this write transaction) as `derive`
+/// decides from it and its jobs as stored now; the run as written, if `derive` changed it.
 fn derive_run(
     c: &Connection,
-    run_id: &str,
+    written: &Job,
     derive: DeriveFn<'_>,
 ) -> Result<Option<Box<Run>>, StoreError> {
-    let (Some(run), jobs) = run_with_jobs_data(c, run_id)? else {
+    let (Some(run), jobs) = run_with_jobs_data(c, &written.run_id)? else {
         return Ok(None);
     };
     let run: Run = from_json(&run)?;
+    // The job just written is as given: only the others are decoded.
     let jobs: Vec<Job> = jobs
         .iter()
-        .map(|j| from_json(j))
+        .map(|(id, data)| {
+            if *id == written.id {
+                Ok(written.clone())
+            } else {
+                from_json(data)
+            }
+        })
         .collect::<Result<_, _>>()?;
     let Some(next) = derive(&run, &jobs) else {
         return Ok(None);
@@ -669,18 +676,21 @@ fn passed_on(c: &Connection, leader: &Job) -> Result<bool, StoreError> {
     }
 }
 
-/// The JSON of run `run_id` and of its jobs (by job number, then submission number).
-fn run_with_jobs_data(
-    c: &Connection,
-    run_id: &str,
-) -> Result<(Option<String>, Vec<String>), StoreError> {
+/// The JSON of a run (if stored) and the ids and JSON of its jobs.
+type RunAndJobsData = (Option<String>, Vec<(String, String)>);
+
+/// The JSON of run `run_id` and the ids and JSON of its jobs (by job number, then submission
+/// number).
+fn run_with_jobs_data(c: &Connection, run_id: &str) -> Result<RunAndJobsData, StoreError> {
     let run = c
         .prepare_cached("SELECT data FROM runs WHERE id = ?")?
         .query_row([run_id], |r| r.get(0))
         .optional()?;
     let jobs = c
-        .prepare_cached("SELECT data FROM jobs WHERE run_id = ? ORDER BY job_num, submission_num")?
-        .query_map([run_id], |r| r.get(0))?
+        .prepare_cached(
+            "SELECT id, data FROM jobs WHERE run_id = ? ORDER BY job_num, submission_num",
+        )?
+        .query_map([run_id], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?;
     Ok((run, jobs))
 }
