@@ -122,6 +122,13 @@ macro_rules! group_room_sql {
 /// Whether run `?` may be placed as far as its group's limit goes.
 const GROUP_HAS_ROOM: &str = concat!("SELECT ", group_room_sql!(), " FROM runs r WHERE r.id = ?");
 
+/// The status of run `?`, and whether it may be placed as far as its group's limit goes.
+const RUN_STATUS_AND_GROUP_ROOM: &str = concat!(
+    "SELECT r.status, ",
+    group_room_sql!(),
+    " FROM runs r WHERE r.id = ?"
+);
+
 /// The embedded store.
 pub struct SqliteStore {
     conn: Mutex<Connection>,
@@ -781,15 +788,18 @@ fn assign(c: &Connection, placement: &Placement<'_>) -> Result<Option<Job>, Stor
         .optional()?;
     let Some(job) = job else { return Ok(None) };
     let mut job: Job = from_json(&job)?;
-    let run_status: Option<String> = c
-        .prepare_cached("SELECT status FROM runs WHERE id = ?")?
-        .query_row([&job.run_id], |r| r.get(0))
+    let run: Option<(String, bool)> = c
+        .prepare_cached(RUN_STATUS_AND_GROUP_ROOM)?
+        .query_row([&job.run_id], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
+    let Some((run_status, group_has_room)) = run else {
+        return Ok(None);
+    };
     let ending = ["terminating", "terminated", "failed", "done"];
-    if run_status.as_deref().is_none_or(|s| ending.contains(&s)) {
+    if ending.contains(&run_status.as_str()) {
         return Ok(None); // the run is ending: its termination finishes this job
     }
-    if !group_has_room(c, &job.run_id)? {
+    if !group_has_room {
         return Ok(None);
     }
     let holdings = holdings(c, Some(instance_id))?;
