@@ -14,7 +14,6 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-/// Prints p50 and p99 of `samples` and returns the p50.
 /// Spawns `sh -c true` directly and waits for it: the floor of starting a task.
 pub fn spawn_true() {
     let status = std::process::Command::new("sh")
@@ -36,6 +35,7 @@ pub fn floor_sweep(n: usize) -> Duration {
     t.elapsed()
 }
 
+/// Prints p50 and p99 of `samples` and returns the p50.
 pub fn report(label: &str, mut samples: Vec<Duration>) -> Duration {
     samples.sort();
     let p50 = percentile(&samples, 0.5);
