@@ -924,12 +924,46 @@ async fn a_queued_task_runs_after_the_engine_that_queued_it_is_gone() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_for_the_end_of_a_run_is_not_woken_by_its_steps() {
+    let home = Home::new();
+    let client = home.client().await;
+    let run = apply(&client, &task("  - sleep 30\n"), home.path()).await;
+    let mut ended =
+        client
+            .engine()
+            .watch_run(run.id(), RunStatus::Submitted, RunStatus::is_finished);
+    ended.mark_unchanged();
+    // Read the store until the run runs (a waiter for that would wake every waiter on it).
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while run.status().unwrap() != RunStatus::Running {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the run starts");
+    assert!(!ended.has_changed().unwrap(), "woken by a step of the run");
+    assert_eq!(
+        *ended.borrow(),
+        RunStatus::Running,
+        "the value is kept current"
+    );
+    run.stop(false).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), ended.changed())
+        .await
+        .expect("the run's end wakes its waiter")
+        .unwrap();
+    assert!(ended.borrow_and_update().is_finished());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_on_a_run_is_woken_by_that_runs_changes_only() {
     let home = Home::new();
     let client = home.client().await;
     let long = apply(&client, &task("  - sleep 30\n"), home.path()).await;
     wait_running(&long).await;
-    let mut watched = client.engine().watch_run(long.id(), RunStatus::Running);
+    let mut watched = client
+        .engine()
+        .watch_run(long.id(), RunStatus::Running, |_| true);
     watched.mark_unchanged();
     let quick = apply(&client, &task("  - 'true'\n"), home.path()).await;
     assert_eq!(finish(&quick).await.status, RunStatus::Done);

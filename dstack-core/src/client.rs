@@ -345,11 +345,12 @@ impl RunHandle {
     /// Waits until the run's status satisfies `done` (or the run finished) and returns it.
     pub async fn wait_until(&self, done: impl Fn(RunStatus) -> bool) -> Result<Run, EngineError> {
         // Watching before reading: no change made in between is missed.
-        let mut changes = self.engine.watch_run(&self.id, RunStatus::Submitted);
+        let wake = |s: RunStatus| done(s) || s.is_finished();
+        let mut changes = self.engine.watch_run(&self.id, RunStatus::Submitted, wake);
         changes.mark_unchanged();
         let mut run = self.run()?;
         loop {
-            if done(run.status) || run.status.is_finished() {
+            if wake(run.status) {
                 return Ok(run);
             }
             // Changes made in this process arrive at once; the store is read again at least
@@ -359,8 +360,7 @@ impl RunHandle {
                 match tokio::time::timeout_at(deadline, changes.changed()).await {
                     // A step of the run that is not awaited.
                     Ok(Ok(())) => {
-                        let status = *changes.borrow_and_update();
-                        if done(status) || status.is_finished() {
+                        if wake(*changes.borrow_and_update()) {
                             break;
                         }
                     }

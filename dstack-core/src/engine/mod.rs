@@ -182,7 +182,7 @@ pub(crate) struct Inner {
     pub(crate) retries: Notify,
     pub(crate) changes: broadcast::Sender<RunChange>,
     /// The status of each run someone waits on, as it changes (see [`Engine::watch_run`]).
-    run_watchers: Mutex<HashMap<String, watch::Sender<RunStatus>>>,
+    run_watchers: Mutex<HashMap<String, RunWatch>>,
     pub(crate) agents: Mutex<HashMap<String, AgentClient>>,
     /// The watcher task of each live instance (see `agents::watch`).
     pub(crate) watchers: Mutex<HashMap<String, AbortHandle>>,
@@ -192,6 +192,27 @@ pub(crate) struct Inner {
     pub(crate) definitions: Mutex<HashMap<String, Arc<Definition>>>,
     /// Instances this process is provisioning right now.
     pub(crate) provisioning: Mutex<std::collections::HashSet<String>>,
+}
+
+/// The watch of one run's status (see [`Engine::watch_run`]).
+struct RunWatch {
+    sender: watch::Sender<RunStatus>,
+    /// The statuses that wake its waiters (one bit per [`RunStatus`]).
+    wakes: u16,
+}
+
+impl RunWatch {
+    fn bit(status: RunStatus) -> u16 {
+        1 << status as u16
+    }
+
+    /// The bits of the statuses for which `wake` holds.
+    fn statuses(wake: impl Fn(RunStatus) -> bool) -> u16 {
+        RunStatus::ALL
+            .iter()
+            .filter(|s| wake(**s))
+            .fold(0, |bits, s| bits | RunWatch::bit(*s))
+    }
 }
 
 /// What never changes about a run once it is applied, with its parsed configuration: cached
@@ -354,21 +375,29 @@ impl Engine {
     }
 
     /// The status of run `id` as this process changes it: a waiter on one run is woken by
-    /// that run's changes only (changes made by other processes are not seen here: read the
-    /// store for those). `status` is the channel's value until its first change when nobody
-    /// watches the run yet (mark it seen and read the run after subscribing: nothing is
-    /// missed in between).
-    pub fn watch_run(&self, id: &str, status: RunStatus) -> watch::Receiver<RunStatus> {
+    /// that run's changes to a status for which `wake` holds (and those of other waiters on the
+    /// run), not by other runs' changes or by steps nobody waits for (changes made by other
+    /// processes are not seen here: read the store for those). `status` is the channel's
+    /// value until its first change when nobody watches the run yet (mark it seen and read the
+    /// run after subscribing: nothing is missed in between).
+    pub fn watch_run(
+        &self,
+        id: &str,
+        status: RunStatus,
+        wake: impl Fn(RunStatus) -> bool,
+    ) -> watch::Receiver<RunStatus> {
         let mut watchers = self
             .inner()
             .run_watchers
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        watchers.retain(|_, sender| sender.receiver_count() > 0);
-        watchers
-            .entry(id.to_string())
-            .or_insert_with(|| watch::channel(status).0)
-            .subscribe()
+        watchers.retain(|_, w| w.sender.receiver_count() > 0);
+        let watch = watchers.entry(id.to_string()).or_insert_with(|| RunWatch {
+            sender: watch::channel(status).0,
+            wakes: 0,
+        });
+        watch.wakes |= RunWatch::statuses(wake);
+        watch.sender.subscribe()
     }
 
     /// Offers for a configuration, without side effects.
@@ -661,13 +690,18 @@ impl Inner {
     }
 
     pub(crate) fn emit(&self, run: &Run) {
-        if let Some(watcher) = self
+        if let Some(watch) = self
             .run_watchers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&run.id)
         {
-            watcher.send_replace(run.status);
+            // The value is always kept current; waiters are woken only for what they wait for.
+            let wakes = watch.wakes & RunWatch::bit(run.status) != 0;
+            watch.sender.send_if_modified(|status| {
+                *status = run.status;
+                wakes
+            });
         }
         let _ = self.changes.send(RunChange {
             run_id: run.id.clone(),

@@ -14,6 +14,9 @@ macro_rules! text_enum {
         }
 
         impl $name {
+            /// Every value, in the order of declaration.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
             /// The name as dstack writes it.
             pub fn as_str(self) -> &'static str {
                 match self { $($name::$variant => $text),+ }
