@@ -17,7 +17,7 @@ use super::{jobs, Inner};
 use crate::config::Configuration;
 use crate::model::{Fleet, Instance, InstanceStatus, JobStatus, JobTerminationReason, Reservation};
 use crate::offers::{mismatch, reserve, reserve_blocks};
-use crate::store::{Holding, Placement, WaitingJob};
+use crate::store::{Holding, Placement, Placing, WaitingJob};
 
 /// How many waiting jobs one pass looks at (the oldest first).
 const PASS_LIMIT: usize = 64;
@@ -87,22 +87,19 @@ async fn pass(inner: &Arc<Inner>) {
     inner.set_blocked(Blocked::default());
     // Configurations of the single-node jobs this pass found no room for.
     let mut unplaced: Vec<Arc<Configuration>> = Vec::new();
-    let Ok(mut holdings) = inner.store.holdings() else {
-        return;
-    };
-    let Ok(mut waiting) = inner.store.waiting_jobs(PASS_LIMIT) else {
+    let Ok(Placing {
+        mut holdings,
+        mut waiting,
+        instances,
+        fleets,
+    }) = inner.store.placing(PASS_LIMIT)
+    else {
         return;
     };
     let queued = holdings.iter().any(|h| !h.counts(&holdings));
     if waiting.is_empty() && !queued {
         return;
     }
-    let Ok(instances) = inner.store.instances() else {
-        return;
-    };
-    let Ok(fleets) = inner.store.fleets() else {
-        return;
-    };
     let mut instances: Vec<Instance> = instances
         .into_iter()
         .filter(|i| {

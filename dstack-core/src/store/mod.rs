@@ -57,6 +57,19 @@ pub struct WaitingJob {
     pub grouped: bool,
 }
 
+/// The state a placement pass starts from (see [`Store::placing`]).
+#[derive(Clone, Debug)]
+pub struct Placing {
+    /// Every job that holds resources on an instance (see [`Store::holdings`]).
+    pub holdings: Vec<Holding>,
+    /// The oldest waiting jobs (see [`Store::waiting_jobs`]).
+    pub waiting: Vec<WaitingJob>,
+    /// Every instance.
+    pub instances: Vec<Instance>,
+    /// Every fleet.
+    pub fleets: Vec<Fleet>,
+}
+
 /// A job that holds resources on an instance.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Holding {
@@ -199,6 +212,9 @@ pub trait Store: Send + Sync {
     /// At most `limit` `submitted` jobs, oldest first (cheap: no decoding), leaving out jobs
     /// of run groups that are at their limit.
     fn waiting_jobs(&self, limit: usize) -> Result<Vec<WaitingJob>, StoreError>;
+    /// What a placement pass starts from, read at one point in time: the holdings, at most
+    /// `limit` waiting jobs (see [`Store::waiting_jobs`]), the instances and the fleets.
+    fn placing(&self, limit: usize) -> Result<Placing, StoreError>;
     /// Writes `job` if its stored status is one of `expected`; `false` if it was not.
     fn update_job(&self, job: &Job, expected: &[JobStatus]) -> Result<bool, StoreError>;
     /// Writes `job` if its stored status is one of `expected` and, in the same transaction,

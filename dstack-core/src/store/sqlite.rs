@@ -12,8 +12,8 @@ use serde::Serialize;
 use super::busy::retry_soon;
 use super::checkpoint::Checkpointer;
 use super::{
-    ChangeFn, Changed, DeriveFn, Holding, JobAndRun, Placement, RunFilter, Store, StoreError,
-    WaitingJob,
+    ChangeFn, Changed, DeriveFn, Holding, JobAndRun, Placement, Placing, RunFilter, Store,
+    StoreError, WaitingJob,
 };
 use crate::model::{Fleet, Instance, Job, JobStatus, Reservation, Run, RunStatus, Volume};
 
@@ -154,6 +154,12 @@ const RUN_STATUS_AND_GROUP_ROOM: &str = concat!(
     " FROM runs r WHERE r.id = ?"
 );
 
+/// Every fleet, by name.
+const FLEETS_SQL: &str = "SELECT data FROM fleets ORDER BY name";
+
+/// Every instance.
+const INSTANCES_SQL: &str = "SELECT data FROM instances";
+
 /// The embedded store.
 pub struct SqliteStore {
     conn: Mutex<Connection>,
@@ -274,13 +280,23 @@ impl SqliteStore {
         sql: &str,
         args: &[&dyn rusqlite::ToSql],
     ) -> Result<Vec<T>, StoreError> {
-        let rows: Vec<String> = self.with(|c| {
-            let mut stmt = c.prepare_cached(sql)?;
-            let rows = stmt.query_map(args, |r| r.get::<_, String>(0))?;
-            Ok(rows.collect::<Result<_, _>>()?)
-        })?;
-        rows.iter().map(|row| from_json(row)).collect()
+        self.with(|c| query(c, sql, args))
     }
+}
+
+/// The records (JSON in the first column) that `sql` selects.
+fn query<T: DeserializeOwned>(
+    c: &Connection,
+    sql: &str,
+    args: &[&dyn rusqlite::ToSql],
+) -> Result<Vec<T>, StoreError> {
+    let mut stmt = c.prepare_cached(sql)?;
+    let mut rows = stmt.query(args)?;
+    let mut records = Vec::new();
+    while let Some(row) = rows.next()? {
+        records.push(from_json(&row.get::<_, String>(0)?)?);
+    }
+    Ok(records)
 }
 
 /// Switches the database to WAL mode. Switching needs an exclusive lock, and SQLite reports
@@ -470,47 +486,20 @@ impl Store for SqliteStore {
     }
 
     fn waiting_jobs(&self, limit: usize) -> Result<Vec<WaitingJob>, StoreError> {
-        // The limit is written into the SQL: SQLite plans with a bound LIMIT's value, so a
-        // statement with `LIMIT ?` is compiled again on every call.
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with(|c| waiting_jobs(c, limit))
+    }
+
+    fn placing(&self, limit: usize) -> Result<Placing, StoreError> {
+        // One read transaction: one consistent state, and the log's read lock taken once.
         self.with(|c| {
-            // Jobs of a group already at its limit are left out: they cannot be placed now,
-            // and they must not fill the window that other runs wait behind. Without active
-            // groups, there is nothing to check per job.
-            let grouped: bool = c
-                .prepare_cached(
-                    "SELECT EXISTS (SELECT 1 FROM runs \
-                     WHERE group_id IS NOT NULL AND active = 1 AND group_max IS NOT NULL)",
-                )?
-                .query_row([], |r| r.get(0))?;
-            if !grouped {
-                let mut stmt = c.prepare_cached(&waiting_queue_sql(limit))?;
-                let rows = stmt.query_map([], |r| {
-                    Ok(WaitingJob {
-                        job_id: r.get(0)?,
-                        run_id: r.get(1)?,
-                        grouped: false,
-                    })
-                })?;
-                return Ok(rows.collect::<Result<Vec<_>, _>>()?);
-            }
-            let sql = format!(
-                "{} ORDER BY j.submitted_at LIMIT {limit}",
-                concat!(
-                    "SELECT j.id, j.run_id, r.group_max IS NOT NULL FROM jobs j JOIN runs r ON r.id = j.run_id ",
-                    "WHERE j.", job_waiting!(), " AND ",
-                    group_room_sql!(),
-                )
-            );
-            let mut stmt = c.prepare_cached(&sql)?;
-            let rows = stmt.query_map([], |r| {
-                Ok(WaitingJob {
-                    job_id: r.get(0)?,
-                    run_id: r.get(1)?,
-                    grouped: r.get(2)?,
+            in_transaction(c, false, |c| {
+                Ok(Placing {
+                    holdings: holdings(c, None)?,
+                    waiting: waiting_jobs(c, limit)?,
+                    instances: query(c, INSTANCES_SQL, &[])?,
+                    fleets: query(c, FLEETS_SQL, &[])?,
                 })
-            })?;
-            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            })
         })
     }
 
@@ -590,7 +579,7 @@ impl Store for SqliteStore {
     }
 
     fn fleets(&self) -> Result<Vec<Fleet>, StoreError> {
-        self.query("SELECT data FROM fleets ORDER BY name", &[])
+        self.query(FLEETS_SQL, &[])
     }
 
     fn put_instance(&self, instance: &Instance) -> Result<(), StoreError> {
@@ -610,7 +599,7 @@ impl Store for SqliteStore {
     }
 
     fn instances(&self) -> Result<Vec<Instance>, StoreError> {
-        self.query("SELECT data FROM instances", &[])
+        self.query(INSTANCES_SQL, &[])
     }
 
     fn put_volume(&self, volume: &Volume) -> Result<(), StoreError> {
@@ -640,6 +629,50 @@ impl rusqlite::types::FromSql for JobStatus {
 /// SQL: the oldest `limit` waiting jobs (id, run id), when no group limits any of them.
 fn waiting_queue_sql(limit: i64) -> String {
     format!("SELECT id, run_id FROM jobs WHERE {JOB_WAITING} ORDER BY submitted_at LIMIT {limit}")
+}
+
+/// At most `limit` waiting jobs (see [`Store::waiting_jobs`]).
+fn waiting_jobs(c: &Connection, limit: usize) -> Result<Vec<WaitingJob>, StoreError> {
+    // The limit is written into the SQL: SQLite plans with a bound LIMIT's value, so a
+    // statement with `LIMIT ?` is compiled again on every call.
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    // Jobs of a group already at its limit are left out: they cannot be placed now,
+    // and they must not fill the window that other runs wait behind. Without active
+    // groups, there is nothing to check per job.
+    let grouped: bool = c
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM runs \
+                 WHERE group_id IS NOT NULL AND active = 1 AND group_max IS NOT NULL)",
+        )?
+        .query_row([], |r| r.get(0))?;
+    if !grouped {
+        let mut stmt = c.prepare_cached(&waiting_queue_sql(limit))?;
+        let rows = stmt.query_map([], |r| {
+            Ok(WaitingJob {
+                job_id: r.get(0)?,
+                run_id: r.get(1)?,
+                grouped: false,
+            })
+        })?;
+        return Ok(rows.collect::<Result<Vec<_>, _>>()?);
+    }
+    let sql = format!(
+            "{} ORDER BY j.submitted_at LIMIT {limit}",
+            concat!(
+                "SELECT j.id, j.run_id, r.group_max IS NOT NULL FROM jobs j JOIN runs r ON r.id = j.run_id ",
+                "WHERE j.", job_waiting!(), " AND ",
+                group_room_sql!(),
+            )
+        );
+    let mut stmt = c.prepare_cached(&sql)?;
+    let rows = stmt.query_map([], |r| {
+        Ok(WaitingJob {
+            job_id: r.get(0)?,
+            run_id: r.get(1)?,
+            grouped: r.get(2)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
 }
 
 fn update_run(c: &Connection, run: &Run, expected: &[RunStatus]) -> Result<bool, StoreError> {
@@ -1359,6 +1392,24 @@ mod tests {
         assert_eq!(placed, [true, false, true, false]);
         assert_eq!(waiting(&store), vec![(jobs[2].id.clone(), r.id.clone())]);
         assert_eq!(store.reservations().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_pass_reads_what_the_separate_reads_return() {
+        let (store, _, jobs) = run_of_three_jobs("snapshot");
+        let fit = one_cpu_of(2);
+        store.assign_job(&jobs[0].id, "i-1", None, &fit).unwrap();
+        let placing = store.placing(2).unwrap();
+        assert_eq!(placing.holdings, store.holdings().unwrap());
+        assert_eq!(placing.holdings.len(), 1);
+        assert_eq!(placing.waiting, store.waiting_jobs(2).unwrap());
+        let mut waiting: Vec<&str> = placing.waiting.iter().map(|w| w.job_id.as_str()).collect();
+        let mut expected = [jobs[1].id.as_str(), jobs[2].id.as_str()];
+        waiting.sort_unstable();
+        expected.sort_unstable();
+        assert_eq!(waiting, expected);
+        assert_eq!(placing.instances, store.instances().unwrap());
+        assert_eq!(placing.fleets, store.fleets().unwrap());
     }
 
     #[test]
