@@ -867,6 +867,71 @@ async fn a_task_left_waiting_by_a_pass_queues_behind_the_next_task_to_start() {
     }
 }
 
+/// An engine without the periodic pass (only events place jobs) or with a quick one.
+async fn client_with_sweep_period(home: &Home, period: Duration) -> Client {
+    let options = EngineOptions {
+        sweep_period: period,
+        ..Home::options()
+    };
+    home.client_with_options(options).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freed_capacity_is_filled_beyond_what_one_pass_looks_at() {
+    let home = Home::new();
+    let client = client_with_sweep_period(&home, Duration::from_secs(3600)).await;
+    // More tasks than an event pass looks at, all of which fit at once (no CPU to hold).
+    let tiny = sized_task("  - sleep 1000\n", 0, "0.05");
+    let items = (0..40)
+        .map(|_| (parse(&tiny, "test.dstack.yml").unwrap(), opts(home.path())))
+        .collect();
+    let runs = client.runs().apply_all(items).await.unwrap();
+    for run in &runs {
+        wait_running(run).await;
+    }
+    for run in &runs {
+        run.stop(true).await.unwrap();
+        finish(run).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_that_fits_behind_many_that_do_not_is_placed_by_the_periodic_pass() {
+    let home = Home::new();
+    let client = client_with_sweep_period(&home, Duration::from_millis(300)).await;
+    let cpus = client.fleets().list().unwrap()[0].1[0].host.cpus;
+    let long = apply(
+        &client,
+        &sized_task("  - sleep 1000\n", cpus - 1, "0.1"),
+        home.path(),
+    )
+    .await;
+    wait_running(&long).await;
+    // More tasks than an event pass looks at need the whole host (and cannot queue behind a
+    // task that holds less): they wait.
+    let whole = sized_task("  - sleep 1000\n", cpus, "0.1");
+    let items = (0..40)
+        .map(|_| (parse(&whole, "test.dstack.yml").unwrap(), opts(home.path())))
+        .collect();
+    let waiting = client.runs().apply_all(items).await.unwrap();
+    // A task behind them all fits in the CPU left free.
+    let small = apply(
+        &client,
+        &sized_task("  - echo small\n", 1, "0.1"),
+        home.path(),
+    )
+    .await;
+    assert_done(&small).await;
+    assert_eq!(all_logs(&small).await, "small\n");
+    for run in waiting.iter().take(3) {
+        assert_eq!(run.status().unwrap(), RunStatus::Submitted);
+    }
+    for run in waiting.iter().chain([&long]) {
+        run.stop(true).await.unwrap();
+        finish(run).await;
+    }
+}
+
 /// The id of the run's (single) job.
 fn job_of(run: &RunHandle) -> String {
     run.jobs().unwrap()[0].id.clone()

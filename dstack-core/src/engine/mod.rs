@@ -178,6 +178,8 @@ pub(crate) struct Inner {
     pub(crate) capacity_epoch: std::sync::atomic::AtomicU64,
     /// What the last placement pass found no room for.
     pub(crate) blocked: Mutex<scheduler::Blocked>,
+    /// Set for the periodic placement pass, which looks further into the waiting queue.
+    pub(crate) backfill: std::sync::atomic::AtomicBool,
     /// Wakes the retry timer.
     pub(crate) retries: Notify,
     pub(crate) changes: broadcast::Sender<RunChange>,
@@ -317,6 +319,7 @@ impl Engine {
             schedule: Notify::new(),
             capacity_epoch: Default::default(),
             blocked: Default::default(),
+            backfill: Default::default(),
             retries: Notify::new(),
             changes: broadcast::channel(1024).0,
             run_watchers: Mutex::new(HashMap::new()),

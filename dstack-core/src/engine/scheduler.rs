@@ -7,6 +7,16 @@
 //! A follower's reservation lies within its leader's and counts only once the leader has
 //! ended, so nothing is over-committed. The last follower of a queue is taken back and placed
 //! elsewhere when room frees up there first (then the one before it, and so on).
+//!
+//! A pass woken by an event (a run submitted, a job started or ended) looks at the
+//! [`EVENT_WINDOW`] oldest waiting jobs: such a pass mostly places one job, and the jobs
+//! further back are mostly more of the same demand (a sweep's trials), found no room for
+//! again. The periodic pass (every sweep period) looks at [`BACKFILL_WINDOW`] of them, so
+//! that jobs further back that fit where those ahead of them do not are placed, and those
+//! that can never fit fail, within a period. (Slurm splits its scheduling the same way: a
+//! quick pass on every event, a deep backfill pass every so often.) An event pass that placed
+//! jobs with its whole window and found room for every demand in it runs again at once, so
+//! that freed capacity is filled however far it reaches.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -19,8 +29,11 @@ use crate::model::{Fleet, Instance, InstanceStatus, JobStatus, JobTerminationRea
 use crate::offers::{mismatch, reserve, reserve_blocks};
 use crate::store::{Holding, Placement, Placing, WaitingJob};
 
-/// How many waiting jobs one pass looks at (the oldest first).
-const PASS_LIMIT: usize = 64;
+/// How many waiting jobs a pass woken by an event looks at (the oldest first).
+const EVENT_WINDOW: usize = 16;
+
+/// How many waiting jobs the periodic pass looks at (the oldest first).
+const BACKFILL_WINDOW: usize = 1024;
 
 /// How many tasks may be queued behind a running task, one behind the other.
 const QUEUE_DEPTH: usize = 2;
@@ -85,6 +98,11 @@ pub(crate) async fn run(inner: Arc<Inner>) {
 async fn pass(inner: &Arc<Inner>) {
     let epoch = inner.capacity_epoch.load(Ordering::SeqCst);
     inner.set_blocked(Blocked::default());
+    let window = if inner.backfill.swap(false, Ordering::SeqCst) {
+        BACKFILL_WINDOW
+    } else {
+        EVENT_WINDOW
+    };
     // Configurations of the single-node jobs this pass found no room for.
     let mut unplaced: Vec<Arc<Configuration>> = Vec::new();
     let Ok(Placing {
@@ -92,7 +110,7 @@ async fn pass(inner: &Arc<Inner>) {
         mut waiting,
         instances,
         fleets,
-    }) = inner.store.placing(PASS_LIMIT)
+    }) = inner.store.placing(window)
     else {
         return;
     };
@@ -112,7 +130,7 @@ async fn pass(inner: &Arc<Inner>) {
     if queued && take_back(inner, &holdings, &held, &instances, &fleets).await {
         // Taken-back followers wait again (before the jobs submitted after them).
         let (Ok(now_holding), Ok(now_waiting)) =
-            (inner.store.holdings(), inner.store.waiting_jobs(PASS_LIMIT))
+            (inner.store.holdings(), inner.store.waiting_jobs(window))
         else {
             return;
         };
@@ -132,6 +150,8 @@ async fn pass(inner: &Arc<Inner>) {
     let mut gangs: Vec<String> = Vec::new();
     // The placements decided in this pass, made in one transaction at its end.
     let mut placements: Vec<Pending> = Vec::new();
+    let mut placed = 0;
+    let whole_window = waiting.len() == window;
     for WaitingJob {
         job_id,
         run_id,
@@ -227,6 +247,7 @@ async fn pass(inner: &Arc<Inner>) {
                     config,
                     leader: None,
                 });
+                placed += 1;
                 order(&mut instances, &held);
                 continue;
             }
@@ -239,16 +260,23 @@ async fn pass(inner: &Arc<Inner>) {
         }
         // No room anywhere now: queued behind a task that will free room for it, if any.
         match follow(&config, &candidates, &holdings, &mut leaders) {
-            Some((instance, leader)) => placements.push(Pending {
-                job_id,
-                instance,
-                config,
-                leader: Some(leader),
-            }),
+            Some((instance, leader)) => {
+                placements.push(Pending {
+                    job_id,
+                    instance,
+                    config,
+                    leader: Some(leader),
+                });
+                placed += 1;
+            }
             None => unplaced.push(config.clone()),
         }
     }
     place(inner, placements);
+    if whole_window && placed > 0 && unplaced.is_empty() {
+        // Room for all it saw: the jobs beyond the window may find room too.
+        inner.schedule.notify_one();
+    }
     inner.set_blocked(Blocked {
         epoch,
         demands: unplaced,

@@ -25,6 +25,10 @@ pub(crate) async fn run(inner: Arc<Inner>) {
             }
         }
         inner.watch_instances();
+        // A deeper pass than those woken by events: jobs further back that fit (backfill).
+        inner
+            .backfill
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         inner.wake_scheduler();
         inner.retries.notify_one();
         if let Ok(jobs) = inner.store.jobs_with_status(&[JobStatus::Provisioning]) {
