@@ -125,6 +125,10 @@ const MIGRATIONS: &[&str] = &[
         job_holding!(),
         ";"
     ),
+    // 11: a run's jobs come out of the index in the order they are read in (job number, then
+    // submission), without a sort on every change of a job.
+    "DROP INDEX jobs_run;
+    CREATE INDEX jobs_run ON jobs(run_id, job_num, submission_num);",
 ];
 
 const JOB_WAITING: &str = job_waiting!();
@@ -1120,6 +1124,12 @@ mod tests {
         let holding =
             format!("SELECT reservation FROM jobs WHERE instance_id = 'i' AND {JOB_HOLDING}");
         assert!(plan(&holding).contains("INDEX jobs_holding"));
+        let of_run = plan(
+            "SELECT id, data FROM jobs WHERE run_id = 'r' \
+                           ORDER BY job_num, submission_num",
+        );
+        assert!(of_run.contains("INDEX jobs_run"), "{of_run}");
+        assert!(!of_run.contains("TEMP B-TREE"), "sorted again: {of_run}");
         let pending = "SELECT data FROM runs WHERE active = 1 AND status IN ('pending') \
                        ORDER BY submitted_at";
         assert!(plan(pending).contains("INDEX runs_active"));
