@@ -867,6 +867,27 @@ async fn a_task_left_waiting_by_a_pass_queues_behind_the_next_task_to_start() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweeps_trials_start_in_the_order_they_were_applied() {
+    let home = Home::new();
+    let client = home.client().await;
+    let cpus = client.fleets().list().unwrap()[0].1[0].host.cpus;
+    // Each trial needs the whole host: they run one after the other.
+    let whole = sized_task("  - 'true'\n", cpus, "0.1");
+    let items = (0..8)
+        .map(|_| (parse(&whole, "test.dstack.yml").unwrap(), opts(home.path())))
+        .collect();
+    let trials = client.runs().apply_all(items).await.unwrap();
+    let mut started = Vec::new();
+    for trial in &trials {
+        assert_eq!(finish(trial).await.status, RunStatus::Done);
+        started.push(trial.jobs().unwrap()[0].started_at_ms.unwrap());
+    }
+    let mut sorted = started.clone();
+    sorted.sort_unstable();
+    assert_eq!(started, sorted, "start times in the order of the trials");
+}
+
 /// An engine without the periodic pass (only events place jobs) or with a quick one.
 async fn client_with_sweep_period(home: &Home, period: Duration) -> Client {
     let options = EngineOptions {

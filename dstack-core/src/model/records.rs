@@ -156,7 +156,9 @@ impl Job {
     /// A new `submitted` submission (`submission_num`) of job `job_num` of a run.
     pub fn submission(run: &Run, job_num: u32, submission_num: u32) -> Job {
         Job {
-            id: uuid::Uuid::new_v4().to_string(),
+            // Time-ordered (UUID v7, ordered by creation within a process): jobs submitted in
+            // the same millisecond (a sweep's trials) wait in the order they were applied.
+            id: uuid::Uuid::now_v7().to_string(),
             run_id: run.id.clone(),
             run_name: run.name.clone(),
             job_num,

@@ -632,7 +632,9 @@ impl rusqlite::types::FromSql for JobStatus {
 
 /// SQL: the oldest `limit` waiting jobs (id, run id), when no group limits any of them.
 fn waiting_queue_sql(limit: i64) -> String {
-    format!("SELECT id, run_id FROM jobs WHERE {JOB_WAITING} ORDER BY submitted_at LIMIT {limit}")
+    format!(
+        "SELECT id, run_id FROM jobs WHERE {JOB_WAITING} ORDER BY submitted_at, id LIMIT {limit}"
+    )
 }
 
 /// At most `limit` waiting jobs (see [`Store::waiting_jobs`]).
@@ -661,7 +663,7 @@ fn waiting_jobs(c: &Connection, limit: usize) -> Result<Vec<WaitingJob>, StoreEr
         return Ok(rows.collect::<Result<Vec<_>, _>>()?);
     }
     let sql = format!(
-            "{} ORDER BY j.submitted_at LIMIT {limit}",
+            "{} ORDER BY j.submitted_at, j.id LIMIT {limit}",
             concat!(
                 "SELECT j.id, j.run_id, r.group_max IS NOT NULL FROM jobs j JOIN runs r ON r.id = j.run_id ",
                 "WHERE j.", job_waiting!(), " AND ",
@@ -1117,7 +1119,9 @@ mod tests {
                 })
                 .unwrap()
         };
-        assert!(plan(&waiting_queue_sql(64)).contains("COVERING INDEX jobs_waiting"));
+        let queue = plan(&waiting_queue_sql(64));
+        assert!(queue.contains("COVERING INDEX jobs_waiting"), "{queue}");
+        assert!(!queue.contains("TEMP B-TREE"), "sorted again: {queue}");
         let provisioning =
             format!("SELECT data FROM jobs WHERE {JOB_HOLDING} AND status IN ('provisioning')");
         assert!(plan(&provisioning).contains("INDEX jobs_holding"));
@@ -1170,6 +1174,20 @@ mod tests {
                 "{sql}: {ops:?}"
             );
         }
+    }
+
+    #[test]
+    fn jobs_applied_together_wait_in_the_order_they_were_applied() {
+        let store = SqliteStore::in_memory().unwrap();
+        let runs: Vec<Run> = (0..20)
+            .map(|i| run(&format!("trial-{i}"), RunStatus::Submitted))
+            .collect();
+        let jobs: Vec<Vec<Job>> = runs.iter().map(|r| vec![job(r)]).collect();
+        let batch: Vec<(&Run, &[Job])> = runs.iter().zip(&jobs).map(|(r, j)| (r, &j[..])).collect();
+        store.insert_runs(&batch).unwrap();
+        let order: Vec<String> = waiting(&store).into_iter().map(|(_, run)| run).collect();
+        let applied: Vec<String> = runs.iter().take(10).map(|r| r.id.clone()).collect();
+        assert_eq!(order, applied);
     }
 
     #[test]
