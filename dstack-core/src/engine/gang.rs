@@ -20,17 +20,17 @@ fn is_cluster(fleet: &Fleet) -> bool {
         == Some("cluster")
 }
 
-/// Tries to place every waiting job of a multi-node run at once.
+/// Tries to place every waiting job of a multi-node run at once; `true` if it did.
 pub(crate) async fn place(
     inner: &Arc<Inner>,
     run_id: &str,
     config: &Configuration,
     instances: &[Instance],
     fleets: &[Fleet],
-) {
+) -> bool {
     let nodes = super::command::nodes(config);
     let Ok(all) = inner.store.jobs_of_run(run_id) else {
-        return;
+        return false;
     };
     let mut waiting: Vec<Job> = runs::latest(&all)
         .into_iter()
@@ -38,7 +38,7 @@ pub(crate) async fn place(
         .cloned()
         .collect();
     if waiting.len() != nodes {
-        return; // part of the run is placed or finished: reconciliation deals with it
+        return false; // part of the run is placed or finished: reconciliation deals with it
     }
     waiting.sort_by_key(|j| j.job_num);
     let common = super::command::common(config);
@@ -72,7 +72,7 @@ pub(crate) async fn place(
             )
             .await;
         }
-        return;
+        return false;
     }
     for (_, hosts) in clusters {
         if let Some(placed) = assign_all(inner, &waiting, &hosts, spec) {
@@ -80,9 +80,10 @@ pub(crate) async fn place(
             for job in placed {
                 inner.runtime.spawn(jobs::start(inner.clone(), job, None));
             }
-            return;
+            return true;
         }
     }
+    false
 }
 
 /// Assigns each job to its own host among `hosts`; on any failure undoes the assignments

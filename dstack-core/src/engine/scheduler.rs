@@ -170,7 +170,9 @@ async fn pass(inner: &Arc<Inner>) {
         }
         if super::command::nodes(&config) > 1 {
             if !gangs.contains(&run_id) {
-                super::gang::place(inner, &run_id, &config, &instances, &fleets).await;
+                if super::gang::place(inner, &run_id, &config, &instances, &fleets).await {
+                    placed += 1;
+                }
                 gangs.push(run_id);
             }
             continue;
