@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dstack_backends::local::LocalBackend;
-use dstack_core::config::parse;
+use dstack_core::config::{parse, Configuration};
 use dstack_core::engine::{ApplyOptions, EngineOptions};
 use dstack_core::model::{JobStatus, RunStatus};
 use dstack_core::{Client, ClientOptions, RunHandle};
@@ -57,8 +57,14 @@ impl Home {
             .await
     }
 
-    async fn client_with_options(&self, options: EngineOptions) -> Client {
+    /// A client whose engine runs its periodic pass every `period` (an hour: in effect, only
+    /// events place jobs).
+    async fn client_with_sweep_period(&self, period: Duration) -> Client {
         let backend = LocalBackend::new(self.path(), agent_binary());
+        let options = EngineOptions {
+            sweep_period: period,
+            ..Home::options()
+        };
         self.client_with_backend_and_options(backend, options).await
     }
 
@@ -819,11 +825,9 @@ async fn apply_queued(client: &Client, dir: &Path, commands: &str) -> (RunHandle
 async fn a_task_left_waiting_by_a_pass_queues_behind_the_next_task_to_start() {
     let home = Home::new();
     // No safety-net sweep during the test: only events may place the tasks.
-    let options = EngineOptions {
-        sweep_period: Duration::from_secs(3600),
-        ..Home::options()
-    };
-    let client = home.client_with_options(options).await;
+    let client = home
+        .client_with_sweep_period(Duration::from_secs(3600))
+        .await;
     let cpus = client.fleets().list().unwrap()[0].1[0].host.cpus;
     // Every task needs the whole host: one runs at a time, up to two queue behind it.
     let whole = |commands: &str| {
@@ -874,9 +878,7 @@ async fn a_sweeps_trials_start_in_the_order_they_were_applied() {
     let cpus = client.fleets().list().unwrap()[0].1[0].host.cpus;
     // Each trial needs the whole host: they run one after the other.
     let whole = sized_task("  - 'true'\n", cpus, "0.1");
-    let items = (0..8)
-        .map(|_| (parse(&whole, "test.dstack.yml").unwrap(), opts(home.path())))
-        .collect();
+    let items = copies(&whole, 8, home.path());
     let trials = client.runs().apply_all(items).await.unwrap();
     let mut started = Vec::new();
     for trial in &trials {
@@ -888,24 +890,22 @@ async fn a_sweeps_trials_start_in_the_order_they_were_applied() {
     assert_eq!(started, sorted, "start times in the order of the trials");
 }
 
-/// An engine without the periodic pass (only events place jobs) or with a quick one.
-async fn client_with_sweep_period(home: &Home, period: Duration) -> Client {
-    let options = EngineOptions {
-        sweep_period: period,
-        ..Home::options()
-    };
-    home.client_with_options(options).await
+/// `n` runs of the task `yaml` applied from `dir`, for `apply_all`.
+fn copies(yaml: &str, n: usize, dir: &Path) -> Vec<(Configuration, ApplyOptions)> {
+    (0..n)
+        .map(|_| (parse(yaml, "test.dstack.yml").unwrap(), opts(dir)))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn freed_capacity_is_filled_beyond_what_one_pass_looks_at() {
     let home = Home::new();
-    let client = client_with_sweep_period(&home, Duration::from_secs(3600)).await;
+    let client = home
+        .client_with_sweep_period(Duration::from_secs(3600))
+        .await;
     // More tasks than an event pass looks at, all of which fit at once (no CPU to hold).
     let tiny = sized_task("  - sleep 1000\n", 0, "0.05");
-    let items = (0..40)
-        .map(|_| (parse(&tiny, "test.dstack.yml").unwrap(), opts(home.path())))
-        .collect();
+    let items = copies(&tiny, 40, home.path());
     let runs = client.runs().apply_all(items).await.unwrap();
     for run in &runs {
         wait_running(run).await;
@@ -919,7 +919,9 @@ async fn freed_capacity_is_filled_beyond_what_one_pass_looks_at() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_that_fits_behind_many_that_do_not_is_placed_by_the_periodic_pass() {
     let home = Home::new();
-    let client = client_with_sweep_period(&home, Duration::from_millis(300)).await;
+    let client = home
+        .client_with_sweep_period(Duration::from_millis(300))
+        .await;
     let cpus = client.fleets().list().unwrap()[0].1[0].host.cpus;
     let long = apply(
         &client,
@@ -931,9 +933,7 @@ async fn a_task_that_fits_behind_many_that_do_not_is_placed_by_the_periodic_pass
     // More tasks than an event pass looks at need the whole host (and cannot queue behind a
     // task that holds less): they wait.
     let whole = sized_task("  - sleep 1000\n", cpus, "0.1");
-    let items = (0..40)
-        .map(|_| (parse(&whole, "test.dstack.yml").unwrap(), opts(home.path())))
-        .collect();
+    let items = copies(&whole, 40, home.path());
     let waiting = client.runs().apply_all(items).await.unwrap();
     // A task behind them all fits in the CPU left free.
     let small = apply(
@@ -1019,20 +1019,18 @@ async fn a_waiter_for_the_end_of_a_run_is_not_woken_by_its_steps() {
             .engine()
             .watch_run(run.id(), RunStatus::Submitted, RunStatus::is_finished);
     ended.mark_unchanged();
-    // Read the store until the run runs (a waiter for that would wake every waiter on it).
+    // Look at the channel's value until the run runs (a waiter for that would wake every
+    // waiter on it). The value follows the run's steps (it is published just after each is
+    // stored), without waking the waiter for the end.
     tokio::time::timeout(Duration::from_secs(30), async {
-        while run.status().unwrap() != RunStatus::Running {
+        while *ended.borrow() != RunStatus::Running {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     })
     .await
-    .expect("the run starts");
+    .expect("the value is kept current: the run starts");
+    assert_eq!(run.status().unwrap(), RunStatus::Running);
     assert!(!ended.has_changed().unwrap(), "woken by a step of the run");
-    assert_eq!(
-        *ended.borrow(),
-        RunStatus::Running,
-        "the value is kept current"
-    );
     run.stop(false).await.unwrap();
     tokio::time::timeout(Duration::from_secs(10), ended.changed())
         .await

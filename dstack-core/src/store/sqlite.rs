@@ -630,11 +630,25 @@ impl rusqlite::types::FromSql for JobStatus {
     }
 }
 
-/// SQL: the oldest `limit` waiting jobs (id, run id), when no group limits any of them.
+/// SQL: the oldest `limit` waiting jobs (id, run id, grouped: false), when no group limits
+/// any of them.
 fn waiting_queue_sql(limit: i64) -> String {
     format!(
-        "SELECT id, run_id FROM jobs WHERE {JOB_WAITING} ORDER BY submitted_at, id LIMIT {limit}"
+        "SELECT id, run_id, 0 FROM jobs WHERE {JOB_WAITING} ORDER BY submitted_at, id LIMIT {limit}"
     )
+}
+
+/// SQL: the oldest `limit` waiting jobs (id, run id, grouped) of runs whose group, if any, has
+/// room.
+fn waiting_with_room_sql(limit: i64) -> String {
+    let select = concat!(
+        "SELECT j.id, j.run_id, r.group_max IS NOT NULL FROM jobs j JOIN runs r ON r.id = j.run_id ",
+        "WHERE j.",
+        job_waiting!(),
+        " AND ",
+        group_room_sql!(),
+    );
+    format!("{select} ORDER BY j.submitted_at, j.id LIMIT {limit}")
 }
 
 /// At most `limit` waiting jobs (see [`Store::waiting_jobs`]).
@@ -642,34 +656,20 @@ fn waiting_jobs(c: &Connection, limit: usize) -> Result<Vec<WaitingJob>, StoreEr
     // The limit is written into the SQL: SQLite plans with a bound LIMIT's value, so a
     // statement with `LIMIT ?` is compiled again on every call.
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    // Jobs of a group already at its limit are left out: they cannot be placed now,
-    // and they must not fill the window that other runs wait behind. Without active
-    // groups, there is nothing to check per job.
+    // Jobs of a group already at its limit are left out: they cannot be placed now, and they
+    // must not fill the window that other runs wait behind. Without active groups, there is
+    // nothing to check per job.
     let grouped: bool = c
         .prepare_cached(
             "SELECT EXISTS (SELECT 1 FROM runs \
-                 WHERE group_id IS NOT NULL AND active = 1 AND group_max IS NOT NULL)",
+             WHERE group_id IS NOT NULL AND active = 1 AND group_max IS NOT NULL)",
         )?
         .query_row([], |r| r.get(0))?;
-    if !grouped {
-        let mut stmt = c.prepare_cached(&waiting_queue_sql(limit))?;
-        let rows = stmt.query_map([], |r| {
-            Ok(WaitingJob {
-                job_id: r.get(0)?,
-                run_id: r.get(1)?,
-                grouped: false,
-            })
-        })?;
-        return Ok(rows.collect::<Result<Vec<_>, _>>()?);
-    }
-    let sql = format!(
-            "{} ORDER BY j.submitted_at, j.id LIMIT {limit}",
-            concat!(
-                "SELECT j.id, j.run_id, r.group_max IS NOT NULL FROM jobs j JOIN runs r ON r.id = j.run_id ",
-                "WHERE j.", job_waiting!(), " AND ",
-                group_room_sql!(),
-            )
-        );
+    let sql = if grouped {
+        waiting_with_room_sql(limit)
+    } else {
+        waiting_queue_sql(limit)
+    };
     let mut stmt = c.prepare_cached(&sql)?;
     let rows = stmt.query_map([], |r| {
         Ok(WaitingJob {
