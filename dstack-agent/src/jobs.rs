@@ -88,7 +88,8 @@ impl Job {
     }
 
     /// Records a change of state: appends it to the journal (the whole job the first time,
-    /// the new state after that), then publishes it.
+    /// the new state after that), then publishes it (to event subscribers unless it is
+    /// `queued`).
     pub fn transition(&self, info: JobInfo) {
         let recorded = if self.journaled.load(Ordering::SeqCst) {
             self.journal.update(&info, self.process.get())
@@ -105,9 +106,13 @@ impl Job {
         if let Err(e) = recorded {
             eprintln!("dstack-agent: cannot record job {}: {e}", self.spec.id);
         }
+        let queued = info.status == AgentJobStatus::Queued;
         self.info.send_replace(info.clone());
-        // No subscriber is not an error.
-        let _ = self.events.send(info);
+        // Being queued is no event: the submitter learns it from the reply. No subscriber is
+        // not an error.
+        if !queued {
+            let _ = self.events.send(info);
+        }
     }
 
     /// Records the job's final state, once its process (or container) is gone; the job

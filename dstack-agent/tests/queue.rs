@@ -69,6 +69,11 @@ async fn a_queued_job_starts_the_moment_its_leader_ends_and_is_reported_first() 
             .unwrap_or_else(|| panic!("no event of {id} (running: {running}) in {seen:?}"))
     };
     assert!(position("follower", true) < position("leader", false));
+    // Its submitter learnt from the reply that it was queued.
+    assert!(
+        seen.iter().all(|i| i.status != AgentJobStatus::Queued),
+        "{seen:?}"
+    );
 }
 
 #[tokio::test]

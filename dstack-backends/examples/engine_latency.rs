@@ -20,6 +20,13 @@ const TASK: &str =
 /// CPU seconds (user + system) used so far by process `pid` and the children it has waited
 /// for, from `/proc/<pid>/stat` (clock ticks of 10 ms).
 pub fn cpu_seconds(pid: &str) -> f64 {
+    let (own, children) = cpu_split(pid);
+    own + children
+}
+
+/// CPU seconds (user + system) used so far by process `pid` itself, and by the children it
+/// has waited for.
+pub fn cpu_split(pid: &str) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may hold spaces) start at field 3 (state).
     let fields: Vec<&str> = stat
@@ -27,13 +34,16 @@ pub fn cpu_seconds(pid: &str) -> f64 {
         .map(|(_, rest)| rest.split_whitespace().collect())
         .unwrap_or_default();
     // utime, stime, cutime, cstime are fields 14-17, i.e. 11-14 after the state.
-    let ticks: f64 = fields
-        .iter()
-        .skip(11)
-        .take(4)
-        .filter_map(|f| f.parse::<f64>().ok())
-        .sum();
-    ticks / 100.0
+    let seconds = |skip: usize| -> f64 {
+        let ticks: f64 = fields
+            .iter()
+            .skip(skip)
+            .take(2)
+            .filter_map(|f| f.parse::<f64>().ok())
+            .sum();
+        ticks / 100.0
+    };
+    (seconds(11), seconds(13))
 }
 
 /// Idle and total clock ticks of all processors so far, from `/proc/stat`.
@@ -129,6 +139,7 @@ async fn main() {
         .unwrap_or_default();
     for batch in [true, false] {
         let (engine_cpu, agent_cpu) = (cpu_seconds("self"), cpu_seconds(&agent_pid));
+        let agent_own = cpu_split(&agent_pid).0;
         let thread_cpu = cpu_seconds(&engine_thread);
         let (idle_before, total_before) = machine_ticks();
         let t = Instant::now();
@@ -144,12 +155,15 @@ async fn main() {
             runs
         };
         let submitted = t.elapsed();
-        for run in &runs {
+        // The last trial first: trials start in order, so by the time it is done the others
+        // mostly are too, and the client is woken once rather than once per trial.
+        for run in runs.iter().rev() {
             assert_eq!(run.wait().await.expect("wait").status, RunStatus::Done);
         }
         let engine_sweep = t.elapsed();
         let (idle_after, total_after) = machine_ticks();
         let per_task = |before: f64, of: &str| (cpu_seconds(of) - before) * 1e3 / sweep as f64;
+        let agent_own_ms = (cpu_split(&agent_pid).0 - agent_own) * 1e3 / sweep as f64;
         let (engine_ms, thread_ms, agent_ms) = (
             per_task(engine_cpu, "self"),
             per_task(thread_cpu, &engine_thread),
@@ -161,10 +175,19 @@ async fn main() {
             submitted.as_secs_f64(),
             engine_sweep.as_secs_f64()
         );
+        let floor_cpu = cpu_split("self");
         let floor_after = common::floor_sweep(sweep);
+        let floor_cpu_after = cpu_split("self");
+        let per_spawn = |after: f64, before: f64| (after - before) * 1e3 / sweep as f64;
         println!(
-            "floor again after the sweep               {:>8.3} s",
-            floor_after.as_secs_f64()
+            "floor again after the sweep               {:>8.3} s (CPU per spawn: {:.2} ms, \
+             {:.2} ms of it in the processes)",
+            floor_after.as_secs_f64(),
+            per_spawn(
+                floor_cpu_after.0 + floor_cpu_after.1,
+                floor_cpu.0 + floor_cpu.1
+            ),
+            per_spawn(floor_cpu_after.1, floor_cpu.1)
         );
         let floor_mean = (floor_sweep + floor_after) / 2;
         println!(
@@ -175,8 +198,12 @@ async fn main() {
         floor_sweep = floor_after;
         println!(
             "CPU per task: engine process {:.2} ms (its engine thread {:.2} ms), agent {:.2} ms \
-             (with its jobs' processes)",
-            engine_ms, thread_ms, agent_ms
+             (its own {:.2} ms, its jobs' processes {:.2} ms)",
+            engine_ms,
+            thread_ms,
+            agent_ms,
+            agent_own_ms,
+            agent_ms - agent_own_ms
         );
         println!(
             "machine idle during the sweep: {:.0}%",

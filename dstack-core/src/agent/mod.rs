@@ -13,7 +13,7 @@
 //! | `POST /api/jobs/{id}/stop` | [`StopRequest`] | [`JobInfo`]; 404 |
 //! | `DELETE /api/jobs/{id}` | — | 204; 409 while running (removes the job and its logs) |
 //! | `GET /api/jobs/{id}/logs?offset=N&follow=B` | — | the raw output from byte `offset`; with `follow=true` the body stays open until the job has finished and every byte was sent |
-//! | `GET /api/events` | — | newline-delimited [`JobInfo`] JSON: one line per job at connection time, then one per change, forever |
+//! | `GET /api/events` | — | newline-delimited [`JobInfo`] JSON: one line per job at connection time, then one per change (but to `queued`: the submission's reply says so), forever |
 //!
 //! Errors are plain text with a status code.
 
