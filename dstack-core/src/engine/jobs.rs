@@ -114,8 +114,9 @@ async fn try_start(
     let nodes = node_addresses(inner, &run, &instance)?;
     let submit = super::command::job_submit(&run, job, &instance, &nodes)
         .map_err(|e| EngineError::Invalid(e.to_string()))?;
-    // What becomes of the job (running, queued, ended) is recorded from the agent's reports
-    // (see `agents::watch`), once, whether they arrive before or after this answer.
+    // What becomes of the job (running, ended) is recorded from the agent's reports (see
+    // `agents::watch`), once, whether they arrive before or after this answer; a queued job
+    // stays `provisioning`.
     inner.agent(&instance_id).await?.submit(&submit).await?;
     Ok(())
 }
