@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 
 use bytes::Bytes;
-use dstack_core::agent::{AgentJobStatus, JobInfo, JobSubmit, StopRequest};
+use dstack_core::agent::{AgentJobStatus, JobInfo, JobSubmit, StopRequest, EVENTS_HEARTBEAT};
 use futures_util::Stream;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::{broadcast, mpsc, watch};
@@ -496,8 +496,9 @@ impl Jobs {
         Ok(())
     }
 
-    /// Newline-delimited JSON [`JobInfo`]s: every job now, then every change. A subscriber
-    /// that falls too far behind is sent every job again.
+    /// Newline-delimited JSON [`JobInfo`]s: every job now, then every change, and an empty
+    /// line after [`EVENTS_HEARTBEAT`] without one. A subscriber that falls too far behind is
+    /// sent every job again.
     pub fn events(self: &Arc<Self>) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
         let changes = self.events.subscribe();
         let pending = Some(self.snapshot());
@@ -508,7 +509,14 @@ impl Jobs {
                     if let Some(lines) = pending.take().filter(|lines| !lines.is_empty()) {
                         return Some((Ok(lines), (jobs, changes, None)));
                     }
-                    match changes.recv().await {
+                    // Nothing to report for a while: a heartbeat, so that the subscriber can
+                    // tell a quiet agent from a hung one.
+                    let Ok(change) = tokio::time::timeout(EVENTS_HEARTBEAT, changes.recv()).await
+                    else {
+                        let heartbeat = Bytes::from_static(b"\n");
+                        return Some((Ok(heartbeat), (jobs, changes, None)));
+                    };
+                    match change {
                         Ok(info) => {
                             // Changes already waiting go out with it, in one chunk.
                             let mut infos = vec![info];

@@ -4,9 +4,10 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::time::Duration;
 
 use common::{read_logs, shell_job, wait_finished, within, TestAgent};
-use dstack_core::agent::AgentJobStatus;
+use dstack_core::agent::{AgentJobStatus, EVENTS_SILENCE};
 use futures_util::StreamExt;
 
 #[tokio::test]
@@ -142,6 +143,23 @@ async fn events_report_jobs_then_their_changes() {
     assert_eq!(finished.status, AgentJobStatus::Done);
     assert_eq!(finished.log_bytes, 3);
     assert_eq!(Some(finished), agent.client.job("watched").await.unwrap());
+}
+
+#[tokio::test]
+async fn a_quiet_event_stream_stays_open() {
+    let agent = TestAgent::start().await;
+    let mut events = agent.client.events().await.unwrap();
+    // Nothing to report for longer than a client waits for a line: the agent's heartbeats
+    // keep the stream open (and the client does not report them).
+    let quiet = tokio::time::timeout(EVENTS_SILENCE + Duration::from_secs(2), events.next()).await;
+    assert!(quiet.is_err(), "the quiet stream yielded {quiet:?}");
+    agent
+        .client
+        .submit(&shell_job("later", "true"))
+        .await
+        .unwrap();
+    let event = within("an event after the quiet", events.next()).await;
+    assert_eq!(event.unwrap().unwrap().id, "later");
 }
 
 #[tokio::test]

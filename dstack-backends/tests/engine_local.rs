@@ -567,6 +567,80 @@ async fn a_killed_agent_fails_its_job_within_seconds() {
     );
 }
 
+/// Sends `signal` (`STOP`, `CONT`, ...) to process `pid`.
+fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// Waits (up to `secs`) until `done` holds.
+async fn eventually(secs: u64, what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {secs} s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_agent_is_given_up_on_and_used_again_once_it_answers() {
+    let home = Home::new();
+    let backend = LocalBackend::new(home.path(), agent_binary());
+    let options = EngineOptions {
+        unreachable_after: Duration::from_secs(2),
+        ..Home::options()
+    };
+    let client = home.client_with_backend_and_options(backend, options).await;
+    let run = apply(&client, &task("  - sleep 1000\n"), home.path()).await;
+    wait_running(&run).await;
+    let pid = home.agent_pid().expect("agent pid");
+    // Alive, but answering nothing: its event stream falls silent (no heartbeat either).
+    signal(pid, "STOP");
+    let given_up = tokio::time::timeout(Duration::from_secs(120), run.wait())
+        .await
+        .expect("the job is given up on")
+        .unwrap();
+    signal(pid, "CONT");
+    assert_eq!(given_up.status, RunStatus::Failed);
+    let job = run.jobs().unwrap().pop().unwrap();
+    assert_eq!(
+        job.termination_reason.as_deref(),
+        Some("instance_unreachable"),
+        "{job:?}"
+    );
+    let instance = || client.engine().store().instances().unwrap().pop().unwrap();
+    assert!(instance().unreachable);
+
+    // Answering again: the machine takes work again, and the job given up on is stopped.
+    eventually(60, "the agent is reachable again", || {
+        !instance().unreachable
+    })
+    .await;
+    let agent = dstack_core::agent::AgentClient::unix(home.path().join("agent/agent.sock"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !agent
+        .job(&job.id)
+        .await
+        .unwrap()
+        .is_some_and(|j| j.status.is_finished())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the given-up job is stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let again = apply(&client, &task("  - echo back\n"), home.path()).await;
+    assert_done(&again).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gigabyte_of_output_streams_with_bounded_memory() {
     let home = Home::new();

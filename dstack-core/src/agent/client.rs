@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_core::Stream;
@@ -15,7 +16,7 @@ use hyper::{Method, Request, Response};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 
-use super::protocol::{Healthcheck, JobInfo, JobSubmit, StopRequest};
+use super::protocol::{Healthcheck, JobInfo, JobSubmit, StopRequest, EVENTS_SILENCE};
 
 /// A failure talking to an agent.
 #[derive(Debug, thiserror::Error)]
@@ -78,7 +79,7 @@ type Io = TokioIo<Box<dyn AgentStream>>;
 
 /// How long an agent may take to answer a request (the response head; streamed bodies may
 /// last as long as they need).
-pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A byte stream from the agent (logs).
 pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, AgentError>> + Send>>;
@@ -160,21 +161,22 @@ impl AgentClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Response<Incoming>, AgentError> {
-        self.send_keeping(method, path, body)
+        self.send_within(REQUEST_TIMEOUT, method, path, body)
             .await
             .map(|(resp, _)| resp)
     }
 
-    /// [`Self::send`], also returning the connection's sender (for [`Self::release`] once
-    /// the response body has been read).
-    async fn send_keeping(
+    /// Sends a request and waits for the response head at most `timeout`; returns it with the
+    /// connection's sender (for [`Self::release`] once the response body has been read).
+    async fn send_within(
         &self,
+        timeout: Duration,
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(Response<Incoming>, Sender), AgentError> {
         let body = Bytes::from(body.unwrap_or_default());
-        match tokio::time::timeout(REQUEST_TIMEOUT, self.exchange(method, path, body)).await {
+        match tokio::time::timeout(timeout, self.exchange(method, path, body)).await {
             Ok(result) => result,
             Err(_) => Err(AgentError::Unreachable {
                 target: self.target(),
@@ -273,15 +275,28 @@ impl AgentClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<T, AgentError> {
-        let (resp, sender) = self.send_keeping(method, path, body).await?;
+        self.json_within(REQUEST_TIMEOUT, method, path, body).await
+    }
+
+    /// [`Self::json`], waiting for the response head at most `timeout`.
+    async fn json_within<T: DeserializeOwned>(
+        &self,
+        timeout: Duration,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, AgentError> {
+        let (resp, sender) = self.send_within(timeout, method, path, body).await?;
         let bytes = resp.into_body().collect().await?.to_bytes();
         self.release(sender);
         Ok(serde_json::from_slice(&bytes)?)
     }
 
-    /// `GET /api/healthcheck`.
+    /// `GET /api/healthcheck`, answered at once by a live agent: one that has not answered
+    /// within [`EVENTS_SILENCE`] is taken as hung.
     pub async fn healthcheck(&self) -> Result<Healthcheck, AgentError> {
-        self.json(Method::GET, "/api/healthcheck", None).await
+        self.json_within(EVENTS_SILENCE, Method::GET, "/api/healthcheck", None)
+            .await
     }
 
     /// `POST /api/jobs`: starts a job (idempotent by id).
@@ -327,9 +342,10 @@ impl AgentClient {
         offset: u64,
         follow: bool,
     ) -> Result<ByteStream, AgentError> {
-        self.body_stream(&format!(
-            "/api/jobs/{id}/logs?offset={offset}&follow={follow}"
-        ))
+        self.body_stream(
+            &format!("/api/jobs/{id}/logs?offset={offset}&follow={follow}"),
+            REQUEST_TIMEOUT,
+        )
         .await
     }
 
@@ -341,49 +357,68 @@ impl AgentClient {
         Ok(resp.into_body().collect().await?.to_bytes())
     }
 
-    /// `GET /api/events`: the state of every job, then every change.
+    /// `GET /api/events`: the state of every job, then every change. The stream ends with an
+    /// `Unreachable` error (of kind `TimedOut`) when the agent stays silent for
+    /// [`EVENTS_SILENCE`]: it sends a heartbeat more often than that.
     pub async fn events(&self) -> Result<EventStream, AgentError> {
-        let bytes = self.body_stream("/api/events").await?;
-        Ok(Box::pin(json_lines(bytes)))
+        let bytes = self.body_stream("/api/events", EVENTS_SILENCE).await?;
+        Ok(Box::pin(json_lines(bytes, self.target())))
     }
 
-    /// A GET whose body is consumed as a stream of chunks.
-    async fn body_stream(&self, path: &str) -> Result<ByteStream, AgentError> {
-        let resp = self.send(Method::GET, path, None).await?;
+    /// A GET whose body is consumed as a stream of chunks; the response head is awaited at
+    /// most `timeout`.
+    async fn body_stream(&self, path: &str, timeout: Duration) -> Result<ByteStream, AgentError> {
+        let (resp, _) = self.send_within(timeout, Method::GET, path, None).await?;
         let stream = TryStreamExt::map_err(BodyStream::new(resp.into_body()), AgentError::Http)
             .try_filter_map(|frame| async move { Ok(frame.into_data().ok()) });
         Ok(Box::pin(stream))
     }
 }
 
-/// Splits a byte stream into JSON lines.
-fn json_lines(bytes: ByteStream) -> impl Stream<Item = Result<JobInfo, AgentError>> + Send {
+/// Splits the event stream of the agent at `target` into JSON lines, skipping heartbeats
+/// (empty lines); ends with an error when nothing came for [`EVENTS_SILENCE`].
+fn json_lines(
+    bytes: ByteStream,
+    target: String,
+) -> impl Stream<Item = Result<JobInfo, AgentError>> + Send {
+    let ended = move |kind, message: String| AgentError::Unreachable {
+        target: target.clone(),
+        source: std::io::Error::new(kind, message),
+    };
     futures_util::stream::unfold(
         (bytes, BytesMut::new(), false),
-        |(mut bytes, mut buf, done)| async move {
-            loop {
-                if let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-                    let line = buf.split_to(pos + 1);
-                    let item =
-                        serde_json::from_slice::<JobInfo>(&line[..pos]).map_err(AgentError::from);
-                    return Some((item, (bytes, buf, done)));
-                }
-                if done {
-                    return None;
-                }
-                match bytes.next().await {
-                    Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
-                    Some(Err(e)) => return Some((Err(e), (bytes, buf, true))),
-                    None => {
-                        let e = std::io::Error::new(
-                            std::io::ErrorKind::UnexpectedEof,
-                            "event stream closed",
+        move |(mut bytes, mut buf, done)| {
+            let ended = ended.clone();
+            async move {
+                loop {
+                    while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                        let line = buf.split_to(pos + 1);
+                        if pos == 0 {
+                            continue; // a heartbeat
+                        }
+                        let item = serde_json::from_slice::<JobInfo>(&line[..pos])
+                            .map_err(AgentError::from);
+                        return Some((item, (bytes, buf, done)));
+                    }
+                    if done {
+                        return None;
+                    }
+                    let Ok(next) = tokio::time::timeout(EVENTS_SILENCE, bytes.next()).await else {
+                        let silent = format!(
+                            "its event stream was silent for {} s",
+                            EVENTS_SILENCE.as_secs()
                         );
-                        let target = "agent event stream".to_string();
-                        return Some((
-                            Err(AgentError::Unreachable { target, source: e }),
-                            (bytes, buf, true),
-                        ));
+                        let e = ended(std::io::ErrorKind::TimedOut, silent);
+                        return Some((Err(e), (bytes, buf, true)));
+                    };
+                    match next {
+                        Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                        Some(Err(e)) => return Some((Err(e), (bytes, buf, true))),
+                        None => {
+                            let closed = "its event stream closed".to_string();
+                            let e = ended(std::io::ErrorKind::UnexpectedEof, closed);
+                            return Some((Err(e), (bytes, buf, true)));
+                        }
                     }
                 }
             }

@@ -13,9 +13,12 @@
 //! | `POST /api/jobs/{id}/stop` | [`StopRequest`] | [`JobInfo`]; 404 |
 //! | `DELETE /api/jobs/{id}` | — | 204; 409 while running (removes the job and its logs) |
 //! | `GET /api/jobs/{id}/logs?offset=N&follow=B` | — | the raw output from byte `offset`; with `follow=true` the body stays open until the job has finished and every byte was sent |
-//! | `GET /api/events` | — | newline-delimited [`JobInfo`] JSON: one line per job at connection time, then one per change (but to `queued`: the submission's reply says so), forever |
+//! | `GET /api/events` | — | newline-delimited [`JobInfo`] JSON: one line per job at connection time, then one per change (but to `queued`: the submission's reply says so), forever; an empty line after [`EVENTS_HEARTBEAT`] without a change |
 //!
 //! Errors are plain text with a status code.
+//!
+//! A client that hears nothing on `/api/events` for [`EVENTS_SILENCE`] (no change, no
+//! heartbeat), or gets no answer to the request in that time, takes the agent as hung.
 
 mod client;
 mod protocol;

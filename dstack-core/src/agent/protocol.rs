@@ -1,8 +1,17 @@
 //! Wire types of the agent API (JSON).
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+/// How long the agent's event stream stays quiet at most: with no change to report for this
+/// long, the agent writes an empty line.
+pub const EVENTS_HEARTBEAT: Duration = Duration::from_secs(2);
+
+/// How long a client waits for the agent's event stream (its answer, then each line or
+/// heartbeat) before it takes the agent as hung: several heartbeats.
+pub const EVENTS_SILENCE: Duration = Duration::from_secs(10);
 
 /// The agent's answer to `GET /api/healthcheck`: who it is and what the host has.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

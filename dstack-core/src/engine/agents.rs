@@ -1,13 +1,17 @@
 //! One watcher per instance: keeps a connection to its agent's event stream, applies job
 //! updates as they happen, and reconnects (restarting the agent where the backend can).
 //!
-//! An agent that stays unreachable for `EngineOptions::unreachable_after` fails the jobs on
-//! its instance with `instance_unreachable` (their runs retry elsewhere if their policy says
-//! so) and marks the instance unreachable, so nothing new is placed there. The watcher keeps
-//! trying; from twice that time on it also redeploys the agent where the backend can (an SSH
-//! host whose agent died), after the failed jobs' retries had the time to go elsewhere. When the agent answers again the instance is usable again:
-//! instances are never terminated for being unreachable.
+//! An agent that cannot be reached, or is hung (its event stream silent, heartbeats included,
+//! for `agent::EVENTS_SILENCE`), is unreachable. One that stays unreachable for
+//! `EngineOptions::unreachable_after` (even while an attempt to reach it still waits) fails
+//! the jobs on its instance with `instance_unreachable` (their runs retry elsewhere if their
+//! policy says so) and marks the instance unreachable, so nothing new is placed there. The
+//! watcher keeps trying; from twice that time on it also redeploys the agent where the
+//! backend can (an SSH host whose agent died), after the failed jobs' retries had the time to
+//! go elsewhere. When the agent answers again the instance is usable again: instances are
+//! never terminated for being unreachable.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,26 +23,49 @@ use crate::model::Instance;
 
 /// Watches one instance's agent forever.
 pub(crate) async fn watch(inner: Arc<Inner>, instance: Instance) {
-    let mut unreachable_since: Option<tokio::time::Instant> = None;
+    let deadline = inner.options.unreachable_after;
+    // Since when the agent could not be followed, and why (the last failure).
+    let mut unreachable: Option<(tokio::time::Instant, AgentError)> = None;
     let mut given_up = false;
     let mut backoff = Duration::from_millis(50);
     loop {
-        match follow(&inner, &instance).await {
-            Ok(()) => {
-                // The stream ended (the agent restarted): reconnect soon, but never in a hot loop.
-                unreachable_since = None;
-                given_up = false;
-                backoff = Duration::from_millis(50);
-                tokio::time::sleep(backoff).await;
+        let connected = AtomicBool::new(false);
+        let result = {
+            let attempt = follow(&inner, &instance, &connected);
+            tokio::pin!(attempt);
+            match unreachable.as_ref().filter(|_| !given_up) {
+                // Given up on at the deadline even while an attempt to reach it still waits
+                // for an answer (a hung agent, a host that drops packets).
+                Some((since, why)) => tokio::select! {
+                    result = &mut attempt => result,
+                    () = tokio::time::sleep_until(*since + deadline) => {
+                        if !connected.load(Ordering::SeqCst) {
+                            given_up = true;
+                            give_up(&inner, &instance.id, why).await;
+                        }
+                        attempt.await
+                    }
+                },
+                None => attempt.await,
             }
+        };
+        if connected.load(Ordering::SeqCst) {
+            unreachable = None;
+            given_up = false;
+            backoff = Duration::from_millis(50);
+        }
+        match result {
+            // The stream ended (the agent restarted): reconnect soon, but never in a hot loop.
+            Ok(()) => tokio::time::sleep(backoff).await,
             Err(e) => {
-                let since = *unreachable_since.get_or_insert_with(tokio::time::Instant::now);
-                let deadline = inner.options.unreachable_after;
+                let since = unreachable
+                    .as_ref()
+                    .map_or_else(tokio::time::Instant::now, |u| u.0);
                 if since.elapsed() >= deadline && !given_up {
                     given_up = true;
-                    set_unreachable(&inner, &instance.id, true);
-                    jobs::fail_unreachable(&inner, &instance.id, &e).await;
+                    give_up(&inner, &instance.id, &e).await;
                 }
+                unreachable = Some((since, e));
                 // Revive only a while later, so that retries of the failed jobs go elsewhere.
                 if given_up && since.elapsed() >= deadline * 2 {
                     revive(&inner, &instance.id).await;
@@ -53,6 +80,12 @@ pub(crate) async fn watch(inner: Arc<Inner>, instance: Instance) {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&instance.id);
     }
+}
+
+/// Marks the instance unreachable and fails its jobs (`why`: the last failure to reach it).
+async fn give_up(inner: &Arc<Inner>, instance_id: &str, why: &AgentError) {
+    set_unreachable(inner, instance_id, true);
+    jobs::fail_unreachable(inner, instance_id, why).await;
 }
 
 /// Records whether the instance's agent can be reached.
@@ -85,8 +118,14 @@ async fn revive(inner: &Inner, instance_id: &str) {
     }
 }
 
-/// Connects, reconciles with the agent's view, and applies events until the stream ends.
-async fn follow(inner: &Arc<Inner>, instance: &Instance) -> Result<(), AgentError> {
+/// Connects (setting `connected` once the agent answers), reconciles with the agent's view,
+/// and applies events until the stream ends: `Ok` when the agent closed it (it restarted), an
+/// error when it could not be followed (it is unreachable, or hung).
+async fn follow(
+    inner: &Arc<Inner>,
+    instance: &Instance,
+    connected: &AtomicBool,
+) -> Result<(), AgentError> {
     let client = inner
         .agent(&instance.id)
         .await
@@ -95,12 +134,14 @@ async fn follow(inner: &Arc<Inner>, instance: &Instance) -> Result<(), AgentErro
             source: std::io::Error::other(e.to_string()),
         })?;
     let mut events = client.events().await?;
+    connected.store(true, Ordering::SeqCst);
     set_unreachable(inner, &instance.id, false);
     let candidates = jobs::started_on(inner, &instance.id);
     let snapshot = client.jobs().await?;
     jobs::fail_unknown(inner, candidates, &snapshot).await;
     jobs::on_agent_jobs(inner, snapshot).await;
     let mut ended = false;
+    let mut hung = None;
     while !ended {
         let Some(first) = events.next().await else {
             break;
@@ -113,7 +154,9 @@ async fn follow(inner: &Arc<Inner>, instance: &Instance) -> Result<(), AgentErro
             match next {
                 Ok(info) => batch.push(info),
                 Err(AgentError::Decode(_)) => {} // a line from a newer agent: skip it
-                Err(_) => {
+                Err(e) => {
+                    // A stream that closed is an agent that restarted; a silent one is hung.
+                    hung = silent(&e).then_some(e);
                     ended = true;
                     break;
                 }
@@ -122,5 +165,11 @@ async fn follow(inner: &Arc<Inner>, instance: &Instance) -> Result<(), AgentErro
         }
         jobs::on_agent_jobs(inner, batch).await;
     }
-    Ok(())
+    hung.map_or(Ok(()), Err)
+}
+
+/// Whether the agent's event stream ended because the agent stayed silent (no change, no
+/// heartbeat) for `agent::EVENTS_SILENCE`.
+fn silent(e: &AgentError) -> bool {
+    matches!(e, AgentError::Unreachable { source, .. } if source.kind() == std::io::ErrorKind::TimedOut)
 }
