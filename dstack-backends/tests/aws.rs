@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_ec2::types::InstanceStateName;
-use common::harness;
 use common::moto::{Fault, FaultProxy, Moto};
 use common::netns::TestHosts;
+use common::{eventually, harness};
 use dstack_backends::aws::AwsCompute;
 use dstack_backends::config::{AwsConfig, AwsCreds, OsImage, OsImages};
 use dstack_backends::local::find_agent_binary;
@@ -115,17 +115,6 @@ fn tag<'a>(i: &'a aws_sdk_ec2::types::Instance, key: &str) -> Option<&'a str> {
         .iter()
         .find(|t| t.key() == Some(key))
         .and_then(|t| t.value())
-}
-
-async fn eventually(secs: u64, what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

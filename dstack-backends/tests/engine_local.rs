@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+
+use common::eventually;
 use dstack_backends::local::LocalBackend;
 use dstack_core::config::{parse, Configuration};
 use dstack_core::engine::{ApplyOptions, EngineOptions};
@@ -577,18 +580,6 @@ fn signal(pid: u32, signal: &str) {
     assert!(status.success(), "kill -{signal} {pid}");
 }
 
-/// Waits (up to `secs`) until `done` holds.
-async fn eventually(secs: u64, what: &str, done: impl Fn() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
-    while !done() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{what}: not within {secs} s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_agent_is_given_up_on_and_used_again_once_it_answers() {
     let home = Home::new();
@@ -619,7 +610,7 @@ async fn a_hung_agent_is_given_up_on_and_used_again_once_it_answers() {
     assert!(instance().unreachable);
 
     // Answering again: the machine takes work again, and the job given up on is stopped.
-    eventually(60, "the agent is reachable again", || {
+    eventually(60, "the agent is reachable again", async || {
         !instance().unreachable
     })
     .await;

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::eventually;
 use common::netns::TestHosts;
 use dstack_backends::local::{find_agent_binary, LocalBackend};
 use dstack_backends::ssh::{Keepalive, KnownHosts, SshCompute};
@@ -48,18 +49,6 @@ async fn client_with(home: &Path, engine: EngineOptions, keepalive: Keepalive) -
     })
     .await
     .unwrap()
-}
-
-/// Polls `check` every 100 ms for up to `secs` seconds.
-async fn eventually(secs: u64, what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while !check() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 async fn submit(client: &Client, yaml: &str) -> dstack_core::RunHandle {
@@ -314,10 +303,10 @@ async fn a_lost_agent_fails_its_job_which_retries_on_another_host_and_the_host_c
     let steady = format!("type: task\nfleets: [{fleet}]\n{small}\ncommands: [sleep 4]\n");
 
     let flaky = submit(&client, &flaky).await;
-    eventually(20, "the flaky run is running", || marker.exists()).await;
+    eventually(20, "the flaky run is running", async || marker.exists()).await;
     let lost_addr = host_of(&flaky, &instances).unwrap();
     let steady = submit(&client, &steady).await;
-    eventually(20, "the steady run is running", || {
+    eventually(20, "the steady run is running", async || {
         steady.status().unwrap() == RunStatus::Running
     })
     .await;
@@ -367,7 +356,7 @@ async fn a_lost_agent_fails_its_job_which_retries_on_another_host_and_the_host_c
         .unwrap()
         .id
         .clone();
-    eventually(30, "the host is reachable again", || {
+    eventually(30, "the host is reachable again", async || {
         client
             .engine()
             .store()
@@ -395,7 +384,7 @@ async fn a_cut_link_fails_the_job_and_the_host_returns_when_the_link_does() {
         .apply(parse(&task, "t.yml").unwrap(), ApplyOptions::default())
         .await
         .unwrap();
-    eventually(20, "the run is running", || {
+    eventually(20, "the run is running", async || {
         run.status().unwrap() == RunStatus::Running
     })
     .await;
@@ -422,7 +411,7 @@ async fn a_cut_link_fails_the_job_and_the_host_returns_when_the_link_does() {
     );
 
     hosts.hosts[0].set_link(true);
-    eventually(60, "the host is reachable again", || {
+    eventually(60, "the host is reachable again", async || {
         client
             .engine()
             .store()
@@ -577,7 +566,7 @@ async fn ports_of_a_job_on_a_fleet_host_are_forwarded_to_localhost_while_attache
         home.path().display()
     );
     let run = submit(&client, &task).await;
-    eventually(20, "the run is running", || {
+    eventually(20, "the run is running", async || {
         run.status().unwrap() == RunStatus::Running
     })
     .await;
