@@ -180,6 +180,11 @@ async fn all_logs(run: &RunHandle) -> String {
 
 const SMALL: &str = "resources: {cpu: 1.., memory: 0.1GB.., disk: 1GB..}\n";
 
+/// How many CPUs this host (the local backend's one instance) has.
+fn host_cpus(client: &Client) -> u32 {
+    client.fleets().list().unwrap()[0].1[0].host.cpus
+}
+
 fn task(commands: &str) -> String {
     format!("type: task\ncommands:\n{commands}{SMALL}")
 }
@@ -493,7 +498,7 @@ async fn jobs_get_dstacks_environment() {
 async fn fifty_runs_at_once_finish_without_over_committing() {
     let home = Home::new();
     let client = home.client().await;
-    let cpus = client.fleets().list().unwrap()[0].1[0].host.cpus;
+    let cpus = host_cpus(&client);
     let mut runs = Vec::new();
     for i in 0..50 {
         runs.push(
@@ -843,7 +848,7 @@ async fn wait_queued(run: &RunHandle) -> String {
 /// smaller one holds less memory than a task of [`sized_task`]`(.., cpus / 2, "0.2")` needs,
 /// so such a task can only be queued behind the bigger one.
 async fn fill_the_host(client: &Client, dir: &Path, smaller: &str) -> (RunHandle, RunHandle) {
-    let cpus = client.fleets().list().unwrap()[0].1[0].host.cpus;
+    let cpus = host_cpus(client);
     assert!(cpus >= 2, "this test needs two CPUs");
     let bigger = apply(
         client,
@@ -880,7 +885,7 @@ async fn a_task_queued_behind_a_long_one_moves_to_a_slot_that_frees_first() {
 /// Applies a task of `commands` that fits only behind the bigger task of [`fill_the_host`]
 /// and waits until it is queued there: the run and the job it follows.
 async fn apply_queued(client: &Client, dir: &Path, commands: &str) -> (RunHandle, String) {
-    let cpus = client.fleets().list().unwrap()[0].1[0].host.cpus;
+    let cpus = host_cpus(client);
     let queued = apply(client, &sized_task(commands, cpus / 2, "0.2"), dir).await;
     let leader = wait_queued(&queued).await;
     (queued, leader)
@@ -893,7 +898,7 @@ async fn a_task_left_waiting_by_a_pass_queues_behind_the_next_task_to_start() {
     let client = home
         .client_with_sweep_period(Duration::from_secs(3600))
         .await;
-    let cpus = client.fleets().list().unwrap()[0].1[0].host.cpus;
+    let cpus = host_cpus(&client);
     // Every task needs the whole host: one runs at a time, up to two queue behind it.
     let whole = |commands: &str| {
         let yaml = sized_task(commands, cpus, "0.1");
@@ -940,7 +945,7 @@ async fn a_task_left_waiting_by_a_pass_queues_behind_the_next_task_to_start() {
 async fn a_sweeps_trials_start_in_the_order_they_were_applied() {
     let home = Home::new();
     let client = home.client().await;
-    let cpus = client.fleets().list().unwrap()[0].1[0].host.cpus;
+    let cpus = host_cpus(&client);
     // Each trial needs the whole host: they run one after the other.
     let whole = sized_task("  - 'true'\n", cpus, "0.1");
     let items = copies(&whole, 8, home.path());
@@ -987,7 +992,7 @@ async fn a_task_that_fits_behind_many_that_do_not_is_placed_by_the_periodic_pass
     let client = home
         .client_with_sweep_period(Duration::from_millis(300))
         .await;
-    let cpus = client.fleets().list().unwrap()[0].1[0].host.cpus;
+    let cpus = host_cpus(&client);
     let long = apply(
         &client,
         &sized_task("  - sleep 1000\n", cpus - 1, "0.1"),

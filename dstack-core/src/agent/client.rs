@@ -381,44 +381,42 @@ fn json_lines(
     bytes: ByteStream,
     target: String,
 ) -> impl Stream<Item = Result<JobInfo, AgentError>> + Send {
-    let ended = move |kind, message: String| AgentError::Unreachable {
-        target: target.clone(),
+    // Why the stream ended, when it was not the agent's HTTP connection failing.
+    let ended = |target: &str, kind, message: String| AgentError::Unreachable {
+        target: target.to_string(),
         source: std::io::Error::new(kind, message),
     };
     futures_util::stream::unfold(
-        (bytes, BytesMut::new(), false),
-        move |(mut bytes, mut buf, done)| {
-            let ended = ended.clone();
-            async move {
-                loop {
-                    while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-                        let line = buf.split_to(pos + 1);
-                        if pos == 0 {
-                            continue; // a heartbeat
-                        }
-                        let item = serde_json::from_slice::<JobInfo>(&line[..pos])
-                            .map_err(AgentError::from);
-                        return Some((item, (bytes, buf, done)));
+        (bytes, BytesMut::new(), false, target),
+        move |(mut bytes, mut buf, done, target)| async move {
+            loop {
+                while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                    let line = buf.split_to(pos + 1);
+                    if pos == 0 {
+                        continue; // a heartbeat
                     }
-                    if done {
-                        return None;
-                    }
-                    let Ok(next) = tokio::time::timeout(EVENTS_SILENCE, bytes.next()).await else {
-                        let silent = format!(
-                            "its event stream was silent for {} s",
-                            EVENTS_SILENCE.as_secs()
-                        );
-                        let e = ended(std::io::ErrorKind::TimedOut, silent);
-                        return Some((Err(e), (bytes, buf, true)));
-                    };
-                    match next {
-                        Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
-                        Some(Err(e)) => return Some((Err(e), (bytes, buf, true))),
-                        None => {
-                            let closed = "its event stream closed".to_string();
-                            let e = ended(std::io::ErrorKind::UnexpectedEof, closed);
-                            return Some((Err(e), (bytes, buf, true)));
-                        }
+                    let item =
+                        serde_json::from_slice::<JobInfo>(&line[..pos]).map_err(AgentError::from);
+                    return Some((item, (bytes, buf, done, target)));
+                }
+                if done {
+                    return None;
+                }
+                let Ok(next) = tokio::time::timeout(EVENTS_SILENCE, bytes.next()).await else {
+                    let silent = format!(
+                        "its event stream was silent for {} s",
+                        EVENTS_SILENCE.as_secs()
+                    );
+                    let e = ended(&target, std::io::ErrorKind::TimedOut, silent);
+                    return Some((Err(e), (bytes, buf, true, target)));
+                };
+                match next {
+                    Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                    Some(Err(e)) => return Some((Err(e), (bytes, buf, true, target))),
+                    None => {
+                        let closed = "its event stream closed".to_string();
+                        let e = ended(&target, std::io::ErrorKind::UnexpectedEof, closed);
+                        return Some((Err(e), (bytes, buf, true, target)));
                     }
                 }
             }
