@@ -63,8 +63,9 @@ pub(crate) struct Job {
     /// Set when the process starts.
     process: OnceLock<ProcessGroup>,
     info: watch::Sender<JobInfo>,
-    /// Stop requests for its supervisor, from when it starts.
-    stops: OnceLock<mpsc::UnboundedSender<StopRequest>>,
+    /// Stop requests for its supervisor, while it runs (dropped when it ends: a finished job
+    /// keeps no channel).
+    stops: Mutex<Option<mpsc::UnboundedSender<StopRequest>>>,
     events: broadcast::Sender<JobInfo>,
     /// The agent's jobs, which start the job queued behind this one when it ends.
     owner: Weak<Jobs>,
@@ -107,6 +108,9 @@ impl Job {
             eprintln!("dstack-agent: cannot record job {}: {e}", self.spec.id);
         }
         let queued = info.status == AgentJobStatus::Queued;
+        if info.status.is_finished() {
+            lock(&self.stops).take();
+        }
         self.info.send_replace(info.clone());
         // Being queued is no event: the submitter learns it from the reply. No subscriber is
         // not an error.
@@ -277,7 +281,7 @@ impl Jobs {
             spec,
             process: OnceLock::new(),
             info: watch::Sender::new(info),
-            stops: OnceLock::new(),
+            stops: Mutex::new(None),
             events: self.events.clone(),
             owner: self.this.clone(),
             follower: Mutex::new(None),
@@ -372,7 +376,7 @@ impl Jobs {
         // Nothing has written to the directory of a job that has not started.
         let mut log = LogWriter::empty(&job.dir);
         let (stops, stop_requests) = mpsc::unbounded_channel();
-        let _ = job.stops.set(stops);
+        *lock(&job.stops) = Some(stops);
         let running = state(&job.spec.id, AgentJobStatus::Running);
         if job.spec.container.is_some() {
             job.transition(running);
@@ -467,7 +471,7 @@ impl Jobs {
             return Ok(job.info());
         }
         drop(jobs);
-        if let Some(stops) = job.stops.get() {
+        if let Some(stops) = lock(&job.stops).as_ref() {
             // Fails only once the supervisor is gone, i.e. the job has finished.
             let _ = stops.send(request);
         }
@@ -652,6 +656,41 @@ mod tests {
     use futures_util::StreamExt;
 
     use super::*;
+
+    #[tokio::test]
+    async fn a_finished_job_keeps_no_stop_channel() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let jobs = Jobs::recover(&state, None).unwrap();
+        let spec = JobSubmit {
+            id: "quick".into(),
+            name: "quick-0-0".into(),
+            argv: vec!["/bin/true".into()],
+            env: BTreeMap::new(),
+            working_dir: "/".into(),
+            max_duration_secs: None,
+            mpi_hostfile: None,
+            after: None,
+            container: None,
+        };
+        jobs.submit(spec).unwrap();
+        let job = jobs.get("quick").unwrap();
+        assert!(lock(&job.stops).is_some(), "a running job can be stopped");
+        let mut info = job.info.subscribe();
+        info.wait_for(|i| i.status.is_finished()).await.unwrap();
+        assert_eq!(job.info().status, AgentJobStatus::Done);
+        assert!(lock(&job.stops).is_none(), "the channel outlived the job");
+        // Stopping it now is no error: it is left as it is.
+        let stopped = jobs.stop(
+            "quick",
+            StopRequest {
+                abort: true,
+                grace_secs: 0,
+                reason: "x".into(),
+            },
+        );
+        assert_eq!(stopped.unwrap().status, AgentJobStatus::Done);
+    }
 
     #[tokio::test]
     async fn a_lagging_event_subscriber_is_sent_every_job_again() {
