@@ -36,6 +36,7 @@ struct Apply {
     name: Option<String>,
     env: BTreeMap<String, String>,
     configuration_path: Option<String>,
+    client_dir: Option<String>,
 }
 
 impl Apply {
@@ -43,11 +44,13 @@ impl Apply {
         name: Option<String>,
         env: Option<BTreeMap<String, String>>,
         configuration_path: Option<String>,
+        client_dir: Option<String>,
     ) -> Self {
         Apply {
             name,
             env: env.unwrap_or_default(),
             configuration_path,
+            client_dir,
         }
     }
 }
@@ -89,8 +92,9 @@ impl RawClient {
         spawn(fut, plan_to_py)
     }
 
-    /// Submits a run and returns its handle.
-    #[pyo3(signature = (configuration, name = None, env = None, configuration_path = None))]
+    /// Submits a run and returns its handle; its jobs on this machine run in `client_dir`
+    /// (default: the current directory).
+    #[pyo3(signature = (configuration, name = None, env = None, configuration_path = None, client_dir = None))]
     fn apply(
         &self,
         py: Python<'_>,
@@ -98,9 +102,10 @@ impl RawClient {
         name: Option<String>,
         env: Option<BTreeMap<String, String>>,
         configuration_path: Option<String>,
+        client_dir: Option<String>,
     ) -> PyResult<RawRun> {
         let configuration = configuration_of(py, configuration)?;
-        let options = Apply::new(name, env, configuration_path);
+        let options = Apply::new(name, env, configuration_path, client_dir);
         let client = self.client.clone();
         let run = block_on(py, apply(client, configuration, options))?;
         raise(py, run)
@@ -143,7 +148,7 @@ impl RawClient {
     }
 
     /// `apply`, for asyncio.
-    #[pyo3(signature = (configuration, name = None, env = None, configuration_path = None))]
+    #[pyo3(signature = (configuration, name = None, env = None, configuration_path = None, client_dir = None))]
     fn apply_async(
         &self,
         py: Python<'_>,
@@ -151,9 +156,10 @@ impl RawClient {
         name: Option<String>,
         env: Option<BTreeMap<String, String>>,
         configuration_path: Option<String>,
+        client_dir: Option<String>,
     ) -> PyResult<RawTask> {
         let configuration = configuration_of(py, configuration)?;
-        let options = Apply::new(name, env, configuration_path);
+        let options = Apply::new(name, env, configuration_path, client_dir);
         let fut = apply(self.client.clone(), configuration, options);
         spawn(fut, |py, run| Ok(Py::new(py, run)?.into_any()))
     }
@@ -298,6 +304,7 @@ async fn apply(client: Client, configuration: Configuration, options: Apply) -> 
         name: options.name,
         env: options.env,
         configuration_path: options.configuration_path,
+        client_dir: options.client_dir,
         ..ApplyOptions::default()
     };
     let run = client.runs().apply(configuration, options).await?;

@@ -6,7 +6,8 @@ import asyncio
 from typing import TYPE_CHECKING, Any, AsyncIterator, Dict, List, Mapping, Optional, Union
 
 from dstack._client import Run
-from dstack._records import ConfigurationLike, RunPlan, RunStatus, configuration_data, no_repo, open_raw
+from dstack._records import ConfigurationLike, RunPlan, RunStatus, configuration_data, open_raw
+from dstack._repos import Repo, RepoCollection, check_fits
 from dstack.errors import WaitTimeoutError
 
 if TYPE_CHECKING:
@@ -103,26 +104,43 @@ class AsyncRunCollection:
 
     def __init__(self, raw: "RawClient") -> None:
         self._raw = raw
+        self._repos = RepoCollection(raw.home)
 
-    async def get_run_plan(self, configuration: ConfigurationLike, repo: Any = None, **_: Any) -> RunPlan:
+    async def _repo_dir(self, repo: Optional[Repo]) -> Optional[str]:
+        """The repo's directory, prepared off the event loop (a clone takes a while)."""
+        if repo is None:
+            return None
+        return await asyncio.get_running_loop().run_in_executor(None, self._repos.directory, repo)
+
+    async def get_run_plan(
+        self, configuration: ConfigurationLike, repo: Optional[Repo] = None, **_: Any
+    ) -> RunPlan:
         """Where `configuration` would run."""
-        no_repo(repo)
         data = configuration_data(configuration)
+        check_fits(data, repo)
+        client_dir = await self._repo_dir(repo)
         raw = self._raw
         plan = await _native(raw.plan_async(data))
-        return RunPlan(plan, data)
+        return RunPlan(plan, data, client_dir=client_dir)
 
-    async def apply_plan(self, run_plan: RunPlan, repo: Any = None, reserve_ports: bool = True) -> AsyncRun:
-        """Submits a planned run."""
-        no_repo(repo)
+    async def apply_plan(
+        self, run_plan: RunPlan, repo: Optional[Repo] = None, reserve_ports: bool = True
+    ) -> AsyncRun:
+        """Submits a planned run (in `repo`, else in the plan's)."""
+        check_fits(run_plan._submitted, repo)
+        client_dir = run_plan._client_dir if repo is None else await self._repo_dir(repo)
         raw = self._raw
-        run = await _native(raw.apply_async(run_plan._submitted))
+        run = await _native(
+            raw.apply_async(
+                run_plan._submitted, configuration_path=run_plan.configuration_path, client_dir=client_dir
+            )
+        )
         return AsyncRun(run)
 
     async def apply_configuration(
         self,
         configuration: ConfigurationLike,
-        repo: Any = None,
+        repo: Optional[Repo] = None,
         configuration_path: Optional[str] = None,
         *,
         name: Optional[str] = None,
@@ -130,11 +148,12 @@ class AsyncRunCollection:
         **_: Any,
     ) -> AsyncRun:
         """Submits a run of `configuration` (see `RunCollection.apply_configuration`)."""
-        no_repo(repo)
         data = configuration_data(configuration)
+        check_fits(data, repo)
+        client_dir = await self._repo_dir(repo)
         raw = self._raw
         env_dict = None if env is None else dict(env)
-        run = await _native(raw.apply_async(data, name, env_dict, configuration_path))
+        run = await _native(raw.apply_async(data, name, env_dict, configuration_path, client_dir))
         return AsyncRun(run)
 
     async def get(self, run_name: str) -> Optional[AsyncRun]:
@@ -156,6 +175,7 @@ class AsyncClient:
 
         self._raw = raw
         self.runs = AsyncRunCollection(raw)
+        self.repos = RepoCollection(raw.home)
         self.fleets = FleetCollection(raw)
         self.volumes = VolumeCollection(raw)
 

@@ -15,10 +15,10 @@ from dstack._records import (
     configuration_data,
     html_table,
     no_profile,
-    no_repo,
     open_raw,
     timestamp,
 )
+from dstack._repos import Repo, RepoCollection, check_fits
 from dstack.errors import NotSupportedError, WaitTimeoutError
 
 if TYPE_CHECKING:
@@ -219,15 +219,20 @@ class Run:
 
 
 class RunCollection:
-    """The runs of a client: plan, apply, get, list, and sweeps."""
+    """The runs of a client: plan, apply, get, list, and sweeps. A run given a `repo` starts
+    its jobs on this machine in the repo's directory (see `dstack.api.RemoteRepo`)."""
 
     def __init__(self, raw: "RawClient") -> None:
         self._raw = raw
+        self._repos = RepoCollection(raw.home)
+
+    def _repo_dir(self, repo: Optional[Repo]) -> Optional[str]:
+        return None if repo is None else self._repos.directory(repo)
 
     def get_run_plan(
         self,
         configuration: ConfigurationLike,
-        repo: Any = None,
+        repo: Optional[Repo] = None,
         profile: Any = None,
         configuration_path: Optional[str] = None,
         ssh_identity_file: Optional[str] = None,
@@ -238,24 +243,28 @@ class RunCollection:
         for_offers_only: bool = False,
     ) -> RunPlan:
         """Where `configuration` would run (at most `max_offers` offers), without running it."""
-        no_repo(repo)
         no_profile(profile)
         data = configuration_data(configuration)
-        plan = RunPlan(self._raw.plan(data), data, configuration_path)
+        check_fits(data, repo)
+        client_dir = self._repo_dir(repo)
+        plan = RunPlan(self._raw.plan(data), data, configuration_path, client_dir)
         if max_offers is not None:
             plan.offers = plan.offers[:max_offers]
         return plan
 
-    def apply_plan(self, run_plan: RunPlan, repo: Any = None, reserve_ports: bool = True) -> Run:
-        """Submits a planned run."""
-        no_repo(repo)
-        raw = self._raw.apply(run_plan._submitted, configuration_path=run_plan.configuration_path)
+    def apply_plan(self, run_plan: RunPlan, repo: Optional[Repo] = None, reserve_ports: bool = True) -> Run:
+        """Submits a planned run (in `repo`, else in the plan's)."""
+        check_fits(run_plan._submitted, repo)
+        client_dir = run_plan._client_dir if repo is None else self._repo_dir(repo)
+        raw = self._raw.apply(
+            run_plan._submitted, configuration_path=run_plan.configuration_path, client_dir=client_dir
+        )
         return Run(raw)
 
     def apply_configuration(
         self,
         configuration: ConfigurationLike,
-        repo: Any = None,
+        repo: Optional[Repo] = None,
         profile: Any = None,
         configuration_path: Optional[str] = None,
         reserve_ports: bool = True,
@@ -267,13 +276,15 @@ class RunCollection:
     ) -> Run:
         """Submits a run of `configuration` (a `Task`/`Service`/`DevEnvironment`, a dict, or
         YAML text) and returns it; `name` and `env` override the configuration's."""
-        no_repo(repo)
         no_profile(profile)
+        data = configuration_data(configuration)
+        check_fits(data, repo)
         raw = self._raw.apply(
-            configuration_data(configuration),
+            data,
             name=name,
             env=None if env is None else dict(env),
             configuration_path=configuration_path,
+            client_dir=self._repo_dir(repo),
         )
         return Run(raw)
 
@@ -372,6 +383,7 @@ class Client:
         self._raw = raw
         self.project = project_name
         self.runs = RunCollection(raw)
+        self.repos = RepoCollection(raw.home)
         self.fleets = FleetCollection(raw)
         self.volumes = VolumeCollection(raw)
 

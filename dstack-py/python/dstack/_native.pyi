@@ -50,6 +50,7 @@ class RawClient:
         name: Optional[str] = None,
         env: Optional[Dict[str, str]] = None,
         configuration_path: Optional[str] = None,
+        client_dir: Optional[str] = None,
     ) -> RawRun: ...
     def apply_group(
         self,
@@ -64,6 +65,7 @@ class RawClient:
         name: Optional[str] = None,
         env: Optional[Dict[str, str]] = None,
         configuration_path: Optional[str] = None,
+        client_dir: Optional[str] = None,
     ) -> RawTask: ...
     def get(self, name: str) -> Optional[RawRun]: ...
     def list(self, all: bool = False, limit: Optional[int] = None) -> List[Dict[str, Any]]: ...

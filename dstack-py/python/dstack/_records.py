@@ -108,17 +108,6 @@ def configuration_data(configuration: ConfigurationLike) -> Union[Dict[str, Any]
     )
 
 
-def no_repo(repo: Any) -> None:
-    """Repos are not supported by the local backend yet: jobs run in the client's directory."""
-    if repo is not None:
-        from dstack.errors import NotSupportedError
-
-        raise NotSupportedError(
-            "repo= is not supported yet: on the local backend jobs run in the current "
-            "directory (set working_dir to choose another); pass repo=None"
-        )
-
-
 def no_profile(profile: Any) -> None:
     """Profiles (`.dstack/profiles.yml`) are not supported yet: profile parameters go in the
     configuration itself."""
@@ -154,9 +143,12 @@ class RunPlan:
         raw: Dict[str, Any],
         configuration: Union[Dict[str, Any], str],
         configuration_path: Optional[str] = None,
+        client_dir: Optional[str] = None,
     ) -> None:
         self.configuration: Dict[str, Any] = raw["configuration"]
         self.configuration_path = configuration_path
+        # Where its jobs on this machine run: the repo's directory (None: the current one).
+        self._client_dir = client_dir
         self.offers: List[Dict[str, Any]] = raw["offers"]
         self.no_offers_reason: Optional[str] = raw["no_offers_reason"]
         self.job_plans = [JobPlan(self.offers)]

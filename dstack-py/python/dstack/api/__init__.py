@@ -22,6 +22,7 @@ from dstack._config import (
 )
 from dstack._load import load_configuration
 from dstack._records import RunPlan, RunStatus
+from dstack._repos import LocalRepo, RemoteRepo, RepoCollection, VirtualRepo
 from dstack._sweep import Sweep
 from dstack.errors import ClientError, PortUsedError
 
@@ -37,10 +38,13 @@ __all__ = [
     "Disk",
     "Fleet",
     "FleetCollection",
+    "LocalRepo",
     "Memory",
     "PortUsedError",
     "Range",
     "RegistryAuth",
+    "RemoteRepo",
+    "RepoCollection",
     "Resources",
     "Retry",
     "Run",
@@ -51,6 +55,7 @@ __all__ = [
     "Service",
     "Sweep",
     "Task",
+    "VirtualRepo",
     "Volume",
     "VolumeCollection",
     "load_configuration",
