@@ -9,14 +9,17 @@ import dstack
 from dstack.api import (
     CPU,
     GPU,
+    BackendType,
     DevEnvironment,
     Disk,
     Memory,
+    OpenAIChatModel,
     Range,
     RegistryAuth,
     Resources,
     Service,
     Task,
+    TGIChatModel,
 )
 from dstack.errors import ConfigurationError
 
@@ -56,6 +59,18 @@ def test_documentation_objects() -> None:
     assert service.dict()["port"]["container_port"] == 8000
     dev = DevEnvironment(ide="vscode")
     assert dev.dict()["ide"] == "vscode"
+
+
+def test_backend_types_and_service_models_are_dstack_data() -> None:
+    task = Task(commands=["true"], backends=[BackendType.AWS, BackendType.LOCAL])
+    assert task.dict()["backends"] == ["aws", "local"]
+    assert str(BackendType.LAMBDA) == "lambda" and BackendType("remote") is BackendType.REMOTE
+    service = Service(port=8000, commands=["serve"], model=OpenAIChatModel(name="llama"))
+    assert service.dict()["model"] == {"type": "chat", "name": "llama", "format": "openai", "prefix": "/v1"}
+    tgi = Service(port=80, commands=["serve"], model=TGIChatModel(name="m", eos_token="</s>"))
+    assert tgi.dict()["model"]["format"] == "tgi" and tgi.dict()["model"]["eos_token"] == "</s>"
+    with pytest.raises(ConfigurationError, match="model"):
+        Service(port=80, commands=["serve"], model=OpenAIChatModel(name="m", format="grpc"))
 
 
 def test_memory_values() -> None:

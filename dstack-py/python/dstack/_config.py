@@ -15,17 +15,20 @@ from typing import Any, ClassVar, Dict, Generic, Optional, TypeVar, Union
 __all__ = [
     "CPU",
     "GPU",
+    "BackendType",
     "ComputeCapability",
     "DevEnvironment",
     "Disk",
     "Fleet",
     "Memory",
+    "OpenAIChatModel",
     "Range",
     "RegistryAuth",
     "Resources",
     "Retry",
     "Scaling",
     "Service",
+    "TGIChatModel",
     "Task",
     "Volume",
     "configuration_from_data",
@@ -165,6 +168,57 @@ class Retry(_Data):
 
 class Scaling(_Data):
     """Service auto-scaling: `metric`, `target`, `scale_up_delay`, `scale_down_delay`."""
+
+
+class OpenAIChatModel(_Data):
+    """A service's chat model with an OpenAI-compatible API: `name`, `prefix` (default
+    `/v1`)."""
+
+    def __init__(self, **fields: Any) -> None:
+        super().__init__(**{"type": "chat", "format": "openai", **fields})
+
+
+class TGIChatModel(_Data):
+    """A service's chat model served by TGI: `name`, `chat_template`, `eos_token`."""
+
+    def __init__(self, **fields: Any) -> None:
+        super().__init__(**{"type": "chat", "format": "tgi", **fields})
+
+
+class BackendType(str, Enum):
+    """Backends by dstack's names (`backends=[BackendType.AWS]`); `LOCAL` is this machine,
+    `REMOTE` SSH fleets."""
+
+    AMDDEVCLOUD = "amddevcloud"
+    AWS = "aws"
+    AZURE = "azure"
+    CLOUDRIFT = "cloudrift"
+    CRUSOE = "crusoe"
+    CUDO = "cudo"
+    DATACRUNCH = "datacrunch"
+    DAYTONA = "daytona"
+    DIGITALOCEAN = "digitalocean"
+    DSTACK = "dstack"
+    GCP = "gcp"
+    HOTAISLE = "hotaisle"
+    JARVISLABS = "jarvislabs"
+    KUBERNETES = "kubernetes"
+    LAMBDA = "lambda"
+    LIUM = "lium"
+    LOCAL = "local"
+    NEBIUS = "nebius"
+    OCI = "oci"
+    REMOTE = "remote"
+    RUNPOD = "runpod"
+    SEEWEB = "seeweb"
+    SLURM = "slurm"
+    TENSORDOCK = "tensordock"
+    VASTAI = "vastai"
+    VERDA = "verda"
+    VULTR = "vultr"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 class _Configuration(_Data):
