@@ -638,6 +638,48 @@ async fn a_hung_agent_is_given_up_on_and_used_again_once_it_answers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_end_the_store_failed_to_record_is_recorded_once_it_can() {
+    let home = Home::new();
+    let client = home.client().await;
+    let go = home.path().join("go");
+    let wait_for_go = format!(
+        "  - while [ ! -e '{}' ]; do sleep 0.05; done\n",
+        go.display()
+    );
+    let run = apply(&client, &task(&wait_for_go), home.path()).await;
+    wait_running(&run).await;
+    // From another connection, the state file is made to refuse every job's end: a real
+    // SQLite error in the engine's transaction.
+    let db = rusqlite::Connection::open(home.path().join("state.db")).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER refuse_ends BEFORE UPDATE OF status ON jobs WHEN NEW.status = 'done' \
+         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
+    )
+    .unwrap();
+    std::fs::write(&go, "").unwrap();
+    let job = run.jobs().unwrap().pop().unwrap();
+    let agent = dstack_core::agent::AgentClient::unix(home.path().join("agent/agent.sock"));
+    eventually(30, "the agent sees the job end", async || {
+        agent
+            .job(&job.id)
+            .await
+            .unwrap()
+            .is_some_and(|j| j.status.is_finished())
+    })
+    .await;
+    // The engine has heard of the end and could not record it (more than once).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(run.status().unwrap(), RunStatus::Running);
+    // Once the store records again, the end is recorded without anything else happening.
+    db.execute_batch("DROP TRIGGER refuse_ends").unwrap();
+    let done = tokio::time::timeout(Duration::from_secs(20), run.wait())
+        .await
+        .expect("the end is recorded once the store can")
+        .unwrap();
+    assert_eq!(done.status, RunStatus::Done);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gigabyte_of_output_streams_with_bounded_memory() {
     let home = Home::new();
     let client = home.client().await;

@@ -15,6 +15,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// How long after the store failed to record an agent's reports the agent is followed anew
+/// (its state read again and recorded): a store that fails (a full disk, a lock held for
+/// too long) is tried again at this pace.
+const AFTER_STORE_ERROR: Duration = Duration::from_secs(1);
+
 use futures_util::{FutureExt, StreamExt};
 
 use super::{jobs, Inner};
@@ -56,7 +61,8 @@ pub(crate) async fn watch(inner: Arc<Inner>, instance: Instance) {
         }
         match result {
             // The stream ended (the agent restarted): reconnect soon, but never in a hot loop.
-            Ok(()) => tokio::time::sleep(backoff).await,
+            Ok(Ended::Closed) => tokio::time::sleep(backoff).await,
+            Ok(Ended::Unrecorded) => tokio::time::sleep(AFTER_STORE_ERROR).await,
             Err(e) => {
                 let since = unreachable
                     .as_ref()
@@ -118,14 +124,22 @@ async fn revive(inner: &Inner, instance_id: &str) {
     }
 }
 
+/// Why following an agent stopped, the agent not being at fault.
+enum Ended {
+    /// The agent closed its event stream (it restarted).
+    Closed,
+    /// The store failed to record what the agent reported: follow it anew, from its state.
+    Unrecorded,
+}
+
 /// Connects (setting `connected` once the agent answers), reconciles with the agent's view,
-/// and applies events until the stream ends: `Ok` when the agent closed it (it restarted), an
-/// error when it could not be followed (it is unreachable, or hung).
+/// and applies events until the stream ends or the store fails to record them; an error when
+/// the agent could not be followed (it is unreachable, or hung).
 async fn follow(
     inner: &Arc<Inner>,
     instance: &Instance,
     connected: &AtomicBool,
-) -> Result<(), AgentError> {
+) -> Result<Ended, AgentError> {
     let client = inner
         .agent(&instance.id)
         .await
@@ -139,7 +153,9 @@ async fn follow(
     let candidates = jobs::started_on(inner, &instance.id);
     let snapshot = client.jobs().await?;
     jobs::fail_unknown(inner, candidates, &snapshot).await;
-    jobs::on_agent_jobs(inner, snapshot).await;
+    if jobs::on_agent_jobs(inner, snapshot).await.is_err() {
+        return Ok(Ended::Unrecorded);
+    }
     let mut ended = false;
     let mut hung = None;
     while !ended {
@@ -163,9 +179,11 @@ async fn follow(
             }
             event = events.next().now_or_never().flatten();
         }
-        jobs::on_agent_jobs(inner, batch).await;
+        if jobs::on_agent_jobs(inner, batch).await.is_err() {
+            return Ok(Ended::Unrecorded);
+        }
     }
-    hung.map_or(Ok(()), Err)
+    hung.map_or(Ok(Ended::Closed), Err)
 }
 
 /// Whether the agent's event stream ended because the agent stayed silent (no change, no

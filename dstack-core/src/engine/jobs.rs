@@ -5,7 +5,7 @@ use std::sync::Arc;
 use super::{runs, EngineError, Inner};
 use crate::agent::{AgentError, AgentJobStatus, JobInfo, StopRequest};
 use crate::model::{now_ms, Instance, Job, JobStatus, JobTerminationReason, Run};
-use crate::store::JobAndRun;
+use crate::store::{JobAndRun, StoreError};
 
 const UNFINISHED: &[JobStatus] = &[
     JobStatus::Submitted,
@@ -293,17 +293,22 @@ pub(crate) async fn record(
     Ok(true)
 }
 
-/// Applies an agent's report about a job to the store.
+/// Applies an agent's report about a job to the store. A report the store failed to record
+/// is recorded when the job's agent is followed anew (see [`on_agent_jobs`]).
 pub(crate) async fn on_agent_job(inner: &Arc<Inner>, info: JobInfo) {
-    on_agent_jobs(inner, vec![info]).await;
+    let _ = on_agent_jobs(inner, vec![info]).await;
 }
 
-/// Applies reports of an agent to the store, all in one transaction.
-pub(crate) async fn on_agent_jobs(inner: &Arc<Inner>, mut infos: Vec<JobInfo>) {
+/// Applies reports of an agent to the store, all in one transaction. On a store error nothing
+/// is recorded: the caller must read the agent's state anew (the reports hold only changes).
+pub(crate) async fn on_agent_jobs(
+    inner: &Arc<Inner>,
+    mut infos: Vec<JobInfo>,
+) -> Result<(), StoreError> {
     // A queued job stays `provisioning`: nothing to record.
     infos.retain(|info| info.status != AgentJobStatus::Queued);
     if infos.is_empty() {
-        return;
+        return Ok(());
     }
     let ids: Vec<&str> = infos.iter().map(|i| i.id.as_str()).collect();
     // Reports that need more than a write (see [`Report`]): jobs to stop again, and runs to
@@ -329,12 +334,10 @@ pub(crate) async fn on_agent_jobs(inner: &Arc<Inner>, mut infos: Vec<JobInfo>) {
             }
         };
         let mut derive = derive(inner, &mut deferred);
-        // A store error gives up: the reports are applied again only when the agent's state
-        // is read anew (the watcher's snapshot after a reconnect).
+        // A store error: nothing was written; the caller reads the agent's state anew.
         inner
             .store
-            .change_jobs_and_runs(&ids, &mut change, &mut derive)
-            .unwrap_or_default()
+            .change_jobs_and_runs(&ids, &mut change, &mut derive)?
     };
     for c in &changed {
         written(inner, &c.job, c.from, c.run.as_deref(), c.passed_on);
@@ -360,6 +363,7 @@ pub(crate) async fn on_agent_jobs(inner: &Arc<Inner>, mut infos: Vec<JobInfo>) {
             Box::pin(stop_orphan(inner, &agent, Some(&job), &job.id)).await;
         }
     }
+    Ok(())
 }
 
 /// What an agent's report means for a job as stored.
