@@ -23,6 +23,9 @@ cargo test --workspace --exclude dstack-py
 echo "==> cloud backends: AWS against moto (pip install moto[server] into $VENV), GCP against a stand-in"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check "moto[server]"
+# The AWS tests run the `cloud_backends` example as a child process: build it by name (a test
+# build of the examples leaves only hashed copies).
+cargo build -q -p dstack-backends --features aws,gcp --example cloud_backends
 MOTO_SERVER="$VENV/bin/moto_server" cargo test -p dstack-backends --features aws,gcp --lib --test aws --test gcp --examples
 echo "==> examples validate"
 "$CARGO_TARGET_DIR/debug/dstack" validate examples/*.dstack.yml
