@@ -76,26 +76,27 @@ pub(crate) async fn remove_all(socket: &str, names: &[String]) {
     }
 }
 
-/// Runs `job` in a container on the engine at `socket`, until it ends.
+/// Runs `job` (submitted as `spec`) in a container on the engine at `socket`, until it ends.
 pub(crate) fn supervise(
     job: Arc<Job>,
+    spec: JobSubmit,
     socket: Option<String>,
     log: LogWriter,
     stop_requests: mpsc::UnboundedReceiver<StopRequest>,
 ) {
     tokio::spawn(async move {
-        let info = run(&job, socket, log, stop_requests).await;
+        let info = run(&job, spec, socket, log, stop_requests).await;
         job.finish(info);
     });
 }
 
 async fn run(
     job: &Arc<Job>,
+    spec: JobSubmit,
     socket: Option<String>,
     mut log: LogWriter,
     mut stop_requests: mpsc::UnboundedReceiver<StopRequest>,
 ) -> JobInfo {
-    let spec = job.spec().clone();
     let container = spec.container.clone().unwrap_or_default();
     let Some(socket) = socket else {
         return failed(job, "creating_container_error", "no container engine on this host: `image:` jobs need Docker or podman's Docker API (set DOCKER_HOST)");

@@ -59,7 +59,12 @@ pub(crate) struct Job {
     /// Where its output goes (created with the first output).
     dir: PathBuf,
     journal: Arc<Journal>,
+    /// The submission, without what it runs (see `command`).
     spec: JobSubmit,
+    /// What it runs, kept until it starts: a job that has started keeps neither its `argv`
+    /// nor its `env` in memory (nor in the journal once it has ended: see
+    /// [`crate::journal`]).
+    command: Mutex<Option<Command>>,
     /// Set when the process starts.
     process: OnceLock<ProcessGroup>,
     info: watch::Sender<JobInfo>,
@@ -78,9 +83,19 @@ pub(crate) struct Job {
 }
 
 impl Job {
-    /// The submission.
+    /// The submission, without its `argv` and `env` (see [`Job::submission`]).
     pub fn spec(&self) -> &JobSubmit {
         &self.spec
+    }
+
+    /// The whole submission: with its `argv` and `env` until it starts.
+    fn submission(&self) -> JobSubmit {
+        let mut spec = self.spec.clone();
+        if let Some(command) = lock(&self.command).as_ref() {
+            spec.argv = command.argv.clone();
+            spec.env = command.env.clone();
+        }
+        spec
     }
 
     /// The current state.
@@ -97,7 +112,7 @@ impl Job {
         } else {
             let record = JobRecord {
                 info: info.clone(),
-                spec: self.spec.clone(),
+                spec: self.submission(),
                 process: self.process.get().cloned(),
             };
             let recorded = self.journal.record(record);
@@ -239,7 +254,7 @@ impl Jobs {
         let mut jobs = BTreeMap::new();
         for record in records {
             // Only a hand-edited journal holds ids that could name a path outside `root`.
-            if let Err(e) = validate(&record.spec) {
+            if let Err(e) = validate_id(&record.spec.id) {
                 eprintln!("dstack-agent: skipping a job record: {e}");
                 continue;
             }
@@ -255,6 +270,10 @@ impl Jobs {
             info.log_bytes = log.len();
             let lost = info.status == AgentJobStatus::Running;
             let job = self.job(record.spec, info.clone());
+            if info.status != AgentJobStatus::Queued {
+                // It will not start (again): what it ran is of no more use.
+                lock(&job.command).take();
+            }
             job.journaled.store(true, Ordering::SeqCst); // the compacted journal holds it
             if let Some(group) = record.process {
                 let _ = job.process.set(group);
@@ -274,10 +293,15 @@ impl Jobs {
     }
 
     /// A job of this agent, in state `info` (not recorded yet).
-    fn job(&self, spec: JobSubmit, info: JobInfo) -> Job {
+    fn job(&self, mut spec: JobSubmit, info: JobInfo) -> Job {
+        let command = Command {
+            argv: std::mem::take(&mut spec.argv),
+            env: std::mem::take(&mut spec.env),
+        };
         Job {
             dir: self.root.join(&spec.id),
             journal: self.journal.clone(),
+            command: Mutex::new(Some(command)),
             spec,
             process: OnceLock::new(),
             info: watch::Sender::new(info),
@@ -378,12 +402,20 @@ impl Jobs {
         let (stops, stop_requests) = mpsc::unbounded_channel();
         *lock(&job.stops) = Some(stops);
         let running = state(&job.spec.id, AgentJobStatus::Running);
+        // What it runs is needed no more once it has started: a job started after a restart
+        // is recorded as queued with it, and one found running after a restart is lost.
+        let command = lock(&job.command).take().unwrap_or_default();
         if job.spec.container.is_some() {
+            let submission = JobSubmit {
+                argv: command.argv,
+                env: command.env,
+                ..job.spec.clone()
+            };
             job.transition(running);
-            container::supervise(job, self.containers.clone(), log, stop_requests);
+            container::supervise(job, submission, self.containers.clone(), log, stop_requests);
             return;
         }
-        match supervisor::launch(&job.spec) {
+        match supervisor::launch(&job.spec.working_dir, &command.argv, &command.env) {
             Ok(launched) => {
                 let _ = job.process.set(launched.group.clone());
                 job.transition(running);
@@ -561,25 +593,36 @@ fn json_lines(infos: impl IntoIterator<Item = JobInfo>) -> Bytes {
     out.into()
 }
 
-/// Rejects submissions the agent cannot even record.
+/// Rejects submissions the agent cannot even record or run.
 fn validate(spec: &JobSubmit) -> Result<(), JobError> {
-    let id_ok = !spec.id.is_empty()
-        && spec.id.len() <= 200
-        && !spec.id.starts_with('.')
-        && spec
-            .id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-    if !id_ok {
-        return Err(JobError::BadRequest(format!(
-            "invalid job id {:?}: use letters, digits, '-', '_' and '.'",
-            spec.id
-        )));
-    }
+    validate_id(&spec.id)?;
     if spec.argv.is_empty() && spec.container.is_none() {
         return Err(JobError::BadRequest("argv must not be empty".to_string()));
     }
     Ok(())
+}
+
+/// Rejects job ids that could name a path outside the jobs' directory.
+fn validate_id(id: &str) -> Result<(), JobError> {
+    let id_ok = !id.is_empty()
+        && id.len() <= 200
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if !id_ok {
+        return Err(JobError::BadRequest(format!(
+            "invalid job id {id:?}: use letters, digits, '-', '_' and '.'"
+        )));
+    }
+    Ok(())
+}
+
+/// What a job runs.
+#[derive(Default)]
+struct Command {
+    argv: Vec<String>,
+    env: BTreeMap<String, String>,
 }
 
 /// The variable that tells a job where to append its metrics (JSON lines).
@@ -676,6 +719,10 @@ mod tests {
         jobs.submit(spec).unwrap();
         let job = jobs.get("quick").unwrap();
         assert!(lock(&job.stops).is_some(), "a running job can be stopped");
+        assert!(
+            lock(&job.command).is_none(),
+            "a started job keeps what it ran"
+        );
         let mut info = job.info.subscribe();
         info.wait_for(|i| i.status.is_finished()).await.unwrap();
         assert_eq!(job.info().status, AgentJobStatus::Done);

@@ -1,7 +1,8 @@
 //! The job journal: one append-only file (`<state>/jobs.journal`) recording every job's state.
 //!
 //! Each line is one JSON object: a [`JobRecord`] (a job's full state, written when the job is
-//! submitted), an update `{"update":"<id>","info":…,"process":…}` (its later states: the
+//! submitted; what it runs, `argv` and `env`, only if it is queued: a job is never started
+//! again from the journal unless it was queued), an update `{"update":"<id>","info":…,"process":…}` (its later states: the
 //! submission is not written again; the last state of an id wins), or a tombstone
 //! `{"removed":"<id>"}` (the job was deleted). Lines are
 //! appended whole, with one write, by a single writer, and not synced (a crash of the host
@@ -30,10 +31,22 @@ use crate::process::ProcessGroup;
 pub(crate) struct JobRecord {
     /// The job as the API reports it.
     pub info: JobInfo,
-    /// What was submitted.
+    /// What was submitted (`argv` and `env` only while the job may still start).
     pub spec: JobSubmit,
     /// The process group, when the process was started.
     pub process: Option<ProcessGroup>,
+}
+
+impl JobRecord {
+    /// The record as compaction keeps it: a finished job's command (`argv`, `env`) is of no
+    /// more use and is dropped; its state, its id and its log are what is left to serve.
+    fn compacted(mut self) -> Self {
+        if self.info.status.is_finished() {
+            self.spec.argv = Vec::new();
+            self.spec.env = BTreeMap::new();
+        }
+        self
+    }
 }
 
 /// One line of the journal.
@@ -68,7 +81,7 @@ impl Journal {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        let records: Vec<JobRecord> = live.into_values().collect();
+        let records: Vec<JobRecord> = live.into_values().map(JobRecord::compacted).collect();
         compact(path, &records)?;
         for legacy_file in legacy_files {
             if let Err(e) = fs::remove_file(&legacy_file) {
@@ -270,6 +283,40 @@ mod tests {
     }
 
     #[test]
+    fn compaction_drops_what_finished_jobs_ran() {
+        let state = State::new();
+        let (journal, _) = state.open();
+        let with_env = |id: &str, status| {
+            let mut r = record(id, status);
+            r.spec.env.insert("SECRET_TOKEN".into(), "s3cr3t".into());
+            r
+        };
+        journal
+            .record(with_env("queued", AgentJobStatus::Queued))
+            .unwrap();
+        journal
+            .record(with_env("done", AgentJobStatus::Running))
+            .unwrap();
+        let mut done = record("done", AgentJobStatus::Done).info;
+        done.exit_status = Some(0);
+        journal.update(&done, None).unwrap();
+        drop(journal);
+        let (_, records) = Journal::open(&state.journal(), &state.jobs()).unwrap();
+        let [done, queued] = records.as_slice() else {
+            panic!("{records:?}")
+        };
+        assert_eq!(
+            (done.spec.id.as_str(), done.info.exit_status),
+            ("done", Some(0))
+        );
+        assert!(done.spec.argv.is_empty() && done.spec.env.is_empty());
+        assert_eq!(queued.spec.argv, ["/bin/true"]);
+        assert_eq!(queued.spec.env["SECRET_TOKEN"], "s3cr3t");
+        let text = fs::read_to_string(state.journal()).unwrap();
+        assert_eq!(text.matches("s3cr3t").count(), 1, "{text}");
+    }
+
+    #[test]
     fn the_last_record_wins_and_tombstones_remove() {
         let state = State::new();
         let (journal, live) = state.open();
@@ -313,9 +360,13 @@ mod tests {
 
         let (_, live) = state.open();
         assert_eq!(live, [("a".to_string(), AgentJobStatus::Done)]);
-        // Compacted into whole records.
+        // Compacted into whole records (a finished job's without what it ran).
         let (_, records) = Journal::open(&state.journal(), &state.jobs()).unwrap();
-        assert_eq!(records[0].spec, running.spec);
+        let ran_nothing = JobSubmit {
+            argv: Vec::new(),
+            ..running.spec.clone()
+        };
+        assert_eq!(records[0].spec, ran_nothing);
         assert_eq!(records[0].info, done);
         assert_eq!(state.lines(), 1);
     }

@@ -38,33 +38,36 @@ pub(crate) struct Launched {
     pub group: ProcessGroup,
 }
 
-/// Starts the job's process in its own process group, with exactly the given environment
-/// and stdout and stderr both on one pipe. The error is a message for the user.
-pub(crate) fn launch(spec: &dstack_core::agent::JobSubmit) -> Result<Launched, String> {
-    let dir = Path::new(&spec.working_dir);
+/// Starts `argv` in `working_dir` as a process group of its own, with exactly the
+/// environment `env` and stdout and stderr both on one pipe. The error is a message for the
+/// user.
+pub(crate) fn launch(
+    working_dir: &str,
+    argv: &[String],
+    env: &BTreeMap<String, String>,
+) -> Result<Launched, String> {
+    let dir = Path::new(working_dir);
     if !dir.is_absolute() {
         return Err(format!(
-            "working directory {} is not an absolute path",
-            spec.working_dir
+            "working directory {working_dir} is not an absolute path"
         ));
     }
     if !dir.is_dir() {
-        return Err(format!(
-            "working directory {} does not exist",
-            spec.working_dir
-        ));
+        return Err(format!("working directory {working_dir} does not exist"));
     }
-    let program = &spec.argv[0];
+    let Some((program, args)) = argv.split_first() else {
+        return Err("the job has no command to run".to_string());
+    };
     let (output, stdout) =
         std::io::pipe().map_err(|e| format!("cannot create the output pipe: {}", describe(&e)))?;
     let stderr = stdout
         .try_clone()
         .map_err(|e| format!("cannot create the output pipe: {}", describe(&e)))?;
-    let mut command = tokio::process::Command::new(found_in_path(program, &spec.env, dir));
+    let mut command = tokio::process::Command::new(found_in_path(program, env, dir));
     command
-        .args(&spec.argv[1..])
+        .args(args)
         .env_clear()
-        .envs(&spec.env)
+        .envs(env)
         .current_dir(dir)
         .process_group(0)
         .stdin(Stdio::null())
