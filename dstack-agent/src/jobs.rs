@@ -693,30 +693,32 @@ fn failed(job: JobInfo, reason: &str, message: &str, log: &mut LogWriter) -> Job
 }
 
 #[cfg(test)]
-mod tests {
-    use std::collections::BTreeMap;
-
+pub(crate) mod tests {
     use futures_util::StreamExt;
 
     use super::*;
+
+    /// A job `id` running `/bin/true` in `working_dir`.
+    pub(crate) fn true_job(id: &str, working_dir: &str) -> JobSubmit {
+        JobSubmit {
+            id: id.into(),
+            name: format!("{id}-0-0"),
+            argv: vec!["/bin/true".into()],
+            env: BTreeMap::new(),
+            working_dir: working_dir.into(),
+            max_duration_secs: None,
+            mpi_hostfile: None,
+            after: None,
+            container: None,
+        }
+    }
 
     #[tokio::test]
     async fn a_finished_job_keeps_no_stop_channel() {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::open(dir.path()).unwrap();
         let jobs = Jobs::recover(&state, None).unwrap();
-        let spec = JobSubmit {
-            id: "quick".into(),
-            name: "quick-0-0".into(),
-            argv: vec!["/bin/true".into()],
-            env: BTreeMap::new(),
-            working_dir: "/".into(),
-            max_duration_secs: None,
-            mpi_hostfile: None,
-            after: None,
-            container: None,
-        };
-        jobs.submit(spec).unwrap();
+        jobs.submit(true_job("quick", "/")).unwrap();
         let job = jobs.get("quick").unwrap();
         assert!(lock(&job.stops).is_some(), "a running job can be stopped");
         assert!(
@@ -744,18 +746,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::open(dir.path()).unwrap();
         let jobs = Jobs::recover(&state, None).unwrap();
-        let spec = JobSubmit {
-            id: "nodir".into(),
-            name: "nodir-0-0".into(),
-            argv: vec!["/bin/true".into()],
-            env: BTreeMap::new(),
-            working_dir: "/no/such/dir".into(),
-            max_duration_secs: None,
-            mpi_hostfile: None,
-            after: None,
-            container: None,
-        };
-        let failed = jobs.submit(spec).unwrap();
+        let failed = jobs.submit(true_job("nodir", "/no/such/dir")).unwrap();
         let snapshot = json_lines([failed.clone()]);
 
         let mut events = Box::pin(jobs.events());

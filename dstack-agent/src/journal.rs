@@ -233,17 +233,7 @@ mod tests {
                 finished_at_ms: None,
                 log_bytes: 0,
             },
-            spec: JobSubmit {
-                id: id.to_string(),
-                name: format!("{id}-0-0"),
-                argv: vec!["/bin/true".into()],
-                env: BTreeMap::new(),
-                working_dir: "/".into(),
-                max_duration_secs: None,
-                mpi_hostfile: None,
-                after: None,
-                container: None,
-            },
+            spec: crate::jobs::tests::true_job(id, "/"),
             process: None,
         }
     }
