@@ -124,7 +124,9 @@ impl Job {
         }
         let queued = info.status == AgentJobStatus::Queued;
         if info.status.is_finished() {
+            // Nothing can stop or start it any more (a queued job may end without starting).
             lock(&self.stops).take();
+            lock(&self.command).take();
         }
         self.info.send_replace(info.clone());
         // Being queued is no event: the submitter learns it from the reply. No subscriber is
@@ -714,7 +716,7 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
-    async fn a_finished_job_keeps_no_stop_channel() {
+    async fn a_job_lets_go_of_its_command_once_started_and_its_stop_channel_once_ended() {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::open(dir.path()).unwrap();
         let jobs = Jobs::recover(&state, None).unwrap();

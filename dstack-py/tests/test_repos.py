@@ -97,6 +97,8 @@ def test_repo_errors_name_what_is_wrong(client: Client, origin: Path, tmp_path: 
         RemoteRepo.from_url("--upload-pack=touch /tmp/x")
     with pytest.raises(ClientError, match="relative path"):
         VirtualRepo().add_file("../outside", b"x")
+    with pytest.raises(NotSupportedError, match="git's own credentials"):
+        client.repos.init(RemoteRepo.from_url(f"file://{origin}"), oauth_token="t0ken")
     with pytest.raises(NotSupportedError, match="not mounted into containers"):
         client.runs.apply_configuration(Task(image="ubuntu", commands=["true"]), repo=VirtualRepo())
     with pytest.raises(NotSupportedError, match="repo= takes a RemoteRepo"):

@@ -173,6 +173,16 @@ def _commit_of(repo: RemoteRepo, identity_file: Optional[str]) -> str:
     raise ClientError(f"{repo.repo_url} has no {missing}")
 
 
+def _no_credentials(oauth_token: Optional[str], creds: object) -> None:
+    """Refuses credentials given in code: git's own are used (never a token in a URL or on a
+    command line, where other processes could read it)."""
+    if oauth_token is not None or creds is not None:
+        raise NotSupportedError(
+            "oauth_token= and creds= are not supported: git's own credentials are used "
+            "(a credential helper for HTTPS, ~/.ssh or git_identity_file= for SSH)"
+        )
+
+
 class RepoCollection:
     """`client.repos`: prepares repos for runs (`init`), loads them from directories (`load`)."""
 
@@ -189,6 +199,7 @@ class RepoCollection:
         """Makes `repo` ready for runs: clones a URL repo, writes a virtual repo's files.
         Credentials are git's own (its credential helpers, `~/.ssh`); `git_identity_file` is
         used for SSH URLs."""
+        _no_credentials(oauth_token, creds)
         self.directory(repo, git_identity_file)
 
     def load(
@@ -200,6 +211,7 @@ class RepoCollection:
         oauth_token: Optional[str] = None,
     ) -> Union[RemoteRepo, LocalRepo]:
         """The repo in `repo_dir`: a `LocalRepo` if `local`, else a `RemoteRepo`."""
+        _no_credentials(oauth_token, None)
         repo: Union[RemoteRepo, LocalRepo] = (
             LocalRepo.from_dir(repo_dir) if local else RemoteRepo.from_dir(repo_dir)
         )
