@@ -15,16 +15,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How long after the store failed to record an agent's reports the agent is followed anew
-/// (its state read again and recorded): a store that fails (a full disk, a lock held for
-/// too long) is tried again at this pace.
-const AFTER_STORE_ERROR: Duration = Duration::from_secs(1);
-
 use futures_util::{FutureExt, StreamExt};
 
 use super::{jobs, Inner};
 use crate::agent::AgentError;
 use crate::model::Instance;
+
+/// How long after the store failed to record an agent's reports the agent is followed anew
+/// (its state read again and recorded): a store that fails (a full disk, a lock held for
+/// too long) is tried again at this pace.
+const AFTER_STORE_ERROR: Duration = Duration::from_secs(1);
 
 /// Watches one instance's agent forever.
 pub(crate) async fn watch(inner: Arc<Inner>, instance: Instance) {

@@ -293,8 +293,9 @@ pub(crate) async fn record(
     Ok(true)
 }
 
-/// Applies an agent's report about a job to the store. A report the store failed to record
-/// is recorded when the job's agent is followed anew (see [`on_agent_jobs`]).
+/// Applies an agent's report about a job to the store. If the store fails, the same change
+/// also reaches the job's watcher as an event, and the watcher follows the agent anew until
+/// it is recorded.
 pub(crate) async fn on_agent_job(inner: &Arc<Inner>, info: JobInfo) {
     let _ = on_agent_jobs(inner, vec![info]).await;
 }
