@@ -106,8 +106,10 @@ class AsyncRunCollection:
         self._raw = raw
         self._repos = RepoCollection(raw.home)
 
-    async def _repo_dir(self, repo: Optional[Repo]) -> Optional[str]:
-        """The repo's directory, prepared off the event loop (a clone takes a while)."""
+    async def _repo_dir(self, repo: Optional[Repo], configuration: object) -> Optional[str]:
+        """Where `configuration`'s jobs on this machine start for `repo`, prepared off the
+        event loop (a clone takes a while)."""
+        check_fits(configuration, repo)
         if repo is None:
             return None
         return await asyncio.get_running_loop().run_in_executor(None, self._repos.directory, repo)
@@ -117,8 +119,7 @@ class AsyncRunCollection:
     ) -> RunPlan:
         """Where `configuration` would run."""
         data = configuration_data(configuration)
-        check_fits(data, repo)
-        client_dir = await self._repo_dir(repo)
+        client_dir = await self._repo_dir(repo, data)
         raw = self._raw
         plan = await _native(raw.plan_async(data))
         return RunPlan(plan, data, client_dir=client_dir)
@@ -127,8 +128,10 @@ class AsyncRunCollection:
         self, run_plan: RunPlan, repo: Optional[Repo] = None, reserve_ports: bool = True
     ) -> AsyncRun:
         """Submits a planned run (in `repo`, else in the plan's)."""
-        check_fits(run_plan._submitted, repo)
-        client_dir = run_plan._client_dir if repo is None else await self._repo_dir(repo)
+        if repo is None:
+            client_dir = run_plan._client_dir
+        else:
+            client_dir = await self._repo_dir(repo, run_plan._submitted)
         raw = self._raw
         run = await _native(
             raw.apply_async(
@@ -149,8 +152,7 @@ class AsyncRunCollection:
     ) -> AsyncRun:
         """Submits a run of `configuration` (see `RunCollection.apply_configuration`)."""
         data = configuration_data(configuration)
-        check_fits(data, repo)
-        client_dir = await self._repo_dir(repo)
+        client_dir = await self._repo_dir(repo, data)
         raw = self._raw
         env_dict = None if env is None else dict(env)
         run = await _native(raw.apply_async(data, name, env_dict, configuration_path, client_dir))

@@ -226,7 +226,9 @@ class RunCollection:
         self._raw = raw
         self._repos = RepoCollection(raw.home)
 
-    def _repo_dir(self, repo: Optional[Repo]) -> Optional[str]:
+    def _repo_dir(self, repo: Optional[Repo], configuration: object) -> Optional[str]:
+        """Where `configuration`'s jobs on this machine start for `repo`, prepared."""
+        check_fits(configuration, repo)
         return None if repo is None else self._repos.directory(repo)
 
     def get_run_plan(
@@ -245,8 +247,7 @@ class RunCollection:
         """Where `configuration` would run (at most `max_offers` offers), without running it."""
         no_profile(profile)
         data = configuration_data(configuration)
-        check_fits(data, repo)
-        client_dir = self._repo_dir(repo)
+        client_dir = self._repo_dir(repo, data)
         plan = RunPlan(self._raw.plan(data), data, configuration_path, client_dir)
         if max_offers is not None:
             plan.offers = plan.offers[:max_offers]
@@ -254,8 +255,7 @@ class RunCollection:
 
     def apply_plan(self, run_plan: RunPlan, repo: Optional[Repo] = None, reserve_ports: bool = True) -> Run:
         """Submits a planned run (in `repo`, else in the plan's)."""
-        check_fits(run_plan._submitted, repo)
-        client_dir = run_plan._client_dir if repo is None else self._repo_dir(repo)
+        client_dir = run_plan._client_dir if repo is None else self._repo_dir(repo, run_plan._submitted)
         raw = self._raw.apply(
             run_plan._submitted, configuration_path=run_plan.configuration_path, client_dir=client_dir
         )
@@ -278,13 +278,12 @@ class RunCollection:
         YAML text) and returns it; `name` and `env` override the configuration's."""
         no_profile(profile)
         data = configuration_data(configuration)
-        check_fits(data, repo)
         raw = self._raw.apply(
             data,
             name=name,
             env=None if env is None else dict(env),
             configuration_path=configuration_path,
-            client_dir=self._repo_dir(repo),
+            client_dir=self._repo_dir(repo, data),
         )
         return Run(raw)
 
