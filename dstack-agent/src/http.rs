@@ -15,6 +15,7 @@ use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde_json::value::RawValue;
 
 use crate::jobs::{JobError, Jobs};
 
@@ -70,7 +71,15 @@ async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, Http
     match (req.method().clone(), segments.as_slice()) {
         (Method::GET, ["api", "healthcheck"]) => Ok(json(&app.health)),
         (Method::GET, ["api", "jobs"]) => Ok(json(&app.jobs.list())),
-        (Method::POST, ["api", "jobs"]) => Ok(json(&app.jobs.submit(read_json(req).await?)?)),
+        (Method::POST, ["api", "jobs"]) => {
+            // One job, or a list of jobs taken in order (a queue: each behind the one before).
+            let body: Box<RawValue> = read_json(req).await?;
+            if body.get().trim_start().starts_with('[') {
+                Ok(json(&app.jobs.submit_all(parse(&body)?)?))
+            } else {
+                Ok(json(&app.jobs.submit(parse(&body)?)?))
+            }
+        }
         (Method::GET, ["api", "jobs", id]) => Ok(json(&app.jobs.get(id)?.info())),
         (Method::DELETE, ["api", "jobs", id]) => {
             app.jobs.remove(id)?;
@@ -135,6 +144,16 @@ async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Htt
         .map_err(|e| bad(format!("cannot read the request body: {e}")))?
         .to_bytes();
     serde_json::from_slice(&body).map_err(|e| bad(format!("invalid request body: {e}")))
+}
+
+/// The value a request body holds.
+fn parse<T: DeserializeOwned>(body: &RawValue) -> Result<T, HttpError> {
+    serde_json::from_str(body.get()).map_err(|e| {
+        HttpError(
+            StatusCode::BAD_REQUEST,
+            format!("invalid request body: {e}"),
+        )
+    })
 }
 
 fn json(value: &impl Serialize) -> Response<Body> {

@@ -338,6 +338,12 @@ impl Jobs {
         }
     }
 
+    /// Submits `specs` in order (see [`Jobs::submit`]): a queue, each job behind the one before
+    /// it. Stops at the first that is refused, with why; those before it are submitted.
+    pub fn submit_all(&self, specs: Vec<JobSubmit>) -> Result<Vec<JobInfo>, JobError> {
+        specs.into_iter().map(|spec| self.submit(spec)).collect()
+    }
+
     /// Starts a job (or queues it behind the job it follows), or returns the job already
     /// submitted with this id. A job whose process cannot start is recorded as failed with
     /// `executor_error`.

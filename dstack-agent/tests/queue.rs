@@ -204,3 +204,47 @@ async fn queued_jobs_start_in_order_after_the_agent_restarts() {
     assert!(second.started_at_ms >= first.finished_at_ms.unwrap());
     assert_eq!(read_logs(client, "second", 0).await, "after the restart\n");
 }
+
+#[tokio::test]
+async fn a_list_of_jobs_is_taken_in_order_up_to_the_first_refused() {
+    let agent = TestAgent::start().await;
+    let client = &agent.client;
+    client
+        .submit(&shell_job("head", "sleep 0.3; echo 1"))
+        .await
+        .unwrap();
+    let queue = [
+        after("second", "echo 2", "head"),
+        after("third", "echo 3", "second"),
+    ];
+    let taken = client.submit_all(&queue).await.unwrap();
+    let ids: Vec<&str> = taken.iter().map(|i| i.id.as_str()).collect();
+    assert_eq!(ids, ["second", "third"]);
+    assert!(taken.iter().all(|i| i.status == AgentJobStatus::Queued));
+    let second = wait_finished(client, "second").await;
+    let third = wait_finished(client, "third").await;
+    assert_eq!(read_logs(client, "third", 0).await, "3\n");
+    assert!(third.started_at_ms >= second.finished_at_ms.unwrap());
+
+    // Sent again, the same list is answered with the jobs as they are (ids are idempotent).
+    let again = client.submit_all(&queue).await.unwrap();
+    assert!(again.iter().all(|i| i.status == AgentJobStatus::Done));
+
+    // A job behind one the agent does not know is refused, and ends the request; the jobs
+    // before it are taken, those after it are not.
+    let refused = client
+        .submit_all(&[
+            shell_job("fourth", "echo 4"),
+            after("fifth", "echo 5", "nobody"),
+            shell_job("sixth", "echo 6"),
+        ])
+        .await
+        .unwrap_err();
+    assert_eq!(status_code(refused), 409);
+    assert_eq!(
+        wait_finished(client, "fourth").await.status,
+        AgentJobStatus::Done
+    );
+    assert!(client.job("fifth").await.unwrap().is_none());
+    assert!(client.job("sixth").await.unwrap().is_none());
+}

@@ -1002,6 +1002,67 @@ async fn a_sweeps_trials_start_in_the_order_they_were_applied() {
     assert_eq!(started, sorted, "start times in the order of the trials");
 }
 
+/// On a host whose tasks have lately been short, a sweep's trials queue more than two deep
+/// behind a running task (as deep as `engine::queues` decides), each behind the one before,
+/// and run in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_of_short_tasks_queues_a_sweep_deeper_than_two() {
+    let home = Home::new();
+    let backend = LocalBackend::new(home.path(), agent_binary());
+    let options = EngineOptions {
+        sweep_period: Duration::from_secs(3600),
+        // Short: whatever a `true` takes on a busy test machine (tests run side by side).
+        queue_cover: Duration::from_secs(10),
+        ..Home::options()
+    };
+    let client = home.client_with_backend_and_options(backend, options).await;
+    let cpus = host_cpus(&client);
+    // Each task needs the whole host: one runs at a time.
+    let whole = |commands: &str| sized_task(commands, cpus, "0.1");
+    let short = whole("  - 'true'\n");
+    let runs = client.runs();
+    for trial in runs
+        .apply_all(copies(&short, 6, home.path()))
+        .await
+        .unwrap()
+    {
+        assert_done(&trial).await;
+    }
+    let leader = apply(&client, &whole("  - sleep 3\n"), home.path()).await;
+    wait_running(&leader).await;
+    let trials = runs
+        .apply_all(copies(&short, 40, home.path()))
+        .await
+        .unwrap();
+    let queued = |trial: &RunHandle| {
+        let job = trial.jobs().unwrap().remove(0);
+        (job.status == JobStatus::Provisioning)
+            .then_some(job.after_job)
+            .flatten()
+    };
+    eventually(10, "more than two trials are queued", async || {
+        trials.iter().filter(|t| queued(t).is_some()).count() > 2
+    })
+    .await;
+    assert_eq!(leader.status().unwrap(), RunStatus::Running);
+    let mut ahead = job_of(&leader);
+    for trial in trials.iter().take_while(|t| queued(t).is_some()) {
+        assert_eq!(
+            queued(trial),
+            Some(ahead),
+            "queued behind the trial before it"
+        );
+        ahead = job_of(trial);
+    }
+    assert_done(&leader).await;
+    let mut started = Vec::new();
+    for trial in &trials {
+        assert_done(trial).await;
+        started.push(trial.jobs().unwrap()[0].started_at_ms.unwrap());
+    }
+    assert!(started.is_sorted(), "trials started in order: {started:?}");
+}
+
 /// `n` runs of the task `yaml` applied from `dir`, for `apply_all`.
 fn copies(yaml: &str, n: usize, dir: &Path) -> Vec<(Configuration, ApplyOptions)> {
     (0..n)

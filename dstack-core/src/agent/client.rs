@@ -305,6 +305,14 @@ impl AgentClient {
             .await
     }
 
+    /// `POST /api/jobs` with a list: starts (or queues) the jobs in order, each as
+    /// [`AgentClient::submit`] would. An error is the first job refused; the jobs before it
+    /// were taken.
+    pub async fn submit_all(&self, jobs: &[JobSubmit]) -> Result<Vec<JobInfo>, AgentError> {
+        self.json(Method::POST, "/api/jobs", Some(serde_json::to_vec(jobs)?))
+            .await
+    }
+
     /// `GET /api/jobs/{id}`; `None` when the agent does not know the job.
     pub async fn job(&self, id: &str) -> Result<Option<JobInfo>, AgentError> {
         match self

@@ -8,6 +8,7 @@
 //! |---|---|---|
 //! | `GET /api/healthcheck` | — | [`Healthcheck`] |
 //! | `POST /api/jobs` | [`JobSubmit`] | [`JobInfo`] (idempotent: the same id returns the existing job) |
+//! | `POST /api/jobs` | `[JobSubmit]` (a queue: each usually `after` the one before) | `[JobInfo]`, the jobs taken in order; the first refused ends the request with its error, those before it are taken |
 //! | `GET /api/jobs` | — | `[JobInfo]` |
 //! | `GET /api/jobs/{id}` | — | [`JobInfo`]; 404 |
 //! | `POST /api/jobs/{id}/stop` | [`StopRequest`] | [`JobInfo`]; 404 |

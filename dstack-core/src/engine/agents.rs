@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
 
-use super::{jobs, Inner};
+use super::{jobs, queues, Inner};
 use crate::agent::AgentError;
 use crate::model::Instance;
 
@@ -162,6 +162,11 @@ async fn follow(
         let Some(first) = events.next().await else {
             break;
         };
+        // While many tasks are queued there, the reports of a while are recorded together.
+        let gather_until = inner
+            .queues
+            .gathers(&instance.id)
+            .then(|| tokio::time::Instant::now() + queues::GATHER);
         // Everything the agent has reported meanwhile is recorded together (one store
         // transaction): the busier the engine, the more each transaction carries.
         let mut batch = Vec::new();
@@ -177,7 +182,14 @@ async fn follow(
                     break;
                 }
             }
-            event = events.next().now_or_never().flatten();
+            event = match gather_until {
+                // The stream keeps what it has read of a line when the wait is cut short.
+                Some(until) => tokio::time::timeout_at(until, events.next())
+                    .await
+                    .ok()
+                    .flatten(),
+                None => events.next().now_or_never().flatten(),
+            };
         }
         if jobs::on_agent_jobs(inner, batch).await.is_err() {
             return Ok(Ended::Unrecorded);

@@ -102,6 +102,21 @@ async fn try_start(
     job: &Job,
     instance: Option<Instance>,
 ) -> Result<(), EngineError> {
+    let submit = submission(inner, job, instance)?;
+    // What becomes of the job (running, ended) is recorded from the agent's reports (see
+    // `agents::watch`), once, whether they arrive before or after this answer; a queued job
+    // stays `provisioning`.
+    let instance_id = job.instance_id.as_deref().unwrap_or_default();
+    inner.agent(instance_id).await?.submit(&submit).await?;
+    Ok(())
+}
+
+/// What the agent is sent to start `job` (on `instance`, if the caller has just read it).
+fn submission(
+    inner: &Arc<Inner>,
+    job: &Job,
+    instance: Option<Instance>,
+) -> Result<crate::agent::JobSubmit, EngineError> {
     let run = inner.definition_of(&job.run_id)?;
     let instance_id = job.instance_id.clone().unwrap_or_default();
     let instance = match instance.filter(|i| i.id == instance_id) {
@@ -112,13 +127,67 @@ async fn try_start(
             .ok_or_else(|| EngineError::Invalid(format!("job {} has no instance", job.id)))?,
     };
     let nodes = node_addresses(inner, &run, &instance)?;
-    let submit = super::command::job_submit(&run, job, &instance, &nodes)
-        .map_err(|e| EngineError::Invalid(e.to_string()))?;
-    // What becomes of the job (running, ended) is recorded from the agent's reports (see
-    // `agents::watch`), once, whether they arrive before or after this answer; a queued job
-    // stays `provisioning`.
-    inner.agent(&instance_id).await?.submit(&submit).await?;
-    Ok(())
+    super::command::job_submit(&run, job, &instance, &nodes)
+        .map_err(|e| EngineError::Invalid(e.to_string()))
+}
+
+/// Starts `provisioning` jobs placed together on one instance, in order, after those placed
+/// there before (a job queued behind one that has not reached the agent yet is refused):
+/// jobs queued one behind the other (see `scheduler`) in one request to the agent. If that
+/// fails, or the jobs cannot all be claimed, each is started on its own, in order, which
+/// reports what became of each (the agent knows those it took by their ids).
+pub(crate) async fn start_queue(inner: Arc<Inner>, queue: Vec<(Job, Instance)>) {
+    let Some(instance_id) = queue.first().and_then(|(job, _)| job.instance_id.clone()) else {
+        return;
+    };
+    // Claimed before waiting for their turn: the periodic sweep, which starts `provisioning`
+    // jobs again, leaves them alone meanwhile.
+    let claimed = claim(&inner, &queue);
+    let turn = inner
+        .queueing
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(instance_id.clone())
+        .or_default()
+        .clone();
+    let _turn = turn.lock().await;
+    let sent = claimed && queue.len() > 1 && send_queue(&inner, &instance_id, &queue).await;
+    if claimed {
+        let mut starting = inner.starting.lock().unwrap_or_else(|e| e.into_inner());
+        for (job, _) in &queue {
+            starting.remove(&job.id);
+        }
+    }
+    if !sent {
+        for (job, instance) in queue {
+            start(inner.clone(), job, Some(instance)).await;
+        }
+    }
+}
+
+/// Marks all the jobs of `queue` as being started by this process; `false` (none marked) if
+/// any of them already is.
+fn claim(inner: &Inner, queue: &[(Job, Instance)]) -> bool {
+    let mut starting = inner.starting.lock().unwrap_or_else(|e| e.into_inner());
+    if queue.iter().any(|(job, _)| starting.contains(&job.id)) {
+        return false;
+    }
+    starting.extend(queue.iter().map(|(job, _)| job.id.clone()));
+    true
+}
+
+/// Sends the jobs of `queue` to the agent of `instance_id` in one request; whether it took
+/// them all.
+async fn send_queue(inner: &Arc<Inner>, instance_id: &str, queue: &[(Job, Instance)]) -> bool {
+    let sent = async {
+        let submits = queue
+            .iter()
+            .map(|(job, instance)| submission(inner, job, Some(instance.clone())))
+            .collect::<Result<Vec<_>, _>>()?;
+        inner.agent(instance_id).await?.submit_all(&submits).await?;
+        Ok::<(), EngineError>(())
+    };
+    sent.await.is_ok()
 }
 
 /// Stops a process that runs on an agent while the store no longer expects it to.
@@ -248,6 +317,16 @@ fn derive<'a>(
 /// resources are free now, unless they `passed_on` to the job queued behind it), a job that
 /// started may be followed, a changed run is announced.
 fn written(inner: &Inner, job: &Job, from: JobStatus, run: Option<&Run>, passed_on: bool) {
+    let instance_id = job.instance_id.as_deref().unwrap_or_default();
+    if let (true, Some(started), Some(finished)) = (
+        job.status.is_finished(),
+        job.started_at_ms,
+        job.finished_at_ms,
+    ) {
+        inner
+            .queues
+            .task_ended(instance_id, finished.saturating_sub(started));
+    }
     if job.status.is_finished() {
         // A run group with a limit may place another run now, whatever became of the
         // resources.
@@ -263,7 +342,11 @@ fn written(inner: &Inner, job: &Job, from: JobStatus, run: Option<&Run>, passed_
             inner.wake_scheduler();
         }
     } else if job.status == JobStatus::Running && from == JobStatus::Provisioning {
-        inner.wake_if_blocked(); // a job can be queued behind this one now
+        if job.after_job.is_some() {
+            inner.queues.queued_started(instance_id);
+        }
+        // A job can be queued behind this one now.
+        inner.wake_if_blocked(job.after_job.is_some());
     }
     if let Some(run) = run {
         runs::updated(inner, run);

@@ -14,6 +14,7 @@ mod gang;
 mod jobs;
 pub mod names;
 mod provision;
+mod queues;
 mod runs;
 mod scheduler;
 mod sweep;
@@ -59,6 +60,10 @@ pub struct EngineOptions {
     /// that exited mid-way, changes of other processes, reconciliations lost to an error
     /// (see `engine::sweep`). Nothing on the event-driven paths waits for it.
     pub sweep_period: Duration,
+    /// How much work the tasks queued on an agent behind a running task should hold, in
+    /// terms of how long tasks have lately run on its instance: the shorter the tasks, the
+    /// deeper the queue (see `engine::queues`; two deep at least, 32 at most).
+    pub queue_cover: Duration,
 }
 
 impl Default for EngineOptions {
@@ -78,6 +83,7 @@ impl Default for EngineOptions {
             provisioning_timeout: secs(600),
             orphan_grace: secs(120),
             sweep_period: secs(3),
+            queue_cover: Duration::from_millis(16),
         }
     }
 }
@@ -178,6 +184,8 @@ pub(crate) struct Inner {
     pub(crate) capacity_epoch: std::sync::atomic::AtomicU64,
     /// What the last placement pass found no room for.
     pub(crate) blocked: Mutex<scheduler::Blocked>,
+    /// How deep the agents' queues are kept, and how many tasks they hold.
+    pub(crate) queues: queues::Queues,
     /// Set for the periodic placement pass, which looks further into the waiting queue.
     pub(crate) backfill: std::sync::atomic::AtomicBool,
     /// Wakes the retry timer.
@@ -190,6 +198,9 @@ pub(crate) struct Inner {
     pub(crate) watchers: Mutex<HashMap<String, AbortHandle>>,
     /// Jobs this process is starting right now.
     pub(crate) starting: Mutex<std::collections::HashSet<String>>,
+    /// Per instance: held while queued jobs are sent to its agent, so that they reach it in
+    /// the order they were placed (a job queued behind one not there yet is refused).
+    pub(crate) queueing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The definition of each unfinished run this process has dealt with.
     pub(crate) definitions: Mutex<HashMap<String, Arc<Definition>>>,
     /// Instances this process is provisioning right now.
@@ -319,10 +330,12 @@ impl Engine {
             schedule: Notify::new(),
             capacity_epoch: Default::default(),
             blocked: Default::default(),
+            queues: Default::default(),
             backfill: Default::default(),
             retries: Notify::new(),
             changes: broadcast::channel(1024).0,
             run_watchers: Mutex::new(HashMap::new()),
+            queueing: Default::default(),
             agents: Mutex::new(HashMap::new()),
             watchers: Mutex::new(HashMap::new()),
             starting: Mutex::new(Default::default()),

@@ -2,8 +2,9 @@
 //!
 //! A task that fits nowhere now may be queued behind a running task whose reservation covers
 //! it (a *follower*: [`crate::model::Job::after_job`]): the agent starts it the moment that
-//! task ends, without waiting for this process to notice. Up to [`QUEUE_DEPTH`] tasks queue
-//! one behind the other, so that this process has that many tasks' time to queue the next.
+//! task ends, without waiting for this process to notice. Tasks queue one behind the other,
+//! as deep as `queues` decides from how short the instance's tasks are, so that this process
+//! has that many tasks' time to queue the next; a queue is refilled several tasks at once.
 //! A follower's reservation lies within its leader's and counts only once the leader has
 //! ended, so nothing is over-committed. The last follower of a queue is taken back and placed
 //! elsewhere when room frees up there first (then the one before it, and so on).
@@ -23,9 +24,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::provision::ForJob;
-use super::{jobs, Inner};
+use super::{jobs, queues, Inner};
 use crate::config::Configuration;
-use crate::model::{Fleet, Instance, InstanceStatus, JobStatus, JobTerminationReason, Reservation};
+use crate::model::{
+    Fleet, Instance, InstanceStatus, Job, JobStatus, JobTerminationReason, Reservation,
+};
 use crate::offers::{mismatch, reserve, reserve_blocks};
 use crate::store::{Holding, Placement, Placing, WaitingJob};
 
@@ -35,9 +38,6 @@ const EVENT_WINDOW: usize = 16;
 /// How many waiting jobs the periodic pass looks at (the oldest first).
 const BACKFILL_WINDOW: usize = 1024;
 
-/// How many tasks may be queued behind a running task, one behind the other.
-const QUEUE_DEPTH: usize = 2;
-
 /// The configurations of the single-node jobs the last placement pass found no room for,
 /// valid while the capacity epoch it started at is current: a new run with the same demand
 /// (see [`same_demand`]) cannot be placed either, so it waits without waking the scheduler
@@ -46,6 +46,8 @@ const QUEUE_DEPTH: usize = 2;
 pub(crate) struct Blocked {
     epoch: u64,
     demands: Vec<Arc<Configuration>>,
+    /// How many queued tasks may start before a queue runs short (see `queues::refill_below`).
+    starts_to_refill: usize,
 }
 
 impl Inner {
@@ -68,17 +70,19 @@ impl Inner {
     }
 
     /// Wakes the scheduler if the last pass left jobs waiting: a job that has just started
-    /// can be followed.
-    pub(crate) fn wake_if_blocked(&self) {
-        let blocked = !self
-            .blocked
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .demands
-            .is_empty();
-        if blocked {
-            self.wake_scheduler();
+    /// can be followed. A queued job (`queued`) that starts shortens its queue: the scheduler
+    /// is woken once a queue may have run short.
+    pub(crate) fn wake_if_blocked(&self, queued: bool) {
+        let mut blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+        if blocked.demands.is_empty() {
+            return;
         }
+        if queued && blocked.starts_to_refill > 0 {
+            blocked.starts_to_refill -= 1;
+            return;
+        }
+        drop(blocked);
+        self.wake_scheduler();
     }
 
     fn set_blocked(&self, blocked: Blocked) {
@@ -98,7 +102,8 @@ pub(crate) async fn run(inner: Arc<Inner>) {
 async fn pass(inner: &Arc<Inner>) {
     let epoch = inner.capacity_epoch.load(Ordering::SeqCst);
     inner.set_blocked(Blocked::default());
-    let window = if inner.backfill.swap(false, Ordering::SeqCst) {
+    let backfill = inner.backfill.swap(false, Ordering::SeqCst);
+    let window = if backfill {
         BACKFILL_WINDOW
     } else {
         EVENT_WINDOW
@@ -261,7 +266,13 @@ async fn pass(inner: &Arc<Inner>) {
             blocked.push((selection, want));
         }
         // No room anywhere now: queued behind a task that will free room for it, if any.
-        match follow(&config, &candidates, &holdings, &mut leaders) {
+        match follow(
+            &config,
+            &candidates,
+            backfill,
+            &mut leaders,
+            (&job_id, &run_id),
+        ) {
             Some((instance, leader)) => {
                 placements.push(Pending {
                     job_id,
@@ -279,9 +290,25 @@ async fn pass(inner: &Arc<Inner>) {
         // Room for all it saw: the jobs beyond the window may find room too.
         inner.schedule.notify_one();
     }
+    // Each start of a queued task shortens one queue by one: the queue nearest to running
+    // short (below its refill mark) decides how many may start before the next pass.
+    let starts_to_refill = leaders
+        .iter()
+        .map(|l| l.depth.saturating_sub(queues::refill_below(l.limit)))
+        .min()
+        .unwrap_or(0);
+    // What the pass left queued on each instance: the depth of each queue's last task.
+    let mut queued: HashMap<String, usize> = HashMap::new();
+    for leader in &leaders {
+        *queued
+            .entry(leader.holding.instance_id.clone())
+            .or_default() += leader.depth;
+    }
+    inner.queues.set_queued(&queued);
     inner.set_blocked(Blocked {
         epoch,
         demands: unplaced,
+        starts_to_refill,
     });
 }
 
@@ -302,17 +329,29 @@ fn may_follow(config: &Configuration) -> bool {
     matches!(config, Configuration::Task(_)) && super::command::nodes(config) == 1
 }
 
-/// The tasks a task may be queued behind: the running tasks and the queued ones (fewer than
-/// [`QUEUE_DEPTH`] deep) that nothing is queued behind yet.
-fn leaders(inner: &Inner, holdings: &[Holding]) -> Vec<Holding> {
+/// The last task of a queue (a running task or one queued behind it): a task may be queued
+/// behind it while its queue is not full.
+struct Leader {
+    holding: Holding,
+    /// How many tasks it is queued behind.
+    depth: usize,
+    /// What its instance holds besides its queue.
+    others: Vec<Reservation>,
+    /// How deep its instance's queues are filled (see `queues`).
+    limit: usize,
+    /// Whether this pass queued it: its queue is filled whatever its depth.
+    filling: bool,
+}
+
+/// The last tasks of the queues of running tasks that may be followed.
+fn leaders(inner: &Inner, holdings: &[Holding]) -> Vec<Leader> {
     holdings
         .iter()
         .filter(|h| {
             // Not one being stopped: the agent may have ended it already, and a job queued
             // behind an ended one starts at once.
-            let depth = queue_depth(h, holdings);
-            let queued = h.status == JobStatus::Provisioning && depth > 0;
-            (h.status == JobStatus::Running || queued) && depth < QUEUE_DEPTH
+            let queued = h.status == JobStatus::Provisioning && !h.counts(holdings);
+            h.status == JobStatus::Running || queued
         })
         .filter(|h| !followed(h, holdings))
         .filter(|h| {
@@ -320,13 +359,16 @@ fn leaders(inner: &Inner, holdings: &[Holding]) -> Vec<Holding> {
                 .configuration_of(&h.run_id)
                 .is_ok_and(|c| may_follow(&c))
         })
-        .cloned()
+        .map(|h| Leader {
+            holding: h.clone(),
+            depth: h.queue(holdings).len() - 1,
+            others: besides_queue(h, holdings),
+            limit: inner
+                .queues
+                .depth(&h.instance_id, inner.options.queue_cover),
+            filling: false,
+        })
         .collect()
-}
-
-/// How many jobs `holding` is queued behind (0: it is not queued).
-fn queue_depth(holding: &Holding, holdings: &[Holding]) -> usize {
-    holding.queue(holdings).len() - 1
 }
 
 /// Whether a job is queued behind `holding`.
@@ -336,31 +378,45 @@ fn followed(holding: &Holding, holdings: &[Holding]) -> bool {
         .any(|f| f.after_job.as_deref() == Some(holding.job_id.as_str()))
 }
 
-/// The leader among `leaders` (on the `candidates`) whose reservation covers a job of a run
-/// of `config`, which fits nowhere now: the job is to be queued behind it (the agent holds it
-/// until the leader ends). The leader is taken out of `leaders`; `None` if none can take it.
+/// The leader among `leaders` (on the `candidates`) whose reservation covers job `job_id` of
+/// a run of `config`, which fits nowhere now: the job is to be queued behind it (the agent
+/// holds it until the leader ends). A queue is extended while it is short (see
+/// `queues::refill_below`), or being filled by this pass, or by the periodic (`backfill`)
+/// pass, up to its instance's depth. The job takes the leader's place in `leaders` (its queue,
+/// one deeper, is filled first); `None` if no leader can take it.
 fn follow(
     config: &Configuration,
     candidates: &[&Instance],
-    holdings: &[Holding],
-    leaders: &mut Vec<Holding>,
+    backfill: bool,
+    leaders: &mut [Leader],
+    (job_id, run_id): (&str, &str),
 ) -> Option<(Instance, Holding)> {
     if !may_follow(config) {
         return None;
     }
     let spec = &super::command::common(config).resources;
-    let index = leaders.iter().position(|leader| {
-        candidates
+    let (leader, instance, reservation) = leaders.iter_mut().find_map(|leader| {
+        let extended =
+            leader.filling || backfill || leader.depth < queues::refill_below(leader.limit);
+        let fits = leader.depth < leader.limit && extended;
+        let instance = candidates
             .iter()
-            .find(|i| i.id == leader.instance_id)
-            .is_some_and(|instance| {
-                let others = besides_queue(leader, holdings);
-                follower_fit(spec, instance, leader, &others).is_some()
-            })
+            .find(|i| fits && i.id == leader.holding.instance_id)?;
+        let reservation = follower_fit(spec, instance, &leader.holding, &leader.others)?;
+        Some((leader, instance, reservation))
     })?;
-    let leader = leaders.remove(index);
-    let instance = candidates.iter().find(|i| i.id == leader.instance_id)?;
-    Some(((*instance).clone(), leader))
+    let follower = Holding {
+        job_id: job_id.to_string(),
+        run_id: run_id.to_string(),
+        status: JobStatus::Provisioning,
+        after_job: Some(leader.holding.job_id.clone()),
+        reservation,
+        ..leader.holding.clone()
+    };
+    let taken = std::mem::replace(&mut leader.holding, follower);
+    leader.depth += 1;
+    leader.filling = true;
+    Some(((*instance).clone(), taken))
 }
 
 /// What the instance of `leader` holds besides the leader's queue.
@@ -424,11 +480,23 @@ fn place(inner: &Arc<Inner>, pending: Vec<Pending>) {
     let Ok(assigned) = inner.store.assign_jobs(&placements) else {
         return;
     };
+    // The jobs queued one behind the other in this pass are submitted together, in order (the
+    // agent refuses a job behind one it does not know).
+    let mut chains: Vec<Vec<(Job, Instance)>> = Vec::new();
     for (job, p) in assigned.into_iter().zip(&pending) {
-        if let Some(job) = job {
-            let start = jobs::start(inner.clone(), job, Some(p.instance.clone()));
-            inner.runtime.spawn(start);
+        let Some(job) = job else { continue };
+        let behind = chains.iter_mut().find(|chain| {
+            chain
+                .last()
+                .is_some_and(|(last, _)| job.after_job.as_deref() == Some(last.id.as_str()))
+        });
+        match behind {
+            Some(chain) => chain.push((job, p.instance.clone())),
+            None => chains.push(vec![(job, p.instance.clone())]),
         }
+    }
+    for chain in chains {
+        inner.runtime.spawn(jobs::start_queue(inner.clone(), chain));
     }
 }
 
