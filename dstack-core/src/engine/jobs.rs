@@ -327,6 +327,14 @@ fn written(inner: &Inner, job: &Job, from: JobStatus, run: Option<&Run>, passed_
             .queues
             .task_ended(instance_id, finished.saturating_sub(started));
     }
+    // A queued job that started, or ended (its start and end reported together), has left
+    // its queue.
+    let dequeued = from == JobStatus::Provisioning
+        && job.after_job.is_some()
+        && job.status != JobStatus::Provisioning;
+    if dequeued {
+        inner.queues.queued_started(instance_id);
+    }
     if job.status.is_finished() {
         // A run group with a limit may place another run now, whatever became of the
         // resources.
@@ -340,13 +348,12 @@ fn written(inner: &Inner, job: &Job, from: JobStatus, run: Option<&Run>, passed_
         };
         if !passed_on || grouped() {
             inner.wake_scheduler();
+        } else if dequeued {
+            inner.wake_if_blocked(true); // its queue is shorter
         }
     } else if job.status == JobStatus::Running && from == JobStatus::Provisioning {
-        if job.after_job.is_some() {
-            inner.queues.queued_started(instance_id);
-        }
         // A job can be queued behind this one now.
-        inner.wake_if_blocked(job.after_job.is_some());
+        inner.wake_if_blocked(dequeued);
     }
     if let Some(run) = run {
         runs::updated(inner, run);
@@ -394,7 +401,13 @@ pub(crate) async fn on_agent_jobs(
     if infos.is_empty() {
         return Ok(());
     }
-    let ids: Vec<&str> = infos.iter().map(|i| i.id.as_str()).collect();
+    // Each job once (its last report counts), in the order of their first reports.
+    let mut ids: Vec<&str> = Vec::with_capacity(infos.len());
+    for info in &infos {
+        if !ids.contains(&info.id.as_str()) {
+            ids.push(&info.id);
+        }
+    }
     // Reports that need more than a write (see [`Report`]): jobs to stop again, and runs to
     // reconcile (those of reported ends the store already had; once per run).
     let mut orphans: Vec<Job> = Vec::new();
