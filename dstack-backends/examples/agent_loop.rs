@@ -10,27 +10,11 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
-use std::time::{Duration, Instant};
+use std::collections::HashMap;
+use std::time::Instant;
 
-use dstack_backends::local::find_agent_binary;
-use dstack_core::agent::{AgentClient, AgentJobStatus, JobSubmit};
+use dstack_core::agent::{AgentClient, AgentJobStatus};
 use futures_util::StreamExt;
-
-/// A `true` job by `/bin/sh`, queued behind `after`.
-fn job(id: String, after: Option<String>) -> JobSubmit {
-    JobSubmit {
-        name: id.clone(),
-        id,
-        argv: vec!["/bin/sh".into(), "-c".into(), "true".into()],
-        env: BTreeMap::from([("PATH".to_string(), "/usr/bin:/bin".to_string())]),
-        working_dir: "/tmp".into(),
-        max_duration_secs: None,
-        mpi_hostfile: None,
-        container: None,
-        after,
-    }
-}
 
 /// CPU seconds (user + system) process `pid` has used itself.
 fn own_cpu_seconds(pid: u32) -> f64 {
@@ -59,7 +43,7 @@ impl Queues {
     /// Submits one job behind the last of queue `q`.
     async fn push(&mut self, client: &AgentClient, q: usize) {
         let id = format!("r{}-{}", self.round, self.submitted);
-        let submit = job(id.clone(), self.tails[q].take());
+        let submit = common::sh_job(id.clone(), "true", self.tails[q].take());
         client.submit(&submit).await.expect("submitted");
         self.queue_of.insert(id.clone(), q);
         self.tails[q] = Some(id);
@@ -73,19 +57,7 @@ async fn main() {
     let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(1000);
     let depth: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(2);
     let dir = tempfile::tempdir().expect("temp dir");
-    let socket = dir.path().join("agent.sock");
-    let mut agent = std::process::Command::new(find_agent_binary().expect("dstack-agent built"))
-        .arg("serve")
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--state-dir")
-        .arg(dir.path().join("agent"))
-        .spawn()
-        .expect("agent starts");
-    let client = AgentClient::unix(&socket);
-    while client.healthcheck().await.is_err() {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let (mut agent, client) = common::start_agent(dir.path()).await;
     for round in 0..3 {
         let floor = common::floor_sweep(n);
         let cpu = own_cpu_seconds(agent.id());

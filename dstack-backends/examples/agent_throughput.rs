@@ -7,26 +7,7 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
-
-use dstack_backends::local::find_agent_binary;
-use dstack_core::agent::{AgentClient, JobSubmit};
-
-/// A job of the benchmark: `script` by `/bin/sh`, queued behind `after`.
-fn job(id: String, script: &str, after: Option<String>) -> JobSubmit {
-    JobSubmit {
-        name: id.clone(),
-        id,
-        argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
-        env: BTreeMap::from([("PATH".to_string(), "/usr/bin:/bin".to_string())]),
-        working_dir: "/tmp".into(),
-        max_duration_secs: None,
-        mpi_hostfile: None,
-        container: None,
-        after,
-    }
-}
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
@@ -35,19 +16,7 @@ async fn main() {
         .and_then(|a| a.parse().ok())
         .unwrap_or(1000);
     let dir = tempfile::tempdir().expect("temp dir");
-    let socket = dir.path().join("agent.sock");
-    let mut agent = std::process::Command::new(find_agent_binary().expect("dstack-agent built"))
-        .arg("serve")
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--state-dir")
-        .arg(dir.path().join("agent"))
-        .spawn()
-        .expect("agent starts");
-    let client = AgentClient::unix(&socket);
-    while client.healthcheck().await.is_err() {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let (mut agent, client) = common::start_agent(dir.path()).await;
 
     let floor = common::floor_sweep(n);
     println!(
@@ -60,14 +29,14 @@ async fn main() {
     let hold = format!("sleep {}", HOLD.as_secs_f64());
     let mut tails: Vec<String> = Vec::new();
     for queue in 0..2 {
-        let head = job(format!("hold-{queue}"), &hold, None);
+        let head = common::sh_job(format!("hold-{queue}"), &hold, None);
         client.submit(&head).await.expect("submitted");
         tails.push(head.id);
     }
     let held_at = Instant::now();
     for i in 0..n {
         let tail = &mut tails[i % 2];
-        let next = job(format!("job-{i}"), "true", Some(tail.clone()));
+        let next = common::sh_job(format!("job-{i}"), "true", Some(tail.clone()));
         client.submit(&next).await.expect("submitted");
         *tail = next.id;
     }

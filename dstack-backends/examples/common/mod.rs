@@ -3,8 +3,12 @@
 // Each example uses some of these helpers.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use dstack_backends::local::find_agent_binary;
+use dstack_core::agent::{AgentClient, JobSubmit};
 use dstack_core::config::Configuration;
 use dstack_core::engine::ApplyOptions;
 use dstack_core::model::RunStatus;
@@ -81,4 +85,38 @@ pub async fn sequential_runs(
         to_done.push(t.elapsed());
     }
     (to_running, to_done)
+}
+
+/// Starts an agent (the built `dstack-agent`) with its socket and state under `dir`, and
+/// waits until it answers.
+pub async fn start_agent(dir: &Path) -> (std::process::Child, AgentClient) {
+    let socket = dir.join("agent.sock");
+    let agent = std::process::Command::new(find_agent_binary().expect("dstack-agent built"))
+        .arg("serve")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.join("agent"))
+        .spawn()
+        .expect("agent starts");
+    let client = AgentClient::unix(&socket);
+    while client.healthcheck().await.is_err() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (agent, client)
+}
+
+/// A job of `script` run by `/bin/sh`, queued behind `after`.
+pub fn sh_job(id: String, script: &str, after: Option<String>) -> JobSubmit {
+    JobSubmit {
+        name: id.clone(),
+        id,
+        argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        env: BTreeMap::from([("PATH".to_string(), "/usr/bin:/bin".to_string())]),
+        working_dir: "/tmp".into(),
+        max_duration_secs: None,
+        mpi_hostfile: None,
+        container: None,
+        after,
+    }
 }
