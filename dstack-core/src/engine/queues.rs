@@ -2,10 +2,10 @@
 //! behind a running task, which the agent starts one after the other).
 //!
 //! A queue should hold about `EngineOptions::queue_cover` of work, judged by how long tasks
-//! have lately run on its instance: long tasks are queued [`MIN_DEPTH`] deep (placing the next one is in no
-//! hurry, and a task queued on one host is a task that cannot go to another), a sweep of
-//! short ones up to [`MAX_DEPTH`] deep, refilled once half of it has started, several tasks
-//! in one placement pass and one request to the agent. While many tasks are queued on an
+//! have lately run on its instance: long tasks are queued [`MIN_DEPTH`] deep (placing the
+//! next one is in no hurry, and a task queued on one host is a task that cannot go to
+//! another), a sweep of short ones up to [`MAX_DEPTH`] deep, refilled once half of it has
+//! started, several tasks in one placement pass and one request to the agent. While many tasks are queued on an
 //! instance, its agent's reports are gathered for [`GATHER`] and recorded together: the
 //! queues cover that time many times over, and one store transaction then records several
 //! tasks' ends and starts instead of one.
@@ -35,6 +35,7 @@ pub(crate) struct Queues {
     instances: Mutex<HashMap<String, InstanceQueues>>,
 }
 
+/// What the engine knows of one instance's queues.
 #[derive(Default)]
 struct InstanceQueues {
     /// The moving average of the run time of tasks that ended there (ms), once one has.
