@@ -136,8 +136,12 @@ fn submission(
 /// jobs queued one behind the other (see `scheduler`) in one request to the agent. If that
 /// fails, or the jobs cannot all be claimed, each is started on its own, in order, which
 /// reports what became of each (the agent knows those it took by their ids).
-pub(crate) async fn start_queue(inner: Arc<Inner>, queue: Vec<(Job, Instance)>) {
+pub(crate) async fn start_queue(inner: Arc<Inner>, queue: Vec<(Job, Option<Instance>)>) {
     let Some(instance_id) = queue.first().and_then(|(job, _)| job.instance_id.clone()) else {
+        // Not placed: each start says why.
+        for (job, instance) in queue {
+            start(inner.clone(), job, instance).await;
+        }
         return;
     };
     // Claimed before waiting for their turn: the periodic sweep, which starts `provisioning`
@@ -160,14 +164,47 @@ pub(crate) async fn start_queue(inner: Arc<Inner>, queue: Vec<(Job, Instance)>) 
     }
     if !sent {
         for (job, instance) in queue {
-            start(inner.clone(), job, Some(instance)).await;
+            start(inner.clone(), job, instance).await;
         }
     }
 }
 
+/// `jobs` (each with its instance, if the caller has read it) in queues: each job right
+/// after the job it is queued behind when that one is among `jobs` too, so that each queue
+/// can be sent to its agent in order ([`start_queue`]); otherwise in the order given.
+pub(crate) fn in_queues(jobs: Vec<(Job, Option<Instance>)>) -> Vec<Vec<(Job, Option<Instance>)>> {
+    let ids: std::collections::HashSet<String> = jobs.iter().map(|(j, _)| j.id.clone()).collect();
+    let mut followers = std::collections::HashMap::new();
+    let mut heads = Vec::new();
+    for (job, instance) in jobs {
+        match job.after_job.clone().filter(|leader| ids.contains(leader)) {
+            Some(leader) => {
+                followers.insert(leader, (job, instance));
+            }
+            None => heads.push((job, instance)),
+        }
+    }
+    let mut queues: Vec<Vec<(Job, Option<Instance>)>> = heads
+        .into_iter()
+        .map(|head| {
+            let mut queue = vec![head];
+            while let Some(next) = queue
+                .last()
+                .and_then(|(last, _)| followers.remove(&last.id))
+            {
+                queue.push(next);
+            }
+            queue
+        })
+        .collect();
+    // Only a cycle, which the store cannot record, would leave any: each alone then.
+    queues.extend(followers.into_values().map(|f| vec![f]));
+    queues
+}
+
 /// Marks all the jobs of `queue` as being started by this process; `false` (none marked) if
 /// any of them already is.
-fn claim(inner: &Inner, queue: &[(Job, Instance)]) -> bool {
+fn claim(inner: &Inner, queue: &[(Job, Option<Instance>)]) -> bool {
     let mut starting = inner.starting.lock().unwrap_or_else(|e| e.into_inner());
     if queue.iter().any(|(job, _)| starting.contains(&job.id)) {
         return false;
@@ -178,11 +215,15 @@ fn claim(inner: &Inner, queue: &[(Job, Instance)]) -> bool {
 
 /// Sends the jobs of `queue` to the agent of `instance_id` in one request; whether it took
 /// them all.
-async fn send_queue(inner: &Arc<Inner>, instance_id: &str, queue: &[(Job, Instance)]) -> bool {
+async fn send_queue(
+    inner: &Arc<Inner>,
+    instance_id: &str,
+    queue: &[(Job, Option<Instance>)],
+) -> bool {
     let sent = async {
         let submits = queue
             .iter()
-            .map(|(job, instance)| submission(inner, job, Some(instance.clone())))
+            .map(|(job, instance)| submission(inner, job, instance.clone()))
             .collect::<Result<Vec<_>, _>>()?;
         inner.agent(instance_id).await?.submit_all(&submits).await?;
         Ok::<(), EngineError>(())
@@ -559,5 +600,56 @@ pub(crate) async fn fail_unreachable(inner: &Arc<Inner>, instance_id: &str, erro
             message,
         )
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(id: &str, instance: &str, after: Option<&str>) -> (Job, Option<Instance>) {
+        let job = Job {
+            id: id.into(),
+            run_id: format!("run-{id}"),
+            run_name: id.into(),
+            job_num: 0,
+            replica_num: 0,
+            submission_num: 0,
+            status: JobStatus::Provisioning,
+            termination_reason: None,
+            termination_message: None,
+            exit_status: None,
+            instance_id: Some(instance.into()),
+            reservation: None,
+            after_job: after.map(str::to_string),
+            submitted_at_ms: 0,
+            started_at_ms: None,
+            finished_at_ms: None,
+        };
+        (job, None)
+    }
+
+    fn ids(queues: &[Vec<(Job, Option<Instance>)>]) -> Vec<Vec<&str>> {
+        queues
+            .iter()
+            .map(|q| q.iter().map(|(j, _)| j.id.as_str()).collect())
+            .collect()
+    }
+
+    #[test]
+    fn jobs_are_put_in_queues_each_right_after_the_job_it_follows() {
+        let jobs = vec![
+            job("c", "i-1", Some("b")),
+            job("x", "i-2", None),
+            job("b", "i-1", Some("a")),
+            // Behind a job that is not among them (running, say): the head of a queue.
+            job("a", "i-1", Some("running")),
+            job("y", "i-2", Some("x")),
+            job("z", "i-1", None),
+        ];
+        assert_eq!(
+            ids(&in_queues(jobs)),
+            [vec!["x", "y"], vec!["a", "b", "c"], vec!["z"]]
+        );
     }
 }

@@ -26,9 +26,7 @@ use std::sync::Arc;
 use super::provision::ForJob;
 use super::{jobs, queues, Inner};
 use crate::config::Configuration;
-use crate::model::{
-    Fleet, Instance, InstanceStatus, Job, JobStatus, JobTerminationReason, Reservation,
-};
+use crate::model::{Fleet, Instance, InstanceStatus, JobStatus, JobTerminationReason, Reservation};
 use crate::offers::{mismatch, reserve, reserve_blocks};
 use crate::store::{Holding, Placement, Placing, WaitingJob};
 
@@ -482,21 +480,13 @@ fn place(inner: &Arc<Inner>, pending: Vec<Pending>) {
     };
     // The jobs queued one behind the other in this pass are submitted together, in order (the
     // agent refuses a job behind one it does not know).
-    let mut chains: Vec<Vec<(Job, Instance)>> = Vec::new();
-    for (job, p) in assigned.into_iter().zip(&pending) {
-        let Some(job) = job else { continue };
-        let behind = chains.iter_mut().find(|chain| {
-            chain
-                .last()
-                .is_some_and(|(last, _)| job.after_job.as_deref() == Some(last.id.as_str()))
-        });
-        match behind {
-            Some(chain) => chain.push((job, p.instance.clone())),
-            None => chains.push(vec![(job, p.instance.clone())]),
-        }
-    }
-    for chain in chains {
-        inner.runtime.spawn(jobs::start_queue(inner.clone(), chain));
+    let placed = assigned
+        .into_iter()
+        .zip(&pending)
+        .filter_map(|(job, p)| Some((job?, Some(p.instance.clone()))))
+        .collect();
+    for queue in jobs::in_queues(placed) {
+        inner.runtime.spawn(jobs::start_queue(inner.clone(), queue));
     }
 }
 

@@ -32,9 +32,11 @@ pub(crate) async fn run(inner: Arc<Inner>) {
         inner.wake_scheduler();
         inner.retries.notify_one();
         if let Ok(jobs) = inner.store.jobs_with_status(&[JobStatus::Provisioning]) {
-            for job in jobs {
-                // Starting is idempotent on the agent, so a start in flight elsewhere is harmless.
-                inner.runtime.spawn(jobs::start(inner.clone(), job, None));
+            // Starting is idempotent on the agent, so a start in flight elsewhere is harmless;
+            // queued jobs go in their queues' order, a queue in one request.
+            let jobs = jobs.into_iter().map(|job| (job, None)).collect();
+            for queue in jobs::in_queues(jobs) {
+                inner.runtime.spawn(jobs::start_queue(inner.clone(), queue));
             }
         }
         // Runs whose jobs are placed (waiting runs are the scheduler's, woken above).
