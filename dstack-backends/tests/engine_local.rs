@@ -1002,9 +1002,9 @@ async fn a_sweeps_trials_start_in_the_order_they_were_applied() {
     assert_eq!(started, sorted, "start times in the order of the trials");
 }
 
-/// On a host whose tasks have lately been short, a sweep's trials queue more than two deep
-/// behind a running task (as deep as `engine::queues` decides), each behind the one before,
-/// and run in order.
+/// On a host whose tasks have lately been short, a sweep's trials of the same demand queue
+/// more than two deep behind a running task (as deep as `engine::queues` decides), each
+/// behind the one before, and run in order; those of another demand queue two deep.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_of_short_tasks_queues_a_sweep_deeper_than_two() {
     let home = Home::new();
@@ -1061,6 +1061,23 @@ async fn a_host_of_short_tasks_queues_a_sweep_deeper_than_two() {
         started.push(trial.jobs().unwrap()[0].started_at_ms.unwrap());
     }
     assert!(started.is_sorted(), "trials started in order: {started:?}");
+
+    // Tasks of another demand (more memory) have no run time on the host yet: two deep.
+    let other = |commands: &str| sized_task(commands, cpus, "0.2");
+    let leader = apply(&client, &other("  - sleep 3\n"), home.path()).await;
+    wait_running(&leader).await;
+    let trials = runs
+        .apply_all(copies(&other("  - 'true'\n"), 6, home.path()))
+        .await
+        .unwrap();
+    let count = || trials.iter().filter(|t| queued(t).is_some()).count();
+    eventually(10, "two trials are queued", async || count() == 2).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(count(), 2, "no deeper");
+    for run in std::iter::once(&leader).chain(&trials) {
+        run.stop(true).await.unwrap();
+        finish(run).await;
+    }
 }
 
 /// `n` runs of the task `yaml` applied from `dir`, for `apply_all`.

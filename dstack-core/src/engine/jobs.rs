@@ -364,9 +364,10 @@ fn written(inner: &Inner, job: &Job, from: JobStatus, run: Option<&Run>, passed_
         job.started_at_ms,
         job.finished_at_ms,
     ) {
-        inner
-            .queues
-            .task_ended(instance_id, finished.saturating_sub(started));
+        if let Some(reservation) = &job.reservation {
+            let ran = finished.saturating_sub(started);
+            inner.queues.task_ended(instance_id, reservation, ran);
+        }
     }
     // A queued job that started, or ended (its start and end reported together), has left
     // its queue.

@@ -2,7 +2,8 @@
 //! behind a running task, which the agent starts one after the other).
 //!
 //! A queue should hold about `EngineOptions::queue_cover` of work, judged by how long tasks
-//! have lately run on its instance: long tasks are queued [`MIN_DEPTH`] deep (placing the
+//! of the same size (the resources set aside for them: a sweep's trials) have lately run on
+//! its instance: long tasks, or tasks of a size not seen there yet, are queued [`MIN_DEPTH`] deep (placing the
 //! next one is in no hurry, and a task queued on one host is a task that cannot go to
 //! another), a sweep of short ones up to [`MAX_DEPTH`] deep, refilled once half of it has
 //! started, several tasks in one placement pass and one request to the agent. While many tasks are queued on an
@@ -14,14 +15,19 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::model::Reservation;
+
 /// The fewest tasks a queue is filled up to.
 pub(crate) const MIN_DEPTH: usize = 2;
 
 /// The most tasks queued behind one running task.
 pub(crate) const MAX_DEPTH: usize = 32;
 
-/// The weight of the latest task's run time in an instance's moving average.
+/// The weight of the latest task's run time in a moving average.
 const WEIGHT: f64 = 0.2;
+
+/// How many sizes' run times each instance keeps (the most recent ones).
+const SIZES: usize = 8;
 
 /// How many tasks queued on an instance make its agent's reports worth gathering.
 const GATHER_FROM: usize = 8;
@@ -35,11 +41,23 @@ pub(crate) struct Queues {
     instances: Mutex<HashMap<String, InstanceQueues>>,
 }
 
+/// The size of a task: the CPUs, memory and number of GPUs set aside for it.
+type Size = (u32, u64, usize);
+
+fn size(reservation: &Reservation) -> Size {
+    (
+        reservation.cpus,
+        reservation.memory_mib,
+        reservation.gpus.len(),
+    )
+}
+
 /// What the engine knows of one instance's queues.
 #[derive(Default)]
 struct InstanceQueues {
-    /// The moving average of the run time of tasks that ended there (ms), once one has.
-    task_ms: Option<f64>,
+    /// The moving average of the run time (ms) of the tasks of each size that ended there,
+    /// the size seen last at the end.
+    task_ms: Vec<(Size, f64)>,
     /// The tasks queued there: as the last placement pass left them, less those started since.
     queued: usize,
 }
@@ -50,17 +68,34 @@ impl Queues {
         f(instances.entry(instance_id.to_string()).or_default())
     }
 
-    /// Records that a task that ran `ms` milliseconds ended on the instance.
-    pub fn task_ended(&self, instance_id: &str, ms: u64) {
+    /// Records that a task that had `reservation` and ran `ms` milliseconds ended on the
+    /// instance.
+    pub fn task_ended(&self, instance_id: &str, reservation: &Reservation, ms: u64) {
+        let size = size(reservation);
         self.with(instance_id, |q| {
             let ms = ms as f64;
-            q.task_ms = Some(q.task_ms.map_or(ms, |avg| avg + WEIGHT * (ms - avg)));
+            let avg = match q.task_ms.iter().position(|(s, _)| *s == size) {
+                Some(i) => {
+                    let (_, avg) = q.task_ms.remove(i);
+                    avg + WEIGHT * (ms - avg)
+                }
+                None => ms,
+            };
+            q.task_ms.push((size, avg));
+            if q.task_ms.len() > SIZES {
+                q.task_ms.remove(0);
+            }
         });
     }
 
-    /// How deep the instance's queues are filled for them to hold `cover` of work.
-    pub fn depth(&self, instance_id: &str, cover: Duration) -> usize {
-        self.with(instance_id, |q| depth_for(q.task_ms, cover))
+    /// How deep queues of tasks that have `reservation` are filled on the instance for them
+    /// to hold `cover` of work.
+    pub fn depth(&self, instance_id: &str, reservation: &Reservation, cover: Duration) -> usize {
+        let size = size(reservation);
+        self.with(instance_id, |q| {
+            let ms = q.task_ms.iter().find(|(s, _)| *s == size);
+            depth_for(ms.map(|(_, ms)| *ms), cover)
+        })
     }
 
     /// Records how many tasks a placement pass left queued on each instance (those not named
@@ -108,24 +143,40 @@ pub(crate) fn refill_below(depth: usize) -> usize {
 mod tests {
     use super::*;
 
+    fn task(cpus: u32) -> Reservation {
+        Reservation {
+            cpus,
+            memory_mib: 1024,
+            gpus: Vec::new(),
+        }
+    }
+
     #[test]
-    fn queues_are_as_deep_as_the_tasks_are_short() {
+    fn queues_are_as_deep_as_the_tasks_of_their_size_are_short() {
         let queues = Queues::default();
         let cover = Duration::from_millis(16);
-        let depth = |id| queues.depth(id, cover);
-        assert_eq!(depth("i-1"), MIN_DEPTH, "nothing known yet");
-        queues.task_ended("i-1", 0);
-        assert_eq!(depth("i-1"), MAX_DEPTH);
+        let (small, large) = (task(1), task(2));
+        let depth = |id, size: &Reservation| queues.depth(id, size, cover);
+        assert_eq!(depth("i-1", &small), MIN_DEPTH, "nothing known yet");
+        queues.task_ended("i-1", &small, 0);
+        assert_eq!(depth("i-1", &small), MAX_DEPTH);
+        assert_eq!(depth("i-1", &large), MIN_DEPTH, "another size");
+        assert_eq!(depth("i-2", &small), MIN_DEPTH, "another instance");
         for _ in 0..50 {
-            queues.task_ended("i-1", 4);
+            queues.task_ended("i-1", &small, 4);
         }
-        assert_eq!(depth("i-1"), 4);
-        assert_eq!(queues.depth("i-1", cover * 2), 8);
+        assert_eq!(depth("i-1", &small), 4);
+        assert_eq!(queues.depth("i-1", &small, cover * 2), 8);
         for _ in 0..50 {
-            queues.task_ended("i-1", 60_000);
+            queues.task_ended("i-1", &small, 60_000);
         }
-        assert_eq!(depth("i-1"), MIN_DEPTH);
-        assert_eq!(depth("i-2"), MIN_DEPTH, "per instance");
+        assert_eq!(depth("i-1", &small), MIN_DEPTH);
+        // Only the most recent sizes are kept.
+        for cpus in 2..(2 + SIZES as u32) {
+            queues.task_ended("i-1", &task(cpus), 0);
+        }
+        assert_eq!(depth("i-1", &small), MIN_DEPTH, "forgotten");
+        assert_eq!(depth("i-1", &large), MAX_DEPTH);
     }
 
     #[test]

@@ -265,6 +265,7 @@ async fn pass(inner: &Arc<Inner>) {
         }
         // No room anywhere now: queued behind a task that will free room for it, if any.
         match follow(
+            inner,
             &config,
             &candidates,
             backfill,
@@ -363,7 +364,7 @@ fn leaders(inner: &Inner, holdings: &[Holding]) -> Vec<Leader> {
             others: besides_queue(h, holdings),
             limit: inner
                 .queues
-                .depth(&h.instance_id, inner.options.queue_cover),
+                .depth(&h.instance_id, &h.reservation, inner.options.queue_cover),
             filling: false,
         })
         .collect()
@@ -380,9 +381,11 @@ fn followed(holding: &Holding, holdings: &[Holding]) -> bool {
 /// a run of `config`, which fits nowhere now: the job is to be queued behind it (the agent
 /// holds it until the leader ends). A queue is extended while it is short (see
 /// `queues::refill_below`), or being filled by this pass, or by the periodic (`backfill`)
-/// pass, up to its instance's depth. The job takes the leader's place in `leaders` (its queue,
-/// one deeper, is filled first); `None` if no leader can take it.
+/// pass, up to the depth of its instance for tasks of the leader's size and of the job's (see
+/// `queues`). The job takes the leader's place in `leaders` (its queue, one deeper, is filled
+/// first); `None` if no leader can take it.
 fn follow(
+    inner: &Inner,
     config: &Configuration,
     candidates: &[&Instance],
     backfill: bool,
@@ -396,12 +399,16 @@ fn follow(
     let (leader, instance, reservation) = leaders.iter_mut().find_map(|leader| {
         let extended =
             leader.filling || backfill || leader.depth < queues::refill_below(leader.limit);
-        let fits = leader.depth < leader.limit && extended;
+        if !extended || leader.depth >= leader.limit {
+            return None;
+        }
         let instance = candidates
             .iter()
-            .find(|i| fits && i.id == leader.holding.instance_id)?;
+            .find(|i| i.id == leader.holding.instance_id)?;
         let reservation = follower_fit(spec, instance, &leader.holding, &leader.others)?;
-        Some((leader, instance, reservation))
+        let cover = inner.options.queue_cover;
+        let own = inner.queues.depth(&instance.id, &reservation, cover);
+        (leader.depth < own).then_some((leader, instance, reservation))
     })?;
     let follower = Holding {
         job_id: job_id.to_string(),
