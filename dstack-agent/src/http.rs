@@ -15,7 +15,6 @@ use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use serde_json::value::RawValue;
 
 use crate::jobs::{JobError, Jobs};
 
@@ -73,8 +72,9 @@ async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, Http
         (Method::GET, ["api", "jobs"]) => Ok(json(&app.jobs.list())),
         (Method::POST, ["api", "jobs"]) => {
             // One job, or a list of jobs taken in order (a queue: each behind the one before).
-            let body: Box<RawValue> = read_json(req).await?;
-            if body.get().trim_start().starts_with('[') {
+            let body = read_body(req).await?;
+            let list = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
+            if list {
                 Ok(json(&app.jobs.submit_all(parse(&body)?)?))
             } else {
                 Ok(json(&app.jobs.submit(parse(&body)?)?))
@@ -137,18 +137,26 @@ fn log_query(query: &str) -> Result<(u64, bool), HttpError> {
 }
 
 async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, HttpError> {
-    let bad = |message: String| HttpError(StatusCode::BAD_REQUEST, message);
-    let body = Limited::new(req.into_body(), MAX_REQUEST_BYTES)
-        .collect()
-        .await
-        .map_err(|e| bad(format!("cannot read the request body: {e}")))?
-        .to_bytes();
-    serde_json::from_slice(&body).map_err(|e| bad(format!("invalid request body: {e}")))
+    parse(&read_body(req).await?)
 }
 
-/// The value a request body holds.
-fn parse<T: DeserializeOwned>(body: &RawValue) -> Result<T, HttpError> {
-    serde_json::from_str(body.get()).map_err(|e| {
+/// The whole request body (at most [`MAX_REQUEST_BYTES`]).
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, HttpError> {
+    Ok(Limited::new(req.into_body(), MAX_REQUEST_BYTES)
+        .collect()
+        .await
+        .map_err(|e| {
+            HttpError(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the request body: {e}"),
+            )
+        })?
+        .to_bytes())
+}
+
+/// The JSON value a request body holds.
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, HttpError> {
+    serde_json::from_slice(body).map_err(|e| {
         HttpError(
             StatusCode::BAD_REQUEST,
             format!("invalid request body: {e}"),

@@ -65,6 +65,10 @@ struct InstanceQueues {
 impl Queues {
     fn with<T>(&self, instance_id: &str, f: impl FnOnce(&mut InstanceQueues) -> T) -> T {
         let mut instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
+        // A known instance without allocating its id again (this runs for every report).
+        if let Some(queues) = instances.get_mut(instance_id) {
+            return f(queues);
+        }
         f(instances.entry(instance_id.to_string()).or_default())
     }
 
