@@ -279,6 +279,57 @@ async fn a_changed_host_key_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_key_of_another_algorithm_than_the_pinned_one_is_refused() {
+    let hosts = TestHosts::start(1);
+    let home = tempfile::tempdir().unwrap();
+    let client = client(home.path()).await;
+    let fleet = format!("realgo-{}", std::process::id());
+    let yaml = hosts.fleet_yaml(&fleet);
+    let (live, progress) = apply_fleet(&client, &yaml).await;
+    assert_eq!(live.len(), 1, "{progress:?}");
+    client.engine().delete_fleet(&fleet, false).await.unwrap();
+    let known_hosts = KnownHosts::in_home(home.path());
+    let pinned = std::fs::read_to_string(known_hosts.path()).unwrap();
+
+    // The host now presents only an RSA key: nothing of that algorithm is on record, yet the
+    // host is known, so the key is refused and not recorded beside the pinned one.
+    hosts.hosts[0].set_host_keys(&["rsa"]);
+    let (live, progress) = apply_fleet(&client, &yaml).await;
+    assert!(live.is_empty(), "{progress:?}");
+    let message = all_instances(&client, &fleet)
+        .into_iter()
+        .find_map(|i| i.status_message)
+        .unwrap_or_default();
+    assert!(message.contains("host key has changed"), "{message}");
+    assert_eq!(std::fs::read_to_string(known_hosts.path()).unwrap(), pinned);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_pinned_up_front_is_the_one_a_host_with_several_keys_presents() {
+    let hosts = TestHosts::start(1);
+    let host = &hosts.hosts[0];
+    host.set_host_keys(&["ed25519", "rsa"]);
+    let home = tempfile::tempdir().unwrap();
+    let known_hosts = KnownHosts::in_home(home.path());
+    // Pinned out of band: the RSA key, though a client prefers ed25519 when it knows nothing.
+    let rsa = russh::keys::PublicKey::from_openssh(&host.host_public_key("rsa")).unwrap();
+    known_hosts.pin(&host.addr, 22, &rsa).unwrap();
+    let pinned = std::fs::read_to_string(known_hosts.path()).unwrap();
+    assert_eq!(pinned.lines().count(), 1);
+
+    let client = client(home.path()).await;
+    let fleet = format!("pinned-{}", std::process::id());
+    let (live, progress) = apply_fleet(&client, &hosts.fleet_yaml(&fleet)).await;
+    assert_eq!(live.len(), 1, "{progress:?}");
+    assert_eq!(
+        std::fs::read_to_string(known_hosts.path()).unwrap(),
+        pinned,
+        "nothing learned beside the pinned key"
+    );
+    client.engine().delete_fleet(&fleet, false).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_agent_fails_its_job_which_retries_on_another_host_and_the_host_comes_back() {
     let hosts = TestHosts::start(3);
     let home = tempfile::tempdir().unwrap();

@@ -6,8 +6,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use russh::client::{self, Handle};
-use russh::keys::{load_secret_key, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
+use russh::keys::{load_secret_key, Algorithm, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
 use russh::ChannelMsg;
+use russh::Preferred;
 use serde::{Deserialize, Serialize};
 
 use super::known_hosts::{HostKeyCheck, KnownHosts};
@@ -191,14 +192,30 @@ impl Output {
     }
 }
 
-fn config(keepalive: Keepalive) -> Arc<client::Config> {
+fn config(keepalive: Keepalive, host_keys: Vec<Algorithm>) -> Arc<client::Config> {
     Arc::new(client::Config {
+        preferred: Preferred {
+            key: host_keys.into(),
+            ..Preferred::DEFAULT
+        },
         inactivity_timeout: None,
         keepalive_interval: Some(keepalive.interval),
         keepalive_max: keepalive.max,
         nodelay: true,
         ..Default::default()
     })
+}
+
+/// The host-key algorithms to offer, those of the keys on record for the host first: a host
+/// with several keys then presents the pinned one (OpenSSH orders them the same way).
+fn host_key_order(recorded: &[Algorithm]) -> Vec<Algorithm> {
+    let same_type = |a: &Algorithm, b: &Algorithm| {
+        matches!((a, b), (Algorithm::Rsa { .. }, Algorithm::Rsa { .. })) || a == b
+    };
+    let is_recorded = |a: &&Algorithm| recorded.iter().any(|r| same_type(r, a));
+    let all = Preferred::DEFAULT.key;
+    let (first, rest): (Vec<&Algorithm>, Vec<&Algorithm>) = all.iter().partition(is_recorded);
+    first.into_iter().chain(rest).cloned().collect()
 }
 
 impl SshSession {
@@ -215,6 +232,11 @@ impl SshSession {
             path: target.identity_file.display().to_string(),
             message: e.to_string(),
         })?;
+        // Unreadable records leave the default order; the check then reports the error.
+        let recorded = known_hosts
+            .recorded_algorithms(&target.hostname, target.port)
+            .unwrap_or_default();
+        let config = || config(keepalive, host_key_order(&recorded));
         let verdict = Arc::new(Mutex::new(None));
         let verifier = Verifier {
             host: target.hostname.clone(),
@@ -225,7 +247,7 @@ impl SshSession {
         let (connected, via) = match &target.proxy_jump {
             None => {
                 let addr = (target.hostname.as_str(), target.port);
-                let connecting = client::connect(config(keepalive), addr, verifier);
+                let connecting = client::connect(config(), addr, verifier);
                 (
                     tokio::time::timeout(CONNECT_TIMEOUT, connecting).await,
                     None,
@@ -246,8 +268,7 @@ impl SshSession {
                         target: name.clone(),
                         message: format!("through {proxy}: {e}"),
                     })?;
-                let connecting =
-                    client::connect_stream(config(keepalive), channel.into_stream(), verifier);
+                let connecting = client::connect_stream(config(), channel.into_stream(), verifier);
                 (
                     tokio::time::timeout(CONNECT_TIMEOUT, connecting).await,
                     Some(Box::new(jump)),

@@ -15,9 +15,14 @@ fn sh(command: &str) {
 }
 
 fn keygen(path: &Path) {
+    keygen_typed(path, "ed25519");
+}
+
+/// A key pair of `kind` (`ed25519`, `rsa`, `ecdsa`) at `path` and `path.pub`.
+fn keygen_typed(path: &Path, kind: &str) {
     let _ = std::fs::remove_file(path);
     sh(&format!(
-        "ssh-keygen -q -t ed25519 -N '' -f {}",
+        "ssh-keygen -q -t {kind} -N '' -f {}",
         path.display()
     ));
 }
@@ -37,15 +42,26 @@ impl TestHost {
         self.dir.join("sshd.pid")
     }
 
-    /// (Re)starts sshd with the host key in the host's directory.
+    fn host_keys(&self) -> PathBuf {
+        self.dir.join("host_keys")
+    }
+
+    /// (Re)starts sshd with the host keys in the host's directory.
     pub fn start_sshd(&self) {
         assert!(
             Path::new("/usr/sbin/sshd").exists(),
             "SSH fleet tests need sshd: apt-get install openssh-server (as .ci/run does)"
         );
         std::fs::create_dir_all("/run/sshd").unwrap();
+        let mut keys: Vec<String> = std::fs::read_dir(self.host_keys())
+            .unwrap()
+            .map(|e| e.unwrap().path().display().to_string())
+            .filter(|p| !p.ends_with(".pub"))
+            .collect();
+        keys.sort();
+        let keys: String = keys.iter().map(|k| format!("-h {k} ")).collect();
         sh(&format!(
-            "ip netns exec {ns} /usr/sbin/sshd -f /dev/null -h {dir}/host_key \
+            "ip netns exec {ns} /usr/sbin/sshd -f /dev/null {keys}\
              -o ListenAddress={addr} -o PidFile={pid} -o AuthorizedKeysFile={dir}/authorized_keys \
              -o StrictModes=no -o UsePAM=no -o PermitRootLogin=prohibit-password \
              -o MaxStartups=100 -o MaxSessions=100",
@@ -63,6 +79,15 @@ impl TestHost {
             assert!(
                 std::time::Instant::now() < deadline,
                 "sshd of {} does not listen",
+                self.ns
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // ... and its pid file, written after it binds (a stop right after a start needs it).
+        while std::fs::read_to_string(self.sshd_pid()).map_or(true, |p| p.trim().is_empty()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "sshd of {} writes no pid file",
                 self.ns
             );
             std::thread::sleep(std::time::Duration::from_millis(20));
@@ -123,9 +148,26 @@ impl TestHost {
 
     /// Gives sshd a new host key (as a reinstalled host would have).
     pub fn change_host_key(&self) {
+        self.set_host_keys(&["ed25519"]);
+    }
+
+    /// Restarts sshd with new host keys of these kinds (`ed25519`, `rsa`, `ecdsa`).
+    pub fn set_host_keys(&self, kinds: &[&str]) {
         self.stop_sshd();
-        keygen(&self.dir.join("host_key"));
+        let _ = std::fs::remove_dir_all(self.host_keys());
+        std::fs::create_dir_all(self.host_keys()).unwrap();
+        for kind in kinds {
+            keygen_typed(&self.host_keys().join(kind), kind);
+        }
         self.start_sshd();
+    }
+
+    /// The public host key of `kind` (`ssh-… AAAA… comment`).
+    pub fn host_public_key(&self, kind: &str) -> String {
+        std::fs::read_to_string(self.host_keys().join(format!("{kind}.pub")))
+            .unwrap()
+            .trim()
+            .to_string()
     }
 }
 
@@ -164,7 +206,8 @@ impl TestHosts {
             let host_dir = dir.path().join(&ns);
             std::fs::create_dir_all(&host_dir).unwrap();
             std::fs::write(host_dir.join("authorized_keys"), &authorized).unwrap();
-            keygen(&host_dir.join("host_key"));
+            std::fs::create_dir_all(host_dir.join("host_keys")).unwrap();
+            keygen(&host_dir.join("host_keys").join("ed25519"));
             let _ = Command::new("ip")
                 .args(["netns", "del", &ns])
                 .stderr(std::process::Stdio::null())
