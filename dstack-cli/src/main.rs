@@ -5,6 +5,7 @@ mod drive;
 mod fleet;
 mod offer;
 mod runs;
+mod secret;
 mod table;
 mod validate;
 mod volume;
@@ -49,6 +50,14 @@ enum Command {
     Volume {
         #[command(subcommand)]
         action: Option<VolumeAction>,
+    },
+    /// Manage secrets: `${{ secrets.NAME }}` in `env` values and `registry_auth`.
+    ///
+    /// Values are stored 0600 in $DSTACK_HOME/secrets.json, apart from the state database,
+    /// resolved only when a job is handed to its agent, and printed only by `get`.
+    Secret {
+        #[command(subcommand)]
+        action: Option<secret::SecretAction>,
     },
     /// Check configuration files and show them normalized, as dstack would read them.
     ///
@@ -95,10 +104,12 @@ impl From<dstack_core::engine::EngineError> for Failure {
     }
 }
 
-/// Asks a yes/no question on the terminal; without a terminal the answer is yes.
+/// Asks a yes/no question on the terminal; without a terminal the answer is no (scripts
+/// pass `-y`), and says so.
 pub fn confirm(question: &str) -> bool {
     if !std::io::stdin().is_terminal() {
-        return true;
+        eprintln!("{question} No terminal to answer on: pass -y/--yes to confirm.");
+        return false;
     }
     eprint!("{question} [y/n]: ");
     let mut answer = String::new();
@@ -106,8 +117,10 @@ pub fn confirm(question: &str) -> bool {
 }
 
 async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
-    if let Command::Validate(args) = &command {
-        return Ok(validate::run(args));
+    match command {
+        Command::Validate(args) => return Ok(validate::run(&args)),
+        Command::Secret { action } => return secret::run(action),
+        _ => {}
     }
     let client = dstack_backends::embedded_client().await?;
     match command {
@@ -126,7 +139,7 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
             Some(VolumeAction::Delete(args)) => volume::delete(&client, &args).await,
         },
         Command::Drive => drive::drive(&client).await,
-        Command::Validate(_) => unreachable!("handled above"),
+        Command::Validate(_) | Command::Secret { .. } => unreachable!("handled above"),
     }
 }
 

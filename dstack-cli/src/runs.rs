@@ -134,6 +134,8 @@ pub async fn ps(client: &Client, args: &PsArgs) -> Result<ExitCode, Failure> {
         let mut out = Vec::new();
         for run in &runs {
             let jobs = jobs_of(client, run)?;
+            let mut run = serde_json::to_value(run).unwrap_or_default();
+            dstack_core::secrets::redact_run(&mut run);
             out.push(serde_json::json!({ "run": run, "jobs": jobs }));
         }
         println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());

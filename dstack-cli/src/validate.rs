@@ -63,11 +63,17 @@ pub fn run(args: &Args) -> ExitCode {
         }
     }
     if args.json {
+        // A registry password in clear is never printed.
+        let redacted = |c: &Configuration| {
+            let mut value = c.to_json();
+            dstack_core::secrets::redact_configuration(&mut value);
+            value
+        };
         let value = if args.files.len() == 1 {
-            valid.first().map(Configuration::to_json)
+            valid.first().map(redacted)
         } else {
             Some(serde_json::Value::Array(
-                valid.iter().map(Configuration::to_json).collect(),
+                valid.iter().map(redacted).collect(),
             ))
         };
         if let Some(value) = value {

@@ -225,3 +225,126 @@ fn ctrl_c_detaches_and_the_run_goes_on() {
     let logs = text(&env.run(&["logs", "ticker"]).stdout);
     assert_eq!(logs, "tick 1\ntick 2\ntick 3\ntick 4\n");
 }
+
+/// Every file under `dir` (recursively) whose bytes contain `needle`, except `allowed`.
+fn files_containing(dir: &Path, needle: &str, allowed: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(files_containing(&path, needle, allowed));
+        } else if path != allowed
+            && std::fs::read(&path)
+                .is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle.as_bytes()))
+        {
+            found.push(path);
+        }
+    }
+    found
+}
+
+fn sha256(text: &str) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("printf %s \"$1\" | sha256sum | cut -d' ' -f1")
+        .arg("sh")
+        .arg(text)
+        .output()
+        .unwrap();
+    text_of(&out.stdout)
+}
+
+fn text_of(bytes: &[u8]) -> String {
+    text(bytes).trim().to_string()
+}
+
+#[test]
+fn a_secret_reaches_its_job_and_nothing_else() {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let value = "s3cr3t-Value-91";
+    let mut set = env
+        .cmd(&["secret", "set", "api_token"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    set.stdin
+        .take()
+        .unwrap()
+        .write_all(b"s3cr3t-Value-91\n")
+        .unwrap();
+    let out = set.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let file = env.home.path().join("secrets.json");
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let out = env.run(&["secret", "list"]);
+    assert_eq!(text(&out.stdout), "api_token\n");
+    let out = env.run(&["secret", "get", "api_token"]);
+    assert_eq!(text(&out.stdout), format!("{value}\n"));
+
+    // The job gets the value (it prints only its hash); the run's record, `ps --json`, the
+    // agent's files and every other file of the state hold only the reference.
+    let task = env.write(
+        "secretive.dstack.yml",
+        "type: task\nname: secretive\nenv:\n  - TOKEN=${{ secrets.api_token }}\n\
+         commands:\n  - printf %s \"$TOKEN\" | sha256sum\n",
+    );
+    let out = env.run(&["apply", "-f", &task, "-y"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains(&sha256(value)),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = env.run(&["ps", "-a", "--json"]);
+    let ps = text(&out.stdout);
+    assert!(
+        ps.contains("${{ secrets.api_token }}") && !ps.contains(value),
+        "{ps}"
+    );
+    let leaks = files_containing(env.home.path(), value, &file);
+    assert!(leaks.is_empty(), "the value is in {leaks:?}");
+
+    // A missing secret fails the job, naming the reference and not any value.
+    let missing = env.write(
+        "missing.dstack.yml",
+        "type: task\nname: missing\nenv:\n  TOKEN: ${{ secrets.nope }}\ncommands: [\"true\"]\n",
+    );
+    let out = env.run(&["apply", "-f", &missing, "-y"]);
+    assert_ne!(out.status.code(), Some(0));
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        said.contains("secrets interpolation error") && said.contains("secrets.nope"),
+        "{said}"
+    );
+
+    // Deleting asks, and without a terminal only -y confirms.
+    let out = env.run(&["secret", "delete", "api_token"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("-y"), "{}", text(&out.stderr));
+    assert_eq!(text(&env.run(&["secret", "list"]).stdout), "api_token\n");
+    let out = env.run(&["secret", "delete", "api_token", "-y"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&env.run(&["secret", "list"]).stdout), "");
+}
+
+#[test]
+fn registry_passwords_are_never_printed() {
+    let env = Env::new();
+    let file = env.write(
+        "private.dstack.yml",
+        "type: task\nimage: registry.example/private:1\nregistry_auth:\n  username: me\n  \
+         password: hunter2-Pass\ncommands: [\"true\"]\n",
+    );
+    let out = env.run(&["validate", "--json", &file]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let printed = text(&out.stdout);
+    assert!(!printed.contains("hunter2-Pass"), "{printed}");
+    assert!(printed.contains("\"username\": \"me\""), "{printed}");
+}

@@ -62,7 +62,11 @@ impl Client {
     /// engine. Must be called within a tokio runtime.
     pub async fn open(options: ClientOptions) -> Result<Client, EngineError> {
         let store = SqliteStore::open(&state_file(&options.home))?;
-        let engine = Engine::start(Arc::new(store), options.backends, options.engine).await?;
+        let mut engine_options = options.engine;
+        engine_options
+            .secrets
+            .get_or_insert_with(|| crate::secrets::Secrets::in_home(&options.home));
+        let engine = Engine::start(Arc::new(store), options.backends, engine_options).await?;
         Ok(Client { engine })
     }
 

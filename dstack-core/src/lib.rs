@@ -12,6 +12,7 @@ pub mod engine;
 pub mod forward;
 pub mod model;
 pub mod offers;
+pub mod secrets;
 pub mod store;
 
 pub use client::{Client, ClientOptions, RunHandle};

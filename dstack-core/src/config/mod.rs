@@ -21,6 +21,7 @@ pub mod env;
 pub mod error;
 pub mod fleet;
 pub mod gateway;
+pub mod interpolate;
 pub mod mounts;
 pub mod ports;
 pub mod profile;

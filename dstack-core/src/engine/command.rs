@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use super::credentials::resolve;
 use super::Definition;
 use crate::agent::{ContainerSpec, JobSubmit};
 use crate::config::env::EnvValue;
@@ -241,6 +242,17 @@ pub fn common(config: &Configuration) -> &RunCommon {
     }
 }
 
+/// The run-configuration fields shared by every type, to change them (`None` for other
+/// configurations).
+pub(crate) fn common_mut(config: &mut Configuration) -> Option<&mut RunCommon> {
+    match config {
+        Configuration::Task(t) => Some(&mut t.common),
+        Configuration::Service(s) => Some(&mut s.common),
+        Configuration::DevEnvironment(d) => Some(&mut d.common),
+        _ => None,
+    }
+}
+
 /// Whether a run needs a container engine (`image:`, or `docker: true`).
 pub fn needs_containers(common: &RunCommon) -> bool {
     common.image.is_some() || common.docker == Some(true)
@@ -290,18 +302,24 @@ fn working_dir(run: &Definition, common: &RunCommon, session: Option<&HostSessio
 /// Everything the agent needs to start `job`.
 ///
 /// `nodes` holds the address of every node of the run in rank order (just this instance's
-/// for a single-node run).
+/// for a single-node run); `secrets` the values `${{ secrets.NAME }}` references resolve to
+/// (see `credentials`).
 pub(crate) fn job_submit(
     run: &Definition,
     job: &Job,
     instance: &Instance,
     nodes: &[String],
+    secrets: &BTreeMap<String, String>,
 ) -> Result<JobSubmit, CommandError> {
     let config = &*run.config;
     let common = common(config);
     let session = instance.session.as_ref();
     let master = nodes.first().map_or("127.0.0.1", String::as_str);
     let mut container = container_spec(config, job);
+    if let Some((username, password)) = container.as_mut().and_then(|c| c.registry_auth.as_mut()) {
+        *username = resolve(username, secrets, "registry_auth.username")?;
+        *password = resolve(password, secrets, "registry_auth.password")?;
+    }
     // A container starts in the image's working directory unless one is configured.
     let working_dir = match (&container, &common.working_dir) {
         (Some(_), Some(dir)) if dir.starts_with('/') => dir.clone(),
@@ -317,7 +335,7 @@ pub(crate) fn job_submit(
     };
     for (name, value) in &common.env.0 {
         let value = match value {
-            EnvValue::Value(v) => v.clone(),
+            EnvValue::Value(v) => resolve(v, secrets, &format!("env.{name}"))?,
             EnvValue::FromClient => run.spec.client_env.get(name).cloned().ok_or_else(|| {
                 CommandError(format!(
                     "environment variable {name} is not set on the client"

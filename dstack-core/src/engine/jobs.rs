@@ -127,7 +127,13 @@ fn submission(
             .ok_or_else(|| EngineError::Invalid(format!("job {} has no instance", job.id)))?,
     };
     let nodes = node_addresses(inner, &run, &instance)?;
-    super::command::job_submit(&run, job, &instance, &nodes)
+    let secrets = match &inner.options.secrets {
+        Some(secrets) if super::credentials::needs_secrets(&run.config) => secrets
+            .values()
+            .map_err(|e| EngineError::Invalid(e.to_string()))?,
+        _ => Default::default(),
+    };
+    super::command::job_submit(&run, job, &instance, &nodes, &secrets)
         .map_err(|e| EngineError::Invalid(e.to_string()))
 }
 

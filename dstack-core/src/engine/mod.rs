@@ -9,6 +9,7 @@
 
 mod agents;
 mod command;
+mod credentials;
 pub mod fleets;
 mod gang;
 mod jobs;
@@ -38,6 +39,7 @@ use crate::model::{
     Volume,
 };
 use crate::offers::{mismatch, Availability, Offer};
+use crate::secrets::Secrets;
 use crate::store::{Store, StoreError};
 
 /// Tunables of the engine (dstack's values by default).
@@ -64,6 +66,10 @@ pub struct EngineOptions {
     /// terms of how long tasks have lately run on its instance: the shorter the tasks, the
     /// deeper the queue (see `engine::queues`; two deep at least, 32 at most).
     pub queue_cover: Duration,
+    /// Where `${{ secrets.NAME }}` references are resolved when jobs are handed to their
+    /// agents, and where registry passwords written in clear are kept instead of the state
+    /// database (`None`: no secrets; [`crate::Client::open`] uses `$DSTACK_HOME`'s).
+    pub secrets: Option<Secrets>,
 }
 
 impl Default for EngineOptions {
@@ -84,6 +90,7 @@ impl Default for EngineOptions {
             orphan_grace: secs(120),
             sweep_period: secs(3),
             queue_cover: Duration::from_millis(16),
+            secrets: None,
         }
     }
 }
@@ -583,11 +590,8 @@ fn check_mounts(mounts: &[MountPoint], containers: bool) -> Result<(), EngineErr
 /// Applies `-e KEY=VALUE` overrides to a run configuration's env.
 fn apply_env_overrides(configuration: &mut Configuration, env: &BTreeMap<String, String>) {
     use crate::config::env::EnvValue;
-    let common = match configuration {
-        Configuration::Task(t) => &mut t.common,
-        Configuration::Service(s) => &mut s.common,
-        Configuration::DevEnvironment(d) => &mut d.common,
-        _ => return,
+    let Some(common) = command::common_mut(configuration) else {
+        return;
     };
     for (k, v) in env {
         common.env.0.insert(k.clone(), EnvValue::Value(v.clone()));
@@ -670,8 +674,15 @@ impl Inner {
                 }
             }
         }
+        let id = uuid::Uuid::new_v4().to_string();
         let mut configuration = configuration;
         apply_env_overrides(&mut configuration, &opts.env);
+        credentials::seal_registry_auth(
+            &mut configuration,
+            &id,
+            &client_env,
+            self.options.secrets.as_ref(),
+        )?;
         let configuration = Arc::new(configuration);
         let client_dir = match opts.client_dir {
             Some(dir) => dir,
@@ -683,7 +694,7 @@ impl Inner {
         };
         let now = now_ms();
         let run = Run {
-            id: uuid::Uuid::new_v4().to_string(),
+            id,
             name,
             status: RunStatus::Submitted,
             termination_reason: None,
