@@ -329,6 +329,94 @@ async fn a_key_pinned_up_front_is_the_one_a_host_with_several_keys_presents() {
     client.engine().delete_fleet(&fleet, false).await.unwrap();
 }
 
+/// Whether a process whose command line contains `pattern` runs on this machine (the
+/// namespace hosts share its process table).
+fn running(pattern: &str) -> bool {
+    std::process::Command::new("pgrep")
+        .args(["-f", pattern])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_fleet_stops_its_jobs_first_and_kills_no_other_process() {
+    let hosts = TestHosts::start(1);
+    let home = tempfile::tempdir().unwrap();
+    let client = client(home.path()).await;
+    let fleet = format!("cleanup-{}", std::process::id());
+    let (instances, progress) = apply_fleet(&client, &hosts.fleet_yaml(&fleet)).await;
+    assert_eq!(instances.len(), 1, "{progress:?}");
+    let job = format!("sleep {}.7", 4000 + std::process::id() % 1000);
+    let _run = submit(
+        &client,
+        &format!("type: task\nfleets: [{fleet}]\ncommands: [\"{job}\"]\n"),
+    )
+    .await;
+    eventually(30, "the job runs", async || running(&job)).await;
+
+    // A stale pid file: it names an unrelated process, which must survive the delete.
+    let mut bystander = std::process::Command::new("sleep")
+        .arg("4999.3")
+        .spawn()
+        .unwrap();
+    let dir = instances[0].backend_data["dir"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let pid_file = Path::new(&dir).join("agent/agent.pid");
+    let agent_pid = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    std::fs::write(&pid_file, bystander.id().to_string()).unwrap();
+
+    client.engine().delete_fleet(&fleet, true).await.unwrap();
+    assert!(!running(&job), "the job was stopped before its agent went");
+    assert!(
+        bystander.try_wait().unwrap().is_none(),
+        "the process named by the stale pid file was killed"
+    );
+    assert!(!Path::new(&dir).exists());
+    let agent_alive = || {
+        std::fs::read_to_string(format!("/proc/{agent_pid}/stat"))
+            .is_ok_and(|stat| !stat.contains(") Z "))
+    };
+    eventually(10, "the agent exits", async || !agent_alive()).await;
+    bystander.kill().unwrap();
+    bystander.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_state_directories_deploying_the_same_fleet_name_to_one_host_stay_apart() {
+    let hosts = TestHosts::start(1);
+    let (home_a, home_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = (client(home_a.path()).await, client(home_b.path()).await);
+    let fleet = format!("shared-{}", std::process::id());
+    let yaml = hosts.fleet_yaml(&fleet);
+    let (ours, progress) = apply_fleet(&a, &yaml).await;
+    assert_eq!(ours.len(), 1, "{progress:?}");
+    let (theirs, progress) = apply_fleet(&b, &yaml).await;
+    assert_eq!(theirs.len(), 1, "{progress:?}");
+    assert_ne!(ours[0].backend_data["dir"], theirs[0].backend_data["dir"]);
+
+    let job = format!("sleep {}.9", 5000 + std::process::id() % 1000);
+    let _run = submit(
+        &b,
+        &format!("type: task\nfleets: [{fleet}]\ncommands: [\"{job}\"]\n"),
+    )
+    .await;
+    eventually(30, "their job runs", async || running(&job)).await;
+    // Deleting our fleet leaves theirs, and its job, alone.
+    a.engine().delete_fleet(&fleet, true).await.unwrap();
+    assert!(running(&job), "the other state's job was stopped");
+    let dir = theirs[0].backend_data["dir"].as_str().unwrap();
+    assert!(Path::new(dir).join("dstack-agent").is_file());
+    b.engine().delete_fleet(&fleet, true).await.unwrap();
+    assert!(!running(&job));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_agent_fails_its_job_which_retries_on_another_host_and_the_host_comes_back() {
     let hosts = TestHosts::start(3);

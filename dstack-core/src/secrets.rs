@@ -125,19 +125,6 @@ impl Secrets {
         Ok(format!("${{{{ secrets.{name} }}}}"))
     }
 
-    /// Forgets the values kept for run `run_id` (its record was deleted).
-    pub fn forget_run(&self, run_id: &str) -> Result<(), SecretError> {
-        let id: String = run_id
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric())
-            .collect();
-        let prefix = format!("{RUN_PREFIX}{id}_");
-        if !self.read()?.keys().any(|n| n.starts_with(&prefix)) {
-            return Ok(());
-        }
-        self.change(|all| all.retain(|n, _| !n.starts_with(&prefix)))
-    }
-
     /// Every secret, by name (what [`substitute`] resolves references from).
     pub fn values(&self) -> Result<BTreeMap<String, String>, SecretError> {
         self.read()
@@ -346,7 +333,7 @@ mod tests {
     }
 
     #[test]
-    fn values_kept_for_runs_are_hidden_and_forgotten_with_the_run() {
+    fn values_kept_for_runs_are_resolved_and_not_listed() {
         let dir = tempfile::tempdir().unwrap();
         let secrets = Secrets::in_home(dir.path());
         let reference = secrets
@@ -355,7 +342,5 @@ mod tests {
         let resolve = || substitute(&reference, Some(&secrets.values().unwrap()), None);
         assert_eq!(resolve().unwrap(), "hunter2");
         assert!(secrets.names().unwrap().is_empty());
-        secrets.forget_run("0190-ab-cd").unwrap();
-        assert!(resolve().is_err());
     }
 }

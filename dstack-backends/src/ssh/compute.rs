@@ -112,14 +112,26 @@ impl SshCompute {
             .map_err(to_compute)?
             .text();
         let session_info = parse_session(&login);
-        let agent = RemoteAgent {
-            dir: format!("{}/.dstack-rs/{}", session_info.home, instance.name),
-        };
+        let agent = RemoteAgent::of_instance(&session_info.home, &instance.name, &instance.id);
         agent
             .install(&session, &self.agent_bin)
             .await
             .map_err(to_compute)?;
         let health = agent.start(&link, &data.env).await.map_err(to_compute)?;
+        // Another agent on a host with GPUs would hand the same GPUs to its jobs.
+        if !health.host.gpus.is_empty() {
+            let others = agent.others(&session).await.map_err(to_compute)?;
+            if !others.is_empty() {
+                agent.remove(&link).await.map_err(to_compute)?;
+                return Err(ComputeError::NotSupported(format!(
+                    "{}: another dstack-agent runs on this host ({}), deployed by another \
+                     fleet or state directory; both would hand out the same GPUs. Delete that \
+                     fleet first",
+                    data.target,
+                    others.join(", ")
+                )));
+            }
+        }
         data.dir = Some(agent.dir.clone());
         let backend_data = serde_json::to_value(&data)
             .map_err(|e| ComputeError::Other(format!("cannot record the host: {e}")))?;
@@ -248,8 +260,7 @@ impl Compute for SshCompute {
                 return Ok(()); // nothing was installed
             };
             let link = self.link(&data.target);
-            let session = link.session().await.map_err(to_compute)?;
-            agent.remove(&session).await.map_err(to_compute)?;
+            agent.remove(&link).await.map_err(to_compute)?;
             link.reset().await;
             Ok(())
         })

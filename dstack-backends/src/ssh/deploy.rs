@@ -1,11 +1,14 @@
 //! Installing, starting and removing the agent on an SSH host. Everything lives in one
-//! directory of the login user (`~/.dstack-rs/<instance>`): the agent binary, its socket and
-//! its state. The agent runs detached (its own session), so it outlives the SSH connection.
+//! directory of the login user (`~/.dstack-rs/<instance name>-<instance id>`, so that two
+//! state directories deploying fleets of the same name to one login never share it): the
+//! agent binary, its socket and its state. The agent runs detached (its own session), so it
+//! outlives the SSH connection.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::Path;
+use std::time::Duration;
 
-use dstack_core::agent::{AgentClient, AgentDialer, AgentStream, Healthcheck};
+use dstack_core::agent::{AgentClient, AgentDialer, AgentStream, Healthcheck, StopRequest};
 use dstack_core::backend::BoxFuture;
 use std::sync::Arc;
 
@@ -19,7 +22,22 @@ pub struct RemoteAgent {
     pub dir: String,
 }
 
+/// How long jobs are given to end once stopped, when their agent is removed.
+const STOP_GRACE_SECS: u64 = 5;
+
 impl RemoteAgent {
+    /// Where `instance`'s agent lives under the login's `home`.
+    pub fn of_instance(home: &str, instance_name: &str, instance_id: &str) -> Self {
+        let id: String = instance_id
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(12)
+            .collect();
+        RemoteAgent {
+            dir: format!("{home}/.dstack-rs/{instance_name}-{id}"),
+        }
+    }
+
     fn binary(&self) -> String {
         format!("{}/dstack-agent", self.dir)
     }
@@ -90,13 +108,58 @@ impl RemoteAgent {
         })
     }
 
-    /// Stops the agent (its jobs end with it) and removes the directory.
-    pub async fn remove(&self, session: &SshSession) -> Result<(), SshError> {
+    /// Stops every job of the agent (containers too) and waits until they ended, then the
+    /// agent itself (only the process serving this directory's socket: a stale pid file
+    /// never kills another process), then removes the directory.
+    pub async fn remove(&self, link: &Arc<HostLink>) -> Result<(), SshError> {
+        self.stop_jobs(link).await;
+        let session = link.session().await?;
         let dir = quote(&self.dir);
         let pid = quote(&format!("{}/agent.pid", self.state_dir()));
-        let command =
-            format!("if [ -f {pid} ]; then kill -9 \"$(cat {pid})\" 2>/dev/null; fi; rm -rf {dir}");
+        let socket = quote(&self.socket());
+        let command = format!(
+            "pid=$(cat {pid} 2>/dev/null); \
+             if [ -n \"$pid\" ] && grep -qaF -- {socket} /proc/\"$pid\"/cmdline 2>/dev/null; then \
+               kill \"$pid\"; i=0; \
+               while kill -0 \"$pid\" 2>/dev/null && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done; \
+               grep -qaF -- {socket} /proc/\"$pid\"/cmdline 2>/dev/null && kill -9 \"$pid\"; \
+             fi; rm -rf {dir}"
+        );
         session.run(&command, None).await.map(drop)
+    }
+
+    /// Stops the agent's unfinished jobs and waits (a bounded time) until they ended. An
+    /// agent that does not answer has nothing to stop: removing its directory makes it abort
+    /// its jobs and exit (it checks every 2 s).
+    async fn stop_jobs(&self, link: &Arc<HostLink>) {
+        let client = self.client(link.clone());
+        let Ok(jobs) = client.jobs().await else {
+            return;
+        };
+        let stop = StopRequest {
+            abort: false,
+            grace_secs: STOP_GRACE_SECS,
+            reason: "terminated_by_user".to_string(),
+        };
+        for job in jobs.iter().filter(|j| !j.status.is_finished()) {
+            let _ = client.stop(&job.id, &stop).await;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(STOP_GRACE_SECS + 10);
+        while tokio::time::Instant::now() < deadline {
+            match client.jobs().await {
+                Ok(jobs) if jobs.iter().any(|j| !j.status.is_finished()) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                _ => return,
+            }
+        }
+    }
+
+    /// The sockets of the other agents running on the host (of any user, any state
+    /// directory), found by their command lines.
+    pub async fn others(&self, session: &SshSession) -> Result<Vec<String>, SshError> {
+        let out = session.run(OTHER_AGENTS, None).await?;
+        Ok(other_agents(&out.text(), &self.socket()))
     }
 
     /// A client of this agent over the host's (pooled, reconnecting) SSH connection.
@@ -106,6 +169,29 @@ impl RemoteAgent {
             socket: self.socket(),
         }))
     }
+}
+
+/// Prints the command line of every `dstack-agent serve` process on the host, one per line
+/// (arguments separated by spaces).
+const OTHER_AGENTS: &str = r#"for f in /proc/[0-9]*/cmdline; do
+  c=$(tr '\0' ' ' < "$f" 2>/dev/null) || continue
+  case "$c" in *dstack-agent\ serve\ *) printf '%s\n' "$c" ;; esac
+done; true"#;
+
+/// The sockets of the agents in `listing` (see [`OTHER_AGENTS`]) other than `ours`.
+fn other_agents(listing: &str, ours: &str) -> Vec<String> {
+    let mut sockets: Vec<String> = listing
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split(' ');
+            words.find(|w| *w == "--socket")?;
+            words.next().map(str::to_string)
+        })
+        .filter(|socket| socket != ours)
+        .collect();
+    sockets.sort();
+    sockets.dedup();
+    sockets
 }
 
 /// Opens a channel to the agent's socket for each request, reconnecting to the host first if
@@ -133,4 +219,31 @@ fn stamp(bytes: &[u8]) -> String {
     let mut hasher = DefaultHasher::new();
     bytes.hash(&mut hasher);
     format!("{}-{:016x}", bytes.len(), hasher.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_directories_are_unique_per_instance() {
+        let a =
+            RemoteAgent::of_instance("/home/u", "gpu-0", "0f8e4b2a-1c3d-4e5f-8a9b-0c1d2e3f4a5b");
+        let b =
+            RemoteAgent::of_instance("/home/u", "gpu-0", "7a6b5c4d-1c3d-4e5f-8a9b-0c1d2e3f4a5b");
+        assert_eq!(a.dir, "/home/u/.dstack-rs/gpu-0-0f8e4b2a1c3d");
+        assert_ne!(a.dir, b.dir);
+    }
+
+    #[test]
+    fn other_agents_are_told_apart_from_ours() {
+        let listing = "/h/.dstack-rs/a-1/dstack-agent serve --socket /h/.dstack-rs/a-1/agent.sock --state-dir /h/.dstack-rs/a-1/agent --new-session \n\
+                       /opt/x/dstack-agent serve --socket /run/other.sock --state-dir /x \n\
+                       /opt/x/dstack-agent serve --socket /run/other.sock --state-dir /x \n";
+        assert_eq!(
+            other_agents(listing, "/h/.dstack-rs/a-1/agent.sock"),
+            vec!["/run/other.sock".to_string()]
+        );
+        assert!(other_agents("", "/s").is_empty());
+    }
 }
