@@ -749,9 +749,10 @@ async fn no_disk_space_for_the_agent_is_a_clear_per_host_error() {
     let home = tempfile::tempdir().unwrap();
     let client = client(home.path()).await;
     let fleet = format!("nodisk-{}", std::process::id());
-    // The instance's agent directory on the host is a 1 MB file system: the upload fails.
+    // The agent directories on the host are on a 1 MB file system (mounted in the host's own
+    // mount namespace only): the upload fails.
     let home_dir = std::env::var("HOME").unwrap();
-    let dir = format!("{home_dir}/.dstack-rs/{fleet}-0");
+    let dir = format!("{home_dir}/.dstack-rs");
     let host = &hosts.hosts[0];
     host.run_inside(&format!(
         "mkdir -p {dir} && mount -t tmpfs -o size=1m tmpfs {dir}"
@@ -763,7 +764,7 @@ async fn no_disk_space_for_the_agent_is_a_clear_per_host_error() {
         .find_map(|i| i.status_message)
         .unwrap_or_default();
     assert!(message.contains("No space left on device"), "{message}");
-    let left = host.run_inside(&format!("ls -A {dir}"));
+    let left = host.run_inside(&format!("find {dir} -type f"));
     host.run_inside(&format!("umount {dir}"));
     assert_eq!(left.trim(), "", "no half-written agent is left behind");
 }
