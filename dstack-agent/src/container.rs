@@ -226,6 +226,18 @@ async fn run(
     finished(job.info(), code, description, stopping)
 }
 
+/// What to ask the engine to pull for `image`: the name and its tag (`latest` when none), or
+/// the whole reference and no tag when the image is pinned by digest (`name@sha256:…`).
+fn pull_reference(image: &str) -> (String, Option<String>) {
+    if image.contains('@') {
+        return (image.to_string(), None);
+    }
+    match image.rsplit_once(':') {
+        Some((name, tag)) if !tag.contains('/') => (name.to_string(), Some(tag.to_string())),
+        _ => (image.to_string(), Some("latest".to_string())),
+    }
+}
+
 /// Uses the image when present, pulls it otherwise (progress lines go to the job's log).
 async fn ensure_image(
     docker: &Docker,
@@ -236,13 +248,10 @@ async fn ensure_image(
     if docker.inspect_image(&container.image).await.is_ok() {
         return Ok(());
     }
-    let (from_image, tag) = match container.image.rsplit_once(':') {
-        Some((name, tag)) if !tag.contains('/') => (name.to_string(), tag.to_string()),
-        _ => (container.image.clone(), "latest".to_string()),
-    };
+    let (from_image, tag) = pull_reference(&container.image);
     let options = CreateImageOptions {
         from_image: Some(from_image),
-        tag: Some(tag),
+        tag,
         ..Default::default()
     };
     let credentials = container
@@ -393,5 +402,26 @@ fn failed(job: &Job, reason: &str, message: &str) -> JobInfo {
         termination_message: Some(message.to_string()),
         finished_at_ms: Some(unix_ms()),
         ..job.info()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pull_reference;
+
+    #[test]
+    fn tags_digests_and_registry_ports() {
+        let pair = |image| pull_reference(image);
+        assert_eq!(pair("ubuntu"), ("ubuntu".into(), Some("latest".into())));
+        assert_eq!(
+            pair("ubuntu:22.04"),
+            ("ubuntu".into(), Some("22.04".into()))
+        );
+        assert_eq!(
+            pair("reg.io:5000/team/img"),
+            ("reg.io:5000/team/img".into(), Some("latest".into()))
+        );
+        let pinned = "reg.io:5000/img@sha256:0123456789abcdef";
+        assert_eq!(pair(pinned), (pinned.into(), None));
     }
 }

@@ -89,6 +89,22 @@ pub async fn start_in_background(program: &Path, config: &AgentConfig) -> io::Re
     }
 }
 
+/// Closes every descriptor above stderr the process inherited, so that the long-lived agent
+/// keeps nothing its starter happened to leave open (a pipe a caller waits on for end of
+/// file, a lock held through `flock`). What `serve --new-session` does first, before anything
+/// opens a descriptor of its own.
+pub fn close_inherited_fds() -> io::Result<()> {
+    let inherited: Vec<i32> = fs::read_dir("/proc/self/fd")?
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > 2)
+        .collect();
+    for fd in inherited {
+        // The listing's own descriptor is among them, closed already: EBADF, ignored.
+        let _ = nix::unistd::close(fd);
+    }
+    Ok(())
+}
+
 /// What `serve --new-session` does before serving: leaves the caller's session, process
 /// group and controlling terminal (`setsid`), and ignores SIGHUP. Must run in a tokio
 /// runtime.

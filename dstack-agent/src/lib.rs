@@ -34,7 +34,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
 
-pub use daemon::{new_session, spawn_detached, start_in_background};
+pub use daemon::{close_inherited_fds, new_session, spawn_detached, start_in_background};
 
 use http::App;
 use jobs::Jobs;

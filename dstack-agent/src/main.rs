@@ -38,6 +38,12 @@ struct ServeArgs {
 fn main() -> ExitCode {
     let Cmd::Serve(args) = Cli::parse().command;
     let config = AgentConfig::new(args.socket, args.state_dir);
+    if args.new_session {
+        if let Err(e) = dstack_agent::close_inherited_fds() {
+            eprintln!("dstack-agent: cannot close inherited descriptors: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     // One thread: the agent multiplexes I/O and child processes, and copies job output on
     // threads of its own; a single-threaded runtime hands work between threads less often.
     let runtime = tokio::runtime::Builder::new_current_thread()

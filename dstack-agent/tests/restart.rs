@@ -40,6 +40,29 @@ async fn signal_and_wait(pid: u32, signal: Signal) {
 }
 
 #[tokio::test]
+async fn a_detached_agent_keeps_no_descriptor_its_starter_left_open() {
+    use std::os::fd::AsFd;
+    let dir = tempfile::tempdir().unwrap();
+    // An inheritable descriptor, as `flock FILE command` leaves one to the command.
+    let held = dir.path().join("held.lock");
+    let file = std::fs::File::create(&held).unwrap();
+    nix::fcntl::fcntl(
+        file.as_fd(),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )
+    .unwrap();
+    let config = config(dir.path());
+    let (health, _client) = start(&config).await;
+    let open: Vec<_> = std::fs::read_dir(format!("/proc/{}/fd", health.pid))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+        .collect();
+    assert!(!open.contains(&held), "{open:?}");
+    signal_and_wait(health.pid, Signal::SIGTERM).await;
+    drop(file);
+}
+
+#[tokio::test]
 async fn a_detached_agent_runs_in_its_own_session_and_is_not_started_twice() {
     let dir = tempfile::tempdir().unwrap();
     let config = config(dir.path());

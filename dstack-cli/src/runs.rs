@@ -129,7 +129,11 @@ fn status_text(run: &Run, job: Option<&Job>) -> String {
 
 /// `dstack ps`.
 pub async fn ps(client: &Client, args: &PsArgs) -> Result<ExitCode, Failure> {
-    let runs = client.runs().list(args.all)?;
+    let listing = client.runs().listing(args.all)?;
+    for (id, why) in &listing.unreadable {
+        eprintln!("warning: the record of run {id} cannot be read ({why}); it is left out");
+    }
+    let runs = listing.runs;
     if args.json {
         let mut out = Vec::new();
         for run in &runs {

@@ -348,3 +348,39 @@ fn registry_passwords_are_never_printed() {
     assert!(!printed.contains("hunter2-Pass"), "{printed}");
     assert!(printed.contains("\"username\": \"me\""), "{printed}");
 }
+
+#[test]
+fn one_unreadable_run_record_hides_no_other_run() {
+    let env = Env::new();
+    for name in ["good-one", "bad-one"] {
+        let file = env.write(
+            &format!("{name}.dstack.yml"),
+            &format!("type: task\nname: {name}\ncommands: [\"true\"]\n"),
+        );
+        let out = env.run(&["apply", "-f", &file, "-y"]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    }
+    let db = env.home.path().join("state.db");
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); \
+             c.execute(\"UPDATE runs SET data = '{not json' WHERE name = 'bad-one'\"); c.commit()",
+        )
+        .arg(&db)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = env.run(&["ps", "-a"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("good-one"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(
+        text(&out.stderr).contains("cannot be read"),
+        "{}",
+        text(&out.stderr)
+    );
+}

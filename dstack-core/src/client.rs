@@ -28,7 +28,7 @@ use crate::backend::Compute;
 use crate::config::Configuration;
 use crate::engine::{ApplyOptions, Engine, EngineError, EngineOptions, RunPlan};
 use crate::model::{Fleet, Instance, Job, Run, RunStatus};
-use crate::store::{RunFilter, SqliteStore};
+use crate::store::{RunFilter, RunListing, SqliteStore};
 
 /// `$DSTACK_HOME`, or `~/.dstack`.
 pub fn default_home() -> PathBuf {
@@ -61,6 +61,8 @@ impl Client {
     /// Opens the state in `options.home` (`state.db`, created if needed) and starts the
     /// engine. Must be called within a tokio runtime.
     pub async fn open(options: ClientOptions) -> Result<Client, EngineError> {
+        prepare_home(&options.home)
+            .map_err(|e| EngineError::Invalid(format!("{}: {e}", options.home.display())))?;
         let store = SqliteStore::open(&state_file(&options.home))?;
         let mut engine_options = options.engine;
         engine_options
@@ -89,6 +91,21 @@ impl Client {
     pub fn engine(&self) -> &Engine {
         &self.engine
     }
+}
+
+/// Creates the state directory (0700), or takes group's and others' access away from an
+/// existing one: it holds keys, secrets and the state of every run.
+pub fn prepare_home(home: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(home)?;
+    let mode = std::fs::metadata(home)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(home, std::fs::Permissions::from_mode(mode & 0o700))?;
+    }
+    Ok(())
 }
 
 /// The state database inside a state directory.
@@ -139,6 +156,12 @@ impl Runs<'_> {
 
     /// Runs, newest first: only unfinished ones unless `all`.
     pub fn list(&self, all: bool) -> Result<Vec<Run>, EngineError> {
+        Ok(self.listing(all)?.runs)
+    }
+
+    /// The runs (unfinished ones unless `all`), newest first, and the records that could not
+    /// be read (listed apart, so that one corrupt record hides no other run).
+    pub fn listing(&self, all: bool) -> Result<RunListing, EngineError> {
         let filter = RunFilter {
             active_only: !all,
             limit: None,
@@ -466,5 +489,25 @@ impl LogState {
             }
             let _ = tokio::time::timeout(Duration::from_secs(1), self.changes.recv()).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_state_directory_is_private_new_or_existing() {
+        let dir = tempfile::tempdir().unwrap();
+        let fresh = dir.path().join("a/home");
+        prepare_home(&fresh).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&fresh), 0o700);
+        let loose = dir.path().join("loose");
+        std::fs::create_dir(&loose).unwrap();
+        std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o755)).unwrap();
+        prepare_home(&loose).unwrap();
+        assert_eq!(mode(&loose), 0o700);
     }
 }

@@ -154,16 +154,28 @@ impl SshCompute {
     }
 }
 
-/// Prints the login session jobs get on the host: home, then `NAME=value` lines.
-const SESSION_PROBE: &str = r#"printf '%s\n' "$HOME"
+/// Marks the start of what [`SESSION_PROBE`] prints (a login shell may print a banner first).
+const SESSION_BEGIN: &str = "--dstack-session-begin--";
+/// Marks its end (and whatever a shell prints on exit comes after).
+const SESSION_END: &str = "--dstack-session-end--";
+
+/// Prints the login session jobs get on the host between [`SESSION_BEGIN`] and
+/// [`SESSION_END`]: home, then `NAME=value` lines.
+const SESSION_PROBE: &str = r#"printf '%s\n' --dstack-session-begin-- "$HOME"
 for v in HOME PATH USER LOGNAME SHELL LANG; do
   eval "x=\${$v-}"
   [ -n "$x" ] && printf '%s=%s\n' "$v" "$x"
 done
-[ -n "${USER-}" ] || printf 'USER=%s\n' "$(id -un)""#;
+[ -n "${USER-}" ] || printf 'USER=%s\n' "$(id -un)"
+printf '%s\n' --dstack-session-end--"#;
 
+/// The session in what [`SESSION_PROBE`] printed, ignoring anything around its markers.
 fn parse_session(text: &str) -> HostSession {
-    let mut lines = text.lines();
+    let mut lines = text
+        .lines()
+        .skip_while(|l| l.trim_end() != SESSION_BEGIN)
+        .skip(1)
+        .take_while(|l| l.trim_end() != SESSION_END);
     let home = lines.next().unwrap_or("/").to_string();
     let env = lines
         .filter_map(|l| l.split_once('='))
@@ -264,5 +276,25 @@ impl Compute for SshCompute {
             link.reset().await;
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_login_banner_is_not_taken_for_the_session() {
+        let printed = "Welcome to host!\nLAST=login\n--dstack-session-begin--\n/home/u\n\
+                       PATH=/usr/bin\nUSER=u\n--dstack-session-end--\nbye=now\n";
+        let session = parse_session(printed);
+        assert_eq!(session.home, "/home/u");
+        assert_eq!(
+            session.env.into_iter().collect::<Vec<_>>(),
+            vec![
+                ("PATH".to_string(), "/usr/bin".to_string()),
+                ("USER".to_string(), "u".to_string())
+            ]
+        );
     }
 }

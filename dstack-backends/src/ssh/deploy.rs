@@ -89,19 +89,26 @@ impl RemoteAgent {
         if let Ok(health) = client.healthcheck().await {
             return Ok(health);
         }
-        // The fleet's env reaches the agent too (e.g. DOCKER_HOST for its container engine).
-        let env: Vec<String> = env
-            .iter()
-            .map(|(k, v)| quote(&format!("{k}={v}")))
-            .collect();
+        // The fleet's env reaches the agent too (e.g. DOCKER_HOST for its container engine),
+        // as shell assignments on standard input: never on a command line (which every user
+        // of the host can read) nor in an error message.
+        let mut assignments = String::new();
+        for (name, value) in env {
+            if !is_variable_name(name) {
+                return Err(SshError::Session {
+                    target: session.target().to_string(),
+                    message: format!("invalid environment variable name {name:?}"),
+                });
+            }
+            assignments.push_str(&format!("{name}={}\n", quote(value)));
+        }
         let command = format!(
-            "env {} {} serve --detach --socket {} --state-dir {}",
-            env.join(" "),
+            "set -a && eval \"$(cat)\" && set +a && exec {} serve --detach --socket {} --state-dir {}",
             quote(&self.binary()),
             quote(&self.socket()),
             quote(&self.state_dir())
         );
-        session.run(&command, None).await?;
+        session.run(&command, Some(assignments.as_bytes())).await?;
         client.healthcheck().await.map_err(|e| SshError::Session {
             target: session.target().to_string(),
             message: format!("the agent started but does not answer: {e}"),
@@ -169,6 +176,15 @@ impl RemoteAgent {
             socket: self.socket(),
         }))
     }
+}
+
+/// `[A-Za-z_][A-Za-z0-9_]*`: a name a shell assigns.
+fn is_variable_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// Prints the command line of every `dstack-agent serve` process on the host, one per line

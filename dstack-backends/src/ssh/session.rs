@@ -174,6 +174,17 @@ pub struct SshSession {
     _via: Option<Box<SshSession>>,
 }
 
+/// The most of a command's standard output (and, apart, of its standard error) kept: the
+/// rest is read and dropped, so that a host cannot make this process's memory grow without
+/// bound.
+pub const MAX_OUTPUT_BYTES: usize = 16 * 1024 * 1024;
+
+/// Appends `data` to `buffer` up to [`MAX_OUTPUT_BYTES`].
+fn keep(buffer: &mut Vec<u8>, data: &[u8]) {
+    let room = MAX_OUTPUT_BYTES.saturating_sub(buffer.len());
+    buffer.extend_from_slice(&data[..data.len().min(room)]);
+}
+
 /// What a command did.
 #[derive(Debug, Default)]
 pub struct Output {
@@ -388,10 +399,8 @@ impl SshSession {
                 message = read.wait() => message,
             };
             match message {
-                Some(ChannelMsg::Data { data }) => output.stdout.extend_from_slice(&data),
-                Some(ChannelMsg::ExtendedData { data, ext: 1 }) => {
-                    output.stderr.extend_from_slice(&data)
-                }
+                Some(ChannelMsg::Data { data }) => keep(&mut output.stdout, &data),
+                Some(ChannelMsg::ExtendedData { data, ext: 1 }) => keep(&mut output.stderr, &data),
                 Some(ChannelMsg::ExitStatus { exit_status }) => output.status = exit_status,
                 Some(_) => {}
                 None => break,
@@ -443,6 +452,16 @@ pub fn quote(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::quote;
+
+    #[test]
+    fn kept_output_is_bounded() {
+        let mut buffer = vec![0; super::MAX_OUTPUT_BYTES - 2];
+        super::keep(&mut buffer, b"abcdef");
+        assert_eq!(buffer.len(), super::MAX_OUTPUT_BYTES);
+        assert_eq!(&buffer[buffer.len() - 2..], b"ab");
+        super::keep(&mut buffer, b"more");
+        assert_eq!(buffer.len(), super::MAX_OUTPUT_BYTES);
+    }
 
     #[test]
     fn quoting_keeps_every_character() {

@@ -46,6 +46,15 @@ pub struct RunFilter {
     pub limit: Option<usize>,
 }
 
+/// Runs as listed: those read, and those whose records could not be.
+#[derive(Clone, Debug, Default)]
+pub struct RunListing {
+    /// The runs read, newest first.
+    pub runs: Vec<Run>,
+    /// Each record that could not be read: its run id and why.
+    pub unreadable: Vec<(String, String)>,
+}
+
 /// A `submitted` job as the scheduler sees it first.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WaitingJob {
@@ -176,8 +185,9 @@ pub trait Store: Send + Sync {
     fn run(&self, id: &str) -> Result<Option<Run>, StoreError>;
     /// The current run with this name.
     fn run_by_name(&self, name: &str) -> Result<Option<Run>, StoreError>;
-    /// Runs, newest first.
-    fn runs(&self, filter: RunFilter) -> Result<Vec<Run>, StoreError>;
+    /// Runs, newest first; a record that cannot be read is listed apart instead of failing
+    /// the whole listing.
+    fn runs(&self, filter: RunFilter) -> Result<RunListing, StoreError>;
     /// Runs in any of these statuses, oldest first.
     fn runs_with_status(&self, statuses: &[RunStatus]) -> Result<Vec<Run>, StoreError>;
     /// Names starting with `prefix` in use by runs that have not been replaced.

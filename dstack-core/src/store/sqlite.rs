@@ -12,8 +12,8 @@ use serde::Serialize;
 use super::busy::retry_soon;
 use super::checkpoint::Checkpointer;
 use super::{
-    ChangeFn, Changed, DeriveFn, Holding, JobAndRun, Placement, Placing, RunFilter, Store,
-    StoreError, WaitingJob,
+    ChangeFn, Changed, DeriveFn, Holding, JobAndRun, Placement, Placing, RunFilter, RunListing,
+    Store, StoreError, WaitingJob,
 };
 use crate::model::{Fleet, Instance, Job, JobStatus, Reservation, Run, RunStatus, Volume};
 
@@ -372,14 +372,30 @@ impl Store for SqliteStore {
         Ok(self.query(sql, &[&name])?.pop())
     }
 
-    fn runs(&self, filter: RunFilter) -> Result<Vec<Run>, StoreError> {
+    fn runs(&self, filter: RunFilter) -> Result<RunListing, StoreError> {
         let limit = filter.limit.map_or(-1, |l| l as i64);
         let sql = if filter.active_only {
-            "SELECT data FROM runs WHERE active = 1 ORDER BY submitted_at DESC LIMIT ?"
+            "SELECT id, data FROM runs WHERE active = 1 ORDER BY submitted_at DESC LIMIT ?"
         } else {
-            "SELECT data FROM runs WHERE replaced = 0 ORDER BY submitted_at DESC LIMIT ?"
+            "SELECT id, data FROM runs WHERE replaced = 0 ORDER BY submitted_at DESC LIMIT ?"
         };
-        self.query(sql, &[&limit])
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(sql)?;
+            let mut rows = stmt.query([&limit])?;
+            let mut listing = RunListing::default();
+            while let Some(row) = rows.next()? {
+                let id: String = row.get(0)?;
+                match row
+                    .get::<_, String>(1)
+                    .map_err(StoreError::from)
+                    .and_then(|d| from_json(&d))
+                {
+                    Ok(run) => listing.runs.push(run),
+                    Err(e) => listing.unreadable.push((id, e.to_string())),
+                }
+            }
+            Ok(listing)
+        })
     }
 
     fn runs_with_status(&self, statuses: &[RunStatus]) -> Result<Vec<Run>, StoreError> {
@@ -1071,7 +1087,7 @@ mod tests {
         store.insert_run(&second, &[]).unwrap();
         assert_eq!(store.run_by_name("train").unwrap().unwrap().id, second.id);
         assert_eq!(
-            store.runs(RunFilter::default()).unwrap().len(),
+            store.runs(RunFilter::default()).unwrap().runs.len(),
             1,
             "the replaced run is hidden"
         );
