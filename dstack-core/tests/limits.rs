@@ -41,7 +41,11 @@ fn deep_block_nesting_is_refused_where_it_crosses_the_limit() {
     let text = format!("{TASK}x:\n{}1\n", "- ".repeat(30_000));
     let error = limit_error(&text);
     assert_eq!(error.mark.line, 4);
-    assert_eq!(error.mark.col, 2 * MAX_DEPTH - 1, "the level past the limit");
+    assert_eq!(
+        error.mark.col,
+        2 * MAX_DEPTH - 1,
+        "the level past the limit"
+    );
     assert!(error.message.contains("64 levels"), "{}", error.message);
 }
 
@@ -52,7 +56,11 @@ fn nesting_up_to_the_limit_is_read() {
     let text = format!("{TASK}x: {}1{}\n", "[".repeat(depth), "]".repeat(depth));
     let errors = errors(&text);
     assert_eq!(errors[0].code, ErrorCode::UnknownField, "{errors:?}");
-    let deeper = format!("{TASK}x: {}1{}\n", "[".repeat(depth + 1), "]".repeat(depth + 1));
+    let deeper = format!(
+        "{TASK}x: {}1{}\n",
+        "[".repeat(depth + 1),
+        "]".repeat(depth + 1)
+    );
     limit_error(&deeper);
 }
 
@@ -73,9 +81,12 @@ fn anchors_and_aliases_within_the_limits_still_expand() {
          groups_: [*e, *r]\nx: {{<<: *e, B: '2'}}\n"
     );
     let errors = errors(&text);
-    assert!(errors.iter().all(|e| e.code == ErrorCode::UnknownField), "{errors:?}");
-    let ok = format!("type: task\ncommands: &c [a, b]\nenv: &e {{A: '1'}}\nresources: {{cpu: 2}}\n");
-    let Configuration::Task(task) = parse(&ok, "t.yml").unwrap() else {
+    assert!(
+        errors.iter().all(|e| e.code == ErrorCode::UnknownField),
+        "{errors:?}"
+    );
+    let ok = "type: task\ncommands: &c [a, b]\nenv: &e {A: '1'}\nresources: {cpu: 2}\n";
+    let Configuration::Task(task) = parse(ok, "t.yml").unwrap() else {
         panic!()
     };
     assert_eq!(task.commands, ["a", "b"]);
@@ -99,7 +110,11 @@ fn a_mapping_with_too_many_keys_is_refused() {
     let error = limit_error(&text);
     // The document, `type`, `task`, `commands`, its list and `x` are 6 values; each key and
     // its value 2 more.
-    assert_eq!(error.mark.line, 3 + (MAX_NODES - 6) / 2, "the key past the limit");
+    assert_eq!(
+        error.mark.line,
+        3 + (MAX_NODES - 6) / 2,
+        "the key past the limit"
+    );
 }
 
 #[test]
@@ -128,7 +143,11 @@ fn many_unknown_fields_report_a_bounded_number_of_errors() {
     assert_eq!(errors.len(), MAX_ERRORS + 1);
     let last = errors.last().unwrap();
     assert_eq!(last.code, ErrorCode::Limit);
-    assert!(last.message.starts_with("39900 more errors"), "{}", last.message);
+    assert!(
+        last.message.starts_with("39900 more errors"),
+        "{}",
+        last.message
+    );
 }
 
 #[test]
@@ -149,7 +168,10 @@ fn data_that_contains_itself_or_nests_too_deep_is_refused() {
     task["env"] = value;
     let errors = parse_value(&task, "Task(...)").unwrap_err().errors;
     assert_eq!(errors[0].code, ErrorCode::Limit);
-    assert_eq!(errors[0].path, format!("env{}", "[0]".repeat(MAX_DEPTH - 1)));
+    assert_eq!(
+        errors[0].path,
+        format!("env{}", "[0]".repeat(MAX_DEPTH - 1))
+    );
 }
 
 /// The error of `field: value` in a task, which must be a `[limit]` error at that field.
@@ -167,7 +189,10 @@ fn node_counts_beyond_the_limit_are_refused_at_the_field() {
     for n in ["9223372036854775807", "4294967296", "1000000", "1001"] {
         let error = field_limit("nodes", n);
         assert_eq!(error.path, "nodes");
-        assert_eq!(error.message, format!("must be at most {MAX_NODE_COUNT} (the limit), got {n}"));
+        assert_eq!(
+            error.message,
+            format!("must be at most {MAX_NODE_COUNT} (the limit), got {n}")
+        );
     }
     let text = format!("{TASK}nodes: {MAX_NODE_COUNT}\n");
     let Configuration::Task(task) = parse(&text, "t.yml").unwrap() else {
@@ -175,16 +200,24 @@ fn node_counts_beyond_the_limit_are_refused_at_the_field() {
     };
     assert_eq!(task.nodes, Some(MAX_NODE_COUNT));
     // dstack's own rule keeps its own code.
-    assert_eq!(errors(&format!("{TASK}nodes: 0\n"))[0].code, ErrorCode::OutOfRange);
+    assert_eq!(
+        errors(&format!("{TASK}nodes: 0\n"))[0].code,
+        ErrorCode::OutOfRange
+    );
 }
 
 #[test]
 fn node_groups_are_limited_in_all() {
-    let text = "type: task\ngroups:\n  - {nodes: 600, commands: [x]}\n  - {nodes: 600, commands: [y]}\n";
+    let text =
+        "type: task\ngroups:\n  - {nodes: 600, commands: [x]}\n  - {nodes: 600, commands: [y]}\n";
     let error = limit_error(text);
     assert_eq!(error.path, "groups");
     let one = errors("type: task\ngroups:\n  - {nodes: 1001, commands: [x]}\n");
-    assert!(one.iter().any(|e| e.code == ErrorCode::Limit && e.path == "groups[0].nodes"), "{one:?}");
+    assert!(
+        one.iter()
+            .any(|e| e.code == ErrorCode::Limit && e.path == "groups[0].nodes"),
+        "{one:?}"
+    );
 }
 
 #[test]
@@ -196,9 +229,15 @@ fn replica_fleet_gpu_and_cpu_counts_are_limited() {
     let fleet = "type: fleet\nnodes: {min: 0, target: 5000}\n";
     assert_eq!(limit_error(fleet).path, "nodes");
     let gpus = format!("resources:\n  gpu: A100:{}", MAX_GPU_COUNT + 1);
-    assert_eq!(limit_error(&format!("{TASK}{gpus}\n")).path, "resources.gpu");
+    assert_eq!(
+        limit_error(&format!("{TASK}{gpus}\n")).path,
+        "resources.gpu"
+    );
     let cpus = format!("resources:\n  cpu: {}..", MAX_CPU_COUNT + 1);
-    assert_eq!(limit_error(&format!("{TASK}{cpus}\n")).path, "resources.cpu");
+    assert_eq!(
+        limit_error(&format!("{TASK}{cpus}\n")).path,
+        "resources.cpu"
+    );
     let within = format!("{TASK}resources:\n  cpu: {MAX_CPU_COUNT}\n  gpu: {MAX_GPU_COUNT}\n");
     assert!(parse(&within, "t.yml").is_ok());
 }
@@ -208,7 +247,12 @@ fn durations_beyond_a_century_are_refused_at_the_field() {
     // A huge `max_duration` panicked a container job's supervisor; a huge `idle_duration` or
     // `auto_cleanup_duration` wrapped `* 1000` into "at once".
     for field in ["max_duration", "idle_duration", "stop_duration"] {
-        for value in ["9223372036854775807", "3155760001", "1000000000000w", "1.0e+300"] {
+        for value in [
+            "9223372036854775807",
+            "3155760001",
+            "1000000000000w",
+            "1.0e+300",
+        ] {
             let error = field_limit(field, value);
             assert_eq!(error.path, field);
             assert!(error.message.contains("100 years"), "{}", error.message);
@@ -217,6 +261,7 @@ fn durations_beyond_a_century_are_refused_at_the_field() {
     let volume = "type: volume\nbackend: aws\nregion: us-east-1\nsize: 10GB\n\
                   auto_cleanup_duration: 18446744073709552\n";
     assert_eq!(limit_error(volume).path, "auto_cleanup_duration");
-    let century = format!("{TASK}max_duration: {MAX_DURATION_SECS}\nidle_duration: -{MAX_DURATION_SECS}\n");
+    let century =
+        format!("{TASK}max_duration: {MAX_DURATION_SECS}\nidle_duration: -{MAX_DURATION_SECS}\n");
     assert!(parse(&century, "t.yml").is_ok());
 }

@@ -142,8 +142,15 @@ impl Shape {
             Shape::Wide(keys, distinct) => (wide(keys, distinct), Some(6 + 2 * keys > MAX_NODES)),
             Shape::Long(extra, over) => {
                 let head = "type: task\ncommands: [x]\n#";
-                let len = if over { MAX_TEXT_BYTES + 1 + extra } else { MAX_TEXT_BYTES - extra };
-                (format!("{head}{}", "x".repeat(len - head.len())), Some(over))
+                let len = if over {
+                    MAX_TEXT_BYTES + 1 + extra
+                } else {
+                    MAX_TEXT_BYTES - extra
+                };
+                (
+                    format!("{head}{}", "x".repeat(len - head.len())),
+                    Some(over),
+                )
             }
         }
     }

@@ -312,13 +312,7 @@ pub fn int_between(node: &Node, cx: &mut Cx, path: &Path<'_>, min: i64, max: i64
 
 /// Decodes an integer of at least `min` (a rule of dstack's, [`ErrorCode::OutOfRange`]) and at
 /// most `limit` (a limit of this parser's, [`ErrorCode::Limit`]).
-pub fn int_within(
-    node: &Node,
-    cx: &mut Cx,
-    path: &Path<'_>,
-    min: i64,
-    limit: i64,
-) -> Option<i64> {
+pub fn int_within(node: &Node, cx: &mut Cx, path: &Path<'_>, min: i64, limit: i64) -> Option<i64> {
     let v = int_between(node, cx, path, min, i64::MAX)?;
     if v > limit {
         cx.error(node.mark, path, ErrorCode::Limit, above_limit(v, limit));

@@ -182,7 +182,15 @@ mod tests {
         assert_eq!(d("1d"), Some(86400));
         assert_eq!(d("1w"), Some(604800));
         assert_eq!(d("3155760000"), Some(limits::MAX_DURATION_SECS));
-        for bad in ["bogus", "2y", "h2", "''", "3155760001", "9223372036854775807", "1.0e+300"] {
+        for bad in [
+            "bogus",
+            "2y",
+            "h2",
+            "''",
+            "3155760001",
+            "9223372036854775807",
+            "1.0e+300",
+        ] {
             assert_eq!(d(bad), None, "{bad}");
         }
     }

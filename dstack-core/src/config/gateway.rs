@@ -3,8 +3,8 @@
 use serde::Serialize;
 
 use super::de::{int_within, Cx, Decode, Fields, Path};
-use super::limits;
 use super::error::ErrorCode;
+use super::limits;
 use super::refs::{decode_tags, BackendType, Tags};
 use super::yaml::Node;
 

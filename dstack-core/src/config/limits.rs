@@ -74,9 +74,8 @@ impl ReadError {
 /// (so a huge file or an endless stream costs no more than the limit).
 pub fn read_text(source: impl Read) -> Result<String, ReadError> {
     let mut bytes = Vec::new();
-    source
-        .take(MAX_TEXT_BYTES as u64 + 1)
-        .read_to_end(&mut bytes)?;
+    let most = u64::try_from(MAX_TEXT_BYTES + 1).unwrap_or(u64::MAX);
+    source.take(most).read_to_end(&mut bytes)?;
     if bytes.len() > MAX_TEXT_BYTES {
         return Err(ReadError::TooLarge);
     }

@@ -206,7 +206,11 @@ impl Range<i64> {
     /// Checks that neither bound is above `limit`, a limit of this parser (dstack sets
     /// none): [`ErrorCode::Limit`] naming it otherwise.
     pub fn check_limit(&self, limit: i64) -> Result<(), (ErrorCode, String)> {
-        match [self.min, self.max].into_iter().flatten().find(|v| *v > limit) {
+        match [self.min, self.max]
+            .into_iter()
+            .flatten()
+            .find(|v| *v > limit)
+        {
             Some(v) => Err((ErrorCode::Limit, above_limit(v, limit))),
             None => Ok(()),
         }

@@ -406,7 +406,9 @@ impl Builder {
                 None => {
                     // A block mapping's start event is marked after its first key: the mapping
                     // starts where that key does.
-                    if map.entries.is_empty() && (node.mark.line, node.mark.col) < (mark.line, mark.col) {
+                    if map.entries.is_empty()
+                        && (node.mark.line, node.mark.col) < (mark.line, mark.col)
+                    {
                         *mark = node.mark;
                     }
                     *pending = Some(node)

@@ -260,7 +260,9 @@ pub fn ports(config: &Configuration) -> Vec<crate::config::ports::PortMapping> {
 pub fn nodes(config: &Configuration) -> usize {
     match config {
         // The parser keeps `nodes` within 1..=limits::MAX_NODE_COUNT.
-        Configuration::Task(t) => t.nodes.map_or(1, |n| usize::try_from(n).unwrap_or(1).max(1)),
+        Configuration::Task(t) => t
+            .nodes
+            .map_or(1, |n| usize::try_from(n).unwrap_or(1).max(1)),
         _ => 1,
     }
 }

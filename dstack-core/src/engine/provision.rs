@@ -22,8 +22,8 @@ use crate::config::range::{Memory, Range};
 use crate::config::resources::ResourcesSpec;
 use crate::config::Configuration;
 use crate::model::{
-    longer_than,
-    now_ms, Fleet, FleetStatus, Instance, InstanceStatus, JobStatus, JobTerminationReason,
+    longer_than, now_ms, Fleet, FleetStatus, Instance, InstanceStatus, JobStatus,
+    JobTerminationReason,
 };
 use crate::offers::query::QueryFilter;
 use crate::offers::{Availability, Offer};

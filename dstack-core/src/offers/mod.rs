@@ -159,7 +159,9 @@ pub fn reserve(spec: &ResourcesSpec, host: &HostInfo, held: &[Reservation]) -> O
     let cpus = u32::try_from(spec.cpu.count.min.unwrap_or(0).max(0)).ok()?;
     // A float-to-int `as` saturates: a huge size stays huge.
     let memory_mib = (spec.memory.min.map_or(0.0, |m| m.0) * MIB_PER_GIB).ceil() as u64;
-    let used_cpus = held.iter().try_fold(cpus, |sum, r| sum.checked_add(r.cpus))?;
+    let used_cpus = held
+        .iter()
+        .try_fold(cpus, |sum, r| sum.checked_add(r.cpus))?;
     let used_mib = held
         .iter()
         .try_fold(memory_mib, |sum, r| sum.checked_add(r.memory_mib))?;
