@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use crate::jobs::Job;
 use crate::logs::LogWriter;
 use crate::state::unix_ms;
-use crate::supervisor::{finished, sleep_until, Stopping};
+use crate::supervisor::{after, finished, sleep_until, Stopping};
 
 /// How often the container is checked for having exited when the engine's wait call failed.
 const EXIT_CHECK: Duration = Duration::from_secs(2);
@@ -166,9 +166,9 @@ async fn run(
     let mut check = tokio::time::interval(EXIT_CHECK);
     let mut drain: Option<tokio::time::Instant> = None;
     let mut stopping: Option<Stopping> = None;
-    let deadline = spec
-        .max_duration_secs
-        .map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
+    // Checked: a `max_duration` too long to add to the clock is no deadline (a plain `+`
+    // panicked this task after the container started, leaving it unsupervised).
+    let deadline = spec.max_duration_secs.and_then(after);
     loop {
         tokio::select! {
             chunk = logs.next() => match chunk {

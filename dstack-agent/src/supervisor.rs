@@ -184,7 +184,8 @@ async fn run(
 }
 
 /// `secs` seconds from now; `None` if that is beyond what a clock can represent.
-fn after(secs: u64) -> Option<Instant> {
+/// The instant `secs` from now, or `None` when it cannot be represented (never panics).
+pub(crate) fn after(secs: u64) -> Option<Instant> {
     Instant::now().checked_add(Duration::from_secs(secs))
 }
 
@@ -291,5 +292,16 @@ async fn copy_output(output: PipeReader, mut log: LogWriter, job: &Job) -> io::R
             return Ok(());
         }
         job.set_log_bytes(log.append(&buf)?);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deadline_too_far_to_represent_is_none() {
+        assert!(after(1).is_some());
+        assert!(after(u64::MAX).is_none());
     }
 }

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use dstack_core::config::limits::{self, ReadError};
 use dstack_core::config::{self, Configuration};
 use dstack_core::engine::{ApplyOptions, RunPlan};
 use dstack_core::model::{Run, RunStatus};
@@ -36,14 +37,18 @@ pub struct ApplyArgs {
 pub fn load(file: &PathBuf) -> Result<Configuration, Failure> {
     let name = file.display().to_string();
     let text = if name == "-" {
-        std::io::read_to_string(std::io::stdin())
+        limits::read_text(std::io::stdin().lock())
             .map_err(|e| Failure::new(format!("cannot read stdin: {e}")))?
     } else {
-        std::fs::read_to_string(file).map_err(|e| {
-            Failure::new(format!(
-                "{name}:1:1: (file): cannot read the file: {e} [io]"
-            ))
-        })?
+        std::fs::File::open(file)
+            .map_err(ReadError::from)
+            .and_then(limits::read_text)
+            .map_err(|e| {
+                Failure::new(format!(
+                    "{name}:1:1: (file): cannot read the file: {e} [{}]",
+                    e.code()
+                ))
+            })?
     };
     config::parse(&text, &name).map_err(|e| Failure::new(e.to_string()))
 }

@@ -1,9 +1,10 @@
 //! `dstack validate [--json] FILE...`
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use dstack_core::config::limits::{self, ReadError};
 use dstack_core::config::{self, Configuration};
 
 /// Arguments of `dstack validate`.
@@ -17,19 +18,11 @@ pub struct Args {
     files: Vec<PathBuf>,
 }
 
-fn read(path: &PathBuf) -> std::io::Result<String> {
+fn read(path: &PathBuf) -> Result<String, ReadError> {
     if path.as_os_str() == "-" {
-        let mut text = String::new();
-        std::io::stdin().read_to_string(&mut text)?;
-        return Ok(text);
+        return limits::read_text(std::io::stdin().lock());
     }
-    let bytes = std::fs::read(path)?;
-    String::from_utf8(bytes).map_err(|_| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "the file is not UTF-8 text",
-        )
-    })
+    limits::read_text(std::fs::File::open(path)?)
 }
 
 /// Validates every file; prints located errors on stderr and, with `--json`, the models.
@@ -43,7 +36,11 @@ pub fn run(args: &Args) -> ExitCode {
         let text = match read(path) {
             Ok(text) => text,
             Err(e) => {
-                let _ = writeln!(err, "{name}:1:1: (file): cannot read the file: {e} [io]");
+                let _ = writeln!(
+                    err,
+                    "{name}:1:1: (file): cannot read the file: {e} [{}]",
+                    e.code()
+                );
                 failed = true;
                 continue;
             }

@@ -324,7 +324,7 @@ fn parse_any(
         let file = file.unwrap_or("<string>");
         py.allow_threads(|| dstack_core::config::parse(&text, file))
     } else {
-        let value = from_py(configuration)?;
+        let value = from_py(configuration, file.unwrap_or("configuration"))?;
         let source = match (file, value.get("type").and_then(|t| t.as_str())) {
             (Some(file), _) => file.to_string(),
             (None, Some(kind)) => format!("{kind} configuration"),

@@ -5,13 +5,42 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 use serde_json::{Map, Number, Value};
 
+use dstack_core::config::{limits, ConfigErrors};
+
+use crate::errors::Failure;
+
 /// A Python value as JSON: `dict` (string keys), `list`/`tuple`, `str`, `int`, `float`,
-/// `bool` and `None`. Anything else is a `TypeError` naming where it was found.
-pub fn from_py(obj: &Bound<'_, PyAny>) -> PyResult<Value> {
-    convert(obj, &mut String::new())
+/// `bool` and `None`. Anything else is a `TypeError` naming where it was found. Data nested
+/// deeper than [`limits::MAX_DEPTH`] (a dict that contains itself, say) is a
+/// `ConfigurationError` naming `source` and the field: the walk stops there.
+pub fn from_py(obj: &Bound<'_, PyAny>, source: &str) -> PyResult<Value> {
+    convert(obj, &mut String::new(), 0).map_err(|e| match e {
+        NotPlain::Python(e) => e,
+        NotPlain::TooDeep(path) => {
+            let errors = ConfigErrors {
+                file: source.to_string(),
+                errors: vec![limits::too_deep(path)],
+            };
+            Failure::from(errors).into_pyerr(obj.py())
+        }
+    })
 }
 
-fn convert(obj: &Bound<'_, PyAny>, path: &mut String) -> PyResult<Value> {
+/// Why a value could not be converted.
+enum NotPlain {
+    /// A Python error (a wrong type, a failed extraction).
+    Python(PyErr),
+    /// Nested deeper than the limit, at this field path.
+    TooDeep(String),
+}
+
+impl From<PyErr> for NotPlain {
+    fn from(e: PyErr) -> Self {
+        NotPlain::Python(e)
+    }
+}
+
+fn convert(obj: &Bound<'_, PyAny>, path: &mut String, depth: usize) -> Result<Value, NotPlain> {
     if obj.is_none() {
         return Ok(Value::Null);
     }
@@ -28,11 +57,17 @@ fn convert(obj: &Bound<'_, PyAny>, path: &mut String) -> PyResult<Value> {
     if let Ok(f) = obj.downcast::<PyFloat>() {
         return match Number::from_f64(f.value()) {
             Some(n) => Ok(Value::Number(n)),
-            None => Err(type_error(path, "a finite number")),
+            None => Err(type_error(path, "a finite number").into()),
         };
     }
     if let Ok(s) = obj.downcast::<PyString>() {
         return Ok(Value::String(s.to_cow()?.into_owned()));
+    }
+    let nested = obj.is_instance_of::<PyDict>()
+        || obj.is_instance_of::<PyList>()
+        || obj.is_instance_of::<PyTuple>();
+    if nested && depth >= limits::MAX_DEPTH {
+        return Err(NotPlain::TooDeep(path.clone()));
     }
     if let Ok(d) = obj.downcast::<PyDict>() {
         let mut map = Map::new();
@@ -42,7 +77,7 @@ fn convert(obj: &Bound<'_, PyAny>, path: &mut String) -> PyResult<Value> {
                 .map_err(|_| type_error(path, "string keys in mappings"))?;
             let len = path.len();
             push_key(path, &key);
-            let value = convert(&v, path)?;
+            let value = convert(&v, path, depth + 1)?;
             path.truncate(len);
             map.insert(key, value);
         }
@@ -53,7 +88,7 @@ fn convert(obj: &Bound<'_, PyAny>, path: &mut String) -> PyResult<Value> {
         for (i, item) in obj.try_iter()?.enumerate() {
             let len = path.len();
             path.push_str(&format!("[{i}]"));
-            items.push(convert(&item?, path)?);
+            items.push(convert(&item?, path, depth + 1)?);
             path.truncate(len);
         }
         return Ok(Value::Array(items));
@@ -62,7 +97,8 @@ fn convert(obj: &Bound<'_, PyAny>, path: &mut String) -> PyResult<Value> {
     Err(type_error(
         path,
         &format!("plain data (dict, list, str, int, float, bool, None), not {kind}"),
-    ))
+    )
+    .into())
 }
 
 fn push_key(path: &mut String, key: &str) {

@@ -17,6 +17,10 @@ use pyo3::prelude::*;
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(client::validate, m)?)?;
+    m.add(
+        "MAX_TEXT_BYTES",
+        dstack_core::config::limits::MAX_TEXT_BYTES,
+    )?;
     m.add_class::<client::RawClient>()?;
     m.add_class::<run::RawRun>()?;
     m.add_class::<run::RawLogs>()?;

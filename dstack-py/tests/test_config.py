@@ -2,6 +2,7 @@
 and located messages."""
 
 from pathlib import Path
+from typing import Any, Dict
 
 import pytest
 
@@ -122,3 +123,46 @@ def test_load_configuration_returns_typed_objects(tmp_path: Path) -> None:
 def test_non_plain_values_are_type_errors() -> None:
     with pytest.raises(TypeError, match="env.A: expected plain data"):
         Task(commands=["x"], env={"A": object()})
+
+
+def test_a_dict_that_contains_itself_is_a_configuration_error() -> None:
+    from dstack._native import validate
+
+    env: Dict[str, Any] = {"A": "1"}
+    env["B"] = env
+    with pytest.raises(ConfigurationError, match="nested more than 64 levels") as info:
+        Task(commands=["x"], env=env)
+    (error,) = info.value.errors
+    assert error["type"] == "limit"
+    assert error["loc"].startswith("env.B.B.B")
+    # Handed to the native side as it is, too.
+    with pytest.raises(ConfigurationError, match=r"^configuration: env\.B\.B"):
+        validate({"type": "task", "commands": ["x"], "env": env})
+
+
+def test_an_alias_bomb_is_a_located_configuration_error(tmp_path: Path) -> None:
+    lines = ["type: task", "commands: [x]", "a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for i in range(1, 10):
+        refs = ", ".join([f"*a{i - 1}"] * 9)
+        lines.append(f"a{i}: &a{i} [{refs}]")
+    path = tmp_path / "bomb.dstack.yml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigurationError) as info:
+        dstack.load_configuration(path)
+    (error,) = info.value.errors
+    assert error["type"] == "limit"
+    assert (error["file"], error["line"]) == (str(path), 7)
+    assert "100000 values" in error["msg"]
+
+
+def test_a_file_over_the_size_limit_is_refused_without_reading_it_all(tmp_path: Path) -> None:
+    from dstack._native import MAX_TEXT_BYTES
+
+    path = tmp_path / "huge.dstack.yml"
+    with path.open("wb") as f:
+        f.write(b"type: task\ncommands: [x]\n#")
+        f.truncate(16 * MAX_TEXT_BYTES)  # a sparse file, mostly NUL bytes
+    with pytest.raises(ConfigurationError) as info:
+        dstack.load_configuration(path)
+    (error,) = info.value.errors
+    assert (error["type"], error["line"], error["column"]) == ("limit", 1, 1)

@@ -9,12 +9,16 @@
 use indexmap::IndexMap;
 
 use super::error::{ConfigError, ErrorCode};
+use super::limits;
+use super::range::above_limit;
 use super::yaml::{py_float_repr, Mark, Node, NodeKind};
 
 /// The error sink shared by every decoder of one file.
 #[derive(Debug, Default)]
 pub struct Cx {
     errors: Vec<ConfigError>,
+    /// Errors past [`limits::MAX_ERRORS`], counted and not kept.
+    dropped: usize,
 }
 
 impl Cx {
@@ -26,6 +30,10 @@ impl Cx {
         code: ErrorCode,
         message: impl Into<String>,
     ) {
+        if self.is_full() {
+            self.dropped += 1;
+            return;
+        }
         self.errors.push(ConfigError {
             mark,
             path: path.render(),
@@ -52,14 +60,34 @@ impl Cx {
 
     /// The number of errors recorded so far.
     pub fn error_count(&self) -> usize {
-        self.errors.len()
+        self.errors.len() + self.dropped
     }
 
-    /// Takes the errors, sorted by position, duplicates removed.
+    /// Whether [`limits::MAX_ERRORS`] errors are kept already: later ones are only counted,
+    /// so a decoder may skip the work of describing them.
+    pub fn is_full(&self) -> bool {
+        self.errors.len() >= limits::MAX_ERRORS
+    }
+
+    /// Takes the errors, sorted by position, duplicates removed; when more were found than
+    /// are kept, a last error says how many more.
     pub fn into_errors(self) -> Vec<ConfigError> {
         let mut errors = self.errors;
         errors.sort_by_key(|e| (e.mark.line, e.mark.col));
         errors.dedup();
+        if self.dropped > 0 {
+            let message = format!(
+                "{} more errors not shown (at most {} are reported)",
+                self.dropped,
+                limits::MAX_ERRORS
+            );
+            errors.push(ConfigError {
+                mark: errors.last().map_or_else(Mark::default, |e| e.mark),
+                path: String::new(),
+                code: ErrorCode::Limit,
+                message,
+            });
+        }
         errors
     }
 }
@@ -282,6 +310,17 @@ pub fn int_between(node: &Node, cx: &mut Cx, path: &Path<'_>, min: i64, max: i64
     Some(v)
 }
 
+/// Decodes an integer of at least `min` (a rule of dstack's, [`ErrorCode::OutOfRange`]) and at
+/// most `limit` (a limit of this parser's, [`ErrorCode::Limit`]).
+pub fn int_within(node: &Node, cx: &mut Cx, path: &Path<'_>, min: i64, limit: i64) -> Option<i64> {
+    let v = int_between(node, cx, path, min, i64::MAX)?;
+    if v > limit {
+        cx.error(node.mark, path, ErrorCode::Limit, above_limit(v, limit));
+        return None;
+    }
+    Some(v)
+}
+
 /// Reads the fields of one mapping and reports the keys nobody asked for.
 pub struct Fields<'n> {
     node: &'n Node,
@@ -434,6 +473,10 @@ impl<'n> Fields<'n> {
             if self.used[i] {
                 continue;
             }
+            if cx.is_full() {
+                cx.error(k.mark, path, ErrorCode::UnknownField, String::new());
+                continue;
+            }
             let key = scalar_key(k);
             let message = match closest(&key, &self.known) {
                 Some(best) => format!("unknown field `{key}`; did you mean `{best}`?"),
@@ -449,11 +492,15 @@ impl<'n> Fields<'n> {
 
 /// The known name closest to `key` by edit distance, if it is close enough to be a typo.
 fn closest<'k>(key: &str, known: &[&'k str]) -> Option<&'k str> {
+    let threshold = 2.max(key.len() / 4);
+    // The distance is at least the difference in length: a key much longer than every known
+    // name costs nothing (and a huge key no quadratic time).
     let (best, distance) = known
         .iter()
+        .filter(|k| key.len().abs_diff(k.len()) <= threshold)
         .map(|k| (*k, edit_distance(key, k)))
         .min_by_key(|(_, d)| *d)?;
-    (distance <= 2.max(key.len() / 4) && distance < key.len()).then_some(best)
+    (distance <= threshold && distance < key.len()).then_some(best)
 }
 
 fn edit_distance(a: &str, b: &str) -> usize {

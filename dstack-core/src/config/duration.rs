@@ -4,6 +4,7 @@ use serde::{Serialize, Serializer};
 
 use super::de::{Cx, Decode, Path};
 use super::error::ErrorCode;
+use super::limits;
 use super::yaml::{Node, NodeKind};
 
 /// A number of seconds, written as an integer, a float (truncated), a numeric string or
@@ -56,11 +57,21 @@ impl Decode for Duration {
             NodeKind::Str(s) => Duration::parse_str(s),
             _ => None,
         };
-        if parsed.is_none() {
+        let Some(duration) = parsed else {
             let message = format!("invalid duration {}; {DURATION_HINT}", node.preview());
             cx.error(node.mark, path, ErrorCode::InvalidValue, message);
+            return None;
+        };
+        if duration.0.unsigned_abs() > limits::MAX_DURATION_SECS.unsigned_abs() {
+            let message = format!(
+                "{} seconds is longer than the limit of {} seconds (100 years)",
+                duration.0,
+                limits::MAX_DURATION_SECS
+            );
+            cx.error(node.mark, path, ErrorCode::Limit, message);
+            return None;
         }
-        parsed
+        Some(duration)
     }
 }
 
@@ -170,7 +181,16 @@ mod tests {
         assert_eq!(d("2 h"), Some(7200));
         assert_eq!(d("1d"), Some(86400));
         assert_eq!(d("1w"), Some(604800));
-        for bad in ["bogus", "2y", "h2", "''"] {
+        assert_eq!(d("3155760000"), Some(limits::MAX_DURATION_SECS));
+        for bad in [
+            "bogus",
+            "2y",
+            "h2",
+            "''",
+            "3155760001",
+            "9223372036854775807",
+            "1.0e+300",
+        ] {
             assert_eq!(d(bad), None, "{bad}");
         }
     }
@@ -194,5 +214,8 @@ mod tests {
         assert_eq!(idle("-300"), (Some(Duration(-300)), false));
         assert_eq!(idle("true"), (None, false));
         assert_eq!(idle("1h"), (Some(Duration(3600)), false));
+        assert_eq!(idle("-9223372036854775808"), (None, true));
+        assert_eq!(idle("9223372036854775807"), (None, true));
+        assert_eq!(off("1000000000000w"), (None, true));
     }
 }

@@ -26,6 +26,9 @@ pub enum ErrorCode {
     Conflict,
     /// The file could not be read.
     Io,
+    /// The document, or a count or duration in it, is beyond one of this parser's limits
+    /// ([`super::limits`]): size, nesting, values, alias expansion, nodes, GPUs, durations.
+    Limit,
 }
 
 impl ErrorCode {
@@ -41,6 +44,7 @@ impl ErrorCode {
             ErrorCode::OutOfRange => "out_of_range",
             ErrorCode::Conflict => "conflict",
             ErrorCode::Io => "io",
+            ErrorCode::Limit => "limit",
         }
     }
 }

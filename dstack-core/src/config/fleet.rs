@@ -5,8 +5,9 @@ use serde::{Serialize, Serializer};
 use super::de::{int_between, string_enum, Cx, Decode, Fields, Path};
 use super::env::Env;
 use super::error::ErrorCode;
+use super::limits;
 use super::profile::{ProfileParams, ProfileScope};
-use super::range::{decode_range, Range};
+use super::range::{above_limit, decode_range, Range};
 use super::resources::ResourcesSpec;
 use super::run::mark_of;
 use super::yaml::{Node, NodeKind};
@@ -106,6 +107,14 @@ impl Decode for FleetNodes {
             Some(format!("min cannot be negative, got {min}"))
         } else if target < 0 {
             Some(format!("target cannot be negative, got {target}"))
+        } else if let Some(v) = [Some(min), Some(target), max]
+            .into_iter()
+            .flatten()
+            .find(|v| *v > limits::MAX_NODE_COUNT)
+        {
+            let message = above_limit(v, limits::MAX_NODE_COUNT);
+            cx.error(node.mark, path, ErrorCode::Limit, message);
+            return None;
         } else if max.is_some_and(|m| m < min) {
             Some(format!(
                 "max must not be less than min ({min}..{})",

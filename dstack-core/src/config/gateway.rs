@@ -2,8 +2,9 @@
 
 use serde::Serialize;
 
-use super::de::{int_between, Cx, Decode, Fields, Path};
+use super::de::{int_within, Cx, Decode, Fields, Path};
 use super::error::ErrorCode;
+use super::limits;
 use super::refs::{decode_tags, BackendType, Tags};
 use super::yaml::Node;
 
@@ -140,7 +141,7 @@ impl GatewayConfiguration {
         };
         let load_balancer = f.opt(cx, path, "load_balancer");
         let replicas = f.opt_with(cx, path, "replicas", |n, cx, p| {
-            int_between(n, cx, p, 1, i64::MAX)
+            int_within(n, cx, p, 1, limits::MAX_NODE_COUNT)
         });
         let tags = f.opt_with(cx, path, "tags", decode_tags);
         Some(GatewayConfiguration {

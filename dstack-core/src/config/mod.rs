@@ -22,6 +22,7 @@ pub mod error;
 pub mod fleet;
 pub mod gateway;
 pub mod interpolate;
+pub mod limits;
 pub mod mounts;
 pub mod ports;
 pub mod profile;
@@ -119,11 +120,14 @@ pub fn parse(text: &str, file: &str) -> Result<Configuration, ConfigErrors> {
     let root = match yaml::load(text) {
         Ok(root) => root,
         Err(e) => {
-            let message = format!("invalid YAML: {}", e.message);
+            let message = match e.code {
+                ErrorCode::Syntax => format!("invalid YAML: {}", e.message),
+                _ => e.message,
+            };
             let error = ConfigError {
                 mark: e.mark,
                 path: String::new(),
-                code: ErrorCode::Syntax,
+                code: e.code,
                 message,
             };
             return Err(fail(vec![error]));
@@ -134,7 +138,14 @@ pub fn parse(text: &str, file: &str) -> Result<Configuration, ConfigErrors> {
 
 /// Validates a configuration given as data (e.g. built by the Python classes) rather than
 /// text. Errors name `source` and the field path (there are no lines to point at).
+/// Data beyond [`limits`] (depth, values, text) is refused before it is read.
 pub fn parse_value(value: &serde_json::Value, source: &str) -> Result<Configuration, ConfigErrors> {
+    if let Err(error) = limits::check_value(value) {
+        return Err(ConfigErrors {
+            file: source.to_string(),
+            errors: vec![error],
+        });
+    }
     parse_root(&yaml::Node::from_json(value), source)
 }
 

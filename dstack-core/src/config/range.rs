@@ -202,6 +202,26 @@ impl<T: Bound> Range<T> {
     }
 }
 
+impl Range<i64> {
+    /// Checks that neither bound is above `limit`, a limit of this parser (dstack sets
+    /// none): [`ErrorCode::Limit`] naming it otherwise.
+    pub fn check_limit(&self, limit: i64) -> Result<(), (ErrorCode, String)> {
+        match [self.min, self.max]
+            .into_iter()
+            .flatten()
+            .find(|v| *v > limit)
+        {
+            Some(v) => Err((ErrorCode::Limit, above_limit(v, limit))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// "must be at most LIMIT (the limit), got V".
+pub fn above_limit(v: i64, limit: i64) -> String {
+    format!("must be at most {limit} (the limit), got {v}")
+}
+
 impl<T: Bound> fmt::Display for Range<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (self.min, self.max) {

@@ -4,6 +4,7 @@ use serde::{Serialize, Serializer};
 
 use super::de::{string_enum, Cx, Decode, Fields, Path};
 use super::error::ErrorCode;
+use super::limits;
 use super::range::{decode_range, Memory, Range};
 use super::yaml::{Node, NodeKind};
 
@@ -141,7 +142,10 @@ impl Decode for CpuSpec {
                 return None;
             }
         };
-        if let Err((code, message)) = spec.count.check() {
+        let checked = spec.count.check();
+        if let Err((code, message)) =
+            checked.and_then(|()| spec.count.check_limit(limits::MAX_CPU_COUNT))
+        {
             cx.error(node.mark, path, code, message);
             return None;
         }
@@ -318,7 +322,12 @@ impl Decode for GpuSpec {
             }
         };
         for (range_path, check) in [
-            ("count", spec.count.check()),
+            (
+                "count",
+                spec.count
+                    .check()
+                    .and_then(|()| spec.count.check_limit(limits::MAX_GPU_COUNT)),
+            ),
             ("memory", spec.memory.map_or(Ok(()), |m| m.check())),
             (
                 "total_memory",

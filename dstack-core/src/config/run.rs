@@ -3,10 +3,11 @@
 
 use serde::Serialize;
 
-use super::de::{int_between, string_enum, Cx, Decode, Fields, Path};
+use super::de::{int_between, int_within, string_enum, Cx, Decode, Fields, Path};
 use super::duration::{decode_inactivity, Duration};
 use super::env::Env;
 use super::error::ErrorCode;
+use super::limits;
 use super::mounts::MountPoint;
 use super::ports::{decode_ports, PortMapping};
 use super::profile::{ProfileParams, ProfileScope};
@@ -344,7 +345,7 @@ impl Decode for NodeGroup {
             path,
             "nodes",
             || 1,
-            |n, cx, p| int_between(n, cx, p, 1, i64::MAX),
+            |n, cx, p| int_within(n, cx, p, 1, limits::MAX_NODE_COUNT),
         );
         let resources = f.or(cx, path, "resources", ResourcesSpec::default);
         let commands = read_commands(&mut f, cx, path);
@@ -424,7 +425,7 @@ impl TaskConfiguration {
         let commands = read_commands(f, cx, path);
         let ports = read_ports(f, cx, path);
         let nodes = f.opt_with(cx, path, "nodes", |n, cx, p| {
-            int_between(n, cx, p, 1, i64::MAX)
+            int_within(n, cx, p, 1, limits::MAX_NODE_COUNT)
         });
         let mut groups: Option<Vec<NodeGroup>> = f.opt(cx, path, "groups");
         let (common, commands, ports) = (common?, commands?, ports?);
@@ -486,6 +487,16 @@ fn check_task_groups(
                 message,
             );
         }
+    }
+    let total = groups
+        .iter()
+        .try_fold(0i64, |sum, g| sum.checked_add(g.nodes));
+    if total.is_none_or(|t| t > limits::MAX_NODE_COUNT) {
+        let message = format!(
+            "the groups hold more than {} nodes in all (the limit)",
+            limits::MAX_NODE_COUNT
+        );
+        cx.error(group_nodes.mark, &gpath, ErrorCode::Limit, message);
     }
     let items: Vec<&Node> = match &group_nodes.kind {
         super::yaml::NodeKind::Seq(items) => items.iter().collect(),

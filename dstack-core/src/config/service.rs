@@ -6,6 +6,7 @@ use serde::Serialize;
 use super::de::{int_between, string_enum, Cx, Decode, Fields, Path};
 use super::duration::Duration;
 use super::error::ErrorCode;
+use super::limits;
 use super::ports::{decode_port, PortMapping};
 use super::profile::SpotPolicy;
 use super::range::{decode_range, Range};
@@ -560,6 +561,10 @@ fn decode_replicas(node: &Node, cx: &mut Cx, path: &Path<'_>) -> Option<Range<i6
         return None;
     }
     r.min = Some(r.min.unwrap_or(0));
+    if let Err((code, message)) = r.check_limit(limits::MAX_NODE_COUNT) {
+        cx.error(node.mark, path, code, message);
+        return None;
+    }
     Some(r)
 }
 

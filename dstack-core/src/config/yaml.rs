@@ -8,8 +8,11 @@
 
 use std::collections::HashMap;
 
-use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser, Tag};
+use yaml_rust2::parser::{Event, Parser, Tag};
 use yaml_rust2::scanner::{Marker, TScalarStyle};
+
+use super::error::ErrorCode;
+use super::limits;
 
 /// A position in the source text: 1-based line and column.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -27,6 +30,18 @@ impl Mark {
             col: m.col() + 1,
         }
     }
+}
+
+/// The longest [`Node::preview`], in characters.
+const PREVIEW_CHARS: usize = 60;
+
+/// The longest prefix of `s` of at most `bytes` bytes that ends on a character boundary.
+fn prefix_within(s: &str, bytes: usize) -> &str {
+    let mut end = bytes.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// A YAML value with its source position.
@@ -136,14 +151,19 @@ impl Node {
     pub fn preview(&self) -> String {
         let mut out = String::new();
         self.write_preview(&mut out);
-        if out.chars().count() > 60 {
-            let cut: String = out.chars().take(57).collect();
+        if out.chars().count() > PREVIEW_CHARS {
+            let cut: String = out.chars().take(PREVIEW_CHARS - 3).collect();
             return cut + "...";
         }
         out
     }
 
+    /// Writes the node, stopping soon after [`PREVIEW_CHARS`] characters (a preview of a
+    /// large document costs no more than a small one).
     fn write_preview(&self, out: &mut String) {
+        if out.len() > PREVIEW_CHARS * 4 {
+            return;
+        }
         match &self.kind {
             NodeKind::Null => out.push_str("null"),
             NodeKind::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
@@ -151,12 +171,16 @@ impl Node {
             NodeKind::Float(f) => out.push_str(&py_float_repr(*f)),
             NodeKind::Str(s) => {
                 out.push('\'');
-                out.push_str(s);
+                let room = PREVIEW_CHARS * 4 + 4 - out.len().min(PREVIEW_CHARS * 4);
+                out.push_str(prefix_within(s, room));
                 out.push('\'');
             }
             NodeKind::Seq(items) => {
                 out.push('[');
                 for (i, item) in items.iter().enumerate() {
+                    if out.len() > PREVIEW_CHARS * 4 {
+                        break;
+                    }
                     if i > 0 {
                         out.push_str(", ");
                     }
@@ -167,6 +191,9 @@ impl Node {
             NodeKind::Map(entries) => {
                 out.push('{');
                 for (i, (k, v)) in entries.iter().enumerate() {
+                    if out.len() > PREVIEW_CHARS * 4 {
+                        break;
+                    }
                     if i > 0 {
                         out.push_str(", ");
                     }
@@ -180,28 +207,66 @@ impl Node {
     }
 }
 
-/// A YAML syntax error (the document could not be read at all).
+/// Why a document could not be read at all: a YAML syntax error, or a limit of
+/// [`super::limits`] (size, depth, values, alias expansion) exceeded.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SyntaxError {
-    /// Where the scanner stopped.
+pub struct LoadError {
+    /// Where the scanner stopped, or where the limit was crossed.
     pub mark: Mark,
+    /// [`ErrorCode::Syntax`] or [`ErrorCode::Limit`].
+    pub code: ErrorCode,
     /// What it found wrong.
     pub message: String,
 }
 
 /// Parses the first document of `text`. An empty document is `null`.
-pub fn load(text: &str) -> Result<Node, SyntaxError> {
+///
+/// Reading is bounded: a text over [`limits::MAX_TEXT_BYTES`], nesting deeper than
+/// [`limits::MAX_DEPTH`], or more than [`limits::MAX_NODES`] values or
+/// [`limits::MAX_SCALAR_BYTES`] of scalar text once aliases are expanded is refused where the
+/// limit is crossed, before anything beyond it is built. Events are pulled one at a time (no
+/// recursion), and duplicate keys are found through a hash index, so time and memory stay
+/// linear in the size of what is kept.
+pub fn load(text: &str) -> Result<Node, LoadError> {
+    if text.len() > limits::MAX_TEXT_BYTES {
+        return Err(LoadError {
+            mark: Mark { line: 1, col: 1 },
+            code: ErrorCode::Limit,
+            message: format!(
+                "the configuration is {} bytes, more than the limit of {} bytes",
+                text.len(),
+                limits::MAX_TEXT_BYTES
+            ),
+        });
+    }
     let mut builder = Builder::default();
     let mut parser = Parser::new_from_str(text);
-    parser.load(&mut builder, false).map_err(|e| SyntaxError {
-        mark: Mark::from_marker(*e.marker()),
-        message: e.info().to_string(),
-    })?;
-    if let Some(message) = builder.error {
-        return Err(SyntaxError {
-            mark: builder.error_mark,
-            message,
-        });
+    loop {
+        let (event, marker) = parser.next_token().map_err(|e| {
+            let mark = Mark::from_marker(*e.marker());
+            // The scanner looks ahead for keys and stops at 255 flow levels, which it may
+            // reach before the parser passes the depth limit.
+            match e.info() {
+                "recursion limit exceeded" => LoadError {
+                    mark,
+                    code: ErrorCode::Limit,
+                    message: too_deep_message(),
+                },
+                info => LoadError {
+                    mark,
+                    code: ErrorCode::Syntax,
+                    message: info.to_string(),
+                },
+            }
+        })?;
+        // Only the first document is read.
+        if matches!(event, Event::StreamEnd | Event::DocumentEnd) {
+            break;
+        }
+        builder.on_event(event, marker);
+        if let Some(error) = builder.error.take() {
+            return Err(error);
+        }
     }
     Ok(builder.root.unwrap_or(Node {
         kind: NodeKind::Null,
@@ -209,19 +274,116 @@ pub fn load(text: &str) -> Result<Node, SyntaxError> {
     }))
 }
 
-/// Containers being built, innermost last.
-enum Open {
-    Seq(Node, usize),
-    Map(Node, usize, Option<Node>),
+fn too_deep_message() -> String {
+    format!(
+        "lists and mappings nested more than {} levels deep (the limit)",
+        limits::MAX_DEPTH
+    )
+}
+
+/// What a subtree costs once built: its values and the bytes of its scalars.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Cost {
+    nodes: usize,
+    bytes: usize,
+}
+
+/// A mapping key as a hash key, equal exactly when the keys' [`NodeKind`]s are equal. Lists,
+/// mappings and NaN as keys have none: they never equal another key.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum KeyId {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(u64),
+    Str(String),
+}
+
+impl KeyId {
+    fn of(kind: &NodeKind) -> Option<KeyId> {
+        Some(match kind {
+            NodeKind::Null => KeyId::Null,
+            NodeKind::Bool(b) => KeyId::Bool(*b),
+            NodeKind::Int(i) => KeyId::Int(*i),
+            NodeKind::Float(f) if f.is_nan() => return None,
+            // -0.0 == 0.0
+            NodeKind::Float(f) => KeyId::Float((f + 0.0).to_bits()),
+            NodeKind::Str(s) => KeyId::Str(s.clone()),
+            NodeKind::Seq(_) | NodeKind::Map(_) => return None,
+        })
+    }
+}
+
+/// A mapping being built: its entries and where each key is among them.
+#[derive(Default)]
+struct MapEntries {
+    entries: Vec<(Node, Node)>,
+    index: HashMap<KeyId, usize>,
+}
+
+impl MapEntries {
+    /// Adds an entry, resolving `<<` merge keys and replacing duplicate keys.
+    fn insert(&mut self, key: Node, value: Node) {
+        if key.as_key() == Some("<<") {
+            let sources: Vec<Node> = match value.kind {
+                NodeKind::Map(_) => vec![value],
+                NodeKind::Seq(items) => items,
+                _ => vec![],
+            };
+            for source in sources {
+                if let NodeKind::Map(merged) = source.kind {
+                    for (k, v) in merged {
+                        if self.position(&k.kind).is_none() {
+                            self.push(k, v);
+                        }
+                    }
+                }
+            }
+            return;
+        }
+        match self.position(&key.kind) {
+            Some(i) => self.entries[i] = (key, value),
+            None => self.push(key, value),
+        }
+    }
+
+    fn position(&self, key: &NodeKind) -> Option<usize> {
+        self.index.get(&KeyId::of(key)?).copied()
+    }
+
+    fn push(&mut self, key: Node, value: Node) {
+        if let Some(id) = KeyId::of(&key.kind) {
+            self.index.insert(id, self.entries.len());
+        }
+        self.entries.push((key, value));
+    }
+}
+
+/// A list or mapping being built.
+enum Container {
+    Seq(Vec<Node>),
+    /// The entries, and a key waiting for its value.
+    Map(MapEntries, Option<Node>),
+}
+
+/// A container being built, with its anchor and the document's cost where it started.
+struct Open {
+    container: Container,
+    mark: Mark,
+    anchor: usize,
+    start: Cost,
 }
 
 #[derive(Default)]
 struct Builder {
+    /// Containers being built, innermost last.
     stack: Vec<Open>,
-    anchors: HashMap<usize, Node>,
+    /// Anchored values and what each costs.
+    anchors: HashMap<usize, (Node, Cost)>,
     root: Option<Node>,
-    error: Option<String>,
-    error_mark: Mark,
+    /// The cost of everything built so far, aliases expanded.
+    cost: Cost,
+    error: Option<LoadError>,
 }
 
 impl Builder {
@@ -232,65 +394,105 @@ impl Builder {
                     self.root = Some(node);
                 }
             }
-            Some(Open::Seq(seq, _)) => {
-                if let NodeKind::Seq(items) = &mut seq.kind {
-                    items.push(node);
-                }
-            }
-            Some(Open::Map(map, _, pending)) => match pending.take() {
+            Some(Open {
+                container: Container::Seq(items),
+                ..
+            }) => items.push(node),
+            Some(Open {
+                container: Container::Map(map, pending),
+                mark,
+                ..
+            }) => match pending.take() {
                 None => {
                     // A block mapping's start event is marked after its first key: the mapping
                     // starts where that key does.
-                    let empty = matches!(&map.kind, NodeKind::Map(entries) if entries.is_empty());
-                    if empty && (node.mark.line, node.mark.col) < (map.mark.line, map.mark.col) {
-                        map.mark = node.mark;
+                    if map.entries.is_empty()
+                        && (node.mark.line, node.mark.col) < (mark.line, mark.col)
+                    {
+                        *mark = node.mark;
                     }
                     *pending = Some(node)
                 }
-                Some(key) => {
-                    if let NodeKind::Map(entries) = &mut map.kind {
-                        insert_entry(entries, key, node);
-                    }
-                }
+                Some(key) => map.insert(key, node),
             },
         }
     }
 
-    fn fail(&mut self, mark: Mark, message: &str) {
-        if self.error.is_none() {
-            self.error = Some(message.to_string());
-            self.error_mark = mark;
-        }
-    }
-}
-
-/// Inserts a mapping entry, resolving `<<` merge keys and replacing duplicate keys.
-fn insert_entry(entries: &mut Vec<(Node, Node)>, key: Node, value: Node) {
-    if key.as_key() == Some("<<") {
-        let sources: Vec<Node> = match value.kind {
-            NodeKind::Map(_) => vec![value],
-            NodeKind::Seq(items) => items,
-            _ => vec![],
+    /// Adds `cost` to the document's, or records the limit it crosses at `mark`.
+    fn spend(&mut self, cost: Cost, mark: Mark) -> bool {
+        let nodes = self.cost.nodes.saturating_add(cost.nodes);
+        let bytes = self.cost.bytes.saturating_add(cost.bytes);
+        let message = if nodes > limits::MAX_NODES {
+            format!(
+                "the document holds more than {} values (the limit; an alias counts as a copy of its anchor)",
+                limits::MAX_NODES
+            )
+        } else if bytes > limits::MAX_SCALAR_BYTES {
+            format!(
+                "the document holds more than {} bytes of text (the limit; an alias counts as a copy of its anchor)",
+                limits::MAX_SCALAR_BYTES
+            )
+        } else {
+            self.cost = Cost { nodes, bytes };
+            return true;
         };
-        for source in sources {
-            if let NodeKind::Map(merged) = source.kind {
-                for (k, v) in merged {
-                    if !entries.iter().any(|(existing, _)| existing.kind == k.kind) {
-                        entries.push((k, v));
-                    }
-                }
-            }
-        }
-        return;
+        self.fail(mark, message);
+        false
     }
-    if let Some(slot) = entries.iter_mut().find(|(k, _)| k.kind == key.kind) {
-        *slot = (key, value);
-    } else {
-        entries.push((key, value));
-    }
-}
 
-impl MarkedEventReceiver for Builder {
+    fn open(&mut self, container: Container, anchor: usize, mark: Mark) {
+        if self.stack.len() >= limits::MAX_DEPTH {
+            self.fail(mark, too_deep_message());
+            return;
+        }
+        let start = self.cost;
+        if self.spend(Cost { nodes: 1, bytes: 0 }, mark) {
+            self.stack.push(Open {
+                container,
+                mark,
+                anchor,
+                start,
+            });
+        }
+    }
+
+    fn close(&mut self) {
+        let Some(open) = self.stack.pop() else {
+            return;
+        };
+        let kind = match open.container {
+            Container::Seq(items) => NodeKind::Seq(items),
+            Container::Map(map, _) => NodeKind::Map(map.entries),
+        };
+        let node = Node {
+            kind,
+            mark: open.mark,
+        };
+        if open.anchor > 0 {
+            let cost = Cost {
+                nodes: self.cost.nodes - open.start.nodes,
+                bytes: self.cost.bytes - open.start.bytes,
+            };
+            // The anchor keeps a copy: it is paid for too (nested anchors would otherwise
+            // keep up to [`limits::MAX_DEPTH`] copies of one subtree for free).
+            if !self.spend(cost, open.mark) {
+                return;
+            }
+            self.anchors.insert(open.anchor, (node.clone(), cost));
+        }
+        self.push_value(node);
+    }
+
+    fn fail(&mut self, mark: Mark, message: impl Into<String>) {
+        if self.error.is_none() {
+            self.error = Some(LoadError {
+                mark,
+                code: ErrorCode::Limit,
+                message: message.into(),
+            });
+        }
+    }
+
     fn on_event(&mut self, ev: Event, marker: Marker) {
         let mark = Mark::from_marker(marker);
         match ev {
@@ -298,58 +500,51 @@ impl MarkedEventReceiver for Builder {
                 // An empty value (`key:` and nothing) is marked on the next token; point it at
                 // its key instead.
                 let mark = match self.stack.last() {
-                    Some(Open::Map(_, _, Some(key)))
-                        if value.is_empty() && style == TScalarStyle::Plain =>
-                    {
-                        key.mark
-                    }
+                    Some(Open {
+                        container: Container::Map(_, Some(key)),
+                        ..
+                    }) if value.is_empty() && style == TScalarStyle::Plain => key.mark,
                     _ => mark,
                 };
+                let cost = Cost {
+                    nodes: 1,
+                    bytes: value.len(),
+                };
+                if !self.spend(cost, mark) {
+                    return;
+                }
                 let kind = resolve_scalar(value, style, tag.as_ref());
                 let node = Node { kind, mark };
                 if anchor > 0 {
-                    self.anchors.insert(anchor, node.clone());
+                    if !self.spend(cost, mark) {
+                        return;
+                    }
+                    self.anchors.insert(anchor, (node.clone(), cost));
                 }
                 self.push_value(node);
             }
             Event::SequenceStart(anchor, _) => {
-                self.stack.push(Open::Seq(
-                    Node {
-                        kind: NodeKind::Seq(Vec::new()),
-                        mark,
-                    },
-                    anchor,
-                ));
+                self.open(Container::Seq(Vec::new()), anchor, mark);
             }
             Event::MappingStart(anchor, _) => {
-                let node = Node {
-                    kind: NodeKind::Map(Vec::new()),
-                    mark,
-                };
-                self.stack.push(Open::Map(node, anchor, None));
+                self.open(Container::Map(MapEntries::default(), None), anchor, mark);
             }
-            Event::SequenceEnd | Event::MappingEnd => {
-                let (node, anchor) = match self.stack.pop() {
-                    Some(Open::Seq(node, anchor)) | Some(Open::Map(node, anchor, _)) => {
-                        (node, anchor)
-                    }
-                    None => return,
-                };
-                if anchor > 0 {
-                    self.anchors.insert(anchor, node.clone());
-                }
-                self.push_value(node);
-            }
-            Event::Alias(id) => match self.anchors.get(&id) {
-                Some(node) => {
-                    let node = Node {
-                        kind: node.kind.clone(),
+            Event::SequenceEnd | Event::MappingEnd => self.close(),
+            Event::Alias(id) => {
+                let Some(cost) = self.anchors.get(&id).map(|(_, cost)| *cost) else {
+                    self.error = Some(LoadError {
                         mark,
-                    };
-                    self.push_value(node);
+                        code: ErrorCode::Syntax,
+                        message: "found undefined alias".to_string(),
+                    });
+                    return;
+                };
+                // The copy is paid for before it is made.
+                if self.spend(cost, mark) {
+                    let kind = self.anchors[&id].0.kind.clone();
+                    self.push_value(Node { kind, mark });
                 }
-                None => self.fail(mark, "found undefined alias"),
-            },
+            }
             Event::Nothing
             | Event::StreamStart
             | Event::StreamEnd

@@ -271,7 +271,10 @@ pub fn ports(config: &Configuration) -> Vec<crate::config::ports::PortMapping> {
 /// How many nodes a run has (`nodes:` of a task; 1 otherwise).
 pub fn nodes(config: &Configuration) -> usize {
     match config {
-        Configuration::Task(t) => t.nodes.unwrap_or(1).max(1) as usize,
+        // The parser keeps `nodes` within 1..=limits::MAX_NODE_COUNT.
+        Configuration::Task(t) => t
+            .nodes
+            .map_or(1, |n| usize::try_from(n).unwrap_or(1).max(1)),
         _ => 1,
     }
 }
@@ -380,7 +383,9 @@ pub(crate) fn job_submit(
         env.insert(k.to_string(), v);
     }
     let max_duration_secs = match common.profile.max_duration {
-        Some(crate::config::duration::OffableDuration::Seconds(d)) if d.0 > 0 => Some(d.0 as u64),
+        Some(crate::config::duration::OffableDuration::Seconds(d)) => {
+            u64::try_from(d.0).ok().filter(|s| *s > 0)
+        }
         _ => None,
     };
     let argv = match &mut container {

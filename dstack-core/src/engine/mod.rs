@@ -710,7 +710,8 @@ impl Inner {
             resubmission_attempt: 0,
             next_attempt_at_ms: None,
         };
-        let jobs: Vec<Job> = (0..command::nodes(&configuration) as u32)
+        let jobs: Vec<Job> = (0u32..)
+            .take(command::nodes(&configuration))
             .map(|num| Job::submission(&run, num, 0))
             .collect();
         Ok((run, jobs, configuration))

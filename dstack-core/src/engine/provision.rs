@@ -22,7 +22,8 @@ use crate::config::range::{Memory, Range};
 use crate::config::resources::ResourcesSpec;
 use crate::config::Configuration;
 use crate::model::{
-    now_ms, Fleet, FleetStatus, Instance, InstanceStatus, JobStatus, JobTerminationReason,
+    longer_than, now_ms, Fleet, FleetStatus, Instance, InstanceStatus, JobStatus,
+    JobTerminationReason,
 };
 use crate::offers::query::QueryFilter;
 use crate::offers::{Availability, Offer};
@@ -171,7 +172,7 @@ fn idle_timeout(profiles: &[&ProfileParams], default: u64) -> Option<u64> {
     if set.is_empty() {
         return Some(default);
     }
-    set.iter().filter(|s| **s >= 0).min().map(|s| *s as u64)
+    set.iter().filter_map(|s| u64::try_from(*s).ok()).min()
 }
 
 impl Inner {
@@ -622,7 +623,7 @@ impl Inner {
                 continue;
             }
             let since = instance.last_job_at_ms.unwrap_or(instance.created_at_ms);
-            if now.saturating_sub(since) < timeout * 1000 {
+            if !longer_than(now, since, timeout) {
                 continue;
             }
             let min = fleets

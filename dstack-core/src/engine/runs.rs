@@ -438,7 +438,7 @@ fn stop_grace(inner: &Inner, run: &Run) -> u64 {
         .ok()
         .and_then(|c| super::command::common(&c).profile.stop_duration);
     match configured {
-        Some(OffableDuration::Seconds(d)) => d.0.max(0) as u64,
+        Some(OffableDuration::Seconds(d)) => u64::try_from(d.0).unwrap_or(0),
         _ => inner.options.stop_grace.as_secs(),
     }
 }

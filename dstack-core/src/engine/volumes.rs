@@ -10,7 +10,7 @@ use std::sync::Arc;
 use super::{EngineError, Inner};
 use crate::backend::Compute;
 use crate::config::Configuration;
-use crate::model::{now_ms, Instance, Volume, VolumeAttachment, VolumeStatus};
+use crate::model::{longer_than, now_ms, Instance, Volume, VolumeAttachment, VolumeStatus};
 
 impl Inner {
     /// Applies a volume configuration; returns the volume as it ended (`active` or `failed`).
@@ -184,11 +184,15 @@ impl Inner {
             else {
                 continue;
             };
-            let Some(limit) = config.auto_cleanup_duration.map(|d| d.seconds()) else {
+            // Off (`-1`) and other negatives keep the volume.
+            let Some(limit) = config
+                .auto_cleanup_duration
+                .and_then(|d| u64::try_from(d.seconds()).ok())
+            else {
                 continue;
             };
             let since = volume.last_used_at_ms.unwrap_or(volume.created_at_ms);
-            if limit > 0 && now.saturating_sub(since) > limit as u64 * 1000 {
+            if limit > 0 && longer_than(now, since, limit) {
                 self.delete_volume(&volume.name).await?;
             }
         }

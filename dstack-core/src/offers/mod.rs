@@ -155,17 +155,23 @@ pub fn gpu_matches(spec: &GpuSpec, gpu: &GpuInfo) -> bool {
 /// The reservation a job needs on `host` given what `held` already holds, or `None` if it does
 /// not fit right now.
 pub fn reserve(spec: &ResourcesSpec, host: &HostInfo, held: &[Reservation]) -> Option<Reservation> {
-    let cpus = spec.cpu.count.min.unwrap_or(0).max(0) as u32;
+    // Counts too large for the host's types do not fit (never truncate into a small one).
+    let cpus = u32::try_from(spec.cpu.count.min.unwrap_or(0).max(0)).ok()?;
+    // A float-to-int `as` saturates: a huge size stays huge.
     let memory_mib = (spec.memory.min.map_or(0.0, |m| m.0) * MIB_PER_GIB).ceil() as u64;
-    let used_cpus: u32 = held.iter().map(|r| r.cpus).sum();
-    let used_mib: u64 = held.iter().map(|r| r.memory_mib).sum();
+    let used_cpus = held
+        .iter()
+        .try_fold(cpus, |sum, r| sum.checked_add(r.cpus))?;
+    let used_mib = held
+        .iter()
+        .try_fold(memory_mib, |sum, r| sum.checked_add(r.memory_mib))?;
     let total_mib = host.memory_bytes / (1024 * 1024);
-    if used_cpus + cpus > host.cpus || used_mib + memory_mib > total_mib {
+    if used_cpus > host.cpus || used_mib > total_mib {
         return None;
     }
     let mut gpus = Vec::new();
     if let Some(gpu) = &spec.gpu {
-        let wanted = gpu.count.min.unwrap_or(0).max(0) as usize;
+        let wanted = usize::try_from(gpu.count.min.unwrap_or(0).max(0)).ok()?;
         let busy: Vec<u32> = held.iter().flat_map(|r| r.gpus.iter().copied()).collect();
         gpus = host
             .gpus
@@ -330,6 +336,22 @@ mod tests {
         let b = reserve(&spec, &h, std::slice::from_ref(&a)).unwrap();
         assert_eq!(b.gpus, vec![1]);
         assert_eq!(reserve(&spec, &h, &[a, b]), None);
+    }
+
+    #[test]
+    fn counts_beyond_the_hosts_types_never_fit() {
+        let h = host(2, 8, &[]);
+        let mut spec = resources("{cpu: 1}");
+        // 2^32 CPUs: truncated to u32 it would be 0 and fit anywhere.
+        spec.cpu.count = crate::config::range::Range::at_least(1 << 32);
+        assert_eq!(reserve(&spec, &h, &[]), None);
+        let memory = resources("{cpu: 1, memory: 1GB..}");
+        let huge = Reservation {
+            cpus: u32::MAX,
+            memory_mib: u64::MAX,
+            gpus: vec![],
+        };
+        assert_eq!(reserve(&memory, &h, &[huge]), None);
     }
 
     #[test]

@@ -38,7 +38,13 @@ __all__ = [
 T = TypeVar("T")
 
 
-def plain(value: Any) -> Any:
+# Deeper than this, `plain` passes dicts and lists on as they are: the native side refuses data
+# nested beyond its own, lower limit with a `ConfigurationError` (a dict that contains itself
+# would otherwise recurse here until Python's `RecursionError`).
+_PLAIN_MAX_DEPTH = 256
+
+
+def plain(value: Any, _depth: int = 0) -> Any:
     """`value` as plain data (dicts, lists, strings, numbers, booleans, None)."""
     if isinstance(value, _Data):
         return value.to_data()
@@ -47,13 +53,15 @@ def plain(value: Any) -> Any:
     if isinstance(value, Memory):
         return f"{float(value):g}GB"
     if isinstance(value, Enum):
-        return plain(value.value)
+        return plain(value.value, _depth)
     if isinstance(value, PurePath):
         return str(value)
+    if _depth >= _PLAIN_MAX_DEPTH:
+        return value
     if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
+        return {str(k): plain(v, _depth + 1) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
+        return [plain(v, _depth + 1) for v in value]
     return value
 
 

@@ -14,11 +14,16 @@ def load_configuration(path_or_text: Union[str, "os.PathLike[str]"]) -> _Configu
     `dstack apply` does) and returns a `Task`, `Service`, `DevEnvironment`, `Fleet` or
     `Volume`. Raises `dstack.errors.ConfigurationError` with `FILE:LINE:COL: FIELD: MESSAGE`
     lines."""
-    from dstack._native import validate
+    from dstack._native import MAX_TEXT_BYTES, validate
 
     if isinstance(path_or_text, str) and ("\n" in path_or_text or not os.path.isfile(path_or_text)):
         text, file = path_or_text, "<string>"
     else:
         path = Path(path_or_text)
-        text, file = path.read_text(encoding="utf-8"), str(path)
+        # No more than one byte over the limit is read: `validate` refuses the text by its
+        # length, with a located error.
+        with path.open("rb") as f:
+            data = f.read(MAX_TEXT_BYTES + 1)
+        errors = "strict" if len(data) <= MAX_TEXT_BYTES else "replace"
+        text, file = data.decode("utf-8", errors=errors), str(path)
     return configuration_from_data(validate(text, file))

@@ -5,6 +5,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 ConfigurationData = Union[Dict[str, Any], str]
 
+MAX_TEXT_BYTES: int
+
 def validate(configuration: ConfigurationData, file: Optional[str] = None) -> Dict[str, Any]: ...
 
 class RawTask:
