@@ -33,6 +33,13 @@ pub trait Provider: Send + Sync + 'static {
         config: &InstanceConfig,
     ) -> impl Future<Output = Result<CreatedInstance, ComputeError>> + Send;
 
+    /// What the creation attempt `config.attempt_id` made (see [`Compute::find_attempt`]).
+    fn find_attempt(
+        &self,
+        offer: &Offer,
+        config: &InstanceConfig,
+    ) -> impl Future<Output = Result<Option<CreatedInstance>, ComputeError>> + Send;
+
     /// The instance's backend data once it runs (with `hostname`, `port`, `user`,
     /// `identity_file`), `None` while it starts; an error if it never will.
     fn check(
@@ -158,6 +165,14 @@ impl<P: Provider> Compute for CloudCompute<P> {
         config: &'a InstanceConfig,
     ) -> BoxFuture<'a, Result<CreatedInstance, ComputeError>> {
         Box::pin(self.provider.create(offer, config))
+    }
+
+    fn find_attempt<'a>(
+        &'a self,
+        offer: &'a Offer,
+        config: &'a InstanceConfig,
+    ) -> BoxFuture<'a, Result<Option<CreatedInstance>, ComputeError>> {
+        Box::pin(self.provider.find_attempt(offer, config))
     }
 
     fn update_provisioning<'a>(
