@@ -501,7 +501,7 @@ mod tests {
         assert!(err.contains("ssh_ingress_cidrs: empty"), "{err}");
         let err = refused("type: gcp\n    project_id: p\n    extra_vpcs: [a]");
         assert!(
-            err.contains("config.yml:5:17: projects[0].backends[0].extra_vpcs: not supported by dstack-rs yet"),
+            err.contains("config.yml:6:17: projects[0].backends[0].extra_vpcs: not supported by dstack-rs yet"),
             "{err}"
         );
         let ok = parse(
