@@ -201,9 +201,12 @@ impl SshIngress {
         cidrs.sort();
         cidrs.dedup();
         // FNV-1a: stable across builds and platforms.
-        let hash = cidrs.join(",").bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
+        let hash = cidrs
+            .join(",")
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
         SshIngress {
             cidrs,
             suffix: Some(format!("{:08x}", hash as u32)),
@@ -237,8 +240,7 @@ fn refused(backend: &BackendConfig) -> Option<(&'static str, String)> {
                     "only one of vpc_name and vpc_ids may be set".to_string(),
                 ));
             }
-            if aws.default_vpcs == Some(false) && aws.vpc_name.is_none() && aws.vpc_ids.is_none()
-            {
+            if aws.default_vpcs == Some(false) && aws.vpc_name.is_none() && aws.vpc_ids.is_none() {
                 return Some((
                     "default_vpcs",
                     "false needs vpc_name or vpc_ids: no VPC could be used".to_string(),
@@ -368,7 +370,10 @@ pub fn parse(text: &str, file: &str) -> Result<ServerConfig, ConfigError> {
         let mut body = json.clone();
         if let Some(map) = body.as_object_mut() {
             map.remove("type");
-            if let Some(field) = unsupported_fields(kind).iter().find(|f| map.contains_key(**f)) {
+            if let Some(field) = unsupported_fields(kind)
+                .iter()
+                .find(|f| map.contains_key(**f))
+            {
                 return Err(at(
                     node.get(field).unwrap_or(node),
                     &format!("{path}.{field}"),
@@ -491,7 +496,10 @@ mod tests {
             "{err}"
         );
         let err = refused("type: aws\n    default_vpcs: false");
-        assert!(err.contains("backends[0].default_vpcs: false needs"), "{err}");
+        assert!(
+            err.contains("backends[0].default_vpcs: false needs"),
+            "{err}"
+        );
         let err = refused("type: aws\n    ssh_ingress_cidrs: [10.0.0.0/33]");
         assert!(
             err.contains("backends[0].ssh_ingress_cidrs: `10.0.0.0/33`"),

@@ -18,7 +18,7 @@ use dstack_core::offers::catalog::Catalog;
 use dstack_core::offers::Offer;
 
 use crate::cloud::{shared_catalog, CatalogOffers};
-use crate::ssh::{KnownHosts, SshCompute};
+use crate::ssh::{KnownHosts, SshCompute, SshTarget};
 
 /// The API calls of one cloud. An instance's data lives under `backend_data[NAME]`; once the
 /// instance runs, [`Provider::check`] adds how to reach it over SSH beside it.
@@ -110,6 +110,8 @@ pub struct CloudCompute<P> {
     catalog: Arc<Catalog>,
     offers: CatalogOffers,
     ssh: SshCompute,
+    /// Where the SSH backend records host keys (a terminated instance's is forgotten).
+    known_hosts: KnownHosts,
 }
 
 impl<P: Provider> CloudCompute<P> {
@@ -126,6 +128,7 @@ impl<P: Provider> CloudCompute<P> {
             catalog: shared_catalog()?,
             offers,
             ssh: SshCompute::new(KnownHosts::in_home(home), agent_bin),
+            known_hosts: KnownHosts::in_home(home),
         })
     }
 
@@ -222,7 +225,22 @@ impl<P: Provider> Compute for CloudCompute<P> {
             if instance.backend_data.get(P::NAME).is_none() {
                 return Ok(()); // never created
             }
-            self.provider.terminate(instance).await
+            self.provider.terminate(instance).await?;
+            // Its address may go to another machine: the key learned there is no longer
+            // this instance's (none was learned if it never ran).
+            let Ok(target) = serde_json::from_value::<SshTarget>(instance.backend_data.clone())
+            else {
+                return Ok(());
+            };
+            self.known_hosts
+                .forget(&target.hostname, target.port)
+                .map(drop)
+                .map_err(|e| {
+                    ComputeError::Other(format!(
+                        "{} is terminated, but its host key could not be forgotten: {e}",
+                        target.hostname
+                    ))
+                })
         })
     }
 

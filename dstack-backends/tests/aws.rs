@@ -102,7 +102,11 @@ async fn start_moto() -> Moto {
 /// new internet gateway of `vpc`.
 async fn route_to_internet(ec2: &aws_sdk_ec2::Client, vpc: &str, subnet: Option<&str>) {
     let igw = ec2.create_internet_gateway().send().await.unwrap();
-    let igw = igw.internet_gateway().unwrap().internet_gateway_id().unwrap();
+    let igw = igw
+        .internet_gateway()
+        .unwrap()
+        .internet_gateway_id()
+        .unwrap();
     ec2.attach_internet_gateway()
         .internet_gateway_id(igw)
         .vpc_id(vpc)
@@ -125,14 +129,24 @@ async fn route_table(ec2: &aws_sdk_ec2::Client, vpc: &str, subnet: Option<&str>)
         let main = ec2
             .describe_route_tables()
             .filters(Filter::builder().name("vpc-id").values(vpc).build())
-            .filters(Filter::builder().name("association.main").values("true").build())
+            .filters(
+                Filter::builder()
+                    .name("association.main")
+                    .values("true")
+                    .build(),
+            )
             .send()
             .await
             .unwrap();
         return main.route_tables()[0].route_table_id().unwrap().to_string();
     };
     let created = ec2.create_route_table().vpc_id(vpc).send().await.unwrap();
-    let table = created.route_table().unwrap().route_table_id().unwrap().to_string();
+    let table = created
+        .route_table()
+        .unwrap()
+        .route_table_id()
+        .unwrap()
+        .to_string();
     ec2.associate_route_table()
         .route_table_id(&table)
         .subnet_id(subnet)
@@ -228,8 +242,21 @@ async fn a_fleet_provisions_tagged_instances_in_the_cheapest_region_and_runs_tas
         .iter()
         .any(|i| Some(&i.id) == job.instance_id.as_ref()));
 
-    // Deleting the fleet terminates its instances.
+    // Deleting the fleet terminates its instances, and forgets the host keys learned there
+    // (their addresses may go to other machines).
+    let known_hosts = home.path().join("ssh/known_hosts");
+    let recorded = |text: &str, addr: &str| text.lines().any(|l| l.split(' ').next() == Some(addr));
+    let learned = std::fs::read_to_string(&known_hosts).unwrap();
+    assert!(
+        hosts.hosts.iter().all(|h| recorded(&learned, &h.addr)),
+        "{learned}"
+    );
     client.engine().delete_fleet("cloud", false).await.unwrap();
+    let left = std::fs::read_to_string(&known_hosts).unwrap();
+    assert!(
+        hosts.hosts.iter().all(|h| !recorded(&left, &h.addr)),
+        "{left}"
+    );
     let cloud = cloud_instances(&moto, "us-east-1").await;
     assert!(
         cloud
@@ -707,7 +734,12 @@ async fn vpc_with_subnets(
     let vpc = vpc.vpc().unwrap().vpc_id().unwrap().to_string();
     ec2.create_tags()
         .resources(&vpc)
-        .tags(aws_sdk_ec2::types::Tag::builder().key("Name").value(name).build())
+        .tags(
+            aws_sdk_ec2::types::Tag::builder()
+                .key("Name")
+                .value(name)
+                .build(),
+        )
         .send()
         .await
         .unwrap();
@@ -741,7 +773,8 @@ async fn instances_get_imdsv2_a_public_subnet_of_the_named_vpc_and_their_own_ssh
     let home = tempfile::tempdir().unwrap();
     let ec2 = ec2(&moto, "us-east-1").await;
     // us-east-1a's subnet has no way out; us-east-1b's is routed to an internet gateway.
-    let (vpc, subnets) = vpc_with_subnets(&ec2, "dstack-net", 20, &["us-east-1a", "us-east-1b"]).await;
+    let (vpc, subnets) =
+        vpc_with_subnets(&ec2, "dstack-net", 20, &["us-east-1a", "us-east-1b"]).await;
     route_to_internet(&ec2, &vpc, Some(&subnets[1])).await;
     let config = AwsConfig {
         vpc_name: Some("dstack-net".into()),
@@ -752,12 +785,21 @@ async fn instances_get_imdsv2_a_public_subnet_of_the_named_vpc_and_their_own_ssh
     hosts.track("netted");
     let yaml = "type: fleet\nname: netted\nnodes: 1\nresources: {cpu: 2.., memory: 4GB..}\n";
     let instances = harness::apply_fleet(&client, yaml).await.unwrap();
-    assert_eq!(instances[0].status, InstanceStatus::Idle, "{:?}", instances[0]);
+    assert_eq!(
+        instances[0].status,
+        InstanceStatus::Idle,
+        "{:?}",
+        instances[0]
+    );
 
     let cloud = cloud_instances(&moto, "us-east-1").await;
     assert_eq!(cloud.len(), 1);
     assert_eq!(cloud[0].vpc_id(), Some(vpc.as_str()));
-    assert_eq!(cloud[0].subnet_id(), Some(subnets[1].as_str()), "the public subnet");
+    assert_eq!(
+        cloud[0].subnet_id(),
+        Some(subnets[1].as_str()),
+        "the public subnet"
+    );
     assert_eq!(instances[0].cloud_id.as_deref(), cloud[0].instance_id());
     let metadata = cloud[0].metadata_options().unwrap();
     assert_eq!(metadata.http_tokens().map(|t| t.as_str()), Some("required"));
@@ -812,9 +854,15 @@ async fn without_public_ips_instances_go_in_private_subnets_and_are_reached_priv
     let home = tempfile::tempdir().unwrap();
     let ec2 = ec2(&moto, "us-east-1").await;
     // A public subnet with a NAT gateway, and a private one whose way out is that gateway.
-    let (vpc, subnets) = vpc_with_subnets(&ec2, "private-net", 30, &["us-east-1a", "us-east-1b"]).await;
+    let (vpc, subnets) =
+        vpc_with_subnets(&ec2, "private-net", 30, &["us-east-1a", "us-east-1b"]).await;
     route_to_internet(&ec2, &vpc, Some(&subnets[0])).await;
-    let eip = ec2.allocate_address().domain(aws_sdk_ec2::types::DomainType::Vpc).send().await.unwrap();
+    let eip = ec2
+        .allocate_address()
+        .domain(aws_sdk_ec2::types::DomainType::Vpc)
+        .send()
+        .await
+        .unwrap();
     let nat = ec2
         .create_nat_gateway()
         .subnet_id(&subnets[0])
@@ -822,7 +870,12 @@ async fn without_public_ips_instances_go_in_private_subnets_and_are_reached_priv
         .send()
         .await
         .unwrap();
-    let nat = nat.nat_gateway().unwrap().nat_gateway_id().unwrap().to_string();
+    let nat = nat
+        .nat_gateway()
+        .unwrap()
+        .nat_gateway_id()
+        .unwrap()
+        .to_string();
     let table = route_table(&ec2, &vpc, Some(&subnets[1])).await;
     ec2.create_route()
         .route_table_id(&table)
@@ -845,14 +898,19 @@ async fn without_public_ips_instances_go_in_private_subnets_and_are_reached_priv
         ..AwsConfig::default()
     };
     let agent = find_agent_binary().expect("dstack-agent is built");
-    let aws = AwsCompute::new(config, home.path(), "main", agent).await.unwrap();
+    let aws = AwsCompute::new(config, home.path(), "main", agent)
+        .await
+        .unwrap();
     let offers = aws.offers_for(&OfferRequest::default()).await.unwrap();
     assert!(!offers.is_empty());
     assert!(
         offers.iter().all(|o| o.region == "us-east-1"),
         "eu-west-1 has no VPC in vpc_ids and default VPCs are off"
     );
-    let offer = offers.iter().find(|o| o.instance_type == "t3.medium").unwrap();
+    let offer = offers
+        .iter()
+        .find(|o| o.instance_type == "t3.medium")
+        .unwrap();
     let config = InstanceConfig {
         instance_id: "record".into(),
         attempt_id: "attempt".into(),
@@ -862,10 +920,22 @@ async fn without_public_ips_instances_go_in_private_subnets_and_are_reached_priv
         tags: Default::default(),
     };
     let created = aws.create_instance(offer, &config).await.unwrap();
-    assert!(asked_with(&proxy, 0, "NetworkInterface.1.AssociatePublicIpAddress=false"));
-    assert!(asked_with(&proxy, 0, &format!("NetworkInterface.1.SubnetId={}", subnets[1])));
+    assert!(asked_with(
+        &proxy,
+        0,
+        "NetworkInterface.1.AssociatePublicIpAddress=false"
+    ));
+    assert!(asked_with(
+        &proxy,
+        0,
+        &format!("NetworkInterface.1.SubnetId={}", subnets[1])
+    ));
     let cloud = cloud_instances(&moto, "us-east-1").await;
-    assert_eq!(cloud[0].subnet_id(), Some(subnets[1].as_str()), "the private subnet");
+    assert_eq!(
+        cloud[0].subnet_id(),
+        Some(subnets[1].as_str()),
+        "the private subnet"
+    );
     assert_eq!(created.cloud_id.as_deref(), cloud[0].instance_id());
     let instance: dstack_core::model::Instance = serde_json::from_value(serde_json::json!({
         "id": "record", "name": "private-0", "fleet_id": "f", "backend": "aws",
@@ -895,9 +965,17 @@ async fn a_lost_run_instances_answer_is_looked_for_before_another_offer_and_noth
     hosts.track("unanswered");
     let yaml = "type: fleet\nname: unanswered\nnodes: 1\nresources: {cpu: 2.., memory: 4GB..}\n";
     let instances = harness::apply_fleet(&client, yaml).await.unwrap();
-    assert_eq!(instances[0].status, InstanceStatus::Idle, "{:?}", instances[0]);
+    assert_eq!(
+        instances[0].status,
+        InstanceStatus::Idle,
+        "{:?}",
+        instances[0]
+    );
     let offer = instances[0].offer.clone().unwrap();
-    assert_eq!(offer.instance_type, "t3.medium", "the instance it made was found");
+    assert_eq!(
+        offer.instance_type, "t3.medium",
+        "the instance it made was found"
+    );
     let asked = proxy.asked.lock().unwrap().clone();
     assert!(
         asked.iter().all(|t| t == "t3.medium"),
@@ -914,7 +992,11 @@ async fn a_lost_run_instances_answer_is_looked_for_before_another_offer_and_noth
     assert_eq!(running[0].instance_id(), instances[0].cloud_id.as_deref());
     let attempt = tag(running[0], "dstack_attempt").unwrap();
     assert_eq!(instances[0].attempts, [attempt]);
-    client.engine().delete_fleet("unanswered", false).await.unwrap();
+    client
+        .engine()
+        .delete_fleet("unanswered", false)
+        .await
+        .unwrap();
 }
 
 /// Copies a state directory (its SQLite shared-memory file aside: SQLite makes it anew).
@@ -949,7 +1031,9 @@ async fn a_copied_state_reaps_none_of_the_instances_of_the_other_copy() {
     };
     {
         let client = client(original.path(), config.clone(), &hosts, options.clone()).await;
-        harness::apply_fleet(&client, &yaml("before")).await.unwrap();
+        harness::apply_fleet(&client, &yaml("before"))
+            .await
+            .unwrap();
     }
     copy_state(original.path(), copy.path());
     // The original goes on: an instance the copy has no record of.
@@ -963,7 +1047,11 @@ async fn a_copied_state_reaps_none_of_the_instances_of_the_other_copy() {
     let cloud = cloud_instances(&moto, "us-east-1").await;
     assert_eq!(cloud.len(), 2);
     assert!(cloud.iter().all(|i| state(i) == InstanceStateName::Running));
-    let mut left: Vec<&str> = sweep.left_alone.iter().map(|l| l.cloud_id.as_str()).collect();
+    let mut left: Vec<&str> = sweep
+        .left_alone
+        .iter()
+        .map(|l| l.cloud_id.as_str())
+        .collect();
     left.sort();
     let mut all: Vec<&str> = cloud.iter().filter_map(|i| i.instance_id()).collect();
     all.sort();
@@ -972,7 +1060,10 @@ async fn a_copied_state_reaps_none_of_the_instances_of_the_other_copy() {
     // The original still reaps its own: a record it ended, with the instance left running.
     {
         use dstack_core::store::Store;
-        let store = dstack_core::store::SqliteStore::open(&dstack_core::client::state_file(original.path())).unwrap();
+        let store = dstack_core::store::SqliteStore::open(&dstack_core::client::state_file(
+            original.path(),
+        ))
+        .unwrap();
         let mut ended = store.instance(&after[0].id).unwrap().unwrap();
         ended.status = InstanceStatus::Terminated;
         store.put_instance(&ended).unwrap();
@@ -987,5 +1078,9 @@ async fn a_copied_state_reaps_none_of_the_instances_of_the_other_copy() {
         })
     })
     .await;
-    original_client.engine().delete_fleet("before", false).await.unwrap();
+    original_client
+        .engine()
+        .delete_fleet("before", false)
+        .await
+        .unwrap();
 }

@@ -131,7 +131,12 @@ async fn configured_ssh_sources_get_a_firewall_rule_of_their_own_in_the_named_ne
     let client = client(home.path(), config, &hosts, EngineOptions::default()).await;
     hosts.track("private");
     let instances = apply_fleet(&client, "type: fleet\nname: private\nnodes: 1\n").await;
-    assert_eq!(instances[0].status, InstanceStatus::Idle, "{:?}", instances[0]);
+    assert_eq!(
+        instances[0].status,
+        InstanceStatus::Idle,
+        "{:?}",
+        instances[0]
+    );
     assert!(gcp.violations().is_empty(), "{:?}", gcp.violations());
     let state = gcp.state.lock().unwrap();
     assert_eq!(state.firewalls.len(), 1, "not dstack's shared rule");
@@ -142,7 +147,10 @@ async fn configured_ssh_sources_get_a_firewall_rule_of_their_own_in_the_named_ne
     let target = format!("dstack-ssh-{hash}");
     assert_eq!(rule["targetTags"], serde_json::json!([target]));
     let (key, created) = state.instances.iter().next().unwrap();
-    assert!(key.ends_with(&instances[0].cloud_id.clone().unwrap()), "{key}");
+    assert!(
+        key.ends_with(&instances[0].cloud_id.clone().unwrap()),
+        "{key}"
+    );
     assert_eq!(created["tags"]["items"], serde_json::json!([target]));
     let nic = &created["networkInterfaces"][0];
     assert_eq!(nic["network"], "global/networks/dstack-net");
@@ -153,7 +161,11 @@ async fn configured_ssh_sources_get_a_firewall_rule_of_their_own_in_the_named_ne
     );
     assert!(created["labels"]["dstack_state"].is_string());
     drop(state);
-    client.engine().delete_fleet("private", false).await.unwrap();
+    client
+        .engine()
+        .delete_fleet("private", false)
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -251,7 +263,10 @@ async fn strays_are_reaped_and_disks_go_through_their_life_cycle() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     for kept in ["us-central1-a/theirs", "us-central1-a/dstack-main-copied-1"] {
-        assert!(gcp.state.lock().unwrap().instances.contains_key(kept), "{kept}");
+        assert!(
+            gcp.state.lock().unwrap().instances.contains_key(kept),
+            "{kept}"
+        );
     }
     let sweep = client.engine().reap_orphans().await.unwrap();
     assert_eq!(sweep.left_alone.len(), 1, "{sweep:?}");

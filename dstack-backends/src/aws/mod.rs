@@ -204,11 +204,7 @@ impl Aws {
         client: &aws_sdk_ec2::Client,
         offer: &Offer,
     ) -> Result<(String, String), ComputeError> {
-        let wanted = self.config.os_images.pick(
-            !offer.resources.gpus.is_empty(),
-            default_cpu_image,
-            default_nvidia_image,
-        );
+        let wanted = self.wanted_image(offer);
         let found = client
             .describe_images()
             .owners(&wanted.owner)
@@ -288,16 +284,13 @@ impl Aws {
             })
     }
 
-    /// The user the offer's image is logged into as.
-    fn image_user(&self, offer: &Offer) -> String {
-        self.config
-            .os_images
-            .pick(
-                !offer.resources.gpus.is_empty(),
-                default_cpu_image,
-                default_nvidia_image,
-            )
-            .user
+    /// The configured (or default) image for the offer.
+    fn wanted_image(&self, offer: &Offer) -> OsImage {
+        self.config.os_images.pick(
+            !offer.resources.gpus.is_empty(),
+            default_cpu_image,
+            default_nvidia_image,
+        )
     }
 
     /// What the engine records about an instance made for `offer`.
@@ -532,7 +525,7 @@ impl Provider for Aws {
             let id = duplicate.instance_id().unwrap_or_default();
             self.terminate_by_id(&offer.region, id).await?;
         }
-        let user = self.image_user(offer);
+        let user = self.wanted_image(offer).user;
         let address = tag_value(first.tags(), "dstack_address");
         Ok(Some(self.created(offer, first, user, address)))
     }

@@ -90,7 +90,11 @@ impl Aws {
     }
 
     /// The VPC instances of `region` go in.
-    async fn vpc(&self, client: &aws_sdk_ec2::Client, region: &str) -> Result<String, ComputeError> {
+    async fn vpc(
+        &self,
+        client: &aws_sdk_ec2::Client,
+        region: &str,
+    ) -> Result<String, ComputeError> {
         let configured = self.config.vpc_ids.as_ref().and_then(|ids| ids.get(region));
         let (filter, what) = if let Some(id) = configured {
             (

@@ -299,7 +299,11 @@ fn check_firewall(state: &mut State, body: &Value) {
         bad.push("direction");
     }
     let cidrs = body["sourceRanges"].as_array().cloned().unwrap_or_default();
-    if cidrs.is_empty() || !cidrs.iter().all(|c| c.as_str().is_some_and(|c| c.contains('/'))) {
+    if cidrs.is_empty()
+        || !cidrs
+            .iter()
+            .all(|c| c.as_str().is_some_and(|c| c.contains('/')))
+    {
         bad.push("sourceRanges");
     }
     if body["allowed"] != json!([{"IPProtocol": "tcp", "ports": ["22"]}]) {
@@ -381,7 +385,10 @@ fn insert_instance(state: &mut State, zone: &str, body: &Value) -> (u16, Value) 
     }
     // SSH must reach it: a rule of its network lets SSH in to one of its tags.
     let network = &body["networkInterfaces"][0]["network"];
-    let tags = body["tags"]["items"].as_array().cloned().unwrap_or_default();
+    let tags = body["tags"]["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     let reachable = state
         .firewalls
         .values()

@@ -357,8 +357,12 @@ impl Inner {
                 if offer.spot { ", spot" } else { "" }
             );
             progress(&instance, &format!("creating {what}"));
-            match self.attempt(&**backend, &offer, &config, &instance, progress).await {
+            match self
+                .attempt(&**backend, &offer, &config, &instance, progress)
+                .await
+            {
                 Attempt::Created(done) => {
+                    let done = *done;
                     let mut data = done.backend_data;
                     if let Some(job) = instance.backend_data.get("provisioned_for").cloned() {
                         data["provisioned_for"] = job;
@@ -418,7 +422,7 @@ impl Inner {
         progress: Progress<'_>,
     ) -> Attempt {
         let why = match backend.create_instance(offer, config).await {
-            Ok(done) => return Attempt::Created(done),
+            Ok(done) => return Attempt::Created(Box::new(done)),
             Err(ComputeError::Unknown(why)) => why,
             Err(e) => return Attempt::Failed(e.to_string()),
         };
@@ -427,7 +431,7 @@ impl Inner {
             &format!("outcome unknown ({why}): looking for what it created"),
         );
         match backend.find_attempt(offer, config).await {
-            Ok(Some(done)) => Attempt::Created(done),
+            Ok(Some(done)) => Attempt::Created(Box::new(done)),
             Ok(None) => Attempt::Failed(format!("outcome unknown ({why}); nothing was created")),
             Err(e) => Attempt::Unknown(format!(
                 "outcome unknown ({why}), and looking for what it created failed: {e}"
@@ -825,7 +829,7 @@ impl Inner {
 /// What one creation attempt came to.
 enum Attempt {
     /// The instance was created (or found after an unknown outcome).
-    Created(CreatedInstance),
+    Created(Box<CreatedInstance>),
     /// Nothing was created; the next offer may be tried.
     Failed(String),
     /// Something may have been created, and it could not be found out.

@@ -23,8 +23,7 @@ pub(super) fn of_file(conn: &Connection, path: &Path) -> Result<String, StoreErr
     let meta = std::fs::metadata(path)?;
     // SQLite keeps integers signed: the numbers are stored as their bit patterns.
     let (dev, ino) = (meta.dev() as i64, meta.ino() as i64);
-    conn.execute_batch("BEGIN IMMEDIATE")?;
-    let result = (|| {
+    super::sqlite::in_transaction(conn, true, |conn| {
         let kept: Option<(String, i64, i64)> = conn
             .query_row("SELECT id, dev, ino FROM state_identity", [], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
@@ -42,10 +41,7 @@ pub(super) fn of_file(conn: &Connection, path: &Path) -> Result<String, StoreErr
             rusqlite::params![id, dev, ino],
         )?;
         Ok(id)
-    })();
-    let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
-    conn.execute_batch(end)?;
-    result
+    })
 }
 
 /// A new identity (for an in-memory store: one per store).

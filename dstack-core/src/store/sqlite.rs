@@ -190,7 +190,7 @@ fn placeholders(n: usize) -> String {
 /// Runs `f` in a transaction that takes the write lock at once (`BEGIN IMMEDIATE`) or, for
 /// reads, a deferred one: committed when `f` succeeds, rolled back when it fails. Unlike
 /// rusqlite's `Transaction`, its `BEGIN` and `COMMIT` stay prepared.
-fn in_transaction<R>(
+pub(super) fn in_transaction<R>(
     c: &Connection,
     write: bool,
     f: impl FnOnce(&Connection) -> Result<R, StoreError>,
@@ -1092,7 +1092,9 @@ mod tests {
             .to_string();
         assert_ne!(copied, first, "a copy is another state");
         assert_eq!(
-            SqliteStore::open(&copy.join("state.db")).unwrap().state_id(),
+            SqliteStore::open(&copy.join("state.db"))
+                .unwrap()
+                .state_id(),
             copied
         );
         assert_eq!(SqliteStore::open(&path).unwrap().state_id(), first);
