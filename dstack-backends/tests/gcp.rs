@@ -138,29 +138,30 @@ async fn configured_ssh_sources_get_a_firewall_rule_of_their_own_in_the_named_ne
         instances[0]
     );
     assert!(gcp.violations().is_empty(), "{:?}", gcp.violations());
-    let state = gcp.state.lock().unwrap();
-    assert_eq!(state.firewalls.len(), 1, "not dstack's shared rule");
-    let (name, rule) = state.firewalls.iter().next().unwrap();
-    let hash = name.strip_prefix("dstack-ssh-in-dstack-net-").unwrap();
-    assert_eq!(rule["sourceRanges"], serde_json::json!(["10.0.0.0/8"]));
-    assert_eq!(rule["network"], "global/networks/dstack-net");
-    let target = format!("dstack-ssh-{hash}");
-    assert_eq!(rule["targetTags"], serde_json::json!([target]));
-    let (key, created) = state.instances.iter().next().unwrap();
-    assert!(
-        key.ends_with(&instances[0].cloud_id.clone().unwrap()),
-        "{key}"
-    );
-    assert_eq!(created["tags"]["items"], serde_json::json!([target]));
-    let nic = &created["networkInterfaces"][0];
-    assert_eq!(nic["network"], "global/networks/dstack-net");
-    assert!(nic["accessConfigs"].is_null(), "no external address: {nic}");
-    assert_eq!(
-        created["labels"]["dstack_attempt"],
-        instances[0].attempts[0].as_str()
-    );
-    assert!(created["labels"]["dstack_state"].is_string());
-    drop(state);
+    {
+        let state = gcp.state.lock().unwrap();
+        assert_eq!(state.firewalls.len(), 1, "not dstack's shared rule");
+        let (name, rule) = state.firewalls.iter().next().unwrap();
+        let hash = name.strip_prefix("dstack-ssh-in-dstack-net-").unwrap();
+        assert_eq!(rule["sourceRanges"], serde_json::json!(["10.0.0.0/8"]));
+        assert_eq!(rule["network"], "global/networks/dstack-net");
+        let target = format!("dstack-ssh-{hash}");
+        assert_eq!(rule["targetTags"], serde_json::json!([target]));
+        let (key, created) = state.instances.iter().next().unwrap();
+        assert!(
+            key.ends_with(&instances[0].cloud_id.clone().unwrap()),
+            "{key}"
+        );
+        assert_eq!(created["tags"]["items"], serde_json::json!([target]));
+        let nic = &created["networkInterfaces"][0];
+        assert_eq!(nic["network"], "global/networks/dstack-net");
+        assert!(nic["accessConfigs"].is_null(), "no external address: {nic}");
+        assert_eq!(
+            created["labels"]["dstack_attempt"],
+            instances[0].attempts[0].as_str()
+        );
+        assert!(created["labels"]["dstack_state"].is_string());
+    }
     client
         .engine()
         .delete_fleet("private", false)
