@@ -10,11 +10,13 @@
 //!         regions: [us-east-1, us-west-2]
 //! ```
 //!
-//! The first project is used. Besides dstack's fields, a backend accepts `endpoint_url` (send
-//! API calls there, e.g. to a local stand-in) and `instance_addresses` (reach instances at these
+//! The first project is used. Besides dstack's fields, a backend accepts `ssh_ingress_cidrs`
+//! (where SSH may reach instances from; see [`SshIngress`]), `endpoint_url` (send API calls
+//! there, e.g. to a local stand-in) and `instance_addresses` (reach instances at these
 //! addresses instead of their own: each new instance takes the first one no live instance has —
 //! a test option, so that fake clouds never make the engine contact the addresses they hand
-//! out).
+//! out). dstack fields that dstack-rs does not implement are refused, each by name; so are
+//! contradictory network settings.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -98,14 +100,19 @@ pub struct AwsConfig {
     /// Images to boot (default: dstack's).
     #[serde(default)]
     pub os_images: OsImages,
-    /// Give instances public IPs (default true).
+    /// Give instances public IPs (default true): instances go in subnets routed to an
+    /// internet gateway; without, in subnets whose outbound traffic goes through a NAT or
+    /// transit gateway or a peering connection, and are reached at their private address.
     pub public_ips: Option<bool>,
-    /// The VPC to use by name (default: the default VPC).
+    /// The VPC to use by its `Name` tag, in every region (default: the default VPC).
     pub vpc_name: Option<String>,
-    /// The VPC to use per region.
+    /// The VPC to use per region (regions not listed use the default VPC unless
+    /// `default_vpcs` is false, in which case they are not used).
     pub vpc_ids: Option<BTreeMap<String, String>>,
-    /// Use default VPCs (default true).
+    /// Whether default VPCs may be used where no VPC is configured (default true).
     pub default_vpcs: Option<bool>,
+    /// dstack-rs: where SSH may reach instances from (see [`SshIngress`]).
+    pub ssh_ingress_cidrs: Option<Vec<String>>,
     /// An IAM instance profile for instances.
     pub iam_instance_profile: Option<String>,
     /// Instance types beyond the families dstack supports.
@@ -149,8 +156,11 @@ pub struct GcpConfig {
     pub tags: BTreeMap<String, String>,
     /// The VPC network (default `default`).
     pub vpc_name: Option<String>,
-    /// Give instances public IPs (default true).
+    /// Give instances public IPs (default true); without, they are reached at their internal
+    /// address.
     pub public_ips: Option<bool>,
+    /// dstack-rs: where SSH may reach instances from (see [`SshIngress`]).
+    pub ssh_ingress_cidrs: Option<Vec<String>>,
     /// A service account for instances.
     pub vm_service_account: Option<String>,
     /// dstack-rs: images to boot (default: Ubuntu 22.04 for CPU, Google's Deep Learning VM
@@ -162,6 +172,110 @@ pub struct GcpConfig {
     /// dstack-rs test option: reach instances at these addresses (see the module docs).
     #[serde(default)]
     pub instance_addresses: Vec<String>,
+}
+
+/// Where SSH may reach a backend's instances from: `ssh_ingress_cidrs` (CIDR blocks, IPv4 or
+/// IPv6), else dstack's `0.0.0.0/0`. dstack has no such setting: its security group (AWS) and
+/// firewall rule (GCP) let SSH in from anywhere, and other dstack servers of the same project
+/// (AWS) or network (GCP) share them. So a configured list gets a security group or firewall
+/// rule of its own, named with a hash of the list ([`SshIngress::suffix`]): nothing another
+/// server adds to the shared one opens these instances up.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SshIngress {
+    /// The CIDR blocks, sorted.
+    pub cidrs: Vec<String>,
+    /// `None` for dstack's default (the shared resource), else 8 hex digits naming the list.
+    pub suffix: Option<String>,
+}
+
+impl SshIngress {
+    /// The ingress of a backend's `ssh_ingress_cidrs`.
+    pub fn of(configured: Option<&[String]>) -> SshIngress {
+        let Some(list) = configured else {
+            return SshIngress {
+                cidrs: vec!["0.0.0.0/0".to_string()],
+                suffix: None,
+            };
+        };
+        let mut cidrs = list.to_vec();
+        cidrs.sort();
+        cidrs.dedup();
+        // FNV-1a: stable across builds and platforms.
+        let hash = cidrs
+            .join(",")
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
+        SshIngress {
+            cidrs,
+            suffix: Some(format!("{:08x}", hash as u32)),
+        }
+    }
+}
+
+/// Why a CIDR block is not one (`None`: it is).
+fn cidr_error(cidr: &str) -> Option<String> {
+    let Some((addr, prefix)) = cidr.split_once('/') else {
+        return Some(format!("`{cidr}` is not a CIDR block (address/prefix)"));
+    };
+    let max = match addr.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(_)) => 32,
+        Ok(std::net::IpAddr::V6(_)) => 128,
+        Err(_) => return Some(format!("`{addr}` in `{cidr}` is not an IP address")),
+    };
+    match prefix.parse::<u8>() {
+        Ok(p) if p <= max => None,
+        _ => Some(format!("`{cidr}`: the prefix must be 0..={max}")),
+    }
+}
+
+/// The backend's settings that cannot work together, as `(field, why)`.
+fn refused(backend: &BackendConfig) -> Option<(&'static str, String)> {
+    let cidrs = match backend {
+        BackendConfig::Aws(aws) => {
+            if aws.vpc_name.is_some() && aws.vpc_ids.is_some() {
+                return Some((
+                    "vpc_ids",
+                    "only one of vpc_name and vpc_ids may be set".to_string(),
+                ));
+            }
+            if aws.default_vpcs == Some(false) && aws.vpc_name.is_none() && aws.vpc_ids.is_none() {
+                return Some((
+                    "default_vpcs",
+                    "false needs vpc_name or vpc_ids: no VPC could be used".to_string(),
+                ));
+            }
+            &aws.ssh_ingress_cidrs
+        }
+        BackendConfig::Gcp(gcp) => &gcp.ssh_ingress_cidrs,
+    };
+    match cidrs.as_deref() {
+        Some([]) => Some((
+            "ssh_ingress_cidrs",
+            "empty: instances could not be reached; leave it out for 0.0.0.0/0".to_string(),
+        )),
+        Some(list) => list
+            .iter()
+            .find_map(|c| cidr_error(c))
+            .map(|why| ("ssh_ingress_cidrs", why)),
+        None => None,
+    }
+}
+
+/// dstack's backend settings that dstack-rs does not implement (refused by name, rather
+/// than as unknown fields).
+fn unsupported_fields(kind: &str) -> &'static [&'static str] {
+    match kind {
+        "gcp" => &[
+            "extra_vpcs",
+            "roce_vpcs",
+            "vpc_project_id",
+            "nat_check",
+            "preview_features",
+        ],
+        _ => &[],
+    }
 }
 
 /// One configured backend.
@@ -256,6 +370,16 @@ pub fn parse(text: &str, file: &str) -> Result<ServerConfig, ConfigError> {
         let mut body = json.clone();
         if let Some(map) = body.as_object_mut() {
             map.remove("type");
+            if let Some(field) = unsupported_fields(kind)
+                .iter()
+                .find(|f| map.contains_key(**f))
+            {
+                return Err(at(
+                    node.get(field).unwrap_or(node),
+                    &format!("{path}.{field}"),
+                    &format!("not supported by dstack-rs yet (the {kind} backend)"),
+                ));
+            }
         }
         let backend = match kind {
             "aws" => serde_json::from_value(body).map(BackendConfig::Aws),
@@ -271,9 +395,15 @@ pub fn parse(text: &str, file: &str) -> Result<ServerConfig, ConfigError> {
                 ))
             }
         };
-        config
-            .backends
-            .push(backend.map_err(|e| at(node, &path, &e.to_string()))?);
+        let backend = backend.map_err(|e| at(node, &path, &e.to_string()))?;
+        if let Some((field, why)) = refused(&backend) {
+            return Err(at(
+                node.get(field).unwrap_or(node),
+                &format!("{path}.{field}"),
+                &why,
+            ));
+        }
+        config.backends.push(backend);
     }
     Ok(config)
 }
@@ -348,5 +478,51 @@ mod tests {
             err.contains("backends[0].type: backend type `azure` is not supported"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn network_settings_that_cannot_work_are_refused_by_name() {
+        let refused = |body: &str| {
+            parse(
+                &format!("projects:\n- name: main\n  backends:\n  - {body}\n"),
+                "config.yml",
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        let err = refused("type: aws\n    vpc_name: a\n    vpc_ids: {us-east-1: vpc-1}");
+        assert!(
+            err.contains("backends[0].vpc_ids: only one of vpc_name and vpc_ids"),
+            "{err}"
+        );
+        let err = refused("type: aws\n    default_vpcs: false");
+        assert!(
+            err.contains("backends[0].default_vpcs: false needs"),
+            "{err}"
+        );
+        let err = refused("type: aws\n    ssh_ingress_cidrs: [10.0.0.0/33]");
+        assert!(
+            err.contains("backends[0].ssh_ingress_cidrs: `10.0.0.0/33`"),
+            "{err}"
+        );
+        let err = refused("type: gcp\n    project_id: p\n    ssh_ingress_cidrs: []");
+        assert!(err.contains("ssh_ingress_cidrs: empty"), "{err}");
+        let err = refused("type: gcp\n    project_id: p\n    extra_vpcs: [a]");
+        assert!(
+            err.contains("config.yml:6:17: projects[0].backends[0].extra_vpcs: not supported by dstack-rs yet"),
+            "{err}"
+        );
+        let ok = parse(
+            "projects:\n- name: main\n  backends:\n  - type: aws\n    default_vpcs: false\n    vpc_ids: {us-east-1: vpc-1}\n    public_ips: false\n    ssh_ingress_cidrs: [10.0.0.0/8, 'fd00::/8']\n",
+            "config.yml",
+        )
+        .unwrap();
+        let BackendConfig::Aws(aws) = &ok.backends[0] else {
+            panic!()
+        };
+        let ingress = SshIngress::of(aws.ssh_ingress_cidrs.as_deref());
+        assert_eq!(ingress.cidrs, ["10.0.0.0/8", "fd00::/8"]);
+        assert_eq!(ingress.suffix.as_ref().map(String::len), Some(8));
+        assert_eq!(SshIngress::of(None).suffix, None);
     }
 }

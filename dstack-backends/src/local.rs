@@ -220,6 +220,7 @@ impl Compute for LocalBackend {
             let backend_data = serde_json::json!({ "socket": self.socket() });
             Ok(CreatedInstance {
                 offer: offer.clone(),
+                cloud_id: None,
                 backend_data,
             })
         })

@@ -79,8 +79,9 @@ impl Project {
 
 impl Project {
     /// The tags of a new cloud instance: dstack's (`owner=dstack`, the project, name, user and
-    /// fleet, this state's owner id, the engine's instance id, and the address it is reached
-    /// at when mapped), then `backend` tags, then the configuration's — earlier sources win.
+    /// fleet, this home's owner id, the state's identity, the engine's instance id, the
+    /// creation attempt's id, and the address it is reached at when mapped), then `backend`
+    /// tags, then the configuration's — earlier sources win.
     pub fn instance_tags(
         &self,
         project_name: &str,
@@ -97,7 +98,9 @@ impl Project {
             ("dstack_user", user.as_str()),
             ("dstack_fleet", config.fleet.as_str()),
             ("dstack_owner", self.owner_id.as_str()),
+            ("dstack_state", config.state_id.as_str()),
             ("dstack_instance_id", config.instance_id.as_str()),
+            ("dstack_attempt", config.attempt_id.as_str()),
         ];
         for (k, v) in base {
             tags.insert(k.to_string(), v.to_string());

@@ -18,7 +18,7 @@ use dstack_core::offers::catalog::Catalog;
 use dstack_core::offers::Offer;
 
 use crate::cloud::{shared_catalog, CatalogOffers};
-use crate::ssh::{KnownHosts, SshCompute};
+use crate::ssh::{KnownHosts, SshCompute, SshTarget};
 
 /// The API calls of one cloud. An instance's data lives under `backend_data[NAME]`; once the
 /// instance runs, [`Provider::check`] adds how to reach it over SSH beside it.
@@ -32,6 +32,13 @@ pub trait Provider: Send + Sync + 'static {
         offer: &Offer,
         config: &InstanceConfig,
     ) -> impl Future<Output = Result<CreatedInstance, ComputeError>> + Send;
+
+    /// What the creation attempt `config.attempt_id` made (see [`Compute::find_attempt`]).
+    fn find_attempt(
+        &self,
+        offer: &Offer,
+        config: &InstanceConfig,
+    ) -> impl Future<Output = Result<Option<CreatedInstance>, ComputeError>> + Send;
 
     /// The instance's backend data once it runs (with `hostname`, `port`, `user`,
     /// `identity_file`), `None` while it starts; an error if it never will.
@@ -103,6 +110,8 @@ pub struct CloudCompute<P> {
     catalog: Arc<Catalog>,
     offers: CatalogOffers,
     ssh: SshCompute,
+    /// Where the SSH backend records host keys (a terminated instance's is forgotten).
+    known_hosts: KnownHosts,
 }
 
 impl<P: Provider> CloudCompute<P> {
@@ -119,6 +128,7 @@ impl<P: Provider> CloudCompute<P> {
             catalog: shared_catalog()?,
             offers,
             ssh: SshCompute::new(KnownHosts::in_home(home), agent_bin),
+            known_hosts: KnownHosts::in_home(home),
         })
     }
 
@@ -158,6 +168,14 @@ impl<P: Provider> Compute for CloudCompute<P> {
         config: &'a InstanceConfig,
     ) -> BoxFuture<'a, Result<CreatedInstance, ComputeError>> {
         Box::pin(self.provider.create(offer, config))
+    }
+
+    fn find_attempt<'a>(
+        &'a self,
+        offer: &'a Offer,
+        config: &'a InstanceConfig,
+    ) -> BoxFuture<'a, Result<Option<CreatedInstance>, ComputeError>> {
+        Box::pin(self.provider.find_attempt(offer, config))
     }
 
     fn update_provisioning<'a>(
@@ -207,7 +225,22 @@ impl<P: Provider> Compute for CloudCompute<P> {
             if instance.backend_data.get(P::NAME).is_none() {
                 return Ok(()); // never created
             }
-            self.provider.terminate(instance).await
+            self.provider.terminate(instance).await?;
+            // Its address may go to another machine: the key learned there is no longer
+            // this instance's (none was learned if it never ran).
+            let Ok(target) = serde_json::from_value::<SshTarget>(instance.backend_data.clone())
+            else {
+                return Ok(());
+            };
+            self.known_hosts
+                .forget(&target.hostname, target.port)
+                .map(drop)
+                .map_err(|e| {
+                    ComputeError::Other(format!(
+                        "{} is terminated, but its host key could not be forgotten: {e}",
+                        target.hostname
+                    ))
+                })
         })
     }
 

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aws_sdk_ec2::types::InstanceStateName;
+use aws_sdk_ec2::types::{Filter, InstanceStateName};
 use common::moto::{Fault, FaultProxy, Moto};
 use common::netns::TestHosts;
 use common::{eventually, harness};
@@ -80,6 +80,82 @@ async fn ec2(moto: &Moto, region: &str) -> aws_sdk_ec2::Client {
     aws_sdk_ec2::Client::new(&config)
 }
 
+/// moto, its default VPCs routed to an internet gateway as in a real account (moto's have
+/// only the local route, so no subnet of theirs would count as public).
+async fn start_moto() -> Moto {
+    let moto = Moto::start();
+    for region in ["us-east-1", "eu-west-1"] {
+        let ec2 = ec2(&moto, region).await;
+        let vpcs = ec2
+            .describe_vpcs()
+            .filters(Filter::builder().name("is-default").values("true").build())
+            .send()
+            .await
+            .unwrap();
+        let vpc = vpcs.vpcs()[0].vpc_id().unwrap().to_string();
+        route_to_internet(&ec2, &vpc, None).await;
+    }
+    moto
+}
+
+/// Routes `0.0.0.0/0` of `subnet`'s own new route table (`None`: the VPC's main table) to a
+/// new internet gateway of `vpc`.
+async fn route_to_internet(ec2: &aws_sdk_ec2::Client, vpc: &str, subnet: Option<&str>) {
+    let igw = ec2.create_internet_gateway().send().await.unwrap();
+    let igw = igw
+        .internet_gateway()
+        .unwrap()
+        .internet_gateway_id()
+        .unwrap();
+    ec2.attach_internet_gateway()
+        .internet_gateway_id(igw)
+        .vpc_id(vpc)
+        .send()
+        .await
+        .unwrap();
+    let table = route_table(ec2, vpc, subnet).await;
+    ec2.create_route()
+        .route_table_id(&table)
+        .destination_cidr_block("0.0.0.0/0")
+        .gateway_id(igw)
+        .send()
+        .await
+        .unwrap();
+}
+
+/// A new route table of `subnet` in `vpc`, or the VPC's main table (`None`).
+async fn route_table(ec2: &aws_sdk_ec2::Client, vpc: &str, subnet: Option<&str>) -> String {
+    let Some(subnet) = subnet else {
+        let main = ec2
+            .describe_route_tables()
+            .filters(Filter::builder().name("vpc-id").values(vpc).build())
+            .filters(
+                Filter::builder()
+                    .name("association.main")
+                    .values("true")
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        return main.route_tables()[0].route_table_id().unwrap().to_string();
+    };
+    let created = ec2.create_route_table().vpc_id(vpc).send().await.unwrap();
+    let table = created
+        .route_table()
+        .unwrap()
+        .route_table_id()
+        .unwrap()
+        .to_string();
+    ec2.associate_route_table()
+        .route_table_id(&table)
+        .subnet_id(subnet)
+        .send()
+        .await
+        .unwrap();
+    table
+}
+
 /// Every instance moto holds in `region`.
 async fn cloud_instances(moto: &Moto, region: &str) -> Vec<aws_sdk_ec2::types::Instance> {
     ec2(moto, region)
@@ -119,7 +195,7 @@ fn tag<'a>(i: &'a aws_sdk_ec2::types::Instance, key: &str) -> Option<&'a str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_provisions_tagged_instances_in_the_cheapest_region_and_runs_tasks() {
-    let moto = Moto::start();
+    let moto = start_moto().await;
     let hosts = TestHosts::start(2);
     let home = tempfile::tempdir().unwrap();
     let config = aws_config(&moto.url, &["eu-west-1", "us-east-1"], &hosts);
@@ -166,8 +242,21 @@ async fn a_fleet_provisions_tagged_instances_in_the_cheapest_region_and_runs_tas
         .iter()
         .any(|i| Some(&i.id) == job.instance_id.as_ref()));
 
-    // Deleting the fleet terminates its instances.
+    // Deleting the fleet terminates its instances, and forgets the host keys learned there
+    // (their addresses may go to other machines).
+    let known_hosts = home.path().join("ssh/known_hosts");
+    let recorded = |text: &str, addr: &str| text.lines().any(|l| l.split(' ').next() == Some(addr));
+    let learned = std::fs::read_to_string(&known_hosts).unwrap();
+    assert!(
+        hosts.hosts.iter().all(|h| recorded(&learned, &h.addr)),
+        "{learned}"
+    );
     client.engine().delete_fleet("cloud", false).await.unwrap();
+    let left = std::fs::read_to_string(&known_hosts).unwrap();
+    assert!(
+        hosts.hosts.iter().all(|h| !recorded(&left, &h.addr)),
+        "{left}"
+    );
     let cloud = cloud_instances(&moto, "us-east-1").await;
     assert!(
         cloud
@@ -179,7 +268,7 @@ async fn a_fleet_provisions_tagged_instances_in_the_cheapest_region_and_runs_tas
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spot_fleets_get_spot_instances_and_capacity_errors_fall_through() {
-    let moto = Moto::start();
+    let moto = start_moto().await;
     let proxy =
         FaultProxy::start(&moto.url, vec![(RUN_T3_MEDIUM.to_vec(), Fault::NoCapacity)]).await;
     let hosts = TestHosts::start(1);
@@ -211,7 +300,7 @@ async fn spot_fleets_get_spot_instances_and_capacity_errors_fall_through() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_provision_in_elastic_fleets_and_idle_instances_are_reaped() {
-    let moto = Moto::start();
+    let moto = start_moto().await;
     let hosts = TestHosts::start(1);
     let home = tempfile::tempdir().unwrap();
     let config = aws_config(&moto.url, &["us-east-1"], &hosts);
@@ -247,7 +336,7 @@ async fn runs_provision_in_elastic_fleets_and_idle_instances_are_reaped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_stopped_mid_provisioning_leaks_no_instance() {
-    let moto = Moto::start();
+    let moto = start_moto().await;
     // RunInstances creates the instance, but its answer never reaches the client.
     let proxy = FaultProxy::start(&moto.url, vec![(RUN_T3_MEDIUM.to_vec(), Fault::Hang)]).await;
     let hosts = TestHosts::start(1);
@@ -284,7 +373,7 @@ async fn a_client_stopped_mid_provisioning_leaks_no_instance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_of_other_owners_are_left_alone() {
-    let moto = Moto::start();
+    let moto = start_moto().await;
     let hosts = TestHosts::start(1);
     let home = tempfile::tempdir().unwrap();
     // Someone else's instance in the same account and region.
@@ -372,7 +461,7 @@ fn without_credentials_the_backend_is_skipped_with_a_reason_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn volumes_go_through_their_life_cycle() {
     use dstack_core::model::VolumeStatus;
-    let moto = Moto::start();
+    let moto = start_moto().await;
     let hosts = TestHosts::start(1);
     let home = tempfile::tempdir().unwrap();
     let config = aws_config(&moto.url, &["us-east-1"], &hosts);
@@ -492,7 +581,7 @@ async fn volumes_go_through_their_life_cycle() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleets_keep_their_minimum_when_idle() {
-    let moto = Moto::start();
+    let moto = start_moto().await;
     let hosts = TestHosts::start(1);
     let home = tempfile::tempdir().unwrap();
     let config = aws_config(&moto.url, &["us-east-1"], &hosts);
@@ -552,7 +641,7 @@ async fn plans_list_cloud_offers_cheapest_first() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_created_by_a_stopped_client_is_brought_up_by_the_next() {
-    let moto = Moto::start();
+    let moto = start_moto().await;
     // The instance is created and recorded, but checking on it never returns.
     let describe_by_id = vec!["Action=DescribeInstances", "InstanceId.1"];
     let proxy = FaultProxy::start(&moto.url, vec![(describe_by_id, Fault::Hang)]).await;
@@ -601,7 +690,7 @@ async fn an_instance_created_by_a_stopped_client_is_brought_up_by_the_next() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unused_volumes_are_deleted_after_their_auto_cleanup_duration() {
     use dstack_core::model::VolumeStatus;
-    let moto = Moto::start();
+    let moto = start_moto().await;
     let hosts = TestHosts::start(1);
     let home = tempfile::tempdir().unwrap();
     let config = aws_config(&moto.url, &["us-east-1"], &hosts);
@@ -627,4 +716,371 @@ async fn unused_volumes_are_deleted_after_their_auto_cleanup_duration() {
         VolumeStatus::Active,
         "no auto_cleanup_duration: kept"
     );
+}
+
+/// A VPC named `name` with one subnet in each of `zones` (`10.<net>.<i>.0/24`).
+async fn vpc_with_subnets(
+    ec2: &aws_sdk_ec2::Client,
+    name: &str,
+    net: u8,
+    zones: &[&str],
+) -> (String, Vec<String>) {
+    let vpc = ec2
+        .create_vpc()
+        .cidr_block(format!("10.{net}.0.0/16"))
+        .send()
+        .await
+        .unwrap();
+    let vpc = vpc.vpc().unwrap().vpc_id().unwrap().to_string();
+    ec2.create_tags()
+        .resources(&vpc)
+        .tags(
+            aws_sdk_ec2::types::Tag::builder()
+                .key("Name")
+                .value(name)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let mut subnets = Vec::new();
+    for (i, zone) in zones.iter().enumerate() {
+        let subnet = ec2
+            .create_subnet()
+            .vpc_id(&vpc)
+            .cidr_block(format!("10.{net}.{i}.0/24"))
+            .availability_zone(*zone)
+            .send()
+            .await
+            .unwrap();
+        subnets.push(subnet.subnet().unwrap().subnet_id().unwrap().to_string());
+    }
+    (vpc, subnets)
+}
+
+/// Whether `RunInstances` call `n` the proxy saw had parameter `Name=value`.
+fn asked_with(proxy: &FaultProxy, n: usize, param: &str) -> bool {
+    proxy.run_requests.lock().unwrap()[n]
+        .iter()
+        .any(|p| p == param)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_get_imdsv2_a_public_subnet_of_the_named_vpc_and_their_own_ssh_sources() {
+    let moto = start_moto().await;
+    let proxy = FaultProxy::start(&moto.url, vec![]).await;
+    let hosts = TestHosts::start(1);
+    let home = tempfile::tempdir().unwrap();
+    let ec2 = ec2(&moto, "us-east-1").await;
+    // us-east-1a's subnet has no way out; us-east-1b's is routed to an internet gateway.
+    let (vpc, subnets) =
+        vpc_with_subnets(&ec2, "dstack-net", 20, &["us-east-1a", "us-east-1b"]).await;
+    route_to_internet(&ec2, &vpc, Some(&subnets[1])).await;
+    let config = AwsConfig {
+        vpc_name: Some("dstack-net".into()),
+        ssh_ingress_cidrs: Some(vec!["192.168.0.0/16".into(), "10.0.0.0/8".into()]),
+        ..aws_config(&proxy.url, &["us-east-1"], &hosts)
+    };
+    let client = client(home.path(), config, &hosts, EngineOptions::default()).await;
+    hosts.track("netted");
+    let yaml = "type: fleet\nname: netted\nnodes: 1\nresources: {cpu: 2.., memory: 4GB..}\n";
+    let instances = harness::apply_fleet(&client, yaml).await.unwrap();
+    assert_eq!(
+        instances[0].status,
+        InstanceStatus::Idle,
+        "{:?}",
+        instances[0]
+    );
+
+    let cloud = cloud_instances(&moto, "us-east-1").await;
+    assert_eq!(cloud.len(), 1);
+    assert_eq!(cloud[0].vpc_id(), Some(vpc.as_str()));
+    assert_eq!(
+        cloud[0].subnet_id(),
+        Some(subnets[1].as_str()),
+        "the public subnet"
+    );
+    assert_eq!(instances[0].cloud_id.as_deref(), cloud[0].instance_id());
+    let metadata = cloud[0].metadata_options().unwrap();
+    assert_eq!(metadata.http_tokens().map(|t| t.as_str()), Some("required"));
+    assert_eq!(metadata.http_put_response_hop_limit(), Some(1));
+    for param in [
+        format!("NetworkInterface.1.SubnetId={}", subnets[1]),
+        "NetworkInterface.1.AssociatePublicIpAddress=true".to_string(),
+        "MetadataOptions.HttpTokens=required".to_string(),
+        "MetadataOptions.HttpPutResponseHopLimit=1".to_string(),
+    ] {
+        assert!(asked_with(&proxy, 0, &param), "{param}");
+    }
+
+    // SSH comes in from the configured sources only, through a group of their own.
+    let groups = ec2
+        .describe_security_groups()
+        .filters(Filter::builder().name("vpc-id").values(&vpc).build())
+        .send()
+        .await
+        .unwrap();
+    let ours: Vec<_> = groups
+        .security_groups()
+        .iter()
+        .filter(|g| g.group_name().unwrap_or_default().starts_with("dstack_"))
+        .collect();
+    assert_eq!(ours.len(), 1);
+    assert!(ours[0]
+        .group_name()
+        .unwrap()
+        .starts_with("dstack_security_group_main_ssh_"));
+    let ssh = ours[0]
+        .ip_permissions()
+        .iter()
+        .find(|p| p.from_port() == Some(22))
+        .unwrap();
+    let mut sources: Vec<&str> = ssh.ip_ranges().iter().filter_map(|r| r.cidr_ip()).collect();
+    sources.sort();
+    assert_eq!(sources, ["10.0.0.0/8", "192.168.0.0/16"]);
+    assert!(ours[0]
+        .ip_permissions()
+        .iter()
+        .flat_map(|p| p.ip_ranges())
+        .all(|r| r.cidr_ip() != Some("0.0.0.0/0")));
+    client.engine().delete_fleet("netted", false).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_public_ips_instances_go_in_private_subnets_and_are_reached_privately() {
+    use dstack_core::backend::{Compute, InstanceConfig, OfferRequest};
+    let moto = start_moto().await;
+    let proxy = FaultProxy::start(&moto.url, vec![]).await;
+    let home = tempfile::tempdir().unwrap();
+    let ec2 = ec2(&moto, "us-east-1").await;
+    // A public subnet with a NAT gateway, and a private one whose way out is that gateway.
+    let (vpc, subnets) =
+        vpc_with_subnets(&ec2, "private-net", 30, &["us-east-1a", "us-east-1b"]).await;
+    route_to_internet(&ec2, &vpc, Some(&subnets[0])).await;
+    let eip = ec2
+        .allocate_address()
+        .domain(aws_sdk_ec2::types::DomainType::Vpc)
+        .send()
+        .await
+        .unwrap();
+    let nat = ec2
+        .create_nat_gateway()
+        .subnet_id(&subnets[0])
+        .allocation_id(eip.allocation_id().unwrap())
+        .send()
+        .await
+        .unwrap();
+    let nat = nat
+        .nat_gateway()
+        .unwrap()
+        .nat_gateway_id()
+        .unwrap()
+        .to_string();
+    let table = route_table(&ec2, &vpc, Some(&subnets[1])).await;
+    ec2.create_route()
+        .route_table_id(&table)
+        .destination_cidr_block("0.0.0.0/0")
+        .nat_gateway_id(&nat)
+        .send()
+        .await
+        .unwrap();
+    let config = AwsConfig {
+        creds: Some(AwsCreds::AccessKey {
+            access_key: "testing".into(),
+            secret_key: "testing".into(),
+        }),
+        regions: Some(vec!["us-east-1".into(), "eu-west-1".into()]),
+        os_images: image(),
+        endpoint_url: Some(proxy.url.clone()),
+        vpc_ids: Some([("us-east-1".to_string(), vpc.clone())].into()),
+        default_vpcs: Some(false),
+        public_ips: Some(false),
+        ..AwsConfig::default()
+    };
+    let agent = find_agent_binary().expect("dstack-agent is built");
+    let aws = AwsCompute::new(config, home.path(), "main", agent)
+        .await
+        .unwrap();
+    let offers = aws.offers_for(&OfferRequest::default()).await.unwrap();
+    assert!(!offers.is_empty());
+    assert!(
+        offers.iter().all(|o| o.region == "us-east-1"),
+        "eu-west-1 has no VPC in vpc_ids and default VPCs are off"
+    );
+    let offer = offers
+        .iter()
+        .find(|o| o.instance_type == "t3.medium")
+        .unwrap();
+    let config = InstanceConfig {
+        instance_id: "record".into(),
+        attempt_id: "attempt".into(),
+        state_id: "state".into(),
+        name: "private-0".into(),
+        fleet: "private".into(),
+        tags: Default::default(),
+    };
+    let created = aws.create_instance(offer, &config).await.unwrap();
+    assert!(asked_with(
+        &proxy,
+        0,
+        "NetworkInterface.1.AssociatePublicIpAddress=false"
+    ));
+    assert!(asked_with(
+        &proxy,
+        0,
+        &format!("NetworkInterface.1.SubnetId={}", subnets[1])
+    ));
+    let cloud = cloud_instances(&moto, "us-east-1").await;
+    assert_eq!(
+        cloud[0].subnet_id(),
+        Some(subnets[1].as_str()),
+        "the private subnet"
+    );
+    assert_eq!(created.cloud_id.as_deref(), cloud[0].instance_id());
+    let instance: dstack_core::model::Instance = serde_json::from_value(serde_json::json!({
+        "id": "record", "name": "private-0", "fleet_id": "f", "backend": "aws",
+        "status": "provisioning", "host": dstack_core::agent::HostInfo::default(), "price": 0.0,
+        "backend_data": created.backend_data, "created_at_ms": 0,
+    }))
+    .unwrap();
+    let ready = aws.update_provisioning(&instance).await.unwrap().unwrap();
+    assert_eq!(
+        ready["hostname"].as_str(),
+        cloud[0].private_ip_address(),
+        "reached at its private address"
+    );
+    aws.terminate_instance(&instance).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_run_instances_answer_is_looked_for_before_another_offer_and_nothing_leaks() {
+    let moto = start_moto().await;
+    // RunInstances for t3.medium starts an instance each time, but its answer is lost.
+    let proxy =
+        FaultProxy::start(&moto.url, vec![(RUN_T3_MEDIUM.to_vec(), Fault::LoseAnswer)]).await;
+    let hosts = TestHosts::start(1);
+    let home = tempfile::tempdir().unwrap();
+    let config = aws_config(&proxy.url, &["us-east-1"], &hosts);
+    let client = client(home.path(), config, &hosts, EngineOptions::default()).await;
+    hosts.track("unanswered");
+    let yaml = "type: fleet\nname: unanswered\nnodes: 1\nresources: {cpu: 2.., memory: 4GB..}\n";
+    let instances = harness::apply_fleet(&client, yaml).await.unwrap();
+    assert_eq!(
+        instances[0].status,
+        InstanceStatus::Idle,
+        "{:?}",
+        instances[0]
+    );
+    let offer = instances[0].offer.clone().unwrap();
+    assert_eq!(
+        offer.instance_type, "t3.medium",
+        "the instance it made was found"
+    );
+    let asked = proxy.asked.lock().unwrap().clone();
+    assert!(
+        asked.iter().all(|t| t == "t3.medium"),
+        "no other offer was tried: {asked:?}"
+    );
+    // The SDK resent the request whose answer it lost: one instance is kept, the rest ended.
+    let cloud = cloud_instances(&moto, "us-east-1").await;
+    assert_eq!(cloud.len(), asked.len(), "one instance per request sent");
+    let running: Vec<_> = cloud
+        .iter()
+        .filter(|i| state(i) != InstanceStateName::Terminated)
+        .collect();
+    assert_eq!(running.len(), 1, "{cloud:?}");
+    assert_eq!(running[0].instance_id(), instances[0].cloud_id.as_deref());
+    let attempt = tag(running[0], "dstack_attempt").unwrap();
+    assert_eq!(instances[0].attempts, [attempt]);
+    client
+        .engine()
+        .delete_fleet("unanswered", false)
+        .await
+        .unwrap();
+}
+
+/// Copies a state directory (its SQLite shared-memory file aside: SQLite makes it anew).
+fn copy_state(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name();
+        let target = to.join(&name);
+        if entry.file_type().unwrap().is_dir() {
+            copy_state(&entry.path(), &target);
+        } else if !name.to_string_lossy().ends_with("-shm") {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copied_state_reaps_none_of_the_instances_of_the_other_copy() {
+    let moto = start_moto().await;
+    let hosts = TestHosts::start(2);
+    let original = tempfile::tempdir().unwrap();
+    let copy = tempfile::tempdir().unwrap();
+    let options = EngineOptions {
+        orphan_grace: Duration::ZERO,
+        ..EngineOptions::default()
+    };
+    let config = aws_config(&moto.url, &["us-east-1"], &hosts);
+    let yaml = |name: &str| {
+        hosts.track(name);
+        format!("type: fleet\nname: {name}\nnodes: 1\nresources: {{cpu: 2.., memory: 4GB..}}\n")
+    };
+    {
+        let client = client(original.path(), config.clone(), &hosts, options.clone()).await;
+        harness::apply_fleet(&client, &yaml("before"))
+            .await
+            .unwrap();
+    }
+    copy_state(original.path(), copy.path());
+    // The original goes on: an instance the copy has no record of.
+    let after = {
+        let client = client(original.path(), config.clone(), &hosts, options.clone()).await;
+        harness::apply_fleet(&client, &yaml("after")).await.unwrap()
+    };
+    let copied = client(copy.path(), config.clone(), &hosts, options.clone()).await;
+    let sweep = copied.engine().reap_orphans().await.unwrap();
+    assert!(sweep.terminated.is_empty(), "{sweep:?}");
+    let cloud = cloud_instances(&moto, "us-east-1").await;
+    assert_eq!(cloud.len(), 2);
+    assert!(cloud.iter().all(|i| state(i) == InstanceStateName::Running));
+    let mut left: Vec<&str> = sweep
+        .left_alone
+        .iter()
+        .map(|l| l.cloud_id.as_str())
+        .collect();
+    left.sort();
+    let mut all: Vec<&str> = cloud.iter().filter_map(|i| i.instance_id()).collect();
+    all.sort();
+    assert_eq!(left, all, "both reported: {sweep:?}");
+    drop(copied);
+    // The original still reaps its own: a record it ended, with the instance left running.
+    {
+        use dstack_core::store::Store;
+        let store = dstack_core::store::SqliteStore::open(&dstack_core::client::state_file(
+            original.path(),
+        ))
+        .unwrap();
+        let mut ended = store.instance(&after[0].id).unwrap().unwrap();
+        ended.status = InstanceStatus::Terminated;
+        store.put_instance(&ended).unwrap();
+    }
+    let original_client = client(original.path(), config, &hosts, options).await;
+    let ended = after[0].cloud_id.clone().unwrap();
+    eventually(20, "the original reaps the instance it ended", async || {
+        let cloud = cloud_instances(&moto, "us-east-1").await;
+        cloud.iter().all(|i| {
+            let terminated = state(i) == InstanceStateName::Terminated;
+            terminated == (i.instance_id() == Some(ended.as_str()))
+        })
+    })
+    .await;
+    original_client
+        .engine()
+        .delete_fleet("before", false)
+        .await
+        .unwrap();
 }

@@ -118,6 +118,58 @@ async fn a_fleet_provisions_through_the_compute_api_and_runs_a_task() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_ssh_sources_get_a_firewall_rule_of_their_own_in_the_named_network() {
+    let gcp = GcpStandIn::start().await;
+    let hosts = TestHosts::start(1);
+    let home = tempfile::tempdir().unwrap();
+    let config = GcpConfig {
+        vpc_name: Some("dstack-net".into()),
+        public_ips: Some(false),
+        ssh_ingress_cidrs: Some(vec!["10.0.0.0/8".into()]),
+        ..gcp_config(&gcp.url, &hosts)
+    };
+    let client = client(home.path(), config, &hosts, EngineOptions::default()).await;
+    hosts.track("private");
+    let instances = apply_fleet(&client, "type: fleet\nname: private\nnodes: 1\n").await;
+    assert_eq!(
+        instances[0].status,
+        InstanceStatus::Idle,
+        "{:?}",
+        instances[0]
+    );
+    assert!(gcp.violations().is_empty(), "{:?}", gcp.violations());
+    {
+        let state = gcp.state.lock().unwrap();
+        assert_eq!(state.firewalls.len(), 1, "not dstack's shared rule");
+        let (name, rule) = state.firewalls.iter().next().unwrap();
+        let hash = name.strip_prefix("dstack-ssh-in-dstack-net-").unwrap();
+        assert_eq!(rule["sourceRanges"], serde_json::json!(["10.0.0.0/8"]));
+        assert_eq!(rule["network"], "global/networks/dstack-net");
+        let target = format!("dstack-ssh-{hash}");
+        assert_eq!(rule["targetTags"], serde_json::json!([target]));
+        let (key, created) = state.instances.iter().next().unwrap();
+        assert!(
+            key.ends_with(&instances[0].cloud_id.clone().unwrap()),
+            "{key}"
+        );
+        assert_eq!(created["tags"]["items"], serde_json::json!([target]));
+        let nic = &created["networkInterfaces"][0];
+        assert_eq!(nic["network"], "global/networks/dstack-net");
+        assert!(nic["accessConfigs"].is_null(), "no external address: {nic}");
+        assert_eq!(
+            created["labels"]["dstack_attempt"],
+            instances[0].attempts[0].as_str()
+        );
+        assert!(created["labels"]["dstack_state"].is_string());
+    }
+    client
+        .engine()
+        .delete_fleet("private", false)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exhausted_zones_fall_through_and_spot_is_requested_as_spot() {
     let gcp = GcpStandIn::start().await;
     gcp.exhaust("us-central1-a", "e2-standard-2");
@@ -156,17 +208,36 @@ async fn strays_are_reaped_and_disks_go_through_their_life_cycle() {
     let hosts = TestHosts::start(1);
     let home = tempfile::tempdir().unwrap();
     let owner = Project::load_or_create(home.path()).unwrap().owner_id;
-    // An instance of this state that the store never recorded, and one of someone else.
+    // An instance whose record this state ended while it kept running, one whose record this
+    // state does not know (a copy of the state made it), and one of someone else.
+    let state_id = {
+        use dstack_core::store::Store;
+        let store =
+            dstack_core::store::SqliteStore::open(&dstack_core::client::state_file(home.path()))
+                .unwrap();
+        let ended: Instance = serde_json::from_value(serde_json::json!({
+            "id": "ended", "name": "stray-1", "fleet_id": "f", "backend": "gcp",
+            "status": "terminated", "host": dstack_core::agent::HostInfo::default(),
+            "price": 0.0, "backend_data": {}, "created_at_ms": 0, "attempts": ["a1"],
+        }))
+        .unwrap();
+        store.put_instance(&ended).unwrap();
+        store.state_id().to_string()
+    };
     {
         let mut state = gcp.state.lock().unwrap();
-        for (name, who) in [
-            ("dstack-main-stray-1", owner.as_str()),
-            ("theirs", "someone-else"),
+        for (name, who, record) in [
+            ("dstack-main-stray-1", owner.as_str(), "ended"),
+            ("dstack-main-copied-1", owner.as_str(), "unknown"),
+            ("theirs", "someone-else", "unknown"),
         ] {
             let instance = serde_json::json!({
                 "name": name, "status": "RUNNING",
                 "zone": "https://compute.googleapis.com/compute/v1/projects/p/zones/us-central1-a",
-                "labels": {"owner": "dstack", "dstack_owner": who, "dstack_instance_id": "unknown"},
+                "labels": {
+                    "owner": "dstack", "dstack_owner": who, "dstack_instance_id": record,
+                    "dstack_state": state_id, "dstack_attempt": "a1",
+                },
             });
             state
                 .instances
@@ -192,12 +263,15 @@ async fn strays_are_reaped_and_disks_go_through_their_life_cycle() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(gcp
-        .state
-        .lock()
-        .unwrap()
-        .instances
-        .contains_key("us-central1-a/theirs"));
+    for kept in ["us-central1-a/theirs", "us-central1-a/dstack-main-copied-1"] {
+        assert!(
+            gcp.state.lock().unwrap().instances.contains_key(kept),
+            "{kept}"
+        );
+    }
+    let sweep = client.engine().reap_orphans().await.unwrap();
+    assert_eq!(sweep.left_alone.len(), 1, "{sweep:?}");
+    assert_eq!(sweep.left_alone[0].cloud_id, "dstack-main-copied-1");
 
     let volume = parse(
         "type: volume\nname: cache\nbackend: gcp\nregion: us-central1\nsize: 50GB\n",

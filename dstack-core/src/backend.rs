@@ -6,7 +6,8 @@
 //!   engine does not know about (creation is recorded before it is attempted);
 //! - `terminate_instance` is idempotent: terminating a terminated or unknown instance is `Ok`;
 //! - errors say which kind they are ([`ComputeError`]), so the engine can move on to the next
-//!   offer on `NoCapacity` and give up on `Unauthenticated`.
+//!   offer on `NoCapacity`, give up on `Unauthenticated`, and look for what a creation whose
+//!   outcome is `Unknown` may have made ([`Compute::find_attempt`]) before trying another offer.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -26,9 +27,14 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// What went wrong in a backend.
 #[derive(Debug, thiserror::Error)]
 pub enum ComputeError {
-    /// The offer cannot be provisioned now (capacity, quota); try the next one.
+    /// The offer cannot be provisioned now (capacity, quota); try the next one. Nothing was
+    /// created.
     #[error("no capacity: {0}")]
     NoCapacity(String),
+    /// The request may or may not have taken effect (its answer was lost, the connection
+    /// broke, the service failed internally): what it may have created must be looked for.
+    #[error("outcome unknown: {0}")]
+    Unknown(String),
     /// The resource does not exist.
     #[error("not found: {0}")]
     NotFound(String),
@@ -58,6 +64,13 @@ pub struct InstanceConfig {
     /// The engine's id of the instance (tagged on the cloud resource, so that a resource
     /// whose creation was not recorded can be found again).
     pub instance_id: String,
+    /// This creation attempt's id, recorded in the store before the backend is asked
+    /// (tagged on the resource, and used as the request's idempotency token where the cloud
+    /// has one): what an attempt whose outcome is unknown made can be found again.
+    pub attempt_id: String,
+    /// The identity of the state that creates it (see `Store::state_id`; tagged on the
+    /// resource, so that only this state reaps it).
+    pub state_id: String,
     /// The instance's name (`<fleet>-<n>`).
     pub name: String,
     /// The fleet's name.
@@ -73,6 +86,10 @@ pub struct OwnedInstance {
     pub cloud_id: String,
     /// The engine's instance id it was tagged with, if any.
     pub instance_id: Option<String>,
+    /// The creation attempt it was tagged with, if any.
+    pub attempt_id: Option<String>,
+    /// The identity of the state that created it, if tagged.
+    pub state_id: Option<String>,
     /// Where it is.
     pub region: String,
 }
@@ -93,6 +110,8 @@ pub struct VolumeProvisioning {
 pub struct CreatedInstance {
     /// The offer it was created from (resources, price, region).
     pub offer: Offer,
+    /// The provider's id of the resource (`None`: nothing was created in a cloud).
+    pub cloud_id: Option<String>,
     /// Backend-specific data needed to reach or terminate it later.
     pub backend_data: serde_json::Value,
 }
@@ -143,6 +162,19 @@ pub trait Compute: Send + Sync {
         offer: &'a Offer,
         config: &'a InstanceConfig,
     ) -> BoxFuture<'a, Result<CreatedInstance, ComputeError>>;
+
+    /// What the creation attempt `config.attempt_id` made, if anything: asked after
+    /// [`Compute::create_instance`] failed with [`ComputeError::Unknown`]. Should the attempt
+    /// have made several resources (a request retried after its answer was lost), the
+    /// others are terminated. Backends that create nothing in a cloud find nothing.
+    fn find_attempt<'a>(
+        &'a self,
+        offer: &'a Offer,
+        config: &'a InstanceConfig,
+    ) -> BoxFuture<'a, Result<Option<CreatedInstance>, ComputeError>> {
+        let _ = (offer, config);
+        Box::pin(async { Ok(None) })
+    }
 
     /// Checks on an instance being provisioned: its backend data once it can be deployed
     /// (e.g. its address is known), `None` while it is still starting. An error means it

@@ -1,17 +1,25 @@
 //! AWS EC2 (`type: aws`), through aws-sdk-ec2.
 //!
-//! Offers come from the catalog's `aws` items in the configured regions, limited to the
-//! instance families dstack supports. `create_instance` finds the image (`os_images`, else
-//! Canonical's Ubuntu 22.04 for CPU and AWS's NVIDIA Deep Learning Base AMI for GPU
-//! instances), makes sure the project's security group exists (SSH in, and everything between
-//! its members), and runs the instance with cloud-init user data that authorizes the
-//! project's SSH key, tags (`owner=dstack`, `dstack_owner=<this state>`,
-//! `dstack_instance_id=<the engine's id>`, …), spot market options for spot offers and a root
-//! disk of the offer's size. Capacity, quota and other per-offer errors are
-//! [`ComputeError::NoCapacity`] (the engine moves on to the next offer);
-//! `InvalidParameterValue` and credential errors stop it. Once the instance runs, the engine
-//! reaches it over SSH as the image's user with the project key, installs the agent and
-//! talks to it through SSH channels, exactly as on an SSH fleet host.
+//! Offers come from the catalog's `aws` items in the configured regions (with `vpc_ids` and
+//! `default_vpcs: false`, only the regions `vpc_ids` lists), limited to the instance families
+//! dstack supports. `create_instance` finds the image (`os_images`, else Canonical's Ubuntu
+//! 22.04 for CPU and AWS's NVIDIA Deep Learning Base AMI for GPU instances), the VPC and
+//! subnets (see `network`), makes sure the project's security group exists there (SSH in from
+//! `ssh_ingress_cidrs`, and everything between its members), and runs the instance in the
+//! first subnet (one per availability zone) with capacity: a network interface with a public
+//! IP only if `public_ips`, instance metadata through IMDSv2 only (session tokens required,
+//! hop limit 1, so containers behind a bridge cannot reach it), cloud-init user data that
+//! authorizes the project's SSH key, tags (`owner=dstack`, `dstack_owner=<this home>`,
+//! `dstack_state=<this state>`, `dstack_instance_id=<the engine's id>`,
+//! `dstack_attempt=<this attempt>`, …), the attempt as its idempotency token, spot market
+//! options for spot offers and a root disk of the offer's size. Capacity, quota and other
+//! per-offer errors are [`ComputeError::NoCapacity`] (the engine moves on to the next offer);
+//! `InvalidParameterValue` and credential errors stop it; a `RunInstances` whose answer was
+//! lost (transport errors, timeouts, internal errors) is [`ComputeError::Unknown`], and the
+//! engine asks [`Provider::find_attempt`] what it made. Once the instance runs, the engine
+//! reaches it over SSH (at its public address, or its private one without `public_ips`) as
+//! the image's user with the project key, installs the agent and talks to it through SSH
+//! channels, exactly as on an SSH fleet host.
 //!
 //! Network volumes are EBS volumes (gp3, in the configured or first zone of the region, tagged
 //! like instances): created or registered by id, attached at the first free device name of
@@ -24,10 +32,11 @@ use std::time::Duration;
 use aws_config::BehaviorVersion;
 use aws_sdk_ec2::error::ProvideErrorMetadata;
 use aws_sdk_ec2::types::{
-    BlockDeviceMapping, EbsBlockDevice, Filter, InstanceAttributeName,
-    InstanceInterruptionBehavior, InstanceMarketOptionsRequest, InstanceStateName, InstanceType,
-    IpPermission, IpRange, MarketType, ResourceType, SpotInstanceType, SpotMarketOptions, Tag,
-    TagSpecification, UserIdGroupPair, VolumeAttachmentState, VolumeType,
+    BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState, InstanceAttributeName,
+    InstanceInterruptionBehavior, InstanceMarketOptionsRequest, InstanceMetadataEndpointState,
+    InstanceMetadataOptionsRequest, InstanceNetworkInterfaceSpecification, InstanceStateName,
+    InstanceType, MarketType, ResourceType, SpotInstanceType, SpotMarketOptions, Tag,
+    TagSpecification, VolumeAttachmentState, VolumeType,
 };
 use dstack_core::backend::{
     ComputeError, CreatedInstance, InstanceConfig, OwnedInstance, VolumeProvisioning,
@@ -42,6 +51,8 @@ use crate::cloud::{same_region, shared_catalog, CatalogOffers};
 use crate::config::{AwsConfig, AwsCreds, OsImage};
 use crate::project::Project;
 use crate::provider::{CloudCompute, Provider};
+
+mod network;
 
 /// Instance-type prefixes dstack provisions on AWS.
 const FAMILIES: &[&str] = &[
@@ -136,10 +147,23 @@ impl AwsCompute {
         check_credentials(&sdk).await?;
         let mut families: Vec<String> = FAMILIES.iter().map(|f| f.to_string()).collect();
         families.extend(config.experimental_instance_types.iter().flatten().cloned());
+        // Without default VPCs, only the regions with a configured VPC can be used.
+        let regions = match (&config.vpc_ids, config.default_vpcs) {
+            (Some(ids), Some(false)) => Some(
+                config
+                    .regions
+                    .clone()
+                    .unwrap_or_else(|| ids.keys().cloned().collect())
+                    .into_iter()
+                    .filter(|r| ids.contains_key(r))
+                    .collect(),
+            ),
+            _ => config.regions.clone(),
+        };
         let offers = CatalogOffers {
             backend: "aws",
             provider: "aws",
-            regions: config.regions.clone(),
+            regions,
             families: Some(families),
             disk_range: DISK_RANGE,
             region_of: same_region,
@@ -180,11 +204,7 @@ impl Aws {
         client: &aws_sdk_ec2::Client,
         offer: &Offer,
     ) -> Result<(String, String), ComputeError> {
-        let wanted = self.config.os_images.pick(
-            !offer.resources.gpus.is_empty(),
-            default_cpu_image,
-            default_nvidia_image,
-        );
+        let wanted = self.wanted_image(offer);
         let found = client
             .describe_images()
             .owners(&wanted.owner)
@@ -206,75 +226,6 @@ impl Aws {
                 ))
             })?;
         Ok((newest.to_string(), wanted.user))
-    }
-
-    /// The project's security group (created when missing): SSH from anywhere, everything
-    /// between its members, everything out.
-    async fn security_group(&self, client: &aws_sdk_ec2::Client) -> Result<String, ComputeError> {
-        let name = format!("dstack_security_group_{}", self.project_name);
-        let existing = client
-            .describe_security_groups()
-            .filters(Filter::builder().name("group-name").values(&name).build())
-            .send()
-            .await
-            .map_err(|e| classify(e, "DescribeSecurityGroups"))?;
-        if let Some(id) = existing
-            .security_groups()
-            .first()
-            .and_then(|g| g.group_id())
-        {
-            return Ok(id.to_string());
-        }
-        let created = match client
-            .create_security_group()
-            .group_name(&name)
-            .description("dstack-rs instances: SSH in, all traffic between members")
-            .tag_specifications(
-                TagSpecification::builder()
-                    .resource_type(ResourceType::SecurityGroup)
-                    .tags(tag("owner", "dstack"))
-                    .tags(tag("dstack_project", &self.project_name))
-                    .tags(tag("dstack_owner", &self.project.owner_id))
-                    .build(),
-            )
-            .send()
-            .await
-        {
-            Ok(created) => created,
-            // Another process created it meanwhile.
-            Err(e) if e.code() == Some("InvalidGroup.Duplicate") => {
-                return Box::pin(self.security_group(client)).await;
-            }
-            Err(e) => return Err(classify(e, "CreateSecurityGroup")),
-        };
-        let id = created
-            .group_id()
-            .ok_or_else(|| ComputeError::Other("CreateSecurityGroup returned no id".into()))?
-            .to_string();
-        let authorized = client
-            .authorize_security_group_ingress()
-            .group_id(&id)
-            .ip_permissions(
-                IpPermission::builder()
-                    .ip_protocol("tcp")
-                    .from_port(22)
-                    .to_port(22)
-                    .ip_ranges(IpRange::builder().cidr_ip("0.0.0.0/0").build())
-                    .build(),
-            )
-            .ip_permissions(
-                IpPermission::builder()
-                    .ip_protocol("-1")
-                    .user_id_group_pairs(UserIdGroupPair::builder().group_id(&id).build())
-                    .build(),
-            )
-            .send()
-            .await;
-        match authorized {
-            Ok(_) => Ok(id),
-            Err(e) if e.code() == Some("InvalidPermission.Duplicate") => Ok(id),
-            Err(e) => Err(classify(e, "AuthorizeSecurityGroupIngress")),
-        }
     }
 
     /// This state's instances in a region that are not terminated.
@@ -331,6 +282,42 @@ impl Aws {
             .ok_or_else(|| {
                 ComputeError::NoCapacity("every address in instance_addresses is in use".into())
             })
+    }
+
+    /// The configured (or default) image for the offer.
+    fn wanted_image(&self, offer: &Offer) -> OsImage {
+        self.config.os_images.pick(
+            !offer.resources.gpus.is_empty(),
+            default_cpu_image,
+            default_nvidia_image,
+        )
+    }
+
+    /// What the engine records about an instance made for `offer`.
+    fn created(
+        &self,
+        offer: &Offer,
+        instance: &aws_sdk_ec2::types::Instance,
+        user: String,
+        address: Option<String>,
+    ) -> CreatedInstance {
+        let instance_id = instance.instance_id().unwrap_or_default().to_string();
+        let data = AwsInstanceData {
+            instance_id: instance_id.clone(),
+            region: offer.region.clone(),
+            availability_zone: instance
+                .placement()
+                .and_then(|p| p.availability_zone())
+                .map(str::to_string),
+            spot: offer.spot,
+            user,
+            address,
+        };
+        CreatedInstance {
+            offer: offer.clone(),
+            cloud_id: Some(instance_id),
+            backend_data: serde_json::json!({ "aws": data }),
+        }
     }
 
     /// The tags of a new instance: the project's (see [`Project::instance_tags`]) and `Name`.
@@ -400,82 +387,147 @@ impl Provider for Aws {
         let _creating = self.creating.lock().await;
         let client = self.client(&offer.region).await;
         let (image, user) = self.image(&client, offer).await?;
-        let group = self.security_group(&client).await?;
+        let network = self
+            .network(&client, &offer.region, offer.availability_zones.as_deref())
+            .await?;
+        let group = self.security_group(&client, &network.vpc_id).await?;
         let address = self.free_address().await?;
         let user_data = format!(
             "#cloud-config\nssh_authorized_keys:\n  - {}\n",
             self.project.ssh_public_key
         );
         let disk_gb = (offer.resources.disk_bytes >> 30).max(1) as i32;
-        let mut request = client
-            .run_instances()
-            .image_id(image)
-            .instance_type(InstanceType::from(offer.instance_type.as_str()))
-            .min_count(1)
-            .max_count(1)
-            .user_data(aws_smithy_types::base64::encode(user_data.as_bytes()))
-            .security_group_ids(group)
-            .block_device_mappings(
-                BlockDeviceMapping::builder()
-                    .device_name("/dev/sda1")
-                    .ebs(
-                        EbsBlockDevice::builder()
-                            .volume_size(disk_gb)
-                            .volume_type(VolumeType::Gp2)
-                            .delete_on_termination(true)
-                            .build(),
-                    )
+        let mut failures = Vec::new();
+        for (n, subnet) in network.subnets.iter().enumerate() {
+            let mut request = client
+                .run_instances()
+                .image_id(&image)
+                .instance_type(InstanceType::from(offer.instance_type.as_str()))
+                .min_count(1)
+                .max_count(1)
+                // The same request sent again (the SDK retries lost answers) makes no second
+                // instance; each subnet's request is another.
+                .client_token(format!("{}-{n}", config.attempt_id))
+                .user_data(aws_smithy_types::base64::encode(user_data.as_bytes()))
+                .network_interfaces(
+                    InstanceNetworkInterfaceSpecification::builder()
+                        .device_index(0)
+                        .subnet_id(subnet)
+                        .groups(&group)
+                        .associate_public_ip_address(self.public_ips())
+                        .delete_on_termination(true)
+                        .build(),
+                )
+                .metadata_options(
+                    InstanceMetadataOptionsRequest::builder()
+                        .http_endpoint(InstanceMetadataEndpointState::Enabled)
+                        .http_tokens(HttpTokensState::Required)
+                        .http_put_response_hop_limit(1)
+                        .build(),
+                )
+                .block_device_mappings(
+                    BlockDeviceMapping::builder()
+                        .device_name("/dev/sda1")
+                        .ebs(
+                            EbsBlockDevice::builder()
+                                .volume_size(disk_gb)
+                                .volume_type(VolumeType::Gp2)
+                                .delete_on_termination(true)
+                                .build(),
+                        )
+                        .build(),
+                )
+                .tag_specifications(
+                    TagSpecification::builder()
+                        .resource_type(ResourceType::Instance)
+                        .set_tags(Some(self.tags(config, address.as_deref())))
+                        .build(),
+                );
+            if let Some(profile) = &self.config.iam_instance_profile {
+                request = request.iam_instance_profile(
+                    aws_sdk_ec2::types::IamInstanceProfileSpecification::builder()
+                        .name(profile)
+                        .build(),
+                );
+            }
+            if offer.spot {
+                request = request.instance_market_options(
+                    InstanceMarketOptionsRequest::builder()
+                        .market_type(MarketType::Spot)
+                        .spot_options(
+                            SpotMarketOptions::builder()
+                                .spot_instance_type(SpotInstanceType::OneTime)
+                                .instance_interruption_behavior(
+                                    InstanceInterruptionBehavior::Terminate,
+                                )
+                                .build(),
+                        )
+                        .build(),
+                );
+            }
+            match request.send().await {
+                Ok(response) => {
+                    let instance = response.instances().first().ok_or_else(|| {
+                        ComputeError::Unknown("RunInstances returned no instance".into())
+                    })?;
+                    return Ok(self.created(offer, instance, user, address));
+                }
+                Err(e) => match classify_run(e) {
+                    ComputeError::NoCapacity(why) => failures.push(format!("{subnet}: {why}")),
+                    other => return Err(other),
+                },
+            }
+        }
+        Err(ComputeError::NoCapacity(failures.join("; ")))
+    }
+
+    async fn find_attempt(
+        &self,
+        offer: &Offer,
+        config: &InstanceConfig,
+    ) -> Result<Option<CreatedInstance>, ComputeError> {
+        let client = self.client(&offer.region).await;
+        let found = client
+            .describe_instances()
+            .filters(
+                Filter::builder()
+                    .name("tag:dstack_attempt")
+                    .values(&config.attempt_id)
                     .build(),
             )
-            .tag_specifications(
-                TagSpecification::builder()
-                    .resource_type(ResourceType::Instance)
-                    .set_tags(Some(self.tags(config, address.as_deref())))
+            .filters(
+                Filter::builder()
+                    .name("tag:dstack_owner")
+                    .values(&self.project.owner_id)
                     .build(),
-            );
-        if let Some(profile) = &self.config.iam_instance_profile {
-            request = request.iam_instance_profile(
-                aws_sdk_ec2::types::IamInstanceProfileSpecification::builder()
-                    .name(profile)
+            )
+            .filters(
+                Filter::builder()
+                    .name("instance-state-name")
+                    .values("pending")
+                    .values("running")
                     .build(),
-            );
-        }
-        if offer.spot {
-            request = request.instance_market_options(
-                InstanceMarketOptionsRequest::builder()
-                    .market_type(MarketType::Spot)
-                    .spot_options(
-                        SpotMarketOptions::builder()
-                            .spot_instance_type(SpotInstanceType::OneTime)
-                            .instance_interruption_behavior(InstanceInterruptionBehavior::Terminate)
-                            .build(),
-                    )
-                    .build(),
-            );
-        }
-        let response = request
+            )
             .send()
             .await
-            .map_err(|e| classify(e, "RunInstances"))?;
-        let instance = response
-            .instances()
-            .first()
-            .ok_or_else(|| ComputeError::Other("RunInstances returned no instance".into()))?;
-        let data = AwsInstanceData {
-            instance_id: instance.instance_id().unwrap_or_default().to_string(),
-            region: offer.region.clone(),
-            availability_zone: instance
-                .placement()
-                .and_then(|p| p.availability_zone())
-                .map(str::to_string),
-            spot: offer.spot,
-            user,
-            address,
+            .map_err(|e| classify(e, "DescribeInstances"))?;
+        let mut made: Vec<&aws_sdk_ec2::types::Instance> = found
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .filter(|i| i.instance_id().is_some())
+            .collect();
+        made.sort_by_key(|i| (i.launch_time().map(|t| t.as_nanos()), i.instance_id()));
+        let Some((first, duplicates)) = made.split_first() else {
+            return Ok(None);
         };
-        Ok(CreatedInstance {
-            offer: offer.clone(),
-            backend_data: serde_json::json!({ "aws": data }),
-        })
+        for duplicate in duplicates {
+            let id = duplicate.instance_id().unwrap_or_default();
+            self.terminate_by_id(&offer.region, id).await?;
+        }
+        let user = self.wanted_image(offer).user;
+        let address = tag_value(first.tags(), "dstack_address");
+        Ok(Some(self.created(offer, first, user, address)))
     }
 
     async fn check(&self, instance: &Instance) -> Result<Option<serde_json::Value>, ComputeError> {
@@ -501,10 +553,14 @@ impl Provider for Aws {
         match state {
             InstanceStateName::Pending => Ok(None),
             InstanceStateName::Running => {
+                let public = described
+                    .public_ip_address()
+                    .filter(|_| self.public_ips())
+                    .map(str::to_string);
                 let address = data
                     .address
                     .clone()
-                    .or_else(|| described.public_ip_address().map(str::to_string))
+                    .or(public)
                     .or_else(|| described.private_ip_address().map(str::to_string))
                     .ok_or_else(|| {
                         ComputeError::Other(format!("{} has no address", data.instance_id))
@@ -537,6 +593,8 @@ impl Provider for Aws {
                 owned.push(OwnedInstance {
                     cloud_id: instance.instance_id().unwrap_or_default().to_string(),
                     instance_id: tag_value(instance.tags(), "dstack_instance_id"),
+                    attempt_id: tag_value(instance.tags(), "dstack_attempt"),
+                    state_id: tag_value(instance.tags(), "dstack_state"),
                     region: region.clone(),
                 });
             }
@@ -750,16 +808,7 @@ where
     E: ProvideErrorMetadata + std::error::Error + 'static,
     R: std::fmt::Debug,
 {
-    let code = e.code().unwrap_or_default().to_string();
-    let message = e.message().map_or_else(
-        || aws_sdk_ec2::error::DisplayErrorContext(&e).to_string(),
-        str::to_string,
-    );
-    let text = if code.is_empty() {
-        format!("{call}: {message}")
-    } else {
-        format!("{call}: {code}: {message}")
-    };
+    let (code, text) = described(&e, call);
     match code.as_str() {
         "AuthFailure"
         | "UnauthorizedOperation"
@@ -767,6 +816,50 @@ where
         | "SignatureDoesNotMatch" => ComputeError::Unauthenticated(text),
         "InvalidParameterValue" => ComputeError::Other(text),
         _ => ComputeError::NoCapacity(text),
+    }
+}
+
+/// An SDK error's code (empty when it has none) and `call: code: message`.
+fn described<E, R>(e: &aws_sdk_ec2::error::SdkError<E, R>, call: &str) -> (String, String)
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    let code = e.code().unwrap_or_default().to_string();
+    let message = e.message().map_or_else(
+        || aws_sdk_ec2::error::DisplayErrorContext(e).to_string(),
+        str::to_string,
+    );
+    let text = if code.is_empty() {
+        format!("{call}: {message}")
+    } else {
+        format!("{call}: {code}: {message}")
+    };
+    (code, text)
+}
+
+/// A `RunInstances` error: as [`classify`], except that a call whose answer never came or
+/// could not be read, or that failed inside AWS, is [`ComputeError::Unknown`] (it may have
+/// started an instance).
+fn classify_run<R>(
+    e: aws_sdk_ec2::error::SdkError<aws_sdk_ec2::operation::run_instances::RunInstancesError, R>,
+) -> ComputeError
+where
+    R: std::fmt::Debug,
+{
+    use aws_sdk_ec2::error::SdkError;
+    let uncertain = match &e {
+        SdkError::ConstructionFailure(_) => false,
+        SdkError::ServiceError(_) => matches!(
+            e.code(),
+            None | Some("InternalError" | "InternalFailure" | "ServiceUnavailable" | "Unavailable")
+        ),
+        _ => true,
+    };
+    if uncertain {
+        ComputeError::Unknown(described(&e, "RunInstances").1)
+    } else {
+        classify(e, "RunInstances")
     }
 }
 

@@ -2,12 +2,18 @@
 //!
 //! Offers come from the catalog's `gcp` items (zones grouped by region). `create_instance`
 //! makes sure the firewall rule `dstack-ssh-in-<network>` lets SSH in to instances tagged
-//! `dstack-runner-instance`, then inserts the instance in the first of the offer's zones that
-//! has capacity: boot disk of the offer's size from the image (`os_images`, else Ubuntu 22.04 for
+//! `dstack-runner-instance` (as dstack; with `ssh_ingress_cidrs`, a rule of the list's own,
+//! `dstack-ssh-in-<network>-<hash>`, for instances tagged `dstack-ssh-<hash>` instead: see
+//! [`crate::config::SshIngress`]), then inserts the instance, named after the creation
+//! attempt, in the first of the offer's zones that has capacity: boot disk of the offer's size from the image (`os_images`, else Ubuntu 22.04 for
 //! CPU and Google's Deep Learning VM for NVIDIA instances), guest accelerators for N1 GPU
 //! types, `SPOT` provisioning for spot offers, `TERMINATE` on host maintenance for GPUs,
-//! cloud-init user data and `ssh-keys` metadata with the project key, and labels
-//! (`owner=dstack`, `dstack_owner=<this state>`, `dstack_instance_id=<the engine's id>`, …).
+//! cloud-init user data and `ssh-keys` metadata with the project key, an external address only
+//! with `public_ips`, and labels (`owner=dstack`, `dstack_owner=<this home>`,
+//! `dstack_state=<this state>`, `dstack_instance_id=<the engine's id>`,
+//! `dstack_attempt=<this attempt>`, …). An insert whose answer was lost, or whose operation
+//! could not be followed, is [`ComputeError::Unknown`]; the instance the attempt made is then
+//! found by its name.
 //! Once the instance runs, the engine reaches it over SSH exactly as on an SSH fleet host.
 //! Network volumes are persistent disks (`pd-balanced`).
 //!
@@ -29,7 +35,7 @@ use google_cloud_compute_v1::model;
 use serde::{Deserialize, Serialize};
 
 use crate::cloud::{shared_catalog, zone_region, CatalogOffers};
-use crate::config::{GcpConfig, GcpCreds, OsImage};
+use crate::config::{GcpConfig, GcpCreds, OsImage, SshIngress};
 use crate::project::Project;
 use crate::provider::{CloudCompute, Provider};
 
@@ -109,6 +115,15 @@ fn other(call: &str, e: Error) -> ComputeError {
     }
 }
 
+/// An error of a call that may have taken effect: unknown when no answer came or Google
+/// failed internally.
+fn uncertain(call: &str, e: Error) -> ComputeError {
+    match e.http_status_code() {
+        None | Some(500..) => ComputeError::Unknown(format!("{call}: {e}")),
+        _ => other(call, e),
+    }
+}
+
 fn not_found(e: &Error) -> bool {
     e.http_status_code() == Some(404)
 }
@@ -176,10 +191,24 @@ impl Gcp {
             .unwrap_or_else(|| "default".to_string())
     }
 
-    /// Makes sure SSH may reach the project's instances.
+    /// The firewall rule letting SSH in, and the network tag it targets.
+    fn ssh_rule(&self) -> (SshIngress, String, String) {
+        let ingress = SshIngress::of(self.config.ssh_ingress_cidrs.as_deref());
+        let network = self.network();
+        let (name, target) = match &ingress.suffix {
+            None => (format!("dstack-ssh-in-{network}"), INSTANCE_TAG.to_string()),
+            Some(suffix) => (
+                format!("dstack-ssh-in-{network}-{suffix}"),
+                format!("dstack-ssh-{suffix}"),
+            ),
+        };
+        (ingress, name, target)
+    }
+
+    /// Makes sure SSH may reach the project's instances from `ssh_ingress_cidrs`.
     async fn ensure_firewall(&self) -> Result<(), ComputeError> {
         let network = self.network();
-        let name = format!("dstack-ssh-in-{network}");
+        let (ingress, name, target) = self.ssh_rule();
         match self
             .firewalls
             .get()
@@ -199,9 +228,9 @@ impl Gcp {
         rule.name = Some(name);
         rule.network = Some(format!("global/networks/{network}"));
         rule.direction = Some(model::firewall::Direction::Ingress);
-        rule.source_ranges = vec!["0.0.0.0/0".to_string()];
+        rule.source_ranges = ingress.cidrs;
         rule.allowed = vec![allowed];
-        rule.target_tags = vec![INSTANCE_TAG.to_string()];
+        rule.target_tags = vec![target];
         match self
             .firewalls
             .insert()
@@ -300,8 +329,20 @@ impl Gcp {
                 .set_operation(name)
                 .send()
                 .await
-                .map_err(|e| other("zoneOperations.get", e))?;
+                .map_err(|e| uncertain("zoneOperations.get", e))?;
         }
+    }
+
+    /// The name of the instance a creation attempt makes: each attempt its own, so that the
+    /// one whose outcome is unknown is found by its name.
+    fn attempt_name(&self, config: &InstanceConfig) -> String {
+        let suffix: String = config
+            .attempt_id
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(8)
+            .collect();
+        instance_name(&self.project_name, &config.name, &suffix)
     }
 
     fn body(
@@ -350,7 +391,7 @@ impl Gcp {
             ),
         ];
         let mut tags = model::Tags::default();
-        tags.items = vec![INSTANCE_TAG.to_string()];
+        tags.items = vec![self.ssh_rule().2];
         let gpus = offer.resources.gpus.len();
         let mut scheduling = model::Scheduling::default();
         if gpus > 0 {
@@ -515,6 +556,28 @@ fn credentials(
     }
 }
 
+/// What the engine records about instance `name` made in `zone` for `offer`.
+fn created(
+    offer: &Offer,
+    name: String,
+    zone: String,
+    user: String,
+    address: Option<String>,
+) -> CreatedInstance {
+    let data = GcpInstanceData {
+        name: name.clone(),
+        zone,
+        spot: offer.spot,
+        user,
+        address,
+    };
+    CreatedInstance {
+        offer: offer.clone(),
+        cloud_id: Some(name),
+        backend_data: serde_json::json!({ "gcp": data }),
+    }
+}
+
 /// `dstack-<project>-<name>-<suffix>`, lower case, at most 63 characters (the suffix kept).
 fn instance_name(project: &str, name: &str, suffix: &str) -> String {
     let clean = |s: &str| -> String {
@@ -571,13 +634,7 @@ impl Provider for Gcp {
             default_nvidia_image,
         );
         let address = self.free_address().await?;
-        let suffix: String = config
-            .instance_id
-            .chars()
-            .filter(char::is_ascii_alphanumeric)
-            .take(8)
-            .collect();
-        let name = instance_name(&self.project_name, &config.name, &suffix);
+        let name = self.attempt_name(config);
         let mut failures = Vec::new();
         for zone in zones {
             let body = self.body(offer, config, &zone, &name, &image, address.as_deref());
@@ -594,27 +651,57 @@ impl Provider for Gcp {
                 Err(e) if matches!(e.http_status_code(), Some(429 | 503)) => {
                     Err(ComputeError::NoCapacity(format!("instances.insert: {e}")))
                 }
-                Err(e) => Err(other("instances.insert", e)),
+                Err(e) => Err(uncertain("instances.insert", e)),
             };
             match result {
-                Ok(()) => {
-                    let data = GcpInstanceData {
-                        name,
-                        zone,
-                        spot: offer.spot,
-                        user: image.user.clone(),
-                        address,
-                    };
-                    return Ok(CreatedInstance {
-                        offer: offer.clone(),
-                        backend_data: serde_json::json!({ "gcp": data }),
-                    });
-                }
+                Ok(()) => return Ok(created(offer, name, zone, image.user.clone(), address)),
                 Err(ComputeError::NoCapacity(why)) => failures.push(format!("{zone}: {why}")),
                 Err(e) => return Err(e),
             }
         }
         Err(ComputeError::NoCapacity(failures.join("; ")))
+    }
+
+    async fn find_attempt(
+        &self,
+        offer: &Offer,
+        config: &InstanceConfig,
+    ) -> Result<Option<CreatedInstance>, ComputeError> {
+        let name = self.attempt_name(config);
+        let image = self.config.os_images.pick(
+            !offer.resources.gpus.is_empty(),
+            default_cpu_image,
+            default_nvidia_image,
+        );
+        let mut zones = offer.availability_zones.clone().unwrap_or_default();
+        zones.sort();
+        for zone in zones {
+            let got = self
+                .instances
+                .get()
+                .set_project(&self.config.project_id)
+                .set_zone(&zone)
+                .set_instance(&name)
+                .send()
+                .await;
+            let found = match got {
+                Ok(found) => found,
+                Err(e) if not_found(&e) => continue,
+                Err(e) => return Err(other("instances.get", e)),
+            };
+            if found.labels.get("dstack_attempt") != Some(&label_value(&config.attempt_id)) {
+                continue;
+            }
+            let address = found.labels.get("dstack_address").and_then(|a| {
+                self.config
+                    .instance_addresses
+                    .iter()
+                    .find(|x| label_value(x) == *a)
+                    .cloned()
+            });
+            return Ok(Some(created(offer, name, zone, image.user, address)));
+        }
+        Ok(None)
     }
 
     async fn check(&self, instance: &Instance) -> Result<Option<serde_json::Value>, ComputeError> {
@@ -670,6 +757,8 @@ impl Provider for Gcp {
             .map(|i| OwnedInstance {
                 cloud_id: i.name.clone().unwrap_or_default(),
                 instance_id: i.labels.get("dstack_instance_id").cloned(),
+                attempt_id: i.labels.get("dstack_attempt").cloned(),
+                state_id: i.labels.get("dstack_state").cloned(),
                 region: i
                     .zone
                     .as_deref()

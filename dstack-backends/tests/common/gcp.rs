@@ -298,14 +298,25 @@ fn check_firewall(state: &mut State, body: &Value) {
     if body["direction"] != json!("INGRESS") {
         bad.push("direction");
     }
-    if body["sourceRanges"] != json!(["0.0.0.0/0"]) {
+    let cidrs = body["sourceRanges"].as_array().cloned().unwrap_or_default();
+    if cidrs.is_empty()
+        || !cidrs
+            .iter()
+            .all(|c| c.as_str().is_some_and(|c| c.contains('/')))
+    {
         bad.push("sourceRanges");
     }
     if body["allowed"] != json!([{"IPProtocol": "tcp", "ports": ["22"]}]) {
         bad.push("allowed");
     }
-    if body["targetTags"] != json!(["dstack-runner-instance"]) {
+    if !body["targetTags"]
+        .as_array()
+        .is_some_and(|t| t.len() == 1 && t[0].is_string())
+    {
         bad.push("targetTags");
+    }
+    if !body["network"].is_string() {
+        bad.push("network");
     }
     if !bad.is_empty() {
         state
@@ -372,11 +383,18 @@ fn insert_instance(state: &mut State, zone: &str, body: &Value) -> (u16, Value) 
             bad.push(format!("label {k}={v}"));
         }
     }
-    if !body["tags"]["items"]
+    // SSH must reach it: a rule of its network lets SSH in to one of its tags.
+    let network = &body["networkInterfaces"][0]["network"];
+    let tags = body["tags"]["items"]
         .as_array()
-        .is_some_and(|t| t.contains(&json!("dstack-runner-instance")))
-    {
-        bad.push("tags".to_string());
+        .cloned()
+        .unwrap_or_default();
+    let reachable = state
+        .firewalls
+        .values()
+        .any(|rule| rule["network"] == *network && tags.contains(&rule["targetTags"][0]));
+    if !reachable {
+        bad.push(format!("tags {tags:?}: no SSH firewall rule targets them"));
     }
     let scheduling = &body["scheduling"];
     if scheduling["provisioningModel"] == json!("SPOT")

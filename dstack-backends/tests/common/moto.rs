@@ -1,6 +1,7 @@
 //! AWS for tests: a moto server (EC2 through the real SDK) on a free loopback port, and a
-//! fault proxy in front of it that answers chosen `RunInstances` calls with a capacity error or
-//! holds their answer back (as a client killed mid-call would never see it). moto comes from
+//! fault proxy in front of it that answers chosen `RunInstances` calls with a capacity error,
+//! holds their answer back (as a client killed mid-call would never see it) or loses it (the
+//! connection closes once moto has acted), and records what each `RunInstances` asked. moto comes from
 //! `pip install "moto[server]"` (`.ci/run` installs it in `~/.cache/dstack-rs/venv`).
 
 use std::path::PathBuf;
@@ -80,6 +81,8 @@ pub enum Fault {
     NoCapacity,
     /// Do it, then never answer.
     Hang,
+    /// Do it, then close the connection without answering.
+    LoseAnswer,
 }
 
 /// The calls a fault applies to: those whose form body holds every one of these parameters
@@ -87,12 +90,14 @@ pub enum Fault {
 pub type Matcher = Vec<&'static str>;
 
 /// A proxy in front of moto injecting [`Fault`]s; it records the instance types
-/// `RunInstances` asked for.
+/// `RunInstances` asked for, and the parameters of each call.
 pub struct FaultProxy {
     /// `http://127.0.0.1:PORT`.
     pub url: String,
     /// `RunInstances` instance types, in call order.
     pub asked: Arc<Mutex<Vec<String>>>,
+    /// The `Name=value` parameters of each `RunInstances` call, in call order.
+    pub run_requests: Arc<Mutex<Vec<Vec<String>>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -103,7 +108,11 @@ impl FaultProxy {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let upstream = upstream.trim_start_matches("http://").to_string();
         let asked = Arc::new(Mutex::new(Vec::new()));
-        let seen = asked.clone();
+        let run_requests = Arc::new(Mutex::new(Vec::new()));
+        let seen = Seen {
+            types: asked.clone(),
+            requests: run_requests.clone(),
+        };
         let faults = Arc::new(faults);
         let task = tokio::spawn(async move {
             loop {
@@ -116,7 +125,12 @@ impl FaultProxy {
                 });
             }
         });
-        FaultProxy { url, asked, task }
+        FaultProxy {
+            url,
+            asked,
+            run_requests,
+            task,
+        }
     }
 }
 
@@ -126,11 +140,18 @@ impl Drop for FaultProxy {
     }
 }
 
+/// What the proxy records of `RunInstances` calls.
+#[derive(Clone)]
+struct Seen {
+    types: Arc<Mutex<Vec<String>>>,
+    requests: Arc<Mutex<Vec<Vec<String>>>>,
+}
+
 /// One connection: requests in turn, each forwarded on a fresh upstream connection.
 async fn serve(
     mut client: TcpStream,
     upstream: &str,
-    seen: &Mutex<Vec<String>>,
+    seen: &Seen,
     faults: &[(Matcher, Fault)],
 ) -> std::io::Result<()> {
     loop {
@@ -138,14 +159,15 @@ async fn serve(
             return Ok(());
         };
         let text = String::from_utf8_lossy(&body).into_owned();
-        if text.contains("Action=RunInstances") {
-            let kind = param(&text, "InstanceType").unwrap_or_default();
-            seen.lock().unwrap().push(kind);
-        }
         let params: Vec<String> = text
             .split('&')
             .map(|p| p.replace("%2E", ".").replace("%2e", "."))
             .collect();
+        if text.contains("Action=RunInstances") {
+            let kind = param(&text, "InstanceType").unwrap_or_default();
+            seen.types.lock().unwrap().push(kind);
+            seen.requests.lock().unwrap().push(params.clone());
+        }
         let fault = faults
             .iter()
             .find(|(all, _)| {
@@ -180,9 +202,11 @@ async fn serve(
         up.write_all(&body).await?;
         let mut answer = Vec::new();
         up.read_to_end(&mut answer).await?;
-        if fault == Some(Fault::Hang) {
+        match fault {
             // Done upstream; the caller never hears of it.
-            std::future::pending::<()>().await;
+            Some(Fault::Hang) => std::future::pending::<()>().await,
+            Some(Fault::LoseAnswer) => return Ok(()),
+            _ => {}
         }
         client.write_all(&answer).await?;
     }

@@ -295,6 +295,8 @@ impl Inner {
                 offer: None,
                 idle_timeout_secs: None,
                 last_job_at_ms: None,
+                cloud_id: None,
+                attempts: Vec::new(),
                 blocks: None,
                 containers: false,
             };

@@ -29,6 +29,7 @@ use tokio::sync::{broadcast, watch, Notify};
 use tokio::task::AbortHandle;
 
 pub use command::{join_commands, ports, shell_split};
+pub use provision::{LeftAlone, OrphanSweep};
 
 use crate::agent::{AgentClient, AgentError};
 use crate::backend::{Compute, ComputeError};
@@ -511,6 +512,13 @@ impl Engine {
         self.inner().delete_fleet(name, force).await
     }
 
+    /// Runs one pass of the orphan sweep now (it also runs as the engine starts and every
+    /// minute): terminates the cloud resources this state's creation attempts made that it no
+    /// longer holds as live, and reports those carrying its owner tag that it leaves alone.
+    pub async fn reap_orphans(&self) -> Result<OrphanSweep, EngineError> {
+        self.inner().reap_orphans().await
+    }
+
     /// Applies a volume configuration: creates the disk (or registers `volume_id`) and returns
     /// the volume, `active` or `failed` with the reason.
     pub async fn apply_volume(&self, configuration: &Configuration) -> Result<Volume, EngineError> {
@@ -965,6 +973,8 @@ impl Inner {
             self.store.put_fleet(&fleet)?;
             let config = crate::backend::InstanceConfig {
                 instance_id: "instance-local-0".to_string(),
+                attempt_id: "instance-local-0".to_string(),
+                state_id: self.store.state_id().to_string(),
                 name: "local-0".to_string(),
                 fleet: fleet.name.clone(),
                 tags: Default::default(),
@@ -987,6 +997,8 @@ impl Inner {
                 offer: None,
                 idle_timeout_secs: None,
                 last_job_at_ms: None,
+                cloud_id: None,
+                attempts: Vec::new(),
                 blocks: None,
                 containers: backend.supports_containers(),
             };

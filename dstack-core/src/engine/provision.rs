@@ -3,11 +3,16 @@
 //! room below `nodes.max` (runs never create fleets). Offers come from every allowed backend,
 //! cheapest first; capacity errors move on to the next offer (at most
 //! [`MAX_OFFERS_TRIED`]). An instance is recorded `pending` with its offer *before* the backend
-//! is asked (write before act); the backend tags the resource with the instance's id, so a
-//! resource whose creation was never recorded is found and terminated by the orphan sweep
-//! ([`Inner::reap_orphans`]), which also brings up instances a stopped process had created
-//! but not yet deployed. Idle instances are terminated after their `idle_duration` unless
-//! their fleet would drop below `nodes.min`.
+//! is asked (write before act), and so is each creation attempt's id; the backend tags the
+//! resource with the instance's id, the attempt's and this state's identity
+//! ([`crate::store::Store::state_id`]). When a creation's outcome is unknown (its answer was
+//! lost), what the attempt made is looked for before another offer is tried; the cloud's id of
+//! the instance is recorded as soon as it is known. The orphan sweep
+//! ([`Inner::reap_orphans`]) terminates what this state's attempts made and the store does not
+//! hold as live (created but never recorded, recorded as terminated, or a duplicate of the
+//! recorded one), never what another state (a copy of this one) made, and brings up
+//! instances a stopped process had created but not yet deployed. Idle instances are
+//! terminated after their `idle_duration` unless their fleet would drop below `nodes.min`.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -15,7 +20,9 @@ use std::time::Duration;
 
 use super::fleets::Progress;
 use super::{jobs, EngineError, Inner};
-use crate::backend::{ComputeError, InstanceConfig, OfferRequest};
+use crate::backend::{
+    Compute, ComputeError, CreatedInstance, InstanceConfig, OfferRequest, OwnedInstance,
+};
 use crate::config::fleet::FleetConfiguration;
 use crate::config::profile::{CreationPolicy, ProfileParams, SpotPolicy};
 use crate::config::range::{Memory, Range};
@@ -288,6 +295,8 @@ impl Inner {
             offer: None,
             idle_timeout_secs,
             last_job_at_ms: None,
+            cloud_id: None,
+            attempts: Vec::new(),
         };
         self.store.put_instance(&instance)?;
         Ok(instance)
@@ -304,8 +313,10 @@ impl Inner {
         progress: Progress<'_>,
     ) -> Instance {
         self.in_flight(&instance.id, true);
-        let config = InstanceConfig {
+        let mut config = InstanceConfig {
             instance_id: instance.id.clone(),
+            attempt_id: String::new(),
+            state_id: self.store.state_id().to_string(),
             name: instance.name.clone(),
             fleet: fleet.name.clone().unwrap_or_default(),
             tags: fleet
@@ -330,6 +341,10 @@ impl Inner {
             instance.price = offer.price;
             instance.host = offer.resources.clone();
             instance.offer = Some(offer.clone());
+            // Each attempt is recorded before it is sent: the orphan sweep reaps only what
+            // this state's attempts made.
+            config.attempt_id = uuid::Uuid::new_v4().to_string();
+            instance.attempts.push(config.attempt_id.clone());
             if let Err(e) = self.store.put_instance(&instance) {
                 failures.push(format!("cannot record the instance: {e}"));
                 break;
@@ -343,20 +358,36 @@ impl Inner {
                 if offer.spot { ", spot" } else { "" }
             );
             progress(&instance, &format!("creating {what}"));
-            match backend.create_instance(&offer, &config).await {
-                Ok(done) => {
+            match self
+                .attempt(&**backend, &offer, &config, &instance, progress)
+                .await
+            {
+                Attempt::Created(done) => {
+                    let done = *done;
                     let mut data = done.backend_data;
                     if let Some(job) = instance.backend_data.get("provisioned_for").cloned() {
                         data["provisioned_for"] = job;
                     }
                     instance.backend_data = data;
+                    instance.cloud_id = done.cloud_id;
                     instance.status = InstanceStatus::Provisioning;
                     created = true;
                     break;
                 }
-                Err(e) => {
+                Attempt::Failed(e) => {
                     progress(&instance, &format!("{what}: {e}"));
                     failures.push(format!("{what}: {e}"));
+                }
+                Attempt::Unknown(e) => {
+                    // Another offer could leave two instances: stop here; the orphan sweep
+                    // terminates whatever this attempt made once the record is ended.
+                    let message = format!(
+                        "{what}: {e}; no other offer is tried, and whatever the attempt made \
+                         is terminated by the orphan sweep"
+                    );
+                    return self
+                        .end_provisioning(instance, message, false, progress)
+                        .await;
                 }
             }
         }
@@ -378,6 +409,35 @@ impl Inner {
                 .await;
         }
         self.bring_up(instance, progress).await
+    }
+
+    /// One creation attempt: the instance, or why not. When the backend cannot tell whether
+    /// its request took effect, what the attempt made is looked for before the caller moves
+    /// on to another offer (and duplicates of it are terminated by the backend).
+    async fn attempt(
+        &self,
+        backend: &dyn Compute,
+        offer: &Offer,
+        config: &InstanceConfig,
+        instance: &Instance,
+        progress: Progress<'_>,
+    ) -> Attempt {
+        let why = match backend.create_instance(offer, config).await {
+            Ok(done) => return Attempt::Created(Box::new(done)),
+            Err(ComputeError::Unknown(why)) => why,
+            Err(e) => return Attempt::Failed(e.to_string()),
+        };
+        progress(
+            instance,
+            &format!("outcome unknown ({why}): looking for what it created"),
+        );
+        match backend.find_attempt(offer, config).await {
+            Ok(Some(done)) => Attempt::Created(Box::new(done)),
+            Ok(None) => Attempt::Failed(format!("outcome unknown ({why}); nothing was created")),
+            Err(e) => Attempt::Unknown(format!(
+                "outcome unknown ({why}), and looking for what it created failed: {e}"
+            )),
+        }
     }
 
     /// Waits until a created instance can be reached, then deploys its agent; returns it as
@@ -701,11 +761,12 @@ impl Inner {
         }
     }
 
-    /// Terminates cloud resources carrying this state's owner tag that the store does not
-    /// hold as live (created by a process that stopped before recording them, or recorded as
-    /// terminated), and ends records left `pending` by a process that stopped mid-way.
-    pub(crate) async fn reap_orphans(self: &Arc<Self>) -> Result<Vec<String>, EngineError> {
-        let mut reaped = Vec::new();
+    /// Terminates cloud resources that this state's creation attempts made and that the
+    /// store does not hold as live (see [`orphan_verdict`]), reports the resources carrying
+    /// this state's owner tag that it leaves alone, and ends records left `pending` by a
+    /// process that stopped mid-way.
+    pub(crate) async fn reap_orphans(self: &Arc<Self>) -> Result<OrphanSweep, EngineError> {
+        let mut sweep = OrphanSweep::default();
         let in_flight = self
             .provisioning
             .lock()
@@ -714,28 +775,36 @@ impl Inner {
         for backend in self.backends.iter().filter(|b| b.creates_instances()) {
             let owned = match backend.owned_instances().await {
                 Ok(owned) => owned,
-                Err(_) => continue,
+                Err(e) => {
+                    sweep.errors.push(format!("{}: {e}", backend.backend()));
+                    continue;
+                }
             };
             for resource in owned {
                 let record = match &resource.instance_id {
                     Some(id) => self.store.instance(id)?,
                     None => None,
                 };
-                // Pending records may belong to another process sharing the state: only an old
-                // one is taken as abandoned.
-                let keep = record.as_ref().is_some_and(|r| {
-                    in_flight.contains(&r.id)
-                        || match r.status {
-                            InstanceStatus::Terminated => false,
-                            InstanceStatus::Pending => !self.past_orphan_grace(r),
-                            _ => true,
-                        }
-                });
-                if keep {
-                    continue;
-                }
-                if backend.terminate_owned(&resource).await.is_ok() {
-                    reaped.push(resource.cloud_id.clone());
+                let verdict = orphan_verdict(
+                    &resource,
+                    record.as_ref(),
+                    self.store.state_id(),
+                    |r| in_flight.contains(&r.id),
+                    |r| self.past_orphan_grace(r),
+                );
+                match verdict {
+                    Verdict::Keep => {}
+                    Verdict::LeaveAlone(why) => sweep.left_alone.push(LeftAlone {
+                        backend: backend.backend().to_string(),
+                        cloud_id: resource.cloud_id.clone(),
+                        why: why.to_string(),
+                    }),
+                    Verdict::Reap => match backend.terminate_owned(&resource).await {
+                        Ok(()) => sweep.terminated.push(resource.cloud_id.clone()),
+                        Err(e) => sweep
+                            .errors
+                            .push(format!("terminating {}: {e}", resource.cloud_id)),
+                    },
                 }
             }
         }
@@ -754,7 +823,95 @@ impl Inner {
                 self.store.put_instance(&instance)?;
             }
         }
-        Ok(reaped)
+        Ok(sweep)
+    }
+}
+
+/// What one creation attempt came to.
+enum Attempt {
+    /// The instance was created (or found after an unknown outcome).
+    Created(Box<CreatedInstance>),
+    /// Nothing was created; the next offer may be tried.
+    Failed(String),
+    /// Something may have been created, and it could not be found out.
+    Unknown(String),
+}
+
+/// What one pass of the orphan sweep did ([`crate::engine::Engine::reap_orphans`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct OrphanSweep {
+    /// The cloud ids of the resources it terminated.
+    pub terminated: Vec<String>,
+    /// Resources carrying this state's owner tag that it did not make, or cannot tell it
+    /// made: never terminated, only reported.
+    pub left_alone: Vec<LeftAlone>,
+    /// Backends that could not list their resources, resources that could not be terminated.
+    pub errors: Vec<String>,
+}
+
+/// A cloud resource the orphan sweep leaves alone, and why.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LeftAlone {
+    /// The backend it is in.
+    pub backend: String,
+    /// The cloud's id of it.
+    pub cloud_id: String,
+    /// Why it is not this state's to terminate.
+    pub why: String,
+}
+
+/// What the orphan sweep does with one resource carrying this state's owner tag.
+#[derive(Debug, PartialEq)]
+enum Verdict {
+    /// It is live, or being provisioned.
+    Keep,
+    /// It is not this state's to judge (a copy of the state made it, or no attempt this state
+    /// recorded did).
+    LeaveAlone(&'static str),
+    /// This state made it and no longer holds it as live.
+    Reap,
+}
+
+/// The orphan sweep's judgement of `resource`, whose record in this store is `record`. Only
+/// what this state's own recorded attempts made is ever terminated (so a copy of the state
+/// directory never reaps the instances of the other copy): a resource whose record is
+/// terminated, still `pending` after the grace period (its creation was never recorded), or
+/// live with another resource recorded as its own (an attempt whose answer was lost).
+fn orphan_verdict(
+    resource: &OwnedInstance,
+    record: Option<&Instance>,
+    state_id: &str,
+    in_flight: impl Fn(&Instance) -> bool,
+    past_grace: impl Fn(&Instance) -> bool,
+) -> Verdict {
+    if resource.state_id.as_deref() != Some(state_id) {
+        return Verdict::LeaveAlone("another state (a copy of this one) created it");
+    }
+    let Some(record) = record else {
+        return Verdict::LeaveAlone("its instance is unknown to this state");
+    };
+    let ours = resource
+        .attempt_id
+        .as_ref()
+        .is_some_and(|a| record.attempts.contains(a));
+    if !ours {
+        return Verdict::LeaveAlone("no creation attempt this state recorded made it");
+    }
+    if in_flight(record) {
+        return Verdict::Keep;
+    }
+    let reap = match record.status {
+        InstanceStatus::Terminated => true,
+        InstanceStatus::Pending => past_grace(record),
+        _ => record
+            .cloud_id
+            .as_ref()
+            .is_some_and(|id| *id != resource.cloud_id),
+    };
+    if reap {
+        Verdict::Reap
+    } else {
+        Verdict::Keep
     }
 }
 
@@ -785,6 +942,74 @@ mod tests {
             ..QueryFilter::default()
         };
         assert!(combine(&on_demand, &fleet).is_err());
+    }
+
+    fn record(status: InstanceStatus, attempts: &[&str], cloud_id: Option<&str>) -> Instance {
+        Instance {
+            id: "rec".to_string(),
+            name: "f-0".to_string(),
+            fleet_id: "f".to_string(),
+            backend: "aws".to_string(),
+            status,
+            host: Default::default(),
+            price: 0.0,
+            backend_data: serde_json::json!({}),
+            created_at_ms: 0,
+            address: None,
+            session: None,
+            status_message: None,
+            unreachable: false,
+            blocks: None,
+            containers: false,
+            offer: None,
+            idle_timeout_secs: None,
+            last_job_at_ms: None,
+            cloud_id: cloud_id.map(str::to_string),
+            attempts: attempts.iter().map(|a| a.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn the_orphan_sweep_reaps_only_what_this_states_attempts_made() {
+        let resource = |state: &str, attempt: &str, cloud: &str| OwnedInstance {
+            cloud_id: cloud.to_string(),
+            instance_id: Some("rec".to_string()),
+            attempt_id: Some(attempt.to_string()),
+            state_id: Some(state.to_string()),
+            region: "r".to_string(),
+        };
+        let judge = |r: &OwnedInstance, rec: Option<&Instance>, flying: bool, old: bool| {
+            orphan_verdict(r, rec, "me", |_| flying, |_| old)
+        };
+        let mine = resource("me", "a1", "i-1");
+        let idle = record(InstanceStatus::Idle, &["a1"], Some("i-1"));
+        assert_eq!(judge(&mine, Some(&idle), false, true), Verdict::Keep);
+        // A copy of the state: its resources, and those of records unknown here, are left.
+        let copy = resource("copy", "a1", "i-1");
+        let dead = record(InstanceStatus::Terminated, &["a1"], Some("i-1"));
+        assert!(matches!(
+            judge(&copy, Some(&dead), false, true),
+            Verdict::LeaveAlone(_)
+        ));
+        assert!(matches!(
+            judge(&mine, None, false, true),
+            Verdict::LeaveAlone(_)
+        ));
+        let other_attempt = resource("me", "a9", "i-1");
+        assert!(matches!(
+            judge(&other_attempt, Some(&dead), false, true),
+            Verdict::LeaveAlone(_)
+        ));
+        assert_eq!(judge(&mine, Some(&dead), false, true), Verdict::Reap);
+        assert_eq!(judge(&mine, Some(&dead), true, true), Verdict::Keep);
+        // Created but never recorded: reaped once the grace period is over.
+        let pending = record(InstanceStatus::Pending, &["a1"], None);
+        assert_eq!(judge(&mine, Some(&pending), false, false), Verdict::Keep);
+        assert_eq!(judge(&mine, Some(&pending), false, true), Verdict::Reap);
+        // A lost answer's instance beside the one recorded (an earlier attempt's).
+        let lost = resource("me", "a1", "i-0");
+        let two = record(InstanceStatus::Idle, &["a1", "a2"], Some("i-1"));
+        assert_eq!(judge(&lost, Some(&two), false, true), Verdict::Reap);
     }
 
     #[test]

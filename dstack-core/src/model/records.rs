@@ -233,6 +233,13 @@ pub struct Instance {
     /// When a job last held it (Unix ms), for idle reaping.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_job_at_ms: Option<u64>,
+    /// The cloud's id of the resource a backend created for it, recorded as soon as known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_id: Option<String>,
+    /// The ids of the creation attempts sent for it, each recorded before it was sent (and
+    /// tagged on what it made): the orphan sweep terminates only what these attempts made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<String>,
 }
 
 /// The session of the user the agent runs as on a remote host.

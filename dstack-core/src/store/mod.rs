@@ -6,6 +6,7 @@
 
 mod busy;
 mod checkpoint;
+mod identity;
 mod sqlite;
 
 pub use sqlite::SqliteStore;
@@ -173,6 +174,11 @@ pub enum JobAndRun {
 
 /// Durable storage of runs, jobs, instances and fleets.
 pub trait Store: Send + Sync {
+    /// The identity of this state: kept in the state file, new for a copy of it (see
+    /// `identity`). Cloud resources are tagged with it, and the orphan sweep reaps only
+    /// resources carrying it.
+    fn state_id(&self) -> &str;
+
     /// Inserts a new run with its first jobs. A finished run of the same name is replaced;
     /// an active one is [`StoreError::NameTaken`].
     fn insert_run(&self, run: &Run, jobs: &[Job]) -> Result<(), StoreError> {

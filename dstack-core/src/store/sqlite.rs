@@ -129,6 +129,8 @@ const MIGRATIONS: &[&str] = &[
     // submission), without a sort on every change of a job.
     "DROP INDEX jobs_run;
     CREATE INDEX jobs_run ON jobs(run_id, job_num, submission_num);",
+    // 12: the state's identity, and the file it was made for (see `identity`).
+    "CREATE TABLE state_identity (id TEXT NOT NULL, dev INTEGER NOT NULL, ino INTEGER NOT NULL);",
 ];
 
 const JOB_WAITING: &str = job_waiting!();
@@ -169,6 +171,8 @@ pub struct SqliteStore {
     conn: Mutex<Connection>,
     /// Checkpoints the log of a store on disk (none for an in-memory one).
     checkpointer: Option<Checkpointer>,
+    /// See [`Store::state_id`].
+    state_id: String,
 }
 
 fn json<T: Serialize>(v: &T) -> Result<String, StoreError> {
@@ -186,7 +190,7 @@ fn placeholders(n: usize) -> String {
 /// Runs `f` in a transaction that takes the write lock at once (`BEGIN IMMEDIATE`) or, for
 /// reads, a deferred one: committed when `f` succeeds, rolled back when it fails. Unlike
 /// rusqlite's `Transaction`, its `BEGIN` and `COMMIT` stay prepared.
-fn in_transaction<R>(
+pub(super) fn in_transaction<R>(
     c: &Connection,
     write: bool,
     f: impl FnOnce(&Connection) -> Result<R, StoreError>,
@@ -220,6 +224,7 @@ impl SqliteStore {
         // Runs carry environment values captured from the client: owner only.
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         let mut store = Self::init(conn)?;
+        store.state_id = store.with(|c| super::identity::of_file(c, path))?;
         store.with(|c| Ok(c.pragma_update(None, "wal_autocheckpoint", 0)?))?;
         store.checkpointer = Some(Checkpointer::start(path)?);
         Ok(store)
@@ -245,6 +250,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             conn: Mutex::new(conn),
             checkpointer: None,
+            state_id: super::identity::new_id(),
         })
     }
 
@@ -352,6 +358,10 @@ fn status_strs<S: Copy>(statuses: &[S], f: impl Fn(S) -> &'static str) -> Vec<&'
 }
 
 impl Store for SqliteStore {
+    fn state_id(&self) -> &str {
+        &self.state_id
+    }
+
     fn insert_runs(&self, runs: &[(&Run, &[Job])]) -> Result<(), StoreError> {
         self.with(|c| {
             in_transaction(c, true, |c| {
@@ -1070,6 +1080,44 @@ mod tests {
             SqliteStore::open(&path),
             Err(StoreError::TooNew { found: 999, .. })
         ));
+    }
+
+    #[test]
+    fn a_state_keeps_its_identity_when_moved_and_a_copy_gets_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("home/state.db");
+        let first = SqliteStore::open(&path).unwrap().state_id().to_string();
+        assert_eq!(SqliteStore::open(&path).unwrap().state_id(), first);
+        let moved = dir.path().join("moved");
+        std::fs::rename(dir.path().join("home"), &moved).unwrap();
+        let path = moved.join("state.db");
+        assert_eq!(
+            SqliteStore::open(&path).unwrap().state_id(),
+            first,
+            "moved: the same file"
+        );
+        let copy = dir.path().join("copy");
+        std::fs::create_dir(&copy).unwrap();
+        for entry in std::fs::read_dir(&moved).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), copy.join(entry.file_name())).unwrap();
+        }
+        let copied = SqliteStore::open(&copy.join("state.db"))
+            .unwrap()
+            .state_id()
+            .to_string();
+        assert_ne!(copied, first, "a copy is another state");
+        assert_eq!(
+            SqliteStore::open(&copy.join("state.db"))
+                .unwrap()
+                .state_id(),
+            copied
+        );
+        assert_eq!(SqliteStore::open(&path).unwrap().state_id(), first);
+        assert_ne!(
+            SqliteStore::in_memory().unwrap().state_id(),
+            SqliteStore::in_memory().unwrap().state_id()
+        );
     }
 
     #[test]
