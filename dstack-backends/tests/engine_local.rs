@@ -619,7 +619,11 @@ async fn a_hung_agent_is_given_up_on_and_used_again_once_it_answers() {
         !instance().unreachable
     })
     .await;
-    let agent = dstack_core::agent::AgentClient::unix(home.path().join("agent/agent.sock"));
+    let agent = dstack_core::agent::AgentClient::local(
+        home.path().join("agent/agent.sock"),
+        &home.path().join("agent"),
+    )
+    .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !agent
         .job(&job.id)
@@ -658,7 +662,11 @@ async fn an_end_the_store_failed_to_record_is_recorded_once_it_can() {
     .unwrap();
     std::fs::write(&go, "").unwrap();
     let job = run.jobs().unwrap().pop().unwrap();
-    let agent = dstack_core::agent::AgentClient::unix(home.path().join("agent/agent.sock"));
+    let agent = dstack_core::agent::AgentClient::local(
+        home.path().join("agent/agent.sock"),
+        &home.path().join("agent"),
+    )
+    .unwrap();
     eventually(30, "the agent sees the job end", async || {
         agent
             .job(&job.id)
