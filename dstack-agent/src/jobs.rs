@@ -24,7 +24,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::container;
 use crate::journal::{JobRecord, Journal};
-use crate::logs::{self, LogWriter};
+use crate::logs::{self, LogWriter, Rotation};
 use crate::process::ProcessGroup;
 use crate::state::{random_hex, unix_ms, StateDir};
 use crate::Limits;
@@ -177,7 +177,7 @@ impl Job {
         follow: bool,
     ) -> io::Result<impl Stream<Item = io::Result<Bytes>> + Send> {
         logs::stream(
-            &logs::log_path(&self.dir),
+            &self.dir,
             offset,
             follow,
             self.info.subscribe(),
@@ -282,7 +282,7 @@ impl Jobs {
                 continue;
             }
             let dir = root.join(&record.spec.id);
-            let mut log = match LogWriter::open(&dir) {
+            let mut log = match LogWriter::open(&dir, self.rotation()) {
                 Ok(log) => log,
                 Err(e) => {
                     eprintln!("dstack-agent: skipping {}: {e}", dir.display());
@@ -352,6 +352,14 @@ impl Jobs {
     pub async fn remove_lost_containers(&self) {
         if let Some(socket) = &self.containers {
             container::remove_all(socket, &self.lost_containers).await;
+        }
+    }
+
+    /// How jobs' output is split into files.
+    fn rotation(&self) -> Rotation {
+        Rotation {
+            file_bytes: self.limits.log_file_bytes,
+            files: self.limits.log_files,
         }
     }
 
@@ -436,7 +444,7 @@ impl Jobs {
     /// Starts the process (or container) of a new or queued job.
     fn launch(&self, job: Arc<Job>) {
         // Nothing has written to the directory of a job that has not started.
-        let mut log = LogWriter::empty(&job.dir);
+        let mut log = LogWriter::empty(&job.dir, self.rotation());
         let (stops, stop_requests) = mpsc::unbounded_channel();
         *lock(&job.stops) = Some(stops);
         let running = state(&job.spec.id, AgentJobStatus::Running);
@@ -547,7 +555,7 @@ impl Jobs {
         if job.info().status == AgentJobStatus::Queued {
             self.unqueue(&jobs, &job);
             let message = "stopped before it started";
-            let mut log = LogWriter::empty(&job.dir);
+            let mut log = LogWriter::empty(&job.dir, self.rotation());
             if let Err(e) = log.append_message(message) {
                 eprintln!("dstack-agent: cannot write to the log of job {id}: {e}");
             }

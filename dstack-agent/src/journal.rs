@@ -24,6 +24,7 @@ use std::sync::{Mutex, PoisonError};
 use dstack_core::agent::{JobInfo, JobSubmit};
 use serde::{Deserialize, Serialize};
 
+use crate::jobs::{HOSTFILE_ENV, METRICS_ENV};
 use crate::process::ProcessGroup;
 
 /// What the journal records about a job: everything needed to report, and after a restart
@@ -47,8 +48,8 @@ pub(crate) struct JobRecord {
 }
 
 impl JobRecord {
-    /// The record as the journal holds it: without the job's `env` or registry
-    /// credentials.
+    /// The record as the journal holds it: without the job's `env` (but for the variables
+    /// the agent itself sets, which name the job's private files) or registry credentials.
     fn redacted(&self) -> JobRecord {
         let mut record = self.clone();
         let auth = record
@@ -56,8 +57,12 @@ impl JobRecord {
             .container
             .as_mut()
             .and_then(|c| c.registry_auth.take());
-        record.withheld |= auth.is_some() || !record.spec.env.is_empty();
-        record.spec.env = BTreeMap::new();
+        let submitted = record.spec.env.len();
+        record
+            .spec
+            .env
+            .retain(|name, _| name == METRICS_ENV || name == HOSTFILE_ENV);
+        record.withheld |= auth.is_some() || record.spec.env.len() < submitted;
         record
     }
 
@@ -298,7 +303,7 @@ mod tests {
     }
 
     #[test]
-    fn compaction_drops_what_finished_jobs_ran() {
+    fn the_journal_holds_no_env_and_compaction_drops_what_finished_jobs_ran() {
         let state = State::new();
         let (journal, _) = state.open();
         let with_env = |id: &str, status| {

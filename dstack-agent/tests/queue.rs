@@ -194,7 +194,7 @@ async fn queued_jobs_start_in_order_after_the_agent_restarts_unless_their_secret
     };
     agent
         .client
-        .submit(&bare("first", "echo after the restart; sleep 0.2", "leader"))
+        .submit(&bare("first", "echo after the restart; /bin/sleep 0.2", "leader"))
         .await
         .unwrap();
     agent
@@ -224,7 +224,7 @@ async fn queued_jobs_start_in_order_after_the_agent_restarts_unless_their_secret
     );
     let first = wait_finished(client, "first").await;
     let second = wait_finished(client, "second").await;
-    assert_eq!(first.status, AgentJobStatus::Done);
+    assert_eq!(first.status, AgentJobStatus::Done, "{first:?}");
     assert!(second.started_at_ms >= first.finished_at_ms.unwrap());
     assert_eq!(read_logs(client, "second", 0).await, "after the restart\n");
 }
