@@ -27,8 +27,8 @@ use crate::journal::{JobRecord, Journal};
 use crate::logs::{self, LogWriter, Rotation};
 use crate::process::ProcessGroup;
 use crate::state::{random_hex, unix_ms, StateDir};
-use crate::Limits;
 use crate::supervisor;
+use crate::Limits;
 
 /// How many changes a slow `/api/events` subscriber may fall behind before it is resent the
 /// state of every job instead.
@@ -176,13 +176,7 @@ impl Job {
         offset: u64,
         follow: bool,
     ) -> io::Result<impl Stream<Item = io::Result<Bytes>> + Send> {
-        logs::stream(
-            &self.dir,
-            offset,
-            follow,
-            self.info.subscribe(),
-        )
-        .await
+        logs::stream(&self.dir, offset, follow, self.info.subscribe()).await
     }
 }
 
@@ -208,6 +202,9 @@ pub(crate) struct Jobs {
     closed: AtomicBool,
     /// How many finished jobs are kept, and how much output of each.
     limits: Limits,
+    /// The directories no container may mount (the agent's state, its socket's directory),
+    /// resolved.
+    private: Vec<PathBuf>,
 }
 
 impl Jobs {
@@ -216,12 +213,19 @@ impl Jobs {
     /// an agent that is gone, so nobody can wait for their processes any more: what is left
     /// of them is killed and they are recorded as lost. Jobs recorded as queued start now
     /// (the jobs they followed have ended, if only as lost). Needs a Tokio runtime.
-    /// Only the last [`Limits::finished_jobs`] finished jobs are kept.
+    /// Only the last [`Limits::finished_jobs`] finished jobs are kept. No container may mount
+    /// the state directory, the directories in `private`, what they contain or what contains
+    /// them.
     pub fn recover(
         state: &StateDir,
         containers: Option<String>,
         limits: Limits,
+        private: &[&Path],
     ) -> io::Result<Arc<Jobs>> {
+        let private = std::iter::once(state.root())
+            .chain(private.iter().copied())
+            .map(|dir| dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()))
+            .collect();
         let root = state.jobs();
         let (journal, records) = Journal::open(&state.journal(), &root)?;
         let journal = Arc::new(journal);
@@ -237,6 +241,7 @@ impl Jobs {
                 this: this.clone(),
                 closed: AtomicBool::new(false),
                 limits,
+                private,
             };
             jobs.load(records);
             jobs
@@ -325,10 +330,7 @@ impl Jobs {
         let command = Command {
             argv: std::mem::take(&mut spec.argv),
             env: std::mem::take(&mut spec.env),
-            registry_auth: spec
-                .container
-                .as_mut()
-                .and_then(|c| c.registry_auth.take()),
+            registry_auth: spec.container.as_mut().and_then(|c| c.registry_auth.take()),
         };
         Job {
             dir: self.root.join(&spec.id),
@@ -353,6 +355,27 @@ impl Jobs {
         if let Some(socket) = &self.containers {
             container::remove_all(socket, &self.lost_containers).await;
         }
+    }
+
+    /// Refuses a container mount that would give the job the agent's state or socket.
+    fn check_mounts(&self, spec: &JobSubmit) -> Result<(), JobError> {
+        let mounts = spec.container.iter().flat_map(|c| &c.mounts);
+        for (host, inside) in mounts {
+            let path = Path::new(host);
+            let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+            if let Some(dir) = self
+                .private
+                .iter()
+                .find(|dir| path.starts_with(dir) || dir.starts_with(&path))
+            {
+                return Err(JobError::BadRequest(format!(
+                    "volume {host}:{inside} would give the container the agent's own files \
+                     ({}): mount a directory outside it",
+                    dir.display()
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// How jobs' output is split into files.
@@ -385,6 +408,7 @@ impl Jobs {
     /// `executor_error`.
     pub fn submit(&self, mut spec: JobSubmit) -> Result<JobInfo, JobError> {
         validate(&spec)?;
+        self.check_mounts(&spec)?;
         let mut jobs = self.lock();
         if let Some(job) = jobs.get(&spec.id) {
             return Ok(job.info());
@@ -775,7 +799,10 @@ fn read_tail(path: &Path, max_bytes: u64) -> io::Result<Vec<u8>> {
     file.take(max_bytes).read_to_end(&mut bytes)?;
     if start > 0 {
         // Started within a line: it begins after the first newline.
-        let cut = bytes.iter().position(|b| *b == b'\n').map_or(bytes.len(), |i| i + 1);
+        let cut = bytes
+            .iter()
+            .position(|b| *b == b'\n')
+            .map_or(bytes.len(), |i| i + 1);
         bytes.drain(..cut);
     }
     Ok(bytes)
@@ -856,7 +883,7 @@ pub(crate) mod tests {
     async fn a_job_lets_go_of_its_command_once_started_and_its_stop_channel_once_ended() {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::open(dir.path()).unwrap();
-        let jobs = Jobs::recover(&state, None, Limits::default()).unwrap();
+        let jobs = Jobs::recover(&state, None, Limits::default(), &[]).unwrap();
         jobs.submit(true_job("quick", "/")).unwrap();
         let job = jobs.get("quick").unwrap();
         assert!(lock(&job.stops).is_some(), "a running job can be stopped");
@@ -884,7 +911,7 @@ pub(crate) mod tests {
     async fn a_lagging_event_subscriber_is_sent_every_job_again() {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::open(dir.path()).unwrap();
-        let jobs = Jobs::recover(&state, None, Limits::default()).unwrap();
+        let jobs = Jobs::recover(&state, None, Limits::default(), &[]).unwrap();
         let failed = jobs.submit(true_job("nodir", "/no/such/dir")).unwrap();
         let snapshot = json_lines([failed.clone()]);
 

@@ -125,7 +125,13 @@ impl Agent {
     pub async fn start(config: AgentConfig) -> io::Result<Agent> {
         let state = StateDir::open(&config.state_dir)?;
         let containers = container::detect().await;
-        let jobs = Jobs::recover(&state, containers.clone(), config.limits.clone())?;
+        let socket_dir = config.socket.parent().unwrap_or(Path::new("/"));
+        let jobs = Jobs::recover(
+            &state,
+            containers.clone(),
+            config.limits.clone(),
+            &[socket_dir],
+        )?;
         jobs.remove_lost_containers().await;
         let tool_path = config.tool_path.or_else(|| std::env::var_os("PATH"));
         let host = host::detect(state.root(), tool_path.as_deref()).await;

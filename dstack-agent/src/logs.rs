@@ -211,7 +211,12 @@ async fn open_at(dir: &Path, pos: &mut u64) -> io::Result<Option<tokio::fs::File
             return Ok(None);
         };
         *pos = (*pos).max(*first);
-        let base = bases.iter().rev().find(|b| **b <= *pos).copied().unwrap_or(*first);
+        let base = bases
+            .iter()
+            .rev()
+            .find(|b| **b <= *pos)
+            .copied()
+            .unwrap_or(*first);
         let mut file = match tokio::fs::File::open(segment_path(dir, base, "log")).await {
             Ok(file) => file,
             // Deleted by a rotation since it was listed: look again.

@@ -449,7 +449,10 @@ async fn a_job_is_given_nothing_that_points_into_the_agent_state_or_its_token() 
     let mut job = shell_job("look", "env; cat \"$DSTACK_MPI_HOSTFILE\"");
     job.mpi_hostfile = Some("10.0.0.1\n10.0.0.2\n".to_string());
     agent.client.submit(&job).await.unwrap();
-    assert_eq!(wait_finished(&agent.client, "look").await.exit_status, Some(0));
+    assert_eq!(
+        wait_finished(&agent.client, "look").await.exit_status,
+        Some(0)
+    );
     let seen = read_logs(&agent.client, "look", 0).await;
     assert!(seen.contains("10.0.0.2"), "{seen}");
     assert!(seen.contains("DSTACK_METRICS_FILE="), "{seen}");
@@ -530,4 +533,40 @@ async fn finished_jobs_beyond_the_retention_are_removed_with_their_output() {
         .collect();
     ids.sort();
     assert_eq!(ids, ["job4", "job5", "running"]);
+}
+
+#[tokio::test]
+async fn no_container_may_mount_the_agent_state_or_socket() {
+    let agent = TestAgent::start().await;
+    let state = agent.state_dir().display().to_string();
+    let socket_dir = agent.dir.path().display().to_string();
+    let beside = tempfile::tempdir().unwrap();
+    let scratch = beside.path().display().to_string();
+    for host in [
+        state.clone(),
+        format!("{state}/jobs"),
+        socket_dir,
+        "/".to_string(),
+    ] {
+        let mut job = shell_job("boxed", "true");
+        job.container = Some(dstack_core::agent::ContainerSpec {
+            image: "alpine".to_string(),
+            mounts: vec![(host.clone(), "/mnt".to_string())],
+            ..Default::default()
+        });
+        let refused = agent.client.submit(&job).await.unwrap_err();
+        assert!(
+            matches!(&refused, AgentError::Status { status: 400, message } if message.contains("agent's own files")),
+            "{host}: {refused}"
+        );
+    }
+    // A directory beside them is fine (the job then fails for want of a container engine,
+    // or runs where there is one).
+    let mut job = shell_job("boxed", "true");
+    job.container = Some(dstack_core::agent::ContainerSpec {
+        image: "alpine".to_string(),
+        mounts: vec![(scratch, "/mnt".to_string())],
+        ..Default::default()
+    });
+    agent.client.submit(&job).await.unwrap();
 }

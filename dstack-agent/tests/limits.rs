@@ -31,7 +31,10 @@ fn accepted(socket: &Path) -> usize {
         .filter(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
             // Num RefCount Protocol Flags Type St Inode Path; St 03: connected.
-            fields.len() == 8 && fields[7] == socket && fields[5] == "03" && ours.contains(fields[6])
+            fields.len() == 8
+                && fields[7] == socket
+                && fields[5] == "03"
+                && ours.contains(fields[6])
         })
         .count()
 }
@@ -64,9 +67,12 @@ async fn half_open_requests_neither_block_others_nor_stay_open() {
         held.push(half_open(&agent.socket()).await);
     }
     // A fresh client is served at once.
-    within("an answer beside 600 half-open requests", agent.client.jobs())
-        .await
-        .unwrap();
+    within(
+        "an answer beside 600 half-open requests",
+        agent.client.jobs(),
+    )
+    .await
+    .unwrap();
     // And the half-open requests are closed once the header timeout has passed.
     within("the half-open requests to be closed", async {
         for stream in held {
@@ -74,7 +80,10 @@ async fn half_open_requests_neither_block_others_nor_stay_open() {
         }
     })
     .await;
-    eventually("the agent to let go of them", || accepted(&agent.socket()) <= 1).await;
+    eventually("the agent to let go of them", || {
+        accepted(&agent.socket()) <= 1
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -121,7 +130,11 @@ async fn only_the_tail_of_a_big_metrics_file_is_served() {
     let agent = TestAgent::start_with(tempfile::tempdir().unwrap(), limits).await;
     // 50 MB of metrics lines.
     let script = r#"yes '{"loss": 0.123456789, "step": 1234567890, "pad": "xxxxxxxxxxxxxxxxxx"}' | head -n 650000 > "$DSTACK_METRICS_FILE"; echo '{"last": true}' >> "$DSTACK_METRICS_FILE""#;
-    agent.client.submit(&shell_job("metered", script)).await.unwrap();
+    agent
+        .client
+        .submit(&shell_job("metered", script))
+        .await
+        .unwrap();
     assert_eq!(
         wait_finished(&agent.client, "metered").await.exit_status,
         Some(0)

@@ -228,7 +228,11 @@ async fn a_job_output_beyond_the_log_cap_keeps_only_its_last_files() {
     let agent = TestAgent::start_with(tempfile::tempdir().unwrap(), limits).await;
     // 1 MiB of numbered lines, then a last line.
     let script = "seq -w 1 131072; echo the end";
-    agent.client.submit(&shell_job("loud", script)).await.unwrap();
+    agent
+        .client
+        .submit(&shell_job("loud", script))
+        .await
+        .unwrap();
     let info = wait_finished(&agent.client, "loud").await;
     let total = 131072 * 7 + 8;
     assert_eq!(info.log_bytes, total);
@@ -239,11 +243,18 @@ async fn a_job_output_beyond_the_log_cap_keeps_only_its_last_files() {
         .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
         .map(|e| e.metadata().unwrap().len())
         .sum();
-    assert!(on_disk <= 2 * 64 * 1024, "{on_disk} bytes of output on disk");
+    assert!(
+        on_disk <= 2 * 64 * 1024,
+        "{on_disk} bytes of output on disk"
+    );
     // Reading from the start gets the oldest output kept, at its offset in the whole output.
     let kept = read_logs(&agent.client, "loud", 0).await;
     assert_eq!(kept.len() as u64, on_disk);
-    assert!(kept.ends_with("131072\nthe end\n"), "{}", &kept[kept.len() - 20..]);
+    assert!(
+        kept.ends_with("131072\nthe end\n"),
+        "{}",
+        &kept[kept.len() - 20..]
+    );
     let tail = read_logs(&agent.client, "loud", total - 8).await;
     assert_eq!(tail, "the end\n");
     // Following from the start while it writes gets the same bytes.

@@ -194,7 +194,11 @@ async fn queued_jobs_start_in_order_after_the_agent_restarts_unless_their_secret
     };
     agent
         .client
-        .submit(&bare("first", "echo after the restart; /bin/sleep 0.2", "leader"))
+        .submit(&bare(
+            "first",
+            "echo after the restart; /bin/sleep 0.2",
+            "leader",
+        ))
         .await
         .unwrap();
     agent

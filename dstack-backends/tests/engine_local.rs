@@ -1277,7 +1277,10 @@ async fn an_agent_of_another_build_is_replaced_once_it_runs_no_job() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    let old = LocalBackend::new(home.path(), old_bin).ensure_agent().await.unwrap();
+    let old = LocalBackend::new(home.path(), old_bin)
+        .ensure_agent()
+        .await
+        .unwrap();
     let old_health = old.healthcheck().await.unwrap();
     let job = dstack_core::agent::JobSubmit {
         id: "busy".to_string(),

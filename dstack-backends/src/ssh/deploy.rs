@@ -182,4 +182,3 @@ impl AgentDialer for SshDialer {
         format!("{}:{}", self.link.target(), self.socket)
     }
 }
-

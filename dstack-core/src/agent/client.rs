@@ -419,7 +419,10 @@ impl AgentClient {
 
 /// The whole body of an answer, at most [`MAX_ANSWER_BYTES`].
 async fn read_whole(resp: Response<Incoming>) -> Result<Bytes, AgentError> {
-    match Limited::new(resp.into_body(), MAX_ANSWER_BYTES).collect().await {
+    match Limited::new(resp.into_body(), MAX_ANSWER_BYTES)
+        .collect()
+        .await
+    {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) => match e.downcast::<hyper::Error>() {
             Ok(e) => Err(AgentError::Http(*e)),
