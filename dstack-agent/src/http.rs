@@ -11,7 +11,7 @@ use futures_util::{Stream, TryStreamExt};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -29,6 +29,29 @@ pub(crate) struct App {
     pub jobs: Arc<Jobs>,
     /// The answer to `GET /api/healthcheck`.
     pub health: Healthcheck,
+    /// The secret every request but the healthcheck must carry (`Authorization: Bearer`).
+    pub token: String,
+    /// How much of a job's metrics file is served (its last lines).
+    pub metrics_bytes: u64,
+}
+
+impl App {
+    /// Whether `req` carries the agent's token (compared in constant time).
+    fn authorized(&self, req: &Request<Incoming>) -> bool {
+        let given = req
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let expected = self.token.as_bytes();
+        given.len() == expected.len()
+            && given
+                .bytes()
+                .zip(expected)
+                .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+                == 0
+    }
 }
 
 /// A failed request: a status and a plain-text message.
@@ -67,6 +90,12 @@ pub(crate) async fn handle(
 async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, HttpError> {
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    if segments != ["api", "healthcheck"] && !app.authorized(&req) {
+        return Err(HttpError(
+            StatusCode::UNAUTHORIZED,
+            "the agent's token is missing or wrong".to_string(),
+        ));
+    }
     match (req.method().clone(), segments.as_slice()) {
         (Method::GET, ["api", "healthcheck"]) => Ok(json(&app.health)),
         (Method::GET, ["api", "jobs"]) => Ok(json(&app.jobs.list())),
@@ -96,7 +125,7 @@ async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, Http
         (Method::GET, ["api", "jobs", id, "metrics"]) => Ok(respond(
             StatusCode::OK,
             "application/x-ndjson",
-            app.jobs.metrics(id)?,
+            app.jobs.metrics(id, app.metrics_bytes)?,
         )),
         (Method::GET, ["api", "events"]) => Ok(stream("application/x-ndjson", app.jobs.events())),
         (

@@ -10,7 +10,8 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io;
+use std::io::{self, Read, Seek};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
@@ -23,10 +24,11 @@ use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::container;
 use crate::journal::{JobRecord, Journal};
-use crate::logs::{self, LogWriter};
+use crate::logs::{self, LogWriter, Rotation};
 use crate::process::ProcessGroup;
-use crate::state::{unix_ms, StateDir};
+use crate::state::{random_hex, unix_ms, StateDir};
 use crate::supervisor;
+use crate::Limits;
 
 /// How many changes a slow `/api/events` subscriber may fall behind before it is resent the
 /// state of every job instead.
@@ -34,6 +36,11 @@ const EVENT_BACKLOG: usize = 1024;
 
 /// What the agent says about a job that was running when the previous agent stopped.
 const LOST_MESSAGE: &str = "the agent stopped while the job was running; the job was lost";
+
+/// What the agent says about a queued job whose environment or registry credentials the
+/// previous agent held (only in memory: the journal never holds them).
+const WITHHELD_MESSAGE: &str = "the agent restarted before the job started, and a queued \
+     job's environment and registry credentials are kept only in memory: submit it again";
 
 /// Why a request about jobs failed (each maps to an HTTP status).
 #[derive(Debug, thiserror::Error)]
@@ -58,12 +65,16 @@ pub(crate) enum JobError {
 pub(crate) struct Job {
     /// Where its output goes (created with the first output).
     dir: PathBuf,
+    /// Its private directory outside the agent's state (its metrics file and MPI hostfile):
+    /// nothing a job is given points into the agent's state directory. `None` for jobs of
+    /// older agents, whose files are beside the job directories.
+    scratch: Option<PathBuf>,
     journal: Arc<Journal>,
     /// The submission, without what it runs (see `command`).
     spec: JobSubmit,
-    /// What it runs, kept until it starts: a job that has started keeps neither its `argv`
-    /// nor its `env` in memory (nor in the journal once it has ended: see
-    /// [`crate::journal`]).
+    /// What it runs, kept until it starts: a job that has started keeps neither its `argv`,
+    /// its `env` nor its registry credentials in memory (the journal never holds the latter
+    /// two: see [`crate::journal`]).
     command: Mutex<Option<Command>>,
     /// Set when the process starts.
     process: OnceLock<ProcessGroup>,
@@ -88,12 +99,11 @@ impl Job {
         &self.spec
     }
 
-    /// The whole submission: with its `argv` and `env` until it starts.
+    /// The whole submission: with its `argv`, `env` and registry credentials until it starts.
     fn submission(&self) -> JobSubmit {
         let mut spec = self.spec.clone();
         if let Some(command) = lock(&self.command).as_ref() {
-            spec.argv = command.argv.clone();
-            spec.env = command.env.clone();
+            command.fill(&mut spec);
         }
         spec
     }
@@ -114,6 +124,8 @@ impl Job {
                 info: info.clone(),
                 spec: self.submission(),
                 process: self.process.get().cloned(),
+                scratch: self.scratch.clone(),
+                withheld: false,
             };
             let recorded = self.journal.record(record);
             self.journaled.store(recorded.is_ok(), Ordering::SeqCst);
@@ -164,13 +176,7 @@ impl Job {
         offset: u64,
         follow: bool,
     ) -> io::Result<impl Stream<Item = io::Result<Bytes>> + Send> {
-        logs::stream(
-            &logs::log_path(&self.dir),
-            offset,
-            follow,
-            self.info.subscribe(),
-        )
-        .await
+        logs::stream(&self.dir, offset, follow, self.info.subscribe()).await
     }
 }
 
@@ -194,6 +200,11 @@ pub(crate) struct Jobs {
     /// Set when the agent stops serving: queued jobs no longer start (the next agent on the
     /// state directory starts them).
     closed: AtomicBool,
+    /// How many finished jobs are kept, and how much output of each.
+    limits: Limits,
+    /// The directories no container may mount (the agent's state, its socket's directory),
+    /// resolved.
+    private: Vec<PathBuf>,
 }
 
 impl Jobs {
@@ -202,7 +213,19 @@ impl Jobs {
     /// an agent that is gone, so nobody can wait for their processes any more: what is left
     /// of them is killed and they are recorded as lost. Jobs recorded as queued start now
     /// (the jobs they followed have ended, if only as lost). Needs a Tokio runtime.
-    pub fn recover(state: &StateDir, containers: Option<String>) -> io::Result<Arc<Jobs>> {
+    /// Only the last [`Limits::finished_jobs`] finished jobs are kept. No container may mount
+    /// the state directory, the directories in `private`, what they contain or what contains
+    /// them.
+    pub fn recover(
+        state: &StateDir,
+        containers: Option<String>,
+        limits: Limits,
+        private: &[&Path],
+    ) -> io::Result<Arc<Jobs>> {
+        let private = std::iter::once(state.root())
+            .chain(private.iter().copied())
+            .map(|dir| dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()))
+            .collect();
         let root = state.jobs();
         let (journal, records) = Journal::open(&state.journal(), &root)?;
         let journal = Arc::new(journal);
@@ -217,10 +240,13 @@ impl Jobs {
                 lost_containers: Vec::new(),
                 this: this.clone(),
                 closed: AtomicBool::new(false),
+                limits,
+                private,
             };
             jobs.load(records);
             jobs
         });
+        jobs.retain(&mut jobs.lock());
         // Queued jobs wait behind the queued jobs they were submitted to follow; the first
         // of each queue starts (what it waited for ended, if only as lost).
         let heads: Vec<Arc<Job>> = {
@@ -261,7 +287,7 @@ impl Jobs {
                 continue;
             }
             let dir = root.join(&record.spec.id);
-            let mut log = match LogWriter::open(&dir) {
+            let mut log = match LogWriter::open(&dir, self.rotation()) {
                 Ok(log) => log,
                 Err(e) => {
                     eprintln!("dstack-agent: skipping {}: {e}", dir.display());
@@ -271,7 +297,8 @@ impl Jobs {
             let mut info = record.info;
             info.log_bytes = log.len();
             let lost = info.status == AgentJobStatus::Running;
-            let job = self.job(record.spec, info.clone());
+            let withheld = record.withheld && info.status == AgentJobStatus::Queued;
+            let job = self.job(record.spec, info.clone(), record.scratch);
             if info.status != AgentJobStatus::Queued {
                 // It will not start (again): what it ran is of no more use.
                 lock(&job.command).take();
@@ -288,20 +315,26 @@ impl Jobs {
                     self.lost_containers.push(container::name(&job.spec.id));
                 }
                 job.transition(failed(info, "executor_error", LOST_MESSAGE, &mut log));
+            } else if withheld {
+                lock(&job.command).take();
+                job.transition(failed(info, "executor_error", WITHHELD_MESSAGE, &mut log));
             }
             jobs.insert(job.spec.id.clone(), Arc::new(job));
         }
         self.jobs = Mutex::new(jobs);
     }
 
-    /// A job of this agent, in state `info` (not recorded yet).
-    fn job(&self, mut spec: JobSubmit, info: JobInfo) -> Job {
+    /// A job of this agent, in state `info` (not recorded yet), whose private directory is
+    /// `scratch`.
+    fn job(&self, mut spec: JobSubmit, info: JobInfo, scratch: Option<PathBuf>) -> Job {
         let command = Command {
             argv: std::mem::take(&mut spec.argv),
             env: std::mem::take(&mut spec.env),
+            registry_auth: spec.container.as_mut().and_then(|c| c.registry_auth.take()),
         };
         Job {
             dir: self.root.join(&spec.id),
+            scratch,
             journal: self.journal.clone(),
             command: Mutex::new(Some(command)),
             spec,
@@ -324,18 +357,44 @@ impl Jobs {
         }
     }
 
+    /// Refuses a container mount that would give the job the agent's state or socket.
+    fn check_mounts(&self, spec: &JobSubmit) -> Result<(), JobError> {
+        let mounts = spec.container.iter().flat_map(|c| &c.mounts);
+        for (host, inside) in mounts {
+            let path = Path::new(host);
+            let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+            if let Some(dir) = self
+                .private
+                .iter()
+                .find(|dir| path.starts_with(dir) || dir.starts_with(&path))
+            {
+                return Err(JobError::BadRequest(format!(
+                    "volume {host}:{inside} would give the container the agent's own files \
+                     ({}): mount a directory outside it",
+                    dir.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// How jobs' output is split into files.
+    fn rotation(&self) -> Rotation {
+        Rotation {
+            file_bytes: self.limits.log_file_bytes,
+            files: self.limits.log_files,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Job>>> {
         lock(&self.jobs)
     }
 
-    /// What the job wrote to its metrics file (`$DSTACK_METRICS_FILE`); empty when nothing.
-    pub fn metrics(&self, id: &str) -> Result<Vec<u8>, JobError> {
+    /// What the job wrote to its metrics file (`$DSTACK_METRICS_FILE`): its last lines, at
+    /// most `max_bytes` of them (see [`crate::Limits::metrics_bytes`]); empty when nothing.
+    pub fn metrics(&self, id: &str, max_bytes: u64) -> Result<Vec<u8>, JobError> {
         let job = self.get(id)?;
-        match fs::read(metrics_path(&self.root, &job.spec.id)) {
-            Ok(bytes) => Ok(bytes),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
-            Err(e) => Err(e.into()),
-        }
+        Ok(read_tail(&job.metrics_path(&self.root), max_bytes)?)
     }
 
     /// Submits `specs` in order (see [`Jobs::submit`]): a queue, each job behind the one before
@@ -349,6 +408,7 @@ impl Jobs {
     /// `executor_error`.
     pub fn submit(&self, mut spec: JobSubmit) -> Result<JobInfo, JobError> {
         validate(&spec)?;
+        self.check_mounts(&spec)?;
         let mut jobs = self.lock();
         if let Some(job) = jobs.get(&spec.id) {
             return Ok(job.info());
@@ -379,18 +439,18 @@ impl Jobs {
         // Output left behind by an earlier job of this id (e.g. its removal was interrupted)
         // is not this job's.
         remove_dir_if_exists(&dir)?;
-        let metrics = metrics_path(&self.root, &spec.id);
-        remove_file_if_exists(&metrics)?;
+        let scratch = create_scratch_dir()?;
+        let metrics = scratch.join(METRICS_FILE);
         spec.env
             .insert(METRICS_ENV.to_string(), metrics.display().to_string());
         if let Some(hosts) = &spec.mpi_hostfile {
-            let hostfile = hostfile_path(&self.root, &spec.id);
+            let hostfile = scratch.join(HOSTFILE);
             fs::write(&hostfile, hosts)?;
             spec.env
                 .insert(HOSTFILE_ENV.to_string(), hostfile.display().to_string());
         }
         let queued = state(&spec.id, AgentJobStatus::Queued);
-        let job = Arc::new(self.job(spec, queued.clone()));
+        let job = Arc::new(self.job(spec, queued.clone(), Some(scratch)));
         jobs.insert(job.spec.id.clone(), job.clone());
         match leader {
             Some(leader) => {
@@ -400,13 +460,15 @@ impl Jobs {
             }
             None => self.launch(job.clone()),
         }
-        Ok(job.info())
+        let info = job.info();
+        self.retain(&mut jobs);
+        Ok(info)
     }
 
     /// Starts the process (or container) of a new or queued job.
     fn launch(&self, job: Arc<Job>) {
         // Nothing has written to the directory of a job that has not started.
-        let mut log = LogWriter::empty(&job.dir);
+        let mut log = LogWriter::empty(&job.dir, self.rotation());
         let (stops, stop_requests) = mpsc::unbounded_channel();
         *lock(&job.stops) = Some(stops);
         let running = state(&job.spec.id, AgentJobStatus::Running);
@@ -414,11 +476,8 @@ impl Jobs {
         // is recorded as queued with it, and one found running after a restart is lost.
         let command = lock(&job.command).take().unwrap_or_default();
         if job.spec.container.is_some() {
-            let submission = JobSubmit {
-                argv: command.argv,
-                env: command.env,
-                ..job.spec.clone()
-            };
+            let mut submission = job.spec.clone();
+            command.fill(&mut submission);
             job.transition(running);
             container::supervise(job, submission, self.containers.clone(), log, stop_requests);
             return;
@@ -436,7 +495,7 @@ impl Jobs {
     /// Records that `job` ended (`info`), starting the job queued behind it first.
     fn finish(&self, job: &Job, info: JobInfo) {
         // Under the lock: no job can be queued behind this one between the two steps.
-        let jobs = self.lock();
+        let mut jobs = self.lock();
         if let Some(follower) = job.queued_follower(&jobs) {
             if !self.closed.load(Ordering::SeqCst) {
                 *lock(&follower.leader) = None;
@@ -444,6 +503,31 @@ impl Jobs {
             }
         }
         job.transition(info);
+        self.retain(&mut jobs);
+    }
+
+    /// Removes the jobs that finished first while more than [`Limits::finished_jobs`] have
+    /// finished (a job that cannot be removed is reported and kept).
+    fn retain(&self, jobs: &mut BTreeMap<String, Arc<Job>>) {
+        let mut finished: Vec<(u64, String)> = jobs
+            .values()
+            .filter_map(|job| {
+                let info = job.info.borrow();
+                info.finished_at_ms.map(|at| (at, info.id.clone()))
+            })
+            .collect();
+        let Some(excess) = finished.len().checked_sub(self.limits.finished_jobs) else {
+            return;
+        };
+        if excess == 0 {
+            return;
+        }
+        finished.select_nth_unstable(excess - 1);
+        for (_, id) in &finished[..excess] {
+            if let Err(e) = self.remove_locked(jobs, id) {
+                eprintln!("dstack-agent: cannot remove finished job {id}: {e}");
+            }
+        }
     }
 
     /// Takes queued `job` out of its queue (it is being stopped or removed): the job behind
@@ -495,7 +579,7 @@ impl Jobs {
         if job.info().status == AgentJobStatus::Queued {
             self.unqueue(&jobs, &job);
             let message = "stopped before it started";
-            let mut log = LogWriter::empty(&job.dir);
+            let mut log = LogWriter::empty(&job.dir, self.rotation());
             if let Err(e) = log.append_message(message) {
                 eprintln!("dstack-agent: cannot write to the log of job {id}: {e}");
             }
@@ -508,6 +592,8 @@ impl Jobs {
                 log_bytes: log.len(),
                 ..info
             });
+            let mut jobs = jobs;
+            self.retain(&mut jobs);
             return Ok(job.info());
         }
         drop(jobs);
@@ -521,20 +607,34 @@ impl Jobs {
     /// Forgets a finished job, or takes back a queued one (it will not start): deletes its
     /// directory (logs included), then records the removal in the journal.
     pub fn remove(&self, id: &str) -> Result<(), JobError> {
-        let mut jobs = self.lock();
+        self.remove_locked(&mut self.lock(), id)
+    }
+
+    /// [`Jobs::remove`], with the jobs locked.
+    fn remove_locked(
+        &self,
+        jobs: &mut BTreeMap<String, Arc<Job>>,
+        id: &str,
+    ) -> Result<(), JobError> {
         let job = jobs
             .get(id)
+            .cloned()
             .ok_or_else(|| JobError::NotFound(id.to_string()))?;
         match job.info().status {
             AgentJobStatus::Running => {
                 return Err(JobError::Conflict(format!("job {id} is running")));
             }
-            AgentJobStatus::Queued => self.unqueue(&jobs, job),
+            AgentJobStatus::Queued => self.unqueue(jobs, &job),
             _ => {}
         }
         remove_dir_if_exists(&job.dir)?;
-        remove_file_if_exists(&metrics_path(&self.root, id))?;
-        remove_file_if_exists(&hostfile_path(&self.root, id))?;
+        match &job.scratch {
+            Some(scratch) => remove_dir_if_exists(scratch)?,
+            None => {
+                remove_file_if_exists(&legacy_path(&self.root, id, "metrics.jsonl"))?;
+                remove_file_if_exists(&legacy_path(&self.root, id, "hostfile"))?;
+            }
+        }
         self.journal.remove(id)?;
         jobs.remove(id);
         Ok(())
@@ -626,28 +726,86 @@ fn validate_id(id: &str) -> Result<(), JobError> {
     Ok(())
 }
 
-/// What a job runs.
+/// What a job runs, and what it needs to start that is not written down: kept in memory
+/// until it starts.
 #[derive(Default)]
 struct Command {
     argv: Vec<String>,
     env: BTreeMap<String, String>,
+    /// The container registry's user and password.
+    registry_auth: Option<(String, String)>,
+}
+
+impl Command {
+    /// Puts what `spec` was submitted with back into it.
+    fn fill(&self, spec: &mut JobSubmit) {
+        spec.argv = self.argv.clone();
+        spec.env = self.env.clone();
+        if let Some(container) = &mut spec.container {
+            container.registry_auth = self.registry_auth.clone();
+        }
+    }
+}
+
+impl Job {
+    /// The job's metrics file (`$DSTACK_METRICS_FILE`), whose directory is under `root` for
+    /// a job of an older agent.
+    fn metrics_path(&self, root: &Path) -> PathBuf {
+        match &self.scratch {
+            Some(scratch) => scratch.join(METRICS_FILE),
+            None => legacy_path(root, &self.spec.id, "metrics.jsonl"),
+        }
+    }
 }
 
 /// The variable that tells a job where to append its metrics (JSON lines).
 pub const METRICS_ENV: &str = "DSTACK_METRICS_FILE";
 
-/// The metrics file of job `id`: beside the job directories, so that it exists before the
-/// job's first output creates its directory.
-fn metrics_path(root: &Path, id: &str) -> PathBuf {
-    root.join(format!("{id}.metrics.jsonl"))
-}
+/// The metrics file in a job's private directory.
+const METRICS_FILE: &str = "metrics.jsonl";
 
 /// The variable that names a multi-node job's MPI hostfile.
 pub const HOSTFILE_ENV: &str = "DSTACK_MPI_HOSTFILE";
 
-/// The MPI hostfile of job `id`.
-fn hostfile_path(root: &Path, id: &str) -> PathBuf {
-    root.join(format!("{id}.hostfile"))
+/// The MPI hostfile in a job's private directory.
+const HOSTFILE: &str = "hostfile";
+
+/// A new private directory (0700) for a job: `dstack-job-<random>` in the system's temporary
+/// directory, away from the agent's state.
+fn create_scratch_dir() -> io::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("dstack-job-{}", random_hex(12)?));
+    fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    Ok(dir)
+}
+
+/// Where agents before job directories outside the state kept job `id`'s `what`
+/// (`metrics.jsonl`, `hostfile`): beside the job directories.
+fn legacy_path(root: &Path, id: &str, what: &str) -> PathBuf {
+    root.join(format!("{id}.{what}"))
+}
+
+/// The last lines of the file at `path` within its last `max_bytes` bytes (from the first
+/// line that starts within them); empty if there is no file.
+fn read_tail(path: &Path, max_bytes: u64) -> io::Result<Vec<u8>> {
+    let mut file = match fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let len = file.metadata()?.len();
+    let start = len.saturating_sub(max_bytes);
+    file.seek(io::SeekFrom::Start(start))?;
+    let mut bytes = Vec::new();
+    file.take(max_bytes).read_to_end(&mut bytes)?;
+    if start > 0 {
+        // Started within a line: it begins after the first newline.
+        let cut = bytes
+            .iter()
+            .position(|b| *b == b'\n')
+            .map_or(bytes.len(), |i| i + 1);
+        bytes.drain(..cut);
+    }
+    Ok(bytes)
 }
 
 fn remove_file_if_exists(path: &Path) -> io::Result<()> {
@@ -725,7 +883,7 @@ pub(crate) mod tests {
     async fn a_job_lets_go_of_its_command_once_started_and_its_stop_channel_once_ended() {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::open(dir.path()).unwrap();
-        let jobs = Jobs::recover(&state, None).unwrap();
+        let jobs = Jobs::recover(&state, None, Limits::default(), &[]).unwrap();
         jobs.submit(true_job("quick", "/")).unwrap();
         let job = jobs.get("quick").unwrap();
         assert!(lock(&job.stops).is_some(), "a running job can be stopped");
@@ -753,7 +911,7 @@ pub(crate) mod tests {
     async fn a_lagging_event_subscriber_is_sent_every_job_again() {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::open(dir.path()).unwrap();
-        let jobs = Jobs::recover(&state, None).unwrap();
+        let jobs = Jobs::recover(&state, None, Limits::default(), &[]).unwrap();
         let failed = jobs.submit(true_job("nodir", "/no/such/dir")).unwrap();
         let snapshot = json_lines([failed.clone()]);
 

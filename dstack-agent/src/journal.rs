@@ -1,8 +1,9 @@
 //! The job journal: one append-only file (`<state>/jobs.journal`) recording every job's state.
 //!
 //! Each line is one JSON object: a [`JobRecord`] (a job's full state, written when the job is
-//! submitted; what it runs, `argv` and `env`, only if it is queued: a job is never started
-//! again from the journal unless it was queued), an update `{"update":"<id>","info":…,"process":…}` (its later states: the
+//! submitted; what it runs, `argv`, only if it is queued: a job is never started again from
+//! the journal unless it was queued; never its `env` nor its registry credentials, which may
+//! hold secrets: [`JobRecord::withheld`] says they were left out), an update `{"update":"<id>","info":…,"process":…}` (its later states: the
 //! submission is not written again; the last state of an id wins), or a tombstone
 //! `{"removed":"<id>"}` (the job was deleted). Lines are
 //! appended whole, with one write, by a single writer, and not synced (a crash of the host
@@ -23,6 +24,7 @@ use std::sync::{Mutex, PoisonError};
 use dstack_core::agent::{JobInfo, JobSubmit};
 use serde::{Deserialize, Serialize};
 
+use crate::jobs::{HOSTFILE_ENV, METRICS_ENV};
 use crate::process::ProcessGroup;
 
 /// What the journal records about a job: everything needed to report, and after a restart
@@ -35,9 +37,35 @@ pub(crate) struct JobRecord {
     pub spec: JobSubmit,
     /// The process group, when the process was started.
     pub process: Option<ProcessGroup>,
+    /// The job's private directory (metrics file, MPI hostfile); absent in records of older
+    /// agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scratch: Option<PathBuf>,
+    /// Whether the submission had an `env` or registry credentials, which the journal does
+    /// not hold: a queued job recorded so cannot be started by the next agent.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub withheld: bool,
 }
 
 impl JobRecord {
+    /// The record as the journal holds it: without the job's `env` (but for the variables
+    /// the agent itself sets, which name the job's private files) or registry credentials.
+    fn redacted(&self) -> JobRecord {
+        let mut record = self.clone();
+        let auth = record
+            .spec
+            .container
+            .as_mut()
+            .and_then(|c| c.registry_auth.take());
+        let submitted = record.spec.env.len();
+        record
+            .spec
+            .env
+            .retain(|name, _| name == METRICS_ENV || name == HOSTFILE_ENV);
+        record.withheld |= auth.is_some() || record.spec.env.len() < submitted;
+        record
+    }
+
     /// The record as compaction keeps it: a finished job's command (`argv`, `env`) is of no
     /// more use and is dropped; its state, its id and its log are what is left to serve.
     fn compacted(mut self) -> Self {
@@ -95,9 +123,9 @@ impl Journal {
         Ok((journal, records))
     }
 
-    /// Appends the current state of a job.
+    /// Appends the current state of a job (without its `env` or registry credentials).
     pub fn record(&self, record: JobRecord) -> io::Result<()> {
-        self.append(&Line::Record(Box::new(record)))
+        self.append(&Line::Record(Box::new(record.redacted())))
     }
 
     /// Appends a later state of a job whose record is in the journal.
@@ -188,7 +216,7 @@ fn compact(path: &Path, records: &[JobRecord]) -> io::Result<()> {
     file.set_permissions(fs::Permissions::from_mode(0o600))?;
     let mut out = BufWriter::new(file);
     for record in records {
-        serde_json::to_writer(&mut out, record)?;
+        serde_json::to_writer(&mut out, &record.redacted())?;
         out.write_all(b"\n")?;
     }
     out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
@@ -235,6 +263,8 @@ mod tests {
             },
             spec: crate::jobs::tests::true_job(id, "/"),
             process: None,
+            scratch: None,
+            withheld: false,
         }
     }
 
@@ -273,7 +303,7 @@ mod tests {
     }
 
     #[test]
-    fn compaction_drops_what_finished_jobs_ran() {
+    fn the_journal_holds_no_env_and_compaction_drops_what_finished_jobs_ran() {
         let state = State::new();
         let (journal, _) = state.open();
         let with_env = |id: &str, status| {
@@ -301,9 +331,9 @@ mod tests {
         );
         assert!(done.spec.argv.is_empty() && done.spec.env.is_empty());
         assert_eq!(queued.spec.argv, ["/bin/true"]);
-        assert_eq!(queued.spec.env["SECRET_TOKEN"], "s3cr3t");
+        assert!(queued.spec.env.is_empty() && queued.withheld);
         let text = fs::read_to_string(state.journal()).unwrap();
-        assert_eq!(text.matches("s3cr3t").count(), 1, "{text}");
+        assert_eq!(text.matches("s3cr3t").count(), 0, "{text}");
     }
 
     #[test]

@@ -30,9 +30,10 @@ use std::time::Duration;
 
 use dstack_core::agent::Healthcheck;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use daemon::{close_inherited_fds, new_session, spawn_detached, start_in_background};
 
@@ -50,6 +51,45 @@ pub struct AgentConfig {
     /// A `PATH`-style list of directories where host tools (`nvidia-smi`) are looked for;
     /// `None` means the agent's own `PATH`.
     pub tool_path: Option<OsString>,
+    /// What the agent bounds.
+    pub limits: Limits,
+}
+
+/// What an agent bounds, so that neither clients nor jobs can make it hold unbounded memory,
+/// connections or disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections served at once (default 512); further ones wait to be accepted until one
+    /// closes.
+    pub max_connections: usize,
+    /// How long a connection may take to send a request's head, idle keep-alive time included
+    /// (default 10 s); it is closed then.
+    pub header_timeout: Duration,
+    /// How much of a job's metrics file is served: its last lines within this many bytes
+    /// (default 1 MiB).
+    pub metrics_bytes: u64,
+    /// The size of one log file of a job (default 32 MiB): output beyond goes to a new file.
+    pub log_file_bytes: u64,
+    /// How many log files of a job are kept, the one being written included (default 2):
+    /// older output is deleted, so that a job's output on disk is at most
+    /// `log_file_bytes × log_files` (plus its timestamp index).
+    pub log_files: usize,
+    /// How many finished jobs are kept (default 1000): when more have finished, the one that
+    /// finished first is removed with its output.
+    pub finished_jobs: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 512,
+            header_timeout: Duration::from_secs(10),
+            metrics_bytes: 1024 * 1024,
+            log_file_bytes: 32 * 1024 * 1024,
+            log_files: 2,
+            finished_jobs: 1000,
+        }
+    }
 }
 
 impl AgentConfig {
@@ -59,6 +99,7 @@ impl AgentConfig {
             socket: socket.into(),
             state_dir: state_dir.into(),
             tool_path: None,
+            limits: Limits::default(),
         }
     }
 }
@@ -74,6 +115,7 @@ pub struct Agent {
     app: Arc<App>,
     socket: PathBuf,
     state: StateDir,
+    limits: Limits,
 }
 
 impl Agent {
@@ -83,10 +125,17 @@ impl Agent {
     pub async fn start(config: AgentConfig) -> io::Result<Agent> {
         let state = StateDir::open(&config.state_dir)?;
         let containers = container::detect().await;
-        let jobs = Jobs::recover(&state, containers.clone())?;
+        let socket_dir = config.socket.parent().unwrap_or(Path::new("/"));
+        let jobs = Jobs::recover(
+            &state,
+            containers.clone(),
+            config.limits.clone(),
+            &[socket_dir],
+        )?;
         jobs.remove_lost_containers().await;
         let tool_path = config.tool_path.or_else(|| std::env::var_os("PATH"));
         let host = host::detect(state.root(), tool_path.as_deref()).await;
+        let token = state.token()?;
         let listener = bind(&config.socket).await?;
         fs::write(state.pid_file(), format!("{}\n", std::process::id()))?;
         let health = Healthcheck {
@@ -95,12 +144,19 @@ impl Agent {
             pid: std::process::id(),
             host,
             containers,
+            build: own_build(),
         };
         Ok(Agent {
             listener,
-            app: Arc::new(App { jobs, health }),
+            app: Arc::new(App {
+                jobs,
+                health,
+                token,
+                metrics_bytes: config.limits.metrics_bytes,
+            }),
             socket: config.socket,
             state,
+            limits: config.limits,
         })
     }
 
@@ -117,6 +173,8 @@ impl Agent {
     pub async fn serve_until(self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         let mut check = tokio::time::interval(STATE_CHECK);
+        let slots = Arc::new(Semaphore::new(self.limits.max_connections));
+        let timeout = self.limits.header_timeout;
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
@@ -130,8 +188,8 @@ impl Agent {
                         break;
                     }
                 }
-                accepted = self.listener.accept() => match accepted {
-                    Ok((stream, _)) => serve_connection(self.app.clone(), stream),
+                (slot, accepted) = accept(&self.listener, &slots) => match accepted {
+                    Ok((stream, _)) => serve_connection(self.app.clone(), stream, slot, timeout),
                     Err(e) => {
                         // E.g. out of file descriptors: retry without spinning.
                         eprintln!("dstack-agent: cannot accept a connection: {e}");
@@ -193,14 +251,45 @@ pub async fn serve(config: AgentConfig) -> io::Result<()> {
     Ok(())
 }
 
-fn serve_connection(app: Arc<App>, stream: UnixStream) {
+/// The next connection, once one of the `slots` is free (it is held while the connection
+/// is served).
+async fn accept(
+    listener: &UnixListener,
+    slots: &Arc<Semaphore>,
+) -> (
+    Option<OwnedSemaphorePermit>,
+    io::Result<(UnixStream, tokio::net::unix::SocketAddr)>,
+) {
+    // The semaphore is never closed.
+    let slot = slots.clone().acquire_owned().await.ok();
+    (slot, listener.accept().await)
+}
+
+/// Serves one connection, closing it when a request's head takes longer than `timeout`
+/// (idle keep-alive time included); the connection's `slot` is freed when it closes.
+fn serve_connection(
+    app: Arc<App>,
+    stream: UnixStream,
+    slot: Option<OwnedSemaphorePermit>,
+    timeout: Duration,
+) {
     tokio::spawn(async move {
         let service = service_fn(move |req| http::handle(app.clone(), req));
         // A failed connection concerns only its client (e.g. it went away mid-stream).
         let _ = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(timeout)
             .serve_connection(TokioIo::new(stream), service)
             .await;
+        drop(slot);
     });
+}
+
+/// The [`dstack_core::agent::build_stamp`] of the running binary (empty if unreadable).
+fn own_build() -> String {
+    fs::File::open("/proc/self/exe")
+        .and_then(dstack_core::agent::build_stamp)
+        .unwrap_or_default()
 }
 
 /// Binds the socket (mode 0600), replacing a stale socket file that nobody answers on.

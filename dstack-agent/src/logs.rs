@@ -1,10 +1,15 @@
-//! Job output on disk (`output.log` plus the `output.idx` timestamp index, in the job's
-//! directory) and streaming it to clients, optionally following it while the job runs.
+//! Job output on disk and streaming it to clients, optionally following it while the job runs.
+//!
+//! A job's output is split into files of at most [`Rotation::file_bytes`]: `output.log` holds
+//! bytes from offset 0, `output.<N>.log` bytes from offset `N` on; each has its timestamp
+//! index (`output.idx`, `output.<N>.idx`: `<byte offset> <unix ms>` per chunk). Only the last
+//! [`Rotation::files`] files are kept: offsets stay those of the whole output, and a reader
+//! asking for bytes that were deleted gets the oldest kept ones.
 //!
 //! The directory and its files are created only when the first output arrives: a job that
 //! prints nothing has none, which reads as empty output.
 
-use std::fs::{DirBuilder, File, OpenOptions};
+use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -20,56 +25,132 @@ use crate::state::unix_ms;
 /// How much output is read (from the job or from the file) at a time.
 pub(crate) const CHUNK: usize = 64 * 1024;
 
-/// The output file of the job whose directory is `dir`.
-pub(crate) fn log_path(dir: &Path) -> PathBuf {
-    dir.join("output.log")
+/// How a job's output is split into files (see the module's documentation).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Rotation {
+    /// The most bytes one file holds.
+    pub file_bytes: u64,
+    /// How many files are kept, the one being written included (at least one).
+    pub files: usize,
 }
 
-/// Appends output to a job's log, indexing every chunk as `<byte offset> <unix ms>` in
-/// `output.idx`. Writes go straight to the files: nothing is buffered in the process.
+/// The file of the job whose directory is `dir` that holds its output from offset `base`
+/// (`ext`: `log` for the output, `idx` for its index).
+fn segment_path(dir: &Path, base: u64, ext: &str) -> PathBuf {
+    match base {
+        0 => dir.join(format!("output.{ext}")),
+        _ => dir.join(format!("output.{base}.{ext}")),
+    }
+}
+
+/// The offsets the output files in `dir` start at, in order; none if there is no directory.
+fn segments(dir: &Path) -> io::Result<Vec<u64>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut bases = Vec::new();
+    for entry in entries {
+        let name = entry?.file_name();
+        let Some(name) = name.to_str().and_then(|n| n.strip_prefix("output.")) else {
+            continue;
+        };
+        match name.strip_suffix(".log") {
+            Some("") => {}
+            Some(base) => {
+                if let Ok(base) = base.parse() {
+                    bases.push(base);
+                }
+            }
+            None if name == "log" => bases.push(0),
+            None => {}
+        }
+    }
+    bases.sort_unstable();
+    Ok(bases)
+}
+
+/// Appends output to a job's log, indexing every chunk. Writes go straight to the files:
+/// nothing is buffered in the process.
 pub(crate) struct LogWriter {
     dir: PathBuf,
-    /// The log and the index, once the first chunk has been written.
+    rotation: Rotation,
+    /// The current file and its index, once the first chunk has been written to them.
     files: Option<(File, File)>,
+    /// The offset the current file starts at.
+    base: u64,
     len: u64,
 }
 
 impl LogWriter {
     /// The log of the job whose directory is `dir`, continuing what is already there. No file
     /// is created until something is appended.
-    pub fn open(dir: &Path) -> io::Result<Self> {
-        let len = match log_path(dir).metadata() {
-            Ok(meta) => meta.len(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+    pub fn open(dir: &Path, rotation: Rotation) -> io::Result<Self> {
+        let base = segments(dir)?.last().copied().unwrap_or(0);
+        let len = match segment_path(dir, base, "log").metadata() {
+            Ok(meta) => base + meta.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => base,
             Err(e) => return Err(e),
         };
         Ok(LogWriter {
             dir: dir.to_path_buf(),
+            rotation,
             files: None,
+            base,
             len,
         })
     }
 
     /// The log of a job that has no output yet (its directory does not exist).
-    pub fn empty(dir: &Path) -> Self {
+    pub fn empty(dir: &Path, rotation: Rotation) -> Self {
         LogWriter {
             dir: dir.to_path_buf(),
+            rotation,
             files: None,
+            base: 0,
             len: 0,
         }
     }
 
-    /// Appends a chunk of output; returns the new length of the log.
-    pub fn append(&mut self, chunk: &[u8]) -> io::Result<u64> {
-        let offset = self.len;
-        let (log, idx) = match &mut self.files {
-            Some(files) => files,
-            files => files.insert(create_files(&self.dir)?),
-        };
-        log.write_all(chunk)?;
-        self.len += chunk.len() as u64;
-        idx.write_all(format!("{offset} {}\n", unix_ms()).as_bytes())?;
+    /// Appends a chunk of output (starting a new file whenever the current one is full);
+    /// returns the new length of the log.
+    pub fn append(&mut self, mut chunk: &[u8]) -> io::Result<u64> {
+        let file_bytes = self.rotation.file_bytes.max(1);
+        while !chunk.is_empty() {
+            if self.len - self.base >= file_bytes {
+                self.rotate()?;
+            }
+            let room = file_bytes - (self.len - self.base);
+            let (now, rest) = chunk.split_at(chunk.len().min(room as usize));
+            let offset = self.len;
+            let (log, idx) = match &mut self.files {
+                Some(files) => files,
+                files => files.insert(create_files(&self.dir, self.base)?),
+            };
+            log.write_all(now)?;
+            self.len += now.len() as u64;
+            idx.write_all(format!("{offset} {}\n", unix_ms()).as_bytes())?;
+            chunk = rest;
+        }
         Ok(self.len)
+    }
+
+    /// Starts a new file at the current end, deleting the files beyond the kept number.
+    fn rotate(&mut self) -> io::Result<()> {
+        self.files = None;
+        self.base = self.len;
+        let bases = segments(&self.dir)?;
+        let keep = self.rotation.files.max(1) - 1; // besides the new one
+        for base in &bases[..bases.len().saturating_sub(keep)] {
+            for ext in ["log", "idx"] {
+                match fs::remove_file(segment_path(&self.dir, *base, ext)) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Appends an agent message (e.g. why the job failed) as a line of output.
@@ -77,42 +158,43 @@ impl LogWriter {
         self.append(format!("{message}\n").as_bytes())
     }
 
-    /// The length of the log in bytes.
+    /// The length of the log in bytes (of the whole output, deleted files included).
     pub fn len(&self) -> u64 {
         self.len
     }
 }
 
-/// Creates (if needed) the job directory `dir` (0700) and opens its log and index (0600) for
-/// appending.
-fn create_files(dir: &Path) -> io::Result<(File, File)> {
+/// Creates (if needed) the job directory `dir` (0700) and opens its output file starting at
+/// `base` and that file's index (0600) for appending.
+fn create_files(dir: &Path, base: u64) -> io::Result<(File, File)> {
     match DirBuilder::new().mode(0o700).create(dir) {
         Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
         _ => {}
     }
-    let append = |name: &str| {
+    let append = |ext: &str| {
         OpenOptions::new()
             .append(true)
             .create(true)
             .mode(0o600)
-            .open(dir.join(name))
+            .open(segment_path(dir, base, ext))
     };
-    Ok((append("output.log")?, append("output.idx")?))
+    Ok((append("log")?, append("idx")?))
 }
 
-/// The output of a job from byte `offset`, as a stream of chunks of at most [`CHUNK`] bytes.
-/// Without `follow` it ends at the current end of the file; with `follow` it waits for more
-/// output (woken through `job`) and ends once the job has finished and every byte was sent.
-/// A log file that does not exist (yet) is empty output.
+/// The output of the job whose directory is `dir` from byte `offset` (or from the oldest byte
+/// kept, when later), as a stream of chunks of at most [`CHUNK`] bytes. Without `follow` it
+/// ends at the current end of the output; with `follow` it waits for more output (woken
+/// through `job`) and ends once the job has finished and every byte was sent. A log that does
+/// not exist (yet) is empty output.
 pub(crate) async fn stream(
-    path: &Path,
+    dir: &Path,
     offset: u64,
     follow: bool,
     job: watch::Receiver<JobInfo>,
 ) -> io::Result<impl Stream<Item = io::Result<Bytes>> + Send> {
     let reader = Reader {
-        file: open_at(path, offset).await?,
-        path: path.to_path_buf(),
+        file: None,
+        dir: dir.to_path_buf(),
         pos: offset,
         follow,
         job,
@@ -120,21 +202,36 @@ pub(crate) async fn stream(
     Ok(futures_util::stream::try_unfold(reader, Reader::next))
 }
 
-/// The file at `path` positioned at `offset`; `None` if it does not exist.
-async fn open_at(path: &Path, offset: u64) -> io::Result<Option<tokio::fs::File>> {
-    let mut file = match tokio::fs::File::open(path).await {
-        Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    file.seek(io::SeekFrom::Start(offset)).await?;
-    Ok(Some(file))
+/// The output file holding offset `pos` of the output in `dir`, positioned there; `pos`
+/// moves to the oldest byte kept if it was deleted. `None` if there is no output yet.
+async fn open_at(dir: &Path, pos: &mut u64) -> io::Result<Option<tokio::fs::File>> {
+    loop {
+        let bases = segments(dir)?;
+        let Some(first) = bases.first() else {
+            return Ok(None);
+        };
+        *pos = (*pos).max(*first);
+        let base = bases
+            .iter()
+            .rev()
+            .find(|b| **b <= *pos)
+            .copied()
+            .unwrap_or(*first);
+        let mut file = match tokio::fs::File::open(segment_path(dir, base, "log")).await {
+            Ok(file) => file,
+            // Deleted by a rotation since it was listed: look again.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        file.seek(io::SeekFrom::Start(*pos - base)).await?;
+        return Ok(Some(file));
+    }
 }
 
 struct Reader {
-    /// The open log; `None` until it exists.
+    /// The open output file; `None` until one is opened.
     file: Option<tokio::fs::File>,
-    path: PathBuf,
+    dir: PathBuf,
     pos: u64,
     follow: bool,
     job: watch::Receiver<JobInfo>,
@@ -143,8 +240,9 @@ struct Reader {
 impl Reader {
     async fn next(mut self) -> io::Result<Option<(Bytes, Reader)>> {
         loop {
-            if self.file.is_none() {
-                self.file = open_at(&self.path, self.pos).await?;
+            let opened = self.file.is_none();
+            if opened {
+                self.file = open_at(&self.dir, &mut self.pos).await?;
             }
             if let Some(file) = &mut self.file {
                 let mut buf = BytesMut::with_capacity(CHUNK);
@@ -160,6 +258,11 @@ impl Reader {
                 let info = self.job.borrow_and_update();
                 (info.status.is_finished(), info.log_bytes)
             };
+            if self.pos < written && !opened {
+                // The output went on in a newer file.
+                self.file = None;
+                continue;
+            }
             if !self.follow || (finished && self.pos >= written) {
                 return Ok(None);
             }
@@ -178,17 +281,44 @@ impl Reader {
 mod tests {
     use super::*;
 
+    const ROTATION: Rotation = Rotation {
+        file_bytes: 1 << 20,
+        files: 2,
+    };
+
+    #[test]
+    fn full_files_rotate_and_only_the_last_ones_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let rotation = Rotation {
+            file_bytes: 10,
+            files: 2,
+        };
+        let mut log = LogWriter::open(dir.path(), rotation).unwrap();
+        assert_eq!(log.append(b"0123456789abcdefghij_").unwrap(), 21);
+        assert_eq!(segments(dir.path()).unwrap(), [10, 20]);
+        let read = |base| std::fs::read_to_string(segment_path(dir.path(), base, "log")).unwrap();
+        assert_eq!((read(10).as_str(), read(20).as_str()), ("abcdefghij", "_"));
+        // Reopened (an agent restart), it goes on where it was.
+        let mut log = LogWriter::open(dir.path(), rotation).unwrap();
+        assert_eq!(log.len(), 21);
+        log.append(b"klmnopqrstu").unwrap();
+        assert_eq!(segments(dir.path()).unwrap(), [20, 30]);
+        assert_eq!((read(20).as_str(), read(30).as_str()), ("_klmnopqrs", "tu"));
+        let idx = std::fs::read_to_string(segment_path(dir.path(), 30, "idx")).unwrap();
+        assert!(idx.starts_with("30 "), "{idx}");
+    }
+
     #[test]
     fn chunks_are_indexed_by_offset() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = LogWriter::open(dir.path()).unwrap();
+        let mut log = LogWriter::open(dir.path(), ROTATION).unwrap();
         assert_eq!(log.append(b"hello ").unwrap(), 6);
         assert_eq!(log.append_message("world").unwrap(), 12);
-        let mut log = LogWriter::open(dir.path()).unwrap();
+        let mut log = LogWriter::open(dir.path(), ROTATION).unwrap();
         assert_eq!(log.len(), 12);
         log.append(b"!").unwrap();
 
-        let text = std::fs::read_to_string(log_path(dir.path())).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("output.log")).unwrap();
         assert_eq!(text, "hello world\n!");
         let idx = std::fs::read_to_string(dir.path().join("output.idx")).unwrap();
         let offsets: Vec<&str> = idx.lines().map(|l| l.split(' ').next().unwrap()).collect();
@@ -201,13 +331,13 @@ mod tests {
 
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("job");
-        let mut log = LogWriter::open(&dir).unwrap();
+        let mut log = LogWriter::open(&dir, ROTATION).unwrap();
         assert_eq!(log.len(), 0);
         assert!(!dir.exists());
         log.append(b"x").unwrap();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&dir), 0o700);
-        assert_eq!(mode(&log_path(&dir)), 0o600);
+        assert_eq!(mode(&dir.join("output.log")), 0o600);
         assert_eq!(mode(&dir.join("output.idx")), 0o600);
     }
 }

@@ -1,10 +1,11 @@
 //! The agent's state directory: `agent.lock` (held while an agent uses the directory),
-//! `agent.pid`, the job journal `jobs.journal` (see [`crate::journal`]), and `jobs/<id>/`,
+//! `agent.pid`, `agent.token` (the secret its API requires, see [`StateDir::token`]), the job
+//! journal `jobs.journal` (see [`crate::journal`]), and `jobs/<id>/`,
 //! created for a job only once it has output (see [`crate::logs`]).
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -17,6 +18,13 @@ pub(crate) fn unix_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
     since.as_millis() as u64
+}
+
+/// `bytes` random bytes (from the kernel), in hexadecimal.
+pub(crate) fn random_hex(bytes: usize) -> io::Result<String> {
+    let mut random = vec![0u8; bytes];
+    File::open("/dev/urandom")?.read_exact(&mut random)?;
+    Ok(random.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Creates `dir` (and its parents) if needed and makes it private to the user (0700).
@@ -72,6 +80,30 @@ impl StateDir {
     /// The root of the state directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The secret the API requires: the state directory's `agent.token` (mode 0600), made
+    /// of 32 random bytes at the agent's first start and kept across restarts, so that
+    /// clients holding it keep working.
+    pub fn token(&self) -> io::Result<String> {
+        let path = self.root.join(dstack_core::agent::TOKEN_FILE);
+        match fs::read_to_string(&path) {
+            Ok(token) if !token.trim().is_empty() => return Ok(token.trim().to_string()),
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let token = random_hex(32)?;
+        let tmp = self.root.join("agent.token.tmp");
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(token.as_bytes())?;
+        file.sync_all()?;
+        fs::rename(&tmp, &path)?;
+        Ok(token)
     }
 
     /// The file holding the agent's pid.

@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::{group_alive, read_logs, shell_job, wait_finished, within, TestAgent};
-use dstack_core::agent::{AgentError, AgentJobStatus, StopRequest};
+use dstack_core::agent::{AgentClient, AgentError, AgentJobStatus, StopRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]
@@ -202,7 +202,7 @@ async fn the_environment_and_working_dir_are_exactly_what_was_given_plus_the_met
     lines.sort();
     let metrics = lines.remove(0);
     assert!(
-        metrics.starts_with("DSTACK_METRICS_FILE=/") && metrics.ends_with("/env.metrics.jsonl"),
+        metrics.starts_with("DSTACK_METRICS_FILE=/") && metrics.ends_with("/metrics.jsonl"),
         "{metrics}"
     );
     assert_eq!(lines, ["EMPTY=", "FOO=bar baz"]);
@@ -349,8 +349,11 @@ async fn bad_requests_get_plain_text_errors() {
         400
     );
 
+    let token = agent.token();
     let raw = |request: &'static str| {
         let socket = agent.client.socket().unwrap().to_path_buf();
+        let authorized = format!("\r\nauthorization: Bearer {token}\r\n");
+        let request = request.replacen("\r\n", &authorized, 1);
         async move {
             let mut stream = tokio::net::UnixStream::connect(socket).await.unwrap();
             stream.write_all(request.as_bytes()).await.unwrap();
@@ -408,4 +411,162 @@ async fn metrics_written_by_a_job_are_served_until_it_is_removed() {
 
     agent.client.remove("metered").await.unwrap();
     assert!(agent.client.metrics("metered").await.is_err());
+}
+
+#[tokio::test]
+async fn requests_without_the_agent_token_are_refused() {
+    let agent = TestAgent::start().await;
+    let token = agent.token();
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(agent.state_dir().join("agent.token"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    assert_eq!(token.len(), 64);
+    let status = |e: AgentError| match e {
+        AgentError::Status { status, .. } => status,
+        other => panic!("{other}"),
+    };
+    for client in [
+        AgentClient::unix(agent.socket()),
+        AgentClient::unix(agent.socket()).with_token("not-the-token"),
+        AgentClient::unix(agent.socket()).with_token(&token[..63]),
+    ] {
+        assert_eq!(status(client.jobs().await.unwrap_err()), 401);
+        let job = shell_job("intruder", "echo hi");
+        assert_eq!(status(client.submit(&job).await.unwrap_err()), 401);
+        assert_eq!(status(client.remove("x").await.unwrap_err()), 401);
+        // Who it is can be asked without the token (a starter checks the agent's build).
+        assert!(client.healthcheck().await.is_ok());
+    }
+    assert!(agent.client.jobs().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_job_is_given_nothing_that_points_into_the_agent_state_or_its_token() {
+    let agent = TestAgent::start().await;
+    let mut job = shell_job("look", "env; cat \"$DSTACK_MPI_HOSTFILE\"");
+    job.mpi_hostfile = Some("10.0.0.1\n10.0.0.2\n".to_string());
+    agent.client.submit(&job).await.unwrap();
+    assert_eq!(
+        wait_finished(&agent.client, "look").await.exit_status,
+        Some(0)
+    );
+    let seen = read_logs(&agent.client, "look", 0).await;
+    assert!(seen.contains("10.0.0.2"), "{seen}");
+    assert!(seen.contains("DSTACK_METRICS_FILE="), "{seen}");
+    let state = agent.state_dir();
+    let dir = agent.dir.path().display().to_string();
+    assert!(!seen.contains(&state.display().to_string()), "{seen}");
+    assert!(!seen.contains(&dir), "{seen}");
+    assert!(!seen.contains(agent.token().trim()), "{seen}");
+    // Its private directory is the user's own and goes with the job.
+    let metrics = seen
+        .lines()
+        .find_map(|l| l.strip_prefix("DSTACK_METRICS_FILE="))
+        .map(std::path::PathBuf::from)
+        .unwrap();
+    let private = metrics.parent().unwrap().to_path_buf();
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&private).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o700);
+    agent.client.remove("look").await.unwrap();
+    assert!(!private.exists());
+}
+
+#[tokio::test]
+async fn finished_jobs_beyond_the_retention_are_removed_with_their_output() {
+    let limits = dstack_agent::Limits {
+        finished_jobs: 3,
+        ..Default::default()
+    };
+    let agent = TestAgent::start_with(tempfile::tempdir().unwrap(), limits).await;
+    agent
+        .client
+        .submit(&shell_job("running", "sleep 30"))
+        .await
+        .unwrap();
+    for i in 0..6 {
+        let id = format!("job{i}");
+        agent
+            .client
+            .submit(&shell_job(&id, &format!("echo {i}")))
+            .await
+            .unwrap();
+        wait_finished(&agent.client, &id).await;
+    }
+    let mut ids: Vec<String> = agent
+        .client
+        .jobs()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|j| j.id)
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["job3", "job4", "job5", "running"]);
+    assert!(!agent.state_dir().join("jobs/job0").exists());
+    assert!(agent.state_dir().join("jobs/job5").exists());
+    // A restart keeps the same ones.
+    agent
+        .client
+        .stop(
+            "running",
+            &StopRequest {
+                abort: true,
+                grace_secs: 0,
+                reason: "test".into(),
+            },
+        )
+        .await
+        .unwrap();
+    wait_finished(&agent.client, "running").await;
+    let mut ids: Vec<String> = agent
+        .client
+        .jobs()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|j| j.id)
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["job4", "job5", "running"]);
+}
+
+#[tokio::test]
+async fn no_container_may_mount_the_agent_state_or_socket() {
+    let agent = TestAgent::start().await;
+    let state = agent.state_dir().display().to_string();
+    let socket_dir = agent.dir.path().display().to_string();
+    let beside = tempfile::tempdir().unwrap();
+    let scratch = beside.path().display().to_string();
+    for host in [
+        state.clone(),
+        format!("{state}/jobs"),
+        socket_dir,
+        "/".to_string(),
+    ] {
+        let mut job = shell_job("boxed", "true");
+        job.container = Some(dstack_core::agent::ContainerSpec {
+            image: "alpine".to_string(),
+            mounts: vec![(host.clone(), "/mnt".to_string())],
+            ..Default::default()
+        });
+        let refused = agent.client.submit(&job).await.unwrap_err();
+        assert!(
+            matches!(&refused, AgentError::Status { status: 400, message } if message.contains("agent's own files")),
+            "{host}: {refused}"
+        );
+    }
+    // A directory beside them is fine (the job then fails for want of a container engine,
+    // or runs where there is one).
+    let mut job = shell_job("boxed", "true");
+    job.container = Some(dstack_core::agent::ContainerSpec {
+        image: "alpine".to_string(),
+        mounts: vec![(scratch, "/mnt".to_string())],
+        ..Default::default()
+    });
+    agent.client.submit(&job).await.unwrap();
 }

@@ -77,3 +77,40 @@ async fn jobs_survive_restarts_through_the_journal() {
     assert_eq!(read_logs(&agent.client, "after", 0).await, "again\n");
     assert_eq!(journal_lines(&journal), 3);
 }
+
+#[tokio::test]
+async fn the_journal_never_holds_a_job_environment_or_registry_credentials() {
+    let agent = TestAgent::start().await;
+    let journal = agent.state_dir().join("jobs.journal");
+    agent
+        .client
+        .submit(&shell_job("leader", "sleep 30"))
+        .await
+        .unwrap();
+    let mut queued = shell_job("queued", "echo $API_KEY");
+    queued.after = Some("leader".to_string());
+    queued
+        .env
+        .insert("API_KEY".to_string(), "sk-live-0123456789".to_string());
+    queued.container = Some(dstack_core::agent::ContainerSpec {
+        image: "example.com/private:1".to_string(),
+        registry_auth: Some(("robot".to_string(), "registry-pa55word".to_string())),
+        ..Default::default()
+    });
+    agent.client.submit(&queued).await.unwrap();
+    let mut running = shell_job("running", "sleep 30");
+    running
+        .env
+        .insert("DB_PASSWORD".to_string(), "db-pa55word".to_string());
+    agent.client.submit(&running).await.unwrap();
+    let text = std::fs::read_to_string(&journal).unwrap();
+    for secret in ["sk-live-0123456789", "registry-pa55word", "db-pa55word"] {
+        assert!(!text.contains(secret), "{secret} in {text}");
+    }
+    assert!(text.contains("queued"));
+    // Nor after compaction.
+    let agent = TestAgent::start_in(agent.stop().await).await;
+    let text = std::fs::read_to_string(&journal).unwrap();
+    assert!(!text.contains("sk-live-0123456789"), "{text}");
+    agent.shut_down().await;
+}

@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{read_logs, shell_job, wait_finished, within, TestAgent};
+use common::{read_logs, shell_job, wait_finished, wait_for_output, within, TestAgent};
 use dstack_core::agent::{AgentJobStatus, EVENTS_SILENCE};
 use futures_util::StreamExt;
 
@@ -78,7 +78,12 @@ fn peak_rss() -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_huge_output_is_streamed_fully_with_bounded_memory() {
     const SIZE: u64 = 200_000_000;
-    let agent = TestAgent::start().await;
+    // All of it kept on disk (by default only the last 64 MiB are).
+    let limits = dstack_agent::Limits {
+        log_file_bytes: SIZE,
+        ..Default::default()
+    };
+    let agent = TestAgent::start_with(tempfile::tempdir().unwrap(), limits).await;
     let job = shell_job("huge", &format!("head -c {SIZE} /dev/zero"));
     agent.client.submit(&job).await.unwrap();
     let mut stream = agent.client.logs("huge", 0, true).await.unwrap();
@@ -211,4 +216,50 @@ async fn following_gets_output_that_starts_late() {
     assert_eq!(String::from_utf8(out).unwrap(), "late\n");
     let info = agent.client.job("late").await.unwrap().unwrap();
     assert_eq!((info.status, info.log_bytes), (AgentJobStatus::Done, 5));
+}
+
+#[tokio::test]
+async fn a_job_output_beyond_the_log_cap_keeps_only_its_last_files() {
+    let limits = dstack_agent::Limits {
+        log_file_bytes: 64 * 1024,
+        log_files: 2,
+        ..Default::default()
+    };
+    let agent = TestAgent::start_with(tempfile::tempdir().unwrap(), limits).await;
+    // 1 MiB of numbered lines, then a last line.
+    let script = "seq -w 1 131072; echo the end";
+    agent
+        .client
+        .submit(&shell_job("loud", script))
+        .await
+        .unwrap();
+    let info = wait_finished(&agent.client, "loud").await;
+    let total = 131072 * 7 + 8;
+    assert_eq!(info.log_bytes, total);
+    let dir = agent.state_dir().join("jobs/loud");
+    let on_disk: u64 = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    assert!(
+        on_disk <= 2 * 64 * 1024,
+        "{on_disk} bytes of output on disk"
+    );
+    // Reading from the start gets the oldest output kept, at its offset in the whole output.
+    let kept = read_logs(&agent.client, "loud", 0).await;
+    assert_eq!(kept.len() as u64, on_disk);
+    assert!(
+        kept.ends_with("131072\nthe end\n"),
+        "{}",
+        &kept[kept.len() - 20..]
+    );
+    let tail = read_logs(&agent.client, "loud", total - 8).await;
+    assert_eq!(tail, "the end\n");
+    // Following from the start while it writes gets the same bytes.
+    let job = shell_job("loud2", script);
+    agent.client.submit(&job).await.unwrap();
+    let followed = wait_for_output(&agent.client, "loud2", "the end\n").await;
+    assert!(followed.ends_with("131072\nthe end\n"));
 }

@@ -180,27 +180,55 @@ async fn a_queued_job_can_be_stopped_or_taken_back_and_never_starts() {
 }
 
 #[tokio::test]
-async fn queued_jobs_start_in_order_after_the_agent_restarts() {
+async fn queued_jobs_start_in_order_after_the_agent_restarts_unless_their_secrets_were_lost() {
     let agent = TestAgent::start().await;
     agent
         .client
         .submit(&shell_job("leader", "sleep 30"))
         .await
         .unwrap();
-    for (id, leader) in [("first", "leader"), ("second", "first")] {
-        agent
-            .client
-            .submit(&after(id, "echo after the restart; sleep 0.2", leader))
-            .await
-            .unwrap();
-    }
+    // Jobs with no environment (and no registry credentials): the journal holds all of them.
+    let bare = |id: &str, script: &str, leader: &str| JobSubmit {
+        env: Default::default(),
+        ..after(id, script, leader)
+    };
+    agent
+        .client
+        .submit(&bare(
+            "first",
+            "echo after the restart; /bin/sleep 0.2",
+            "leader",
+        ))
+        .await
+        .unwrap();
+    agent
+        .client
+        .submit(&bare("second", "echo after the restart", "first"))
+        .await
+        .unwrap();
+    // A job with an environment, which is kept only in memory.
+    let mut secret = after("secret", "echo $TOKEN", "second");
+    secret
+        .env
+        .insert("TOKEN".to_string(), "hunter2-queued".to_string());
+    agent.client.submit(&secret).await.unwrap();
     let agent = TestAgent::start_in(agent.stop().await).await;
     let client = &agent.client;
     let leader = client.job("leader").await.unwrap().unwrap();
     assert_eq!(leader.status, AgentJobStatus::Failed); // lost with the agent
+    let secret = client.job("secret").await.unwrap().unwrap();
+    assert_eq!(secret.status, AgentJobStatus::Failed);
+    assert!(
+        secret
+            .termination_message
+            .as_deref()
+            .unwrap()
+            .contains("kept only in memory"),
+        "{secret:?}"
+    );
     let first = wait_finished(client, "first").await;
     let second = wait_finished(client, "second").await;
-    assert_eq!(first.status, AgentJobStatus::Done);
+    assert_eq!(first.status, AgentJobStatus::Done, "{first:?}");
     assert!(second.started_at_ms >= first.finished_at_ms.unwrap());
     assert_eq!(read_logs(client, "second", 0).await, "after the restart\n");
 }

@@ -24,7 +24,8 @@ async fn start(config: &AgentConfig) -> (Healthcheck, AgentClient) {
     let health = within("the agent to start", spawn_detached(binary(), config))
         .await
         .expect("the agent starts");
-    (health, AgentClient::unix(&config.socket))
+    let client = AgentClient::local(&config.socket, &config.state_dir).unwrap();
+    (health, client)
 }
 
 /// The session id of process `pid`.

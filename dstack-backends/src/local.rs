@@ -1,13 +1,14 @@
 //! The `local` backend: this machine is the only offer, and its instance is the implicit
 //! `local` fleet. Jobs run as processes under a `dstack-agent` that this backend starts
 //! detached (and restarts when it is gone), so runs outlive the process that started them.
+//! An agent of another build (an upgrade) is replaced once it runs no job.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dstack_core::agent::AgentClient;
+use dstack_core::agent::{build_stamp, AgentClient, Healthcheck};
 use dstack_core::backend::{BoxFuture, Compute, ComputeError, CreatedInstance, InstanceConfig};
 use dstack_core::engine::{EngineError, EngineOptions};
 use dstack_core::model::Instance;
@@ -25,6 +26,8 @@ pub struct LocalBackend {
     docker_host: Option<std::ffi::OsString>,
     /// Whether the agent reported a container engine (learned from its healthcheck).
     containers: std::sync::atomic::AtomicBool,
+    /// The [`build_stamp`] of `agent_bin`, once read.
+    build: std::sync::OnceLock<String>,
 }
 
 impl LocalBackend {
@@ -36,6 +39,7 @@ impl LocalBackend {
             agent_path: None,
             docker_host: None,
             containers: std::sync::atomic::AtomicBool::new(false),
+            build: std::sync::OnceLock::new(),
         }
     }
 
@@ -63,12 +67,14 @@ impl LocalBackend {
         self.state_dir.join("agent.sock")
     }
 
-    /// Returns a client of the running agent, starting it if it does not answer.
+    /// Returns a client of the running agent, starting it if it does not answer (or if it
+    /// is of another build than `agent_bin` and runs no job: see [`Self::retire`]).
     pub async fn ensure_agent(&self) -> Result<AgentClient, ComputeError> {
-        let client = AgentClient::unix(self.socket());
-        if let Ok(health) = client.healthcheck().await {
-            self.note_containers(health.containers.is_some());
-            return Ok(client);
+        let probe = AgentClient::unix(self.socket());
+        let build = self.build()?;
+        match probe.healthcheck().await {
+            Ok(health) if health.build == build => return self.client(&health),
+            _ => {}
         }
         std::fs::create_dir_all(&self.state_dir)
             .map_err(|e| other("cannot create the agent state dir", e))?;
@@ -79,20 +85,80 @@ impl LocalBackend {
             .await
             .map_err(|e| ComputeError::Other(e.to_string()))?
             .map_err(|e| other("cannot lock the agent start lock", e))?;
-        if let Ok(health) = client.healthcheck().await {
-            self.note_containers(health.containers.is_some());
-            return Ok(client);
+        match probe.healthcheck().await {
+            Ok(health) if health.build == build => return self.client(&health),
+            Ok(other) => self.retire(&other).await?,
+            Err(_) => {}
         }
         self.spawn_agent().await?;
-        let health = client.healthcheck().await.map_err(|e| {
+        let health = probe.healthcheck().await.map_err(|e| {
             ComputeError::Other(format!(
                 "the local agent started but does not answer ({e}); see {}",
                 self.state_dir.join("agent.log").display()
             ))
         })?;
-        self.note_containers(health.containers.is_some());
         drop(lock);
-        Ok(client)
+        self.client(&health)
+    }
+
+    /// The build stamp of the agent binary this backend starts.
+    fn build(&self) -> Result<&str, ComputeError> {
+        if let Some(build) = self.build.get() {
+            return Ok(build);
+        }
+        let stamp = std::fs::File::open(&self.agent_bin)
+            .and_then(build_stamp)
+            .map_err(|e| other(&format!("cannot read {}", self.agent_bin.display()), e))?;
+        Ok(self.build.get_or_init(|| stamp))
+    }
+
+    /// A client of the agent that answered with `health`, holding its token.
+    fn client(&self, health: &Healthcheck) -> Result<AgentClient, ComputeError> {
+        self.note_containers(health.containers.is_some());
+        AgentClient::local(self.socket(), &self.state_dir)
+            .map_err(|e| other("cannot read the local agent's token", e))
+    }
+
+    /// Stops the running agent of another build (`health`), so that this build's starts: only
+    /// once it runs no job (stopping it would lose them); until then this is an error that
+    /// says so.
+    async fn retire(&self, health: &Healthcheck) -> Result<(), ComputeError> {
+        // An agent older than the token has none and needs none.
+        let old = AgentClient::local(self.socket(), &self.state_dir)
+            .unwrap_or_else(|_| AgentClient::unix(self.socket()));
+        let busy = old
+            .jobs()
+            .await
+            .map_err(|e| ComputeError::Other(format!("cannot list the old agent's jobs: {e}")))?
+            .iter()
+            .filter(|job| !job.status.is_finished())
+            .count();
+        let pid = health.pid;
+        if busy > 0 {
+            return Err(ComputeError::Other(format!(
+                "the local agent (pid {pid}, {}) is another build than {} and still runs {busy} \
+                 job(s): it is replaced once they end (or stop it with `kill {pid}`: its jobs are \
+                 then lost)",
+                self.socket().display(),
+                self.agent_bin.display()
+            )));
+        }
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).map_err(|e| {
+            ComputeError::Other(format!("cannot stop the old local agent (pid {pid}): {e}"))
+        })?;
+        let deadline = tokio::time::Instant::now() + AGENT_START_TIMEOUT;
+        // Gone once the process is (it holds the state directory's lock until it exits).
+        while nix::sys::signal::kill(pid, None).is_ok() {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ComputeError::Other(format!(
+                    "the old local agent (pid {pid}) did not stop within {}s",
+                    AGENT_START_TIMEOUT.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
     }
 
     /// Records whether the agent has a container engine (see `supports_containers`).

@@ -619,7 +619,11 @@ async fn a_hung_agent_is_given_up_on_and_used_again_once_it_answers() {
         !instance().unreachable
     })
     .await;
-    let agent = dstack_core::agent::AgentClient::unix(home.path().join("agent/agent.sock"));
+    let agent = dstack_core::agent::AgentClient::local(
+        home.path().join("agent/agent.sock"),
+        &home.path().join("agent"),
+    )
+    .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !agent
         .job(&job.id)
@@ -658,7 +662,11 @@ async fn an_end_the_store_failed_to_record_is_recorded_once_it_can() {
     .unwrap();
     std::fs::write(&go, "").unwrap();
     let job = run.jobs().unwrap().pop().unwrap();
-    let agent = dstack_core::agent::AgentClient::unix(home.path().join("agent/agent.sock"));
+    let agent = dstack_core::agent::AgentClient::local(
+        home.path().join("agent/agent.sock"),
+        &home.path().join("agent"),
+    )
+    .unwrap();
     eventually(30, "the agent sees the job end", async || {
         agent
             .job(&job.id)
@@ -1254,4 +1262,63 @@ async fn a_waiter_on_a_run_is_woken_by_that_runs_changes_only() {
     .await
     .expect("the run's own end reaches its waiter");
     assert!(finish(&long).await.status.is_finished());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_of_another_build_is_replaced_once_it_runs_no_job() {
+    let home = Home::new();
+    // Another build: the same program with a byte more (still runs, another stamp).
+    let old_bin = home.path().join("old-dstack-agent");
+    let mut bytes = std::fs::read(agent_binary()).unwrap();
+    bytes.push(0);
+    std::fs::write(&old_bin, bytes).unwrap();
+    std::fs::set_permissions(
+        &old_bin,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let old = LocalBackend::new(home.path(), old_bin)
+        .ensure_agent()
+        .await
+        .unwrap();
+    let old_health = old.healthcheck().await.unwrap();
+    let job = dstack_core::agent::JobSubmit {
+        id: "busy".to_string(),
+        name: "busy-0-0".to_string(),
+        argv: vec!["/bin/sleep".to_string(), "30".to_string()],
+        env: BTreeMap::new(),
+        working_dir: "/".to_string(),
+        max_duration_secs: None,
+        mpi_hostfile: None,
+        after: None,
+        container: None,
+    };
+    old.submit(&job).await.unwrap();
+
+    // While it runs a job, it is kept, and the new build says why it cannot start.
+    let new = LocalBackend::new(home.path(), agent_binary());
+    let refused = new.ensure_agent().await.unwrap_err().to_string();
+    assert!(refused.contains("still runs 1 job"), "{refused}");
+    assert_eq!(old.healthcheck().await.unwrap().pid, old_health.pid);
+
+    // Once it runs none, it is replaced.
+    let stop = dstack_core::agent::StopRequest {
+        abort: true,
+        grace_secs: 0,
+        reason: "test".to_string(),
+    };
+    old.stop("busy", &stop).await.unwrap();
+    eventually(20, "the job to end", async || {
+        old.job("busy")
+            .await
+            .unwrap()
+            .is_some_and(|j| j.status.is_finished())
+    })
+    .await;
+    let client = new.ensure_agent().await.unwrap();
+    let health = client.healthcheck().await.unwrap();
+    assert_ne!(health.pid, old_health.pid);
+    assert_ne!(health.build, old_health.build);
+    // The new agent has the old one's jobs (and the same token).
+    assert!(client.job("busy").await.unwrap().is_some());
 }

@@ -82,7 +82,7 @@ impl From<EngineError> for Failure {
                 ComputeError::NotFound(_) => "ResourceNotExistsError",
                 ComputeError::Unauthenticated(_) => "BackendAuthError",
                 ComputeError::NotSupported(_) => "NotSupportedError",
-                ComputeError::Other(_) => "BackendError",
+                ComputeError::Other(_) | ComputeError::Unknown(_) => "BackendError",
             },
             EngineError::Agent(_) => "BackendError",
             EngineError::Unsupported(_) => "NotSupportedError",

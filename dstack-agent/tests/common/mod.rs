@@ -7,7 +7,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use dstack_agent::{Agent, AgentConfig};
+use dstack_agent::{Agent, AgentConfig, Limits};
 use dstack_core::agent::{AgentClient, JobInfo, JobSubmit};
 use futures_util::StreamExt;
 use tempfile::TempDir;
@@ -52,9 +52,15 @@ impl TestAgent {
 
     /// Starts an agent in `dir` (from [`TestAgent::stop`]), on the state an earlier agent left.
     pub async fn start_in(dir: TempDir) -> TestAgent {
-        let config = AgentConfig::new(dir.path().join("agent.sock"), dir.path().join("state"));
+        TestAgent::start_with(dir, Limits::default()).await
+    }
+
+    /// Starts an agent in `dir` with `limits`.
+    pub async fn start_with(dir: TempDir, limits: Limits) -> TestAgent {
+        let mut config = AgentConfig::new(dir.path().join("agent.sock"), dir.path().join("state"));
+        config.limits = limits;
         let agent = Agent::start(config).await.expect("the agent starts");
-        let client = AgentClient::unix(agent.socket());
+        let client = AgentClient::local(agent.socket(), &dir.path().join("state")).unwrap();
         let (shutdown, stop) = oneshot::channel();
         let task = tokio::spawn(agent.serve_until(async {
             let _ = stop.await;
@@ -65,6 +71,16 @@ impl TestAgent {
             shutdown: Some(shutdown),
             task: Some(task),
         }
+    }
+
+    /// The agent's socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("agent.sock")
+    }
+
+    /// The agent's token.
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.state_dir().join("agent.token")).unwrap()
     }
 
     /// The agent's state directory.

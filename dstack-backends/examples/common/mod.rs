@@ -103,6 +103,7 @@ pub async fn start_agent(dir: &Path) -> (std::process::Child, AgentClient) {
     while client.healthcheck().await.is_err() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let client = AgentClient::local(&socket, &dir.join("agent")).expect("the agent's token");
     (agent, client)
 }
 

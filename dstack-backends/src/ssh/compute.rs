@@ -258,7 +258,10 @@ impl Compute for SshCompute {
         Box::pin(async move {
             let data = Self::data(instance)?;
             let agent = Self::remote_agent(instance, &data)?;
-            Ok(agent.client(self.link(&data.target)))
+            agent
+                .client(self.link(&data.target))
+                .await
+                .map_err(to_compute)
         })
     }
 

@@ -4,11 +4,12 @@
 //! agent binary, its socket and its state. The agent runs detached (its own session), so it
 //! outlives the SSH connection.
 
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::Path;
 use std::time::Duration;
 
-use dstack_core::agent::{AgentClient, AgentDialer, AgentStream, Healthcheck, StopRequest};
+use dstack_core::agent::{
+    build_stamp, AgentClient, AgentDialer, AgentStream, Healthcheck, StopRequest,
+};
 use dstack_core::backend::BoxFuture;
 use std::sync::Arc;
 
@@ -59,7 +60,10 @@ impl RemoteAgent {
             target: session.target().to_string(),
             message: format!("cannot read the agent binary {}: {e}", binary.display()),
         })?;
-        let stamp = stamp(&bytes);
+        let stamp = build_stamp(&bytes[..]).map_err(|e| SshError::Session {
+            target: session.target().to_string(),
+            message: format!("cannot read the agent binary {}: {e}", binary.display()),
+        })?;
         let dir = quote(&self.dir);
         let bin = quote(&self.binary());
         let current = session
@@ -78,16 +82,25 @@ impl RemoteAgent {
         session.run(&command, Some(&bytes)).await.map(drop)
     }
 
-    /// Starts the agent (with `env`) if it does not answer; returns its healthcheck.
+    /// Starts the agent (with `env`) if it does not answer; returns its healthcheck. An agent
+    /// of another build than the one installed (see [`Self::install`]) that runs no job is
+    /// stopped and replaced; one still running jobs is an error.
     pub async fn start(
         &self,
         link: &Arc<HostLink>,
         env: &std::collections::BTreeMap<String, String>,
     ) -> Result<Healthcheck, SshError> {
-        let client = self.client(link.clone());
+        let probe = AgentClient::dial(self.dialer(link.clone()));
         let session = link.session().await?;
-        if let Ok(health) = client.healthcheck().await {
-            return Ok(health);
+        if let Ok(health) = probe.healthcheck().await {
+            let installed = session
+                .exec(&format!("cat {}/agent.stamp", quote(&self.dir)), None)
+                .await?
+                .text();
+            if health.build == installed {
+                return Ok(health);
+            }
+            self.retire(&session, link, &health).await?;
         }
         // The fleet's env reaches the agent too (e.g. DOCKER_HOST for its container engine),
         // as shell assignments on standard input: never on a command line (which every user
@@ -109,7 +122,7 @@ impl RemoteAgent {
             quote(&self.state_dir())
         );
         session.run(&command, Some(assignments.as_bytes())).await?;
-        client.healthcheck().await.map_err(|e| SshError::Session {
+        probe.healthcheck().await.map_err(|e| SshError::Session {
             target: session.target().to_string(),
             message: format!("the agent started but does not answer: {e}"),
         })
@@ -139,7 +152,9 @@ impl RemoteAgent {
     /// agent that does not answer has nothing to stop: removing its directory makes it abort
     /// its jobs and exit (it checks every 2 s).
     async fn stop_jobs(&self, link: &Arc<HostLink>) {
-        let client = self.client(link.clone());
+        let Ok(client) = self.client(link.clone()).await else {
+            return;
+        };
         let Ok(jobs) = client.jobs().await else {
             return;
         };
@@ -169,12 +184,56 @@ impl RemoteAgent {
         Ok(other_agents(&out.text(), &self.socket()))
     }
 
-    /// A client of this agent over the host's (pooled, reconnecting) SSH connection.
-    pub fn client(&self, link: Arc<HostLink>) -> AgentClient {
-        AgentClient::dial(Arc::new(SshDialer {
+    /// Stops the running agent of another build (`health`) if it runs no job (its jobs would
+    /// be lost), and waits until it has exited.
+    async fn retire(
+        &self,
+        session: &SshSession,
+        link: &Arc<HostLink>,
+        health: &Healthcheck,
+    ) -> Result<(), SshError> {
+        // An agent older than the token has none and needs none.
+        let old = match self.client(link.clone()).await {
+            Ok(client) => client,
+            Err(_) => AgentClient::dial(self.dialer(link.clone())),
+        };
+        let failed = |message: String| SshError::Session {
+            target: session.target().to_string(),
+            message,
+        };
+        let jobs = old
+            .jobs()
+            .await
+            .map_err(|e| failed(format!("cannot list the old agent's jobs: {e}")))?;
+        let busy = jobs.iter().filter(|j| !j.status.is_finished()).count();
+        let pid = health.pid;
+        if busy > 0 {
+            return Err(failed(format!(
+                "the agent (pid {pid}) is another build than the one installed and still runs \
+                 {busy} job(s): it is replaced once they end"
+            )));
+        }
+        let command = format!(
+            "kill {pid} 2>/dev/null; i=0; while kill -0 {pid} 2>/dev/null && [ $i -lt 200 ]; \
+             do sleep 0.05; i=$((i+1)); done; ! kill -0 {pid} 2>/dev/null"
+        );
+        session.run(&command, None).await.map(drop)
+    }
+
+    /// A client of this agent over the host's (pooled, reconnecting) SSH connection, holding
+    /// the agent's token (read from the host).
+    pub async fn client(&self, link: Arc<HostLink>) -> Result<AgentClient, SshError> {
+        let session = link.session().await?;
+        let path = format!("{}/{}", self.state_dir(), dstack_core::agent::TOKEN_FILE);
+        let token = session.run(&format!("cat {}", quote(&path)), None).await?;
+        Ok(AgentClient::dial(self.dialer(link)).with_token(&token.text()))
+    }
+
+    fn dialer(&self, link: Arc<HostLink>) -> Arc<SshDialer> {
+        Arc::new(SshDialer {
             link,
             socket: self.socket(),
-        }))
+        })
     }
 }
 
@@ -228,13 +287,6 @@ impl AgentDialer for SshDialer {
     fn target(&self) -> String {
         format!("{}:{}", self.link.target(), self.socket)
     }
-}
-
-/// Identifies a build of the agent.
-fn stamp(bytes: &[u8]) -> String {
-    let mut hasher = DefaultHasher::new();
-    bytes.hash(&mut hasher);
-    format!("{}-{:016x}", bytes.len(), hasher.finish())
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures_core::Stream;
 use futures_util::{StreamExt, TryStreamExt};
-use http_body_util::{BodyExt, BodyStream, Full};
+use http_body_util::{BodyExt, BodyStream, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response};
 use hyper_util::rt::TokioIo;
@@ -43,6 +43,9 @@ pub enum AgentError {
     /// The agent's answer was not the expected JSON.
     #[error("unexpected answer from the agent: {0}")]
     Decode(#[from] serde_json::Error),
+    /// The agent's answer was larger than a client reads ([`MAX_ANSWER_BYTES`]).
+    #[error("the agent's answer is larger than {} bytes", MAX_ANSWER_BYTES)]
+    TooLarge,
 }
 
 impl AgentError {
@@ -92,13 +95,25 @@ type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 /// How many idle keep-alive connections a local agent's client keeps.
 const IDLE_CONNECTIONS: usize = 4;
 
+/// How long an idle keep-alive connection is reused: well within the agent's
+/// header-read timeout, which closes connections that stay idle longer (a request sent as
+/// the agent closes its connection would fail).
+const IDLE_REUSE: Duration = Duration::from_secs(3);
+
+/// The largest answer (JSON, metrics, error text) a client reads whole; logs and events are
+/// streamed and not bounded.
+pub const MAX_ANSWER_BYTES: usize = 64 * 1024 * 1024;
+
 /// A client of one agent.
 #[derive(Clone)]
 pub struct AgentClient {
     transport: Transport,
+    /// The secret the agent's API requires (its state directory's [`super::TOKEN_FILE`]).
+    token: Option<Arc<str>>,
     /// Idle keep-alive connections to a local agent, reused by the next request (a request
-    /// body is read whole, so its connection is free again once the answer is read).
-    idle: Arc<std::sync::Mutex<Vec<Sender>>>,
+    /// body is read whole, so its connection is free again once the answer is read), each
+    /// with when it became idle.
+    idle: Arc<std::sync::Mutex<Vec<(Sender, tokio::time::Instant)>>>,
 }
 
 impl std::fmt::Debug for AgentClient {
@@ -112,6 +127,7 @@ impl AgentClient {
     pub fn unix(socket: impl Into<PathBuf>) -> Self {
         AgentClient {
             transport: Transport::Unix(socket.into()),
+            token: None,
             idle: Default::default(),
         }
     }
@@ -120,8 +136,23 @@ impl AgentClient {
     pub fn dial(dialer: Arc<dyn AgentDialer>) -> Self {
         AgentClient {
             transport: Transport::Dialer(dialer),
+            token: None,
             idle: Default::default(),
         }
+    }
+
+    /// The same client, sending `token` (what the agent wrote to its state directory's
+    /// [`super::TOKEN_FILE`]) with every request.
+    pub fn with_token(mut self, token: &str) -> Self {
+        self.token = Some(Arc::from(token.trim()));
+        self
+    }
+
+    /// A client of the agent on this machine listening on `socket` whose state directory is
+    /// `state_dir` (where it reads the agent's token).
+    pub fn local(socket: impl Into<PathBuf>, state_dir: &Path) -> std::io::Result<Self> {
+        let token = std::fs::read_to_string(state_dir.join(super::TOKEN_FILE))?;
+        Ok(AgentClient::unix(socket).with_token(&token))
     }
 
     /// The local socket path, for an agent on this machine.
@@ -191,8 +222,8 @@ impl AgentClient {
     /// An idle connection that is still open, if any.
     fn reuse(&self) -> Option<Sender> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some(sender) = idle.pop() {
-            if !sender.is_closed() {
+        while let Some((sender, since)) = idle.pop() {
+            if !sender.is_closed() && since.elapsed() < IDLE_REUSE {
                 return Some(sender);
             }
         }
@@ -204,7 +235,7 @@ impl AgentClient {
         if matches!(self.transport, Transport::Unix(_)) && !sender.is_closed() {
             let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
             if idle.len() < IDLE_CONNECTIONS {
-                idle.push(sender);
+                idle.push((sender, tokio::time::Instant::now()));
             }
         }
     }
@@ -229,6 +260,9 @@ impl AgentClient {
                 .header("host", "dstack-agent");
             if !body.is_empty() {
                 req = req.header("content-type", "application/json");
+            }
+            if let Some(token) = &self.token {
+                req = req.header("authorization", format!("Bearer {token}"));
             }
             req.body(Full::new(body.clone()))
                 .map_err(|e| AgentError::Status {
@@ -261,7 +295,7 @@ impl AgentClient {
             return Ok((resp, sender));
         }
         let status = resp.status().as_u16();
-        let bytes = resp.into_body().collect().await?.to_bytes();
+        let bytes = read_whole(resp).await?;
         self.release(sender);
         Err(AgentError::Status {
             status,
@@ -287,7 +321,7 @@ impl AgentClient {
         body: Option<Vec<u8>>,
     ) -> Result<T, AgentError> {
         let (resp, sender) = self.send_within(timeout, method, path, body).await?;
-        let bytes = resp.into_body().collect().await?.to_bytes();
+        let bytes = read_whole(resp).await?;
         self.release(sender);
         Ok(serde_json::from_slice(&bytes)?)
     }
@@ -362,7 +396,7 @@ impl AgentClient {
         let resp = self
             .send(Method::GET, &format!("/api/jobs/{id}/metrics"), None)
             .await?;
-        Ok(resp.into_body().collect().await?.to_bytes())
+        read_whole(resp).await
     }
 
     /// `GET /api/events`: the state of every job, then every change. The stream ends with an
@@ -380,6 +414,20 @@ impl AgentClient {
         let stream = TryStreamExt::map_err(BodyStream::new(resp.into_body()), AgentError::Http)
             .try_filter_map(|frame| async move { Ok(frame.into_data().ok()) });
         Ok(Box::pin(stream))
+    }
+}
+
+/// The whole body of an answer, at most [`MAX_ANSWER_BYTES`].
+async fn read_whole(resp: Response<Incoming>) -> Result<Bytes, AgentError> {
+    match Limited::new(resp.into_body(), MAX_ANSWER_BYTES)
+        .collect()
+        .await
+    {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) => match e.downcast::<hyper::Error>() {
+            Ok(e) => Err(AgentError::Http(*e)),
+            Err(_) => Err(AgentError::TooLarge),
+        },
     }
 }
 

@@ -28,6 +28,37 @@ pub struct Healthcheck {
     /// socket), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub containers: Option<String>,
+    /// Which build of the agent answers ([`build_stamp`] of its binary; empty from agents
+    /// older than the stamp): a client finding an agent of another build replaces it.
+    #[serde(default)]
+    pub build: String,
+}
+
+/// The file, in an agent's state directory, holding the secret its API requires (mode
+/// 0600): every request but `GET /api/healthcheck` carries `Authorization: Bearer <token>`.
+/// Jobs are never given it (see the README's "Security model").
+pub const TOKEN_FILE: &str = "agent.token";
+
+/// Identifies a build of the agent binary read from `binary`: its length and a hash of its
+/// bytes (read in chunks: a binary is never held whole). The agent reports its own in
+/// [`Healthcheck::build`]; deployers compare it with the binary they would start.
+pub fn build_stamp(mut binary: impl std::io::Read) -> std::io::Result<String> {
+    use std::hash::{DefaultHasher, Hasher};
+    let mut hasher = DefaultHasher::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut len = 0u64;
+    loop {
+        match binary.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                hasher.write(&buf[..n]);
+                len += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(format!("{len}-{:016x}", hasher.finish()))
 }
 
 /// Resources of the agent's host (all zero until an agent reported them).
