@@ -31,39 +31,32 @@ impl Project {
             .mode(0o700)
             .create(home)?;
         let owner_file = home.join("owner-id");
-        let owner_id = match fs::read_to_string(&owner_file) {
-            Ok(id) if !id.trim().is_empty() => id.trim().to_string(),
-            _ => {
-                let id = uuid_like(&random_bytes::<16>()?);
-                write_private(&owner_file, format!("{id}\n").as_bytes())?;
-                id
-            }
-        };
+        let owner_id = read_or_create(&owner_file, || {
+            Ok(format!("{}\n", uuid_like(&random_bytes::<16>()?)).into_bytes())
+        })?
+        .trim()
+        .to_string();
         let dir = home.join("ssh");
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&dir)?;
         let ssh_key = dir.join("project_key");
-        let private = match fs::read_to_string(&ssh_key) {
-            Ok(text) => PrivateKey::from_openssh(&text).map_err(|e| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{}: {e}", ssh_key.display()),
-                )
-            })?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let pair = Ed25519Keypair::from_seed(&random_bytes::<32>()?);
-                let mut key = PrivateKey::from(pair);
-                key.set_comment("dstack");
-                let text = key
-                    .to_openssh(LineEnding::LF)
-                    .map_err(|e| io::Error::other(e.to_string()))?;
-                write_private(&ssh_key, text.as_bytes())?;
-                key
-            }
-            Err(e) => return Err(e),
-        };
+        let text = read_or_create(&ssh_key, || {
+            let pair = Ed25519Keypair::from_seed(&random_bytes::<32>()?);
+            let mut key = PrivateKey::from(pair);
+            key.set_comment("dstack");
+            let text = key
+                .to_openssh(LineEnding::LF)
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            Ok(text.as_bytes().to_vec())
+        })?;
+        let private = PrivateKey::from_openssh(&text).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {e}", ssh_key.display()),
+            )
+        })?;
         fs::set_permissions(&ssh_key, fs::Permissions::from_mode(0o600))?;
         let ssh_public_key = private
             .public_key()
@@ -133,6 +126,36 @@ fn uuid_like(b: &[u8; 16]) -> String {
     )
 }
 
+/// The text of `path`, creating it from `make` if it is missing (or empty, as a write cut
+/// short before files were linked into place left it). The new file is written whole under a
+/// temporary name and linked into place, so that of two processes creating it at once one
+/// wins and both read what it wrote.
+fn read_or_create(path: &Path, make: impl FnOnce() -> io::Result<Vec<u8>>) -> io::Result<String> {
+    let empty = match fs::read_to_string(path) {
+        Ok(text) if !text.trim().is_empty() => return Ok(text),
+        Ok(_) => true,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        Err(e) => return Err(e),
+    };
+    let tag: String = random_bytes::<8>()?
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let temp = path.with_extension(format!("new.{tag}"));
+    write_private(&temp, &make()?)?;
+    let placed = if empty {
+        fs::rename(&temp, path)
+    } else {
+        match fs::hard_link(&temp, path) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            other => other,
+        }
+    };
+    let _ = fs::remove_file(&temp);
+    placed?;
+    fs::read_to_string(path)
+}
+
 /// Writes a new file readable by its owner only.
 fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let mut file = fs::OpenOptions::new()
@@ -141,7 +164,8 @@ fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
         .truncate(true)
         .mode(0o600)
         .open(path)?;
-    file.write_all(bytes)
+    file.write_all(bytes)?;
+    file.sync_all()
 }
 
 #[cfg(test)]
@@ -164,5 +188,26 @@ mod tests {
             .mode()
             & 0o777;
         assert_eq!(dir, 0o700);
+    }
+
+    #[test]
+    fn processes_creating_the_identity_at_once_end_with_one() {
+        let home = tempfile::tempdir().unwrap();
+        let made: Vec<Project> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| Project::load_or_create(home.path()).unwrap()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for p in &made {
+            assert_eq!(p.owner_id, made[0].owner_id);
+            assert_eq!(p.ssh_public_key, made[0].ssh_public_key);
+        }
+        // Nothing temporary is left behind.
+        let left: Vec<_> = fs::read_dir(home.path().join("ssh"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("project_key")]);
     }
 }

@@ -702,7 +702,10 @@ async fn a_gigabyte_of_output_streams_with_bounded_memory() {
     while let Some(chunk) = logs.next().await {
         total += chunk.unwrap().len();
     }
-    assert_eq!(total, 1 << 30);
+    // The agent keeps the newest 32-64 MiB of a job's output (two rotated files): a follower
+    // that falls further behind than that goes on from the oldest byte kept, so it reads at
+    // least the last file and never more than was written.
+    assert!((32 << 20..=1 << 30).contains(&total), "{total}");
     assert_done(&run).await;
     for pid in ["self".to_string(), home.agent_pid().unwrap().to_string()] {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

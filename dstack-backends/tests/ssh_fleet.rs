@@ -77,6 +77,17 @@ async fn apply_fleet(client: &Client, yaml: &str) -> (Vec<Instance>, Vec<String>
     (instances.unwrap(), lines)
 }
 
+/// Applies `yaml`, which must bring no host up, and returns why (the first instance's
+/// status message).
+async fn refused(client: &Client, yaml: &str, fleet: &str) -> String {
+    let (live, progress) = apply_fleet(client, yaml).await;
+    assert!(live.is_empty(), "{progress:?}");
+    all_instances(client, fleet)
+        .into_iter()
+        .find_map(|i| i.status_message)
+        .unwrap_or_default()
+}
+
 fn all_instances(client: &Client, fleet: &str) -> Vec<Instance> {
     client
         .fleets()
@@ -265,12 +276,7 @@ async fn a_changed_host_key_is_refused() {
     client.engine().delete_fleet(&fleet, false).await.unwrap();
 
     hosts.hosts[0].change_host_key();
-    let (live, progress) = apply_fleet(&client, &yaml).await;
-    assert!(live.is_empty(), "{progress:?}");
-    let message = all_instances(&client, &fleet)
-        .into_iter()
-        .find_map(|i| i.status_message)
-        .unwrap_or_default();
+    let message = refused(&client, &yaml, &fleet).await;
     assert!(message.contains("host key has changed"), "{message}");
     assert!(
         message.contains("known_hosts"),
@@ -294,12 +300,7 @@ async fn a_host_key_of_another_algorithm_than_the_pinned_one_is_refused() {
     // The host now presents only an RSA key: nothing of that algorithm is on record, yet the
     // host is known, so the key is refused and not recorded beside the pinned one.
     hosts.hosts[0].set_host_keys(&["rsa"]);
-    let (live, progress) = apply_fleet(&client, &yaml).await;
-    assert!(live.is_empty(), "{progress:?}");
-    let message = all_instances(&client, &fleet)
-        .into_iter()
-        .find_map(|i| i.status_message)
-        .unwrap_or_default();
+    let message = refused(&client, &yaml, &fleet).await;
     assert!(message.contains("host key has changed"), "{message}");
     assert_eq!(std::fs::read_to_string(known_hosts.path()).unwrap(), pinned);
 }
@@ -757,12 +758,7 @@ async fn no_disk_space_for_the_agent_is_a_clear_per_host_error() {
     host.run_inside(&format!(
         "mkdir -p {dir} && mount -t tmpfs -o size=1m tmpfs {dir}"
     ));
-    let (live, progress) = apply_fleet(&client, &hosts.fleet_yaml(&fleet)).await;
-    assert!(live.is_empty(), "{progress:?}");
-    let message = all_instances(&client, &fleet)
-        .into_iter()
-        .find_map(|i| i.status_message)
-        .unwrap_or_default();
+    let message = refused(&client, &hosts.fleet_yaml(&fleet), &fleet).await;
     assert!(message.contains("No space left on device"), "{message}");
     let left = host.run_inside(&format!("find {dir} -type f"));
     host.run_inside(&format!("umount {dir}"));

@@ -245,13 +245,9 @@ pub fn redact_run(run: &mut serde_json::Value) {
 }
 
 fn check_name(name: &str) -> Result<(), SecretError> {
-    let mut chars = name.chars();
     let valid = name.len() <= MAX_NAME_LEN
         && !name.starts_with(RUN_PREFIX)
-        && chars
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+        && crate::config::interpolate::is_identifier(name);
     if valid {
         Ok(())
     } else {

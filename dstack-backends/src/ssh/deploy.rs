@@ -107,7 +107,7 @@ impl RemoteAgent {
         // of the host can read) nor in an error message.
         let mut assignments = String::new();
         for (name, value) in env {
-            if !is_variable_name(name) {
+            if !dstack_core::config::interpolate::is_identifier(name) {
                 return Err(SshError::Session {
                     target: session.target().to_string(),
                     message: format!("invalid environment variable name {name:?}"),
@@ -235,15 +235,6 @@ impl RemoteAgent {
             socket: self.socket(),
         })
     }
-}
-
-/// `[A-Za-z_][A-Za-z0-9_]*`: a name a shell assigns.
-fn is_variable_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// Prints the command line of every `dstack-agent serve` process on the host, one per line

@@ -92,11 +92,12 @@ fn split_name(name: &str) -> Option<Name<'_>> {
         return Some(Name::Groups);
     }
     let (namespace, key) = name.split_once('.')?;
-    (identifier(namespace) && identifier(key)).then_some(Name::Plain(namespace, key))
+    (is_identifier(namespace) && is_identifier(key)).then_some(Name::Plain(namespace, key))
 }
 
-/// `[A-Za-z_][A-Za-z0-9_]*`.
-fn identifier(s: &str) -> bool {
+/// `[A-Za-z_][A-Za-z0-9_]*`: a reference's namespace or name, a secret's name, a name a
+/// shell assigns.
+pub fn is_identifier(s: &str) -> bool {
     let mut chars = s.chars();
     chars
         .next()
