@@ -401,6 +401,16 @@ async fn two_state_directories_deploying_the_same_fleet_name_to_one_host_stay_ap
     let (theirs, progress) = apply_fleet(&b, &yaml).await;
     assert_eq!(theirs.len(), 1, "{progress:?}");
     assert_ne!(ours[0].backend_data["dir"], theirs[0].backend_data["dir"]);
+    // A host without GPUs is shared, and said so.
+    let ours_socket = format!(
+        "{}/agent.sock",
+        ours[0].backend_data["dir"].as_str().unwrap()
+    );
+    let note = theirs[0].status_message.clone().unwrap_or_default();
+    assert!(
+        note.contains("another dstack-agent") && note.contains(&ours_socket),
+        "{note}"
+    );
 
     let job = format!("sleep {}.9", 5000 + std::process::id() % 1000);
     let _run = submit(

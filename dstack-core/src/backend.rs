@@ -127,6 +127,9 @@ pub struct Deployed {
     pub session: crate::model::HostSession,
     /// Whether the host's agent has a container engine (runs `image:` jobs).
     pub containers: bool,
+    /// What the user should know about the host (e.g. that another agent shares it), kept as
+    /// the instance's status message.
+    pub note: Option<String>,
 }
 
 /// A provider of instances.

@@ -36,10 +36,14 @@ def ssh_host(tmp_path: Path) -> Iterator[Tuple[str, Path]]:
         f"ip link set {veth}n netns {ns} && ip addr add 10.231.253.{base + 1}/30 dev {veth} && "
         f"ip link set {veth} up && ip netns exec {ns} ip addr add {addr}/30 dev {veth}n && "
         f"ip netns exec {ns} ip link set {veth}n up && ip netns exec {ns} ip link set lo up && "
-        f"mkdir -p /run/sshd && ip netns exec {ns} /usr/sbin/sshd -f /dev/null "
+        # Logins on the host start plain: this machine's ~/.bashrc may run slow tools (pyenv's
+        # rehash); masked in the host's own mount namespace only.
+        f"mkdir -p /run/sshd && ip netns exec {ns} sh -c '"
+        f'[ -f "$HOME/.bashrc" ] && mount --bind /dev/null "$HOME/.bashrc"; '
+        f"exec /usr/sbin/sshd -f /dev/null "
         f"-h {tmp_path}/host_key -o ListenAddress={addr} -o PidFile={tmp_path}/sshd.pid "
         f"-o AuthorizedKeysFile={tmp_path}/authorized_keys -o StrictModes=no -o UsePAM=no "
-        f"-o PermitRootLogin=prohibit-password"
+        f"-o PermitRootLogin=prohibit-password'"
     )
     try:
         yield addr, tmp_path / "client_key"

@@ -118,20 +118,24 @@ impl SshCompute {
             .await
             .map_err(to_compute)?;
         let health = agent.start(&link, &data.env).await.map_err(to_compute)?;
-        // Another agent on a host with GPUs would hand the same GPUs to its jobs.
-        if !health.host.gpus.is_empty() {
-            let others = agent.others(&session).await.map_err(to_compute)?;
-            if !others.is_empty() {
-                agent.remove(&link).await.map_err(to_compute)?;
-                return Err(ComputeError::NotSupported(format!(
-                    "{}: another dstack-agent runs on this host ({}), deployed by another \
-                     fleet or state directory; both would hand out the same GPUs. Delete that \
-                     fleet first",
-                    data.target,
-                    others.join(", ")
-                )));
-            }
+        // Another agent on a host with GPUs would hand the same GPUs to its jobs: refused.
+        // Without GPUs the host is shared, and said so (each counts CPU and memory apart).
+        let others = agent.others(&session).await.map_err(to_compute)?;
+        let note = (!others.is_empty()).then(|| {
+            format!(
+                "another dstack-agent runs on this host ({}), deployed by another fleet or \
+                 state directory",
+                others.join(", ")
+            )
+        });
+        if let Some(note) = note.as_ref().filter(|_| !health.host.gpus.is_empty()) {
+            agent.remove(&link).await.map_err(to_compute)?;
+            return Err(ComputeError::NotSupported(format!(
+                "{}: {note}; both would hand out the same GPUs. Delete that fleet first",
+                data.target
+            )));
         }
+        let note = note.map(|n| format!("{n}: CPU and memory are shared, each counts its own"));
         data.dir = Some(agent.dir.clone());
         let backend_data = serde_json::to_value(&data)
             .map_err(|e| ComputeError::Other(format!("cannot record the host: {e}")))?;
@@ -140,6 +144,7 @@ impl SshCompute {
             backend_data,
             session: session_info,
             containers: health.containers.is_some(),
+            note,
         })
     }
 

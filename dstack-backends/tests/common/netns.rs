@@ -60,11 +60,15 @@ impl TestHost {
             .collect();
         keys.sort();
         let keys: String = keys.iter().map(|k| format!("-h {k} ")).collect();
+        // The host's logins start plain: this machine's ~/.bashrc may run slow tools (pyenv's
+        // rehash, which waits on a lock that a shell killed with its host leaves behind). It
+        // is masked in the host's own mount namespace only.
         sh(&format!(
-            "ip netns exec {ns} /usr/sbin/sshd -f /dev/null {keys}\
+            "ip netns exec {ns} sh -c '[ -f \"$HOME/.bashrc\" ] && mount --bind /dev/null \"$HOME/.bashrc\"; \
+             exec /usr/sbin/sshd -f /dev/null {keys}\
              -o ListenAddress={addr} -o PidFile={pid} -o AuthorizedKeysFile={dir}/authorized_keys \
              -o StrictModes=no -o UsePAM=no -o PermitRootLogin=prohibit-password \
-             -o MaxStartups=100 -o MaxSessions=100",
+             -o MaxStartups=100 -o MaxSessions=100'",
             ns = self.ns,
             dir = self.dir.display(),
             addr = self.addr,

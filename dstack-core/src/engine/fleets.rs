@@ -354,7 +354,7 @@ impl Inner {
                 session.env.extend(env.clone());
                 instance.session = Some(session);
                 instance.status = InstanceStatus::Idle;
-                instance.status_message = None;
+                instance.status_message = deployed.note;
                 progress(&instance, "ready");
             }
             Err(e) => {
