@@ -37,11 +37,6 @@ const EVENT_BACKLOG: usize = 1024;
 /// What the agent says about a job that was running when the previous agent stopped.
 const LOST_MESSAGE: &str = "the agent stopped while the job was running; the job was lost";
 
-/// What the agent says about a queued job whose environment or registry credentials the
-/// previous agent held (only in memory: the journal never holds them).
-const WITHHELD_MESSAGE: &str = "the agent restarted before the job started, and a queued \
-     job's environment and registry credentials are kept only in memory: submit it again";
-
 /// Why a request about jobs failed (each maps to an HTTP status).
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum JobError {
@@ -297,7 +292,21 @@ impl Jobs {
             let mut info = record.info;
             info.log_bytes = log.len();
             let lost = info.status == AgentJobStatus::Running;
-            let withheld = record.withheld && info.status == AgentJobStatus::Queued;
+            if record.withheld && info.status == AgentJobStatus::Queued {
+                // Its environment and registry credentials were kept only in memory: it is
+                // forgotten, and its submitter sends it again (the engine re-sends every job
+                // it placed that an agent does not know).
+                eprintln!(
+                    "dstack-agent: forgetting queued job {}: its environment was kept only in \
+                     memory",
+                    record.spec.id
+                );
+                let _ = std::fs::remove_dir_all(&dir);
+                if let Some(scratch) = &record.scratch {
+                    let _ = std::fs::remove_dir_all(scratch);
+                }
+                continue;
+            }
             let job = self.job(record.spec, info.clone(), record.scratch);
             if info.status != AgentJobStatus::Queued {
                 // It will not start (again): what it ran is of no more use.
@@ -315,9 +324,6 @@ impl Jobs {
                     self.lost_containers.push(container::name(&job.spec.id));
                 }
                 job.transition(failed(info, "executor_error", LOST_MESSAGE, &mut log));
-            } else if withheld {
-                lock(&job.command).take();
-                job.transition(failed(info, "executor_error", WITHHELD_MESSAGE, &mut log));
             }
             jobs.insert(job.spec.id.clone(), Arc::new(job));
         }

@@ -180,7 +180,8 @@ async fn a_queued_job_can_be_stopped_or_taken_back_and_never_starts() {
 }
 
 #[tokio::test]
-async fn queued_jobs_start_in_order_after_the_agent_restarts_unless_their_secrets_were_lost() {
+async fn queued_jobs_start_in_order_after_the_agent_restarts_and_those_with_secrets_are_forgotten()
+{
     let agent = TestAgent::start().await;
     agent
         .client
@@ -216,21 +217,17 @@ async fn queued_jobs_start_in_order_after_the_agent_restarts_unless_their_secret
     let client = &agent.client;
     let leader = client.job("leader").await.unwrap().unwrap();
     assert_eq!(leader.status, AgentJobStatus::Failed); // lost with the agent
-    let secret = client.job("secret").await.unwrap().unwrap();
-    assert_eq!(secret.status, AgentJobStatus::Failed);
-    assert!(
-        secret
-            .termination_message
-            .as_deref()
-            .unwrap()
-            .contains("kept only in memory"),
-        "{secret:?}"
-    );
+                                                       // Its environment was kept only in memory: forgotten, for its submitter to send again.
+    assert!(client.job("secret").await.unwrap().is_none());
+    client.submit(&secret).await.unwrap();
     let first = wait_finished(client, "first").await;
     let second = wait_finished(client, "second").await;
     assert_eq!(first.status, AgentJobStatus::Done, "{first:?}");
     assert!(second.started_at_ms >= first.finished_at_ms.unwrap());
     assert_eq!(read_logs(client, "second", 0).await, "after the restart\n");
+    let secret = wait_finished(client, "secret").await;
+    assert_eq!(secret.status, AgentJobStatus::Done, "{secret:?}");
+    assert_eq!(read_logs(client, "secret", 0).await, "hunter2-queued\n");
 }
 
 #[tokio::test]

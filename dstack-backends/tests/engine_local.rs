@@ -1211,6 +1211,32 @@ async fn a_queued_task_runs_after_the_engine_that_queued_it_is_gone() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_task_runs_after_its_agent_was_killed_and_came_back() {
+    let home = Home::new();
+    let client = home.client().await;
+    let (leader, other) = fill_the_host(&client, home.path(), "  - sleep 1000\n").await;
+    // Queued behind the leader on the agent, with an environment (kept only in memory there).
+    let (queued, followed) =
+        apply_queued(&client, home.path(), "  - echo after $DSTACK_RUN_NAME\n").await;
+    assert_eq!(followed, leader.jobs().unwrap()[0].id);
+    let pid = home.agent_pid().expect("agent pid");
+    std::process::Command::new("kill")
+        .arg("-9")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    // The running tasks are lost with the agent; the queued one is forgotten by the agent
+    // that comes back, sent again by the engine, and runs.
+    assert_eq!(finish(&leader).await.status, RunStatus::Failed);
+    assert_eq!(finish(&other).await.status, RunStatus::Failed);
+    assert_done(&queued).await;
+    assert_eq!(
+        all_logs(&queued).await,
+        format!("after {}\n", queued.name())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_for_the_end_of_a_run_is_not_woken_by_its_steps() {
     let home = Home::new();
     let client = home.client().await;
