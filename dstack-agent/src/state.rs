@@ -4,8 +4,8 @@
 //! created for a job only once it has output (see [`crate::logs`]).
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::io::{self, Read};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -93,16 +93,7 @@ impl StateDir {
             _ => {}
         }
         let token = random_hex(32)?;
-        let tmp = self.root.join("agent.token.tmp");
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        file.write_all(token.as_bytes())?;
-        file.sync_all()?;
-        fs::rename(&tmp, &path)?;
+        dstack_core::files::replace_private(&path, token.as_bytes())?;
         Ok(token)
     }
 

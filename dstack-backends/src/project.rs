@@ -4,8 +4,8 @@
 //! 0600 in a 0700 directory).
 
 use std::fs;
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::io::{self, Read};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use russh::keys::ssh_key::private::Ed25519Keypair;
@@ -127,45 +127,18 @@ fn uuid_like(b: &[u8; 16]) -> String {
 }
 
 /// The text of `path`, creating it from `make` if it is missing (or empty, as a write cut
-/// short before files were linked into place left it). The new file is written whole under a
-/// temporary name and linked into place, so that of two processes creating it at once one
-/// wins and both read what it wrote.
+/// short before files were linked into place left it): of two processes creating it at once
+/// one wins and both read what it wrote.
 fn read_or_create(path: &Path, make: impl FnOnce() -> io::Result<Vec<u8>>) -> io::Result<String> {
-    let empty = match fs::read_to_string(path) {
+    match fs::read_to_string(path) {
         Ok(text) if !text.trim().is_empty() => return Ok(text),
-        Ok(_) => true,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
-        Err(e) => return Err(e),
-    };
-    let tag: String = random_bytes::<8>()?
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let temp = path.with_extension(format!("new.{tag}"));
-    write_private(&temp, &make()?)?;
-    let placed = if empty {
-        fs::rename(&temp, path)
-    } else {
-        match fs::hard_link(&temp, path) {
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-            other => other,
+        Ok(_) => dstack_core::files::replace_private(path, &make()?)?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            dstack_core::files::create_private(path, &make()?)?;
         }
-    };
-    let _ = fs::remove_file(&temp);
-    placed?;
+        Err(e) => return Err(e),
+    }
     fs::read_to_string(path)
-}
-
-/// Writes a new file readable by its owner only.
-fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    file.write_all(bytes)?;
-    file.sync_all()
 }
 
 #[cfg(test)]

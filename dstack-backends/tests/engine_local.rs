@@ -41,6 +41,16 @@ impl Home {
             .ok()
     }
 
+    /// Kills (SIGKILL) the home's agent.
+    fn kill_agent(&self) {
+        let pid = self.agent_pid().expect("agent pid");
+        std::process::Command::new("kill")
+            .arg("-9")
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+    }
+
     async fn client(&self) -> Client {
         self.client_with(LocalBackend::new(self.path(), agent_binary()))
             .await
@@ -544,12 +554,7 @@ async fn a_killed_agent_fails_its_job_within_seconds() {
     wait_running(&run).await;
     // Kill only once the output is on disk (output still in the pipe dies with the agent).
     wait_logs(&run, |l| l.starts_with("before\n")).await;
-    let pid = home.agent_pid().expect("agent pid");
-    std::process::Command::new("kill")
-        .arg("-9")
-        .arg(pid.to_string())
-        .status()
-        .unwrap();
+    home.kill_agent();
     let started = std::time::Instant::now();
     let r = finish(&run).await;
     assert!(
@@ -1219,12 +1224,7 @@ async fn a_queued_task_runs_after_its_agent_was_killed_and_came_back() {
     let (queued, followed) =
         apply_queued(&client, home.path(), "  - echo after $DSTACK_RUN_NAME\n").await;
     assert_eq!(followed, leader.jobs().unwrap()[0].id);
-    let pid = home.agent_pid().expect("agent pid");
-    std::process::Command::new("kill")
-        .arg("-9")
-        .arg(pid.to_string())
-        .status()
-        .unwrap();
+    home.kill_agent();
     // The running tasks are lost with the agent; the queued one is forgotten by the agent
     // that comes back, sent again by the engine, and runs.
     assert_eq!(finish(&leader).await.status, RunStatus::Failed);

@@ -9,6 +9,7 @@ pub mod backend;
 pub mod client;
 pub mod config;
 pub mod engine;
+pub mod files;
 pub mod forward;
 pub mod model;
 pub mod offers;

@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -173,24 +173,7 @@ impl Secrets {
         let mut all = self.read()?;
         edit(&mut all);
         let text = serde_json::to_vec_pretty(&all).map_err(|e| self.io(io::Error::other(e)))?;
-        let temp = self
-            .path
-            .with_extension(format!("tmp.{}", std::process::id()));
-        let written = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temp)
-            .and_then(|mut f| {
-                f.write_all(&text)?;
-                f.sync_all()
-            })
-            .and_then(|()| fs::rename(&temp, &self.path));
-        if written.is_err() {
-            let _ = fs::remove_file(&temp);
-        }
-        written.map_err(|e| self.io(e))
+        crate::files::replace_private(&self.path, &text).map_err(|e| self.io(e))
     }
 }
 

@@ -170,7 +170,7 @@ impl KnownHosts {
     }
 
     /// Rewrites the file without the records of `host:port` (and with `key` for it, if
-    /// given): a private temporary file renamed into place.
+    /// given), whole.
     fn rewrite(&self, host: &str, port: u16, key: Option<&PublicKey>) -> io::Result<()> {
         let name = host_port(host, port);
         let mut kept = String::new();
@@ -187,18 +187,7 @@ impl KnownHosts {
             kept.push_str(&record_line(host, port, key)?);
         }
         self.prepare_dir()?;
-        let temp = self
-            .path
-            .with_extension(format!("tmp.{}", std::process::id()));
-        let mut file = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temp)?;
-        file.write_all(kept.as_bytes())?;
-        file.sync_all()?;
-        fs::rename(&temp, &self.path)
+        dstack_core::files::replace_private(&self.path, kept.as_bytes())
     }
 
     /// Creates the directory (0700) before anything is written.
