@@ -5,23 +5,16 @@ use std::convert::Infallible;
 use std::io;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use dstack_core::agent::Healthcheck;
-use futures_util::{Stream, TryStreamExt};
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full, Limited, StreamBody};
-use hyper::body::{Frame, Incoming};
-use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use dstack_core::http::serve::{self, bearer, json, respond, same_secret, stream, Body, Refusal};
+use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde::de::DeserializeOwned;
-use serde::Serialize;
 
 use crate::jobs::{JobError, Jobs};
 
 /// The largest request body accepted.
 const MAX_REQUEST_BYTES: usize = 1024 * 1024;
-
-type Body = UnsyncBoxBody<Bytes, io::Error>;
 
 /// What the API serves.
 pub(crate) struct App {
@@ -38,24 +31,18 @@ pub(crate) struct App {
 impl App {
     /// Whether `req` carries the agent's token (compared in constant time).
     fn authorized(&self, req: &Request<Incoming>) -> bool {
-        let given = req
-            .headers()
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        let expected = self.token.as_bytes();
-        given.len() == expected.len()
-            && given
-                .bytes()
-                .zip(expected)
-                .fold(0u8, |diff, (a, b)| diff | (a ^ b))
-                == 0
+        same_secret(bearer(req).unwrap_or(""), &self.token)
     }
 }
 
 /// A failed request: a status and a plain-text message.
 struct HttpError(StatusCode, String);
+
+impl From<Refusal> for HttpError {
+    fn from(Refusal(status, message): Refusal) -> Self {
+        HttpError(status, message)
+    }
+}
 
 impl From<JobError> for HttpError {
     fn from(e: JobError) -> Self {
@@ -170,64 +157,13 @@ async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Htt
 }
 
 /// The whole request body (at most [`MAX_REQUEST_BYTES`]).
-async fn read_body(req: Request<Incoming>) -> Result<Bytes, HttpError> {
-    Ok(Limited::new(req.into_body(), MAX_REQUEST_BYTES)
-        .collect()
-        .await
-        .map_err(|e| {
-            HttpError(
-                StatusCode::BAD_REQUEST,
-                format!("cannot read the request body: {e}"),
-            )
-        })?
-        .to_bytes())
+async fn read_body(req: Request<Incoming>) -> Result<bytes::Bytes, HttpError> {
+    Ok(serve::read_body(req, MAX_REQUEST_BYTES).await?)
 }
 
 /// The JSON value a request body holds.
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, HttpError> {
-    serde_json::from_slice(body).map_err(|e| {
-        HttpError(
-            StatusCode::BAD_REQUEST,
-            format!("invalid request body: {e}"),
-        )
-    })
-}
-
-fn json(value: &impl Serialize) -> Response<Body> {
-    match serde_json::to_vec(value) {
-        Ok(body) => respond(StatusCode::OK, "application/json", body),
-        Err(e) => respond(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "text/plain; charset=utf-8",
-            e.to_string(),
-        ),
-    }
-}
-
-fn respond(
-    status: StatusCode,
-    content_type: &'static str,
-    body: impl Into<Bytes>,
-) -> Response<Body> {
-    let body = Full::new(body.into()).map_err(|never| match never {});
-    with_type(status, content_type, body.boxed_unsync())
-}
-
-/// A chunked answer whose body is `chunks`.
-fn stream(
-    content_type: &'static str,
-    chunks: impl Stream<Item = io::Result<Bytes>> + Send + 'static,
-) -> Response<Body> {
-    let body = StreamBody::new(chunks.map_ok(Frame::data));
-    with_type(StatusCode::OK, content_type, body.boxed_unsync())
-}
-
-fn with_type(status: StatusCode, content_type: &'static str, body: Body) -> Response<Body> {
-    let mut resp = Response::new(body);
-    *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    resp
+    Ok(serve::parse(body)?)
 }
 
 #[cfg(test)]

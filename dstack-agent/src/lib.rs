@@ -29,8 +29,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dstack_core::agent::Healthcheck;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -265,24 +263,15 @@ async fn accept(
     (slot, listener.accept().await)
 }
 
-/// Serves one connection, closing it when a request's head takes longer than `timeout`
-/// (idle keep-alive time included); the connection's `slot` is freed when it closes.
+/// Serves one connection (see [`dstack_core::http::serve::spawn_connection`]).
 fn serve_connection(
     app: Arc<App>,
     stream: UnixStream,
     slot: Option<OwnedSemaphorePermit>,
     timeout: Duration,
 ) {
-    tokio::spawn(async move {
-        let service = service_fn(move |req| http::handle(app.clone(), req));
-        // A failed connection concerns only its client (e.g. it went away mid-stream).
-        let _ = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(timeout)
-            .serve_connection(TokioIo::new(stream), service)
-            .await;
-        drop(slot);
-    });
+    let handler = move |req| http::handle(app.clone(), req);
+    dstack_core::http::serve::spawn_connection(stream, slot, timeout, handler);
 }
 
 /// The [`dstack_core::agent::build_stamp`] of the running binary (empty if unreadable).

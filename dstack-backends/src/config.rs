@@ -1,5 +1,5 @@
 //! Cloud backend configuration in dstack's server config format, read from
-//! `$DSTACK_HOME/config.yml`:
+//! `$DSTACK_HOME/server/config.yml`:
 //!
 //! ```yaml
 //! projects:
@@ -301,9 +301,12 @@ pub struct ServerConfig {
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
-/// Reads `config.yml` of `home`; an absent file is an empty config.
+/// Reads the server configuration of `home` (`server/config.yml`, where one left in
+/// `config.yml` by an earlier version is moved first); an absent file is an empty config.
 pub fn load(home: &Path) -> Result<ServerConfig, ConfigError> {
-    let path = home.join("config.yml");
+    dstack_core::client::home::move_legacy_state(home)
+        .map_err(|e| ConfigError(format!("{}: {e}", home.display())))?;
+    let path = dstack_core::client::home::server_config_file(home);
     match std::fs::read_to_string(&path) {
         Ok(text) => parse(&text, &path.display().to_string()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ServerConfig::default()),

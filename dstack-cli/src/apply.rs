@@ -168,7 +168,6 @@ pub async fn apply(client: &Client, args: &ApplyArgs) -> Result<ExitCode, Failur
     let run = client.runs().apply(configuration, options).await?;
     println!("Submitted run {}", run.name());
     if args.detach {
-        crate::drive::ensure_driver(client)?;
         println!("Detached. Follow it with: dstack logs -f {}", run.name());
         return Ok(ExitCode::SUCCESS);
     }
@@ -178,7 +177,7 @@ pub async fn apply(client: &Client, args: &ApplyArgs) -> Result<ExitCode, Failur
             let (finished, code) = result?;
             let reason = finished.termination_reason.as_deref().unwrap_or("-");
             eprintln!("\nRun {} {} ({reason})", finished.name, finished.status);
-            if let Some(message) = run.jobs()?.iter().rev().find_map(|j| j.termination_message.clone()) {
+            if let Some(message) = run.jobs().await?.iter().rev().find_map(|j| j.termination_message.clone()) {
                 if finished.status != RunStatus::Done {
                     eprintln!("{message}");
                 }
@@ -186,7 +185,6 @@ pub async fn apply(client: &Client, args: &ApplyArgs) -> Result<ExitCode, Failur
             Ok(exit_code(&finished, code))
         }
         _ = tokio::signal::ctrl_c() => {
-            crate::drive::ensure_driver(client)?;
             eprintln!("\nDetached from {}; it keeps running. Reattach with: dstack logs -f {}", run.name(), run.name());
             Ok(ExitCode::SUCCESS)
         }

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use dstack_core::config::Configuration;
-use dstack_core::model::{Instance, InstanceStatus, JobStatus};
+use dstack_core::model::{Instance, InstanceStatus};
 use dstack_core::Client;
 
 use crate::table::{ago, resources, Table};
@@ -22,15 +22,8 @@ pub async fn list(client: &Client) -> Result<ExitCode, Failure> {
         "STATUS",
         "CREATED",
     ]);
-    let busy: Vec<String> = client
-        .engine()
-        .store()
-        .jobs_with_status(JobStatus::HOLDING)
-        .map_err(dstack_core::engine::EngineError::from)?
-        .into_iter()
-        .filter_map(|j| j.instance_id)
-        .collect();
-    let fleets = client.fleets().list()?;
+    let busy = client.fleets().busy_instances().await?;
+    let fleets = client.fleets().list().await?;
     let shown = fleets
         .iter()
         .filter(|(f, _)| f.status != dstack_core::model::FleetStatus::Terminated);
@@ -101,10 +94,7 @@ pub async fn apply(
         let mut err = std::io::stderr().lock();
         let _ = writeln!(err, "  {} ({host}): {step}", instance.name);
     };
-    let (fleet, instances) = client
-        .engine()
-        .apply_fleet(configuration, &progress)
-        .await?;
+    let (fleet, instances) = client.fleets().apply(configuration, &progress).await?;
     let joined = instances
         .iter()
         .filter(|i| matches!(i.status, InstanceStatus::Idle | InstanceStatus::Busy))
@@ -138,7 +128,7 @@ pub async fn delete(client: &Client, args: &DeleteArgs) -> Result<ExitCode, Fail
     if !args.yes && !crate::confirm(&format!("Delete fleet {}?", args.name)) {
         return Ok(ExitCode::from(1));
     }
-    let (fleet, instances) = client.engine().delete_fleet(&args.name, args.force).await?;
+    let (fleet, instances) = client.fleets().delete(&args.name, args.force).await?;
     let mut code = ExitCode::SUCCESS;
     for (instance, error) in &instances {
         match error {

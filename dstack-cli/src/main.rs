@@ -1,11 +1,11 @@
 //! The `dstack` command-line interface.
 
 mod apply;
-mod drive;
 mod fleet;
 mod offer;
 mod runs;
 mod secret;
+mod server;
 mod table;
 mod validate;
 mod volume;
@@ -64,9 +64,12 @@ enum Command {
     /// Exits 0 when every file is valid and 1 when any is not; each problem is printed on
     /// stderr as FILE:LINE:COL: FIELD: MESSAGE [CODE].
     Validate(validate::Args),
-    /// Runs the engine in the background until no run waits for it (started by `apply -d`).
-    #[command(name = "_drive", hide = true)]
-    Drive,
+    /// Run the server of this state directory ($DSTACK_HOME) in the foreground.
+    ///
+    /// The server hosts the engine (placement, retries, schedules, idle instances) and serves
+    /// dstack's REST API. Every other command starts one in the background when none
+    /// answers, so this is only needed to watch it or to serve other machines (--host).
+    Server(server::ServerArgs),
 }
 
 /// `dstack fleet` subcommands.
@@ -120,9 +123,12 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
     match command {
         Command::Validate(args) => return Ok(validate::run(&args)),
         Command::Secret { action } => return secret::run(action),
+        Command::Server(args) => return server::run(args).await,
         _ => {}
     }
-    let client = dstack_backends::embedded_client().await?;
+    let exe = std::env::current_exe().ok();
+    let home = dstack_core::client::default_home();
+    let client = dstack_core::Client::connect(&home, exe.as_deref()).await?;
     match command {
         Command::Apply(args) => apply::apply(&client, &args).await,
         Command::Ps(args) => runs::ps(&client, &args).await,
@@ -135,11 +141,12 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
             Some(FleetAction::Delete(args)) => fleet::delete(&client, &args).await,
         },
         Command::Volume { action } => match action {
-            None | Some(VolumeAction::List) => volume::list(&client),
+            None | Some(VolumeAction::List) => volume::list(&client).await,
             Some(VolumeAction::Delete(args)) => volume::delete(&client, &args).await,
         },
-        Command::Drive => drive::drive(&client).await,
-        Command::Validate(_) | Command::Secret { .. } => unreachable!("handled above"),
+        Command::Validate(_) | Command::Secret { .. } | Command::Server(_) => {
+            unreachable!("handled above")
+        }
     }
 }
 

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use futures_util::StreamExt;
 
+use dstack_core::client::protocol::Snapshot;
 use dstack_core::model::{Job, Run};
 use dstack_core::Client;
 
@@ -66,14 +67,15 @@ pub async fn attach(
     };
     stream_logs(run, true).await?;
     let finished = run.wait().await?;
-    Ok((finished, run.exit_status()?))
+    Ok((finished, run.exit_status().await?))
 }
 
 /// `dstack attach NAME`: forward ports and stream logs until the run ends (Ctrl-C detaches).
 pub async fn attach_cmd(client: &Client, args: &AttachArgs) -> Result<ExitCode, Failure> {
     let run = client
         .runs()
-        .get(&args.run)?
+        .get(&args.run)
+        .await?
         .ok_or_else(|| Failure::new(format!("no run named {}", args.run)))?;
     tokio::select! {
         result = attach(&run) => {
@@ -101,11 +103,12 @@ pub struct StopArgs {
     yes: bool,
 }
 
-fn jobs_of(client: &Client, run: &Run) -> Result<Vec<Job>, Failure> {
-    let store = client.engine().store();
-    Ok(store
-        .jobs_of_run(&run.id)
-        .map_err(dstack_core::engine::EngineError::from)?)
+/// A listed run's job submissions and their instances.
+async fn snapshot_of(client: &Client, run: &Run) -> Result<Option<Snapshot>, Failure> {
+    match client.runs().by_id(&run.id).await? {
+        Some(handle) => Ok(Some(handle.snapshot().await?)),
+        None => Ok(None),
+    }
 }
 
 fn latest_job(jobs: &[Job]) -> Option<&Job> {
@@ -129,7 +132,7 @@ fn status_text(run: &Run, job: Option<&Job>) -> String {
 
 /// `dstack ps`.
 pub async fn ps(client: &Client, args: &PsArgs) -> Result<ExitCode, Failure> {
-    let listing = client.runs().listing(args.all)?;
+    let listing = client.runs().listing(args.all).await?;
     for (id, why) in &listing.unreadable {
         eprintln!("warning: the record of run {id} cannot be read ({why}); it is left out");
     }
@@ -137,7 +140,10 @@ pub async fn ps(client: &Client, args: &PsArgs) -> Result<ExitCode, Failure> {
     if args.json {
         let mut out = Vec::new();
         for run in &runs {
-            let jobs = jobs_of(client, run)?;
+            let jobs = snapshot_of(client, run)
+                .await?
+                .map(|s| s.jobs)
+                .unwrap_or_default();
             let mut run = serde_json::to_value(run).unwrap_or_default();
             dstack_core::secrets::redact_run(&mut run);
             out.push(serde_json::json!({ "run": run, "jobs": jobs }));
@@ -154,13 +160,11 @@ pub async fn ps(client: &Client, args: &PsArgs) -> Result<ExitCode, Failure> {
         "SUBMITTED",
         "ERROR",
     ]);
-    let instances = client
-        .engine()
-        .store()
-        .instances()
-        .map_err(dstack_core::engine::EngineError::from)?;
     for run in &runs {
-        let jobs = jobs_of(client, run)?;
+        let (jobs, instances) = snapshot_of(client, run)
+            .await?
+            .map(|s| (s.jobs, s.instances))
+            .unwrap_or_default();
         let job = latest_job(&jobs);
         let reservation = job.and_then(|j| j.reservation.as_ref());
         let resources = reservation
@@ -228,14 +232,14 @@ pub async fn stream_logs(run: &dstack_core::RunHandle, follow: bool) -> Result<(
 
 /// `dstack logs`.
 pub async fn logs(client: &Client, args: &LogsArgs) -> Result<ExitCode, Failure> {
-    let run = find(client, &args.run)?;
+    let run = find(client, &args.run).await?;
     stream_logs(&run, args.follow).await?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// `dstack stop`.
 pub async fn stop(client: &Client, args: &StopArgs) -> Result<ExitCode, Failure> {
-    let run = find(client, &args.run)?;
+    let run = find(client, &args.run).await?;
     if !args.yes && !crate::confirm(&format!("Stop the run {}?", args.run)) {
         return Ok(ExitCode::from(1));
     }
@@ -250,9 +254,10 @@ pub async fn stop(client: &Client, args: &StopArgs) -> Result<ExitCode, Failure>
 }
 
 /// A run by name, or a clear error.
-pub fn find(client: &Client, name: &str) -> Result<dstack_core::RunHandle, Failure> {
+pub async fn find(client: &Client, name: &str) -> Result<dstack_core::RunHandle, Failure> {
     client
         .runs()
-        .get(name)?
+        .get(name)
+        .await?
         .ok_or_else(|| Failure::new(format!("run {name} not found; see `dstack ps -a`")))
 }

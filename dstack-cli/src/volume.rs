@@ -38,11 +38,11 @@ pub async fn apply(client: &Client, configuration: &Configuration) -> Result<Exi
 }
 
 /// `dstack volume` (list).
-pub fn list(client: &Client) -> Result<ExitCode, Failure> {
+pub async fn list(client: &Client) -> Result<ExitCode, Failure> {
     let mut table = Table::new(&[
         "NAME", "BACKEND", "REGION", "VOLUME", "SIZE", "STATUS", "CREATED",
     ]);
-    for volume in client.volumes().list()? {
+    for volume in client.volumes().list().await? {
         let status = match &volume.status_message {
             Some(why) => format!("{} ({why})", volume.status),
             None if !volume.attachments.is_empty() => "attached".to_string(),

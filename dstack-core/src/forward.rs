@@ -9,7 +9,37 @@ use std::io;
 use tokio::net::TcpListener;
 use tokio::task::AbortHandle;
 
+use crate::client::protocol::ConnectRequest;
+use crate::client::Remote;
 use crate::engine::{Engine, EngineError};
+use crate::http::client::Duplex;
+
+/// How a forwarded connection reaches the job's host.
+#[derive(Clone)]
+pub enum Dial {
+    /// Through an engine hosted in this process (its SSH links, the container's port).
+    Engine(Engine),
+    /// Through a `dstack server` (a `runs/connect` tunnel, then the server's engine).
+    Server(Remote),
+}
+
+impl Dial {
+    async fn open(&self, instance_id: &str, port: u16) -> io::Result<Box<dyn Duplex>> {
+        match self {
+            Dial::Engine(engine) => engine.dial_port(instance_id, port).await,
+            Dial::Server(remote) => {
+                let request = ConnectRequest {
+                    instance_id: instance_id.to_string(),
+                    port,
+                };
+                remote
+                    .tunnel("runs/connect", &request)
+                    .await
+                    .map_err(io::Error::other)
+            }
+        }
+    }
+}
 
 /// Forwarded ports; forwarding stops when this is dropped.
 pub struct PortForward {
@@ -29,7 +59,7 @@ impl Drop for PortForward {
 /// Forwards `ports` (`(local, remote)`) to the host of `instance_id`; with `local` set, only
 /// records them.
 pub(crate) async fn forward(
-    engine: &Engine,
+    dial: Dial,
     instance_id: &str,
     ports: Vec<(u16, u16)>,
     local: bool,
@@ -43,7 +73,7 @@ pub(crate) async fn forward(
                 ))
             })?;
             let task = tokio::spawn(serve(
-                engine.clone(),
+                dial.clone(),
                 instance_id.to_string(),
                 listener,
                 there,
@@ -54,15 +84,15 @@ pub(crate) async fn forward(
     Ok(PortForward { ports, tasks })
 }
 
-async fn serve(engine: Engine, instance_id: String, listener: TcpListener, port: u16) {
+async fn serve(dial: Dial, instance_id: String, listener: TcpListener, port: u16) {
     loop {
         let Ok((mut inbound, _)) = listener.accept().await else {
             continue;
         };
-        let engine = engine.clone();
+        let dial = dial.clone();
         let instance_id = instance_id.clone();
         tokio::spawn(async move {
-            let Ok(mut outbound) = engine.dial_port(&instance_id, port).await else {
+            let Ok(mut outbound) = dial.open(&instance_id, port).await else {
                 return; // the connection closes: the client sees the refusal
             };
             let _: io::Result<_> = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;

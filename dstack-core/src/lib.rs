@@ -11,6 +11,7 @@ pub mod config;
 pub mod engine;
 pub mod files;
 pub mod forward;
+pub mod http;
 pub mod model;
 pub mod offers;
 pub mod secrets;

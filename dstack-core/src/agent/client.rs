@@ -1,6 +1,6 @@
-//! The engine's side of the agent API: HTTP/1.1 over a transport (a unix socket for the
-//! local agent, whose connections are kept alive and reused; an [`AgentDialer`] such as SSH
-//! channels to the agent's socket on a remote host, one connection per request).
+//! The engine's side of the agent API, over an [`HttpClient`]: a unix socket for the local
+//! agent, whose connections are kept alive and reused; an [`AgentDialer`] such as SSH
+//! channels to the agent's socket on a remote host, one connection per request.
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -9,142 +9,47 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_core::Stream;
-use futures_util::{StreamExt, TryStreamExt};
-use http_body_util::{BodyExt, BodyStream, Full, Limited};
-use hyper::body::Incoming;
-use hyper::{Method, Request, Response};
-use hyper_util::rt::TokioIo;
-use serde::de::DeserializeOwned;
+use futures_util::StreamExt;
+use hyper::Method;
 
 use super::protocol::{Healthcheck, JobInfo, JobSubmit, StopRequest, EVENTS_SILENCE};
+pub use crate::http::client::{
+    ByteStream, Dialer as AgentDialer, Duplex as AgentStream, HttpError as AgentError,
+    REQUEST_TIMEOUT,
+};
+use crate::http::client::{HttpClient, Transport};
 
-/// A failure talking to an agent.
-#[derive(Debug, thiserror::Error)]
-pub enum AgentError {
-    /// The agent could not be reached (not running, socket missing, connection dropped).
-    #[error("cannot reach the agent at {target}: {source}")]
-    Unreachable {
-        /// Where the agent was expected.
-        target: String,
-        /// The underlying error.
-        source: std::io::Error,
-    },
-    /// The HTTP exchange failed midway.
-    #[error("agent connection failed: {0}")]
-    Http(#[from] hyper::Error),
-    /// The agent answered with an error status.
-    #[error("agent answered {status}: {message}")]
-    Status {
-        /// The HTTP status.
-        status: u16,
-        /// The agent's message.
-        message: String,
-    },
-    /// The agent's answer was not the expected JSON.
-    #[error("unexpected answer from the agent: {0}")]
-    Decode(#[from] serde_json::Error),
-    /// The agent's answer was larger than a client reads ([`MAX_ANSWER_BYTES`]).
-    #[error("the agent's answer is larger than {} bytes", MAX_ANSWER_BYTES)]
-    TooLarge,
-}
-
-impl AgentError {
-    /// Whether the agent was not found at all (as opposed to answering with an error).
-    pub fn is_unreachable(&self) -> bool {
-        matches!(self, AgentError::Unreachable { .. } | AgentError::Http(_))
-    }
-}
-
-/// A bidirectional byte stream to an agent.
-pub trait AgentStream:
-    tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static
-{
-}
-
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> AgentStream for T {}
-
-/// Opens connections to an agent that is not behind a local unix socket (e.g. an SSH channel
-/// to the agent's socket on a remote host). Each request opens one connection.
-pub trait AgentDialer: Send + Sync + 'static {
-    /// Opens one connection to the agent.
-    fn dial(&self) -> crate::backend::BoxFuture<'_, std::io::Result<Box<dyn AgentStream>>>;
-    /// Where the agent is, for messages (`user@host:port:/path/agent.sock`).
-    fn target(&self) -> String;
-}
-
-#[derive(Clone)]
-enum Transport {
-    Unix(PathBuf),
-    Dialer(Arc<dyn AgentDialer>),
-}
-
-type Io = TokioIo<Box<dyn AgentStream>>;
-
-/// How long an agent may take to answer a request (the response head; streamed bodies may
-/// last as long as they need).
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A byte stream from the agent (logs).
-pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, AgentError>> + Send>>;
 /// A stream of job updates from the agent.
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<JobInfo, AgentError>> + Send>>;
 
-/// A request sender on one HTTP/1.1 connection to an agent.
-type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
-
-/// How many idle keep-alive connections a local agent's client keeps.
-const IDLE_CONNECTIONS: usize = 4;
-
-/// How long an idle keep-alive connection is reused: well within the agent's
-/// header-read timeout, which closes connections that stay idle longer (a request sent as
-/// the agent closes its connection would fail).
-const IDLE_REUSE: Duration = Duration::from_secs(3);
-
-/// The largest answer (JSON, metrics, error text) a client reads whole; logs and events are
-/// streamed and not bounded.
-pub const MAX_ANSWER_BYTES: usize = 64 * 1024 * 1024;
+/// Who an agent client talks to, for messages.
+const PEER: &str = "the agent";
 
 /// A client of one agent.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct AgentClient {
-    transport: Transport,
-    /// The secret the agent's API requires (its state directory's [`super::TOKEN_FILE`]).
-    token: Option<Arc<str>>,
-    /// Idle keep-alive connections to a local agent, reused by the next request (a request
-    /// body is read whole, so its connection is free again once the answer is read), each
-    /// with when it became idle.
-    idle: Arc<std::sync::Mutex<Vec<(Sender, tokio::time::Instant)>>>,
-}
-
-impl std::fmt::Debug for AgentClient {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "AgentClient({})", self.target())
-    }
+    http: HttpClient,
 }
 
 impl AgentClient {
     /// A client of the agent listening on the unix socket `socket`.
     pub fn unix(socket: impl Into<PathBuf>) -> Self {
         AgentClient {
-            transport: Transport::Unix(socket.into()),
-            token: None,
-            idle: Default::default(),
+            http: HttpClient::new(Transport::Unix(socket.into()), PEER, "dstack-agent"),
         }
     }
 
     /// A client of an agent reached through `dialer`.
     pub fn dial(dialer: Arc<dyn AgentDialer>) -> Self {
         AgentClient {
-            transport: Transport::Dialer(dialer),
-            token: None,
-            idle: Default::default(),
+            http: HttpClient::new(Transport::Dialer(dialer), PEER, "dstack-agent"),
         }
     }
 
     /// The same client, sending `token` (what the agent wrote to its state directory's
     /// [`super::TOKEN_FILE`]) with every request.
     pub fn with_token(mut self, token: &str) -> Self {
-        self.token = Some(Arc::from(token.trim()));
+        self.http = self.http.with_token(token);
         self
     }
 
@@ -157,179 +62,40 @@ impl AgentClient {
 
     /// The local socket path, for an agent on this machine.
     pub fn socket(&self) -> Option<&Path> {
-        match &self.transport {
+        match self.http.transport() {
             Transport::Unix(path) => Some(path),
-            Transport::Dialer(_) => None,
+            _ => None,
         }
     }
 
     /// Where the agent is, for messages.
     pub fn target(&self) -> String {
-        match &self.transport {
-            Transport::Unix(path) => path.display().to_string(),
-            Transport::Dialer(dialer) => dialer.target(),
-        }
+        self.http.target()
     }
 
-    async fn connect(&self) -> Result<Io, AgentError> {
-        let stream: std::io::Result<Box<dyn AgentStream>> = match &self.transport {
-            Transport::Unix(path) => tokio::net::UnixStream::connect(path)
-                .await
-                .map(|s| Box::new(s) as Box<dyn AgentStream>),
-            Transport::Dialer(dialer) => dialer.dial().await,
-        };
-        let stream = stream.map_err(|source| AgentError::Unreachable {
-            target: self.target(),
-            source,
-        })?;
-        Ok(TokioIo::new(stream))
-    }
-
-    /// Sends a request and waits for the response head, at most [`REQUEST_TIMEOUT`].
     async fn send(
         &self,
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
-    ) -> Result<Response<Incoming>, AgentError> {
-        self.send_within(REQUEST_TIMEOUT, method, path, body)
-            .await
-            .map(|(resp, _)| resp)
+    ) -> Result<hyper::Response<hyper::body::Incoming>, AgentError> {
+        self.http.send(REQUEST_TIMEOUT, method, path, body).await
     }
 
-    /// Sends a request and waits for the response head at most `timeout`; returns it with the
-    /// connection's sender (for [`Self::release`] once the response body has been read).
-    async fn send_within(
-        &self,
-        timeout: Duration,
-        method: Method,
-        path: &str,
-        body: Option<Vec<u8>>,
-    ) -> Result<(Response<Incoming>, Sender), AgentError> {
-        let body = Bytes::from(body.unwrap_or_default());
-        match tokio::time::timeout(timeout, self.exchange(method, path, body)).await {
-            Ok(result) => result,
-            Err(_) => Err(AgentError::Unreachable {
-                target: self.target(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "the agent did not answer in time",
-                ),
-            }),
-        }
-    }
-
-    /// An idle connection that is still open, if any.
-    fn reuse(&self) -> Option<Sender> {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some((sender, since)) = idle.pop() {
-            if !sender.is_closed() && since.elapsed() < IDLE_REUSE {
-                return Some(sender);
-            }
-        }
-        None
-    }
-
-    /// Keeps a connection whose response was read whole for the next request (local agents).
-    fn release(&self, sender: Sender) {
-        if matches!(self.transport, Transport::Unix(_)) && !sender.is_closed() {
-            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-            if idle.len() < IDLE_CONNECTIONS {
-                idle.push((sender, tokio::time::Instant::now()));
-            }
-        }
-    }
-
-    async fn open(&self) -> Result<Sender, AgentError> {
-        let io = self.connect().await?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(io).await?;
-        tokio::spawn(conn);
-        Ok(sender)
-    }
-
-    async fn exchange(
-        &self,
-        method: Method,
-        path: &str,
-        body: Bytes,
-    ) -> Result<(Response<Incoming>, Sender), AgentError> {
-        let request = || {
-            let mut req = Request::builder()
-                .method(method.clone())
-                .uri(path)
-                .header("host", "dstack-agent");
-            if !body.is_empty() {
-                req = req.header("content-type", "application/json");
-            }
-            if let Some(token) = &self.token {
-                req = req.header("authorization", format!("Bearer {token}"));
-            }
-            req.body(Full::new(body.clone()))
-                .map_err(|e| AgentError::Status {
-                    status: 0,
-                    message: e.to_string(),
-                })
-        };
-        // A kept connection is used once it has finished its previous exchange; one that
-        // closed meanwhile (the agent restarted) is dropped, and a request it did not take
-        // goes on a new connection. A request that was sent is never sent twice.
-        let mut reused = None;
-        if let Some(mut sender) = self.reuse() {
-            if sender.ready().await.is_ok() {
-                match sender.try_send_request(request()?).await {
-                    Ok(resp) => reused = Some((resp, sender)),
-                    Err(e) if e.message().is_some() => {}
-                    Err(e) => return Err(e.into_error().into()),
-                }
-            }
-        }
-        let (resp, sender) = match reused {
-            Some(done) => done,
-            None => {
-                let mut sender = self.open().await?;
-                let resp = sender.send_request(request()?).await?;
-                (resp, sender)
-            }
-        };
-        if resp.status().is_success() {
-            return Ok((resp, sender));
-        }
-        let status = resp.status().as_u16();
-        let bytes = read_whole(resp).await?;
-        self.release(sender);
-        Err(AgentError::Status {
-            status,
-            message: String::from_utf8_lossy(&bytes).trim().to_string(),
-        })
-    }
-
-    async fn json<T: DeserializeOwned>(
+    async fn json<T: serde::de::DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<T, AgentError> {
-        self.json_within(REQUEST_TIMEOUT, method, path, body).await
-    }
-
-    /// [`Self::json`], waiting for the response head at most `timeout`.
-    async fn json_within<T: DeserializeOwned>(
-        &self,
-        timeout: Duration,
-        method: Method,
-        path: &str,
-        body: Option<Vec<u8>>,
-    ) -> Result<T, AgentError> {
-        let (resp, sender) = self.send_within(timeout, method, path, body).await?;
-        let bytes = read_whole(resp).await?;
-        self.release(sender);
-        Ok(serde_json::from_slice(&bytes)?)
+        self.http.json(REQUEST_TIMEOUT, method, path, body).await
     }
 
     /// `GET /api/healthcheck`, answered at once by a live agent: one that has not answered
     /// within [`EVENTS_SILENCE`] is taken as hung.
     pub async fn healthcheck(&self) -> Result<Healthcheck, AgentError> {
-        self.json_within(EVENTS_SILENCE, Method::GET, "/api/healthcheck", None)
+        self.http
+            .json(EVENTS_SILENCE, Method::GET, "/api/healthcheck", None)
             .await
     }
 
@@ -393,10 +159,10 @@ impl AgentClient {
 
     /// `GET /api/jobs/{id}/metrics`: the JSON lines the job wrote to `$DSTACK_METRICS_FILE`.
     pub async fn metrics(&self, id: &str) -> Result<Bytes, AgentError> {
-        let resp = self
-            .send(Method::GET, &format!("/api/jobs/{id}/metrics"), None)
-            .await?;
-        read_whole(resp).await
+        let path = format!("/api/jobs/{id}/metrics");
+        self.http
+            .bytes(REQUEST_TIMEOUT, Method::GET, &path, None)
+            .await
     }
 
     /// `GET /api/events`: the state of every job, then every change. The stream ends with an
@@ -410,24 +176,7 @@ impl AgentClient {
     /// A GET whose body is consumed as a stream of chunks; the response head is awaited at
     /// most `timeout`.
     async fn body_stream(&self, path: &str, timeout: Duration) -> Result<ByteStream, AgentError> {
-        let (resp, _) = self.send_within(timeout, Method::GET, path, None).await?;
-        let stream = TryStreamExt::map_err(BodyStream::new(resp.into_body()), AgentError::Http)
-            .try_filter_map(|frame| async move { Ok(frame.into_data().ok()) });
-        Ok(Box::pin(stream))
-    }
-}
-
-/// The whole body of an answer, at most [`MAX_ANSWER_BYTES`].
-async fn read_whole(resp: Response<Incoming>) -> Result<Bytes, AgentError> {
-    match Limited::new(resp.into_body(), MAX_ANSWER_BYTES)
-        .collect()
-        .await
-    {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) => match e.downcast::<hyper::Error>() {
-            Ok(e) => Err(AgentError::Http(*e)),
-            Err(_) => Err(AgentError::TooLarge),
-        },
+        self.http.stream(timeout, Method::GET, path, None).await
     }
 }
 

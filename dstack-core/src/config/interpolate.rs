@@ -82,6 +82,18 @@ pub fn only_references(text: &str) -> bool {
             .is_ok_and(|rest| rest.trim().is_empty())
 }
 
+/// The names `text` refers to as `${{ env.NAME }}`.
+pub fn env_references(text: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let _ = interpolate(text, |namespace, name| {
+        if namespace == "env" {
+            names.push(name.to_string());
+        }
+        Lookup::Keep
+    });
+    names
+}
+
 enum Name<'a> {
     Plain(&'a str, &'a str),
     Groups,

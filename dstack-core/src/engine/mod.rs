@@ -11,6 +11,7 @@ mod agents;
 mod command;
 mod credentials;
 pub mod fleets;
+pub use fleets::Progress as FleetProgress;
 mod gang;
 mod jobs;
 pub mod names;
@@ -114,6 +115,9 @@ pub enum EngineError {
     /// A bad request (unknown run, invalid name, …).
     #[error("{0}")]
     Invalid(String),
+    /// The server failed or refused the request (clients of a `dstack server`).
+    #[error(transparent)]
+    Server(#[from] crate::client::ServerError),
 }
 
 /// The result of planning a run.
@@ -134,7 +138,8 @@ pub struct RunPlan {
 pub const PLAN_OFFERS: usize = 50;
 
 /// How to apply a configuration.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct ApplyOptions {
     /// Overrides the run name.
     pub name: Option<String>,
@@ -169,6 +174,33 @@ const SESSION_VARS: &[&str] = &[
     "PYTHONPATH",
     "LD_LIBRARY_PATH",
 ];
+
+/// The variables of `env` a run applied with `configuration` takes from its client: the
+/// session basics ([`SESSION_VARS`]), the names `env` lists without a value, and those
+/// `registry_auth` refers to (`${{ env.NAME }}`). What a client sends its server.
+pub fn session_env(
+    configuration: &Configuration,
+    env: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let mut names: Vec<String> = SESSION_VARS.iter().map(|s| s.to_string()).collect();
+    {
+        let common = command::common(configuration);
+        for (k, v) in &common.env.0 {
+            if let crate::config::env::EnvValue::FromClient = v {
+                names.push(k.clone());
+            }
+        }
+        if let Some(auth) = &common.registry_auth {
+            for text in [&auth.username, &auth.password] {
+                names.extend(crate::config::interpolate::env_references(text));
+            }
+        }
+    }
+    names
+        .into_iter()
+        .filter_map(|k| env.get(&k).map(|v| (k, v.clone())))
+        .collect()
+}
 
 /// A change of a run, as broadcast to waiters.
 #[derive(Clone, Debug)]

@@ -48,7 +48,7 @@ pub struct RunFilter {
 }
 
 /// Runs as listed: those read, and those whose records could not be.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct RunListing {
     /// The runs read, newest first.
     pub runs: Vec<Run>,

@@ -1,0 +1,385 @@
+//! Routing requests: authentication, dstack's routes and this project's extras (see
+//! [`dstack_core::client::protocol`]), each answered in this project's records (`Accept:`
+//! [`NATIVE`]) or dstack's shapes.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use dstack_core::client::protocol::{
+    ApplyRequest, ConfigurationRequest, ConnectRequest, DeleteRequest, FleetDeleted, FleetEntry,
+    FleetEvent, ListRequest, LogsRequest, PlanAnswer, PlanRequest, RunRef, StopRequest,
+    WaitRequest, NATIVE, TUNNEL,
+};
+use dstack_core::config::Configuration;
+use dstack_core::engine::EngineError;
+use dstack_core::http::serve::{
+    bearer, json, parse, read_body, respond, same_secret, stream, Body,
+};
+use dstack_core::model::Run;
+use dstack_core::RunHandle;
+use futures_util::StreamExt;
+use hyper::body::Incoming;
+use hyper::header::{ACCEPT, CONNECTION, UPGRADE};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::de::DeserializeOwned;
+
+use crate::errors::ApiError;
+use crate::Shared;
+
+/// The only project of a local server.
+pub(crate) const PROJECT: &str = "main";
+
+/// The largest request body read (configurations, sweeps of many trials).
+const MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
+
+/// The longest `runs/wait` a client may ask for.
+const MAX_WAIT: Duration = Duration::from_secs(120);
+
+/// Answers one request.
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    shared.touch();
+    Ok(route(&shared, req)
+        .await
+        .unwrap_or_else(ApiError::into_response))
+}
+
+async fn route(shared: &Shared, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    match bearer(&req) {
+        None => {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "not_authenticated",
+                "a token is required (Authorization: Bearer <token>; see $DSTACK_HOME/config.yml)",
+            ))
+        }
+        Some(token) if !same_secret(token, &shared.token) => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "the token is not valid for this server",
+            ))
+        }
+        Some(_) => {}
+    }
+    if req.method() != Method::POST {
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "server_client_error",
+            format!("{} is not allowed: every route takes POST", req.method()),
+        ));
+    }
+    let native = req
+        .headers()
+        .get(ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains(NATIVE));
+    let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match segments.as_slice() {
+        ["api", "server", "get_info"] => Ok(json(&serde_json::json!({
+            "server_version": env!("CARGO_PKG_VERSION"),
+        }))),
+        ["api", "runs", "list"] => {
+            let request: ListRequest = body(req).await?;
+            let all = request.all || request.only_active == Some(false);
+            let mut listing = shared.client.runs().listing(all).await?;
+            if let Some(limit) = request.limit {
+                listing.runs.truncate(limit);
+            }
+            dialect(native, "runs/list")?;
+            Ok(json(&listing))
+        }
+        ["api", "project", project, route @ ..] => {
+            if *project != PROJECT {
+                return Err(ApiError::not_found(format!(
+                    "project {project} does not exist (this server has project {PROJECT})"
+                )));
+            }
+            project_route(shared, route, native, req).await
+        }
+        _ => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "resource_not_exists",
+            format!("no such route {path}"),
+        )),
+    }
+}
+
+/// Refuses dstack's shapes for routes that answer only in this project's records.
+fn dialect(native: bool, route: &str) -> Result<(), ApiError> {
+    if native {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "not_supported",
+            format!("{route}: this server answers it only with Accept: {NATIVE}"),
+        ))
+    }
+}
+
+async fn project_route(
+    shared: &Shared,
+    route: &[&str],
+    native: bool,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let client = &shared.client;
+    match route {
+        ["runs", "connect"] => return connect(shared, req).await,
+        ["runs", "get_plan"] => {
+            let request: PlanRequest = body(req).await?;
+            let plan = client
+                .runs()
+                .plan(&configuration(&request.configuration)?)
+                .await?;
+            dialect(native, "runs/get_plan")?;
+            return Ok(json(&PlanAnswer {
+                configuration: plan.configuration.to_json(),
+                offers: plan.offers,
+                no_offers_reason: plan.no_offers_reason,
+                total_offers: plan.total_offers,
+            }));
+        }
+        _ => {}
+    }
+    dialect(native, &route.join("/"))?;
+    match route {
+        ["runs", "apply"] => {
+            let request: ApplyRequest = body(req).await?;
+            let config = configuration(&request.configuration)?;
+            let handle = client.runs().apply(config, request.options).await?;
+            Ok(json(&handle.run().await?))
+        }
+        ["runs", "apply_group"] => {
+            let requests: Vec<ApplyRequest> = body(req).await?;
+            let items = requests
+                .into_iter()
+                .map(|r| Ok((configuration(&r.configuration)?, r.options)))
+                .collect::<Result<Vec<_>, ApiError>>()?;
+            let handles = client.runs().apply_all(items).await?;
+            let mut runs = Vec::with_capacity(handles.len());
+            for handle in &handles {
+                runs.push(handle.run().await?);
+            }
+            Ok(json(&runs))
+        }
+        ["runs", "get"] => {
+            let which: RunRef = body(req).await?;
+            let handle = run_handle(shared, &which).await?;
+            Ok(json(&handle.snapshot().await?))
+        }
+        ["runs", "stop"] => {
+            let request: StopRequest = body(req).await?;
+            let mut handles = Vec::new();
+            for id in &request.ids {
+                handles.push(run_handle(shared, &by_id(id)).await?);
+            }
+            for name in &request.runs_names {
+                let by_name = RunRef {
+                    run_name: Some(name.clone()),
+                    id: None,
+                };
+                handles.push(run_handle(shared, &by_name).await?);
+            }
+            let mut stopped: Vec<Run> = Vec::with_capacity(handles.len());
+            for handle in handles {
+                stopped.push(handle.stop(request.abort).await?);
+            }
+            Ok(json(&stopped))
+        }
+        ["runs", "wait"] => {
+            let request: WaitRequest = body(req).await?;
+            let handle = run_handle(shared, &by_id(&request.id)).await?;
+            let limit = Duration::from_millis(request.timeout_ms).min(MAX_WAIT);
+            let known = request.status;
+            let run = match tokio::time::timeout(limit, handle.wait_until(|s| s != known)).await {
+                Ok(run) => run?,
+                Err(_) => handle.run().await?,
+            };
+            Ok(json(&run))
+        }
+        ["runs", "metrics"] => {
+            let which: RunRef = body(req).await?;
+            let handle = run_handle(shared, &which).await?;
+            Ok(json(&handle.metrics().await?))
+        }
+        ["logs", "follow"] => {
+            let request: LogsRequest = body(req).await?;
+            let handle = run_handle(shared, &by_id(&request.id)).await?;
+            let chunks = handle
+                .logs(request.follow)
+                .map(|chunk| chunk.map_err(std::io::Error::other));
+            Ok(stream("application/octet-stream", chunks))
+        }
+        ["fleets", "list"] => {
+            let fleets = client.fleets().list().await?;
+            let entries: Vec<FleetEntry> = fleets
+                .into_iter()
+                .map(|(fleet, instances)| FleetEntry { fleet, instances })
+                .collect();
+            Ok(json(&entries))
+        }
+        ["fleets", "busy"] => Ok(json(&client.fleets().busy_instances().await?)),
+        ["fleets", "apply"] => {
+            let request: ConfigurationRequest = body(req).await?;
+            Ok(apply_fleet(shared, configuration(&request.configuration)?))
+        }
+        ["fleets", "delete"] => {
+            let request: DeleteRequest = body(req).await?;
+            let name = only_name(&request)?;
+            let (fleet, instances) = client.fleets().delete(name, request.force).await?;
+            Ok(json(&FleetDeleted { fleet, instances }))
+        }
+        ["volumes", "list"] => Ok(json(&client.volumes().list().await?)),
+        ["volumes", "create"] => {
+            let request: ConfigurationRequest = body(req).await?;
+            let config = configuration(&request.configuration)?;
+            Ok(json(&client.volumes().apply(&config).await?))
+        }
+        ["volumes", "delete"] => {
+            let request: DeleteRequest = body(req).await?;
+            Ok(json(&client.volumes().delete(only_name(&request)?).await?))
+        }
+        _ => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "resource_not_exists",
+            format!("no such route {}", route.join("/")),
+        )),
+    }
+}
+
+fn by_id(id: &str) -> RunRef {
+    RunRef {
+        run_name: None,
+        id: Some(id.to_string()),
+    }
+}
+
+/// The run a request names (by id, else the current run of that name).
+async fn run_handle(shared: &Shared, which: &RunRef) -> Result<RunHandle, ApiError> {
+    let runs = shared.client.runs();
+    let found = match (&which.id, &which.run_name) {
+        (Some(id), _) => runs.by_id(id).await?,
+        (None, Some(name)) => runs.get(name).await?,
+        (None, None) => return Err(ApiError::bad_request("name the run: run_name or id")),
+    };
+    let shown = which
+        .id
+        .as_deref()
+        .or(which.run_name.as_deref())
+        .unwrap_or("");
+    found.ok_or_else(|| ApiError::not_found(format!("run {shown} does not exist")))
+}
+
+/// The one name a delete request may carry here.
+fn only_name(request: &DeleteRequest) -> Result<&str, ApiError> {
+    match request.names.as_slice() {
+        [name] => Ok(name),
+        _ => Err(ApiError::bad_request("name exactly one resource to delete")),
+    }
+}
+
+/// The JSON body of a request.
+async fn body<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
+    let bytes = read_body(req, MAX_REQUEST_BYTES).await?;
+    let bytes = if bytes.is_empty() {
+        Bytes::from_static(b"{}")
+    } else {
+        bytes
+    };
+    Ok(parse(&bytes)?)
+}
+
+/// A configuration sent by a client, validated again here.
+fn configuration(value: &serde_json::Value) -> Result<Configuration, ApiError> {
+    dstack_core::config::parse_value(value, "configuration").map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "configuration_error",
+            e.to_string(),
+        )
+    })
+}
+
+/// `fleets/apply`: each host's progress as it deploys, then the fleet, as JSON lines.
+fn apply_fleet(shared: &Shared, config: Configuration) -> Response<Body> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<FleetEvent>();
+    let client = shared.client.clone();
+    tokio::spawn(async move {
+        let progress_tx = tx.clone();
+        let progress = move |instance: &dstack_core::model::Instance, step: &str| {
+            let _ = progress_tx.send(FleetEvent::Progress {
+                instance: Box::new(instance.clone()),
+                step: step.to_string(),
+            });
+        };
+        let last = match client.fleets().apply(&config, &progress).await {
+            Ok((fleet, instances)) => FleetEvent::Applied(FleetEntry { fleet, instances }),
+            Err(e) => FleetEvent::Failed(ApiError::from(e).detail()),
+        };
+        let _ = tx.send(last);
+    });
+    let lines = futures_util::stream::unfold(rx, |mut rx| async move {
+        let event = rx.recv().await?;
+        let mut line = serde_json::to_vec(&event).unwrap_or_default();
+        line.push(b'\n');
+        Some((Ok::<_, std::io::Error>(Bytes::from(line)), rx))
+    });
+    stream("application/x-ndjson", lines)
+}
+
+/// `runs/connect`: upgrades the connection to a byte stream to a port on an instance's host
+/// (port forwarding for clients of this server).
+async fn connect(shared: &Shared, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let wants_tunnel = req
+        .headers()
+        .get(UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(TUNNEL));
+    if !wants_tunnel {
+        return Err(ApiError::bad_request(format!(
+            "runs/connect needs `Connection: upgrade` and `Upgrade: {TUNNEL}`"
+        )));
+    }
+    let (parts, incoming) = req.into_parts();
+    let bytes = read_body(Request::new(incoming), MAX_REQUEST_BYTES).await?;
+    let request: ConnectRequest = parse(&bytes)?;
+    let engine = shared
+        .client
+        .engine()
+        .ok_or_else(|| ApiError::bad_request("this server hosts no engine"))?;
+    let mut outbound = engine
+        .dial_port(&request.instance_id, request.port)
+        .await
+        .map_err(|e| {
+            ApiError::from(EngineError::Invalid(format!(
+                "cannot reach port {} of instance {}: {e}",
+                request.port, request.instance_id
+            )))
+        })?;
+    let upgrade = hyper::upgrade::on(Request::from_parts(parts, ()));
+    tokio::spawn(async move {
+        if let Ok(upgraded) = upgrade.await {
+            let mut inbound = hyper_util::rt::TokioIo::new(upgraded);
+            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+        }
+    });
+    let mut resp = respond(
+        StatusCode::SWITCHING_PROTOCOLS,
+        "application/octet-stream",
+        "",
+    );
+    resp.headers_mut().insert(
+        CONNECTION,
+        hyper::header::HeaderValue::from_static("upgrade"),
+    );
+    resp.headers_mut()
+        .insert(UPGRADE, hyper::header::HeaderValue::from_static(TUNNEL));
+    Ok(resp)
+}
