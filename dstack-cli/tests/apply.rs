@@ -360,7 +360,7 @@ fn one_unreadable_run_record_hides_no_other_run() {
         let out = env.run(&["apply", "-f", &file, "-y"]);
         assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     }
-    let db = env.home.path().join("state.db");
+    let db = env.home.path().join("server/state.db");
     let out = Command::new("python3")
         .arg("-c")
         .arg(

@@ -1,12 +1,12 @@
-//! `RawClient`: the native side of `dstack.Client` — an embedded engine with the local
-//! backend, and its runs and fleets as plain data.
+//! `RawClient`: the native side of `dstack.Client` — a client of the state directory's
+//! `dstack server` (started when none answers), and its runs and fleets as plain data.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use dstack_core::config::Configuration;
-use dstack_core::engine::{ApplyOptions, EngineError, RunPlan};
-use dstack_core::model::{RunGroup, RunStatus};
+use dstack_core::engine::{ApplyOptions, RunPlan};
+use dstack_core::model::RunGroup;
 use dstack_core::Client;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -16,15 +16,7 @@ use crate::errors::{raise, Failure, Outcome};
 use crate::run::RawRun;
 use crate::runtime::{block_on, spawn, RawTask};
 
-/// Run statuses that need an engine process to make progress.
-const WAITING: &[RunStatus] = &[
-    RunStatus::Pending,
-    RunStatus::Submitted,
-    RunStatus::Provisioning,
-    RunStatus::Terminating,
-];
-
-/// An open state directory with its engine.
+/// A client of a server.
 #[pyclass(module = "dstack._native", frozen)]
 pub struct RawClient {
     client: Client,
@@ -57,17 +49,46 @@ impl Apply {
 
 #[pymethods]
 impl RawClient {
-    /// Opens (creating if needed) the state in `home` and starts the engine; `agent` is the
-    /// `dstack-agent` binary to run jobs with.
+    /// A client of the server of the state directory `home` (its project, or `project`),
+    /// starting it with `server` (the `dstack` binary) when none answers; or, with `url` and
+    /// `token`, of that server.
     #[staticmethod]
-    #[pyo3(signature = (home, agent = None))]
-    fn open(py: Python<'_>, home: PathBuf, agent: Option<PathBuf>) -> PyResult<RawClient> {
-        let opened = block_on(
-            py,
-            dstack_backends::local::local_client(home.clone(), agent),
-        )?;
-        let client = raise(py, opened.map_err(Failure::from))?;
+    #[pyo3(signature = (home, server = None, url = None, token = None, project = None))]
+    fn open(
+        py: Python<'_>,
+        home: PathBuf,
+        server: Option<PathBuf>,
+        url: Option<String>,
+        token: Option<String>,
+        project: Option<String>,
+    ) -> PyResult<RawClient> {
+        let opened = match (url, token) {
+            (Some(url), Some(token)) => {
+                let project = project.as_deref().unwrap_or("main");
+                dstack_core::client::Remote::new(&url, project, &token)
+                    .map(Client::remote)
+                    .map_err(|e| Failure::from(dstack_core::engine::EngineError::from(e)))
+            }
+            (None, None) => {
+                let home = home.clone();
+                let connected = block_on(py, async move {
+                    Client::connect(&home, server.as_deref()).await
+                })?;
+                connected.map_err(Failure::from)
+            }
+            _ => Err(Failure::new(
+                "ClientError",
+                "server_url and user_token go together",
+            )),
+        };
+        let client = raise(py, opened)?;
         Ok(RawClient { client, home })
+    }
+
+    /// The server's URL.
+    #[getter]
+    fn server_url(&self) -> Option<String> {
+        self.client.server().map(|s| s.url().to_string())
     }
 
     /// The state directory.
@@ -165,16 +186,18 @@ impl RawClient {
     }
 
     /// The current run with this name, or `None`.
-    fn get(&self, py: Python<'_>, name: &str) -> PyResult<Option<RawRun>> {
-        let found = py.allow_threads(|| self.client.runs().get(name).map_err(Failure::from));
-        Ok(raise(py, found)?.map(RawRun::new))
+    fn get(&self, py: Python<'_>, name: String) -> PyResult<Option<RawRun>> {
+        let client = self.client.clone();
+        let found = block_on(py, async move { client.runs().get(&name).await })?;
+        Ok(raise(py, found.map_err(Failure::from))?.map(RawRun::new))
     }
 
     /// Runs (as records), newest first: unfinished ones only unless `all`.
     #[pyo3(signature = (all = false, limit = None))]
     fn list(&self, py: Python<'_>, all: bool, limit: Option<usize>) -> PyResult<Vec<PyObject>> {
-        let runs = py.allow_threads(|| self.client.runs().list(all).map_err(Failure::from));
-        let runs = raise(py, runs)?;
+        let client = self.client.clone();
+        let runs = block_on(py, async move { client.runs().list(all).await })?;
+        let runs = raise(py, runs.map_err(Failure::from))?;
         runs.iter()
             .take(limit.unwrap_or(usize::MAX))
             .map(|r| record_to_py(py, r))
@@ -183,14 +206,14 @@ impl RawClient {
 
     /// Handles of these run names (current runs only; unknown names are skipped).
     fn handles(&self, py: Python<'_>, names: Vec<String>) -> PyResult<Vec<RawRun>> {
-        let found = py.allow_threads(|| {
-            let runs = self.client.runs();
-            names
-                .iter()
-                .map(|name| runs.get(name))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(Failure::from)
-        });
+        let client = self.client.clone();
+        let found = block_on(py, async move {
+            let mut found = Vec::with_capacity(names.len());
+            for name in &names {
+                found.push(client.runs().get(name).await?);
+            }
+            Ok::<_, Failure>(found)
+        })?;
         Ok(raise(py, found)?
             .into_iter()
             .flatten()
@@ -200,8 +223,9 @@ impl RawClient {
 
     /// Fleets, each `{"fleet": …, "instances": […]}`.
     fn fleets(&self, py: Python<'_>) -> PyResult<Vec<PyObject>> {
-        let fleets = py.allow_threads(|| self.client.fleets().list().map_err(Failure::from));
-        let fleets = raise(py, fleets)?;
+        let client = self.client.clone();
+        let fleets = block_on(py, async move { client.fleets().list().await })?;
+        let fleets = raise(py, fleets.map_err(Failure::from))?;
         fleets
             .iter()
             .map(|(fleet, instances)| {
@@ -234,7 +258,7 @@ impl RawClient {
         };
         let client = self.client.clone();
         let applied = block_on(py, async move {
-            client.engine().apply_fleet(&configuration, &report).await
+            client.fleets().apply(&configuration, &report).await
         })?;
         let (fleet, instances) = raise(py, applied.map_err(Failure::from))?;
         let item = PyDict::new(py);
@@ -253,17 +277,19 @@ impl RawClient {
         force: bool,
     ) -> PyResult<Vec<(String, Option<String>)>> {
         let client = self.client.clone();
-        let deleted = block_on(py, async move {
-            client.engine().delete_fleet(&name, force).await
-        })?;
+        let deleted = block_on(
+            py,
+            async move { client.fleets().delete(&name, force).await },
+        )?;
         let (_, instances) = raise(py, deleted.map_err(Failure::from))?;
         Ok(instances.into_iter().map(|(i, e)| (i.name, e)).collect())
     }
 
     /// Network volumes (not deleted), as records.
     fn volumes(&self, py: Python<'_>) -> PyResult<PyObject> {
-        let volumes = py.allow_threads(|| self.client.volumes().list().map_err(Failure::from));
-        let volumes = raise(py, volumes)?;
+        let client = self.client.clone();
+        let volumes = block_on(py, async move { client.volumes().list().await })?;
+        let volumes = raise(py, volumes.map_err(Failure::from))?;
         record_to_py(py, &volumes)
     }
 
@@ -286,16 +312,6 @@ impl RawClient {
         let deleted = block_on(py, async move { client.volumes().delete(&name).await })?;
         let volume = raise(py, deleted.map_err(Failure::from))?;
         record_to_py(py, &volume)
-    }
-
-    /// How many runs still need an engine process (waiting for resources, a retry, or
-    /// their termination).
-    fn waiting(&self, py: Python<'_>) -> PyResult<usize> {
-        let runs = py.allow_threads(|| {
-            let runs = self.client.engine().store().runs_with_status(WAITING);
-            runs.map_err(|e| Failure::from(EngineError::from(e)))
-        });
-        Ok(raise(py, runs)?.len())
     }
 }
 

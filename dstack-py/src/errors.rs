@@ -87,6 +87,17 @@ impl From<EngineError> for Failure {
             EngineError::Agent(_) => "BackendError",
             EngineError::Unsupported(_) => "NotSupportedError",
             EngineError::Invalid(_) => "DstackError",
+            EngineError::Server(e) => match e.code() {
+                Some("resource_exists") => "ResourceExistsError",
+                Some("resource_not_exists") => "ResourceNotExistsError",
+                Some("no_capacity") => "NoCapacityError",
+                Some("backend_auth_error") => "BackendAuthError",
+                Some("not_supported") => "NotSupportedError",
+                Some("backend_error") => "BackendError",
+                Some("configuration_error") => "ConfigurationError",
+                Some("not_authenticated" | "forbidden") => "ClientError",
+                Some(_) | None => "DstackError",
+            },
         };
         Failure::new(class, error.to_string())
     }

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use dstack_core::client::protocol::Snapshot;
 use dstack_core::client::LogStream;
 use dstack_core::model::RunStatus;
 use dstack_core::RunHandle;
@@ -29,19 +30,8 @@ impl RawRun {
     }
 }
 
-/// The run record with its jobs and exit status, as one dict.
-struct Snapshot {
-    run: dstack_core::model::Run,
-    jobs: Vec<dstack_core::model::Job>,
-    instances: Vec<dstack_core::model::Instance>,
-}
-
-fn snapshot(handle: &RunHandle) -> Outcome<Snapshot> {
-    Ok(Snapshot {
-        run: handle.run()?,
-        jobs: handle.jobs()?,
-        instances: handle.instances()?,
-    })
+async fn snapshot(handle: &RunHandle) -> Outcome<Snapshot> {
+    Ok(handle.snapshot().await?)
 }
 
 fn snapshot_to_py(py: Python<'_>, s: Snapshot) -> PyResult<PyObject> {
@@ -67,7 +57,7 @@ async fn wait(handle: RunHandle, timeout: Option<f64>, running: bool) -> Outcome
         }
     };
     match finished {
-        Some(_) => Ok(Some(snapshot(&handle)?)),
+        Some(_) => Ok(Some(snapshot(&handle).await?)),
         None => Ok(None),
     }
 }
@@ -89,7 +79,7 @@ fn metrics_to_py(py: Python<'_>, values: Vec<serde_json::Value>) -> PyResult<PyO
 
 async fn stop(handle: RunHandle, abort: bool) -> Outcome<Snapshot> {
     handle.stop(abort).await?;
-    snapshot(&handle)
+    snapshot(&handle).await
 }
 
 #[pymethods]
@@ -108,8 +98,9 @@ impl RawRun {
 
     /// `{"run": …, "jobs": […], "instances": […]}`, read now.
     fn snapshot(&self, py: Python<'_>) -> PyResult<PyObject> {
-        let s = raise(py, py.allow_threads(|| snapshot(&self.handle)))?;
-        snapshot_to_py(py, s)
+        let handle = self.handle.clone();
+        let s = block_on(py, async move { snapshot(&handle).await })?;
+        snapshot_to_py(py, raise(py, s)?)
     }
 
     /// Waits until the run finished (with `running`: is running or finished), at most

@@ -1,6 +1,7 @@
 """Runs from Python on the local backend: dstack's documentation script, plan/apply, logs,
 waiting, stopping, exit codes and the errors users meet."""
 
+import re
 import subprocess
 import sys
 import time
@@ -10,6 +11,7 @@ import pytest
 
 from dstack.api import GPU, Client, Resources, RunStatus, Task
 from dstack.errors import (
+    ClientError,
     ConfigurationError,
     NotSupportedError,
     ResourceExistsError,
@@ -127,12 +129,26 @@ def test_errors_users_meet(client: Client) -> None:
         client.runs.apply_configuration(Task(image="ubuntu", commands=["true"]))
     with pytest.raises(NotSupportedError, match="repo="):
         client.runs.apply_configuration(Task(commands=["true"]), repo=object())
-    with pytest.raises(NotSupportedError, match="server"):
+    with pytest.raises(ClientError, match="server_url and user_token go together"):
         Client.from_config(server_url="http://localhost:3000")
     with pytest.raises(ConfigurationError, match=r"<string>:1:1: \(root\)"):
         client.runs.apply_configuration("[not a mapping]")
     with pytest.raises(TypeError, match="expected a configuration"):
         client.runs.apply_configuration(42)  # type: ignore[arg-type]
+
+
+def test_a_client_of_the_server_by_url_and_token(client: Client) -> None:
+    run = client.runs.apply_configuration(Task(name="by-url", commands=["echo via-url"]))
+    run.wait(timeout=60)
+    config = Path(client.home, "config.yml").read_text()
+    url = re.search(r'url: "([^"]+)"', config).group(1)  # type: ignore[union-attr]
+    token = re.search(r'token: "([^"]+)"', config).group(1)  # type: ignore[union-attr]
+    remote = Client.from_config(server_url=url, user_token=token, home=client.home + "-elsewhere")
+    found = remote.runs.get("by-url")
+    assert found is not None and found.status == RunStatus.DONE
+    wrong = Client.from_config(server_url=url, user_token="not-the-token")
+    with pytest.raises(ClientError, match="token"):
+        wrong.runs.list()
 
 
 def test_a_run_that_can_never_fit_fails_with_no_offers(client: Client) -> None:

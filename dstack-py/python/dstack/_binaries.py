@@ -23,13 +23,14 @@ def find(name: str) -> Optional[Path]:
     return path
 
 
-def agent() -> Optional[Path]:
-    """The agent the embedded client starts: `$DSTACK_AGENT_BIN`, else the bundled one (else
-    `None`: the engine looks on `PATH`)."""
-    configured = os.environ.get("DSTACK_AGENT_BIN")
+def server() -> Optional[Path]:
+    """The `dstack` binary that runs the state directory's server when a client finds none:
+    `$DSTACK_SERVER_BIN`, else the bundled one (else `None`: the native side looks on
+    `PATH`)."""
+    configured = os.environ.get("DSTACK_SERVER_BIN")
     if configured:
         return Path(configured)
-    return find("dstack-agent")
+    return find("dstack")
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -19,7 +19,7 @@ from dstack._records import (
     timestamp,
 )
 from dstack._repos import Repo, RepoCollection, check_fits
-from dstack.errors import NotSupportedError, WaitTimeoutError
+from dstack.errors import ClientError, NotSupportedError, WaitTimeoutError
 
 if TYPE_CHECKING:
     from dstack._native import RawClient, RawForward, RawRun
@@ -374,9 +374,9 @@ class VolumeCollection:
 
 
 class Client:
-    """An embedded dstack: the engine runs in this process, state lives in `$DSTACK_HOME`
-    (default `~/.dstack`), and jobs run on this machine through a detached agent, so they
-    outlive this process."""
+    """A dstack client: of the `dstack server` of `$DSTACK_HOME` (default `~/.dstack`),
+    started in the background when none answers and supervising runs after this process
+    exits, or of the server at `server_url`."""
 
     def __init__(self, raw: "RawClient", project_name: str = "main") -> None:
         self._raw = raw
@@ -395,14 +395,14 @@ class Client:
         *,
         home: Union[str, "os.PathLike[str]", None] = None,
     ) -> "Client":
-        """The embedded client of `home` (default `$DSTACK_HOME` or `~/.dstack`). A remote
-        server (`server_url`, `user_token`) is not supported yet."""
-        if server_url is not None or user_token is not None:
-            raise NotSupportedError(
-                "connecting to a dstack server is not supported yet: dstack-rs embeds the "
-                "engine; call Client.from_config() without server_url/user_token"
-            )
-        return Client(open_raw(home), project_name or "main")
+        """A client of the server of `home` (default `$DSTACK_HOME` or `~/.dstack`): the
+        project `project_name` (default: `$DSTACK_PROJECT`, else the default project of
+        `home/config.yml`), whose local server is started when none answers; or, with
+        `server_url` and `user_token`, of that server."""
+        if (server_url is None) != (user_token is None):
+            raise ClientError("server_url and user_token go together")
+        raw = open_raw(home, server_url, user_token, project_name)
+        return Client(raw, project_name or "main")
 
     @property
     def home(self) -> str:

@@ -1,14 +1,12 @@
 """Shared pieces of the sync and async clients: statuses, the client registry, plans,
 turning configurations into data, and notebook rendering."""
 
-import atexit
 import os
-import subprocess
 from datetime import datetime, timezone
 from enum import Enum
 from html import escape
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from dstack import _binaries
 from dstack._config import _Configuration, plain
@@ -49,48 +47,33 @@ def home_dir(home: Union[str, "os.PathLike[str]", None] = None) -> Path:
     return Path(env) if env else Path.home() / ".dstack"
 
 
-_OPEN: Dict[Path, "RawClient"] = {}
+_OPEN: Dict[Tuple[Path, Optional[str], Optional[str]], "RawClient"] = {}
 
 
-def open_raw(home: Union[str, "os.PathLike[str]", None]) -> "RawClient":
-    """The engine of a state directory, opened once per process."""
+def open_raw(
+    home: Union[str, "os.PathLike[str]", None],
+    server_url: Optional[str] = None,
+    user_token: Optional[str] = None,
+    project: Optional[str] = None,
+) -> "RawClient":
+    """A client of the state directory's `dstack server` (started in the background when
+    none answers), or of the server at `server_url`; opened once per process."""
     from dstack._native import RawClient
 
     path = home_dir(home).expanduser().absolute()
-    raw = _OPEN.get(path)
+    key = (path, server_url, project)
+    raw = _OPEN.get(key)
     if raw is None:
-        agent = _binaries.agent()
-        raw = RawClient.open(str(path), None if agent is None else str(agent))
-        if not _OPEN:
-            atexit.register(_hand_over)
-        _OPEN[path] = raw
-    return raw
-
-
-def _hand_over() -> None:
-    """At exit: runs still waiting for the engine are handed to a detached `dstack _drive`
-    (one per state directory; it exits when nothing waits)."""
-    for path, raw in _OPEN.items():
-        try:
-            if raw.waiting() == 0:
-                continue
-        except Exception:  # noqa: BLE001 - best effort at interpreter exit
-            continue
-        exe = _binaries.find("dstack")
-        if exe is None:
-            continue
-        env = dict(os.environ, DSTACK_HOME=str(path))
-        agent = _binaries.agent()
-        if agent is not None:
-            env["DSTACK_AGENT_BIN"] = str(agent)
-        subprocess.Popen(
-            [str(exe), "_drive"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
+        server = _binaries.server()
+        raw = RawClient.open(
+            str(path),
+            None if server is None else str(server),
+            server_url,
+            user_token,
+            project,
         )
+        _OPEN[key] = raw
+    return raw
 
 
 def configuration_data(configuration: ConfigurationLike) -> Union[Dict[str, Any], str]:
