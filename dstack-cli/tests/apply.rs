@@ -2,66 +2,12 @@
 //! `$DSTACK_HOME` per test and the real agent.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Env {
-    home: tempfile::TempDir,
-}
+mod common;
 
-impl Env {
-    fn new() -> Self {
-        Env {
-            home: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dstack"));
-        cmd.args(args)
-            .env("DSTACK_HOME", self.home.path())
-            .env("DSTACK_AGENT_BIN", agent_binary())
-            .current_dir(workspace())
-            .stdin(Stdio::null());
-        cmd
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().unwrap()
-    }
-
-    fn write(&self, name: &str, text: &str) -> String {
-        let path = self.home.path().join(name);
-        std::fs::write(&path, text).unwrap();
-        path.display().to_string()
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        if let Ok(pid) = std::fs::read_to_string(self.home.path().join("agent/agent.pid")) {
-            let _ = Command::new("kill").arg("-9").arg(pid.trim()).status();
-        }
-    }
-}
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn agent_binary() -> PathBuf {
-    let exe = PathBuf::from(env!("CARGO_BIN_EXE_dstack"));
-    let agent = exe.with_file_name("dstack-agent");
-    assert!(
-        agent.is_file(),
-        "build the agent first: cargo build -p dstack-agent"
-    );
-    agent
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
+use common::{text, Env};
 
 #[test]
 fn apply_runs_the_hello_example_and_exits_with_its_code() {

@@ -88,7 +88,7 @@ impl RawClient {
     /// The server's URL.
     #[getter]
     fn server_url(&self) -> Option<String> {
-        self.client.server().map(|s| s.url().to_string())
+        self.client.server().map(|s| s.url())
     }
 
     /// The state directory.

@@ -267,7 +267,14 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// a remote server is used as configured; a local one is started, detached
 /// (`server_bin server --auto`, or the binary [`find_server_binary`] finds), when none
 /// answers.
-pub async fn connect(home: &Path, server_bin: Option<&Path>) -> Result<Remote, ServerError> {
+pub fn connect<'a>(
+    home: &'a Path,
+    server_bin: Option<&'a Path>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Remote, ServerError>> + Send + 'a>> {
+    Box::pin(connect_now(home, server_bin))
+}
+
+async fn connect_now(home: &Path, server_bin: Option<&Path>) -> Result<Remote, ServerError> {
     let config = ClientConfig::load(home)?;
     if let Some(project) = config.project(None) {
         if !is_loopback(&project.url) {
@@ -281,10 +288,14 @@ pub async fn connect(home: &Path, server_bin: Option<&Path>) -> Result<Remote, S
             )));
         }
     }
+    let origin = || super::remote::Origin {
+        home: home.to_path_buf(),
+        server_bin: server_bin.map(Path::to_path_buf),
+    };
     if let Some(remote) = local_server(home).await {
-        return Ok(remote);
+        return Ok(remote.with_origin(origin()));
     }
-    start(home, server_bin).await
+    Ok(start(home, server_bin).await?.with_origin(origin()))
 }
 
 /// A client of `home`'s local server if it runs and answers with the token of the config.

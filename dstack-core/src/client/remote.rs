@@ -1,6 +1,8 @@
 //! The client side of `dstack server`'s API (see [`super::protocol`]): typed calls over one
 //! keep-alive [`HttpClient`], answers in this project's own records.
 
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::Method;
@@ -48,10 +50,31 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 /// A connection to one project of a `dstack server`.
 #[derive(Clone, Debug)]
 pub struct Remote {
-    http: HttpClient,
+    http: Arc<Mutex<HttpClient>>,
     project: String,
-    url: String,
+    url: Arc<Mutex<String>>,
+    /// For the server of a local state directory: how to find (or start) it again when it
+    /// stops answering (killed, exited idle, restarted on another port).
+    origin: Option<Arc<Origin>>,
 }
+
+/// The local state directory a [`Remote`] was found for.
+#[derive(Debug)]
+pub(crate) struct Origin {
+    pub home: PathBuf,
+    pub server_bin: Option<PathBuf>,
+}
+
+/// Routes that only read: sent again after a connection that broke midway.
+const READS: &[&str] = &[
+    "runs/get",
+    "runs/get_plan",
+    "runs/wait",
+    "runs/metrics",
+    "fleets/list",
+    "fleets/busy",
+    "volumes/list",
+];
 
 impl Remote {
     /// A client of the server at `url` (`http://host:port`) for `project`, with `token`.
@@ -77,15 +100,45 @@ impl Remote {
         .with_token(token)
         .with_accept(NATIVE);
         Ok(Remote {
-            http,
+            http: Arc::new(Mutex::new(http)),
             project: project.to_string(),
-            url: url.trim_end_matches('/').to_string(),
+            url: Arc::new(Mutex::new(url.trim_end_matches('/').to_string())),
+            origin: None,
         })
     }
 
+    /// The same client, finding the server of `origin` again when it stops answering.
+    pub(crate) fn with_origin(mut self, origin: Origin) -> Remote {
+        self.origin = Some(Arc::new(origin));
+        self
+    }
+
     /// The server's URL.
-    pub fn url(&self) -> &str {
-        &self.url
+    pub fn url(&self) -> String {
+        self.url.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn http(&self) -> HttpClient {
+        self.http.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// After `error` on `path`: whether to send the request again, once the local server was
+    /// found (or started) again. A request is sent again when it never reached a server (the
+    /// connection was refused: the server is gone) or only reads.
+    async fn recover(&self, path: &str, error: &HttpError) -> Result<bool, ServerError> {
+        let Some(origin) = &self.origin else {
+            return Ok(false);
+        };
+        let refused = matches!(error, HttpError::Unreachable { source, .. }
+            if matches!(source.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound));
+        let read = READS.iter().any(|r| path.ends_with(r)) || path == "/api/runs/list";
+        if !(refused || (read && error.is_unreachable())) {
+            return Ok(false);
+        }
+        let found = super::home::connect(&origin.home, origin.server_bin.as_deref()).await?;
+        *self.http.lock().unwrap_or_else(|e| e.into_inner()) = found.http();
+        *self.url.lock().unwrap_or_else(|e| e.into_inner()) = found.url();
+        Ok(true)
     }
 
     /// The project.
@@ -115,10 +168,18 @@ impl Remote {
         timeout: Duration,
     ) -> Result<T, ServerError> {
         let body = serde_json::to_vec(body).map_err(HttpError::from)?;
-        self.http
-            .json(timeout, Method::POST, path, Some(body))
-            .await
-            .map_err(refusal)
+        let sent = self
+            .http()
+            .json(timeout, Method::POST, path, Some(body.clone()))
+            .await;
+        match sent {
+            Err(e) if self.recover(path, &e).await? => self
+                .http()
+                .json(timeout, Method::POST, path, Some(body))
+                .await
+                .map_err(refusal),
+            other => other.map_err(refusal),
+        }
     }
 
     /// POSTs `body` to a project route and streams the answer.
@@ -128,10 +189,19 @@ impl Remote {
         body: &impl Serialize,
     ) -> Result<ByteStream, ServerError> {
         let body = serde_json::to_vec(body).map_err(HttpError::from)?;
-        self.http
-            .stream(REQUEST_TIMEOUT, Method::POST, &self.path(route), Some(body))
-            .await
-            .map_err(refusal)
+        let path = self.path(route);
+        let sent = self
+            .http()
+            .stream(REQUEST_TIMEOUT, Method::POST, &path, Some(body.clone()))
+            .await;
+        match sent {
+            Err(e) if self.recover(&path, &e).await? => self
+                .http()
+                .stream(REQUEST_TIMEOUT, Method::POST, &path, Some(body))
+                .await
+                .map_err(refusal),
+            other => other.map_err(refusal),
+        }
     }
 
     /// POSTs `body` to a project route that upgrades the connection to a byte stream.
@@ -141,15 +211,20 @@ impl Remote {
         body: &impl Serialize,
     ) -> Result<Box<dyn Duplex>, ServerError> {
         let body = serde_json::to_vec(body).map_err(HttpError::from)?;
-        self.http
-            .upgrade(
-                REQUEST_TIMEOUT,
-                &self.path(route),
-                body,
-                super::protocol::TUNNEL,
-            )
-            .await
-            .map_err(refusal)
+        let path = self.path(route);
+        let tunnel = super::protocol::TUNNEL;
+        let sent = self
+            .http()
+            .upgrade(REQUEST_TIMEOUT, &path, body.clone(), tunnel)
+            .await;
+        match sent {
+            Err(e) if self.recover(&path, &e).await? => self
+                .http()
+                .upgrade(REQUEST_TIMEOUT, &path, body, tunnel)
+                .await
+                .map_err(refusal),
+            other => other.map_err(refusal),
+        }
     }
 
     /// Whether the server answers (`/api/server/get_info`), within `timeout`.

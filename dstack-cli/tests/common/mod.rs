@@ -1,0 +1,104 @@
+//! What the CLI's end-to-end tests share: a private `$DSTACK_HOME` per test, the CLI and
+//! agent built by this package, and the home's server.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// A private `$DSTACK_HOME` with the CLI built by this package.
+pub struct Env {
+    /// The state directory.
+    pub home: tempfile::TempDir,
+}
+
+impl Env {
+    /// A fresh state directory.
+    pub fn new() -> Self {
+        Env {
+            home: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// `dstack ARGS` in this home.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dstack"));
+        cmd.args(args)
+            .env("DSTACK_HOME", self.home.path())
+            .env("DSTACK_AGENT_BIN", agent_binary())
+            .current_dir(workspace())
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs `dstack ARGS` to completion.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    /// Writes a file into the home; returns its path.
+    pub fn write(&self, name: &str, text: &str) -> String {
+        let path = self.home.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(self.home.path().join("agent/agent.pid")) {
+            let _ = Command::new("kill").arg("-9").arg(pid.trim()).status();
+        }
+        if let Some(pid) = self.server_pid() {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+        }
+    }
+}
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The agent built beside the CLI.
+pub fn agent_binary() -> PathBuf {
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_dstack"));
+    let agent = exe.with_file_name("dstack-agent");
+    assert!(
+        agent.is_file(),
+        "build the agent first: cargo build -p dstack-agent"
+    );
+    agent
+}
+
+/// Bytes as text.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+impl Env {
+    /// What the home's server wrote about itself (`{pid, url}`), if it runs.
+    pub fn server_info(&self) -> Option<serde_json::Value> {
+        let bytes = std::fs::read(self.home.path().join("server/server.json")).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// The running server's process id.
+    pub fn server_pid(&self) -> Option<u32> {
+        self.server_info()?.get("pid")?.as_u64().map(|p| p as u32)
+    }
+
+    /// The admin token of the home's client configuration.
+    pub fn token(&self) -> String {
+        let config = std::fs::read_to_string(self.home.path().join("config.yml")).unwrap();
+        let line = config
+            .lines()
+            .find(|l| l.trim_start().starts_with("token:"))
+            .unwrap();
+        line.split_once(':')
+            .unwrap()
+            .1
+            .trim()
+            .trim_matches('"')
+            .to_string()
+    }
+}
