@@ -1,7 +1,8 @@
 """Fixtures: one temporary `DSTACK_HOME` per test session (its agent is killed at the end),
-and an embedded client on it. Everything runs for real: the engine, SQLite, the agent and the
+and a client of its server (started on demand). Everything runs for real: the engine, SQLite, the agent and the
 jobs' processes."""
 
+import json
 import os
 import signal
 import sys
@@ -14,14 +15,22 @@ from dstack.api import Client
 
 
 def kill_agent(home: Path) -> None:
+    """Kills the home's agent and server (they would exit on their own a moment after the
+    home is removed)."""
+    pids = []
     try:
-        pid = int((home / "agent" / "agent.pid").read_text().strip())
+        pids.append(int((home / "agent" / "agent.pid").read_text().strip()))
     except (OSError, ValueError):
-        return
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
         pass
+    try:
+        pids.append(int(json.loads((home / "server" / "server.json").read_text())["pid"]))
+    except (OSError, ValueError, KeyError):
+        pass
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.fixture(scope="session")
