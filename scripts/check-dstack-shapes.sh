@@ -6,8 +6,10 @@
 #   usage: scripts/check-dstack-shapes.sh [--lenient] [JSON_FILE_OR_DIR...]
 # With paths, only those (e.g. a live server's answers, named <Model>.<case>.json) are
 # checked; --lenient parses as dstack's client does (unknown fields dropped).
+# The configuration corpus' valid files (${DSTACK_CORPUS_DIR:-../shared/corpus}/valid), when
+# present, are added as plans, fleets and volumes (and their requests read back).
 # Environment: DSTACK_SHAPES_VENV (default ~/.cache/dstack-rs/dstack-0.22.5-venv),
-# CARGO_TARGET_DIR, CARGO (e.g. "flock -o /tmp/cargo.lock cargo").
+# DSTACK_CORPUS_DIR, CARGO_TARGET_DIR, CARGO (e.g. "flock -o /tmp/cargo.lock cargo").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/dstack-rs/target}"
@@ -28,6 +30,13 @@ if [ "$#" -gt 0 ]; then
   exec "$venv/bin/python" scripts/check_dstack_shapes.py "${lenient[@]}" "$@"
 fi
 
+corpus="${DSTACK_CORPUS_DIR:-../shared/corpus}/valid"
+if [ -d "$corpus" ]; then
+  DSTACK_SHAPES_CORPUS="$(cd "$corpus" && pwd)"
+  export DSTACK_SHAPES_CORPUS
+else
+  echo "(no corpus at $corpus: the representative cases only)"
+fi
 out="$(mktemp -d "${TMPDIR:-/tmp}/dstack-shapes.XXXXXX")"
 trap 'rm -rf "$out"' EXIT
 echo "==> answers (cargo test --test dstack_shapes) into $out"

@@ -17,7 +17,8 @@ built and dumped exactly as `dstack.api.server` does: `get_plan.<case>.json` (fr
 a run's `run_spec`), `apply.<case>.json` (from a plan) and `poll_logs.<case>.<n>.json` (for
 each job submission of a run).
 
-Exits 1 naming the file and the pydantic error at the first failure, 0 when all parse.
+Every file is checked; each failure is printed with the file name and the pydantic error, and
+the exit status is then 1 (0 when all parse).
 """
 
 import argparse
@@ -134,7 +135,7 @@ def main() -> int:
     parser.add_argument("--requests", type=pathlib.Path)
     parser.add_argument("paths", nargs="+")
     args = parser.parse_args()
-    checked = 0
+    checked = failed = 0
     for path in files(args.paths):
         model, _, rest = path.name.partition(".")
         case = rest[: -len(".json")] if rest.endswith(".json") else rest
@@ -143,10 +144,14 @@ def main() -> int:
             parsed = parse(model, data, args.lenient)
         except (ValidationError, ShapeError, ValueError, TypeError) as e:
             print(f"{path}: {model} does not parse:\n{e}", file=sys.stderr)
-            return 1
+            failed += 1
+            continue
         if args.requests is not None:
             write_requests(model, case, parsed, args.requests)
         checked += 1
+    if failed:
+        print(f"dstack shapes: {failed} file(s) do not parse", file=sys.stderr)
+        return 1
     if checked == 0:
         print("no files to check", file=sys.stderr)
         return 1

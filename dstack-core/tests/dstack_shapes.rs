@@ -517,6 +517,83 @@ fn shapes() -> Vec<(String, Value)> {
     }))
     .unwrap_err();
     add("Error.unsupported", refused.body());
+    out.extend(corpus_shapes());
+    out
+}
+
+/// With `DSTACK_SHAPES_CORPUS=DIR` (the corpus' `valid/` folder of `.dstack.yml` files): a
+/// plan (without offers) of every run configuration there, a fleet of every fleet
+/// configuration and a volume of every volume configuration.
+fn corpus_shapes() -> Vec<(String, Value)> {
+    let Ok(dir) = std::env::var("DSTACK_SHAPES_CORPUS") else {
+        return Vec::new();
+    };
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(".dstack.yml"))
+        .collect();
+    files.sort();
+    let mut out = Vec::new();
+    for path in files {
+        let stem = path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .replace(".dstack.yml", "");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let Ok(configuration) = config::parse(&text, &stem) else {
+            continue; // e.g. presets, which this project does not read
+        };
+        let value = match &configuration {
+            Configuration::Task(_)
+            | Configuration::Service(_)
+            | Configuration::DevEnvironment(_) => {
+                let plan = RunPlan {
+                    configuration: configuration.clone(),
+                    offers: Vec::new(),
+                    no_offers_reason: None,
+                    total_offers: 0,
+                };
+                let options = ApplyOptions {
+                    configuration_path: Some(format!("{stem}.dstack.yml")),
+                    ..ApplyOptions::default()
+                };
+                ("RunPlan", api::run_plan(&OWNER, &plan, &options, None))
+            }
+            Configuration::Fleet(_) => {
+                let fleet = Fleet {
+                    id: "9e8d7c6b-5a4f-4e3d-9c2b-1a0f9e8d7c6b".to_string(),
+                    name: configuration.name().unwrap_or("fleet").to_string(),
+                    status: FleetStatus::Active,
+                    configuration: Some(configuration.to_json()),
+                    created_at_ms: T0,
+                };
+                ("Fleet", api::fleet(&OWNER, &fleet, &[]))
+            }
+            Configuration::Volume(v) => {
+                let volume = Volume {
+                    id: "d4e5f6a7-b8c9-4d0e-8f1a-2b3c4d5e6f7a".to_string(),
+                    name: configuration.name().unwrap_or("volume").to_string(),
+                    status: VolumeStatus::Submitted,
+                    status_message: None,
+                    configuration: configuration.to_json(),
+                    backend: v.backend.clone(),
+                    region: v.region.clone().unwrap_or_default(),
+                    volume_id: None,
+                    availability_zone: None,
+                    size_gb: None,
+                    external: v.volume_id.is_some(),
+                    attachments: Vec::new(),
+                    created_at_ms: T0,
+                    last_used_at_ms: None,
+                };
+                ("Volume", api::volume(&OWNER, &volume, &[]))
+            }
+            Configuration::Gateway(_) => continue,
+        };
+        out.push((format!("{}.corpus-{stem}.json", value.0), value.1));
+    }
     out
 }
 
