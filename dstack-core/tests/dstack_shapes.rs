@@ -51,15 +51,17 @@ fn host(gpus: usize) -> HostInfo {
     }
 }
 
+/// A run record (read from its stored JSON, so that fields added to the record with a
+/// default need no change here).
 fn run(name: &str, yaml: &str, status: RunStatus) -> Run {
     let configuration = configuration(yaml);
-    Run {
-        id: "3f0c2b7a-9d4e-4c1b-8a2f-6e5d4c3b2a19".to_string(),
-        name: name.to_string(),
-        status,
-        termination_reason: None,
-        status_message: None,
-        spec: RunSpec {
+    serde_json::from_value(json!({
+        "id": "3f0c2b7a-9d4e-4c1b-8a2f-6e5d4c3b2a19",
+        "name": name,
+        "status": status,
+        "termination_reason": null,
+        "status_message": null,
+        "spec": RunSpec {
             configuration: RawJson::from_value(&configuration.to_json()),
             configuration_path: Some(".dstack.yml".to_string()),
             client_dir: "/home/me/project".to_string(),
@@ -69,10 +71,11 @@ fn run(name: &str, yaml: &str, status: RunStatus) -> Run {
             ]),
             group: None,
         },
-        submitted_at_ms: T0,
-        resubmission_attempt: 0,
-        next_attempt_at_ms: None,
-    }
+        "submitted_at_ms": T0,
+        "resubmission_attempt": 0,
+        "next_attempt_at_ms": null,
+    }))
+    .unwrap()
 }
 
 fn job(run: &Run, job_num: u32, submission_num: u32, status: JobStatus) -> Job {
@@ -110,58 +113,62 @@ fn ended(mut job: Job, status: JobStatus, reason: &str, exit_status: Option<i32>
     job
 }
 
+/// An instance record with what every instance has (read from JSON, so that fields added to
+/// the record with a default need no change here).
+fn instance(
+    id: &str,
+    name: &str,
+    fleet_id: &str,
+    backend: &str,
+    status: InstanceStatus,
+) -> Instance {
+    serde_json::from_value(json!({
+        "id": id,
+        "name": name,
+        "fleet_id": fleet_id,
+        "backend": backend,
+        "status": status,
+        "host": host(8),
+        "price": 0.0,
+        "backend_data": null,
+        "created_at_ms": T0,
+    }))
+    .unwrap()
+}
+
 fn local_instance() -> Instance {
-    Instance {
-        id: "instance-local-0".to_string(),
-        name: "local-0".to_string(),
-        fleet_id: "fleet-local".to_string(),
-        backend: "local".to_string(),
-        status: InstanceStatus::Busy,
-        host: host(1),
-        price: 0.0,
-        backend_data: json!({"socket": "/tmp/agent.sock"}),
-        created_at_ms: T0 - 60_000,
-        address: None,
-        session: None,
-        status_message: None,
-        blocks: None,
-        containers: false,
-        unreachable: false,
-        offer: None,
-        idle_timeout_secs: None,
-        last_job_at_ms: None,
-        cloud_id: None,
-        attempts: Vec::new(),
-    }
+    let mut local = instance(
+        "instance-local-0",
+        "local-0",
+        "fleet-local",
+        "local",
+        InstanceStatus::Busy,
+    );
+    local.host = host(1);
+    local.backend_data = json!({"socket": "/tmp/agent.sock"});
+    local.created_at_ms = T0 - 60_000;
+    local
 }
 
 fn ssh_instance(num: u32, status: InstanceStatus) -> Instance {
-    Instance {
-        id: format!("6a1e0c1d-2b3c-4d5e-8f60-71829304a5b{num}"),
-        name: format!("on-prem-{num}"),
-        fleet_id: "9e8d7c6b-5a4f-4e3d-9c2b-1a0f9e8d7c6b".to_string(),
-        backend: "ssh".to_string(),
+    let mut ssh = instance(
+        &format!("6a1e0c1d-2b3c-4d5e-8f60-71829304a5b{num}"),
+        &format!("on-prem-{num}"),
+        "9e8d7c6b-5a4f-4e3d-9c2b-1a0f9e8d7c6b",
+        "ssh",
         status,
-        host: host(8),
-        price: 0.0,
-        backend_data: Value::Null,
-        created_at_ms: T0 - 120_000,
-        address: Some(format!("10.0.0.{}", 10 + num)),
-        session: Some(HostSession {
-            home: "/home/ubuntu".to_string(),
-            env: BTreeMap::from([("USER".to_string(), "ubuntu".to_string())]),
-        }),
-        status_message: (status == InstanceStatus::Terminated)
-            .then(|| "the host did not answer".to_string()),
-        blocks: Some(4),
-        containers: true,
-        unreachable: false,
-        offer: None,
-        idle_timeout_secs: None,
-        last_job_at_ms: None,
-        cloud_id: None,
-        attempts: Vec::new(),
-    }
+    );
+    ssh.created_at_ms = T0 - 120_000;
+    ssh.address = Some(format!("10.0.0.{}", 10 + num));
+    ssh.session = Some(HostSession {
+        home: "/home/ubuntu".to_string(),
+        env: BTreeMap::from([("USER".to_string(), "ubuntu".to_string())]),
+    });
+    ssh.status_message =
+        (status == InstanceStatus::Terminated).then(|| "the host did not answer".to_string());
+    ssh.blocks = Some(4);
+    ssh.containers = true;
+    ssh
 }
 
 fn aws_offer(availability: Availability) -> Offer {
@@ -179,28 +186,21 @@ fn aws_offer(availability: Availability) -> Offer {
 }
 
 fn aws_instance() -> Instance {
-    Instance {
-        id: "b1c2d3e4-f5a6-4b7c-8d9e-0f1a2b3c4d5e".to_string(),
-        name: "cloud-0".to_string(),
-        fleet_id: "c2d3e4f5-a6b7-4c8d-9e0f-1a2b3c4d5e6f".to_string(),
-        backend: "aws".to_string(),
-        status: InstanceStatus::Busy,
-        host: host(8),
-        price: 32.77,
-        backend_data: json!({}),
-        created_at_ms: T0,
-        address: Some("3.80.1.2".to_string()),
-        session: None,
-        status_message: None,
-        blocks: None,
-        containers: true,
-        unreachable: false,
-        offer: Some(aws_offer(Availability::Available)),
-        idle_timeout_secs: Some(300),
-        last_job_at_ms: None,
-        cloud_id: Some("i-0abc".to_string()),
-        attempts: Vec::new(),
-    }
+    let mut aws = instance(
+        "b1c2d3e4-f5a6-4b7c-8d9e-0f1a2b3c4d5e",
+        "cloud-0",
+        "c2d3e4f5-a6b7-4c8d-9e0f-1a2b3c4d5e6f",
+        "aws",
+        InstanceStatus::Busy,
+    );
+    aws.price = 32.77;
+    aws.backend_data = json!({});
+    aws.address = Some("3.80.1.2".to_string());
+    aws.containers = true;
+    aws.offer = Some(aws_offer(Availability::Available));
+    aws.idle_timeout_secs = Some(300);
+    aws.cloud_id = Some("i-0abc".to_string());
+    aws
 }
 
 const TASK: &str = "type: task\nname: train\ncommands:\n  - pip install -r requirements.txt\n  - python train.py\nenv:\n  - HF_TOKEN\n  - MODE=full\nresources:\n  gpu: A100:1\n";
