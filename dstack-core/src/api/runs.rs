@@ -58,7 +58,6 @@ pub fn run(owner: &Owner<'_>, run: &Run, jobs: &[Job], instances: &[Instance]) -
         .iter()
         .map(last_processed_ms)
         .fold(run.submitted_at_ms, u64::max);
-    let user = username(None, &run.spec.client_env);
     let mut cost = 0.0;
     let mut latest = Value::Null;
     let mut dstack_jobs = Vec::with_capacity(by_job.len());
@@ -73,8 +72,7 @@ pub fn run(owner: &Owner<'_>, run: &Run, jobs: &[Job], instances: &[Instance]) -
                     .as_deref()
                     .and_then(|id| instances.iter().find(|i| i.id == id));
                 cost += instance.map_or(0.0, |i| i.price * hours_run(job, last_processed));
-                let user = instance.map_or(user, |i| username(Some(i), &run.spec.client_env));
-                submission(job, instance, user)
+                submission(job, instance, username(instance, &run.spec.client_env))
             })
             .collect();
         if latest.is_null() {
@@ -105,7 +103,11 @@ pub fn run(owner: &Owner<'_>, run: &Run, jobs: &[Job], instances: &[Instance]) -
         "status": run.status.as_str(),
         "status_message": run_status_message(run, &configuration, jobs),
         "termination_reason": run.termination_reason,
-        "run_spec": run_spec(run),
+        "run_spec": spec(
+            Some(&run.name),
+            run.spec.configuration_path.as_deref(),
+            configuration,
+        ),
         "jobs": dstack_jobs,
         "latest_job_submission": latest,
         "cost": cost,
