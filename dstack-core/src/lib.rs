@@ -5,6 +5,7 @@
 //! `dstack-backends`, the host agent in `dstack-agent`.
 
 pub mod agent;
+pub mod api;
 pub mod backend;
 pub mod client;
 pub mod config;
