@@ -117,7 +117,7 @@ pub fn new_session() -> io::Result<()> {
     Ok(())
 }
 
-/// `program serve --socket … --state-dir … <flag>`.
+/// `program serve --socket … --state-dir … <flag>`, with the lease's flags if it has one.
 fn serve_command(program: &Path, config: &AgentConfig, flag: &str) -> Command {
     let mut command = Command::new(program);
     command
@@ -127,6 +127,16 @@ fn serve_command(program: &Path, config: &AgentConfig, flag: &str) -> Command {
         .arg("--state-dir")
         .arg(&config.state_dir)
         .arg(flag);
+    if let Some(lease) = &config.lease {
+        command
+            .arg("--lease-idle")
+            .arg(lease.idle.as_secs().to_string())
+            .arg("--lease-window")
+            .arg(lease.window.as_secs().max(1).to_string());
+        if let Some(shutdown) = &lease.shutdown_command {
+            command.arg("--shutdown-command").arg(shutdown);
+        }
+    }
     if let Some(path) = &config.tool_path {
         command.env("PATH", path);
     }

@@ -12,6 +12,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::de::DeserializeOwned;
 
 use crate::jobs::{JobError, Jobs};
+use crate::lease::{self, Lease};
 
 /// The largest request body accepted.
 const MAX_REQUEST_BYTES: usize = 1024 * 1024;
@@ -26,6 +27,8 @@ pub(crate) struct App {
     pub token: String,
     /// How much of a job's metrics file is served (its last lines).
     pub metrics_bytes: u64,
+    /// The owner lease, on cloud instances.
+    pub lease: Option<Arc<Lease>>,
 }
 
 impl App {
@@ -114,10 +117,20 @@ async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, Http
             "application/x-ndjson",
             app.jobs.metrics(id, app.metrics_bytes)?,
         )),
+        (Method::GET, ["api", "lease"]) => Ok(json(
+            &app.lease
+                .as_ref()
+                .map_or_else(lease::no_lease, |l| l.status()),
+        )),
+        (Method::POST, ["api", "lease"]) => Ok(json(
+            &app.lease
+                .as_ref()
+                .map_or_else(lease::no_lease, |l| l.renew()),
+        )),
         (Method::GET, ["api", "events"]) => Ok(stream("application/x-ndjson", app.jobs.events())),
         (
             _,
-            ["api", "healthcheck" | "jobs" | "events"]
+            ["api", "healthcheck" | "jobs" | "events" | "lease"]
             | ["api", "jobs", _]
             | ["api", "jobs", _, "stop" | "logs" | "metrics"],
         ) => Err(HttpError(

@@ -569,6 +569,19 @@ impl Jobs {
             .ok_or_else(|| JobError::NotFound(id.to_string()))
     }
 
+    /// Whether a job is running or queued.
+    pub fn busy(&self) -> bool {
+        self.lock()
+            .values()
+            .any(|job| !job.info.borrow().status.is_finished())
+    }
+
+    /// Every change of a job's status from now on (but to `queued`), as `/api/events`
+    /// publishes them.
+    pub fn subscribe(&self) -> broadcast::Receiver<JobInfo> {
+        self.events.subscribe()
+    }
+
     /// The state of every job.
     pub fn list(&self) -> Vec<JobInfo> {
         self.lock().values().map(|job| job.info()).collect()

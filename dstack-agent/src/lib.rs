@@ -14,6 +14,7 @@ mod host;
 mod http;
 mod jobs;
 mod journal;
+mod lease;
 mod logs;
 mod process;
 mod state;
@@ -34,9 +35,11 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use daemon::{close_inherited_fds, new_session, spawn_detached, start_in_background};
+pub use lease::{LeaseConfig, DEFAULT_LEASE_WINDOW, POWER_OFF};
 
 use http::App;
 use jobs::Jobs;
+use lease::Lease;
 use state::StateDir;
 
 /// Where an agent listens and keeps its state.
@@ -51,6 +54,9 @@ pub struct AgentConfig {
     pub tool_path: Option<OsString>,
     /// What the agent bounds.
     pub limits: Limits,
+    /// The owner lease: only agents on cloud instances have one (never this machine's nor an
+    /// SSH host's), which shut their host down once nobody owns it (see [`LeaseConfig`]).
+    pub lease: Option<LeaseConfig>,
 }
 
 /// What an agent bounds, so that neither clients nor jobs can make it hold unbounded memory,
@@ -98,6 +104,7 @@ impl AgentConfig {
             state_dir: state_dir.into(),
             tool_path: None,
             limits: Limits::default(),
+            lease: None,
         }
     }
 }
@@ -151,6 +158,7 @@ impl Agent {
                 health,
                 token,
                 metrics_bytes: config.limits.metrics_bytes,
+                lease: config.lease.map(|l| Arc::new(Lease::new(l))),
             }),
             socket: config.socket,
             state,
@@ -167,15 +175,27 @@ impl Agent {
     /// and `agent.pid`. Running jobs are left alone: they are recorded, and the next agent on
     /// this state directory reports them as lost; queued jobs stay queued, for the next agent
     /// to start. If the state directory is removed, the agent aborts its jobs and stops
-    /// serving.
+    /// serving. An agent with an owner lease runs its shutdown action once the lease says so
+    /// (see [`LeaseConfig`]), and goes on serving.
     pub async fn serve_until(self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
+        let app = self.app.clone();
+        let lease = async {
+            match &app.lease {
+                Some(lease) => lease.keep(&app.jobs).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(lease);
+        let mut leasing = true;
         let mut check = tokio::time::interval(STATE_CHECK);
         let slots = Arc::new(Semaphore::new(self.limits.max_connections));
         let timeout = self.limits.header_timeout;
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
+                // Done once the shutdown action ran.
+                () = &mut lease, if leasing => leasing = false,
                 _ = check.tick() => {
                     if !self.state.root().exists() {
                         eprintln!(

@@ -2,9 +2,10 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use dstack_agent::AgentConfig;
+use dstack_agent::{AgentConfig, LeaseConfig};
 
 #[derive(Parser)]
 #[command(name = "dstack-agent", version, about = "The dstack-rs host agent")]
@@ -33,11 +34,30 @@ struct ServeArgs {
     /// Internal (used by --detach): start a new session and ignore SIGHUP first.
     #[arg(long, hide = true, conflicts_with = "detach")]
     new_session: bool,
+    /// Take an owner lease (agents on cloud instances): once no job has run for this many
+    /// seconds and no renewal (`POST /api/lease`) came for a lease window, run the shutdown
+    /// action.
+    #[arg(long, value_name = "SECS")]
+    lease_idle: Option<u64>,
+    /// How long the owner lease lasts without a renewal, in seconds.
+    #[arg(long, value_name = "SECS", requires = "lease_idle",
+          default_value_t = dstack_agent::DEFAULT_LEASE_WINDOW.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    lease_window: u64,
+    /// The shutdown action, run with `sh -c` when the lease lapses (default: power the host
+    /// off, through `sudo -n` unless the agent runs as root).
+    #[arg(long, value_name = "COMMAND", requires = "lease_idle")]
+    shutdown_command: Option<String>,
 }
 
 fn main() -> ExitCode {
     let Cmd::Serve(args) = Cli::parse().command;
-    let config = AgentConfig::new(args.socket, args.state_dir);
+    let mut config = AgentConfig::new(args.socket, args.state_dir);
+    config.lease = args.lease_idle.map(|idle| LeaseConfig {
+        idle: Duration::from_secs(idle),
+        window: Duration::from_secs(args.lease_window),
+        shutdown_command: args.shutdown_command,
+    });
     if args.new_session {
         if let Err(e) = dstack_agent::close_inherited_fds() {
             eprintln!("dstack-agent: cannot close inherited descriptors: {e}");

@@ -2,12 +2,19 @@
 //! and [`CloudCompute`] makes any provider a [`Compute`] backend — offers from the catalog,
 //! instances reached over SSH with the project key and running the same agent as SSH fleet
 //! hosts (see `ssh`).
+//!
+//! Unlike an SSH host's, a cloud instance's agent holds an owner lease ([`AgentLease`]): the
+//! engine renews it while it follows the agent, and once the instance has run no job for its
+//! idle time (`idle_duration`) and heard no renewal for [`LEASE_WINDOW`], the agent shuts the
+//! instance down ([`Provider::shutdown_command`]), so that an instance whose owner is gone
+//! stops costing money. An instance whose `idle_duration` is `off` gets no lease.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
-use dstack_core::agent::{AgentClient, AgentStream};
+use dstack_core::agent::{AgentClient, AgentStream, LeaseTerms};
 use dstack_core::backend::{
     BoxFuture, Compute, ComputeError, CreatedInstance, Deployed, InstanceConfig, OfferRequest,
     OwnedInstance, VolumeProvisioning,
@@ -18,7 +25,10 @@ use dstack_core::offers::catalog::Catalog;
 use dstack_core::offers::Offer;
 
 use crate::cloud::{shared_catalog, CatalogOffers};
-use crate::ssh::{KnownHosts, SshCompute, SshTarget};
+use crate::ssh::{AgentLease, KnownHosts, SshCompute, SshTarget};
+
+/// How long the owner lease of a cloud instance's agent lasts without a renewal.
+pub const LEASE_WINDOW: Duration = Duration::from_secs(600);
 
 /// The API calls of one cloud. An instance's data lives under `backend_data[NAME]`; once the
 /// instance runs, [`Provider::check`] adds how to reach it over SSH beside it.
@@ -46,6 +56,13 @@ pub trait Provider: Send + Sync + 'static {
         &self,
         instance: &Instance,
     ) -> impl Future<Output = Result<Option<serde_json::Value>, ComputeError>> + Send;
+
+    /// The shutdown action of the owner lease of this cloud's agents (run with `sh -c` when the
+    /// lease lapses); `None`, the default: power the instance off, which terminates it where
+    /// [`Provider::create`] makes instances so.
+    fn shutdown_command(&self) -> Option<String> {
+        None
+    }
 
     /// Terminates a created instance (idempotent).
     fn terminate(
@@ -190,8 +207,15 @@ impl<P: Provider> Compute for CloudCompute<P> {
         instance: &'a Instance,
     ) -> BoxFuture<'a, Result<Deployed, ComputeError>> {
         Box::pin(async move {
+            let lease = instance.idle_timeout_secs.map(|idle_secs| AgentLease {
+                terms: LeaseTerms {
+                    idle_secs,
+                    window_secs: LEASE_WINDOW.as_secs(),
+                },
+                shutdown_command: self.provider.shutdown_command(),
+            });
             // The SSH backend records how it reached the host; the cloud's data stays beside.
-            let mut deployed = self.ssh.deploy(instance).await?;
+            let mut deployed = self.ssh.deploy_with(instance, lease.as_ref()).await?;
             if let (Some(map), Some(own)) = (
                 deployed.backend_data.as_object_mut(),
                 instance.backend_data.get(P::NAME),

@@ -605,6 +605,59 @@ async fn fleets_keep_their_minimum_when_idle() {
     client.engine().delete_fleet("steady", false).await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_terminate_when_shut_down_and_their_agents_hold_a_renewed_lease() {
+    let moto = start_moto().await;
+    let proxy = FaultProxy::start(&moto.url, vec![]).await;
+    let hosts = TestHosts::start(1);
+    let home = tempfile::tempdir().unwrap();
+    let config = aws_config(&proxy.url, &["us-east-1"], &hosts);
+    let engine = EngineOptions {
+        lease_renewal: Duration::from_millis(100),
+        ..EngineOptions::default()
+    };
+    let client = client(home.path(), config, &hosts, engine).await;
+    hosts.track("leased");
+    let yaml = "type: fleet\nname: leased\nnodes: 1\nidle_duration: 1h\n";
+    let instances = harness::apply_fleet(&client, yaml).await.unwrap();
+    assert_eq!(instances[0].status, InstanceStatus::Idle, "{instances:?}");
+
+    // Shut down from inside, the instance is terminated rather than stopped.
+    assert!(asked_with(
+        &proxy,
+        0,
+        "InstanceInitiatedShutdownBehavior=terminate"
+    ));
+    let id = instances[0].cloud_id.clone().unwrap();
+    let attribute = ec2(&moto, "us-east-1")
+        .await
+        .describe_instance_attribute()
+        .instance_id(&id)
+        .attribute(aws_sdk_ec2::types::InstanceAttributeName::InstanceInitiatedShutdownBehavior)
+        .send()
+        .await
+        .unwrap();
+    let behavior = attribute.instance_initiated_shutdown_behavior().unwrap();
+    assert_eq!(behavior.value(), Some("terminate"));
+
+    // Its agent holds an owner lease of the instance's idle time, which the engine renews.
+    let agent = client.engine().agent(&instances[0].id).await.unwrap();
+    let lease = agent.lease().await.unwrap();
+    assert_eq!(
+        lease.terms,
+        Some(dstack_core::agent::LeaseTerms {
+            idle_secs: 3600,
+            window_secs: dstack_backends::provider::LEASE_WINDOW.as_secs(),
+        })
+    );
+    eventually(20, "the engine renews the lease", async || {
+        agent.lease().await.unwrap().renewals >= 3
+    })
+    .await;
+    assert!(!agent.lease().await.unwrap().shut_down);
+    client.engine().delete_fleet("leased", false).await.unwrap();
+}
+
 #[tokio::test]
 async fn plans_list_cloud_offers_cheapest_first() {
     let home = tempfile::tempdir().unwrap();

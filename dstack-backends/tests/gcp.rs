@@ -309,6 +309,91 @@ async fn strays_are_reaped_and_disks_go_through_their_life_cycle() {
         .unwrap();
 }
 
+/// Runs `script` with `sh -c` the way an agent would on a GCE instance whose metadata server
+/// is the stand-in, with `shutdown` and `systemctl` replaced by commands that append to
+/// `<fakes>/powered-off` (nothing here may power this machine off).
+fn run_shutdown_action(script: &str, gcp: &GcpStandIn, fakes: &Path) -> std::process::Output {
+    use std::os::unix::fs::PermissionsExt;
+    for tool in ["shutdown", "systemctl"] {
+        let path = fakes.join(tool);
+        let marker = fakes.join("powered-off");
+        std::fs::write(
+            &path,
+            format!("#!/bin/sh\necho {tool} >> '{}'\n", marker.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(script)
+        .env_clear()
+        .env("PATH", format!("{}:/usr/bin:/bin", fakes.display()))
+        .env("GCE_METADATA_HOST", gcp.url.trim_start_matches("http://"))
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_lease_lapses_deletes_its_instance_or_else_powers_it_off() {
+    let gcp = GcpStandIn::start().await;
+    let hosts = TestHosts::start(1);
+    let home = tempfile::tempdir().unwrap();
+    let client = default_client(home.path(), &gcp, &hosts).await;
+    hosts.track("leased");
+    let yaml = "type: fleet\nname: leased\nnodes: 1\nidle_duration: 1h\n";
+    let instances = apply_fleet(&client, yaml).await;
+    let agent = client.engine().agent(&instances[0].id).await.unwrap();
+    let lease = agent.lease().await.unwrap();
+    assert_eq!(
+        lease.terms,
+        Some(dstack_core::agent::LeaseTerms {
+            idle_secs: 3600,
+            window_secs: dstack_backends::provider::LEASE_WINDOW.as_secs(),
+        })
+    );
+    // The agent's shutdown action, as deployed (the namespace hosts share this machine's
+    // process table).
+    let pid = agent.healthcheck().await.unwrap().pid;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let at = args.iter().position(|a| a == "--shutdown-command").unwrap();
+    let script = args[at + 1].clone();
+    let fakes = tempfile::tempdir().unwrap();
+    let powered_off = fakes.path().join("powered-off");
+
+    // Without a service account the instance cannot delete itself: it powers off (stopped).
+    let out = run_shutdown_action(&script, &gcp, fakes.path());
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::read_to_string(&powered_off).unwrap(), "shutdown\n");
+    assert_eq!(gcp.state.lock().unwrap().instances.len(), 1);
+
+    // With one, it deletes itself through the Compute API with its token.
+    gcp.state.lock().unwrap().service_account_token = Some("sa-token".into());
+    let out = run_shutdown_action(&script, &gcp, fakes.path());
+    assert!(out.status.success(), "{out:?}");
+    {
+        let state = gcp.state.lock().unwrap();
+        assert!(state.instances.is_empty(), "deleted");
+        assert!(
+            state.authorizations.iter().any(|a| a == "Bearer sa-token"),
+            "{:?} {:?} {out:?}",
+            state.authorizations,
+            state.calls
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(&powered_off).unwrap(),
+        "shutdown\n",
+        "not powered off"
+    );
+    assert!(gcp.violations().is_empty(), "{:?}", gcp.violations());
+    client.engine().delete_fleet("leased", false).await.unwrap();
+}
+
 #[tokio::test]
 async fn without_credentials_the_backend_says_why() {
     let home = tempfile::tempdir().unwrap();

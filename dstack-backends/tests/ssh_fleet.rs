@@ -401,6 +401,10 @@ async fn two_state_directories_deploying_the_same_fleet_name_to_one_host_stay_ap
     let (theirs, progress) = apply_fleet(&b, &yaml).await;
     assert_eq!(theirs.len(), 1, "{progress:?}");
     assert_ne!(ours[0].backend_data["dir"], theirs[0].backend_data["dir"]);
+    // A fleet host is the user's own machine: its agent holds no owner lease (it never
+    // shuts the host down).
+    let agent = a.engine().agent(&ours[0].id).await.unwrap();
+    assert_eq!(agent.lease().await.unwrap().terms, None);
     // A host without GPUs is shared, and said so.
     let ours_socket = format!(
         "{}/agent.sock",

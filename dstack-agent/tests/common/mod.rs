@@ -7,7 +7,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use dstack_agent::{Agent, AgentConfig, Limits};
+use dstack_agent::{Agent, AgentConfig, LeaseConfig, Limits};
 use dstack_core::agent::{AgentClient, JobInfo, JobSubmit};
 use futures_util::StreamExt;
 use tempfile::TempDir;
@@ -57,8 +57,23 @@ impl TestAgent {
 
     /// Starts an agent in `dir` with `limits`.
     pub async fn start_with(dir: TempDir, limits: Limits) -> TestAgent {
+        TestAgent::start_configured(dir, limits, None).await
+    }
+
+    /// Starts an agent holding an owner lease.
+    pub async fn start_leased(lease: LeaseConfig) -> TestAgent {
+        let dir = tempfile::tempdir().unwrap();
+        TestAgent::start_configured(dir, Limits::default(), Some(lease)).await
+    }
+
+    async fn start_configured(
+        dir: TempDir,
+        limits: Limits,
+        lease: Option<LeaseConfig>,
+    ) -> TestAgent {
         let mut config = AgentConfig::new(dir.path().join("agent.sock"), dir.path().join("state"));
         config.limits = limits;
+        config.lease = lease;
         let agent = Agent::start(config).await.expect("the agent starts");
         let client = AgentClient::local(agent.socket(), &dir.path().join("state")).unwrap();
         let (shutdown, stop) = oneshot::channel();

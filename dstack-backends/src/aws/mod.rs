@@ -12,8 +12,11 @@
 //! authorizes the project's SSH key, tags (`owner=dstack`, `dstack_owner=<this home>`,
 //! `dstack_state=<this state>`, `dstack_instance_id=<the engine's id>`,
 //! `dstack_attempt=<this attempt>`, …), the attempt as its idempotency token, spot market
-//! options for spot offers and a root disk of the offer's size. Capacity, quota and other
-//! per-offer errors are [`ComputeError::NoCapacity`] (the engine moves on to the next offer);
+//! options for spot offers, a root disk of the offer's size deleted with the instance, and
+//! `InstanceInitiatedShutdownBehavior=terminate`: an instance powered off from inside (by its
+//! agent, once its owner lease lapsed: see `provider`) is terminated, not stopped. Capacity,
+//! quota and other per-offer errors are [`ComputeError::NoCapacity`] (the engine moves on to
+//! the next offer);
 //! `InvalidParameterValue` and credential errors stop it; a `RunInstances` whose answer was
 //! lost (transport errors, timeouts, internal errors) is [`ComputeError::Unknown`], and the
 //! engine asks [`Provider::find_attempt`] what it made. Once the instance runs, the engine
@@ -35,8 +38,8 @@ use aws_sdk_ec2::types::{
     BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState, InstanceAttributeName,
     InstanceInterruptionBehavior, InstanceMarketOptionsRequest, InstanceMetadataEndpointState,
     InstanceMetadataOptionsRequest, InstanceNetworkInterfaceSpecification, InstanceStateName,
-    InstanceType, MarketType, ResourceType, SpotInstanceType, SpotMarketOptions, Tag,
-    TagSpecification, VolumeAttachmentState, VolumeType,
+    InstanceType, MarketType, ResourceType, ShutdownBehavior, SpotInstanceType, SpotMarketOptions,
+    Tag, TagSpecification, VolumeAttachmentState, VolumeType,
 };
 use dstack_core::backend::{
     ComputeError, CreatedInstance, InstanceConfig, OwnedInstance, VolumeProvisioning,
@@ -408,6 +411,9 @@ impl Provider for Aws {
                 // The same request sent again (the SDK retries lost answers) makes no second
                 // instance; each subnet's request is another.
                 .client_token(format!("{}-{n}", config.attempt_id))
+                // Powered off from inside (the agent's owner lease lapsed), it is terminated,
+                // not stopped: nothing of it is billed any more.
+                .instance_initiated_shutdown_behavior(ShutdownBehavior::Terminate)
                 .user_data(aws_smithy_types::base64::encode(user_data.as_bytes()))
                 .network_interfaces(
                     InstanceNetworkInterfaceSpecification::builder()

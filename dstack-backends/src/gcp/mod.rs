@@ -608,8 +608,52 @@ fn label_value(value: &str) -> String {
         .collect()
 }
 
+/// The shutdown action of a GCE instance's agent when its owner lease lapses (see
+/// `provider`). A guest that powers itself off leaves a GCE instance `TERMINATED` (stopped):
+/// its vCPUs, memory and GPUs are no longer billed, but its disks and any static address
+/// are, and no scheduling setting deletes an instance the guest powered off. So the instance
+/// deletes itself through the Compute API at `api` (`…/compute/v1`) in `project`, with the
+/// token of its service account from the metadata server (`$GCE_METADATA_HOST`, as Google's
+/// client libraries, else `metadata.google.internal`); where it cannot (no service account,
+/// see `vm_service_account`, or one not allowed to delete it; no `curl`), it powers off.
+fn self_delete_script(api: &str, project: &str) -> String {
+    format!(
+        r#"base={base}
+md="http://${{GCE_METADATA_HOST:-metadata.google.internal}}/computeMetadata/v1"
+get() {{ curl -sf -m 10 -H 'Metadata-Flavor: Google' "$md/$1"; }}
+token=$(get instance/service-accounts/default/token | sed -n 's/.*"access_token" *: *"\([^"]*\)".*/\1/p')
+zone=$(get instance/zone); zone=${{zone##*/}}
+name=$(get instance/name)
+if [ -n "$token" ] && [ -n "$zone" ] && [ -n "$name" ] &&
+   curl -sf -m 30 -o /dev/null -X DELETE -H "Authorization: Bearer $token"      "$base/zones/$zone/instances/$name"; then
+  echo "deleting instance $name in $zone"
+  exit 0
+fi
+echo "cannot delete this instance through the Compute API; powering it off (stopped, its disks stay billed)" >&2
+if [ "$(id -u)" = 0 ]; then sh -c '{POWER_OFF}'; else sudo -n sh -c '{POWER_OFF}'; fi
+"#,
+        base = crate::ssh::quote(&format!("{api}/projects/{project}"))
+    )
+}
+
+/// How a host is powered off (as the agent does by default).
+const POWER_OFF: &str = "shutdown -h now || systemctl poweroff";
+
 impl Provider for Gcp {
     const NAME: &'static str = "gcp";
+
+    fn shutdown_command(&self) -> Option<String> {
+        let base = self
+            .config
+            .endpoint_url
+            .as_deref()
+            .unwrap_or("https://compute.googleapis.com")
+            .trim_end_matches('/');
+        Some(self_delete_script(
+            &format!("{base}/compute/v1"),
+            &self.config.project_id,
+        ))
+    }
 
     async fn create(
         &self,

@@ -15,7 +15,7 @@ use dstack_core::model::{HostSession, Instance};
 use dstack_core::offers::Offer;
 use serde::{Deserialize, Serialize};
 
-use super::deploy::RemoteAgent;
+use super::deploy::{AgentLease, RemoteAgent};
 use super::known_hosts::KnownHosts;
 use super::link::HostLink;
 use super::session::{Keepalive, SshError, SshTarget};
@@ -89,7 +89,13 @@ impl SshCompute {
             .clone()
     }
 
-    async fn deploy_host(&self, instance: &Instance) -> Result<Deployed, ComputeError> {
+    /// Installs and starts the agent on the instance's host, holding `lease` if given (agents
+    /// on cloud instances: an SSH fleet host is the user's own machine and gets none).
+    pub async fn deploy_with(
+        &self,
+        instance: &Instance,
+        lease: Option<&AgentLease>,
+    ) -> Result<Deployed, ComputeError> {
         let mut data = Self::data(instance)?;
         let link = self.link(&data.target);
         link.reset().await; // deploying checks the host afresh
@@ -117,7 +123,10 @@ impl SshCompute {
             .install(&session, &self.agent_bin)
             .await
             .map_err(to_compute)?;
-        let health = agent.start(&link, &data.env).await.map_err(to_compute)?;
+        let health = agent
+            .start(&link, &data.env, lease)
+            .await
+            .map_err(to_compute)?;
         // Another agent on a host with GPUs would hand the same GPUs to its jobs: refused.
         // Without GPUs the host is shared, and said so (each counts CPU and memory apart).
         let others = agent.others(&session).await.map_err(to_compute)?;
@@ -237,7 +246,7 @@ impl Compute for SshCompute {
         &'a self,
         instance: &'a Instance,
     ) -> BoxFuture<'a, Result<Deployed, ComputeError>> {
-        Box::pin(self.deploy_host(instance))
+        Box::pin(self.deploy_with(instance, None))
     }
 
     fn dial_port<'a>(

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use dstack_core::agent::{
-    build_stamp, AgentClient, AgentDialer, AgentStream, Healthcheck, StopRequest,
+    build_stamp, AgentClient, AgentDialer, AgentStream, Healthcheck, LeaseTerms, StopRequest,
 };
 use dstack_core::backend::BoxFuture;
 use std::sync::Arc;
@@ -21,6 +21,32 @@ use super::session::{quote, SshError, SshSession};
 pub struct RemoteAgent {
     /// The directory (absolute).
     pub dir: String,
+}
+
+/// The owner lease an agent on a cloud instance is started with (`dstack-agent serve
+/// --lease-idle … --lease-window … [--shutdown-command …]`): once it has run no job for the
+/// idle time and heard no renewal for the window, it shuts its host down.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentLease {
+    /// The idle time and the lease window.
+    pub terms: LeaseTerms,
+    /// The shutdown action (run with `sh -c`); `None`: the agent powers the host off.
+    pub shutdown_command: Option<String>,
+}
+
+impl AgentLease {
+    /// The agent's command-line flags for this lease, quoted for the shell.
+    fn flags(&self) -> String {
+        let mut flags = format!(
+            " --lease-idle {} --lease-window {}",
+            self.terms.idle_secs,
+            self.terms.window_secs.max(1)
+        );
+        if let Some(command) = &self.shutdown_command {
+            flags.push_str(&format!(" --shutdown-command {}", quote(command)));
+        }
+        flags
+    }
 }
 
 /// How long jobs are given to end once stopped, when their agent is removed.
@@ -82,13 +108,15 @@ impl RemoteAgent {
         session.run(&command, Some(&bytes)).await.map(drop)
     }
 
-    /// Starts the agent (with `env`) if it does not answer; returns its healthcheck. An agent
-    /// of another build than the one installed (see [`Self::install`]) that runs no job is
-    /// stopped and replaced; one still running jobs is an error.
+    /// Starts the agent (with `env`, holding `lease` if given) if it does not answer; returns
+    /// its healthcheck. An agent of another build than the one installed (see
+    /// [`Self::install`]) that runs no job is stopped and replaced; one still running jobs is
+    /// an error.
     pub async fn start(
         &self,
         link: &Arc<HostLink>,
         env: &std::collections::BTreeMap<String, String>,
+        lease: Option<&AgentLease>,
     ) -> Result<Healthcheck, SshError> {
         let probe = AgentClient::dial(self.dialer(link.clone()));
         let session = link.session().await?;
@@ -116,10 +144,11 @@ impl RemoteAgent {
             assignments.push_str(&format!("{name}={}\n", quote(value)));
         }
         let command = format!(
-            "set -a && eval \"$(cat)\" && set +a && exec {} serve --detach --socket {} --state-dir {}",
+            "set -a && eval \"$(cat)\" && set +a && exec {} serve --detach --socket {} --state-dir {}{}",
             quote(&self.binary()),
             quote(&self.socket()),
-            quote(&self.state_dir())
+            quote(&self.state_dir()),
+            lease.map(AgentLease::flags).unwrap_or_default()
         );
         session.run(&command, Some(assignments.as_bytes())).await?;
         probe.healthcheck().await.map_err(|e| SshError::Session {

@@ -10,5 +10,6 @@ mod link;
 mod session;
 
 pub use compute::{SshCompute, SshInstanceData};
+pub use deploy::AgentLease;
 pub use known_hosts::{HostKeyCheck, KnownHosts};
 pub use session::{quote, Keepalive, Output, SshError, SshSession, SshTarget, CONNECT_TIMEOUT};

@@ -29,6 +29,11 @@ pub struct State {
     pub violations: Vec<String>,
     /// `(zone, machine type)` pairs without capacity.
     pub exhausted: Vec<(String, String)>,
+    /// The access token the metadata server hands out for the instance's service account;
+    /// `None`: the instance has no service account.
+    pub service_account_token: Option<String>,
+    /// The `Authorization` header of every request that had one.
+    pub authorizations: Vec<String>,
     next_ip: u32,
 }
 
@@ -87,12 +92,28 @@ async fn serve(mut stream: TcpStream, state: &Mutex<State>) -> std::io::Result<(
         let target = parts.next().unwrap_or_default().to_string();
         let (path, query) = target.split_once('?').unwrap_or((&target, ""));
         let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        let (status, answer) = {
+        let header = |name: &str| {
+            head.lines().skip(1).find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim()
+                    .eq_ignore_ascii_case(name)
+                    .then(|| v.trim().to_string())
+            })
+        };
+        let (status, text) = {
             let mut state = state.lock().unwrap();
             state.calls.push(format!("{method} {path}"));
-            route(&mut state, &method, path, query, &body)
+            if let Some(authorization) = header("authorization") {
+                state.authorizations.push(authorization);
+            }
+            match path.strip_prefix("/computeMetadata/v1/") {
+                Some(key) => metadata(&state, key, header("metadata-flavor").as_deref()),
+                None => {
+                    let (status, answer) = route(&mut state, &method, path, query, &body);
+                    (status, answer.to_string())
+                }
+            }
         };
-        let text = answer.to_string();
         let reason = if status == 200 { "OK" } else { "Error" };
         let response = format!(
             "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
@@ -101,6 +122,30 @@ async fn serve(mut stream: TcpStream, state: &Mutex<State>) -> std::io::Result<(
         stream.write_all(response.as_bytes()).await?;
     }
     Ok(())
+}
+
+/// The metadata server of the (first) instance: its name, zone and service account token.
+fn metadata(state: &State, key: &str, flavor: Option<&str>) -> (u16, String) {
+    if flavor != Some("Google") {
+        return (403, "Missing Metadata-Flavor:Google header".to_string());
+    }
+    let Some((zone, name)) = state
+        .instances
+        .keys()
+        .next()
+        .and_then(|k| k.split_once('/'))
+    else {
+        return (404, "no instance".to_string());
+    };
+    match (key, &state.service_account_token) {
+        ("instance/name", _) => (200, name.to_string()),
+        ("instance/zone", _) => (200, format!("projects/123456/zones/{zone}")),
+        ("instance/service-accounts/default/token", Some(token)) => (
+            200,
+            json!({"access_token": token, "expires_in": 3599, "token_type": "Bearer"}).to_string(),
+        ),
+        _ => (404, format!("no metadata {key}")),
+    }
 }
 
 fn operation(zone: &str, target: &str) -> Value {

@@ -12,7 +12,7 @@ use futures_core::Stream;
 use futures_util::StreamExt;
 use hyper::Method;
 
-use super::protocol::{Healthcheck, JobInfo, JobSubmit, StopRequest, EVENTS_SILENCE};
+use super::protocol::{Healthcheck, JobInfo, JobSubmit, LeaseStatus, StopRequest, EVENTS_SILENCE};
 pub use crate::http::client::{
     ByteStream, Dialer as AgentDialer, Duplex as AgentStream, HttpError as AgentError,
     REQUEST_TIMEOUT,
@@ -111,6 +111,16 @@ impl AgentClient {
     pub async fn submit_all(&self, jobs: &[JobSubmit]) -> Result<Vec<JobInfo>, AgentError> {
         self.json(Method::POST, "/api/jobs", Some(serde_json::to_vec(jobs)?))
             .await
+    }
+
+    /// `GET /api/lease`: the agent's owner lease.
+    pub async fn lease(&self) -> Result<LeaseStatus, AgentError> {
+        self.json(Method::GET, "/api/lease", None).await
+    }
+
+    /// `POST /api/lease`: renews the agent's owner lease (see [`LeaseStatus`]).
+    pub async fn renew_lease(&self) -> Result<LeaseStatus, AgentError> {
+        self.json(Method::POST, "/api/lease", None).await
     }
 
     /// `GET /api/jobs/{id}`; `None` when the agent does not know the job.

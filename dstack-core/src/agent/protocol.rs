@@ -216,3 +216,27 @@ pub struct StopRequest {
     /// The termination reason to record (`terminated_by_user`, `aborted_by_user`, …).
     pub reason: String,
 }
+
+/// The answer to `GET /api/lease` and `POST /api/lease` (which renews it): the owner lease
+/// of an agent on a cloud instance. An agent with a lease runs its shutdown action once it
+/// has run no job for `idle_secs` and heard no renewal for `window_secs`, so that an instance
+/// whose owner (the engine) is gone stops costing money.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseStatus {
+    /// The lease's terms; `None` for an agent without a lease (this machine's, SSH hosts'):
+    /// it never shuts its host down, and renewing is a no-op.
+    pub terms: Option<LeaseTerms>,
+    /// How many renewals the agent has received since it started.
+    pub renewals: u64,
+    /// Whether the agent has run its shutdown action.
+    pub shut_down: bool,
+}
+
+/// What an owner lease allows (see [`LeaseStatus`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseTerms {
+    /// How long the host may run no job before it is shut down (once the lease has lapsed).
+    pub idle_secs: u64,
+    /// How long the lease lasts without a renewal.
+    pub window_secs: u64,
+}

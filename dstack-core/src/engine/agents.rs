@@ -10,6 +10,12 @@
 //! backend can (an SSH host whose agent died), after the failed jobs' retries had the time to
 //! go elsewhere. When the agent answers again the instance is usable again: instances are
 //! never terminated for being unreachable.
+//!
+//! The watcher of a cloud instance also renews its agent's owner lease (`POST /api/lease`)
+//! every `EngineOptions::lease_renewal`: an explicit request rather than the open event
+//! stream, because a stream whose client vanished (a laptop closed mid-connection) can look
+//! open on the host for as long as TCP takes to give up on it, and the lease must lapse
+//! within its window of the owner going away.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -26,8 +32,35 @@ use crate::model::Instance;
 /// too long) is tried again at this pace.
 const AFTER_STORE_ERROR: Duration = Duration::from_secs(1);
 
-/// Watches one instance's agent forever.
+/// Watches one instance's agent forever (and renews its owner lease, on cloud instances).
 pub(crate) async fn watch(inner: Arc<Inner>, instance: Instance) {
+    tokio::select! {
+        () = follow_forever(&inner, &instance) => {}
+        () = keep_lease(&inner, &instance) => {}
+    }
+}
+
+/// Renews the owner lease of a cloud instance's agent now and every
+/// `EngineOptions::lease_renewal`, forever; never returns for other instances (their agents
+/// hold no lease). A renewal that fails is simply tried again at the next period: following
+/// the agent is what notices an unreachable one.
+async fn keep_lease(inner: &Inner, instance: &Instance) {
+    if !inner
+        .backend(&instance.backend)
+        .is_some_and(|b| b.creates_instances())
+    {
+        return std::future::pending().await;
+    }
+    loop {
+        if let Ok(client) = inner.agent(&instance.id).await {
+            let _ = client.renew_lease().await;
+        }
+        tokio::time::sleep(inner.options.lease_renewal).await;
+    }
+}
+
+/// Follows one instance's agent forever.
+async fn follow_forever(inner: &Arc<Inner>, instance: &Instance) {
     let deadline = inner.options.unreachable_after;
     // Since when the agent could not be followed, and why (the last failure).
     let mut unreachable: Option<(tokio::time::Instant, AgentError)> = None;
@@ -36,7 +69,7 @@ pub(crate) async fn watch(inner: Arc<Inner>, instance: Instance) {
     loop {
         let connected = AtomicBool::new(false);
         let result = {
-            let attempt = follow(&inner, &instance, &connected);
+            let attempt = follow(inner, instance, &connected);
             tokio::pin!(attempt);
             match unreachable.as_ref().filter(|_| !given_up) {
                 // Given up on at the deadline even while an attempt to reach it still waits
@@ -46,7 +79,7 @@ pub(crate) async fn watch(inner: Arc<Inner>, instance: Instance) {
                     () = tokio::time::sleep_until(*since + deadline) => {
                         if !connected.load(Ordering::SeqCst) {
                             given_up = true;
-                            give_up(&inner, &instance.id, why).await;
+                            give_up(inner, &instance.id, why).await;
                         }
                         attempt.await
                     }
@@ -69,12 +102,12 @@ pub(crate) async fn watch(inner: Arc<Inner>, instance: Instance) {
                     .map_or_else(tokio::time::Instant::now, |u| u.0);
                 if since.elapsed() >= deadline && !given_up {
                     given_up = true;
-                    give_up(&inner, &instance.id, &e).await;
+                    give_up(inner, &instance.id, &e).await;
                 }
                 unreachable = Some((since, e));
                 // Revive only a while later, so that retries of the failed jobs go elsewhere.
                 if given_up && since.elapsed() >= deadline * 2 {
-                    revive(&inner, &instance.id).await;
+                    revive(inner, &instance.id).await;
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));

@@ -68,6 +68,10 @@ pub struct EngineOptions {
     /// terms of how long tasks have lately run on its instance: the shorter the tasks, the
     /// deeper the queue (see `engine::queues`; two deep at least, 32 at most).
     pub queue_cover: Duration,
+    /// How often the engine renews the owner lease of each cloud instance's agent while it
+    /// watches the instance (an agent whose lease goes unrenewed for its window, ten minutes,
+    /// shuts its idle instance down: see the README's "Cloud instances without an owner").
+    pub lease_renewal: Duration,
     /// Where `${{ secrets.NAME }}` references are resolved when jobs are handed to their
     /// agents, and where registry passwords written in clear are kept instead of the state
     /// database (`None`: no secrets; [`crate::Client::open`] uses `$DSTACK_HOME`'s).
@@ -92,6 +96,7 @@ impl Default for EngineOptions {
             orphan_grace: secs(120),
             sweep_period: secs(3),
             queue_cover: Duration::from_millis(16),
+            lease_renewal: secs(60),
             secrets: None,
         }
     }
