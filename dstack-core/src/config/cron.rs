@@ -388,11 +388,6 @@ fn value(field: Field, text: &str) -> Result<u32, CronError> {
         })
 }
 
-/// Whether `year` is a Gregorian leap year.
-fn is_leap(year: u64) -> bool {
-    year.is_multiple_of(4) && (!year.is_multiple_of(100) || year.is_multiple_of(400))
-}
-
 fn days_in_month(month: u32, leap: bool) -> u32 {
     match month {
         2 if leap => 29,
@@ -442,6 +437,11 @@ pub fn next_of(crons: &[Cron], after_ms: u64) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether `year` is a Gregorian leap year.
+    fn is_leap(year: u64) -> bool {
+        year.is_multiple_of(4) && (!year.is_multiple_of(100) || year.is_multiple_of(400))
+    }
 
     /// Unix ms of a UTC date and time, the inverse of `civil` (tests only).
     fn at(text: &str) -> u64 {
