@@ -215,20 +215,23 @@ impl Cron {
     /// UTC, as Unix ms; `None` past the range of dates this computes (year 9999 and later).
     pub fn next_after(&self, after_ms: u64) -> Option<u64> {
         let first = after_ms / MINUTE_MS + 1;
-        let mut day = first / DAY_MINUTES;
-        let mut from = (first % DAY_MINUTES) as u32;
-        for _ in 0..CYCLE_DAYS {
+        let first_day = first / DAY_MINUTES;
+        for day in first_day..first_day + CYCLE_DAYS {
             let date = civil(day);
             if date.0 > 9999 {
                 return None;
             }
+            // The first day from the first minute after `after_ms`, the others from midnight.
+            let from = if day == first_day {
+                (first % DAY_MINUTES) as u32
+            } else {
+                0
+            };
             if self.day_matches(date, weekday(day)) {
                 if let Some(minute) = self.first_minute_from(from) {
                     return Some((day * DAY_MINUTES + u64::from(minute)) * MINUTE_MS);
                 }
             }
-            day += 1;
-            from = 0;
         }
         None
     }
