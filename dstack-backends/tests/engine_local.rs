@@ -1351,3 +1351,99 @@ async fn an_agent_of_another_build_is_replaced_once_it_runs_no_job() {
     // The new agent has the old one's jobs (and the same token).
     assert!(client.job("busy").await.unwrap().is_some());
 }
+
+/// Moves a scheduled run's clock: writes its next start as now into its record, as time
+/// passing would make it due (the engine's sweep wakes the timer that sees it).
+fn make_due(client: &Client, run: &RunHandle) {
+    let mut due = run.run().unwrap();
+    assert_eq!(due.status, RunStatus::Pending);
+    due.next_triggered_at_ms = Some(dstack_core::model::now_ms());
+    assert!(client
+        .engine()
+        .store()
+        .update_run(&due, &[RunStatus::Pending])
+        .unwrap());
+}
+
+/// A scheduled run waits `pending` without jobs until its start, runs then, goes back to
+/// `pending` for the next start when its job ends, starts again, and a stop ends it for good
+/// (running or pending). Its cron (every January 1st) never comes due while the test runs:
+/// the test moves the clock by making the start due in the record (`make_due`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_run_starts_at_its_times_and_a_stop_ends_it() {
+    let home = Home::new();
+    let client = home
+        .client_with_sweep_period(Duration::from_millis(200))
+        .await;
+    let dir = home.path();
+    let yearly = "schedule: {cron: '0 0 1 1 *'}\n";
+    let config = format!(
+        "{}{yearly}",
+        task("  - echo started\n  - if [ -e hang ]; then sleep 600; fi\n")
+    );
+    let Configuration::Task(parsed) = parse(&config, "t.yml").unwrap() else {
+        panic!("a task")
+    };
+    let schedule = parsed.common.profile.schedule.clone().unwrap();
+    let run = apply(&client, &config, dir).await;
+    let applied = run.run().unwrap();
+    assert_eq!(applied.status, RunStatus::Pending);
+    let first = schedule.next_after(applied.submitted_at_ms);
+    assert_eq!(applied.scheduled_start_ms(), first);
+    assert!(first.unwrap() > applied.submitted_at_ms);
+    // Several sweeps later, it still waits, with nothing submitted.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(run.status().unwrap(), RunStatus::Pending);
+    assert!(run.jobs().unwrap().is_empty());
+
+    // Its start: the job runs, and the run waits for the next start.
+    make_due(&client, &run);
+    eventually(
+        30,
+        "the first start ran and the run waits again",
+        async || {
+            let jobs = run.jobs().unwrap();
+            run.status().unwrap() == RunStatus::Pending
+                && jobs.len() == 1
+                && jobs[0].status == JobStatus::Done
+        },
+    )
+    .await;
+    let waiting = run.run().unwrap();
+    assert_eq!(
+        waiting.scheduled_start_ms(),
+        schedule.next_after(run.jobs().unwrap()[0].finished_at_ms.unwrap())
+    );
+    assert_eq!(waiting.termination_reason, None);
+    assert_eq!(
+        waiting.status_message.as_deref(),
+        Some("the last start ended done (all_jobs_done)")
+    );
+    assert_eq!(all_logs(&run).await, "started\n");
+
+    // The next start runs the job anew (as a new submission); stopping it ends the run.
+    std::fs::write(dir.join("hang"), "").unwrap();
+    make_due(&client, &run);
+    wait_running(&run).await;
+    let jobs = run.jobs().unwrap();
+    assert_eq!(jobs.len(), 2);
+    assert_eq!((jobs[1].job_num, jobs[1].submission_num), (0, 1));
+    run.stop(false).await.unwrap();
+    let stopped = finish(&run).await;
+    assert_eq!(
+        (stopped.status, stopped.termination_reason.as_deref()),
+        (RunStatus::Terminated, Some("stopped_by_user"))
+    );
+    assert_eq!(stopped.scheduled_start_ms(), None);
+
+    // A stop while it waits for its start ends it too, without a job.
+    let config = format!("{}{yearly}name: waiting-one\n", task("  - echo never\n"));
+    let waiting = apply(&client, &config, dir).await;
+    waiting.stop(false).await.unwrap();
+    let stopped = finish(&waiting).await;
+    assert_eq!(
+        (stopped.status, stopped.termination_reason.as_deref()),
+        (RunStatus::Terminated, Some("stopped_by_user"))
+    );
+    assert!(waiting.jobs().unwrap().is_empty());
+}

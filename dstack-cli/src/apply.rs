@@ -167,6 +167,17 @@ pub async fn apply(client: &Client, args: &ApplyArgs) -> Result<ExitCode, Failur
     };
     let run = client.runs().apply(configuration, options).await?;
     println!("Submitted run {}", run.name());
+    if let Some(at) = run.run().await?.scheduled_start_ms() {
+        // It runs at each of its times until stopped (the server starts it): there is
+        // nothing to attach to now.
+        println!(
+            "Scheduled: it starts at {} (then again at each time of its schedule, until \
+             `dstack stop {}`). Follow it with: dstack ps",
+            dstack_core::config::cron::utc_text(at),
+            run.name()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     if args.detach {
         println!("Detached. Follow it with: dstack logs -f {}", run.name());
         return Ok(ExitCode::SUCCESS);

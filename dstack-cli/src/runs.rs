@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use futures_util::StreamExt;
 
 use dstack_core::client::protocol::Snapshot;
+use dstack_core::config::cron::utc_text;
 use dstack_core::model::{Job, Run};
 use dstack_core::Client;
 
@@ -117,9 +118,13 @@ fn latest_job(jobs: &[Job]) -> Option<&Job> {
         .max_by_key(|j| j.submission_num)
 }
 
-/// The status column: the status, with the reason when it is not obvious.
+/// The status column: the status, with the reason when it is not obvious, or the next start
+/// of a scheduled run that waits for it.
 fn status_text(run: &Run, job: Option<&Job>) -> String {
     let mut s = run.status.to_string();
+    if let Some(at) = run.scheduled_start_ms() {
+        s.push_str(&format!(" (next {})", utc_text(at)));
+    }
     if let Some(job) = job.filter(|_| run.status.is_finished()) {
         match (job.exit_status, job.termination_reason.as_deref()) {
             (Some(code), _) if code != 0 => s.push_str(&format!(" (exit {code})")),

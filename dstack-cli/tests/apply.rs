@@ -330,3 +330,40 @@ fn one_unreadable_run_record_hides_no_other_run() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn a_scheduled_run_is_listed_with_its_next_start_until_stopped() {
+    use dstack_core::config::cron::{utc_text, Cron};
+    let env = Env::new();
+    let file = env.write(
+        "nightly.dstack.yml",
+        "type: task\nname: nightly\ncommands: [echo hi]\nresources: {cpu: 1.., memory: 0.1GB..}\nschedule:\n  cron: ['0 0 1 1 *', '30 4 1 1 *']\n",
+    );
+    let cron = Cron::parse("0 0 1 1 *").unwrap();
+    let next = || utc_text(cron.next_after(dstack_core::model::now_ms()).unwrap());
+    let before = next();
+    let out = env.run(&["apply", "-f", &file, "-y"]);
+    let after = next();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains(&format!("Scheduled: it starts at {before}"))
+            || stdout.contains(&format!("Scheduled: it starts at {after}")),
+        "{stdout}"
+    );
+    let ps = text(&env.run(&["ps"]).stdout);
+    let line = ps.lines().find(|l| l.contains("nightly")).unwrap_or("");
+    assert!(
+        line.contains(&format!("pending (next {before})"))
+            || line.contains(&format!("pending (next {after})")),
+        "{ps}"
+    );
+    let out = env.run(&["stop", "nightly", "-y"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let ps = text(&env.run(&["ps", "-a"]).stdout);
+    let line = ps.lines().find(|l| l.contains("nightly")).unwrap_or("");
+    assert!(
+        line.contains("terminated") && !line.contains("next"),
+        "{ps}"
+    );
+}

@@ -157,3 +157,19 @@ fn data_and_yaml_normalize_alike() {
     let data = dstack_core::config::parse_value(&value, "data").unwrap();
     assert_eq!(yaml.to_json(), data.to_json());
 }
+
+#[test]
+fn a_bad_cron_expression_is_located_in_its_list() {
+    let text = "type: task\ncommands: [x]\nschedule:\n  cron:\n    - '0 8 * * mon-fri'\n    - '0 25 * * *'\n    - '0 0 30 2 *'\n";
+    assert_eq!(
+        errors(text),
+        [
+            "f.dstack.yml:6:7: schedule.cron[1]: invalid cron expression '0 25 * * *': hour field: 25 is out of range 0-23 [out_of_range]",
+            "f.dstack.yml:7:7: schedule.cron[2]: invalid cron expression '0 0 30 2 *': never fires: none of its days of the month exists in its months [invalid_value]",
+        ]
+    );
+    assert_eq!(
+        errors("type: task\ncommands: [x]\nschedule: {cron: '0 8 * *'}\n"),
+        ["f.dstack.yml:3:18: schedule.cron: invalid cron expression '0 8 * *': expected five fields (minute hour day-of-month month day-of-week), found 4 [invalid_value]"]
+    );
+}

@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,21 @@ def test_get_and_list(client: Client) -> None:
     run.wait(timeout=30)
     assert "listed-run" not in [r.name for r in client.runs.list()]
     assert "listed-run" in [r.name for r in client.runs.list(all=True)]
+
+
+def test_a_scheduled_run_waits_for_its_next_start(client: Client) -> None:
+    run = client.runs.apply_configuration(Task(commands=["echo yearly"], schedule={"cron": ["0 0 1 1 *"]}))
+    try:
+        assert run.status == RunStatus.PENDING
+        start = run.next_triggered_at
+        assert start is not None and start > datetime.now(timezone.utc)
+        assert (start.month, start.day, start.hour, start.minute) == (1, 1, 0, 0)
+        assert run.jobs == []
+    finally:
+        run.stop()
+    assert run.wait(timeout=30).status == RunStatus.TERMINATED
+    with pytest.raises(ConfigurationError, match=r"schedule\.cron: invalid cron expression '0 25 \* \* \*'"):
+        Task(commands=["true"], schedule={"cron": "0 25 * * *"})
 
 
 def test_env_override_and_yaml_text(client: Client) -> None:

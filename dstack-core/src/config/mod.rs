@@ -15,6 +15,7 @@
 //! assert_eq!(err.to_string(), "a.yml:3:1: namee: unknown field `namee`; did you mean `name`? [unknown_field]");
 //! ```
 
+pub mod cron;
 pub mod de;
 pub mod duration;
 pub mod env;

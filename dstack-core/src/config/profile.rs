@@ -4,6 +4,7 @@
 
 use serde::Serialize;
 
+use super::cron::{next_of, Cron};
 use super::de::{int_between, string_enum, Cx, Decode, Fields, Path};
 use super::duration::{decode_idle, decode_offable, Duration, OffableDuration};
 use super::error::ErrorCode;
@@ -120,31 +121,30 @@ impl Decode for UtilizationPolicy {
     }
 }
 
-/// `schedule:` — UTC cron expressions that (re)start the run.
+/// `schedule:` — UTC cron expressions that (re)start the run (see [`super::cron`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Schedule {
-    /// Cron expressions, five fields each.
-    pub cron: Vec<String>,
+    /// Cron expressions, five fields each; the run starts at the earliest of their times.
+    pub cron: Vec<Cron>,
+}
+
+impl Schedule {
+    /// The first time strictly after `after_ms` (Unix ms) at which the run is due to start.
+    pub fn next_after(&self, after_ms: u64) -> Option<u64> {
+        next_of(&self.cron, after_ms)
+    }
 }
 
 impl Decode for Schedule {
     fn decode(node: &Node, cx: &mut Cx, path: &Path<'_>) -> Option<Self> {
         let mut f = Fields::new(node, cx, path, "schedule")?;
-        let cron = f.req_with(cx, path, "cron", |n, cx, p| {
-            let list = match &n.kind {
-                NodeKind::Seq(_) => Vec::<String>::decode(n, cx, p)?,
-                _ => vec![String::decode(n, cx, p)?],
-            };
-            for expr in &list {
-                if expr.split_whitespace().count() != 5 {
-                    let message = format!(
-                        "invalid cron expression '{expr}'; expected five fields: minute hour day month weekday"
-                    );
-                    cx.invalid(n, p, message);
-                    return None;
-                }
+        let cron = f.req_with(cx, path, "cron", |n, cx, p| match &n.kind {
+            NodeKind::Seq(items) if items.is_empty() => {
+                cx.invalid(n, p, "must list at least one cron expression");
+                None
             }
-            Some(list)
+            NodeKind::Seq(_) => Vec::<Cron>::decode(n, cx, p),
+            _ => Some(vec![Cron::decode(n, cx, p)?]),
         });
         f.finish(cx, path);
         Some(Schedule { cron: cron? })
@@ -512,6 +512,18 @@ mod tests {
             decode::<Schedule>("{cron: '15 23 * * *'}").unwrap(),
             r#"{"cron":["15 23 * * *"]}"#
         );
-        assert!(decode::<Schedule>("{cron: 'every day'}").is_err());
+        assert_eq!(
+            decode::<Schedule>("{cron: ['0 8 * * mon-fri', '*/30 * * * *']}").unwrap(),
+            r#"{"cron":["0 8 * * mon-fri","*/30 * * * *"]}"#
+        );
+        for bad in [
+            "{cron: 'every day'}",
+            "{cron: []}",
+            "{cron: ['0 8 * * *', '0 25 * * *']}",
+            "{cron: '0 0 30 2 *'}",
+            "{}",
+        ] {
+            assert!(decode::<Schedule>(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -666,6 +666,17 @@ pub struct ServiceConfiguration {
 }
 
 impl ServiceConfiguration {
+    /// Whether the service may scale down to no replica at all (`replicas: 0..N`, or replica
+    /// groups whose minimums add up to zero).
+    pub fn scales_to_zero(&self) -> bool {
+        let min = |r: &Range<i64>| r.min.unwrap_or(0);
+        match (&self.replicas, &self.groups) {
+            (_, Some(groups)) => groups.iter().map(|g| min(&g.replicas)).sum::<i64>() == 0,
+            (Some(replicas), None) => min(replicas) == 0,
+            (None, None) => false,
+        }
+    }
+
     /// Decodes a service from the document's fields.
     pub fn read(node: &Node, f: &mut Fields<'_>, cx: &mut Cx, path: &Path<'_>) -> Option<Self> {
         let common = RunCommon::read(node, f, cx, path);

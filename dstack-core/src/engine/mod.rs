@@ -233,7 +233,7 @@ pub(crate) struct Inner {
     pub(crate) queues: queues::Queues,
     /// Set for the periodic placement pass, which looks further into the waiting queue.
     pub(crate) backfill: std::sync::atomic::AtomicBool,
-    /// Wakes the retry timer.
+    /// Wakes the timer of `pending` runs (retries and scheduled starts).
     pub(crate) retries: Notify,
     pub(crate) changes: broadcast::Sender<RunChange>,
     /// The status of each run someone waits on, as it changes (see [`Engine::watch_run`]).
@@ -395,7 +395,7 @@ impl Engine {
         tasks.push(runtime.spawn(scheduler::run(inner.clone())).abort_handle());
         tasks.push(
             runtime
-                .spawn(runs::retry_timer(inner.clone()))
+                .spawn(runs::pending_timer(inner.clone()))
                 .abort_handle(),
         );
         tasks.push(runtime.spawn(sweep::run(inner.clone())).abort_handle());
@@ -504,7 +504,11 @@ impl Engine {
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(run.id.clone(), Arc::new(definition));
             inner.emit(&run);
-            inner.wake_for_new_run(&configuration);
+            if run.status == RunStatus::Pending {
+                inner.retries.notify_one(); // a scheduled run: the timer waits for its start
+            } else {
+                inner.wake_for_new_run(&configuration);
+            }
             runs.push(run);
         }
         Ok(runs)
@@ -670,7 +674,8 @@ impl Inner {
         }
     }
 
-    /// A new run (`submitted`) and its first jobs, from a configuration as applied. Names
+    /// A new run and its first jobs, from a configuration as applied: `submitted` with its
+    /// jobs, or, with a `schedule`, `pending` until its first start, without jobs yet. Names
     /// generated for runs of the same batch so far are in `generated` (and this run's is
     /// added).
     fn prepare_run(
@@ -681,6 +686,13 @@ impl Inner {
     ) -> Result<(Run, Vec<Job>, Arc<Configuration>), EngineError> {
         self.check_runnable(&configuration)?;
         let common = command::common(&configuration);
+        let now = now_ms();
+        let next_start = match &common.profile.schedule {
+            Some(schedule) => Some(schedule.next_after(now).ok_or_else(|| {
+                EngineError::Invalid("schedule.cron: none of its expressions fires".to_string())
+            })?),
+            None => None,
+        };
         let name = match opts.name.clone().or_else(|| common.name.clone()) {
             Some(name) if !names::is_valid(&name) => {
                 return Err(EngineError::Invalid(format!(
@@ -737,11 +749,14 @@ impl Inner {
                     EngineError::Invalid(format!("cannot read the current directory: {e}"))
                 })?,
         };
-        let now = now_ms();
         let run = Run {
             id,
             name,
-            status: RunStatus::Submitted,
+            status: if next_start.is_some() {
+                RunStatus::Pending
+            } else {
+                RunStatus::Submitted
+            },
             termination_reason: None,
             status_message: None,
             spec: RunSpec {
@@ -754,11 +769,16 @@ impl Inner {
             submitted_at_ms: now,
             resubmission_attempt: 0,
             next_attempt_at_ms: None,
+            next_triggered_at_ms: next_start,
         };
-        let jobs: Vec<Job> = (0u32..)
-            .take(command::nodes(&configuration))
-            .map(|num| Job::submission(&run, num, 0))
-            .collect();
+        // A scheduled run's jobs are submitted at its start (`runs::pending_timer`).
+        let jobs: Vec<Job> = match next_start {
+            Some(_) => Vec::new(),
+            None => (0u32..)
+                .take(command::nodes(&configuration))
+                .map(|num| Job::submission(&run, num, 0))
+                .collect(),
+        };
         Ok((run, jobs, configuration))
     }
 
@@ -860,6 +880,16 @@ impl Inner {
             if d.0 < 0 {
                 return Err(EngineError::Invalid(
                     "retry.duration cannot be negative".to_string(),
+                ));
+            }
+        }
+        if let (Configuration::Service(service), Some(_)) =
+            (configuration, &common.profile.schedule)
+        {
+            if service.scales_to_zero() {
+                return Err(EngineError::Invalid(
+                    "a scheduled service cannot scale to zero: set `replicas` to at least 1"
+                        .to_string(),
                 ));
             }
         }

@@ -1,4 +1,9 @@
-//! The run state machine: status derivation from jobs, retries, stopping.
+//! The run state machine: status derivation from jobs, retries, scheduled starts, stopping.
+//!
+//! A scheduled run (`schedule.cron`, dstack-spec §2.4–2.6) is applied `pending` with the time of
+//! its first start (`Run::next_triggered_at_ms`) and no jobs; [`pending_timer`] submits every
+//! job at that time. When the run then ends by itself (done or failed, after its retries), it
+//! goes back to `pending` with its next start instead of finishing; a user's stop ends it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,7 +12,8 @@ use super::{EngineError, Inner};
 use crate::agent::StopRequest;
 use crate::backend::BoxFuture;
 use crate::config::duration::OffableDuration;
-use crate::config::profile::{Retry, RetryEvent};
+use crate::config::profile::{Retry, RetryEvent, Schedule};
+use crate::config::Configuration;
 use crate::model::{
     now_ms, Job, JobStatus, JobTerminationReason, Run, RunStatus, RunTerminationReason,
 };
@@ -82,13 +88,16 @@ fn verdict(run: &Run, retry: &Option<Retry>, job: &Job, all: &[Job], now: u64) -
     if !events.contains(&event) {
         return Verdict::Failed(RunTerminationReason::JobFailed);
     }
+    // A scheduled run's window is that of its current start: submissions from then on.
+    let start = run.next_triggered_at_ms.unwrap_or(0);
     let provisioned = all
         .iter()
         .filter(|j| j.job_num == job.job_num && j.instance_id.is_some())
+        .filter(|j| j.submitted_at_ms >= start)
         .max_by_key(|j| j.submission_num);
     let since = match provisioned {
-        // Never placed: the window runs from the run's submission.
-        None => run.submitted_at_ms,
+        // Never placed: the window runs from the run's submission (or its start, if scheduled).
+        None => run.next_triggered_at_ms.unwrap_or(run.submitted_at_ms),
         Some(p) => p.finished_at_ms.or(p.started_at_ms).unwrap_or(now),
     };
     if now.saturating_sub(since) as i64 > duration.max(0).saturating_mul(1000) {
@@ -128,20 +137,23 @@ pub(crate) enum Decision {
     StopNodes(Run, Vec<Job>),
 }
 
-/// Decides how a run follows its jobs, as of `now` (retry windows), with the engine's retry
-/// delays.
+/// Decides how a run follows its jobs, as of `now` (retry windows, the next start of a
+/// scheduled run), with the engine's retry delays.
 pub(crate) fn decide(
     mut run: Run,
     jobs: &[Job],
-    config: &crate::config::Configuration,
+    config: &Configuration,
     retry_delays: &[Duration],
     now: u64,
 ) -> Decision {
     if run.status.is_finished() || run.status == RunStatus::Pending {
         return Decision::Keep;
     }
+    let schedule = schedule(config);
     if run.status == RunStatus::Terminating {
-        return finished(run, jobs).map_or(Decision::Keep, Decision::Update);
+        return finished(run, jobs).map_or(Decision::Keep, |run| {
+            Decision::Update(rescheduled(run, schedule, now))
+        });
     }
     let current = latest(jobs);
     let retry = &super::command::common(config).profile.retry;
@@ -180,7 +192,7 @@ pub(crate) fn decide(
     let any = |f: fn(&Verdict) -> bool| verdicts.iter().any(f);
     let from = run.status;
     if let Some(reason) = failed {
-        return ending(run, reason, jobs);
+        return ending(run, reason, jobs, schedule, now);
     } else if any(|v| matches!(v, Verdict::Running)) {
         run.status = RunStatus::Running;
     } else if any(|v| matches!(v, Verdict::Provisioning)) {
@@ -199,7 +211,7 @@ pub(crate) fn decide(
         run.next_attempt_at_ms = Some(now + delay.as_millis() as u64);
         run.status_message = Some(format!("retrying in {}s", delay.as_secs()));
     } else {
-        return ending(run, RunTerminationReason::AllJobsDone, jobs);
+        return ending(run, RunTerminationReason::AllJobsDone, jobs, schedule, now);
     }
     if run.status == from {
         Decision::Keep
@@ -208,14 +220,57 @@ pub(crate) fn decide(
     }
 }
 
-/// Ending a run with `reason`: in one step when none of its jobs is left to stop.
-fn ending(run: Run, reason: RunTerminationReason, jobs: &[Job]) -> Decision {
+/// Ending a run with `reason`: in one step when none of its jobs is left to stop (a scheduled
+/// run then waits for its next start).
+fn ending(
+    run: Run,
+    reason: RunTerminationReason,
+    jobs: &[Job],
+    schedule: Option<&Schedule>,
+    now: u64,
+) -> Decision {
     let run = with_termination(run, reason, jobs);
     if run.status == RunStatus::Terminating {
         Decision::Terminate(run)
     } else {
-        Decision::Update(run)
+        Decision::Update(rescheduled(run, schedule, now))
     }
+}
+
+/// The schedule of a run's configuration, if it has one.
+fn schedule(config: &Configuration) -> Option<&Schedule> {
+    super::command::common(config).profile.schedule.as_ref()
+}
+
+/// A finished run, or, if it is scheduled and was not stopped by its user, the run `pending`
+/// for its next start after `now` (dstack-spec §2.6, terminating phase). What the last start
+/// ended with is kept in the status message; its jobs stay as they ended.
+fn rescheduled(mut run: Run, schedule: Option<&Schedule>, now: u64) -> Run {
+    let reason = run
+        .termination_reason
+        .as_deref()
+        .and_then(RunTerminationReason::parse);
+    let by_user = matches!(
+        reason,
+        Some(RunTerminationReason::StoppedByUser | RunTerminationReason::AbortedByUser)
+    );
+    if !run.status.is_finished() || by_user {
+        return run;
+    }
+    let Some(next) = schedule.and_then(|s| s.next_after(now)) else {
+        return run;
+    };
+    run.status_message = Some(format!(
+        "the last start ended {} ({})",
+        run.status,
+        run.termination_reason.as_deref().unwrap_or("-")
+    ));
+    run.status = RunStatus::Pending;
+    run.termination_reason = None;
+    run.next_triggered_at_ms = Some(next);
+    run.next_attempt_at_ms = None;
+    run.resubmission_attempt = 0;
+    run
 }
 
 /// The run ending with `reason`: finished if none of its jobs is left to stop, `terminating`
@@ -252,7 +307,7 @@ pub(crate) fn derive_update(
     inner: &Inner,
     run: &Run,
     jobs: &[Job],
-    config: &crate::config::Configuration,
+    config: &Configuration,
     deferred: &mut bool,
 ) -> Option<Run> {
     match decide(
@@ -271,8 +326,8 @@ pub(crate) fn derive_update(
     }
 }
 
-/// What follows a run's update once it is written: wake the retry timer for a `pending`
-/// run, drop what is cached about a finished one, tell the waiters.
+/// What follows a run's update once it is written: wake the timer of `pending` runs, drop
+/// what is cached about a finished one, tell the waiters.
 pub(crate) fn updated(inner: &Inner, run: &Run) {
     if run.status == RunStatus::Pending {
         inner.retries.notify_one();
@@ -354,7 +409,9 @@ async fn stop_and_finish(
     inner.emit(&run);
     terminate_jobs(inner, &run, abort).await;
     let jobs = inner.store.jobs_of_run(&run.id)?;
+    let config = inner.configuration(&run)?;
     if let Some(done) = finished(run, &jobs) {
+        let done = rescheduled(done, schedule(&config), now_ms());
         write_update(inner, &done, RunStatus::Terminating)?;
     }
     Ok(true)
@@ -519,25 +576,58 @@ pub(crate) async fn stop(
     }
 }
 
-/// Resubmits `pending` runs when their backoff has passed.
-pub(crate) async fn retry_timer(inner: Arc<Inner>) {
+/// The longest the timer of `pending` runs sleeps before it looks again: the clock it sleeps
+/// by is not the wall clock that schedules are written in (a suspended machine, a clock set
+/// anew), and a sleep of years is beyond what the runtime's timer takes.
+const PENDING_TIMER_MAX_SLEEP: Duration = Duration::from_secs(3600);
+
+/// What a `pending` run waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Waiting {
+    /// The retry of its unfinished jobs, due at this time (Unix ms).
+    Retry(u64),
+    /// Its next scheduled start, due at this time (Unix ms): every job is submitted anew.
+    Start(u64),
+}
+
+impl Waiting {
+    /// What `run` (`pending`) waits for.
+    pub(crate) fn of(run: &Run) -> Waiting {
+        match run.scheduled_start_ms() {
+            Some(at) => Waiting::Start(at),
+            None => Waiting::Retry(run.next_attempt_at_ms.unwrap_or(0)),
+        }
+    }
+
+    /// When it is due (Unix ms).
+    fn due(self) -> u64 {
+        match self {
+            Waiting::Retry(at) | Waiting::Start(at) => at,
+        }
+    }
+}
+
+/// Resubmits `pending` runs when their backoff has passed, and submits scheduled runs at
+/// their start times. Woken by every run that becomes `pending` (and by the sweep).
+pub(crate) async fn pending_timer(inner: Arc<Inner>) {
     loop {
         let notified = inner.retries.notified();
         let now = now_ms();
         let mut next: Option<u64> = None;
         if let Ok(pending) = inner.store.runs_with_status(&[RunStatus::Pending]) {
             for run in pending {
-                let at = run.next_attempt_at_ms.unwrap_or(0);
-                if at <= now {
-                    let _ = resubmit(&inner, run).await;
+                let waiting = Waiting::of(&run);
+                if waiting.due() <= now {
+                    let _ = resubmit(&inner, run, waiting).await;
                 } else {
-                    next = Some(next.map_or(at, |n: u64| n.min(at)));
+                    next = Some(next.map_or(waiting.due(), |n: u64| n.min(waiting.due())));
                 }
             }
         }
         match next {
             Some(at) => {
-                let wait = Duration::from_millis(at.saturating_sub(now_ms()));
+                let wait =
+                    Duration::from_millis(at.saturating_sub(now_ms())).min(PENDING_TIMER_MAX_SLEEP);
                 let _ = tokio::time::timeout(wait, notified).await;
             }
             None => notified.await,
@@ -545,16 +635,41 @@ pub(crate) async fn retry_timer(inner: Arc<Inner>) {
     }
 }
 
-async fn resubmit(inner: &Arc<Inner>, mut run: Run) -> Result<(), EngineError> {
+/// The submissions that (re)start a run with `nodes` jobs: every job for a scheduled start,
+/// the jobs that are not done for a retry; each numbered after its job's latest submission.
+pub(crate) fn next_submissions(
+    run: &Run,
+    jobs: &[Job],
+    nodes: usize,
+    waiting: Waiting,
+) -> Vec<Job> {
+    let current = latest(jobs);
+    let submission = |num: u32| {
+        current
+            .iter()
+            .find(|j| j.job_num == num)
+            .map_or(0, |j| j.submission_num + 1)
+    };
+    match waiting {
+        Waiting::Start(_) => (0u32..)
+            .take(nodes)
+            .map(|num| Job::submission(run, num, submission(num)))
+            .collect(),
+        Waiting::Retry(_) => current
+            .into_iter()
+            .filter(|j| j.status != JobStatus::Done)
+            .map(|job| Job::submission(run, job.job_num, job.submission_num + 1))
+            .collect(),
+    }
+}
+
+async fn resubmit(inner: &Arc<Inner>, mut run: Run, waiting: Waiting) -> Result<(), EngineError> {
+    let config = inner.configuration(&run)?;
     run.status = RunStatus::Submitted;
     run.next_attempt_at_ms = None;
     run.status_message = None;
     let jobs = inner.store.jobs_of_run(&run.id)?;
-    let next: Vec<Job> = latest(&jobs)
-        .into_iter()
-        .filter(|j| j.status != JobStatus::Done)
-        .map(|job| Job::submission(&run, job.job_num, job.submission_num + 1))
-        .collect();
+    let next = next_submissions(&run, &jobs, super::command::nodes(&config), waiting);
     // The run's status and its new submissions are written together, or not at all.
     if !inner
         .store
@@ -565,4 +680,209 @@ async fn resubmit(inner: &Arc<Inner>, mut run: Run) -> Result<(), EngineError> {
     inner.emit(&run);
     inner.wake_scheduler();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{RawJson, RunSpec};
+
+    const MINUTE: u64 = 60_000;
+    const HOUR: u64 = 60 * MINUTE;
+    /// 2026-12-07 10:00 UTC.
+    const NOW: u64 = 1_796_637_600_000;
+    /// 2026-12-08 08:00 UTC: the next start of `0 8 * * *` after `NOW`.
+    const TOMORROW_8AM: u64 = NOW + 22 * HOUR;
+
+    fn config(extra: &str) -> Configuration {
+        crate::config::parse(&format!("type: task\ncommands: [x]\n{extra}"), "t.yml").unwrap()
+    }
+
+    fn daily() -> Configuration {
+        config("schedule: {cron: '0 8 * * *'}\n")
+    }
+
+    /// A run applied two days ago whose start was due two hours ago.
+    fn run(status: RunStatus) -> Run {
+        Run {
+            id: "r".into(),
+            name: "r".into(),
+            status,
+            termination_reason: None,
+            status_message: None,
+            spec: RunSpec {
+                configuration: RawJson::from_value(&serde_json::Value::Null),
+                configuration_path: None,
+                client_dir: "/".into(),
+                client_env: Default::default(),
+                group: None,
+            },
+            submitted_at_ms: NOW - 48 * HOUR,
+            resubmission_attempt: 0,
+            next_attempt_at_ms: None,
+            next_triggered_at_ms: Some(NOW - 2 * HOUR),
+        }
+    }
+
+    fn job(run: &Run, num: u32, status: JobStatus, reason: JobTerminationReason) -> Job {
+        let mut job = Job::submission(run, num, 0);
+        job.status = status;
+        job.termination_reason = Some(reason.as_str().to_string());
+        job.submitted_at_ms = NOW - 2 * HOUR;
+        job
+    }
+
+    fn updated(decision: Decision) -> Run {
+        match decision {
+            Decision::Update(run) => run,
+            _ => panic!("expected a plain update"),
+        }
+    }
+
+    #[test]
+    fn a_scheduled_run_that_ends_by_itself_waits_for_its_next_start() {
+        let ends = [
+            (
+                JobStatus::Done,
+                JobTerminationReason::DoneByRunner,
+                "done (all_jobs_done)",
+            ),
+            (
+                JobStatus::Failed,
+                JobTerminationReason::ContainerExitedWithError,
+                "failed (job_failed)",
+            ),
+        ];
+        for (status, reason, ended) in ends {
+            let mut running = run(RunStatus::Running);
+            running.resubmission_attempt = 2;
+            let jobs = [job(&running, 0, status, reason)];
+            let next = updated(decide(running, &jobs, &daily(), &[], NOW));
+            assert_eq!(next.status, RunStatus::Pending, "{ended}");
+            assert_eq!(next.next_triggered_at_ms, Some(TOMORROW_8AM));
+            assert_eq!(next.scheduled_start_ms(), Some(TOMORROW_8AM));
+            assert_eq!(next.termination_reason, None);
+            assert_eq!(next.resubmission_attempt, 0);
+            assert_eq!(
+                next.status_message.as_deref(),
+                Some(format!("the last start ended {ended}").as_str())
+            );
+        }
+        // Without a schedule, the run finishes.
+        let running = run(RunStatus::Running);
+        let jobs = [job(
+            &running,
+            0,
+            JobStatus::Done,
+            JobTerminationReason::DoneByRunner,
+        )];
+        let done = updated(decide(running, &jobs, &config(""), &[], NOW));
+        assert_eq!(done.status, RunStatus::Done);
+    }
+
+    #[test]
+    fn a_scheduled_run_stopped_by_its_user_ends_for_good() {
+        for reason in [
+            RunTerminationReason::StoppedByUser,
+            RunTerminationReason::AbortedByUser,
+        ] {
+            let mut stopping = run(RunStatus::Terminating);
+            stopping.termination_reason = Some(reason.as_str().to_string());
+            let jobs = [job(
+                &stopping,
+                0,
+                JobStatus::Terminated,
+                reason.job_reason(),
+            )];
+            let ended = updated(decide(stopping, &jobs, &daily(), &[], NOW));
+            assert_eq!(ended.status, reason.run_status());
+            assert_eq!(ended.scheduled_start_ms(), None);
+        }
+        // Ended by the server (the other nodes of a failed multi-node run stopped): rescheduled.
+        let mut stopping = run(RunStatus::Terminating);
+        stopping.termination_reason = Some(RunTerminationReason::JobFailed.as_str().to_string());
+        let jobs = [job(
+            &stopping,
+            0,
+            JobStatus::Terminated,
+            JobTerminationReason::TerminatedByServer,
+        )];
+        let next = updated(decide(stopping, &jobs, &daily(), &[], NOW));
+        assert_eq!(next.scheduled_start_ms(), Some(TOMORROW_8AM));
+    }
+
+    #[test]
+    fn a_scheduled_run_retries_within_its_start_before_waiting_for_the_next() {
+        let retrying = config(
+            "schedule: {cron: '0 8 * * *'}\nretry: {on_events: [no-capacity], duration: 1h}\n",
+        );
+        let no_capacity = |run: &Run| {
+            [job(
+                run,
+                0,
+                JobStatus::Failed,
+                JobTerminationReason::FailedToStartDueToNoCapacity,
+            )]
+        };
+        // Applied two days ago, started 30 minutes ago: within the retry window of the start.
+        let mut submitted = run(RunStatus::Submitted);
+        submitted.next_triggered_at_ms = Some(NOW - 30 * MINUTE);
+        let jobs = no_capacity(&submitted);
+        let delays = [Duration::from_secs(15)];
+        let retry = updated(decide(submitted, &jobs, &retrying, &delays, NOW));
+        assert_eq!(retry.status, RunStatus::Pending);
+        assert_eq!(retry.next_attempt_at_ms, Some(NOW + 15_000));
+        assert_eq!(retry.resubmission_attempt, 1);
+        assert_eq!(Waiting::of(&retry), Waiting::Retry(NOW + 15_000));
+        // Started two hours ago: past the window; the start ends, the next one is awaited.
+        let submitted = run(RunStatus::Submitted);
+        let jobs = no_capacity(&submitted);
+        let next = updated(decide(submitted, &jobs, &retrying, &delays, NOW));
+        assert_eq!(Waiting::of(&next), Waiting::Start(TOMORROW_8AM));
+        assert_eq!(
+            next.status_message.as_deref(),
+            Some("the last start ended failed (retry_limit_exceeded)")
+        );
+    }
+
+    #[test]
+    fn a_start_submits_every_job_anew_and_a_retry_only_those_not_done() {
+        let pending = run(RunStatus::Pending);
+        let numbers = |jobs: Vec<Job>| -> Vec<(u32, u32)> {
+            jobs.iter().map(|j| (j.job_num, j.submission_num)).collect()
+        };
+        let start = Waiting::of(&pending);
+        assert_eq!(start, Waiting::Start(NOW - 2 * HOUR));
+        assert_eq!(
+            numbers(next_submissions(&pending, &[], 2, start)),
+            [(0, 0), (1, 0)]
+        );
+        let mut jobs = vec![
+            job(
+                &pending,
+                0,
+                JobStatus::Done,
+                JobTerminationReason::DoneByRunner,
+            ),
+            job(
+                &pending,
+                1,
+                JobStatus::Failed,
+                JobTerminationReason::InstanceUnreachable,
+            ),
+        ];
+        jobs[1].submission_num = 3;
+        assert_eq!(
+            numbers(next_submissions(&pending, &jobs, 2, start)),
+            [(0, 1), (1, 4)]
+        );
+        assert_eq!(
+            numbers(next_submissions(&pending, &jobs, 2, Waiting::Retry(NOW))),
+            [(1, 4)]
+        );
+        // A run without a schedule waits only for retries.
+        let mut plain = run(RunStatus::Pending);
+        plain.next_triggered_at_ms = None;
+        assert_eq!(Waiting::of(&plain), Waiting::Retry(0));
+    }
 }

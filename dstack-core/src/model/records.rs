@@ -100,6 +100,22 @@ pub struct Run {
     pub resubmission_attempt: u32,
     /// When a `pending` run is resubmitted (Unix ms).
     pub next_attempt_at_ms: Option<u64>,
+    /// A scheduled run (`schedule:`): when it is next due to start (Unix ms); once started,
+    /// when that start was due (the window of its no-capacity retries runs from there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_triggered_at_ms: Option<u64>,
+}
+
+impl Run {
+    /// When a scheduled run that waits `pending` for its next start is due to start (Unix
+    /// ms); `None` for any other run, a scheduled run waiting for a retry included.
+    pub fn scheduled_start_ms(&self) -> Option<u64> {
+        if self.status == RunStatus::Pending && self.next_attempt_at_ms.is_none() {
+            self.next_triggered_at_ms
+        } else {
+            None
+        }
+    }
 }
 
 /// Resources set aside for a job on its instance.

@@ -1046,6 +1046,7 @@ mod tests {
             submitted_at_ms: crate::model::now_ms(),
             resubmission_attempt: 0,
             next_attempt_at_ms: None,
+            next_triggered_at_ms: None,
         }
     }
 

@@ -73,6 +73,12 @@ class Run:
         return at
 
     @property
+    def next_triggered_at(self) -> Optional[datetime]:
+        """A scheduled run (`schedule`): when it is next due to start or, once started, when
+        that start was due (as dstack's field); `None` for a run without a schedule."""
+        return timestamp(self._snapshot["run"].get("next_triggered_at_ms"))
+
+    @property
     def configuration(self) -> Dict[str, Any]:
         """The normalized configuration the run was submitted with."""
         configuration: Dict[str, Any] = self._snapshot["run"]["spec"]["configuration"]
