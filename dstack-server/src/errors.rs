@@ -37,8 +37,16 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "server_client_error", message)
     }
 
-    /// The answer.
-    pub(crate) fn into_response(self) -> Response<Body> {
+    /// The answer: with this project's codes for its own clients (`native`), else with the
+    /// nearest of dstack's codes (its clients know no others).
+    pub(crate) fn into_response(mut self, native: bool) -> Response<Body> {
+        if !native {
+            self.code = match self.code {
+                "resource_exists" | "resource_not_exists" => self.code,
+                "backend_auth_error" => "invalid_credentials",
+                _ => "error",
+            };
+        }
         let body = ErrorBody {
             detail: vec![self.detail()],
         };

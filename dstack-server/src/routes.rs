@@ -43,12 +43,21 @@ pub(crate) async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     shared.touch();
-    Ok(route(&shared, req)
+    let native = req
+        .headers()
+        .get(ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains(NATIVE));
+    Ok(route(&shared, native, req)
         .await
-        .unwrap_or_else(ApiError::into_response))
+        .unwrap_or_else(|e| e.into_response(native)))
 }
 
-async fn route(shared: &Shared, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+async fn route(
+    shared: &Shared,
+    native: bool,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
     match bearer(&req) {
         None => {
             return Err(ApiError::new(
@@ -73,17 +82,13 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Result<Response<Body>
             format!("{} is not allowed: every route takes POST", req.method()),
         ));
     }
-    let native = req
-        .headers()
-        .get(ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains(NATIVE));
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match segments.as_slice() {
         ["api", "server", "get_info"] => Ok(json(&serde_json::json!({
             "server_version": env!("CARGO_PKG_VERSION"),
         }))),
+        ["api", "runs", "list"] if !native => crate::dialect::list_runs(shared, req).await,
         ["api", "runs", "list"] => {
             let request: ListRequest = body(req).await?;
             let all = request.all || request.only_active == Some(false);
@@ -91,7 +96,6 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Result<Response<Body>
             if let Some(limit) = request.limit {
                 listing.runs.truncate(limit);
             }
-            dialect(native, "runs/list")?;
             Ok(json(&listing))
         }
         ["api", "project", project, route @ ..] => {
@@ -100,7 +104,11 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Result<Response<Body>
                     "project {project} does not exist (this server has project {PROJECT})"
                 )));
             }
-            project_route(shared, route, native, req).await
+            if native {
+                project_route(shared, route, req).await
+            } else {
+                crate::dialect::project_route(shared, route, req).await
+            }
         }
         _ => Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -110,46 +118,28 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Result<Response<Body>
     }
 }
 
-/// Refuses dstack's shapes for routes that answer only in this project's records.
-fn dialect(native: bool, route: &str) -> Result<(), ApiError> {
-    if native {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "not_supported",
-            format!("{route}: this server answers it only with Accept: {NATIVE}"),
-        ))
-    }
-}
-
+/// A project route answered with this project's records.
 async fn project_route(
     shared: &Shared,
     route: &[&str],
-    native: bool,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let client = &shared.client;
     match route {
-        ["runs", "connect"] => return connect(shared, req).await,
+        ["runs", "connect"] => connect(shared, req).await,
         ["runs", "get_plan"] => {
             let request: PlanRequest = body(req).await?;
             let plan = client
                 .runs()
                 .plan(&configuration(&request.configuration)?)
                 .await?;
-            dialect(native, "runs/get_plan")?;
-            return Ok(json(&PlanAnswer {
+            Ok(json(&PlanAnswer {
                 configuration: plan.configuration.to_json(),
                 offers: plan.offers,
                 no_offers_reason: plan.no_offers_reason,
                 total_offers: plan.total_offers,
-            }));
+            }))
         }
-        _ => {}
-    }
-    dialect(native, &route.join("/"))?;
-    match route {
         ["runs", "apply"] => {
             let request: ApplyRequest = body(req).await?;
             let config = configuration(&request.configuration)?;
@@ -262,7 +252,7 @@ fn by_id(id: &str) -> RunRef {
 }
 
 /// The run a request names (by id, else the current run of that name).
-async fn run_handle(shared: &Shared, which: &RunRef) -> Result<RunHandle, ApiError> {
+pub(crate) async fn run_handle(shared: &Shared, which: &RunRef) -> Result<RunHandle, ApiError> {
     let runs = shared.client.runs();
     let found = match (&which.id, &which.run_name) {
         (Some(id), _) => runs.by_id(id).await?,
@@ -286,7 +276,7 @@ fn only_name(request: &DeleteRequest) -> Result<&str, ApiError> {
 }
 
 /// The JSON body of a request.
-async fn body<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
+pub(crate) async fn body<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
     let bytes = read_body(req, MAX_REQUEST_BYTES).await?;
     let bytes = if bytes.is_empty() {
         Bytes::from_static(b"{}")

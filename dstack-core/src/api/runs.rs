@@ -112,6 +112,7 @@ pub fn run(owner: &Owner<'_>, run: &Run, jobs: &[Job], instances: &[Instance]) -
         "latest_job_submission": latest,
         "cost": cost,
         "error": reason.and_then(RunTerminationReason::error),
+        "next_triggered_at": run.scheduled_start_ms().map(iso_time),
     })
 }
 

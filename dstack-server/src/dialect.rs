@@ -1,0 +1,252 @@
+//! dstack's dialect: the answers (and request bodies) of dstack's own routes in dstack's
+//! shapes ([`dstack_core::api`]), for clients that do not ask for this project's records —
+//! dstack's CLI and Python API among them.
+
+use dstack_core::api::{self, LogEvent, LogSource, Owner};
+use dstack_core::client::protocol::{ListRequest, RunRef, StopRequest};
+use dstack_core::model::{Instance, Job};
+use dstack_core::RunHandle;
+use futures_util::StreamExt;
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use serde_json::Value;
+
+use crate::errors::ApiError;
+use crate::routes::{body, run_handle, PROJECT};
+use crate::Shared;
+use dstack_core::http::serve::{json, Body};
+
+/// The one user of a local server.
+const OWNER: Owner<'static> = Owner {
+    project_name: PROJECT,
+    user: "admin",
+};
+
+/// Answers `route` of the project in dstack's shapes.
+pub(crate) async fn project_route(
+    shared: &Shared,
+    route: &[&str],
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let client = &shared.client;
+    match route {
+        ["runs", "get_plan"] => {
+            let request = api::plan_request(&body::<Value>(req).await?).map_err(refused)?;
+            let plan = client.runs().plan(&request.run.configuration).await?;
+            let current = match &request.run.options.name {
+                Some(name) => match client.runs().get(name).await? {
+                    Some(handle) => Some(dstack_run(&handle).await?),
+                    None => None,
+                },
+                None => None,
+            };
+            Ok(json(&api::run_plan(
+                &OWNER,
+                &plan,
+                &request.run.options,
+                current,
+            )))
+        }
+        ["runs", "apply"] => {
+            let request = api::apply_request(&body::<Value>(req).await?).map_err(refused)?;
+            if let (Some(name), Some(seen)) =
+                (&request.run.options.name, &request.current_resource_id)
+            {
+                let current = client.runs().get(name).await?;
+                let changed = current.is_some_and(|h| api::dstack_id(h.id()) != *seen);
+                if changed && !request.force {
+                    return Err(ApiError::bad_request(format!(
+                        "run {name} changed since the plan was made; plan again or apply with force"
+                    )));
+                }
+            }
+            let run = request.run;
+            let handle = client.runs().apply(run.configuration, run.options).await?;
+            Ok(json(&dstack_run(&handle).await?))
+        }
+        ["runs", "get"] => {
+            let which: RunRef = body(req).await?;
+            let handle = find(shared, &which).await?;
+            Ok(json(&dstack_run(&handle).await?))
+        }
+        ["runs", "stop"] => {
+            let request: StopRequest = body(req).await?;
+            for name in &request.runs_names {
+                let by_name = RunRef {
+                    run_name: Some(name.clone()),
+                    id: None,
+                };
+                run_handle(shared, &by_name)
+                    .await?
+                    .stop(request.abort)
+                    .await?;
+            }
+            Ok(json(&Value::Null))
+        }
+        ["logs", "poll"] => {
+            let request = api::poll_logs_request(&body::<Value>(req).await?).map_err(refused)?;
+            poll_logs(shared, request).await
+        }
+        ["fleets", "list"] => {
+            let fleets = client.fleets().list().await?;
+            let shaped: Vec<Value> = fleets
+                .iter()
+                .map(|(fleet, instances)| api::fleet(&OWNER, fleet, instances))
+                .collect();
+            Ok(json(&shaped))
+        }
+        ["volumes", "list"] => {
+            let instances: Vec<Instance> = client
+                .fleets()
+                .list()
+                .await?
+                .into_iter()
+                .flat_map(|(_, instances)| instances)
+                .collect();
+            let shaped: Vec<Value> = client
+                .volumes()
+                .list()
+                .await?
+                .iter()
+                .map(|v| api::volume(&OWNER, v, &instances))
+                .collect();
+            Ok(json(&shaped))
+        }
+        _ => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "not_supported",
+            format!(
+                "{}: not served in dstack's shapes yet (this project's clients send Accept: {})",
+                route.join("/"),
+                dstack_core::client::protocol::NATIVE
+            ),
+        )),
+    }
+}
+
+/// `/api/runs/list` in dstack's shapes.
+pub(crate) async fn list_runs(
+    shared: &Shared,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let request: ListRequest = body(req).await?;
+    let all = request.all || request.only_active == Some(false);
+    let listing = shared.client.runs().listing(all).await?;
+    let limit = request.limit.unwrap_or(100).min(100);
+    let mut shaped = Vec::new();
+    for run in listing.runs.iter().take(limit) {
+        if let Some(handle) = shared.client.runs().by_id(&run.id).await? {
+            shaped.push(dstack_run(&handle).await?);
+        }
+    }
+    Ok(json(&shaped))
+}
+
+/// A run by dstack id or name.
+async fn find(shared: &Shared, which: &RunRef) -> Result<RunHandle, ApiError> {
+    let Some(id) = &which.id else {
+        return run_handle(shared, which).await;
+    };
+    // dstack's ids of our runs are their own (UUID v4); asked by another form, look it up.
+    if let Some(handle) = shared.client.runs().by_id(id).await? {
+        return Ok(handle);
+    }
+    let listing = shared.client.runs().listing(true).await?;
+    let found = listing.runs.iter().find(|r| api::dstack_id(&r.id) == *id);
+    match found {
+        Some(run) => {
+            run_handle(
+                shared,
+                &RunRef {
+                    run_name: None,
+                    id: Some(run.id.clone()),
+                },
+            )
+            .await
+        }
+        None => Err(ApiError::not_found(format!("run {id} does not exist"))),
+    }
+}
+
+/// dstack's `Run` of a run, its registry password redacted.
+async fn dstack_run(handle: &RunHandle) -> Result<Value, ApiError> {
+    let snapshot = handle.snapshot().await?;
+    let mut shaped = api::run(&OWNER, &snapshot.run, &snapshot.jobs, &snapshot.instances);
+    if let Some(config) = shaped.pointer_mut("/run_spec/configuration") {
+        dstack_core::secrets::redact_configuration(config);
+    }
+    Ok(shaped)
+}
+
+/// `logs/poll`: the output of one job submission, a page of lines at a time (`next_token` is
+/// the index of the next line). Lines carry the job's start time: the agent keeps output, not
+/// when each line was written.
+async fn poll_logs(
+    shared: &Shared,
+    request: api::PollLogsRequest,
+) -> Result<Response<Body>, ApiError> {
+    let by_name = RunRef {
+        run_name: Some(request.run_name.clone()),
+        id: None,
+    };
+    let handle = run_handle(shared, &by_name).await?;
+    let snapshot = handle.snapshot().await?;
+    let job: &Job = snapshot
+        .jobs
+        .iter()
+        .find(|j| api::job_submission_id(j) == request.job_submission_id)
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "job submission {} does not exist",
+                request.job_submission_id
+            ))
+        })?;
+    let engine = shared
+        .client
+        .engine()
+        .ok_or_else(|| ApiError::bad_request("this server hosts no engine"))?;
+    let mut output = Vec::new();
+    if let Some(instance) = &job.instance_id {
+        let agent = engine.agent(instance).await?;
+        match agent.logs(&job.id, 0, false).await {
+            Ok(mut chunks) => {
+                while let Some(chunk) = chunks.next().await {
+                    output
+                        .extend_from_slice(&chunk.map_err(dstack_core::engine::EngineError::from)?);
+                }
+            }
+            Err(e) if e.status() == Some(404) => {}
+            Err(e) => return Err(dstack_core::engine::EngineError::from(e).into()),
+        }
+    }
+    let at = job.started_at_ms.unwrap_or(job.submitted_at_ms);
+    let mut lines: Vec<&[u8]> = output.split_inclusive(|b| *b == b'\n').collect();
+    if request.descending {
+        lines.reverse();
+    }
+    let start: usize = match &request.next_token {
+        Some(token) => token
+            .parse()
+            .map_err(|_| ApiError::bad_request(format!("invalid next_token {token:?}")))?,
+        None => 0,
+    };
+    let limit = request.limit.max(1) as usize;
+    let page: Vec<LogEvent<'_>> = lines
+        .iter()
+        .skip(start)
+        .take(limit)
+        .map(|line| LogEvent {
+            timestamp_ms: at,
+            source: LogSource::Stdout,
+            message: line,
+        })
+        .collect();
+    let end = start + page.len();
+    let next = (end < lines.len()).then(|| end.to_string());
+    Ok(json(&api::log_page(&page, next.as_deref())))
+}
+
+/// A request dstack's client sent that this server does not take.
+fn refused(e: api::RequestError) -> ApiError {
+    ApiError::bad_request(e.to_string())
+}
