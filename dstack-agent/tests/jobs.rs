@@ -312,7 +312,9 @@ async fn jobs_are_removed_only_once_finished() {
 async fn bad_requests_get_plain_text_errors() {
     let agent = TestAgent::start().await;
     let status = |e: AgentError| match e {
-        AgentError::Status { status, message } => {
+        AgentError::Status {
+            status, message, ..
+        } => {
             assert!(!message.is_empty());
             status
         }
@@ -556,7 +558,7 @@ async fn no_container_may_mount_the_agent_state_or_socket() {
         });
         let refused = agent.client.submit(&job).await.unwrap_err();
         assert!(
-            matches!(&refused, AgentError::Status { status: 400, message } if message.contains("agent's own files")),
+            matches!(&refused, AgentError::Status { status: 400, message, .. } if message.contains("agent's own files")),
             "{host}: {refused}"
         );
     }

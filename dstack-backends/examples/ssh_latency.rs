@@ -39,8 +39,8 @@ async fn main() {
     .expect("client");
     let t = Instant::now();
     let (_, instances) = client
-        .engine()
-        .apply_fleet(&fleet, &|i, step| eprintln!("{}: {step}", i.name))
+        .fleets()
+        .apply(&fleet, &|i, step| eprintln!("{}: {step}", i.name))
         .await
         .expect("fleet");
     println!(
@@ -75,9 +75,5 @@ async fn main() {
         common::sequential_runs(&client, &config, ApplyOptions::default, n).await;
     common::report("ssh host: submit -> running", to_running);
     common::report("ssh host: submit -> done", to_done);
-    client
-        .engine()
-        .delete_fleet(&name, true)
-        .await
-        .expect("delete");
+    client.fleets().delete(&name, true).await.expect("delete");
 }

@@ -177,7 +177,7 @@ fn state(i: &aws_sdk_ec2::types::Instance) -> InstanceStateName {
 /// Whether every instance in us-east-1 and every record of `fleet` is terminated.
 async fn all_terminated(moto: &Moto, client: &Client, fleet: &str) -> bool {
     let cloud = cloud_instances(moto, "us-east-1").await;
-    let (_, instances) = client.fleets().get(fleet).unwrap().unwrap();
+    let (_, instances) = client.fleets().get(fleet).await.unwrap().unwrap();
     cloud
         .iter()
         .all(|i| state(i) == InstanceStateName::Terminated)
@@ -235,9 +235,9 @@ async fn a_fleet_provisions_tagged_instances_in_the_cheapest_region_and_runs_tas
     let task = "type: task\nfleets: [cloud]\nresources: {cpu: 1.., memory: 0.1GB..}\n\
                 commands: [cat /proc/sys/kernel/hostname, echo on-aws]\n";
     let (run, done, out) = harness::run_task(&client, task, 60).await;
-    assert_eq!(done.status, RunStatus::Done, "{:?}", run.jobs());
+    assert_eq!(done.status, RunStatus::Done, "{:?}", run.jobs().await);
     assert!(out.ends_with("on-aws\n"));
-    let job = run.jobs().unwrap().pop().unwrap();
+    let job = run.jobs().await.unwrap().pop().unwrap();
     assert!(instances
         .iter()
         .any(|i| Some(&i.id) == job.instance_id.as_ref()));
@@ -251,7 +251,7 @@ async fn a_fleet_provisions_tagged_instances_in_the_cheapest_region_and_runs_tas
         hosts.hosts.iter().all(|h| recorded(&learned, &h.addr)),
         "{learned}"
     );
-    client.engine().delete_fleet("cloud", false).await.unwrap();
+    client.fleets().delete("cloud", false).await.unwrap();
     let left = std::fs::read_to_string(&known_hosts).unwrap();
     assert!(
         hosts.hosts.iter().all(|h| !recorded(&left, &h.addr)),
@@ -295,7 +295,7 @@ async fn spot_fleets_get_spot_instances_and_capacity_errors_fall_through() {
         cloud[0].instance_type().map(|t| t.as_str()),
         Some(offer.instance_type.as_str())
     );
-    client.engine().delete_fleet("spotty", false).await.unwrap();
+    client.fleets().delete("spotty", false).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -315,7 +315,7 @@ async fn runs_provision_in_elastic_fleets_and_idle_instances_are_reaped() {
     let task =
         "type: task\nresources: {cpu: 1.., memory: 0.1GB..}\ncommands: [echo provisioned-for-me]\n";
     let (run, done, out) = harness::run_task(&client, task, 90).await;
-    assert_eq!(done.status, RunStatus::Done, "{:?}", run.jobs());
+    assert_eq!(done.status, RunStatus::Done, "{:?}", run.jobs().await);
     assert_eq!(out, "provisioned-for-me\n");
     assert_eq!(cloud_instances(&moto, "us-east-1").await.len(), 1);
     // Idle for longer than idle_duration: terminated, in the store and in the cloud.
@@ -326,7 +326,7 @@ async fn runs_provision_in_elastic_fleets_and_idle_instances_are_reaped() {
         async || all_terminated(&moto, &client, "elastic").await,
     )
     .await;
-    let (_, instances) = client.fleets().get("elastic").unwrap().unwrap();
+    let (_, instances) = client.fleets().get("elastic").await.unwrap().unwrap();
     assert!(instances[0]
         .status_message
         .as_deref()
@@ -529,6 +529,7 @@ async fn volumes_go_through_their_life_cycle() {
     let instance = &instances[0];
     let attached = client
         .engine()
+        .unwrap()
         .attach_volume("data", &instance.id)
         .await
         .unwrap();
@@ -551,6 +552,7 @@ async fn volumes_go_through_their_life_cycle() {
     // Detached, then deleted from the cloud; the registered one is only forgotten.
     let detached = client
         .engine()
+        .unwrap()
         .detach_volume("data", &instance.id, false)
         .await
         .unwrap();
@@ -575,8 +577,8 @@ async fn volumes_go_through_their_life_cycle() {
         1,
         "a registered volume is not deleted"
     );
-    assert!(client.volumes().get("data").unwrap().is_none());
-    client.engine().delete_fleet("disks", false).await.unwrap();
+    assert!(client.volumes().get("data").await.unwrap().is_none());
+    client.fleets().delete("disks", false).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -592,7 +594,7 @@ async fn fleets_keep_their_minimum_when_idle() {
     assert_eq!(instances.len(), 1, "nodes.min = target = 1");
     // Several reaping sweeps (every 3 s) pass with the instance idle past its idle_duration.
     tokio::time::sleep(Duration::from_secs(8)).await;
-    let (_, instances) = client.fleets().get("steady").unwrap().unwrap();
+    let (_, instances) = client.fleets().get("steady").await.unwrap().unwrap();
     assert_eq!(instances.len(), 1);
     assert_eq!(
         instances[0].status,
@@ -602,7 +604,7 @@ async fn fleets_keep_their_minimum_when_idle() {
     );
     let cloud = cloud_instances(&moto, "us-east-1").await;
     assert_eq!(state(&cloud[0]), InstanceStateName::Running);
-    client.engine().delete_fleet("steady", false).await.unwrap();
+    client.fleets().delete("steady", false).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -641,7 +643,12 @@ async fn instances_terminate_when_shut_down_and_their_agents_hold_a_renewed_leas
     assert_eq!(behavior.value(), Some("terminate"));
 
     // Its agent holds an owner lease of the instance's idle time, which the engine renews.
-    let agent = client.engine().agent(&instances[0].id).await.unwrap();
+    let agent = client
+        .engine()
+        .unwrap()
+        .agent(&instances[0].id)
+        .await
+        .unwrap();
     let lease = agent.lease().await.unwrap();
     assert_eq!(
         lease.terms,
@@ -655,7 +662,7 @@ async fn instances_terminate_when_shut_down_and_their_agents_hold_a_renewed_leas
     })
     .await;
     assert!(!agent.lease().await.unwrap().shut_down);
-    client.engine().delete_fleet("leased", false).await.unwrap();
+    client.fleets().delete("leased", false).await.unwrap();
 }
 
 #[tokio::test]
@@ -714,14 +721,14 @@ async fn an_instance_created_by_a_stopped_client_is_brought_up_by_the_next() {
             cut.await.is_err(),
             "the apply is cut off while the instance starts"
         );
-        let (_, instances) = client.fleets().get("resumed").unwrap().unwrap();
+        let (_, instances) = client.fleets().get("resumed").await.unwrap().unwrap();
         assert_eq!(instances[0].status, InstanceStatus::Provisioning);
     }
     tokio::time::sleep(Duration::from_millis(600)).await;
     let config = aws_config(&moto.url, &["us-east-1"], &hosts);
     let client = client(home.path(), config, &hosts, options).await;
     eventually(60, "the instance joins its fleet", async || {
-        let (_, instances) = client.fleets().get("resumed").unwrap().unwrap();
+        let (_, instances) = client.fleets().get("resumed").await.unwrap().unwrap();
         assert_ne!(
             instances[0].status,
             InstanceStatus::Terminated,
@@ -733,11 +740,7 @@ async fn an_instance_created_by_a_stopped_client_is_brought_up_by_the_next() {
     .await;
     let cloud = cloud_instances(&moto, "us-east-1").await;
     assert_eq!(cloud.len(), 1, "the same instance, not a second one");
-    client
-        .engine()
-        .delete_fleet("resumed", false)
-        .await
-        .unwrap();
+    client.fleets().delete("resumed", false).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -762,8 +765,8 @@ async fn unused_volumes_are_deleted_after_their_auto_cleanup_duration() {
         ec2.describe_volumes().volume_ids(&id).send().await.is_err()
     })
     .await;
-    assert!(client.volumes().get("scratch").unwrap().is_none());
-    let keep = client.volumes().get("keep").unwrap().unwrap();
+    assert!(client.volumes().get("scratch").await.unwrap().is_none());
+    let keep = client.volumes().get("keep").await.unwrap().unwrap();
     assert_eq!(
         keep.status,
         VolumeStatus::Active,
@@ -896,7 +899,7 @@ async fn instances_get_imdsv2_a_public_subnet_of_the_named_vpc_and_their_own_ssh
         .iter()
         .flat_map(|p| p.ip_ranges())
         .all(|r| r.cidr_ip() != Some("0.0.0.0/0")));
-    client.engine().delete_fleet("netted", false).await.unwrap();
+    client.fleets().delete("netted", false).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1045,11 +1048,7 @@ async fn a_lost_run_instances_answer_is_looked_for_before_another_offer_and_noth
     assert_eq!(running[0].instance_id(), instances[0].cloud_id.as_deref());
     let attempt = tag(running[0], "dstack_attempt").unwrap();
     assert_eq!(instances[0].attempts, [attempt]);
-    client
-        .engine()
-        .delete_fleet("unanswered", false)
-        .await
-        .unwrap();
+    client.fleets().delete("unanswered", false).await.unwrap();
 }
 
 /// Copies a state directory (its SQLite shared-memory file aside: SQLite makes it anew).
@@ -1095,7 +1094,7 @@ async fn a_copied_state_reaps_none_of_the_instances_of_the_other_copy() {
         harness::apply_fleet(&client, &yaml("after")).await.unwrap()
     };
     let copied = client(copy.path(), config.clone(), &hosts, options.clone()).await;
-    let sweep = copied.engine().reap_orphans().await.unwrap();
+    let sweep = copied.engine().unwrap().reap_orphans().await.unwrap();
     assert!(sweep.terminated.is_empty(), "{sweep:?}");
     let cloud = cloud_instances(&moto, "us-east-1").await;
     assert_eq!(cloud.len(), 2);
@@ -1132,8 +1131,8 @@ async fn a_copied_state_reaps_none_of_the_instances_of_the_other_copy() {
     })
     .await;
     original_client
-        .engine()
-        .delete_fleet("before", false)
+        .fleets()
+        .delete("before", false)
         .await
         .unwrap();
 }

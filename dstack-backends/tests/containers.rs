@@ -88,7 +88,7 @@ async fn image_jobs_run_in_containers_with_their_env_dir_mounts_and_exit_code() 
     let run = submit(&client, &yaml).await;
     let run_record = finished(&run).await;
     assert_eq!(run_record.status, RunStatus::Failed);
-    let job = run.jobs().unwrap().pop().unwrap();
+    let job = run.jobs().await.unwrap().pop().unwrap();
     assert_eq!(job.exit_status, Some(3));
     assert_eq!(
         job.termination_reason.as_deref(),
@@ -126,7 +126,7 @@ async fn image_jobs_run_in_containers_with_their_env_dir_mounts_and_exit_code() 
     let run = submit(&client, &sleeper).await;
     wait_output(&run, "up").await;
     // The job's reservation (1 CPU, 0.1 GB → 103 MiB) limits the container.
-    let job = run.jobs().unwrap().pop().unwrap();
+    let job = run.jobs().await.unwrap().pop().unwrap();
     let limits = Command::new("podman")
         .args([
             "inspect",
@@ -143,7 +143,7 @@ async fn image_jobs_run_in_containers_with_their_env_dir_mounts_and_exit_code() 
     run.stop(false).await.unwrap();
     let stopped = finished(&run).await;
     assert_eq!(stopped.status, RunStatus::Terminated);
-    assert_eq!(run.jobs().unwrap()[0].status, JobStatus::Terminated);
+    assert_eq!(run.jobs().await.unwrap()[0].status, JobStatus::Terminated);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -158,7 +158,7 @@ async fn missing_and_malformed_images_fail_with_a_clear_reason() {
         let run = submit(&client, &yaml).await;
         let record = finished(&run).await;
         assert_eq!(record.status, RunStatus::Failed);
-        let job = run.jobs().unwrap().pop().unwrap();
+        let job = run.jobs().await.unwrap().pop().unwrap();
         assert_eq!(
             job.termination_reason.as_deref(),
             Some("creating_container_error")
@@ -180,7 +180,7 @@ async fn max_duration_stops_a_container() {
     let run = submit(&client, &yaml).await;
     let record = finished(&run).await;
     assert_eq!(record.status, RunStatus::Failed, "as for processes");
-    let job = run.jobs().unwrap().pop().unwrap();
+    let job = run.jobs().await.unwrap().pop().unwrap();
     assert_eq!(job.status, JobStatus::Terminated);
     assert_eq!(
         job.termination_reason.as_deref(),
@@ -206,7 +206,7 @@ async fn a_port_of_a_container_job_is_reachable_from_the_client_side() {
     );
     let run = submit(&client, &yaml).await;
     let forward = loop {
-        if run.status().unwrap() == RunStatus::Running {
+        if run.status().await.unwrap() == RunStatus::Running {
             break run.forward_ports().await.unwrap();
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -248,7 +248,7 @@ async fn containers_that_exit_at_once_finish_their_jobs() {
             .await
             .expect("a container that exits before its logs are followed still ends its job")
             .unwrap();
-        assert_eq!(record.status, RunStatus::Done, "{:?}", run.jobs());
+        assert_eq!(record.status, RunStatus::Done, "{:?}", run.jobs().await);
     }
 }
 
@@ -264,7 +264,7 @@ async fn docker_true_runs_the_dind_image_privileged_after_start_dockerd() {
         finished(&run).await.status,
         RunStatus::Done,
         "{:?}",
-        run.jobs()
+        run.jobs().await
     );
     let out = output(&run).await;
     assert!(out.starts_with("dockerd started\n"), "{out}");
@@ -293,7 +293,7 @@ async fn a_restarted_agent_removes_the_containers_of_jobs_it_lost() {
     );
     let run = submit(&client, &yaml).await;
     wait_output(&run, "up").await;
-    let job = run.jobs().unwrap().pop().unwrap();
+    let job = run.jobs().await.unwrap().pop().unwrap();
     let container = format!("dstack-{}", job.id);
     let pid = std::fs::read_to_string(home.path().join("agent/agent.pid")).unwrap();
     let killed = Command::new("kill")
@@ -305,7 +305,7 @@ async fn a_restarted_agent_removes_the_containers_of_jobs_it_lost() {
     // container.
     let record = finished(&run).await;
     assert_eq!(record.status, RunStatus::Failed);
-    let job = run.jobs().unwrap().pop().unwrap();
+    let job = run.jobs().await.unwrap().pop().unwrap();
     assert_eq!(job.termination_reason.as_deref(), Some("executor_error"));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 mod common;
 
-use common::eventually;
+use common::{eventually, now};
 use dstack_backends::local::LocalBackend;
 use dstack_core::config::{parse, Configuration};
 use dstack_core::engine::{ApplyOptions, EngineOptions};
@@ -175,7 +175,7 @@ async fn assert_done(run: &RunHandle) {
         r.status,
         RunStatus::Done,
         "{r:?}\n{:?}",
-        run.jobs().unwrap()
+        run.jobs().await.unwrap()
     );
 }
 
@@ -192,7 +192,7 @@ const SMALL: &str = "resources: {cpu: 1.., memory: 0.1GB.., disk: 1GB..}\n";
 
 /// How many CPUs this host (the local backend's one instance) has.
 fn host_cpus(client: &Client) -> u32 {
-    client.fleets().list().unwrap()[0].1[0].host.cpus
+    now(client.fleets().list()).unwrap()[0].1[0].host.cpus
 }
 
 fn task(commands: &str) -> String {
@@ -212,7 +212,7 @@ async fn success_streams_logs_and_records_exit_status() {
     let done = finish(&run).await;
     assert_eq!(done.status, RunStatus::Done);
     assert_eq!(done.termination_reason.as_deref(), Some("all_jobs_done"));
-    assert_eq!(run.exit_status().unwrap(), Some(0));
+    assert_eq!(run.exit_status().await.unwrap(), Some(0));
     assert_eq!(all_logs(&run).await, "hello\nworld\n");
 }
 
@@ -234,7 +234,7 @@ async fn failures_end_with_the_right_reason() {
         (r.status, r.termination_reason.as_deref()),
         (RunStatus::Failed, Some("job_failed"))
     );
-    let job = &failing.jobs().unwrap()[0];
+    let job = &failing.jobs().await.unwrap()[0];
     assert_eq!(
         job.termination_reason.as_deref(),
         Some("container_exited_with_error")
@@ -242,10 +242,10 @@ async fn failures_end_with_the_right_reason() {
     assert_eq!(job.exit_status, Some(3));
     assert_eq!(all_logs(&failing).await, "about to fail\n");
     assert_eq!(finish(&missing).await.status, RunStatus::Failed);
-    assert_eq!(missing.exit_status().unwrap(), Some(127));
+    assert_eq!(missing.exit_status().await.unwrap(), Some(127));
     assert!(all_logs(&missing).await.contains("no-such-command-xyz"));
     assert_eq!(finish(&bad_dir).await.status, RunStatus::Failed);
-    let job = &bad_dir.jobs().unwrap()[0];
+    let job = &bad_dir.jobs().await.unwrap()[0];
     assert_eq!(job.termination_reason.as_deref(), Some("executor_error"));
     assert!(
         job.termination_message
@@ -291,27 +291,34 @@ async fn stop_abort_and_max_duration() {
         (g.status, g.termination_reason.as_deref()),
         (RunStatus::Terminated, Some("stopped_by_user"))
     );
-    assert_eq!(graceful.jobs().unwrap()[0].status, JobStatus::Terminated);
     assert_eq!(
-        graceful.jobs().unwrap()[0].termination_reason.as_deref(),
+        graceful.jobs().await.unwrap()[0].status,
+        JobStatus::Terminated
+    );
+    assert_eq!(
+        graceful.jobs().await.unwrap()[0]
+            .termination_reason
+            .as_deref(),
         Some("terminated_by_user")
     );
     let logs = all_logs(&graceful).await;
     assert!(
         logs.contains("got TERM"),
         "logs: {logs:?}, job: {:?}",
-        graceful.jobs().unwrap()[0]
+        graceful.jobs().await.unwrap()[0]
     );
     let a = finish(&aborted).await;
     assert_eq!(
         (a.status, a.termination_reason.as_deref()),
         (RunStatus::Terminated, Some("aborted_by_user"))
     );
-    assert_eq!(aborted.jobs().unwrap()[0].status, JobStatus::Aborted);
+    assert_eq!(aborted.jobs().await.unwrap()[0].status, JobStatus::Aborted);
     let m = finish(&limited).await;
     assert_eq!(m.status, RunStatus::Failed);
     assert_eq!(
-        limited.jobs().unwrap()[0].termination_reason.as_deref(),
+        limited.jobs().await.unwrap()[0]
+            .termination_reason
+            .as_deref(),
         Some("max_duration_exceeded")
     );
 }
@@ -332,7 +339,7 @@ async fn retries_on_error_and_gives_up_on_no_capacity() {
     let run = apply(&client, &flaky, dir).await;
     let r = finish(&run).await;
     assert_eq!(r.status, RunStatus::Done);
-    let jobs = run.jobs().unwrap();
+    let jobs = run.jobs().await.unwrap();
     assert_eq!(jobs.len(), 2);
     assert_eq!(jobs[0].status, JobStatus::Failed);
     assert_eq!(jobs[1].submission_num, 1);
@@ -346,7 +353,7 @@ async fn retries_on_error_and_gives_up_on_no_capacity() {
         (RunStatus::Failed, Some("retry_limit_exceeded"))
     );
     assert!(
-        run.jobs().unwrap().len() >= 2,
+        run.jobs().await.unwrap().len() >= 2,
         "it was retried before giving up"
     );
 }
@@ -363,7 +370,7 @@ async fn a_run_that_can_never_fit_fails_at_once_and_says_why() {
     .await;
     let r = finish(&run).await;
     assert_eq!(r.status, RunStatus::Failed);
-    let job = &run.jobs().unwrap()[0];
+    let job = &run.jobs().await.unwrap()[0];
     assert_eq!(
         job.termination_reason.as_deref(),
         Some("failed_to_start_due_to_no_capacity")
@@ -398,7 +405,7 @@ async fn images_are_refused_until_a_container_runtime_exists() {
         "{err}"
     );
     assert!(
-        client.runs().list(true).unwrap().is_empty(),
+        client.runs().list(true).await.unwrap().is_empty(),
         "nothing was submitted"
     );
 }
@@ -431,7 +438,7 @@ async fn mounts_a_process_job_cannot_have_are_refused_not_dropped() {
         "{elsewhere}"
     );
     assert!(
-        client.runs().list(true).unwrap().is_empty(),
+        client.runs().list(true).await.unwrap().is_empty(),
         "nothing was submitted"
     );
 
@@ -452,11 +459,11 @@ async fn a_run_left_submitted_behind_its_running_job_is_repaired() {
     let run = apply(&client, &task("  - sleep 30\n"), home.path()).await;
     wait_running(&run).await;
     // As if the reconcile after the job's start had been lost (a crash, a store error).
-    let mut behind = run.run().unwrap();
+    let mut behind = run.run().await.unwrap();
     behind.status = RunStatus::Submitted;
-    let store = client.engine().store();
+    let store = client.engine().unwrap().store();
     assert!(store.update_run(&behind, &[RunStatus::Running]).unwrap());
-    assert_eq!(run.run().unwrap().status, RunStatus::Submitted);
+    assert_eq!(run.run().await.unwrap().status, RunStatus::Submitted);
     let repaired = tokio::time::timeout(
         Duration::from_secs(15),
         run.wait_until(|s| s == RunStatus::Running),
@@ -478,7 +485,7 @@ async fn jobs_get_dstacks_environment() {
     let run = apply(&client, &yaml, home.path()).await;
     assert_done(&run).await;
     let logs = all_logs(&run).await;
-    let job = &run.jobs().unwrap()[0];
+    let job = &run.jobs().await.unwrap()[0];
     for expected in [
         "DSTACK_RUN_NAME=env-check".to_string(),
         format!("DSTACK_RUN_ID={}", run.id()),
@@ -527,7 +534,7 @@ async fn fifty_runs_at_once_finish_without_over_committing() {
     // Sweep the recorded intervals: at no moment did the held CPUs exceed the host's.
     let mut events: Vec<(u64, i64)> = Vec::new();
     for run in &runs {
-        let job = &run.jobs().unwrap()[0];
+        let job = &run.jobs().await.unwrap()[0];
         let held = job.reservation.as_ref().unwrap().cpus as i64;
         events.push((job.started_at_ms.unwrap(), held));
         events.push((job.finished_at_ms.unwrap(), -held));
@@ -538,7 +545,7 @@ async fn fifty_runs_at_once_finish_without_over_committing() {
         held += delta;
         assert!(held <= cpus as i64, "{held} CPUs held on a {cpus}-CPU host");
     }
-    assert_eq!(client.runs().list(true).unwrap().len(), 50);
+    assert_eq!(client.runs().list(true).await.unwrap().len(), 50);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -563,7 +570,7 @@ async fn a_killed_agent_fails_its_job_within_seconds() {
         started.elapsed()
     );
     assert_eq!(r.status, RunStatus::Failed);
-    let job = &run.jobs().unwrap()[0];
+    let job = &run.jobs().await.unwrap()[0];
     assert_eq!(job.termination_reason.as_deref(), Some("executor_error"));
     assert!(
         job.termination_message
@@ -576,7 +583,7 @@ async fn a_killed_agent_fails_its_job_within_seconds() {
     assert!(
         logs.starts_with("before\n"),
         "{logs:?} {:?}",
-        run.jobs().unwrap()
+        run.jobs().await.unwrap()
     );
 }
 
@@ -610,13 +617,22 @@ async fn a_hung_agent_is_given_up_on_and_used_again_once_it_answers() {
         .unwrap();
     signal(pid, "CONT");
     assert_eq!(given_up.status, RunStatus::Failed);
-    let job = run.jobs().unwrap().pop().unwrap();
+    let job = run.jobs().await.unwrap().pop().unwrap();
     assert_eq!(
         job.termination_reason.as_deref(),
         Some("instance_unreachable"),
         "{job:?}"
     );
-    let instance = || client.engine().store().instances().unwrap().pop().unwrap();
+    let instance = || {
+        client
+            .engine()
+            .unwrap()
+            .store()
+            .instances()
+            .unwrap()
+            .pop()
+            .unwrap()
+    };
     assert!(instance().unreachable);
 
     // Answering again: the machine takes work again, and the job given up on is stopped.
@@ -666,7 +682,7 @@ async fn an_end_the_store_failed_to_record_is_recorded_once_it_can() {
     )
     .unwrap();
     std::fs::write(&go, "").unwrap();
-    let job = run.jobs().unwrap().pop().unwrap();
+    let job = run.jobs().await.unwrap().pop().unwrap();
     let agent = dstack_core::agent::AgentClient::local(
         home.path().join("agent/agent.sock"),
         &home.path().join("agent"),
@@ -682,7 +698,7 @@ async fn an_end_the_store_failed_to_record_is_recorded_once_it_can() {
     .await;
     // The engine has heard of the end and could not record it (more than once).
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(run.status().unwrap(), RunStatus::Running);
+    assert_eq!(run.status().await.unwrap(), RunStatus::Running);
     // Once the store records again, the end is recorded without anything else happening.
     db.execute_batch("DROP TRIGGER refuse_ends").unwrap();
     let done = tokio::time::timeout(Duration::from_secs(20), run.wait())
@@ -748,7 +764,7 @@ async fn each_job_gets_its_own_gpus() {
     let client = home
         .client_with(LocalBackend::new(home.path(), agent_binary()).with_agent_path(path))
         .await;
-    let host = client.fleets().list().unwrap()[0].1[0].host.clone();
+    let host = client.fleets().list().await.unwrap()[0].1[0].host.clone();
     assert_eq!(host.gpus.len(), 2);
     assert_eq!(host.gpus[0].name, "A100");
     let gpu_task = "type: task\ncommands: ['echo gpus=$CUDA_VISIBLE_DEVICES n=$DSTACK_GPUS_NUM', 'sleep 0.5']\n\
@@ -763,7 +779,7 @@ async fn each_job_gets_its_own_gpus() {
     let mut seen = Vec::new();
     for run in &runs {
         assert_eq!(finish(run).await.status, RunStatus::Done);
-        let job = run.jobs().unwrap().pop().unwrap();
+        let job = run.jobs().await.unwrap().pop().unwrap();
         let (start, end) = (job.started_at_ms.unwrap(), job.finished_at_ms.unwrap());
         seen.push((start, end, all_logs(run).await));
     }
@@ -801,7 +817,7 @@ async fn many_instant_runs_all_finish() {
             r.status,
             RunStatus::Done,
             "{r:?}\n{:?}",
-            run.jobs().unwrap()
+            run.jobs().await.unwrap()
         );
     }
 }
@@ -821,7 +837,7 @@ async fn runs_applied_together_are_recorded_all_or_none() {
     let clash = vec![named(Some("twin")), named(None), named(Some("twin"))];
     let err = client.runs().apply_all(clash).await.err().expect("refused");
     assert!(err.to_string().contains("twin"), "{err}");
-    assert!(client.runs().list(true).unwrap().is_empty());
+    assert!(client.runs().list(true).await.unwrap().is_empty());
     // A batch with generated names: every name differs, every run finishes.
     let runs = client
         .runs()
@@ -856,7 +872,12 @@ async fn stopping_right_after_applying_leaves_nothing_running() {
         let r = finish(run).await;
         assert_eq!(r.status, RunStatus::Terminated, "{}", run.name());
     }
-    let agent = client.engine().agent("instance-local-0").await.unwrap();
+    let agent = client
+        .engine()
+        .unwrap()
+        .agent("instance-local-0")
+        .await
+        .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let running: Vec<_> = agent
@@ -889,7 +910,7 @@ fn sized_task(commands: &str, cpus: u32, memory: &str) -> String {
 async fn wait_queued(run: &RunHandle) -> String {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let job = run.jobs().unwrap().pop().unwrap();
+        let job = run.jobs().await.unwrap().pop().unwrap();
         if let Some(leader) = job.after_job.clone() {
             assert_eq!(job.status, JobStatus::Provisioning, "{job:?}");
             return leader;
@@ -926,16 +947,16 @@ async fn a_task_queued_behind_a_long_one_moves_to_a_slot_that_frees_first() {
     let client = home.client().await;
     let (long, short) = fill_the_host(&client, home.path(), "  - sleep 2\n").await;
     let (moved, leader) = apply_queued(&client, home.path(), "  - echo moved\n").await;
-    assert_eq!(leader, long.jobs().unwrap()[0].id);
+    assert_eq!(leader, long.jobs().await.unwrap()[0].id);
 
     // The short task ends first: the queued task is taken back and runs in its place.
     assert_done(&moved).await;
     assert_eq!(all_logs(&moved).await, "moved\n");
-    let job = moved.jobs().unwrap().pop().unwrap();
+    let job = moved.jobs().await.unwrap().pop().unwrap();
     assert_eq!(job.after_job, None);
-    let short_job = short.jobs().unwrap().pop().unwrap();
+    let short_job = short.jobs().await.unwrap().pop().unwrap();
     assert!(job.started_at_ms.unwrap() >= short_job.finished_at_ms.unwrap());
-    assert_eq!(long.status().unwrap(), RunStatus::Running);
+    assert_eq!(long.status().await.unwrap(), RunStatus::Running);
     long.stop(true).await.unwrap();
     finish(&long).await;
 }
@@ -1011,7 +1032,7 @@ async fn a_sweeps_trials_start_in_the_order_they_were_applied() {
     let mut started = Vec::new();
     for trial in &trials {
         assert_eq!(finish(trial).await.status, RunStatus::Done);
-        started.push(trial.jobs().unwrap()[0].started_at_ms.unwrap());
+        started.push(trial.jobs().await.unwrap()[0].started_at_ms.unwrap());
     }
     let mut sorted = started.clone();
     sorted.sort_unstable();
@@ -1051,7 +1072,7 @@ async fn a_host_of_short_tasks_queues_a_sweep_deeper_than_two() {
         .await
         .unwrap();
     let queued = |trial: &RunHandle| {
-        let job = trial.jobs().unwrap().remove(0);
+        let job = now(trial.jobs()).unwrap().remove(0);
         (job.status == JobStatus::Provisioning)
             .then_some(job.after_job)
             .flatten()
@@ -1060,7 +1081,7 @@ async fn a_host_of_short_tasks_queues_a_sweep_deeper_than_two() {
         trials.iter().filter(|t| queued(t).is_some()).count() > 2
     })
     .await;
-    assert_eq!(leader.status().unwrap(), RunStatus::Running);
+    assert_eq!(leader.status().await.unwrap(), RunStatus::Running);
     let mut ahead = job_of(&leader);
     for trial in trials.iter().take_while(|t| queued(t).is_some()) {
         assert_eq!(
@@ -1074,7 +1095,7 @@ async fn a_host_of_short_tasks_queues_a_sweep_deeper_than_two() {
     let mut started = Vec::new();
     for trial in &trials {
         assert_done(trial).await;
-        started.push(trial.jobs().unwrap()[0].started_at_ms.unwrap());
+        started.push(trial.jobs().await.unwrap()[0].started_at_ms.unwrap());
     }
     assert!(started.is_sorted(), "trials started in order: {started:?}");
 
@@ -1151,7 +1172,7 @@ async fn a_task_that_fits_behind_many_that_do_not_is_placed_by_the_periodic_pass
     assert_done(&small).await;
     assert_eq!(all_logs(&small).await, "small\n");
     for run in waiting.iter().take(3) {
-        assert_eq!(run.status().unwrap(), RunStatus::Submitted);
+        assert_eq!(run.status().await.unwrap(), RunStatus::Submitted);
     }
     for run in waiting.iter().chain([&long]) {
         run.stop(true).await.unwrap();
@@ -1161,7 +1182,7 @@ async fn a_task_that_fits_behind_many_that_do_not_is_placed_by_the_periodic_pass
 
 /// The id of the run's (single) job.
 fn job_of(run: &RunHandle) -> String {
-    run.jobs().unwrap()[0].id.clone()
+    now(run.jobs()).unwrap()[0].id.clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1178,12 +1199,12 @@ async fn a_queued_task_stops_without_ever_running() {
         (run.status, run.termination_reason.as_deref()),
         (RunStatus::Terminated, Some("stopped_by_user"))
     );
-    let job = queued.jobs().unwrap().pop().unwrap();
+    let job = queued.jobs().await.unwrap().pop().unwrap();
     assert_eq!(job.status, JobStatus::Terminated);
     assert_eq!(job.exit_status, None);
     assert!(!marker.exists(), "the stopped task ran");
     for run in [&first, &second] {
-        assert_eq!(run.status().unwrap(), RunStatus::Running);
+        assert_eq!(run.status().await.unwrap(), RunStatus::Running);
         run.stop(true).await.unwrap();
         finish(run).await;
     }
@@ -1197,20 +1218,23 @@ async fn a_queued_task_runs_after_the_engine_that_queued_it_is_gone() {
         let client = home.client().await;
         let (leader, other) = fill_the_host(&client, home.path(), "  - sleep 1000\n").await;
         let (queued, followed) = apply_queued(&client, home.path(), "  - echo after\n").await;
-        assert_eq!(followed, leader.jobs().unwrap()[0].id);
+        assert_eq!(followed, leader.jobs().await.unwrap()[0].id);
         [leader, other, queued]
             .iter()
             .map(|r| r.name().to_string())
             .collect()
     }; // the engine stops with its client; the agent keeps the queue
     let client = home.client().await;
-    let get = |name: &str| client.runs().get(name).unwrap().unwrap();
+    let get = |name: &str| now(client.runs().get(name)).unwrap().unwrap();
     let (leader, other, queued) = (get(&names[0]), get(&names[1]), get(&names[2]));
-    assert_eq!(queued.jobs().unwrap()[0].status, JobStatus::Provisioning);
+    assert_eq!(
+        queued.jobs().await.unwrap()[0].status,
+        JobStatus::Provisioning
+    );
     leader.stop(true).await.unwrap();
     assert_done(&queued).await;
     assert_eq!(all_logs(&queued).await, "after\n");
-    assert_eq!(other.status().unwrap(), RunStatus::Running);
+    assert_eq!(other.status().await.unwrap(), RunStatus::Running);
     other.stop(true).await.unwrap();
     finish(&other).await;
 }
@@ -1223,7 +1247,7 @@ async fn a_queued_task_runs_after_its_agent_was_killed_and_came_back() {
     // Queued behind the leader on the agent, with an environment (kept only in memory there).
     let (queued, followed) =
         apply_queued(&client, home.path(), "  - echo after $DSTACK_RUN_NAME\n").await;
-    assert_eq!(followed, leader.jobs().unwrap()[0].id);
+    assert_eq!(followed, leader.jobs().await.unwrap()[0].id);
     home.kill_agent();
     // The running tasks are lost with the agent; the queued one is forgotten by the agent
     // that comes back, sent again by the engine, and runs.
@@ -1244,6 +1268,7 @@ async fn a_waiter_for_the_end_of_a_run_is_not_woken_by_its_steps() {
     let mut ended =
         client
             .engine()
+            .unwrap()
             .watch_run(run.id(), RunStatus::Submitted, RunStatus::is_finished);
     ended.mark_unchanged();
     // Look at the channel's value until the run runs (a waiter for that would wake every
@@ -1256,7 +1281,7 @@ async fn a_waiter_for_the_end_of_a_run_is_not_woken_by_its_steps() {
     })
     .await
     .expect("the value is kept current: the run starts");
-    assert_eq!(run.status().unwrap(), RunStatus::Running);
+    assert_eq!(run.status().await.unwrap(), RunStatus::Running);
     assert!(!ended.has_changed().unwrap(), "woken by a step of the run");
     run.stop(false).await.unwrap();
     tokio::time::timeout(Duration::from_secs(10), ended.changed())
@@ -1274,6 +1299,7 @@ async fn a_waiter_on_a_run_is_woken_by_that_runs_changes_only() {
     wait_running(&long).await;
     let mut watched = client
         .engine()
+        .unwrap()
         .watch_run(long.id(), RunStatus::Running, |_| true);
     watched.mark_unchanged();
     let quick = apply(&client, &task("  - 'true'\n"), home.path()).await;
@@ -1355,11 +1381,12 @@ async fn an_agent_of_another_build_is_replaced_once_it_runs_no_job() {
 /// Moves a scheduled run's clock: writes its next start as now into its record, as time
 /// passing would make it due (the engine's sweep wakes the timer that sees it).
 fn make_due(client: &Client, run: &RunHandle) {
-    let mut due = run.run().unwrap();
+    let mut due = now(run.run()).unwrap();
     assert_eq!(due.status, RunStatus::Pending);
     due.next_triggered_at_ms = Some(dstack_core::model::now_ms());
     assert!(client
         .engine()
+        .unwrap()
         .store()
         .update_run(&due, &[RunStatus::Pending])
         .unwrap());
@@ -1386,15 +1413,15 @@ async fn a_scheduled_run_starts_at_its_times_and_a_stop_ends_it() {
     };
     let schedule = parsed.common.profile.schedule.clone().unwrap();
     let run = apply(&client, &config, dir).await;
-    let applied = run.run().unwrap();
+    let applied = run.run().await.unwrap();
     assert_eq!(applied.status, RunStatus::Pending);
     let first = schedule.next_after(applied.submitted_at_ms);
     assert_eq!(applied.scheduled_start_ms(), first);
     assert!(first.unwrap() > applied.submitted_at_ms);
     // Several sweeps later, it still waits, with nothing submitted.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(run.status().unwrap(), RunStatus::Pending);
-    assert!(run.jobs().unwrap().is_empty());
+    assert_eq!(run.status().await.unwrap(), RunStatus::Pending);
+    assert!(run.jobs().await.unwrap().is_empty());
 
     // Its start: the job runs, and the run waits for the next start.
     make_due(&client, &run);
@@ -1402,17 +1429,17 @@ async fn a_scheduled_run_starts_at_its_times_and_a_stop_ends_it() {
         30,
         "the first start ran and the run waits again",
         async || {
-            let jobs = run.jobs().unwrap();
-            run.status().unwrap() == RunStatus::Pending
+            let jobs = run.jobs().await.unwrap();
+            run.status().await.unwrap() == RunStatus::Pending
                 && jobs.len() == 1
                 && jobs[0].status == JobStatus::Done
         },
     )
     .await;
-    let waiting = run.run().unwrap();
+    let waiting = run.run().await.unwrap();
     assert_eq!(
         waiting.scheduled_start_ms(),
-        schedule.next_after(run.jobs().unwrap()[0].finished_at_ms.unwrap())
+        schedule.next_after(run.jobs().await.unwrap()[0].finished_at_ms.unwrap())
     );
     assert_eq!(waiting.termination_reason, None);
     assert_eq!(
@@ -1425,7 +1452,7 @@ async fn a_scheduled_run_starts_at_its_times_and_a_stop_ends_it() {
     std::fs::write(dir.join("hang"), "").unwrap();
     make_due(&client, &run);
     wait_running(&run).await;
-    let jobs = run.jobs().unwrap();
+    let jobs = run.jobs().await.unwrap();
     assert_eq!(jobs.len(), 2);
     assert_eq!((jobs[1].job_num, jobs[1].submission_num), (0, 1));
     run.stop(false).await.unwrap();
@@ -1445,5 +1472,5 @@ async fn a_scheduled_run_starts_at_its_times_and_a_stop_ends_it() {
         (stopped.status, stopped.termination_reason.as_deref()),
         (RunStatus::Terminated, Some("stopped_by_user"))
     );
-    assert!(waiting.jobs().unwrap().is_empty());
+    assert!(waiting.jobs().await.unwrap().is_empty());
 }

@@ -111,9 +111,9 @@ async fn a_fleet_provisions_through_the_compute_api_and_runs_a_task() {
     }
     let task = "type: task\nresources: {cpu: 1.., memory: 0.1GB..}\ncommands: [echo on-gcp]\n";
     let (run, done, out) = harness::run_task(&client, task, 60).await;
-    assert_eq!(done.status, RunStatus::Done, "{:?}", run.jobs());
+    assert_eq!(done.status, RunStatus::Done, "{:?}", run.jobs().await);
     assert_eq!(out, "on-gcp\n");
-    client.engine().delete_fleet("gce", false).await.unwrap();
+    client.fleets().delete("gce", false).await.unwrap();
     assert!(gcp.state.lock().unwrap().instances.is_empty(), "deleted");
 }
 
@@ -162,11 +162,7 @@ async fn configured_ssh_sources_get_a_firewall_rule_of_their_own_in_the_named_ne
         );
         assert!(created["labels"]["dstack_state"].is_string());
     }
-    client
-        .engine()
-        .delete_fleet("private", false)
-        .await
-        .unwrap();
+    client.fleets().delete("private", false).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -269,7 +265,7 @@ async fn strays_are_reaped_and_disks_go_through_their_life_cycle() {
             "{kept}"
         );
     }
-    let sweep = client.engine().reap_orphans().await.unwrap();
+    let sweep = client.engine().unwrap().reap_orphans().await.unwrap();
     assert_eq!(sweep.left_alone.len(), 1, "{sweep:?}");
     assert_eq!(sweep.left_alone[0].cloud_id, "dstack-main-copied-1");
 
@@ -286,6 +282,7 @@ async fn strays_are_reaped_and_disks_go_through_their_life_cycle() {
     let instances = apply_fleet(&client, "type: fleet\nname: withdisk\nnodes: 1\n").await;
     let attached = client
         .engine()
+        .unwrap()
         .attach_volume("cache", &instances[0].id)
         .await
         .unwrap();
@@ -296,17 +293,14 @@ async fn strays_are_reaped_and_disks_go_through_their_life_cycle() {
     );
     client
         .engine()
+        .unwrap()
         .detach_volume("cache", &instances[0].id, false)
         .await
         .unwrap();
     client.volumes().delete("cache").await.unwrap();
     assert!(gcp.state.lock().unwrap().disks.is_empty());
     assert!(gcp.violations().is_empty(), "{:?}", gcp.violations());
-    client
-        .engine()
-        .delete_fleet("withdisk", false)
-        .await
-        .unwrap();
+    client.fleets().delete("withdisk", false).await.unwrap();
 }
 
 /// Runs `script` with `sh -c` the way an agent would on a GCE instance whose metadata server
@@ -343,7 +337,12 @@ async fn an_agent_whose_lease_lapses_deletes_its_instance_or_else_powers_it_off(
     hosts.track("leased");
     let yaml = "type: fleet\nname: leased\nnodes: 1\nidle_duration: 1h\n";
     let instances = apply_fleet(&client, yaml).await;
-    let agent = client.engine().agent(&instances[0].id).await.unwrap();
+    let agent = client
+        .engine()
+        .unwrap()
+        .agent(&instances[0].id)
+        .await
+        .unwrap();
     let lease = agent.lease().await.unwrap();
     assert_eq!(
         lease.terms,
@@ -391,7 +390,7 @@ async fn an_agent_whose_lease_lapses_deletes_its_instance_or_else_powers_it_off(
         "not powered off"
     );
     assert!(gcp.violations().is_empty(), "{:?}", gcp.violations());
-    client.engine().delete_fleet("leased", false).await.unwrap();
+    client.fleets().delete("leased", false).await.unwrap();
 }
 
 #[tokio::test]

@@ -9,8 +9,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::eventually;
 use common::netns::TestHosts;
+use common::{eventually, now};
 use dstack_backends::local::{find_agent_binary, LocalBackend};
 use dstack_backends::ssh::{Keepalive, KnownHosts, SshCompute};
 use dstack_core::config::parse;
@@ -62,8 +62,7 @@ async fn submit(client: &Client, yaml: &str) -> dstack_core::RunHandle {
 
 /// The address of the host a run's latest job was placed on.
 fn host_of(run: &dstack_core::RunHandle, instances: &[Instance]) -> Option<String> {
-    let job = run
-        .jobs()
+    let job = now(run.jobs())
         .ok()?
         .into_iter()
         .max_by_key(|j| j.submission_num)?;
@@ -89,9 +88,7 @@ async fn refused(client: &Client, yaml: &str, fleet: &str) -> String {
 }
 
 fn all_instances(client: &Client, fleet: &str) -> Vec<Instance> {
-    client
-        .fleets()
-        .get(fleet)
+    now(client.fleets().get(fleet))
         .unwrap()
         .map(|(_, i)| i)
         .unwrap_or_default()
@@ -167,8 +164,8 @@ async fn a_fleet_of_three_hosts_runs_six_tasks_spread_over_them_and_is_deleted()
             panic!(
                 "run {} unfinished: {:?}; jobs {:?}",
                 run.name(),
-                run.run().unwrap(),
-                run.jobs().unwrap()
+                run.run().await.unwrap(),
+                run.jobs().await.unwrap()
             );
         };
         let finished = finished.unwrap();
@@ -181,7 +178,7 @@ async fn a_fleet_of_three_hosts_runs_six_tasks_spread_over_them_and_is_deleted()
             Some("/root"),
             "jobs start in the login user's home"
         );
-        let job = run.jobs().unwrap().pop().unwrap();
+        let job = run.jobs().await.unwrap().pop().unwrap();
         let instance = instances
             .iter()
             .find(|i| Some(&i.id) == job.instance_id.as_ref())
@@ -196,7 +193,7 @@ async fn a_fleet_of_three_hosts_runs_six_tasks_spread_over_them_and_is_deleted()
     assert_eq!(per_host.len(), 3, "spread over every host: {per_host:?}");
     assert!(per_host.values().all(|n| *n == 2), "{per_host:?}");
 
-    let (deleted, results) = client.engine().delete_fleet(&fleet, false).await.unwrap();
+    let (deleted, results) = client.fleets().delete(&fleet, false).await.unwrap();
     assert_eq!(deleted.name, fleet);
     assert!(results.iter().all(|(_, e)| e.is_none()), "{results:?}");
     for dir in &dirs {
@@ -261,7 +258,7 @@ async fn one_bad_host_fails_alone_with_a_clear_reason() {
     assert!(stranger.contains("for user nobody-here"), "{stranger}");
     let nowhere = reason(nowhere);
     assert!(nowhere.contains("cannot connect"), "{nowhere}");
-    client.engine().delete_fleet(&fleet, false).await.unwrap();
+    client.fleets().delete(&fleet, false).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -273,7 +270,7 @@ async fn a_changed_host_key_is_refused() {
     let yaml = hosts.fleet_yaml(&fleet);
     let (live, progress) = apply_fleet(&client, &yaml).await;
     assert_eq!(live.len(), 1, "{progress:?}");
-    client.engine().delete_fleet(&fleet, false).await.unwrap();
+    client.fleets().delete(&fleet, false).await.unwrap();
 
     hosts.hosts[0].change_host_key();
     let message = refused(&client, &yaml, &fleet).await;
@@ -293,7 +290,7 @@ async fn a_host_key_of_another_algorithm_than_the_pinned_one_is_refused() {
     let yaml = hosts.fleet_yaml(&fleet);
     let (live, progress) = apply_fleet(&client, &yaml).await;
     assert_eq!(live.len(), 1, "{progress:?}");
-    client.engine().delete_fleet(&fleet, false).await.unwrap();
+    client.fleets().delete(&fleet, false).await.unwrap();
     let known_hosts = KnownHosts::in_home(home.path());
     let pinned = std::fs::read_to_string(known_hosts.path()).unwrap();
 
@@ -327,7 +324,7 @@ async fn a_key_pinned_up_front_is_the_one_a_host_with_several_keys_presents() {
         pinned,
         "nothing learned beside the pinned key"
     );
-    client.engine().delete_fleet(&fleet, false).await.unwrap();
+    client.fleets().delete(&fleet, false).await.unwrap();
 }
 
 /// Whether a process whose command line contains `pattern` runs on this machine (the
@@ -373,7 +370,7 @@ async fn deleting_a_fleet_stops_its_jobs_first_and_kills_no_other_process() {
         .to_string();
     std::fs::write(&pid_file, bystander.id().to_string()).unwrap();
 
-    client.engine().delete_fleet(&fleet, true).await.unwrap();
+    client.fleets().delete(&fleet, true).await.unwrap();
     assert!(!running(&job), "the job was stopped before its agent went");
     assert!(
         bystander.try_wait().unwrap().is_none(),
@@ -403,7 +400,7 @@ async fn two_state_directories_deploying_the_same_fleet_name_to_one_host_stay_ap
     assert_ne!(ours[0].backend_data["dir"], theirs[0].backend_data["dir"]);
     // A fleet host is the user's own machine: its agent holds no owner lease (it never
     // shuts the host down).
-    let agent = a.engine().agent(&ours[0].id).await.unwrap();
+    let agent = a.engine().unwrap().agent(&ours[0].id).await.unwrap();
     assert_eq!(agent.lease().await.unwrap().terms, None);
     // A host without GPUs is shared, and said so.
     let ours_socket = format!(
@@ -424,11 +421,11 @@ async fn two_state_directories_deploying_the_same_fleet_name_to_one_host_stay_ap
     .await;
     eventually(30, "their job runs", async || running(&job)).await;
     // Deleting our fleet leaves theirs, and its job, alone.
-    a.engine().delete_fleet(&fleet, true).await.unwrap();
+    a.fleets().delete(&fleet, true).await.unwrap();
     assert!(running(&job), "the other state's job was stopped");
     let dir = theirs[0].backend_data["dir"].as_str().unwrap();
     assert!(Path::new(dir).join("dstack-agent").is_file());
-    b.engine().delete_fleet(&fleet, true).await.unwrap();
+    b.fleets().delete(&fleet, true).await.unwrap();
     assert!(!running(&job));
 }
 
@@ -461,7 +458,7 @@ async fn a_lost_agent_fails_its_job_which_retries_on_another_host_and_the_host_c
     let lost_addr = host_of(&flaky, &instances).unwrap();
     let steady = submit(&client, &steady).await;
     eventually(20, "the steady run is running", async || {
-        steady.status().unwrap() == RunStatus::Running
+        steady.status().await.unwrap() == RunStatus::Running
     })
     .await;
     let steady_addr = host_of(&steady, &instances).unwrap();
@@ -476,9 +473,9 @@ async fn a_lost_agent_fails_its_job_which_retries_on_another_host_and_the_host_c
         finished.status,
         RunStatus::Done,
         "{:?}",
-        flaky.jobs().unwrap()
+        flaky.jobs().await.unwrap()
     );
-    let jobs = flaky.jobs().unwrap();
+    let jobs = flaky.jobs().await.unwrap();
     let first = jobs.iter().find(|j| j.submission_num == 0).unwrap();
     assert_eq!(first.status, JobStatus::Failed);
     assert_eq!(
@@ -513,13 +510,14 @@ async fn a_lost_agent_fails_its_job_which_retries_on_another_host_and_the_host_c
     eventually(30, "the host is reachable again", async || {
         client
             .engine()
+            .unwrap()
             .store()
             .instance(&lost_id)
             .unwrap()
             .is_some_and(|i| !i.unreachable && i.status == InstanceStatus::Idle)
     })
     .await;
-    client.engine().delete_fleet(&fleet, true).await.unwrap();
+    client.fleets().delete(&fleet, true).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -539,7 +537,7 @@ async fn a_cut_link_fails_the_job_and_the_host_returns_when_the_link_does() {
         .await
         .unwrap();
     eventually(20, "the run is running", async || {
-        run.status().unwrap() == RunStatus::Running
+        run.status().await.unwrap() == RunStatus::Running
     })
     .await;
     hosts.hosts[0].set_link(false);
@@ -548,7 +546,7 @@ async fn a_cut_link_fails_the_job_and_the_host_returns_when_the_link_does() {
         .expect("the job is given up within the documented bound")
         .unwrap();
     assert_eq!(failed.status, RunStatus::Failed);
-    let job = run.jobs().unwrap().pop().unwrap();
+    let job = run.jobs().await.unwrap().pop().unwrap();
     assert_eq!(
         job.termination_reason.as_deref(),
         Some("instance_unreachable")
@@ -557,6 +555,7 @@ async fn a_cut_link_fails_the_job_and_the_host_returns_when_the_link_does() {
     assert!(
         client
             .engine()
+            .unwrap()
             .store()
             .instance(&id)
             .unwrap()
@@ -568,6 +567,7 @@ async fn a_cut_link_fails_the_job_and_the_host_returns_when_the_link_does() {
     eventually(60, "the host is reachable again", async || {
         client
             .engine()
+            .unwrap()
             .store()
             .instance(&id)
             .unwrap()
@@ -589,13 +589,14 @@ async fn a_cut_link_fails_the_job_and_the_host_returns_when_the_link_does() {
         .unwrap();
     assert_eq!(done.status, RunStatus::Done);
     assert_eq!(output(&again).await, "back\n");
-    client.engine().delete_fleet(&fleet, true).await.unwrap();
+    client.fleets().delete(&fleet, true).await.unwrap();
 }
 
 /// The output of one job, read from its agent.
 async fn job_output(client: &Client, job: &dstack_core::model::Job) -> String {
     let agent = client
         .engine()
+        .unwrap()
         .agent(job.instance_id.as_deref().unwrap())
         .await
         .unwrap();
@@ -628,8 +629,13 @@ async fn a_three_node_task_sees_consistent_ranks_and_a_failing_node_stops_the_re
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(done.status, RunStatus::Done, "{:?}", run.jobs().unwrap());
-    let mut jobs = run.jobs().unwrap();
+    assert_eq!(
+        done.status,
+        RunStatus::Done,
+        "{:?}",
+        run.jobs().await.unwrap()
+    );
+    let mut jobs = run.jobs().await.unwrap();
     jobs.sort_by_key(|j| j.job_num);
     assert_eq!(jobs.len(), 3);
     let mut reports = Vec::new();
@@ -672,7 +678,7 @@ async fn a_three_node_task_sees_consistent_ranks_and_a_failing_node_stops_the_re
         .expect("the other nodes are stopped at once")
         .unwrap();
     assert_eq!(failed.status, RunStatus::Failed);
-    let jobs = run.jobs().unwrap();
+    let jobs = run.jobs().await.unwrap();
     assert!(jobs.iter().all(|j| j.status.is_finished()), "{jobs:?}");
     let rank1 = jobs.iter().find(|j| j.job_num == 1).unwrap();
     assert_eq!(rank1.exit_status, Some(3));
@@ -690,12 +696,12 @@ async fn a_three_node_task_sees_consistent_ranks_and_a_failing_node_stops_the_re
         .unwrap()
         .unwrap();
     assert_eq!(failed.status, RunStatus::Failed);
-    let message = run.jobs().unwrap()[0]
+    let message = run.jobs().await.unwrap()[0]
         .termination_message
         .clone()
         .unwrap_or_default();
     assert!(message.contains("placement: cluster"), "{message}");
-    client.engine().delete_fleet(&fleet, true).await.unwrap();
+    client.fleets().delete(&fleet, true).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -721,7 +727,7 @@ async fn ports_of_a_job_on_a_fleet_host_are_forwarded_to_localhost_while_attache
     );
     let run = submit(&client, &task).await;
     eventually(20, "the run is running", async || {
-        run.status().unwrap() == RunStatus::Running
+        run.status().await.unwrap() == RunStatus::Running
     })
     .await;
     let forward = run.forward_ports().await.unwrap();
@@ -755,7 +761,7 @@ async fn ports_of_a_job_on_a_fleet_host_are_forwarded_to_localhost_while_attache
         "forwarding stops with its guard"
     );
     run.stop(true).await.unwrap();
-    client.engine().delete_fleet(&fleet, true).await.unwrap();
+    client.fleets().delete(&fleet, true).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -808,12 +814,17 @@ async fn image_jobs_run_in_containers_on_a_fleet_host_whose_agent_has_an_engine(
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(done.status, RunStatus::Done, "{:?}", run.jobs().unwrap());
+    assert_eq!(
+        done.status,
+        RunStatus::Done,
+        "{:?}",
+        run.jobs().await.unwrap()
+    );
     assert_eq!(
         output(&run).await,
         format!("in a container on {}\n", hosts.hosts[0].addr)
     );
-    let job = run.jobs().unwrap().pop().unwrap();
+    let job = run.jobs().await.unwrap().pop().unwrap();
     assert_eq!(job.instance_id.as_deref(), Some(instances[0].id.as_str()));
-    client.engine().delete_fleet(&fleet, true).await.unwrap();
+    client.fleets().delete(&fleet, true).await.unwrap();
 }

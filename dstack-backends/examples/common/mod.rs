@@ -62,7 +62,7 @@ pub async fn sequential_runs(
     let mut to_running = Vec::with_capacity(n);
     let mut to_done = Vec::with_capacity(n);
     for _ in 0..n {
-        let mut changes = client.engine().subscribe();
+        let mut changes = client.engine().unwrap().subscribe();
         let t = Instant::now();
         let run = client
             .runs()

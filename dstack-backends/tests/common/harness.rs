@@ -42,7 +42,7 @@ pub async fn apply_fleet_with_progress(
     let progress =
         |i: &Instance, step: &str| lines.lock().unwrap().push(format!("{}: {step}", i.name));
     let config = parse(yaml, "fleet.dstack.yml").unwrap();
-    let result = client.engine().apply_fleet(&config, &progress).await;
+    let result = client.fleets().apply(&config, &progress).await;
     let lines = lines.into_inner().unwrap();
     (result.map(|(_, instances)| instances), lines)
 }

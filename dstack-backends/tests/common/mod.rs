@@ -22,3 +22,13 @@ pub async fn eventually(secs: u64, what: &str, mut check: impl AsyncFnMut() -> b
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// The output of a read of a client that hosts its engine in this process: such reads
+/// (`RunHandle::jobs`, `Runs::get`, …) only read the store and complete at once, so sync
+/// helpers of the tests take them without a runtime's help.
+pub fn now<T>(read: impl std::future::Future<Output = T>) -> T {
+    use futures_util::FutureExt;
+    Box::pin(read)
+        .now_or_never()
+        .expect("an in-process read completes at once")
+}
