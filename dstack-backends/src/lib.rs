@@ -2,14 +2,11 @@
 //!
 //! - `local` (default): this machine, through a detached `dstack-agent`.
 //! - `ssh` (default): hosts listed in SSH fleets, reached with russh.
-//! - `aws`: AWS EC2 (aws-sdk-ec2), configured in `$DSTACK_HOME/config.yml` ([`config`]).
+//! - `aws`: AWS EC2 (aws-sdk-ec2), configured in `$DSTACK_HOME/server/config.yml` ([`config`]).
 //! - `gcp`: GCP Compute Engine (google-cloud-compute-v1), likewise.
 
 #[cfg(feature = "local")]
 pub mod local;
-
-#[cfg(feature = "local")]
-pub use local::embedded_client;
 
 #[cfg(feature = "ssh")]
 pub mod ssh;

@@ -308,13 +308,9 @@ impl Compute for LocalBackend {
     }
 }
 
-/// The embedded default: state in `$DSTACK_HOME` (default `~/.dstack`) and the local backend.
-pub async fn embedded_client() -> Result<Client, EngineError> {
-    local_client(dstack_core::client::default_home(), None).await
-}
-
-/// A client with its state in `home`, the local backend, (with the `ssh` feature) SSH fleets
-/// and the cloud backends `home/config.yml` configures (a backend that cannot be used is
+/// A client hosting the engine of `home` in this process (what `dstack server` runs): the
+/// local backend, (with the `ssh` feature) SSH fleets and the cloud backends
+/// `home/server/config.yml` configures (a backend that cannot be used is
 /// skipped with a message on stderr); the agent is `agent_bin` (or the one
 /// [`find_agent_binary`] finds).
 pub async fn local_client(

@@ -675,7 +675,7 @@ async fn an_end_the_store_failed_to_record_is_recorded_once_it_can() {
     wait_running(&run).await;
     // From another connection, the state file is made to refuse every job's end: a real
     // SQLite error in the engine's transaction.
-    let db = rusqlite::Connection::open(home.path().join("state.db")).unwrap();
+    let db = rusqlite::Connection::open(dstack_core::client::state_file(home.path())).unwrap();
     db.execute_batch(
         "CREATE TRIGGER refuse_ends BEFORE UPDATE OF status ON jobs WHEN NEW.status = 'done' \
          BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
