@@ -95,7 +95,7 @@ fn requests_without_the_token_or_with_a_wrong_one_change_nothing() {
     let route = "/api/project/main/runs/apply";
     let (status, body) = post(&url, route, None, apply);
     assert_eq!(status, 401, "{body}");
-    assert!(body.contains("not_authenticated"), "{body}");
+    assert!(body.contains("a token is required"), "{body}");
     let (status, body) = post(&url, route, Some("wrong"), apply);
     assert_eq!(status, 403, "{body}");
     let (status, _) = post(&url, "/api/runs/list", Some("wrong"), "{}");
