@@ -2,7 +2,7 @@
 # The Python side: builds and installs the package with `pip install .` (the wheel, with its
 # bundled `dstack` and `dstack-agent`) into a virtualenv, then runs the pytest suite, mypy
 # --strict on the package and the examples, every examples/*.py, and every notebook
-# (headless, nbclient) — all against the embedded default in throwaway $DSTACK_HOMEs.
+# (headless, nbclient) — all against the default (a server started on demand) in throwaway $DSTACK_HOMEs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/dstack-rs/target}"
@@ -26,10 +26,15 @@ echo "==> pip install . ($MATURIN_PEP517_ARGS)"
 # the directory removed.
 HOMES="$(mktemp -d)"
 cleanup() {
-  for pid_file in "$HOMES"/*/agent/agent.pid "$HOMES"/pytest/*/agent/agent.pid; do
-    [ -f "$pid_file" ] && kill -9 "$(cat "$pid_file")" 2>/dev/null || true
-  done
-  rm -rf "$HOMES"
+  # Each home's server (it would exit a moment after its home is removed, writing meanwhile)
+  # and agent.
+  while IFS= read -r -d '' info; do
+    kill -9 "$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["pid"])' "$info")" 2>/dev/null || true
+  done < <(find "$HOMES" -path '*/server/server.json' -print0 2>/dev/null)
+  while IFS= read -r -d '' pid_file; do
+    kill -9 "$(cat "$pid_file")" 2>/dev/null || true
+  done < <(find "$HOMES" -path '*/agent/agent.pid' -print0 2>/dev/null)
+  rm -rf "$HOMES" 2>/dev/null || { sleep 1; rm -rf "$HOMES"; }
 }
 trap cleanup EXIT
 fresh_home() {
