@@ -57,7 +57,8 @@ pub fn log_file(home: &Path) -> PathBuf {
 /// `server/` win; nothing is overwritten.
 pub fn move_legacy_state(home: &Path) -> std::io::Result<()> {
     let dir = server_dir(home);
-    std::fs::create_dir_all(&dir)?;
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&dir)?;
     if !dir.join("state.db").exists() {
         for name in ["state.db", "state.db-wal", "state.db-shm"] {
             let old = home.join(name);
@@ -319,7 +320,7 @@ async fn start(home: &Path, server_bin: Option<&Path>) -> Result<Remote, ServerE
     };
     super::prepare_home(home)
         .map_err(|e| ServerError::Start(format!("{}: {e}", home.display())))?;
-    std::fs::create_dir_all(server_dir(home))
+    move_legacy_state(home)
         .map_err(|e| ServerError::Start(format!("{}: {e}", server_dir(home).display())))?;
     let log = std::fs::OpenOptions::new()
         .create(true)
