@@ -221,29 +221,11 @@ fn other(what: &str, e: std::io::Error) -> ComputeError {
 /// Finds `dstack-agent`: `$DSTACK_AGENT_BIN`, next to the current executable (or one level
 /// up, as for test binaries), then on `PATH`.
 pub fn find_agent_binary() -> Result<PathBuf, ComputeError> {
-    if let Some(path) = std::env::var_os("DSTACK_AGENT_BIN") {
-        return Ok(PathBuf::from(path));
-    }
-    let name = "dstack-agent";
-    if let Ok(exe) = std::env::current_exe() {
-        for dir in exe.ancestors().skip(1).take(2) {
-            let candidate = dir.join(name);
-            if candidate.is_file() {
-                return Ok(candidate);
-            }
-        }
-    }
-    if let Some(paths) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&paths) {
-            let candidate = dir.join(name);
-            if candidate.is_file() {
-                return Ok(candidate);
-            }
-        }
-    }
-    Err(ComputeError::NotFound(
-        "the `dstack-agent` binary was not found next to this program or on PATH; set DSTACK_AGENT_BIN".to_string(),
-    ))
+    dstack_core::client::home::find_executable("dstack-agent", "DSTACK_AGENT_BIN").ok_or_else(|| {
+        ComputeError::NotFound(
+            "the `dstack-agent` binary was not found next to this program or on PATH; set DSTACK_AGENT_BIN".to_string(),
+        )
+    })
 }
 
 impl Compute for LocalBackend {

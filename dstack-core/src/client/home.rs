@@ -368,13 +368,17 @@ async fn start(home: &Path, server_bin: Option<&Path>) -> Result<Remote, ServerE
     }
 }
 
-/// Finds `dstack` (which runs `dstack server`): `$DSTACK_SERVER_BIN`, next to the current
-/// executable (or one level up, as for test binaries), then on `PATH`.
+/// Finds `dstack` (which runs `dstack server`): see [`find_executable`] (`DSTACK_SERVER_BIN`).
 pub fn find_server_binary() -> Option<PathBuf> {
-    if let Some(path) = std::env::var_os("DSTACK_SERVER_BIN") {
+    find_executable("dstack", "DSTACK_SERVER_BIN")
+}
+
+/// Finds one of this project's programs: `$env_var`, else `name` next to the current
+/// executable (or one level up, as for test binaries), else on `PATH`.
+pub fn find_executable(name: &str, env_var: &str) -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os(env_var) {
         return Some(PathBuf::from(path));
     }
-    let name = "dstack";
     if let Ok(exe) = std::env::current_exe() {
         for dir in exe.ancestors().skip(1).take(2) {
             let candidate = dir.join(name);
