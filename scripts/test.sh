@@ -27,6 +27,9 @@ echo "==> cloud backends: AWS against moto (pip install moto[server] into $VENV)
 # build of the examples leaves only hashed copies).
 cargo build -q -p dstack-backends --features aws,gcp --example cloud_backends
 MOTO_SERVER="$VENV/bin/moto_server" cargo test -p dstack-backends --features aws,gcp --lib --test aws --test gcp --examples
+# `dstack server` alone reaps an idle cloud instance (aws only; built with gcp too so that it
+# shares the build above).
+MOTO_SERVER="$VENV/bin/moto_server" cargo test -p dstack-server --features aws,gcp --test cloud_idle
 echo "==> dstack 0.22.5's own models parse our answers (representative records, then a live server's)"
 CARGO="cargo" bash scripts/check-dstack-shapes.sh
 bash scripts/check-live-shapes.sh

@@ -1,4 +1,5 @@
-//! The AWS backend through the real SDK against a moto server (`common/moto.rs`). moto's
+//! The AWS backend through the real SDK against a moto server (`common/moto.rs`, looked at
+//! through `common/ec2.rs`). moto's
 //! instances never boot, so each is mapped (`instance_addresses`) to a namespace host running
 //! sshd (`common/netns.rs`): provisioning, reaching the instance, installing the agent,
 //! running a job and reaping all happen for real, and nothing but loopback and the test's own
@@ -13,11 +14,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_ec2::types::{Filter, InstanceStateName};
+use common::ec2::{cloud_instances, ec2, image, route_table, route_to_internet, start_moto, state};
 use common::moto::{Fault, FaultProxy, Moto};
 use common::netns::TestHosts;
 use common::{eventually, harness};
 use dstack_backends::aws::AwsCompute;
-use dstack_backends::config::{AwsConfig, AwsCreds, OsImage, OsImages};
+use dstack_backends::config::{AwsConfig, AwsCreds};
 use dstack_backends::local::find_agent_binary;
 use dstack_backends::project::Project;
 use dstack_core::config::parse;
@@ -27,18 +29,6 @@ use dstack_core::Client;
 
 /// The proxy matcher of `RunInstances` calls for t3.medium.
 const RUN_T3_MEDIUM: [&str; 2] = ["Action=RunInstances", "InstanceType=t3.medium"];
-
-/// A moto image the fake instances "boot", logged into as root (the namespace hosts' user).
-fn image() -> OsImages {
-    OsImages {
-        cpu: Some(OsImage {
-            name: "ubuntu/images/hvm-ssd/ubuntu-xenial-16.04-amd64-server-*".into(),
-            owner: "099720109477".into(),
-            user: "root".into(),
-        }),
-        nvidia: None,
-    }
-}
 
 fn aws_config(endpoint: &str, regions: &[&str], hosts: &TestHosts) -> AwsConfig {
     AwsConfig {
@@ -65,113 +55,6 @@ async fn client(
     let agent = find_agent_binary().expect("dstack-agent is built");
     let aws = AwsCompute::new(config, home, "main", agent).await.unwrap();
     harness::client(home, Arc::new(aws), engine).await
-}
-
-/// The SDK pointed at moto directly, to look at what the backend did.
-async fn ec2(moto: &Moto, region: &str) -> aws_sdk_ec2::Client {
-    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new(region.to_string()))
-        .endpoint_url(&moto.url)
-        .credentials_provider(aws_sdk_ec2::config::Credentials::new(
-            "testing", "testing", None, None, "test",
-        ))
-        .load()
-        .await;
-    aws_sdk_ec2::Client::new(&config)
-}
-
-/// moto, its default VPCs routed to an internet gateway as in a real account (moto's have
-/// only the local route, so no subnet of theirs would count as public).
-async fn start_moto() -> Moto {
-    let moto = Moto::start();
-    for region in ["us-east-1", "eu-west-1"] {
-        let ec2 = ec2(&moto, region).await;
-        let vpcs = ec2
-            .describe_vpcs()
-            .filters(Filter::builder().name("is-default").values("true").build())
-            .send()
-            .await
-            .unwrap();
-        let vpc = vpcs.vpcs()[0].vpc_id().unwrap().to_string();
-        route_to_internet(&ec2, &vpc, None).await;
-    }
-    moto
-}
-
-/// Routes `0.0.0.0/0` of `subnet`'s own new route table (`None`: the VPC's main table) to a
-/// new internet gateway of `vpc`.
-async fn route_to_internet(ec2: &aws_sdk_ec2::Client, vpc: &str, subnet: Option<&str>) {
-    let igw = ec2.create_internet_gateway().send().await.unwrap();
-    let igw = igw
-        .internet_gateway()
-        .unwrap()
-        .internet_gateway_id()
-        .unwrap();
-    ec2.attach_internet_gateway()
-        .internet_gateway_id(igw)
-        .vpc_id(vpc)
-        .send()
-        .await
-        .unwrap();
-    let table = route_table(ec2, vpc, subnet).await;
-    ec2.create_route()
-        .route_table_id(&table)
-        .destination_cidr_block("0.0.0.0/0")
-        .gateway_id(igw)
-        .send()
-        .await
-        .unwrap();
-}
-
-/// A new route table of `subnet` in `vpc`, or the VPC's main table (`None`).
-async fn route_table(ec2: &aws_sdk_ec2::Client, vpc: &str, subnet: Option<&str>) -> String {
-    let Some(subnet) = subnet else {
-        let main = ec2
-            .describe_route_tables()
-            .filters(Filter::builder().name("vpc-id").values(vpc).build())
-            .filters(
-                Filter::builder()
-                    .name("association.main")
-                    .values("true")
-                    .build(),
-            )
-            .send()
-            .await
-            .unwrap();
-        return main.route_tables()[0].route_table_id().unwrap().to_string();
-    };
-    let created = ec2.create_route_table().vpc_id(vpc).send().await.unwrap();
-    let table = created
-        .route_table()
-        .unwrap()
-        .route_table_id()
-        .unwrap()
-        .to_string();
-    ec2.associate_route_table()
-        .route_table_id(&table)
-        .subnet_id(subnet)
-        .send()
-        .await
-        .unwrap();
-    table
-}
-
-/// Every instance moto holds in `region`.
-async fn cloud_instances(moto: &Moto, region: &str) -> Vec<aws_sdk_ec2::types::Instance> {
-    ec2(moto, region)
-        .await
-        .describe_instances()
-        .send()
-        .await
-        .unwrap()
-        .reservations()
-        .iter()
-        .flat_map(|r| r.instances().iter().cloned())
-        .collect()
-}
-
-fn state(i: &aws_sdk_ec2::types::Instance) -> InstanceStateName {
-    i.state().and_then(|s| s.name()).cloned().unwrap()
 }
 
 /// Whether every instance in us-east-1 and every record of `fleet` is terminated.

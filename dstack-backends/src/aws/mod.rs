@@ -57,6 +57,10 @@ use crate::provider::{CloudCompute, Provider};
 
 mod network;
 
+/// The SDK crates this backend is built on, for tools and tests that look at what it made (an
+/// EC2 client of their own, e.g. pointed at moto) without depending on them separately.
+pub use {aws_config, aws_sdk_ec2};
+
 /// Instance-type prefixes dstack provisions on AWS.
 const FAMILIES: &[&str] = &[
     "m7i.", "c7i.", "r7i.", "t3.", "t2.small", "c5.", "m5.", "p6-b300.", "p6-b200.", "p5.", "p5e.",

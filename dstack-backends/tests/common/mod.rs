@@ -3,6 +3,8 @@
 // Each test crate uses some of the helpers.
 #![allow(dead_code)]
 
+#[cfg(feature = "aws")]
+pub mod ec2;
 pub mod gcp;
 pub mod harness;
 pub mod http;
