@@ -686,6 +686,12 @@ impl Inner {
             if !longer_than(now, since, timeout) {
                 continue;
             }
+            // A job that started and ended between two sweeps was never seen holding the
+            // instance: its end counts too.
+            let ended = self.store.last_job_end(&instance.id)?.unwrap_or(0);
+            if !longer_than(now, since.max(ended), timeout) {
+                continue;
+            }
             let min = fleets
                 .iter()
                 .find(|f| f.id == instance.fleet_id)

@@ -296,6 +296,8 @@ pub trait Store: Send + Sync {
     fn put_fleet(&self, fleet: &Fleet) -> Result<(), StoreError>;
     /// Every fleet.
     fn fleets(&self) -> Result<Vec<Fleet>, StoreError>;
+    /// When the last job placed on an instance ended (Unix ms), if any did.
+    fn last_job_end(&self, instance_id: &str) -> Result<Option<u64>, StoreError>;
     /// Inserts or replaces an instance.
     fn put_instance(&self, instance: &Instance) -> Result<(), StoreError>;
     /// An instance by id.

@@ -626,6 +626,18 @@ impl Store for SqliteStore {
         )
     }
 
+    fn last_job_end(&self, instance_id: &str) -> Result<Option<u64>, StoreError> {
+        self.with(|c| {
+            let end: Option<i64> = c
+                .prepare_cached(
+                    "SELECT MAX(json_extract(data, '$.finished_at_ms')) FROM jobs \
+                     WHERE instance_id = ?",
+                )?
+                .query_row([instance_id], |row| row.get(0))?;
+            Ok(end.and_then(|ms| u64::try_from(ms).ok()))
+        })
+    }
+
     fn instance(&self, id: &str) -> Result<Option<Instance>, StoreError> {
         Ok(self
             .query("SELECT data FROM instances WHERE id = ?", &[&id])?
@@ -896,6 +908,18 @@ fn assign(c: &Connection, placement: &Placement<'_>) -> Result<Option<Job>, Stor
     if !group_has_room {
         return Ok(None);
     }
+    // An instance being terminated (idle reaping, a fleet delete) since the placement was
+    // decided takes no job.
+    let instance_status: Option<Option<String>> = c
+        .prepare_cached("SELECT json_extract(data, '$.status') FROM instances WHERE id = ?")?
+        .query_row([instance_id], |r| r.get(0))
+        .optional()?;
+    if matches!(
+        instance_status.flatten().as_deref(),
+        Some("terminating" | "terminated")
+    ) {
+        return Ok(None);
+    }
     let holdings = holdings(c, Some(instance_id))?;
     if let Some(leader) = after {
         // Running, or queued behind a job that holds resources (not being
@@ -1052,6 +1076,31 @@ mod tests {
 
     fn job(run: &Run) -> Job {
         Job::submission(run, 0, 0)
+    }
+
+    #[test]
+    fn the_last_job_end_on_an_instance_counts_every_job_placed_there() {
+        let store = SqliteStore::in_memory().unwrap();
+        assert_eq!(store.last_job_end("i-1").unwrap(), None);
+        let r = run("idle-clock", RunStatus::Running);
+        let mut first = job(&r);
+        let mut second = Job::submission(&r, 0, 1);
+        let mut elsewhere = Job::submission(&r, 1, 0);
+        store
+            .insert_run(&r, &[first.clone(), second.clone(), elsewhere.clone()])
+            .unwrap();
+        for (job, instance, end) in [
+            (&mut first, "i-1", Some(1_000)),
+            (&mut second, "i-1", Some(5_000)),
+            (&mut elsewhere, "i-2", Some(9_000)),
+        ] {
+            job.instance_id = Some(instance.to_string());
+            job.status = JobStatus::Done;
+            job.finished_at_ms = end;
+            assert!(store.update_job(job, &[JobStatus::Submitted]).unwrap());
+        }
+        assert_eq!(store.last_job_end("i-1").unwrap(), Some(5_000));
+        assert_eq!(store.last_job_end("i-2").unwrap(), Some(9_000));
     }
 
     #[test]
@@ -1489,6 +1538,30 @@ mod tests {
         assert_eq!(placed, [true, false, true, false]);
         assert_eq!(waiting(&store), vec![(jobs[2].id.clone(), r.id.clone())]);
         assert_eq!(store.reservations().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn an_instance_being_terminated_takes_no_job() {
+        let (store, _, jobs) = run_of_three_jobs("reaped");
+        let fit = one_cpu_of(2);
+        let instance = |status: &str| -> Instance {
+            serde_json::from_value(serde_json::json!({
+                "id": "i-1", "name": "i-1", "fleet_id": "f-1", "backend": "aws",
+                "status": status, "price": 0.1, "backend_data": null, "created_at_ms": 0,
+                "host": {"cpus": 2, "memory_bytes": 1, "disk_bytes": 1, "cpu_arch": "x86", "gpus": []},
+            }))
+            .unwrap()
+        };
+        store.put_instance(&instance("terminating")).unwrap();
+        assert!(store
+            .assign_job(&jobs[0].id, "i-1", None, &fit)
+            .unwrap()
+            .is_none());
+        store.put_instance(&instance("idle")).unwrap();
+        assert!(store
+            .assign_job(&jobs[0].id, "i-1", None, &fit)
+            .unwrap()
+            .is_some());
     }
 
     #[test]
