@@ -19,7 +19,8 @@ pub struct ServerArgs {
     #[arg(short, long)]
     port: Option<u16>,
     /// The admin token clients must send (default: the one generated on first start, kept
-    /// in $DSTACK_HOME/server/token and written to $DSTACK_HOME/config.yml).
+    /// in $DSTACK_HOME/server/token and written to $DSTACK_HOME/config.yml). A command line
+    /// is visible to every user of this machine: prefer writing the token to that file.
     #[arg(long)]
     token: Option<String>,
     /// Started on demand by a client: exit once nothing needs supervision and no client has
