@@ -53,8 +53,9 @@ enum Command {
     },
     /// Manage secrets: `${{ secrets.NAME }}` in `env` values and `registry_auth`.
     ///
-    /// Values are stored 0600 in $DSTACK_HOME/secrets.json, apart from the state database,
-    /// resolved only when a job is handed to its agent, and printed only by `get`.
+    /// Kept by the project's server (locally: 0600 in $DSTACK_HOME/secrets.json, apart from
+    /// the state database), resolved only when a job is handed to its agent, and printed only
+    /// by `get`.
     Secret {
         #[command(subcommand)]
         action: Option<secret::SecretAction>,
@@ -122,7 +123,6 @@ pub fn confirm(question: &str) -> bool {
 async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
     match command {
         Command::Validate(args) => return Ok(validate::run(&args)),
-        Command::Secret { action } => return secret::run(action),
         Command::Server(args) => return server::run(args).await,
         _ => {}
     }
@@ -131,6 +131,7 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
     let client = dstack_core::Client::connect(&home, exe.as_deref()).await?;
     match command {
         Command::Apply(args) => apply::apply(&client, &args).await,
+        Command::Secret { action } => secret::run(&client, action).await,
         Command::Ps(args) => runs::ps(&client, &args).await,
         Command::Logs(args) => runs::logs(&client, &args).await,
         Command::Attach(args) => runs::attach_cmd(&client, &args).await,
@@ -144,7 +145,7 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
             None | Some(VolumeAction::List) => volume::list(&client).await,
             Some(VolumeAction::Delete(args)) => volume::delete(&client, &args).await,
         },
-        Command::Validate(_) | Command::Secret { .. } | Command::Server(_) => {
+        Command::Validate(_) | Command::Server(_) => {
             unreachable!("handled above")
         }
     }

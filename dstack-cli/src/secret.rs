@@ -1,11 +1,12 @@
-//! `dstack secret list|get|set|delete`: the secrets of `$DSTACK_HOME` (see
-//! `dstack_core::secrets`), used in configurations as `${{ secrets.NAME }}` in `env` values
-//! and `registry_auth`. Only `get` prints a value.
+//! `dstack secret list|get|set|delete`: the secrets of the project's server (for a local one,
+//! `$DSTACK_HOME/secrets.json`, see `dstack_core::secrets`), used in configurations as
+//! `${{ secrets.NAME }}` in `env` values and `registry_auth`. Only `get` prints a value.
 
 use std::io::{IsTerminal, Read};
 use std::process::ExitCode;
 
-use dstack_core::secrets::{SecretError, Secrets, MAX_VALUE_BYTES};
+use dstack_core::secrets::MAX_VALUE_BYTES;
+use dstack_core::Client;
 
 use crate::Failure;
 
@@ -40,18 +41,12 @@ pub enum SecretAction {
     },
 }
 
-impl From<SecretError> for Failure {
-    fn from(e: SecretError) -> Self {
-        Failure::new(e.to_string())
-    }
-}
-
-/// Runs a `dstack secret` subcommand on the secrets of `$DSTACK_HOME`.
-pub fn run(action: Option<SecretAction>) -> Result<ExitCode, Failure> {
-    let secrets = Secrets::in_home(&dstack_core::client::default_home());
+/// Runs a `dstack secret` subcommand on the secrets of the project's server.
+pub async fn run(client: &Client, action: Option<SecretAction>) -> Result<ExitCode, Failure> {
+    let secrets = client.secrets();
     match action.unwrap_or(SecretAction::List) {
         SecretAction::List => {
-            let names = secrets.names()?;
+            let names = secrets.names().await?;
             if names.is_empty() {
                 eprintln!("No secrets. Set one with `dstack secret set NAME`.");
             }
@@ -59,7 +54,7 @@ pub fn run(action: Option<SecretAction>) -> Result<ExitCode, Failure> {
                 println!("{name}");
             }
         }
-        SecretAction::Get { name } => match secrets.get(&name)? {
+        SecretAction::Get { name } => match secrets.get(&name).await? {
             Some(value) => println!("{value}"),
             None => return Err(Failure::new(format!("secret {name} does not exist"))),
         },
@@ -68,7 +63,7 @@ pub fn run(action: Option<SecretAction>) -> Result<ExitCode, Failure> {
                 Some(value) => value,
                 None => read_value(&name)?,
             };
-            secrets.set(&name, &value)?;
+            secrets.set(&name, &value).await?;
             eprintln!("Secret {name} set");
         }
         SecretAction::Delete { names, yes } => {
@@ -78,7 +73,7 @@ pub fn run(action: Option<SecretAction>) -> Result<ExitCode, Failure> {
             }
             let mut missing = Vec::new();
             for name in names {
-                if secrets.delete(&name)? {
+                if secrets.delete(&name).await? {
                     eprintln!("Secret {name} deleted");
                 } else {
                     missing.push(name);

@@ -13,6 +13,7 @@
 mod dialect;
 mod errors;
 mod routes;
+mod secrets;
 mod supervision;
 
 use std::fs::File;

@@ -104,10 +104,10 @@ async fn route(
                     "project {project} does not exist (this server has project {PROJECT})"
                 )));
             }
-            if native {
-                project_route(shared, route, req).await
-            } else {
-                crate::dialect::project_route(shared, route, req).await
+            match route {
+                ["secrets", action] => crate::secrets::route(shared, action, req).await,
+                _ if native => project_route(shared, route, req).await,
+                _ => crate::dialect::project_route(shared, route, req).await,
             }
         }
         _ => Err(ApiError::new(

@@ -127,6 +127,11 @@ impl Client {
         Volumes { client: self }
     }
 
+    /// The secrets (`${{ secrets.NAME }}`).
+    pub fn secrets(&self) -> Secrets<'_> {
+        Secrets { client: self }
+    }
+
     /// The engine, when this client hosts it.
     pub fn engine(&self) -> Option<&Engine> {
         match &self.via {
@@ -485,6 +490,95 @@ impl Volumes<'_> {
             }
         }
     }
+}
+
+/// The secrets of a [`Client`]: names and values that `${{ secrets.NAME }}` in `env` values
+/// and `registry_auth` resolve to when a job is handed to its agent.
+pub struct Secrets<'a> {
+    client: &'a Client,
+}
+
+impl Secrets<'_> {
+    /// The names, sorted (values are never listed).
+    pub async fn names(&self) -> Result<Vec<String>, EngineError> {
+        match &self.client.via {
+            Via::Engine(engine) => Ok(local_secrets(engine)?.names().map_err(secret_error)?),
+            Via::Server(remote) => {
+                let listed: Vec<SecretEntry> =
+                    remote.call("secrets/list", &serde_json::json!({})).await?;
+                Ok(listed.into_iter().map(|s| s.name).collect())
+            }
+        }
+    }
+
+    /// A secret's value, if it exists.
+    pub async fn get(&self, name: &str) -> Result<Option<String>, EngineError> {
+        match &self.client.via {
+            Via::Engine(engine) => Ok(local_secrets(engine)?.get(name).map_err(secret_error)?),
+            Via::Server(remote) => {
+                let asked = serde_json::json!({ "name": name });
+                match remote.call::<SecretEntry>("secrets/get", &asked).await {
+                    Ok(secret) => Ok(secret.value),
+                    Err(e) if e.code() == Some("resource_not_exists") => Ok(None),
+                    Err(e) => Err(e.into()),
+                }
+            }
+        }
+    }
+
+    /// Creates or replaces a secret.
+    pub async fn set(&self, name: &str, value: &str) -> Result<(), EngineError> {
+        match &self.client.via {
+            Via::Engine(engine) => Ok(local_secrets(engine)?
+                .set(name, value)
+                .map_err(secret_error)?),
+            Via::Server(remote) => {
+                let body = serde_json::json!({ "name": name, "value": value });
+                remote
+                    .call::<SecretEntry>("secrets/create_or_update", &body)
+                    .await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Deletes a secret; returns whether it existed.
+    pub async fn delete(&self, name: &str) -> Result<bool, EngineError> {
+        match &self.client.via {
+            Via::Engine(engine) => Ok(local_secrets(engine)?.delete(name).map_err(secret_error)?),
+            Via::Server(remote) => {
+                let body = serde_json::json!({ "secrets_names": [name] });
+                match remote
+                    .call::<serde_json::Value>("secrets/delete", &body)
+                    .await
+                {
+                    Ok(_) => Ok(true),
+                    Err(e) if e.code() == Some("resource_not_exists") => Ok(false),
+                    Err(e) => Err(e.into()),
+                }
+            }
+        }
+    }
+}
+
+/// The secrets of an engine hosted in this process.
+fn local_secrets(engine: &Engine) -> Result<&crate::secrets::Secrets, EngineError> {
+    engine
+        .secrets()
+        .ok_or_else(|| EngineError::Unsupported("this engine was started without secrets".into()))
+}
+
+/// A secret as dstack's API carries it.
+#[derive(serde::Deserialize)]
+struct SecretEntry {
+    name: String,
+    #[serde(default)]
+    value: Option<String>,
+}
+
+/// A failure of the secrets file or a refused name or value.
+fn secret_error(e: crate::secrets::SecretError) -> EngineError {
+    EngineError::Invalid(e.to_string())
 }
 
 /// A stream of log bytes.

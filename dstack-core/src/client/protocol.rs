@@ -22,6 +22,7 @@
 //! | `fleets/busy` (extra) | — | `[instance id]`, those whose jobs hold resources now |
 //! | `fleets/apply` | [`ConfigurationRequest`] | newline-delimited [`FleetEvent`]s |
 //! | `fleets/delete` | [`DeleteRequest`] | [`FleetDeleted`] |
+//! | `secrets/list`, `secrets/get`, `secrets/create_or_update`, `secrets/delete` | dstack's bodies | dstack's `Secret` (both dialects) |
 //! | `volumes/list` | — | `[Volume]` |
 //! | `volumes/create` | [`ConfigurationRequest`] | `Volume` |
 //! | `volumes/delete` | [`DeleteRequest`] | `Volume` |

@@ -596,6 +596,11 @@ impl Engine {
         runs::stop(self.inner(), run_id, abort).await
     }
 
+    /// Where `${{ secrets.NAME }}` references are resolved (see [`EngineOptions::secrets`]).
+    pub fn secrets(&self) -> Option<&Secrets> {
+        self.inner().options.secrets.as_ref()
+    }
+
     /// A client of the agent of an instance.
     pub async fn agent(&self, instance_id: &str) -> Result<AgentClient, EngineError> {
         self.inner().agent(instance_id).await
