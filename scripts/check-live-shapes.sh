@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # dstack 0.22.5's own models parse a live `dstack server`'s answers (no Accept header, as
 # dstack's client sends none): in a throw-away $DSTACK_HOME, the CLI starts the server and runs
-# a local task; runs/get, runs/list and runs/get_plan are then fetched with the admin token and
+# a local task; runs/get, runs/list, runs/get_plan, fleets/list and fleets/get are then fetched with the admin token and
 # checked by scripts/check-dstack-shapes.sh (strictly: unknown fields refused).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,5 +34,7 @@ run_name="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[0]["
 post /api/project/main/runs/get "{\"run_name\": \"$run_name\"}" > "$out/Run.live.json"
 post /api/project/main/runs/get_plan \
   '{"run_spec": {"configuration": {"type": "task", "commands": ["echo hi"]}}}' > "$out/RunPlan.live.json"
-echo "==> a live server's answers: runs/list, runs/get, runs/get_plan"
+post /api/project/main/fleets/list '{}' > "$out/FleetList.live.json"
+post /api/project/main/fleets/get '{"name": "local"}' > "$out/Fleet.live.json"
+echo "==> a live server's answers: runs/list, runs/get, runs/get_plan, fleets/list, fleets/get"
 bash scripts/check-dstack-shapes.sh "$out"

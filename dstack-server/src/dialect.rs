@@ -95,14 +95,40 @@ pub(crate) async fn project_route(
                 .collect();
             Ok(json(&shaped))
         }
+        ["fleets", "get"] => {
+            let Named { name } = body(req).await?;
+            match client.fleets().get(&name).await? {
+                Some((fleet, instances)) => Ok(json(&api::fleet(&OWNER, &fleet, &instances))),
+                None => Err(ApiError::not_found(format!("fleet {name} does not exist"))),
+            }
+        }
+        ["fleets", "delete"] => {
+            let Names { names } = body(req).await?;
+            for name in &names {
+                client.fleets().delete(name, false).await?;
+            }
+            Ok(json(&Value::Null))
+        }
+        ["volumes", "get"] => {
+            let Named { name } = body(req).await?;
+            let volume = client.volumes().get(&name).await?;
+            let volume = volume
+                .ok_or_else(|| ApiError::not_found(format!("volume {name} does not exist")))?;
+            Ok(json(&api::volume(
+                &OWNER,
+                &volume,
+                &all_instances(shared).await?,
+            )))
+        }
+        ["volumes", "delete"] => {
+            let Names { names } = body(req).await?;
+            for name in &names {
+                client.volumes().delete(name).await?;
+            }
+            Ok(json(&Value::Null))
+        }
         ["volumes", "list"] => {
-            let instances: Vec<Instance> = client
-                .fleets()
-                .list()
-                .await?
-                .into_iter()
-                .flat_map(|(_, instances)| instances)
-                .collect();
+            let instances = all_instances(shared).await?;
             let shaped: Vec<Value> = client
                 .volumes()
                 .list()
@@ -122,6 +148,30 @@ pub(crate) async fn project_route(
             ),
         )),
     }
+}
+
+/// A resource by name (dstack's `get` bodies).
+#[derive(serde::Deserialize)]
+struct Named {
+    name: String,
+}
+
+/// Resources by name (dstack's `delete` bodies).
+#[derive(serde::Deserialize)]
+struct Names {
+    names: Vec<String>,
+}
+
+/// Every instance of every fleet (volumes name those they are attached to).
+async fn all_instances(shared: &Shared) -> Result<Vec<Instance>, ApiError> {
+    Ok(shared
+        .client
+        .fleets()
+        .list()
+        .await?
+        .into_iter()
+        .flat_map(|(_, instances)| instances)
+        .collect())
 }
 
 /// `/api/runs/list` in dstack's shapes.
