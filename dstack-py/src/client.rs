@@ -221,6 +221,18 @@ impl RawClient {
             .collect())
     }
 
+    /// The snapshots (`{"run", "jobs", "instances"}`) of these runs, those that exist, in
+    /// one request.
+    fn snapshots(&self, py: Python<'_>, ids: Vec<String>) -> PyResult<Vec<PyObject>> {
+        let client = self.client.clone();
+        let found = block_on(py, async move { client.runs().snapshots(&ids).await })?;
+        let found = raise(py, found.map_err(Failure::from))?;
+        found
+            .into_iter()
+            .map(|s| crate::run::snapshot_to_py(py, s))
+            .collect()
+    }
+
     /// Fleets, each `{"fleet": …, "instances": […]}`.
     fn fleets(&self, py: Python<'_>) -> PyResult<Vec<PyObject>> {
         let client = self.client.clone();

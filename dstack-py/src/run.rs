@@ -34,7 +34,7 @@ async fn snapshot(handle: &RunHandle) -> Outcome<Snapshot> {
     Ok(handle.snapshot().await?)
 }
 
-fn snapshot_to_py(py: Python<'_>, s: Snapshot) -> PyResult<PyObject> {
+pub(crate) fn snapshot_to_py(py: Python<'_>, s: Snapshot) -> PyResult<PyObject> {
     let dict = PyDict::new(py);
     dict.set_item("run", record_to_py(py, &s.run)?)?;
     dict.set_item("jobs", record_to_py(py, &s.jobs)?)?;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use dstack_core::client::protocol::{
     ApplyRequest, ConfigurationRequest, ConnectRequest, DeleteRequest, FleetDeleted, FleetEntry,
-    FleetEvent, ListRequest, LogsRequest, PlanAnswer, PlanRequest, RunRef, StopRequest,
+    FleetEvent, ListRequest, LogsRequest, PlanAnswer, PlanRequest, RunIds, RunRef, StopRequest,
     WaitRequest, NATIVE, TUNNEL,
 };
 use dstack_core::config::Configuration;
@@ -163,6 +163,10 @@ async fn project_route(
             let which: RunRef = body(req).await?;
             let handle = run_handle(shared, &which).await?;
             Ok(json(&handle.snapshot().await?))
+        }
+        ["runs", "get_many"] => {
+            let request: RunIds = body(req).await?;
+            Ok(json(&client.runs().snapshots(&request.ids).await?))
         }
         ["runs", "stop"] => {
             let request: StopRequest = body(req).await?;

@@ -40,7 +40,8 @@ use crate::model::{Fleet, Instance, Job, Run, RunStatus, Volume, VolumeStatus};
 use crate::store::{RunFilter, RunListing, SqliteStore};
 use protocol::{
     ApplyRequest, ConfigurationRequest, DeleteRequest, FleetDeleted, FleetEntry, FleetEvent,
-    ListRequest, LogsRequest, PlanAnswer, PlanRequest, RunRef, Snapshot, StopRequest, WaitRequest,
+    ListRequest, LogsRequest, PlanAnswer, PlanRequest, RunIds, RunRef, Snapshot, StopRequest,
+    WaitRequest,
 };
 
 /// `$DSTACK_HOME`, or `~/.dstack`.
@@ -266,6 +267,26 @@ impl Runs<'_> {
             }
         };
         Ok(run.map(|r| self.handle(&r)))
+    }
+
+    /// The snapshots of these runs (those that exist, in order), in one request to a server:
+    /// what a sweep reads to follow its trials.
+    pub async fn snapshots(&self, ids: &[String]) -> Result<Vec<Snapshot>, EngineError> {
+        match &self.client.via {
+            Via::Engine(_) => {
+                let mut found = Vec::with_capacity(ids.len());
+                for id in ids {
+                    if let Some(handle) = self.by_id(id).await? {
+                        found.push(handle.snapshot().await?);
+                    }
+                }
+                Ok(found)
+            }
+            Via::Server(remote) => {
+                let request = RunIds { ids: ids.to_vec() };
+                Ok(remote.call("runs/get_many", &request).await?)
+            }
+        }
     }
 
     /// Runs, newest first: only unfinished ones unless `all`.

@@ -12,6 +12,7 @@
 //! | `runs/apply` | [`ApplyRequest`] | [`Run`] |
 //! | `runs/apply_group` (extra) | `[ApplyRequest]` | `[Run]` (all or none) |
 //! | `runs/get` | [`RunRef`] | [`Snapshot`]; 400 `resource_not_exists` |
+//! | `runs/get_many` (extra) | [`RunIds`] | `[`[`Snapshot`]`]`, those that exist, in order |
 //! | `/api/runs/list` | [`ListRequest`] | [`crate::store::RunListing`] |
 //! | `runs/stop` | [`StopRequest`] | `[Run]` |
 //! | `runs/wait` (extra) | [`WaitRequest`] | [`Run`], once its status is not `status` (or after `timeout_ms`) |
@@ -79,6 +80,13 @@ pub struct RunRef {
     /// The run id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+}
+
+/// Runs by id (`runs/get_many`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RunIds {
+    /// The run ids.
+    pub ids: Vec<String>,
 }
 
 /// A run with every submission of its jobs and the instances they were placed on.

@@ -68,6 +68,7 @@ pub(crate) struct Origin {
 /// Routes that only read: sent again after a connection that broke midway.
 const READS: &[&str] = &[
     "runs/get",
+    "runs/get_many",
     "runs/get_plan",
     "runs/wait",
     "runs/metrics",

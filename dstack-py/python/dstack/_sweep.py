@@ -56,10 +56,13 @@ def env_value(value: Any) -> str:
 class Sweep:
     """The runs of one sweep, in trial order."""
 
-    def __init__(self, name: str, params: List[Dict[str, Any]], runs: List[Run]) -> None:
+    def __init__(
+        self, name: str, params: List[Dict[str, Any]], runs: List[Run], raw: "RawClient"
+    ) -> None:
         self.name = name
         self.params = params
         self.runs = runs
+        self._raw = raw
 
     @classmethod
     def submit(
@@ -95,15 +98,24 @@ class Sweep:
             submissions.append((f"{base}-{index}", env))
         # All trials in one transaction: a sweep is submitted whole or not at all.
         raws = raw.apply_group(data, submissions, group, max_parallel)
-        runs = [Run(r) for r in raws]
-        return cls(base, trials, runs)
+        snapshots = {s["run"]["id"]: s for s in raw.snapshots([r.id for r in raws])}
+        runs = [Run(r, snapshots.get(r.id)) for r in raws]
+        return cls(base, trials, runs, raw)
 
     def refresh(self) -> "Sweep":
-        """Reads every trial's current state."""
-        for run in self.runs:
-            if not run.status.is_finished():
-                run.refresh()
+        """Reads every unfinished trial's current state (in one request)."""
+        self._read([run for run in self.runs if not run.status.is_finished()])
         return self
+
+    def _read(self, runs: List[Run]) -> None:
+        """Reads these trials' current state in one request."""
+        if not runs:
+            return
+        snapshots = {s["run"]["id"]: s for s in self._raw.snapshots([r.id for r in runs])}
+        for run in runs:
+            snapshot = snapshots.get(run.id)
+            if snapshot is not None:
+                run._snapshot = snapshot
 
     def counts(self) -> Dict[str, int]:
         """How many trials are done, failed (or stopped), running, and waiting."""
@@ -155,8 +167,8 @@ class Sweep:
         """One row per trial: `run`, its params, `status`, `exit_status`, `duration` (s), and
         the last value of each metric it reported."""
         rows = []
+        self._read(self.runs)
         for params, run in zip(self.params, self.runs):
-            run.refresh()
             row: Dict[str, Any] = {"run": run.name, **params}
             row["status"] = run.status.value
             row["exit_status"] = run.exit_status
