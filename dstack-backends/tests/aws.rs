@@ -1126,6 +1126,10 @@ async fn a_fleet_without_capacity_fails_unless_its_retry_lets_it_wait_for_capaci
     let (patient, all) = client.fleets().get("patient").await.unwrap().unwrap();
     assert_eq!(patient.status, dstack_core::model::FleetStatus::Active);
     assert_eq!(patient.consolidation.as_ref().map(|c| c.attempts), Some(1));
+    assert!(
+        patient.restoring(),
+        "an auto-started server stays up meanwhile"
+    );
     assert!(all[0]
         .status_message
         .as_deref()
@@ -1190,4 +1194,5 @@ async fn a_fleet_waiting_for_capacity_stops_trying_after_its_retry_duration() {
     );
     let (brief, _) = client.fleets().get("brief").await.unwrap().unwrap();
     assert_eq!(brief.status, dstack_core::model::FleetStatus::Active);
+    assert!(!brief.restoring(), "an auto-started server may exit");
 }

@@ -148,6 +148,7 @@ pub(crate) fn attempted(state: Option<&Consolidation>, now: u64) -> Consolidatio
         attempts: state.map_or(0, |s| s.attempts).saturating_add(1),
         last_attempt_at_ms: now,
         short_since_ms: state.map_or(now, |s| s.short_since_ms),
+        stopped: false,
     }
 }
 
@@ -226,7 +227,11 @@ impl Inner {
                         Some(last) => format!("{why}; last: {last}"),
                         None => why,
                     };
-                    if fleet.status_message.as_deref() != Some(why.as_str()) {
+                    let stopped = fleet.consolidation.as_ref().is_some_and(|c| c.stopped);
+                    if !stopped || fleet.status_message.as_deref() != Some(why.as_str()) {
+                        if let Some(state) = &mut fleet.consolidation {
+                            state.stopped = true;
+                        }
                         fleet.status_message = Some(why);
                         self.store.put_fleet(&fleet)?;
                     }
@@ -293,6 +298,7 @@ mod tests {
             attempts,
             last_attempt_at_ms: last,
             short_since_ms: since,
+            stopped: false,
         }
     }
 

@@ -354,4 +354,16 @@ pub struct Consolidation {
     pub last_attempt_at_ms: u64,
     /// When the first one started: since when the fleet is short (Unix ms).
     pub short_since_ms: u64,
+    /// No more attempts are made (their count or `retry.duration` ran out) until the fleet
+    /// is applied again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopped: bool,
+}
+
+impl Fleet {
+    /// Whether the engine is still trying to bring the fleet back to its `nodes.min`.
+    pub fn restoring(&self) -> bool {
+        self.status == FleetStatus::Active
+            && self.consolidation.as_ref().is_some_and(|c| !c.stopped)
+    }
 }
