@@ -1019,3 +1019,180 @@ async fn a_copied_state_reaps_none_of_the_instances_of_the_other_copy() {
         .await
         .unwrap();
 }
+
+/// Engine options for fleets that are restored within seconds: agents given up on after 1 s,
+/// lost instances terminated 2 s later, attempts 1 s apart.
+fn quick_restore() -> EngineOptions {
+    EngineOptions {
+        unreachable_after: Duration::from_secs(1),
+        termination_deadline: Duration::from_secs(2),
+        fleet_retry_delays: vec![Duration::from_secs(1)],
+        ..EngineOptions::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_whose_instance_the_cloud_terminated_gets_a_new_one() {
+    let moto = start_moto().await;
+    let hosts = TestHosts::start(1);
+    let home = tempfile::tempdir().unwrap();
+    let config = aws_config(&moto.url, &["us-east-1"], &hosts);
+    let client = client(home.path(), config, &hosts, quick_restore()).await;
+    hosts.track("kept");
+    let yaml = "type: fleet\nname: kept\nnodes: 1\n";
+    let first = harness::apply_fleet(&client, yaml).await.unwrap();
+    assert_eq!(first[0].status, InstanceStatus::Idle, "{first:?}");
+    let lost_id = first[0].cloud_id.clone().unwrap();
+
+    // Terminated behind the engine's back (as a spot interruption would): the cloud no longer
+    // runs it and its host answers nothing.
+    ec2(&moto, "us-east-1")
+        .await
+        .terminate_instances()
+        .instance_ids(&lost_id)
+        .send()
+        .await
+        .unwrap();
+    let host = &hosts.hosts[0];
+    host.kill("dstack-agent");
+    host.kill("sshd");
+    eventually(30, "the lost instance is recorded terminated", async || {
+        let (_, all) = client.fleets().get("kept").await.unwrap().unwrap();
+        all.iter()
+            .any(|i| i.id == first[0].id && i.status == InstanceStatus::Terminated)
+    })
+    .await;
+    let (_, all) = client.fleets().get("kept").await.unwrap().unwrap();
+    let lost = all.iter().find(|i| i.id == first[0].id).unwrap();
+    let why = lost.status_message.clone().unwrap_or_default();
+    assert!(why.starts_with("unreachable"), "{why}");
+
+    // The fleet is brought back to nodes.min: a new cloud instance (on the same test host,
+    // whose address the terminated one freed), deployed and idle.
+    host.start_sshd();
+    eventually(45, "a new instance joins the fleet", async || {
+        let (_, all) = client.fleets().get("kept").await.unwrap().unwrap();
+        all.iter()
+            .any(|i| i.id != first[0].id && i.status == InstanceStatus::Idle)
+    })
+    .await;
+    let cloud = cloud_instances(&moto, "us-east-1").await;
+    let running: Vec<_> = cloud
+        .iter()
+        .filter(|i| state(i) == InstanceStateName::Running)
+        .collect();
+    assert_eq!(running.len(), 1, "one instance replaces the lost one");
+    assert_ne!(running[0].instance_id(), Some(lost_id.as_str()));
+    let (fleet, _) = client.fleets().get("kept").await.unwrap().unwrap();
+    eventually(10, "the restored fleet forgets its attempts", async || {
+        let (fleet, _) = client.fleets().get("kept").await.unwrap().unwrap();
+        fleet.consolidation.is_none()
+    })
+    .await;
+    assert_eq!(fleet.status, dstack_core::model::FleetStatus::Active);
+    client.fleets().delete("kept", false).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_without_capacity_fails_unless_its_retry_lets_it_wait_for_capacity() {
+    // Each round of attempts asks for one instance type only (moto answers slowly).
+    let moto = start_moto().await;
+    let no_capacity = vec![(vec!["Action=RunInstances"], Fault::NoCapacity)];
+    let proxy = FaultProxy::start(&moto.url, no_capacity).await;
+    let hosts = TestHosts::start(1);
+    let home = tempfile::tempdir().unwrap();
+    let config = aws_config(&proxy.url, &["us-east-1"], &hosts);
+    let client = client(home.path(), config, &hosts, quick_restore()).await;
+    hosts.track("eager");
+    hosts.track("patient");
+
+    // Without `retry`: the fleet fails there and then, and is not retried.
+    let yaml = "type: fleet\nname: eager\nnodes: 1\ninstance_types: [t3.medium]\n";
+    assert!(harness::apply_fleet(&client, yaml)
+        .await
+        .unwrap()
+        .is_empty());
+    let (eager, _) = client.fleets().get("eager").await.unwrap().unwrap();
+    assert_eq!(eager.status, dstack_core::model::FleetStatus::Failed);
+
+    // With `retry`, it waits: active, tried again with backoff, and joined once capacity
+    // returns.
+    let asked_before = proxy.asked.lock().unwrap().len();
+    let yaml = "type: fleet\nname: patient\nnodes: 1\ninstance_types: [t3.medium]\nretry: {duration: 1h}\n";
+    assert!(harness::apply_fleet(&client, yaml)
+        .await
+        .unwrap()
+        .is_empty());
+    let (patient, all) = client.fleets().get("patient").await.unwrap().unwrap();
+    assert_eq!(patient.status, dstack_core::model::FleetStatus::Active);
+    assert_eq!(patient.consolidation.as_ref().map(|c| c.attempts), Some(1));
+    assert!(
+        patient.restoring(),
+        "an auto-started server stays up meanwhile"
+    );
+    assert!(all[0]
+        .status_message
+        .as_deref()
+        .unwrap_or_default()
+        .starts_with("no capacity"));
+    let round = proxy.asked.lock().unwrap().len() - asked_before;
+    eventually(40, "a second attempt is made and fails", async || {
+        let (fleet, all) = client.fleets().get("patient").await.unwrap().unwrap();
+        proxy.asked.lock().unwrap().len() - asked_before >= 2 * round
+            && fleet.consolidation.is_some_and(|c| c.attempts >= 2)
+            && all.iter().all(|i| i.status == InstanceStatus::Terminated)
+    })
+    .await;
+    proxy.set_faults(vec![]);
+    eventually(
+        30,
+        "the fleet gets its instance once capacity returns",
+        async || {
+            let (fleet, all) = client.fleets().get("patient").await.unwrap().unwrap();
+            fleet.consolidation.is_none() && all.iter().any(|i| i.status == InstanceStatus::Idle)
+        },
+    )
+    .await;
+    client.fleets().delete("patient", false).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_waiting_for_capacity_stops_trying_after_its_retry_duration() {
+    let moto = start_moto().await;
+    let no_capacity = vec![(vec!["Action=RunInstances"], Fault::NoCapacity)];
+    let proxy = FaultProxy::start(&moto.url, no_capacity).await;
+    let hosts = TestHosts::start(1);
+    let home = tempfile::tempdir().unwrap();
+    let config = aws_config(&proxy.url, &["us-east-1"], &hosts);
+    let client = client(home.path(), config, &hosts, quick_restore()).await;
+    hosts.track("brief");
+    // Past `retry.duration` it stops trying, says why, and stays active (applying it again
+    // resumes).
+    let yaml =
+        "type: fleet\nname: brief\nnodes: 1\ninstance_types: [t3.medium]\nretry: {duration: 2s}\n";
+    assert!(harness::apply_fleet(&client, yaml)
+        .await
+        .unwrap()
+        .is_empty());
+    eventually(
+        20,
+        "the fleet stops trying after retry.duration",
+        async || {
+            let (fleet, _) = client.fleets().get("brief").await.unwrap().unwrap();
+            fleet
+                .status_message
+                .is_some_and(|m| m.contains("retry.duration (2s) passed"))
+        },
+    )
+    .await;
+    let asked = proxy.asked.lock().unwrap().len();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        proxy.asked.lock().unwrap().len(),
+        asked,
+        "no attempt after giving up"
+    );
+    let (brief, _) = client.fleets().get("brief").await.unwrap().unwrap();
+    assert_eq!(brief.status, dstack_core::model::FleetStatus::Active);
+    assert!(!brief.restoring(), "an auto-started server may exit");
+}

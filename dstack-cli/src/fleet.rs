@@ -103,6 +103,12 @@ pub async fn apply(
         "Fleet {}: {joined} of {hosts} host(s) ready ({})",
         fleet.name, fleet.status
     );
+    if let Some(why) = &fleet.status_message {
+        eprintln!("  {why}");
+    }
+    if fleet.consolidation.is_some() {
+        eprintln!("  The server keeps provisioning up to the fleet's nodes.min in the background.");
+    }
     Ok(if joined == hosts {
         ExitCode::SUCCESS
     } else {

@@ -402,6 +402,8 @@ fn shapes() -> Vec<(String, Value)> {
         status: FleetStatus::Active,
         configuration: None,
         created_at_ms: T0 - 60_000,
+        status_message: None,
+        consolidation: None,
     };
     add(
         "Fleet.local",
@@ -416,6 +418,8 @@ fn shapes() -> Vec<(String, Value)> {
         status: FleetStatus::Active,
         configuration: Some(ssh_configuration.to_json()),
         created_at_ms: T0 - 120_000,
+        status_message: None,
+        consolidation: None,
     };
     let ssh_hosts = vec![
         ssh_instance(0, InstanceStatus::Idle),
@@ -568,6 +572,8 @@ fn corpus_shapes() -> Vec<(String, Value)> {
                     status: FleetStatus::Active,
                     configuration: Some(configuration.to_json()),
                     created_at_ms: T0,
+                    status_message: None,
+                    consolidation: None,
                 };
                 ("Fleet", api::fleet(&OWNER, &fleet, &[]))
             }

@@ -173,3 +173,25 @@ fn a_bad_cron_expression_is_located_in_its_list() {
         ["f.dstack.yml:3:18: schedule.cron: invalid cron expression '0 8 * *': expected five fields (minute hour day-of-month month day-of-week), found 4 [invalid_value]"]
     );
 }
+
+#[test]
+fn a_fleets_retry_lists_only_what_a_fleet_retries() {
+    assert_eq!(
+        errors(
+            "type: fleet\nnodes: 1\nretry:\n  on_events:\n    - no-capacity\n    - interruption\n  duration: -1\n"
+        ),
+        [
+            "f.dstack.yml:6:7: retry.on_events[1]: a fleet retries only provisioning that found \
+             no capacity: its `on_events` can list only no-capacity, not interruption [invalid_value]",
+            "f.dstack.yml:7:13: retry.duration: `duration` cannot be negative [invalid_value]"
+        ]
+    );
+    for fine in [
+        "retry: true",
+        "retry: false",
+        "retry: {duration: 2h}",
+        "retry: {on_events: [no-capacity], duration: 10m}",
+    ] {
+        parse(&format!("type: fleet\nnodes: 1\n{fine}\n"), "f.dstack.yml").unwrap();
+    }
+}

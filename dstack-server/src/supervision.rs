@@ -1,6 +1,6 @@
 //! When an auto-started server may exit: nothing needs supervision (no unfinished run, no
-//! live cloud instance, no volume waiting for its auto-cleanup) and no client has called for
-//! a while.
+//! live cloud instance, no backend fleet being brought back to its `nodes.min`, no volume
+//! waiting for its auto-cleanup) and no client has called for a while.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -37,7 +37,7 @@ fn needs_supervision(shared: &Shared) -> Result<bool, dstack_core::store::StoreE
     let billed = store.instances()?.into_iter().any(|i| {
         i.status != InstanceStatus::Terminated && !UNBILLED_BACKENDS.contains(&i.backend.as_str())
     });
-    if billed {
+    if billed || store.fleets()?.iter().any(|f| f.restoring()) {
         return Ok(true);
     }
     Ok(store

@@ -98,6 +98,7 @@ pub struct FaultProxy {
     pub asked: Arc<Mutex<Vec<String>>>,
     /// The `Name=value` parameters of each `RunInstances` call, in call order.
     pub run_requests: Arc<Mutex<Vec<Vec<String>>>>,
+    faults: Arc<Mutex<Vec<(Matcher, Fault)>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -113,7 +114,8 @@ impl FaultProxy {
             types: asked.clone(),
             requests: run_requests.clone(),
         };
-        let faults = Arc::new(faults);
+        let faults = Arc::new(Mutex::new(faults));
+        let shared = faults.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
@@ -129,8 +131,14 @@ impl FaultProxy {
             url,
             asked,
             run_requests,
+            faults: shared,
             task,
         }
+    }
+
+    /// Replaces the faults (calls from then on meet the new ones).
+    pub fn set_faults(&self, faults: Vec<(Matcher, Fault)>) {
+        *self.faults.lock().unwrap() = faults;
     }
 }
 
@@ -152,7 +160,7 @@ async fn serve(
     mut client: TcpStream,
     upstream: &str,
     seen: &Seen,
-    faults: &[(Matcher, Fault)],
+    faults: &Mutex<Vec<(Matcher, Fault)>>,
 ) -> std::io::Result<()> {
     loop {
         let Some((head, body)) = read_request(&mut client).await? else {
@@ -169,6 +177,8 @@ async fn serve(
             seen.requests.lock().unwrap().push(params.clone());
         }
         let fault = faults
+            .lock()
+            .unwrap()
             .iter()
             .find(|(all, _)| {
                 // `Name=value` must appear as is; a bare `Name` matches any value.

@@ -75,6 +75,7 @@ pub fn fleet(owner: &Owner<'_>, fleet: &Fleet, instances: &[Instance]) -> Value 
         },
         "created_at": iso_time(fleet.created_at_ms),
         "status": fleet.status.as_str(),
+        "status_message": fleet.status_message,
         "instances": instances,
     })
 }

@@ -3,10 +3,11 @@
 use serde::{Serialize, Serializer};
 
 use super::de::{int_between, string_enum, Cx, Decode, Fields, Path};
+use super::duration::Duration;
 use super::env::Env;
 use super::error::ErrorCode;
 use super::limits;
-use super::profile::{ProfileParams, ProfileScope};
+use super::profile::{ProfileParams, ProfileScope, Retry, RetryEvent};
 use super::range::{above_limit, decode_range, Range};
 use super::resources::ResourcesSpec;
 use super::run::mark_of;
@@ -407,6 +408,59 @@ impl FleetConfiguration {
                 message,
             );
         }
+        if let (
+            Some(retry),
+            Some(Retry::Policy {
+                on_events,
+                duration,
+            }),
+        ) = (node.get("retry"), &fleet.profile.retry)
+        {
+            check_fleet_retry(
+                retry,
+                on_events.as_deref(),
+                *duration,
+                cx,
+                &path.key("retry"),
+            );
+        }
         Some(fleet)
+    }
+}
+
+/// Refuses what a fleet's `retry` cannot mean: a fleet retries provisioning that found no
+/// capacity (see `engine::consolidate`), so `on_events` may list only `no-capacity` (jobs'
+/// `interruption` and `error` do not apply to instances), and `duration` cannot be negative.
+fn check_fleet_retry(
+    node: &Node,
+    on_events: Option<&[RetryEvent]>,
+    duration: Option<Duration>,
+    cx: &mut Cx,
+    path: &Path<'_>,
+) {
+    let items = match node.get("on_events").map(|n| &n.kind) {
+        Some(NodeKind::Seq(items)) => items.as_slice(),
+        _ => &[],
+    };
+    let events = path.key("on_events");
+    for (i, event) in on_events.unwrap_or_default().iter().enumerate() {
+        if *event != RetryEvent::NoCapacity {
+            let message = format!(
+                "a fleet retries only provisioning that found no capacity: its `on_events` can \
+                 list only no-capacity, not {}",
+                event.as_str()
+            );
+            let mark = items.get(i).map_or(node.mark, |n| n.mark);
+            cx.error(mark, &events.index(i), ErrorCode::InvalidValue, message);
+        }
+    }
+    if duration.is_some_and(|d| d.0 < 0) {
+        let message = "`duration` cannot be negative";
+        cx.error(
+            mark_of(node, "duration"),
+            &path.key("duration"),
+            ErrorCode::InvalidValue,
+            message,
+        );
     }
 }

@@ -8,8 +8,9 @@
 //! policy says so) and marks the instance unreachable, so nothing new is placed there. The
 //! watcher keeps trying; from twice that time on it also redeploys the agent where the
 //! backend can (an SSH host whose agent died), after the failed jobs' retries had the time to
-//! go elsewhere. When the agent answers again the instance is usable again: instances are
-//! never terminated for being unreachable.
+//! go elsewhere. When the agent answers again the instance is usable again. The watcher never
+//! terminates an instance; the sweep terminates a cloud instance unreachable for
+//! `EngineOptions::termination_deadline` as lost (`engine::consolidate`), never an SSH host.
 //!
 //! The watcher of a cloud instance also renews its agent's owner lease (`POST /api/lease`)
 //! every `EngineOptions::lease_renewal`: an explicit request rather than the open event
@@ -25,7 +26,7 @@ use futures_util::{FutureExt, StreamExt};
 
 use super::{jobs, queues, Inner};
 use crate::agent::AgentError;
-use crate::model::Instance;
+use crate::model::{now_ms, Instance};
 
 /// How long after the store failed to record an agent's reports the agent is followed anew
 /// (its state read again and recorded): a store that fails (a full disk, a lock held for
@@ -79,7 +80,7 @@ async fn follow_forever(inner: &Arc<Inner>, instance: &Instance) {
                     () = tokio::time::sleep_until(*since + deadline) => {
                         if !connected.load(Ordering::SeqCst) {
                             given_up = true;
-                            give_up(inner, &instance.id, why).await;
+                            give_up(inner, &instance.id, *since, why).await;
                         }
                         attempt.await
                     }
@@ -102,7 +103,7 @@ async fn follow_forever(inner: &Arc<Inner>, instance: &Instance) {
                     .map_or_else(tokio::time::Instant::now, |u| u.0);
                 if since.elapsed() >= deadline && !given_up {
                     given_up = true;
-                    give_up(inner, &instance.id, &e).await;
+                    give_up(inner, &instance.id, since, &e).await;
                 }
                 unreachable = Some((since, e));
                 // Revive only a while later, so that retries of the failed jobs go elsewhere.
@@ -121,17 +122,27 @@ async fn follow_forever(inner: &Arc<Inner>, instance: &Instance) {
     }
 }
 
-/// Marks the instance unreachable and fails its jobs (`why`: the last failure to reach it).
-async fn give_up(inner: &Arc<Inner>, instance_id: &str, why: &AgentError) {
-    set_unreachable(inner, instance_id, true);
+/// Marks the instance unreachable since `since` and fails its jobs (`why`: the last failure
+/// to reach it).
+async fn give_up(
+    inner: &Arc<Inner>,
+    instance_id: &str,
+    since: tokio::time::Instant,
+    why: &AgentError,
+) {
+    let elapsed = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX);
+    set_unreachable(inner, instance_id, Some(now_ms().saturating_sub(elapsed)));
     jobs::fail_unreachable(inner, instance_id, why).await;
 }
 
-/// Records whether the instance's agent can be reached.
-fn set_unreachable(inner: &Inner, instance_id: &str, unreachable: bool) {
+/// Records whether the instance's agent can be reached: since when it cannot (`Some`, Unix
+/// ms), or that it can (`None`).
+fn set_unreachable(inner: &Inner, instance_id: &str, since_ms: Option<u64>) {
+    let unreachable = since_ms.is_some();
     if let Ok(Some(mut instance)) = inner.store.instance(instance_id) {
         if instance.unreachable != unreachable {
             instance.unreachable = unreachable;
+            instance.unreachable_since_ms = since_ms;
             let _ = inner.store.put_instance(&instance);
             if !unreachable {
                 inner.wake_scheduler();
@@ -150,7 +161,13 @@ async fn revive(inner: &Inner, instance_id: &str) {
         return;
     };
     if let Ok(deployed) = backend.deploy(&instance).await {
-        let mut revived = instance;
+        // Read again: the instance may have been terminated meanwhile (as lost).
+        let Ok(Some(mut revived)) = inner.store.instance(instance_id) else {
+            return;
+        };
+        if revived.status == crate::model::InstanceStatus::Terminated {
+            return;
+        }
         revived.host = deployed.host;
         revived.backend_data = deployed.backend_data;
         let _ = inner.store.put_instance(&revived);
@@ -182,7 +199,7 @@ async fn follow(
         })?;
     let mut events = client.events().await?;
     connected.store(true, Ordering::SeqCst);
-    set_unreachable(inner, &instance.id, false);
+    set_unreachable(inner, &instance.id, None);
     let candidates = jobs::started_on(inner, &instance.id);
     let snapshot = client.jobs().await?;
     jobs::fail_unknown(inner, candidates, &snapshot).await;

@@ -137,6 +137,8 @@ pub(super) fn submitted_fleet(
         status: FleetStatus::Submitted,
         configuration: Some(configuration.to_json()),
         created_at_ms: existing.map_or_else(now_ms, |f| f.created_at_ms),
+        status_message: None,
+        consolidation: None,
     }
 }
 
@@ -292,6 +294,7 @@ impl Inner {
                 session: None,
                 status_message: None,
                 unreachable: false,
+                unreachable_since_ms: None,
                 offer: None,
                 idle_timeout_secs: None,
                 last_job_at_ms: None,

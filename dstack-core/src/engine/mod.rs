@@ -9,6 +9,7 @@
 
 mod agents;
 mod command;
+mod consolidate;
 mod credentials;
 pub mod fleets;
 pub use fleets::Progress as FleetProgress;
@@ -57,6 +58,14 @@ pub struct EngineOptions {
     pub unreachable_after: Duration,
     /// How long a cloud instance may take to become reachable after it was created.
     pub provisioning_timeout: Duration,
+    /// How long a cloud instance's agent may stay unreachable before the instance is
+    /// terminated as lost (dstack's termination deadline, 20 minutes; its fleet then gets a
+    /// new one if it falls below `nodes.min`). Instances of backends that do not create them
+    /// (SSH hosts, this machine) are never terminated for it.
+    pub termination_deadline: Duration,
+    /// Delays between attempts to bring a backend fleet back to its `nodes.min`, by attempt
+    /// (the last one repeats): dstack's 1, 2, 5, 10 and 30 minutes (see `engine::consolidate`).
+    pub fleet_retry_delays: Vec<Duration>,
     /// How old a `pending` instance record must be before a process that did not create it
     /// takes it as abandoned (its creator stopped mid-way) and reaps what it left.
     pub orphan_grace: Duration,
@@ -93,6 +102,8 @@ impl Default for EngineOptions {
             stop_grace: secs(10),
             unreachable_after: secs(20),
             provisioning_timeout: secs(600),
+            termination_deadline: secs(20 * 60),
+            fleet_retry_delays: [1, 2, 5, 10, 30].map(|m| secs(m * 60)).to_vec(),
             orphan_grace: secs(120),
             sweep_period: secs(3),
             queue_cover: Duration::from_millis(16),
@@ -1041,6 +1052,8 @@ impl Inner {
                 status: FleetStatus::Active,
                 configuration: None,
                 created_at_ms: now_ms(),
+                status_message: None,
+                consolidation: None,
             });
             self.store.put_fleet(&fleet)?;
             let config = crate::backend::InstanceConfig {
@@ -1066,6 +1079,7 @@ impl Inner {
                 session: None,
                 status_message: None,
                 unreachable: false,
+                unreachable_since_ms: None,
                 offer: None,
                 idle_timeout_secs: None,
                 last_job_at_ms: None,

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::fleets::Progress;
-use super::{jobs, EngineError, Inner};
+use super::{consolidate, jobs, EngineError, Inner};
 use crate::backend::{
     Compute, ComputeError, CreatedInstance, InstanceConfig, OfferRequest, OwnedInstance,
 };
@@ -73,6 +73,16 @@ fn spot_choice(policy: Option<SpotPolicy>) -> Option<bool> {
         SpotPolicy::Spot => Some(true),
         SpotPolicy::OnDemand => Some(false),
         SpotPolicy::Auto => None,
+    }
+}
+
+/// Why a backend fleet has nothing to provision from.
+pub(super) fn no_offers(errors: &[String]) -> String {
+    let why = "no backend offers match the fleet";
+    if errors.is_empty() {
+        why.to_string()
+    } else {
+        format!("{why} ({})", errors.join("; "))
     }
 }
 
@@ -205,8 +215,21 @@ impl Inner {
         (offers, errors)
     }
 
+    /// Offers for a backend fleet's own instances, with the errors of backends that could
+    /// not answer.
+    pub(super) async fn fleet_offers(
+        &self,
+        config: &FleetConfiguration,
+    ) -> (Vec<Offer>, Vec<String>) {
+        self.cloud_offers(&fleet_request(config), &[&config.profile])
+            .await
+    }
+
     /// Applies a backend fleet: records it, then provisions instances up to `nodes.target`
-    /// (each from the cheapest offer that has capacity), all at once.
+    /// (each from the cheapest offer that has capacity), all at once. A fleet that gets none
+    /// of them fails, unless its `retry` lets it wait for capacity: it is then active and
+    /// brought to its `nodes.min` in the background (`engine::consolidate`), as it is when it
+    /// got fewer than `nodes.min` anyway. Applying a fleet again forgets earlier attempts.
     pub(crate) async fn apply_backend_fleet(
         self: &Arc<Self>,
         config: &FleetConfiguration,
@@ -215,44 +238,66 @@ impl Inner {
     ) -> Result<(Fleet, Vec<Instance>), EngineError> {
         let name = self.fleet_name(config)?;
         let target = config.nodes.map_or(0, |n| n.target);
+        let min = config.nodes.map_or(0, |n| n.min);
+        let waits = consolidate::bound(config.profile.retry.as_ref()).waits();
         let existing = self.store.fleets()?.into_iter().find(|f| f.name == name);
         let mut fleet = super::fleets::submitted_fleet(existing.as_ref(), &name, configuration);
         self.store.put_fleet(&fleet)?;
+        let started = now_ms();
         let live = self.fleet_instances(&fleet.id)?;
         let missing = usize::try_from(target)
             .unwrap_or(0)
             .saturating_sub(live.len());
-        let request = fleet_request(config);
-        let (offers, errors) = self.cloud_offers(&request, &[&config.profile]).await;
+        let (offers, errors) = self.fleet_offers(config).await;
         if missing > 0 && offers.is_empty() {
-            fleet.status = FleetStatus::Failed;
-            self.store.put_fleet(&fleet)?;
-            let mut why = "no backend offers match the fleet".to_string();
-            if !errors.is_empty() {
-                why = format!("{why} ({})", errors.join("; "));
+            let why = no_offers(&errors);
+            if !waits {
+                fleet.status = FleetStatus::Failed;
+                self.store.put_fleet(&fleet)?;
+                return Err(EngineError::Invalid(format!("fleet {name}: {why}")));
             }
-            return Err(EngineError::Invalid(format!("fleet {name}: {why}")));
+            fleet.status_message = Some(why);
         }
-        let timeout = idle_timeout(&[&config.profile], FLEET_IDLE_SECS);
         let mut provisioning = Vec::new();
-        for _ in 0..missing {
-            let instance = self.placeholder(&fleet, None, timeout)?;
-            provisioning.push(self.provision(instance, offers.clone(), config, progress));
+        if !offers.is_empty() {
+            for _ in 0..missing {
+                let instance = self.fleet_placeholder(&fleet, config)?;
+                provisioning.push(self.provision(instance, offers.clone(), config, progress));
+            }
         }
         let done = futures_util::future::join_all(provisioning).await;
         let joined = done
             .iter()
             .filter(|i| i.status == InstanceStatus::Idle)
             .count();
-        fleet.status = if missing > 0 && joined == 0 && live.is_empty() {
+        fleet.status = if missing > 0 && joined == 0 && live.is_empty() && !waits {
             FleetStatus::Failed
         } else {
             FleetStatus::Active
         };
+        let running = self
+            .fleet_instances(&fleet.id)?
+            .iter()
+            .filter(|i| matches!(i.status, InstanceStatus::Idle | InstanceStatus::Busy))
+            .count();
+        if fleet.status == FleetStatus::Active && (running as i64) < min {
+            // This apply was the first attempt: the next one waits the first delay.
+            fleet.consolidation = Some(consolidate::attempted(None, started));
+        }
         self.store.put_fleet(&fleet)?;
         self.watch_instances();
         self.wake_scheduler();
         Ok((fleet.clone(), self.fleet_instances(&fleet.id)?))
+    }
+
+    /// Records a new instance of a backend fleet's own (not provisioned for a job).
+    pub(super) fn fleet_placeholder(
+        &self,
+        fleet: &Fleet,
+        config: &FleetConfiguration,
+    ) -> Result<Instance, EngineError> {
+        let timeout = idle_timeout(&[&config.profile], FLEET_IDLE_SECS);
+        self.placeholder(fleet, None, timeout)
     }
 
     /// Records a new instance of `fleet` as `pending` (it reserves a slot below `nodes.max`).
@@ -290,6 +335,7 @@ impl Inner {
             session: None,
             status_message: None,
             unreachable: false,
+            unreachable_since_ms: None,
             blocks: None,
             containers: false,
             offer: None,
@@ -305,7 +351,7 @@ impl Inner {
     /// Provisions `instance` from the first of `offers` that has capacity, waits until it can
     /// be reached and deploys its agent; returns it as recorded afterwards (`idle`, or
     /// `terminated` with the reason, its cloud resource terminated).
-    async fn provision(
+    pub(super) async fn provision(
         self: &Arc<Self>,
         mut instance: Instance,
         offers: Vec<Offer>,
@@ -965,6 +1011,7 @@ mod tests {
             session: None,
             status_message: None,
             unreachable: false,
+            unreachable_since_ms: None,
             blocks: None,
             containers: false,
             offer: None,

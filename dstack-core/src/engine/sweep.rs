@@ -1,7 +1,8 @@
 //! A slow safety net under the event-driven paths: every few seconds, pick up what an event
 //! could not deliver — work left by a process that exited mid-way, changes made by other
 //! processes sharing the state file (including instances they added), a reconciliation lost
-//! to an error.
+//! to an error. With cloud backends it also reaps idle instances, terminates lost ones and
+//! brings backend fleets back to their `nodes.min` (`engine::consolidate`).
 
 use std::sync::Arc;
 
@@ -19,6 +20,8 @@ pub(crate) async fn run(inner: Arc<Inner>) {
         count = count.wrapping_add(1);
         if inner.backends.iter().any(|b| b.creates_instances()) {
             let _ = inner.reap_idle().await;
+            let _ = inner.terminate_lost().await;
+            let _ = inner.consolidate_fleets().await;
             let _ = inner.clean_up_volumes().await;
             if count.is_multiple_of(ORPHAN_SWEEPS) {
                 let _ = inner.reap_orphans().await;

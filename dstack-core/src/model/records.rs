@@ -240,6 +240,10 @@ pub struct Instance {
     /// Its agent cannot be reached now: no new jobs go there until it answers again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unreachable: bool,
+    /// Since when its agent could not be reached (Unix ms), while `unreachable`: a cloud
+    /// instance unreachable for `EngineOptions::termination_deadline` is terminated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unreachable_since_ms: Option<u64>,
     /// The offer a cloud instance was created from (instance type, region, spot, price).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub offer: Option<crate::offers::Offer>,
@@ -330,4 +334,36 @@ pub struct Fleet {
     pub configuration: Option<serde_json::Value>,
     /// When it was created (Unix ms).
     pub created_at_ms: u64,
+    /// Why it is in its status (e.g. why restoring its `nodes.min` stopped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_message: Option<String>,
+    /// The attempts so far to bring a backend fleet back to its `nodes.min` (none while it
+    /// has them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consolidation: Option<Consolidation>,
+}
+
+/// The attempts in a row to bring a backend fleet back to its `nodes.min` (dstack's
+/// `consolidation_attempt` and `last_consolidated_at`), kept in the fleet's record so that a
+/// restarted server goes on with the same count and delays.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Consolidation {
+    /// How many provisioning rounds were made since the fleet fell short.
+    pub attempts: u32,
+    /// When the last one started (Unix ms).
+    pub last_attempt_at_ms: u64,
+    /// When the first one started: since when the fleet is short (Unix ms).
+    pub short_since_ms: u64,
+    /// No more attempts are made (their count or `retry.duration` ran out) until the fleet
+    /// is applied again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopped: bool,
+}
+
+impl Fleet {
+    /// Whether the engine is still trying to bring the fleet back to its `nodes.min`.
+    pub fn restoring(&self) -> bool {
+        self.status == FleetStatus::Active
+            && self.consolidation.as_ref().is_some_and(|c| !c.stopped)
+    }
 }
