@@ -175,23 +175,33 @@ fn a_bad_cron_expression_is_located_in_its_list() {
 }
 
 #[test]
-fn a_fleets_retry_lists_only_what_a_fleet_retries() {
-    assert_eq!(
-        errors(
-            "type: fleet\nnodes: 1\nretry:\n  on_events:\n    - no-capacity\n    - interruption\n  duration: -1\n"
-        ),
-        [
-            "f.dstack.yml:6:7: retry.on_events[1]: a fleet retries only provisioning that found \
-             no capacity: its `on_events` can list only no-capacity, not interruption [invalid_value]",
-            "f.dstack.yml:7:13: retry.duration: `duration` cannot be negative [invalid_value]"
-        ]
+fn a_fleets_retry_that_cannot_be_honoured_is_read_as_dstack_reads_it_and_refused_at_apply() {
+    use dstack_core::config::Configuration;
+    let fleet = |text: &str| match parse(text, "f.dstack.yml").unwrap() {
+        Configuration::Fleet(fleet) => fleet,
+        other => panic!("not a fleet: {}", other.type_name()),
+    };
+    let odd = fleet(
+        "type: fleet\nnodes: 1\nretry:\n  on_events:\n    - no-capacity\n    - interruption\n",
     );
+    assert_eq!(
+        odd.unsupported_retry().as_deref(),
+        Some(
+            "retry.on_events: a fleet retries only provisioning that found no capacity: its \
+             `on_events` can list only no-capacity, not interruption"
+        )
+    );
+    let negative = fleet("type: fleet\nnodes: 1\nretry:\n  duration: -1\n");
+    assert!(negative
+        .unsupported_retry()
+        .is_some_and(|why| why.contains("cannot be negative")));
     for fine in [
         "retry: true",
         "retry: false",
         "retry: {duration: 2h}",
         "retry: {on_events: [no-capacity], duration: 10m}",
     ] {
-        parse(&format!("type: fleet\nnodes: 1\n{fine}\n"), "f.dstack.yml").unwrap();
+        let fleet = fleet(&format!("type: fleet\nnodes: 1\n{fine}\n"));
+        assert_eq!(fleet.unsupported_retry(), None, "{fine}");
     }
 }

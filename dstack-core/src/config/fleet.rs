@@ -3,7 +3,6 @@
 use serde::{Serialize, Serializer};
 
 use super::de::{int_between, string_enum, Cx, Decode, Fields, Path};
-use super::duration::Duration;
 use super::env::Env;
 use super::error::ErrorCode;
 use super::limits;
@@ -363,6 +362,38 @@ const BACKEND_FLEET_FIELDS: &[&str] = &[
 ];
 
 impl FleetConfiguration {
+    /// What of the fleet's `retry` this project cannot honour, if anything: a fleet retries
+    /// provisioning that found no capacity (see `engine::consolidate`), so `on_events` may list
+    /// only `no-capacity` (a job's `interruption` and `error` do not apply to instances), and
+    /// `duration` cannot be negative. dstack's parser accepts these (and dstack ignores a
+    /// fleet's `retry`), so they are refused when the fleet is applied, not when it is read.
+    pub fn unsupported_retry(&self) -> Option<String> {
+        let Some(Retry::Policy {
+            on_events,
+            duration,
+        }) = &self.profile.retry
+        else {
+            return None;
+        };
+        let others: Vec<&str> = on_events
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .filter(|e| **e != RetryEvent::NoCapacity)
+            .map(|e| e.as_str())
+            .collect();
+        if !others.is_empty() {
+            return Some(format!(
+                "retry.on_events: a fleet retries only provisioning that found no capacity: its \
+                 `on_events` can list only no-capacity, not {}",
+                others.join(", ")
+            ));
+        }
+        duration
+            .filter(|d| d.0 < 0)
+            .map(|_| "retry.duration: a fleet's retry duration cannot be negative".to_string())
+    }
+
     /// Decodes a fleet from the document's fields.
     pub fn read(node: &Node, f: &mut Fields<'_>, cx: &mut Cx, path: &Path<'_>) -> Option<Self> {
         let name = f.opt(cx, path, "name");
@@ -408,59 +439,6 @@ impl FleetConfiguration {
                 message,
             );
         }
-        if let (
-            Some(retry),
-            Some(Retry::Policy {
-                on_events,
-                duration,
-            }),
-        ) = (node.get("retry"), &fleet.profile.retry)
-        {
-            check_fleet_retry(
-                retry,
-                on_events.as_deref(),
-                *duration,
-                cx,
-                &path.key("retry"),
-            );
-        }
         Some(fleet)
-    }
-}
-
-/// Refuses what a fleet's `retry` cannot mean: a fleet retries provisioning that found no
-/// capacity (see `engine::consolidate`), so `on_events` may list only `no-capacity` (jobs'
-/// `interruption` and `error` do not apply to instances), and `duration` cannot be negative.
-fn check_fleet_retry(
-    node: &Node,
-    on_events: Option<&[RetryEvent]>,
-    duration: Option<Duration>,
-    cx: &mut Cx,
-    path: &Path<'_>,
-) {
-    let items = match node.get("on_events").map(|n| &n.kind) {
-        Some(NodeKind::Seq(items)) => items.as_slice(),
-        _ => &[],
-    };
-    let events = path.key("on_events");
-    for (i, event) in on_events.unwrap_or_default().iter().enumerate() {
-        if *event != RetryEvent::NoCapacity {
-            let message = format!(
-                "a fleet retries only provisioning that found no capacity: its `on_events` can \
-                 list only no-capacity, not {}",
-                event.as_str()
-            );
-            let mark = items.get(i).map_or(node.mark, |n| n.mark);
-            cx.error(mark, &events.index(i), ErrorCode::InvalidValue, message);
-        }
-    }
-    if duration.is_some_and(|d| d.0 < 0) {
-        let message = "`duration` cannot be negative";
-        cx.error(
-            mark_of(node, "duration"),
-            &path.key("duration"),
-            ErrorCode::InvalidValue,
-            message,
-        );
     }
 }

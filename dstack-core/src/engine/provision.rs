@@ -236,6 +236,9 @@ impl Inner {
         configuration: &Configuration,
         progress: Progress<'_>,
     ) -> Result<(Fleet, Vec<Instance>), EngineError> {
+        if let Some(why) = config.unsupported_retry() {
+            return Err(EngineError::Unsupported(why));
+        }
         let name = self.fleet_name(config)?;
         let target = config.nodes.map_or(0, |n| n.target);
         let min = config.nodes.map_or(0, |n| n.min);
