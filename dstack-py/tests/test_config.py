@@ -92,6 +92,17 @@ def test_invalid_fields_raise_with_paths_and_data() -> None:
     assert all(e["line"] is None and e["type"] for e in info.value.errors)
 
 
+def test_a_configuration_object_that_contains_itself_is_refused() -> None:
+    resources = Resources(cpu=1)
+    resources.gpu = resources
+    with pytest.raises(ConfigurationError, match="contain itself"):
+        Task(commands=["x"], resources=resources)
+    task = Task(commands=["x"])
+    task.env = {"loop": task}
+    with pytest.raises(ConfigurationError, match="contain itself"):
+        task.validate()
+
+
 def test_changed_fields_are_validated_again() -> None:
     task = Task(commands=["x"])
     task.nodes = "two"

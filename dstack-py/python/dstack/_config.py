@@ -40,16 +40,22 @@ T = TypeVar("T")
 
 # Deeper than this, `plain` passes dicts and lists on as they are: the native side refuses data
 # nested beyond its own, lower limit with a `ConfigurationError` (a dict that contains itself
-# would otherwise recurse here until Python's `RecursionError`).
+# would otherwise recurse here until Python's `RecursionError`); a configuration object that
+# deep (one that contains itself) is refused here.
 _PLAIN_MAX_DEPTH = 256
 
 
 def plain(value: Any, _depth: int = 0) -> Any:
     """`value` as plain data (dicts, lists, strings, numbers, booleans, None)."""
-    if isinstance(value, _Data):
-        return value.to_data()
-    if isinstance(value, Range):
-        return value.to_data()
+    if isinstance(value, (_Data, Range)):
+        if _depth >= _PLAIN_MAX_DEPTH:
+            from dstack.errors import ConfigurationError
+
+            raise ConfigurationError(
+                f"{type(value).__name__}(...) nested more than {_PLAIN_MAX_DEPTH} levels deep "
+                "(does a value contain itself?)"
+            )
+        return value.to_data(_depth)
     if isinstance(value, Memory):
         return f"{float(value):g}GB"
     if isinstance(value, Enum):
@@ -71,10 +77,10 @@ class _Data:
     def __init__(self, **fields: Any) -> None:
         self.__dict__["_fields"] = dict(fields)
 
-    def to_data(self) -> Dict[str, Any]:
+    def to_data(self, _depth: int = 0) -> Dict[str, Any]:
         """The fields as plain data."""
         fields: Dict[str, Any] = self.__dict__["_fields"]
-        return {k: plain(v) for k, v in fields.items() if v is not None}
+        return {k: plain(v, _depth + 1) for k, v in fields.items() if v is not None}
 
     def __getattr__(self, name: str) -> Any:
         fields: Dict[str, Any] = self.__dict__["_fields"]
@@ -105,9 +111,9 @@ class Range(Generic[T]):
         self.min = min
         self.max = max
 
-    def to_data(self) -> Dict[str, Any]:
+    def to_data(self, _depth: int = 0) -> Dict[str, Any]:
         """`{"min": ..., "max": ...}` without the open bounds."""
-        data = {"min": plain(self.min), "max": plain(self.max)}
+        data = {"min": plain(self.min, _depth + 1), "max": plain(self.max, _depth + 1)}
         return {k: v for k, v in data.items() if v is not None}
 
     def __eq__(self, other: object) -> bool:
@@ -240,9 +246,9 @@ class _Configuration(_Data):
         self.__dict__["_normalized"] = None
         self.validate()
 
-    def to_data(self) -> Dict[str, Any]:
+    def to_data(self, _depth: int = 0) -> Dict[str, Any]:
         """The configuration as plain data, with its `type`."""
-        return {"type": self.TYPE, **super().to_data()}
+        return {"type": self.TYPE, **super().to_data(_depth)}
 
     def validate(self) -> Dict[str, Any]:
         """Validates the current fields; returns the normalized configuration (dstack's JSON
