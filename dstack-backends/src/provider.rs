@@ -226,6 +226,10 @@ impl<P: Provider> Compute for CloudCompute<P> {
         })
     }
 
+    fn agent_build(&self) -> Option<String> {
+        self.ssh.agent_build()
+    }
+
     fn dial_port<'a>(
         &'a self,
         instance: &'a Instance,

@@ -23,6 +23,11 @@ async fn client(home: &Path) -> Client {
     client_with(home, EngineOptions::default(), Keepalive::default()).await
 }
 
+/// A client that deploys `agent` to fleet hosts (and runs it locally).
+async fn client_deploying(home: &Path, agent: std::path::PathBuf) -> Client {
+    client_of(home, EngineOptions::default(), Keepalive::default(), agent).await
+}
+
 /// A client that gives up on unreachable hosts quickly (for the failure tests).
 async fn impatient_client(home: &Path) -> Client {
     let options = EngineOptions {
@@ -39,6 +44,15 @@ async fn impatient_client(home: &Path) -> Client {
 
 async fn client_with(home: &Path, engine: EngineOptions, keepalive: Keepalive) -> Client {
     let agent = find_agent_binary().expect("dstack-agent is built");
+    client_of(home, engine, keepalive, agent).await
+}
+
+async fn client_of(
+    home: &Path,
+    engine: EngineOptions,
+    keepalive: Keepalive,
+    agent: std::path::PathBuf,
+) -> Client {
     let ssh = SshCompute::new(KnownHosts::in_home(home), agent.clone()).with_keepalive(keepalive);
     let backends: Vec<Arc<dyn dstack_core::backend::Compute>> =
         vec![Arc::new(LocalBackend::new(home, agent)), Arc::new(ssh)];
@@ -279,6 +293,50 @@ async fn a_changed_host_key_is_refused() {
         message.contains("known_hosts"),
         "says which file to fix: {message}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_hosts_agent_of_another_build_is_replaced_when_an_upgraded_engine_connects() {
+    let hosts = TestHosts::start(1);
+    let home = tempfile::tempdir().unwrap();
+    let fleet = format!("rebuilt-{}", std::process::id());
+    let build_on = async |client: &Client, instance: &Instance| {
+        let agent = client.engine().unwrap().agent(&instance.id).await.unwrap();
+        agent.healthcheck().await.unwrap().build
+    };
+    let first = {
+        let client = client(home.path()).await;
+        let (live, progress) = apply_fleet(&client, &hosts.fleet_yaml(&fleet)).await;
+        assert_eq!(live.len(), 1, "{progress:?}");
+        build_on(&client, &live[0]).await
+    }; // that engine stops with its client; the host's agent keeps running
+       // An upgrade: the same program with bytes appended, so its build stamp differs.
+    let mut bytes = std::fs::read(find_agent_binary().unwrap()).unwrap();
+    bytes.extend_from_slice(b"\0another build of dstack-agent\0");
+    let newer = home.path().join("dstack-agent-newer");
+    std::fs::write(&newer, &bytes).unwrap();
+    std::fs::set_permissions(&newer, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let stamp = dstack_core::agent::build_stamp(&bytes[..]).unwrap();
+    assert_ne!(first, stamp);
+
+    let client = client_deploying(home.path(), newer).await;
+    let instance = all_instances(&client, &fleet).pop().unwrap();
+    eventually(60, "the host runs the new build", async || {
+        // Unanswered while the agent is being replaced.
+        let Ok(agent) = client.engine().unwrap().agent(&instance.id).await else {
+            return false;
+        };
+        agent.healthcheck().await.is_ok_and(|h| h.build == stamp)
+    })
+    .await;
+    let run = submit(
+        &client,
+        &format!("type: task\nfleets: [{fleet}]\ncommands: [echo on-the-new-build]\n"),
+    )
+    .await;
+    assert_eq!(run.wait().await.unwrap().status, RunStatus::Done);
+    assert_eq!(output(&run).await, "on-the-new-build\n");
+    client.fleets().delete(&fleet, false).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

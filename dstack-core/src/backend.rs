@@ -297,6 +297,14 @@ pub trait Compute: Send + Sync {
         })
     }
 
+    /// The build stamp ([`crate::agent::build_stamp`]) of the agent [`Compute::deploy`]
+    /// installs, for backends that deploy one: an agent of another build (an upgrade of
+    /// dstack-rs) is deployed again once it runs no job. `None`: the backend keeps its agents'
+    /// builds itself (or installs none).
+    fn agent_build(&self) -> Option<String> {
+        None
+    }
+
     /// Returns a client of the instance's agent, (re)starting the agent if the backend can.
     fn connect<'a>(
         &'a self,

@@ -46,6 +46,8 @@ pub struct SshCompute {
     agent_bin: PathBuf,
     keepalive: Keepalive,
     links: Mutex<HashMap<String, Arc<HostLink>>>,
+    /// The build stamp of `agent_bin`, once read.
+    build: std::sync::OnceLock<Option<String>>,
 }
 
 impl SshCompute {
@@ -56,7 +58,19 @@ impl SshCompute {
             agent_bin,
             keepalive: Keepalive::default(),
             links: Mutex::new(HashMap::new()),
+            build: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The build stamp of the agent this backend installs (`None` if it cannot be read).
+    pub fn agent_build(&self) -> Option<String> {
+        self.build
+            .get_or_init(|| {
+                std::fs::File::open(&self.agent_bin)
+                    .and_then(dstack_core::agent::build_stamp)
+                    .ok()
+            })
+            .clone()
     }
 
     /// Notices dead connections with this keepalive (default: every 5 s, 3 missed).
@@ -247,6 +261,10 @@ impl Compute for SshCompute {
         instance: &'a Instance,
     ) -> BoxFuture<'a, Result<Deployed, ComputeError>> {
         Box::pin(self.deploy_with(instance, None))
+    }
+
+    fn agent_build(&self) -> Option<String> {
+        SshCompute::agent_build(self)
     }
 
     fn dial_port<'a>(

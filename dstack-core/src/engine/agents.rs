@@ -108,7 +108,7 @@ async fn follow_forever(inner: &Arc<Inner>, instance: &Instance) {
                 unreachable = Some((since, e));
                 // Revive only a while later, so that retries of the failed jobs go elsewhere.
                 if given_up && since.elapsed() >= deadline * 2 {
-                    revive(inner, &instance.id).await;
+                    let _ = revive(inner, &instance.id).await;
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -151,27 +151,53 @@ fn set_unreachable(inner: &Inner, instance_id: &str, since_ms: Option<u64>) {
     }
 }
 
-/// Redeploys the agent of an instance whose jobs were given up (backends that cannot deploy
-/// restart their agents in `connect`).
-async fn revive(inner: &Inner, instance_id: &str) {
+/// Redeploys the agent of an instance whose jobs were given up, or of another build
+/// (backends that cannot deploy restart their agents in `connect`); returns whether it was
+/// deployed and recorded.
+async fn revive(inner: &Inner, instance_id: &str) -> bool {
     let Ok(Some(instance)) = inner.store.instance(instance_id) else {
-        return;
+        return false;
     };
     let Some(backend) = inner.backend(&instance.backend) else {
-        return;
+        return false;
     };
-    if let Ok(deployed) = backend.deploy(&instance).await {
-        // Read again: the instance may have been terminated meanwhile (as lost).
-        let Ok(Some(mut revived)) = inner.store.instance(instance_id) else {
-            return;
-        };
-        if revived.status == crate::model::InstanceStatus::Terminated {
-            return;
-        }
-        revived.host = deployed.host;
-        revived.backend_data = deployed.backend_data;
-        let _ = inner.store.put_instance(&revived);
+    let Ok(deployed) = backend.deploy(&instance).await else {
+        return false;
+    };
+    // Read again: the instance may have been terminated meanwhile (as lost).
+    let Ok(Some(mut revived)) = inner.store.instance(instance_id) else {
+        return false;
+    };
+    if revived.status == crate::model::InstanceStatus::Terminated {
+        return false;
     }
+    revived.host = deployed.host;
+    revived.backend_data = deployed.backend_data;
+    inner.store.put_instance(&revived).is_ok()
+}
+
+/// Deploys the agent again when the one answering is of another build than its backend
+/// installs (dstack-rs was upgraded) and runs no job (its jobs would be lost); returns whether
+/// it did. A busy agent is kept until a later connection finds it idle.
+async fn upgrade(
+    inner: &Inner,
+    instance: &Instance,
+    client: &crate::agent::AgentClient,
+) -> Result<bool, AgentError> {
+    let Some(wanted) = inner
+        .backend(&instance.backend)
+        .and_then(|b| b.agent_build())
+    else {
+        return Ok(false);
+    };
+    if client.healthcheck().await?.build == wanted {
+        return Ok(false);
+    }
+    if client.jobs().await?.iter().any(|j| !j.status.is_finished()) {
+        return Ok(false);
+    }
+    // Not deployed (the old agent took a job meanwhile, the host failed): follow it as it is.
+    Ok(revive(inner, &instance.id).await)
 }
 
 /// Why following an agent stopped, the agent not being at fault.
@@ -197,6 +223,9 @@ async fn follow(
             target: instance.name.clone(),
             source: std::io::Error::other(e.to_string()),
         })?;
+    if upgrade(inner, instance, &client).await? {
+        return Ok(Ended::Closed); // follow the new agent
+    }
     let mut events = client.events().await?;
     connected.store(true, Ordering::SeqCst);
     set_unreachable(inner, &instance.id, None);
