@@ -499,15 +499,7 @@ async fn finished_jobs_beyond_the_retention_are_removed_with_their_output() {
             .unwrap();
         wait_finished(&agent.client, &id).await;
     }
-    let mut ids: Vec<String> = agent
-        .client
-        .jobs()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|j| j.id)
-        .collect();
-    ids.sort();
+    let ids = job_ids(&agent.client).await;
     assert_eq!(ids, ["job3", "job4", "job5", "running"]);
     assert!(!agent.state_dir().join("jobs/job0").exists());
     assert!(agent.state_dir().join("jobs/job5").exists());
@@ -525,15 +517,7 @@ async fn finished_jobs_beyond_the_retention_are_removed_with_their_output() {
         .await
         .unwrap();
     wait_finished(&agent.client, "running").await;
-    let mut ids: Vec<String> = agent
-        .client
-        .jobs()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|j| j.id)
-        .collect();
-    ids.sort();
+    let ids = job_ids(&agent.client).await;
     assert_eq!(ids, ["job4", "job5", "running"]);
 }
 
@@ -571,4 +555,17 @@ async fn no_container_may_mount_the_agent_state_or_socket() {
         ..Default::default()
     });
     agent.client.submit(&job).await.unwrap();
+}
+
+/// The ids of the jobs an agent keeps, sorted.
+async fn job_ids(client: &dstack_core::agent::AgentClient) -> Vec<String> {
+    let mut ids: Vec<String> = client
+        .jobs()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|j| j.id)
+        .collect();
+    ids.sort();
+    ids
 }

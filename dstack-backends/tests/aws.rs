@@ -526,20 +526,7 @@ async fn instances_terminate_when_shut_down_and_their_agents_hold_a_renewed_leas
     assert_eq!(behavior.value(), Some("terminate"));
 
     // Its agent holds an owner lease of the instance's idle time, which the engine renews.
-    let agent = client
-        .engine()
-        .unwrap()
-        .agent(&instances[0].id)
-        .await
-        .unwrap();
-    let lease = agent.lease().await.unwrap();
-    assert_eq!(
-        lease.terms,
-        Some(dstack_core::agent::LeaseTerms {
-            idle_secs: 3600,
-            window_secs: dstack_backends::provider::LEASE_WINDOW.as_secs(),
-        })
-    );
+    let agent = harness::leased_agent(&client, &instances[0], 3600).await;
     eventually(20, "the engine renews the lease", async || {
         agent.lease().await.unwrap().renewals >= 3
     })
@@ -1093,9 +1080,9 @@ async fn a_fleet_whose_instance_the_cloud_terminated_gets_a_new_one() {
     client.fleets().delete("kept", false).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fleet_without_capacity_fails_unless_its_retry_lets_it_wait_for_capacity() {
-    // Each round of attempts asks for one instance type only (moto answers slowly).
+/// AWS on moto behind a proxy that answers every `RunInstances` with no capacity (until its
+/// faults are changed), one namespace host, and a client that restores fleets quickly.
+async fn without_capacity() -> (Moto, FaultProxy, TestHosts, tempfile::TempDir, Client) {
     let moto = start_moto().await;
     let no_capacity = vec![(vec!["Action=RunInstances"], Fault::NoCapacity)];
     let proxy = FaultProxy::start(&moto.url, no_capacity).await;
@@ -1103,6 +1090,13 @@ async fn a_fleet_without_capacity_fails_unless_its_retry_lets_it_wait_for_capaci
     let home = tempfile::tempdir().unwrap();
     let config = aws_config(&proxy.url, &["us-east-1"], &hosts);
     let client = client(home.path(), config, &hosts, quick_restore()).await;
+    (moto, proxy, hosts, home, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_without_capacity_fails_unless_its_retry_lets_it_wait_for_capacity() {
+    // Each round of attempts asks for one instance type only (moto answers slowly).
+    let (_moto, proxy, hosts, _home, client) = without_capacity().await;
     hosts.track("eager");
     hosts.track("patient");
 
@@ -1158,13 +1152,7 @@ async fn a_fleet_without_capacity_fails_unless_its_retry_lets_it_wait_for_capaci
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_waiting_for_capacity_stops_trying_after_its_retry_duration() {
-    let moto = start_moto().await;
-    let no_capacity = vec![(vec!["Action=RunInstances"], Fault::NoCapacity)];
-    let proxy = FaultProxy::start(&moto.url, no_capacity).await;
-    let hosts = TestHosts::start(1);
-    let home = tempfile::tempdir().unwrap();
-    let config = aws_config(&proxy.url, &["us-east-1"], &hosts);
-    let client = client(home.path(), config, &hosts, quick_restore()).await;
+    let (_moto, proxy, hosts, _home, client) = without_capacity().await;
     hosts.track("brief");
     // Past `retry.duration` it stops trying, says why, and stays active (applying it again
     // resumes).

@@ -337,20 +337,7 @@ async fn an_agent_whose_lease_lapses_deletes_its_instance_or_else_powers_it_off(
     hosts.track("leased");
     let yaml = "type: fleet\nname: leased\nnodes: 1\nidle_duration: 1h\n";
     let instances = apply_fleet(&client, yaml).await;
-    let agent = client
-        .engine()
-        .unwrap()
-        .agent(&instances[0].id)
-        .await
-        .unwrap();
-    let lease = agent.lease().await.unwrap();
-    assert_eq!(
-        lease.terms,
-        Some(dstack_core::agent::LeaseTerms {
-            idle_secs: 3600,
-            window_secs: dstack_backends::provider::LEASE_WINDOW.as_secs(),
-        })
-    );
+    let agent = harness::leased_agent(&client, &instances[0], 3600).await;
     // The agent's shutdown action, as deployed (the namespace hosts share this machine's
     // process table).
     let pid = agent.healthcheck().await.unwrap().pid;

@@ -1,5 +1,6 @@
 //! `dstack ps`, `dstack logs`, `dstack stop`.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::process::ExitCode;
 
@@ -104,14 +105,6 @@ pub struct StopArgs {
     yes: bool,
 }
 
-/// A listed run's job submissions and their instances.
-async fn snapshot_of(client: &Client, run: &Run) -> Result<Option<Snapshot>, Failure> {
-    match client.runs().by_id(&run.id).await? {
-        Some(handle) => Ok(Some(handle.snapshot().await?)),
-        None => Ok(None),
-    }
-}
-
 fn latest_job(jobs: &[Job]) -> Option<&Job> {
     jobs.iter()
         .filter(|j| j.job_num == 0)
@@ -142,11 +135,20 @@ pub async fn ps(client: &Client, args: &PsArgs) -> Result<ExitCode, Failure> {
         eprintln!("warning: the record of run {id} cannot be read ({why}); it is left out");
     }
     let runs = listing.runs;
+    // Every listed run's jobs and instances, in one request.
+    let ids: Vec<String> = runs.iter().map(|r| r.id.clone()).collect();
+    let mut snapshots: HashMap<String, Snapshot> = client
+        .runs()
+        .snapshots(&ids)
+        .await?
+        .into_iter()
+        .map(|s| (s.run.id.clone(), s))
+        .collect();
     if args.json {
         let mut out = Vec::new();
         for run in &runs {
-            let jobs = snapshot_of(client, run)
-                .await?
+            let jobs = snapshots
+                .remove(&run.id)
                 .map(|s| s.jobs)
                 .unwrap_or_default();
             let mut run = serde_json::to_value(run).unwrap_or_default();
@@ -166,8 +168,8 @@ pub async fn ps(client: &Client, args: &PsArgs) -> Result<ExitCode, Failure> {
         "ERROR",
     ]);
     for run in &runs {
-        let (jobs, instances) = snapshot_of(client, run)
-            .await?
+        let (jobs, instances) = snapshots
+            .remove(&run.id)
             .map(|s| (s.jobs, s.instances))
             .unwrap_or_default();
         let job = latest_job(&jobs);

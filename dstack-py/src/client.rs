@@ -74,7 +74,21 @@ impl RawClient {
                 let connected = block_on(py, async move {
                     Client::connect(&home, server.as_deref()).await
                 })?;
-                connected.map_err(Failure::from)
+                connected.map_err(Failure::from).and_then(|client| {
+                    // A project asked for by name must be the one the home's client
+                    // configuration leads to.
+                    let found = client.server().map(|s| s.project().to_string());
+                    match (&project, found) {
+                        (Some(wanted), Some(found)) if *wanted != found => Err(Failure::new(
+                            "ClientError",
+                            format!(
+                                "project {wanted} is not this home's (its server has project \
+                                 {found}); pass server_url and user_token for another server"
+                            ),
+                        )),
+                        _ => Ok(client),
+                    }
+                })
             }
             _ => Err(Failure::new(
                 "ClientError",

@@ -162,6 +162,9 @@ def test_a_client_of_the_server_by_url_and_token(client: Client) -> None:
     remote = Client.from_config(server_url=url, user_token=token, home=client.home + "-elsewhere")
     found = remote.runs.get("by-url")
     assert found is not None and found.status == RunStatus.DONE
+    with pytest.raises(ClientError, match="project elsewhere"):
+        Client.from_config(project_name="elsewhere", home=client.home)
+    assert Client.from_config(project_name="main", home=client.home).runs.get("by-url") is not None
     wrong = Client.from_config(server_url=url, user_token="not-the-token")
     with pytest.raises(ClientError, match="token"):
         wrong.runs.list()

@@ -251,10 +251,7 @@ async fn poll_logs(
                 request.job_submission_id
             ))
         })?;
-    let engine = shared
-        .client
-        .engine()
-        .ok_or_else(|| ApiError::bad_request("this server hosts no engine"))?;
+    let engine = crate::routes::engine(shared)?;
     let mut output = Vec::new();
     if let Some(instance) = &job.instance_id {
         let agent = engine.agent(instance).await?;

@@ -143,8 +143,13 @@ async fn project_route(
         ["runs", "apply"] => {
             let request: ApplyRequest = body(req).await?;
             let config = configuration(&request.configuration)?;
-            let handle = client.runs().apply(config, request.options).await?;
-            Ok(json(&handle.run().await?))
+            let mut runs = engine(shared)?
+                .apply_all(vec![(config, request.options)])
+                .await?;
+            let run = runs
+                .pop()
+                .ok_or_else(|| ApiError::bad_request("no run was recorded"))?;
+            Ok(json(&run))
         }
         ["runs", "apply_group"] => {
             let requests: Vec<ApplyRequest> = body(req).await?;
@@ -152,12 +157,8 @@ async fn project_route(
                 .into_iter()
                 .map(|r| Ok((configuration(&r.configuration)?, r.options)))
                 .collect::<Result<Vec<_>, ApiError>>()?;
-            let handles = client.runs().apply_all(items).await?;
-            let mut runs = Vec::with_capacity(handles.len());
-            for handle in &handles {
-                runs.push(handle.run().await?);
-            }
-            Ok(json(&runs))
+            // The records as applied, not read again one by one (a sweep of many trials).
+            Ok(json(&engine(shared)?.apply_all(items).await?))
         }
         ["runs", "get"] => {
             let which: RunRef = body(req).await?;
@@ -246,6 +247,14 @@ async fn project_route(
             format!("no such route {}", route.join("/")),
         )),
     }
+}
+
+/// The engine the server hosts.
+pub(crate) fn engine(shared: &Shared) -> Result<&dstack_core::engine::Engine, ApiError> {
+    shared
+        .client
+        .engine()
+        .ok_or_else(|| ApiError::bad_request("this server hosts no engine"))
 }
 
 fn by_id(id: &str) -> RunRef {
@@ -344,11 +353,7 @@ async fn connect(shared: &Shared, req: Request<Incoming>) -> Result<Response<Bod
     let (parts, incoming) = req.into_parts();
     let bytes = read_body(Request::new(incoming), MAX_REQUEST_BYTES).await?;
     let request: ConnectRequest = parse(&bytes)?;
-    let engine = shared
-        .client
-        .engine()
-        .ok_or_else(|| ApiError::bad_request("this server hosts no engine"))?;
-    let mut outbound = engine
+    let mut outbound = engine(shared)?
         .dial_port(&request.instance_id, request.port)
         .await
         .map_err(|e| {

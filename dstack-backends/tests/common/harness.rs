@@ -72,3 +72,22 @@ pub async fn run_task(client: &Client, yaml: &str, secs: u64) -> (RunHandle, Run
     }
     (run, done, String::from_utf8_lossy(&out).into_owned())
 }
+
+/// The agent of a cloud instance, after checking that it holds an owner lease of `idle_secs`
+/// with the provider's lease window.
+pub async fn leased_agent(
+    client: &Client,
+    instance: &Instance,
+    idle_secs: u64,
+) -> dstack_core::agent::AgentClient {
+    let agent = client.engine().unwrap().agent(&instance.id).await.unwrap();
+    let lease = agent.lease().await.unwrap();
+    assert_eq!(
+        lease.terms,
+        Some(dstack_core::agent::LeaseTerms {
+            idle_secs,
+            window_secs: dstack_backends::provider::LEASE_WINDOW.as_secs(),
+        })
+    );
+    agent
+}

@@ -221,13 +221,18 @@ impl HttpClient {
         let body = Bytes::from(body.unwrap_or_default());
         match tokio::time::timeout(timeout, self.exchange(method, path, body)).await {
             Ok(result) => result,
-            Err(_) => Err(HttpError::Unreachable {
-                target: self.target(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("{} did not answer in time", self.peer),
-                ),
-            }),
+            Err(_) => Err(self.timed_out()),
+        }
+    }
+
+    /// The error of a request the peer did not answer in time.
+    fn timed_out(&self) -> HttpError {
+        HttpError::Unreachable {
+            target: self.target(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("{} did not answer in time", self.peer),
+            ),
         }
     }
 
@@ -304,13 +309,7 @@ impl HttpClient {
         };
         match tokio::time::timeout(timeout, exchange).await {
             Ok(result) => result,
-            Err(_) => Err(HttpError::Unreachable {
-                target: self.target(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("{} did not answer in time", self.peer),
-                ),
-            }),
+            Err(_) => Err(self.timed_out()),
         }
     }
 
