@@ -179,6 +179,9 @@ pub async fn apply(client: &Client, args: &ApplyArgs) -> Result<ExitCode, Failur
         return Ok(ExitCode::SUCCESS);
     }
     if args.detach {
+        if let Some(service) = run.service(&run.run().await?) {
+            println!("Service is published at {}", service.url);
+        }
         println!("Detached. Follow it with: dstack logs -f {}", run.name());
         return Ok(ExitCode::SUCCESS);
     }

@@ -51,6 +51,14 @@ pub async fn attach(
     let current = run
         .wait_until(|s| s == dstack_core::model::RunStatus::Running)
         .await?;
+    if let Some(service) = run.service(&current) {
+        if !current.status.is_finished() {
+            eprintln!("Service is published at {}", service.url);
+            if let (Some(model), Some(base)) = (&service.model, &service.model_base_url) {
+                eprintln!("Model {model} is published at {base}");
+            }
+        }
+    }
     let _forwarding = if current.status.is_finished() {
         None
     } else {
@@ -107,7 +115,7 @@ pub struct StopArgs {
 
 fn latest_job(jobs: &[Job]) -> Option<&Job> {
     jobs.iter()
-        .filter(|j| j.job_num == 0)
+        .filter(|j| j.slot() == (0, 0))
         .max_by_key(|j| j.submission_num)
 }
 
@@ -220,6 +228,11 @@ pub async fn ps(client: &Client, args: &PsArgs) -> Result<ExitCode, Failure> {
         ]);
     }
     print!("{}", table.render());
+    for run in runs.iter().filter(|r| !r.status.is_finished()) {
+        if let Some(service) = client.service(run) {
+            println!("{}: {}", run.name, service.url);
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -48,6 +48,16 @@ pub struct PortForward {
     tasks: Vec<AbortHandle>,
 }
 
+impl PortForward {
+    /// Nothing forwarded.
+    pub(crate) fn none() -> PortForward {
+        PortForward {
+            ports: Vec::new(),
+            tasks: Vec::new(),
+        }
+    }
+}
+
 impl Drop for PortForward {
     fn drop(&mut self) {
         for t in &self.tasks {

@@ -12,6 +12,7 @@
 
 mod dialect;
 mod errors;
+mod proxy;
 mod routes;
 mod secrets;
 mod supervision;
@@ -63,6 +64,9 @@ pub struct ServerOptions {
     pub idle_exit: Option<Duration>,
     /// The `dstack-agent` binary (default: found next to this program or on `PATH`).
     pub agent_bin: Option<PathBuf>,
+    /// How long the services proxy waits for a replica's answer (default 300 s, or
+    /// `DSTACK_SERVER_PROXY_TIMEOUT` seconds); then it answers 504.
+    pub proxy_timeout: Duration,
 }
 
 impl ServerOptions {
@@ -89,6 +93,17 @@ impl ServerOptions {
             },
             (true, Err(_)) => Some(DEFAULT_IDLE_EXIT),
         };
+        let proxy_timeout = match std::env::var("DSTACK_SERVER_PROXY_TIMEOUT") {
+            Ok(secs) => match secs.parse::<u64>() {
+                Ok(secs) if secs > 0 => Duration::from_secs(secs),
+                _ => {
+                    return Err(ServeError::Config(format!(
+                        "DSTACK_SERVER_PROXY_TIMEOUT={secs}: not a positive number of seconds"
+                    )))
+                }
+            },
+            Err(_) => proxy::DEFAULT_TIMEOUT,
+        };
         Ok(ServerOptions {
             home,
             host,
@@ -96,6 +111,7 @@ impl ServerOptions {
             token: None,
             idle_exit,
             agent_bin: None,
+            proxy_timeout,
         })
     }
 }
@@ -136,6 +152,8 @@ pub(crate) struct Shared {
     pub last_request_ms: AtomicU64,
     /// When the server started.
     pub started: tokio::time::Instant,
+    /// The services proxy.
+    pub proxy: Arc<proxy::Proxy>,
 }
 
 impl Shared {
@@ -183,13 +201,21 @@ pub async fn serve(options: ServerOptions, ready: impl FnOnce(&str)) -> Result<(
     dstack_core::files::replace_private(&home::info_file(&home), &info_bytes)
         .map_err(|e| io_error(&home::info_file(&home), e))?;
     ready(&url);
+    let engine = client
+        .engine()
+        .cloned()
+        .ok_or_else(|| ServeError::Io("the server's client hosts no engine".into()))?;
+    let proxy = Arc::new(proxy::Proxy::new(engine.clone(), options.proxy_timeout));
+    let supervision = tokio::spawn(proxy::supervise(proxy.clone(), engine));
     let shared = Arc::new(Shared {
         client,
         token,
         last_request_ms: AtomicU64::new(0),
         started: tokio::time::Instant::now(),
+        proxy,
     });
     accept_loop(listener, shared, &options).await;
+    supervision.abort();
     if ServerInfo::read(&home).is_some_and(|i| i == info) {
         let _ = std::fs::remove_file(home::info_file(&home));
     }
@@ -228,10 +254,13 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, options: &Serve
                 }
             }
             accepted = accept(&listener, &slots) => match accepted {
-                (slot, Ok((stream, _))) => {
+                (slot, Ok((stream, addr))) => {
                     let _ = stream.set_nodelay(true);
                     let shared = shared.clone();
-                    let handler = move |req| routes::handle(shared.clone(), req);
+                    let handler = move |mut req: hyper::Request<hyper::body::Incoming>| {
+                        req.extensions_mut().insert(proxy::ClientAddr(addr));
+                        routes::handle(shared.clone(), req)
+                    };
                     dstack_core::http::serve::spawn_connection(stream, slot, HEADER_TIMEOUT, handler);
                 }
                 (_, Err(e)) => {

@@ -43,6 +43,9 @@ pub(crate) async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     shared.touch();
+    if req.uri().path().starts_with("/proxy/") {
+        return Ok(crate::proxy::handle(&shared, req).await);
+    }
     let native = req
         .headers()
         .get(ACCEPT)

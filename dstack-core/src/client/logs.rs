@@ -75,7 +75,7 @@ impl LogState {
             let next = jobs
                 .iter()
                 .filter(|j| {
-                    j.job_num == 0 && j.instance_id.is_some() && !self.streamed.contains(&j.id)
+                    j.slot() == (0, 0) && j.instance_id.is_some() && !self.streamed.contains(&j.id)
                 })
                 .filter(|j| j.started_at_ms.is_some() || j.status.is_finished())
                 .max_by_key(|j| j.submission_num);

@@ -113,6 +113,11 @@ impl Client {
         Ok(Client::remote(home::connect(home, server_bin).await?))
     }
 
+    /// Where service `run` is published (see [`RunHandle::service`]).
+    pub fn service(&self, run: &Run) -> Option<ServiceEndpoint> {
+        service_of(&self.via, run)
+    }
+
     /// The runs.
     pub fn runs(&self) -> Runs<'_> {
         Runs { client: self }
@@ -602,6 +607,63 @@ fn secret_error(e: crate::secrets::SecretError) -> EngineError {
     EngineError::Invalid(e.to_string())
 }
 
+fn service_of(via: &Via, run: &Run) -> Option<ServiceEndpoint> {
+    let Via::Server(remote) = via else {
+        return None;
+    };
+    let Ok(Configuration::Service(service)) = run.spec.configuration() else {
+        return None;
+    };
+    Some(ServiceEndpoint::of(
+        &remote.url(),
+        remote.project(),
+        &run.name,
+        &service,
+    ))
+}
+
+/// Where a service is published (dstack's `ServiceSpec`, with absolute URLs).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ServiceEndpoint {
+    /// `<server>/proxy/services/<project>/<run>/`.
+    pub url: String,
+    /// The model name (`model:`), if the service serves one.
+    pub model: Option<String>,
+    /// The base URL of the model's OpenAI-compatible API: the service's own prefix for
+    /// `format: openai`, the project's model endpoint otherwise.
+    pub model_base_url: Option<String>,
+}
+
+impl ServiceEndpoint {
+    /// The endpoint of service `run` of `project` on the server at `server_url`.
+    pub fn of(
+        server_url: &str,
+        project: &str,
+        run: &str,
+        service: &crate::config::ServiceConfiguration,
+    ) -> ServiceEndpoint {
+        use crate::config::service::ModelSpec;
+        let server = server_url.trim_end_matches('/');
+        let url = format!("{server}/proxy/services/{project}/{run}/");
+        let (model, model_base_url) = match &service.model {
+            Some(ModelSpec::OpenAi { name, prefix, .. }) => (
+                Some(name.clone()),
+                Some(format!("{}{prefix}", url.trim_end_matches('/'))),
+            ),
+            Some(ModelSpec::Tgi { name, .. }) => (
+                Some(name.clone()),
+                Some(format!("{server}/proxy/models/{project}/")),
+            ),
+            None => (None, None),
+        };
+        ServiceEndpoint {
+            url,
+            model,
+            model_base_url,
+        }
+    }
+}
+
 /// A stream of log bytes.
 pub type LogStream = Pin<Box<dyn Stream<Item = Result<Bytes, EngineError>> + Send>>;
 
@@ -667,6 +729,13 @@ impl RunHandle {
         }
     }
 
+    /// Where a service is published: its URL on the server's proxy and its model endpoint
+    /// (dstack's `ServiceSpec`); `None` for other runs, and for runs of an engine hosted in
+    /// this process (only a `dstack server` proxies services).
+    pub fn service(&self, run: &Run) -> Option<ServiceEndpoint> {
+        service_of(&self.via, run)
+    }
+
     /// The run record, read now.
     pub async fn run(&self) -> Result<Run, EngineError> {
         match &self.via {
@@ -728,6 +797,10 @@ impl RunHandle {
         let config = run.spec.configuration().map_err(|e| {
             EngineError::Invalid(format!("stored configuration of run {}: {e}", run.name))
         })?;
+        if matches!(config, Configuration::Service(_)) {
+            // A service is reached through the server's proxy (`RunHandle::service`).
+            return Ok(crate::forward::PortForward::none());
+        }
         let ports: Vec<(u16, u16)> = crate::engine::ports(&config)
             .iter()
             .map(|p| (p.local_port.unwrap_or(p.container_port), p.container_port))
@@ -849,10 +922,10 @@ fn wait_path(remote: &Remote) -> String {
     format!("/api/project/{}/runs/wait", remote.project())
 }
 
-/// The latest submission of job 0.
+/// The latest submission of the first job (node 0 of replica 0).
 fn latest_job(jobs: &[Job]) -> Option<&Job> {
     jobs.iter()
-        .filter(|j| j.job_num == 0)
+        .filter(|j| j.slot() == (0, 0))
         .max_by_key(|j| j.submission_num)
 }
 

@@ -652,6 +652,52 @@ fn check_mounts(mounts: &[MountPoint], containers: bool) -> Result<(), EngineErr
     Ok(())
 }
 
+/// Refuses what the services proxy cannot do (yet), rather than ignoring it.
+fn check_service(service: &crate::config::ServiceConfiguration) -> Result<(), EngineError> {
+    use crate::config::service::{GatewayRef, Https, ModelSpec};
+    let refuse = |what: &str| Err(EngineError::Unsupported(what.to_string()));
+    if !matches!(service.gateway, None | Some(GatewayRef::Default(false))) {
+        return refuse(
+            "`gateway`: gateways are not supported; services are published through the \
+             server's built-in proxy at <server>/proxy/services/<project>/<run>/ (auth, \
+             replicas, probes, rate limits): remove `gateway` or set `gateway: false` (a \
+             gateway would add a domain of your own and TLS)",
+        );
+    }
+    if service.https == Some(Https::Enabled(false)) {
+        return refuse(
+            "`https: false` applies to gateways only; the built-in proxy serves the service at \
+             the server's own URL: remove `https`",
+        );
+    }
+    if let Some(ModelSpec::Tgi { .. }) = service.model {
+        return refuse(
+            "`model.format: tgi` is not supported yet: serve the model's OpenAI-compatible API \
+             (TGI has one at /v1) and set `model: <name>` (format openai)",
+        );
+    }
+    if service.groups.is_some() {
+        return refuse(
+            "replica groups (`replicas` as a list, or `groups`) are not supported yet; use \
+             `replicas: N`",
+        );
+    }
+    let fixed = service
+        .replicas
+        .as_ref()
+        .is_none_or(|r| r.min.is_some() && r.min == r.max);
+    if service.scaling.is_some() || !fixed {
+        return refuse(
+            "autoscaling (`replicas: MIN..MAX` with `scaling`) is not supported yet; use \
+             `replicas: N`",
+        );
+    }
+    if command::replicas(service) == 0 {
+        return refuse("`replicas: 0` runs nothing: set at least 1");
+    }
+    Ok(())
+}
+
 /// Applies `-e KEY=VALUE` overrides to a run configuration's env.
 fn apply_env_overrides(configuration: &mut Configuration, env: &BTreeMap<String, String>) {
     use crate::config::env::EnvValue;
@@ -790,9 +836,9 @@ impl Inner {
         // A scheduled run's jobs are submitted at its start (`runs::pending_timer`).
         let jobs: Vec<Job> = match next_start {
             Some(_) => Vec::new(),
-            None => (0u32..)
-                .take(command::nodes(&configuration))
-                .map(|num| Job::submission(&run, num, 0))
+            None => command::slots(&configuration)
+                .into_iter()
+                .map(|slot| Job::of_slot(&run, slot, 0))
                 .collect(),
         };
         Ok((run, jobs, configuration))
@@ -908,6 +954,9 @@ impl Inner {
                         .to_string(),
                 ));
             }
+        }
+        if let Configuration::Service(service) = configuration {
+            check_service(service)?;
         }
         if let Configuration::Task(t) = configuration {
             if t.groups.is_some() {

@@ -48,11 +48,11 @@ enum Verdict {
     Failed(RunTerminationReason),
 }
 
-/// The latest submission of each job number.
+/// The latest submission of each job (replica and node).
 pub(crate) fn latest(jobs: &[Job]) -> Vec<&Job> {
     let mut out: Vec<&Job> = Vec::new();
     for job in jobs {
-        match out.iter_mut().find(|j| j.job_num == job.job_num) {
+        match out.iter_mut().find(|j| j.slot() == job.slot()) {
             Some(slot) if slot.submission_num < job.submission_num => *slot = job,
             Some(_) => {}
             None => out.push(job),
@@ -92,7 +92,7 @@ fn verdict(run: &Run, retry: &Option<Retry>, job: &Job, all: &[Job], now: u64) -
     let start = run.next_triggered_at_ms.unwrap_or(0);
     let provisioned = all
         .iter()
-        .filter(|j| j.job_num == job.job_num && j.instance_id.is_some())
+        .filter(|j| j.slot() == job.slot() && j.instance_id.is_some())
         .filter(|j| j.submitted_at_ms >= start)
         .max_by_key(|j| j.submission_num);
     let since = match provisioned {
@@ -635,30 +635,31 @@ pub(crate) async fn pending_timer(inner: Arc<Inner>) {
     }
 }
 
-/// The submissions that (re)start a run with `nodes` jobs: every job for a scheduled start,
-/// the jobs that are not done for a retry; each numbered after its job's latest submission.
+/// The submissions that (re)start a run whose jobs are `slots` (see
+/// [`super::command::slots`]): every job for a scheduled start, the jobs that are not done
+/// for a retry; each numbered after its job's latest submission.
 pub(crate) fn next_submissions(
     run: &Run,
     jobs: &[Job],
-    nodes: usize,
+    slots: &[(u32, u32)],
     waiting: Waiting,
 ) -> Vec<Job> {
     let current = latest(jobs);
-    let submission = |num: u32| {
+    let submission = |slot: (u32, u32)| {
         current
             .iter()
-            .find(|j| j.job_num == num)
+            .find(|j| j.slot() == slot)
             .map_or(0, |j| j.submission_num + 1)
     };
     match waiting {
-        Waiting::Start(_) => (0u32..)
-            .take(nodes)
-            .map(|num| Job::submission(run, num, submission(num)))
+        Waiting::Start(_) => slots
+            .iter()
+            .map(|&slot| Job::of_slot(run, slot, submission(slot)))
             .collect(),
         Waiting::Retry(_) => current
             .into_iter()
             .filter(|j| j.status != JobStatus::Done)
-            .map(|job| Job::submission(run, job.job_num, job.submission_num + 1))
+            .map(|job| Job::of_slot(run, job.slot(), job.submission_num + 1))
             .collect(),
     }
 }
@@ -669,7 +670,7 @@ async fn resubmit(inner: &Arc<Inner>, mut run: Run, waiting: Waiting) -> Result<
     run.next_attempt_at_ms = None;
     run.status_message = None;
     let jobs = inner.store.jobs_of_run(&run.id)?;
-    let next = next_submissions(&run, &jobs, super::command::nodes(&config), waiting);
+    let next = next_submissions(&run, &jobs, &super::command::slots(&config), waiting);
     // The run's status and its new submissions are written together, or not at all.
     if !inner
         .store
@@ -854,7 +855,7 @@ mod tests {
         let start = Waiting::of(&pending);
         assert_eq!(start, Waiting::Start(NOW - 2 * HOUR));
         assert_eq!(
-            numbers(next_submissions(&pending, &[], 2, start)),
+            numbers(next_submissions(&pending, &[], &[(0, 0), (0, 1)], start)),
             [(0, 0), (1, 0)]
         );
         let mut jobs = vec![
@@ -873,11 +874,16 @@ mod tests {
         ];
         jobs[1].submission_num = 3;
         assert_eq!(
-            numbers(next_submissions(&pending, &jobs, 2, start)),
+            numbers(next_submissions(&pending, &jobs, &[(0, 0), (0, 1)], start)),
             [(0, 1), (1, 4)]
         );
         assert_eq!(
-            numbers(next_submissions(&pending, &jobs, 2, Waiting::Retry(NOW))),
+            numbers(next_submissions(
+                &pending,
+                &jobs,
+                &[(0, 0), (0, 1)],
+                Waiting::Retry(NOW)
+            )),
             [(1, 4)]
         );
         // A run without a schedule waits only for retries.

@@ -19,7 +19,7 @@
 //! jobs with its whole window and found room for every demand in it runs again at once, so
 //! that freed capacity is filled however far it reaches.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -153,6 +153,11 @@ async fn pass(inner: &Arc<Inner>) {
     let mut gangs: Vec<String> = Vec::new();
     // The placements decided in this pass, made in one transaction at its end.
     let mut placements: Vec<Pending> = Vec::new();
+    // Where the replicas of each service run are (or go in this pass): one per host.
+    let mut replicas: HashSet<(String, String)> = holdings
+        .iter()
+        .map(|h| (h.run_id.clone(), h.instance_id.clone()))
+        .collect();
     let mut placed = 0;
     let whole_window = waiting.len() == window;
     for WaitingJob {
@@ -183,19 +188,34 @@ async fn pass(inner: &Arc<Inner>) {
         let common = super::command::common(&config);
         let spec = &common.resources;
         let selection = fleet_selection(common);
-        let candidates = eligible(&instances, &fleets, common);
+        let mut candidates = eligible(&instances, &fleets, common);
+        // A service's replicas all listen on its port: each needs a host of its own.
+        let port = match config.as_ref() {
+            Configuration::Service(s) => Some(s.port.container_port),
+            _ => None,
+        };
+        let taken =
+            |i: &Instance| port.is_some() && replicas.contains(&(run_id.clone(), i.id.clone()));
         let reasons: Vec<String> = candidates
             .iter()
-            .filter_map(|i| mismatch(spec, &i.host).map(|r| format!("{}: {r}", i.name)))
+            .filter_map(|i| match (taken(i), port) {
+                (true, Some(port)) => Some(format!(
+                    "{}: runs another replica of this service (port {port})",
+                    i.name
+                )),
+                _ => mismatch(spec, &i.host).map(|r| format!("{}: {r}", i.name)),
+            })
             .collect();
-        if reasons.len() == candidates.len() {
+        let eligible_count = candidates.len();
+        candidates.retain(|i| !taken(i));
+        if reasons.len() == eligible_count {
             let provisioning = inner.provision_for_job(&job_id, &config).await;
             let why = match provisioning {
                 Ok(ForJob::Provisioning) => continue,
                 Ok(ForJob::Impossible(why)) => why,
                 Err(e) => e.to_string(),
             };
-            let message = match (&selection, candidates.is_empty()) {
+            let message = match (&selection, eligible_count == 0) {
                 (Some(names), true) => {
                     format!(
                         "no offers: fleets {} have no ready instances",
@@ -246,6 +266,7 @@ async fn pass(inner: &Arc<Inner>) {
                 held.entry(instance.id.clone())
                     .or_default()
                     .push(reservation);
+                replicas.insert((run_id.clone(), instance.id.clone()));
                 placements.push(Pending {
                     job_id,
                     instance: (*instance).clone(),

@@ -169,8 +169,16 @@ pub struct Job {
 }
 
 impl Job {
-    /// A new `submitted` submission (`submission_num`) of job `job_num` of a run.
+    /// A new `submitted` submission (`submission_num`) of job `job_num` of a run's first
+    /// replica (see [`Job::of_slot`] for others).
     pub fn submission(run: &Run, job_num: u32, submission_num: u32) -> Job {
+        Job::of_slot(run, (0, job_num), submission_num)
+    }
+
+    /// A new `submitted` submission (`submission_num`) of the job in `slot`
+    /// (`(replica_num, job_num)`) of a run.
+    pub fn of_slot(run: &Run, slot: (u32, u32), submission_num: u32) -> Job {
+        let (replica_num, job_num) = slot;
         Job {
             // Time-ordered (UUID v7, ordered by creation within a process): jobs submitted in
             // the same millisecond (a sweep's trials) wait in the order they were applied.
@@ -178,7 +186,7 @@ impl Job {
             run_id: run.id.clone(),
             run_name: run.name.clone(),
             job_num,
-            replica_num: 0,
+            replica_num,
             submission_num,
             status: JobStatus::Submitted,
             termination_reason: None,
@@ -191,6 +199,12 @@ impl Job {
             started_at_ms: None,
             finished_at_ms: None,
         }
+    }
+
+    /// Which job of the run this is a submission of: `(replica_num, job_num)` (a retry is a
+    /// new submission of the same slot).
+    pub fn slot(&self) -> (u32, u32) {
+        (self.replica_num, self.job_num)
     }
 
     /// `<run>-<job_num>-<replica_num>`, as dstack names jobs.

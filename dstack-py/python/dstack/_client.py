@@ -141,7 +141,7 @@ class Run:
         return metrics
 
     def _latest_job(self) -> Optional[Dict[str, Any]]:
-        jobs = [j for j in self.jobs if j["job_num"] == 0]
+        jobs = [j for j in self.jobs if j["job_num"] == 0 and j["replica_num"] == 0]
         return max(jobs, key=lambda j: j["submission_num"]) if jobs else None
 
     def refresh(self) -> "Run":

@@ -1,0 +1,461 @@
+//! The services proxy, on the server's own listener as dstack's in-server proxy:
+//! `<server>/proxy/services/<project>/<run>/<path>` reaches the service's ready replicas
+//! (round robin; a replica that cannot be reached is skipped and checked again), and
+//! `<server>/proxy/models/<project>/` is the project's OpenAI-compatible model endpoint.
+//!
+//! Every HTTP method, streamed bodies both ways (server-sent events), and WebSockets (which
+//! dstack's in-server proxy refuses). `auth: true` (dstack's default) needs
+//! `Authorization: Bearer <token>` with the server's token: missing → 401, wrong → 403; the
+//! header is passed on to the replica, as dstack does. `strip_prefix` (default on) removes
+//! `/proxy/services/<project>/<run>`. Unknown or finished service → 404; a service with no
+//! ready replica → 503; a replica that cannot be reached → 502; no answer within the
+//! proxy's timeout → 504; over a `rate_limits` rule → 429.
+
+mod limits;
+mod models;
+mod probes;
+mod registry;
+mod upstream;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dstack_core::engine::Engine;
+use dstack_core::http::serve::{bearer, respond, same_secret, Body};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{HeaderName, HeaderValue, CONNECTION, HOST, LOCATION, RETRY_AFTER, UPGRADE};
+use hyper::{Request, Response, StatusCode};
+use tokio::time::Instant;
+
+use crate::routes::PROJECT;
+use crate::Shared;
+use registry::{Registry, Replica, Service};
+use upstream::{Upstream, UpstreamError};
+
+/// How long a replica may take to send an answer's head, by default
+/// (`DSTACK_SERVER_PROXY_TIMEOUT`, seconds).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How often the service table is read again and due probes are sent.
+const TICK: Duration = Duration::from_millis(250);
+
+/// The client's address of a request, set by the server's listener.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ClientAddr(pub SocketAddr);
+
+/// The proxy's state.
+pub(crate) struct Proxy {
+    registry: Registry,
+    upstream: Upstream,
+    limiters: Mutex<HashMap<String, limits::Limiter>>,
+    timeout: Duration,
+    clock: Instant,
+}
+
+impl Proxy {
+    /// A proxy to the replicas of `engine`'s services, waiting at most `timeout` for an
+    /// answer's head.
+    pub fn new(engine: Engine, timeout: Duration) -> Self {
+        Proxy {
+            registry: Registry::default(),
+            upstream: Upstream::new(engine),
+            limiters: Mutex::default(),
+            timeout,
+            clock: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.clock.elapsed().as_millis() as u64
+    }
+}
+
+/// Keeps the service table current and probes replicas, until the server stops.
+pub(crate) async fn supervise(proxy: Arc<Proxy>, engine: Engine) {
+    let mut changes = engine.subscribe();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            change = changes.recv() => {
+                if matches!(change, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                    return;
+                }
+            }
+        }
+        if let Err(e) = proxy.registry.refresh(&engine) {
+            eprintln!("dstack server: cannot read the services: {e}");
+            continue;
+        }
+        let live = proxy.registry.snapshot();
+        proxy
+            .limiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|run_id, _| live.values().any(|s| &s.run_id == run_id));
+        for service in live.values() {
+            for replica in &service.replicas {
+                check(&proxy, service, replica);
+            }
+        }
+    }
+}
+
+/// Sends a replica's due probes (or its port check) on a task of its own.
+fn check(proxy: &Arc<Proxy>, service: &Service, replica: &Arc<Replica>) {
+    let now = proxy.now_ms();
+    let due = {
+        let mut state = replica.probing.lock().unwrap_or_else(|e| e.into_inner());
+        if state.checking {
+            return;
+        }
+        let due = state.due(&service.probes, now);
+        state.checking = !due.is_empty();
+        due
+    };
+    if due.is_empty() {
+        return;
+    }
+    let (proxy, replica, specs) = (proxy.clone(), replica.clone(), service.probes.clone());
+    tokio::spawn(async move {
+        let mut results = Vec::with_capacity(due.len());
+        for index in due {
+            let result = match specs.get(index) {
+                None => {
+                    proxy
+                        .upstream
+                        .port_open(&replica.instance_id, replica.port)
+                        .await
+                }
+                Some(spec) => probe(&proxy, &replica, spec).await,
+            };
+            results.push((index, result));
+        }
+        let now = proxy.now_ms();
+        let mut state = replica.probing.lock().unwrap_or_else(|e| e.into_inner());
+        for (index, result) in results {
+            state.record(&specs, index, result, now);
+        }
+        state.checking = false;
+        replica.set_ready(state.ready(&specs));
+    });
+}
+
+/// Sends one probe; `Ok` for a 2xx answer within its timeout.
+async fn probe(proxy: &Proxy, replica: &Replica, spec: &probes::ProbeSpec) -> Result<(), String> {
+    let mut req = Request::builder()
+        .method(spec.method.clone())
+        .uri(spec.url.as_str())
+        .header(HOST, "localhost");
+    for (name, value) in &spec.headers {
+        req = req.header(name.as_str(), value.as_str());
+    }
+    let body = Full::new(bytes::Bytes::from(spec.body.clone().unwrap_or_default()))
+        .map_err(|never| match never {})
+        .boxed_unsync();
+    let req = req.body(body).map_err(|e| e.to_string())?;
+    let connection = proxy
+        .upstream
+        .connect(&replica.instance_id, replica.port)
+        .await
+        .map_err(|e| e.to_string())?;
+    let answer = connection
+        .send(req, spec.timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = answer.status();
+    // The body is read so that the connection can serve the next request.
+    let _ = tokio::time::timeout(spec.timeout, answer.into_body().collect()).await;
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(format!("{} answered {status}", spec.url))
+    }
+}
+
+/// Answers a request under `/proxy/`.
+pub(crate) async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_start_matches('/').splitn(5, '/').collect();
+    match segments.as_slice() {
+        ["proxy", "services", project, run, ..] if *project == PROJECT => {
+            let rest = segments.get(4).copied();
+            service(shared, run, rest, req).await
+        }
+        ["proxy", "models", project, ..] if *project == PROJECT => {
+            let route = path.splitn(5, '/').nth(4).unwrap_or("").to_string();
+            match unauthorized(shared, &req) {
+                None => models::handle(&shared.proxy, &route, req).await,
+                Some(refusal) => refusal,
+            }
+        }
+        ["proxy", "services" | "models", project, ..] => refuse(
+            StatusCode::NOT_FOUND,
+            format!("project {project} does not exist (this server has project {PROJECT})"),
+        ),
+        _ => refuse(StatusCode::NOT_FOUND, format!("no such route {path}")),
+    }
+}
+
+/// Proxies a request to service `run`; `rest` is what follows `/<run>/` in the path.
+async fn service(
+    shared: &Shared,
+    run: &str,
+    rest: Option<&str>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let proxy = &shared.proxy;
+    let Some(service) = proxy.registry.get(run) else {
+        return refuse(
+            StatusCode::NOT_FOUND,
+            format!("service {run} is not running in project {PROJECT}"),
+        );
+    };
+    if service.config.auth {
+        if let Some(refusal) = unauthorized(shared, &req) {
+            return refusal;
+        }
+    }
+    let Some(rest) = rest else {
+        // `/proxy/services/main/run` → `/proxy/services/main/run/`: relative links resolve.
+        let mut location = format!("{}/", req.uri().path());
+        if let Some(query) = req.uri().query() {
+            location = format!("{location}?{query}");
+        }
+        let mut resp = respond(StatusCode::PERMANENT_REDIRECT, "text/plain", "");
+        if let Ok(value) = HeaderValue::from_str(&location) {
+            resp.headers_mut().insert(LOCATION, value);
+        }
+        return resp;
+    };
+    let service_path = format!("/{rest}");
+    if let Err(retry_after) = rate_limit(proxy, &service, &service_path, &req) {
+        let mut resp = refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("service {run}: too many requests"),
+        );
+        resp.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(retry_after));
+        return resp;
+    }
+    let target = if service.config.strip_prefix {
+        match req.uri().query() {
+            Some(query) => format!("{service_path}?{query}"),
+            None => service_path,
+        }
+    } else {
+        req.uri()
+            .path_and_query()
+            .map_or_else(|| req.uri().path().to_string(), |p| p.to_string())
+    };
+    let req = req.map(upstream::incoming_body);
+    forward(proxy, run, &service, req, &target).await
+}
+
+/// Sends `req` to the first ready replica of `service` that can be reached, as `target`.
+pub(crate) async fn forward(
+    proxy: &Proxy,
+    run: &str,
+    service: &Service,
+    mut req: Request<Body>,
+    target: &str,
+) -> Response<Body> {
+    let replicas = service.ready_in_turn();
+    if replicas.is_empty() {
+        let mut resp = refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("service {run} has no ready replica yet"),
+        );
+        resp.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        return resp;
+    }
+    let mut connection = None;
+    let mut errors = Vec::new();
+    for replica in &replicas {
+        match proxy
+            .upstream
+            .connect(&replica.instance_id, replica.port)
+            .await
+        {
+            Ok(c) => {
+                connection = Some(c);
+                break;
+            }
+            Err(e) => {
+                // Nothing was sent: take the replica out until its checks pass again.
+                replica.set_ready(false);
+                replica
+                    .probing
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .reset(proxy.now_ms());
+                errors.push(format!("replica {}: {e}", replica.replica_num));
+            }
+        }
+    }
+    let Some(connection) = connection else {
+        return refuse(StatusCode::BAD_GATEWAY, errors.join("; "));
+    };
+    let client_upgrade = wants_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+    let client_ip = req.extensions().get::<ClientAddr>().map(|a| a.0.ip());
+    let (mut parts, body) = req.into_parts();
+    parts.uri = match target.parse() {
+        Ok(uri) => uri,
+        Err(e) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                format!("invalid path {target}: {e}"),
+            )
+        }
+    };
+    strip_hop_headers(&mut parts.headers, client_upgrade.is_some());
+    if let Some(ip) = client_ip {
+        let forwarded = match parts
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(earlier) => format!("{earlier}, {ip}"),
+            None => ip.to_string(),
+        };
+        if let Ok(value) = HeaderValue::from_str(&forwarded) {
+            parts.headers.insert("x-forwarded-for", value);
+        }
+    }
+    parts
+        .headers
+        .insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    let req = Request::from_parts(parts, body);
+    let mut answer = match connection.send(req, proxy.timeout).await {
+        Ok(answer) => answer,
+        Err(e @ UpstreamError::Timeout(_)) => {
+            return refuse(StatusCode::GATEWAY_TIMEOUT, format!("service {run}: {e}"))
+        }
+        Err(e) => return refuse(StatusCode::BAD_GATEWAY, format!("service {run}: {e}")),
+    };
+    if let (Some(client), StatusCode::SWITCHING_PROTOCOLS) = (client_upgrade, answer.status()) {
+        let replica = hyper::upgrade::on(&mut answer);
+        tokio::spawn(async move {
+            if let (Ok(client), Ok(replica)) = (client.await, replica.await) {
+                let mut client = hyper_util::rt::TokioIo::new(client);
+                let mut replica = hyper_util::rt::TokioIo::new(replica);
+                let _: io::Result<_> =
+                    tokio::io::copy_bidirectional(&mut client, &mut replica).await;
+            }
+        });
+        let (parts, _) = answer.into_parts();
+        return Response::from_parts(parts, empty());
+    }
+    let (mut parts, body) = answer.into_parts();
+    strip_hop_headers(&mut parts.headers, false);
+    Response::from_parts(parts, upstream::incoming_body(body))
+}
+
+/// Checks the request's token against the server's: the refusal, if it fails.
+fn unauthorized<B>(shared: &Shared, req: &Request<B>) -> Option<Response<Body>> {
+    match bearer(req) {
+        None => Some(refuse(
+            StatusCode::UNAUTHORIZED,
+            "a token is required (Authorization: Bearer <token>; see $DSTACK_HOME/config.yml)",
+        )),
+        Some(token) if !same_secret(token, &shared.token) => Some(refuse(
+            StatusCode::FORBIDDEN,
+            "the token is not valid for this server",
+        )),
+        Some(_) => None,
+    }
+}
+
+fn rate_limit<B>(
+    proxy: &Proxy,
+    service: &Service,
+    path: &str,
+    req: &Request<B>,
+) -> Result<(), u64> {
+    let Some((index, rule)) = limits::rule_for(&service.config.rate_limits, path) else {
+        return Ok(());
+    };
+    let ip = req
+        .extensions()
+        .get::<ClientAddr>()
+        .map(|a| a.0.ip().to_string())
+        .unwrap_or_default();
+    let key = limits::key_of(rule, &ip, |name| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    });
+    let now = proxy.now_ms();
+    proxy
+        .limiters
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(service.run_id.clone())
+        .or_default()
+        .take(index, rule, key, now)
+}
+
+fn wants_upgrade<B>(req: &Request<B>) -> bool {
+    req.headers().contains_key(UPGRADE)
+        && req
+            .headers()
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
+
+/// Removes the headers that concern one connection only (RFC 9110 §7.6.1), and those the
+/// `Connection` header names; an upgrade keeps `Connection: upgrade` and `Upgrade`.
+fn strip_hop_headers(headers: &mut hyper::HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|name| !(upgrade && name == UPGRADE))
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+    ] {
+        headers.remove(name);
+    }
+    if upgrade {
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(CONNECTION);
+        headers.remove(UPGRADE);
+    }
+}
+
+fn empty() -> Body {
+    Full::new(bytes::Bytes::new())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// A JSON error answer, `{"detail": message}`.
+fn refuse(status: StatusCode, message: impl Into<String>) -> Response<Body> {
+    let body = serde_json::json!({ "detail": message.into() }).to_string();
+    respond(status, "application/json", body)
+}
