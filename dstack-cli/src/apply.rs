@@ -148,10 +148,13 @@ pub async fn apply(client: &Client, args: &ApplyArgs) -> Result<ExitCode, Failur
         return crate::volume::apply(client, &configuration).await;
     }
     if matches!(configuration, Configuration::Gateway(_)) {
-        return Err(Failure::new(format!(
-            "applying a {} is not supported yet",
-            configuration.type_name()
-        )));
+        return Err(Failure::new(
+            "gateways are not supported: every service is published through the server's \
+             built-in proxy at <server>/proxy/services/<project>/<run>/ (token auth, replicas, \
+             probes, rate limits, the model endpoint at <server>/proxy/models/<project>/); a \
+             gateway would add a domain of your own and TLS"
+                .to_string(),
+        ));
     }
     let file = args.file.display().to_string();
     let plan = client.runs().plan(&configuration).await?;

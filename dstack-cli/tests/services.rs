@@ -393,3 +393,58 @@ fn the_model_endpoint_lists_models_and_routes_chat_completions_by_name() {
     let unknown = request("POST", &format!("{models}chat/completions"), &headers, body);
     assert_eq!(unknown.status, 404);
 }
+
+#[test]
+fn what_the_proxy_cannot_do_is_refused_by_name_and_replicas_need_hosts_of_their_own() {
+    let env = Env::new();
+    let gateway = env.write(
+        "gw.dstack.yml",
+        "type: gateway\nname: gw\nbackend: aws\nregion: eu-west-1\ndomain: example.com\n",
+    );
+    let out = env.run(&["apply", "-f", &gateway, "-y"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("built-in proxy"),
+        "{}",
+        text(&out.stderr)
+    );
+    for (extra, expected) in [
+        ("gateway: true\n", "`gateway`"),
+        ("https: false\n", "`https: false`"),
+        (
+            "model:\n  type: chat\n  name: m\n  format: tgi\n",
+            "`model.format: tgi`",
+        ),
+    ] {
+        let file = env.write("refused.dstack.yml", &service_yaml(8000, extra));
+        let out = env.run(&["apply", "-f", &file, "-y", "-d"]);
+        assert!(!out.status.success(), "{extra}");
+        assert!(
+            text(&out.stderr).contains(expected),
+            "{extra}: {}",
+            text(&out.stderr)
+        );
+    }
+
+    // Two replicas of a port on the one local host: the second says why it cannot run.
+    let port = free_port();
+    let file = env.write("two.dstack.yml", &service_yaml(port, "replicas: 2\n"));
+    let out = env.run(&["apply", "-f", &file, "-y", "-d", "--name", "two"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_for(&env, "the run to fail", || {
+        let runs: serde_json::Value =
+            serde_json::from_slice(&env.run(&["ps", "-a", "--json"]).stdout).unwrap();
+        runs[0]["run"]["status"] == "failed"
+    });
+    let runs: serde_json::Value =
+        serde_json::from_slice(&env.run(&["ps", "-a", "--json"]).stdout).unwrap();
+    let jobs = runs[0]["jobs"].as_array().unwrap();
+    let second = jobs.iter().find(|j| j["replica_num"] == 1).unwrap();
+    let why = second["termination_message"].as_str().unwrap_or_default();
+    assert!(
+        why.contains(&format!(
+            "runs another replica of this service (port {port})"
+        )),
+        "{why}"
+    );
+}

@@ -39,6 +39,7 @@ pub(crate) fn snapshot_to_py(py: Python<'_>, s: Snapshot) -> PyResult<PyObject> 
     dict.set_item("run", record_to_py(py, &s.run)?)?;
     dict.set_item("jobs", record_to_py(py, &s.jobs)?)?;
     dict.set_item("instances", record_to_py(py, &s.instances)?)?;
+    dict.set_item("service", record_to_py(py, &s.service)?)?;
     Ok(dict.into_any().unbind())
 }
 

@@ -289,7 +289,11 @@ impl Runs<'_> {
             }
             Via::Server(remote) => {
                 let request = RunIds { ids: ids.to_vec() };
-                Ok(remote.call("runs/get_many", &request).await?)
+                let mut snapshots: Vec<Snapshot> = remote.call("runs/get_many", &request).await?;
+                for snapshot in &mut snapshots {
+                    snapshot.service = endpoint(remote, &snapshot.run);
+                }
+                Ok(snapshots)
             }
         }
     }
@@ -351,7 +355,10 @@ fn from_this_client(
 /// A run with its jobs, by name or id; `None` when there is none.
 async fn snapshot_of(remote: &Remote, which: &RunRef) -> Result<Option<Snapshot>, EngineError> {
     match remote.call::<Snapshot>("runs/get", which).await {
-        Ok(snapshot) => Ok(Some(snapshot)),
+        Ok(mut snapshot) => {
+            snapshot.service = endpoint(remote, &snapshot.run);
+            Ok(Some(snapshot))
+        }
         Err(ServerError::Refused { code, .. }) if code == "resource_not_exists" => Ok(None),
         Err(e) => Err(e.into()),
     }
@@ -608,9 +615,14 @@ fn secret_error(e: crate::secrets::SecretError) -> EngineError {
 }
 
 fn service_of(via: &Via, run: &Run) -> Option<ServiceEndpoint> {
-    let Via::Server(remote) = via else {
-        return None;
-    };
+    match via {
+        Via::Server(remote) => endpoint(remote, run),
+        Via::Engine(_) => None,
+    }
+}
+
+/// Where service `run` is published on the server of `remote`.
+fn endpoint(remote: &Remote, run: &Run) -> Option<ServiceEndpoint> {
     let Ok(Configuration::Service(service)) = run.spec.configuration() else {
         return None;
     };
@@ -721,6 +733,7 @@ impl RunHandle {
                     run,
                     jobs,
                     instances,
+                    service: None,
                 })
             }
             Via::Server(remote) => snapshot_of(remote, &self.by_id())
@@ -793,6 +806,7 @@ impl RunHandle {
             run,
             jobs,
             instances,
+            ..
         } = self.snapshot().await?;
         let config = run.spec.configuration().map_err(|e| {
             EngineError::Invalid(format!("stored configuration of run {}: {e}", run.name))

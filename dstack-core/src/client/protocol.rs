@@ -98,6 +98,10 @@ pub struct Snapshot {
     pub jobs: Vec<Job>,
     /// Their instances.
     pub instances: Vec<Instance>,
+    /// Where the run is published, for a service read through a server (filled in by the
+    /// client, which knows the server's URL as it reaches it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<super::ServiceEndpoint>,
 }
 
 /// `/api/runs/list`.

@@ -134,6 +134,23 @@ class Run:
         return {there: here for here, there in self._forward.ports}
 
     @property
+    def service_url(self) -> Optional[str]:
+        """A service's URL on the server's proxy (`<server>/proxy/services/<project>/<run>/`);
+        `None` for other runs. Requests need `Authorization: Bearer <token>` unless the
+        service has `auth: false`."""
+        service = self._snapshot.get("service")
+        return service["url"] if service else None
+
+    @property
+    def service_model(self) -> Optional[Dict[str, str]]:
+        """The model a service serves (`model:`): `{"name", "url"}`, the URL being the base
+        of its OpenAI-compatible API; `None` otherwise."""
+        service = self._snapshot.get("service")
+        if not service or not service.get("model"):
+            return None
+        return {"name": service["model"], "url": service["model_base_url"]}
+
+    @property
     def metrics(self) -> List[Dict[str, Any]]:
         """The values the job reported: each JSON object it appended as a line to the file
         named by `$DSTACK_METRICS_FILE`, in order."""
