@@ -448,3 +448,35 @@ fn what_the_proxy_cannot_do_is_refused_by_name_and_replicas_need_hosts_of_their_
         "{why}"
     );
 }
+
+#[test]
+fn a_service_scaled_to_zero_answers_its_first_request_once_a_replica_is_up() {
+    let env = Env::new();
+    let port = free_port();
+    let yaml = format!(
+        "type: service\nport: {port}\nauth: false\nreplicas: 0..1\n\
+         scaling:\n  metric: rps\n  target: 10\n  window: 30s\n  scale_down_delay: 1s\n\
+         commands:\n  - sleep 1\n  - python3 {} {port}\n",
+        app()
+    );
+    let url = apply_service(&env, "cold", &yaml, &[]);
+    let runs: serde_json::Value =
+        serde_json::from_slice(&env.run(&["ps", "--json"]).stdout).unwrap();
+    assert_eq!(runs[0]["run"]["status"], "pending", "{runs}");
+    assert_eq!(
+        runs[0]["jobs"].as_array().unwrap().len(),
+        0,
+        "no replica before a request"
+    );
+    let started = Instant::now();
+    let first = get(&format!("{url}first"), None);
+    assert_eq!(first.status, 200, "{}", text(&first.body));
+    assert_eq!(first.json()["path"], "/first");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "the replica sleeps 1 s first"
+    );
+    let runs: serde_json::Value =
+        serde_json::from_slice(&env.run(&["ps", "--json"]).stdout).unwrap();
+    assert_eq!(runs[0]["run"]["status"], "running", "{runs}");
+}

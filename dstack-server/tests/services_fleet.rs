@@ -195,3 +195,103 @@ async fn two_replicas_on_two_hosts_share_the_requests_and_one_takes_over_when_th
     client.fleets().delete("pair", true).await.unwrap();
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_above_the_target_scales_a_service_up_to_three_hosts_and_back_down_after_it() {
+    let hosts = TestHosts::start(3);
+    let home = tempfile::tempdir().unwrap();
+    let _agent = LocalAgent(home.path().to_path_buf());
+    harness::authorize_project(home.path(), &hosts);
+    let options = ServerOptions {
+        home: home.path().to_path_buf(),
+        host: "127.0.0.1".into(),
+        port: Some(0),
+        token: None,
+        idle_exit: None,
+        agent_bin: None,
+        proxy_timeout: Duration::from_secs(30),
+    };
+    let (ready, listening) = tokio::sync::oneshot::channel();
+    let server = tokio::spawn(dstack_server::serve(options, move |url: &str| {
+        let _ = ready.send(url.to_string());
+    }));
+    if listening.await.is_err() {
+        panic!("the server did not start: {:?}", server.await);
+    }
+    let (client, _, token) = client(home.path());
+    let fleet = hosts.fleet_yaml("trio");
+    assert_eq!(
+        harness::apply_fleet(&client, &fleet).await.unwrap().len(),
+        3
+    );
+    let app = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../dstack-cli/tests/apps/service_app.py")
+        .canonicalize()
+        .unwrap();
+    let yaml = format!(
+        "type: service\nname: scaled\nport: 8124\nfleets: [trio]\nreplicas: 1..3\n\
+         scaling:\n  metric: rps\n  target: 2\n  window: 30s\n  scale_up_delay: 1s\n  scale_down_delay: 2s\n\
+         resources: {{cpu: 1.., memory: 0.1GB..}}\n\
+         commands:\n  - python3 {} 8124\n",
+        app.display()
+    );
+    let run = client
+        .runs()
+        .apply(
+            parse(&yaml, "s.dstack.yml").unwrap(),
+            ApplyOptions::default(),
+        )
+        .await
+        .unwrap();
+    let url = client.service(&run.run().await.unwrap()).unwrap().url;
+    eventually(60, "the first replica to answer", async || {
+        get(&url, &token).await.0 == 200
+    })
+    .await;
+    let running = async || {
+        run.jobs()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|j| j.status == JobStatus::Running)
+            .map(|j| j.instance_id.clone())
+            .collect::<BTreeSet<_>>()
+    };
+    assert_eq!(running().await.len(), 1, "replicas: 1..3 starts with one");
+
+    // 140 requests within the 30 s window: 4.7 requests/s for a target of 2 → 3 replicas.
+    for _ in 0..140 {
+        assert_eq!(get(&url, &token).await.0, 200);
+    }
+    eventually(60, "three replicas on three hosts", async || {
+        running().await.len() == 3
+    })
+    .await;
+    let mut seen = BTreeSet::new();
+    eventually(30, "requests to reach the three replicas", async || {
+        let (status, body) = get(&url, &token).await;
+        if status == 200 {
+            seen.insert(pid(&body));
+        }
+        seen.len() == 3
+    })
+    .await;
+
+    // No more load: once the requests leave the window, back to one replica.
+    eventually(60, "one replica again", async || running().await.len() == 1).await;
+    let jobs = run.jobs().await.unwrap();
+    let scaled_down = jobs
+        .iter()
+        .filter(|j| j.termination_reason.as_deref() == Some("scaled_down"))
+        .count();
+    assert_eq!(scaled_down, 2, "{jobs:?}");
+    assert_eq!(
+        run.run().await.unwrap().status,
+        dstack_core::model::RunStatus::Running
+    );
+    assert_eq!(get(&url, &token).await.0, 200);
+
+    run.stop(false).await.unwrap();
+    client.fleets().delete("trio", true).await.unwrap();
+    server.abort();
+}

@@ -19,6 +19,7 @@ pub mod names;
 mod provision;
 mod queues;
 mod runs;
+pub mod scaling;
 mod scheduler;
 mod sweep;
 mod volumes;
@@ -601,6 +602,13 @@ impl Engine {
         self.inner().detach_volume(name, instance_id, force).await
     }
 
+    /// Brings service run `run_id` to `desired` replicas (see [`scaling`]): new replica jobs,
+    /// or the least important ones stopped with `scaled_down`; a service at zero waits
+    /// `pending`. Returns how many it had.
+    pub async fn scale(&self, run_id: &str, desired: u32) -> Result<u32, EngineError> {
+        scaling::scale(self.inner(), run_id, desired).await
+    }
+
     /// Stops a run: gracefully (SIGTERM, then SIGKILL after the grace period) or, with
     /// `abort`, at once.
     pub async fn stop(&self, run_id: &str, abort: bool) -> Result<Run, EngineError> {
@@ -682,17 +690,7 @@ fn check_service(service: &crate::config::ServiceConfiguration) -> Result<(), En
              `replicas: N`",
         );
     }
-    let fixed = service
-        .replicas
-        .as_ref()
-        .is_none_or(|r| r.min.is_some() && r.min == r.max);
-    if service.scaling.is_some() || !fixed {
-        return refuse(
-            "autoscaling (`replicas: MIN..MAX` with `scaling`) is not supported yet; use \
-             `replicas: N`",
-        );
-    }
-    if command::replicas(service) == 0 {
+    if service.scaling.is_none() && service.replicas.as_ref().is_some_and(|r| r.max == Some(0)) {
         return refuse("`replicas: 0` runs nothing: set at least 1");
     }
     Ok(())
@@ -811,16 +809,18 @@ impl Inner {
                     EngineError::Invalid(format!("cannot read the current directory: {e}"))
                 })?,
         };
+        // `replicas: 0..N`: nothing runs until the first request.
+        let scaled_to_zero = next_start.is_none() && command::slots(&configuration).is_empty();
         let run = Run {
             id,
             name,
-            status: if next_start.is_some() {
+            status: if next_start.is_some() || scaled_to_zero {
                 RunStatus::Pending
             } else {
                 RunStatus::Submitted
             },
             termination_reason: None,
-            status_message: None,
+            status_message: scaled_to_zero.then(|| runs::SCALED_TO_ZERO.to_string()),
             spec: RunSpec {
                 configuration: crate::model::RawJson::from_value(&configuration.to_json()),
                 configuration_path: opts.configuration_path,

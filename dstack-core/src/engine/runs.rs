@@ -38,6 +38,9 @@ fn retry_policy(retry: &Option<Retry>) -> Option<(Vec<RetryEvent>, i64)> {
     }
 }
 
+/// The status message of a service scaled to zero.
+pub(crate) const SCALED_TO_ZERO: &str = "scaled to zero: the next request starts a replica";
+
 /// What one job contributes to its run's status.
 enum Verdict {
     Done,
@@ -155,7 +158,17 @@ pub(crate) fn decide(
             Decision::Update(rescheduled(run, schedule, now))
         });
     }
-    let current = latest(jobs);
+    // Replicas scaled down are no longer part of the run.
+    let current: Vec<&Job> = latest(jobs)
+        .into_iter()
+        .filter(|j| !super::scaling::scaled_down(j))
+        .collect();
+    if current.is_empty() && !jobs.is_empty() {
+        run.status = RunStatus::Pending;
+        run.next_attempt_at_ms = None;
+        run.status_message = Some(SCALED_TO_ZERO.to_string());
+        return Decision::Update(run);
+    }
     let retry = &super::command::common(config).profile.retry;
     let mut verdicts: Vec<Verdict> = current
         .iter()
@@ -447,7 +460,7 @@ pub(crate) async fn terminate_jobs(inner: &Arc<Inner>, run: &Run, abort: bool) {
 /// Stops one job of a terminating run. A compare-and-set that loses to a concurrent change
 /// (the job was just placed or started) reads the job again and retries, so no job of a
 /// terminating run is left running.
-fn terminate_job(
+pub(crate) fn terminate_job(
     inner: &Arc<Inner>,
     run: &Run,
     mut job: Job,
@@ -658,7 +671,7 @@ pub(crate) fn next_submissions(
             .collect(),
         Waiting::Retry(_) => current
             .into_iter()
-            .filter(|j| j.status != JobStatus::Done)
+            .filter(|j| j.status != JobStatus::Done && !super::scaling::scaled_down(j))
             .map(|job| Job::of_slot(run, job.slot(), job.submission_num + 1))
             .collect(),
     }
@@ -666,11 +679,15 @@ pub(crate) fn next_submissions(
 
 async fn resubmit(inner: &Arc<Inner>, mut run: Run, waiting: Waiting) -> Result<(), EngineError> {
     let config = inner.configuration(&run)?;
+    let jobs = inner.store.jobs_of_run(&run.id)?;
+    let next = next_submissions(&run, &jobs, &super::command::slots(&config), waiting);
+    if next.is_empty() {
+        // A service scaled to zero: its next request scales it up (`scaling::scale`).
+        return Ok(());
+    }
     run.status = RunStatus::Submitted;
     run.next_attempt_at_ms = None;
     run.status_message = None;
-    let jobs = inner.store.jobs_of_run(&run.id)?;
-    let next = next_submissions(&run, &jobs, &super::command::slots(&config), waiting);
     // The run's status and its new submissions are written together, or not at all.
     if !inner
         .store

@@ -9,12 +9,16 @@
 //! header is passed on to the replica, as dstack does. `strip_prefix` (default on) removes
 //! `/proxy/services/<project>/<run>`. Unknown or finished service → 404; a service with no
 //! ready replica → 503; a replica that cannot be reached → 502; no answer within the
-//! proxy's timeout → 504; over a `rate_limits` rule → 429.
+//! proxy's timeout → 504; over a `rate_limits` rule → 429. A service that scales to zero
+//! (`replicas: 0..N` with `scaling`) holds a request that finds no replica (at most
+//! [`MAX_HELD`] at once, for up to the proxy's timeout), starts one, and answers once it is
+//! ready.
 
 mod limits;
 mod models;
 mod probes;
 mod registry;
+mod scaler;
 mod upstream;
 
 use std::collections::HashMap;
@@ -43,15 +47,24 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 /// How often the service table is read again and due probes are sent.
 const TICK: Duration = Duration::from_millis(250);
 
+/// Requests held at once, server-wide, for services waking from zero replicas.
+pub(crate) const MAX_HELD: usize = 1024;
+
+/// How often a held request looks for a ready replica.
+const HOLD_POLL: Duration = Duration::from_millis(50);
+
 /// The client's address of a request, set by the server's listener.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct ClientAddr(pub SocketAddr);
 
 /// The proxy's state.
 pub(crate) struct Proxy {
+    engine: Engine,
     registry: Registry,
     upstream: Upstream,
     limiters: Mutex<HashMap<String, limits::Limiter>>,
+    scaler: scaler::Scaler,
+    held: tokio::sync::Semaphore,
     timeout: Duration,
     clock: Instant,
 }
@@ -62,8 +75,11 @@ impl Proxy {
     pub fn new(engine: Engine, timeout: Duration) -> Self {
         Proxy {
             registry: Registry::default(),
-            upstream: Upstream::new(engine),
+            upstream: Upstream::new(engine.clone()),
+            engine,
             limiters: Mutex::default(),
+            scaler: scaler::Scaler::default(),
+            held: tokio::sync::Semaphore::new(MAX_HELD),
             timeout,
             clock: Instant::now(),
         }
@@ -79,6 +95,7 @@ pub(crate) async fn supervise(proxy: Arc<Proxy>, engine: Engine) {
     let mut changes = engine.subscribe();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut scaled_at = 0;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -93,14 +110,23 @@ pub(crate) async fn supervise(proxy: Arc<Proxy>, engine: Engine) {
             continue;
         }
         let live = proxy.registry.snapshot();
+        let is_live = |run_id: &str| live.values().any(|s| s.run_id == run_id);
         proxy
             .limiters
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|run_id, _| live.values().any(|s| &s.run_id == run_id));
+            .retain(|run_id, _| is_live(run_id));
+        proxy.scaler.retain(is_live);
         for service in live.values() {
             for replica in &service.replicas {
                 check(&proxy, service, replica);
+            }
+        }
+        let now = proxy.now_ms();
+        if now >= scaled_at + scaler::PERIOD.as_millis() as u64 {
+            scaled_at = now;
+            for service in live.values() {
+                proxy.scaler.decide(&engine, service, now).await;
             }
         }
     }
@@ -265,7 +291,14 @@ pub(crate) async fn forward(
     mut req: Request<Body>,
     target: &str,
 ) -> Response<Body> {
-    let replicas = service.ready_in_turn();
+    proxy.scaler.record(&service.run_id, proxy.now_ms());
+    let mut replicas = service.ready_in_turn();
+    if replicas.is_empty() && service.config.scaling.is_some() && service.config.scales_to_zero() {
+        replicas = match hold(proxy, run, service).await {
+            Ok(replicas) => replicas,
+            Err(refusal) => return *refusal,
+        };
+    }
     if replicas.is_empty() {
         let mut resp = refuse(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -355,6 +388,52 @@ pub(crate) async fn forward(
     let (mut parts, body) = answer.into_parts();
     strip_hop_headers(&mut parts.headers, false);
     Response::from_parts(parts, upstream::incoming_body(body))
+}
+
+/// Holds a request to a service without a ready replica that scales to zero: wakes it and
+/// waits for a ready replica (up to the proxy's timeout); the ready replicas, or the refusal.
+async fn hold(
+    proxy: &Proxy,
+    run: &str,
+    service: &Service,
+) -> Result<Vec<Arc<Replica>>, Box<Response<Body>>> {
+    let Ok(_permit) = proxy.held.try_acquire() else {
+        return Err(Box::new(refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("service {run} is starting and too many requests wait for it"),
+        )));
+    };
+    proxy
+        .scaler
+        .wake(&proxy.engine, service, proxy.now_ms())
+        .await;
+    let deadline = Instant::now() + proxy.timeout;
+    loop {
+        let ready = proxy
+            .registry
+            .get(run)
+            .filter(|s| s.run_id == service.run_id)
+            .map(|s| s.ready_in_turn());
+        match ready {
+            None => {
+                return Err(Box::new(refuse(
+                    StatusCode::NOT_FOUND,
+                    format!("service {run} is not running in project {PROJECT}"),
+                )))
+            }
+            Some(ready) if !ready.is_empty() => return Ok(ready),
+            Some(_) if Instant::now() >= deadline => {
+                return Err(Box::new(refuse(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "service {run}: no replica was ready within {} s of the request",
+                        proxy.timeout.as_secs()
+                    ),
+                )))
+            }
+            Some(_) => tokio::time::sleep(HOLD_POLL).await,
+        }
+    }
 }
 
 /// Checks the request's token against the server's: the refusal, if it fails.
