@@ -169,7 +169,7 @@ mod tests {
         counts.add(1009);
         assert_eq!(counts.rate(1009, 10), 3.1);
         assert_eq!(counts.rate(1010, 10), 0.1, "second 1000 left the window");
-        assert_eq!(counts.rate(1000 + 301, 300), 0.0);
+        assert_eq!(counts.rate(1009 + 300, 300), 0.0);
         counts.add(2000);
         assert_eq!(counts.rate(2000, 1), 1.0);
     }
