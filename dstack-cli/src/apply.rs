@@ -138,6 +138,27 @@ pub fn exit_code(run: &Run, exit_status: Option<i32>) -> ExitCode {
     }
 }
 
+/// The name of the active service that applying `configuration` (as `name`) updates in
+/// place, if there is one.
+async fn running_service(
+    client: &Client,
+    configuration: &Configuration,
+    name: Option<&str>,
+) -> Result<Option<String>, Failure> {
+    let Configuration::Service(service) = configuration else {
+        return Ok(None);
+    };
+    let Some(name) = name.or(service.common.name.as_deref()) else {
+        return Ok(None);
+    };
+    let Some(run) = client.runs().get(name).await? else {
+        return Ok(None);
+    };
+    let current = run.run().await?;
+    let is_service = matches!(current.spec.configuration(), Ok(Configuration::Service(_)));
+    Ok((is_service && !current.status.is_finished()).then(|| name.to_string()))
+}
+
 /// `dstack apply`.
 pub async fn apply(client: &Client, args: &ApplyArgs) -> Result<ExitCode, Failure> {
     let configuration = load(&args.file)?;
@@ -157,19 +178,41 @@ pub async fn apply(client: &Client, args: &ApplyArgs) -> Result<ExitCode, Failur
         ));
     }
     let file = args.file.display().to_string();
-    let plan = client.runs().plan(&configuration).await?;
-    print_plan(&plan, &file);
-    if !args.yes && !crate::confirm("Submit the run?") {
-        return Ok(ExitCode::from(1));
-    }
     let options = ApplyOptions {
         name: args.name.clone(),
         env: parse_env(&args.env)?,
-        configuration_path: Some(file),
+        configuration_path: Some(file.clone()),
         ..ApplyOptions::default()
     };
-    let run = client.runs().apply(configuration, options).await?;
-    println!("Submitted run {}", run.name());
+    let run = match running_service(client, &configuration, args.name.as_deref()).await? {
+        Some(name) => {
+            println!(
+                "Service {name} is running: the configuration is applied to it in place (a \
+                 rolling deployment when what its replicas run changed: new replicas replace \
+                 the old ones one at a time, once ready)"
+            );
+            if !args.yes && !crate::confirm("Update the run?") {
+                return Ok(ExitCode::from(1));
+            }
+            let run = client.runs().update(configuration, options).await?;
+            println!(
+                "Updated run {} (deployment {})",
+                run.name(),
+                run.run().await?.deployment_num
+            );
+            run
+        }
+        None => {
+            let plan = client.runs().plan(&configuration).await?;
+            print_plan(&plan, &file);
+            if !args.yes && !crate::confirm("Submit the run?") {
+                return Ok(ExitCode::from(1));
+            }
+            let run = client.runs().apply(configuration, options).await?;
+            println!("Submitted run {}", run.name());
+            run
+        }
+    };
     if let Some(at) = run.run().await?.scheduled_start_ms() {
         // It runs at each of its times until stopped (the server starts it): there is
         // nothing to attach to now.

@@ -480,3 +480,76 @@ fn a_service_scaled_to_zero_answers_its_first_request_once_a_replica_is_up() {
         serde_json::from_slice(&env.run(&["ps", "--json"]).stdout).unwrap();
     assert_eq!(runs[0]["run"]["status"], "running", "{runs}");
 }
+
+#[test]
+fn applying_a_changed_service_on_one_host_replaces_its_replica_without_a_failed_request() {
+    let env = Env::new();
+    let port = free_port();
+    let yaml = |version: u32| {
+        service_yaml(
+            port,
+            &format!("auth: false\nenv:\n  - VERSION={version}\nprobes:\n  - type: http\n    url: /health\n    interval: 1s\n"),
+        )
+    };
+    let url = apply_service(&env, "web", &yaml(1), &[]);
+    let version = |url: &str| {
+        let answer = get(url, None);
+        let about: serde_json::Value = serde_json::from_slice(&answer.body).unwrap_or_default();
+        (answer.status, about["version"].as_str().map(str::to_string))
+    };
+    wait_for(&env, "version 1", || {
+        version(&url) == (200, Some("1".into()))
+    });
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let looping = {
+        let (url, stop) = (url.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut answers = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && answers.len() < 20_000 {
+                answers.push(get(&url, None).status);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            answers
+        })
+    };
+    let file = env.write("web.dstack.yml", &yaml(2));
+    let out = env.run(&["apply", "-f", &file, "-y", "-d", "--name", "web"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("Updated run web (deployment 1)"),
+        "{stdout}"
+    );
+    wait_for(&env, "version 2", || {
+        version(&url) == (200, Some("2".into()))
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let answers = looping.join().unwrap();
+    let failed: Vec<&u16> = answers.iter().filter(|s| **s != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {failed:?}",
+        failed.len(),
+        answers.len()
+    );
+    let runs: serde_json::Value =
+        serde_json::from_slice(&env.run(&["ps", "--json"]).stdout).unwrap();
+    let jobs = runs[0]["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 2, "{jobs:?}");
+    assert_eq!(jobs[0]["termination_reason"], "scaled_down", "{jobs:?}");
+    assert_eq!(jobs[1]["status"], "running", "{jobs:?}");
+
+    // What cannot change in place is refused by name.
+    let file = env.write(
+        "web.dstack.yml",
+        &yaml(2).replace("auth: false", "auth: true"),
+    );
+    let out = env.run(&["apply", "-f", &file, "-y", "-d", "--name", "web"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("auth changed"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -154,6 +154,14 @@ async fn project_route(
                 .ok_or_else(|| ApiError::bad_request("no run was recorded"))?;
             Ok(json(&run))
         }
+        ["runs", "update"] => {
+            let request: ApplyRequest = body(req).await?;
+            let config = configuration(&request.configuration)?;
+            let run = engine(shared)?
+                .update_service(config, request.options)
+                .await?;
+            Ok(json(&run))
+        }
         ["runs", "apply_group"] => {
             let requests: Vec<ApplyRequest> = body(req).await?;
             let items = requests

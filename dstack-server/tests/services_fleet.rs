@@ -295,3 +295,121 @@ async fn a_load_above_the_target_scales_a_service_up_to_three_hosts_and_back_dow
     client.fleets().delete("trio", true).await.unwrap();
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_updated_service_rolls_over_to_new_replicas_without_a_failed_request() {
+    let hosts = TestHosts::start(2);
+    let home = tempfile::tempdir().unwrap();
+    let _agent = LocalAgent(home.path().to_path_buf());
+    harness::authorize_project(home.path(), &hosts);
+    let options = ServerOptions {
+        home: home.path().to_path_buf(),
+        host: "127.0.0.1".into(),
+        port: Some(0),
+        token: None,
+        idle_exit: None,
+        agent_bin: None,
+        proxy_timeout: Duration::from_secs(30),
+    };
+    let (ready, listening) = tokio::sync::oneshot::channel();
+    let server = tokio::spawn(dstack_server::serve(options, move |url: &str| {
+        let _ = ready.send(url.to_string());
+    }));
+    if listening.await.is_err() {
+        panic!("the server did not start: {:?}", server.await);
+    }
+    let (client, _, token) = client(home.path());
+    let fleet = hosts.fleet_yaml("roll");
+    assert_eq!(
+        harness::apply_fleet(&client, &fleet).await.unwrap().len(),
+        2
+    );
+    let app = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../dstack-cli/tests/apps/service_app.py")
+        .canonicalize()
+        .unwrap();
+    let yaml = |version: u32| {
+        format!(
+            "type: service\nname: rolling\nport: 8125\nfleets: [roll]\n\
+             resources: {{cpu: 1.., memory: 0.1GB..}}\nenv:\n  - VERSION={version}\n\
+             probes:\n  - type: http\n    url: /health\n    interval: 1s\n\
+             commands:\n  - sleep 1\n  - python3 {} 8125\n",
+            app.display()
+        )
+    };
+    let run = client
+        .runs()
+        .apply(
+            parse(&yaml(1), "s.dstack.yml").unwrap(),
+            ApplyOptions::default(),
+        )
+        .await
+        .unwrap();
+    let url = client.service(&run.run().await.unwrap()).unwrap().url;
+    let version = async |url: &str| {
+        let (status, body) = get(url, &token).await;
+        let about: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        (status, about["version"].as_str().map(str::to_string))
+    };
+    eventually(60, "version 1 to answer", async || {
+        version(&url).await == (200, Some("1".into()))
+    })
+    .await;
+
+    // A bounded request loop runs through the update.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let looping = {
+        let (url, token, stop) = (url.clone(), token.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut answers = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && answers.len() < 20_000 {
+                answers.push(get(&url, &token).await.0);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            answers
+        })
+    };
+    let updated = client
+        .runs()
+        .update(
+            parse(&yaml(2), "s.dstack.yml").unwrap(),
+            ApplyOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(updated.run().await.unwrap().deployment_num, 1);
+    eventually(
+        90,
+        "version 2 alone to answer, the old replica gone",
+        async || {
+            let jobs = run.jobs().await.unwrap();
+            let old_gone = jobs
+                .iter()
+                .filter(|j| j.deployment_num == 0)
+                .all(|j| j.status.is_finished());
+            old_gone && version(&url).await == (200, Some("2".into()))
+        },
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let answers = looping.await.unwrap();
+    let failed: Vec<&u16> = answers.iter().filter(|s| **s != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {failed:?}",
+        failed.len(),
+        answers.len()
+    );
+    assert!(answers.len() > 20, "the loop ran through the update");
+    let jobs = run.jobs().await.unwrap();
+    let old = jobs.iter().find(|j| j.deployment_num == 0).unwrap();
+    assert_eq!(old.termination_reason.as_deref(), Some("scaled_down"));
+    assert_eq!(
+        run.run().await.unwrap().status,
+        dstack_core::model::RunStatus::Running
+    );
+
+    run.stop(false).await.unwrap();
+    client.fleets().delete("roll", true).await.unwrap();
+    server.abort();
+}

@@ -42,6 +42,7 @@ class Handler(BaseHTTPRequestHandler):
             "method": self.command,
             "replica": os.environ.get("DSTACK_REPLICA_NUM"),
             "pid": os.getpid(),
+            "version": os.environ.get("VERSION"),
             "authorization": self.headers.get("Authorization") is not None,
         }
 

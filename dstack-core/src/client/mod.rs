@@ -216,6 +216,27 @@ impl Runs<'_> {
             .ok_or_else(|| EngineError::Invalid("no run was recorded".to_string()))
     }
 
+    /// Updates the active service that `configuration` (or `options.name`) names in place:
+    /// a rolling deployment when what its replicas run changed (see
+    /// [`crate::engine::rollout`]).
+    pub async fn update(
+        &self,
+        configuration: Configuration,
+        options: ApplyOptions,
+    ) -> Result<RunHandle, EngineError> {
+        let run = match &self.client.via {
+            Via::Engine(engine) => engine.update_service(configuration, options).await?,
+            Via::Server(remote) => {
+                let request = ApplyRequest {
+                    options: from_this_client(&configuration, options)?,
+                    configuration: configuration.to_json(),
+                };
+                remote.call("runs/update", &request).await?
+            }
+        };
+        Ok(self.handle(&run))
+    }
+
     /// Submits several runs at once, in one store transaction: all of them, or none if one
     /// is invalid (e.g. the trials of a sweep).
     pub async fn apply_all(

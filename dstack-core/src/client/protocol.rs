@@ -11,6 +11,7 @@
 //! | `runs/get_plan` | [`PlanRequest`] | [`PlanAnswer`] |
 //! | `runs/apply` | [`ApplyRequest`] | [`Run`] |
 //! | `runs/apply_group` (extra) | `[ApplyRequest]` | `[Run]` (all or none) |
+//! | `runs/update` (extra) | [`ApplyRequest`] | [`Run`]: an active service updated in place |
 //! | `runs/get` | [`RunRef`] | [`Snapshot`]; 400 `resource_not_exists` |
 //! | `runs/get_many` (extra) | [`RunIds`] | `[`[`Snapshot`]`]`, those that exist, in order |
 //! | `/api/runs/list` | [`ListRequest`] | [`crate::store::RunListing`] |

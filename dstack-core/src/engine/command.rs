@@ -272,17 +272,11 @@ pub fn ports(config: &Configuration) -> Vec<crate::config::ports::PortMapping> {
 /// per replica of a service (`replicas:`, its minimum when it is a range), one otherwise.
 pub fn slots(config: &Configuration) -> Vec<(u32, u32)> {
     match config {
-        Configuration::Service(s) => (0..replicas(s)).map(|r| (r, 0)).collect(),
+        Configuration::Service(s) => (0..super::scaling::initial_replicas(s))
+            .map(|r| (r, 0))
+            .collect(),
         _ => (0..nodes(config) as u32).map(|n| (0, n)).collect(),
     }
-}
-
-/// How many replicas a service starts with: `replicas` (the minimum of a range; 1 when
-/// omitted).
-pub fn replicas(service: &crate::config::ServiceConfiguration) -> u32 {
-    service.replicas.as_ref().map_or(1, |r| {
-        u32::try_from(r.min.or(r.max).unwrap_or(1).max(0)).unwrap_or(1)
-    })
 }
 
 /// How many nodes a run has (`nodes:` of a task; 1 otherwise).

@@ -632,6 +632,7 @@ mod tests {
             submitted_at_ms: 0,
             started_at_ms: None,
             finished_at_ms: None,
+            deployment_num: 0,
         };
         (job, None)
     }

@@ -18,6 +18,7 @@ mod jobs;
 pub mod names;
 mod provision;
 mod queues;
+pub mod rollout;
 mod runs;
 pub mod scaling;
 mod scheduler;
@@ -296,6 +297,8 @@ pub(crate) struct Definition {
     pub spec: RunSpec,
     /// `spec`'s configuration, parsed.
     pub config: Arc<Configuration>,
+    /// The run's deployment (see [`Run::deployment_num`]).
+    pub deployment_num: u32,
 }
 
 impl Definition {
@@ -306,6 +309,7 @@ impl Definition {
             name: run.name.clone(),
             spec: run.spec.clone(),
             config,
+            deployment_num: run.deployment_num,
         }
     }
 }
@@ -499,7 +503,7 @@ impl Engine {
         let mut batch: Vec<(Run, Vec<Job>, Arc<Configuration>)> = Vec::with_capacity(items.len());
         let mut generated: Vec<String> = Vec::new();
         for (configuration, opts) in items {
-            let prepared = inner.prepare_run(configuration, opts, &mut generated)?;
+            let prepared = inner.prepare_run(configuration, opts, &mut generated, None)?;
             batch.push(prepared);
         }
         let records: Vec<(&Run, &[Job])> = batch
@@ -607,6 +611,23 @@ impl Engine {
     /// `pending`. Returns how many it had.
     pub async fn scale(&self, run_id: &str, desired: u32) -> Result<u32, EngineError> {
         scaling::scale(self.inner(), run_id, desired).await
+    }
+
+    /// Updates an active service in place (dstack's rolling deployment; see [`rollout`]):
+    /// the run named in `opts` or the configuration takes the new configuration; a change of
+    /// what its replicas run starts a new deployment, whose replicas `dstack server` brings
+    /// up one at a time, each replacing an old one once it is ready.
+    pub async fn update_service(
+        &self,
+        configuration: Configuration,
+        opts: ApplyOptions,
+    ) -> Result<Run, EngineError> {
+        rollout::update(self.inner(), configuration, opts).await
+    }
+
+    /// Stops one replica of a service (`scaled_down`: a rolling deployment replaced it).
+    pub async fn retire_replica(&self, run_id: &str, job_id: &str) -> Result<(), EngineError> {
+        scaling::retire(self.inner(), run_id, job_id).await
     }
 
     /// Stops a run: gracefully (SIGTERM, then SIGKILL after the grace period) or, with
@@ -738,11 +759,14 @@ impl Inner {
     /// jobs, or, with a `schedule`, `pending` until its first start, without jobs yet. Names
     /// generated for runs of the same batch so far are in `generated` (and this run's is
     /// added).
-    fn prepare_run(
+    /// A new run of `configuration` with its first jobs; `id` keeps an existing run's id (an
+    /// update in place).
+    pub(crate) fn prepare_run(
         &self,
         configuration: Configuration,
         opts: ApplyOptions,
         generated: &mut Vec<String>,
+        id: Option<String>,
     ) -> Result<(Run, Vec<Job>, Arc<Configuration>), EngineError> {
         self.check_runnable(&configuration)?;
         let common = command::common(&configuration);
@@ -791,7 +815,7 @@ impl Inner {
                 }
             }
         }
-        let id = uuid::Uuid::new_v4().to_string();
+        let id = id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let mut configuration = configuration;
         apply_env_overrides(&mut configuration, &opts.env);
         credentials::seal_registry_auth(
@@ -832,6 +856,7 @@ impl Inner {
             resubmission_attempt: 0,
             next_attempt_at_ms: None,
             next_triggered_at_ms: next_start,
+            deployment_num: 0,
         };
         // A scheduled run's jobs are submitted at its start (`runs::pending_timer`).
         let jobs: Vec<Job> = match next_start {

@@ -739,6 +739,7 @@ mod tests {
             resubmission_attempt: 0,
             next_attempt_at_ms: None,
             next_triggered_at_ms: Some(NOW - 2 * HOUR),
+            deployment_num: 0,
         }
     }
 

@@ -59,6 +59,14 @@ pub fn desired_replicas(spec: &ScalingSpec, input: ScaleInput) -> u32 {
     }
 }
 
+/// How many replicas a service starts with: `replicas` (the minimum of a range; 1 when
+/// omitted).
+pub fn initial_replicas(service: &crate::config::ServiceConfiguration) -> u32 {
+    service.replicas.as_ref().map_or(1, |r| {
+        u32::try_from(r.min.or(r.max).unwrap_or(1).max(0)).unwrap_or(1)
+    })
+}
+
 /// Whether a job was stopped by scaling down (its slot is no longer part of the run).
 pub(crate) fn scaled_down(job: &Job) -> bool {
     job.termination_reason.as_deref() == Some(JobTerminationReason::ScaledDown.as_str())
@@ -76,6 +84,12 @@ pub(crate) fn active(jobs: &[Job]) -> Vec<&Job> {
         .into_iter()
         .filter(|j| !scaled_down(j) && !j.status.is_finished())
         .collect()
+}
+
+/// The replicas of a service with these job submissions to stop to go down to `desired`
+/// (see [`least_important`]).
+pub fn to_retire(jobs: &[Job], desired: u32) -> Vec<Job> {
+    least_important(&active(jobs), desired as usize)
 }
 
 /// The replicas to stop to go down to `desired`: those not running yet first, then the
@@ -142,6 +156,25 @@ pub(crate) async fn scale(
     Err(EngineError::Invalid(format!(
         "run {run_id} keeps changing; scaling is tried again later"
     )))
+}
+
+/// Stops replica job `job_id` of run `run_id` with `scaled_down`.
+pub(crate) async fn retire(
+    inner: &Arc<Inner>,
+    run_id: &str,
+    job_id: &str,
+) -> Result<(), EngineError> {
+    let Some((run, jobs)) = inner.store.run_with_jobs(run_id)? else {
+        return Err(EngineError::Invalid(format!("unknown run {run_id}")));
+    };
+    let Some(job) = jobs.into_iter().find(|j| j.id == job_id) else {
+        return Err(EngineError::Invalid(format!(
+            "run {} has no job {job_id}",
+            run.name
+        )));
+    };
+    runs::terminate_job(inner, &run, job, JobTerminationReason::ScaledDown, false);
+    runs::reconcile(inner, run_id).await
 }
 
 #[cfg(test)]
@@ -227,6 +260,7 @@ mod tests {
             resubmission_attempt: 0,
             next_attempt_at_ms: None,
             next_triggered_at_ms: None,
+            deployment_num: 0,
         };
         let job = |replica: u32, status: JobStatus| {
             let mut j = Job::of_slot(&run, (replica, 0), 0);

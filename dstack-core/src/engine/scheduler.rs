@@ -168,9 +168,10 @@ async fn pass(inner: &Arc<Inner>) {
     {
         // Submitted jobs of a terminating run are finished by the run's termination; the
         // configuration is cached, so most jobs cost no store read here.
-        let Ok(config) = inner.configuration_of(&run_id) else {
+        let Ok(definition) = inner.definition_of(&run_id) else {
             continue;
         };
+        let config = definition.config.clone();
         // A job whose demand already found no room in this pass finds none either (most of
         // a sweep's waiting jobs end here, at the cost of a comparison).
         if unplaced.iter().any(|c| same_demand(c, &config)) {
@@ -208,6 +209,14 @@ async fn pass(inner: &Arc<Inner>) {
             .collect();
         let eligible_count = candidates.len();
         candidates.retain(|i| !taken(i));
+        if reasons.len() == eligible_count
+            && candidates.len() < eligible_count
+            && replica_waits(&config, definition.deployment_num)
+        {
+            // Only replicas of its own service stand in the way, and one may go: a rolling
+            // deployment retires an old one, the autoscaler scales down.
+            continue;
+        }
         if reasons.len() == eligible_count {
             let provisioning = inner.provision_for_job(&job_id, &config).await;
             let why = match provisioning {
@@ -330,6 +339,12 @@ async fn pass(inner: &Arc<Inner>) {
         demands: unplaced,
         starts_to_refill,
     });
+}
+
+/// Whether a service replica that finds every host taken by replicas of its own service
+/// waits for one to go (a rolling deployment, or an autoscaled service) rather than failing.
+fn replica_waits(config: &Configuration, deployment_num: u32) -> bool {
+    matches!(config, Configuration::Service(s) if deployment_num > 0 || s.scaling.is_some())
 }
 
 /// The reservations that count on each instance (see [`Holding::counts`]).

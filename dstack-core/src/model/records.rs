@@ -104,6 +104,14 @@ pub struct Run {
     /// when that start was due (the window of its no-capacity retries runs from there).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_triggered_at_ms: Option<u64>,
+    /// How many times its configuration was updated in place (a service's rolling
+    /// deployment): replicas of an older deployment are replaced by new ones.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub deployment_num: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Run {
@@ -166,6 +174,9 @@ pub struct Job {
     pub started_at_ms: Option<u64>,
     /// When it finished (Unix ms).
     pub finished_at_ms: Option<u64>,
+    /// The run's deployment it was submitted for (see [`Run::deployment_num`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub deployment_num: u32,
 }
 
 impl Job {
@@ -198,6 +209,7 @@ impl Job {
             submitted_at_ms: super::now_ms(),
             started_at_ms: None,
             finished_at_ms: None,
+            deployment_num: run.deployment_num,
         }
     }
 

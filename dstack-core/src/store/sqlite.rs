@@ -1071,6 +1071,7 @@ mod tests {
             resubmission_attempt: 0,
             next_attempt_at_ms: None,
             next_triggered_at_ms: None,
+            deployment_num: 0,
         }
     }
 

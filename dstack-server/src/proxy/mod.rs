@@ -12,18 +12,20 @@
 //! proxy's timeout → 504; over a `rate_limits` rule → 429. A service that scales to zero
 //! (`replicas: 0..N` with `scaling`) holds a request that finds no replica (at most
 //! [`MAX_HELD`] at once, for up to the proxy's timeout), starts one, and answers once it is
-//! ready.
+//! ready; so does a service whose rolling deployment replaces its only replica on a host.
 
 mod limits;
 mod models;
 mod probes;
 mod registry;
+mod rollout;
 mod scaler;
 mod upstream;
 
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -50,6 +52,10 @@ const TICK: Duration = Duration::from_millis(250);
 /// Requests held at once, server-wide, for services waking from zero replicas.
 pub(crate) const MAX_HELD: usize = 1024;
 
+/// How long a replica taken out of rotation may take to answer what was sent to it before
+/// it is stopped anyway.
+pub(crate) const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+
 /// How often a held request looks for a ready replica.
 const HOLD_POLL: Duration = Duration::from_millis(50);
 
@@ -64,6 +70,7 @@ pub(crate) struct Proxy {
     upstream: Upstream,
     limiters: Mutex<HashMap<String, limits::Limiter>>,
     scaler: scaler::Scaler,
+    rollouts: rollout::Rollouts,
     held: tokio::sync::Semaphore,
     timeout: Duration,
     clock: Instant,
@@ -79,6 +86,7 @@ impl Proxy {
             engine,
             limiters: Mutex::default(),
             scaler: scaler::Scaler::default(),
+            rollouts: rollout::Rollouts::default(),
             held: tokio::sync::Semaphore::new(MAX_HELD),
             timeout,
             clock: Instant::now(),
@@ -126,7 +134,10 @@ pub(crate) async fn supervise(proxy: Arc<Proxy>, engine: Engine) {
         if now >= scaled_at + scaler::PERIOD.as_millis() as u64 {
             scaled_at = now;
             for service in live.values() {
-                proxy.scaler.decide(&engine, service, now).await;
+                // An autoscaled service does not scale while it rolls out a deployment.
+                if !proxy.rollouts.drive(&engine, service).await {
+                    proxy.scaler.decide(&engine, service, now).await;
+                }
             }
         }
     }
@@ -170,6 +181,19 @@ fn check(proxy: &Arc<Proxy>, service: &Service, replica: &Arc<Replica>) {
         state.checking = false;
         replica.set_ready(state.ready(&specs));
     });
+}
+
+/// Stops replica `job_id` of `service` (`scaled_down`) once the proxy has taken it out of
+/// rotation and the requests sent to it have their answers.
+pub(crate) async fn retire(
+    engine: &Engine,
+    service: &Service,
+    job_id: &str,
+) -> Result<(), dstack_core::engine::EngineError> {
+    if let Some(replica) = service.replicas.iter().find(|r| r.job_id == job_id) {
+        replica.drain(DRAIN_LIMIT).await;
+    }
+    engine.retire_replica(&service.run_id, job_id).await
 }
 
 /// Sends one probe; `Ok` for a 2xx answer within its timeout.
@@ -293,7 +317,9 @@ pub(crate) async fn forward(
 ) -> Response<Body> {
     proxy.scaler.record(&service.run_id, proxy.now_ms());
     let mut replicas = service.ready_in_turn();
-    if replicas.is_empty() && service.config.scaling.is_some() && service.config.scales_to_zero() {
+    let may_hold = (service.config.scaling.is_some() && service.config.scales_to_zero())
+        || proxy.rollouts.in_progress(&service.run_id);
+    if replicas.is_empty() && may_hold {
         replicas = match hold(proxy, run, service).await {
             Ok(replicas) => replicas,
             Err(refusal) => return *refusal,
@@ -308,33 +334,6 @@ pub(crate) async fn forward(
             .insert(RETRY_AFTER, HeaderValue::from_static("1"));
         return resp;
     }
-    let mut connection = None;
-    let mut errors = Vec::new();
-    for replica in &replicas {
-        match proxy
-            .upstream
-            .connect(&replica.instance_id, replica.port)
-            .await
-        {
-            Ok(c) => {
-                connection = Some(c);
-                break;
-            }
-            Err(e) => {
-                // Nothing was sent: take the replica out until its checks pass again.
-                replica.set_ready(false);
-                replica
-                    .probing
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .reset(proxy.now_ms());
-                errors.push(format!("replica {}: {e}", replica.replica_num));
-            }
-        }
-    }
-    let Some(connection) = connection else {
-        return refuse(StatusCode::BAD_GATEWAY, errors.join("; "));
-    };
     let client_upgrade = wants_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
     let client_ip = req.extensions().get::<ClientAddr>().map(|a| a.0.ip());
     let (mut parts, body) = req.into_parts();
@@ -364,13 +363,52 @@ pub(crate) async fn forward(
     parts
         .headers
         .insert("x-forwarded-proto", HeaderValue::from_static("http"));
-    let req = Request::from_parts(parts, body);
-    let mut answer = match connection.send(req, proxy.timeout).await {
-        Ok(answer) => answer,
-        Err(e @ UpstreamError::Timeout(_)) => {
-            return refuse(StatusCode::GATEWAY_TIMEOUT, format!("service {run}: {e}"))
+    let mut req = Request::from_parts(parts, body);
+    let mut errors = Vec::new();
+    let mut answered = None;
+    for replica in &replicas {
+        let connection = match proxy
+            .upstream
+            .connect(&replica.instance_id, replica.port)
+            .await
+        {
+            Ok(connection) => connection,
+            Err(e) => {
+                // Nothing was sent: take the replica out until its checks pass again.
+                replica.set_ready(false);
+                replica
+                    .probing
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .reset(proxy.now_ms());
+                errors.push(format!("replica {}: {e}", replica.replica_num));
+                continue;
+            }
+        };
+        replica.in_flight.fetch_add(1, Ordering::AcqRel);
+        let sent = connection.send(req, proxy.timeout).await;
+        replica.in_flight.fetch_sub(1, Ordering::AcqRel);
+        match sent {
+            Ok(answer) => {
+                answered = Some(answer);
+                break;
+            }
+            // A kept connection that had closed: the request goes to the next replica.
+            Err(UpstreamError::NotSent(unsent)) => {
+                errors.push(format!(
+                    "replica {}: its connection closed",
+                    replica.replica_num
+                ));
+                req = *unsent;
+            }
+            Err(e @ UpstreamError::Timeout(_)) => {
+                return refuse(StatusCode::GATEWAY_TIMEOUT, format!("service {run}: {e}"))
+            }
+            Err(e) => return refuse(StatusCode::BAD_GATEWAY, format!("service {run}: {e}")),
         }
-        Err(e) => return refuse(StatusCode::BAD_GATEWAY, format!("service {run}: {e}")),
+    }
+    let Some(mut answer) = answered else {
+        return refuse(StatusCode::BAD_GATEWAY, errors.join("; "));
     };
     if let (Some(client), StatusCode::SWITCHING_PROTOCOLS) = (client_upgrade, answer.status()) {
         let replica = hyper::upgrade::on(&mut answer);

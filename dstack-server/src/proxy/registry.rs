@@ -19,6 +19,8 @@ pub(crate) struct Service {
     pub run_id: String,
     /// When it was submitted (Unix seconds).
     pub created_s: u64,
+    /// Its current deployment (a rolling deployment replaces replicas of older ones).
+    pub deployment_num: u32,
     /// Its configuration.
     pub config: Arc<ServiceConfiguration>,
     /// Its probes (the configured ones, or the defaults).
@@ -63,6 +65,10 @@ pub(crate) struct Replica {
     pub port: u16,
     /// Whether it receives requests.
     ready: AtomicBool,
+    /// Taken out of rotation for good: it is being stopped.
+    retiring: AtomicBool,
+    /// Requests sent to it that have not had their answer's head yet.
+    pub in_flight: AtomicUsize,
     /// Its probes' state (also: whether a check is under way).
     pub probing: Mutex<ProbeState>,
 }
@@ -73,9 +79,21 @@ impl Replica {
         self.ready.load(Ordering::Acquire)
     }
 
-    /// Marks it ready or not.
+    /// Marks it ready or not (a retiring replica is never ready again).
     pub fn set_ready(&self, ready: bool) {
+        let ready = ready && !self.retiring.load(Ordering::Acquire);
         self.ready.store(ready, Ordering::Release);
+    }
+
+    /// Takes it out of rotation for good and waits (up to `limit`) until the requests sent
+    /// to it have their answers: it can then be stopped without failing one.
+    pub async fn drain(&self, limit: std::time::Duration) {
+        self.retiring.store(true, Ordering::Release);
+        self.ready.store(false, Ordering::Release);
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.in_flight.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 }
 
@@ -83,8 +101,9 @@ impl Replica {
 #[derive(Default)]
 pub(crate) struct Registry {
     table: RwLock<Arc<HashMap<String, Arc<Service>>>>,
-    /// Parsed configurations by run id (a run's configuration never changes).
-    configs: Mutex<HashMap<String, Arc<ServiceConfiguration>>>,
+    /// Parsed configurations by run id, with the text they were parsed from (an update in
+    /// place changes it).
+    configs: Mutex<HashMap<String, (String, Arc<ServiceConfiguration>)>>,
 }
 
 impl Registry {
@@ -114,13 +133,14 @@ impl Registry {
         let mut table = HashMap::new();
         let mut live = Vec::new();
         for run in runs {
-            let config = match configs.get(&run.id) {
-                Some(config) => config.clone(),
-                None => match run.spec.configuration() {
+            let text = run.spec.configuration.get();
+            let (config, changed) = match configs.get(&run.id) {
+                Some((parsed, config)) if parsed == text => (config.clone(), false),
+                _ => match run.spec.configuration() {
                     Ok(Configuration::Service(service)) => {
                         let config = Arc::new(*service);
-                        configs.insert(run.id.clone(), config.clone());
-                        config
+                        configs.insert(run.id.clone(), (text.to_string(), config.clone()));
+                        (config, true)
                     }
                     _ => continue,
                 },
@@ -142,6 +162,8 @@ impl Registry {
                             instance_id,
                             port: config.port.container_port,
                             ready: AtomicBool::new(false),
+                            retiring: AtomicBool::new(false),
+                            in_flight: AtomicUsize::new(0),
                             probing: Mutex::new(ProbeState::default()),
                         })
                     }))
@@ -151,9 +173,10 @@ impl Registry {
             let service = Service {
                 run_id: run.id.clone(),
                 created_s: run.submitted_at_ms / 1000,
+                deployment_num: run.deployment_num,
                 probes: match previous {
-                    Some(s) => s.probes.clone(),
-                    None => probes::specs(&config, &run.spec.client_env).into(),
+                    Some(s) if !changed => s.probes.clone(),
+                    _ => probes::specs(&config, &run.spec.client_env).into(),
                 },
                 config,
                 replicas,

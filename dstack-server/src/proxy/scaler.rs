@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use dstack_core::engine::scaling::{
-    desired_replicas, replica_count, ScaleInput, DEFAULT_WINDOW_SECS,
+    desired_replicas, replica_count, to_retire, ScaleInput, DEFAULT_WINDOW_SECS,
 };
 use dstack_core::engine::Engine;
 
@@ -137,11 +137,21 @@ impl Scaler {
             since_last_scaling_ms: since,
         };
         let desired = desired_replicas(spec, input);
-        if desired != input.current {
-            match engine.scale(&service.run_id, desired).await {
-                Ok(_) => self.scaled(&service.run_id, now_ms),
-                Err(e) => eprintln!("dstack server: cannot scale {}: {e}", service.run_id),
+        let result = if desired > input.current {
+            engine.scale(&service.run_id, desired).await.map(drop)
+        } else if desired < input.current {
+            // Out of rotation first, then stopped: no request fails.
+            let mut result = Ok(());
+            for job in to_retire(&jobs, desired) {
+                result = result.and(super::retire(engine, service, &job.id).await);
             }
+            result
+        } else {
+            return;
+        };
+        match result {
+            Ok(()) => self.scaled(&service.run_id, now_ms),
+            Err(e) => eprintln!("dstack server: cannot scale {}: {e}", service.run_id),
         }
     }
 

@@ -30,6 +30,9 @@ pub(crate) enum UpstreamError {
     /// The connection failed while the request was under way.
     #[error("the replica's connection failed: {0}")]
     Failed(String),
+    /// The connection closed before the request was sent: it can go to another replica.
+    #[error("the replica's connection closed before the request was sent")]
+    NotSent(Box<Request<Body>>),
 }
 
 type Key = (String, u16);
@@ -113,10 +116,13 @@ impl Connection {
         req: Request<Body>,
         timeout: Duration,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let answer = tokio::time::timeout(timeout, self.sender.send_request(req))
+        let answer = tokio::time::timeout(timeout, self.sender.try_send_request(req))
             .await
             .map_err(|_| UpstreamError::Timeout(timeout))?
-            .map_err(|e| UpstreamError::Failed(e.to_string()))?;
+            .map_err(|mut e| match e.take_message() {
+                Some(req) => UpstreamError::NotSent(Box::new(req)),
+                None => UpstreamError::Failed(e.into_error().to_string()),
+            })?;
         let Connection {
             mut sender,
             key,
