@@ -347,6 +347,9 @@ pub(crate) async fn forward(
         }
     };
     strip_hop_headers(&mut parts.headers, client_upgrade.is_some());
+    // HTTP/1.1 to the replica whatever the client spoke: its connection is kept for the
+    // next request (an HTTP/1.0 request would close it).
+    parts.version = hyper::Version::HTTP_11;
     if let Some(ip) = client_ip {
         let forwarded = match parts
             .headers

@@ -76,12 +76,14 @@ impl Scaler {
     /// Counts a request to service run `run_id` at `now_ms`.
     pub fn record(&self, run_id: &str, now_ms: u64) {
         let now_s = now_ms / 1000;
-        self.counts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(run_id.to_string())
-            .or_insert_with(|| Counts::new(now_s))
-            .add(now_s);
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        match counts.get_mut(run_id) {
+            Some(c) => c.add(now_s),
+            None => counts
+                .entry(run_id.to_string())
+                .or_insert_with(|| Counts::new(now_s))
+                .add(now_s),
+        }
     }
 
     /// Records a scaling event of `run_id` at `now_ms`.
