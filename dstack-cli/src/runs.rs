@@ -54,6 +54,7 @@ pub async fn attach(
     let _forwarding = if current.status.is_finished() {
         None
     } else {
+        eprintln!("Connect with: ssh {}", run.name());
         match run.forward_ports().await {
             Ok(forward) => {
                 for (here, there) in &forward.ports {

@@ -14,6 +14,7 @@ mod dialect;
 mod errors;
 mod routes;
 mod secrets;
+mod ssh;
 mod supervision;
 
 use std::fs::File;
@@ -63,6 +64,9 @@ pub struct ServerOptions {
     pub idle_exit: Option<Duration>,
     /// The `dstack-agent` binary (default: found next to this program or on `PATH`).
     pub agent_bin: Option<PathBuf>,
+    /// The `dstack` program the `ProxyCommand` of `ssh <run>` entries runs (default: this
+    /// program).
+    pub cli_bin: Option<PathBuf>,
 }
 
 impl ServerOptions {
@@ -96,6 +100,7 @@ impl ServerOptions {
             token: None,
             idle_exit,
             agent_bin: None,
+            cli_bin: None,
         })
     }
 }
@@ -136,6 +141,8 @@ pub(crate) struct Shared {
     pub last_request_ms: AtomicU64,
     /// When the server started.
     pub started: tokio::time::Instant,
+    /// The public keys SSH connections to jobs accept (`runs/ssh`): the project's.
+    pub authorized_keys: Vec<String>,
 }
 
 impl Shared {
@@ -182,12 +189,26 @@ pub async fn serve(options: ServerOptions, ready: impl FnOnce(&str)) -> Result<(
     let info_bytes = serde_json::to_vec(&info).map_err(|e| ServeError::Io(e.to_string()))?;
     dstack_core::files::replace_private(&home::info_file(&home), &info_bytes)
         .map_err(|e| io_error(&home::info_file(&home), e))?;
+    let project = dstack_backends::project::Project::load_or_create(&home)
+        .map_err(|e| io_error(&home, e))?;
+    let cli = match &options.cli_bin {
+        Some(cli) => Some(cli.clone()),
+        None => std::env::current_exe().ok(),
+    };
+    if let Some(cli) = cli {
+        let entries = ssh::Entries {
+            home: std::path::absolute(&home).map_err(|e| io_error(&home, e))?,
+            cli,
+        };
+        ssh::keep(client.clone(), entries);
+    }
     ready(&url);
     let shared = Arc::new(Shared {
         client,
         token,
         last_request_ms: AtomicU64::new(0),
         started: tokio::time::Instant::now(),
+        authorized_keys: vec![project.ssh_public_key],
     });
     accept_loop(listener, shared, &options).await;
     if ServerInfo::read(&home).is_some_and(|i| i == info) {
