@@ -162,7 +162,11 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
 
 /// `POST /api/jobs/{id}/ssh`: answers `101 Switching Protocols` and serves one SSH
 /// connection into the job's world on the upgraded connection.
-async fn ssh(app: &Arc<App>, id: &str, req: Request<Incoming>) -> Result<Response<Body>, HttpError> {
+async fn ssh(
+    app: &Arc<App>,
+    id: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, HttpError> {
     let wants_ssh = req
         .headers()
         .get(hyper::header::UPGRADE)
@@ -171,7 +175,9 @@ async fn ssh(app: &Arc<App>, id: &str, req: Request<Incoming>) -> Result<Respons
     if !wants_ssh {
         return Err(HttpError(
             StatusCode::BAD_REQUEST,
-            format!("POST /api/jobs/{id}/ssh needs `Connection: upgrade` and `Upgrade: {SSH_UPGRADE}`"),
+            format!(
+                "POST /api/jobs/{id}/ssh needs `Connection: upgrade` and `Upgrade: {SSH_UPGRADE}`"
+            ),
         ));
     }
     let (parts, incoming) = req.into_parts();
@@ -193,10 +199,20 @@ async fn ssh(app: &Arc<App>, id: &str, req: Request<Incoming>) -> Result<Respons
             app.ssh.serve(stream, world, keys).await;
         }
     });
-    let mut resp = respond(StatusCode::SWITCHING_PROTOCOLS, "application/octet-stream", "");
+    let mut resp = respond(
+        StatusCode::SWITCHING_PROTOCOLS,
+        "application/octet-stream",
+        "",
+    );
     let headers = resp.headers_mut();
-    headers.insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("upgrade"));
-    headers.insert(hyper::header::UPGRADE, hyper::header::HeaderValue::from_static(SSH_UPGRADE));
+    headers.insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("upgrade"),
+    );
+    headers.insert(
+        hyper::header::UPGRADE,
+        hyper::header::HeaderValue::from_static(SSH_UPGRADE),
+    );
     Ok(resp)
 }
 

@@ -35,7 +35,10 @@ pub struct ProxyArgs {
 /// server and carries it over standard input and output until either side closes it. Exits
 /// the process (a read of standard input cannot be cancelled).
 pub async fn proxy(args: &ProxyArgs) -> Result<ExitCode, Failure> {
-    let home = args.home.clone().unwrap_or_else(dstack_core::client::default_home);
+    let home = args
+        .home
+        .clone()
+        .unwrap_or_else(dstack_core::client::default_home);
     let exe = std::env::current_exe().ok();
     let remote = home::connect(&home, exe.as_deref())
         .await

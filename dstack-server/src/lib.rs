@@ -189,8 +189,8 @@ pub async fn serve(options: ServerOptions, ready: impl FnOnce(&str)) -> Result<(
     let info_bytes = serde_json::to_vec(&info).map_err(|e| ServeError::Io(e.to_string()))?;
     dstack_core::files::replace_private(&home::info_file(&home), &info_bytes)
         .map_err(|e| io_error(&home::info_file(&home), e))?;
-    let project = dstack_backends::project::Project::load_or_create(&home)
-        .map_err(|e| io_error(&home, e))?;
+    let project =
+        dstack_backends::project::Project::load_or_create(&home).map_err(|e| io_error(&home, e))?;
     let cli = match &options.cli_bin {
         Some(cli) => Some(cli.clone()),
         None => std::env::current_exe().ok(),

@@ -44,12 +44,13 @@ pub(crate) async fn tunnel(
         .await?
         .snapshot()
         .await?;
-    let job = running_job(&snapshot.jobs, request.job_num, request.replica_num).ok_or_else(|| {
-        ApiError::bad_request(format!(
-            "job {} of replica {} of run {} is not running",
-            request.job_num, request.replica_num, request.run_name
-        ))
-    })?;
+    let job =
+        running_job(&snapshot.jobs, request.job_num, request.replica_num).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "job {} of replica {} of run {} is not running",
+                request.job_num, request.replica_num, request.run_name
+            ))
+        })?;
     let instance = job.instance_id.as_deref().unwrap_or_default();
     let engine = crate::routes::engine(shared)?;
     let agent = engine.agent(instance).await?;
@@ -57,7 +58,10 @@ pub(crate) async fn tunnel(
         authorized_keys: shared.authorized_keys.clone(),
     };
     let outbound = agent.ssh(&job.id, &ssh).await.map_err(|e| {
-        ApiError::bad_request(format!("cannot reach the SSH endpoint of {}: {e}", job.name()))
+        ApiError::bad_request(format!(
+            "cannot reach the SSH endpoint of {}: {e}",
+            job.name()
+        ))
     })?;
     Ok(crate::routes::splice(parts, outbound))
 }
@@ -112,10 +116,18 @@ impl Entry {
 }
 
 impl Entries {
-    /// Writes `ssh/config` and `ssh/known_hosts_runs` for `entries` (unless they hold that
-    /// already).
-    fn write(&self, entries: &[Entry]) -> Result<(), Box<dyn std::error::Error>> {
-        let (config, known_hosts) = self.render(entries)?;
+    /// Writes `ssh/config` and `ssh/known_hosts_runs` for `entries`, unless they are what
+    /// was `last` written.
+    fn write(
+        &self,
+        entries: &[Entry],
+        last: &mut Option<(String, String)>,
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let texts = self.render(entries)?;
+        if last.as_ref() == Some(&texts) {
+            return Ok(());
+        }
+        let (config, known_hosts) = texts.clone();
         let dir = self.home.join("ssh");
         std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
             .create(&dir)?;
@@ -123,10 +135,9 @@ impl Entries {
             (home::ssh_known_hosts_file(&self.home), known_hosts),
             (home::ssh_config_file(&self.home), config),
         ] {
-            if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
-                dstack_core::files::replace_private(&path, text.as_bytes())?;
-            }
+            dstack_core::files::replace_private(&path, text.as_bytes())?;
         }
+        *last = Some(texts);
         Ok(())
     }
 
@@ -195,7 +206,10 @@ fn shell_word(path: &Path) -> Result<String, EntriesError> {
     if text.chars().any(char::is_control) {
         return Err(EntriesError::Unquotable(text));
     }
-    Ok(format!("'{}'", text.replace('\'', "'\\''").replace('%', "%%")))
+    Ok(format!(
+        "'{}'",
+        text.replace('\'', "'\\''").replace('%', "%%")
+    ))
 }
 
 /// Keeps the entries of `engine`'s running jobs written while the server runs (and writes
@@ -207,10 +221,11 @@ pub(crate) fn keep(client: Client, entries: Entries) {
         };
         let mut changes = engine.subscribe();
         let mut endpoints: HashMap<String, SshEndpoint> = HashMap::new();
+        let mut last = None;
         loop {
             let complete = match current(&client, &engine, &mut endpoints).await {
                 Ok((list, complete)) => {
-                    if let Err(e) = entries.write(&list) {
+                    if let Err(e) = entries.write(&list, &mut last) {
                         eprintln!("dstack server: cannot write the SSH entries of runs: {e}");
                     }
                     complete
@@ -220,7 +235,11 @@ pub(crate) fn keep(client: Client, entries: Entries) {
                     false
                 }
             };
-            let wait = if complete { RECHECK } else { Duration::from_secs(1) };
+            let wait = if complete {
+                RECHECK
+            } else {
+                Duration::from_secs(1)
+            };
             tokio::select! {
                 change = changes.recv() => {
                     if matches!(change, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
@@ -313,15 +332,16 @@ mod tests {
             home: PathBuf::from("/h/it's 100%"),
             cli: PathBuf::from("/bin/dstack"),
         };
-        let (config, known) = entries
-            .render(&[entry("dev", 0), entry("dev", 1)])
-            .unwrap();
+        let (config, known) = entries.render(&[entry("dev", 0), entry("dev", 1)]).unwrap();
         assert!(config.contains("\nHost dev dev-0-0\n"), "{config}");
         assert!(config.contains("\nHost dev-1-0\n"), "{config}");
         assert!(config.contains(
             "ProxyCommand '/bin/dstack' ssh-proxy --home '/h/it'\\''s 100%%' dev --job 1 --replica 0"
         ), "{config}");
-        assert!(config.contains("IdentityFile \"/h/it's 100%%/ssh/project_key\""), "{config}");
+        assert!(
+            config.contains("IdentityFile \"/h/it's 100%%/ssh/project_key\""),
+            "{config}"
+        );
         assert!(config.contains("StrictHostKeyChecking yes"), "{config}");
         assert_eq!(
             known,

@@ -16,7 +16,8 @@ use super::session::{refuse, Input, Output, Program, Terminal};
 use super::world::World;
 
 /// Starts the best shell the image has (`bash`, else `sh`) in place of `sh` itself.
-const SHELL: &str = "if command -v bash >/dev/null 2>&1; then exec bash \"$@\"; else exec sh \"$@\"; fi";
+const SHELL: &str =
+    "if command -v bash >/dev/null 2>&1; then exec bash \"$@\"; else exec sh \"$@\"; fi";
 
 /// Runs OpenSSH's SFTP server if the image has one.
 const SFTP: &str = "for s in /usr/lib/openssh/sftp-server /usr/libexec/openssh/sftp-server \
@@ -36,7 +37,13 @@ pub(crate) async fn run(
 ) -> u32 {
     let docker = match Docker::connect_with_unix(socket, 600, bollard::API_DEFAULT_VERSION) {
         Ok(docker) => docker,
-        Err(e) => return refuse(&mut output, &format!("cannot reach the container engine: {e}")).await,
+        Err(e) => {
+            return refuse(
+                &mut output,
+                &format!("cannot reach the container engine: {e}"),
+            )
+            .await
+        }
     };
     let cmd: Vec<String> = match program {
         Program::Command(command) => vec!["/bin/sh".into(), "-c".into(), command],

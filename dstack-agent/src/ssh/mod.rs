@@ -115,8 +115,7 @@ impl SshServer {
             world: Arc::new(world),
             authorized,
         };
-        if let Ok(running) = russh::server::run_stream(self.config.clone(), stream, handler).await
-        {
+        if let Ok(running) = russh::server::run_stream(self.config.clone(), stream, handler).await {
             let _ = running.await;
         }
     }

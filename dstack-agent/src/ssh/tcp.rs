@@ -39,9 +39,9 @@ pub(crate) async fn forward(
 async fn target_host(world: &World, host: &str) -> String {
     let local = matches!(host, "localhost" | "127.0.0.1" | "::1" | "ip6-localhost");
     match &world.place {
-        Place::Container { socket, name } if local => {
-            container_address(socket, name).await.unwrap_or_else(|| host.to_string())
-        }
+        Place::Container { socket, name } if local => container_address(socket, name)
+            .await
+            .unwrap_or_else(|| host.to_string()),
         _ => host.to_string(),
     }
 }

@@ -66,9 +66,9 @@ impl World {
                 },
             });
         }
-        let group = job.process().ok_or_else(|| {
-            JobError::Conflict(format!("job {} has no process yet", spec.id))
-        })?;
+        let group = job
+            .process()
+            .ok_or_else(|| JobError::Conflict(format!("job {} has no process yet", spec.id)))?;
         let environ = std::fs::read(format!("/proc/{}/environ", group.pgid)).map_err(|e| {
             JobError::Conflict(format!(
                 "cannot read the environment of job {} (has it ended?): {e}",
@@ -76,7 +76,9 @@ impl World {
             ))
         })?;
         let env = parse_environ(&environ);
-        let account = nix::unistd::User::from_uid(nix::unistd::getuid()).ok().flatten();
+        let account = nix::unistd::User::from_uid(nix::unistd::getuid())
+            .ok()
+            .flatten();
         let user = account
             .as_ref()
             .map(|u| u.name.clone())
@@ -127,8 +129,7 @@ mod tests {
             .collect();
         assert_eq!(
             pairs,
-            [("A", "1"), ("B", "x=y"), ("C", "")]
-                .map(|(k, v)| (k.to_string(), v.to_string()))
+            [("A", "1"), ("B", "x=y"), ("C", "")].map(|(k, v)| (k.to_string(), v.to_string()))
         );
     }
 }
