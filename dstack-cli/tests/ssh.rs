@@ -4,6 +4,9 @@
 //! in the job's world, `scp`, `ssh -L`, and refusals.
 
 mod common;
+#[path = "../../dstack-backends/tests/common/netns.rs"]
+#[allow(dead_code)]
+mod netns;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -60,20 +63,21 @@ impl SshEnv {
         let file = self.env.write(&format!("{name}.dstack.yml"), config);
         let out = self.dstack(&["apply", "-f", &file, "-y", "-d"]);
         assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-        let entry = format!("\nHost {host} ");
-        wait_for(
-            || self.ssh_config().contains(&entry),
-            "the run's SSH entry",
-            || {
-                let runs = text(&self.dstack(&["ps", "-a"]).stdout);
-                let log = std::fs::read_to_string(self.env.home.path().join("server/server.log"))
-                    .unwrap_or_default();
-                format!(
-                    "runs: {runs}\nserver log: {log}\nssh/config: {}",
-                    self.ssh_config()
-                )
-            },
-        );
+        let has_entry = || {
+            self.ssh_config().lines().any(|line| {
+                let mut words = line.split_whitespace();
+                words.next() == Some("Host") && words.any(|w| w == host)
+            })
+        };
+        wait_for(has_entry, "the run's SSH entry", || {
+            let runs = text(&self.dstack(&["ps", "-a", "--json"]).stdout);
+            let log = std::fs::read_to_string(self.env.home.path().join("server/server.log"))
+                .unwrap_or_default();
+            format!(
+                "runs: {runs}\nserver log: {log}\nssh/config: {}",
+                self.ssh_config()
+            )
+        });
     }
 }
 
@@ -281,4 +285,74 @@ fn ssh_refuses_other_keys_and_changed_host_keys() {
     std::fs::write(&known, &pinned).unwrap();
     let out = it.ssh(&["guarded", "echo in"]);
     assert_eq!(text(&out.stdout), "in\n", "{}", text(&out.stderr));
+}
+
+#[test]
+fn ssh_into_jobs_on_namespace_ssh_hosts() {
+    let it = SshEnv::new();
+    let hosts = netns::TestHosts::start(2);
+    let fleet = format!("{}placement: cluster\n", hosts.fleet_yaml("nshosts"));
+    let fleet = it.env.write("hosts.dstack.yml", &fleet);
+    let out = it.dstack(&["apply", "-f", &fleet, "-y"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+
+    // A dev environment on one of the hosts: the session is there, in the job's world.
+    it.start(
+        "remote",
+        "type: dev-environment\nname: remote\nfleets: [nshosts]\nresources: {cpu: 1.., memory: 0.1GB..}\n",
+        "remote",
+    );
+    let out = it.ssh(&["remote", "echo $DSTACK_RUN_NAME; pwd; ip -o -4 addr show"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    let mut lines = shown.lines();
+    assert_eq!(lines.next(), Some("remote"), "{shown}");
+    assert_eq!(lines.next(), Some("/root"), "{shown}");
+    assert!(
+        hosts
+            .hosts
+            .iter()
+            .any(|h| shown.contains(&format!(" {}/", h.addr))),
+        "not on a namespace host: {shown}"
+    );
+    let out = it.dstack(&["stop", "remote", "-y"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+
+    // Each node of a 2-node task, by its job's name.
+    it.start(
+        "pair",
+        "type: task\nname: pair\nnodes: 2\nfleets: [nshosts]\ncommands: [sleep 1000]\nresources: {cpu: 1.., memory: 0.1GB..}\n",
+        "pair-1-0",
+    );
+    let mut seen = Vec::new();
+    for job in 0..2 {
+        let out = it.ssh(&[
+            &format!("pair-{job}-0"),
+            "echo $DSTACK_NODE_RANK; ip -o -4 addr show",
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let shown = text(&out.stdout);
+        assert_eq!(
+            shown.lines().next(),
+            Some(job.to_string().as_str()),
+            "{shown}"
+        );
+        let host = hosts
+            .hosts
+            .iter()
+            .position(|h| shown.contains(&format!(" {}/", h.addr)))
+            .unwrap_or_else(|| panic!("node {job} is not on a namespace host: {shown}"));
+        seen.push(host);
+    }
+    assert_ne!(seen[0], seen[1], "both nodes answered from the same host");
+    let out = it.dstack(&["stop", "pair", "-y"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = it.dstack(&["fleet", "delete", "nshosts", "-y"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }

@@ -286,12 +286,16 @@ async fn current(
                 None => {
                     let instance = job.instance_id.as_deref().unwrap_or_default();
                     let found = match engine.agent(instance).await {
-                        Ok(agent) => agent.ssh_endpoint(&job.id).await.ok(),
-                        Err(_) => None,
+                        Ok(agent) => agent.ssh_endpoint(&job.id).await.map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
                     };
-                    let Some(endpoint) = found else {
-                        complete = false;
-                        continue;
+                    let endpoint = match found {
+                        Ok(endpoint) => endpoint,
+                        Err(e) => {
+                            eprintln!("dstack server: no SSH entry for {} yet: {e}", job.name());
+                            complete = false;
+                            continue;
+                        }
                     };
                     endpoints.insert(job.id.clone(), endpoint.clone());
                     endpoint
