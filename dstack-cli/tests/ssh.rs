@@ -7,6 +7,9 @@ mod common;
 #[path = "../../dstack-backends/tests/common/netns.rs"]
 #[allow(dead_code)]
 mod netns;
+#[path = "../../dstack-backends/tests/common/podman.rs"]
+#[allow(dead_code)]
+mod podman;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -20,6 +23,8 @@ use common::{text, Env};
 struct SshEnv {
     env: Env,
     user_home: tempfile::TempDir,
+    /// `DOCKER_HOST` for the home's server and agent.
+    docker_host: Option<String>,
 }
 
 impl SshEnv {
@@ -27,16 +32,18 @@ impl SshEnv {
         SshEnv {
             env: Env::new(),
             user_home: tempfile::tempdir().unwrap(),
+            docker_host: None,
         }
     }
 
-    /// `dstack ARGS`, with the temporary `HOME`.
+    /// `dstack ARGS`, with the temporary `HOME` (and the container engine, if any).
     fn dstack(&self, args: &[&str]) -> Output {
-        self.env
-            .cmd(args)
-            .env("HOME", self.user_home.path())
-            .output()
-            .unwrap()
+        let mut cmd = self.env.cmd(args);
+        cmd.env("HOME", self.user_home.path());
+        if let Some(socket) = &self.docker_host {
+            cmd.env("DOCKER_HOST", socket);
+        }
+        cmd.output().unwrap()
     }
 
     /// `ssh` (or `scp`) with the temporary user configuration, never asking anything.
@@ -354,5 +361,50 @@ fn ssh_into_jobs_on_namespace_ssh_hosts() {
     let out = it.dstack(&["stop", "pair", "-y"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let out = it.dstack(&["fleet", "delete", "nshosts", "-y"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
+#[test]
+fn ssh_into_a_container_dev_environment() {
+    let podman = podman::Podman::start();
+    let mut it = SshEnv::new();
+    it.docker_host = Some(format!("unix://{}", podman.socket.display()));
+    let config = format!(
+        "type: dev-environment\nname: boxed\nimage: {}\nworking_dir: /work\nenv: [GREETING=hi]\n\
+         init:\n  - echo $$ > /tmp/job-pid\nresources: {{cpu: 1.., memory: 0.1GB..}}\n",
+        podman::IMAGE
+    );
+    it.start("boxed", &config, "boxed");
+    // In the container (its file system: the job's pid file is there), in the job's world.
+    let out = it.ssh(&[
+        "boxed",
+        "echo $DSTACK_RUN_NAME $GREETING; pwd; test -s /tmp/job-pid && echo in-container",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "boxed hi\n/work\nin-container\n");
+    let out = it.ssh(&["boxed", "exit 4"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    let mut session = it
+        .ssh_command("ssh")
+        .args(["-tt", "boxed"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    session
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"test -t 0 && echo tty-$((6*7))\nexit\n")
+        .unwrap();
+    let out = session.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("tty-42"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = it.dstack(&["stop", "boxed", "-y"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
