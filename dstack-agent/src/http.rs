@@ -182,12 +182,11 @@ async fn ssh(
     }
     let (parts, incoming) = req.into_parts();
     let request: SshRequest = read_json(Request::new(incoming)).await?;
-    let keys = ssh_server::parse_keys(&request.authorized_keys)
-        .map_err(|e| HttpError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let keys = ssh_server::parse_keys(&request.authorized_keys);
     if keys.is_empty() {
         return Err(HttpError(
             StatusCode::BAD_REQUEST,
-            "no authorized key: nobody could log in".to_string(),
+            "no valid authorized key: nobody could log in".to_string(),
         ));
     }
     let world = World::of(&*app.jobs.get(id)?, app.jobs.container_engine())?;

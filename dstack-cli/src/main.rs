@@ -137,6 +137,7 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
     let client = dstack_core::Client::connect(&home, exe.as_deref()).await?;
     if matches!(command, Command::Apply(_) | Command::Attach(_)) {
         ssh::ensure_include(&home);
+        ssh::remember_user_key(&home);
     }
     match command {
         Command::Apply(args) => apply::apply(&client, &args).await,

@@ -65,6 +65,51 @@ pub async fn proxy(args: &ProxyArgs) -> Result<ExitCode, Failure> {
     std::process::exit(0)
 }
 
+/// The user's own public keys, in the order `ssh` tries them by default.
+const USER_KEYS: &[&str] = &["id_ed25519.pub", "id_ecdsa.pub", "id_rsa.pub"];
+
+/// Adds the user's own public key (the first of `~/.ssh/id_*.pub`), if there is one, to the
+/// keys `ssh <run>` sessions accept (`$DSTACK_HOME/ssh/authorized_keys`, 0600), as dstack
+/// adds the user's key.
+pub fn remember_user_key(home: &Path) {
+    let Some(user_home) = std::env::var_os("HOME").map(PathBuf::from) else {
+        return;
+    };
+    let Some(key) = USER_KEYS
+        .iter()
+        .filter_map(|name| fs::read_to_string(user_home.join(".ssh").join(name)).ok())
+        .map(|text| text.trim().to_string())
+        .find(|text| !text.is_empty() && !text.contains('\n'))
+    else {
+        return;
+    };
+    if let Err(e) = add_line(&home::ssh_user_keys_file(home), &key) {
+        eprintln!("warning: your SSH key is not added for `ssh <run>`: {e}");
+    }
+}
+
+/// Appends `line` to the private file `path` unless it holds it already (under a lock).
+fn add_line(path: &Path, line: &str) -> io::Result<()> {
+    if let Some(dir) = path.parent() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .read(true)
+        .mode(0o600)
+        .open(path)?;
+    file.lock()?;
+    let text = fs::read_to_string(path)?;
+    if !text.lines().any(|l| l.trim() == line) {
+        file.write_all(format!("{line}\n").as_bytes())?;
+    }
+    Ok(())
+}
+
 /// The line of `~/.ssh/config` that brings in the entries of `home`.
 fn include_line(home: &Path) -> String {
     format!("Include \"{}\"", home::ssh_config_file(home).display())

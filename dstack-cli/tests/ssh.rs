@@ -238,6 +238,16 @@ fn ssh_into_a_local_dev_environment() {
 #[test]
 fn ssh_refuses_other_keys_and_changed_host_keys() {
     let it = SshEnv::new();
+    // The user's own key, which `dstack apply` adds.
+    let user_ssh = it.user_home.path().join(".ssh");
+    std::fs::create_dir_all(&user_ssh).unwrap();
+    let user_key = user_ssh.join("id_ed25519");
+    let status = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&user_key)
+        .status()
+        .unwrap();
+    assert!(status.success());
     it.start(
         "guarded",
         "type: dev-environment\nname: guarded\nresources: {cpu: 1.., memory: 0.1GB..}\n",
@@ -264,6 +274,15 @@ fn ssh_refuses_other_keys_and_changed_host_keys() {
         text(&out.stderr)
     );
     assert_eq!(text(&out.stdout), "");
+    // ... but the user's own key is accepted.
+    let out = it
+        .ssh_command("ssh")
+        .arg("-i")
+        .arg(&user_key)
+        .args(["guarded", "echo user-key"])
+        .output()
+        .unwrap();
+    assert_eq!(text(&out.stdout), "user-key\n", "{}", text(&out.stderr));
     std::fs::write(&key, &saved).unwrap();
     // (ssh offers the key of a `.pub` file beside the private one first)
     std::fs::remove_file(key.with_extension("pub")).unwrap();

@@ -141,8 +141,10 @@ pub(crate) struct Shared {
     pub last_request_ms: AtomicU64,
     /// When the server started.
     pub started: tokio::time::Instant,
-    /// The public keys SSH connections to jobs accept (`runs/ssh`): the project's.
-    pub authorized_keys: Vec<String>,
+    /// The state directory.
+    pub home: PathBuf,
+    /// The project's public key, which SSH connections to jobs accept (`runs/ssh`).
+    pub project_key: String,
 }
 
 impl Shared {
@@ -208,7 +210,8 @@ pub async fn serve(options: ServerOptions, ready: impl FnOnce(&str)) -> Result<(
         token,
         last_request_ms: AtomicU64::new(0),
         started: tokio::time::Instant::now(),
-        authorized_keys: vec![project.ssh_public_key],
+        home: home.clone(),
+        project_key: project.ssh_public_key,
     });
     accept_loop(listener, shared, &options).await;
     if ServerInfo::read(&home).is_some_and(|i| i == info) {

@@ -55,7 +55,7 @@ pub(crate) async fn tunnel(
     let engine = crate::routes::engine(shared)?;
     let agent = engine.agent(instance).await?;
     let ssh = SshRequest {
-        authorized_keys: shared.authorized_keys.clone(),
+        authorized_keys: authorized_keys(shared),
     };
     let outbound = agent.ssh(&job.id, &ssh).await.map_err(|e| {
         ApiError::bad_request(format!(
@@ -64,6 +64,21 @@ pub(crate) async fn tunnel(
         ))
     })?;
     Ok(crate::routes::splice(parts, outbound))
+}
+
+/// The keys a session accepts: the project's, and the users' own (`ssh/authorized_keys`,
+/// read anew for each connection).
+fn authorized_keys(shared: &Shared) -> Vec<String> {
+    let users = std::fs::read_to_string(home::ssh_user_keys_file(&shared.home)).unwrap_or_default();
+    let mut keys = vec![shared.project_key.clone()];
+    keys.extend(
+        users
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_string),
+    );
+    keys
 }
 
 /// The latest running submission of job `job_num` of replica `replica_num`.

@@ -40,14 +40,6 @@ pub(crate) struct SshServer {
     host_key: String,
 }
 
-/// Why a key list was refused.
-#[derive(Debug, thiserror::Error)]
-#[error("authorized_keys[{index}] is not an OpenSSH public key: {reason}")]
-pub(crate) struct BadKey {
-    index: usize,
-    reason: String,
-}
-
 impl SshServer {
     /// The server of the agent whose state directory is `state_dir`: its host key is read
     /// from there, or created (once, mode 0600).
@@ -121,17 +113,12 @@ impl SshServer {
     }
 }
 
-/// Parses the keys a request authorizes (OpenSSH public key lines).
-pub(crate) fn parse_keys(lines: &[String]) -> Result<Vec<PublicKey>, BadKey> {
+/// The keys a request authorizes (OpenSSH public key lines); lines that are not keys are
+/// left out (nobody can log in with them).
+pub(crate) fn parse_keys(lines: &[String]) -> Vec<PublicKey> {
     lines
         .iter()
-        .enumerate()
-        .map(|(index, line)| {
-            PublicKey::from_openssh(line.trim()).map_err(|e| BadKey {
-                index,
-                reason: e.to_string(),
-            })
-        })
+        .filter_map(|line| PublicKey::from_openssh(line.trim()).ok())
         .collect()
 }
 

@@ -248,7 +248,8 @@ pub const SSH_UPGRADE: &str = "ssh";
 /// `POST /api/jobs/{id}/ssh`: which public keys the SSH connection may authenticate with.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SshRequest {
-    /// Public keys in OpenSSH form (`ssh-ed25519 AAAA… comment`); any other key is refused.
+    /// Public keys in OpenSSH form (`ssh-ed25519 AAAA… comment`); any other key is refused
+    /// (lines that are not keys are ignored; 400 when none is).
     pub authorized_keys: Vec<String>,
 }
 

@@ -48,6 +48,12 @@ pub fn ssh_known_hosts_file(home: &Path) -> PathBuf {
     home.join("ssh").join("known_hosts_runs")
 }
 
+/// `ssh/authorized_keys`: the users' own public keys (`~/.ssh/id_*.pub`, added by
+/// `dstack apply` and `attach`) that `ssh <run>` sessions accept besides the project key.
+pub fn ssh_user_keys_file(home: &Path) -> PathBuf {
+    home.join("ssh").join("authorized_keys")
+}
+
 /// `ssh/project_key`: the project's SSH key (instances and jobs accept it).
 pub fn project_key_file(home: &Path) -> PathBuf {
     home.join("ssh").join("project_key")
