@@ -55,6 +55,7 @@ pub async fn attach(
         None
     } else {
         eprintln!("Connect with: ssh {}", run.name());
+        print_ide_link(run).await;
         match run.forward_ports().await {
             Ok(forward) => {
                 for (here, there) in &forward.ports {
@@ -71,6 +72,15 @@ pub async fn attach(
     stream_logs(run, true).await?;
     let finished = run.wait().await?;
     Ok((finished, run.exit_status().await?))
+}
+
+/// Prints the link that opens a dev environment in its IDE (`ide:`), if it has one.
+async fn print_ide_link(run: &dstack_core::RunHandle) {
+    match run.ide_link().await {
+        Ok(Some(link)) => println!("Open in the IDE: {link}"),
+        Ok(None) => {}
+        Err(e) => eprintln!("warning: no IDE link: {e}"),
+    }
 }
 
 /// `dstack attach NAME`: forward ports and stream logs until the run ends (Ctrl-C detaches).

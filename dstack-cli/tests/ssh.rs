@@ -131,7 +131,7 @@ fn ssh_into_a_local_dev_environment() {
     std::fs::write(served.path().join("hello.txt"), "served by init\n").unwrap();
     let port = free_port();
     let config = format!(
-        "type: dev-environment\nname: devbox\ninit:\n  - cd {} && python3 -m http.server {port} --bind 127.0.0.1 >/dev/null 2>&1 &\nresources: {{cpu: 1.., memory: 0.1GB..}}\n",
+        "type: dev-environment\nname: devbox\nide: vscode\ninit:\n  - cd {} && python3 -m http.server {port} --bind 127.0.0.1 >/dev/null 2>&1 &\nresources: {{cpu: 1.., memory: 0.1GB..}}\n",
         served.path().display()
     );
     it.start("devbox", &config, "devbox");
@@ -224,6 +224,33 @@ fn ssh_into_a_local_dev_environment() {
     forward.kill().unwrap();
     forward.wait().unwrap();
     assert_eq!(body.as_deref(), Some("served by init\n"));
+
+    // `dstack attach` prints the IDE link: the run's entry and the job's working directory.
+    let mut attach = it.env.cmd(&["attach", "devbox"]);
+    attach
+        .env("HOME", it.user_home.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut attach = attach.spawn().unwrap();
+    let mut stdout = std::io::BufReader::new(attach.stdout.take().unwrap());
+    let mut line = String::new();
+    let mut link = None;
+    while link.is_none() && std::io::BufRead::read_line(&mut stdout, &mut line).unwrap() > 0 {
+        link = line
+            .trim()
+            .strip_prefix("Open in the IDE: ")
+            .map(str::to_string);
+        line.clear();
+    }
+    attach.kill().unwrap();
+    attach.wait().unwrap();
+    assert_eq!(
+        link,
+        Some(format!(
+            "vscode://vscode-remote/ssh-remote+devbox{}",
+            canonical(&common::workspace()).display()
+        ))
+    );
 
     // Once the run ends, its entry is gone.
     let out = it.dstack(&["stop", "devbox", "-y"]);

@@ -128,6 +128,9 @@ async fn project_route(
     match route {
         ["runs", "connect"] => connect(shared, req).await,
         ["runs", "ssh"] => crate::ssh::tunnel(shared, req).await,
+        ["runs", "ssh_endpoint"] => Ok(json(
+            &crate::ssh::endpoint(shared, &body(req).await?).await?,
+        )),
         ["runs", "get_plan"] => {
             let request: PlanRequest = body(req).await?;
             let plan = client

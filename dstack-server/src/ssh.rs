@@ -13,7 +13,7 @@ use std::time::Duration;
 use dstack_core::agent::{SshEndpoint, SshRequest};
 use dstack_core::client::home;
 use dstack_core::client::protocol::{RunRef, SshTunnelRequest};
-use dstack_core::engine::Engine;
+use dstack_core::engine::{Engine, EngineError};
 use dstack_core::model::{Job, JobStatus, RunStatus};
 use dstack_core::Client;
 use hyper::body::Incoming;
@@ -64,6 +64,45 @@ pub(crate) async fn tunnel(
         ))
     })?;
     Ok(crate::routes::splice(parts, outbound))
+}
+
+/// `runs/ssh_endpoint`: what the job's agent says of its SSH endpoint (host key, user,
+/// working directory).
+pub(crate) async fn endpoint(
+    shared: &Shared,
+    request: &SshTunnelRequest,
+) -> Result<SshEndpoint, ApiError> {
+    let (job, agent) = job_agent(shared, request).await?;
+    Ok(agent
+        .ssh_endpoint(&job.id)
+        .await
+        .map_err(EngineError::from)?)
+}
+
+/// The running job a request names, and a client of its agent.
+async fn job_agent(
+    shared: &Shared,
+    request: &SshTunnelRequest,
+) -> Result<(Job, dstack_core::agent::AgentClient), ApiError> {
+    let which = RunRef {
+        run_name: Some(request.run_name.clone()),
+        id: None,
+    };
+    let snapshot = crate::routes::run_handle(shared, &which)
+        .await?
+        .snapshot()
+        .await?;
+    let job = running_job(&snapshot.jobs, request.job_num, request.replica_num)
+        .cloned()
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "job {} of replica {} of run {} is not running",
+                request.job_num, request.replica_num, request.run_name
+            ))
+        })?;
+    let instance = job.instance_id.as_deref().unwrap_or_default();
+    let agent = crate::routes::engine(shared)?.agent(instance).await?;
+    Ok((job, agent))
 }
 
 /// The keys a session accepts: the project's, and the users' own (`ssh/authorized_keys`,

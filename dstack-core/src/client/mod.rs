@@ -36,7 +36,7 @@ pub use remote::{Remote, ServerError};
 use crate::backend::Compute;
 use crate::config::Configuration;
 use crate::engine::{ApplyOptions, Engine, EngineError, EngineOptions, RunPlan};
-use crate::model::{Fleet, Instance, Job, Run, RunStatus, Volume, VolumeStatus};
+use crate::model::{Fleet, Instance, Job, JobStatus, Run, RunStatus, Volume, VolumeStatus};
 use crate::store::{RunFilter, RunListing, SqliteStore};
 use protocol::{
     ApplyRequest, ConfigurationRequest, DeleteRequest, FleetDeleted, FleetEntry, FleetEvent,
@@ -747,6 +747,45 @@ impl RunHandle {
             Via::Server(remote) => crate::forward::Dial::Server(remote.clone()),
         };
         crate::forward::forward(dial, &instance_id, ports, local).await
+    }
+
+    /// The link that opens this dev environment in its IDE (`ide:`, see [`crate::ide`]) on
+    /// the working directory of its first job, through its `ssh <run>` entry; `None` for
+    /// other runs, a dev environment without `ide`, or one whose first job is not running.
+    pub async fn ide_link(&self) -> Result<Option<String>, EngineError> {
+        let snapshot = self.snapshot().await?;
+        let config = snapshot.run.spec.configuration().map_err(|e| {
+            EngineError::Invalid(format!("stored configuration of run {}: {e}", self.name))
+        })?;
+        let Configuration::DevEnvironment(dev) = &config else {
+            return Ok(None);
+        };
+        let Some(ide) = dev.ide else {
+            return Ok(None);
+        };
+        let Some(job) = latest_job(&snapshot.jobs).filter(|j| j.status == JobStatus::Running)
+        else {
+            return Ok(None);
+        };
+        let endpoint: crate::agent::SshEndpoint = match &self.via {
+            Via::Engine(engine) => {
+                let instance = job.instance_id.as_deref().unwrap_or_default();
+                engine.agent(instance).await?.ssh_endpoint(&job.id).await?
+            }
+            Via::Server(remote) => {
+                let request = protocol::SshTunnelRequest {
+                    run_name: self.name.clone(),
+                    job_num: 0,
+                    replica_num: 0,
+                };
+                remote.call("runs/ssh_endpoint", &request).await?
+            }
+        };
+        Ok(Some(crate::ide::link(
+            ide,
+            &self.name,
+            &endpoint.working_dir,
+        )))
     }
 
     /// Waits until the run has finished and returns it.

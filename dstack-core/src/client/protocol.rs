@@ -20,6 +20,7 @@
 //! | `logs/follow` (extra) | [`LogsRequest`] | the job's raw output, streamed |
 //! | `runs/connect` (extra) | [`ConnectRequest`] | `101 Switching Protocols`, then a byte stream to the port |
 //! | `runs/ssh` (extra) | [`SshTunnelRequest`] | `101 Switching Protocols`, then one SSH connection to the job's agent (see `dstack_core::agent`) |
+//! | `runs/ssh_endpoint` (extra) | [`SshTunnelRequest`] | the job's `crate::agent::SshEndpoint` (host key, user, working directory) |
 //! | `fleets/list` | — | `[`[`FleetEntry`]`]` |
 //! | `fleets/busy` (extra) | — | `[instance id]`, those whose jobs hold resources now |
 //! | `fleets/apply` | [`ConfigurationRequest`] | newline-delimited [`FleetEvent`]s |
