@@ -122,11 +122,19 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
             app.jobs.metrics(id, app.metrics_bytes)?,
         )),
         (Method::GET, ["api", "jobs", id, "ssh"]) => {
-            let world = World::of(&*app.jobs.get(id)?, app.jobs.container_engine())?;
+            let job = app.jobs.get(id)?;
+            let world = World::of(&job, app.jobs.container_engine())?;
+            let activity = &app.ssh.activity;
+            activity.retain(|id| {
+                app.jobs
+                    .get(id)
+                    .is_ok_and(|j| !j.info().status.is_finished())
+            });
             Ok(json(&SshEndpoint {
                 host_key: app.ssh.host_key().to_string(),
                 user: world.user,
                 working_dir: world.working_dir,
+                no_connections_secs: activity.idle_secs(id, job.info().started_at_ms),
             }))
         }
         (Method::POST, ["api", "jobs", id, "ssh"]) => {
@@ -192,7 +200,9 @@ async fn ssh(
     let world = World::of(&*app.jobs.get(id)?, app.jobs.container_engine())?;
     let upgrade = hyper::upgrade::on(Request::from_parts(parts, ()));
     let app = app.clone();
+    let connection = app.ssh.activity.open(id);
     tokio::spawn(async move {
+        let _connection = connection;
         if let Ok(upgraded) = upgrade.await {
             let stream = hyper_util::rt::TokioIo::new(upgraded);
             app.ssh.serve(stream, world, keys).await;

@@ -454,3 +454,33 @@ fn ssh_into_a_container_dev_environment() {
     let out = it.dstack(&["stop", "boxed", "-y"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
+
+#[test]
+fn an_inactive_dev_environment_is_stopped_while_no_session_is_open() {
+    let it = SshEnv::new();
+    it.start(
+        "idle",
+        "type: dev-environment\nname: idle\ninactivity_duration: 15s\nresources: {cpu: 1.., memory: 0.1GB..}\n",
+        "idle",
+    );
+    // A session longer than 10 s counts as activity: the run outlives its limit while open.
+    let mut session = it
+        .ssh_command("ssh")
+        .args(["idle", "sleep 25"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(22));
+    let ps = text(&it.dstack(&["ps"]).stdout);
+    assert!(ps.contains("idle") && ps.contains("running"), "{ps}");
+    assert_eq!(session.wait().unwrap().code(), Some(0));
+    // Then, with no session, it is stopped with dstack's reason.
+    let stopped = || {
+        let runs = text(&it.dstack(&["ps", "-a", "--json"]).stdout);
+        runs.contains("inactivity_duration_exceeded")
+    };
+    wait_for(stopped, "the inactivity stop", || {
+        text(&it.dstack(&["ps", "-a"]).stdout)
+    });
+    let ps = text(&it.dstack(&["ps", "-a"]).stdout);
+    assert!(!ps.contains("running"), "{ps}");
+}

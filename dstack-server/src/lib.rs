@@ -12,6 +12,7 @@
 
 mod dialect;
 mod errors;
+mod inactivity;
 mod routes;
 mod secrets;
 mod ssh;

@@ -1,7 +1,8 @@
 //! `ssh <run>` on the server's side: the `runs/ssh` tunnel a `ProxyCommand` opens to a job's
 //! SSH endpoint (served by its agent), and the SSH entries of running jobs, kept current in
 //! `$DSTACK_HOME/ssh/config` with their agents' host keys pinned in
-//! `ssh/known_hosts_runs` (both 0600) while the server runs.
+//! `ssh/known_hosts_runs` (both 0600) while the server runs; the same loop enforces dev
+//! environments' `inactivity_duration` ([`crate::inactivity`]).
 //!
 //! Host names: `<run>` is job 0 of replica 0; every job is also `<run>-<job_num>-<replica_num>`
 //! (its name, as `dstack ps` shows it).
@@ -23,7 +24,7 @@ use crate::errors::ApiError;
 use crate::Shared;
 
 /// How often the entries are checked even without a change (changes of other processes,
-/// endpoints that could not be read).
+/// endpoints that could not be read), and dev environments for inactivity.
 const RECHECK: Duration = Duration::from_secs(5);
 
 /// How long changes are gathered before the entries are written.
@@ -289,6 +290,9 @@ pub(crate) fn keep(client: Client, entries: Entries) {
                     false
                 }
             };
+            if let Err(e) = crate::inactivity::enforce(&client, &engine).await {
+                eprintln!("dstack server: cannot check dev environments for inactivity: {e}");
+            }
             let wait = if complete {
                 RECHECK
             } else {
@@ -380,6 +384,7 @@ mod tests {
                 host_key: "ssh-ed25519 AAAAkey".to_string(),
                 user: "me".to_string(),
                 working_dir: "/w".to_string(),
+                no_connections_secs: 0,
             },
         }
     }

@@ -7,6 +7,7 @@
 //! project's key, the user's); the agent's host key (`ssh_host_ed25519_key` in its state
 //! directory, 0600) is what clients pin.
 
+pub(crate) mod activity;
 mod container;
 mod host;
 mod pty;
@@ -33,11 +34,13 @@ use world::World;
 /// The agent's host key, in its state directory.
 const HOST_KEY_FILE: &str = "ssh_host_ed25519_key";
 
-/// The agent's SSH server: its host key and settings.
+/// The agent's SSH server: its host key and settings, and the connections of each job.
 pub(crate) struct SshServer {
     config: Arc<Config>,
     /// The host key's public half, in OpenSSH form (`ssh-ed25519 AAAA…`).
     host_key: String,
+    /// The open connections of each job.
+    pub activity: Arc<activity::Activity>,
 }
 
 impl SshServer {
@@ -87,6 +90,7 @@ impl SshServer {
         Ok(SshServer {
             config: Arc::new(config),
             host_key,
+            activity: Arc::default(),
         })
     }
 

@@ -264,4 +264,9 @@ pub struct SshEndpoint {
     pub user: String,
     /// The directory sessions start in (the job's working directory).
     pub working_dir: String,
+    /// Seconds since the job last had an SSH connection (0 while one is open; connections
+    /// shorter than 10 s do not count), or since it started: a dev environment's
+    /// `inactivity_duration` is measured with it.
+    #[serde(default)]
+    pub no_connections_secs: u64,
 }
