@@ -34,7 +34,8 @@ enum Command {
     Ps(runs::PsArgs),
     /// Print the output of a run.
     Logs(runs::LogsArgs),
-    /// Attach to a run: forward its ports to localhost and stream its output until it ends.
+    /// Attach to a run: forward its ports to localhost (and stream its output with --logs)
+    /// until it ends; `ssh <run>` works meanwhile (and whenever the run runs).
     ///
     /// Ctrl-C detaches and leaves the run running.
     Attach(runs::AttachArgs),
@@ -144,7 +145,7 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
         Command::Secret { action } => secret::run(&client, action).await,
         Command::Ps(args) => runs::ps(&client, &args).await,
         Command::Logs(args) => runs::logs(&client, &args).await,
-        Command::Attach(args) => runs::attach_cmd(&client, &args).await,
+        Command::Attach(args) => runs::attach_cmd(&client, &home, &args).await,
         Command::Stop(args) => runs::stop(&client, &args).await,
         Command::Offer(args) => offer::offer(&client, &args).await,
         Command::Fleet { action } => match action {

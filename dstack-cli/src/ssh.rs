@@ -88,6 +88,29 @@ pub fn remember_user_key(home: &Path) {
     }
 }
 
+/// `dstack attach --ssh-identity PATH`: `ssh <run>` sessions also accept the key whose
+/// public half is `PATH.pub`.
+pub fn accept_identity(home: &Path, identity: &Path) -> Result<(), Failure> {
+    let mut public = identity.as_os_str().to_owned();
+    public.push(".pub");
+    let public = PathBuf::from(public);
+    let key = fs::read_to_string(&public).map_err(|e| {
+        Failure::new(format!(
+            "--ssh-identity: cannot read {}: {e}",
+            public.display()
+        ))
+    })?;
+    let key = key.trim();
+    if key.is_empty() || key.contains('\n') {
+        return Err(Failure::new(format!(
+            "--ssh-identity: {} does not hold one public key",
+            public.display()
+        )));
+    }
+    add_line(&home::ssh_user_keys_file(home), key)
+        .map_err(|e| Failure::new(format!("--ssh-identity: {e}")))
+}
+
 /// Appends `line` to the private file `path` unless it holds it already (under a lock).
 fn add_line(path: &Path, line: &str) -> io::Result<()> {
     if let Some(dir) = path.parent() {

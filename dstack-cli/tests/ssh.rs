@@ -131,7 +131,7 @@ fn ssh_into_a_local_dev_environment() {
     std::fs::write(served.path().join("hello.txt"), "served by init\n").unwrap();
     let port = free_port();
     let config = format!(
-        "type: dev-environment\nname: devbox\nide: vscode\ninit:\n  - cd {} && python3 -m http.server {port} --bind 127.0.0.1 >/dev/null 2>&1 &\nresources: {{cpu: 1.., memory: 0.1GB..}}\n",
+        "type: dev-environment\nname: devbox\nide: vscode\ninit:\n  - cd {} && python3 -m http.server {port} --bind 127.0.0.1 >/dev/null 2>&1 &\n  - echo init-done\nresources: {{cpu: 1.., memory: 0.1GB..}}\n",
         served.path().display()
     );
     it.start("devbox", &config, "devbox");
@@ -225,25 +225,37 @@ fn ssh_into_a_local_dev_environment() {
     forward.wait().unwrap();
     assert_eq!(body.as_deref(), Some("served by init\n"));
 
-    // `dstack attach` prints the IDE link: the run's entry and the job's working directory.
-    let mut attach = it.env.cmd(&["attach", "devbox"]);
+    // `dstack attach` prints the IDE link (the run's entry, the job's working directory),
+    // forwards a port moved with -p, streams the output with --logs, and --ssh-identity adds
+    // a key sessions accept.
+    let identity = local.path().join("identity");
+    let status = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&identity)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let moved = free_port();
+    let mut attach = it.env.cmd(&["attach", "devbox", "--logs", "-p"]);
     attach
+        .arg(format!("{moved}:{port}"))
+        .arg("--ssh-identity")
+        .arg(&identity)
         .env("HOME", it.user_home.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
     let mut attach = attach.spawn().unwrap();
     let mut stdout = std::io::BufReader::new(attach.stdout.take().unwrap());
     let mut line = String::new();
-    let mut link = None;
-    while link.is_none() && std::io::BufRead::read_line(&mut stdout, &mut line).unwrap() > 0 {
-        link = line
-            .trim()
-            .strip_prefix("Open in the IDE: ")
-            .map(str::to_string);
+    let (mut link, mut logged) = (None, false);
+    while !logged && std::io::BufRead::read_line(&mut stdout, &mut line).unwrap() > 0 {
+        if let Some(found) = line.trim().strip_prefix("Open in the IDE: ") {
+            link = Some(found.to_string());
+        }
+        logged = line.trim() == "init-done";
         line.clear();
     }
-    attach.kill().unwrap();
-    attach.wait().unwrap();
+    assert!(logged, "the output was not streamed");
     assert_eq!(
         link,
         Some(format!(
@@ -251,6 +263,25 @@ fn ssh_into_a_local_dev_environment() {
             canonical(&common::workspace()).display()
         ))
     );
+    assert_eq!(
+        http_get(moved, "hello.txt").as_deref(),
+        Some("served by init\n")
+    );
+    // (the project key moved away: only the identity can log in)
+    let project_key = it.env.home.path().join("ssh/project_key");
+    let aside = it.env.home.path().join("ssh/project_key.aside");
+    std::fs::rename(&project_key, &aside).unwrap();
+    let out = it
+        .ssh_command("ssh")
+        .arg("-i")
+        .arg(&identity)
+        .args(["devbox", "echo identity"])
+        .output()
+        .unwrap();
+    std::fs::rename(&aside, &project_key).unwrap();
+    assert_eq!(text(&out.stdout), "identity\n", "{}", text(&out.stderr));
+    attach.kill().unwrap();
+    attach.wait().unwrap();
 
     // Once the run ends, its entry is gone.
     let out = it.dstack(&["stop", "devbox", "-y"]);

@@ -720,6 +720,18 @@ impl RunHandle {
     /// Forwards the ports of the run's job to this machine for as long as the returned guard
     /// lives (see [`crate::forward`]). Call it once the run is running.
     pub async fn forward_ports(&self) -> Result<crate::forward::PortForward, EngineError> {
+        self.forward_job_ports(0, 0, &[]).await
+    }
+
+    /// Forwards the ports of job `job_num` of replica `replica_num` (its latest submission),
+    /// with `overrides` (`(local, remote)`: remote port `remote` at `local` here, whether
+    /// configured or not), for as long as the returned guard lives.
+    pub async fn forward_job_ports(
+        &self,
+        job_num: u32,
+        replica_num: u32,
+        overrides: &[(u16, u16)],
+    ) -> Result<crate::forward::PortForward, EngineError> {
         let Snapshot {
             run,
             jobs,
@@ -728,12 +740,26 @@ impl RunHandle {
         let config = run.spec.configuration().map_err(|e| {
             EngineError::Invalid(format!("stored configuration of run {}: {e}", run.name))
         })?;
-        let ports: Vec<(u16, u16)> = crate::engine::ports(&config)
+        let mut ports: Vec<(u16, u16)> = crate::engine::ports(&config)
             .iter()
             .map(|p| (p.local_port.unwrap_or(p.container_port), p.container_port))
             .collect();
-        let job = latest_job(&jobs)
-            .ok_or_else(|| EngineError::Invalid(format!("run {} has no job", run.name)))?;
+        for &(here, there) in overrides {
+            match ports.iter_mut().find(|(_, remote)| *remote == there) {
+                Some(port) => port.0 = here,
+                None => ports.push((here, there)),
+            }
+        }
+        let job = jobs
+            .iter()
+            .filter(|j| j.job_num == job_num && j.replica_num == replica_num)
+            .max_by_key(|j| j.submission_num)
+            .ok_or_else(|| {
+                EngineError::Invalid(format!(
+                    "run {} has no job {job_num} of replica {replica_num}",
+                    run.name
+                ))
+            })?;
         let instance_id = job.instance_id.clone().ok_or_else(|| {
             EngineError::Invalid(format!("run {} is not placed on an instance yet", run.name))
         })?;
