@@ -36,8 +36,14 @@ pub(crate) async fn enforce(client: &Client, engine: &Engine) -> Result<(), Engi
         let Some((job, instance)) = job.and_then(|j| Some((j, j.instance_id.as_deref()?))) else {
             continue;
         };
-        let agent = engine.agent(instance).await?;
-        let idle = agent.ssh_endpoint(&job.id).await?.no_connections_secs;
+        // An agent that does not answer is dealt with by its watcher; the others are checked.
+        let Ok(agent) = engine.agent(instance).await else {
+            continue;
+        };
+        let Ok(endpoint) = agent.ssh_endpoint(&job.id).await else {
+            continue;
+        };
+        let idle = endpoint.no_connections_secs;
         if idle >= limit {
             eprintln!(
                 "dstack server: {} had no SSH connection for {idle} s (inactivity_duration \
@@ -51,7 +57,9 @@ pub(crate) async fn enforce(client: &Client, engine: &Engine) -> Result<(), Engi
                     .as_str()
                     .to_string(),
             };
-            agent.stop(&job.id, &request).await?;
+            if let Err(e) = agent.stop(&job.id, &request).await {
+                eprintln!("dstack server: cannot stop {}: {e}", snapshot.run.name);
+            }
         }
     }
     Ok(())

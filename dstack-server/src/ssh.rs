@@ -277,8 +277,9 @@ pub(crate) fn keep(client: Client, entries: Entries) {
         let mut changes = engine.subscribe();
         let mut endpoints: HashMap<String, SshEndpoint> = HashMap::new();
         let mut last = None;
+        let mut reported = std::collections::HashSet::new();
         loop {
-            let complete = match current(&client, &engine, &mut endpoints).await {
+            let complete = match current(&client, &engine, &mut endpoints, &mut reported).await {
                 Ok((list, complete)) => {
                     if let Err(e) = entries.write(&list, &mut last) {
                         eprintln!("dstack server: cannot write the SSH entries of runs: {e}");
@@ -313,11 +314,13 @@ pub(crate) fn keep(client: Client, entries: Entries) {
 }
 
 /// The entries of the running jobs, and whether every endpoint could be read; `endpoints`
-/// caches them by job id.
+/// caches them by job id, and `reported` holds the jobs whose missing entry was logged (once
+/// each).
 async fn current(
     client: &Client,
     engine: &Engine,
     endpoints: &mut HashMap<String, SshEndpoint>,
+    reported: &mut std::collections::HashSet<String>,
 ) -> Result<(Vec<Entry>, bool), dstack_core::engine::EngineError> {
     let runs = client.runs();
     let listing = runs.listing(false).await?;
@@ -350,7 +353,12 @@ async fn current(
                     let endpoint = match found {
                         Ok(endpoint) => endpoint,
                         Err(e) => {
-                            eprintln!("dstack server: no SSH entry for {} yet: {e}", job.name());
+                            if reported.insert(job.id.clone()) {
+                                eprintln!(
+                                    "dstack server: no SSH entry for {} yet: {e}",
+                                    job.name()
+                                );
+                            }
                             complete = false;
                             continue;
                         }
@@ -368,6 +376,7 @@ async fn current(
         }
     }
     endpoints.retain(|id, _| live.contains(id));
+    reported.retain(|id| live.contains(id));
     Ok((entries, complete))
 }
 
