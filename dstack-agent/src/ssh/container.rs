@@ -112,6 +112,8 @@ pub(crate) async fn run(
                     }
                 }
                 Input::Resize(size) => resize(&docker, &exec, size).await,
+                // The engine's exec API sends no signals; a terminal's ^C reaches it as input.
+                Input::Signal(_) => {}
                 // Dropping the connection ends a terminal's processes (SIGHUP).
                 Input::Hangup => break,
             },

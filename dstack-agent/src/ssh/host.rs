@@ -201,8 +201,9 @@ impl Sink {
     }
 }
 
-/// Waits for `child` while passing the client's input to `sink`; a hangup sends SIGHUP to
-/// the process group `group` (SIGKILL after [`HANGUP_GRACE`]). Returns the exit status.
+/// Waits for `child` while passing the client's input to `sink`; signals go to the process
+/// group `group`, and a hangup sends it SIGHUP (SIGKILL after [`HANGUP_GRACE`]). Returns the
+/// exit status.
 async fn watch(
     child: &mut Child,
     group: Option<u32>,
@@ -220,13 +221,14 @@ async fn watch(
             status = child.wait() => {
                 return status.map_or(255, exit_code);
             }
-            Some(event) = input.recv() => {
-                if matches!(event, Input::Hangup) {
+            Some(event) = input.recv() => match event {
+                Input::Hangup => {
                     signal(Signal::SIGHUP);
                     kill_at.get_or_insert(tokio::time::Instant::now() + HANGUP_GRACE);
                 }
-                sink.take(event).await;
-            }
+                Input::Signal(sent) => signal(sent),
+                event => sink.take(event).await,
+            },
             () = crate::supervisor::sleep_until(kill_at) => {
                 signal(Signal::SIGKILL);
                 kill_at = None;

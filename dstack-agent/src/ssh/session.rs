@@ -47,7 +47,9 @@ pub(crate) enum Input {
     Eof,
     /// The terminal's new size.
     Resize(WindowSize),
-    /// The client went away (or sent a signal): end the session's processes.
+    /// A signal for the session's processes (`ssh`'s `signal` request).
+    Signal(nix::sys::signal::Signal),
+    /// The client went away: end the session's processes.
     Hangup,
 }
 
@@ -126,7 +128,10 @@ pub(crate) async fn serve(channel: Channel<Msg>, world: Arc<World>) {
                             height: pix_height,
                         })
                     }
-                    Some(ChannelMsg::Signal { .. }) => Input::Hangup,
+                    Some(ChannelMsg::Signal { signal }) => match unix_signal(&signal) {
+                        Some(signal) => Input::Signal(signal),
+                        None => continue,
+                    },
                     None | Some(ChannelMsg::Close) => {
                         let _ = inputs.send(Input::Hangup);
                         // The client is gone: nothing more is sent; the program is ended.
@@ -139,6 +144,27 @@ pub(crate) async fn serve(channel: Channel<Msg>, world: Arc<World>) {
             }
         }
     }
+}
+
+/// The signal an SSH `signal` request names (RFC 4254 names, without `SIG`).
+fn unix_signal(signal: &russh::Sig) -> Option<nix::sys::signal::Signal> {
+    use nix::sys::signal::Signal;
+    use russh::Sig;
+    Some(match signal {
+        Sig::ABRT => Signal::SIGABRT,
+        Sig::ALRM => Signal::SIGALRM,
+        Sig::FPE => Signal::SIGFPE,
+        Sig::HUP => Signal::SIGHUP,
+        Sig::ILL => Signal::SIGILL,
+        Sig::INT => Signal::SIGINT,
+        Sig::KILL => Signal::SIGKILL,
+        Sig::PIPE => Signal::SIGPIPE,
+        Sig::QUIT => Signal::SIGQUIT,
+        Sig::SEGV => Signal::SIGSEGV,
+        Sig::TERM => Signal::SIGTERM,
+        Sig::USR1 => Signal::SIGUSR1,
+        Sig::Custom(name) => format!("SIG{name}").parse().ok()?,
+    })
 }
 
 /// Sends the exit status, then ends and closes the channel.
@@ -167,4 +193,20 @@ pub(crate) async fn refuse(output: &mut Output, message: &str) -> u32 {
         .await;
     let _ = output.stderr.flush().await;
     127
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::signal::Signal;
+
+    #[test]
+    fn signal_requests_name_unix_signals() {
+        assert_eq!(unix_signal(&russh::Sig::INT), Some(Signal::SIGINT));
+        assert_eq!(
+            unix_signal(&russh::Sig::Custom("USR2".into())),
+            Some(Signal::SIGUSR2)
+        );
+        assert_eq!(unix_signal(&russh::Sig::Custom("NOPE".into())), None);
+    }
 }
