@@ -5,7 +5,7 @@ use std::convert::Infallible;
 use std::io;
 use std::sync::Arc;
 
-use dstack_core::agent::Healthcheck;
+use dstack_core::agent::{Healthcheck, SshEndpoint, SshRequest, SSH_UPGRADE};
 use dstack_core::http::serve::{self, bearer, json, respond, same_secret, stream, Body, Refusal};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
@@ -13,6 +13,8 @@ use serde::de::DeserializeOwned;
 
 use crate::jobs::{JobError, Jobs};
 use crate::lease::{self, Lease};
+use crate::ssh::world::World;
+use crate::ssh::{self as ssh_server, SshServer};
 
 /// The largest request body accepted.
 const MAX_REQUEST_BYTES: usize = 1024 * 1024;
@@ -29,6 +31,8 @@ pub(crate) struct App {
     pub metrics_bytes: u64,
     /// The owner lease, on cloud instances.
     pub lease: Option<Arc<Lease>>,
+    /// The SSH server of jobs.
+    pub ssh: SshServer,
 }
 
 impl App {
@@ -77,7 +81,7 @@ pub(crate) async fn handle(
         }))
 }
 
-async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, HttpError> {
+async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, HttpError> {
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     if segments != ["api", "healthcheck"] && !app.authorized(&req) {
@@ -117,6 +121,26 @@ async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, Http
             "application/x-ndjson",
             app.jobs.metrics(id, app.metrics_bytes)?,
         )),
+        (Method::GET, ["api", "jobs", id, "ssh"]) => {
+            let job = app.jobs.get(id)?;
+            let world = World::of(&job, app.jobs.container_engine())?;
+            let activity = &app.ssh.activity;
+            activity.retain(|id| {
+                app.jobs
+                    .get(id)
+                    .is_ok_and(|j| !j.info().status.is_finished())
+            });
+            Ok(json(&SshEndpoint {
+                host_key: app.ssh.host_key().to_string(),
+                user: world.user,
+                working_dir: world.working_dir,
+                no_connections_secs: activity.idle_secs(id, job.info().started_at_ms),
+            }))
+        }
+        (Method::POST, ["api", "jobs", id, "ssh"]) => {
+            let id = id.to_string();
+            ssh(app, &id, req).await
+        }
         (Method::GET, ["api", "lease"]) => Ok(json(
             &app.lease
                 .as_ref()
@@ -132,7 +156,7 @@ async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, Http
             _,
             ["api", "healthcheck" | "jobs" | "events" | "lease"]
             | ["api", "jobs", _]
-            | ["api", "jobs", _, "stop" | "logs" | "metrics"],
+            | ["api", "jobs", _, "stop" | "logs" | "metrics" | "ssh"],
         ) => Err(HttpError(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{} is not allowed on {path}", req.method()),
@@ -142,6 +166,63 @@ async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, Http
             format!("no such path {path}"),
         )),
     }
+}
+
+/// `POST /api/jobs/{id}/ssh`: answers `101 Switching Protocols` and serves one SSH
+/// connection into the job's world on the upgraded connection.
+async fn ssh(
+    app: &Arc<App>,
+    id: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, HttpError> {
+    let wants_ssh = req
+        .headers()
+        .get(hyper::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(SSH_UPGRADE));
+    if !wants_ssh {
+        return Err(HttpError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "POST /api/jobs/{id}/ssh needs `Connection: upgrade` and `Upgrade: {SSH_UPGRADE}`"
+            ),
+        ));
+    }
+    let (parts, incoming) = req.into_parts();
+    let request: SshRequest = read_json(Request::new(incoming)).await?;
+    let keys = ssh_server::parse_keys(&request.authorized_keys);
+    if keys.is_empty() {
+        return Err(HttpError(
+            StatusCode::BAD_REQUEST,
+            "no valid authorized key: nobody could log in".to_string(),
+        ));
+    }
+    let world = World::of(&*app.jobs.get(id)?, app.jobs.container_engine())?;
+    let upgrade = hyper::upgrade::on(Request::from_parts(parts, ()));
+    let app = app.clone();
+    let connection = app.ssh.activity.open(id);
+    tokio::spawn(async move {
+        let _connection = connection;
+        if let Ok(upgraded) = upgrade.await {
+            let stream = hyper_util::rt::TokioIo::new(upgraded);
+            app.ssh.serve(stream, world, keys).await;
+        }
+    });
+    let mut resp = respond(
+        StatusCode::SWITCHING_PROTOCOLS,
+        "application/octet-stream",
+        "",
+    );
+    let headers = resp.headers_mut();
+    headers.insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("upgrade"),
+    );
+    headers.insert(
+        hyper::header::UPGRADE,
+        hyper::header::HeaderValue::from_static(SSH_UPGRADE),
+    );
+    Ok(resp)
 }
 
 /// `offset=N&follow=B` (both optional: 0 and false).

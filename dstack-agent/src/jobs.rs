@@ -103,6 +103,12 @@ impl Job {
         spec
     }
 
+    /// The process group it runs in, once it started as a process of the host (container
+    /// jobs have none).
+    pub fn process(&self) -> Option<&ProcessGroup> {
+        self.process.get()
+    }
+
     /// The current state.
     pub fn info(&self) -> JobInfo {
         self.info.borrow().clone()
@@ -353,6 +359,11 @@ impl Jobs {
             leader: Mutex::new(None),
             journaled: AtomicBool::new(false),
         }
+    }
+
+    /// The container engine's socket `image:` jobs run with, if any.
+    pub fn container_engine(&self) -> Option<&str> {
+        self.containers.as_deref()
     }
 
     /// Removes the containers of the jobs recovery found lost (their agent could no longer

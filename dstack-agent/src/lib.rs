@@ -17,6 +17,7 @@ mod journal;
 mod lease;
 mod logs;
 mod process;
+mod ssh;
 mod state;
 mod supervisor;
 
@@ -141,6 +142,7 @@ impl Agent {
         let tool_path = config.tool_path.or_else(|| std::env::var_os("PATH"));
         let host = host::detect(state.root(), tool_path.as_deref()).await;
         let token = state.token()?;
+        let ssh = ssh::SshServer::load(state.root())?;
         let listener = bind(&config.socket).await?;
         fs::write(state.pid_file(), format!("{}\n", std::process::id()))?;
         let health = Healthcheck {
@@ -159,6 +161,7 @@ impl Agent {
                 token,
                 metrics_bytes: config.limits.metrics_bytes,
                 lease: config.lease.map(|l| Arc::new(Lease::new(l))),
+                ssh,
             }),
             socket: config.socket,
             state,

@@ -231,7 +231,11 @@ pub async fn apply(client: &Client, args: &ApplyArgs) -> Result<ExitCode, Failur
         println!("Detached. Follow it with: dstack logs -f {}", run.name());
         return Ok(ExitCode::SUCCESS);
     }
-    let attached = crate::runs::attach(&run);
+    let how = crate::runs::Attach {
+        logs: true,
+        ..Default::default()
+    };
+    let attached = crate::runs::attach(&run, &how);
     tokio::select! {
         result = attached => {
             let (finished, code) = result?;

@@ -6,6 +6,7 @@ mod offer;
 mod runs;
 mod secret;
 mod server;
+mod ssh;
 mod table;
 mod validate;
 mod volume;
@@ -33,7 +34,8 @@ enum Command {
     Ps(runs::PsArgs),
     /// Print the output of a run.
     Logs(runs::LogsArgs),
-    /// Attach to a run: forward its ports to localhost and stream its output until it ends.
+    /// Attach to a run: forward its ports to localhost (and stream its output with --logs)
+    /// until it ends; `ssh <run>` works meanwhile (and whenever the run runs).
     ///
     /// Ctrl-C detaches and leaves the run running.
     Attach(runs::AttachArgs),
@@ -71,6 +73,10 @@ enum Command {
     /// dstack's REST API. Every other command starts one in the background when none
     /// answers, so this is only needed to watch it or to serve other machines (--host).
     Server(server::ServerArgs),
+    /// Carry an SSH connection to a running job over standard input and output (the
+    /// `ProxyCommand` of the `ssh <run>` entries).
+    #[command(hide = true)]
+    SshProxy(ssh::ProxyArgs),
 }
 
 /// `dstack fleet` subcommands.
@@ -124,17 +130,22 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
     match command {
         Command::Validate(args) => return Ok(validate::run(&args)),
         Command::Server(args) => return server::run(args).await,
+        Command::SshProxy(args) => return ssh::proxy(&args).await,
         _ => {}
     }
     let exe = std::env::current_exe().ok();
     let home = dstack_core::client::default_home();
     let client = dstack_core::Client::connect(&home, exe.as_deref()).await?;
+    if matches!(command, Command::Apply(_) | Command::Attach(_)) {
+        ssh::ensure_include(&home);
+        ssh::remember_user_key(&home);
+    }
     match command {
         Command::Apply(args) => apply::apply(&client, &args).await,
         Command::Secret { action } => secret::run(&client, action).await,
         Command::Ps(args) => runs::ps(&client, &args).await,
         Command::Logs(args) => runs::logs(&client, &args).await,
-        Command::Attach(args) => runs::attach_cmd(&client, &args).await,
+        Command::Attach(args) => runs::attach_cmd(&client, &home, &args).await,
         Command::Stop(args) => runs::stop(&client, &args).await,
         Command::Offer(args) => offer::offer(&client, &args).await,
         Command::Fleet { action } => match action {
@@ -145,7 +156,7 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
             None | Some(VolumeAction::List) => volume::list(&client).await,
             Some(VolumeAction::Delete(args)) => volume::delete(&client, &args).await,
         },
-        Command::Validate(_) | Command::Server(_) => {
+        Command::Validate(_) | Command::Server(_) | Command::SshProxy(_) => {
             unreachable!("handled above")
         }
     }

@@ -40,13 +40,57 @@ pub struct LogsArgs {
 pub struct AttachArgs {
     /// The run name.
     run: String,
+    /// Stream the job's output until the run ends.
+    #[arg(long)]
+    logs: bool,
+    /// Forward port REMOTE of the job to LOCAL here (`LOCAL:REMOTE`, or one number for both),
+    /// whether it is among the run's `ports` or not; repeatable.
+    #[arg(short = 'p', long = "port", value_name = "[LOCAL:]REMOTE", value_parser = port_mapping)]
+    ports: Vec<(u16, u16)>,
+    /// The job (node rank) to attach to.
+    #[arg(long, default_value_t = 0)]
+    job: u32,
+    /// The replica to attach to.
+    #[arg(long, default_value_t = 0)]
+    replica: u32,
+    /// A private key `ssh <run>` also accepts (its public half, `PATH.pub`, is added).
+    #[arg(long, value_name = "PATH")]
+    ssh_identity: Option<std::path::PathBuf>,
 }
 
-/// Waits until the run is running, forwards its ports to this machine (for jobs on other
-/// hosts) and streams its output until it finishes; returns the finished run and its exit
-/// status.
+/// `[LOCAL:]REMOTE`.
+fn port_mapping(text: &str) -> Result<(u16, u16), String> {
+    let port = |p: &str| {
+        p.parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("{p:?} is not a port number"))
+    };
+    match text.split_once(':') {
+        Some((here, there)) => Ok((port(here)?, port(there)?)),
+        None => port(text).map(|p| (p, p)),
+    }
+}
+
+/// What to attach to, and how.
+#[derive(Default)]
+pub struct Attach {
+    /// The job (node rank).
+    pub job: u32,
+    /// The replica.
+    pub replica: u32,
+    /// Port overrides (`(local, remote)`).
+    pub ports: Vec<(u16, u16)>,
+    /// Stream the job's output.
+    pub logs: bool,
+}
+
+/// Waits until the run is running, forwards the job's ports to this machine (for jobs on
+/// other hosts, or moved ones) and says how to connect, streams the output (`logs`) and
+/// waits until the run finishes; returns the finished run and its exit status.
 pub async fn attach(
     run: &dstack_core::RunHandle,
+    how: &Attach,
 ) -> Result<(dstack_core::model::Run, Option<i32>), Failure> {
     let current = run
         .wait_until(|s| s == dstack_core::model::RunStatus::Running)
@@ -62,7 +106,16 @@ pub async fn attach(
     let _forwarding = if current.status.is_finished() {
         None
     } else {
-        match run.forward_ports().await {
+        let host = match (how.job, how.replica) {
+            (0, 0) => run.name().to_string(),
+            (job, replica) => format!("{}-{job}-{replica}", run.name()),
+        };
+        eprintln!("Connect with: ssh {host}");
+        print_ide_link(run).await;
+        match run
+            .forward_job_ports(how.job, how.replica, &how.ports)
+            .await
+        {
             Ok(forward) => {
                 for (here, there) in &forward.ports {
                     eprintln!("Port {there} of the job is reachable at localhost:{here}");
@@ -75,20 +128,45 @@ pub async fn attach(
             }
         }
     };
-    stream_logs(run, true).await?;
+    if how.logs {
+        stream_logs(run, true).await?;
+    }
     let finished = run.wait().await?;
     Ok((finished, run.exit_status().await?))
 }
 
-/// `dstack attach NAME`: forward ports and stream logs until the run ends (Ctrl-C detaches).
-pub async fn attach_cmd(client: &Client, args: &AttachArgs) -> Result<ExitCode, Failure> {
+/// Prints the link that opens a dev environment in its IDE (`ide:`), if it has one.
+async fn print_ide_link(run: &dstack_core::RunHandle) {
+    match run.ide_link().await {
+        Ok(Some(link)) => println!("Open in the IDE: {link}"),
+        Ok(None) => {}
+        Err(e) => eprintln!("warning: no IDE link: {e}"),
+    }
+}
+
+/// `dstack attach NAME`: forward ports (and stream logs with `--logs`) until the run ends
+/// (Ctrl-C detaches).
+pub async fn attach_cmd(
+    client: &Client,
+    home: &std::path::Path,
+    args: &AttachArgs,
+) -> Result<ExitCode, Failure> {
     let run = client
         .runs()
         .get(&args.run)
         .await?
         .ok_or_else(|| Failure::new(format!("no run named {}", args.run)))?;
+    if let Some(identity) = &args.ssh_identity {
+        crate::ssh::accept_identity(home, identity)?;
+    }
+    let how = Attach {
+        job: args.job,
+        replica: args.replica,
+        ports: args.ports.clone(),
+        logs: args.logs,
+    };
     tokio::select! {
-        result = attach(&run) => {
+        result = attach(&run, &how) => {
             let (finished, code) = result?;
             eprintln!("\nRun {} {}", finished.name, finished.status);
             Ok(crate::apply::exit_code(&finished, code))

@@ -1,8 +1,8 @@
 //! Forwarding a run's ports to this machine while a client is attached, as dstack does: each
 //! configured port (`ports:`, a service's `port:`) listens on `127.0.0.1` here (at its
 //! `local_port`, or the same number) and every connection is carried to the job's host (over
-//! SSH for fleet hosts). Jobs on this machine already listen here, so nothing is forwarded
-//! for them.
+//! SSH for fleet hosts). Jobs on this machine already listen here, so only their ports moved
+//! to another number (`dstack attach -p LOCAL:REMOTE`) are forwarded.
 
 use std::io;
 
@@ -66,8 +66,8 @@ impl Drop for PortForward {
     }
 }
 
-/// Forwards `ports` (`(local, remote)`) to the host of `instance_id`; with `local` set, only
-/// records them.
+/// Forwards `ports` (`(local, remote)`) to the host of `instance_id`; on this machine
+/// (`local`), only those moved to another port (the job already listens on the others here).
 pub(crate) async fn forward(
     dial: Dial,
     instance_id: &str,
@@ -75,21 +75,19 @@ pub(crate) async fn forward(
     local: bool,
 ) -> Result<PortForward, EngineError> {
     let mut tasks = Vec::new();
-    if !local {
-        for &(here, there) in &ports {
-            let listener = TcpListener::bind(("127.0.0.1", here)).await.map_err(|e| {
-                EngineError::Invalid(format!(
-                    "cannot forward port {here}: it is in use here ({e})"
-                ))
-            })?;
-            let task = tokio::spawn(serve(
-                dial.clone(),
-                instance_id.to_string(),
-                listener,
-                there,
-            ));
-            tasks.push(task.abort_handle());
-        }
+    for &(here, there) in ports.iter().filter(|(here, there)| !local || here != there) {
+        let listener = TcpListener::bind(("127.0.0.1", here)).await.map_err(|e| {
+            EngineError::Invalid(format!(
+                "cannot forward port {here}: it is in use here ({e})"
+            ))
+        })?;
+        let task = tokio::spawn(serve(
+            dial.clone(),
+            instance_id.to_string(),
+            listener,
+            there,
+        ));
+        tasks.push(task.abort_handle());
     }
     Ok(PortForward { ports, tasks })
 }

@@ -13,6 +13,7 @@ pub mod engine;
 pub mod files;
 pub mod forward;
 pub mod http;
+pub mod ide;
 pub mod model;
 pub mod offers;
 pub mod secrets;

@@ -142,6 +142,13 @@ impl RawRun {
         spawn(metrics(self.handle.clone()), metrics_to_py)
     }
 
+    /// The link that opens a running dev environment in its IDE (`ide:`), or `None`.
+    fn ide_link(&self, py: Python<'_>) -> PyResult<Option<String>> {
+        let handle = self.handle.clone();
+        let link = block_on(py, async move { handle.ide_link().await })?;
+        raise(py, link.map_err(Failure::from))
+    }
+
     /// Forwards the job's ports to this machine (jobs on other hosts) until the returned
     /// object is closed or dropped.
     fn forward_ports(&self, py: Python<'_>) -> PyResult<RawForward> {

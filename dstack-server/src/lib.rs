@@ -12,9 +12,11 @@
 
 mod dialect;
 mod errors;
+mod inactivity;
 mod proxy;
 mod routes;
 mod secrets;
+mod ssh;
 mod supervision;
 
 use std::fs::File;
@@ -67,6 +69,9 @@ pub struct ServerOptions {
     /// How long the services proxy waits for a replica's answer (default 300 s, or
     /// `DSTACK_SERVER_PROXY_TIMEOUT` seconds); then it answers 504.
     pub proxy_timeout: Duration,
+    /// The `dstack` program the `ProxyCommand` of `ssh <run>` entries runs (default: this
+    /// program).
+    pub cli_bin: Option<PathBuf>,
 }
 
 impl ServerOptions {
@@ -112,6 +117,7 @@ impl ServerOptions {
             idle_exit,
             agent_bin: None,
             proxy_timeout,
+            cli_bin: None,
         })
     }
 }
@@ -154,6 +160,10 @@ pub(crate) struct Shared {
     pub started: tokio::time::Instant,
     /// The services proxy.
     pub proxy: Arc<proxy::Proxy>,
+    /// The state directory.
+    pub home: PathBuf,
+    /// The project's public key, which SSH connections to jobs accept (`runs/ssh`).
+    pub project_key: String,
 }
 
 impl Shared {
@@ -200,6 +210,19 @@ pub async fn serve(options: ServerOptions, ready: impl FnOnce(&str)) -> Result<(
     let info_bytes = serde_json::to_vec(&info).map_err(|e| ServeError::Io(e.to_string()))?;
     dstack_core::files::replace_private(&home::info_file(&home), &info_bytes)
         .map_err(|e| io_error(&home::info_file(&home), e))?;
+    let project =
+        dstack_backends::project::Project::load_or_create(&home).map_err(|e| io_error(&home, e))?;
+    let cli = match &options.cli_bin {
+        Some(cli) => Some(cli.clone()),
+        None => std::env::current_exe().ok(),
+    };
+    if let Some(cli) = cli {
+        let entries = ssh::Entries {
+            home: std::path::absolute(&home).map_err(|e| io_error(&home, e))?,
+            cli,
+        };
+        ssh::keep(client.clone(), entries);
+    }
     ready(&url);
     let engine = client
         .engine()
@@ -213,6 +236,8 @@ pub async fn serve(options: ServerOptions, ready: impl FnOnce(&str)) -> Result<(
         last_request_ms: AtomicU64::new(0),
         started: tokio::time::Instant::now(),
         proxy,
+        home: home.clone(),
+        project_key: project.ssh_public_key,
     });
     accept_loop(listener, shared, &options).await;
     supervision.abort();

@@ -130,6 +130,10 @@ async fn project_route(
     let client = &shared.client;
     match route {
         ["runs", "connect"] => connect(shared, req).await,
+        ["runs", "ssh"] => crate::ssh::tunnel(shared, req).await,
+        ["runs", "ssh_endpoint"] => Ok(json(
+            &crate::ssh::endpoint(shared, &body(req).await?).await?,
+        )),
         ["runs", "get_plan"] => {
             let request: PlanRequest = body(req).await?;
             let plan = client
@@ -351,20 +355,8 @@ fn apply_fleet(shared: &Shared, config: Configuration) -> Response<Body> {
 /// `runs/connect`: upgrades the connection to a byte stream to a port on an instance's host
 /// (port forwarding for clients of this server).
 async fn connect(shared: &Shared, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let wants_tunnel = req
-        .headers()
-        .get(UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case(TUNNEL));
-    if !wants_tunnel {
-        return Err(ApiError::bad_request(format!(
-            "runs/connect needs `Connection: upgrade` and `Upgrade: {TUNNEL}`"
-        )));
-    }
-    let (parts, incoming) = req.into_parts();
-    let bytes = read_body(Request::new(incoming), MAX_REQUEST_BYTES).await?;
-    let request: ConnectRequest = parse(&bytes)?;
-    let mut outbound = engine(shared)?
+    let (parts, request) = upgrade_request::<ConnectRequest>(req).await?;
+    let outbound = engine(shared)?
         .dial_port(&request.instance_id, request.port)
         .await
         .map_err(|e| {
@@ -373,6 +365,35 @@ async fn connect(shared: &Shared, req: Request<Incoming>) -> Result<Response<Bod
                 request.port, request.instance_id
             )))
         })?;
+    Ok(splice(parts, outbound))
+}
+
+/// The head and body of a request that upgrades its connection to a tunnel ([`TUNNEL`]).
+pub(crate) async fn upgrade_request<T: DeserializeOwned>(
+    req: Request<Incoming>,
+) -> Result<(hyper::http::request::Parts, T), ApiError> {
+    let wants_tunnel = req
+        .headers()
+        .get(UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(TUNNEL));
+    if !wants_tunnel {
+        return Err(ApiError::bad_request(format!(
+            "{} needs `Connection: upgrade` and `Upgrade: {TUNNEL}`",
+            req.uri().path()
+        )));
+    }
+    let (parts, incoming) = req.into_parts();
+    let bytes = read_body(Request::new(incoming), MAX_REQUEST_BYTES).await?;
+    Ok((parts, parse(&bytes)?))
+}
+
+/// Answers `101 Switching Protocols` and carries the upgraded connection's bytes to and from
+/// `outbound`.
+pub(crate) fn splice(
+    parts: hyper::http::request::Parts,
+    mut outbound: Box<dyn dstack_core::agent::AgentStream>,
+) -> Response<Body> {
     let upgrade = hyper::upgrade::on(Request::from_parts(parts, ()));
     tokio::spawn(async move {
         if let Ok(upgraded) = upgrade.await {
@@ -391,5 +412,5 @@ async fn connect(shared: &Shared, req: Request<Incoming>) -> Result<Response<Bod
     );
     resp.headers_mut()
         .insert(UPGRADE, hyper::header::HeaderValue::from_static(TUNNEL));
-    Ok(resp)
+    resp
 }

@@ -104,6 +104,7 @@ async fn the_server_alone_terminates_an_idle_cloud_instance_once_its_clients_are
         idle_exit: None,
         agent_bin: None,
         proxy_timeout: std::time::Duration::from_secs(300),
+        cli_bin: None,
     };
     let (ready, listening) = tokio::sync::oneshot::channel();
     let server = tokio::spawn(dstack_server::serve(options, move |url: &str| {

@@ -117,6 +117,7 @@ async fn two_replicas_on_two_hosts_share_the_requests_and_one_takes_over_when_th
         idle_exit: None,
         agent_bin: None,
         proxy_timeout: Duration::from_secs(30),
+        cli_bin: None,
     };
     let (ready, listening) = tokio::sync::oneshot::channel();
     let server = tokio::spawn(dstack_server::serve(options, move |url: &str| {
@@ -210,6 +211,7 @@ async fn a_load_above_the_target_scales_a_service_up_to_three_hosts_and_back_dow
         idle_exit: None,
         agent_bin: None,
         proxy_timeout: Duration::from_secs(30),
+        cli_bin: None,
     };
     let (ready, listening) = tokio::sync::oneshot::channel();
     let server = tokio::spawn(dstack_server::serve(options, move |url: &str| {
@@ -310,6 +312,7 @@ async fn an_updated_service_rolls_over_to_new_replicas_without_a_failed_request(
         idle_exit: None,
         agent_bin: None,
         proxy_timeout: Duration::from_secs(30),
+        cli_bin: None,
     };
     let (ready, listening) = tokio::sync::oneshot::channel();
     let server = tokio::spawn(dstack_server::serve(options, move |url: &str| {

@@ -12,7 +12,10 @@ use futures_core::Stream;
 use futures_util::StreamExt;
 use hyper::Method;
 
-use super::protocol::{Healthcheck, JobInfo, JobSubmit, LeaseStatus, StopRequest, EVENTS_SILENCE};
+use super::protocol::{
+    Healthcheck, JobInfo, JobSubmit, LeaseStatus, SshEndpoint, SshRequest, StopRequest,
+    EVENTS_SILENCE, SSH_UPGRADE,
+};
 pub use crate::http::client::{
     ByteStream, Dialer as AgentDialer, Duplex as AgentStream, HttpError as AgentError,
     REQUEST_TIMEOUT,
@@ -172,6 +175,27 @@ impl AgentClient {
         let path = format!("/api/jobs/{id}/metrics");
         self.http
             .bytes(REQUEST_TIMEOUT, Method::GET, &path, None)
+            .await
+    }
+
+    /// `GET /api/jobs/{id}/ssh`: the SSH endpoint of a running job (the host key to pin, the
+    /// user and directory sessions get).
+    pub async fn ssh_endpoint(&self, id: &str) -> Result<SshEndpoint, AgentError> {
+        self.json(Method::GET, &format!("/api/jobs/{id}/ssh"), None)
+            .await
+    }
+
+    /// `POST /api/jobs/{id}/ssh`: one SSH connection into a running job, for clients holding
+    /// one of `request`'s keys (the agent is the SSH server on the returned stream).
+    pub async fn ssh(
+        &self,
+        id: &str,
+        request: &SshRequest,
+    ) -> Result<Box<dyn AgentStream>, AgentError> {
+        let path = format!("/api/jobs/{id}/ssh");
+        let body = serde_json::to_vec(request)?;
+        self.http
+            .upgrade(REQUEST_TIMEOUT, &path, body, SSH_UPGRADE)
             .await
     }
 

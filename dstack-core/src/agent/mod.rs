@@ -14,6 +14,8 @@
 //! | `POST /api/jobs/{id}/stop` | [`StopRequest`] | [`JobInfo`]; 404 |
 //! | `DELETE /api/jobs/{id}` | — | 204; 409 while running (removes the job and its logs) |
 //! | `GET /api/jobs/{id}/logs?offset=N&follow=B` | — | the raw output from byte `offset`; with `follow=true` the body stays open until the job has finished and every byte was sent |
+//! | `GET /api/jobs/{id}/ssh` | — | [`SshEndpoint`]; 404; 409 unless running |
+//! | `POST /api/jobs/{id}/ssh` (`Upgrade:` [`SSH_UPGRADE`]) | [`SshRequest`] | `101 Switching Protocols`, then one SSH connection into the job's world (its working directory, environment, user; inside its container) authenticated by the keys of the request; 409 unless running |
 //! | `GET /api/lease` | — | [`LeaseStatus`] |
 //! | `POST /api/lease` | — | [`LeaseStatus`], after renewing the owner lease (a no-op for an agent without one) |
 //! | `GET /api/events` | — | newline-delimited [`JobInfo`] JSON: one line per job at connection time, then one per change (but to `queued`: the submission's reply says so), forever; an empty line after [`EVENTS_HEARTBEAT`] without a change |

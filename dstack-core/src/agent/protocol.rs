@@ -240,3 +240,33 @@ pub struct LeaseTerms {
     /// How long the lease lasts without a renewal.
     pub window_secs: u64,
 }
+
+/// The `Upgrade` protocol of `POST /api/jobs/{id}/ssh`: after `101 Switching Protocols`
+/// the connection carries one SSH connection (the agent is the SSH server).
+pub const SSH_UPGRADE: &str = "ssh";
+
+/// `POST /api/jobs/{id}/ssh`: which public keys the SSH connection may authenticate with.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SshRequest {
+    /// Public keys in OpenSSH form (`ssh-ed25519 AAAA… comment`); any other key is refused
+    /// (lines that are not keys are ignored; 400 when none is).
+    pub authorized_keys: Vec<String>,
+}
+
+/// The answer to `GET /api/jobs/{id}/ssh`: what an SSH client needs to know of a running
+/// job's SSH endpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SshEndpoint {
+    /// The agent's host key (`ssh-ed25519 AAAA…`), the same for every job of the agent: pin
+    /// it.
+    pub host_key: String,
+    /// The user sessions run as (the job's user).
+    pub user: String,
+    /// The directory sessions start in (the job's working directory).
+    pub working_dir: String,
+    /// Seconds since the job last had an SSH connection (0 while one is open; connections
+    /// shorter than 10 s do not count), or since it started: a dev environment's
+    /// `inactivity_duration` is measured with it.
+    #[serde(default)]
+    pub no_connections_secs: u64,
+}

@@ -36,6 +36,29 @@ pub fn server_config_file(home: &Path) -> PathBuf {
     server_dir(home).join("config.yml")
 }
 
+/// `ssh/config`: the SSH entries of running jobs (`ssh <run>`), written by the server while
+/// they run; `~/.ssh/config` includes it.
+pub fn ssh_config_file(home: &Path) -> PathBuf {
+    home.join("ssh").join("config")
+}
+
+/// `ssh/known_hosts_runs`: the host keys of the agents serving the entries of
+/// [`ssh_config_file`] (pinned: `StrictHostKeyChecking yes`).
+pub fn ssh_known_hosts_file(home: &Path) -> PathBuf {
+    home.join("ssh").join("known_hosts_runs")
+}
+
+/// `ssh/authorized_keys`: the users' own public keys (`~/.ssh/id_*.pub`, added by
+/// `dstack apply` and `attach`) that `ssh <run>` sessions accept besides the project key.
+pub fn ssh_user_keys_file(home: &Path) -> PathBuf {
+    home.join("ssh").join("authorized_keys")
+}
+
+/// `ssh/project_key`: the project's SSH key (instances and jobs accept it).
+pub fn project_key_file(home: &Path) -> PathBuf {
+    home.join("ssh").join("project_key")
+}
+
 /// The lock a running server holds.
 pub fn lock_file(home: &Path) -> PathBuf {
     server_dir(home).join("server.lock")

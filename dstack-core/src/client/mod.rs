@@ -36,7 +36,7 @@ pub use remote::{Remote, ServerError};
 use crate::backend::Compute;
 use crate::config::Configuration;
 use crate::engine::{ApplyOptions, Engine, EngineError, EngineOptions, RunPlan};
-use crate::model::{Fleet, Instance, Job, Run, RunStatus, Volume, VolumeStatus};
+use crate::model::{Fleet, Instance, Job, JobStatus, Run, RunStatus, Volume, VolumeStatus};
 use crate::store::{RunFilter, RunListing, SqliteStore};
 use protocol::{
     ApplyRequest, ConfigurationRequest, DeleteRequest, FleetDeleted, FleetEntry, FleetEvent,
@@ -823,6 +823,18 @@ impl RunHandle {
     /// Forwards the ports of the run's job to this machine for as long as the returned guard
     /// lives (see [`crate::forward`]). Call it once the run is running.
     pub async fn forward_ports(&self) -> Result<crate::forward::PortForward, EngineError> {
+        self.forward_job_ports(0, 0, &[]).await
+    }
+
+    /// Forwards the ports of job `job_num` of replica `replica_num` (its latest submission),
+    /// with `overrides` (`(local, remote)`: remote port `remote` at `local` here, whether
+    /// configured or not), for as long as the returned guard lives.
+    pub async fn forward_job_ports(
+        &self,
+        job_num: u32,
+        replica_num: u32,
+        overrides: &[(u16, u16)],
+    ) -> Result<crate::forward::PortForward, EngineError> {
         let Snapshot {
             run,
             jobs,
@@ -832,16 +844,34 @@ impl RunHandle {
         let config = run.spec.configuration().map_err(|e| {
             EngineError::Invalid(format!("stored configuration of run {}: {e}", run.name))
         })?;
-        if matches!(config, Configuration::Service(_)) {
-            // A service is reached through the server's proxy (`RunHandle::service`).
-            return Ok(crate::forward::PortForward::none());
+        let mut ports: Vec<(u16, u16)> = match config {
+            // A service is reached through the server's proxy (`RunHandle::service`); only
+            // ports asked for explicitly are forwarded.
+            Configuration::Service(_) if overrides.is_empty() => {
+                return Ok(crate::forward::PortForward::none())
+            }
+            Configuration::Service(_) => Vec::new(),
+            _ => crate::engine::ports(&config)
+                .iter()
+                .map(|p| (p.local_port.unwrap_or(p.container_port), p.container_port))
+                .collect(),
+        };
+        for &(here, there) in overrides {
+            match ports.iter_mut().find(|(_, remote)| *remote == there) {
+                Some(port) => port.0 = here,
+                None => ports.push((here, there)),
+            }
         }
-        let ports: Vec<(u16, u16)> = crate::engine::ports(&config)
+        let job = jobs
             .iter()
-            .map(|p| (p.local_port.unwrap_or(p.container_port), p.container_port))
-            .collect();
-        let job = latest_job(&jobs)
-            .ok_or_else(|| EngineError::Invalid(format!("run {} has no job", run.name)))?;
+            .filter(|j| j.job_num == job_num && j.replica_num == replica_num)
+            .max_by_key(|j| j.submission_num)
+            .ok_or_else(|| {
+                EngineError::Invalid(format!(
+                    "run {} has no job {job_num} of replica {replica_num}",
+                    run.name
+                ))
+            })?;
         let instance_id = job.instance_id.clone().ok_or_else(|| {
             EngineError::Invalid(format!("run {} is not placed on an instance yet", run.name))
         })?;
@@ -855,6 +885,45 @@ impl RunHandle {
             Via::Server(remote) => crate::forward::Dial::Server(remote.clone()),
         };
         crate::forward::forward(dial, &instance_id, ports, local).await
+    }
+
+    /// The link that opens this dev environment in its IDE (`ide:`, see [`crate::ide`]) on
+    /// the working directory of its first job, through its `ssh <run>` entry; `None` for
+    /// other runs, a dev environment without `ide`, or one whose first job is not running.
+    pub async fn ide_link(&self) -> Result<Option<String>, EngineError> {
+        let snapshot = self.snapshot().await?;
+        let config = snapshot.run.spec.configuration().map_err(|e| {
+            EngineError::Invalid(format!("stored configuration of run {}: {e}", self.name))
+        })?;
+        let Configuration::DevEnvironment(dev) = &config else {
+            return Ok(None);
+        };
+        let Some(ide) = dev.ide else {
+            return Ok(None);
+        };
+        let Some(job) = latest_job(&snapshot.jobs).filter(|j| j.status == JobStatus::Running)
+        else {
+            return Ok(None);
+        };
+        let endpoint: crate::agent::SshEndpoint = match &self.via {
+            Via::Engine(engine) => {
+                let instance = job.instance_id.as_deref().unwrap_or_default();
+                engine.agent(instance).await?.ssh_endpoint(&job.id).await?
+            }
+            Via::Server(remote) => {
+                let request = protocol::SshTunnelRequest {
+                    run_name: self.name.clone(),
+                    job_num: 0,
+                    replica_num: 0,
+                };
+                remote.call("runs/ssh_endpoint", &request).await?
+            }
+        };
+        Ok(Some(crate::ide::link(
+            ide,
+            &self.name,
+            &endpoint.working_dir,
+        )))
     }
 
     /// Waits until the run has finished and returns it.

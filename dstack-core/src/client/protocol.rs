@@ -20,6 +20,8 @@
 //! | `runs/metrics` (extra) | [`RunRef`] | `[{…}]`, the JSON lines the job wrote |
 //! | `logs/follow` (extra) | [`LogsRequest`] | the job's raw output, streamed |
 //! | `runs/connect` (extra) | [`ConnectRequest`] | `101 Switching Protocols`, then a byte stream to the port |
+//! | `runs/ssh` (extra) | [`SshTunnelRequest`] | `101 Switching Protocols`, then one SSH connection to the job's agent (see `dstack_core::agent`) |
+//! | `runs/ssh_endpoint` (extra) | [`SshTunnelRequest`] | the job's `crate::agent::SshEndpoint` (host key, user, working directory) |
 //! | `fleets/list` | — | `[`[`FleetEntry`]`]` |
 //! | `fleets/busy` (extra) | — | `[instance id]`, those whose jobs hold resources now |
 //! | `fleets/apply` | [`ConfigurationRequest`] | newline-delimited [`FleetEvent`]s |
@@ -160,6 +162,20 @@ pub struct ConnectRequest {
     pub instance_id: String,
     /// The port on the job's host.
     pub port: u16,
+}
+
+/// `runs/ssh`: the job of a running run to open an SSH connection to (what `ssh <run>`'s
+/// `ProxyCommand` asks for).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SshTunnelRequest {
+    /// The run's name.
+    pub run_name: String,
+    /// The job (node rank within the replica).
+    #[serde(default)]
+    pub job_num: u32,
+    /// The replica.
+    #[serde(default)]
+    pub replica_num: u32,
 }
 
 /// A configuration (`fleets/apply`, `volumes/create`).

@@ -157,6 +157,13 @@ class Run:
         metrics: List[Dict[str, Any]] = self._raw.metrics()
         return metrics
 
+    @property
+    def ide_link(self) -> Optional[str]:
+        """The link that opens a running dev environment in its IDE (`ide:`), e.g.
+        `vscode://vscode-remote/ssh-remote+<run>/<working dir>`; `None` for other runs, a dev
+        environment without `ide`, or one not running yet. Read now."""
+        return self._raw.ide_link()
+
     def _latest_job(self) -> Optional[Dict[str, Any]]:
         jobs = [j for j in self.jobs if j["job_num"] == 0 and j["replica_num"] == 0]
         return max(jobs, key=lambda j: j["submission_num"]) if jobs else None
