@@ -23,6 +23,10 @@ pub struct PsArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// Show each job of a run (every replica of a service with its readiness and probes,
+    /// every node of a multi-node task).
+    #[arg(short, long)]
+    verbose: bool,
 }
 
 /// Arguments of `dstack logs`.
@@ -259,51 +263,23 @@ pub async fn ps(client: &Client, args: &PsArgs) -> Result<ExitCode, Failure> {
             .map(|s| (s.jobs, s.instances))
             .unwrap_or_default();
         let job = latest_job(&jobs);
-        let reservation = job.and_then(|j| j.reservation.as_ref());
-        let resources = reservation
-            .map(|r| {
-                let gb = format!("{:.1}", r.memory_mib as f64 / 1024.0);
-                let gb = gb.strip_suffix(".0").unwrap_or(&gb);
-                let mut s = format!("cpu={} mem={gb}GB", r.cpus);
-                if !r.gpus.is_empty() {
-                    s.push_str(&format!(" gpu={}", r.gpus.len()));
-                }
-                s
-            })
-            .unwrap_or_else(|| "-".to_string());
-        let instance = job
-            .and_then(|j| j.instance_id.as_deref())
-            .and_then(|id| instances.iter().find(|i| i.id == id));
-        // Which runtime the job uses: a container (`image:`) or a process of the host.
-        let runtime = if run
-            .spec
-            .configuration
-            .value()
-            .get("image")
-            .is_some_and(|i| !i.is_null())
-        {
-            "container"
-        } else {
-            "process"
-        };
-        let backend = instance.map_or("-".to_string(), |i| format!("{} ({runtime})", i.backend));
+        let (backend, resources, price) = placement(run, job, &instances);
         let error = job
             .and_then(|j| j.termination_message.clone())
             .filter(|_| run.status == dstack_core::model::RunStatus::Failed)
             .unwrap_or_default();
         table.row(vec![
             run.name.clone(),
-            backend.clone(),
+            backend,
             resources,
-            if backend == "-" {
-                "-".into()
-            } else {
-                "$0".into()
-            },
+            price,
             status_text(run, job),
             ago(run.submitted_at_ms),
             error,
         ]);
+        if args.verbose {
+            job_rows(client, &mut table, run, &jobs, &instances).await?;
+        }
     }
     print!("{}", table.render());
     for run in runs.iter().filter(|r| !r.status.is_finished()) {
@@ -312,6 +288,106 @@ pub async fn ps(client: &Client, args: &PsArgs) -> Result<ExitCode, Failure> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where a job runs, for a row of `dstack ps`: the backend (and whether it is a container
+/// or a process of the host), its resources and its price.
+fn placement(
+    run: &Run,
+    job: Option<&Job>,
+    instances: &[dstack_core::model::Instance],
+) -> (String, String, String) {
+    let resources = job
+        .and_then(|j| j.reservation.as_ref())
+        .map(|r| {
+            let gb = format!("{:.1}", r.memory_mib as f64 / 1024.0);
+            let gb = gb.strip_suffix(".0").unwrap_or(&gb);
+            let mut s = format!("cpu={} mem={gb}GB", r.cpus);
+            if !r.gpus.is_empty() {
+                s.push_str(&format!(" gpu={}", r.gpus.len()));
+            }
+            s
+        })
+        .unwrap_or_else(|| "-".to_string());
+    let instance = job
+        .and_then(|j| j.instance_id.as_deref())
+        .and_then(|id| instances.iter().find(|i| i.id == id));
+    // Which runtime the job uses: a container (`image:`) or a process of the host.
+    let runtime = if run
+        .spec
+        .configuration
+        .value()
+        .get("image")
+        .is_some_and(|i| !i.is_null())
+    {
+        "container"
+    } else {
+        "process"
+    };
+    match instance {
+        Some(i) => (format!("{} ({runtime})", i.backend), resources, "$0".into()),
+        None => ("-".into(), resources, "-".into()),
+    }
+}
+
+/// `dstack ps -v`: a row per job of a run with several (a service's replicas with their
+/// readiness and probes, a multi-node task's nodes).
+async fn job_rows(
+    client: &Client,
+    table: &mut Table,
+    run: &Run,
+    jobs: &[Job],
+    instances: &[dstack_core::model::Instance],
+) -> Result<(), Failure> {
+    let mut latest: Vec<&Job> = Vec::new();
+    for job in jobs {
+        match latest.iter_mut().find(|j| j.slot() == job.slot()) {
+            Some(slot) if slot.submission_num < job.submission_num => *slot = job,
+            Some(_) => {}
+            None => latest.push(job),
+        }
+    }
+    let service = client.service(run).is_some();
+    if latest.len() < 2 && !service {
+        return Ok(());
+    }
+    let replicas = match (service, run.status.is_finished()) {
+        (true, false) => match client.runs().by_id(&run.id).await? {
+            Some(handle) => handle.replicas().await?,
+            None => Vec::new(),
+        },
+        _ => Vec::new(),
+    };
+    for job in latest {
+        let (backend, resources, price) = placement(run, Some(job), instances);
+        let mut status = job.status.to_string();
+        if let Some(reason) = job.termination_reason.as_deref() {
+            status.push_str(&format!(" ({reason})"));
+        }
+        if let Some(replica) = replicas.iter().find(|r| r.job_id == job.id) {
+            status.push_str(if replica.ready {
+                ", ready"
+            } else {
+                ", not ready"
+            });
+            for (url, streak, needed) in &replica.probes {
+                status.push_str(&format!(" [probe {url} {streak}/{needed}]"));
+            }
+            if let (false, Some(error)) = (replica.ready, &replica.error) {
+                status.push_str(&format!(" ({error})"));
+            }
+        }
+        table.row(vec![
+            format!("  replica={} job={}", job.replica_num, job.job_num),
+            backend,
+            resources,
+            price,
+            status,
+            ago(job.submitted_at_ms),
+            job.termination_message.clone().unwrap_or_default(),
+        ]);
+    }
+    Ok(())
 }
 
 /// Streams a run's logs to stdout.

@@ -354,6 +354,14 @@ fn rate_limits_refuse_the_eleventh_request_in_a_second_and_failing_probes_keep_t
         assert_eq!(get(&format!("{url}x"), None).status, 503);
         std::thread::sleep(Duration::from_millis(200));
     }
+    // `dstack ps -v` says why.
+    let ps = text(&env.run(&["ps", "-v"]).stdout);
+    let row = ps
+        .lines()
+        .find(|l| l.contains("replica=0 job=0"))
+        .unwrap_or_else(|| panic!("{ps}"));
+    assert!(row.contains("running, not ready [probe / 0/1]"), "{ps}");
+    assert!(row.contains("/ answered 500"), "{ps}");
 }
 
 #[test]

@@ -158,6 +158,15 @@ async fn project_route(
                 .ok_or_else(|| ApiError::bad_request("no run was recorded"))?;
             Ok(json(&run))
         }
+        ["runs", "replicas"] => {
+            let request: RunRef = body(req).await?;
+            let run = run_handle(shared, &request).await?.run().await?;
+            Ok(json(&crate::proxy::replicas(
+                &shared.proxy,
+                &run.name,
+                &run.id,
+            )))
+        }
         ["runs", "update"] => {
             let request: ApplyRequest = body(req).await?;
             let config = configuration(&request.configuration)?;

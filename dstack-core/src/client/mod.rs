@@ -770,6 +770,15 @@ impl RunHandle {
         service_of(&self.via, run)
     }
 
+    /// A service's running replicas as the server's proxy sees them (readiness, probes);
+    /// empty for other runs and for an engine hosted in this process (no proxy).
+    pub async fn replicas(&self) -> Result<Vec<protocol::ReplicaState>, EngineError> {
+        match &self.via {
+            Via::Engine(_) => Ok(Vec::new()),
+            Via::Server(remote) => Ok(remote.call("runs/replicas", &self.by_id()).await?),
+        }
+    }
+
     /// The run record, read now.
     pub async fn run(&self) -> Result<Run, EngineError> {
         match &self.via {

@@ -18,6 +18,7 @@
 //! | `runs/stop` | [`StopRequest`] | `[Run]` |
 //! | `runs/wait` (extra) | [`WaitRequest`] | [`Run`], once its status is not `status` (or after `timeout_ms`) |
 //! | `runs/metrics` (extra) | [`RunRef`] | `[{…}]`, the JSON lines the job wrote |
+//! | `runs/replicas` (extra) | [`RunRef`] | `[`[`ReplicaState`]`]`: a service's running replicas as its proxy sees them |
 //! | `logs/follow` (extra) | [`LogsRequest`] | the job's raw output, streamed |
 //! | `runs/connect` (extra) | [`ConnectRequest`] | `101 Switching Protocols`, then a byte stream to the port |
 //! | `runs/ssh` (extra) | [`SshTunnelRequest`] | `101 Switching Protocols`, then one SSH connection to the job's agent (see `dstack_core::agent`) |
@@ -105,6 +106,22 @@ pub struct Snapshot {
     /// client, which knows the server's URL as it reaches it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<super::ServiceEndpoint>,
+}
+
+/// A running replica of a service as the server's proxy sees it (`runs/replicas`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaState {
+    /// The replica's job.
+    pub job_id: String,
+    /// Its replica number.
+    pub replica_num: u32,
+    /// Whether it receives requests.
+    pub ready: bool,
+    /// Its probes: `(url, successes in a row, successes needed)`; none when readiness is
+    /// the port accepting connections.
+    pub probes: Vec<(String, u32, u32)>,
+    /// The last failed check, if the last check failed.
+    pub error: Option<String>,
 }
 
 /// `/api/runs/list`.

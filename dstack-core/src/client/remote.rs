@@ -72,6 +72,7 @@ const READS: &[&str] = &[
     "runs/get_plan",
     "runs/wait",
     "runs/metrics",
+    "runs/replicas",
     "fleets/list",
     "fleets/busy",
     "volumes/list",

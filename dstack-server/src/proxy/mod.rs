@@ -29,6 +29,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use dstack_core::client::protocol::ReplicaState;
 use dstack_core::engine::Engine;
 use dstack_core::http::serve::{bearer, respond, same_secret, Body};
 use http_body_util::{BodyExt, Full};
@@ -96,6 +97,35 @@ impl Proxy {
     fn now_ms(&self) -> u64 {
         self.clock.elapsed().as_millis() as u64
     }
+}
+
+/// The running replicas of service run `run_id` (named `name`) as the proxy sees them.
+pub(crate) fn replicas(proxy: &Proxy, name: &str, run_id: &str) -> Vec<ReplicaState> {
+    let Some(service) = proxy.registry.get(name).filter(|s| s.run_id == run_id) else {
+        return Vec::new();
+    };
+    service
+        .replicas
+        .iter()
+        .map(|r| {
+            let state = r.probing.lock().unwrap_or_else(|e| e.into_inner());
+            ReplicaState {
+                job_id: r.job_id.clone(),
+                replica_num: r.replica_num,
+                ready: r.is_ready(),
+                probes: service
+                    .probes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| {
+                        let streak = state.streaks.get(i).copied().unwrap_or(0);
+                        (p.url.clone(), streak, p.ready_after)
+                    })
+                    .collect(),
+                error: state.last_error.clone(),
+            }
+        })
+        .collect()
 }
 
 /// Keeps the service table current and probes replicas, until the server stops.
