@@ -47,8 +47,11 @@ use upstream::{Upstream, UpstreamError};
 /// (`DSTACK_SERVER_PROXY_TIMEOUT`, seconds).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// How often the service table is read again and due probes are sent.
-const TICK: Duration = Duration::from_millis(250);
+/// How often due probes and port checks are sent.
+const TICK: Duration = Duration::from_millis(50);
+
+/// How often the service table is read again from the store (at once on a run's change).
+const REFRESH: Duration = Duration::from_millis(250);
 
 /// Requests held at once, server-wide, for services waking from zero replicas.
 pub(crate) const MAX_HELD: usize = 1024;
@@ -133,19 +136,24 @@ pub(crate) async fn supervise(proxy: Arc<Proxy>, engine: Engine) {
     let mut changes = engine.subscribe();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut scaled_at = 0;
+    let (mut scaled_at, mut refreshed_at) = (0, 0);
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
+        let changed = tokio::select! {
+            _ = tick.tick() => false,
             change = changes.recv() => {
                 if matches!(change, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
                     return;
                 }
+                true
             }
-        }
-        if let Err(e) = proxy.registry.refresh(&engine) {
-            eprintln!("dstack server: cannot read the services: {e}");
-            continue;
+        };
+        let now = proxy.now_ms();
+        if changed || now >= refreshed_at + REFRESH.as_millis() as u64 {
+            refreshed_at = now;
+            if let Err(e) = proxy.registry.refresh(&engine) {
+                eprintln!("dstack server: cannot read the services: {e}");
+                continue;
+            }
         }
         let live = proxy.registry.snapshot();
         let is_live = |run_id: &str| live.values().any(|s| s.run_id == run_id);

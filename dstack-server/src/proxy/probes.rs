@@ -4,7 +4,9 @@
 //! has `ready_after` (default 1) successes in a row; `until_ready` probes stop once they
 //! have. A model service (`model:`, OpenAI format) without `probes:` gets dstack's default
 //! probe: a one-token chat completion. Without probes (none configured, or `probes: []`), a
-//! replica is ready once its port accepts a connection, checked every second.
+//! replica is ready once its port accepts a connection, checked at once and then after
+//! 50 ms, doubling up to every second (a replica a request waits for is found soon after its
+//! app listens).
 //!
 //! The decisions (what is due, what a result changes) are pure; `super::supervise` sends the
 //! requests.
@@ -17,7 +19,10 @@ use dstack_core::config::interpolate::{interpolate, Lookup};
 use dstack_core::config::service::{ModelSpec, ProbeMethod, ServiceConfiguration};
 use hyper::Method;
 
-/// How often a replica without probes is checked until its port accepts a connection.
+/// The first wait between two checks of a replica's port; it doubles after each failure.
+pub(crate) const PORT_CHECK_FIRST: Duration = Duration::from_millis(50);
+
+/// The longest wait between two checks of a replica's port.
 pub(crate) const PORT_CHECK_PERIOD: Duration = Duration::from_secs(1);
 
 /// One probe, with dstack's defaults filled in.
@@ -123,6 +128,8 @@ pub(crate) struct ProbeState {
     due_ms: Vec<u64>,
     /// Whether the port check succeeded (replicas without probes).
     port_open: bool,
+    /// Port checks failed in a row.
+    port_failures: u32,
     /// The last failure, for `dstack ps`.
     pub last_error: Option<String>,
 }
@@ -161,7 +168,15 @@ impl ProbeState {
         self.last_error = result.err();
         if specs.is_empty() {
             self.port_open = ok;
-            self.due_ms[0] = now_ms + PORT_CHECK_PERIOD.as_millis() as u64;
+            self.port_failures = if ok {
+                0
+            } else {
+                self.port_failures.saturating_add(1)
+            };
+            let wait = PORT_CHECK_FIRST
+                .saturating_mul(1 << self.port_failures.saturating_sub(1).min(10))
+                .min(PORT_CHECK_PERIOD);
+            self.due_ms[0] = now_ms + wait.as_millis() as u64;
             return;
         }
         let spec = &specs[index];
@@ -189,6 +204,7 @@ impl ProbeState {
     /// the replica.
     pub fn reset(&mut self, now_ms: u64) {
         self.port_open = false;
+        self.port_failures = 0;
         self.streaks.iter_mut().for_each(|s| *s = 0);
         self.due_ms.iter_mut().for_each(|d| *d = now_ms);
     }
@@ -245,7 +261,15 @@ mod tests {
         assert_eq!(state.due(&[], 0), [0]);
         state.record(&[], 0, Err("refused".into()), 0);
         assert!(!state.ready(&[]));
-        assert!(state.due(&[], 500).is_empty());
+        assert!(state.due(&[], 49).is_empty());
+        assert_eq!(state.due(&[], 50), [0], "soon after a first failure");
+        state.record(&[], 0, Err("refused".into()), 50);
+        assert!(state.due(&[], 149).is_empty(), "then twice as long");
+        for _ in 0..10 {
+            state.record(&[], 0, Err("refused".into()), 200);
+        }
+        assert!(state.due(&[], 1_199).is_empty(), "at most a second");
+        assert_eq!(state.due(&[], 1_200), [0]);
         state.record(&[], 0, Ok(()), 1_000);
         assert!(state.ready(&[]));
         assert!(
