@@ -173,6 +173,17 @@ impl Shared {
     }
 }
 
+/// Background tasks of a server, aborted when it stops.
+struct Duties(Vec<tokio::task::AbortHandle>);
+
+impl Drop for Duties {
+    fn drop(&mut self) {
+        for duty in &self.0 {
+            duty.abort();
+        }
+    }
+}
+
 /// Runs the server until it is told to stop (SIGINT, SIGTERM), its state directory is
 /// removed, or (auto-started) it has idled for [`ServerOptions::idle_exit`]. `ready` hears
 /// the URL once it listens.
@@ -216,12 +227,17 @@ pub async fn serve(options: ServerOptions, ready: impl FnOnce(&str)) -> Result<(
         Some(cli) => Some(cli.clone()),
         None => std::env::current_exe().ok(),
     };
+    // The server's background duties stop with it, also when its future is dropped (a
+    // server hosted by a test or a tool): none may keep the engine and its agents going.
+    let mut duties = Duties(Vec::new());
     if let Some(cli) = cli {
         let entries = ssh::Entries {
             home: std::path::absolute(&home).map_err(|e| io_error(&home, e))?,
             cli,
         };
-        ssh::keep(client.clone(), entries);
+        duties
+            .0
+            .push(ssh::keep(client.clone(), entries).abort_handle());
     }
     ready(&url);
     let engine = client
@@ -229,7 +245,9 @@ pub async fn serve(options: ServerOptions, ready: impl FnOnce(&str)) -> Result<(
         .cloned()
         .ok_or_else(|| ServeError::Io("the server's client hosts no engine".into()))?;
     let proxy = Arc::new(proxy::Proxy::new(engine.clone(), options.proxy_timeout));
-    let supervision = tokio::spawn(proxy::supervise(proxy.clone(), engine));
+    duties
+        .0
+        .push(tokio::spawn(proxy::supervise(proxy.clone(), engine)).abort_handle());
     let shared = Arc::new(Shared {
         client,
         token,
@@ -240,7 +258,7 @@ pub async fn serve(options: ServerOptions, ready: impl FnOnce(&str)) -> Result<(
         project_key: project.ssh_public_key,
     });
     accept_loop(listener, shared, &options).await;
-    supervision.abort();
+    drop(duties);
     if ServerInfo::read(&home).is_some_and(|i| i == info) {
         let _ = std::fs::remove_file(home::info_file(&home));
     }

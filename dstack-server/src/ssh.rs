@@ -269,7 +269,7 @@ fn shell_word(path: &Path) -> Result<String, EntriesError> {
 
 /// Keeps the entries of `engine`'s running jobs written while the server runs (and writes
 /// none when it stops: the jobs may outlive it, and the next server takes over).
-pub(crate) fn keep(client: Client, entries: Entries) {
+pub(crate) fn keep(client: Client, entries: Entries) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let Some(engine) = client.engine().cloned() else {
             return;
@@ -310,7 +310,7 @@ pub(crate) fn keep(client: Client, entries: Entries) {
                 () = tokio::time::sleep(wait) => {}
             }
         }
-    });
+    })
 }
 
 /// The entries of the running jobs, and whether every endpoint could be read; `endpoints`

@@ -43,8 +43,42 @@ impl Env {
     }
 }
 
+impl Env {
+    /// Aborts the runs the test left unfinished (their jobs would outlive the agent killed
+    /// below: they are process groups of their own), waiting a few seconds at most.
+    fn abort_unfinished(&self) {
+        let alive = self
+            .server_pid()
+            .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+        if !alive {
+            return;
+        }
+        let unfinished = || -> Vec<String> {
+            let out = self.run(&["ps", "--json"]);
+            let runs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            runs.as_array()
+                .map(|runs| {
+                    runs.iter()
+                        .filter_map(|r| r["run"]["name"].as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let names = unfinished();
+        for name in &names {
+            let _ = self.run(&["stop", "-y", "--abort", name]);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !names.is_empty() && !unfinished().is_empty() && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
 impl Drop for Env {
     fn drop(&mut self) {
+        self.abort_unfinished();
         if let Ok(pid) = std::fs::read_to_string(self.home.path().join("agent/agent.pid")) {
             let _ = Command::new("kill").arg("-9").arg(pid.trim()).status();
         }
