@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The Python side: builds and installs the package with `pip install .` (the wheel, with its
-# bundled `dstack` and `dstack-agent`) into a virtualenv, then runs the pytest suite, mypy
+# bundled `dstack` and `dstack-agent`) into a virtualenv, then runs the pytest suite (with
+# examples/lab.dstack.yml for real: JupyterLab from PyPI, `ssh <run>`, `dstack attach`), mypy
 # --strict on the package and the examples, every examples/*.py, and every notebook
 # (headless, nbclient) — all against the default (a server started on demand) in throwaway $DSTACK_HOMEs.
 set -euo pipefail
@@ -16,8 +17,10 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$VENV/bin/python"
 echo "==> pip install test tools"
+# jupyterlab: tests/test_lab.py runs examples/lab.dstack.yml, whose job finds `jupyter` on
+# this venv's PATH (the test fails, never skips, without it).
 "$PY" -m pip install -q --disable-pip-version-check \
-  "maturin>=1.5,<2" pytest mypy nbclient nbformat ipykernel numpy pandas
+  "maturin>=1.5,<2" pytest mypy nbclient nbformat ipykernel numpy pandas jupyterlab
 echo "==> pip install . ($MATURIN_PEP517_ARGS)"
 "$PY" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps .
 

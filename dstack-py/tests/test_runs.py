@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dstack.api import GPU, Client, Resources, RunStatus, Task
+from dstack.api import GPU, Client, DevEnvironment, Resources, RunStatus, Task
 from dstack.errors import (
     ClientError,
     ConfigurationError,
@@ -198,3 +198,29 @@ def test_html_rendering(client: Client) -> None:
     run = client.runs.apply_configuration(Task(commands=["true"])).wait(timeout=60)
     html = run._repr_html_()
     assert run.name in html and "done" in html
+
+
+def test_ide_link_of_a_dev_environment(
+    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A local job starts in the directory the run is applied from: the link opens it.
+    monkeypatch.chdir(tmp_path)
+    dev = DevEnvironment(ide="vscode", init=["echo ready"], resources={"cpu": "1..", "memory": "0.1GB.."})
+    run = client.runs.apply_configuration(dev, name="ide-dev")
+    try:
+        assert run.attach() is True
+        run.detach()
+        assert run.ide_link == f"vscode://vscode-remote/ssh-remote+ide-dev{tmp_path.resolve()}"
+        # Runs without an IDE have no link.
+        task = client.runs.apply_configuration(
+            Task(commands=["sleep 30"], resources={"cpu": "1..", "memory": "0.1GB.."})
+        )
+        task.attach()
+        task.detach()
+        assert task.ide_link is None
+        task.stop(abort=True)
+    finally:
+        run.stop(abort=True)
+    assert run.wait(timeout=30).status == RunStatus.TERMINATED
+    # Nor has a dev environment that no longer runs.
+    assert run.ide_link is None
