@@ -138,27 +138,6 @@ pub fn exit_code(run: &Run, exit_status: Option<i32>) -> ExitCode {
     }
 }
 
-/// The name of the active service that applying `configuration` (as `name`) updates in
-/// place, if there is one.
-async fn running_service(
-    client: &Client,
-    configuration: &Configuration,
-    name: Option<&str>,
-) -> Result<Option<String>, Failure> {
-    let Configuration::Service(service) = configuration else {
-        return Ok(None);
-    };
-    let Some(name) = name.or(service.common.name.as_deref()) else {
-        return Ok(None);
-    };
-    let Some(run) = client.runs().get(name).await? else {
-        return Ok(None);
-    };
-    let current = run.run().await?;
-    let is_service = matches!(current.spec.configuration(), Ok(Configuration::Service(_)));
-    Ok((is_service && !current.status.is_finished()).then(|| name.to_string()))
-}
-
 /// `dstack apply`.
 pub async fn apply(client: &Client, args: &ApplyArgs) -> Result<ExitCode, Failure> {
     let configuration = load(&args.file)?;
@@ -184,7 +163,11 @@ pub async fn apply(client: &Client, args: &ApplyArgs) -> Result<ExitCode, Failur
         configuration_path: Some(file.clone()),
         ..ApplyOptions::default()
     };
-    let run = match running_service(client, &configuration, args.name.as_deref()).await? {
+    let running = client
+        .runs()
+        .running_service(&configuration, args.name.as_deref())
+        .await?;
+    let run = match running {
         Some(name) => {
             println!(
                 "Service {name} is running: the configuration is applied to it in place (a \

@@ -349,7 +349,15 @@ async fn apply(client: Client, configuration: Configuration, options: Apply) -> 
         client_dir: options.client_dir,
         ..ApplyOptions::default()
     };
-    let run = client.runs().apply(configuration, options).await?;
+    // As dstack's `apply_configuration`: a service whose name runs is updated in place.
+    let runs = client.runs();
+    let running = runs
+        .running_service(&configuration, options.name.as_deref())
+        .await?;
+    let run = match running {
+        Some(_) => runs.update(configuration, options).await?,
+        None => runs.apply(configuration, options).await?,
+    };
     Ok(RawRun::new(run))
 }
 

@@ -50,6 +50,11 @@ def test_a_service_has_a_url_and_a_model_behind_the_token(client: Client, python
         except urllib.error.HTTPError as e:
             assert e.code == 401
         assert run.refresh().status == RunStatus.RUNNING
+        # Applied again with a change: updated in place (dstack's in-place update), not refused.
+        service.env = {"CHANGED": "1"}
+        updated = client.runs.apply_configuration(service)
+        assert updated.name == "py-svc" and updated.id == run.id
+        assert updated._snapshot["run"]["deployment_num"] == 1
     finally:
         run.stop()
     assert client.runs.get("py-svc").wait(timeout=60).status == RunStatus.TERMINATED  # type: ignore[union-attr]

@@ -216,6 +216,28 @@ impl Runs<'_> {
             .ok_or_else(|| EngineError::Invalid("no run was recorded".to_string()))
     }
 
+    /// The name of the unfinished service that applying `configuration` (as `name`, or its
+    /// own name) would update in place (see [`Runs::update`]), if there is one; dstack's
+    /// `apply` updates such a run instead of refusing the name.
+    pub async fn running_service(
+        &self,
+        configuration: &Configuration,
+        name: Option<&str>,
+    ) -> Result<Option<String>, EngineError> {
+        let Configuration::Service(service) = configuration else {
+            return Ok(None);
+        };
+        let Some(name) = name.or(service.common.name.as_deref()) else {
+            return Ok(None);
+        };
+        let Some(run) = self.get(name).await? else {
+            return Ok(None);
+        };
+        let current = run.run().await?;
+        let is_service = matches!(current.spec.configuration(), Ok(Configuration::Service(_)));
+        Ok((is_service && !current.status.is_finished()).then(|| name.to_string()))
+    }
+
     /// Updates the active service that `configuration` (or `options.name`) names in place:
     /// a rolling deployment when what its replicas run changed (see
     /// [`crate::engine::rollout`]).
