@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use dstack_core::client::protocol::{
     ApplyRequest, ConfigurationRequest, ConnectRequest, DeleteRequest, FleetDeleted, FleetEntry,
-    FleetEvent, ListRequest, LogsRequest, PlanAnswer, PlanRequest, RunIds, RunRef, StopRequest,
+    FleetEvent, ListRequest, LogsRequest, PlanAnswer, PlanRequest, RunIds, RunRef, StopRequest, GroupRef,
     WaitRequest, NATIVE, TUNNEL,
 };
 use dstack_core::config::Configuration;
@@ -183,6 +183,16 @@ async fn project_route(
         ["runs", "get_many"] => {
             let request: RunIds = body(req).await?;
             Ok(json(&client.runs().snapshots(&request.ids).await?))
+        }
+        ["runs", "watch_group"] => {
+            let request: GroupRef = body(req).await?;
+            let lines = client.runs().watch_group(&request.group_id).map(|change| {
+                let change = change.map_err(std::io::Error::other)?;
+                let mut line = serde_json::to_vec(&change).map_err(std::io::Error::other)?;
+                line.push(b'\n');
+                Ok::<_, std::io::Error>(Bytes::from(line))
+            });
+            Ok(stream("application/x-ndjson", lines))
         }
         ["runs", "stop"] => {
             let request: StopRequest = body(req).await?;

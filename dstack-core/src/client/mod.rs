@@ -18,6 +18,7 @@
 //! ```
 
 pub mod home;
+mod group;
 mod logs;
 pub mod protocol;
 mod remote;
@@ -31,6 +32,7 @@ use bytes::Bytes;
 use futures_core::Stream;
 use futures_util::StreamExt;
 
+pub use group::GroupChanges;
 pub use remote::{Remote, ServerError};
 
 use crate::backend::Compute;
@@ -316,6 +318,37 @@ impl Runs<'_> {
                 }
                 Ok(snapshots)
             }
+        }
+    }
+
+    /// Stops these runs (gracefully, or at once with `abort`), in one request to a server;
+    /// returns them as stopped.
+    pub async fn stop_many(&self, ids: &[String], abort: bool) -> Result<Vec<Run>, EngineError> {
+        match &self.client.via {
+            Via::Engine(engine) => {
+                let mut stopped = Vec::with_capacity(ids.len());
+                for id in ids {
+                    stopped.push(engine.stop(id, abort).await?);
+                }
+                Ok(stopped)
+            }
+            Via::Server(remote) => {
+                let request = StopRequest {
+                    runs_names: Vec::new(),
+                    ids: ids.to_vec(),
+                    abort,
+                };
+                Ok(remote.call("runs/stop", &request).await?)
+            }
+        }
+    }
+
+    /// The status changes of run group `group_id` (a sweep), pushed: each run's status, then
+    /// each change, until every run of the group has finished.
+    pub fn watch_group(&self, group_id: &str) -> GroupChanges {
+        match &self.client.via {
+            Via::Engine(engine) => group::watch(engine.clone(), group_id.to_string()),
+            Via::Server(remote) => group::remote_watch(remote.clone(), group_id.to_string()),
         }
     }
 

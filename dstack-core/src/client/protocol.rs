@@ -16,6 +16,7 @@
 //! | `runs/get_many` (extra) | [`RunIds`] | `[`[`Snapshot`]`]`, those that exist, in order |
 //! | `/api/runs/list` | [`ListRequest`] | [`crate::store::RunListing`] |
 //! | `runs/stop` | [`StopRequest`] | `[Run]` |
+//! | `runs/watch_group` (extra) | [`GroupRef`] | one `crate::engine::RunChange` a line (NDJSON): each run's status, then each change, until all have finished |
 //! | `runs/wait` (extra) | [`WaitRequest`] | [`Run`], once its status is not `status` (or after `timeout_ms`) |
 //! | `runs/metrics` (extra) | [`RunRef`] | `[{…}]`, the JSON lines the job wrote |
 //! | `logs/follow` (extra) | [`LogsRequest`] | the job's raw output, streamed |
@@ -83,6 +84,13 @@ pub struct RunRef {
     /// The run id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+}
+
+/// A run group (`runs/watch_group`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct GroupRef {
+    /// The group's id (`RunGroup::id`).
+    pub group_id: String,
 }
 
 /// Runs by id (`runs/get_many`).

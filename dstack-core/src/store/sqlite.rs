@@ -446,6 +446,24 @@ impl Store for SqliteStore {
         self.query(&sql, &args)
     }
 
+    fn group_statuses(&self, group_id: &str) -> Result<Vec<(String, RunStatus)>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached("SELECT id, status FROM runs WHERE group_id = ?")?;
+            let rows = stmt.query_map([group_id], |r| {
+                let status: String = r.get(1)?;
+                let status = RunStatus::parse(&status).ok_or_else(|| {
+                    rusqlite::Error::FromSqlConversionFailure(
+                        1,
+                        rusqlite::types::Type::Text,
+                        format!("unknown run status {status:?}").into(),
+                    )
+                })?;
+                Ok((r.get(0)?, status))
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
     fn run_names(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         self.with(|c| {
             // Names are ASCII: every name starting with `prefix` sorts below `prefix` + DEL.
