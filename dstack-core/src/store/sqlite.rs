@@ -140,6 +140,11 @@ const MIGRATIONS: &[&str] = &[
         WHERE run_id IN (SELECT id FROM runs WHERE group_max IS NOT NULL);
     DROP INDEX jobs_waiting;
     CREATE INDEX jobs_waiting ON jobs(group_id, submitted_at, id, run_id) WHERE status = 'submitted';",
+    // 14: a run's configuration type beside its record, so that the unfinished runs of one
+    // type (services, for the proxy) are found without decoding every unfinished run.
+    "ALTER TABLE runs ADD COLUMN kind TEXT;
+    UPDATE runs SET kind = json_extract(data, '$.spec.configuration.type');
+    CREATE INDEX runs_active_kind ON runs(kind) WHERE active = 1;",
 ];
 
 const JOB_WAITING: &str = job_waiting!();
@@ -179,6 +184,14 @@ const RUN_STATUS_AND_GROUP_ROOM: &str = concat!(
     "SELECT r.status, ",
     group_room_sql!(),
     " FROM runs r WHERE r.id = ?"
+);
+
+/// The runs with a running job (see [`Store::running_runs`]).
+const RUNNING_RUNS: &str = concat!(
+    "SELECT data FROM runs WHERE id IN (SELECT run_id FROM jobs INDEXED BY jobs_holding \
+     WHERE status = 'running' AND ",
+    job_holding!(),
+    ") ORDER BY submitted_at"
 );
 
 /// Every fleet, by name.
@@ -444,6 +457,17 @@ impl Store for SqliteStore {
         let args: Vec<&dyn rusqlite::ToSql> =
             names.iter().map(|s| s as &dyn rusqlite::ToSql).collect();
         self.query(&sql, &args)
+    }
+
+    fn active_runs_of_kind(&self, kind: &str) -> Result<Vec<Run>, StoreError> {
+        self.query(
+            "SELECT data FROM runs WHERE active = 1 AND kind = ? ORDER BY submitted_at",
+            &[&kind],
+        )
+    }
+
+    fn running_runs(&self) -> Result<Vec<Run>, StoreError> {
+        self.query(RUNNING_RUNS, &[])
     }
 
     fn group_statuses(&self, group_id: &str) -> Result<Vec<(String, RunStatus)>, StoreError> {
@@ -882,8 +906,8 @@ fn insert_run(c: &Connection, run: &Run, jobs: &[Job]) -> Result<(), StoreError>
     c.prepare_cached("UPDATE runs SET replaced = 1 WHERE name = ?")?
         .execute([&run.name])?;
     c.prepare_cached(
-        "INSERT INTO runs (id, name, status, active, submitted_at, data, group_id, group_max) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO runs (id, name, status, active, submitted_at, data, group_id, group_max, kind) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, json_extract(?6, '$.spec.configuration.type'))",
     )?
     .execute(params![
         run.id,
