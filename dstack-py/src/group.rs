@@ -65,7 +65,8 @@ impl RawGroupWatch {
         py: Python<'_>,
         timeout: Option<f64>,
     ) -> PyResult<Option<Vec<(String, &'static str)>>> {
-        let limit = timeout.map(|s| Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::MAX));
+        let limit =
+            timeout.map(|s| Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::MAX));
         let changes = block_on(py, next_changes(self.stream.clone(), limit))?;
         raise(py, changes)
     }

@@ -9,8 +9,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use dstack_core::client::protocol::{
     ApplyRequest, ConfigurationRequest, ConnectRequest, DeleteRequest, FleetDeleted, FleetEntry,
-    FleetEvent, ListRequest, LogsRequest, PlanAnswer, PlanRequest, RunIds, RunRef, StopRequest, GroupRef,
-    WaitRequest, NATIVE, TUNNEL,
+    FleetEvent, GroupRef, ListRequest, LogsRequest, PlanAnswer, PlanRequest, RunIds, RunRef,
+    StopRequest, WaitRequest, NATIVE, TUNNEL,
 };
 use dstack_core::config::Configuration;
 use dstack_core::engine::EngineError;
@@ -223,6 +223,10 @@ async fn project_route(
                 Err(_) => handle.run().await?,
             };
             Ok(json(&run))
+        }
+        ["runs", "metrics_many"] => {
+            let request: RunIds = body(req).await?;
+            Ok(json(&client.runs().metrics_many(&request.ids).await?))
         }
         ["runs", "metrics"] => {
             let which: RunRef = body(req).await?;

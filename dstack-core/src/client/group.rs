@@ -35,17 +35,20 @@ pub(crate) fn watch(engine: Engine, group_id: String) -> GroupChanges {
         pending: VecDeque::new(),
         read: false,
     };
-    Box::pin(futures_util::stream::unfold(state, |mut state| async move {
-        match state.next().await {
-            Ok(Some(change)) => Some((Ok(change), state)),
-            Ok(None) => None,
-            Err(e) => {
-                state.known.clear();
-                state.read = true; // ends after the error
-                Some((Err(e), state))
+    Box::pin(futures_util::stream::unfold(
+        state,
+        |mut state| async move {
+            match state.next().await {
+                Ok(Some(change)) => Some((Ok(change), state)),
+                Ok(None) => None,
+                Err(e) => {
+                    state.known.clear();
+                    state.read = true; // ends after the error
+                    Some((Err(e), state))
+                }
             }
-        }
-    }))
+        },
+    ))
 }
 
 struct Watch {
@@ -119,10 +122,12 @@ impl Watch {
 pub(crate) fn remote_watch(remote: Remote, group_id: String) -> GroupChanges {
     let request = super::protocol::GroupRef { group_id };
     let opened = async move { remote.stream("runs/watch_group", &request).await };
-    Box::pin(futures_util::stream::once(opened).flat_map(|opened| match opened {
-        Ok(bytes) => lines(bytes.map(|chunk| chunk.map_err(ServerError::from))).boxed(),
-        Err(e) => futures_util::stream::once(async move { Err(e.into()) }).boxed(),
-    }))
+    Box::pin(
+        futures_util::stream::once(opened).flat_map(|opened| match opened {
+            Ok(bytes) => lines(bytes.map(|chunk| chunk.map_err(ServerError::from))).boxed(),
+            Err(e) => futures_util::stream::once(async move { Err(e.into()) }).boxed(),
+        }),
+    )
 }
 
 /// The JSON values of an NDJSON byte stream.

@@ -17,8 +17,8 @@
 //! # Ok(()) }
 //! ```
 
-pub mod home;
 mod group;
+pub mod home;
 mod logs;
 pub mod protocol;
 mod remote;
@@ -318,6 +318,36 @@ impl Runs<'_> {
                 }
                 Ok(snapshots)
             }
+        }
+    }
+
+    /// The metrics of each of these runs (see [`RunHandle::metrics`]), in order, in one request
+    /// to a server; a run that is gone, or whose host cannot be reached now, has none.
+    pub async fn metrics_many(
+        &self,
+        ids: &[String],
+    ) -> Result<Vec<Vec<serde_json::Value>>, EngineError> {
+        match &self.client.via {
+            Via::Engine(_) => {
+                // A few agents' answers awaited at once.
+                Ok(futures_util::stream::iter(ids.iter().cloned())
+                    .map(|id| async move { self.metrics_or_none(&id).await })
+                    .buffered(METRICS_AT_ONCE)
+                    .collect()
+                    .await)
+            }
+            Via::Server(remote) => {
+                let request = RunIds { ids: ids.to_vec() };
+                Ok(remote.call("runs/metrics_many", &request).await?)
+            }
+        }
+    }
+
+    /// The metrics of run `id`; none if it is gone or its host cannot be reached now.
+    async fn metrics_or_none(&self, id: &str) -> Vec<serde_json::Value> {
+        match self.by_id(id).await {
+            Ok(Some(handle)) => handle.metrics().await.unwrap_or_default(),
+            _ => Vec::new(),
         }
     }
 
@@ -1053,6 +1083,9 @@ impl RunHandle {
         }
     }
 }
+
+/// How many runs' metrics `Runs::metrics_many` reads at once.
+const METRICS_AT_ONCE: usize = 16;
 
 /// The project route of `runs/wait`.
 fn wait_path(remote: &Remote) -> String {

@@ -19,6 +19,7 @@
 //! | `runs/watch_group` (extra) | [`GroupRef`] | one `crate::engine::RunChange` a line (NDJSON): each run's status, then each change, until all have finished |
 //! | `runs/wait` (extra) | [`WaitRequest`] | [`Run`], once its status is not `status` (or after `timeout_ms`) |
 //! | `runs/metrics` (extra) | [`RunRef`] | `[{…}]`, the JSON lines the job wrote |
+//! | `runs/metrics_many` (extra) | [`RunIds`] | `[[{…}]]`, each run's metrics in order (none for a run gone or unreachable) |
 //! | `logs/follow` (extra) | [`LogsRequest`] | the job's raw output, streamed |
 //! | `runs/connect` (extra) | [`ConnectRequest`] | `101 Switching Protocols`, then a byte stream to the port |
 //! | `runs/ssh` (extra) | [`SshTunnelRequest`] | `101 Switching Protocols`, then one SSH connection to the job's agent (see `dstack_core::agent`) |

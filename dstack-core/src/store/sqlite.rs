@@ -796,7 +796,9 @@ fn waiting_jobs(c: &Connection, limit: usize) -> Result<Vec<WaitingJob>, StoreEr
         .collect::<Result<Vec<_>, _>>()?;
     let groups = c
         .prepare_cached(GROUPS_WAITING_ROOM)?
-        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?)))?
+        .query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?))
+        })?
         .collect::<Result<Vec<_>, _>>()?;
     let mut of_group = c.prepare_cached(GROUP_WAITING)?;
     for (group, room) in groups {

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, 
 
 from dstack._client import Run
 from dstack._records import RunStatus, html_table
-from dstack.errors import ConfigurationError, DstackError, NoCapacityError, WaitTimeoutError
+from dstack.errors import ConfigurationError, NoCapacityError, WaitTimeoutError
 
 if TYPE_CHECKING:
     from dstack._config import Task
@@ -184,15 +184,14 @@ class Sweep:
         the last value of each metric it reported."""
         rows = []
         self._read(self.runs)
-        for params, run in zip(self.params, self.runs):
+        # One request for every trial's metrics (a trial whose host cannot be reached now
+        # has none to show).
+        all_metrics = self._raw.metrics_many([run.id for run in self.runs])
+        for params, run, metrics in zip(self.params, self.runs, all_metrics):
             row: Dict[str, Any] = {"run": run.name, **params}
             row["status"] = run.status.value
             row["exit_status"] = run.exit_status
             row["duration"] = run.duration
-            try:
-                metrics = run.metrics
-            except DstackError:
-                metrics = []  # the trial's host cannot be reached now: no metrics to show
             for record in metrics:
                 row.update(record)
             rows.append(row)
