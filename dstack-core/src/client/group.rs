@@ -42,8 +42,10 @@ pub(crate) fn watch(engine: Engine, group_id: String) -> GroupChanges {
                 Ok(Some(change)) => Some((Ok(change), state)),
                 Ok(None) => None,
                 Err(e) => {
-                    state.known.clear();
-                    state.read = true; // ends after the error
+                    // The stream ends after an error: nothing is left to wait for.
+                    state.pending.clear();
+                    state.read = true;
+                    state.unfinished = 0;
                     Some((Err(e), state))
                 }
             }
