@@ -182,6 +182,34 @@ impl RawClient {
         raise(py, runs)
     }
 
+    /// The metrics of each of these runs (by id), in order, in one request; none for a run
+    /// that is gone or whose host cannot be reached now.
+    fn metrics_many(&self, py: Python<'_>, ids: Vec<String>) -> PyResult<PyObject> {
+        let client = self.client.clone();
+        let found = block_on(py, async move { client.runs().metrics_many(&ids).await })?;
+        let found = raise(py, found.map_err(Failure::from))?;
+        crate::convert::to_py(
+            py,
+            &serde_json::Value::Array(found.into_iter().map(serde_json::Value::Array).collect()),
+        )
+    }
+
+    /// Stops these runs (by id) in one request.
+    #[pyo3(signature = (ids, abort = false))]
+    fn stop_many(&self, py: Python<'_>, ids: Vec<String>, abort: bool) -> PyResult<()> {
+        let client = self.client.clone();
+        let stopped = block_on(
+            py,
+            async move { client.runs().stop_many(&ids, abort).await },
+        )?;
+        raise(py, stopped.map(drop).map_err(Failure::from))
+    }
+
+    /// The status changes of group `group_id` (a sweep's trials), pushed by the engine.
+    fn watch_group(&self, group_id: &str) -> crate::group::RawGroupWatch {
+        crate::group::RawGroupWatch::new(self.client.runs().watch_group(group_id))
+    }
+
     /// `apply`, for asyncio.
     #[pyo3(signature = (configuration, name = None, env = None, configuration_path = None, client_dir = None))]
     fn apply_async(

@@ -8,6 +8,7 @@
 mod client;
 mod convert;
 mod errors;
+mod group;
 mod run;
 mod runtime;
 
@@ -24,6 +25,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<client::RawClient>()?;
     m.add_class::<run::RawRun>()?;
     m.add_class::<run::RawLogs>()?;
+    m.add_class::<group::RawGroupWatch>()?;
     m.add_class::<run::RawForward>()?;
     m.add_class::<runtime::RawTask>()?;
     Ok(())

@@ -2,6 +2,7 @@
 metrics and results."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from dstack.api import Client, Task
 from dstack.errors import ConfigurationError, NoCapacityError, ResourceExistsError
 from dstack._sweep import expand
-from dstack.api import GPU, Resources, Sweep
+from dstack.api import GPU, Resources, RunStatus, Sweep
 
 METRIC = (
     'python3 -c "import json, os; lr=float(os.environ[\'lr\']); bs=int(os.environ[\'bs\']); '
@@ -115,3 +116,31 @@ def test_sweep_progress_is_shown(client: Client, capsys: pytest.CaptureFixture[s
     sweep.wait(timeout=60)
     err = capsys.readouterr().err
     assert "3/3 finished (3 done, 0 failed)" in err
+
+
+def submit_seconds_per_trial(client: Client, task: Task, n: int) -> float:
+    """Seconds per trial to submit a sweep of `n` trials (then stopped, in one request)."""
+    start = time.perf_counter()
+    sweep = client.runs.sweep(task, {"i": list(range(n))}, max_parallel=1)
+    seconds = time.perf_counter() - start
+    sweep.stop(abort=True)
+    return seconds / n
+
+
+def test_submitting_is_linear_in_the_number_of_trials(client: Client) -> None:
+    # A ratio within one run, not an absolute time: the cost per trial of 2,000 trials is that
+    # of 200, give or take (a quadratic cost, as in issue 28, made it 10x).
+    task = Task(commands=["sleep 60"], resources=SMALL)
+    submit_seconds_per_trial(client, task, 20)  # the server, the agent, the caches
+    small = submit_seconds_per_trial(client, task, 200)
+    large = submit_seconds_per_trial(client, task, 2000)
+    assert large < 3 * small, f"{large * 1e3:.2f} ms per trial of 2000, {small * 1e3:.2f} of 200"
+
+
+def test_stopping_a_sweep_stops_every_trial(client: Client) -> None:
+    task = Task(commands=["sleep 60"], resources=SMALL)
+    sweep = client.runs.sweep(task, {"i": list(range(6))}, max_parallel=2)
+    sweep.stop(abort=True)
+    assert all(run.status != RunStatus.RUNNING for run in sweep.runs)
+    sweep.wait(timeout=30, progress=False)
+    assert {run.status for run in sweep.runs} <= {RunStatus.TERMINATED, RunStatus.FAILED}

@@ -15,10 +15,9 @@ const GRACE_SECS: u64 = 10;
 /// `inactivity_duration`.
 pub(crate) async fn enforce(client: &Client, engine: &Engine) -> Result<(), EngineError> {
     let runs = client.runs();
-    let ids: Vec<String> = runs
-        .listing(false)
-        .await?
-        .runs
+    let ids: Vec<String> = engine
+        .store()
+        .running_runs()?
         .into_iter()
         .filter(|r| r.status == RunStatus::Running)
         .filter(|r| limit_secs(&r.spec.configuration().ok()).is_some())

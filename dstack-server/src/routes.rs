@@ -9,8 +9,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use dstack_core::client::protocol::{
     ApplyRequest, ConfigurationRequest, ConnectRequest, DeleteRequest, FleetDeleted, FleetEntry,
-    FleetEvent, ListRequest, LogsRequest, PlanAnswer, PlanRequest, RunIds, RunRef, StopRequest,
-    WaitRequest, NATIVE, TUNNEL,
+    FleetEvent, GroupRef, ListRequest, LogsRequest, PlanAnswer, PlanRequest, RunIds, RunRef,
+    StopRequest, WaitRequest, NATIVE, TUNNEL,
 };
 use dstack_core::config::Configuration;
 use dstack_core::engine::EngineError;
@@ -193,6 +193,16 @@ async fn project_route(
             let request: RunIds = body(req).await?;
             Ok(json(&client.runs().snapshots(&request.ids).await?))
         }
+        ["runs", "watch_group"] => {
+            let request: GroupRef = body(req).await?;
+            let lines = client.runs().watch_group(&request.group_id).map(|change| {
+                let change = change.map_err(std::io::Error::other)?;
+                let mut line = serde_json::to_vec(&change).map_err(std::io::Error::other)?;
+                line.push(b'\n');
+                Ok::<_, std::io::Error>(Bytes::from(line))
+            });
+            Ok(stream("application/x-ndjson", lines))
+        }
         ["runs", "stop"] => {
             let request: StopRequest = body(req).await?;
             let mut handles = Vec::new();
@@ -222,6 +232,10 @@ async fn project_route(
                 Err(_) => handle.run().await?,
             };
             Ok(json(&run))
+        }
+        ["runs", "metrics_many"] => {
+            let request: RunIds = body(req).await?;
+            Ok(json(&client.runs().metrics_many(&request.ids).await?))
         }
         ["runs", "metrics"] => {
             let which: RunRef = body(req).await?;

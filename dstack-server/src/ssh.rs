@@ -323,9 +323,9 @@ async fn current(
     reported: &mut std::collections::HashSet<String>,
 ) -> Result<(Vec<Entry>, bool), dstack_core::engine::EngineError> {
     let runs = client.runs();
-    let listing = runs.listing(false).await?;
-    let ids: Vec<String> = listing
-        .runs
+    // Only runs with a running job can have entries: not every unfinished run is read.
+    let running = engine.store().running_runs()?;
+    let ids: Vec<String> = running
         .iter()
         .filter(|r| r.status == RunStatus::Running)
         .map(|r| r.id.clone())

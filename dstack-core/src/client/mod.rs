@@ -17,6 +17,7 @@
 //! # Ok(()) }
 //! ```
 
+mod group;
 pub mod home;
 mod logs;
 pub mod protocol;
@@ -31,6 +32,7 @@ use bytes::Bytes;
 use futures_core::Stream;
 use futures_util::StreamExt;
 
+pub use group::GroupChanges;
 pub use remote::{Remote, ServerError};
 
 use crate::backend::Compute;
@@ -338,6 +340,67 @@ impl Runs<'_> {
                 }
                 Ok(snapshots)
             }
+        }
+    }
+
+    /// The metrics of each of these runs (see [`RunHandle::metrics`]), in order, in one request
+    /// to a server; a run that is gone, or whose host cannot be reached now, has none.
+    pub async fn metrics_many(
+        &self,
+        ids: &[String],
+    ) -> Result<Vec<Vec<serde_json::Value>>, EngineError> {
+        match &self.client.via {
+            Via::Engine(_) => {
+                // A few agents' answers awaited at once.
+                Ok(futures_util::stream::iter(ids.iter().cloned())
+                    .map(|id| async move { self.metrics_or_none(&id).await })
+                    .buffered(METRICS_AT_ONCE)
+                    .collect()
+                    .await)
+            }
+            Via::Server(remote) => {
+                let request = RunIds { ids: ids.to_vec() };
+                Ok(remote.call("runs/metrics_many", &request).await?)
+            }
+        }
+    }
+
+    /// The metrics of run `id`; none if it is gone or its host cannot be reached now.
+    async fn metrics_or_none(&self, id: &str) -> Vec<serde_json::Value> {
+        match self.by_id(id).await {
+            Ok(Some(handle)) => handle.metrics().await.unwrap_or_default(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Stops these runs (gracefully, or at once with `abort`), in one request to a server;
+    /// returns them as stopped.
+    pub async fn stop_many(&self, ids: &[String], abort: bool) -> Result<Vec<Run>, EngineError> {
+        match &self.client.via {
+            Via::Engine(engine) => {
+                let mut stopped = Vec::with_capacity(ids.len());
+                for id in ids {
+                    stopped.push(engine.stop(id, abort).await?);
+                }
+                Ok(stopped)
+            }
+            Via::Server(remote) => {
+                let request = StopRequest {
+                    runs_names: Vec::new(),
+                    ids: ids.to_vec(),
+                    abort,
+                };
+                Ok(remote.call("runs/stop", &request).await?)
+            }
+        }
+    }
+
+    /// The status changes of run group `group_id` (a sweep), pushed: each run's status, then
+    /// each change, until every run of the group has finished.
+    pub fn watch_group(&self, group_id: &str) -> GroupChanges {
+        match &self.client.via {
+            Via::Engine(engine) => group::watch(engine.clone(), group_id.to_string()),
+            Via::Server(remote) => group::remote_watch(remote.clone(), group_id.to_string()),
         }
     }
 
@@ -1051,6 +1114,9 @@ impl RunHandle {
         }
     }
 }
+
+/// How many runs' metrics `Runs::metrics_many` reads at once.
+const METRICS_AT_ONCE: usize = 16;
 
 /// The project route of `runs/wait`.
 fn wait_path(remote: &Remote) -> String {

@@ -16,9 +16,11 @@
 //! | `runs/get_many` (extra) | [`RunIds`] | `[`[`Snapshot`]`]`, those that exist, in order |
 //! | `/api/runs/list` | [`ListRequest`] | [`crate::store::RunListing`] |
 //! | `runs/stop` | [`StopRequest`] | `[Run]` |
+//! | `runs/watch_group` (extra) | [`GroupRef`] | one `crate::engine::RunChange` a line (NDJSON): each run's status, then each change, until all have finished |
 //! | `runs/wait` (extra) | [`WaitRequest`] | [`Run`], once its status is not `status` (or after `timeout_ms`) |
 //! | `runs/metrics` (extra) | [`RunRef`] | `[{…}]`, the JSON lines the job wrote |
 //! | `runs/replicas` (extra) | [`RunRef`] | `[`[`ReplicaState`]`]`: a service's running replicas as its proxy sees them |
+//! | `runs/metrics_many` (extra) | [`RunIds`] | `[[{…}]]`, each run's metrics in order (none for a run gone or unreachable) |
 //! | `logs/follow` (extra) | [`LogsRequest`] | the job's raw output, streamed |
 //! | `runs/connect` (extra) | [`ConnectRequest`] | `101 Switching Protocols`, then a byte stream to the port |
 //! | `runs/ssh` (extra) | [`SshTunnelRequest`] | `101 Switching Protocols`, then one SSH connection to the job's agent (see `dstack_core::agent`) |
@@ -84,6 +86,13 @@ pub struct RunRef {
     /// The run id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+}
+
+/// A run group (`runs/watch_group`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct GroupRef {
+    /// The group's id (`RunGroup::id`).
+    pub group_id: String,
 }
 
 /// Runs by id (`runs/get_many`).

@@ -220,8 +220,8 @@ pub fn session_env(
         .collect()
 }
 
-/// A change of a run, as broadcast to waiters.
-#[derive(Clone, Debug)]
+/// A change of a run, as broadcast to waiters (and streamed by `runs/watch_group`).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct RunChange {
     /// The run id.
     pub run_id: String,

@@ -196,6 +196,15 @@ pub trait Store: Send + Sync {
     fn runs(&self, filter: RunFilter) -> Result<RunListing, StoreError>;
     /// Runs in any of these statuses, oldest first.
     fn runs_with_status(&self, statuses: &[RunStatus]) -> Result<Vec<Run>, StoreError>;
+    /// The unfinished runs whose configuration is of type `kind` (e.g. `service`), oldest
+    /// first (read from an index of their own: the cost does not grow with other runs).
+    fn active_runs_of_kind(&self, kind: &str) -> Result<Vec<Run>, StoreError>;
+    /// The runs with a job in status `running`, oldest first (found from the jobs that hold
+    /// resources: the cost does not grow with waiting or finished runs).
+    fn running_runs(&self) -> Result<Vec<Run>, StoreError>;
+    /// `(run id, status)` of every run of group `group_id` (read from the group's index,
+    /// without decoding the runs): what a watcher of a sweep starts from.
+    fn group_statuses(&self, group_id: &str) -> Result<Vec<(String, RunStatus)>, StoreError>;
     /// Names starting with `prefix` in use by runs that have not been replaced.
     fn run_names(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
     /// Writes `run` if its stored status is one of `expected`; `false` if it was not.

@@ -131,20 +131,46 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX jobs_run ON jobs(run_id, job_num, submission_num);",
     // 12: the state's identity, and the file it was made for (see `identity`).
     "CREATE TABLE state_identity (id TEXT NOT NULL, dev INTEGER NOT NULL, ino INTEGER NOT NULL);",
+    // 13: a job carries its run's group when that group has a limit, and the waiting queue is
+    // keyed by it: placement reads the first few waiting jobs of each group with room (and
+    // of no group) instead of stepping over every waiting job of a full group, and a group's
+    // count of runs holding resources comes from `jobs_holding` alone (session 16).
+    "ALTER TABLE jobs ADD COLUMN group_id TEXT;
+    UPDATE jobs SET group_id = (SELECT r.group_id FROM runs r WHERE r.id = jobs.run_id)
+        WHERE run_id IN (SELECT id FROM runs WHERE group_max IS NOT NULL);
+    DROP INDEX jobs_waiting;
+    CREATE INDEX jobs_waiting ON jobs(group_id, submitted_at, id, run_id) WHERE status = 'submitted';",
+    // 14: a run's configuration type beside its record, so that the unfinished runs of one
+    // type (services, for the proxy) are found without decoding every unfinished run.
+    "ALTER TABLE runs ADD COLUMN kind TEXT;
+    UPDATE runs SET kind = json_extract(data, '$.spec.configuration.type');
+    CREATE INDEX runs_active_kind ON runs(kind) WHERE active = 1;",
 ];
 
 const JOB_WAITING: &str = job_waiting!();
 const JOB_HOLDING: &str = job_holding!();
+
+/// SQL: how many runs of group `$group` (an SQL expression) have a job that holds resources;
+/// read from the `jobs_holding` index (jobs that hold resources are few: at most what the
+/// instances run and queue), whatever the size of the group.
+macro_rules! group_holding_sql {
+    ($group:literal) => {
+        concat!(
+            "SELECT COUNT(DISTINCT h.run_id) FROM jobs h INDEXED BY jobs_holding WHERE h.group_id = ",
+            $group,
+            " AND ",
+            job_holding!("h.")
+        )
+    };
+}
 
 /// SQL: whether the group of run `r` (if it has one with a limit) may place one more run,
 /// counting the group's runs with a job that holds resources.
 macro_rules! group_room_sql {
     () => {
         concat!(
-            "(r.group_max IS NULL OR r.group_max > (
-            SELECT COUNT(DISTINCT h.run_id) FROM jobs h JOIN runs g ON g.id = h.run_id
-            WHERE g.group_id = r.group_id AND ",
-            job_holding!("h."),
+            "(r.group_max IS NULL OR r.group_max > (",
+            group_holding_sql!("r.group_id"),
             "))"
         )
     };
@@ -158,6 +184,14 @@ const RUN_STATUS_AND_GROUP_ROOM: &str = concat!(
     "SELECT r.status, ",
     group_room_sql!(),
     " FROM runs r WHERE r.id = ?"
+);
+
+/// The runs with a running job (see [`Store::running_runs`]).
+const RUNNING_RUNS: &str = concat!(
+    "SELECT data FROM runs WHERE id IN (SELECT run_id FROM jobs INDEXED BY jobs_holding \
+     WHERE status = 'running' AND ",
+    job_holding!(),
+    ") ORDER BY submitted_at"
 );
 
 /// Every fleet, by name.
@@ -425,6 +459,35 @@ impl Store for SqliteStore {
         self.query(&sql, &args)
     }
 
+    fn active_runs_of_kind(&self, kind: &str) -> Result<Vec<Run>, StoreError> {
+        self.query(
+            "SELECT data FROM runs WHERE active = 1 AND kind = ? ORDER BY submitted_at",
+            &[&kind],
+        )
+    }
+
+    fn running_runs(&self) -> Result<Vec<Run>, StoreError> {
+        self.query(RUNNING_RUNS, &[])
+    }
+
+    fn group_statuses(&self, group_id: &str) -> Result<Vec<(String, RunStatus)>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached("SELECT id, status FROM runs WHERE group_id = ?")?;
+            let rows = stmt.query_map([group_id], |r| {
+                let status: String = r.get(1)?;
+                let status = RunStatus::parse(&status).ok_or_else(|| {
+                    rusqlite::Error::FromSqlConversionFailure(
+                        1,
+                        rusqlite::types::Type::Text,
+                        format!("unknown run status {status:?}").into(),
+                    )
+                })?;
+                Ok((r.get(0)?, status))
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
     fn run_names(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         self.with(|c| {
             // Names are ASCII: every name starting with `prefix` sorts below `prefix` + DEL.
@@ -672,55 +735,81 @@ impl rusqlite::types::FromSql for JobStatus {
     }
 }
 
-/// SQL: the oldest `limit` waiting jobs (id, run id, grouped: false), when no group limits
-/// any of them.
-fn waiting_queue_sql(limit: i64) -> String {
+/// SQL: the oldest `limit` waiting jobs (id, run id, submitted at) of no limited group.
+fn ungrouped_waiting_sql(limit: i64) -> String {
     format!(
-        "SELECT id, run_id, 0 FROM jobs WHERE {JOB_WAITING} ORDER BY submitted_at, id LIMIT {limit}"
+        "SELECT id, run_id, submitted_at FROM jobs WHERE {JOB_WAITING} AND group_id IS NULL \
+         ORDER BY submitted_at, id LIMIT {limit}"
     )
 }
 
-/// SQL: the oldest `limit` waiting jobs (id, run id, grouped) of runs whose group, if any, has
-/// room.
-fn waiting_with_room_sql(limit: i64) -> String {
-    let select = concat!(
-        "SELECT j.id, j.run_id, r.group_max IS NOT NULL FROM jobs j JOIN runs r ON r.id = j.run_id ",
-        "WHERE j.",
-        job_waiting!(),
-        " AND ",
-        group_room_sql!(),
-    );
-    format!("{select} ORDER BY j.submitted_at, j.id LIMIT {limit}")
-}
+/// SQL: the waiting jobs (id, run id, submitted at) of group `?`, oldest first (read lazily:
+/// the caller takes as many as the group has room for).
+const GROUP_WAITING: &str = concat!(
+    "SELECT id, run_id, submitted_at FROM jobs WHERE ",
+    job_waiting!(),
+    " AND group_id = ? ORDER BY submitted_at, id"
+);
 
-/// At most `limit` waiting jobs (see [`Store::waiting_jobs`]).
+/// SQL: each limited group with waiting jobs, and how many more of its runs may hold
+/// resources (may be zero or less). The groups are found by skipping through the
+/// `jobs_waiting` index one group at a time, so the cost grows with the number of groups, not
+/// with their waiting jobs.
+const GROUPS_WAITING_ROOM: &str = concat!(
+    "WITH RECURSIVE waiting(g) AS (
+        SELECT MIN(group_id) FROM jobs WHERE ",
+    job_waiting!(),
+    " AND group_id IS NOT NULL
+        UNION ALL
+        SELECT (SELECT MIN(group_id) FROM jobs WHERE ",
+    job_waiting!(),
+    " AND group_id > waiting.g) FROM waiting WHERE waiting.g IS NOT NULL
+    )
+    SELECT w.g, (SELECT group_max FROM runs WHERE group_id = w.g AND group_max IS NOT NULL LIMIT 1) - (",
+    group_holding_sql!("w.g"),
+    ") FROM waiting w WHERE w.g IS NOT NULL"
+);
+
+/// At most `limit` waiting jobs (see [`Store::waiting_jobs`]): the oldest of those of no
+/// limited group merged with, for each limited group with room, its oldest as many as it has
+/// room for. Jobs of a group at its limit are left out: they cannot be placed now, and they
+/// must not fill the window that other runs wait behind.
 fn waiting_jobs(c: &Connection, limit: usize) -> Result<Vec<WaitingJob>, StoreError> {
     // The limit is written into the SQL: SQLite plans with a bound LIMIT's value, so a
     // statement with `LIMIT ?` is compiled again on every call.
-    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    // Jobs of a group already at its limit are left out: they cannot be placed now, and they
-    // must not fill the window that other runs wait behind. Without active groups, there is
-    // nothing to check per job.
-    let grouped: bool = c
-        .prepare_cached(
-            "SELECT EXISTS (SELECT 1 FROM runs \
-             WHERE group_id IS NOT NULL AND active = 1 AND group_max IS NOT NULL)",
-        )?
-        .query_row([], |r| r.get(0))?;
-    let sql = if grouped {
-        waiting_with_room_sql(limit)
-    } else {
-        waiting_queue_sql(limit)
+    let sql_limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let row = |grouped: bool| {
+        move |r: &rusqlite::Row<'_>| -> rusqlite::Result<(i64, WaitingJob)> {
+            Ok((
+                r.get(2)?,
+                WaitingJob {
+                    job_id: r.get(0)?,
+                    run_id: r.get(1)?,
+                    grouped,
+                },
+            ))
+        }
     };
-    let mut stmt = c.prepare_cached(&sql)?;
-    let rows = stmt.query_map([], |r| {
-        Ok(WaitingJob {
-            job_id: r.get(0)?,
-            run_id: r.get(1)?,
-            grouped: r.get(2)?,
-        })
-    })?;
-    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    let mut found = c
+        .prepare_cached(&ungrouped_waiting_sql(sql_limit))?
+        .query_map([], row(false))?
+        .collect::<Result<Vec<_>, _>>()?;
+    let groups = c
+        .prepare_cached(GROUPS_WAITING_ROOM)?
+        .query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut of_group = c.prepare_cached(GROUP_WAITING)?;
+    for (group, room) in groups {
+        let room = usize::try_from(room.unwrap_or(0)).unwrap_or(0).min(limit);
+        for job in of_group.query_map([&group], row(true))?.take(room) {
+            found.push(job?);
+        }
+    }
+    found.sort_by(|(a, x), (b, y)| (a, &x.job_id).cmp(&(b, &y.job_id)));
+    found.truncate(limit);
+    Ok(found.into_iter().map(|(_, job)| job).collect())
 }
 
 fn update_run(c: &Connection, run: &Run, expected: &[RunStatus]) -> Result<bool, StoreError> {
@@ -819,8 +908,8 @@ fn insert_run(c: &Connection, run: &Run, jobs: &[Job]) -> Result<(), StoreError>
     c.prepare_cached("UPDATE runs SET replaced = 1 WHERE name = ?")?
         .execute([&run.name])?;
     c.prepare_cached(
-        "INSERT INTO runs (id, name, status, active, submitted_at, data, group_id, group_max) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO runs (id, name, status, active, submitted_at, data, group_id, group_max, kind) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, json_extract(?6, '$.spec.configuration.type'))",
     )?
     .execute(params![
         run.id,
@@ -840,8 +929,9 @@ fn insert_run(c: &Connection, run: &Run, jobs: &[Job]) -> Result<(), StoreError>
 
 fn insert_job(c: &Connection, job: &Job) -> Result<(), StoreError> {
     c.prepare_cached(
-        "INSERT INTO jobs (id, run_id, job_num, submission_num, status, instance_id, submitted_at, data, reservation, after_job)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO jobs (id, run_id, job_num, submission_num, status, instance_id, submitted_at, data, reservation, after_job, group_id)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
+                 (SELECT group_id FROM runs WHERE id = ?2 AND group_max IS NOT NULL))",
     )?
     .execute(params![
         job.id,
@@ -1238,9 +1328,17 @@ mod tests {
                 })
                 .unwrap()
         };
-        let queue = plan(&waiting_queue_sql(64));
-        assert!(queue.contains("COVERING INDEX jobs_waiting"), "{queue}");
-        assert!(!queue.contains("TEMP B-TREE"), "sorted again: {queue}");
+        for sql in [ungrouped_waiting_sql(64), GROUP_WAITING.replace('?', "'g'")] {
+            let queue = plan(&sql);
+            assert!(queue.contains("COVERING INDEX jobs_waiting"), "{queue}");
+            assert!(!queue.contains("TEMP B-TREE"), "sorted again: {queue}");
+        }
+        let groups = plan(GROUPS_WAITING_ROOM);
+        assert!(!groups.contains("SCAN jobs"), "every job read: {groups}");
+        assert!(!groups.contains("SCAN runs"), "every run read: {groups}");
+        assert!(groups.contains("INDEX jobs_holding"), "{groups}");
+        let room = plan(&GROUP_HAS_ROOM.replace('?', "'r'"));
+        assert!(room.contains("INDEX jobs_holding"), "{room}");
         let provisioning =
             format!("SELECT data FROM jobs WHERE {JOB_HOLDING} AND status IN ('provisioning')");
         assert!(plan(&provisioning).contains("INDEX jobs_holding"));
@@ -1321,7 +1419,7 @@ mod tests {
         // bound LIMIT makes it do on every call).
         let reprepared = store
             .with(|c| {
-                let stmt = c.prepare_cached(&waiting_queue_sql(64))?;
+                let stmt = c.prepare_cached(&ungrouped_waiting_sql(64))?;
                 use rusqlite::StatementStatus::{RePrepare, Run};
                 Ok((stmt.get_status(Run), stmt.get_status(RePrepare)))
             })

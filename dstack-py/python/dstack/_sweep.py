@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, 
 
 from dstack._client import Run
 from dstack._records import RunStatus, html_table
-from dstack.errors import ConfigurationError, DstackError, NoCapacityError, WaitTimeoutError
+from dstack.errors import ConfigurationError, NoCapacityError, WaitTimeoutError
 
 if TYPE_CHECKING:
     from dstack._config import Task
@@ -26,8 +26,9 @@ __all__ = ["Params", "Sweep", "expand"]
 
 Params = Union[Mapping[str, Sequence[Any]], Sequence[Mapping[str, Any]]]
 
-# How often `wait()` re-counts the trials (it also wakes at once when the trial it waits on ends).
-_POLL_SECONDS = 0.5
+# How often `wait()` redraws its progress at most, and checks its timeout (it hears of every
+# status change as the engine makes it, whenever it redraws).
+_REDRAW_SECONDS = 0.2
 
 
 def expand(params: Params) -> List[Dict[str, Any]]:
@@ -57,12 +58,18 @@ class Sweep:
     """The runs of one sweep, in trial order."""
 
     def __init__(
-        self, name: str, params: List[Dict[str, Any]], runs: List[Run], raw: "RawClient"
+        self,
+        name: str,
+        params: List[Dict[str, Any]],
+        runs: List[Run],
+        raw: "RawClient",
+        group: str,
     ) -> None:
         self.name = name
         self.params = params
         self.runs = runs
         self._raw = raw
+        self._group = group
 
     @classmethod
     def submit(
@@ -100,7 +107,7 @@ class Sweep:
         raws = raw.apply_group(data, submissions, group, max_parallel)
         snapshots = {s["run"]["id"]: s for s in raw.snapshots([r.id for r in raws])}
         runs = [Run(r, snapshots.get(r.id)) for r in raws]
-        return cls(base, trials, runs, raw)
+        return cls(base, trials, runs, raw, group)
 
     def refresh(self) -> "Sweep":
         """Reads every unfinished trial's current state (in one request)."""
@@ -121,62 +128,70 @@ class Sweep:
         """How many trials are done, failed (or stopped), running, and waiting."""
         counts = {"done": 0, "failed": 0, "running": 0, "waiting": 0}
         for run in self.runs:
-            status = run.status
-            if status == RunStatus.DONE:
-                counts["done"] += 1
-            elif status.is_finished():
-                counts["failed"] += 1
-            elif status in (RunStatus.RUNNING, RunStatus.TERMINATING):
-                counts["running"] += 1
-            else:
-                counts["waiting"] += 1
+            counts[_category(run.status)] += 1
         return counts
 
     def wait(self, timeout: Optional[float] = None, progress: bool = True) -> "Sweep":
         """Waits until every trial has finished, showing progress (a live line in a
         notebook, on stderr otherwise). Raises `WaitTimeoutError` after `timeout` seconds
-        (the trials keep going)."""
+        (the trials keep going).
+
+        The engine pushes the group's status changes (one stream for the whole sweep); the
+        trials' records are read once, at the end."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        show = _Progress(self) if progress else None
+        by_id = {run.id: run for run in self.runs}
+        counts = self.counts()
+        show = _Progress(self.name, len(self.runs)) if progress else None
+        watch = self._raw.watch_group(self._group)
         try:
-            while True:
-                self.refresh()
+            while counts["done"] + counts["failed"] < len(self.runs):
                 if show is not None:
-                    show.update()
-                pending = [r for r in self.runs if not r.status.is_finished()]
-                if not pending:
-                    return self
+                    show.update(counts)
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
+                    unfinished = len(self.runs) - counts["done"] - counts["failed"]
                     raise WaitTimeoutError(
-                        f"sweep {self.name}: {len(pending)} trial(s) unfinished after {timeout}s"
+                        f"sweep {self.name}: {unfinished} trial(s) unfinished after {timeout}s"
                     )
-                step = _POLL_SECONDS if left is None else min(_POLL_SECONDS, left)
-                pending[0]._raw.wait(step)
+                step = _REDRAW_SECONDS if left is None else min(_REDRAW_SECONDS, left)
+                changes = watch.next(step)
+                if changes is None:
+                    break  # every trial has finished
+                for run_id, status in changes:
+                    run = by_id.get(run_id)
+                    if run is not None:
+                        counts[_category(run.status)] -= 1
+                        run._snapshot["run"]["status"] = status
+                        counts[_category(run.status)] += 1
+            self._read(self.runs)
+            if show is not None:
+                show.update(self.counts())
+            return self
         finally:
             if show is not None:
                 show.close()
 
     def stop(self, abort: bool = False) -> None:
-        """Stops every unfinished trial."""
-        for run in self.runs:
-            if not run.refresh().status.is_finished():
-                run.stop(abort)
+        """Stops every unfinished trial (in one request)."""
+        self._read(self.runs)
+        unfinished = [run for run in self.runs if not run.status.is_finished()]
+        if unfinished:
+            self._raw.stop_many([run.id for run in unfinished], abort)
+            self._read(unfinished)
 
     def results(self) -> List[Dict[str, Any]]:
         """One row per trial: `run`, its params, `status`, `exit_status`, `duration` (s), and
         the last value of each metric it reported."""
         rows = []
         self._read(self.runs)
-        for params, run in zip(self.params, self.runs):
+        # One request for every trial's metrics (a trial whose host cannot be reached now
+        # has none to show).
+        all_metrics = self._raw.metrics_many([run.id for run in self.runs])
+        for params, run, metrics in zip(self.params, self.runs, all_metrics):
             row: Dict[str, Any] = {"run": run.name, **params}
             row["status"] = run.status.value
             row["exit_status"] = run.exit_status
             row["duration"] = run.duration
-            try:
-                metrics = run.metrics
-            except DstackError:
-                metrics = []  # the trial's host cannot be reached now: no metrics to show
             for record in metrics:
                 row.update(record)
             rows.append(row)
@@ -240,30 +255,41 @@ class _Text:
         return self.text
 
 
+def _category(status: RunStatus) -> str:
+    """The column of `Sweep.counts()` a trial in `status` is counted in."""
+    if status == RunStatus.DONE:
+        return "done"
+    if status.is_finished():
+        return "failed"
+    if status in (RunStatus.RUNNING, RunStatus.TERMINATING):
+        return "running"
+    return "waiting"
+
+
 class _Progress:
     """Trials done / running / failed: a display updated in place in a notebook, a line
     rewritten on stderr in a terminal."""
 
-    def __init__(self, sweep: Sweep) -> None:
-        self._sweep = sweep
+    def __init__(self, name: str, total: int) -> None:
+        self._name = name
+        self._total = total
         self._last = ""
         self._display: Any = None
         ipython = sys.modules.get("IPython")
         if ipython is not None and getattr(ipython, "get_ipython", lambda: None)() is not None:
-            display = importlib.import_module("IPython.display").display
-            self._display = display(_Text(self._text()), display_id=True)
+            self._display = importlib.import_module("IPython.display").display(
+                _Text(""), display_id=True
+            )
 
-    def _text(self) -> str:
-        c = self._sweep.counts()
-        total = len(self._sweep.runs)
+    def _text(self, c: Mapping[str, int]) -> str:
         return (
-            f"sweep {self._sweep.name}: {c['done'] + c['failed']}/{total} finished "
+            f"sweep {self._name}: {c['done'] + c['failed']}/{self._total} finished "
             f"({c['done']} done, {c['failed']} failed), {c['running']} running, "
             f"{c['waiting']} waiting"
         )
 
-    def update(self) -> None:
-        text = self._text()
+    def update(self, counts: Mapping[str, int]) -> None:
+        text = self._text(counts)
         if text == self._last:
             return
         self._last = text

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use dstack_core::config::service::ServiceConfiguration;
 use dstack_core::config::Configuration;
 use dstack_core::engine::Engine;
-use dstack_core::model::{JobStatus, RunStatus};
+use dstack_core::model::JobStatus;
 
 use super::probes::{self, ProbeSpec, ProbeState};
 
@@ -121,12 +121,7 @@ impl Registry {
     /// already known keep their state.
     pub fn refresh(&self, engine: &Engine) -> Result<(), dstack_core::store::StoreError> {
         let store = engine.store();
-        let unfinished: Vec<RunStatus> = RunStatus::ALL
-            .iter()
-            .copied()
-            .filter(|s| !s.is_finished())
-            .collect();
-        let runs = store.runs_with_status(&unfinished)?;
+        let runs = store.active_runs_of_kind("service")?;
         let jobs = store.jobs_with_status(&[JobStatus::Running])?;
         let old = self.snapshot();
         let mut configs = self.configs.lock().unwrap_or_else(|e| e.into_inner());
