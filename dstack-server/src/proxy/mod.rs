@@ -35,7 +35,7 @@ use dstack_core::http::serve::{bearer, respond, same_secret, Body};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, CONNECTION, HOST, LOCATION, RETRY_AFTER, UPGRADE};
-use hyper::{Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 use tokio::time::Instant;
 
 use crate::routes::PROJECT;
@@ -405,6 +405,9 @@ pub(crate) async fn forward(
         .headers
         .insert("x-forwarded-proto", HeaderValue::from_static("http"));
     let mut req = Request::from_parts(parts, body);
+    // A request without a body whose method may be repeated goes to the next replica when
+    // the connection fails under it (as nginx's `proxy_next_upstream error`).
+    let replay = replayable(&req);
     let mut errors = Vec::new();
     let mut answered = None;
     for replica in &replicas {
@@ -416,12 +419,7 @@ pub(crate) async fn forward(
             Ok(connection) => connection,
             Err(e) => {
                 // Nothing was sent: take the replica out until its checks pass again.
-                replica.set_ready(false);
-                replica
-                    .probing
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .reset(proxy.now_ms());
+                take_out(proxy, replica);
                 errors.push(format!("replica {}: {e}", replica.replica_num));
                 continue;
             }
@@ -445,7 +443,14 @@ pub(crate) async fn forward(
             Err(e @ UpstreamError::Timeout(_)) => {
                 return refuse(StatusCode::GATEWAY_TIMEOUT, format!("service {run}: {e}"))
             }
-            Err(e) => return refuse(StatusCode::BAD_GATEWAY, format!("service {run}: {e}")),
+            Err(e) => match &replay {
+                Some(head) => {
+                    take_out(proxy, replica);
+                    errors.push(format!("replica {}: {e}", replica.replica_num));
+                    req = again(head);
+                }
+                None => return refuse(StatusCode::BAD_GATEWAY, format!("service {run}: {e}")),
+            },
         }
     }
     let Some(mut answer) = answered else {
@@ -513,6 +518,45 @@ async fn hold(
             Some(_) => tokio::time::sleep(HOLD_POLL).await,
         }
     }
+}
+
+/// Takes a replica that could not be reached out of rotation until its checks pass again.
+fn take_out(proxy: &Proxy, replica: &Replica) {
+    replica.set_ready(false);
+    replica
+        .probing
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .reset(proxy.now_ms());
+}
+
+/// What is needed to send `req` again: its head, when it has no body and its method may be
+/// repeated (RFC 9110 §9.2.2).
+fn replayable(req: &Request<Body>) -> Option<Request<()>> {
+    use hyper::body::Body as _;
+    let idempotent = matches!(
+        *req.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    );
+    if !idempotent || !req.body().is_end_stream() {
+        return None;
+    }
+    let mut head = Request::new(());
+    *head.method_mut() = req.method().clone();
+    *head.uri_mut() = req.uri().clone();
+    *head.version_mut() = req.version();
+    *head.headers_mut() = req.headers().clone();
+    Some(head)
+}
+
+/// The request of `head` again, without a body.
+fn again(head: &Request<()>) -> Request<Body> {
+    let mut req = Request::new(empty());
+    *req.method_mut() = head.method().clone();
+    *req.uri_mut() = head.uri().clone();
+    *req.version_mut() = head.version();
+    *req.headers_mut() = head.headers().clone();
+    req
 }
 
 /// Checks the request's token against the server's: the refusal, if it fails.
