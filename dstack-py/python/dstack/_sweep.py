@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, 
 
 from dstack._client import Run
 from dstack._records import RunStatus, html_table
-from dstack.errors import ConfigurationError, NoCapacityError, WaitTimeoutError
+from dstack.errors import ConfigurationError, DstackError, NoCapacityError, WaitTimeoutError
 
 if TYPE_CHECKING:
     from dstack._config import Task
@@ -29,6 +29,10 @@ Params = Union[Mapping[str, Sequence[Any]], Sequence[Mapping[str, Any]]]
 # How often `wait()` redraws its progress at most, and checks its timeout (it hears of every
 # status change as the engine makes it, whenever it redraws).
 _REDRAW_SECONDS = 0.2
+
+# How many times a broken watch of a sweep is opened again before the error is raised
+# (0.2 s apart: the client restarts a killed server meanwhile).
+_WATCH_ATTEMPTS = 50
 
 
 def expand(params: Params) -> List[Dict[str, Any]]:
@@ -154,7 +158,13 @@ class Sweep:
                         f"sweep {self.name}: {unfinished} trial(s) unfinished after {timeout}s"
                     )
                 step = _REDRAW_SECONDS if left is None else min(_REDRAW_SECONDS, left)
-                changes = watch.next(step)
+                try:
+                    changes = watch.next(step)
+                except DstackError:
+                    # The server went away (killed, restarted): the next one has the state;
+                    # a new watch sends every trial's status again.
+                    watch = self._watch_again(deadline)
+                    continue
                 if changes is None:
                     break  # every trial has finished
                 for run_id, status in changes:
@@ -170,6 +180,18 @@ class Sweep:
         finally:
             if show is not None:
                 show.close()
+
+    def _watch_again(self, deadline: Optional[float]) -> Any:
+        """A new watch of the group, once a server answers (the client starts one when
+        none runs); the last error after `_WATCH_ATTEMPTS` tries or at the deadline."""
+        for attempt in itertools.count(1):
+            try:
+                return self._raw.watch_group(self._group)
+            except DstackError:
+                late = deadline is not None and time.monotonic() >= deadline
+                if late or attempt >= _WATCH_ATTEMPTS:
+                    raise
+                time.sleep(0.2)
 
     def stop(self, abort: bool = False) -> None:
         """Stops every unfinished trial (in one request)."""
