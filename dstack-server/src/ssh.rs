@@ -37,24 +37,7 @@ pub(crate) async fn tunnel(
     req: Request<Incoming>,
 ) -> Result<Response<dstack_core::http::serve::Body>, ApiError> {
     let (parts, request) = crate::routes::upgrade_request::<SshTunnelRequest>(req).await?;
-    let which = RunRef {
-        run_name: Some(request.run_name.clone()),
-        id: None,
-    };
-    let snapshot = crate::routes::run_handle(shared, &which)
-        .await?
-        .snapshot()
-        .await?;
-    let job =
-        running_job(&snapshot.jobs, request.job_num, request.replica_num).ok_or_else(|| {
-            ApiError::bad_request(format!(
-                "job {} of replica {} of run {} is not running",
-                request.job_num, request.replica_num, request.run_name
-            ))
-        })?;
-    let instance = job.instance_id.as_deref().unwrap_or_default();
-    let engine = crate::routes::engine(shared)?;
-    let agent = engine.agent(instance).await?;
+    let (job, agent) = job_agent(shared, &request).await?;
     let ssh = SshRequest {
         authorized_keys: authorized_keys(shared),
     };

@@ -35,6 +35,39 @@ fn client(home: &Path) -> (Client, String, String) {
     )
 }
 
+/// Starts an in-process `dstack server` for `home` on a free port (the proxy's timeout 30 s)
+/// and waits until it listens.
+async fn start_server(
+    home: &Path,
+) -> tokio::task::JoinHandle<Result<(), dstack_server::ServeError>> {
+    let options = ServerOptions {
+        home: home.to_path_buf(),
+        host: "127.0.0.1".into(),
+        port: Some(0),
+        token: None,
+        idle_exit: None,
+        agent_bin: None,
+        proxy_timeout: Duration::from_secs(30),
+        cli_bin: None,
+    };
+    let (ready, listening) = tokio::sync::oneshot::channel();
+    let server = tokio::spawn(dstack_server::serve(options, move |url: &str| {
+        let _ = ready.send(url.to_string());
+    }));
+    if listening.await.is_err() {
+        panic!("the server did not start: {:?}", server.await);
+    }
+    server
+}
+
+/// The test app the replicas run (`dstack-cli/tests/apps/service_app.py`).
+fn app() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../dstack-cli/tests/apps/service_app.py")
+        .canonicalize()
+        .unwrap()
+}
+
 /// Kills, on drop, the local agent the server's local backend may have started for `home`.
 struct LocalAgent(PathBuf);
 
@@ -109,32 +142,13 @@ async fn two_replicas_on_two_hosts_share_the_requests_and_one_takes_over_when_th
     let home = tempfile::tempdir().unwrap();
     let _agent = LocalAgent(home.path().to_path_buf());
     harness::authorize_project(home.path(), &hosts);
-    let options = ServerOptions {
-        home: home.path().to_path_buf(),
-        host: "127.0.0.1".into(),
-        port: Some(0),
-        token: None,
-        idle_exit: None,
-        agent_bin: None,
-        proxy_timeout: Duration::from_secs(30),
-        cli_bin: None,
-    };
-    let (ready, listening) = tokio::sync::oneshot::channel();
-    let server = tokio::spawn(dstack_server::serve(options, move |url: &str| {
-        let _ = ready.send(url.to_string());
-    }));
-    if listening.await.is_err() {
-        panic!("the server did not start: {:?}", server.await);
-    }
+    let server = start_server(home.path()).await;
     let (client, url, token) = client(home.path());
     let fleet = hosts.fleet_yaml("pair");
     let instances = harness::apply_fleet(&client, &fleet).await.unwrap();
     assert_eq!(instances.len(), 2);
 
-    let app = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../dstack-cli/tests/apps/service_app.py")
-        .canonicalize()
-        .unwrap();
+    let app = app();
     // The app is started again 2 s after it dies, while its job goes on.
     let yaml = format!(
         "type: service\nname: pair-web\nport: 8123\nreplicas: 2\nfleets: [pair]\n\
@@ -203,33 +217,14 @@ async fn a_load_above_the_target_scales_a_service_up_to_three_hosts_and_back_dow
     let home = tempfile::tempdir().unwrap();
     let _agent = LocalAgent(home.path().to_path_buf());
     harness::authorize_project(home.path(), &hosts);
-    let options = ServerOptions {
-        home: home.path().to_path_buf(),
-        host: "127.0.0.1".into(),
-        port: Some(0),
-        token: None,
-        idle_exit: None,
-        agent_bin: None,
-        proxy_timeout: Duration::from_secs(30),
-        cli_bin: None,
-    };
-    let (ready, listening) = tokio::sync::oneshot::channel();
-    let server = tokio::spawn(dstack_server::serve(options, move |url: &str| {
-        let _ = ready.send(url.to_string());
-    }));
-    if listening.await.is_err() {
-        panic!("the server did not start: {:?}", server.await);
-    }
+    let server = start_server(home.path()).await;
     let (client, _, token) = client(home.path());
     let fleet = hosts.fleet_yaml("trio");
     assert_eq!(
         harness::apply_fleet(&client, &fleet).await.unwrap().len(),
         3
     );
-    let app = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../dstack-cli/tests/apps/service_app.py")
-        .canonicalize()
-        .unwrap();
+    let app = app();
     let yaml = format!(
         "type: service\nname: scaled\nport: 8124\nfleets: [trio]\nreplicas: 1..3\n\
          scaling:\n  metric: rps\n  target: 2\n  window: 30s\n  scale_up_delay: 1s\n  scale_down_delay: 2s\n\
@@ -304,33 +299,14 @@ async fn an_updated_service_rolls_over_to_new_replicas_without_a_failed_request(
     let home = tempfile::tempdir().unwrap();
     let _agent = LocalAgent(home.path().to_path_buf());
     harness::authorize_project(home.path(), &hosts);
-    let options = ServerOptions {
-        home: home.path().to_path_buf(),
-        host: "127.0.0.1".into(),
-        port: Some(0),
-        token: None,
-        idle_exit: None,
-        agent_bin: None,
-        proxy_timeout: Duration::from_secs(30),
-        cli_bin: None,
-    };
-    let (ready, listening) = tokio::sync::oneshot::channel();
-    let server = tokio::spawn(dstack_server::serve(options, move |url: &str| {
-        let _ = ready.send(url.to_string());
-    }));
-    if listening.await.is_err() {
-        panic!("the server did not start: {:?}", server.await);
-    }
+    let server = start_server(home.path()).await;
     let (client, _, token) = client(home.path());
     let fleet = hosts.fleet_yaml("roll");
     assert_eq!(
         harness::apply_fleet(&client, &fleet).await.unwrap().len(),
         2
     );
-    let app = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../dstack-cli/tests/apps/service_app.py")
-        .canonicalize()
-        .unwrap();
+    let app = app();
     let yaml = |version: u32| {
         format!(
             "type: service\nname: rolling\nport: 8125\nfleets: [roll]\n\
