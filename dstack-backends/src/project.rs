@@ -1,7 +1,9 @@
 //! What cloud backends know about the state they work for, kept under `$DSTACK_HOME`: the
 //! owner id tagged on every cloud resource (so that strays can be found and nothing else is
 //! touched) and the project SSH key pair instances are reached with (`ssh/project_key`, mode
-//! 0600 in a 0700 directory).
+//! 0600 in a 0700 directory). New instances are given a host key of ours at creation
+//! ([`HostKey`], in their cloud-init user data), so that the first connection checks a key
+//! obtained out of band instead of trusting whatever key answers.
 
 use std::fs;
 use std::io::{self, Read};
@@ -108,6 +110,62 @@ impl Project {
     }
 }
 
+/// A host key made for one new instance: cloud-init installs it as the instance's only SSH
+/// host key ([`Project::user_data`]), and the engine pins its public half before it first
+/// connects. The private half lives in memory and in the instance's user data only.
+pub struct HostKey {
+    private: zeroize::Zeroizing<String>,
+    public: String,
+}
+
+impl HostKey {
+    /// A new ed25519 host key.
+    pub fn generate() -> io::Result<HostKey> {
+        let key = PrivateKey::from(Ed25519Keypair::from_seed(&random_bytes::<32>()?));
+        let private = key
+            .to_openssh(LineEnding::LF)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let public = key
+            .public_key()
+            .to_openssh()
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        Ok(HostKey { private, public })
+    }
+
+    /// The public half (`ssh-ed25519 AAAA…`), as a known-hosts line holds it.
+    pub fn public(&self) -> &str {
+        &self.public
+    }
+}
+
+impl std::fmt::Debug for HostKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostKey")
+            .field("public", &self.public)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Project {
+    /// The cloud-init user data of a new instance: the project's key authorized for the
+    /// image's user, and `host_key` as the only SSH host key (cloud-init's `ssh_keys`; the
+    /// image's own keys deleted and no others generated). Ubuntu's sshd starts after
+    /// cloud-init wrote the keys, so it never answers with another key.
+    pub fn user_data(&self, host_key: &HostKey) -> String {
+        let private: String = host_key
+            .private
+            .lines()
+            .map(|line| format!("    {line}\n"))
+            .collect();
+        format!(
+            "#cloud-config\nssh_authorized_keys:\n  - {}\nssh_deletekeys: true\n\
+             ssh_genkeytypes: []\nssh_keys:\n  ed25519_private: |\n{private}  \
+             ed25519_public: {}\n",
+            self.ssh_public_key, host_key.public
+        )
+    }
+}
+
 fn random_bytes<const N: usize>() -> io::Result<[u8; N]> {
     let mut bytes = [0u8; N];
     fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
@@ -182,5 +240,35 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(left, vec![std::ffi::OsString::from("project_key")]);
+    }
+
+    #[test]
+    fn user_data_gives_the_instance_its_host_key_and_nothing_else() {
+        let home = tempfile::tempdir().unwrap();
+        let project = Project::load_or_create(home.path()).unwrap();
+        let key = HostKey::generate().unwrap();
+        let other = HostKey::generate().unwrap();
+        assert_ne!(key.public(), other.public());
+        let text = project.user_data(&key);
+        assert!(text.starts_with("#cloud-config\n"));
+        let docs = yaml_rust2::YamlLoader::load_from_str(&text).unwrap();
+        let config = &docs[0];
+        assert_eq!(
+            config["ssh_authorized_keys"][0].as_str(),
+            Some(project.ssh_public_key.as_str())
+        );
+        assert_eq!(config["ssh_deletekeys"].as_bool(), Some(true));
+        assert!(config["ssh_genkeytypes"].as_vec().unwrap().is_empty());
+        // The private half cloud-init installs is the key whose public half is pinned.
+        let private = config["ssh_keys"]["ed25519_private"].as_str().unwrap();
+        let parsed = PrivateKey::from_openssh(private).unwrap();
+        assert_eq!(parsed.public_key().to_openssh().unwrap(), key.public());
+        assert_eq!(
+            config["ssh_keys"]["ed25519_public"].as_str(),
+            Some(key.public())
+        );
+        // Printing a host key shows its public half only.
+        let shown = format!("{key:?}");
+        assert!(shown.contains(key.public()) && !shown.contains("PRIVATE"));
     }
 }

@@ -8,10 +8,16 @@
 //! idle time (`idle_duration`) and heard no renewal for [`LEASE_WINDOW`], the agent shuts the
 //! instance down ([`Provider::shutdown_command`]), so that an instance whose owner is gone
 //! stops costing money. An instance whose `idle_duration` is `off` gets no lease.
+//!
+//! Host keys are not trusted on first use: each new instance is given a host key of ours in
+//! its user data ([`HostKey`]), recorded in its backend data (`host_key`), and pinned in
+//! `known_hosts` once its address is known; until its SSH port answers with that key's
+//! login, the instance counts as starting. A host answering with another key is refused.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use dstack_core::agent::{AgentClient, AgentStream, LeaseTerms};
@@ -25,6 +31,7 @@ use dstack_core::offers::catalog::Catalog;
 use dstack_core::offers::Offer;
 
 use crate::cloud::{shared_catalog, CatalogOffers};
+use crate::project::HostKey;
 use crate::ssh::{AgentLease, KnownHosts, SshCompute, SshTarget};
 
 /// How long the owner lease of a cloud instance's agent lasts without a renewal.
@@ -36,11 +43,13 @@ pub trait Provider: Send + Sync + 'static {
     /// The backend type (`aws`, `gcp`).
     const NAME: &'static str;
 
-    /// Creates an instance from an offer (the engine has recorded it, `config.instance_id`).
+    /// Creates an instance from an offer (the engine has recorded it, `config.instance_id`),
+    /// giving it `host_key` (see [`crate::project::Project::user_data`]).
     fn create(
         &self,
         offer: &Offer,
         config: &InstanceConfig,
+        host_key: &HostKey,
     ) -> impl Future<Output = Result<CreatedInstance, ComputeError>> + Send;
 
     /// What the creation attempt `config.attempt_id` made (see [`Compute::find_attempt`]).
@@ -127,9 +136,16 @@ pub struct CloudCompute<P> {
     catalog: Arc<Catalog>,
     offers: CatalogOffers,
     ssh: SshCompute,
-    /// Where the SSH backend records host keys (a terminated instance's is forgotten).
+    /// Where the SSH backend records host keys (a new instance's is pinned, a terminated
+    /// instance's forgotten).
     known_hosts: KnownHosts,
+    /// The public host keys given to creation attempts whose outcome is not known yet (by
+    /// attempt id), for [`Compute::find_attempt`].
+    given_keys: Mutex<HashMap<String, String>>,
 }
+
+/// Where a created instance's backend data holds the public host key it was given.
+const HOST_KEY: &str = "host_key";
 
 impl<P: Provider> CloudCompute<P> {
     /// `provider`, offering what `offers` reads from the shared catalog, recording host keys
@@ -146,6 +162,7 @@ impl<P: Provider> CloudCompute<P> {
             offers,
             ssh: SshCompute::new(KnownHosts::in_home(home), agent_bin),
             known_hosts: KnownHosts::in_home(home),
+            given_keys: Mutex::new(HashMap::new()),
         })
     }
 
@@ -153,6 +170,25 @@ impl<P: Provider> CloudCompute<P> {
     pub fn provider(&self) -> &P {
         &self.provider
     }
+}
+
+impl<P: Provider> CloudCompute<P> {
+    /// Pins the host key `key` (OpenSSH public key text) given to the instance at `target`.
+    fn pin(&self, target: &SshTarget, key: &str) -> Result<(), ComputeError> {
+        let public = russh::keys::PublicKey::from_openssh(key)
+            .map_err(|e| ComputeError::Other(format!("{target}: bad host key on record: {e}")))?;
+        self.known_hosts
+            .pin(&target.hostname, target.port, &public)
+            .map_err(|e| ComputeError::Other(format!("{target}: cannot pin its host key: {e}")))
+    }
+}
+
+/// `done` with the public host key it was given recorded in its backend data.
+fn with_host_key(mut done: CreatedInstance, key: &str) -> CreatedInstance {
+    if let Some(data) = done.backend_data.as_object_mut() {
+        data.insert(HOST_KEY.to_string(), key.into());
+    }
+    done
 }
 
 impl<P: Provider> Compute for CloudCompute<P> {
@@ -184,7 +220,23 @@ impl<P: Provider> Compute for CloudCompute<P> {
         offer: &'a Offer,
         config: &'a InstanceConfig,
     ) -> BoxFuture<'a, Result<CreatedInstance, ComputeError>> {
-        Box::pin(self.provider.create(offer, config))
+        Box::pin(async move {
+            let host_key = HostKey::generate()
+                .map_err(|e| ComputeError::Other(format!("cannot make a host key: {e}")))?;
+            let created = self.provider.create(offer, config, &host_key).await;
+            let mut given = self
+                .given_keys
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            match created {
+                Ok(done) => Ok(with_host_key(done, host_key.public())),
+                Err(ComputeError::Unknown(why)) => {
+                    given.insert(config.attempt_id.clone(), host_key.public().to_string());
+                    Err(ComputeError::Unknown(why))
+                }
+                Err(e) => Err(e),
+            }
+        })
     }
 
     fn find_attempt<'a>(
@@ -192,14 +244,38 @@ impl<P: Provider> Compute for CloudCompute<P> {
         offer: &'a Offer,
         config: &'a InstanceConfig,
     ) -> BoxFuture<'a, Result<Option<CreatedInstance>, ComputeError>> {
-        Box::pin(self.provider.find_attempt(offer, config))
+        Box::pin(async move {
+            let found = self.provider.find_attempt(offer, config).await?;
+            let given = self
+                .given_keys
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&config.attempt_id);
+            Ok(found.map(|done| match given {
+                Some(key) => with_host_key(done, &key),
+                None => done,
+            }))
+        })
     }
 
     fn update_provisioning<'a>(
         &'a self,
         instance: &'a Instance,
     ) -> BoxFuture<'a, Result<Option<serde_json::Value>, ComputeError>> {
-        Box::pin(self.provider.check(instance))
+        Box::pin(async move {
+            let Some(mut data) = self.provider.check(instance).await? else {
+                return Ok(None);
+            };
+            let target: SshTarget = serde_json::from_value(data.clone()).map_err(|e| {
+                ComputeError::Other(format!("{}: bad SSH data: {e}", instance.name))
+            })?;
+            if let Some(key) = instance.backend_data.get(HOST_KEY).and_then(|k| k.as_str()) {
+                self.pin(&target, key)?;
+                data[HOST_KEY] = key.into();
+            }
+            // Running is not reachable: sshd starts late in a boot.
+            Ok(self.ssh.answers(&target).await?.then_some(data))
+        })
     }
 
     fn deploy<'a>(

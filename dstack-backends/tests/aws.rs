@@ -17,7 +17,7 @@ use aws_sdk_ec2::types::{Filter, InstanceStateName};
 use common::ec2::{cloud_instances, ec2, image, route_table, route_to_internet, start_moto, state};
 use common::moto::{Fault, FaultProxy, Moto};
 use common::netns::TestHosts;
-use common::{eventually, harness};
+use common::{cloud_init, eventually, harness};
 use dstack_backends::aws::AwsCompute;
 use dstack_backends::config::{AwsConfig, AwsCreds};
 use dstack_backends::local::find_agent_binary;
@@ -52,6 +52,15 @@ async fn client(
     engine: EngineOptions,
 ) -> Client {
     harness::authorize_project(home, hosts);
+    let endpoint = config
+        .endpoint_url
+        .clone()
+        .expect("tests name moto's endpoint");
+    cloud_init::boot_aws(
+        hosts,
+        &endpoint,
+        config.regions.as_deref().unwrap_or_default(),
+    );
     let agent = find_agent_binary().expect("dstack-agent is built");
     let aws = AwsCompute::new(config, home, "main", agent).await.unwrap();
     harness::client(home, Arc::new(aws), engine).await
@@ -79,7 +88,7 @@ fn tag<'a>(i: &'a aws_sdk_ec2::types::Instance, key: &str) -> Option<&'a str> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_provisions_tagged_instances_in_the_cheapest_region_and_runs_tasks() {
     let moto = start_moto().await;
-    let hosts = TestHosts::start(2);
+    let hosts = TestHosts::start_booting(2);
     let home = tempfile::tempdir().unwrap();
     let config = aws_config(&moto.url, &["eu-west-1", "us-east-1"], &hosts);
     let client = client(home.path(), config, &hosts, EngineOptions::default()).await;
@@ -134,6 +143,17 @@ async fn a_fleet_provisions_tagged_instances_in_the_cheapest_region_and_runs_tas
         hosts.hosts.iter().all(|h| recorded(&learned, &h.addr)),
         "{learned}"
     );
+    // What is on record for each instance is the host key it was given at creation, alone.
+    let given = cloud_init::aws_instances(&moto.url, &["us-east-1".to_string()]).await;
+    assert_eq!(given.len(), 2);
+    for instance in &given {
+        let key = cloud_init::given_host_key(&instance.user_data, "ed25519_public");
+        let lines: Vec<&str> = learned
+            .lines()
+            .filter(|l| l.split(' ').next() == Some(instance.address.as_str()))
+            .collect();
+        assert_eq!(lines, [format!("{} {key}", instance.address)], "{learned}");
+    }
     client.fleets().delete("cloud", false).await.unwrap();
     let left = std::fs::read_to_string(&known_hosts).unwrap();
     assert!(
@@ -150,11 +170,47 @@ async fn a_fleet_provisions_tagged_instances_in_the_cheapest_region_and_runs_tas
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_answering_with_another_host_key_than_it_was_given_is_refused() {
+    // An impostor at the new instance's address (its sshd up at once, with a key of its
+    // own): trust on first use would take its key; the key given at creation refuses it.
+    let moto = start_moto().await;
+    let hosts = TestHosts::start(1);
+    let home = tempfile::tempdir().unwrap();
+    harness::authorize_project(home.path(), &hosts);
+    let config = aws_config(&moto.url, &["us-east-1"], &hosts);
+    let agent = find_agent_binary().expect("dstack-agent is built");
+    let aws = AwsCompute::new(config, home.path(), "main", agent)
+        .await
+        .unwrap();
+    let client = harness::client(home.path(), Arc::new(aws), EngineOptions::default()).await;
+    hosts.track("pinned");
+    let yaml = "type: fleet\nname: pinned\nnodes: 1\nresources: {cpu: 2.., memory: 4GB..}\n";
+    let (live, lines) = harness::apply_fleet_with_progress(&client, yaml).await;
+    assert!(live.unwrap().is_empty());
+    let progress = lines.join("\n");
+    assert!(
+        progress.contains("not the one it was given at creation: refusing it"),
+        "{progress}"
+    );
+    let impostor = hosts.hosts[0].host_public_key("ed25519");
+    let impostor = impostor.split(' ').nth(1).unwrap();
+    let known = std::fs::read_to_string(home.path().join("ssh/known_hosts")).unwrap_or_default();
+    assert!(!known.contains(impostor), "{known}");
+    // Nothing was installed there, and the instance is terminated.
+    let installed = hosts.hosts[0].run_inside("ls -d $HOME/.dstack-rs/pinned-* 2>/dev/null; true");
+    assert!(installed.trim().is_empty(), "{installed}");
+    eventually(30, "the instance is terminated", async || {
+        all_terminated(&moto, &client, "pinned").await
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spot_fleets_get_spot_instances_and_capacity_errors_fall_through() {
     let moto = start_moto().await;
     let proxy =
         FaultProxy::start(&moto.url, vec![(RUN_T3_MEDIUM.to_vec(), Fault::NoCapacity)]).await;
-    let hosts = TestHosts::start(1);
+    let hosts = TestHosts::start_booting(1);
     let home = tempfile::tempdir().unwrap();
     let config = aws_config(&proxy.url, &["us-east-1"], &hosts);
     let client = client(home.path(), config, &hosts, EngineOptions::default()).await;
@@ -184,7 +240,7 @@ async fn spot_fleets_get_spot_instances_and_capacity_errors_fall_through() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_provision_in_elastic_fleets_and_idle_instances_are_reaped() {
     let moto = start_moto().await;
-    let hosts = TestHosts::start(1);
+    let hosts = TestHosts::start_booting(1);
     let home = tempfile::tempdir().unwrap();
     let config = aws_config(&moto.url, &["us-east-1"], &hosts);
     let client = client(home.path(), config, &hosts, EngineOptions::default()).await;
@@ -222,7 +278,7 @@ async fn a_client_stopped_mid_provisioning_leaks_no_instance() {
     let moto = start_moto().await;
     // RunInstances creates the instance, but its answer never reaches the client.
     let proxy = FaultProxy::start(&moto.url, vec![(RUN_T3_MEDIUM.to_vec(), Fault::Hang)]).await;
-    let hosts = TestHosts::start(1);
+    let hosts = TestHosts::start_booting(1);
     let home = tempfile::tempdir().unwrap();
     let options = EngineOptions {
         orphan_grace: Duration::from_millis(500),
@@ -257,7 +313,7 @@ async fn a_client_stopped_mid_provisioning_leaks_no_instance() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_of_other_owners_are_left_alone() {
     let moto = start_moto().await;
-    let hosts = TestHosts::start(1);
+    let hosts = TestHosts::start_booting(1);
     let home = tempfile::tempdir().unwrap();
     // Someone else's instance in the same account and region.
     let ec2 = ec2(&moto, "us-east-1").await;
@@ -345,7 +401,7 @@ fn without_credentials_the_backend_is_skipped_with_a_reason_at_once() {
 async fn volumes_go_through_their_life_cycle() {
     use dstack_core::model::VolumeStatus;
     let moto = start_moto().await;
-    let hosts = TestHosts::start(1);
+    let hosts = TestHosts::start_booting(1);
     let home = tempfile::tempdir().unwrap();
     let config = aws_config(&moto.url, &["us-east-1"], &hosts);
     let client = client(home.path(), config, &hosts, EngineOptions::default()).await;
@@ -467,7 +523,7 @@ async fn volumes_go_through_their_life_cycle() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleets_keep_their_minimum_when_idle() {
     let moto = start_moto().await;
-    let hosts = TestHosts::start(1);
+    let hosts = TestHosts::start_booting(1);
     let home = tempfile::tempdir().unwrap();
     let config = aws_config(&moto.url, &["us-east-1"], &hosts);
     let client = client(home.path(), config, &hosts, EngineOptions::default()).await;
@@ -494,7 +550,7 @@ async fn fleets_keep_their_minimum_when_idle() {
 async fn instances_terminate_when_shut_down_and_their_agents_hold_a_renewed_lease() {
     let moto = start_moto().await;
     let proxy = FaultProxy::start(&moto.url, vec![]).await;
-    let hosts = TestHosts::start(1);
+    let hosts = TestHosts::start_booting(1);
     let home = tempfile::tempdir().unwrap();
     let config = aws_config(&proxy.url, &["us-east-1"], &hosts);
     let engine = EngineOptions {
@@ -575,7 +631,7 @@ async fn an_instance_created_by_a_stopped_client_is_brought_up_by_the_next() {
     // The instance is created and recorded, but checking on it never returns.
     let describe_by_id = vec!["Action=DescribeInstances", "InstanceId.1"];
     let proxy = FaultProxy::start(&moto.url, vec![(describe_by_id, Fault::Hang)]).await;
-    let hosts = TestHosts::start(1);
+    let hosts = TestHosts::start_booting(1);
     let home = tempfile::tempdir().unwrap();
     let options = EngineOptions {
         orphan_grace: Duration::from_millis(500),
@@ -617,7 +673,7 @@ async fn an_instance_created_by_a_stopped_client_is_brought_up_by_the_next() {
 async fn unused_volumes_are_deleted_after_their_auto_cleanup_duration() {
     use dstack_core::model::VolumeStatus;
     let moto = start_moto().await;
-    let hosts = TestHosts::start(1);
+    let hosts = TestHosts::start_booting(1);
     let home = tempfile::tempdir().unwrap();
     let config = aws_config(&moto.url, &["us-east-1"], &hosts);
     let client = client(home.path(), config, &hosts, EngineOptions::default()).await;
@@ -695,7 +751,7 @@ fn asked_with(proxy: &FaultProxy, n: usize, param: &str) -> bool {
 async fn instances_get_imdsv2_a_public_subnet_of_the_named_vpc_and_their_own_ssh_sources() {
     let moto = start_moto().await;
     let proxy = FaultProxy::start(&moto.url, vec![]).await;
-    let hosts = TestHosts::start(1);
+    let hosts = TestHosts::start_booting(1);
     let home = tempfile::tempdir().unwrap();
     let ec2 = ec2(&moto, "us-east-1").await;
     // us-east-1a's subnet has no way out; us-east-1b's is routed to an internet gateway.
@@ -774,6 +830,7 @@ async fn instances_get_imdsv2_a_public_subnet_of_the_named_vpc_and_their_own_ssh
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_public_ips_instances_go_in_private_subnets_and_are_reached_privately() {
+    use dstack_backends::provider::Provider;
     use dstack_core::backend::{Compute, InstanceConfig, OfferRequest};
     let moto = start_moto().await;
     let proxy = FaultProxy::start(&moto.url, vec![]).await;
@@ -869,7 +926,8 @@ async fn without_public_ips_instances_go_in_private_subnets_and_are_reached_priv
         "backend_data": created.backend_data, "created_at_ms": 0,
     }))
     .unwrap();
-    let ready = aws.update_provisioning(&instance).await.unwrap().unwrap();
+    // What the cloud says (the engine then waits for SSH to answer at that address).
+    let ready = aws.provider().check(&instance).await.unwrap().unwrap();
     assert_eq!(
         ready["hostname"].as_str(),
         cloud[0].private_ip_address(),
@@ -884,7 +942,7 @@ async fn a_lost_run_instances_answer_is_looked_for_before_another_offer_and_noth
     // RunInstances for t3.medium starts an instance each time, but its answer is lost.
     let proxy =
         FaultProxy::start(&moto.url, vec![(RUN_T3_MEDIUM.to_vec(), Fault::LoseAnswer)]).await;
-    let hosts = TestHosts::start(1);
+    let hosts = TestHosts::start_booting(1);
     let home = tempfile::tempdir().unwrap();
     let config = aws_config(&proxy.url, &["us-east-1"], &hosts);
     let client = client(home.path(), config, &hosts, EngineOptions::default()).await;
@@ -939,7 +997,7 @@ fn copy_state(from: &Path, to: &Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copied_state_reaps_none_of_the_instances_of_the_other_copy() {
     let moto = start_moto().await;
-    let hosts = TestHosts::start(2);
+    let hosts = TestHosts::start_booting(2);
     let original = tempfile::tempdir().unwrap();
     let copy = tempfile::tempdir().unwrap();
     let options = EngineOptions {
@@ -1021,7 +1079,7 @@ fn quick_restore() -> EngineOptions {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_whose_instance_the_cloud_terminated_gets_a_new_one() {
     let moto = start_moto().await;
-    let hosts = TestHosts::start(1);
+    let hosts = TestHosts::start_booting(1);
     let home = tempfile::tempdir().unwrap();
     let config = aws_config(&moto.url, &["us-east-1"], &hosts);
     let client = client(home.path(), config, &hosts, quick_restore()).await;
@@ -1086,7 +1144,7 @@ async fn without_capacity() -> (Moto, FaultProxy, TestHosts, tempfile::TempDir, 
     let moto = start_moto().await;
     let no_capacity = vec![(vec!["Action=RunInstances"], Fault::NoCapacity)];
     let proxy = FaultProxy::start(&moto.url, no_capacity).await;
-    let hosts = TestHosts::start(1);
+    let hosts = TestHosts::start_booting(1);
     let home = tempfile::tempdir().unwrap();
     let config = aws_config(&proxy.url, &["us-east-1"], &hosts);
     let client = client(home.path(), config, &hosts, quick_restore()).await;

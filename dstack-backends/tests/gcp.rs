@@ -77,7 +77,8 @@ async fn apply_fleet(client: &Client, yaml: &str) -> Vec<Instance> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_provisions_through_the_compute_api_and_runs_a_task() {
     let gcp = GcpStandIn::start().await;
-    let hosts = TestHosts::start(1);
+    let hosts = TestHosts::start_booting(1);
+    gcp.boot(&hosts);
     let home = tempfile::tempdir().unwrap();
     let client = default_client(home.path(), &gcp, &hosts).await;
     hosts.track("gce");
@@ -120,7 +121,8 @@ async fn a_fleet_provisions_through_the_compute_api_and_runs_a_task() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configured_ssh_sources_get_a_firewall_rule_of_their_own_in_the_named_network() {
     let gcp = GcpStandIn::start().await;
-    let hosts = TestHosts::start(1);
+    let hosts = TestHosts::start_booting(1);
+    gcp.boot(&hosts);
     let home = tempfile::tempdir().unwrap();
     let config = GcpConfig {
         vpc_name: Some("dstack-net".into()),
@@ -169,7 +171,8 @@ async fn configured_ssh_sources_get_a_firewall_rule_of_their_own_in_the_named_ne
 async fn exhausted_zones_fall_through_and_spot_is_requested_as_spot() {
     let gcp = GcpStandIn::start().await;
     gcp.exhaust("us-central1-a", "e2-standard-2");
-    let hosts = TestHosts::start(1);
+    let hosts = TestHosts::start_booting(1);
+    gcp.boot(&hosts);
     let home = tempfile::tempdir().unwrap();
     let client = default_client(home.path(), &gcp, &hosts).await;
     hosts.track("cheap");
@@ -201,7 +204,8 @@ async fn exhausted_zones_fall_through_and_spot_is_requested_as_spot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strays_are_reaped_and_disks_go_through_their_life_cycle() {
     let gcp = GcpStandIn::start().await;
-    let hosts = TestHosts::start(1);
+    let hosts = TestHosts::start_booting(1);
+    gcp.boot(&hosts);
     let home = tempfile::tempdir().unwrap();
     let owner = Project::load_or_create(home.path()).unwrap().owner_id;
     // An instance whose record this state ended while it kept running, one whose record this
@@ -331,7 +335,8 @@ fn run_shutdown_action(script: &str, gcp: &GcpStandIn, fakes: &Path) -> std::pro
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_whose_lease_lapses_deletes_its_instance_or_else_powers_it_off() {
     let gcp = GcpStandIn::start().await;
-    let hosts = TestHosts::start(1);
+    let hosts = TestHosts::start_booting(1);
+    gcp.boot(&hosts);
     let home = tempfile::tempdir().unwrap();
     let client = default_client(home.path(), &gcp, &hosts).await;
     hosts.track("leased");

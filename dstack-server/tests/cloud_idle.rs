@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::ec2::{cloud_instances, image, start_moto, state};
-use common::harness;
 use common::moto::Moto;
 use common::netns::TestHosts;
+use common::{cloud_init, harness};
 use dstack_backends::aws::aws_sdk_ec2::types::InstanceStateName;
 use dstack_core::client::home::{self, ClientConfig};
 use dstack_core::client::Remote;
@@ -89,7 +89,8 @@ impl Drop for LocalAgent {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_alone_terminates_an_idle_cloud_instance_once_its_clients_are_gone() {
     let moto = start_moto().await;
-    let hosts = TestHosts::start(1);
+    let hosts = TestHosts::start_booting(1);
+    cloud_init::boot_aws(&hosts, &moto.url, &["us-east-1".to_string()]);
     let home = tempfile::tempdir().unwrap();
     let _agent = LocalAgent(home.path().to_path_buf());
     write_server_config(home.path(), &moto, &hosts);

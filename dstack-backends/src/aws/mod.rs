@@ -9,7 +9,7 @@
 //! first subnet (one per availability zone) with capacity: a network interface with a public
 //! IP only if `public_ips`, instance metadata through IMDSv2 only (session tokens required,
 //! hop limit 1, so containers behind a bridge cannot reach it), cloud-init user data that
-//! authorizes the project's SSH key, tags (`owner=dstack`, `dstack_owner=<this home>`,
+//! authorizes the project's SSH key and gives the instance its host key (see `provider`), tags (`owner=dstack`, `dstack_owner=<this home>`,
 //! `dstack_state=<this state>`, `dstack_instance_id=<the engine's id>`,
 //! `dstack_attempt=<this attempt>`, …), the attempt as its idempotency token, spot market
 //! options for spot offers, a root disk of the offer's size deleted with the instance, and
@@ -52,7 +52,7 @@ use tokio::sync::Mutex;
 
 use crate::cloud::{same_region, shared_catalog, CatalogOffers};
 use crate::config::{AwsConfig, AwsCreds, OsImage};
-use crate::project::Project;
+use crate::project::{HostKey, Project};
 use crate::provider::{CloudCompute, Provider};
 
 mod network;
@@ -388,6 +388,7 @@ impl Provider for Aws {
         &self,
         offer: &Offer,
         config: &InstanceConfig,
+        host_key: &HostKey,
     ) -> Result<CreatedInstance, ComputeError> {
         // One creation at a time: the security group is made once and each instance takes
         // its own `instance_addresses` entry.
@@ -399,10 +400,7 @@ impl Provider for Aws {
             .await?;
         let group = self.security_group(&client, &network.vpc_id).await?;
         let address = self.free_address().await?;
-        let user_data = format!(
-            "#cloud-config\nssh_authorized_keys:\n  - {}\n",
-            self.project.ssh_public_key
-        );
+        let user_data = self.project.user_data(host_key);
         let disk_gb = (offer.resources.disk_bytes >> 30).max(1) as i32;
         let mut failures = Vec::new();
         for (n, subnet) in network.subnets.iter().enumerate() {

@@ -8,7 +8,8 @@
 //! attempt, in the first of the offer's zones that has capacity: boot disk of the offer's size from the image (`os_images`, else Ubuntu 22.04 for
 //! CPU and Google's Deep Learning VM for NVIDIA instances), guest accelerators for N1 GPU
 //! types, `SPOT` provisioning for spot offers, `TERMINATE` on host maintenance for GPUs,
-//! cloud-init user data and `ssh-keys` metadata with the project key, an external address only
+//! cloud-init user data (the project key and the instance's own host key, see `provider`) and
+//! `ssh-keys` metadata with the project key, an external address only
 //! with `public_ips`, and labels (`owner=dstack`, `dstack_owner=<this home>`,
 //! `dstack_state=<this state>`, `dstack_instance_id=<the engine's id>`,
 //! `dstack_attempt=<this attempt>`, …). An insert whose answer was lost, or whose operation
@@ -36,7 +37,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cloud::{shared_catalog, zone_region, CatalogOffers};
 use crate::config::{GcpConfig, GcpCreds, OsImage, SshIngress};
-use crate::project::Project;
+use crate::project::{HostKey, Project};
 use crate::provider::{CloudCompute, Provider};
 
 /// Boot disk sizes GCP can configure, in GB.
@@ -345,6 +346,27 @@ impl Gcp {
         instance_name(&self.project_name, &config.name, &suffix)
     }
 
+    /// A new instance's metadata: cloud-init user data (the project key and `host_key`, see
+    /// [`Project::user_data`]) and the project key in `ssh-keys` for the image's user.
+    fn metadata(&self, image: &OsImage, host_key: &HostKey) -> model::Metadata {
+        let item = |key: &str, value: String| {
+            let mut i = model::metadata::Items::default();
+            i.key = Some(key.to_string());
+            i.value = Some(value);
+            i
+        };
+        let mut metadata = model::Metadata::default();
+        metadata.items = vec![
+            item("user-data", self.project.user_data(host_key)),
+            item(
+                "ssh-keys",
+                format!("{}:{}", image.user, self.project.ssh_public_key),
+            ),
+        ];
+        metadata
+    }
+
+    /// A new instance without its metadata (see [`Gcp::metadata`]).
     fn body(
         &self,
         offer: &Offer,
@@ -370,26 +392,6 @@ impl Gcp {
         if self.config.public_ips.unwrap_or(true) {
             nic.access_configs = vec![nat];
         }
-        let item = |key: &str, value: String| {
-            let mut i = model::metadata::Items::default();
-            i.key = Some(key.to_string());
-            i.value = Some(value);
-            i
-        };
-        let mut metadata = model::Metadata::default();
-        metadata.items = vec![
-            item(
-                "user-data",
-                format!(
-                    "#cloud-config\nssh_authorized_keys:\n  - {}\n",
-                    self.project.ssh_public_key
-                ),
-            ),
-            item(
-                "ssh-keys",
-                format!("{}:{}", image.user, self.project.ssh_public_key),
-            ),
-        ];
         let mut tags = model::Tags::default();
         tags.items = vec![self.ssh_rule().2];
         let gpus = offer.resources.gpus.len();
@@ -407,7 +409,6 @@ impl Gcp {
         instance.machine_type = Some(format!("zones/{zone}/machineTypes/{}", offer.instance_type));
         instance.disks = vec![boot];
         instance.network_interfaces = vec![nic];
-        instance.metadata = Some(metadata);
         instance.tags = Some(tags);
         instance.scheduling = Some(scheduling);
         instance.labels = self.labels(config, address);
@@ -659,6 +660,7 @@ impl Provider for Gcp {
         &self,
         offer: &Offer,
         config: &InstanceConfig,
+        host_key: &HostKey,
     ) -> Result<CreatedInstance, ComputeError> {
         let mut zones = offer.availability_zones.clone().unwrap_or_default();
         zones.sort();
@@ -681,7 +683,8 @@ impl Provider for Gcp {
         let name = self.attempt_name(config);
         let mut failures = Vec::new();
         for zone in zones {
-            let body = self.body(offer, config, &zone, &name, &image, address.as_deref());
+            let mut body = self.body(offer, config, &zone, &name, &image, address.as_deref());
+            body.metadata = Some(self.metadata(&image, host_key));
             let inserted = self
                 .instances
                 .insert()

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::deploy::{AgentLease, RemoteAgent};
 use super::known_hosts::KnownHosts;
 use super::link::HostLink;
-use super::session::{Keepalive, SshError, SshTarget};
+use super::session::{Keepalive, SshError, SshSession, SshTarget};
 
 /// What an SSH instance records as its `backend_data`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -86,6 +86,22 @@ impl SshCompute {
                 instance.name
             ))
         })
+    }
+
+    /// Whether `target` answers SSH yet, with the host key on record and a login: `false`
+    /// while its port refuses or drops connections (a cloud instance still booting); a host
+    /// presenting another key than the one pinned for it is an error (a new instance's key
+    /// was given to it at creation, so another key is never its own).
+    pub async fn answers(&self, target: &SshTarget) -> Result<bool, ComputeError> {
+        match SshSession::connect(target, &self.known_hosts, self.keepalive).await {
+            Ok(_) => Ok(true),
+            Err(SshError::Connect { .. }) => Ok(false),
+            Err(SshError::HostKeyChanged { presented, .. }) => Err(ComputeError::Other(format!(
+                "{target} answers with host key {presented}, not the one it was given at \
+                 creation: refusing it"
+            ))),
+            Err(e) => Err(to_compute(e)),
+        }
     }
 
     /// The pooled link to a host (one per user@host:port).

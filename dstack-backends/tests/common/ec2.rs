@@ -24,9 +24,14 @@ pub fn image() -> OsImages {
 
 /// The SDK pointed at moto directly, to look at what the backend did.
 pub async fn ec2(moto: &Moto, region: &str) -> aws_sdk_ec2::Client {
+    ec2_at(&moto.url, region).await
+}
+
+/// The SDK pointed at `endpoint` (moto, or a proxy in front of it).
+pub async fn ec2_at(endpoint: &str, region: &str) -> aws_sdk_ec2::Client {
     let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
         .region(aws_config::Region::new(region.to_string()))
-        .endpoint_url(&moto.url)
+        .endpoint_url(endpoint)
         .credentials_provider(aws_sdk_ec2::config::Credentials::new(
             "testing", "testing", None, None, "test",
         ))

@@ -37,6 +37,29 @@ pub struct State {
     next_ip: u32,
 }
 
+impl State {
+    /// The instances that are mapped to a host (label `dstack_address`), with their user
+    /// data.
+    fn booting(&self) -> Vec<super::cloud_init::Booting> {
+        self.instances
+            .iter()
+            .filter_map(|(id, body)| {
+                let address = body["labels"]["dstack_address"].as_str()?;
+                let user_data = body["metadata"]["items"]
+                    .as_array()?
+                    .iter()
+                    .find(|i| i["key"] == "user-data")?["value"]
+                    .as_str()?;
+                Some(super::cloud_init::Booting {
+                    id: id.clone(),
+                    address: address.to_string(),
+                    user_data: user_data.to_string(),
+                })
+            })
+            .collect()
+    }
+}
+
 /// The stand-in server; stopped on drop.
 pub struct GcpStandIn {
     /// `http://127.0.0.1:PORT`.
@@ -70,6 +93,15 @@ impl GcpStandIn {
         state
             .exhausted
             .push((zone.to_string(), machine_type.to_string()));
+    }
+
+    /// Boots `hosts` as the stand-in's instances mapped to them come (see `cloud_init`).
+    pub fn boot(&self, hosts: &super::netns::TestHosts) {
+        let state = self.state.clone();
+        hosts.boot_instances(move || {
+            let booting = state.lock().unwrap().booting();
+            async move { booting }
+        });
     }
 
     /// The shape violations seen so far.

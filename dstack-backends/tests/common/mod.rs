@@ -3,6 +3,7 @@
 // Each test crate uses some of the helpers.
 #![allow(dead_code)]
 
+pub mod cloud_init;
 #[cfg(feature = "aws")]
 pub mod ec2;
 pub mod gcp;

@@ -28,6 +28,7 @@ fn keygen_typed(path: &Path, kind: &str) {
 }
 
 /// One namespace host.
+#[derive(Clone)]
 pub struct TestHost {
     /// The namespace.
     pub ns: String,
@@ -166,6 +167,19 @@ impl TestHost {
         self.start_sshd();
     }
 
+    /// Restarts sshd with `private` (an OpenSSH private key) as its only host key, as
+    /// cloud-init does with the `ssh_keys` of a new instance's user data.
+    pub fn install_host_key(&self, private: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        self.stop_sshd();
+        let _ = std::fs::remove_dir_all(self.host_keys());
+        std::fs::create_dir_all(self.host_keys()).unwrap();
+        let path = self.host_keys().join("ed25519");
+        std::fs::write(&path, private).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        self.start_sshd();
+    }
+
     /// The public host key of `kind` (`ssh-… AAAA… comment`).
     pub fn host_public_key(&self, kind: &str) -> String {
         std::fs::read_to_string(self.host_keys().join(format!("{kind}.pub")))
@@ -186,12 +200,24 @@ pub struct TestHosts {
     /// Fleets deployed to these hosts: what they installed is removed on drop, even when a
     /// test fails before deleting them.
     fleets: std::sync::Mutex<Vec<String>>,
+    /// Boots the hosts of new cloud instances (see [`TestHosts::boot_instances`]).
+    cloud_init: std::sync::Mutex<Option<super::cloud_init::CloudInit>>,
     _dir: tempfile::TempDir,
 }
 
 impl TestHosts {
     /// Starts `n` hosts.
     pub fn start(n: usize) -> TestHosts {
+        let hosts = TestHosts::start_booting(n);
+        for host in &hosts.hosts {
+            host.start_sshd();
+        }
+        hosts
+    }
+
+    /// Starts `n` hosts whose sshd is not running yet: stand-ins for cloud instances, which
+    /// answer SSH only once booted (see `cloud_init`).
+    pub fn start_booting(n: usize) -> TestHosts {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("client_key");
         let wrong_key = dir.path().join("wrong_key");
@@ -229,7 +255,6 @@ impl TestHosts {
                 veth,
                 dir: host_dir,
             };
-            host.start_sshd();
             hosts.push(host);
         }
         TestHosts {
@@ -237,6 +262,7 @@ impl TestHosts {
             key,
             wrong_key,
             fleets: std::sync::Mutex::new(Vec::new()),
+            cloud_init: std::sync::Mutex::new(None),
             _dir: dir,
         }
     }
@@ -248,6 +274,20 @@ impl TestHosts {
             let mut keys = std::fs::read_to_string(&path).unwrap();
             keys.push_str(&format!("{public_key}\n"));
             std::fs::write(&path, keys).unwrap();
+        }
+    }
+
+    /// From now on (until dropped), boots the host of every instance `list` returns (the
+    /// cloud's instances mapped to these hosts) with its user data; a second call keeps the
+    /// first's watcher.
+    pub fn boot_instances<F, Fut>(&self, list: F)
+    where
+        F: Fn() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Vec<super::cloud_init::Booting>> + Send,
+    {
+        let mut cloud_init = self.cloud_init.lock().unwrap();
+        if cloud_init.is_none() {
+            *cloud_init = Some(super::cloud_init::CloudInit::start(self, list));
         }
     }
 
