@@ -20,13 +20,13 @@ cargo clippy -q -p dstack-backends --no-default-features --features aws -- -D wa
 cargo clippy -q -p dstack-backends --no-default-features --features gcp -- -D warnings
 echo "==> cargo test"
 cargo test --workspace --exclude dstack-py
-echo "==> cloud backends: AWS against moto (pip install moto[server] into $VENV), GCP against a stand-in"
+echo "==> cloud backends: AWS against moto (pip install moto[server] into $VENV), GCP against a stand-in, and the conformance suite with them"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check "moto[server]"
 # The AWS tests run the `cloud_backends` example as a child process: build it by name (a test
 # build of the examples leaves only hashed copies).
 cargo build -q -p dstack-backends --features aws,gcp --example cloud_backends
-MOTO_SERVER="$VENV/bin/moto_server" cargo test -p dstack-backends --features aws,gcp --lib --test aws --test gcp --examples
+MOTO_SERVER="$VENV/bin/moto_server" cargo test -p dstack-backends --features aws,gcp --lib --test aws --test gcp --test conformance --examples
 # `dstack server` alone reaps an idle cloud instance (aws only; built with gcp too so that it
 # shares the build above).
 MOTO_SERVER="$VENV/bin/moto_server" cargo test -p dstack-server --features aws,gcp --test cloud_idle

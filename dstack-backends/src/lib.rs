@@ -4,6 +4,7 @@
 //! - `ssh` (default): hosts listed in SSH fleets, reached with russh.
 //! - `aws`: AWS EC2 (aws-sdk-ec2), configured in `$DSTACK_HOME/server/config.yml` ([`config`]).
 //! - `gcp`: GCP Compute Engine (google-cloud-compute-v1), likewise.
+//! - [`memory`] (always built): an in-memory cloud for tests and simulations; runs no jobs.
 
 #[cfg(feature = "local")]
 pub mod local;
@@ -13,6 +14,7 @@ pub mod ssh;
 
 pub mod cloud;
 pub mod config;
+pub mod memory;
 
 #[cfg(feature = "ssh")]
 pub mod project;

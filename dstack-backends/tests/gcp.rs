@@ -15,7 +15,7 @@ use std::time::Duration;
 use common::gcp::GcpStandIn;
 use common::harness;
 use common::netns::TestHosts;
-use dstack_backends::config::{GcpConfig, GcpCreds, OsImage, OsImages};
+use dstack_backends::config::{GcpConfig, GcpCreds};
 use dstack_backends::gcp::GcpCompute;
 use dstack_backends::local::find_agent_binary;
 use dstack_backends::project::Project;
@@ -25,22 +25,8 @@ use dstack_core::model::{Instance, InstanceStatus, RunStatus, VolumeStatus};
 use dstack_core::Client;
 
 fn gcp_config(endpoint: &str, hosts: &TestHosts) -> GcpConfig {
-    GcpConfig {
-        project_id: "test-project".into(),
-        creds: Some(GcpCreds::Anonymous),
-        regions: Some(vec!["us-central1".into()]),
-        os_images: OsImages {
-            cpu: Some(OsImage {
-                name: "projects/ubuntu-os-cloud/global/images/family/ubuntu-2204-lts".into(),
-                owner: String::new(),
-                user: "root".into(),
-            }),
-            nvidia: None,
-        },
-        endpoint_url: Some(endpoint.to_string()),
-        instance_addresses: hosts.hosts.iter().map(|h| h.addr.clone()).collect(),
-        ..GcpConfig::default()
-    }
+    let addresses = hosts.hosts.iter().map(|h| h.addr.clone()).collect();
+    common::gcp::config(endpoint, addresses)
 }
 
 /// A client with the GCP backend only, whose project key the namespace hosts accept.

@@ -366,8 +366,30 @@ impl Aws {
         }
     }
 
+    /// Terminates an instance unless it is gone or going already (idempotent: some EC2
+    /// implementations refuse to terminate a terminated instance again).
     async fn terminate_by_id(&self, region: &str, instance_id: &str) -> Result<(), ComputeError> {
         let client = self.client(region).await;
+        let described = client
+            .describe_instances()
+            .instance_ids(instance_id)
+            .send()
+            .await;
+        let state = match described {
+            Ok(found) => found
+                .reservations()
+                .iter()
+                .flat_map(|r| r.instances())
+                .find_map(|i| i.state().and_then(|s| s.name()).cloned()),
+            Err(e) if e.code() == Some("InvalidInstanceID.NotFound") => return Ok(()),
+            Err(e) => return Err(classify_call(e, "DescribeInstances")),
+        };
+        match state {
+            None | Some(InstanceStateName::Terminated | InstanceStateName::ShuttingDown) => {
+                return Ok(())
+            }
+            Some(_) => {}
+        }
         match client
             .terminate_instances()
             .instance_ids(instance_id)
@@ -376,7 +398,7 @@ impl Aws {
         {
             Ok(_) => Ok(()),
             Err(e) if e.code() == Some("InvalidInstanceID.NotFound") => Ok(()),
-            Err(e) => Err(classify(e, "TerminateInstances")),
+            Err(e) => Err(classify_call(e, "TerminateInstances")),
         }
     }
 }
@@ -824,6 +846,22 @@ where
         | "SignatureDoesNotMatch" => ComputeError::Unauthenticated(text),
         "InvalidParameterValue" => ComputeError::Other(text),
         _ => ComputeError::NoCapacity(text),
+    }
+}
+
+/// The error of a call that creates nothing: credentials, a missing resource, or anything
+/// else ([`classify`] is for creation calls, whose other errors move on to the next offer).
+fn classify_call<E, R>(e: aws_sdk_ec2::error::SdkError<E, R>, call: &str) -> ComputeError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    match classify(e, call) {
+        ComputeError::NoCapacity(text) if text.contains(".NotFound") => {
+            ComputeError::NotFound(text)
+        }
+        ComputeError::NoCapacity(text) => ComputeError::Other(text),
+        other => other,
     }
 }
 

@@ -318,9 +318,12 @@ impl Compute for SshCompute {
         instance: &'a Instance,
     ) -> BoxFuture<'a, Result<(), ComputeError>> {
         Box::pin(async move {
-            let data = Self::data(instance)?;
+            // A record without host data (or agent directory) had nothing installed.
+            let Ok(data) = Self::data(instance) else {
+                return Ok(());
+            };
             let Ok(agent) = Self::remote_agent(instance, &data) else {
-                return Ok(()); // nothing was installed
+                return Ok(());
             };
             let link = self.link(&data.target);
             agent.remove(&link).await.map_err(to_compute)?;

@@ -60,6 +60,28 @@ impl State {
     }
 }
 
+/// The `gcp` backend's configuration for the stand-in at `endpoint` (project `test-project`,
+/// region `us-central1`, an image logged into as root), its instances mapped to `addresses`.
+pub fn config(endpoint: &str, addresses: Vec<String>) -> dstack_backends::config::GcpConfig {
+    use dstack_backends::config::{GcpConfig, GcpCreds, OsImage, OsImages};
+    GcpConfig {
+        project_id: "test-project".into(),
+        creds: Some(GcpCreds::Anonymous),
+        regions: Some(vec!["us-central1".into()]),
+        os_images: OsImages {
+            cpu: Some(OsImage {
+                name: "projects/ubuntu-os-cloud/global/images/family/ubuntu-2204-lts".into(),
+                owner: String::new(),
+                user: "root".into(),
+            }),
+            nvidia: None,
+        },
+        endpoint_url: Some(endpoint.to_string()),
+        instance_addresses: addresses,
+        ..GcpConfig::default()
+    }
+}
+
 /// The stand-in server; stopped on drop.
 pub struct GcpStandIn {
     /// `http://127.0.0.1:PORT`.
