@@ -135,7 +135,6 @@ const STATUSES: &[&str] = &[
     "refused",
     "containers",
     "no match",
-    "unchecked",
     "n/a",
     "instance dirs",
     "`any`",
