@@ -205,13 +205,6 @@ fn run_common(common: &RunCommon, found: &mut Vec<Unsupported>) {
              it",
         );
     }
-    if profile.instances.is_some() {
-        refuse(
-            found,
-            "instances",
-            "choosing instances is not supported yet; choose fleets with `fleets` instead",
-        );
-    }
     if profile.tags.is_some() {
         refuse(
             found,
@@ -337,10 +330,6 @@ mod tests {
                 "t.yml:3:1: utilization_policy: `utilization_policy` is not supported yet",
             ),
             (
-                "instances: [a-0]\n",
-                "t.yml:3:1: instances: choosing instances is not supported yet",
-            ),
-            (
                 "tags: {team: ml}\n",
                 "t.yml:3:1: tags: run tags are not supported yet",
             ),
@@ -374,7 +363,7 @@ mod tests {
             "startup_order: master-first\nstop_criteria: master-done\n",
             "nodes: 2\nstartup_order: any\nstop_criteria: all-done\n",
             "home_dir: /root\nsetup: [echo hi]\n",
-            "python: \"3.11\"\npriority: 100\n",
+            "python: \"3.11\"\npriority: 100\ninstances: [a-0]\n",
         ] {
             assert_eq!(refused(yaml), "", "{yaml}");
         }

@@ -1024,7 +1024,8 @@ impl Inner {
             .collect();
         let fleets = self.store.fleets()?;
         for instance in &ready {
-            if let Some(why) = pool::mismatch(&common.profile, instance) {
+            let fleet = pool::fleet_name(&fleets, instance);
+            if let Some(why) = pool::mismatch(&common.profile, instance, fleet) {
                 reasons.push(format!("{}: {why}", instance.name));
             }
         }

@@ -611,6 +611,11 @@ impl Inner {
                 "creation_policy is reuse: no new instances".to_string(),
             ));
         }
+        if common.profile.instances.is_some() {
+            return Ok(ForJob::Impossible(
+                "`instances` names existing instances: no new ones".to_string(),
+            ));
+        }
         let instances = self.store.instances()?;
         let live = |i: &&Instance| i.status != InstanceStatus::Terminated;
         let pending_for_job = instances.iter().filter(live).any(|i| {

@@ -235,7 +235,8 @@ async fn pass(inner: &Arc<Inner>) {
                     let excluded: Vec<String> = instances
                         .iter()
                         .filter_map(|i| {
-                            let why = super::pool::mismatch(&common.profile, i)?;
+                            let fleet = super::pool::fleet_name(&fleets, i);
+                            let why = super::pool::mismatch(&common.profile, i, fleet)?;
                             Some(format!("{}: {why}", i.name))
                         })
                         .collect();
@@ -644,7 +645,10 @@ pub(crate) fn eligible<'a>(
     instances
         .iter()
         .filter(|i| !containers || i.containers)
-        .filter(|i| super::pool::mismatch(&common.profile, i).is_none())
+        .filter(|i| {
+            let fleet = super::pool::fleet_name(fleets, i);
+            super::pool::mismatch(&common.profile, i, fleet).is_none()
+        })
         .filter(|i| {
             selection.as_ref().is_none_or(|names| {
                 fleets
