@@ -391,10 +391,6 @@ fn ignored_fields_are_refused_by_dstack_apply_at_their_place() {
             "user: nobody\n",
             "x.dstack.yml:4:1: user: `user` applies to containers (`image:`) only",
         ),
-        (
-            "tags: {team: ml}\n",
-            "x.dstack.yml:4:1: tags: run tags are not supported yet",
-        ),
     ] {
         let file = env.write("x.dstack.yml", &format!("{task}{extra}"));
         let out = env.run(&["apply", "-f", &file, "-y", "-d"]);

@@ -205,14 +205,6 @@ fn run_common(common: &RunCommon, found: &mut Vec<Unsupported>) {
              it",
         );
     }
-    if profile.tags.is_some() {
-        refuse(
-            found,
-            "tags",
-            "run tags are not supported yet (they would not reach any resource); tag the fleet \
-             instead (`tags` of a fleet configuration)",
-        );
-    }
     if profile.backend_options.is_some() {
         refuse(found, "backend_options", BACKEND_OPTIONS);
     }
@@ -330,10 +322,6 @@ mod tests {
                 "t.yml:3:1: utilization_policy: `utilization_policy` is not supported yet",
             ),
             (
-                "tags: {team: ml}\n",
-                "t.yml:3:1: tags: run tags are not supported yet",
-            ),
-            (
                 "backend_options: [{type: vastai}]\n",
                 "t.yml:3:1: backend_options: backend options apply to vast.ai",
             ),
@@ -363,7 +351,7 @@ mod tests {
             "startup_order: master-first\nstop_criteria: master-done\n",
             "nodes: 2\nstartup_order: any\nstop_criteria: all-done\n",
             "home_dir: /root\nsetup: [echo hi]\n",
-            "python: \"3.11\"\npriority: 100\ninstances: [a-0]\n",
+            "python: \"3.11\"\npriority: 100\ninstances: [a-0]\ntags: {team: ml}\n",
         ] {
             assert_eq!(refused(yaml), "", "{yaml}");
         }
