@@ -388,8 +388,8 @@ fn ignored_fields_are_refused_by_dstack_apply_at_their_place() {
             "x.dstack.yml:4:1: files: uploading files is not supported yet",
         ),
         (
-            "user: nobody\n",
-            "x.dstack.yml:4:1: user: `user` applies to containers (`image:`) only",
+            "privileged: true\n",
+            "x.dstack.yml:4:1: privileged: `privileged` applies to containers (`image:`) only",
         ),
     ] {
         let file = env.write("x.dstack.yml", &format!("{task}{extra}"));
@@ -526,6 +526,41 @@ fn python_runs_the_version_asked_for_or_fails_saying_so() {
         stdout.contains(
             "python 3.15 was asked for (`python: '3.15'`), and this host has no python3.15 on PATH"
         ),
+        "{stdout}"
+    );
+}
+
+/// `user:` of a job run as a host process: it runs when the host's user is the one asked for,
+/// and fails at once saying who it would run as otherwise.
+#[test]
+fn a_host_job_runs_as_its_user_or_fails_saying_who_it_would_run_as() {
+    let env = Env::new();
+    let me = text(&Command::new("id").arg("-un").output().unwrap().stdout)
+        .trim()
+        .to_string();
+    let task = |user: &str| {
+        format!(
+            "type: task\nuser: {user}\ncommands: [id -un]\nresources: {{cpu: 1.., memory: 0.1GB..}}\n"
+        )
+    };
+    let file = env.write("user.dstack.yml", &task(&me));
+    let out = env.run(&["apply", "-f", &file, "-y"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        text(&out.stderr)
+    );
+    assert!(stdout.contains(&format!("\n{me}\n")), "{stdout}");
+    let file = env.write("user.dstack.yml", &task("no-such-user"));
+    let out = env.run(&["apply", "-f", &file, "-y"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "the job asks for user no-such-user (`user:`), and jobs run as host processes on this host run as {me}:"
+        )),
         "{stdout}"
     );
 }

@@ -121,12 +121,13 @@ const BACKEND_OPTIONS: &str = "backend options apply to vast.ai, which is not a 
 /// The fields every run configuration shares.
 fn run_common(common: &RunCommon, found: &mut Vec<Unsupported>) {
     let container = common.in_container();
-    if common.user.is_some() && !container {
+    if common.user.is_some() && !container && common.entrypoint.is_some() {
         refuse(
             found,
             "user",
-            "`user` applies to containers (`image:`) only: a job run as a host process runs as \
-             the host's login user; remove `user` or set `image`",
+            "`user` cannot be checked with `entrypoint` for a job run as a host process (the \
+             entrypoint is run as is, as the host's login user); remove one of them, or set \
+             `image`",
         );
     }
     if common.privileged && !container {
@@ -278,8 +279,8 @@ mod tests {
     fn ignored_run_fields_are_refused_at_their_place() {
         for (yaml, expected) in [
             (
-                "user: me\n",
-                "t.yml:3:1: user: `user` applies to containers",
+                "user: me\nentrypoint: /bin/sh\n",
+                "t.yml:3:1: user: `user` cannot be checked with `entrypoint`",
             ),
             (
                 "privileged: true\n",
@@ -351,7 +352,7 @@ mod tests {
             "startup_order: master-first\nstop_criteria: master-done\n",
             "nodes: 2\nstartup_order: any\nstop_criteria: all-done\n",
             "home_dir: /root\nsetup: [echo hi]\n",
-            "python: \"3.11\"\npriority: 100\ninstances: [a-0]\ntags: {team: ml}\n",
+            "python: \"3.11\"\npriority: 100\ninstances: [a-0]\ntags: {team: ml}\nuser: me\n",
         ] {
             assert_eq!(refused(yaml), "", "{yaml}");
         }

@@ -113,12 +113,19 @@ pub fn shell_split(s: &str) -> Result<Vec<String>, CommandError> {
     Ok(words)
 }
 
-/// The commands and shell settings of a run configuration; with `python:`, first the words
-/// that choose that interpreter (see [`super::python`]).
+/// The commands and shell settings of a run configuration; for a job run as a host process,
+/// first the words that check its `user` (see [`super::host_user`]) and choose its `python`
+/// (see [`super::python`]).
 fn script(config: &Configuration) -> (&RunCommon, Vec<String>) {
     let (common, commands) = commands(config);
+    let user = common
+        .user
+        .as_deref()
+        .filter(|_| !common.in_container())
+        .map(super::host_user::check);
     let python = common.python.map(|v| super::python::prologue(v.as_str()));
-    (common, python.into_iter().chain(commands).collect())
+    let prologue = user.into_iter().chain(python);
+    (common, prologue.chain(commands).collect())
 }
 
 /// The commands of a run configuration as configured.

@@ -14,6 +14,7 @@ mod credentials;
 pub mod fleets;
 pub use fleets::Progress as FleetProgress;
 mod gang;
+mod host_user;
 mod jobs;
 pub mod names;
 pub mod pool;
