@@ -493,6 +493,18 @@ fn run_args_reach_the_commands_quoted_and_bad_references_are_located() {
     );
 }
 
+/// Applies a small task whose fields are `fields` and waits for it: its exit code and what
+/// `dstack apply` printed (the job's output included).
+fn run_task(env: &Env, fields: &str, commands: &str) -> (Option<i32>, String) {
+    let yaml = format!(
+        "type: task\n{fields}commands: [{commands}]\nresources: {{cpu: 1.., memory: 0.1GB..}}\n"
+    );
+    let file = env.write("task.dstack.yml", &yaml);
+    let out = env.run(&["apply", "-f", &file, "-y"]);
+    let printed = format!("{}\n{}", text(&out.stdout), text(&out.stderr));
+    (out.status.code(), printed)
+}
+
 /// `python: "X.Y"` runs the host's interpreter of that version as `python`, or fails the job
 /// saying that the host has none; never another version.
 #[test]
@@ -503,30 +515,17 @@ fn python_runs_the_version_asked_for_or_fails_saying_so() {
         .output()
         .unwrap();
     let have = text(&host.stdout).trim().to_string();
-    let task = |version: &str| {
-        format!(
-            "type: task\npython: \"{version}\"\ncommands: [python --version]\nresources: {{cpu: 1.., memory: 0.1GB..}}\n"
-        )
-    };
-    let file = env.write("py.dstack.yml", &task(&have));
-    let out = env.run(&["apply", "-f", &file, "-y"]);
-    let stdout = text(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{stdout}\n{}",
-        text(&out.stderr)
-    );
-    assert!(stdout.contains(&format!("Python {have}.")), "{stdout}");
-    let file = env.write("py.dstack.yml", &task("3.15"));
-    let out = env.run(&["apply", "-f", &file, "-y"]);
-    let stdout = text(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let python = |version: &str| format!("python: \"{version}\"\n");
+    let (code, printed) = run_task(&env, &python(&have), "python --version");
+    assert_eq!(code, Some(0), "{printed}");
+    assert!(printed.contains(&format!("Python {have}.")), "{printed}");
+    let (code, printed) = run_task(&env, &python("3.15"), "python --version");
+    assert_eq!(code, Some(1), "{printed}");
     assert!(
-        stdout.contains(
+        printed.contains(
             "python 3.15 was asked for (`python: '3.15'`), and this host has no python3.15 on PATH"
         ),
-        "{stdout}"
+        "{printed}"
     );
 }
 
@@ -538,29 +537,16 @@ fn a_host_job_runs_as_its_user_or_fails_saying_who_it_would_run_as() {
     let me = text(&Command::new("id").arg("-un").output().unwrap().stdout)
         .trim()
         .to_string();
-    let task = |user: &str| {
-        format!(
-            "type: task\nuser: {user}\ncommands: [id -un]\nresources: {{cpu: 1.., memory: 0.1GB..}}\n"
-        )
-    };
-    let file = env.write("user.dstack.yml", &task(&me));
-    let out = env.run(&["apply", "-f", &file, "-y"]);
-    let stdout = text(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{stdout}\n{}",
-        text(&out.stderr)
-    );
-    assert!(stdout.contains(&format!("\n{me}\n")), "{stdout}");
-    let file = env.write("user.dstack.yml", &task("no-such-user"));
-    let out = env.run(&["apply", "-f", &file, "-y"]);
-    let stdout = text(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let (code, printed) = run_task(&env, &format!("user: {me}\n"), "id -un");
+    assert_eq!(code, Some(0), "{printed}");
+    assert!(printed.contains(&format!("\n{me}\n")), "{printed}");
+    let (code, printed) = run_task(&env, "user: no-such-user\n", "id -un");
+    assert_eq!(code, Some(1), "{printed}");
     assert!(
-        stdout.contains(&format!(
-            "the job asks for user no-such-user (`user:`), and jobs run as host processes on this host run as {me}:"
+        printed.contains(&format!(
+            "the job asks for user no-such-user (`user:`), and jobs run as host processes on \
+             this host run as {me}:"
         )),
-        "{stdout}"
+        "{printed}"
     );
 }

@@ -33,17 +33,10 @@ mod tests {
     use super::*;
     use std::process::Command;
 
+    /// Runs `script` with `/bin/sh`: its exit code and its output, both streams.
     fn run(script: &str) -> (i32, String) {
-        let out = Command::new("/bin/sh")
-            .arg("-c")
-            .arg(script)
-            .output()
-            .unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned()
-                + &String::from_utf8_lossy(&out.stderr),
-        )
+        let (code, out, err) = crate::engine::python::tests::run(script);
+        (code, out + &err)
     }
 
     fn id(flag: &str) -> String {

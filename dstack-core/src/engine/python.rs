@@ -29,11 +29,12 @@ pub fn prologue(version: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use std::process::Command;
 
-    fn run(script: &str) -> (i32, String, String) {
+    /// Runs `script` with `/bin/sh`: its exit code, standard output and standard error.
+    pub(in crate::engine) fn run(script: &str) -> (i32, String, String) {
         let out = Command::new("/bin/sh")
             .arg("-c")
             .arg(script)
