@@ -1474,3 +1474,98 @@ async fn a_scheduled_run_starts_at_its_times_and_a_stop_ends_it() {
     );
     assert!(waiting.jobs().await.unwrap().is_empty());
 }
+
+/// `priority` orders the waiting queue: a task of priority 100, applied after tasks of lower
+/// priority that wait for the host, starts before every one of them still waiting then (those
+/// already queued on the agent behind the running task keep their place).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_of_higher_priority_jumps_the_waiting_queue() {
+    let home = Home::new();
+    let client = home
+        .client_with_sweep_period(Duration::from_secs(3600))
+        .await;
+    let cpus = host_cpus(&client);
+    // Each task needs the whole host: one runs at a time.
+    let whole = |commands: &str, priority: u32| {
+        format!(
+            "{}priority: {priority}\n",
+            sized_task(commands, cpus, "0.1")
+        )
+    };
+    let leader = apply(&client, &whole("  - sleep 3\n", 0), home.path()).await;
+    wait_running(&leader).await;
+    let low = client
+        .runs()
+        .apply_all(copies(&whole("  - sleep 0.2\n", 10), 6, home.path()))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Which of them still wait in the queue (not handed to the agent).
+    let mut waiting = Vec::new();
+    for run in &low {
+        if run.jobs().await.unwrap()[0].status == JobStatus::Submitted {
+            waiting.push(run);
+        }
+    }
+    assert!(!waiting.is_empty(), "some tasks wait in the queue");
+    let urgent = apply(&client, &whole("  - 'true'\n", 100), home.path()).await;
+    assert_done(&urgent).await;
+    async fn started(run: &RunHandle) -> u64 {
+        run.jobs().await.unwrap()[0].started_at_ms.unwrap()
+    }
+    let urgent_start = started(&urgent).await;
+    for run in &low {
+        assert_done(run).await;
+    }
+    for run in waiting {
+        let start = started(run).await;
+        assert!(
+            urgent_start < start,
+            "priority 100 started at {urgent_start}, a waiting one of priority 10 at {start}"
+        );
+    }
+}
+
+/// `stop_duration` is the grace a job that traps SIGTERM gets: one whose cleanup fits in it
+/// finishes the cleanup; one whose cleanup does not is killed when it has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_duration_gives_a_trapping_job_its_grace_and_no_more() {
+    let home = Home::new();
+    let client = home.client().await;
+    let dir = home.path();
+    let trapping = |cleanup_secs: u32, stop_duration: &str| {
+        format!(
+            "{}stop_duration: {stop_duration}\n",
+            task(&format!(
+                "  - trap 'echo got TERM; sleep {cleanup_secs}; echo cleaned up; exit 0' TERM\n  \
+                 - echo started\n  - while true; do sleep 0.1; done\n"
+            ))
+        )
+    };
+    let patient = apply(&client, &trapping(2, "60s"), dir).await;
+    let hasty = apply(&client, &trapping(60, "1s"), dir).await;
+    for run in [&patient, &hasty] {
+        wait_running(run).await;
+        wait_logs(run, |l| l.contains("started")).await;
+    }
+    let stopped = std::time::Instant::now();
+    patient.stop(false).await.unwrap();
+    hasty.stop(false).await.unwrap();
+    finish(&hasty).await;
+    assert!(
+        stopped.elapsed() < Duration::from_secs(30),
+        "killed after its 1 s grace, not after its 60 s cleanup: {:?}",
+        stopped.elapsed()
+    );
+    let logs = all_logs(&hasty).await;
+    assert!(
+        logs.contains("got TERM") && !logs.contains("cleaned up"),
+        "{logs}"
+    );
+    finish(&patient).await;
+    let logs = all_logs(&patient).await;
+    assert!(
+        logs.contains("got TERM\n") && logs.contains("cleaned up\n"),
+        "{logs}"
+    );
+}

@@ -31,10 +31,15 @@ pub struct ApplyArgs {
     /// The run name (overrides `name:`).
     #[arg(short, long)]
     name: Option<String>,
+    /// Arguments for `${{ run.args }}` in the commands of a task or service (after `--`).
+    #[arg(last = true, value_name = "ARGS")]
+    run_args: Vec<String>,
 }
 
-/// Reads and validates the configuration file.
-pub fn load(file: &PathBuf) -> Result<Configuration, Failure> {
+/// Reads and validates the configuration file, refuses the fields it sets that would be
+/// ignored (`config::support`), and puts `run_args` into its commands (`config::run_args`);
+/// every error at its place in the file.
+pub fn load(file: &PathBuf, run_args: &[String]) -> Result<Configuration, Failure> {
     let name = file.display().to_string();
     let text = if name == "-" {
         limits::read_text(std::io::stdin().lock())
@@ -50,7 +55,13 @@ pub fn load(file: &PathBuf) -> Result<Configuration, Failure> {
                 ))
             })?
     };
-    config::parse(&text, &name).map_err(|e| Failure::new(e.to_string()))
+    let mut configuration = config::parse(&text, &name).map_err(|e| Failure::new(e.to_string()))?;
+    config::support::check_located(&text, &name, &configuration)
+        .map_err(|e| Failure::new(e.to_string()))?;
+    config::run_args::apply(&mut configuration, run_args).map_err(|problems| {
+        Failure::new(config::locate::errors(&text, &name, problems).to_string())
+    })?;
+    Ok(configuration)
 }
 
 fn parse_env(items: &[String]) -> Result<BTreeMap<String, String>, Failure> {
@@ -140,7 +151,7 @@ pub fn exit_code(run: &Run, exit_status: Option<i32>) -> ExitCode {
 
 /// `dstack apply`.
 pub async fn apply(client: &Client, args: &ApplyArgs) -> Result<ExitCode, Failure> {
-    let configuration = load(&args.file)?;
+    let configuration = load(&args.file, &args.run_args)?;
     if let Configuration::Fleet(_) = configuration {
         return crate::fleet::apply(client, &configuration, args.yes).await;
     }

@@ -367,3 +367,186 @@ fn a_scheduled_run_is_listed_with_its_next_start_until_stopped() {
         "{ps}"
     );
 }
+
+/// A field that would be ignored is refused by `dstack apply`, before anything is submitted,
+/// with the file, line and field (or, for what the engine refuses, the field's name).
+#[test]
+fn ignored_fields_are_refused_by_dstack_apply_at_their_place() {
+    let env = Env::new();
+    let task = "type: task\ncommands: [echo never]\nresources: {cpu: 1.., memory: 0.1GB..}\n";
+    for (extra, expected) in [
+        (
+            "dstack: true\n",
+            "x.dstack.yml:4:1: dstack: `dstack: true` (the dstack CLI and credentials inside the run) is not supported yet",
+        ),
+        (
+            "repos: [.]\n",
+            "x.dstack.yml:4:1: repos: uploading repos is not supported yet",
+        ),
+        (
+            "files: [a.txt]\n",
+            "x.dstack.yml:4:1: files: uploading files is not supported yet",
+        ),
+        (
+            "privileged: true\n",
+            "x.dstack.yml:4:1: privileged: `privileged` applies to containers (`image:`) only",
+        ),
+    ] {
+        let file = env.write("x.dstack.yml", &format!("{task}{extra}"));
+        let out = env.run(&["apply", "-f", &file, "-y", "-d"]);
+        assert_eq!(out.status.code(), Some(1), "{extra}");
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.contains(expected) && stderr.contains("[unsupported]"),
+            "{extra}: {stderr}"
+        );
+    }
+    for (yaml, expected) in [
+        (
+            "type: task\ngroups:\n  - nodes: 1\n    commands: [echo never]\n",
+            "node groups (`groups:`) are not supported yet; use `nodes: N`",
+        ),
+        (
+            "type: service\nport: 8000\ngroups:\n  - replicas: 1\n    commands: [echo never]\n",
+            "replica groups (`replicas` as a list, or `groups`) are not supported yet",
+        ),
+    ] {
+        let file = env.write("g.dstack.yml", yaml);
+        let out = env.run(&["apply", "-f", &file, "-y", "-d"]);
+        assert_eq!(out.status.code(), Some(1), "{yaml}");
+        assert!(
+            text(&out.stderr).contains(expected),
+            "{yaml}: {}",
+            text(&out.stderr)
+        );
+    }
+    // Nothing was submitted.
+    assert!(!text(&env.run(&["ps", "-a"]).stdout).contains("never"));
+}
+
+/// `backends: [aws]` never runs on this machine, even with room: the run finds no offers and
+/// says which host its profile left out and why.
+#[test]
+fn a_run_for_another_backend_never_lands_on_this_machine() {
+    let env = Env::new();
+    let file = env.write(
+        "aws.dstack.yml",
+        "type: task\ncommands: [echo ran here]\nbackends: [aws]\nresources: {cpu: 1.., memory: 0.1GB..}\n",
+    );
+    let out = env.run(&["apply", "-f", &file, "-y"]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(!stdout.contains("ran here"), "{stdout}");
+    assert!(
+        stdout.contains("backend local is not one of `backends` (aws)"),
+        "the plan says why: {stdout}"
+    );
+    assert!(
+        stderr.contains("backend local is not one of `backends` (aws)"),
+        "the failure says why: {stderr}"
+    );
+    // Without the profile it runs here.
+    let local = env.write(
+        "local.dstack.yml",
+        "type: task\ncommands: [echo ran here]\nbackends: [local]\nresources: {cpu: 1.., memory: 0.1GB..}\n",
+    );
+    let out = env.run(&["apply", "-f", &local, "-y"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("ran here"));
+}
+
+/// `dstack apply -f x.yml -- a "b c"` puts the arguments into `${{ run.args }}` quoted for the
+/// shell; `$${{` is a literal `${{`; other references in commands are located errors.
+#[test]
+fn run_args_reach_the_commands_quoted_and_bad_references_are_located() {
+    let env = Env::new();
+    let file = env.write(
+        "args.dstack.yml",
+        "type: task\ncommands:\n  - printf '<%s>\\n' ${{ run.args }}\n  - echo '$${{ env.KEPT }}'\nresources: {cpu: 1.., memory: 0.1GB..}\n",
+    );
+    let out = env.run(&["apply", "-f", &file, "-y", "--", "a", "b c", "it's $HOME"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        text(&out.stderr)
+    );
+    assert!(
+        stdout.contains("<a>\n<b c>\n<it's $HOME>\n${{ env.KEPT }}\n"),
+        "{stdout}"
+    );
+    let bad = env.write(
+        "bad.dstack.yml",
+        "type: task\ncommands:\n  - echo ok\n  - echo ${{ env.HOME }}\n  - echo ${{ run.args }\n",
+    );
+    let out = env.run(&["apply", "-f", &bad, "-y", "--", "x"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("bad.dstack.yml:4:5: commands[1]: missing env.HOME"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("bad.dstack.yml:5:5: commands[2]: unclosed reference"),
+        "{stderr}"
+    );
+}
+
+/// Applies a small task whose fields are `fields` and waits for it: its exit code and what
+/// `dstack apply` printed (the job's output included).
+fn run_task(env: &Env, fields: &str, commands: &str) -> (Option<i32>, String) {
+    let yaml = format!(
+        "type: task\n{fields}commands: [{commands}]\nresources: {{cpu: 1.., memory: 0.1GB..}}\n"
+    );
+    let file = env.write("task.dstack.yml", &yaml);
+    let out = env.run(&["apply", "-f", &file, "-y"]);
+    let printed = format!("{}\n{}", text(&out.stdout), text(&out.stderr));
+    (out.status.code(), printed)
+}
+
+/// `python: "X.Y"` runs the host's interpreter of that version as `python`, or fails the job
+/// saying that the host has none; never another version.
+#[test]
+fn python_runs_the_version_asked_for_or_fails_saying_so() {
+    let env = Env::new();
+    let host = Command::new("python3")
+        .args(["-c", "import sys; print('%d.%d' % sys.version_info[:2])"])
+        .output()
+        .unwrap();
+    let have = text(&host.stdout).trim().to_string();
+    let python = |version: &str| format!("python: \"{version}\"\n");
+    let (code, printed) = run_task(&env, &python(&have), "python --version");
+    assert_eq!(code, Some(0), "{printed}");
+    assert!(printed.contains(&format!("Python {have}.")), "{printed}");
+    let (code, printed) = run_task(&env, &python("3.15"), "python --version");
+    assert_eq!(code, Some(1), "{printed}");
+    assert!(
+        printed.contains(
+            "python 3.15 was asked for (`python: '3.15'`), and this host has no python3.15 on PATH"
+        ),
+        "{printed}"
+    );
+}
+
+/// `user:` of a job run as a host process: it runs when the host's user is the one asked for,
+/// and fails at once saying who it would run as otherwise.
+#[test]
+fn a_host_job_runs_as_its_user_or_fails_saying_who_it_would_run_as() {
+    let env = Env::new();
+    let me = text(&Command::new("id").arg("-un").output().unwrap().stdout)
+        .trim()
+        .to_string();
+    let (code, printed) = run_task(&env, &format!("user: {me}\n"), "id -un");
+    assert_eq!(code, Some(0), "{printed}");
+    assert!(printed.contains(&format!("\n{me}\n")), "{printed}");
+    let (code, printed) = run_task(&env, "user: no-such-user\n", "id -un");
+    assert_eq!(code, Some(1), "{printed}");
+    assert!(
+        printed.contains(&format!(
+            "the job asks for user no-such-user (`user:`), and jobs run as host processes on \
+             this host run as {me}:"
+        )),
+        "{printed}"
+    );
+}

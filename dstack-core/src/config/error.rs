@@ -29,6 +29,9 @@ pub enum ErrorCode {
     /// The document, or a count or duration in it, is beyond one of this parser's limits
     /// ([`super::limits`]): size, nesting, values, alias expansion, nodes, GPUs, durations.
     Limit,
+    /// A field dstack honours that this project cannot honour (yet): refused when the
+    /// configuration is applied rather than ignored ([`super::support`]).
+    Unsupported,
 }
 
 impl ErrorCode {
@@ -45,6 +48,7 @@ impl ErrorCode {
             ErrorCode::Conflict => "conflict",
             ErrorCode::Io => "io",
             ErrorCode::Limit => "limit",
+            ErrorCode::Unsupported => "unsupported",
         }
     }
 }

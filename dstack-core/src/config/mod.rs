@@ -24,6 +24,7 @@ pub mod fleet;
 pub mod gateway;
 pub mod interpolate;
 pub mod limits;
+pub mod locate;
 pub mod mounts;
 pub mod ports;
 pub mod profile;
@@ -31,8 +32,10 @@ pub mod range;
 pub mod refs;
 pub mod resources;
 pub mod run;
+pub mod run_args;
 pub mod service;
 pub mod sources;
+pub mod support;
 pub mod volume;
 pub mod yaml;
 

@@ -122,6 +122,12 @@ fn decode_shell(node: &Node, cx: &mut Cx, path: &Path<'_>) -> Option<String> {
 }
 
 impl RunCommon {
+    /// Whether the run's jobs run in a container (`image:`, or `docker: true`) rather than
+    /// as host processes.
+    pub fn in_container(&self) -> bool {
+        self.image.is_some() || self.docker == Some(true)
+    }
+
     /// Reads the common fields; `None` only when a required value could not be decoded.
     pub fn read(node: &Node, f: &mut Fields<'_>, cx: &mut Cx, path: &Path<'_>) -> Option<Self> {
         let name = f.opt(cx, path, "name");

@@ -113,8 +113,23 @@ pub fn shell_split(s: &str) -> Result<Vec<String>, CommandError> {
     Ok(words)
 }
 
-/// The commands and shell settings of a run configuration.
+/// The commands and shell settings of a run configuration; for a job run as a host process,
+/// first the words that check its `user` (see [`super::host_user`]) and choose its `python`
+/// (see [`super::python`]).
 fn script(config: &Configuration) -> (&RunCommon, Vec<String>) {
+    let (common, commands) = commands(config);
+    let user = common
+        .user
+        .as_deref()
+        .filter(|_| !common.in_container())
+        .map(super::host_user::check);
+    let python = common.python.map(|v| super::python::prologue(v.as_str()));
+    let prologue = user.into_iter().chain(python);
+    (common, prologue.chain(commands).collect())
+}
+
+/// The commands of a run configuration as configured.
+fn commands(config: &Configuration) -> (&RunCommon, Vec<String>) {
     match config {
         Configuration::Task(t) => (
             &t.common,
@@ -255,7 +270,7 @@ pub(crate) fn common_mut(config: &mut Configuration) -> Option<&mut RunCommon> {
 
 /// Whether a run needs a container engine (`image:`, or `docker: true`).
 pub fn needs_containers(common: &RunCommon) -> bool {
-    common.image.is_some() || common.docker == Some(true)
+    common.in_container()
 }
 
 /// The ports a run's job listens on, as configured (`ports:`, or a service's `port:`).

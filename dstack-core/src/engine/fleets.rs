@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::{EngineError, Inner};
+use super::{refuse_unsupported, EngineError, Inner};
 use crate::config::fleet::{Blocks, FleetConfiguration, SshConfig, SshHostEntry, SshProxy};
 use crate::config::Configuration;
 use crate::model::{now_ms, Fleet, FleetStatus, Instance, InstanceStatus, JobStatus};
@@ -36,11 +36,7 @@ fn host_data(
         .and_then(|h| h.user.clone())
         .or_else(|| config.user.clone())
         .ok_or_else(|| format!("{hostname}: no `user` (set ssh_config.user or the host's user)"))?;
-    if host.is_some_and(|h| h.ssh_key.is_some()) || config.ssh_key.is_some() {
-        return Err(format!(
-            "{hostname}: inline `ssh_key` is not supported; use `identity_file`"
-        ));
-    }
+    // An inline `ssh_key` was refused when the fleet was applied (`config::support`).
     let identity = host
         .and_then(|h| h.identity_file.clone())
         .or_else(|| config.identity_file.clone())
@@ -160,6 +156,7 @@ impl Inner {
                 configuration.type_name()
             )));
         };
+        refuse_unsupported(configuration)?;
         if config.ssh_config.is_none() && config.nodes.is_some() {
             return self
                 .apply_backend_fleet(config, configuration, progress)
@@ -452,5 +449,42 @@ impl Inner {
         self.store.put_fleet(&fleet)?;
         self.watch_instances();
         Ok((fleet, results))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A host's port, user, key, jump host and internal address reach the data the engine
+    /// connects with; the host's own settings win over the fleet's.
+    #[test]
+    fn ssh_settings_of_the_fleet_and_its_hosts_reach_the_connection_data() {
+        let text = "type: fleet\nname: f\nssh_config:\n  user: ubuntu\n  port: 2222\n  \
+                    identity_file: ~/.ssh/id\n  proxy_jump:\n    hostname: bastion\n    \
+                    user: jump\n    port: 2022\n    identity_file: ~/.ssh/jump\n  hosts:\n    \
+                    - hostname: 10.0.0.1\n      user: root\n      port: 22\n      \
+                    identity_file: /k\n      internal_ip: 192.168.0.1\n      blocks: 2\n    \
+                    - 10.0.0.2\n";
+        let Configuration::Fleet(fleet) = crate::config::parse(text, "f.yml").unwrap() else {
+            unreachable!()
+        };
+        let ssh = fleet.ssh_config.as_ref().unwrap();
+        let home = Path::new("/home/me");
+        let (key, first) = host_data(ssh, &ssh.hosts[0], Blocks::Count(1), home).unwrap();
+        assert_eq!(key, "10.0.0.1:22");
+        assert_eq!(first["user"], "root");
+        assert_eq!(first["identity_file"], "/k");
+        assert_eq!(first["internal_ip"], "192.168.0.1");
+        assert_eq!(first["blocks"], 2);
+        assert_eq!(first["proxy_jump"]["hostname"], "bastion");
+        assert_eq!(first["proxy_jump"]["port"], 2022);
+        assert_eq!(first["proxy_jump"]["user"], "jump");
+        assert_eq!(first["proxy_jump"]["identity_file"], "/home/me/.ssh/jump");
+        let (key, second) = host_data(ssh, &ssh.hosts[1], Blocks::Count(1), home).unwrap();
+        assert_eq!(key, "10.0.0.2:2222");
+        assert_eq!(second["user"], "ubuntu");
+        assert_eq!(second["identity_file"], "/home/me/.ssh/id");
+        assert_eq!(second["blocks"], 1);
     }
 }

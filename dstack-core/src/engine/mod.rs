@@ -14,9 +14,12 @@ mod credentials;
 pub mod fleets;
 pub use fleets::Progress as FleetProgress;
 mod gang;
+mod host_user;
 mod jobs;
 pub mod names;
+pub mod pool;
 mod provision;
+mod python;
 mod queues;
 pub mod rollout;
 mod runs;
@@ -52,7 +55,8 @@ use crate::store::{Store, StoreError};
 pub struct EngineOptions {
     /// Delays before a failed run is resubmitted, by attempt (the last one repeats).
     pub retry_delays: Vec<Duration>,
-    /// Time between SIGTERM and SIGKILL when a job is stopped (unless `stop_duration` is set).
+    /// Time between SIGTERM and SIGKILL when a job is stopped unless its `stop_duration` says
+    /// otherwise (dstack's default `stop_duration`, 5 minutes).
     pub stop_grace: Duration,
     /// How long an instance's agent may stay unreachable before its jobs fail with
     /// `instance_unreachable` (after the connection is found dead: for SSH hosts, after the
@@ -101,7 +105,7 @@ impl Default for EngineOptions {
                 secs(300),
                 secs(600),
             ],
-            stop_grace: secs(10),
+            stop_grace: secs(300),
             unreachable_after: secs(20),
             provisioning_timeout: secs(600),
             termination_deadline: secs(20 * 60),
@@ -647,6 +651,17 @@ impl Engine {
     }
 }
 
+/// Refuses a configuration with fields it would ignore ([`crate::config::support`]), naming
+/// each field.
+pub(crate) fn refuse_unsupported(configuration: &Configuration) -> Result<(), EngineError> {
+    let found = crate::config::support::unsupported(configuration);
+    if found.is_empty() {
+        return Ok(());
+    }
+    let text: Vec<String> = found.iter().map(ToString::to_string).collect();
+    Err(EngineError::Unsupported(text.join("; ")))
+}
+
 /// Refuses mounts a run would otherwise silently go without: network volumes (not mounted
 /// into runs yet) and, for jobs run as host processes, instance directories mounted at
 /// another path (that needs a container); `optional` instance mounts are skipped there.
@@ -947,6 +962,7 @@ impl Inner {
                 )))
             }
         };
+        refuse_unsupported(configuration)?;
         let needs_containers = command::needs_containers(common);
         if needs_containers
             && !self.backends.iter().any(|b| b.supports_containers())
@@ -1008,6 +1024,12 @@ impl Inner {
             })
             .collect();
         let fleets = self.store.fleets()?;
+        for instance in &ready {
+            let fleet = pool::fleet_name(&fleets, instance);
+            if let Some(why) = pool::mismatch(&common.profile, instance, fleet) {
+                reasons.push(format!("{}: {why}", instance.name));
+            }
+        }
         for instance in scheduler::eligible(&ready, &fleets, common) {
             match mismatch(spec, &instance.host) {
                 Some(reason) => reasons.push(format!("{}: {reason}", instance.name)),

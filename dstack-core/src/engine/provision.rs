@@ -179,6 +179,18 @@ fn allowed(profile: &ProfileParams, offer: &mut Offer) -> bool {
     true
 }
 
+/// The tags of a new cloud instance: its fleet's, and those of the run it is provisioned for
+/// (a run's tag wins over the fleet's of the same key).
+fn instance_tags(fleet: &ProfileParams, run: Option<&ProfileParams>) -> BTreeMap<String, String> {
+    [Some(fleet), run]
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.tags.as_ref())
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
 /// How long an instance may stay idle: the smaller of the profiles' `idle_duration`s (a finite
 /// one wins over "off"), else `default`; `None`: never reaped.
 fn idle_timeout(profiles: &[&ProfileParams], default: u64) -> Option<u64> {
@@ -368,13 +380,7 @@ impl Inner {
             state_id: self.store.state_id().to_string(),
             name: instance.name.clone(),
             fleet: fleet.name.clone().unwrap_or_default(),
-            tags: fleet
-                .profile
-                .tags
-                .iter()
-                .flatten()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect::<BTreeMap<_, _>>(),
+            tags: instance_tags(&fleet.profile, None),
         };
         let mut failures = Vec::new();
         let mut created = false;
@@ -611,6 +617,11 @@ impl Inner {
                 "creation_policy is reuse: no new instances".to_string(),
             ));
         }
+        if common.profile.instances.is_some() {
+            return Ok(ForJob::Impossible(
+                "`instances` names existing instances: no new ones".to_string(),
+            ));
+        }
         let instances = self.store.instances()?;
         let live = |i: &&Instance| i.status != InstanceStatus::Terminated;
         let pending_for_job = instances.iter().filter(live).any(|i| {
@@ -697,6 +708,13 @@ impl Inner {
         };
         let timeout = idle_timeout(&[&common.profile, &config.profile], RUN_IDLE_SECS);
         let instance = self.placeholder(&fleet, Some(job_id), timeout)?;
+        // The instance carries the run's tags as well as its fleet's.
+        let mut config = config;
+        config.profile.tags = Some(
+            instance_tags(&config.profile, Some(&common.profile))
+                .into_iter()
+                .collect(),
+        );
         let inner = self.clone();
         self.runtime.spawn(async move {
             let quiet: Progress<'_> = &|_, _| {};
@@ -1066,6 +1084,35 @@ mod tests {
         let lost = resource("me", "a1", "i-0");
         let two = record(InstanceStatus::Idle, &["a1", "a2"], Some("i-1"));
         assert_eq!(judge(&lost, Some(&two), false, true), Verdict::Reap);
+    }
+
+    /// A run's tags reach the instance provisioned for it, beside its fleet's.
+    #[test]
+    fn instances_carry_their_fleets_and_their_runs_tags() {
+        let profile = |yaml: &str| {
+            let text = format!("type: task\ncommands: [x]\n{yaml}");
+            crate::engine::command::common(&crate::config::parse(&text, "t.yml").unwrap())
+                .profile
+                .clone()
+        };
+        let fleet = profile("tags: {team: ml, cost: shared}\n");
+        let run = profile("tags: {cost: exp-7, owner: me}\n");
+        let tags =
+            |map: BTreeMap<String, String>| -> Vec<(String, String)> { map.into_iter().collect() };
+        let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
+        assert_eq!(
+            tags(instance_tags(&fleet, None)),
+            [pair("cost", "shared"), pair("team", "ml")]
+        );
+        assert_eq!(
+            tags(instance_tags(&fleet, Some(&run))),
+            [
+                pair("cost", "exp-7"),
+                pair("owner", "me"),
+                pair("team", "ml")
+            ]
+        );
+        assert_eq!(tags(instance_tags(&profile(""), Some(&profile("")))), []);
     }
 
     #[test]

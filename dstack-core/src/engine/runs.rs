@@ -507,9 +507,17 @@ fn stop_grace(inner: &Inner, run: &Run) -> u64 {
         .configuration(run)
         .ok()
         .and_then(|c| super::command::common(&c).profile.stop_duration);
-    match configured {
+    grace_secs(configured, inner.options.stop_grace)
+}
+
+/// Seconds between SIGTERM and SIGKILL for a `stop_duration`: as set, the engine's default
+/// when unset (dstack's 5 minutes), and for `off` never ([`u64::MAX`]: the agent sends no
+/// SIGKILL).
+fn grace_secs(stop_duration: Option<OffableDuration>, default: Duration) -> u64 {
+    match stop_duration {
         Some(OffableDuration::Seconds(d)) => u64::try_from(d.0).unwrap_or(0),
-        _ => inner.options.stop_grace.as_secs(),
+        Some(OffableDuration::Off) => u64::MAX,
+        None => default.as_secs(),
     }
 }
 
@@ -714,6 +722,26 @@ mod tests {
 
     fn config(extra: &str) -> Configuration {
         crate::config::parse(&format!("type: task\ncommands: [x]\n{extra}"), "t.yml").unwrap()
+    }
+
+    /// `stop_duration` is the grace after SIGTERM: as set, dstack's 5 minutes by default,
+    /// and forever with `off`.
+    #[test]
+    fn stop_duration_sets_the_grace_dstacks_default_is_five_minutes_and_off_waits() {
+        let default = super::super::EngineOptions::default().stop_grace;
+        assert_eq!(default, Duration::from_secs(300));
+        let grace = |extra: &str| {
+            grace_secs(
+                super::super::command::common(&config(extra))
+                    .profile
+                    .stop_duration,
+                default,
+            )
+        };
+        assert_eq!(grace(""), 300);
+        assert_eq!(grace("stop_duration: 30s\n"), 30);
+        assert_eq!(grace("stop_duration: 0\n"), 0);
+        assert_eq!(grace("stop_duration: off\n"), u64::MAX);
     }
 
     fn daily() -> Configuration {

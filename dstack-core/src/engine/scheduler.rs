@@ -231,7 +231,21 @@ async fn pass(inner: &Arc<Inner>) {
                         names.join(", ")
                     )
                 }
-                (None, true) => "no offers: no fleet has instances".to_string(),
+                (None, true) => {
+                    let excluded: Vec<String> = instances
+                        .iter()
+                        .filter_map(|i| {
+                            let fleet = super::pool::fleet_name(&fleets, i);
+                            let why = super::pool::mismatch(&common.profile, i, fleet)?;
+                            Some(format!("{}: {why}", i.name))
+                        })
+                        .collect();
+                    if excluded.is_empty() {
+                        "no offers: no fleet has instances".to_string()
+                    } else {
+                        format!("no offers: {}", excluded.join("; "))
+                    }
+                }
                 _ => format!("no offers: {}", reasons.join("; ")),
             };
             let message = if why.is_empty() {
@@ -618,8 +632,9 @@ pub(crate) fn fleet_selection(common: &crate::config::run::RunCommon) -> Option<
         .map(|refs| refs.iter().map(|r| r.name.clone()).collect())
 }
 
-/// The instances a run may use: all of them, or those of the selected fleets; only those
-/// with a container engine for `image:` runs.
+/// The instances a run may use: all of them, or those of the selected fleets, that its
+/// profile allows (see [`super::pool`]); only those with a container engine for `image:`
+/// runs.
 pub(crate) fn eligible<'a>(
     instances: &'a [Instance],
     fleets: &[Fleet],
@@ -630,6 +645,10 @@ pub(crate) fn eligible<'a>(
     instances
         .iter()
         .filter(|i| !containers || i.containers)
+        .filter(|i| {
+            let fleet = super::pool::fleet_name(fleets, i);
+            super::pool::mismatch(&common.profile, i, fleet).is_none()
+        })
         .filter(|i| {
             selection.as_ref().is_none_or(|names| {
                 fleets

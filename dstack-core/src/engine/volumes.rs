@@ -25,6 +25,7 @@ impl Inner {
                 configuration.type_name()
             )));
         };
+        super::refuse_unsupported(configuration)?;
         let name = config
             .name
             .clone()

@@ -110,6 +110,35 @@ pub fn mismatch(spec: &ResourcesSpec, host: &HostInfo) -> Option<String> {
                 )
             });
         }
+        if let Some(why) = total_memory_mismatch(gpu, host, wanted) {
+            return Some(why);
+        }
+    }
+    None
+}
+
+/// Whether the `wanted` matching GPUs of `host` can give the spec's `total_memory` (the sum
+/// of their memory, as dstack counts it): the largest of them reach its minimum, the
+/// smallest stay within its maximum.
+fn total_memory_mismatch(gpu: &GpuSpec, host: &HostInfo, wanted: i64) -> Option<String> {
+    let range = gpu.total_memory.as_ref()?;
+    let mut sizes: Vec<f64> = host
+        .gpus
+        .iter()
+        .filter(|g| gpu_matches(gpu, g))
+        .map(|g| g.memory_mib as f64 / MIB_PER_GIB)
+        .collect();
+    sizes.sort_by(|a, b| b.total_cmp(a));
+    let take = usize::try_from(wanted.max(0)).unwrap_or(usize::MAX);
+    let largest: f64 = sizes.iter().take(take).sum();
+    let smallest: f64 = sizes.iter().rev().take(take).sum();
+    if range.min.is_some_and(|m| largest + 1e-9 < m.0)
+        || range.max.is_some_and(|m| smallest > m.0 + 1e-9)
+    {
+        return Some(format!(
+            "requires {wanted} GPU(s) with {range} of memory in all (`total_memory`), the \
+             host's give {largest:.0}GB"
+        ));
     }
     None
 }
@@ -146,6 +175,15 @@ pub fn gpu_matches(spec: &GpuSpec, gpu: &GpuInfo) -> bool {
         if memory.min.is_some_and(|m| have + 1e-9 < m.0)
             || memory.max.is_some_and(|m| have > m.0 + 1e-9)
         {
+            return false;
+        }
+    }
+    // As in the offer catalog: an NVIDIA GPU whose capability is known and high enough.
+    if let Some(min) = spec.compute_capability {
+        let known = (gpu.vendor == "nvidia")
+            .then(|| gpus::compute_capability(&gpu.name))
+            .flatten();
+        if known.is_none_or(|cc| cc < (min.0, min.1)) {
             return false;
         }
     }
@@ -318,6 +356,33 @@ mod tests {
             .unwrap()
             .contains("1 matching of 2"));
         assert!(mismatch(&resources("{gpu: 40GB..:1}"), &g).is_none());
+    }
+
+    /// `total_memory` and `compute_capability` are checked against the GPUs of an existing
+    /// host as against a cloud offer.
+    #[test]
+    fn total_memory_and_compute_capability_hold_on_existing_hosts() {
+        let g = host(8, 64, &[("A100", 81920), ("T4", 15360), ("T4", 15360)]);
+        let fits = |yaml: &str| mismatch(&resources(yaml), &g);
+        assert_eq!(fits("{gpu: {count: 2, total_memory: 30GB..}}"), None);
+        assert_eq!(fits("{gpu: {count: 1, total_memory: 80GB..}}"), None);
+        let why = fits("{gpu: {name: T4, count: 2, total_memory: 40GB..}}").unwrap();
+        assert!(
+            why.contains("`total_memory`") && why.contains("give 30GB"),
+            "{why}"
+        );
+        assert!(fits("{gpu: {name: T4, count: 2, total_memory: ..20GB}}").is_some());
+        // A100 is 8.0, T4 7.5.
+        assert_eq!(fits("{gpu: {count: 1, compute_capability: 8.0}}"), None);
+        let why = fits("{gpu: {count: 2, compute_capability: 8.0}}").unwrap();
+        assert!(why.contains("1 matching of 3"), "{why}");
+        assert_eq!(fits("{gpu: {count: 3, compute_capability: 7.5}}"), None);
+        let unknown = host(8, 64, &[("MysteryGPU", 81920)]);
+        assert!(mismatch(
+            &resources("{gpu: {count: 1, compute_capability: 7.0}}"),
+            &unknown
+        )
+        .is_some());
     }
 
     #[test]

@@ -234,8 +234,8 @@ pub trait Store: Send + Sync {
     fn submitted_runs_with_placed_jobs(&self) -> Result<Vec<String>, StoreError>;
     /// Job submissions in any of these statuses, oldest first.
     fn jobs_with_status(&self, statuses: &[JobStatus]) -> Result<Vec<Job>, StoreError>;
-    /// At most `limit` `submitted` jobs, oldest first (cheap: no decoding), leaving out jobs
-    /// of run groups that are at their limit.
+    /// At most `limit` `submitted` jobs, those of the highest `priority` first, then the
+    /// oldest (cheap: no decoding), leaving out jobs of run groups that are at their limit.
     fn waiting_jobs(&self, limit: usize) -> Result<Vec<WaitingJob>, StoreError>;
     /// What a placement pass starts from, read at one point in time: the holdings, at most
     /// `limit` waiting jobs (see [`Store::waiting_jobs`]), the instances and the fleets.

@@ -145,6 +145,16 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE runs ADD COLUMN kind TEXT;
     UPDATE runs SET kind = json_extract(data, '$.spec.configuration.type');
     CREATE INDEX runs_active_kind ON runs(kind) WHERE active = 1;",
+    // 15: `priority` orders the waiting queue (the highest first, then the oldest): a run's
+    // priority beside its record, and each job's beside it, in the key of the waiting index.
+    "ALTER TABLE runs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+    UPDATE runs SET priority = COALESCE(json_extract(data, '$.spec.configuration.priority'), 0);
+    ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+    UPDATE jobs SET priority = (SELECT r.priority FROM runs r WHERE r.id = jobs.run_id)
+        WHERE status = 'submitted';
+    DROP INDEX jobs_waiting;
+    CREATE INDEX jobs_waiting ON jobs(group_id, priority DESC, submitted_at, id, run_id)
+        WHERE status = 'submitted';",
 ];
 
 const JOB_WAITING: &str = job_waiting!();
@@ -735,20 +745,22 @@ impl rusqlite::types::FromSql for JobStatus {
     }
 }
 
-/// SQL: the oldest `limit` waiting jobs (id, run id, submitted at) of no limited group.
+/// SQL: the first `limit` waiting jobs (id, run id, submitted at, priority) of no limited
+/// group: the highest priority first, then the oldest.
 fn ungrouped_waiting_sql(limit: i64) -> String {
     format!(
-        "SELECT id, run_id, submitted_at FROM jobs WHERE {JOB_WAITING} AND group_id IS NULL \
-         ORDER BY submitted_at, id LIMIT {limit}"
+        "SELECT id, run_id, submitted_at, priority FROM jobs WHERE {JOB_WAITING} \
+         AND group_id IS NULL ORDER BY priority DESC, submitted_at, id LIMIT {limit}"
     )
 }
 
-/// SQL: the waiting jobs (id, run id, submitted at) of group `?`, oldest first (read lazily:
+/// SQL: the waiting jobs (id, run id, submitted at, priority) of group `?`, the highest
+/// priority first, then the oldest (read lazily:
 /// the caller takes as many as the group has room for).
 const GROUP_WAITING: &str = concat!(
-    "SELECT id, run_id, submitted_at FROM jobs WHERE ",
+    "SELECT id, run_id, submitted_at, priority FROM jobs WHERE ",
     job_waiting!(),
-    " AND group_id = ? ORDER BY submitted_at, id"
+    " AND group_id = ? ORDER BY priority DESC, submitted_at, id"
 );
 
 /// SQL: each limited group with waiting jobs, and how many more of its runs may hold
@@ -770,18 +782,18 @@ const GROUPS_WAITING_ROOM: &str = concat!(
     ") FROM waiting w WHERE w.g IS NOT NULL"
 );
 
-/// At most `limit` waiting jobs (see [`Store::waiting_jobs`]): the oldest of those of no
-/// limited group merged with, for each limited group with room, its oldest as many as it has
-/// room for. Jobs of a group at its limit are left out: they cannot be placed now, and they
+/// At most `limit` waiting jobs (see [`Store::waiting_jobs`]), the highest priority first,
+/// then the oldest: the first of those of no limited group merged with, for each limited
+/// group with room, its first as many as it has room for. Jobs of a group at its limit are left out: they cannot be placed now, and they
 /// must not fill the window that other runs wait behind.
 fn waiting_jobs(c: &Connection, limit: usize) -> Result<Vec<WaitingJob>, StoreError> {
     // The limit is written into the SQL: SQLite plans with a bound LIMIT's value, so a
     // statement with `LIMIT ?` is compiled again on every call.
     let sql_limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let row = |grouped: bool| {
-        move |r: &rusqlite::Row<'_>| -> rusqlite::Result<(i64, WaitingJob)> {
+        move |r: &rusqlite::Row<'_>| -> rusqlite::Result<((i64, i64), WaitingJob)> {
             Ok((
-                r.get(2)?,
+                (-r.get::<_, i64>(3)?, r.get(2)?),
                 WaitingJob {
                     job_id: r.get(0)?,
                     run_id: r.get(1)?,
@@ -908,8 +920,9 @@ fn insert_run(c: &Connection, run: &Run, jobs: &[Job]) -> Result<(), StoreError>
     c.prepare_cached("UPDATE runs SET replaced = 1 WHERE name = ?")?
         .execute([&run.name])?;
     c.prepare_cached(
-        "INSERT INTO runs (id, name, status, active, submitted_at, data, group_id, group_max, kind) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, json_extract(?6, '$.spec.configuration.type'))",
+        "INSERT INTO runs (id, name, status, active, submitted_at, data, group_id, group_max, kind, priority) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, json_extract(?6, '$.spec.configuration.type'), \
+                 COALESCE(json_extract(?6, '$.spec.configuration.priority'), 0))",
     )?
     .execute(params![
         run.id,
@@ -929,9 +942,10 @@ fn insert_run(c: &Connection, run: &Run, jobs: &[Job]) -> Result<(), StoreError>
 
 fn insert_job(c: &Connection, job: &Job) -> Result<(), StoreError> {
     c.prepare_cached(
-        "INSERT INTO jobs (id, run_id, job_num, submission_num, status, instance_id, submitted_at, data, reservation, after_job, group_id)
+        "INSERT INTO jobs (id, run_id, job_num, submission_num, status, instance_id, submitted_at, data, reservation, after_job, group_id, priority)
          VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
-                 (SELECT group_id FROM runs WHERE id = ?2 AND group_max IS NOT NULL))",
+                 (SELECT group_id FROM runs WHERE id = ?2 AND group_max IS NOT NULL),
+                 COALESCE((SELECT priority FROM runs WHERE id = ?2), 0))",
     )?
     .execute(params![
         job.id,
@@ -1109,6 +1123,8 @@ fn group_has_room(c: &Connection, run_id: &str) -> Result<bool, StoreError> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
     use crate::model::{RawJson, Reservation, RunSpec};
 
@@ -1167,6 +1183,57 @@ mod tests {
 
     fn job(run: &Run) -> Job {
         Job::submission(run, 0, 0)
+    }
+
+    /// The waiting queue gives the jobs of the highest `priority` first, then the oldest,
+    /// and a later submission of a job (a retry) keeps its run's priority.
+    #[test]
+    fn waiting_jobs_come_highest_priority_first() {
+        let store = SqliteStore::in_memory().unwrap();
+        let of_priority = |name: &str, priority: Option<i64>| {
+            let mut r = run(name, RunStatus::Submitted);
+            let mut configuration = serde_json::json!({"type": "task", "commands": ["x"]});
+            if let Some(p) = priority {
+                configuration["priority"] = p.into();
+            }
+            r.spec.configuration = RawJson::from_value(&configuration);
+            r
+        };
+        let runs = [
+            of_priority("plain", None),
+            of_priority("low", Some(10)),
+            of_priority("urgent", Some(100)),
+            of_priority("also-plain", Some(0)),
+            of_priority("low-later", Some(10)),
+        ];
+        let mut ids = BTreeMap::new();
+        for r in &runs {
+            let j = job(r);
+            ids.insert(j.id.clone(), r.name.clone());
+            store.insert_run(r, &[j]).unwrap();
+        }
+        let names = |store: &SqliteStore, ids: &BTreeMap<String, String>| -> Vec<String> {
+            waiting(store)
+                .into_iter()
+                .map(|(j, _)| ids[&j].clone())
+                .collect()
+        };
+        assert_eq!(
+            names(&store, &ids),
+            ["urgent", "low", "low-later", "plain", "also-plain"]
+        );
+        // A retry of the urgent run (a new submission) is still first.
+        let urgent = &runs[2];
+        let first = ids.iter().find(|(_, n)| *n == "urgent").unwrap().0.clone();
+        let mut ended = store.job(&first).unwrap().unwrap();
+        ended.status = JobStatus::Failed;
+        assert!(store.update_job(&ended, &[JobStatus::Submitted]).unwrap());
+        let retry = Job::submission(urgent, 0, 1);
+        ids.insert(retry.id.clone(), "urgent retry".to_string());
+        assert!(store
+            .update_run_with_jobs(urgent, &[RunStatus::Submitted], &[retry])
+            .unwrap());
+        assert_eq!(names(&store, &ids)[0], "urgent retry");
     }
 
     #[test]

@@ -90,6 +90,23 @@ mod tests {
         }
     }
 
+    /// A rule counts requests by the client's address (`type: ip_address`) or by a header's
+    /// value (`type: header`; a request without it is counted under the empty value).
+    #[test]
+    fn requests_are_counted_by_client_address_or_header_value() {
+        let by_ip = rule("/", 1.0, 0);
+        let by_header = RateLimit {
+            key: RateLimitKey::Header {
+                header: "X-Api-Key".into(),
+            },
+            ..rule("/", 1.0, 0)
+        };
+        let headers = |name: &str| (name == "X-Api-Key").then(|| "team-a".to_string());
+        assert_eq!(key_of(&by_ip, "1.2.3.4", headers), "1.2.3.4");
+        assert_eq!(key_of(&by_header, "1.2.3.4", headers), "team-a");
+        assert_eq!(key_of(&by_header, "1.2.3.4", |_| None), "");
+    }
+
     #[test]
     fn the_eleventh_request_in_a_second_of_ten_rps_is_refused() {
         let r = rule("/", 10.0, 0);
