@@ -112,8 +112,12 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
             Ok(json(&app.jobs.stop(id, read_json(req).await?)?))
         }
         (Method::GET, ["api", "jobs", id, "logs"]) => {
-            let (offset, follow) = log_query(req.uri().query().unwrap_or(""))?;
-            let logs = app.jobs.get(id)?.logs(offset, follow).await?;
+            let query = log_query(req.uri().query().unwrap_or(""))?;
+            let logs = app
+                .jobs
+                .get(id)?
+                .logs(query.offset, query.since_ms, query.follow)
+                .await?;
             Ok(stream("application/octet-stream", logs))
         }
         (Method::GET, ["api", "jobs", id, "metrics"]) => Ok(respond(
@@ -226,24 +230,36 @@ async fn ssh(
 }
 
 /// `offset=N&follow=B` (both optional: 0 and false).
-fn log_query(query: &str) -> Result<(u64, bool), HttpError> {
+/// The query of `GET /api/jobs/{id}/logs`.
+#[derive(Default)]
+struct LogQuery {
+    /// `offset`: the first byte (0).
+    offset: u64,
+    /// `since`: only chunks written at this time (Unix ms) or later.
+    since_ms: Option<u64>,
+    /// `follow`: keep streaming while the job runs.
+    follow: bool,
+}
+
+fn log_query(query: &str) -> Result<LogQuery, HttpError> {
     let bad = |what: &str| {
         HttpError(
             StatusCode::BAD_REQUEST,
             format!("invalid {what} in {query:?}"),
         )
     };
-    let (mut offset, mut follow) = (0, false);
+    let mut parsed = LogQuery::default();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=').unwrap_or((pair, "")) {
-            ("offset", n) => offset = n.parse().map_err(|_| bad("offset"))?,
-            ("follow", "true" | "1") => follow = true,
-            ("follow", "false" | "0") => follow = false,
+            ("offset", n) => parsed.offset = n.parse().map_err(|_| bad("offset"))?,
+            ("since", ms) => parsed.since_ms = Some(ms.parse().map_err(|_| bad("since"))?),
+            ("follow", "true" | "1") => parsed.follow = true,
+            ("follow", "false" | "0") => parsed.follow = false,
             ("follow", _) => return Err(bad("follow")),
             _ => {}
         }
     }
-    Ok((offset, follow))
+    Ok(parsed)
 }
 
 async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, HttpError> {

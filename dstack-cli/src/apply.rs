@@ -31,6 +31,12 @@ pub struct ApplyArgs {
     /// The run name (overrides `name:`).
     #[arg(short, long)]
     name: Option<String>,
+    /// Stop an active run of the same name and submit this one even when nothing changed.
+    #[arg(long)]
+    force: bool,
+    /// dstack's override flags (resources and profile settings).
+    #[command(flatten)]
+    overrides: crate::overrides::Overrides,
 }
 
 /// Reads and validates the configuration file.
@@ -140,7 +146,7 @@ pub fn exit_code(run: &Run, exit_status: Option<i32>) -> ExitCode {
 
 /// `dstack apply`.
 pub async fn apply(client: &Client, args: &ApplyArgs) -> Result<ExitCode, Failure> {
-    let configuration = load(&args.file)?;
+    let configuration = args.overrides.apply(load(&args.file)?)?;
     if let Configuration::Fleet(_) = configuration {
         return crate::fleet::apply(client, &configuration, args.yes).await;
     }
@@ -188,8 +194,35 @@ pub async fn apply(client: &Client, args: &ApplyArgs) -> Result<ExitCode, Failur
         None => {
             let plan = client.runs().plan(&configuration).await?;
             print_plan(&plan, &file);
-            if !args.yes && !crate::confirm("Submit the run?") {
+            let active = active_run(client, &configuration, args).await?;
+            let question = match &active {
+                Some(active) if active.unchanged => {
+                    println!(
+                        "Active run {} already exists. Detected no changes.",
+                        active.handle.name()
+                    );
+                    if args.yes && !args.force {
+                        println!("Use --force to apply anyway.");
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    "Stop and override the run?"
+                }
+                Some(active) => {
+                    println!(
+                        "Active run {} already exists, with another configuration.",
+                        active.handle.name()
+                    );
+                    "Stop and override the run?"
+                }
+                None => "Submit the run?",
+            };
+            if !args.yes && !crate::confirm(question) {
                 return Ok(ExitCode::from(1));
+            }
+            if let Some(active) = active {
+                active.handle.stop(false).await?;
+                let stopped = active.handle.wait().await?;
+                println!("Stopped run {} ({})", stopped.name, stopped.status);
             }
             let run = client.runs().apply(configuration, options).await?;
             println!("Submitted run {}", run.name());
@@ -236,4 +269,43 @@ pub async fn apply(client: &Client, args: &ApplyArgs) -> Result<ExitCode, Failur
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// An unfinished run with the name a run configuration is applied under.
+struct ActiveRun {
+    handle: dstack_core::RunHandle,
+    /// Whether it runs this very configuration (besides its name) with no `-e` added.
+    unchanged: bool,
+}
+
+/// The unfinished run that applying `configuration` (under `-n` or its `name:`) would
+/// override, as dstack's apply finds it: it is stopped first (after asking).
+async fn active_run(
+    client: &Client,
+    configuration: &Configuration,
+    args: &ApplyArgs,
+) -> Result<Option<ActiveRun>, Failure> {
+    let Some(name) = args.name.as_deref().or(configuration.name()) else {
+        return Ok(None);
+    };
+    let Some(handle) = client.runs().get(name).await? else {
+        return Ok(None);
+    };
+    let run = handle.run().await?;
+    if run.status.is_finished() {
+        return Ok(None);
+    }
+    let without_name = |c: &Configuration| {
+        let mut value = c.to_json();
+        if let Some(map) = value.as_object_mut() {
+            map.remove("name");
+        }
+        value
+    };
+    let unchanged = args.env.is_empty()
+        && run
+            .spec
+            .configuration()
+            .is_ok_and(|stored| without_name(&stored) == without_name(configuration));
+    Ok(Some(ActiveRun { handle, unchanged }))
 }
