@@ -282,12 +282,18 @@ mod tests {
 
     #[test]
     fn log_queries_are_parsed() {
-        assert!(matches!(log_query(""), Ok((0, false))));
-        assert!(matches!(log_query("offset=12&follow=true"), Ok((12, true))));
-        assert!(matches!(
-            log_query("follow=false&x=y&offset=3"),
-            Ok((3, false))
-        ));
+        let parsed = |q: &str| {
+            let q = log_query(q).map_err(|e| e.1).unwrap();
+            (q.offset, q.since_ms, q.follow)
+        };
+        assert_eq!(parsed(""), (0, None, false));
+        assert_eq!(parsed("offset=12&follow=true"), (12, None, true));
+        assert_eq!(parsed("follow=false&x=y&offset=3"), (3, None, false));
+        assert_eq!(
+            parsed("since=1700000000000&follow=1"),
+            (0, Some(1_700_000_000_000), true)
+        );
+        assert!(log_query("since=yesterday").is_err());
         assert!(log_query("offset=-1").is_err());
         assert!(log_query("follow=maybe").is_err());
     }

@@ -230,7 +230,7 @@ mod tests {
         let overrides = Overrides {
             cpu: Some("1..".into()),
             gpu: Some("0".into()),
-            backends: vec!["local".into(), "ssh".into()],
+            backends: vec!["local".into(), "remote".into()],
             spot: true,
             max_price: Some(0.5),
             retry_duration: Some("1h".into()),
@@ -244,7 +244,7 @@ mod tests {
         assert_eq!((r.cpu.count.min, r.cpu.count.max), (Some(1), None));
         assert!(r.gpu.as_ref().is_none_or(|g| g.count.max == Some(0)));
         let v = profile_json(&Configuration::Task(t));
-        assert_eq!(v["backends"], json!(["local", "ssh"]));
+        assert_eq!(v["backends"], json!(["local", "remote"]));
         assert_eq!(v["spot_policy"], json!("spot"));
         assert_eq!(v["max_price"], json!(0.5));
         assert_eq!(v["retry"]["duration"], json!(3600));

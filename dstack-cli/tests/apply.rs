@@ -409,12 +409,9 @@ fn override_flags_change_the_plan_as_dstacks_do() {
     assert!(!local.contains("No offers"), "{local}");
     let elsewhere = plan_of(&env, &["-f", &file, "-b", "aws"]);
     assert!(elsewhere.contains("No offers"), "{elsewhere}");
-    let huge = plan_of(&env, &["-f", &file, "--cpu", "100000.."]);
+    let huge = plan_of(&env, &["-f", &file, "--cpu", "1000.."]);
     assert!(huge.contains("No offers"), "{huge}");
-    assert!(
-        summary(&huge, "Resources").contains("cpu=100000.."),
-        "{huge}"
-    );
+    assert!(summary(&huge, "Resources").contains("cpu=1000.."), "{huge}");
     let memory = plan_of(&env, &["-f", &file, "--memory", "100000GB.."]);
     assert!(memory.contains("No offers"), "{memory}");
     let disk = plan_of(&env, &["-f", &file, "--disk", "1000000GB.."]);
@@ -450,7 +447,7 @@ fn override_flags_change_the_plan_as_dstacks_do() {
     };
     assert!(offers(&["--gpu", "0", "--cpu", "1..", "-b", "local"]) > 0);
     assert_eq!(offers(&["-b", "aws"]), 0);
-    assert_eq!(offers(&["--cpu", "100000.."]), 0);
+    assert_eq!(offers(&["--cpu", "1000.."]), 0);
     let out = env.run(&["offer", "-b", "aws"]);
     assert!(
         text(&out.stdout).contains("No offers"),
@@ -539,7 +536,7 @@ fn profile_flags_reach_the_run_and_are_honoured() {
         text(&out.stderr)
     );
     let configuration = configuration_of(&env, "long");
-    assert_eq!(configuration["fleets"], serde_json::json!(["nosuch"]));
+    assert_eq!(configuration["fleets"][0]["name"], "nosuch");
     assert_eq!(configuration["retry"], false);
 }
 

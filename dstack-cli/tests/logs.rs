@@ -1,5 +1,6 @@
 //! `dstack logs` on real runs: `--job`/`--replica` (the node of a 2-node task on namespace SSH
-//! hosts), `--since` (by the agent's timestamp index), `-d/--diagnose` (the engine's record).
+//! hosts, whose fleet `dstack delete -f` deletes), `--since` (by the agent's timestamp index),
+//! `-d/--diagnose` (the engine's record).
 
 mod common;
 #[path = "../../dstack-backends/tests/common/netns.rs"]
@@ -53,6 +54,11 @@ fn logs_of_the_second_node_of_a_two_node_task_on_namespace_hosts() {
          commands: [echo node $DSTACK_NODE_RANK of $DSTACK_NODES_NUM]\n\
          resources: {cpu: 1.., memory: 0.1GB..}\n",
     );
+    // `-b remote` keeps the fleet's hosts (dstack's backend of SSH fleets), `-b aws` not.
+    let plan = text(&env.run(&["apply", "-f", &task, "-b", "remote"]).stdout);
+    assert_eq!(plan.matches("ssh (remote)").count(), 2, "{plan}");
+    let plan = text(&env.run(&["apply", "-f", &task, "-b", "aws"]).stdout);
+    assert!(plan.contains("No offers"), "{plan}");
     let out = env.run(&["apply", "-f", &task, "-y"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 
@@ -97,8 +103,16 @@ fn logs_of_the_second_node_of_a_two_node_task_on_namespace_hosts() {
     assert!(instance(&second).contains("(ssh, "), "{second}");
     assert_ne!(instance(&first), instance(&second));
 
-    let out = env.run(&["fleet", "delete", "loghosts", "-y"]);
+    // `dstack delete -f` deletes the fleet its file names.
+    let out = env.run(&["delete", "-f", &fleet, "-y"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("Fleet loghosts deleted"),
+        "{}",
+        text(&out.stderr)
+    );
+    let fleets = text(&env.run(&["fleet"]).stdout);
+    assert!(!fleets.contains("loghosts"), "{fleets}");
 }
 
 #[test]

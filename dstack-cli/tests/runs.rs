@@ -49,7 +49,7 @@ fn sleeper(env: &Env, name: &str) {
         || {
             text(&env.run(&["ps"]).stdout)
                 .lines()
-                .any(|l| l.starts_with(name) && l.contains("running"))
+                .any(|l| l.split_whitespace().next() == Some(name) && l.contains("running"))
         },
         "the run to start",
     );
@@ -115,17 +115,16 @@ fn ps_shows_the_last_n_runs_as_a_table_or_json() {
 /// The process ids of the children of `pid`.
 fn children(pid: u32) -> Vec<u32> {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
-    tasks
-        .flat_map(|t| {
-            let path = t.unwrap().path().join("children");
-            std::fs::read_to_string(path).unwrap_or_default()
-        })
-        .flat_map(|list| {
+    let mut children = Vec::new();
+    for task in tasks {
+        let path = task.unwrap().path().join("children");
+        let list = std::fs::read_to_string(path).unwrap_or_default();
+        children.extend(
             list.split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect::<Vec<u32>>()
-        })
-        .collect()
+                .filter_map(|p| p.parse::<u32>().ok()),
+        );
+    }
+    children
 }
 
 #[test]

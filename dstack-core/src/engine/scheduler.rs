@@ -630,6 +630,7 @@ pub(crate) fn eligible<'a>(
     instances
         .iter()
         .filter(|i| !containers || i.containers)
+        .filter(|i| profile_allows(&common.profile, i))
         .filter(|i| {
             selection.as_ref().is_none_or(|names| {
                 fleets
@@ -638,6 +639,45 @@ pub(crate) fn eligible<'a>(
             })
         })
         .collect()
+}
+
+/// The region of an instance as plans show it: its cloud offer's, else `local` for this
+/// machine and `remote` for the hosts of SSH fleets (as dstack names theirs).
+pub(crate) fn instance_region(instance: &Instance) -> &str {
+    match (&instance.offer, instance.backend.as_str()) {
+        (Some(offer), _) => &offer.region,
+        (None, "local") => "local",
+        (None, _) => "remote",
+    }
+}
+
+/// The instance type of an instance as plans show it: its cloud offer's, else its name.
+pub(crate) fn instance_type(instance: &Instance) -> &str {
+    instance
+        .offer
+        .as_ref()
+        .map_or(&instance.name, |offer| &offer.instance_type)
+}
+
+/// Whether a profile's `backends`, `regions` and `instance_types` allow an existing
+/// instance, as dstack filters the instances of fleets (names compared case-insensitively;
+/// SSH fleet hosts are backend `remote`, region `remote`).
+fn profile_allows(profile: &crate::config::profile::ProfileParams, instance: &Instance) -> bool {
+    let listed = |list: Option<&[String]>, value: &str| {
+        list.is_none_or(|l| l.iter().any(|v| v.eq_ignore_ascii_case(value)))
+    };
+    let backends = profile
+        .backends
+        .as_ref()
+        .map(|b| b.iter().map(|b| b.as_str().to_string()).collect::<Vec<_>>());
+    // The hosts of SSH fleets are dstack's backend `remote`.
+    let backend = match instance.backend.as_str() {
+        super::fleets::SSH_BACKEND => "remote",
+        backend => backend,
+    };
+    listed(backends.as_deref(), backend)
+        && listed(profile.regions.as_deref(), instance_region(instance))
+        && listed(profile.instance_types.as_deref(), instance_type(instance))
 }
 
 /// Whether requirement `a` is at least as large as `b` in every dimension.
