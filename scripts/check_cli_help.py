@@ -87,7 +87,7 @@ def dstack_verbs():
 def unsupported(readme):
     """{(verb, flag): why} from the README table "CLI flags not supported yet"."""
     text = open(readme, encoding="utf-8").read()
-    start = text.find("CLI flags not supported yet")
+    start = text.find("### CLI flags not supported yet")
     if start < 0:
         return {}
     rows = {}
