@@ -31,6 +31,9 @@ pub struct ApplyArgs {
     /// The run name (overrides `name:`).
     #[arg(short, long)]
     name: Option<String>,
+    /// Show at most this many offers in the plan (all by default).
+    #[arg(long, value_name = "N")]
+    max_offers: Option<usize>,
     /// Stop an active run of the same name and submit this one even when nothing changed.
     #[arg(long)]
     force: bool,
@@ -81,8 +84,9 @@ fn parse_env(items: &[String]) -> Result<BTreeMap<String, String>, Failure> {
     Ok(env)
 }
 
-/// Prints the plan as dstack does: the configuration summary, then the offers.
-pub fn print_plan(plan: &RunPlan, file: &str) {
+/// Prints the plan as dstack does: the configuration summary, then the offers (the first
+/// `max_offers` of them, when given).
+pub fn print_plan(plan: &RunPlan, file: &str, max_offers: Option<usize>) {
     let common = match &plan.configuration {
         Configuration::Task(t) => &t.common,
         Configuration::Service(s) => &s.common,
@@ -122,7 +126,8 @@ pub fn print_plan(plan: &RunPlan, file: &str) {
         return;
     }
     let mut offers = Table::new(&["#", "BACKEND", "RESOURCES", "INSTANCE TYPE", "PRICE", ""]);
-    for (i, o) in plan.offers.iter().enumerate() {
+    let shown = max_offers.unwrap_or(usize::MAX).min(plan.offers.len());
+    for (i, o) in plan.offers.iter().take(shown).enumerate() {
         offers.row(vec![
             (i + 1).to_string(),
             format!("{} ({})", o.backend, o.region),
@@ -133,6 +138,9 @@ pub fn print_plan(plan: &RunPlan, file: &str) {
         ]);
     }
     println!("{}", offers.render());
+    if shown < plan.offers.len() {
+        println!(" Shown {shown} of {} offers\n", plan.offers.len());
+    }
 }
 
 /// The process exit code for a finished run: the job's exit status when it has one.
@@ -193,7 +201,7 @@ pub async fn apply(client: &Client, args: &ApplyArgs) -> Result<ExitCode, Failur
         }
         None => {
             let plan = client.runs().plan(&configuration).await?;
-            print_plan(&plan, &file);
+            print_plan(&plan, &file, args.max_offers);
             let active = active_run(client, &configuration, args).await?;
             let question = match &active {
                 Some(active) if active.unchanged => {

@@ -68,7 +68,7 @@ pub fn parse_since(text: &str, now_ms: u64) -> Result<Since, SinceError> {
 }
 
 /// The clap parser of `--since` (durations count back from now).
-fn since(text: &str) -> Result<Since, SinceError> {
+pub fn since(text: &str) -> Result<Since, SinceError> {
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);

@@ -15,6 +15,9 @@ pub struct OfferArgs {
     /// The resources and profile settings to look for (dstack's flags of `dstack apply`).
     #[command(flatten)]
     overrides: Overrides,
+    /// Show at most this many offers (all by default).
+    #[arg(long, value_name = "N")]
+    max_offers: Option<usize>,
     /// The output format.
     #[arg(long, value_enum, default_value_t = Format::Plain)]
     format: Format,
@@ -30,11 +33,15 @@ pub async fn offer(client: &Client, args: &OfferArgs) -> Result<ExitCode, Failur
     let configuration = args.overrides.apply(task)?;
     let plan = client.runs().plan(&configuration).await?;
     if args.json || args.format == Format::Json {
-        let out =
-            serde_json::json!({ "offers": plan.offers, "no_offers_reason": plan.no_offers_reason });
+        let shown = args.max_offers.unwrap_or(usize::MAX).min(plan.offers.len());
+        let out = serde_json::json!({
+            "offers": plan.offers[..shown],
+            "total_offers": plan.offers.len(),
+            "no_offers_reason": plan.no_offers_reason,
+        });
         println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
     } else {
-        crate::apply::print_plan(&plan, "(flags)");
+        crate::apply::print_plan(&plan, "(flags)", args.max_offers);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -25,6 +25,10 @@ pub struct AttachArgs {
     /// The replica to attach to.
     #[arg(long, default_value_t = 0)]
     replica: u32,
+    /// With --logs: only output newer than this, a duration (e.g. 10s, 5m, 1d) or an RFC 3339
+    /// time (e.g. 2023-09-24T15:30:00Z).
+    #[arg(long, value_name = "SINCE", value_parser = crate::logs::since)]
+    since: Option<crate::logs::Since>,
     /// A private key `ssh <run>` also accepts (its public half, `PATH.pub`, is added).
     #[arg(long, value_name = "PATH")]
     ssh_identity: Option<std::path::PathBuf>,
@@ -55,6 +59,8 @@ pub struct Attach {
     pub ports: Vec<(u16, u16)>,
     /// Stream the job's output.
     pub logs: bool,
+    /// Only output written at this time (Unix ms) or later.
+    pub since_ms: Option<u64>,
 }
 
 /// Waits until the run is running, forwards the job's ports to this machine (for jobs on
@@ -105,7 +111,7 @@ pub async fn attach(
             follow: true,
             replica_num: how.replica,
             job_num: how.job,
-            since_ms: None,
+            since_ms: how.since_ms,
         };
         crate::logs::write_stream(run, query).await?;
     }
@@ -142,6 +148,7 @@ pub async fn attach_cmd(
         replica: args.replica,
         ports: args.ports.clone(),
         logs: args.logs,
+        since_ms: args.since.map(|s| s.0),
     };
     tokio::select! {
         result = attach(&run, &how) => {

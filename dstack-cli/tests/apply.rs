@@ -448,6 +448,12 @@ fn override_flags_change_the_plan_as_dstacks_do() {
     assert!(offers(&["--gpu", "0", "--cpu", "1..", "-b", "local"]) > 0);
     assert_eq!(offers(&["-b", "aws"]), 0);
     assert_eq!(offers(&["--cpu", "1000.."]), 0);
+    let out = env.run(&["offer", "--max-offers", "0", "--format", "json"]);
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(plan["offers"].as_array().unwrap().len(), 0, "{plan}");
+    assert_eq!(plan["total_offers"], 1, "{plan}");
+    let capped = plan_of(&env, &["-f", &file, "--max-offers", "0"]);
+    assert!(capped.contains("Shown 0 of 1 offers"), "{capped}");
     let out = env.run(&["offer", "-b", "aws"]);
     assert!(
         text(&out.stdout).contains("No offers"),

@@ -154,6 +154,10 @@ fn logs_since_prints_only_what_was_written_after_that_time() {
         text(&env.run(&["logs", "tail", "--since", "0s"]).stdout),
         ""
     );
+    // `attach --logs --since` streams from the same time.
+    let out = env.run(&["attach", "tail", "--logs", "--since", &rfc3339(between)]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "late\n");
 
     let out = env.run(&["logs", "tail", "--since", "2023-09-24T15:30:00"]);
     assert_eq!(out.status.code(), Some(2), "clap refuses the value");
