@@ -14,12 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/dstack-rs/target}"
 cargo=(${CARGO:-cargo})
-venv="${DSTACK_SHAPES_VENV:-$HOME/.cache/dstack-rs/dstack-0.22.5-venv}"
-if ! "$venv/bin/python" -c 'import dstack.version as v; assert v.__version__ == "0.22.5"' 2>/dev/null; then
-  echo "==> dstack 0.22.5 into $venv"
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check "dstack==0.22.5"
-fi
+source scripts/dstack-venv.sh
 
 lenient=()
 if [ "${1:-}" = "--lenient" ]; then

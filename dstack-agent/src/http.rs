@@ -112,8 +112,12 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
             Ok(json(&app.jobs.stop(id, read_json(req).await?)?))
         }
         (Method::GET, ["api", "jobs", id, "logs"]) => {
-            let (offset, follow) = log_query(req.uri().query().unwrap_or(""))?;
-            let logs = app.jobs.get(id)?.logs(offset, follow).await?;
+            let query = log_query(req.uri().query().unwrap_or(""))?;
+            let logs = app
+                .jobs
+                .get(id)?
+                .logs(query.offset, query.since_ms, query.follow)
+                .await?;
             Ok(stream("application/octet-stream", logs))
         }
         (Method::GET, ["api", "jobs", id, "metrics"]) => Ok(respond(
@@ -226,24 +230,36 @@ async fn ssh(
 }
 
 /// `offset=N&follow=B` (both optional: 0 and false).
-fn log_query(query: &str) -> Result<(u64, bool), HttpError> {
+/// The query of `GET /api/jobs/{id}/logs`.
+#[derive(Default)]
+struct LogQuery {
+    /// `offset`: the first byte (0).
+    offset: u64,
+    /// `since`: only chunks written at this time (Unix ms) or later.
+    since_ms: Option<u64>,
+    /// `follow`: keep streaming while the job runs.
+    follow: bool,
+}
+
+fn log_query(query: &str) -> Result<LogQuery, HttpError> {
     let bad = |what: &str| {
         HttpError(
             StatusCode::BAD_REQUEST,
             format!("invalid {what} in {query:?}"),
         )
     };
-    let (mut offset, mut follow) = (0, false);
+    let mut parsed = LogQuery::default();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=').unwrap_or((pair, "")) {
-            ("offset", n) => offset = n.parse().map_err(|_| bad("offset"))?,
-            ("follow", "true" | "1") => follow = true,
-            ("follow", "false" | "0") => follow = false,
+            ("offset", n) => parsed.offset = n.parse().map_err(|_| bad("offset"))?,
+            ("since", ms) => parsed.since_ms = Some(ms.parse().map_err(|_| bad("since"))?),
+            ("follow", "true" | "1") => parsed.follow = true,
+            ("follow", "false" | "0") => parsed.follow = false,
             ("follow", _) => return Err(bad("follow")),
             _ => {}
         }
     }
-    Ok((offset, follow))
+    Ok(parsed)
 }
 
 async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, HttpError> {
@@ -266,12 +282,18 @@ mod tests {
 
     #[test]
     fn log_queries_are_parsed() {
-        assert!(matches!(log_query(""), Ok((0, false))));
-        assert!(matches!(log_query("offset=12&follow=true"), Ok((12, true))));
-        assert!(matches!(
-            log_query("follow=false&x=y&offset=3"),
-            Ok((3, false))
-        ));
+        let parsed = |q: &str| {
+            let q = log_query(q).map_err(|e| e.1).unwrap();
+            (q.offset, q.since_ms, q.follow)
+        };
+        assert_eq!(parsed(""), (0, None, false));
+        assert_eq!(parsed("offset=12&follow=true"), (12, None, true));
+        assert_eq!(parsed("follow=false&x=y&offset=3"), (3, None, false));
+        assert_eq!(
+            parsed("since=1700000000000&follow=1"),
+            (0, Some(1_700_000_000_000), true)
+        );
+        assert!(log_query("since=yesterday").is_err());
         assert!(log_query("offset=-1").is_err());
         assert!(log_query("follow=maybe").is_err());
     }

@@ -171,12 +171,18 @@ impl Job {
         self.info.send_modify(|info| info.log_bytes = log_bytes);
     }
 
-    /// The job's output from `offset`, following it while the job runs if `follow`.
+    /// The job's output from `offset` (or from the first chunk written at `since_ms` or later,
+    /// when that is further), following it while the job runs if `follow`.
     pub async fn logs(
         &self,
         offset: u64,
+        since_ms: Option<u64>,
         follow: bool,
     ) -> io::Result<impl Stream<Item = io::Result<Bytes>> + Send> {
+        let offset = match since_ms {
+            Some(since) => offset.max(logs::offset_since(&self.dir, since)?),
+            None => offset,
+        };
         logs::stream(&self.dir, offset, follow, self.info.subscribe()).await
     }
 }

@@ -181,6 +181,41 @@ fn create_files(dir: &Path, base: u64) -> io::Result<(File, File)> {
     Ok((append("log")?, append("idx")?))
 }
 
+/// The offset of the first chunk of output in `dir` written at `since_ms` (Unix ms) or later,
+/// by the timestamp index; the end of the output when every kept chunk is older (a reader
+/// starting there gets only what comes next). Only kept files are looked at.
+pub(crate) fn offset_since(dir: &Path, since_ms: u64) -> io::Result<u64> {
+    let bases = segments(dir)?;
+    // The end is taken before the index is read: a chunk written meanwhile lies beyond it.
+    let end = match bases.last() {
+        Some(base) => match segment_path(dir, *base, "log").metadata() {
+            Ok(meta) => base + meta.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => *base,
+            Err(e) => return Err(e),
+        },
+        None => return Ok(0),
+    };
+    for base in bases {
+        let index = match fs::read_to_string(segment_path(dir, base, "idx")) {
+            Ok(index) => index,
+            // Deleted by a rotation since it was listed: its chunks are gone anyway.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        let first = index.lines().find_map(|line| {
+            let (offset, at) = line.split_once(' ')?;
+            let at: u64 = at.parse().ok()?;
+            (at >= since_ms)
+                .then(|| offset.parse::<u64>().ok())
+                .flatten()
+        });
+        if let Some(offset) = first {
+            return Ok(offset);
+        }
+    }
+    Ok(end)
+}
+
 /// The output of the job whose directory is `dir` from byte `offset` (or from the oldest byte
 /// kept, when later), as a stream of chunks of at most [`CHUNK`] bytes. Without `follow` it
 /// ends at the current end of the output; with `follow` it waits for more output (woken
@@ -323,6 +358,37 @@ mod tests {
         let idx = std::fs::read_to_string(dir.path().join("output.idx")).unwrap();
         let offsets: Vec<&str> = idx.lines().map(|l| l.split(' ').next().unwrap()).collect();
         assert_eq!(offsets, ["0", "6", "12"]);
+    }
+
+    #[test]
+    fn the_offset_since_a_time_is_that_of_the_first_chunk_written_then_or_later() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(offset_since(dir.path(), 0).unwrap(), 0, "no output yet");
+        let rotation = Rotation {
+            file_bytes: 8,
+            files: 3,
+        };
+        let mut log = LogWriter::open(dir.path(), rotation).unwrap();
+        log.append(b"old\n").unwrap();
+        // Chunks carry the time they were written: a later time starts a later chunk.
+        let written = |log: &LogWriter| {
+            let at = unix_ms();
+            while unix_ms() == at {
+                std::thread::yield_now();
+            }
+            (log.len(), unix_ms())
+        };
+        let (offset, at) = written(&log);
+        log.append(b"new line\n").unwrap();
+        log.append(b"newer\n").unwrap();
+        assert_eq!(offset_since(dir.path(), at).unwrap(), offset);
+        assert_eq!(offset_since(dir.path(), 0).unwrap(), 0);
+        let (end, after) = written(&log);
+        assert_eq!(
+            offset_since(dir.path(), after).unwrap(),
+            end,
+            "nothing that new"
+        );
     }
 
     #[test]

@@ -31,6 +31,15 @@ pub struct ApplyArgs {
     /// The run name (overrides `name:`).
     #[arg(short, long)]
     name: Option<String>,
+    /// Show at most this many offers in the plan (all by default).
+    #[arg(long, value_name = "N")]
+    max_offers: Option<usize>,
+    /// Stop an active run of the same name and submit this one even when nothing changed.
+    #[arg(long)]
+    force: bool,
+    /// dstack's override flags (resources and profile settings).
+    #[command(flatten)]
+    overrides: crate::overrides::Overrides,
     /// Arguments for `${{ run.args }}` in the commands of a task or service (after `--`).
     #[arg(last = true, value_name = "ARGS")]
     run_args: Vec<String>,
@@ -86,8 +95,9 @@ fn parse_env(items: &[String]) -> Result<BTreeMap<String, String>, Failure> {
     Ok(env)
 }
 
-/// Prints the plan as dstack does: the configuration summary, then the offers.
-pub fn print_plan(plan: &RunPlan, file: &str) {
+/// Prints the plan as dstack does: the configuration summary, then the offers (the first
+/// `max_offers` of them, when given).
+pub fn print_plan(plan: &RunPlan, file: &str, max_offers: Option<usize>) {
     let common = match &plan.configuration {
         Configuration::Task(t) => &t.common,
         Configuration::Service(s) => &s.common,
@@ -127,7 +137,8 @@ pub fn print_plan(plan: &RunPlan, file: &str) {
         return;
     }
     let mut offers = Table::new(&["#", "BACKEND", "RESOURCES", "INSTANCE TYPE", "PRICE", ""]);
-    for (i, o) in plan.offers.iter().enumerate() {
+    let shown = max_offers.unwrap_or(usize::MAX).min(plan.offers.len());
+    for (i, o) in plan.offers.iter().take(shown).enumerate() {
         offers.row(vec![
             (i + 1).to_string(),
             format!("{} ({})", o.backend, o.region),
@@ -138,6 +149,9 @@ pub fn print_plan(plan: &RunPlan, file: &str) {
         ]);
     }
     println!("{}", offers.render());
+    if shown < plan.offers.len() {
+        println!(" Shown {shown} of {} offers\n", plan.offers.len());
+    }
 }
 
 /// The process exit code for a finished run: the job's exit status when it has one.
@@ -151,7 +165,7 @@ pub fn exit_code(run: &Run, exit_status: Option<i32>) -> ExitCode {
 
 /// `dstack apply`.
 pub async fn apply(client: &Client, args: &ApplyArgs) -> Result<ExitCode, Failure> {
-    let configuration = load(&args.file, &args.run_args)?;
+    let configuration = args.overrides.apply(load(&args.file, &args.run_args)?)?;
     if let Configuration::Fleet(_) = configuration {
         return crate::fleet::apply(client, &configuration, args.yes).await;
     }
@@ -198,9 +212,36 @@ pub async fn apply(client: &Client, args: &ApplyArgs) -> Result<ExitCode, Failur
         }
         None => {
             let plan = client.runs().plan(&configuration).await?;
-            print_plan(&plan, &file);
-            if !args.yes && !crate::confirm("Submit the run?") {
+            print_plan(&plan, &file, args.max_offers);
+            let active = active_run(client, &configuration, args).await?;
+            let question = match &active {
+                Some(active) if active.unchanged => {
+                    println!(
+                        "Active run {} already exists. Detected no changes.",
+                        active.handle.name()
+                    );
+                    if args.yes && !args.force {
+                        println!("Use --force to apply anyway.");
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    "Stop and override the run?"
+                }
+                Some(active) => {
+                    println!(
+                        "Active run {} already exists, with another configuration.",
+                        active.handle.name()
+                    );
+                    "Stop and override the run?"
+                }
+                None => "Submit the run?",
+            };
+            if !args.yes && !crate::confirm(question) {
                 return Ok(ExitCode::from(1));
+            }
+            if let Some(active) = active {
+                active.handle.stop(false).await?;
+                let stopped = active.handle.wait().await?;
+                println!("Stopped run {} ({})", stopped.name, stopped.status);
             }
             let run = client.runs().apply(configuration, options).await?;
             println!("Submitted run {}", run.name());
@@ -247,4 +288,43 @@ pub async fn apply(client: &Client, args: &ApplyArgs) -> Result<ExitCode, Failur
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// An unfinished run with the name a run configuration is applied under.
+struct ActiveRun {
+    handle: dstack_core::RunHandle,
+    /// Whether it runs this very configuration (besides its name) with no `-e` added.
+    unchanged: bool,
+}
+
+/// The unfinished run that applying `configuration` (under `-n` or its `name:`) would
+/// override, as dstack's apply finds it: it is stopped first (after asking).
+async fn active_run(
+    client: &Client,
+    configuration: &Configuration,
+    args: &ApplyArgs,
+) -> Result<Option<ActiveRun>, Failure> {
+    let Some(name) = args.name.as_deref().or(configuration.name()) else {
+        return Ok(None);
+    };
+    let Some(handle) = client.runs().get(name).await? else {
+        return Ok(None);
+    };
+    let run = handle.run().await?;
+    if run.status.is_finished() {
+        return Ok(None);
+    }
+    let without_name = |c: &Configuration| {
+        let mut value = c.to_json();
+        if let Some(map) = value.as_object_mut() {
+            map.remove("name");
+        }
+        value
+    };
+    let unchanged = args.env.is_empty()
+        && run
+            .spec
+            .configuration()
+            .is_ok_and(|stored| without_name(&stored) == without_name(configuration));
+    Ok(Some(ActiveRun { handle, unchanged }))
 }

@@ -120,13 +120,13 @@ pub async fn apply(
 #[derive(clap::Args)]
 pub struct DeleteArgs {
     /// The fleet.
-    name: String,
+    pub(crate) name: String,
     /// Do not ask for confirmation.
     #[arg(short, long)]
-    yes: bool,
+    pub(crate) yes: bool,
     /// Delete even while jobs run on it (they are stopped with their hosts' agents).
     #[arg(long)]
-    force: bool,
+    pub(crate) force: bool,
 }
 
 /// `dstack fleet delete NAME`: stops the agents and removes what was installed.

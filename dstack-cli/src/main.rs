@@ -1,8 +1,12 @@
 //! The `dstack` command-line interface.
 
 mod apply;
+mod delete;
 mod fleet;
+mod logs;
 mod offer;
+mod overrides;
+mod ps;
 mod runs;
 mod secret;
 mod server;
@@ -31,16 +35,19 @@ enum Command {
     /// Exits with the job's exit code. Ctrl-C detaches and leaves the run running.
     Apply(apply::ApplyArgs),
     /// List runs (unfinished ones unless --all).
-    Ps(runs::PsArgs),
+    Ps(ps::PsArgs),
     /// Print the output of a run.
-    Logs(runs::LogsArgs),
+    Logs(logs::LogsArgs),
     /// Attach to a run: forward its ports to localhost (and stream its output with --logs)
     /// until it ends; `ssh <run>` works meanwhile (and whenever the run runs).
     ///
     /// Ctrl-C detaches and leaves the run running.
     Attach(runs::AttachArgs),
-    /// Stop a run (gracefully, or at once with -x).
+    /// Stop runs (gracefully, or at once with -x).
     Stop(runs::StopArgs),
+    /// Delete the fleet or volume a configuration file names.
+    #[command(visible_alias = "destroy")]
+    Delete(delete::DeleteArgs),
     /// Show where a run with these resources could run.
     Offer(offer::OfferArgs),
     /// List fleets and their instances (`dstack fleet delete NAME` deletes one).
@@ -108,6 +115,12 @@ impl Failure {
     }
 }
 
+impl From<overrides::OverrideError> for Failure {
+    fn from(e: overrides::OverrideError) -> Self {
+        Failure(e.to_string())
+    }
+}
+
 impl From<dstack_core::engine::EngineError> for Failure {
     fn from(e: dstack_core::engine::EngineError) -> Self {
         Failure(e.to_string())
@@ -143,10 +156,11 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
     match command {
         Command::Apply(args) => apply::apply(&client, &args).await,
         Command::Secret { action } => secret::run(&client, action).await,
-        Command::Ps(args) => runs::ps(&client, &args).await,
-        Command::Logs(args) => runs::logs(&client, &args).await,
+        Command::Ps(args) => ps::ps(&client, &args).await,
+        Command::Logs(args) => logs::logs(&client, &args).await,
         Command::Attach(args) => runs::attach_cmd(&client, &home, &args).await,
         Command::Stop(args) => runs::stop(&client, &args).await,
+        Command::Delete(args) => delete::delete(&client, &args).await,
         Command::Offer(args) => offer::offer(&client, &args).await,
         Command::Fleet { action } => match action {
             None | Some(FleetAction::List) => fleet::list(&client).await,

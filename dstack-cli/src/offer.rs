@@ -1,58 +1,47 @@
-//! `dstack offer`: where a configuration with these resources could run.
+//! `dstack offer`: where a run with these resources and profile settings could run.
 
 use std::process::ExitCode;
 
 use dstack_core::config;
 use dstack_core::Client;
 
+use crate::overrides::Overrides;
+use crate::ps::Format;
 use crate::Failure;
 
 /// Arguments of `dstack offer`.
 #[derive(clap::Args)]
 pub struct OfferArgs {
-    /// CPU spec, e.g. `4..` or `x86:2`.
-    #[arg(long)]
-    cpu: Option<String>,
-    /// Memory range, e.g. `16GB..`.
-    #[arg(long)]
-    memory: Option<String>,
-    /// GPU spec, e.g. `A100:80GB:2` or `24GB..`.
-    #[arg(long)]
-    gpu: Option<String>,
-    /// Disk range, e.g. `100GB..`.
-    #[arg(long)]
-    disk: Option<String>,
-    /// Print JSON.
+    /// The resources and profile settings to look for (dstack's flags of `dstack apply`).
+    #[command(flatten)]
+    overrides: Overrides,
+    /// Show at most this many offers (all by default).
+    #[arg(long, value_name = "N")]
+    max_offers: Option<usize>,
+    /// The output format.
+    #[arg(long, value_enum, default_value_t = Format::Plain)]
+    format: Format,
+    /// Print JSON (the same as --format json).
     #[arg(long)]
     json: bool,
 }
 
-/// `dstack offer`.
+/// `dstack offer`: the plan of a task with the flags' resources and profile.
 pub async fn offer(client: &Client, args: &OfferArgs) -> Result<ExitCode, Failure> {
-    let mut resources = Vec::new();
-    for (key, value) in [
-        ("cpu", &args.cpu),
-        ("memory", &args.memory),
-        ("gpu", &args.gpu),
-        ("disk", &args.disk),
-    ] {
-        if let Some(v) = value {
-            resources.push(format!("{key}: {}", serde_json::Value::String(v.clone())));
-        }
-    }
-    let text = format!(
-        "type: task\ncommands: [offer]\nresources: {{{}}}\n",
-        resources.join(", ")
-    );
-    let configuration =
-        config::parse(&text, "--resource flags").map_err(|e| Failure::new(e.to_string()))?;
+    let task = config::parse("type: task\ncommands: [offer]\n", "dstack offer")
+        .map_err(|e| Failure::new(e.to_string()))?;
+    let configuration = args.overrides.apply(task)?;
     let plan = client.runs().plan(&configuration).await?;
-    if args.json {
-        let out =
-            serde_json::json!({ "offers": plan.offers, "no_offers_reason": plan.no_offers_reason });
+    if args.json || args.format == Format::Json {
+        let shown = args.max_offers.unwrap_or(usize::MAX).min(plan.offers.len());
+        let out = serde_json::json!({
+            "offers": plan.offers[..shown],
+            "total_offers": plan.offers.len(),
+            "no_offers_reason": plan.no_offers_reason,
+        });
         println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
     } else {
-        crate::apply::print_plan(&plan, "(flags)");
+        crate::apply::print_plan(&plan, "(flags)", args.max_offers);
     }
     Ok(ExitCode::SUCCESS)
 }

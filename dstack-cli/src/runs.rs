@@ -1,43 +1,11 @@
-//! `dstack ps`, `dstack logs`, `dstack stop`.
+//! `dstack attach`, `dstack stop`.
 
-use std::collections::HashMap;
-use std::io::Write;
 use std::process::ExitCode;
 
-use futures_util::StreamExt;
-
-use dstack_core::client::protocol::Snapshot;
-use dstack_core::config::cron::utc_text;
-use dstack_core::model::{Job, Run};
+use dstack_core::client::protocol::LogQuery;
 use dstack_core::Client;
 
-use crate::table::{ago, Table};
 use crate::Failure;
-
-/// Arguments of `dstack ps`.
-#[derive(clap::Args)]
-pub struct PsArgs {
-    /// Show finished runs too.
-    #[arg(short, long)]
-    all: bool,
-    /// Print JSON.
-    #[arg(long)]
-    json: bool,
-    /// Show each job of a run (every replica of a service with its readiness and probes,
-    /// every node of a multi-node task).
-    #[arg(short, long)]
-    verbose: bool,
-}
-
-/// Arguments of `dstack logs`.
-#[derive(clap::Args)]
-pub struct LogsArgs {
-    /// The run name.
-    run: String,
-    /// Keep streaming until the run finishes.
-    #[arg(short, long)]
-    follow: bool,
-}
 
 /// Arguments of `dstack attach`.
 #[derive(clap::Args)]
@@ -57,6 +25,10 @@ pub struct AttachArgs {
     /// The replica to attach to.
     #[arg(long, default_value_t = 0)]
     replica: u32,
+    /// With --logs: only output newer than this, a duration (e.g. 10s, 5m, 1d) or an RFC 3339
+    /// time (e.g. 2023-09-24T15:30:00Z).
+    #[arg(long, value_name = "SINCE", value_parser = crate::logs::since)]
+    since: Option<crate::logs::Since>,
     /// A private key `ssh <run>` also accepts (its public half, `PATH.pub`, is added).
     #[arg(long, value_name = "PATH")]
     ssh_identity: Option<std::path::PathBuf>,
@@ -87,6 +59,8 @@ pub struct Attach {
     pub ports: Vec<(u16, u16)>,
     /// Stream the job's output.
     pub logs: bool,
+    /// Only output written at this time (Unix ms) or later.
+    pub since_ms: Option<u64>,
 }
 
 /// Waits until the run is running, forwards the job's ports to this machine (for jobs on
@@ -133,7 +107,13 @@ pub async fn attach(
         }
     };
     if how.logs {
-        stream_logs(run, true).await?;
+        let query = LogQuery {
+            follow: true,
+            replica_num: how.replica,
+            job_num: how.job,
+            since_ms: how.since_ms,
+        };
+        crate::logs::write_stream(run, query).await?;
     }
     let finished = run.wait().await?;
     Ok((finished, run.exit_status().await?))
@@ -168,6 +148,7 @@ pub async fn attach_cmd(
         replica: args.replica,
         ports: args.ports.clone(),
         logs: args.logs,
+        since_ms: args.since.map(|s| s.0),
     };
     tokio::select! {
         result = attach(&run, &how) => {
@@ -185,8 +166,9 @@ pub async fn attach_cmd(
 /// Arguments of `dstack stop`.
 #[derive(clap::Args)]
 pub struct StopArgs {
-    /// The run name.
-    run: String,
+    /// The runs, by name.
+    #[arg(value_name = "RUN", required = true)]
+    runs: Vec<String>,
     /// Kill at once instead of stopping gracefully.
     #[arg(short = 'x', long)]
     abort: bool,
@@ -195,235 +177,31 @@ pub struct StopArgs {
     yes: bool,
 }
 
-fn latest_job(jobs: &[Job]) -> Option<&Job> {
-    jobs.iter()
-        .filter(|j| j.slot() == (0, 0))
-        .max_by_key(|j| j.submission_num)
-}
-
-/// The status column: the status, with the reason when it is not obvious, or the next start
-/// of a scheduled run that waits for it.
-fn status_text(run: &Run, job: Option<&Job>) -> String {
-    let mut s = run.status.to_string();
-    if let Some(at) = run.scheduled_start_ms() {
-        s.push_str(&format!(" (next {})", utc_text(at)));
-    }
-    if let Some(job) = job.filter(|_| run.status.is_finished()) {
-        match (job.exit_status, job.termination_reason.as_deref()) {
-            (Some(code), _) if code != 0 => s.push_str(&format!(" (exit {code})")),
-            (_, Some(reason)) if reason != "done_by_runner" => s.push_str(&format!(" ({reason})")),
-            _ => {}
-        }
-    }
-    s
-}
-
-/// `dstack ps`.
-pub async fn ps(client: &Client, args: &PsArgs) -> Result<ExitCode, Failure> {
-    let listing = client.runs().listing(args.all).await?;
-    for (id, why) in &listing.unreadable {
-        eprintln!("warning: the record of run {id} cannot be read ({why}); it is left out");
-    }
-    let runs = listing.runs;
-    // Every listed run's jobs and instances, in one request.
-    let ids: Vec<String> = runs.iter().map(|r| r.id.clone()).collect();
-    let mut snapshots: HashMap<String, Snapshot> = client
-        .runs()
-        .snapshots(&ids)
-        .await?
-        .into_iter()
-        .map(|s| (s.run.id.clone(), s))
-        .collect();
-    if args.json {
-        let mut out = Vec::new();
-        for run in &runs {
-            let jobs = snapshots
-                .remove(&run.id)
-                .map(|s| s.jobs)
-                .unwrap_or_default();
-            let mut run = serde_json::to_value(run).unwrap_or_default();
-            dstack_core::secrets::redact_run(&mut run);
-            out.push(serde_json::json!({ "run": run, "jobs": jobs }));
-        }
-        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
-        return Ok(ExitCode::SUCCESS);
-    }
-    let mut table = Table::new(&[
-        "NAME",
-        "BACKEND",
-        "RESOURCES",
-        "PRICE",
-        "STATUS",
-        "SUBMITTED",
-        "ERROR",
-    ]);
-    for run in &runs {
-        let (jobs, instances) = snapshots
-            .remove(&run.id)
-            .map(|s| (s.jobs, s.instances))
-            .unwrap_or_default();
-        let job = latest_job(&jobs);
-        let (backend, resources, price) = placement(run, job, &instances);
-        let error = job
-            .and_then(|j| j.termination_message.clone())
-            .filter(|_| run.status == dstack_core::model::RunStatus::Failed)
-            .unwrap_or_default();
-        table.row(vec![
-            run.name.clone(),
-            backend,
-            resources,
-            price,
-            status_text(run, job),
-            ago(run.submitted_at_ms),
-            error,
-        ]);
-        if args.verbose {
-            job_rows(client, &mut table, run, &jobs, &instances).await?;
-        }
-    }
-    print!("{}", table.render());
-    for run in runs.iter().filter(|r| !r.status.is_finished()) {
-        if let Some(service) = client.service(run) {
-            println!("{}: {}", run.name, service.url);
-        }
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Where a job runs, for a row of `dstack ps`: the backend (and whether it is a container
-/// or a process of the host), its resources and its price.
-fn placement(
-    run: &Run,
-    job: Option<&Job>,
-    instances: &[dstack_core::model::Instance],
-) -> (String, String, String) {
-    let resources = job
-        .and_then(|j| j.reservation.as_ref())
-        .map(|r| {
-            let gb = format!("{:.1}", r.memory_mib as f64 / 1024.0);
-            let gb = gb.strip_suffix(".0").unwrap_or(&gb);
-            let mut s = format!("cpu={} mem={gb}GB", r.cpus);
-            if !r.gpus.is_empty() {
-                s.push_str(&format!(" gpu={}", r.gpus.len()));
-            }
-            s
-        })
-        .unwrap_or_else(|| "-".to_string());
-    let instance = job
-        .and_then(|j| j.instance_id.as_deref())
-        .and_then(|id| instances.iter().find(|i| i.id == id));
-    // Which runtime the job uses: a container (`image:`) or a process of the host.
-    let runtime = if run
-        .spec
-        .configuration
-        .value()
-        .get("image")
-        .is_some_and(|i| !i.is_null())
-    {
-        "container"
-    } else {
-        "process"
-    };
-    match instance {
-        Some(i) => (format!("{} ({runtime})", i.backend), resources, "$0".into()),
-        None => ("-".into(), resources, "-".into()),
-    }
-}
-
-/// `dstack ps -v`: a row per job of a run with several (a service's replicas with their
-/// readiness and probes, a multi-node task's nodes).
-async fn job_rows(
-    client: &Client,
-    table: &mut Table,
-    run: &Run,
-    jobs: &[Job],
-    instances: &[dstack_core::model::Instance],
-) -> Result<(), Failure> {
-    let mut latest: Vec<&Job> = Vec::new();
-    for job in jobs {
-        match latest.iter_mut().find(|j| j.slot() == job.slot()) {
-            Some(slot) if slot.submission_num < job.submission_num => *slot = job,
-            Some(_) => {}
-            None => latest.push(job),
-        }
-    }
-    let service = client.service(run).is_some();
-    if latest.len() < 2 && !service {
-        return Ok(());
-    }
-    let replicas = match (service, run.status.is_finished()) {
-        (true, false) => match client.runs().by_id(&run.id).await? {
-            Some(handle) => handle.replicas().await?,
-            None => Vec::new(),
-        },
-        _ => Vec::new(),
-    };
-    for job in latest {
-        let (backend, resources, price) = placement(run, Some(job), instances);
-        let mut status = job.status.to_string();
-        if let Some(reason) = job.termination_reason.as_deref() {
-            status.push_str(&format!(" ({reason})"));
-        }
-        if let Some(replica) = replicas.iter().find(|r| r.job_id == job.id) {
-            status.push_str(if replica.ready {
-                ", ready"
-            } else {
-                ", not ready"
-            });
-            for (url, streak, needed) in &replica.probes {
-                status.push_str(&format!(" [probe {url} {streak}/{needed}]"));
-            }
-            if let (false, Some(error)) = (replica.ready, &replica.error) {
-                status.push_str(&format!(" ({error})"));
-            }
-        }
-        table.row(vec![
-            format!("  replica={} job={}", job.replica_num, job.job_num),
-            backend,
-            resources,
-            price,
-            status,
-            ago(job.submitted_at_ms),
-            job.termination_message.clone().unwrap_or_default(),
-        ]);
-    }
-    Ok(())
-}
-
-/// Streams a run's logs to stdout.
-pub async fn stream_logs(run: &dstack_core::RunHandle, follow: bool) -> Result<(), Failure> {
-    let mut logs = run.logs(follow);
-    let stdout = std::io::stdout();
-    while let Some(chunk) = logs.next().await {
-        let chunk = chunk?;
-        let mut out = stdout.lock();
-        out.write_all(&chunk)
-            .map_err(|e| Failure::new(format!("cannot write logs: {e}")))?;
-        out.flush().ok();
-    }
-    Ok(())
-}
-
-/// `dstack logs`.
-pub async fn logs(client: &Client, args: &LogsArgs) -> Result<ExitCode, Failure> {
-    let run = find(client, &args.run).await?;
-    stream_logs(&run, args.follow).await?;
-    Ok(ExitCode::SUCCESS)
-}
-
-/// `dstack stop`.
+/// `dstack stop RUN…`: every run is found before any is stopped, all are stopped in one
+/// request, then each is waited for.
 pub async fn stop(client: &Client, args: &StopArgs) -> Result<ExitCode, Failure> {
-    let run = find(client, &args.run).await?;
-    if !args.yes && !crate::confirm(&format!("Stop the run {}?", args.run)) {
+    let mut runs = Vec::with_capacity(args.runs.len());
+    for name in &args.runs {
+        runs.push(find(client, name).await?);
+    }
+    let question = match args.runs.as_slice() {
+        [one] => format!("Stop the run {one}?"),
+        many => format!("Stop the runs {}?", many.join(", ")),
+    };
+    if !args.yes && !crate::confirm(&question) {
         return Ok(ExitCode::from(1));
     }
-    let stopped = run.stop(args.abort).await?;
-    let final_run = if stopped.status.is_finished() {
-        stopped
-    } else {
-        run.wait().await?
-    };
-    println!("{} {}", final_run.name, final_run.status);
+    let ids: Vec<String> = runs.iter().map(|r| r.id().to_string()).collect();
+    client.runs().stop_many(&ids, args.abort).await?;
+    for run in &runs {
+        let stopped = run.run().await?;
+        let final_run = if stopped.status.is_finished() {
+            stopped
+        } else {
+            run.wait().await?
+        };
+        println!("{} {}", final_run.name, final_run.status);
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -71,10 +71,10 @@ pub async fn list(client: &Client) -> Result<ExitCode, Failure> {
 #[derive(clap::Args)]
 pub struct DeleteArgs {
     /// The volume.
-    name: String,
+    pub(crate) name: String,
     /// Do not ask for confirmation.
     #[arg(short, long)]
-    yes: bool,
+    pub(crate) yes: bool,
 }
 
 /// `dstack volume delete NAME`.

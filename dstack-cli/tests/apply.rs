@@ -550,3 +550,249 @@ fn a_host_job_runs_as_its_user_or_fails_saying_who_it_would_run_as() {
         "{printed}"
     );
 }
+
+/// `dstack apply ARGS` without a terminal: the plan is printed, then nothing is submitted.
+fn plan_of(env: &Env, args: &[&str]) -> String {
+    let mut all = vec!["apply"];
+    all.extend_from_slice(args);
+    let out = env.run(&all);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("No terminal to answer on"),
+        "{}",
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// The value of a row of the plan's summary.
+fn summary<'a>(plan: &'a str, key: &str) -> &'a str {
+    plan.lines()
+        .find_map(|l| l.trim_start().strip_prefix(key))
+        .unwrap_or_else(|| panic!("no {key} in {plan}"))
+        .trim()
+}
+
+#[test]
+fn override_flags_change_the_plan_as_dstacks_do() {
+    let env = Env::new();
+    let file = env.write(
+        "flags.dstack.yml",
+        "type: task\ncommands: [echo hi]\nresources: {cpu: 1.., memory: 0.1GB..}\n",
+    );
+    let base = plan_of(&env, &["-f", &file]);
+    assert!(base.contains("local"), "the local offer: {base}");
+    assert_eq!(summary(&base, "Spot policy"), "on-demand");
+
+    let local = plan_of(
+        &env,
+        &["-f", &file, "--gpu", "0", "--cpu", "1..", "-b", "local"],
+    );
+    assert!(local.contains("local"), "{local}");
+    assert!(!local.contains("No offers"), "{local}");
+    let elsewhere = plan_of(&env, &["-f", &file, "-b", "aws"]);
+    assert!(elsewhere.contains("No offers"), "{elsewhere}");
+    let huge = plan_of(&env, &["-f", &file, "--cpu", "1000.."]);
+    assert!(huge.contains("No offers"), "{huge}");
+    assert!(summary(&huge, "Resources").contains("cpu=1000.."), "{huge}");
+    let memory = plan_of(&env, &["-f", &file, "--memory", "100000GB.."]);
+    assert!(memory.contains("No offers"), "{memory}");
+    let disk = plan_of(&env, &["-f", &file, "--disk", "1000000GB.."]);
+    assert!(
+        summary(&disk, "Resources").contains("disk=1000000GB.."),
+        "{disk}"
+    );
+
+    let profile = plan_of(
+        &env,
+        &["-f", &file, "--spot-auto", "--max-price", "0.5", "--retry"],
+    );
+    assert_eq!(summary(&profile, "Spot policy"), "auto");
+    assert_eq!(summary(&profile, "Max price"), "$0.5");
+    assert_eq!(summary(&profile, "Retry policy"), "yes");
+    let spot = plan_of(&env, &["-f", &file, "--spot"]);
+    assert_eq!(summary(&spot, "Spot policy"), "spot");
+    let policy = plan_of(&env, &["-f", &file, "--spot-policy", "on-demand"]);
+    assert_eq!(summary(&policy, "Spot policy"), "on-demand");
+    let region = plan_of(&env, &["-f", &file, "-r", "nowhere-1"]);
+    assert!(region.contains("No offers"), "{region}");
+    let kind = plan_of(&env, &["-f", &file, "--instance-type", "p5.48xlarge"]);
+    assert!(kind.contains("No offers"), "{kind}");
+
+    // `dstack offer` takes the same flags.
+    let offers = |args: &[&str]| {
+        let mut all = vec!["offer", "--format", "json"];
+        all.extend_from_slice(args);
+        let out = env.run(&all);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        plan["offers"].as_array().unwrap().len()
+    };
+    assert!(offers(&["--gpu", "0", "--cpu", "1..", "-b", "local"]) > 0);
+    assert_eq!(offers(&["-b", "aws"]), 0);
+    assert_eq!(offers(&["--cpu", "1000.."]), 0);
+    let out = env.run(&["offer", "--max-offers", "0", "--format", "json"]);
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(plan["offers"].as_array().unwrap().len(), 0, "{plan}");
+    assert_eq!(plan["total_offers"], 1, "{plan}");
+    let capped = plan_of(&env, &["-f", &file, "--max-offers", "0"]);
+    assert!(capped.contains("Shown 0 of 1 offers"), "{capped}");
+    let out = env.run(&["offer", "-b", "aws"]);
+    assert!(
+        text(&out.stdout).contains("No offers"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // Exclusive choices and bad values are refused as dstack refuses them.
+    let out = env.run(&["apply", "-f", &file, "--spot", "--on-demand"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let out = env.run(&["apply", "-f", &file, "--retry", "--no-retry"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let out = env.run(&["apply", "-f", &file, "-R", "--dont-destroy"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let out = env.run(&["apply", "-f", &file, "--cpu", "lots", "-y"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("resources.cpu"),
+        "{}",
+        text(&out.stderr)
+    );
+    let fleet = env.write("f.dstack.yml", "type: fleet\nname: f\nnodes: 1\n");
+    let out = env.run(&["apply", "-f", &fleet, "--spot", "-y"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("apply to runs only, not to a fleet"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// The submitted run's configuration as `ps --json` shows it.
+fn configuration_of(env: &Env, name: &str) -> serde_json::Value {
+    let out = env.run(&["ps", "-a", "--json"]);
+    let runs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    runs.as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["run"]["name"] == name)
+        .unwrap_or_else(|| panic!("no run {name}: {runs}"))["run"]["spec"]["configuration"]
+        .clone()
+}
+
+#[test]
+fn profile_flags_reach_the_run_and_are_honoured() {
+    let env = Env::new();
+    let file = env.write(
+        "long.dstack.yml",
+        "type: task\nname: long\ncommands: [sleep 1000]\nresources: {cpu: 1.., memory: 0.1GB..}\n",
+    );
+    // --max-duration stops the job when it is up.
+    let out = env.run(&[
+        "apply",
+        "-f",
+        &file,
+        "-y",
+        "--max-duration",
+        "1s",
+        "--idle-duration",
+        "5m",
+        "--retry-duration",
+        "10m",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("max_duration"), "{stderr}");
+    let configuration = configuration_of(&env, "long");
+    assert_eq!(configuration["max_duration"], 1);
+    assert_eq!(configuration["idle_duration"], 300);
+    assert_eq!(configuration["retry"]["duration"], 600);
+
+    // --fleet: only that fleet's instances are considered (there is none of that name).
+    let out = env.run(&[
+        "apply",
+        "-f",
+        &file,
+        "-y",
+        "--fleet",
+        "nosuch",
+        "--no-retry",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("nosuch"),
+        "{}",
+        text(&out.stderr)
+    );
+    let configuration = configuration_of(&env, "long");
+    assert_eq!(configuration["fleets"][0]["name"], "nosuch");
+    assert_eq!(configuration["retry"], false);
+}
+
+#[test]
+fn force_resubmits_an_active_run_and_reuse_takes_an_existing_instance() {
+    let env = Env::new();
+    let file = env.write(
+        "again.dstack.yml",
+        "type: task\nname: again\ncommands: [sleep 1000]\nresources: {cpu: 1.., memory: 0.1GB..}\n",
+    );
+    let run_id = |env: &Env| {
+        let out = env.run(&["ps", "--json"]);
+        let runs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        runs[0]["run"]["id"].as_str().unwrap().to_string()
+    };
+    let out = env.run(&["apply", "-f", &file, "-y", "-d"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let first = run_id(&env);
+
+    // Unchanged and -y without --force: nothing happens.
+    let out = env.run(&["apply", "-f", &file, "-y", "-d"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("Detected no changes"), "{stdout}");
+    assert!(stdout.contains("Use --force to apply anyway."), "{stdout}");
+    assert_eq!(run_id(&env), first);
+
+    // --force stops it and submits it again under its name.
+    let out = env.run(&["apply", "-f", &file, "-y", "-d", "--force"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("Stopped run again (terminated)"),
+        "{}",
+        text(&out.stdout)
+    );
+    let second = run_id(&env);
+    assert_ne!(second, first);
+
+    // A changed configuration overrides it with -y alone.
+    let out = env.run(&["apply", "-f", &file, "-y", "-d", "-e", "X=1"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("with another configuration"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_ne!(run_id(&env), second);
+    let out = env.run(&["stop", "-y", "-x", "again"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+
+    // -R runs on an instance that exists: the one the runs above used.
+    let instance = |name: &str| {
+        let out = env.run(&["logs", name, "-d"]);
+        text(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("  instance: "))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let used = instance("again");
+    let quick = env.write(
+        "quick.dstack.yml",
+        "type: task\nname: quick\ncommands: [echo reused]\nresources: {cpu: 1.., memory: 0.1GB..}\n",
+    );
+    let out = env.run(&["apply", "-f", &quick, "-y", "-R"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("reused"));
+    assert_eq!(instance("quick"), used);
+    assert_eq!(configuration_of(&env, "quick")["creation_policy"], "reuse");
+}

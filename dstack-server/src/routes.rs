@@ -95,10 +95,11 @@ async fn route(
         ["api", "runs", "list"] => {
             let request: ListRequest = body(req).await?;
             let all = request.all || request.only_active == Some(false);
-            let mut listing = shared.client.runs().listing(all).await?;
-            if let Some(limit) = request.limit {
-                listing.runs.truncate(limit);
-            }
+            let listing = shared
+                .client
+                .runs()
+                .listing_limited(all, request.limit)
+                .await?;
             Ok(json(&listing))
         }
         ["api", "project", project, route @ ..] => {
@@ -246,7 +247,7 @@ async fn project_route(
             let request: LogsRequest = body(req).await?;
             let handle = run_handle(shared, &by_id(&request.id)).await?;
             let chunks = handle
-                .logs(request.follow)
+                .job_logs(request.query)
                 .map(|chunk| chunk.map_err(std::io::Error::other));
             Ok(stream("application/octet-stream", chunks))
         }

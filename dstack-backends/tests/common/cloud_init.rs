@@ -53,6 +53,21 @@ impl CloudInit {
     }
 }
 
+impl TestHosts {
+    /// From now on (until dropped), boots the host of every instance `list` returns (the
+    /// cloud's instances mapped to these hosts) with its user data; a second call keeps the
+    /// first's watcher.
+    pub fn boot_instances<F, Fut>(&self, list: F)
+    where
+        F: Fn() -> Fut + Send + 'static,
+        Fut: Future<Output = Vec<Booting>> + Send,
+    {
+        if !self.holds::<CloudInit>() {
+            self.hold(CloudInit::start(self, list));
+        }
+    }
+}
+
 impl Drop for CloudInit {
     fn drop(&mut self) {
         self.0.abort();

@@ -200,8 +200,8 @@ pub struct TestHosts {
     /// Fleets deployed to these hosts: what they installed is removed on drop, even when a
     /// test fails before deleting them.
     fleets: std::sync::Mutex<Vec<String>>,
-    /// Boots the hosts of new cloud instances (see [`TestHosts::boot_instances`]).
-    cloud_init: std::sync::Mutex<Option<super::cloud_init::CloudInit>>,
+    /// What lives as long as the hosts (e.g. what boots them: `cloud_init`).
+    held: std::sync::Mutex<Vec<Box<dyn std::any::Any + Send>>>,
     _dir: tempfile::TempDir,
 }
 
@@ -262,7 +262,7 @@ impl TestHosts {
             key,
             wrong_key,
             fleets: std::sync::Mutex::new(Vec::new()),
-            cloud_init: std::sync::Mutex::new(None),
+            held: std::sync::Mutex::new(Vec::new()),
             _dir: dir,
         }
     }
@@ -277,18 +277,20 @@ impl TestHosts {
         }
     }
 
-    /// From now on (until dropped), boots the host of every instance `list` returns (the
-    /// cloud's instances mapped to these hosts) with its user data; a second call keeps the
-    /// first's watcher.
-    pub fn boot_instances<F, Fut>(&self, list: F)
-    where
-        F: Fn() -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = Vec<super::cloud_init::Booting>> + Send,
-    {
-        let mut cloud_init = self.cloud_init.lock().unwrap();
-        if cloud_init.is_none() {
-            *cloud_init = Some(super::cloud_init::CloudInit::start(self, list));
+    /// Whether a value of type `T` is kept (see [`TestHosts::hold`]).
+    pub fn holds<T: 'static>(&self) -> bool {
+        self.held.lock().unwrap().iter().any(|h| h.is::<T>())
+    }
+
+    /// Keeps `value` until the hosts are dropped; `false` (and `value` dropped) when one of
+    /// its type is kept already.
+    pub fn hold<T: Send + 'static>(&self, value: T) -> bool {
+        let mut held = self.held.lock().unwrap();
+        if held.iter().any(|h| h.is::<T>()) {
+            return false;
         }
+        held.push(Box::new(value));
+        true
     }
 
     /// Records that fleet `name` is deployed to these hosts.

@@ -170,6 +170,21 @@ impl AgentClient {
         .await
     }
 
+    /// `GET /api/jobs/{id}/logs?since=`: the output from the first chunk written at `since_ms`
+    /// (Unix ms) or later, following while `follow`.
+    pub async fn logs_since(
+        &self,
+        id: &str,
+        since_ms: u64,
+        follow: bool,
+    ) -> Result<ByteStream, AgentError> {
+        self.body_stream(
+            &format!("/api/jobs/{id}/logs?since={since_ms}&follow={follow}"),
+            REQUEST_TIMEOUT,
+        )
+        .await
+    }
+
     /// `GET /api/jobs/{id}/metrics`: the JSON lines the job wrote to `$DSTACK_METRICS_FILE`.
     pub async fn metrics(&self, id: &str) -> Result<Bytes, AgentError> {
         let path = format!("/api/jobs/{id}/metrics");

@@ -5,18 +5,22 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
+use super::protocol::LogQuery;
 use super::LogStream;
 use crate::agent::ByteStream;
 use crate::engine::{Engine, EngineError, RunChange};
 
-/// The output of run `id`'s job 0: everything written so far, and with `follow` everything it
-/// writes until the run finishes (across retries).
-pub(crate) fn stream(engine: Engine, id: String, follow: bool) -> LogStream {
+/// The output of run `id`'s job of `query`'s slot: what was written (since `query.since_ms`)
+/// so far, and with `query.follow` everything it writes until the run finishes (across
+/// retries).
+pub(crate) fn stream(engine: Engine, id: String, query: LogQuery) -> LogStream {
     let changes = engine.subscribe();
     let state = LogState {
         engine,
         id,
-        follow,
+        follow: query.follow,
+        slot: (query.replica_num, query.job_num),
+        since_ms: query.since_ms,
         streamed: Vec::new(),
         current: None,
         changes,
@@ -42,6 +46,10 @@ struct LogState {
     engine: Engine,
     id: String,
     follow: bool,
+    /// The job's (replica, node).
+    slot: (u32, u32),
+    /// Only output written at this time (Unix ms) or later.
+    since_ms: Option<u64>,
     /// Job submissions already streamed.
     streamed: Vec<String>,
     current: Option<ByteStream>,
@@ -75,7 +83,9 @@ impl LogState {
             let next = jobs
                 .iter()
                 .filter(|j| {
-                    j.slot() == (0, 0) && j.instance_id.is_some() && !self.streamed.contains(&j.id)
+                    j.slot() == self.slot
+                        && j.instance_id.is_some()
+                        && !self.streamed.contains(&j.id)
                 })
                 .filter(|j| j.started_at_ms.is_some() || j.status.is_finished())
                 .max_by_key(|j| j.submission_num);
@@ -84,7 +94,11 @@ impl LogState {
                 let instance = job.instance_id.clone().unwrap_or_default();
                 let agent = self.engine.agent(&instance).await?;
                 let follow = self.follow && !job.status.is_finished();
-                match agent.logs(&job.id, 0, follow).await {
+                let opened = match self.since_ms {
+                    Some(since) => agent.logs_since(&job.id, since, follow).await,
+                    None => agent.logs(&job.id, 0, follow).await,
+                };
+                match opened {
                     Ok(stream) => self.current = Some(stream),
                     Err(crate::agent::AgentError::Status { status: 404, .. }) => {}
                     Err(e) => return Err(e.into()),

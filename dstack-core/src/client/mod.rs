@@ -42,8 +42,8 @@ use crate::model::{Fleet, Instance, Job, JobStatus, Run, RunStatus, Volume, Volu
 use crate::store::{RunFilter, RunListing, SqliteStore};
 use protocol::{
     ApplyRequest, ConfigurationRequest, DeleteRequest, FleetDeleted, FleetEntry, FleetEvent,
-    ListRequest, LogsRequest, PlanAnswer, PlanRequest, RunIds, RunRef, Snapshot, StopRequest,
-    WaitRequest,
+    ListRequest, LogQuery, LogsRequest, PlanAnswer, PlanRequest, RunIds, RunRef, Snapshot,
+    StopRequest, WaitRequest,
 };
 
 /// `$DSTACK_HOME`, or `~/.dstack`.
@@ -412,17 +412,27 @@ impl Runs<'_> {
     /// The runs (unfinished ones unless `all`), newest first, and the records that could not
     /// be read (listed apart, so that one corrupt record hides no other run).
     pub async fn listing(&self, all: bool) -> Result<RunListing, EngineError> {
+        self.listing_limited(all, None).await
+    }
+
+    /// As [`Runs::listing`], the newest `limit` runs at most.
+    pub async fn listing_limited(
+        &self,
+        all: bool,
+        limit: Option<usize>,
+    ) -> Result<RunListing, EngineError> {
         match &self.client.via {
             Via::Engine(engine) => {
                 let filter = RunFilter {
                     active_only: !all,
-                    limit: None,
+                    limit,
                 };
                 Ok(engine.store().runs(filter)?)
             }
             Via::Server(remote) => {
                 let request = ListRequest {
                     all,
+                    limit,
                     ..ListRequest::default()
                 };
                 let path = "/api/runs/list";
@@ -1090,16 +1100,25 @@ impl RunHandle {
         }
     }
 
-    /// The output of the run's job: everything written so far, and with `follow` everything
-    /// it writes until it finishes (across retries).
+    /// The output of the run's first job: everything written so far, and with `follow`
+    /// everything it writes until it finishes (across retries).
     pub fn logs(&self, follow: bool) -> LogStream {
+        self.job_logs(LogQuery {
+            follow,
+            ..LogQuery::default()
+        })
+    }
+
+    /// The output of one job of the run (`query`'s replica and node), from `query.since_ms`
+    /// on, following it until the run finishes with `query.follow` (across retries).
+    pub fn job_logs(&self, query: LogQuery) -> LogStream {
         match &self.via {
-            Via::Engine(engine) => logs::stream(engine.clone(), self.id.clone(), follow),
+            Via::Engine(engine) => logs::stream(engine.clone(), self.id.clone(), query),
             Via::Server(remote) => {
                 let remote = remote.clone();
                 let request = LogsRequest {
                     id: self.id.clone(),
-                    follow,
+                    query,
                 };
                 let opened = async move { remote.stream("logs/follow", &request).await };
                 Box::pin(futures_util::stream::once(opened).flat_map(|opened| {

@@ -177,8 +177,25 @@ pub struct WaitRequest {
 pub struct LogsRequest {
     /// The run id.
     pub id: String,
+    /// Which job's output, from when, and whether to follow it.
+    #[serde(flatten)]
+    pub query: LogQuery,
+}
+
+/// Which output of a run to read: the job of a replica and node, from a time on, and
+/// whether to keep streaming until the run finishes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LogQuery {
     /// Keep streaming until the run has finished.
     pub follow: bool,
+    /// The replica (0 unless a service has several).
+    pub replica_num: u32,
+    /// The job (node) in the replica (0 unless a task has several nodes).
+    pub job_num: u32,
+    /// Only output written at this time (Unix ms) or later; all of it when `None`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since_ms: Option<u64>,
 }
 
 /// `runs/connect`.

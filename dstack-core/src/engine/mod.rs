@@ -1040,13 +1040,8 @@ impl Inner {
                         .is_empty();
                     offers.push(Offer {
                         backend: instance.backend.clone(),
-                        instance_type: instance.name.clone(),
-                        region: if instance.backend == "local" {
-                            "local"
-                        } else {
-                            "remote"
-                        }
-                        .to_string(),
+                        instance_type: scheduler::instance_type(instance).to_string(),
+                        region: scheduler::instance_region(instance).to_string(),
                         price: instance.price,
                         spot: false,
                         resources: instance.host.clone(),

@@ -659,6 +659,24 @@ pub(crate) fn eligible<'a>(
         .collect()
 }
 
+/// The region of an instance as plans show it: its cloud offer's, else `local` for this
+/// machine and `remote` for the hosts of SSH fleets (as dstack names theirs).
+pub(crate) fn instance_region(instance: &Instance) -> &str {
+    match (&instance.offer, instance.backend.as_str()) {
+        (Some(offer), _) => &offer.region,
+        (None, "local") => "local",
+        (None, _) => "remote",
+    }
+}
+
+/// The instance type of an instance as plans show it: its cloud offer's, else its name.
+pub(crate) fn instance_type(instance: &Instance) -> &str {
+    instance
+        .offer
+        .as_ref()
+        .map_or(&instance.name, |offer| &offer.instance_type)
+}
+
 /// Whether requirement `a` is at least as large as `b` in every dimension.
 fn covers(a: &Reservation, b: &Reservation) -> bool {
     a.cpus >= b.cpus && a.memory_mib >= b.memory_mib && a.gpus.len() >= b.gpus.len()
