@@ -10,6 +10,7 @@ mod ssh;
 mod table;
 mod validate;
 mod volume;
+mod workflow;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
