@@ -34,6 +34,6 @@ echo "==> dstack 0.22.5's own models parse our answers (representative records, 
 CARGO="cargo" bash scripts/check-dstack-shapes.sh
 bash scripts/check-live-shapes.sh
 echo "==> examples validate"
-"$CARGO_TARGET_DIR/debug/dstack" validate examples/*.dstack.yml
+"$CARGO_TARGET_DIR/debug/dstack" validate examples/*.dstack.yml examples/workflows/.dstack/workflows.yaml
 echo "==> python package, examples and notebooks"
 bash scripts/test-python.sh

@@ -109,6 +109,12 @@ impl Failure {
     }
 }
 
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 impl From<dstack_core::engine::EngineError> for Failure {
     fn from(e: dstack_core::engine::EngineError) -> Self {
         Failure(e.to_string())

@@ -23,29 +23,49 @@ pub struct Planned {
 
 /// Reads the project's workflows from `dir` (`None` when it has no workflows file).
 pub fn load(dir: &Path) -> Result<Option<Workflows>, Failure> {
-    let read = |name: &str| -> Result<Option<String>, Failure> {
-        let path = dir.join(name);
-        match std::fs::File::open(&path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Failure::new(format!(
-                "{name}:1:1: (file): cannot read the file: {e}"
-            ))),
-            Ok(file) => limits::read_text(file).map(Some).map_err(|e| {
-                Failure::new(format!(
-                    "{name}:1:1: (file): cannot read the file: {e} [{}]",
-                    e.code()
-                ))
-            }),
-        }
-    };
-    let Some(text) = read(WORKFLOWS_FILE)? else {
+    let path = dir.join(WORKFLOWS_FILE);
+    let Some(text) = read_optional(&path)? else {
         return Ok(None);
     };
-    let variables = read(VARIABLES_FILE)?;
-    let variables = variables.as_deref().map(|v| (v, VARIABLES_FILE));
-    Workflows::parse(&text, WORKFLOWS_FILE, variables)
-        .map(Some)
+    parse_file(&path, &text).map(Some)
+}
+
+/// Whether `path` names a workflows file (`.dstack/workflows.yaml`), which `dstack validate`
+/// checks as one.
+pub fn is_workflows_file(path: &Path) -> bool {
+    let in_dstack = path
+        .parent()
+        .and_then(Path::file_name)
+        .is_some_and(|d| d == ".dstack");
+    in_dstack && path.file_name().is_some_and(|f| f == "workflows.yaml")
+}
+
+/// Parses the workflows file at `path` (its `text`) with the variables file beside it.
+pub fn parse_file(path: &Path, text: &str) -> Result<Workflows, Failure> {
+    let variables_path =
+        path.with_file_name(Path::new(VARIABLES_FILE).file_name().unwrap_or_default());
+    let variables = read_optional(&variables_path)?;
+    let variables_name = variables_path.display().to_string();
+    let variables = variables.as_deref().map(|v| (v, variables_name.as_str()));
+    Workflows::parse(text, &path.display().to_string(), variables)
         .map_err(|e| Failure::new(e.to_string()))
+}
+
+/// A file's text, `None` when there is no such file.
+fn read_optional(path: &Path) -> Result<Option<String>, Failure> {
+    let name = path.display();
+    match std::fs::File::open(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Failure::new(format!(
+            "{name}:1:1: (file): cannot read the file: {e}"
+        ))),
+        Ok(file) => limits::read_text(file).map(Some).map_err(|e| {
+            Failure::new(format!(
+                "{name}:1:1: (file): cannot read the file: {e} [{}]",
+                e.code()
+            ))
+        }),
+    }
 }
 
 /// The run `words` (what follows `dstack run`) ask for: a workflow of `workflows` with its
