@@ -36,6 +36,6 @@ bash scripts/check-live-shapes.sh
 echo "==> every verb and flag of dstack 0.22.5's CLI is ours or listed in the README as not supported yet"
 bash scripts/check-cli-help.sh
 echo "==> examples validate"
-"$CARGO_TARGET_DIR/debug/dstack" validate examples/*.dstack.yml
+"$CARGO_TARGET_DIR/debug/dstack" validate examples/*.dstack.yml examples/workflows/.dstack/workflows.yaml
 echo "==> python package, examples and notebooks"
 bash scripts/test-python.sh

@@ -19,6 +19,19 @@ pub struct ApplyArgs {
     /// The configuration file (`-` reads standard input).
     #[arg(short, long, default_value = ".dstack.yml", value_name = "FILE")]
     file: PathBuf,
+    #[command(flatten)]
+    submit: SubmitArgs,
+    /// dstack's override flags (resources and profile settings).
+    #[command(flatten)]
+    overrides: crate::overrides::Overrides,
+    /// Arguments for `${{ run.args }}` in the commands of a task or service (after `--`).
+    #[arg(last = true, value_name = "ARGS")]
+    run_args: Vec<String>,
+}
+
+/// How a run configuration is submitted: the flags `dstack apply` and `dstack run` share.
+#[derive(clap::Args)]
+pub struct SubmitArgs {
     /// Do not ask for confirmation.
     #[arg(short, long)]
     yes: bool,
@@ -37,12 +50,6 @@ pub struct ApplyArgs {
     /// Stop an active run of the same name and submit this one even when nothing changed.
     #[arg(long)]
     force: bool,
-    /// dstack's override flags (resources and profile settings).
-    #[command(flatten)]
-    overrides: crate::overrides::Overrides,
-    /// Arguments for `${{ run.args }}` in the commands of a task or service (after `--`).
-    #[arg(last = true, value_name = "ARGS")]
-    run_args: Vec<String>,
 }
 
 /// Reads and validates the configuration file, refuses the fields it sets that would be
@@ -167,7 +174,7 @@ pub fn exit_code(run: &Run, exit_status: Option<i32>) -> ExitCode {
 pub async fn apply(client: &Client, args: &ApplyArgs) -> Result<ExitCode, Failure> {
     let configuration = args.overrides.apply(load(&args.file, &args.run_args)?)?;
     if let Configuration::Fleet(_) = configuration {
-        return crate::fleet::apply(client, &configuration, args.yes).await;
+        return crate::fleet::apply(client, &configuration, args.submit.yes).await;
     }
     if let Configuration::Volume(_) = configuration {
         return crate::volume::apply(client, &configuration).await;
@@ -181,7 +188,24 @@ pub async fn apply(client: &Client, args: &ApplyArgs) -> Result<ExitCode, Failur
                 .to_string(),
         ));
     }
-    let file = args.file.display().to_string();
+    submit(
+        client,
+        configuration,
+        &args.file.display().to_string(),
+        &args.submit,
+    )
+    .await
+}
+
+/// Plans and submits a run configuration (`file` names where it comes from), or updates the
+/// running service of its name in place; then follows it as `args` say.
+pub async fn submit(
+    client: &Client,
+    configuration: Configuration,
+    file: &str,
+    args: &SubmitArgs,
+) -> Result<ExitCode, Failure> {
+    let file = file.to_string();
     let options = ApplyOptions {
         name: args.name.clone(),
         env: parse_env(&args.env)?,
@@ -302,7 +326,7 @@ struct ActiveRun {
 async fn active_run(
     client: &Client,
     configuration: &Configuration,
-    args: &ApplyArgs,
+    args: &SubmitArgs,
 ) -> Result<Option<ActiveRun>, Failure> {
     let Some(name) = args.name.as_deref().or(configuration.name()) else {
         return Ok(None);

@@ -14,6 +14,7 @@ mod ssh;
 mod table;
 mod validate;
 mod volume;
+mod workflow;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -34,6 +35,12 @@ enum Command {
     ///
     /// Exits with the job's exit code. Ctrl-C detaches and leaves the run running.
     Apply(apply::ApplyArgs),
+    /// Run a workflow of `.dstack/workflows.yaml` (`dstack run train --epoch 2`), or a
+    /// provider directly (`dstack run python train.py --epoch 2`).
+    ///
+    /// The run is an ordinary one afterwards (`ps`, `logs`, `stop`, `attach`, `ssh`); the
+    /// flags before the name are `dstack apply`'s.
+    Run(workflow::RunArgs),
     /// List runs (unfinished ones unless --all).
     Ps(ps::PsArgs),
     /// Print the output of a run.
@@ -121,6 +128,12 @@ impl From<overrides::OverrideError> for Failure {
     }
 }
 
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 impl From<dstack_core::engine::EngineError> for Failure {
     fn from(e: dstack_core::engine::EngineError) -> Self {
         Failure(e.to_string())
@@ -149,12 +162,16 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
     let exe = std::env::current_exe().ok();
     let home = dstack_core::client::default_home();
     let client = dstack_core::Client::connect(&home, exe.as_deref()).await?;
-    if matches!(command, Command::Apply(_) | Command::Attach(_)) {
+    if matches!(
+        command,
+        Command::Apply(_) | Command::Run(_) | Command::Attach(_)
+    ) {
         ssh::ensure_include(&home);
         ssh::remember_user_key(&home);
     }
     match command {
         Command::Apply(args) => apply::apply(&client, &args).await,
+        Command::Run(args) => workflow::run(&client, &args).await,
         Command::Secret { action } => secret::run(&client, action).await,
         Command::Ps(args) => ps::ps(&client, &args).await,
         Command::Logs(args) => logs::logs(&client, &args).await,

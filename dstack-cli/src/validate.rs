@@ -10,10 +10,12 @@ use dstack_core::config::{self, Configuration};
 /// Arguments of `dstack validate`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Print the normalized configuration as JSON (one file: an object; several: a list).
+    /// Print the normalized configuration as JSON (one file: an object; several, or a
+    /// workflows file: a list).
     #[arg(long)]
     json: bool,
-    /// Configuration files (`-` reads standard input).
+    /// Configuration files (`-` reads standard input); a `.dstack/workflows.yaml` is checked
+    /// with the `variables.yaml` beside it, every workflow with its defaults.
     #[arg(required = true, value_name = "FILE")]
     files: Vec<PathBuf>,
 }
@@ -45,6 +47,25 @@ pub fn run(args: &Args) -> ExitCode {
                 continue;
             }
         };
+        if crate::workflow::is_workflows_file(path) {
+            match crate::workflow::parse_file(path, &text) {
+                Ok(workflows) => {
+                    let names: Vec<&str> = workflows.names().collect();
+                    if !args.json {
+                        let _ = writeln!(err, "{name}: valid workflows {}", names.join(", "));
+                    }
+                    for name in names {
+                        let defaults = Default::default();
+                        valid.extend(workflows.configuration(name, &defaults).ok());
+                    }
+                }
+                Err(e) => {
+                    let _ = writeln!(err, "{e}");
+                    failed = true;
+                }
+            }
+            continue;
+        }
         match config::parse(&text, &name) {
             Ok(c) => {
                 if !args.json {
@@ -66,7 +87,8 @@ pub fn run(args: &Args) -> ExitCode {
             dstack_core::secrets::redact_configuration(&mut value);
             value
         };
-        let value = if args.files.len() == 1 {
+        let single = args.files.len() == 1 && !crate::workflow::is_workflows_file(&args.files[0]);
+        let value = if single {
             valid.first().map(redacted)
         } else {
             Some(serde_json::Value::Array(

@@ -58,6 +58,17 @@ impl Cx {
         !self.errors.is_empty()
     }
 
+    /// The number of errors kept so far (see [`Cx::rewrite_since`]).
+    pub fn kept(&self) -> usize {
+        self.errors.len()
+    }
+
+    /// Rewrites the errors kept after the first `from` (e.g. to put their paths under the
+    /// place a document was taken from).
+    pub fn rewrite_since(&mut self, from: usize, f: impl FnMut(&mut ConfigError)) {
+        self.errors.iter_mut().skip(from).for_each(f);
+    }
+
     /// The number of errors recorded so far.
     pub fn error_count(&self) -> usize {
         self.errors.len() + self.dropped

@@ -37,6 +37,7 @@ pub mod service;
 pub mod sources;
 pub mod support;
 pub mod volume;
+pub mod workflows;
 pub mod yaml;
 
 use serde::Serialize;
