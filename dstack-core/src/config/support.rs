@@ -13,7 +13,7 @@
 
 use super::error::{ConfigErrors, ErrorCode};
 use super::locate;
-use super::profile::{StartupOrder, StopCriteria};
+use super::profile::StartupOrder;
 use super::run::RunCommon;
 use super::Configuration;
 
@@ -211,8 +211,7 @@ fn run_common(common: &RunCommon, found: &mut Vec<Unsupported>) {
     }
 }
 
-/// `startup_order` and `stop_criteria` other than the defaults of a multi-node task (every
-/// node starts at once; the run is done when all nodes are).
+/// A `startup_order` other than the default of a multi-node task (every node starts at once).
 fn multi_node(common: &RunCommon, nodes: i64, found: &mut Vec<Unsupported>) {
     if nodes < 2 {
         return;
@@ -227,14 +226,6 @@ fn multi_node(common: &RunCommon, nodes: i64, found: &mut Vec<Unsupported>) {
             "startup_order",
             "only `startup_order: any` is supported yet: the nodes of a multi-node task start \
              together",
-        );
-    }
-    if profile.stop_criteria == Some(StopCriteria::MasterDone) {
-        refuse(
-            found,
-            "stop_criteria",
-            "only `stop_criteria: all-done` is supported yet: a multi-node task is done when \
-             all its nodes are",
         );
     }
 }
@@ -330,10 +321,6 @@ mod tests {
                 "nodes: 2\nstartup_order: master-first\n",
                 "t.yml:4:1: startup_order: only `startup_order: any`",
             ),
-            (
-                "nodes: 2\nstop_criteria: master-done\n",
-                "t.yml:4:1: stop_criteria: only `stop_criteria: all-done`",
-            ),
         ] {
             let message = refused(yaml);
             assert!(message.contains(expected), "{yaml}: {message}");
@@ -350,7 +337,7 @@ mod tests {
             "nvcc: false\n",
             "dstack: false\n",
             "startup_order: master-first\nstop_criteria: master-done\n",
-            "nodes: 2\nstartup_order: any\nstop_criteria: all-done\n",
+            "nodes: 2\nstartup_order: any\nstop_criteria: master-done\n",
             "home_dir: /root\nsetup: [echo hi]\n",
             "python: \"3.11\"\npriority: 100\ninstances: [a-0]\ntags: {team: ml}\nuser: me\n",
         ] {

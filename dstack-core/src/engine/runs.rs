@@ -12,7 +12,7 @@ use super::{EngineError, Inner};
 use crate::agent::StopRequest;
 use crate::backend::BoxFuture;
 use crate::config::duration::OffableDuration;
-use crate::config::profile::{Retry, RetryEvent, Schedule};
+use crate::config::profile::{Retry, RetryEvent, Schedule, StopCriteria};
 use crate::config::Configuration;
 use crate::model::{
     now_ms, Job, JobStatus, JobTerminationReason, Run, RunStatus, RunTerminationReason,
@@ -206,6 +206,9 @@ pub(crate) fn decide(
     let from = run.status;
     if let Some(reason) = failed {
         return ending(run, reason, jobs, schedule, now);
+    } else if master_done(config, &current, &verdicts) {
+        // `stop_criteria: master-done`: the other nodes are stopped.
+        return ending(run, RunTerminationReason::AllJobsDone, jobs, schedule, now);
     } else if any(|v| matches!(v, Verdict::Running)) {
         run.status = RunStatus::Running;
     } else if any(|v| matches!(v, Verdict::Provisioning)) {
@@ -231,6 +234,18 @@ pub(crate) fn decide(
     } else {
         Decision::Update(run)
     }
+}
+
+/// Whether a multi-node task with `stop_criteria: master-done` is done: its master node (rank
+/// 0) is.
+fn master_done(config: &Configuration, current: &[&Job], verdicts: &[Verdict]) -> bool {
+    let criteria = super::command::common(config).profile.stop_criteria;
+    super::command::nodes(config) > 1
+        && criteria == Some(StopCriteria::MasterDone)
+        && current
+            .iter()
+            .zip(verdicts)
+            .any(|(job, v)| job.job_num == 0 && matches!(v, Verdict::Done))
 }
 
 /// Ending a run with `reason`: in one step when none of its jobs is left to stop (a scheduled
@@ -784,6 +799,44 @@ mod tests {
             Decision::Update(run) => run,
             _ => panic!("expected a plain update"),
         }
+    }
+
+    /// `stop_criteria: master-done`: a multi-node task is done once its master node is (the
+    /// others are stopped); with `all-done` (the default) it waits for every node.
+    #[test]
+    fn a_master_done_task_ends_with_its_master_node() {
+        let r = run(RunStatus::Running);
+        let master = job(&r, 0, JobStatus::Done, JobTerminationReason::DoneByRunner);
+        let mut worker = job(
+            &r,
+            1,
+            JobStatus::Running,
+            JobTerminationReason::DoneByRunner,
+        );
+        worker.termination_reason = None;
+        let jobs = [master, worker.clone()];
+        let decide_for = |extra: &str| decide(r.clone(), &jobs, &config(extra), &[], NOW);
+        match decide_for("nodes: 2\nstop_criteria: master-done\n") {
+            Decision::Terminate(run) => {
+                assert_eq!(run.status, RunStatus::Terminating);
+                assert_eq!(run.termination_reason.as_deref(), Some("all_jobs_done"));
+            }
+            _ => panic!("expected the run to end, stopping the worker"),
+        }
+        for extra in ["nodes: 2\n", "nodes: 2\nstop_criteria: all-done\n"] {
+            assert!(matches!(decide_for(extra), Decision::Keep), "{extra}");
+        }
+        // A worker that ends first does not end the run.
+        let mut master = worker.clone();
+        master.job_num = 0;
+        let mut done_worker = job(&r, 1, JobStatus::Done, JobTerminationReason::DoneByRunner);
+        done_worker.job_num = 1;
+        let jobs = [master, done_worker];
+        let config = config("nodes: 2\nstop_criteria: master-done\n");
+        assert!(matches!(
+            decide(r.clone(), &jobs, &config, &[], NOW),
+            Decision::Keep
+        ));
     }
 
     #[test]
