@@ -1,0 +1,115 @@
+//! `dstack run` with the workflows of dstack's earlier documents (`examples/workflows`): a
+//! workflow's script runs in the project directory with the arguments given, a variable from
+//! the command line changes the run's configuration, a provider runs directly, and what is not
+//! supported is refused before anything is submitted.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{text, workspace, Env};
+
+/// A copy of `examples/workflows` in the test's home (its workflows write into it).
+fn project(env: &Env) -> PathBuf {
+    let dir = env.home.path().join("project");
+    copy(&workspace().join("examples/workflows"), &dir);
+    dir
+}
+
+fn copy(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// `dstack ARGS` run from `dir`: (exit code, stdout, stderr).
+fn run_in(env: &Env, dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = env.cmd(args).current_dir(dir).output().unwrap();
+    (out.status.code(), text(&out.stdout), text(&out.stderr))
+}
+
+#[test]
+fn workflows_run_their_scripts_with_the_arguments_and_variables_given() {
+    let env = Env::new();
+    let dir = project(&env);
+    let (code, out, err) = run_in(
+        &env,
+        &dir,
+        &["run", "-y", "train", "--epoch", "2", "--seed", "2"],
+    );
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(
+        out.contains("training: epoch=2 seed=2 batch_size=32"),
+        "{out}"
+    );
+    // `prepare` writes data/ where it runs: the project directory.
+    let (code, out, err) = run_in(&env, &dir, &["run", "-y", "prepare"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(dir.join("data/numbers.csv").exists(), "{out}");
+    // `--pgpu 1` (a variable of `prepare`) asks for a GPU, which this machine lacks.
+    let (code, out, err) = run_in(&env, &dir, &["run", "-y", "-d", "prepare", "--pgpu", "1"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("gpu=1"), "{out}");
+    assert!(out.contains("requires 1 GPU(s), the host has none"), "{out}");
+    // The runs are ordinary runs.
+    let ps = text(&env.run(&["ps", "-a"]).stdout);
+    assert!(ps.lines().count() >= 3, "{ps}");
+}
+
+#[test]
+fn providers_run_directly_and_what_is_not_supported_is_refused() {
+    let env = Env::new();
+    let dir = project(&env);
+    std::fs::write(
+        dir.join("argv.py"),
+        "import sys\nprint('argv', sys.argv[1:])\n",
+    )
+    .unwrap();
+    let (code, out, err) = run_in(
+        &env,
+        &dir,
+        &["run", "-y", "python", "argv.py", "a", "b c", "$HOME"],
+    );
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("argv ['a', 'b c', '$HOME']"), "{out}");
+    for (args, expected) in [
+        (
+            &["run", "-y", "python", "argv.py", "--dep", "prepare:latest"][..],
+            "--dep: dependencies are not supported yet",
+        ),
+        (
+            &["run", "-y", "perl", "x.pl"][..],
+            "`perl` is neither a workflow nor a provider",
+        ),
+    ] {
+        let (code, out, err) = run_in(&env, &dir, args);
+        assert_eq!(code, Some(1), "{args:?}: {out}\n{err}");
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+    // A workflow with artifacts is refused at its line.
+    let text = "workflows:\n  - name: keep\n    provider: bash\n    commands: [echo never]\n    artifacts: [out]\n";
+    std::fs::write(dir.join(".dstack/workflows.yaml"), text).unwrap();
+    let (code, _, err) = run_in(&env, &dir, &["run", "-y", "keep"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(
+            ".dstack/workflows.yaml:5:5: workflows[0].artifacts: artifacts are not supported yet"
+        ),
+        "{err}"
+    );
+    let (code, _, err) = run_in(&env, &dir, &["validate", ".dstack/workflows.yaml"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(!text_contains_never(&env), "nothing was submitted");
+}
+
+/// Whether any run printed or ran `never`.
+fn text_contains_never(env: &Env) -> bool {
+    text(&env.run(&["ps", "-a"]).stdout).contains("keep")
+}
