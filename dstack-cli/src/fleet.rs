@@ -13,6 +13,36 @@ use crate::Failure;
 
 /// `dstack fleet` (list).
 pub async fn list(client: &Client) -> Result<ExitCode, Failure> {
+    print!("{}", table(client, |_| true).await?.render());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Arguments of `dstack fleet get`.
+#[derive(clap::Args)]
+pub struct GetArgs {
+    /// The fleet.
+    name: String,
+}
+
+/// `dstack fleet get NAME`: one fleet and its instances, as `dstack fleet` shows them.
+pub async fn get(client: &Client, args: &GetArgs) -> Result<ExitCode, Failure> {
+    let is_it = |f: &dstack_core::model::Fleet| f.name == args.name;
+    let fleets = client.fleets().list().await?;
+    if !fleets.iter().any(|(f, _)| is_it(f)) {
+        return Err(Failure::new(format!(
+            "fleet {} not found; see `dstack fleet`",
+            args.name
+        )));
+    }
+    print!("{}", table(client, is_it).await?.render());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The table of `dstack fleet`: each unterminated fleet that is `wanted`, a row per instance.
+async fn table(
+    client: &Client,
+    wanted: impl Fn(&dstack_core::model::Fleet) -> bool,
+) -> Result<Table, Failure> {
     let mut table = Table::new(&[
         "FLEET",
         "INSTANCE",
@@ -26,7 +56,7 @@ pub async fn list(client: &Client) -> Result<ExitCode, Failure> {
     let fleets = client.fleets().list().await?;
     let shown = fleets
         .iter()
-        .filter(|(f, _)| f.status != dstack_core::model::FleetStatus::Terminated);
+        .filter(|(f, _)| f.status != dstack_core::model::FleetStatus::Terminated && wanted(f));
     for (fleet, instances) in shown {
         for (i, instance) in instances.iter().enumerate() {
             table.row(vec![
@@ -57,8 +87,7 @@ pub async fn list(client: &Client) -> Result<ExitCode, Failure> {
             ]);
         }
     }
-    print!("{}", table.render());
-    Ok(ExitCode::SUCCESS)
+    Ok(table)
 }
 
 /// `dstack apply -f FLEET`: deploys every host at once, printing each host's progress; exits 1

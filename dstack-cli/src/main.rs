@@ -98,6 +98,8 @@ enum Command {
 enum FleetAction {
     /// List fleets and their instances (the default).
     List,
+    /// Show one fleet and its instances.
+    Get(fleet::GetArgs),
     /// Delete a fleet: stop its hosts' agents and remove what was installed on them.
     Delete(fleet::DeleteArgs),
 }
@@ -181,6 +183,7 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
         Command::Offer(args) => offer::offer(&client, &args).await,
         Command::Fleet { action } => match action {
             None | Some(FleetAction::List) => fleet::list(&client).await,
+            Some(FleetAction::Get(args)) => fleet::get(&client, &args).await,
             Some(FleetAction::Delete(args)) => fleet::delete(&client, &args).await,
         },
         Command::Volume { action } => match action {

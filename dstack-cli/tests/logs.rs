@@ -103,6 +103,16 @@ fn logs_of_the_second_node_of_a_two_node_task_on_namespace_hosts() {
     assert!(instance(&second).contains("(ssh, "), "{second}");
     assert_ne!(instance(&first), instance(&second));
 
+    // `dstack fleet get` shows that fleet's hosts alone.
+    let out = env.run(&["fleet", "get", "loghosts"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    assert_eq!(shown.lines().count(), 3, "a header and two hosts: {shown}");
+    assert!(shown.contains("loghosts"), "{shown}");
+    let out = env.run(&["fleet", "get", "nosuch"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("fleet nosuch not found"));
+
     // `dstack delete -f` deletes the fleet its file names.
     let out = env.run(&["delete", "-f", &fleet, "-y"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
