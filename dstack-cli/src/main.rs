@@ -154,26 +154,32 @@ pub fn confirm(question: &str) -> bool {
     std::io::stdin().read_line(&mut answer).is_ok() && answer.trim().eq_ignore_ascii_case("y")
 }
 
+/// A client of the server of `$DSTACK_HOME` (started when none answers), and the home; for
+/// commands that start or attach to runs (`runs`), `ssh <run>` is made to work first.
+pub async fn connect(runs: bool) -> Result<(dstack_core::Client, std::path::PathBuf), Failure> {
+    let exe = std::env::current_exe().ok();
+    let home = dstack_core::client::default_home();
+    let client = dstack_core::Client::connect(&home, exe.as_deref()).await?;
+    if runs {
+        ssh::ensure_include(&home);
+        ssh::remember_user_key(&home);
+    }
+    Ok((client, home))
+}
+
 async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
     match command {
         Command::Validate(args) => return Ok(validate::run(&args)),
         Command::Server(args) => return server::run(args).await,
         Command::SshProxy(args) => return ssh::proxy(&args).await,
+        // Its words are checked before the server is asked for.
+        Command::Run(args) => return workflow::run(&args).await,
         _ => {}
     }
-    let exe = std::env::current_exe().ok();
-    let home = dstack_core::client::default_home();
-    let client = dstack_core::Client::connect(&home, exe.as_deref()).await?;
-    if matches!(
-        command,
-        Command::Apply(_) | Command::Run(_) | Command::Attach(_)
-    ) {
-        ssh::ensure_include(&home);
-        ssh::remember_user_key(&home);
-    }
+    let runs = matches!(command, Command::Apply(_) | Command::Attach(_));
+    let (client, home) = connect(runs).await?;
     match command {
         Command::Apply(args) => apply::apply(&client, &args).await,
-        Command::Run(args) => workflow::run(&client, &args).await,
         Command::Secret { action } => secret::run(&client, action).await,
         Command::Ps(args) => ps::ps(&client, &args).await,
         Command::Logs(args) => logs::logs(&client, &args).await,
@@ -190,7 +196,7 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
             None | Some(VolumeAction::List) => volume::list(&client).await,
             Some(VolumeAction::Delete(args)) => volume::delete(&client, &args).await,
         },
-        Command::Validate(_) | Command::Server(_) | Command::SshProxy(_) => {
+        Command::Validate(_) | Command::Server(_) | Command::SshProxy(_) | Command::Run(_) => {
             unreachable!("handled above")
         }
     }

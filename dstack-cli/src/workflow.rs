@@ -30,14 +30,19 @@ pub struct RunArgs {
     words: Vec<String>,
 }
 
-/// `dstack run`: submits the run the words ask for, as `dstack apply` does.
-pub async fn run(
-    client: &dstack_core::Client,
-    args: &RunArgs,
-) -> Result<std::process::ExitCode, Failure> {
+/// `dstack run`: submits the run the words ask for, as `dstack apply` does (the words are
+/// checked before the server is asked for).
+pub async fn run(args: &RunArgs) -> Result<std::process::ExitCode, Failure> {
     let workflows = load(Path::new(""))?;
     let planned = plan(&args.words, workflows.as_ref())?;
-    crate::apply::submit(client, planned.configuration, &planned.source, &args.submit).await
+    let (client, _) = crate::connect(true).await?;
+    crate::apply::submit(
+        &client,
+        planned.configuration,
+        &planned.source,
+        &args.submit,
+    )
+    .await
 }
 
 /// What `dstack run` submits: the configuration, and the arguments already in its commands.

@@ -57,7 +57,10 @@ fn workflows_run_their_scripts_with_the_arguments_and_variables_given() {
     let (code, out, err) = run_in(&env, &dir, &["run", "-y", "-d", "prepare", "--pgpu", "1"]);
     assert_eq!(code, Some(0), "{out}\n{err}");
     assert!(out.contains("gpu=1"), "{out}");
-    assert!(out.contains("requires 1 GPU(s), the host has none"), "{out}");
+    assert!(
+        out.contains("requires 1 GPU(s), the host has none"),
+        "{out}"
+    );
     // The runs are ordinary runs.
     let ps = text(&env.run(&["ps", "-a"]).stdout);
     assert!(ps.lines().count() >= 3, "{ps}");
