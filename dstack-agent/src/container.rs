@@ -314,6 +314,10 @@ fn create_body(spec: &JobSubmit, container: &ContainerSpec) -> ContainerCreateBo
         user: container.user.clone(),
         exposed_ports: Some(container.ports.iter().map(|p| format!("{p}/tcp")).collect()),
         host_config: Some(HostConfig {
+            // An init as PID 1 (catatonit with podman, tini with Docker) hands SIGTERM on to
+            // the job's shell: a shell that is PID 1 itself ignores it, so every stop would
+            // wait out `stop_duration` (dstack's 5 minutes) before SIGKILL.
+            init: Some(true),
             binds: Some(
                 container
                     .mounts

@@ -189,6 +189,31 @@ async fn max_duration_stops_a_container() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_container_job_ends_on_sigterm_without_waiting_out_its_grace() {
+    // dstack's default `stop_duration` is 5 minutes: the job's shell must get the SIGTERM (a
+    // shell that is the container's PID 1 ignores it; the container's init hands it on).
+    let podman = Podman::start();
+    let home = tempfile::tempdir().unwrap();
+    let client = client(home.path(), &podman).await;
+    let yaml = format!(
+        "type: task\nimage: {IMAGE}\nstop_duration: 5m\nresources: {{cpu: 1.., memory: 0.1GB..}}\n\
+         commands: [sleep 300, echo never]\n"
+    );
+    let run = submit(&client, &yaml).await;
+    while run.status().await.unwrap() != RunStatus::Running {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    run.stop(false).await.unwrap();
+    let record = finished(&run).await;
+    assert_eq!(record.status, RunStatus::Terminated, "{record:?}");
+    let job = run.jobs().await.unwrap().pop().unwrap();
+    assert_eq!(
+        job.termination_reason.as_deref(),
+        Some("terminated_by_user")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_port_of_a_container_job_is_reachable_from_the_client_side() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let podman = Podman::start();

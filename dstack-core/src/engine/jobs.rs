@@ -252,9 +252,15 @@ async fn stop_orphan(
                 .to_string()
         });
     let abort = reason == JobTerminationReason::AbortedByUser.as_str();
+    // The grace of the run's `stop_duration`, as the first stop had: a stop sent again must
+    // not cut it short.
+    let run = job.and_then(|j| inner.store.run(&j.run_id).ok().flatten());
+    let grace_secs = run.map_or(inner.options.stop_grace.as_secs(), |run| {
+        super::runs::stop_grace(inner, &run)
+    });
     let request = StopRequest {
         abort,
-        grace_secs: inner.options.stop_grace.as_secs(),
+        grace_secs,
         reason,
     };
     if let Ok(info) = agent.stop(id, &request).await {

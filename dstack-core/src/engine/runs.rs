@@ -517,7 +517,8 @@ pub(crate) fn terminate_job(
     }
 }
 
-fn stop_grace(inner: &Inner, run: &Run) -> u64 {
+/// Seconds between SIGTERM and SIGKILL when `run`'s jobs are stopped (its `stop_duration`).
+pub(super) fn stop_grace(inner: &Inner, run: &Run) -> u64 {
     let configured = inner
         .configuration(run)
         .ok()
