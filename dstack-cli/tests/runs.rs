@@ -3,12 +3,29 @@
 
 mod common;
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{text, Env};
+
+/// Waits for a child process at most 30 s; kills it and fails the test past that, so that a
+/// test never hangs the whole suite.
+fn wait_child(child: &mut std::process::Child, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
 
 /// Polls `f` for up to 30 s.
 fn wait_for(env: &Env, mut f: impl FnMut() -> bool, what: &str) {
@@ -112,21 +129,6 @@ fn ps_shows_the_last_n_runs_as_a_table_or_json() {
     assert_eq!(out.status.code(), Some(2), "clap refuses other formats");
 }
 
-/// The process ids of the children of `pid`.
-fn children(pid: u32) -> Vec<u32> {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
-    let mut children = Vec::new();
-    for task in tasks {
-        let path = task.unwrap().path().join("children");
-        let list = std::fs::read_to_string(path).unwrap_or_default();
-        children.extend(
-            list.split_whitespace()
-                .filter_map(|p| p.parse::<u32>().ok()),
-        );
-    }
-    children
-}
-
 #[test]
 fn ps_watch_redraws_the_table_in_place_until_ctrl_c() {
     let env = Env::new();
@@ -151,7 +153,8 @@ fn ps_watch_redraws_the_table_in_place_until_ctrl_c() {
     let mut script = script.spawn().unwrap();
     let drawn = Arc::new(Mutex::new(Vec::new()));
     let mut stdout = script.stdout.take().unwrap();
-    let reader = {
+    // Detached: it ends with `script`'s output.
+    let _reader = {
         let drawn = drawn.clone();
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
@@ -182,17 +185,15 @@ fn ps_watch_redraws_the_table_in_place_until_ctrl_c() {
         "the table redrawn in place",
     );
 
-    // Ctrl-C ends it with status 0.
-    let ps = children(script.id());
-    assert_eq!(ps.len(), 1, "script runs one child: {ps:?}");
-    let sent = Command::new("kill")
-        .args(["-INT", &ps[0].to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success());
-    let status = script.wait().unwrap();
+    // Ctrl-C typed into the terminal ends it with status 0. (The terminal sends SIGINT to its
+    // foreground process group: `script` may run the command under a shell that does not exec
+    // it, `sh` being dash, and a signal sent to that shell alone would never reach `dstack`.)
+    let mut keyboard = script.stdin.take().unwrap();
+    keyboard.write_all(b"\x03").unwrap();
+    keyboard.flush().unwrap();
+    let status = wait_child(&mut script, "dstack ps -w to end on Ctrl-C");
     assert_eq!(status.code(), Some(0), "{}", screen());
-    reader.join().unwrap();
+    drop(keyboard);
 }
 
 #[test]
