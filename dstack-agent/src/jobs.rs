@@ -22,6 +22,7 @@ use futures_util::Stream;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::{broadcast, mpsc, watch};
 
+use crate::archives::{self, Archives};
 use crate::container;
 use crate::journal::{JobRecord, Journal};
 use crate::logs::{self, LogWriter, Rotation};
@@ -149,9 +150,25 @@ impl Job {
         }
     }
 
+    /// The fresh directory a host process starts in when it has archives to unpack and no
+    /// working directory of its own (inside its private directory; removed when it ends, as
+    /// a container's filesystem is); `None` for any other job.
+    fn workspace(&self) -> Option<PathBuf> {
+        let own_dir = self.spec.container.is_none()
+            && !self.spec.archives.is_empty()
+            && self.spec.working_dir.is_empty();
+        match (&self.scratch, own_dir) {
+            (Some(scratch), true) => Some(scratch.join("work")),
+            _ => None,
+        }
+    }
+
     /// Records the job's final state, once its process (or container) is gone; the job
     /// queued behind it starts first.
     pub fn finish(&self, info: JobInfo) {
+        if let Some(workspace) = self.workspace() {
+            tokio::task::spawn_blocking(move || remove_dir_if_exists(&workspace));
+        }
         match self.owner.upgrade() {
             Some(jobs) => jobs.finish(self, info),
             None => self.transition(info),
@@ -212,6 +229,8 @@ pub(crate) struct Jobs {
     /// The directories no container may mount (the agent's state, its socket's directory),
     /// resolved.
     private: Vec<PathBuf>,
+    /// The archives jobs start from.
+    archives: Arc<Archives>,
 }
 
 impl Jobs {
@@ -249,6 +268,7 @@ impl Jobs {
                 closed: AtomicBool::new(false),
                 limits,
                 private,
+                archives: Arc::new(Archives::new(state.root().join("archives"))),
             };
             jobs.load(records);
             jobs
@@ -365,6 +385,11 @@ impl Jobs {
             leader: Mutex::new(None),
             journaled: AtomicBool::new(false),
         }
+    }
+
+    /// The archives jobs start from.
+    pub fn archives(&self) -> &Archives {
+        &self.archives
     }
 
     /// The container engine's socket `image:` jobs run with, if any.
@@ -502,17 +527,42 @@ impl Jobs {
             let mut submission = job.spec.clone();
             command.fill(&mut submission);
             job.transition(running);
-            container::supervise(job, submission, self.containers.clone(), log, stop_requests);
+            let socket = self.containers.clone();
+            let archives = self.archives.clone();
+            container::supervise(job, submission, socket, archives, log, stop_requests);
             return;
         }
-        match supervisor::launch(&job.spec.working_dir, &command.argv, &command.env) {
-            Ok(launched) => {
-                let _ = job.process.set(launched.group.clone());
-                job.transition(running);
-                supervisor::supervise(job, launched, log, stop_requests);
-            }
-            Err(message) => job.transition(failed(running, "executor_error", &message, &mut log)),
+        if job.spec.archives.is_empty() {
+            let working_dir = job.spec.working_dir.clone();
+            start_process(job, &working_dir, &command, log, stop_requests);
+            return;
         }
+        // Archives are unpacked (and a fresh directory made) away from the jobs' lock; the
+        // job is running meanwhile, and a stop waits in its channel until it has started.
+        job.transition(running.clone());
+        let store = self.archives.clone();
+        tokio::spawn(async move {
+            let unpacking = job.clone();
+            let mut command = command;
+            let prepared = tokio::task::spawn_blocking(move || {
+                let spec = unpacking.spec();
+                let working_dir = match unpacking.workspace() {
+                    Some(workspace) => archives::fresh_dir(&workspace)?,
+                    None => spec.working_dir.clone(),
+                };
+                let dir = store.unpack_for_host(&spec.archives, working_dir, &mut command.env);
+                dir.map(|dir| (dir, command))
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("unpacking failed: {e}")));
+            match prepared {
+                Ok((dir, command)) => start_process(job, &dir, &command, log, stop_requests),
+                Err(message) => {
+                    let info = failed(running, "executor_error", &message, &mut log);
+                    job.finish(info);
+                }
+            }
+        });
     }
 
     /// Records that `job` ended (`info`), starting the job queued behind it first.
@@ -806,6 +856,26 @@ pub const HOSTFILE_ENV: &str = "DSTACK_MPI_HOSTFILE";
 /// The MPI hostfile in a job's private directory.
 const HOSTFILE: &str = "hostfile";
 
+/// Starts a host process job in `working_dir` and supervises it (or records that it could
+/// not start).
+fn start_process(
+    job: Arc<Job>,
+    working_dir: &str,
+    command: &Command,
+    mut log: LogWriter,
+    stop_requests: mpsc::UnboundedReceiver<StopRequest>,
+) {
+    let running = state(&job.spec.id, AgentJobStatus::Running);
+    match supervisor::launch(working_dir, &command.argv, &command.env) {
+        Ok(launched) => {
+            let _ = job.process.set(launched.group.clone());
+            job.transition(running);
+            supervisor::supervise(job, launched, log, stop_requests);
+        }
+        Err(message) => job.finish(failed(running, "executor_error", &message, &mut log)),
+    }
+}
+
 /// A new private directory (0700) for a job: `dstack-job-<random>` in the system's temporary
 /// directory, away from the agent's state.
 fn create_scratch_dir() -> io::Result<PathBuf> {
@@ -911,6 +981,7 @@ pub(crate) mod tests {
             max_duration_secs: None,
             mpi_hostfile: None,
             after: None,
+            archives: Vec::new(),
             container: None,
         }
     }

@@ -148,6 +148,25 @@ async fn project_route(
                 total_offers: plan.total_offers,
             }))
         }
+        ["files", "has_archive"] => {
+            let request: dstack_core::client::HasArchive = body(req).await?;
+            let kept = archives(shared)?.find(&request.hash).is_some();
+            Ok(json(&dstack_core::client::ArchiveKept { kept }))
+        }
+        ["files", "upload_archive"] => {
+            let hash = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("hash=")))
+                .unwrap_or_default()
+                .to_string();
+            let limit = dstack_core::archive::limit_from_env(dstack_core::archive::REPO_LIMIT);
+            let bytes = read_body(req, usize::try_from(limit).unwrap_or(usize::MAX)).await?;
+            archives(shared)?
+                .keep(&hash, &bytes)
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            Ok(json(&dstack_core::client::ArchiveKept { kept: true }))
+        }
         ["runs", "apply"] => {
             let request: ApplyRequest = body(req).await?;
             let config = configuration(&request.configuration)?;
@@ -328,6 +347,13 @@ fn only_name(request: &DeleteRequest) -> Result<&str, ApiError> {
 }
 
 /// The JSON body of a request.
+/// Where the server's engine keeps the archives runs start from.
+fn archives(shared: &Shared) -> Result<&dstack_core::archive::ArchiveStore, ApiError> {
+    engine(shared)?
+        .archives()
+        .ok_or_else(|| ApiError::bad_request("this server keeps no archives"))
+}
+
 pub(crate) async fn body<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
     let bytes = read_body(req, MAX_REQUEST_BYTES).await?;
     let bytes = if bytes.is_empty() {

@@ -119,5 +119,6 @@ pub fn sh_job(id: String, script: &str, after: Option<String>) -> JobSubmit {
         mpi_hostfile: None,
         container: None,
         after,
+        archives: Vec::new(),
     }
 }

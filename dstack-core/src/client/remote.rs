@@ -184,6 +184,29 @@ impl Remote {
         }
     }
 
+    /// POSTs `bytes` as they are (not JSON) to a project route with a query (`route?…`)
+    /// and reads the JSON answer, the whole request given `timeout`.
+    pub async fn upload<T: DeserializeOwned>(
+        &self,
+        route: &str,
+        bytes: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<T, ServerError> {
+        let path = self.path(route);
+        let sent = self
+            .http()
+            .json(timeout, Method::POST, &path, Some(bytes.clone()))
+            .await;
+        match sent {
+            Err(e) if self.recover(&path, &e).await? => self
+                .http()
+                .json(timeout, Method::POST, &path, Some(bytes))
+                .await
+                .map_err(refusal),
+            other => other.map_err(refusal),
+        }
+    }
+
     /// POSTs `body` to a project route and streams the answer.
     pub async fn stream(
         &self,

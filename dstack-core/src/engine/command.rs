@@ -328,6 +328,9 @@ fn working_dir(run: &Definition, common: &RunCommon, session: Option<&HostSessio
     }
 }
 
+/// The working directory of a container with a repo and none configured: dstack's.
+const REPO_WORKING_DIR: &str = "/workflow";
+
 /// Everything the agent needs to start `job`.
 ///
 /// `nodes` holds the address of every node of the run in rank order (just this instance's
@@ -349,10 +352,16 @@ pub(crate) fn job_submit(
         *username = resolve(username, secrets, "registry_auth.username")?;
         *password = resolve(password, secrets, "registry_auth.password")?;
     }
-    // A container starts in the image's working directory unless one is configured.
+    // A container starts in the image's working directory unless one is configured, or in
+    // dstack's `/workflow` when it has a repo; a host process with archives to unpack and no
+    // working directory configured starts in a fresh directory the agent makes (empty here).
+    let archives = &run.spec.archives;
+    let has_repo = archives.iter().any(|a| a.repo);
     let working_dir = match (&container, &common.working_dir) {
         (Some(_), Some(dir)) if dir.starts_with('/') => dir.clone(),
+        (Some(_), _) if has_repo => REPO_WORKING_DIR.to_string(),
         (Some(_), _) => String::new(),
+        (None, None) if !archives.is_empty() => String::new(),
         (None, _) => working_dir(run, common, session),
     };
     // A container: only what the job is given; this machine: the client's session; a remote
@@ -387,7 +396,13 @@ pub(crate) fn job_submit(
         ("DSTACK_RUN_NAME", run.name.clone()),
         ("DSTACK_RUN_ID", run.id.clone()),
         ("DSTACK_JOB_ID", job.id.clone()),
-        ("DSTACK_REPO_ID", "none".to_string()),
+        (
+            "DSTACK_REPO_ID",
+            archives
+                .iter()
+                .find(|a| a.repo)
+                .map_or_else(|| "none".to_string(), |a| a.hash[..16].to_string()),
+        ),
         ("DSTACK_WORKING_DIR", working_dir.clone()),
         ("DSTACK_NODE_RANK", job.job_num.to_string()),
         ("DSTACK_NODES_NUM", nodes.len().to_string()),
@@ -407,6 +422,18 @@ pub(crate) fn job_submit(
     ];
     for (k, v) in dstack {
         env.insert(k.to_string(), v);
+    }
+    // Where the repo lands, when it is known here (the agent sets it for a fresh directory).
+    if let Some(repo) = archives.iter().find(|a| a.repo) {
+        if working_dir.starts_with('/') {
+            let home = if container.is_some() {
+                "/root"
+            } else {
+                env.get("HOME").map_or("/", String::as_str)
+            };
+            let dir = crate::archive::target_dir(&repo.path, &working_dir, home);
+            env.insert("DSTACK_REPO_DIR".to_string(), dir);
+        }
     }
     let max_duration_secs = match common.profile.max_duration {
         Some(crate::config::duration::OffableDuration::Seconds(d)) => {
@@ -438,6 +465,7 @@ pub(crate) fn job_submit(
         }),
         container,
         after: job.after_job.clone(),
+        archives: archives.clone(),
     })
 }
 
