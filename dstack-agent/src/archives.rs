@@ -68,7 +68,9 @@ impl Archives {
             if got != hash {
                 return Err(format!("the archive's SHA-256 is {got}, not {hash}"));
             }
-            fs::rename(&temp, self.dir.join(hash)).map_err(|e| e.to_string())
+            fs::rename(&temp, self.dir.join(hash)).map_err(|e| e.to_string())?;
+            eprintln!("dstack-agent: received archive {hash} ({bytes} bytes)");
+            Ok(())
         }
         .await;
         if written.is_err() {

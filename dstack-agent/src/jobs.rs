@@ -534,7 +534,12 @@ impl Jobs {
         }
         if job.spec.archives.is_empty() {
             let working_dir = job.spec.working_dir.clone();
-            start_process(job, &working_dir, &command, log, stop_requests);
+            // The jobs are locked here: the end is recorded as it is.
+            if let Err(ended) =
+                start_process(job.clone(), &working_dir, &command, log, stop_requests)
+            {
+                job.transition(ended);
+            }
             return;
         }
         // Archives are unpacked (and a fresh directory made) away from the jobs' lock; the
@@ -555,12 +560,15 @@ impl Jobs {
             })
             .await
             .unwrap_or_else(|e| Err(format!("unpacking failed: {e}")));
-            match prepared {
-                Ok((dir, command)) => start_process(job, &dir, &command, log, stop_requests),
-                Err(message) => {
-                    let info = failed(running, "executor_error", &message, &mut log);
-                    job.finish(info);
+            // Not under the jobs' lock: an end is recorded as any end (the job behind starts).
+            let ended = match prepared {
+                Ok((dir, command)) => {
+                    start_process(job.clone(), &dir, &command, log, stop_requests).err()
                 }
+                Err(message) => Some(failed(running, "executor_error", &message, &mut log)),
+            };
+            if let Some(ended) = ended {
+                job.finish(ended);
             }
         });
     }
@@ -856,23 +864,24 @@ pub const HOSTFILE_ENV: &str = "DSTACK_MPI_HOSTFILE";
 /// The MPI hostfile in a job's private directory.
 const HOSTFILE: &str = "hostfile";
 
-/// Starts a host process job in `working_dir` and supervises it (or records that it could
-/// not start).
+/// Starts a host process job in `working_dir` and supervises it; the job's final state
+/// when it could not start (for the caller to record: with the jobs locked, or not).
 fn start_process(
     job: Arc<Job>,
     working_dir: &str,
     command: &Command,
     mut log: LogWriter,
     stop_requests: mpsc::UnboundedReceiver<StopRequest>,
-) {
+) -> Result<(), JobInfo> {
     let running = state(&job.spec.id, AgentJobStatus::Running);
     match supervisor::launch(working_dir, &command.argv, &command.env) {
         Ok(launched) => {
             let _ = job.process.set(launched.group.clone());
             job.transition(running);
             supervisor::supervise(job, launched, log, stop_requests);
+            Ok(())
         }
-        Err(message) => job.finish(failed(running, "executor_error", &message, &mut log)),
+        Err(message) => Err(failed(running, "executor_error", &message, &mut log)),
     }
 }
 

@@ -196,18 +196,61 @@ fn what_cannot_be_uploaded_is_refused_at_its_place() {
 }
 
 #[test]
-fn the_repo_and_files_reach_a_job_on_a_namespace_ssh_host() {
+fn the_repo_and_files_reach_a_job_on_a_namespace_ssh_host_once_for_all_its_jobs() {
     let env = Env::new();
     let dir = tempfile::tempdir().unwrap();
     let repo = repo(dir.path());
     let hosts = netns::TestHosts::start(1);
-    let fleet = env.write("hosts.dstack.yml", &hosts.fleet_yaml("repohosts"));
+    let fleet_name = format!("repohosts-{}", std::process::id());
+    let fleet = env.write("hosts.dstack.yml", &hosts.fleet_yaml(&fleet_name));
     let out = env.run(&["apply", "-f", &fleet, "-y"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let file = task(&repo, "remote", dir.path(), "fleets: [repohosts]\n");
+    let file = task(
+        &repo,
+        "remote",
+        dir.path(),
+        &format!("fleets: [{fleet_name}]\n"),
+    );
     let out = env.run(&["apply", "-f", &file, "-y"]);
     assert_eq!(applied(&out), SEEN);
-    let out = env.run(&["fleet", "delete", "repohosts", "-y"]);
+
+    // Three more runs started together upload nothing again: the host keeps each archive.
+    for i in 0..3 {
+        let name = format!("remote-{i}");
+        let out = env.run(&["apply", "-f", &file, "-y", "-d", "-n", &name]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let listing = text(&env.run(&["ps", "-a"]).stdout);
+        if listing.matches(" done ").count() == 4 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{listing}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    for i in 0..3 {
+        let out = env.run(&["logs", &format!("remote-{i}")]);
+        assert_eq!(text(&out.stdout), SEEN);
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let logs = std::fs::read_dir(format!("{home}/.dstack-rs"))
+        .unwrap()
+        .filter_map(|e| {
+            let path = e.unwrap().path();
+            let ours = path
+                .file_name()?
+                .to_str()?
+                .starts_with(&format!("{fleet_name}-"));
+            ours.then(|| std::fs::read_to_string(path.join("agent/agent.log")).unwrap_or_default())
+        })
+        .collect::<String>();
+    assert_eq!(
+        logs.matches("received archive").count(),
+        3,
+        "the repo and two files, once each: {logs}"
+    );
+    let out = env.run(&["fleet", "delete", &fleet_name, "-y"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
 
