@@ -144,11 +144,14 @@ async fn run(
     // The repo and files go in before the job's command runs (relative targets from the
     // working directory the engine gave, else the image's).
     let working_dir = match spec.working_dir.as_str() {
-        "" if !spec.archives.is_empty() => image_working_dir(&docker, &name).await,
+        "" if !spec.archives.is_empty() || spec.clone.is_some() => {
+            image_working_dir(&docker, &name).await
+        }
         dir => dir.to_string(),
     };
+    let sources = (spec.archives.as_slice(), spec.clone.as_ref());
     if let Err(message) = archives
-        .unpack_into_container(&docker, &name, &spec.archives, &working_dir)
+        .unpack_into_container(&docker, &name, sources, &working_dir, &job.scratch())
         .await
     {
         remove(&docker, &name).await;

@@ -150,12 +150,17 @@ impl Job {
         }
     }
 
+    /// Its private directory (the system's temporary directory for jobs of older agents).
+    pub fn scratch(&self) -> PathBuf {
+        self.scratch.clone().unwrap_or_else(std::env::temp_dir)
+    }
+
     /// The fresh directory a host process starts in when it has archives to unpack and no
     /// working directory of its own (inside its private directory; removed when it ends, as
     /// a container's filesystem is); `None` for any other job.
     fn workspace(&self) -> Option<PathBuf> {
         let own_dir = self.spec.container.is_none()
-            && !self.spec.archives.is_empty()
+            && (!self.spec.archives.is_empty() || self.spec.clone.is_some())
             && self.spec.working_dir.is_empty();
         match (&self.scratch, own_dir) {
             (Some(scratch), true) => Some(scratch.join("work")),
@@ -461,6 +466,9 @@ impl Jobs {
         if let Some(job) = jobs.get(&spec.id) {
             return Ok(job.info());
         }
+        self.archives
+            .hold(&spec.archives)
+            .map_err(JobError::BadRequest)?;
         let leader = match spec.after.as_deref() {
             // A job this agent does not know may not have reached it yet: starting now could
             // run both at once.
@@ -532,7 +540,7 @@ impl Jobs {
             container::supervise(job, submission, socket, archives, log, stop_requests);
             return;
         }
-        if job.spec.archives.is_empty() {
+        if job.spec.archives.is_empty() && job.spec.clone.is_none() {
             let working_dir = job.spec.working_dir.clone();
             // The jobs are locked here: the end is recorded as it is.
             if let Err(ended) =
@@ -555,7 +563,12 @@ impl Jobs {
                     Some(workspace) => archives::fresh_dir(&workspace)?,
                     None => spec.working_dir.clone(),
                 };
-                let dir = store.unpack_for_host(&spec.archives, working_dir, &mut command.env);
+                let dir = store.unpack_for_host(
+                    &spec.archives,
+                    spec.clone.as_ref(),
+                    working_dir,
+                    &mut command.env,
+                );
                 dir.map(|dir| (dir, command))
             })
             .await
@@ -991,6 +1004,7 @@ pub(crate) mod tests {
             mpi_hostfile: None,
             after: None,
             archives: Vec::new(),
+            clone: None,
             container: None,
         }
     }

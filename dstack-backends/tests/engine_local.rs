@@ -1347,6 +1347,7 @@ async fn an_agent_of_another_build_is_replaced_once_it_runs_no_job() {
         mpi_hostfile: None,
         after: None,
         archives: Vec::new(),
+        clone: None,
         container: None,
     };
     old.submit(&job).await.unwrap();

@@ -380,12 +380,8 @@ fn ignored_fields_are_refused_by_dstack_apply_at_their_place() {
             "x.dstack.yml:4:1: dstack: `dstack: true` (the dstack CLI and credentials inside the run) is not supported yet",
         ),
         (
-            "repos:\n  - https://example.com/r.git\n",
-            "x.dstack.yml:5:5: repos[0]: repos given by URL are not cloned yet",
-        ),
-        (
-            "single_branch: true\n",
-            "x.dstack.yml:4:1: single_branch: `single_branch` applies to repos given by URL",
+            "repos:\n  - local_path: .\n    hash: abc\n",
+            "x.dstack.yml:5:5: repos[0]: `branch` and `hash` apply to repos given by URL",
         ),
         (
             "privileged: true\n",

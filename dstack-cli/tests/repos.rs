@@ -16,26 +16,47 @@ use std::process::{Command, Output};
 
 use common::{text, Env};
 
+/// Runs git in `repo` (committing as a test user); its output.
+fn git(repo: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(repo)
+        .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    text(&out.stdout).trim().to_string()
+}
+
+/// A repository with `hello.txt` committed twice on `main` and once more on `other`; the
+/// first commit's hash.
+fn origin(dir: &Path) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    git(dir, &["init", "-q", "--initial-branch=main"]);
+    std::fs::write(dir.join("hello.txt"), "first\n").unwrap();
+    git(dir, &["add", "hello.txt"]);
+    git(dir, &["commit", "-qm", "first"]);
+    let first = git(dir, &["rev-parse", "HEAD"]);
+    git(dir, &["checkout", "-q", "-b", "other"]);
+    std::fs::write(dir.join("hello.txt"), "other\n").unwrap();
+    git(dir, &["commit", "-qam", "other"]);
+    git(dir, &["checkout", "-q", "main"]);
+    std::fs::write(dir.join("hello.txt"), "second\n").unwrap();
+    git(dir, &["commit", "-qam", "second"]);
+    first
+}
+
 /// A git repo in `dir/repo` with a committed file changed since, an untracked file, an
 /// ignored one, and `dir/data/` beside it (a directory and a file to map with `files:`).
 fn repo(dir: &Path) -> String {
     let repo = dir.join("repo");
     std::fs::create_dir_all(repo.join("src")).unwrap();
-    let git = |args: &[&str]| {
-        let out = Command::new("git")
-            .arg("-C")
-            .arg(&repo)
-            .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-    };
-    git(&["init", "-q"]);
+    git(&repo, &["init", "-q"]);
     std::fs::write(repo.join(".gitignore"), "*.secret\n").unwrap();
     std::fs::write(repo.join("src/train.py"), "committed\n").unwrap();
-    git(&["add", "."]);
-    git(&["commit", "-qm", "first"]);
+    git(&repo, &["add", "."]);
+    git(&repo, &["commit", "-qm", "first"]);
     std::fs::write(repo.join("src/train.py"), "uncommitted change\n").unwrap();
     std::fs::write(repo.join("notes.txt"), "untracked\n").unwrap();
     std::fs::write(repo.join("key.secret"), "ignored\n").unwrap();
@@ -179,17 +200,18 @@ fn what_cannot_be_uploaded_is_refused_at_its_place() {
         "{}",
         text(&out.stdout)
     );
-    // A repo given by URL is not cloned yet: refused with its line.
+    // `hash` of a local repo (it is uploaded as it is): refused with its line.
     std::fs::write(
         &file,
-        "type: task\nrepos:\n  - https://example.com/r.git\ncommands: [ls]\n",
+        "type: task\nrepos:\n  - local_path: .\n    hash: abc\ncommands: [ls]\n",
     )
     .unwrap();
     let out = env.run(&["apply", "-f", &file.display().to_string(), "-y"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        text(&out.stderr)
-            .contains("t.dstack.yml:3:5: repos[0]: repos given by URL are not cloned yet"),
+        text(&out.stderr).contains(
+            "t.dstack.yml:3:5: repos[0]: `branch` and `hash` apply to repos given by URL"
+        ),
         "{}",
         text(&out.stderr)
     );
@@ -290,4 +312,58 @@ fn the_repo_and_files_reach_a_job_in_a_podman_container() {
         .output()
         .unwrap();
     assert_eq!(applied(&out), format!("{SEEN}/workflow\n"));
+}
+
+/// Applies a task named `name` with `repos:` lines `repo` (and `extra` lines) that prints
+/// `hello.txt` and whether it is in a clone; its output lines.
+fn cloned(env: &Env, name: &str, repo: &str, extra: &str, docker: Option<&str>) -> Vec<String> {
+    let file = env.write(
+        &format!("{name}.dstack.yml"),
+        &format!(
+            "type: task\nname: {name}\nrepos:\n{repo}{extra}\
+             resources: {{cpu: 1.., memory: 0.1GB..}}\n\
+             commands: ['cat hello.txt', 'test -d .git && echo a-clone']\n"
+        ),
+    );
+    let mut cmd = env.cmd(&["apply", "-f", &file, "-y"]);
+    if let Some(socket) = docker {
+        cmd.env("DOCKER_HOST", socket);
+    }
+    let out = cmd.output().unwrap();
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    let logs = text(&env.run(&["logs", name]).stdout);
+    logs.lines().map(str::to_string).collect()
+}
+
+#[test]
+fn a_repo_given_by_url_is_cloned_at_its_branch_or_commit_on_the_host_and_into_a_container() {
+    let env = Env::new();
+    let dir = tempfile::tempdir().unwrap();
+    let first = origin(&dir.path().join("origin"));
+    let url = format!("file://{}", dir.path().join("origin").display());
+    let main = format!("  - {url}\n");
+    assert_eq!(cloned(&env, "main", &main, "", None), ["second", "a-clone"]);
+    let branch = format!("  - url: {url}\n    branch: other\n");
+    let single = "single_branch: true\n";
+    assert_eq!(
+        cloned(&env, "branch", &branch, single, None),
+        ["other", "a-clone"]
+    );
+    let commit = format!("  - url: {url}\n    hash: {first}\n");
+    assert_eq!(
+        cloned(&env, "commit", &commit, "", None),
+        ["first", "a-clone"]
+    );
+
+    // Cloned on the host and put into the container (at dstack's /workflow); the home's
+    // agent finds the container engine when it starts.
+    let podman = podman::Podman::start();
+    let socket = format!("unix://{}", podman.socket.display());
+    let boxed = format!("image: {}\n", podman::IMAGE);
+    let in_containers = Env::new();
+    assert_eq!(
+        cloned(&in_containers, "boxed", &branch, &boxed, Some(&socket)),
+        ["other", "a-clone"]
+    );
 }

@@ -47,6 +47,27 @@ pub struct Archive {
     pub repo: bool,
 }
 
+/// A repo given by URL, cloned with git on the host before the job starts (with the host's
+/// own git credentials: its credential helpers, `~/.ssh`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepoClone {
+    /// What `git clone` is given.
+    pub url: String,
+    /// The branch to check out (default: the remote's default branch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    /// The commit to check out (default: the branch's latest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
+    /// Clone only the branch (`git clone --single-branch`).
+    #[serde(default)]
+    pub single_branch: bool,
+    /// The directory it is cloned into, as [`Archive::path`].
+    pub path: String,
+    /// What to do when that directory already holds something.
+    pub if_exists: IfExists,
+}
+
 /// What unpacking does with a target directory that is not empty.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -171,6 +192,16 @@ pub fn pack_path(
     };
     let packed = pack(source, vec![(source.to_path_buf(), name)], temp_dir, limit)?;
     Ok((packed, parent.to_string()))
+}
+
+/// Packs every file under `dir` (`.git` included: a clone goes into a container whole) into
+/// a new file in `temp_dir`.
+pub fn pack_tree(dir: &Path, temp_dir: &Path, limit: u64) -> Result<Packed, ArchiveError> {
+    let entries = walk(dir)?
+        .into_iter()
+        .map(|rel| (dir.join(&rel), rel))
+        .collect();
+    pack(dir, entries, temp_dir, limit)
 }
 
 /// The files git lists in `dir` (relative to it, sorted), or `None` when `dir` is not in a
@@ -457,6 +488,39 @@ impl ArchiveStore {
     }
 }
 
+impl ArchiveStore {
+    /// Removes the archives older than `ttl` (since they were kept or last asked for) that
+    /// are not in `needed` (those of unfinished runs), and uploads left half-written as long.
+    pub fn prune(&self, needed: &std::collections::HashSet<String>, ttl: std::time::Duration) {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let stale = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|at| at.elapsed().is_ok_and(|age| age > ttl));
+            if stale && !needed.contains(&name) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    /// Marks the archive with `hash` as asked for now (it is kept `ttl` from now); whether it
+    /// is kept.
+    pub fn touch(&self, hash: &str) -> bool {
+        let Some(path) = self.find(hash) else {
+            return false;
+        };
+        let _ = File::options()
+            .append(true)
+            .open(&path)
+            .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+        true
+    }
+}
+
 /// Where an archive's `path` lands: absolute as it is, `~`/`~/…` from `home`, anything else
 /// from `working_dir`.
 pub fn target_dir(path: &str, working_dir: &str, home: &str) -> String {
@@ -657,6 +721,28 @@ mod tests {
         store.keep(&hash, b"abc").unwrap();
         assert_eq!(fs::read(store.find(&hash).unwrap()).unwrap(), b"abc");
         assert!(store.find("../x").is_none());
+
+        // Old archives go unless a run still needs them; one asked for again stays.
+        let (old, needed) = (
+            hash_of(&b"old"[..]).unwrap(),
+            hash_of(&b"needed"[..]).unwrap(),
+        );
+        store.keep(&old, b"old").unwrap();
+        store.keep(&needed, b"needed").unwrap();
+        let week_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(8 * 86400);
+        for h in [&old, &needed, &hash] {
+            let file = File::options()
+                .append(true)
+                .open(store.find(h).unwrap())
+                .unwrap();
+            file.set_modified(week_ago).unwrap();
+        }
+        assert!(store.touch(&hash));
+        let keep = std::collections::HashSet::from([needed.clone()]);
+        store.prune(&keep, std::time::Duration::from_secs(7 * 86400));
+        assert!(store.find(&old).is_none());
+        assert!(store.find(&needed).is_some() && store.find(&hash).is_some());
+        assert!(!store.touch(&old));
     }
 
     #[test]

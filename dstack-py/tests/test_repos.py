@@ -131,3 +131,20 @@ def test_the_async_client_takes_repos(home: Path, origin: Path) -> None:
         return b"".join([chunk async for chunk in run.logs()]).decode().splitlines()
 
     assert asyncio.run(main())[1] == "second"
+
+
+def test_the_repos_and_files_of_a_configuration_are_uploaded_for_the_job(
+    client: Client, origin: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Relative paths are taken from the directory the run is applied from.
+    monkeypatch.chdir(origin)
+    (origin / "hello.txt").write_text("uncommitted\n")
+    (tmp_path / "extra.txt").write_text("extra\n")
+    task = Task(
+        repos=["."],
+        files=[f"{tmp_path / 'extra.txt'}:inputs/extra.txt"],
+        commands=["cat hello.txt inputs/extra.txt", f'test "$PWD" != "{origin}" && echo a-copy'],
+    )
+    assert output(client, task) == ["uncommitted", "extra", "a-copy"]
+    # The job had a copy: the repo on disk is as it was.
+    assert not (origin / "inputs").exists()

@@ -150,7 +150,8 @@ async fn project_route(
         }
         ["files", "has_archive"] => {
             let request: dstack_core::client::HasArchive = body(req).await?;
-            let kept = archives(shared)?.find(&request.hash).is_some();
+            // Asked for: kept a while longer (the run applied next needs it).
+            let kept = archives(shared)?.touch(&request.hash);
             Ok(json(&dstack_core::client::ArchiveKept { kept }))
         }
         ["files", "upload_archive"] => {
@@ -162,9 +163,11 @@ async fn project_route(
                 .to_string();
             let limit = dstack_core::archive::limit_from_env(dstack_core::archive::REPO_LIMIT);
             let bytes = read_body(req, usize::try_from(limit).unwrap_or(usize::MAX)).await?;
-            archives(shared)?
+            let store = archives(shared)?;
+            store
                 .keep(&hash, &bytes)
                 .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            store.prune(&archives_needed(shared)?, ARCHIVE_TTL);
             Ok(json(&dstack_core::client::ArchiveKept { kept: true }))
         }
         ["runs", "apply"] => {
@@ -347,6 +350,25 @@ fn only_name(request: &DeleteRequest) -> Result<&str, ApiError> {
 }
 
 /// The JSON body of a request.
+/// How long the server keeps an archive no unfinished run needs (since it was uploaded or
+/// last asked for).
+const ARCHIVE_TTL: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+/// The archives of the unfinished runs.
+fn archives_needed(shared: &Shared) -> Result<std::collections::HashSet<String>, ApiError> {
+    let store = engine(shared)?.store();
+    let mut needed = std::collections::HashSet::new();
+    for kind in ["task", "service", "dev-environment"] {
+        let runs = store
+            .active_runs_of_kind(kind)
+            .map_err(dstack_core::engine::EngineError::from)?;
+        for run in runs {
+            needed.extend(run.spec.archives.into_iter().map(|a| a.hash));
+        }
+    }
+    Ok(needed)
+}
+
 /// Where the server's engine keeps the archives runs start from.
 fn archives(shared: &Shared) -> Result<&dstack_core::archive::ArchiveStore, ApiError> {
     engine(shared)?

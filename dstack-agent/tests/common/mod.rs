@@ -138,6 +138,7 @@ pub fn shell_job(id: &str, script: &str) -> JobSubmit {
         after: None,
         container: None,
         archives: Vec::new(),
+        clone: None,
     }
 }
 

@@ -120,5 +120,6 @@ pub fn sh_job(id: String, script: &str, after: Option<String>) -> JobSubmit {
         container: None,
         after,
         archives: Vec::new(),
+        clone: None,
     }
 }

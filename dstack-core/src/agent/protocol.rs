@@ -127,6 +127,10 @@ pub struct JobSubmit {
     /// whose `working_dir` is empty gets a fresh directory of its own, removed when it ends.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub archives: Vec<crate::archive::Archive>,
+    /// A repo given by URL, cloned before the archives are unpacked (a host process without
+    /// `working_dir` gets a fresh directory for it too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone: Option<crate::archive::RepoClone>,
 }
 
 /// How to run a job in a container.

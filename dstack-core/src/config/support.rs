@@ -155,29 +155,14 @@ fn run_common(common: &RunCommon, found: &mut Vec<Unsupported>) {
         );
     }
     for (i, repo) in common.repos.iter().enumerate() {
-        if repo.url.is_some() {
+        if repo.local_path.is_some() && (repo.branch.is_some() || repo.hash.is_some()) {
             refuse(
                 found,
                 &format!("repos[{i}]"),
-                "repos given by URL are not cloned yet: clone it on this machine and give its \
-                 local path (its files, uncommitted changes included, are uploaded)",
-            );
-        } else if repo.branch.is_some() || repo.hash.is_some() {
-            refuse(
-                found,
-                &format!("repos[{i}]"),
-                "`branch` and `hash` apply to repos given by URL, which are not supported yet: \
-                 the local repo is uploaded as it is on disk",
+                "`branch` and `hash` apply to repos given by URL: a local repo is uploaded as \
+                 it is on disk; remove them",
             );
         }
-    }
-    if common.single_branch.is_some() {
-        refuse(
-            found,
-            "single_branch",
-            "`single_branch` applies to repos given by URL, which are not supported yet; \
-             remove it",
-        );
     }
     if common.dstack {
         refuse(
@@ -287,16 +272,8 @@ mod tests {
                 "t.yml:3:1: nvcc: `nvcc: true` is not supported yet",
             ),
             (
-                "repos:\n  - https://example.com/r.git\n",
-                "t.yml:4:5: repos[0]: repos given by URL are not cloned yet",
-            ),
-            (
                 "repos:\n  - local_path: .\n    branch: main\n",
                 "t.yml:4:5: repos[0]: `branch` and `hash` apply to repos given by URL",
-            ),
-            (
-                "single_branch: true\n",
-                "t.yml:3:1: single_branch: `single_branch` applies to repos given by URL",
             ),
             (
                 "dstack: true\n",

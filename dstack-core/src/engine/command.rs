@@ -328,6 +328,22 @@ fn working_dir(run: &Definition, common: &RunCommon, session: Option<&HostSessio
     }
 }
 
+/// The repo given by URL, if any: cloned by the agent.
+fn repo_clone(common: &RunCommon) -> Option<crate::archive::RepoClone> {
+    let repo = common.repos.first()?;
+    Some(crate::archive::RepoClone {
+        url: repo.url.clone()?,
+        branch: repo.branch.clone(),
+        hash: repo.hash.clone(),
+        single_branch: common.single_branch.unwrap_or(false),
+        path: repo.path.clone(),
+        if_exists: match repo.if_exists {
+            crate::config::sources::RepoExistsAction::Error => crate::archive::IfExists::Error,
+            crate::config::sources::RepoExistsAction::Skip => crate::archive::IfExists::Skip,
+        },
+    })
+}
+
 /// The working directory of a container with a repo and none configured: dstack's.
 const REPO_WORKING_DIR: &str = "/workflow";
 
@@ -356,12 +372,13 @@ pub(crate) fn job_submit(
     // dstack's `/workflow` when it has a repo; a host process with archives to unpack and no
     // working directory configured starts in a fresh directory the agent makes (empty here).
     let archives = &run.spec.archives;
-    let has_repo = archives.iter().any(|a| a.repo);
+    let clone = repo_clone(common);
+    let has_repo = clone.is_some() || archives.iter().any(|a| a.repo);
     let working_dir = match (&container, &common.working_dir) {
         (Some(_), Some(dir)) if dir.starts_with('/') => dir.clone(),
         (Some(_), _) if has_repo => REPO_WORKING_DIR.to_string(),
         (Some(_), _) => String::new(),
-        (None, None) if !archives.is_empty() => String::new(),
+        (None, None) if has_repo || !archives.is_empty() => String::new(),
         (None, _) => working_dir(run, common, session),
     };
     // A container: only what the job is given; this machine: the client's session; a remote
@@ -424,16 +441,18 @@ pub(crate) fn job_submit(
         env.insert(k.to_string(), v);
     }
     // Where the repo lands, when it is known here (the agent sets it for a fresh directory).
-    if let Some(repo) = archives.iter().find(|a| a.repo) {
-        if working_dir.starts_with('/') {
-            let home = if container.is_some() {
-                "/root"
-            } else {
-                env.get("HOME").map_or("/", String::as_str)
-            };
-            let dir = crate::archive::target_dir(&repo.path, &working_dir, home);
-            env.insert("DSTACK_REPO_DIR".to_string(), dir);
-        }
+    let repo_path = clone
+        .as_ref()
+        .map(|c| &c.path)
+        .or(archives.iter().find(|a| a.repo).map(|a| &a.path));
+    if let Some(path) = repo_path.filter(|_| working_dir.starts_with('/')) {
+        let home = if container.is_some() {
+            "/root"
+        } else {
+            env.get("HOME").map_or("/", String::as_str)
+        };
+        let dir = crate::archive::target_dir(path, &working_dir, home);
+        env.insert("DSTACK_REPO_DIR".to_string(), dir);
     }
     let max_duration_secs = match common.profile.max_duration {
         Some(crate::config::duration::OffableDuration::Seconds(d)) => {
@@ -466,6 +485,7 @@ pub(crate) fn job_submit(
         container,
         after: job.after_job.clone(),
         archives: archives.clone(),
+        clone,
     })
 }
 

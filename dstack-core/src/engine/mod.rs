@@ -787,14 +787,15 @@ impl Inner {
         }
     }
 
-    /// The archives a run of `common` starts from: one per `repos:` and `files:` entry,
-    /// each kept in the engine's store (the client packs and uploads them before applying).
+    /// The archives a run of `common` starts from: one per local `repos:` entry (a repo
+    /// given by URL is cloned by the agent) and `files:` entry, each kept in the engine's store (the client packs and uploads them before applying).
     fn checked_archives(
         &self,
         common: &crate::config::run::RunCommon,
         archives: Vec<crate::archive::Archive>,
     ) -> Result<Vec<crate::archive::Archive>, EngineError> {
-        let expected = common.repos.len() + common.files.len();
+        let local_repos = common.repos.iter().filter(|r| r.local_path.is_some());
+        let expected = local_repos.count() + common.files.len();
         if archives.len() != expected {
             return Err(EngineError::Invalid(format!(
                 "the configuration has {expected} `repos`/`files` entries but {} archives were \
