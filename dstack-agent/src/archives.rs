@@ -128,24 +128,25 @@ impl Archives {
     }
 
     /// Puts a host process's repo and files in place (blocking): the repo given by URL
-    /// cloned, then the archives unpacked, relative targets from `working_dir`, `~` from the
-    /// job's `HOME`. Sets `DSTACK_WORKING_DIR` (and `DSTACK_REPO_DIR` for a repo) in `env`;
-    /// returns the working directory.
+    /// cloned, then the archives unpacked, relative targets from `base`, `~` from the job's
+    /// `HOME`. Sets `DSTACK_WORKING_DIR` (and `DSTACK_REPO_DIR` for a repo) in `env`; returns
+    /// the working directory.
     pub fn unpack_for_host(
         &self,
-        archives: &[Archive],
-        clone: Option<&RepoClone>,
+        sources: (&[Archive], Option<&RepoClone>),
+        base: &str,
         working_dir: String,
         env: &mut BTreeMap<String, String>,
     ) -> Result<String, String> {
+        let (archives, clone) = sources;
         let home = env.get("HOME").cloned().unwrap_or_else(|| "/".to_string());
         if let Some(clone) = clone {
-            let dir = archive::target_dir(&clone.path, &working_dir, &home);
+            let dir = archive::target_dir(&clone.path, base, &home);
             clone_repo(clone, Path::new(&dir), env)?;
             env.insert("DSTACK_REPO_DIR".to_string(), dir);
         }
         for (archive, file) in self.files(archives)? {
-            let dir = archive::target_dir(&archive.path, &working_dir, &home);
+            let dir = archive::target_dir(&archive.path, base, &home);
             archive::unpack(&file, Path::new(&dir), archive.if_exists)
                 .map_err(|e| format!("cannot unpack {} into {dir}: {e}", what(archive)))?;
             if archive.repo {

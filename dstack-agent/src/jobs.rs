@@ -155,13 +155,13 @@ impl Job {
         self.scratch.clone().unwrap_or_else(std::env::temp_dir)
     }
 
-    /// The fresh directory a host process starts in when it has archives to unpack and no
-    /// working directory of its own (inside its private directory; removed when it ends, as
+    /// The fresh directory a host process starts in (or below, for a relative working
+    /// directory) when it has a repo or files and no absolute working directory (inside its private directory; removed when it ends, as
     /// a container's filesystem is); `None` for any other job.
     fn workspace(&self) -> Option<PathBuf> {
         let own_dir = self.spec.container.is_none()
             && (!self.spec.archives.is_empty() || self.spec.clone.is_some())
-            && self.spec.working_dir.is_empty();
+            && !self.spec.working_dir.starts_with('/');
         match (&self.scratch, own_dir) {
             (Some(scratch), true) => Some(scratch.join("work")),
             _ => None,
@@ -559,16 +559,18 @@ impl Jobs {
             let mut command = command;
             let prepared = tokio::task::spawn_blocking(move || {
                 let spec = unpacking.spec();
-                let working_dir = match unpacking.workspace() {
+                // Relative targets and a relative working directory are taken from the
+                // fresh directory, when the job has one.
+                let base = match unpacking.workspace() {
                     Some(workspace) => archives::fresh_dir(&workspace)?,
                     None => spec.working_dir.clone(),
                 };
-                let dir = store.unpack_for_host(
-                    &spec.archives,
-                    spec.clone.as_ref(),
-                    working_dir,
-                    &mut command.env,
-                );
+                let working_dir = match spec.working_dir.as_str() {
+                    dir if dir.is_empty() || dir.starts_with('/') => base.clone(),
+                    dir => format!("{base}/{}", dir.trim_start_matches("./")),
+                };
+                let sources = (spec.archives.as_slice(), spec.clone.as_ref());
+                let dir = store.unpack_for_host(sources, &base, working_dir, &mut command.env);
                 dir.map(|dir| (dir, command))
             })
             .await

@@ -157,6 +157,21 @@ fn the_repo_and_files_reach_a_job_on_this_machine_in_a_fresh_directory_of_its_ow
     assert_ne!(out.status.code(), Some(0));
     let logs = text(&env.run(&["logs", "placed-again", "-d"]).stdout);
     assert!(logs.contains("exists and is not empty"), "{logs}");
+
+    // A relative working directory is taken from the repo's copy (dstack's legacy rule).
+    let sub = format!("{repo}/sub.dstack.yml");
+    std::fs::write(
+        &sub,
+        "type: task\nworking_dir: src\nrepos: [.]\nresources: {cpu: 1.., memory: 0.1GB..}\n\
+         commands: ['cat train.py', 'test \"$PWD\" = \"$DSTACK_REPO_DIR/src\" && echo below-the-repo']\n",
+    )
+    .unwrap();
+    let out = env.run(&["apply", "-f", &sub, "-y", "-n", "sub"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&env.run(&["logs", "sub"]).stdout),
+        "uncommitted change\nbelow-the-repo\n"
+    );
 }
 
 #[test]
@@ -312,6 +327,26 @@ fn the_repo_and_files_reach_a_job_in_a_podman_container() {
         .output()
         .unwrap();
     assert_eq!(applied(&out), format!("{SEEN}/workflow\n"));
+    // A relative working directory is below /workflow (dstack's legacy rule).
+    let yaml = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("repos: [.]\n", "repos: [.]\nworking_dir: src\n")
+        .replace(
+            "cat src/train.py notes.txt inputs/sub/rows.csv",
+            "cat train.py ../notes.txt ../inputs/sub/rows.csv",
+        )
+        .replace(
+            "test \"$PWD\" = \"$DSTACK_REPO_DIR\"",
+            "test \"$PWD\" = \"$DSTACK_REPO_DIR/src\"",
+        )
+        .replace("test -e key.secret", "test -e ../key.secret");
+    std::fs::write(&file, yaml).unwrap();
+    let out = env
+        .cmd(&["apply", "-f", &file, "-y", "-n", "boxed-sub"])
+        .env("DOCKER_HOST", format!("unix://{}", podman.socket.display()))
+        .output()
+        .unwrap();
+    assert_eq!(applied(&out), format!("{SEEN}/workflow/src\n"));
 }
 
 /// Applies a task named `name` with `repos:` lines `repo` (and `extra` lines) that prints

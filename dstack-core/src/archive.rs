@@ -3,7 +3,7 @@
 //! The client packs each source into a tar archive named by the SHA-256 of its bytes: a
 //! repo's files as git lists them (tracked and untracked-but-not-ignored, with their content
 //! on disk now, so uncommitted changes are in), a `files:` path whole (as git lists it when it
-//! lies in a work tree, so `.gitignore` applies). Entries are written in a fixed order with
+//! lies in a work tree, so `.gitignore` and `.dstackignore` apply). Entries are written in a fixed order with
 //! fixed times and owners, so the same content always packs to the same archive: a host
 //! receives each archive once, however many jobs start from it (the agent keeps them by
 //! hash). The agent unpacks an archive into the job's directory ([`unpack`]) or hands it to
@@ -217,16 +217,27 @@ fn git_files(dir: &Path) -> Result<Option<Vec<PathBuf>>, ArchiveError> {
         // No git, or not a work tree.
         _ => return Ok(None),
     }
+    let listed = ls_files(dir, &["--cached", "--others", "--exclude-standard"])?;
+    // What `.dstackignore` files name is left out too, tracked or not (as dstack does).
+    let ignored = ls_files(
+        dir,
+        &[
+            "--cached",
+            "--others",
+            "--ignored",
+            "--exclude-per-directory=.dstackignore",
+        ],
+    )?;
+    Ok(Some(listed.difference(&ignored).cloned().collect()))
+}
+
+/// `git ls-files -z ARGS` in `dir`.
+fn ls_files(dir: &Path, args: &[&str]) -> Result<BTreeSet<PathBuf>, ArchiveError> {
     let out = Command::new("git")
         .arg("-C")
         .arg(dir)
-        .args([
-            "ls-files",
-            "-z",
-            "--cached",
-            "--others",
-            "--exclude-standard",
-        ])
+        .args(["ls-files", "-z"])
+        .args(args)
         .output()?;
     if !out.status.success() {
         return Err(ArchiveError::Git {
@@ -234,13 +245,12 @@ fn git_files(dir: &Path) -> Result<Option<Vec<PathBuf>>, ArchiveError> {
             message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }
-    let names: BTreeSet<PathBuf> = out
+    Ok(out
         .stdout
         .split(|b| *b == 0)
         .filter(|name| !name.is_empty())
         .map(|name| PathBuf::from(String::from_utf8_lossy(name).into_owned()))
-        .collect();
-    Ok(Some(names.into_iter().collect()))
+        .collect())
 }
 
 /// Every file and symlink under `dir` (relative to it, sorted); symlinks are not followed.
@@ -583,19 +593,25 @@ mod tests {
         git(&repo, &["init", "-q"]);
         fs::write(repo.join(".gitignore"), "*.log\n").unwrap();
         fs::write(repo.join("src/a.py"), "committed").unwrap();
+        fs::write(repo.join("src/skip.py"), "tracked, left out").unwrap();
         fs::write(repo.join("gone.txt"), "x").unwrap();
+        fs::write(repo.join(".dstackignore"), "data/\nskip.py\n").unwrap();
         git(&repo, &["add", "."]);
         git(&repo, &["commit", "-qm", "one"]);
         fs::write(repo.join("src/a.py"), "changed").unwrap();
         fs::write(repo.join("new.txt"), "untracked").unwrap();
         fs::write(repo.join("debug.log"), "ignored").unwrap();
         fs::remove_file(repo.join("gone.txt")).unwrap();
+        // `.dstackignore` leaves out tracked and untracked files alike.
+        fs::create_dir_all(repo.join("data")).unwrap();
+        fs::write(repo.join("data/big.bin"), "untracked, left out").unwrap();
         let temp = dir.path().join("tmp");
 
         let packed = pack_repo(&repo, &temp, REPO_LIMIT).unwrap();
         assert_eq!(
             listing(&packed.file),
             [
+                (".dstackignore".to_string(), "data/\nskip.py\n".to_string()),
                 (".gitignore".to_string(), "*.log\n".to_string()),
                 ("new.txt".to_string(), "untracked".to_string()),
                 ("src/a.py".to_string(), "changed".to_string()),

@@ -374,11 +374,30 @@ pub(crate) fn job_submit(
     let archives = &run.spec.archives;
     let clone = repo_clone(common);
     let has_repo = clone.is_some() || archives.iter().any(|a| a.repo);
+    let sources = has_repo || !archives.is_empty();
+    let relative = |dir: &str| !dir.starts_with('/') && !dir.starts_with('~');
+    let mut archives = archives.clone();
+    let mut clone = clone;
     let working_dir = match (&container, &common.working_dir) {
         (Some(_), Some(dir)) if dir.starts_with('/') => dir.clone(),
+        // dstack's legacy rule: a relative working directory is below `/workflow`, where
+        // the repo and relative targets go.
+        (Some(_), Some(dir)) if relative(dir) => {
+            for path in archives
+                .iter_mut()
+                .map(|a| &mut a.path)
+                .chain(clone.iter_mut().map(|c| &mut c.path))
+            {
+                *path = crate::archive::target_dir(path, REPO_WORKING_DIR, "~");
+            }
+            format!("{REPO_WORKING_DIR}/{}", dir.trim_start_matches("./"))
+        }
         (Some(_), _) if has_repo => REPO_WORKING_DIR.to_string(),
         (Some(_), _) => String::new(),
-        (None, None) if has_repo || !archives.is_empty() => String::new(),
+        // The agent makes a fresh directory for the sources and starts the job in it (or in
+        // the relative working directory below it).
+        (None, None) if sources => String::new(),
+        (None, Some(dir)) if sources && relative(dir) => dir.clone(),
         (None, _) => working_dir(run, common, session),
     };
     // A container: only what the job is given; this machine: the client's session; a remote
@@ -484,7 +503,7 @@ pub(crate) fn job_submit(
         }),
         container,
         after: job.after_job.clone(),
-        archives: archives.clone(),
+        archives,
         clone,
     })
 }
