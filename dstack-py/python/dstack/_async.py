@@ -3,11 +3,11 @@ async iterator. Work runs on the extension's tokio runtime; cancelling the await
 cancels the Rust future. Needs an event loop with `add_reader` (the default on Unix)."""
 
 import asyncio
-from typing import TYPE_CHECKING, Any, AsyncIterator, Dict, List, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, AsyncIterator, Dict, List, Mapping, Optional, Tuple, Union
 
 from dstack._client import Run
-from dstack._records import ConfigurationLike, RunPlan, RunStatus, configuration_data, open_raw
-from dstack._repos import Repo, RepoCollection, check_fits
+from dstack._records import ConfigurationData, ConfigurationLike, RunPlan, RunStatus, configuration_data, open_raw
+from dstack._repos import Repo, RepoCollection, with_repo
 from dstack.errors import WaitTimeoutError
 
 if TYPE_CHECKING:
@@ -106,20 +106,21 @@ class AsyncRunCollection:
         self._raw = raw
         self._repos = RepoCollection(raw.home)
 
-    async def _repo_dir(self, repo: Optional[Repo], configuration: object) -> Optional[str]:
-        """Where `configuration`'s jobs on this machine start for `repo`, prepared off the
-        event loop (a clone takes a while)."""
-        check_fits(configuration, repo)
+    async def _with_repo(
+        self, repo: Optional[Repo], data: ConfigurationData
+    ) -> Tuple[ConfigurationData, Optional[str]]:
+        """`data` with `repo` added as its own (see `RunCollection._with_repo`), prepared off
+        the event loop (a clone takes a while)."""
         if repo is None:
-            return None
-        return await asyncio.get_running_loop().run_in_executor(None, self._repos.directory, repo)
+            return data, None
+        directory = await asyncio.get_running_loop().run_in_executor(None, self._repos.directory, repo)
+        return with_repo(data, directory), directory
 
     async def get_run_plan(
         self, configuration: ConfigurationLike, repo: Optional[Repo] = None, **_: Any
     ) -> RunPlan:
         """Where `configuration` would run."""
-        data = configuration_data(configuration)
-        client_dir = await self._repo_dir(repo, data)
+        data, client_dir = await self._with_repo(repo, configuration_data(configuration))
         raw = self._raw
         plan = await _native(raw.plan_async(data))
         return RunPlan(plan, data, client_dir=client_dir)
@@ -128,15 +129,12 @@ class AsyncRunCollection:
         self, run_plan: RunPlan, repo: Optional[Repo] = None, reserve_ports: bool = True
     ) -> AsyncRun:
         """Submits a planned run (in `repo`, else in the plan's)."""
-        if repo is None:
-            client_dir = run_plan._client_dir
-        else:
-            client_dir = await self._repo_dir(repo, run_plan._submitted)
+        data, client_dir = run_plan._submitted, run_plan._client_dir
+        if repo is not None:
+            data, client_dir = await self._with_repo(repo, data)
         raw = self._raw
         run = await _native(
-            raw.apply_async(
-                run_plan._submitted, configuration_path=run_plan.configuration_path, client_dir=client_dir
-            )
+            raw.apply_async(data, configuration_path=run_plan.configuration_path, client_dir=client_dir)
         )
         return AsyncRun(run)
 
@@ -151,8 +149,7 @@ class AsyncRunCollection:
         **_: Any,
     ) -> AsyncRun:
         """Submits a run of `configuration` (see `RunCollection.apply_configuration`)."""
-        data = configuration_data(configuration)
-        client_dir = await self._repo_dir(repo, data)
+        data, client_dir = await self._with_repo(repo, configuration_data(configuration))
         raw = self._raw
         env_dict = None if env is None else dict(env)
         run = await _native(raw.apply_async(data, name, env_dict, configuration_path, client_dir))

@@ -6,9 +6,10 @@ Every call that waits releases the GIL and honours Ctrl-C (`KeyboardInterrupt` w
 
 import os
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from dstack._records import (
+    ConfigurationData,
     ConfigurationLike,
     RunPlan,
     RunStatus,
@@ -18,7 +19,7 @@ from dstack._records import (
     open_raw,
     timestamp,
 )
-from dstack._repos import Repo, RepoCollection, check_fits
+from dstack._repos import Repo, RepoCollection, with_repo
 from dstack.errors import ClientError, NotSupportedError, WaitTimeoutError
 
 if TYPE_CHECKING:
@@ -250,16 +251,21 @@ class Run:
 
 class RunCollection:
     """The runs of a client: plan, apply, get, list, and sweeps. A run given a `repo` starts
-    its jobs on this machine in the repo's directory (see `dstack.api.RemoteRepo`)."""
+    its jobs, on every backend, in a copy of it (see `dstack.api.RemoteRepo`)."""
 
     def __init__(self, raw: "RawClient") -> None:
         self._raw = raw
         self._repos = RepoCollection(raw.home)
 
-    def _repo_dir(self, repo: Optional[Repo], configuration: object) -> Optional[str]:
-        """Where `configuration`'s jobs on this machine start for `repo`, prepared."""
-        check_fits(configuration, repo)
-        return None if repo is None else self._repos.directory(repo)
+    def _with_repo(
+        self, repo: Optional[Repo], data: ConfigurationData
+    ) -> Tuple[ConfigurationData, Optional[str]]:
+        """`data` with `repo` prepared and added as its own (see `with_repo`), and the
+        directory relative paths are taken from."""
+        if repo is None:
+            return data, None
+        directory = self._repos.directory(repo)
+        return with_repo(data, directory), directory
 
     def get_run_plan(
         self,
@@ -276,8 +282,7 @@ class RunCollection:
     ) -> RunPlan:
         """Where `configuration` would run (at most `max_offers` offers), without running it."""
         no_profile(profile)
-        data = configuration_data(configuration)
-        client_dir = self._repo_dir(repo, data)
+        data, client_dir = self._with_repo(repo, configuration_data(configuration))
         plan = RunPlan(self._raw.plan(data), data, configuration_path, client_dir)
         if max_offers is not None:
             plan.offers = plan.offers[:max_offers]
@@ -285,10 +290,10 @@ class RunCollection:
 
     def apply_plan(self, run_plan: RunPlan, repo: Optional[Repo] = None, reserve_ports: bool = True) -> Run:
         """Submits a planned run (in `repo`, else in the plan's)."""
-        client_dir = run_plan._client_dir if repo is None else self._repo_dir(repo, run_plan._submitted)
-        raw = self._raw.apply(
-            run_plan._submitted, configuration_path=run_plan.configuration_path, client_dir=client_dir
-        )
+        data, client_dir = run_plan._submitted, run_plan._client_dir
+        if repo is not None:
+            data, client_dir = self._with_repo(repo, data)
+        raw = self._raw.apply(data, configuration_path=run_plan.configuration_path, client_dir=client_dir)
         return Run(raw)
 
     def apply_configuration(
@@ -307,13 +312,13 @@ class RunCollection:
         """Submits a run of `configuration` (a `Task`/`Service`/`DevEnvironment`, a dict, or
         YAML text) and returns it; `name` and `env` override the configuration's."""
         no_profile(profile)
-        data = configuration_data(configuration)
+        data, client_dir = self._with_repo(repo, configuration_data(configuration))
         raw = self._raw.apply(
             data,
             name=name,
             env=None if env is None else dict(env),
             configuration_path=configuration_path,
-            client_dir=self._repo_dir(repo, data),
+            client_dir=client_dir,
         )
         return Run(raw)
 

@@ -76,7 +76,11 @@ def open_raw(
     return raw
 
 
-def configuration_data(configuration: ConfigurationLike) -> Union[Dict[str, Any], str]:
+ConfigurationData = Union[Dict[str, Any], str]
+"""A configuration as the native side takes it: plain data, or YAML text."""
+
+
+def configuration_data(configuration: ConfigurationLike) -> ConfigurationData:
     """What the native side validates: plain data, or YAML text."""
     if isinstance(configuration, str):
         return configuration
