@@ -3,15 +3,13 @@
 //! in network namespaces and a repo, then runs: `repo_sweep FLEET_FILE REPO_DIR [N]`
 //! (default 200 trials).
 
-use std::sync::Arc;
+mod common;
+
 use std::time::{Duration, Instant};
 
-use dstack_backends::local::{find_agent_binary, LocalBackend};
-use dstack_backends::ssh::{KnownHosts, SshCompute};
-use dstack_core::config::{parse, Configuration};
-use dstack_core::engine::{ApplyOptions, EngineOptions};
+use dstack_core::config::parse;
+use dstack_core::engine::ApplyOptions;
 use dstack_core::model::{RunGroup, RunStatus};
-use dstack_core::{Client, ClientOptions};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
@@ -23,30 +21,7 @@ async fn main() {
         .next()
         .expect("usage: repo_sweep FLEET_FILE REPO_DIR [N]");
     let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(200);
-    let yaml = std::fs::read_to_string(&file).expect("fleet file");
-    let fleet = parse(&yaml, &file).expect("valid fleet");
-    let Configuration::Fleet(spec) = &fleet else {
-        panic!("{file} is not a fleet")
-    };
-    let name = spec.name.clone().expect("the fleet has a name");
-    let home = tempfile::tempdir().expect("temp dir");
-    let agent = find_agent_binary().expect("dstack-agent built");
-    let backends: Vec<Arc<dyn dstack_core::backend::Compute>> = vec![
-        Arc::new(LocalBackend::new(home.path(), agent.clone())),
-        Arc::new(SshCompute::new(KnownHosts::in_home(home.path()), agent)),
-    ];
-    let client = Client::open(ClientOptions {
-        home: home.path().to_path_buf(),
-        backends,
-        engine: EngineOptions::default(),
-    })
-    .await
-    .expect("client");
-    let (_, instances) = client
-        .fleets()
-        .apply(&fleet, &|i, step| eprintln!("{}: {step}", i.name))
-        .await
-        .expect("fleet");
+    let (client, name, instances, _home) = common::ssh_fleet(&file).await;
     println!(
         "{} hosts, {n} trials of `test -d src` (1 CPU each)",
         instances.len()

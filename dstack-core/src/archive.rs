@@ -80,6 +80,15 @@ pub enum IfExists {
     Merge,
 }
 
+impl From<crate::config::sources::RepoExistsAction> for IfExists {
+    fn from(action: crate::config::sources::RepoExistsAction) -> Self {
+        match action {
+            crate::config::sources::RepoExistsAction::Error => IfExists::Error,
+            crate::config::sources::RepoExistsAction::Skip => IfExists::Skip,
+        }
+    }
+}
+
 /// Why an archive could not be packed or unpacked.
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {

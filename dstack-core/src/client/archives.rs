@@ -10,7 +10,6 @@ use serde::{Deserialize, Serialize};
 
 use super::Via;
 use crate::archive::{self, Archive, IfExists, Packed};
-use crate::config::sources::RepoExistsAction;
 use crate::config::Configuration;
 use crate::engine::{command, ApplyOptions, EngineError};
 
@@ -51,38 +50,40 @@ pub(crate) async fn prepare(
             .configuration_path
             .clone()
             .unwrap_or_else(|| "the configuration".to_string());
+        // (field, source, target, if_exists, repo?); a repo given by URL is cloned by the
+        // agent instead.
+        let local_repos = common.repos.iter().enumerate().filter_map(|(i, repo)| {
+            let local = repo.local_path.as_deref()?;
+            Some((
+                format!("repos[{i}]"),
+                local,
+                &repo.path,
+                repo.if_exists.into(),
+                true,
+            ))
+        });
+        let files = common.files.iter().enumerate().map(|(i, file)| {
+            let field = format!("files[{i}]");
+            (
+                field,
+                file.local_path.as_str(),
+                &file.path,
+                IfExists::Merge,
+                false,
+            )
+        });
         let mut archives = Vec::new();
-        for (i, repo) in common.repos.iter().enumerate() {
-            // URL repos are refused before this (`config::support`).
-            let Some(local) = &repo.local_path else {
-                continue;
-            };
+        for (field, local, target, if_exists, repo) in local_repos.chain(files) {
             let source = local_path(&base, local);
-            let (hash, bytes, path) = pack(via, &mut packs, &source, &repo.path, true)
+            let (hash, bytes, path) = pack(via, &mut packs, &source, target, repo)
                 .await
-                .map_err(|e| EngineError::Invalid(format!("{place}: repos[{i}]: {e}")))?;
+                .map_err(|e| EngineError::Invalid(format!("{place}: {field}: {e}")))?;
             archives.push(Archive {
                 hash,
                 bytes,
                 path,
-                if_exists: match repo.if_exists {
-                    RepoExistsAction::Error => IfExists::Error,
-                    RepoExistsAction::Skip => IfExists::Skip,
-                },
-                repo: true,
-            });
-        }
-        for (i, file) in common.files.iter().enumerate() {
-            let source = local_path(&base, &file.local_path);
-            let (hash, bytes, path) = pack(via, &mut packs, &source, &file.path, false)
-                .await
-                .map_err(|e| EngineError::Invalid(format!("{place}: files[{i}]: {e}")))?;
-            archives.push(Archive {
-                hash,
-                bytes,
-                path,
-                if_exists: IfExists::Merge,
-                repo: false,
+                if_exists,
+                repo,
             });
         }
         options.archives = archives;

@@ -170,18 +170,7 @@ impl Remote {
         timeout: Duration,
     ) -> Result<T, ServerError> {
         let body = serde_json::to_vec(body).map_err(HttpError::from)?;
-        let sent = self
-            .http()
-            .json(timeout, Method::POST, path, Some(body.clone()))
-            .await;
-        match sent {
-            Err(e) if self.recover(path, &e).await? => self
-                .http()
-                .json(timeout, Method::POST, path, Some(body))
-                .await
-                .map_err(refusal),
-            other => other.map_err(refusal),
-        }
+        self.post_bytes(path, body, timeout).await
     }
 
     /// POSTs `bytes` as they are (not JSON) to a project route with a query (`route?…`)
@@ -192,15 +181,25 @@ impl Remote {
         bytes: Vec<u8>,
         timeout: Duration,
     ) -> Result<T, ServerError> {
-        let path = self.path(route);
+        self.post_bytes(&self.path(route), bytes, timeout).await
+    }
+
+    /// POSTs `body` to `path` within `timeout` and reads the JSON answer (sent again once
+    /// when [`Self::recover`] says so).
+    async fn post_bytes<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<T, ServerError> {
         let sent = self
             .http()
-            .json(timeout, Method::POST, &path, Some(bytes.clone()))
+            .json(timeout, Method::POST, path, Some(body.clone()))
             .await;
         match sent {
-            Err(e) if self.recover(&path, &e).await? => self
+            Err(e) if self.recover(path, &e).await? => self
                 .http()
-                .json(timeout, Method::POST, &path, Some(bytes))
+                .json(timeout, Method::POST, path, Some(body))
                 .await
                 .map_err(refusal),
             other => other.map_err(refusal),

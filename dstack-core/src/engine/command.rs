@@ -337,10 +337,7 @@ fn repo_clone(common: &RunCommon) -> Option<crate::archive::RepoClone> {
         hash: repo.hash.clone(),
         single_branch: common.single_branch.unwrap_or(false),
         path: repo.path.clone(),
-        if_exists: match repo.if_exists {
-            crate::config::sources::RepoExistsAction::Error => crate::archive::IfExists::Error,
-            crate::config::sources::RepoExistsAction::Skip => crate::archive::IfExists::Skip,
-        },
+        if_exists: repo.if_exists.into(),
     })
 }
 
