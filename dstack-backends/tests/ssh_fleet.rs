@@ -667,6 +667,52 @@ async fn job_output(client: &Client, job: &dstack_core::model::Job) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_order_starts_the_master_or_the_workers_first() {
+    let hosts = TestHosts::start(2);
+    let home = tempfile::tempdir().unwrap();
+    let client = client(home.path()).await;
+    let fleet = format!("ordered-{}", std::process::id());
+    let yaml = format!("{}placement: cluster\n", hosts.fleet_yaml(&fleet));
+    let (instances, progress) = apply_fleet(&client, &yaml).await;
+    assert_eq!(instances.len(), 2, "{progress:?}");
+    // The agents' spawn times of the two nodes (one clock: the hosts share this machine's).
+    let starts = |order: &'static str| {
+        let client = &client;
+        let fleet = &fleet;
+        async move {
+            let task = format!(
+                "type: task\nnodes: 2\nfleets: [{fleet}]\nstartup_order: {order}\n\
+                 resources: {{cpu: 1.., memory: 0.1GB..}}\ncommands: [sleep 1]\n"
+            );
+            let run = submit(client, &task).await;
+            let done = tokio::time::timeout(Duration::from_secs(60), run.wait())
+                .await
+                .unwrap()
+                .unwrap();
+            let mut jobs = run.jobs().await.unwrap();
+            assert_eq!(done.status, RunStatus::Done, "{jobs:?}");
+            jobs.sort_by_key(|j| j.job_num);
+            (
+                jobs[0].started_at_ms.unwrap(),
+                jobs[1].started_at_ms.unwrap(),
+            )
+        }
+    };
+    // Each order holds, so the one that is not the natural order of the starts too.
+    let (master, worker) = starts("master-first").await;
+    assert!(
+        worker > master,
+        "the worker started at {worker}, the master at {master}"
+    );
+    let (master, worker) = starts("workers-first").await;
+    assert!(
+        master > worker,
+        "the master started at {master}, the worker at {worker}"
+    );
+    client.fleets().delete(&fleet, true).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_three_node_task_sees_consistent_ranks_and_a_failing_node_stops_the_rest() {
     let hosts = TestHosts::start(3);
     let home = tempfile::tempdir().unwrap();

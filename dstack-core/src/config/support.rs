@@ -13,7 +13,6 @@
 
 use super::error::{ConfigErrors, ErrorCode};
 use super::locate;
-use super::profile::StartupOrder;
 use super::run::RunCommon;
 use super::Configuration;
 
@@ -46,7 +45,6 @@ pub fn unsupported(config: &Configuration) -> Vec<Unsupported> {
     match config {
         Configuration::Task(t) => {
             run_common(&t.common, &mut found);
-            multi_node(&t.common, t.nodes.unwrap_or(1), &mut found);
         }
         Configuration::Service(s) => run_common(&s.common, &mut found),
         Configuration::DevEnvironment(d) => run_common(&d.common, &mut found),
@@ -197,25 +195,6 @@ fn run_common(common: &RunCommon, found: &mut Vec<Unsupported>) {
     }
 }
 
-/// A `startup_order` other than the default of a multi-node task (every node starts at once).
-fn multi_node(common: &RunCommon, nodes: i64, found: &mut Vec<Unsupported>) {
-    if nodes < 2 {
-        return;
-    }
-    let profile = &common.profile;
-    if matches!(
-        profile.startup_order,
-        Some(StartupOrder::MasterFirst | StartupOrder::WorkersFirst)
-    ) {
-        refuse(
-            found,
-            "startup_order",
-            "only `startup_order: any` is supported yet: the nodes of a multi-node task start \
-             together",
-        );
-    }
-}
-
 /// [`unsupported`] as located configuration errors (`FILE:LINE:COL: field: message
 /// [unsupported]`), the places found in `text`, the file `config` was parsed from.
 pub fn check_located(text: &str, file: &str, config: &Configuration) -> Result<(), ConfigErrors> {
@@ -295,10 +274,6 @@ mod tests {
                 "backend_options: [{type: vastai}]\n",
                 "t.yml:3:1: backend_options: backend options apply to vast.ai",
             ),
-            (
-                "nodes: 2\nstartup_order: master-first\n",
-                "t.yml:4:1: startup_order: only `startup_order: any`",
-            ),
         ] {
             let message = refused(yaml);
             assert!(message.contains(expected), "{yaml}: {message}");
@@ -316,6 +291,7 @@ mod tests {
             "dstack: false\n",
             "startup_order: master-first\nstop_criteria: master-done\n",
             "nodes: 2\nstartup_order: any\nstop_criteria: master-done\n",
+            "nodes: 2\nstartup_order: workers-first\n",
             "home_dir: /root\nsetup: [echo hi]\n",
             "python: \"3.11\"\npriority: 100\ninstances: [a-0]\ntags: {team: ml}\nuser: me\n",
         ] {

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use super::{runs, EngineError, Inner};
 use crate::agent::{AgentError, AgentJobStatus, JobInfo, StopRequest};
+use crate::config::profile::StartupOrder;
 use crate::model::{now_ms, Instance, Job, JobStatus, JobTerminationReason, Run};
 use crate::store::{JobAndRun, StoreError};
 
@@ -19,6 +20,10 @@ const UNFINISHED: &[JobStatus] = &[
 /// crash, the agent knows the job by its id). `instance` is the job's instance if the caller
 /// has just read it (it is read from the store otherwise).
 pub(crate) async fn start(inner: Arc<Inner>, job: Job, instance: Option<Instance>) {
+    if waits_its_turn(&inner, &job) {
+        // Left `provisioning`: started when the nodes it waits for run.
+        return;
+    }
     if !inner
         .starting
         .lock()
@@ -95,6 +100,41 @@ fn node_addresses(
         addresses.push(node.address.unwrap_or_else(|| "127.0.0.1".to_string()));
     }
     Ok(addresses)
+}
+
+/// The `startup_order` of `job`'s run, when it orders the starts of several nodes.
+fn startup_order(inner: &Arc<Inner>, run_id: &str) -> Option<StartupOrder> {
+    let run = inner.definition_of(run_id).ok()?;
+    let order = super::command::common(&run.config).profile.startup_order?;
+    (order != StartupOrder::Any && super::command::nodes(&run.config) > 1).then_some(order)
+}
+
+/// Whether `job` may not start yet: its run's `startup_order` has it wait for other nodes.
+fn waits_its_turn(inner: &Arc<Inner>, job: &Job) -> bool {
+    let Some(order) = startup_order(inner, &job.run_id) else {
+        return false;
+    };
+    match inner.store.jobs_of_run(&job.run_id) {
+        Ok(jobs) => !super::startup::may_start(order, job, &jobs),
+        // Unknown: the next sweep looks again.
+        Err(_) => true,
+    }
+}
+
+/// Starts the placed nodes of run `run_id` that waited for others (`startup_order`).
+fn start_waiting_nodes(inner: &Arc<Inner>, run_id: &str) {
+    if startup_order(inner, run_id).is_none() {
+        return;
+    }
+    let Ok(jobs) = inner.store.jobs_of_run(run_id) else {
+        return;
+    };
+    for job in jobs
+        .into_iter()
+        .filter(|j| j.status == JobStatus::Provisioning)
+    {
+        inner.runtime.spawn(start(inner.clone(), job, None));
+    }
 }
 
 async fn try_start(
@@ -540,6 +580,17 @@ pub(crate) async fn on_agent_jobs(
     };
     for c in &changed {
         written(inner, &c.job, c.from, c.run.as_deref(), c.passed_on);
+    }
+    // Nodes of a multi-node run that waited for these to run (`startup_order`).
+    let mut started_runs: Vec<&str> = changed
+        .iter()
+        .filter(|c| c.job.status == JobStatus::Running && c.from != JobStatus::Running)
+        .map(|c| c.job.run_id.as_str())
+        .collect();
+    started_runs.sort_unstable();
+    started_runs.dedup();
+    for run_id in started_runs {
+        start_waiting_nodes(inner, run_id);
     }
     // Make sure the runs saw these ends (a reconcile may have been lost in a crash).
     deferred.extend(ended);

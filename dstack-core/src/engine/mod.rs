@@ -25,6 +25,7 @@ pub mod rollout;
 mod runs;
 pub mod scaling;
 mod scheduler;
+mod startup;
 mod sweep;
 mod volumes;
 
