@@ -515,3 +515,39 @@ fn an_inactive_dev_environment_is_stopped_while_no_session_is_open() {
     let ps = text(&it.dstack(&["ps", "-a"]).stdout);
     assert!(!ps.contains("running"), "{ps}");
 }
+
+#[test]
+fn ssh_into_a_dev_environment_with_a_repo_starts_in_its_copy() {
+    let it = SshEnv::new();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(repo.join("hello.txt"), "from the repo\n").unwrap();
+    for args in [
+        &["init", "-q"][..],
+        &["add", "."],
+        &["commit", "-qm", "one"],
+    ] {
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(&repo)
+            .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    let config = format!(
+        "type: dev-environment\nname: coded\nrepos: [{}]\nresources: {{cpu: 1.., memory: 0.1GB..}}\n",
+        repo.display()
+    );
+    it.start("coded", &config, "coded");
+    let out = it.ssh(&[
+        "coded",
+        "cat hello.txt; test \"$PWD\" = \"$DSTACK_REPO_DIR\" && test \"$PWD\" != \"$HOME\" && echo in-the-copy",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "from the repo\nin-the-copy\n");
+    let out = it.dstack(&["stop", "coded", "-y"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}

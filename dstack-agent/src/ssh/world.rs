@@ -90,8 +90,16 @@ impl World {
             .or_else(|| account.map(|u| u.shell.to_string_lossy().into_owned()))
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| "/bin/sh".to_string());
+        // The directory the job started in: a job given a fresh directory (a repo or files
+        // to unpack) has it only in its environment.
+        let working_dir = env
+            .iter()
+            .find(|(k, _)| k == "DSTACK_WORKING_DIR")
+            .map(|(_, v)| v.to_string_lossy().into_owned())
+            .filter(|dir| dir.starts_with('/'))
+            .unwrap_or_else(|| spec.working_dir.clone());
         Ok(World {
-            working_dir: spec.working_dir.clone(),
+            working_dir,
             env,
             user,
             shell,
