@@ -77,7 +77,7 @@ pub(crate) async fn forward(
     let mut tasks = Vec::new();
     for &(here, there) in ports.iter().filter(|(here, there)| !local || here != there) {
         let listener = TcpListener::bind(("127.0.0.1", here)).await.map_err(|e| {
-            EngineError::Invalid(format!(
+            EngineError::PortUsed(format!(
                 "cannot forward port {here}: it is in use here ({e})"
             ))
         })?;

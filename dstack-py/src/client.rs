@@ -339,6 +339,24 @@ impl RawClient {
         Ok(instances.into_iter().map(|(i, e)| (i.name, e)).collect())
     }
 
+    /// The backends of this home's server: `local`, then the type of each cloud backend its
+    /// configuration (`server/config.yml`) lists, in file order.
+    fn backends(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+        use dstack_backends::config::BackendConfig;
+        let config = dstack_backends::config::load(&self.home)
+            .map_err(|e| Failure::new("ConfigurationError", e.to_string()));
+        let config = raise(py, config)?;
+        let mut names = vec!["local".to_string()];
+        names.extend(config.backends.iter().map(|b| {
+            match b {
+                BackendConfig::Aws(_) => "aws",
+                BackendConfig::Gcp(_) => "gcp",
+            }
+            .to_string()
+        }));
+        Ok(names)
+    }
+
     /// Network volumes (not deleted), as records.
     fn volumes(&self, py: Python<'_>) -> PyResult<PyObject> {
         let client = self.client.clone();

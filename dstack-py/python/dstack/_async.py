@@ -3,10 +3,19 @@ async iterator. Work runs on the extension's tokio runtime; cancelling the await
 cancels the Rust future. Needs an event loop with `add_reader` (the default on Unix)."""
 
 import asyncio
-from typing import TYPE_CHECKING, Any, AsyncIterator, Dict, List, Mapping, Optional, Union
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, AsyncIterator, Dict, List, Mapping, Optional, Sequence, Union
 
 from dstack._client import Run
-from dstack._records import ConfigurationLike, RunPlan, RunStatus, configuration_data, open_raw
+from dstack._local import PathLike, before_submit, public_key
+from dstack._records import (
+    ConfigurationLike,
+    RunPlan,
+    configuration_data,
+    no_offer_variants,
+    no_profile,
+    open_raw,
+)
 from dstack._repos import Repo, RepoCollection, check_fits
 from dstack.errors import WaitTimeoutError
 
@@ -59,15 +68,20 @@ class AsyncRun(Run):
         self._snapshot = snapshot
         return self
 
-    async def attach(self, *args: Any, **kwargs: Any) -> bool:  # type: ignore[override]
-        """Waits until the run is running (or has finished); `False` if it finished
-        unsuccessfully (see `Run.attach`)."""
+    async def attach(  # type: ignore[override]
+        self,
+        ssh_identity_file: Optional[PathLike] = None,
+        bind_address: Optional[str] = None,
+        ports_overrides: Optional[Sequence[Any]] = None,
+        replica_num: Optional[int] = None,
+        job_num: int = 0,
+    ) -> bool:
+        """Waits until the run is running (or has finished) and forwards the job's ports;
+        `False` if it finished unsuccessfully (see `Run.attach`)."""
+        overrides = self._prepare_attach(ssh_identity_file, bind_address, ports_overrides)
         raw = self._raw
         self._snapshot = await _native(raw.wait_async(None, True))
-        self._attached = not (self.status.is_finished() and self.status != RunStatus.DONE)
-        if self._attached and not self.status.is_finished() and self._forward is None:
-            self._forward = self._raw.forward_ports()
-        return self._attached
+        return self._finish_attach(replica_num, job_num, overrides)
 
     async def stop(self, abort: bool = False) -> None:  # type: ignore[override]
         """Stops the run and detaches (see `Run.stop`)."""
@@ -81,13 +95,20 @@ class AsyncRun(Run):
         metrics: List[Dict[str, Any]] = await _native(raw.metrics_async())
         return metrics
 
-    def logs(self, *args: Any, **kwargs: Any) -> AsyncIterator[bytes]:  # type: ignore[override]
-        """The job's output as an async iterator of bytes (following when attached)."""
-        return _AsyncLogs(self._raw.logs(follow=self._attached))
+    def logs(  # type: ignore[override]
+        self,
+        start_time: Optional[datetime] = None,
+        diagnose: bool = False,
+        replica_num: Optional[int] = None,
+        job_num: int = 0,
+    ) -> AsyncIterator[bytes]:
+        """The job's output as an async iterator of bytes (following when attached; see
+        `Run.logs`)."""
+        return _AsyncLogs(self._logs(start_time, diagnose, replica_num, job_num))
 
 
 class _AsyncLogs:
-    def __init__(self, raw: "RawLogs") -> None:
+    def __init__(self, raw: Union["RawLogs", List[bytes]]) -> None:
         self._raw = raw
 
     def __aiter__(self) -> "_AsyncLogs":
@@ -95,6 +116,11 @@ class _AsyncLogs:
 
     async def __anext__(self) -> bytes:
         raw = self._raw
+        if isinstance(raw, list):
+            # Read already (a diagnosis, or nothing: no such job).
+            if not raw:
+                raise StopAsyncIteration
+            return raw.pop(0)
         chunk: bytes = await _native(raw.next_async())
         return chunk
 
@@ -115,58 +141,80 @@ class AsyncRunCollection:
         return await asyncio.get_running_loop().run_in_executor(None, self._repos.directory, repo)
 
     async def get_run_plan(
-        self, configuration: ConfigurationLike, repo: Optional[Repo] = None, **_: Any
+        self,
+        configuration: ConfigurationLike,
+        repo: Optional[Repo] = None,
+        profile: Any = None,
+        configuration_path: Optional[str] = None,
+        ssh_identity_file: Optional[PathLike] = None,
+        ssh_key_pub: Optional[str] = None,
+        max_offers: Optional[int] = None,
+        full_offers: bool = False,
+        unallocated_resources: bool = False,
+        for_offers_only: bool = False,
     ) -> RunPlan:
-        """Where `configuration` would run."""
+        """Where `configuration` would run (see `RunCollection.get_run_plan`)."""
+        no_profile(profile)
+        no_offer_variants(full_offers, unallocated_resources)
+        key = public_key(ssh_identity_file, ssh_key_pub)
         data = configuration_data(configuration)
         client_dir = await self._repo_dir(repo, data)
         raw = self._raw
         plan = await _native(raw.plan_async(data))
-        return RunPlan(plan, data, client_dir=client_dir)
+        return RunPlan(plan, data, configuration_path, client_dir, max_offers, key)
 
     async def apply_plan(
         self, run_plan: RunPlan, repo: Optional[Repo] = None, reserve_ports: bool = True
     ) -> AsyncRun:
-        """Submits a planned run (in `repo`, else in the plan's)."""
+        """Submits a planned run (see `RunCollection.apply_plan`)."""
         if repo is None:
             client_dir = run_plan._client_dir
         else:
             client_dir = await self._repo_dir(repo, run_plan._submitted)
+        before_submit(self._raw.home, run_plan.configuration, reserve_ports, run_plan._ssh_key_pub)
         raw = self._raw
         run = await _native(
             raw.apply_async(
                 run_plan._submitted, configuration_path=run_plan.configuration_path, client_dir=client_dir
             )
         )
-        return AsyncRun(run)
+        return AsyncRun(run, home=raw.home)
 
     async def apply_configuration(
         self,
         configuration: ConfigurationLike,
         repo: Optional[Repo] = None,
+        profile: Any = None,
         configuration_path: Optional[str] = None,
+        reserve_ports: bool = True,
+        ssh_identity_file: Optional[PathLike] = None,
+        ssh_key_pub: Optional[str] = None,
         *,
         name: Optional[str] = None,
         env: Optional[Mapping[str, str]] = None,
-        **_: Any,
     ) -> AsyncRun:
         """Submits a run of `configuration` (see `RunCollection.apply_configuration`)."""
+        from dstack._native import validate
+
+        no_profile(profile)
+        key = public_key(ssh_identity_file, ssh_key_pub)
         data = configuration_data(configuration)
         client_dir = await self._repo_dir(repo, data)
+        before_submit(self._raw.home, validate(data), reserve_ports, key)
         raw = self._raw
         env_dict = None if env is None else dict(env)
         run = await _native(raw.apply_async(data, name, env_dict, configuration_path, client_dir))
-        return AsyncRun(run)
+        return AsyncRun(run, home=raw.home)
 
     async def get(self, run_name: str) -> Optional[AsyncRun]:
         """The current run with this name, or `None`."""
         raw = self._raw.get(run_name)
-        return None if raw is None else AsyncRun(raw)
+        return None if raw is None else AsyncRun(raw, home=self._raw.home)
 
     async def list(self, all: bool = False, limit: Optional[int] = None) -> List[AsyncRun]:
         """Runs, newest first: unfinished ones only unless `all`."""
         names = [r["name"] for r in self._raw.list(all, limit)]
-        return [AsyncRun(raw) for raw in self._raw.handles(names)]
+        return [AsyncRun(raw, home=self._raw.home) for raw in self._raw.handles(names)]
 
 
 class AsyncClient:

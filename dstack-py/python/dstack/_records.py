@@ -91,6 +91,21 @@ def configuration_data(configuration: ConfigurationLike) -> Union[Dict[str, Any]
     )
 
 
+def no_offer_variants(full_offers: bool, unallocated_resources: bool) -> None:
+    """`full_offers` and `unallocated_resources` (offers not adjusted to the run, or only
+    the unallocated part of hosts) are not supported."""
+    from dstack.errors import NotSupportedError
+
+    if full_offers:
+        raise NotSupportedError(
+            "full_offers=True is not supported: offers are listed as they fit the run"
+        )
+    if unallocated_resources:
+        raise NotSupportedError(
+            "unallocated_resources=True is not supported: offers list whole hosts"
+        )
+
+
 def no_profile(profile: Any) -> None:
     """Profiles (`.dstack/profiles.yml`) are not supported yet: profile parameters go in the
     configuration itself."""
@@ -127,15 +142,19 @@ class RunPlan:
         configuration: Union[Dict[str, Any], str],
         configuration_path: Optional[str] = None,
         client_dir: Optional[str] = None,
+        max_offers: Optional[int] = None,
+        ssh_key_pub: Optional[str] = None,
     ) -> None:
         self.configuration: Dict[str, Any] = raw["configuration"]
         self.configuration_path = configuration_path
         # Where its jobs on this machine run: the repo's directory (None: the current one).
         self._client_dir = client_dir
-        self.offers: List[Dict[str, Any]] = raw["offers"]
+        self.offers: List[Dict[str, Any]] = raw["offers"][:max_offers]
         self.no_offers_reason: Optional[str] = raw["no_offers_reason"]
         self.job_plans = [JobPlan(self.offers)]
         self._submitted = configuration
+        # The public key `ssh <run>` accepts once the plan is applied.
+        self._ssh_key_pub = ssh_key_pub
 
     def __repr__(self) -> str:
         return f"RunPlan(offers={len(self.offers)}, no_offers_reason={self.no_offers_reason!r})"
