@@ -25,7 +25,7 @@ import subprocess
 import tempfile
 from pathlib import Path, PurePosixPath
 from types import ModuleType
-from typing import Dict, Optional, Union
+from typing import Dict, NoReturn, Optional, Union
 
 from dstack.errors import ClientError, NotSupportedError
 
@@ -227,6 +227,15 @@ class RepoCollection:
         if isinstance(repo, VirtualRepo):
             return self._virtual_dir(repo).is_dir()
         return repo.repo_hash is not None and self._clone_dir(repo, repo.repo_hash).is_dir()
+
+    def get(self, repo_id: str, *, with_creds: bool = False) -> NoReturn:
+        """dstack's repo record by id is not supported yet: repos are prepared on this
+        machine, not recorded by the server (`is_initialized(repo)` says whether one is
+        ready)."""
+        raise NotSupportedError(
+            f"client.repos.get({repo_id!r}) is not supported yet: repos are prepared on this "
+            "machine, not recorded by the server; use client.repos.is_initialized(repo)"
+        )
 
     def directory(self, repo: object, git_identity_file: Optional[str] = None) -> str:
         """Where jobs of this machine run for `repo`, prepared (see the module's doc)."""
