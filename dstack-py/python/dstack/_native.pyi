@@ -1,29 +1,44 @@
 """Type stubs of the `dstack._native` extension (see `dstack-py/src`)."""
 
 from os import PathLike
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union, final
 
-ConfigurationData = Union[Dict[str, Any], str]
+__all__ = [
+    "validate",
+    "MAX_TEXT_BYTES",
+    "RawClient",
+    "RawRun",
+    "RawLogs",
+    "RawGroupWatch",
+    "RawForward",
+    "RawTask",
+]
+
+_ConfigurationData = Union[Dict[str, Any], str]
 
 MAX_TEXT_BYTES: int
 
-def validate(configuration: ConfigurationData, file: Optional[str] = None) -> Dict[str, Any]: ...
+def validate(configuration: _ConfigurationData, file: Optional[str] = None) -> Dict[str, Any]: ...
 
+@final
 class RawTask:
     def fileno(self) -> int: ...
     def result(self) -> Any: ...
     def cancel(self) -> None: ...
 
+@final
 class RawLogs:
     def __iter__(self) -> Iterator[bytes]: ...
     def __next__(self) -> bytes: ...
     def next_async(self) -> RawTask: ...
 
+@final
 class RawForward:
     @property
     def ports(self) -> List[Tuple[int, int]]: ...
     def close(self) -> None: ...
 
+@final
 class RawRun:
     @property
     def id(self) -> str: ...
@@ -44,9 +59,11 @@ class RawRun:
         self, job_num: int = 0, replica_num: int = 0, overrides: List[Tuple[int, int]] = ...
     ) -> RawForward: ...
 
+@final
 class RawGroupWatch:
     def next(self, timeout: Optional[float] = None) -> Optional[List[Tuple[str, str]]]: ...
 
+@final
 class RawClient:
     @staticmethod
     def open(
@@ -60,11 +77,11 @@ class RawClient:
     def home(self) -> str: ...
     @property
     def server_url(self) -> Optional[str]: ...
-    def plan(self, configuration: ConfigurationData) -> Dict[str, Any]: ...
-    def plan_async(self, configuration: ConfigurationData) -> RawTask: ...
+    def plan(self, configuration: _ConfigurationData) -> Dict[str, Any]: ...
+    def plan_async(self, configuration: _ConfigurationData) -> RawTask: ...
     def apply(
         self,
-        configuration: ConfigurationData,
+        configuration: _ConfigurationData,
         name: Optional[str] = None,
         env: Optional[Dict[str, str]] = None,
         configuration_path: Optional[str] = None,
@@ -72,7 +89,7 @@ class RawClient:
     ) -> RawRun: ...
     def apply_group(
         self,
-        configuration: ConfigurationData,
+        configuration: _ConfigurationData,
         trials: List[Tuple[str, Dict[str, str]]],
         group_id: str,
         max_parallel: Optional[int] = None,
@@ -82,7 +99,7 @@ class RawClient:
     def watch_group(self, group_id: str) -> RawGroupWatch: ...
     def apply_async(
         self,
-        configuration: ConfigurationData,
+        configuration: _ConfigurationData,
         name: Optional[str] = None,
         env: Optional[Dict[str, str]] = None,
         configuration_path: Optional[str] = None,
@@ -93,11 +110,11 @@ class RawClient:
     def handles(self, names: List[str]) -> List[RawRun]: ...
     def fleets(self) -> List[Dict[str, Any]]: ...
     def apply_fleet(
-        self, configuration: ConfigurationData, progress: Optional[Callable[[str, str], None]] = None
+        self, configuration: _ConfigurationData, progress: Optional[Callable[[str, str], None]] = None
     ) -> Dict[str, Any]: ...
     def delete_fleet(self, name: str, force: bool = False) -> List[Tuple[str, Optional[str]]]: ...
     def snapshots(self, ids: List[str]) -> List[Dict[str, Any]]: ...
     def backends(self) -> List[str]: ...
     def volumes(self) -> List[Dict[str, Any]]: ...
-    def apply_volume(self, configuration: ConfigurationData) -> Dict[str, Any]: ...
+    def apply_volume(self, configuration: _ConfigurationData) -> Dict[str, Any]: ...
     def delete_volume(self, name: str) -> Dict[str, Any]: ...
