@@ -236,7 +236,14 @@ def test_get_run_plan_arguments(client: Client, tmp_path: Path) -> None:
 
     # for_offers_only: a plan has no side effects.
     offers_only = client.runs.get_run_plan(task, for_offers_only=True, max_offers=1)
-    assert len(offers_only.offers) == 1 and offers_only.job_plans[0].offers == offers_only.offers
+    assert len(offers_only.offers) == 1
+    # Offers are dstack's typed records in `job_plans`.
+    (offer,) = offers_only.job_plans[0].offers
+    assert offer.backend is BackendType.LOCAL and offer.region == "local" and offer.price == 0.0
+    assert offer.availability == "idle" and offer.instance.name == offers_only.offers[0]["instance_type"]
+    resources = offer.instance.resources
+    assert resources.cpus >= 1 and resources.memory_mib > 0 and resources.disk.size_mib > 0
+    assert resources.spot is False and resources.gpus == [] and offers_only.job_plans[0].max_price == 0.0
     assert client.runs.get("surface-plan") is None
 
     plan = client.runs.get_run_plan(task, repo=repo, configuration_path="surface.dstack.yml", ssh_identity_file=str(key))

@@ -21,7 +21,7 @@ from typing import (
     Union,
 )
 
-from dstack._config import BackendType
+from dstack._config import BackendType, backend_type
 from dstack._local import (
     PathLike,
     accept_ssh_key,
@@ -61,13 +61,6 @@ __all__ = [
     "ServiceModel",
     "VolumeCollection",
 ]
-
-# Backends named differently here: SSH fleets are dstack's `remote` backend.
-_BACKEND_TYPES = {"ssh": BackendType.REMOTE}
-
-
-def _backend_type(name: str) -> BackendType:
-    return BackendType(_BACKEND_TYPES.get(name, name))
 
 
 class ServiceModel:
@@ -198,7 +191,7 @@ class Run:
         """The backend the latest job runs on (`LOCAL`, `REMOTE` for SSH fleets, a cloud),
         once placed."""
         instance = self._instance()
-        return None if instance is None else _backend_type(str(instance["backend"]))
+        return None if instance is None else backend_type(str(instance["backend"]))
 
     @property
     def hostname(self) -> Optional[str]:
@@ -609,7 +602,7 @@ class BackendCollection:
                 "client.backends of a server given by server_url is not supported yet: "
                 "its configuration is on that server"
             )
-        return [Backend(_backend_type(name)) for name in self._raw.backends()]
+        return [Backend(backend_type(name)) for name in self._raw.backends()]
 
 
 class Client:

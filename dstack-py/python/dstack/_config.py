@@ -31,6 +31,7 @@ __all__ = [
     "TGIChatModel",
     "Task",
     "Volume",
+    "backend_type",
     "configuration_from_data",
     "plain",
 ]
@@ -253,6 +254,15 @@ class BackendType(str, Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+# Backends named differently here: SSH fleets are dstack's `remote` backend.
+_BACKEND_TYPES = {"ssh": BackendType.REMOTE}
+
+
+def backend_type(name: str) -> BackendType:
+    """The `BackendType` of a backend as records here name it (`ssh` is `REMOTE`)."""
+    return BackendType(_BACKEND_TYPES.get(name, name))
 
 
 class _Configuration(_Data):

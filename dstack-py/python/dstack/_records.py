@@ -9,12 +9,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from dstack import _binaries
-from dstack._config import _Configuration, plain
+from dstack._config import _Configuration, backend_type, plain
 
 if TYPE_CHECKING:
     from dstack._native import RawClient
 
-__all__ = ["RunPlan", "RunStatus"]
+__all__ = [
+    "Gpu",
+    "InstanceDisk",
+    "InstanceOfferWithAvailability",
+    "InstanceResources",
+    "InstanceType",
+    "JobPlan",
+    "RunPlan",
+    "RunStatus",
+]
 
 ConfigurationLike = Union[_Configuration, Dict[str, Any], str]
 
@@ -123,13 +132,79 @@ def timestamp(ms: Optional[int]) -> Optional[datetime]:
     return None if ms is None else datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
 
 
+class Gpu:
+    """One GPU of an offer (dstack's `Gpu`)."""
+
+    def __init__(self, record: Dict[str, Any]) -> None:
+        self.name: str = record["name"]
+        self.memory_mib: int = int(record["memory_mib"])
+        self.vendor: str = record["vendor"]
+
+    def __repr__(self) -> str:
+        return f"Gpu(name={self.name!r}, memory_mib={self.memory_mib})"
+
+
+class InstanceDisk:
+    """An offer's disk (dstack's `Disk` of instance resources)."""
+
+    def __init__(self, size_mib: int) -> None:
+        self.size_mib = size_mib
+
+    def __repr__(self) -> str:
+        return f"InstanceDisk(size_mib={self.size_mib})"
+
+
+class InstanceResources:
+    """What an offer provides (dstack's instance `Resources`)."""
+
+    def __init__(self, record: Dict[str, Any], spot: bool) -> None:
+        self.cpus: int = int(record["cpus"])
+        self.memory_mib: int = int(record["memory_bytes"]) // 2**20
+        self.gpus = [Gpu(g) for g in record.get("gpus") or []]
+        self.spot = spot
+        self.disk = InstanceDisk(int(record.get("disk_bytes", 0)) // 2**20)
+        self.cpu_arch: Optional[str] = record.get("cpu_arch")
+
+    def __repr__(self) -> str:
+        return f"InstanceResources({_resources_of(self)})"
+
+
+class InstanceType:
+    """An offer's instance type (or host name) and resources (dstack's `InstanceType`)."""
+
+    def __init__(self, name: str, resources: InstanceResources) -> None:
+        self.name = name
+        self.resources = resources
+
+    def __repr__(self) -> str:
+        return f"InstanceType({self.name!r})"
+
+
+class InstanceOfferWithAvailability:
+    """Where a job can run (dstack's `InstanceOfferWithAvailability`): `backend`, `region`,
+    `instance` (type and resources), `price` per hour, `availability` (`idle` for an
+    existing instance with room, `available` for new capacity, …)."""
+
+    def __init__(self, record: Dict[str, Any]) -> None:
+        self.backend = backend_type(str(record["backend"]))
+        self.region: str = record["region"]
+        self.instance = InstanceType(record["instance_type"], InstanceResources(record["resources"], bool(record["spot"])))
+        self.price = float(record["price"])
+        self.availability: str = record["availability"]
+        self.availability_zones: Optional[List[str]] = record.get("availability_zones")
+        self.backend_data: Dict[str, Any] = record.get("backend_data") or {}
+
+    def __repr__(self) -> str:
+        return f"<Offer {self.backend.value} {self.region} {self.instance.name} ${self.price:g} {self.availability}>"
+
+
 class JobPlan:
-    """The offers for one job of a run (dstack's `job_plans[i]`)."""
+    """The offers for one job of a run (dstack's `job_plans[i]`), as typed records."""
 
     def __init__(self, offers: List[Dict[str, Any]]) -> None:
-        self.offers = offers
+        self.offers = [InstanceOfferWithAvailability(o) for o in offers]
         self.total_offers = len(offers)
-        self.max_price = max((float(o.get("price", 0.0)) for o in offers), default=None)
+        self.max_price = max((o.price for o in self.offers), default=None)
 
 
 class RunPlan:
@@ -178,13 +253,15 @@ class RunPlan:
 
 
 def _resources(host: Dict[str, Any]) -> str:
-    parts = [f"{host.get('cpus', '?')}xCPU"]
-    memory = host.get("memory_bytes")
-    if memory:
-        parts.append(f"{memory / 2**30:.0f}GB")
-    gpus = host.get("gpus") or []
-    if gpus:
-        parts.append(f"{len(gpus)}x{gpus[0].get('name', 'GPU')}")
+    return _resources_of(InstanceResources(host, False))
+
+
+def _resources_of(resources: InstanceResources) -> str:
+    parts = [f"{resources.cpus}xCPU"]
+    if resources.memory_mib:
+        parts.append(f"{resources.memory_mib / 1024:.0f}GB")
+    if resources.gpus:
+        parts.append(f"{len(resources.gpus)}x{resources.gpus[0].name}")
     return ", ".join(parts)
 
 
