@@ -79,7 +79,7 @@ SIGNATURES: Dict[Callable[..., Any], List[str]] = {
     Run.logs: ["self", "start_time", "diagnose", "replica_num", "job_num"],
     RepoCollection.init: ["self", "repo", "git_identity_file", "oauth_token", "creds"],
     RepoCollection.load: ["self", "repo_dir", "local", "init", "git_identity_file", "oauth_token"],
-    RepoCollection.is_initialized: ["self", "repo"],
+    RepoCollection.is_initialized: ["self", "repo", "by_user"],
     RepoCollection.get: ["self", "repo_id", "with_creds"],
     RemoteRepo.from_dir: ["repo_dir"],
     RemoteRepo.from_url: ["repo_url", "repo_branch", "repo_hash"],
@@ -293,7 +293,15 @@ def test_apply_plan_and_apply_configuration_reserve_ports(client: Client, taken_
 def test_list_and_get(client: Client) -> None:
     done = client.runs.apply_configuration(Task(name="surface-list", commands=["true"])).wait(timeout=60)
     assert [r.name for r in client.runs.list(all=True, limit=1)] == ["surface-list"]
-    assert "surface-list" not in [r.name for r in client.runs.list()]
+    # A limit lists the latest runs of any status, as dstack's does.
+    assert [r.name for r in client.runs.list(limit=1)] == ["surface-list"]
+    running = client.runs.apply_configuration(Task(name="surface-active", commands=["sleep 30"]))
+    try:
+        assert "surface-list" not in [r.name for r in client.runs.list()]
+        assert "surface-active" in [r.name for r in client.runs.list()]
+    finally:
+        running.stop(abort=True)
+    running.wait(timeout=30)
     got = client.runs.get("surface-list")
     assert got is not None and got.status == RunStatus.DONE and got.id == done.id
     assert client.runs.get("no-such-run") is None
@@ -408,7 +416,7 @@ def test_repo_arguments(client: Client, tmp_path: Path) -> None:
     assert virtual.repo_id == "surface" and "py.typed" in virtual.files
     assert not client.repos.is_initialized(virtual)
     client.repos.init(virtual)
-    assert client.repos.is_initialized(virtual)
+    assert client.repos.is_initialized(virtual) and client.repos.is_initialized(virtual, by_user=True)
     with pytest.raises(NotSupportedError, match="oauth_token"):
         client.repos.init(virtual, oauth_token="t")
     with pytest.raises(NotSupportedError, match="creds"):

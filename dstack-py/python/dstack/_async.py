@@ -6,7 +6,7 @@ import asyncio
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, AsyncIterator, Dict, List, Mapping, Optional, Sequence, Union
 
-from dstack._client import Run
+from dstack._client import Run, listed_names
 from dstack._local import PathLike, before_submit, public_key
 from dstack._records import (
     ConfigurationLike,
@@ -212,8 +212,8 @@ class AsyncRunCollection:
         return None if raw is None else AsyncRun(raw, home=self._raw.home)
 
     async def list(self, all: bool = False, limit: Optional[int] = None) -> List[AsyncRun]:
-        """Runs, newest first: unfinished ones only unless `all`."""
-        names = [r["name"] for r in self._raw.list(all, limit)]
+        """Runs, newest first (see `RunCollection.list`)."""
+        names = listed_names(self._raw, all, limit)
         return [AsyncRun(raw, home=self._raw.home) for raw in self._raw.handles(names)]
 
 

@@ -91,6 +91,17 @@ class ServiceModel:
         return f"<ServiceModel '{self.name}'>"
 
 
+def listed_names(raw: "RawClient", all: bool, limit: Optional[int]) -> List[str]:
+    """The names `runs.list(all, limit)` lists, newest first, as dstack picks them: with
+    `all` or a `limit`, the latest runs of any status (at most `limit`); otherwise the
+    unfinished ones, or the latest run when none is unfinished."""
+    only_active = not all and limit is None
+    records = raw.list(not only_active, limit)
+    if only_active and not records:
+        records = raw.list(True, 1)
+    return [r["name"] for r in records]
+
+
 def _since_ms(start_time: Optional[datetime]) -> Optional[int]:
     """`start_time` in Unix ms (a naive datetime is this machine's local time)."""
     return None if start_time is None else max(0, int(start_time.timestamp() * 1000))
@@ -486,9 +497,8 @@ class RunCollection:
         return None if raw is None else Run(raw, home=self._raw.home)
 
     def list(self, all: bool = False, limit: Optional[int] = None) -> List[Run]:
-        """Runs, newest first: unfinished ones only unless `all`."""
-        names = [r["name"] for r in self._raw.list(all, limit)]
-        return [Run(raw, home=self._raw.home) for raw in self._raw.handles(names)]
+        """Runs, newest first (see `listed_names`)."""
+        return [Run(raw, home=self._raw.home) for raw in self._raw.handles(listed_names(self._raw, all, limit))]
 
     def sweep(
         self,

@@ -219,9 +219,10 @@ class RepoCollection:
             self.init(repo, git_identity_file)
         return repo
 
-    def is_initialized(self, repo: Repo) -> bool:
+    def is_initialized(self, repo: Repo, by_user: bool = False) -> bool:
         """Whether runs of `repo` need no more preparation (a URL repo with a hash is cloned, a
-        virtual repo's files are written)."""
+        virtual repo's files are written). `by_user` asks whether it was prepared with the
+        user's own credentials: the only ones used here (git's), so the answer is the same."""
         if isinstance(repo, LocalRepo) or (isinstance(repo, RemoteRepo) and repo.local_repo_dir):
             return True
         if isinstance(repo, VirtualRepo):
