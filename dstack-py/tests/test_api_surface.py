@@ -153,6 +153,8 @@ def test_every_documented_argument_is_a_parameter_and_none_is_swallowed() -> Non
     for sync, name in ASYNC_TWINS.items():
         twin = inspect.signature(getattr(AsyncRunCollection, name)).parameters
         assert list(twin) == list(inspect.signature(sync).parameters), name
+    async_from_config = inspect.signature(AsyncClient.from_config).parameters
+    assert list(async_from_config) == list(inspect.signature(Client.from_config).parameters)
     for name in ("attach", "logs"):
         twin = inspect.signature(getattr(AsyncRun, name)).parameters
         assert list(twin) == list(inspect.signature(getattr(Run, name)).parameters), name
@@ -381,7 +383,8 @@ def test_logs_arguments(client: Client) -> None:
 
 
 async def _async_surface(home: Path, taken: int) -> None:
-    client = AsyncClient.from_config(home=home)
+    client = AsyncClient.from_config(project_name="main", home=home)
+    assert client.project == "main" and [b.name for b in client.backends.list()] == ["local"]
     task = Task(commands=["echo async"])
     with pytest.raises(NotSupportedError, match="full_offers"):
         await client.runs.get_run_plan(task, full_offers=True)

@@ -14,7 +14,6 @@ from dstack._records import (
     configuration_data,
     no_offer_variants,
     no_profile,
-    open_raw,
 )
 from dstack._repos import Repo, RepoCollection, check_fits
 from dstack.errors import WaitTimeoutError
@@ -220,16 +219,29 @@ class AsyncRunCollection:
 class AsyncClient:
     """The asyncio twin of `dstack.Client`."""
 
-    def __init__(self, raw: "RawClient") -> None:
-        from dstack._client import FleetCollection, VolumeCollection
+    def __init__(self, raw: "RawClient", project_name: str = "main", remote: bool = False) -> None:
+        from dstack._client import BackendCollection, FleetCollection, VolumeCollection
 
         self._raw = raw
+        self.project = project_name
         self.runs = AsyncRunCollection(raw)
         self.repos = RepoCollection(raw.home)
+        self.backends = BackendCollection(raw, remote)
         self.fleets = FleetCollection(raw)
         self.volumes = VolumeCollection(raw)
 
     @staticmethod
-    def from_config(*, home: Union[str, "os.PathLike[str]", None] = None) -> "AsyncClient":
-        """The embedded client of `home` (default `$DSTACK_HOME` or `~/.dstack`)."""
-        return AsyncClient(open_raw(home))
+    def from_config(
+        project_name: Optional[str] = None,
+        server_url: Optional[str] = None,
+        user_token: Optional[str] = None,
+        ssh_identity_file: Optional[PathLike] = None,
+        *,
+        home: Union[str, "os.PathLike[str]", None] = None,
+    ) -> "AsyncClient":
+        """A client of the server of `home` (default `$DSTACK_HOME` or `~/.dstack`) or of
+        `server_url` (see `Client.from_config`)."""
+        from dstack._client import Client
+
+        client = Client.from_config(project_name, server_url, user_token, ssh_identity_file, home=home)
+        return AsyncClient(client._raw, client.project, remote=server_url is not None)
