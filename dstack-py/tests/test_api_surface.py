@@ -263,6 +263,19 @@ def test_get_run_plan_arguments(client: Client, tmp_path: Path) -> None:
     text_key = public_of(new_key(tmp_path, "text_key"))
     client.runs.apply_plan(client.runs.get_run_plan(task, ssh_key_pub=text_key)).wait(timeout=60)
     assert text_key in accepted_keys(client)
+    # A private key without its `.pub`: the public half is derived; an encrypted one is refused.
+    bare = new_key(tmp_path, "bare_key")
+    public = public_of(bare)
+    Path(f"{bare}.pub").unlink()
+    client.runs.apply_plan(client.runs.get_run_plan(task, ssh_identity_file=bare)).wait(timeout=60)
+    assert public in accepted_keys(client)
+    locked = tmp_path / "locked_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "secret", "-f", str(locked)], check=True)
+    Path(f"{locked}.pub").unlink()
+    with pytest.raises(ConfigurationError, match="invalid SSH key"):
+        client.runs.get_run_plan(task, ssh_identity_file=locked)
+    with pytest.raises(ConfigurationError, match="one SSH public key"):
+        client.runs.get_run_plan(task, ssh_key_pub="not a key")
 
 
 def test_apply_plan_and_apply_configuration_reserve_ports(client: Client, taken_port: int, tmp_path: Path) -> None:

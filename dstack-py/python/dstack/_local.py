@@ -54,7 +54,10 @@ def public_key(ssh_identity_file: Optional[PathLike], ssh_key_pub: Optional[str]
     keygen = shutil.which("ssh-keygen")
     if keygen is None:
         raise ConfigurationError(f"{path} has no {beside.name} and ssh-keygen is not on PATH")
-    derived = subprocess.run([keygen, "-y", "-f", str(path)], capture_output=True, text=True)
+    # An empty passphrase: an encrypted key fails at once instead of prompting.
+    derived = subprocess.run(
+        [keygen, "-y", "-P", "", "-f", str(path)], capture_output=True, text=True, stdin=subprocess.DEVNULL
+    )
     if derived.returncode != 0:
         raise ConfigurationError(f"Unsupported or invalid SSH key at {path}: {derived.stderr.strip()}")
     return _one_key(derived.stdout, str(path))
