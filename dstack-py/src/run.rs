@@ -149,21 +149,22 @@ impl RawRun {
         raise(py, link.map_err(Failure::from))
     }
 
-    /// Forwards the ports of job `job_num` of replica `replica_num` to this machine (jobs on
-    /// other hosts, and ports moved by `overrides`: `(local, remote)`) until the returned
-    /// object is closed or dropped.
-    #[pyo3(signature = (job_num = 0, replica_num = 0, overrides = Vec::new()))]
+    /// Forwards the ports of job `job_num` of replica `replica_num` to `bind_address` of this
+    /// machine (jobs on other hosts, and ports moved by `overrides`: `(local, remote)`) until
+    /// the returned object is closed or dropped.
+    #[pyo3(signature = (job_num = 0, replica_num = 0, overrides = Vec::new(), bind_address = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)))]
     fn forward_ports(
         &self,
         py: Python<'_>,
         job_num: u32,
         replica_num: u32,
         overrides: Vec<(u16, u16)>,
+        bind_address: std::net::IpAddr,
     ) -> PyResult<RawForward> {
         let handle = self.handle.clone();
         let forward = block_on(py, async move {
             handle
-                .forward_job_ports(job_num, replica_num, &overrides)
+                .forward_job_ports_on(bind_address, job_num, replica_num, &overrides)
                 .await
         })?;
         let forward = raise(py, forward.map_err(Failure::from))?;

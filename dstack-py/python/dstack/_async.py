@@ -77,10 +77,10 @@ class AsyncRun(Run):
     ) -> bool:
         """Waits until the run is running (or has finished) and forwards the job's ports;
         `False` if it finished unsuccessfully (see `Run.attach`)."""
-        overrides = self._prepare_attach(ssh_identity_file, bind_address, ports_overrides)
+        overrides, bind = self._prepare_attach(ssh_identity_file, bind_address, ports_overrides)
         raw = self._raw
         self._snapshot = await _native(raw.wait_async(None, True))
-        return self._finish_attach(replica_num, job_num, overrides)
+        return self._finish_attach(replica_num, job_num, overrides, bind)
 
     async def stop(self, abort: bool = False) -> None:  # type: ignore[override]
         """Stops the run and detaches (see `Run.stop`)."""

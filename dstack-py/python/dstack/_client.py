@@ -26,7 +26,7 @@ from dstack._local import (
     PathLike,
     accept_ssh_key,
     before_submit,
-    check_bind_address,
+    bind_address_of,
     diagnosis,
     port_overrides,
     public_key,
@@ -291,17 +291,18 @@ class Run:
         ssh_identity_file: Optional[PathLike],
         bind_address: Optional[str],
         ports_overrides: Optional[Sequence[Any]],
-    ) -> List[Tuple[int, int]]:
-        """Checks `attach`'s arguments before waiting; the port overrides."""
-        check_bind_address(bind_address)
+    ) -> Tuple[List[Tuple[int, int]], str]:
+        """Checks `attach`'s arguments before waiting: the port overrides and the address
+        to listen on."""
+        bind = bind_address_of(bind_address)
         overrides = port_overrides(ports_overrides)
         key = public_key(ssh_identity_file, None)
         if key is not None:
             accept_ssh_key(self._home, key)
-        return overrides
+        return overrides, bind
 
     def _finish_attach(
-        self, replica_num: Optional[int], job_num: int, overrides: List[Tuple[int, int]]
+        self, replica_num: Optional[int], job_num: int, overrides: List[Tuple[int, int]], bind: str
     ) -> bool:
         """Once the run is running or finished: picks the job and forwards its ports."""
         if self.status.is_finished() and self.status != RunStatus.DONE:
@@ -313,7 +314,7 @@ class Run:
         if self._slot is not None and self._slot != slot:
             raise ClientError(f"run {self.name} is attached to another job: detach first")
         if not self.status.is_finished() and self._forward is None:
-            self._forward = self._raw.forward_ports(slot[1], slot[0], overrides)
+            self._forward = self._raw.forward_ports(slot[1], slot[0], overrides, bind)
         self._slot = slot
         self._attached = True
         return True
@@ -327,20 +328,20 @@ class Run:
         job_num: int = 0,
     ) -> bool:
         """Waits until the run is running (or has finished) and forwards the ports of job
-        `job_num` of replica `replica_num` (default: a running replica) to `127.0.0.1` here;
-        afterwards `logs()` follows that job's output until the run ends. Returns `False` if
-        the run finished unsuccessfully.
+        `job_num` of replica `replica_num` (default: a running replica) to `bind_address`
+        here (default `127.0.0.1`); afterwards `logs()` follows that job's output until the
+        run ends. Returns `False` if the run finished unsuccessfully.
 
-        Ports of local jobs are already reachable on this machine (`ports` maps them);
-        `ports_overrides` (`PortMapping`s, `"LOCAL:REMOTE"` strings or ports) moves ports to
-        other local ones. `ssh_identity_file` (a private key with its `.pub`, or a public
-        key) is also accepted by `ssh <run>`. `bind_address` other than `127.0.0.1` is not
-        supported. Raises `PortUsedError` if a local port is taken."""
-        overrides = self._prepare_attach(ssh_identity_file, bind_address, ports_overrides)
+        Ports of local jobs are already reachable on this machine (`ports` maps them; they
+        listen where the job binds them); `ports_overrides` (`PortMapping`s,
+        `"LOCAL:REMOTE"` strings or ports) moves ports to other local ones.
+        `ssh_identity_file` (a private key with its `.pub`, or a public key) is also accepted
+        by `ssh <run>`. Raises `PortUsedError` if a local port is taken."""
+        overrides, bind = self._prepare_attach(ssh_identity_file, bind_address, ports_overrides)
         snapshot = self._raw.wait(None, running=True)
         assert snapshot is not None  # no timeout
         self._snapshot = snapshot
-        return self._finish_attach(replica_num, job_num, overrides)
+        return self._finish_attach(replica_num, job_num, overrides, bind)
 
     def detach(self) -> None:
         """Stops following and forwarding: `logs()` then returns the output written so far."""

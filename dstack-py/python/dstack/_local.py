@@ -5,6 +5,7 @@ prints."""
 
 import errno
 import fcntl
+import ipaddress
 import os
 import shutil
 import socket
@@ -13,12 +14,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from dstack.errors import ConfigurationError, NotSupportedError, PortUsedError
+from dstack.errors import ConfigurationError, PortUsedError
 
 __all__ = [
     "accept_ssh_key",
     "before_submit",
-    "check_bind_address",
+    "bind_address_of",
     "check_ports_free",
     "diagnosis",
     "port_overrides",
@@ -28,8 +29,6 @@ __all__ = [
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-# Addresses forwarded ports listen on: `127.0.0.1` only.
-_LOOPBACK = (None, "127.0.0.1", "localhost")
 
 
 def public_key(ssh_identity_file: Optional[PathLike], ssh_key_pub: Optional[str]) -> Optional[str]:
@@ -97,13 +96,17 @@ def before_submit(
         accept_ssh_key(home, ssh_key_pub)
 
 
-def check_bind_address(bind_address: Optional[str]) -> None:
-    """Forwarded ports listen on `127.0.0.1`: any other `bind_address` is refused."""
-    if bind_address not in _LOOPBACK:
-        raise NotSupportedError(
-            f"bind_address={bind_address!r} is not supported: forwarded ports listen on "
-            "127.0.0.1 only (pass None, '127.0.0.1' or 'localhost')"
-        )
+def bind_address_of(bind_address: Optional[str]) -> str:
+    """The IP address forwarded ports listen on: `bind_address` (`localhost` is
+    `127.0.0.1`), by default `127.0.0.1`."""
+    if bind_address is None or bind_address == "localhost":
+        return "127.0.0.1"
+    try:
+        return str(ipaddress.ip_address(bind_address))
+    except ValueError:
+        raise ConfigurationError(
+            f"bind_address={bind_address!r} is not an IP address of this machine (e.g. 127.0.0.1, 0.0.0.0, ::)"
+        ) from None
 
 
 def port_overrides(ports_overrides: Optional[Sequence[Any]]) -> List[Tuple[int, int]]:

@@ -56,7 +56,11 @@ class RawRun:
         self, follow: bool = False, replica_num: int = 0, job_num: int = 0, since_ms: Optional[int] = None
     ) -> RawLogs: ...
     def forward_ports(
-        self, job_num: int = 0, replica_num: int = 0, overrides: List[Tuple[int, int]] = ...
+        self,
+        job_num: int = 0,
+        replica_num: int = 0,
+        overrides: List[Tuple[int, int]] = ...,
+        bind_address: str = ...,
     ) -> RawForward: ...
 
 @final
