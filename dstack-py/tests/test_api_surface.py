@@ -16,6 +16,7 @@ import pytest
 
 import dstack.api
 from dstack._async import AsyncRunCollection
+from dstack._local import bind_address_of, port_overrides
 from dstack.api import (
     CPU,
     GPU,
@@ -336,7 +337,7 @@ def test_run_properties_attach_and_detach(client: Client, python: str, tmp_path:
             run.attach(replica_num=3)
         key = new_key(tmp_path, "attach_key")
         assert run.attach(
-            ssh_identity_file=str(key), bind_address="0.0.0.0", ports_overrides=[f"{local}:{remote}"], replica_num=0, job_num=0
+            ssh_identity_file=str(key), bind_address="0.0.0.0", ports_overrides=[PortMapping(local, remote)], replica_num=0, job_num=0
         )  # fmt: skip
         assert public_of(key) in accepted_keys(client)
         assert run.ports == {remote: local}
@@ -374,6 +375,27 @@ def test_run_properties_attach_and_detach(client: Client, python: str, tmp_path:
         run.stop(abort=True)
     assert run.refresh().status in (RunStatus.TERMINATING, RunStatus.TERMINATED)
     assert run.wait(timeout=30).status == RunStatus.TERMINATED
+
+
+class PortMapping:
+    """The shape of dstack's `PortMapping` (its class is internal to dstack)."""
+
+    def __init__(self, local_port: int, container_port: int) -> None:
+        self.local_port = local_port
+        self.container_port = container_port
+
+
+def test_port_overrides_take_dstack_mappings_text_and_ports() -> None:
+    assert port_overrides([PortMapping(8080, 80), "9000:90", "7000", 6000]) == [
+        (8080, 80),
+        (9000, 90),
+        (7000, 7000),
+        (6000, 6000),
+    ]
+    with pytest.raises(ConfigurationError, match="1-65535"):
+        port_overrides(["70000:80"])
+    assert bind_address_of(None) == bind_address_of("localhost") == "127.0.0.1"
+    assert bind_address_of("::") == "::"
 
 
 def test_logs_arguments(client: Client) -> None:
