@@ -182,8 +182,8 @@ class InstanceType:
 
 class InstanceOfferWithAvailability:
     """Where a job can run (dstack's `InstanceOfferWithAvailability`): `backend`, `region`,
-    `instance` (type and resources), `price` per hour, `availability` (`idle` for an
-    existing instance with room, `available` for new capacity, …)."""
+    `instance` (type and resources), `price` per hour, `availability` (`idle` or `busy`
+    for an existing instance, `available` for new capacity, `not_available`)."""
 
     def __init__(self, record: Dict[str, Any]) -> None:
         self.backend = backend_type(str(record["backend"]))
