@@ -100,6 +100,16 @@ ASYNC_TWINS: Dict[Callable[..., Any], str] = {
 }
 
 
+class DumpedProfile:
+    """The shape of dstack's pydantic `Profile`: its fields come from `model_dump()`."""
+
+    def __init__(self, fields: Dict[str, Any]) -> None:
+        self._fields = fields
+
+    def model_dump(self) -> Dict[str, Any]:
+        return dict(self._fields)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -225,7 +235,16 @@ def test_get_run_plan_arguments(client: Client, tmp_path: Path) -> None:
     task = Task(name="surface-plan", commands=["cat hello.txt"])
     repo = VirtualRepo()
     repo.add_file("hello.txt", "from the repo\n")
-    with pytest.raises(NotSupportedError, match="profile="):
+    # A profile sets the parameters the configuration leaves unset (as a mapping, dstack's
+    # pydantic `Profile`, with YAML text); the configuration's own win.
+    profile = {"name": "p", "default": True, "max_duration": "1h", "spot_policy": "on-demand", "pool_name": None}
+    planned = client.runs.get_run_plan(Task(commands=["true"], max_duration="2h"), profile=profile).configuration
+    assert planned["max_duration"] == 7200 and planned["spot_policy"] == "on-demand"
+    yaml_plan = client.runs.get_run_plan("type: task\ncommands: [\"true\"]\n", profile=DumpedProfile(profile))
+    assert yaml_plan.configuration["max_duration"] == 3600
+    with pytest.raises(ConfigurationError, match="profile.colour"):
+        client.runs.get_run_plan(task, profile={"colour": "red"})
+    with pytest.raises(ConfigurationError, match="profile="):
         client.runs.get_run_plan(task, profile=object())
     with pytest.raises(NotSupportedError, match="full_offers"):
         client.runs.get_run_plan(task, full_offers=True)
@@ -293,8 +312,8 @@ def test_apply_plan_and_apply_configuration_reserve_ports(client: Client, taken_
     repo = VirtualRepo()
     repo.add_file("f.txt", "applied\n")
     key = new_key(tmp_path, "apply_key")
-    with pytest.raises(NotSupportedError, match="profile="):
-        client.runs.apply_configuration(Task(commands=["true"]), profile=object())
+    profiled = client.runs.apply_configuration(Task(commands=["true"]), profile={"max_duration": "1h"})
+    assert profiled.configuration["max_duration"] == 3600
     run = client.runs.apply_configuration(
         Task(commands=["cat f.txt"]),
         repo=repo,
@@ -425,8 +444,10 @@ async def _async_surface(home: Path, taken: int) -> None:
     task = Task(commands=["echo async"])
     with pytest.raises(NotSupportedError, match="full_offers"):
         await client.runs.get_run_plan(task, full_offers=True)
-    with pytest.raises(NotSupportedError, match="profile="):
-        await client.runs.apply_configuration(task, profile=object())
+    with pytest.raises(ConfigurationError, match="profile.colour"):
+        await client.runs.apply_configuration(task, profile={"colour": "red"})
+    profiled = await client.runs.get_run_plan(task, profile={"max_duration": "1h"})
+    assert profiled.configuration["max_duration"] == 3600
     with pytest.raises(PortUsedError):
         await client.runs.apply_configuration(Task(commands=["true"], ports=[taken]))
     plan = await client.runs.get_run_plan(task, max_offers=1)

@@ -13,7 +13,6 @@ from dstack._records import (
     RunPlan,
     configuration_data,
     no_offer_variants,
-    no_profile,
 )
 from dstack._repos import Repo, RepoCollection, check_fits
 from dstack.errors import WaitTimeoutError
@@ -153,10 +152,9 @@ class AsyncRunCollection:
         for_offers_only: bool = False,
     ) -> RunPlan:
         """Where `configuration` would run (see `RunCollection.get_run_plan`)."""
-        no_profile(profile)
         no_offer_variants(full_offers, unallocated_resources)
         key = public_key(ssh_identity_file, ssh_key_pub)
-        data = configuration_data(configuration)
+        data = configuration_data(configuration, profile)
         client_dir = await self._repo_dir(repo, data)
         raw = self._raw
         plan = await _native(raw.plan_async(data))
@@ -195,9 +193,8 @@ class AsyncRunCollection:
         """Submits a run of `configuration` (see `RunCollection.apply_configuration`)."""
         from dstack._native import validate
 
-        no_profile(profile)
         key = public_key(ssh_identity_file, ssh_key_pub)
-        data = configuration_data(configuration)
+        data = configuration_data(configuration, profile)
         client_dir = await self._repo_dir(repo, data)
         before_submit(self._raw.home, validate(data), reserve_ports, key)
         raw = self._raw

@@ -39,7 +39,6 @@ from dstack._records import (
     home_dir,
     html_table,
     no_offer_variants,
-    no_profile,
     open_raw,
     timestamp,
 )
@@ -439,13 +438,13 @@ class RunCollection:
         `ssh_identity_file` (a public key, or a private key with its `.pub` or from which
         `ssh-keygen` derives it) or `ssh_key_pub` names a key that `ssh <run>` accepts once
         the plan is applied (mutually exclusive; the project key and `~/.ssh/id_*` are
-        accepted anyway). Planning never reserves anything here, so `for_offers_only` needs
-        nothing more. `profile`, `full_offers` and `unallocated_resources` are not
-        supported (`NotSupportedError`)."""
-        no_profile(profile)
+        accepted anyway). `profile` (a mapping of profile parameters, or dstack's `Profile`)
+        sets those the configuration leaves unset. Planning never reserves anything here, so
+        `for_offers_only` needs nothing more. `full_offers` and `unallocated_resources` are
+        not supported (`NotSupportedError`)."""
         no_offer_variants(full_offers, unallocated_resources)
         key = public_key(ssh_identity_file, ssh_key_pub)
-        data = configuration_data(configuration)
+        data = configuration_data(configuration, profile)
         client_dir = self._repo_dir(repo, data)
         return RunPlan(self._raw.plan(data), data, configuration_path, client_dir, max_offers, key)
 
@@ -478,9 +477,8 @@ class RunCollection:
         arguments are those of `get_run_plan` and `apply_plan`."""
         from dstack._native import validate
 
-        no_profile(profile)
         key = public_key(ssh_identity_file, ssh_key_pub)
-        data = configuration_data(configuration)
+        data = configuration_data(configuration, profile)
         client_dir = self._repo_dir(repo, data)
         before_submit(self._raw.home, validate(data), reserve_ports, key)
         raw = self._raw.apply(

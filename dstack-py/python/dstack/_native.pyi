@@ -5,6 +5,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union, 
 
 __all__ = [
     "validate",
+    "with_profile",
     "MAX_TEXT_BYTES",
     "RawClient",
     "RawRun",
@@ -19,6 +20,7 @@ _ConfigurationData = Union[Dict[str, Any], str]
 MAX_TEXT_BYTES: int
 
 def validate(configuration: _ConfigurationData, file: Optional[str] = None) -> Dict[str, Any]: ...
+def with_profile(configuration: _ConfigurationData, profile: Dict[str, Any]) -> Dict[str, Any]: ...
 
 @final
 class RawTask:

@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 from enum import Enum
 from html import escape
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from dstack import _binaries
 from dstack._config import _Configuration, backend_type, plain
@@ -85,18 +85,47 @@ def open_raw(
     return raw
 
 
-def configuration_data(configuration: ConfigurationLike) -> Union[Dict[str, Any], str]:
-    """What the native side validates: plain data, or YAML text."""
+def configuration_data(configuration: ConfigurationLike, profile: Any = None) -> Union[Dict[str, Any], str]:
+    """What the native side validates: plain data, or YAML text; with `profile` (see
+    `with_profile`), plain data."""
     if isinstance(configuration, str):
-        return configuration
+        return with_profile(configuration, profile)
     if isinstance(configuration, _Configuration):
-        return configuration.to_data()
+        return with_profile(configuration.to_data(), profile)
     if isinstance(configuration, dict):
         data: Dict[str, Any] = plain(configuration)
-        return data
+        return with_profile(data, profile)
     raise TypeError(
         "expected a configuration (Task, Service, DevEnvironment, a dict or YAML text), "
         f"not {type(configuration).__name__}"
+    )
+
+
+def with_profile(data: Union[Dict[str, Any], str], profile: Any) -> Union[Dict[str, Any], str]:
+    """`data` with the parameters of `profile` (a mapping, or dstack's `Profile`) that it
+    does not set itself (the configuration's own win, as in dstack); `data` unchanged
+    without a profile."""
+    if profile is None:
+        return data
+    from dstack._native import with_profile as merged
+
+    return merged(data, plain(_profile_fields(profile)))
+
+
+def _profile_fields(profile: Any) -> Dict[str, Any]:
+    """A profile's fields: a mapping's items, or a pydantic model's dump."""
+    if isinstance(profile, Mapping):
+        return {str(k): v for k, v in profile.items()}
+    for method in ("model_dump", "dict"):
+        dump = getattr(profile, method, None)
+        if callable(dump):
+            fields = dump()
+            if isinstance(fields, dict):
+                return fields
+    from dstack.errors import ConfigurationError
+
+    raise ConfigurationError(
+        f"profile= takes a mapping of profile parameters or dstack's Profile, not {type(profile).__name__}"
     )
 
 
@@ -112,18 +141,6 @@ def no_offer_variants(full_offers: bool, unallocated_resources: bool) -> None:
     if unallocated_resources:
         raise NotSupportedError(
             "unallocated_resources=True is not supported: offers list whole hosts"
-        )
-
-
-def no_profile(profile: Any) -> None:
-    """Profiles (`.dstack/profiles.yml`) are not supported yet: profile parameters go in the
-    configuration itself."""
-    if profile is not None:
-        from dstack.errors import NotSupportedError
-
-        raise NotSupportedError(
-            "profile= is not supported yet: set profile parameters (spot_policy, retry, "
-            "max_duration, ...) in the configuration; pass profile=None"
         )
 
 
