@@ -365,6 +365,7 @@ class Run:
         if slot is None:
             return []
         if diagnose:
+            self._snapshot = self._raw.snapshot()  # the record as it is now
             jobs = [j for j in self.jobs if (j["replica_num"], j["job_num"]) == slot]
             return [diagnosis(jobs, self._snapshot.get("instances", [])).encode()]
         follow = attached and slot == self._slot
@@ -382,8 +383,9 @@ class Run:
         `start_time` or later: while attached to it, everything until the run ends (across
         retries); otherwise what it wrote so far. Nothing if there is no such job.
 
-        `diagnose=True` gives the engine's record of the job's submissions (statuses, times,
-        instance, exit status, reasons) instead: jobs here have no separate runner log."""
+        `diagnose=True` gives the engine's current record of the job's submissions
+        (statuses, times, instance, exit status, reasons) instead: jobs here have no separate
+        runner log."""
         return iter(self._logs(start_time, diagnose, replica_num, job_num))
 
     def stop(self, abort: bool = False) -> None:
