@@ -21,6 +21,7 @@ use dstack_core::agent::{AgentJobStatus, ContainerSpec, JobInfo, JobSubmit, Stop
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
+use crate::archives::Archives;
 use crate::jobs::Job;
 use crate::logs::LogWriter;
 use crate::state::unix_ms;
@@ -81,11 +82,12 @@ pub(crate) fn supervise(
     job: Arc<Job>,
     spec: JobSubmit,
     socket: Option<String>,
+    archives: Arc<Archives>,
     log: LogWriter,
     stop_requests: mpsc::UnboundedReceiver<StopRequest>,
 ) {
     tokio::spawn(async move {
-        let info = run(&job, spec, socket, log, stop_requests).await;
+        let info = run(&job, spec, socket, &archives, log, stop_requests).await;
         job.finish(info);
     });
 }
@@ -94,6 +96,7 @@ async fn run(
     job: &Arc<Job>,
     spec: JobSubmit,
     socket: Option<String>,
+    archives: &Archives,
     mut log: LogWriter,
     mut stop_requests: mpsc::UnboundedReceiver<StopRequest>,
 ) -> JobInfo {
@@ -137,6 +140,22 @@ async fn run(
             "creating_container_error",
             &format!("cannot create the container: {e}"),
         );
+    }
+    // The repo and files go in before the job's command runs (relative targets from the
+    // working directory the engine gave, else the image's).
+    let working_dir = match spec.working_dir.as_str() {
+        "" if !spec.archives.is_empty() || spec.clone.is_some() => {
+            image_working_dir(&docker, &name).await
+        }
+        dir => dir.to_string(),
+    };
+    let sources = (spec.archives.as_slice(), spec.clone.as_ref());
+    if let Err(message) = archives
+        .unpack_into_container(&docker, &name, sources, &working_dir, &job.scratch())
+        .await
+    {
+        remove(&docker, &name).await;
+        return failed(job, "executor_error", &message);
     }
     if let Err(e) = docker.start_container(&name, None).await {
         remove(&docker, &name).await;
@@ -407,6 +426,18 @@ fn failed(job: &Job, reason: &str, message: &str) -> JobInfo {
         finished_at_ms: Some(unix_ms()),
         ..job.info()
     }
+}
+
+/// The working directory a created container starts in (its image's; `/` when it has none).
+async fn image_working_dir(docker: &Docker, name: &str) -> String {
+    docker
+        .inspect_container(name, None)
+        .await
+        .ok()
+        .and_then(|c| c.config)
+        .and_then(|c| c.working_dir)
+        .filter(|dir| dir.starts_with('/'))
+        .unwrap_or_else(|| "/".to_string())
 }
 
 #[cfg(test)]

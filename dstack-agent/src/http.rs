@@ -155,11 +155,27 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
                 .as_ref()
                 .map_or_else(lease::no_lease, |l| l.renew()),
         )),
+        (Method::GET, ["api", "archives", hash]) => match app.jobs.archives().find(hash) {
+            Some(_) => Ok(respond(StatusCode::NO_CONTENT, "text/plain", "")),
+            None => Err(HttpError(
+                StatusCode::NOT_FOUND,
+                format!("no archive {hash}"),
+            )),
+        },
+        (Method::PUT, ["api", "archives", hash]) => {
+            let hash = hash.to_string();
+            app.jobs
+                .archives()
+                .put(&hash, req.into_body())
+                .await
+                .map_err(|e| HttpError(StatusCode::BAD_REQUEST, e))?;
+            Ok(respond(StatusCode::NO_CONTENT, "text/plain", ""))
+        }
         (Method::GET, ["api", "events"]) => Ok(stream("application/x-ndjson", app.jobs.events())),
         (
             _,
             ["api", "healthcheck" | "jobs" | "events" | "lease"]
-            | ["api", "jobs", _]
+            | ["api", "jobs" | "archives", _]
             | ["api", "jobs", _, "stop" | "logs" | "metrics" | "ssh"],
         ) => Err(HttpError(
             StatusCode::METHOD_NOT_ALLOWED,

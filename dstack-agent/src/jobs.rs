@@ -22,6 +22,7 @@ use futures_util::Stream;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::{broadcast, mpsc, watch};
 
+use crate::archives::{self, Archives};
 use crate::container;
 use crate::journal::{JobRecord, Journal};
 use crate::logs::{self, LogWriter, Rotation};
@@ -149,9 +150,30 @@ impl Job {
         }
     }
 
+    /// Its private directory (the system's temporary directory for jobs of older agents).
+    pub fn scratch(&self) -> PathBuf {
+        self.scratch.clone().unwrap_or_else(std::env::temp_dir)
+    }
+
+    /// The fresh directory a host process starts in (or below, for a relative working
+    /// directory) when it has a repo or files and no absolute working directory (inside its private directory; removed when it ends, as
+    /// a container's filesystem is); `None` for any other job.
+    fn workspace(&self) -> Option<PathBuf> {
+        let own_dir = self.spec.container.is_none()
+            && (!self.spec.archives.is_empty() || self.spec.clone.is_some())
+            && !self.spec.working_dir.starts_with('/');
+        match (&self.scratch, own_dir) {
+            (Some(scratch), true) => Some(scratch.join("work")),
+            _ => None,
+        }
+    }
+
     /// Records the job's final state, once its process (or container) is gone; the job
     /// queued behind it starts first.
     pub fn finish(&self, info: JobInfo) {
+        if let Some(workspace) = self.workspace() {
+            tokio::task::spawn_blocking(move || remove_dir_if_exists(&workspace));
+        }
         match self.owner.upgrade() {
             Some(jobs) => jobs.finish(self, info),
             None => self.transition(info),
@@ -212,6 +234,8 @@ pub(crate) struct Jobs {
     /// The directories no container may mount (the agent's state, its socket's directory),
     /// resolved.
     private: Vec<PathBuf>,
+    /// The archives jobs start from.
+    archives: Arc<Archives>,
 }
 
 impl Jobs {
@@ -249,6 +273,7 @@ impl Jobs {
                 closed: AtomicBool::new(false),
                 limits,
                 private,
+                archives: Arc::new(Archives::new(state.root().join("archives"))),
             };
             jobs.load(records);
             jobs
@@ -367,6 +392,11 @@ impl Jobs {
         }
     }
 
+    /// The archives jobs start from.
+    pub fn archives(&self) -> &Archives {
+        &self.archives
+    }
+
     /// The container engine's socket `image:` jobs run with, if any.
     pub fn container_engine(&self) -> Option<&str> {
         self.containers.as_deref()
@@ -436,6 +466,9 @@ impl Jobs {
         if let Some(job) = jobs.get(&spec.id) {
             return Ok(job.info());
         }
+        self.archives
+            .hold(&spec.archives)
+            .map_err(JobError::BadRequest)?;
         let leader = match spec.after.as_deref() {
             // A job this agent does not know may not have reached it yet: starting now could
             // run both at once.
@@ -502,17 +535,57 @@ impl Jobs {
             let mut submission = job.spec.clone();
             command.fill(&mut submission);
             job.transition(running);
-            container::supervise(job, submission, self.containers.clone(), log, stop_requests);
+            let socket = self.containers.clone();
+            let archives = self.archives.clone();
+            container::supervise(job, submission, socket, archives, log, stop_requests);
             return;
         }
-        match supervisor::launch(&job.spec.working_dir, &command.argv, &command.env) {
-            Ok(launched) => {
-                let _ = job.process.set(launched.group.clone());
-                job.transition(running);
-                supervisor::supervise(job, launched, log, stop_requests);
+        if job.spec.archives.is_empty() && job.spec.clone.is_none() {
+            let working_dir = job.spec.working_dir.clone();
+            // The jobs are locked here: the end is recorded as it is.
+            if let Err(ended) =
+                start_process(job.clone(), &working_dir, &command, log, stop_requests)
+            {
+                job.transition(ended);
             }
-            Err(message) => job.transition(failed(running, "executor_error", &message, &mut log)),
+            return;
         }
+        // Archives are unpacked (and a fresh directory made) away from the jobs' lock; the
+        // job is running meanwhile, and a stop waits in its channel until it has started.
+        job.transition(running.clone());
+        let store = self.archives.clone();
+        tokio::spawn(async move {
+            let unpacking = job.clone();
+            let mut command = command;
+            let prepared = tokio::task::spawn_blocking(move || {
+                let spec = unpacking.spec();
+                // Relative targets and a relative working directory are taken from the
+                // fresh directory, when the job has one.
+                let base = match unpacking.workspace() {
+                    Some(workspace) => archives::fresh_dir(&workspace)?,
+                    None => spec.working_dir.clone(),
+                };
+                let working_dir = match spec.working_dir.as_str() {
+                    dir if dir.is_empty() || dir.starts_with('/') => base.clone(),
+                    dir => format!("{base}/{}", dir.trim_start_matches("./")),
+                };
+                let sources = (spec.archives.as_slice(), spec.clone.as_ref());
+                let dir = store.unpack_for_host(sources, &base, working_dir, &mut command.env);
+                dir.map(|dir| (dir, command))
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("unpacking failed: {e}")));
+            // Not under the jobs' lock: an end is recorded as any end (the job behind starts).
+            let ended = match prepared {
+                Ok((dir, command)) => {
+                    start_process(job.clone(), &dir, &command, log, stop_requests).err()
+                }
+                Err(message) => Some(failed(running, "executor_error", &message, &mut log)),
+            };
+            if let Some(ended) = ended {
+                job.finish(ended);
+            }
+        });
     }
 
     /// Records that `job` ended (`info`), starting the job queued behind it first.
@@ -806,6 +879,27 @@ pub const HOSTFILE_ENV: &str = "DSTACK_MPI_HOSTFILE";
 /// The MPI hostfile in a job's private directory.
 const HOSTFILE: &str = "hostfile";
 
+/// Starts a host process job in `working_dir` and supervises it; the job's final state
+/// when it could not start (for the caller to record: with the jobs locked, or not).
+fn start_process(
+    job: Arc<Job>,
+    working_dir: &str,
+    command: &Command,
+    mut log: LogWriter,
+    stop_requests: mpsc::UnboundedReceiver<StopRequest>,
+) -> Result<(), JobInfo> {
+    let running = state(&job.spec.id, AgentJobStatus::Running);
+    match supervisor::launch(working_dir, &command.argv, &command.env) {
+        Ok(launched) => {
+            let _ = job.process.set(launched.group.clone());
+            job.transition(running);
+            supervisor::supervise(job, launched, log, stop_requests);
+            Ok(())
+        }
+        Err(message) => Err(failed(running, "executor_error", &message, &mut log)),
+    }
+}
+
 /// A new private directory (0700) for a job: `dstack-job-<random>` in the system's temporary
 /// directory, away from the agent's state.
 fn create_scratch_dir() -> io::Result<PathBuf> {
@@ -911,6 +1005,8 @@ pub(crate) mod tests {
             max_duration_secs: None,
             mpi_hostfile: None,
             after: None,
+            archives: Vec::new(),
+            clone: None,
             container: None,
         }
     }

@@ -8,6 +8,7 @@
 //! Embedding: [`Agent::start`] then [`Agent::serve_until`], or [`serve`] to run until SIGTERM
 //! or SIGINT. To run an agent that outlives its caller, use [`spawn_detached`].
 
+mod archives;
 mod container;
 mod daemon;
 mod host;

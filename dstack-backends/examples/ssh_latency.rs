@@ -4,45 +4,19 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Instant;
 
-use dstack_backends::local::{find_agent_binary, LocalBackend};
-use dstack_backends::ssh::{KnownHosts, SshCompute, SshSession, SshTarget};
-use dstack_core::config::{parse, Configuration};
-use dstack_core::engine::{ApplyOptions, EngineOptions};
-use dstack_core::{Client, ClientOptions};
+use dstack_backends::ssh::{KnownHosts, SshSession, SshTarget};
+use dstack_core::config::parse;
+use dstack_core::engine::ApplyOptions;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let mut args = std::env::args().skip(1);
     let file = args.next().expect("usage: ssh_latency FLEET_FILE [N]");
     let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(200);
-    let yaml = std::fs::read_to_string(&file).expect("fleet file");
-    let fleet = parse(&yaml, &file).expect("valid fleet");
-    let Configuration::Fleet(spec) = &fleet else {
-        panic!("{file} is not a fleet")
-    };
-    let name = spec.name.clone().expect("the fleet has a name");
-    let home = tempfile::tempdir().expect("temp dir");
-    let agent = find_agent_binary().expect("dstack-agent built");
-    let backends: Vec<Arc<dyn dstack_core::backend::Compute>> = vec![
-        Arc::new(LocalBackend::new(home.path(), agent.clone())),
-        Arc::new(SshCompute::new(KnownHosts::in_home(home.path()), agent)),
-    ];
-    let client = Client::open(ClientOptions {
-        home: home.path().to_path_buf(),
-        backends,
-        engine: EngineOptions::default(),
-    })
-    .await
-    .expect("client");
     let t = Instant::now();
-    let (_, instances) = client
-        .fleets()
-        .apply(&fleet, &|i, step| eprintln!("{}: {step}", i.name))
-        .await
-        .expect("fleet");
+    let (client, name, instances, home) = common::ssh_fleet(&file).await;
     println!(
         "fleet apply (1 host, agent upload)        {:>8.0} ms",
         t.elapsed().as_secs_f64() * 1e3

@@ -1346,6 +1346,8 @@ async fn an_agent_of_another_build_is_replaced_once_it_runs_no_job() {
         max_duration_secs: None,
         mpi_hostfile: None,
         after: None,
+        archives: Vec::new(),
+        clone: None,
         container: None,
     };
     old.submit(&job).await.unwrap();

@@ -92,6 +92,19 @@ pub struct Overrides {
         group = "retry_choice"
     )]
     retry_duration: Option<String>,
+    /// The repo to upload for the run: a local git repo (its files, uncommitted changes
+    /// included); replaces the configuration's `repos`.
+    #[arg(
+        short = 'P',
+        long = "repo",
+        value_name = "PATH",
+        help_heading = "Repo",
+        conflicts_with = "no_repo"
+    )]
+    repo: Option<String>,
+    /// Upload no repo (drops the configuration's `repos`).
+    #[arg(long, help_heading = "Repo")]
+    no_repo: bool,
 }
 
 /// Why overrides could not be applied.
@@ -165,6 +178,18 @@ impl Overrides {
             (_, _, Some(duration)) => fields.push(("retry", json!({ "duration": duration }))),
             _ => {}
         }
+        if let Some(repo) = &self.repo {
+            // A path is taken from the directory the command runs in (paths in the file are
+            // taken from the file's); a URL stays as it is.
+            let url = repo.contains("://") || repo.contains('@');
+            let path = match std::env::current_dir() {
+                Ok(dir) if !url => dir.join(repo).display().to_string(),
+                _ => repo.clone(),
+            };
+            fields.push(("repos", json!([path])));
+        } else if self.no_repo {
+            fields.push(("repos", json!([])));
+        }
         fields
     }
 
@@ -218,6 +243,31 @@ mod tests {
 
     fn profile_json(c: &Configuration) -> Value {
         c.to_json()
+    }
+
+    #[test]
+    fn repo_flags_replace_or_drop_the_repos() {
+        let with_repo = config::parse("type: task\ncommands: [x]\nrepos: [.]\n", "t.yml").unwrap();
+        let overrides = Overrides {
+            repo: Some("code".into()),
+            ..Overrides::default()
+        };
+        let Configuration::Task(t) = overrides.apply(with_repo.clone()).unwrap() else {
+            panic!("a task")
+        };
+        let here = std::env::current_dir().unwrap().join("code");
+        assert_eq!(
+            t.common.repos[0].local_path.as_deref(),
+            Some(here.to_str().unwrap())
+        );
+        let none = Overrides {
+            no_repo: true,
+            ..Overrides::default()
+        };
+        let Configuration::Task(t) = none.apply(with_repo).unwrap() else {
+            panic!("a task")
+        };
+        assert!(t.common.repos.is_empty());
     }
 
     #[test]

@@ -380,12 +380,8 @@ fn ignored_fields_are_refused_by_dstack_apply_at_their_place() {
             "x.dstack.yml:4:1: dstack: `dstack: true` (the dstack CLI and credentials inside the run) is not supported yet",
         ),
         (
-            "repos: [.]\n",
-            "x.dstack.yml:4:1: repos: uploading repos is not supported yet",
-        ),
-        (
-            "files: [a.txt]\n",
-            "x.dstack.yml:4:1: files: uploading files is not supported yet",
+            "repos:\n  - local_path: .\n    hash: abc\n",
+            "x.dstack.yml:5:5: repos[0]: `branch` and `hash` apply to repos given by URL",
         ),
         (
             "privileged: true\n",

@@ -142,7 +142,9 @@ fn ps_watch_redraws_the_table_in_place_until_ctrl_c() {
             "-e",
             "-f",
             "-c",
-            &format!("'{dstack}' ps -w -a"),
+            // `exec`: the status is `dstack`'s, not that of a shell (dash, for one, does not
+            // exec a lone command itself and ends with 130 after the terminal's SIGINT).
+            &format!("exec '{dstack}' ps -w -a"),
             "/dev/null",
         ])
         .env("DSTACK_HOME", env.home.path())
@@ -185,9 +187,9 @@ fn ps_watch_redraws_the_table_in_place_until_ctrl_c() {
         "the table redrawn in place",
     );
 
-    // Ctrl-C typed into the terminal ends it with status 0. (The terminal sends SIGINT to its
-    // foreground process group: `script` may run the command under a shell that does not exec
-    // it, `sh` being dash, and a signal sent to that shell alone would never reach `dstack`.)
+    // Ctrl-C typed into the terminal ends it with status 0 (the terminal sends SIGINT to its
+    // foreground process group: a signal sent to `script`'s child alone reached only dash when
+    // the command ran under it, and the test hung).
     let mut keyboard = script.stdin.take().unwrap();
     keyboard.write_all(b"\x03").unwrap();
     keyboard.flush().unwrap();

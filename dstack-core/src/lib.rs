@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod archive;
 pub mod backend;
 pub mod client;
 pub mod config;

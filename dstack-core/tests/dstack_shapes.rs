@@ -70,6 +70,7 @@ fn run(name: &str, yaml: &str, status: RunStatus) -> Run {
                 ("HF_TOKEN".to_string(), "hf_x".to_string()),
             ]),
             group: None,
+            archives: Vec::new(),
         },
         "submitted_at_ms": T0,
         "resubmission_attempt": 0,

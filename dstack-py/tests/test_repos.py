@@ -1,11 +1,12 @@
-"""Repos from Python: a run given a repo starts its jobs on this machine in the repo's
-directory — the directory itself, a clone of a URL at a commit (real git, a local
-repository served by `file://`), or a virtual repo's files."""
+"""Repos from Python: a run given a repo starts its jobs in a copy of it, uploaded as the
+configuration's own `repos`/`files` (so on every backend) — of the directory itself, of a
+clone of a URL at a commit (real git, a local repository served by `file://`), or of a
+virtual repo's files."""
 
 import asyncio
 import subprocess
 from pathlib import Path
-from typing import List
+from typing import List, Set
 
 import pytest
 
@@ -47,36 +48,48 @@ def origin(tmp_path: Path) -> Path:
     return repo
 
 
-def test_a_repo_from_a_directory_runs_its_jobs_there_as_it_is(client: Client, origin: Path) -> None:
+def test_a_repo_from_a_directory_runs_its_jobs_in_a_copy_of_it(client: Client, origin: Path) -> None:
     (origin / "hello.txt").write_text("uncommitted\n")
-    assert output(client, PWD_AND_FILE, repo=RemoteRepo.from_dir(origin)) == [str(origin), "uncommitted"]
-    # client.repos.load gives the same; a relative working_dir is taken from the repo.
+    pwd, text = output(client, PWD_AND_FILE, repo=RemoteRepo.from_dir(origin))
+    assert text == "uncommitted" and pwd != str(origin)
+    # client.repos.load gives the same; a relative working_dir is taken from the copy.
     (origin / "sub").mkdir()
     (origin / "sub" / "hello.txt").write_text("in sub\n")
     repo = client.repos.load(origin)
     task = Task(commands=["pwd", "cat hello.txt"], working_dir="sub")
-    assert output(client, task, repo=repo) == [str(origin / "sub"), "in sub"]
-    assert output(client, PWD_AND_FILE, repo=LocalRepo.from_dir(origin))[0] == str(origin)
+    lines = output(client, task, repo=repo)
+    assert lines[0].endswith("/sub") and lines[1] == "in sub"
+    assert output(client, PWD_AND_FILE, repo=LocalRepo.from_dir(origin))[1] == "uncommitted"
+    # A directory that is not a git repo goes in as files.
+    plain = origin.parent / "plain"
+    plain.mkdir()
+    (plain / "hello.txt").write_text("plain\n")
+    assert output(client, PWD_AND_FILE, repo=LocalRepo.from_dir(plain))[1] == "plain"
 
 
 def test_a_repo_from_a_url_is_cloned_once_per_commit(client: Client, origin: Path) -> None:
     url = f"file://{origin}"
     first = git("rev-list", "--max-parents=0", "HEAD", cwd=origin)
-    lines = output(client, PWD_AND_FILE, repo=RemoteRepo.from_url(url))
-    clone = Path(lines[0])
-    assert lines[1] == "second"
-    assert clone.parent == Path(client.home) / "repos"
+    root = Path(client.home) / "repos"
+
+    def prepared() -> Set[Path]:
+        return set(root.iterdir()) if root.is_dir() else set()
+
+    before = prepared()
+    assert output(client, PWD_AND_FILE, repo=RemoteRepo.from_url(url))[1] == "second"
+    (clone,) = prepared() - before
     assert output(client, PWD_AND_FILE, repo=RemoteRepo.from_url(url, repo_hash=first))[1] == "first"
     assert output(client, PWD_AND_FILE, repo=RemoteRepo.from_url(url, repo_branch="other"))[1] == "other"
-    # The same commit again: the same clone, left as it was.
+    # The same commit again: the same clone, as it is now.
     (clone / "hello.txt").write_text("touched\n")
-    again = RemoteRepo.from_url(url)
-    assert output(client, PWD_AND_FILE, repo=again) == [str(clone), "touched"]
+    count = len(prepared())
+    assert output(client, PWD_AND_FILE, repo=RemoteRepo.from_url(url))[1] == "touched"
+    assert len(prepared()) == count
     # A new commit on the branch: a clone of its own.
     (origin / "hello.txt").write_text("third\n")
     git("commit", "--quiet", "-am", "third", cwd=origin)
-    newer = output(client, PWD_AND_FILE, repo=RemoteRepo.from_url(url))
-    assert newer[1] == "third" and newer[0] != str(clone)
+    assert output(client, PWD_AND_FILE, repo=RemoteRepo.from_url(url))[1] == "third"
+    assert len(prepared()) == count + 1
     # init prepares a repo ahead of its runs; a plan carries its repo to apply_plan.
     pinned = RemoteRepo.from_url(url, repo_hash=first)
     client.repos.init(pinned)
@@ -99,13 +112,13 @@ def test_repo_errors_name_what_is_wrong(client: Client, origin: Path, tmp_path: 
         VirtualRepo().add_file("../outside", b"x")
     with pytest.raises(NotSupportedError, match="git's own credentials"):
         client.repos.init(RemoteRepo.from_url(f"file://{origin}"), oauth_token="t0ken")
-    with pytest.raises(NotSupportedError, match="not mounted into containers"):
-        client.runs.apply_configuration(Task(image="ubuntu", commands=["true"]), repo=VirtualRepo())
+    with pytest.raises(ClientError, match="give one of them"):
+        client.runs.apply_configuration(Task(repos=["."], commands=["true"]), repo=VirtualRepo())
     with pytest.raises(NotSupportedError, match="repo= takes a RemoteRepo"):
         client.runs.apply_configuration(PWD_AND_FILE, repo=object())  # type: ignore[arg-type]
 
 
-def test_a_virtual_repo_runs_in_a_directory_holding_its_files(client: Client) -> None:
+def test_a_virtual_repo_runs_in_a_copy_of_its_files(client: Client) -> None:
     repo = VirtualRepo()
     repo.add_file("hello.txt", b"virtual\n")
     repo.add_file("pkg/data.txt", "nested\n")
@@ -119,7 +132,9 @@ def test_a_virtual_repo_runs_in_a_directory_holding_its_files(client: Client) ->
     same.add_file("pkg/data.txt", b"nested\n")
     same.add_file("hello.txt", b"virtual\n")
     same.add_file_from_package("dstack", "py.typed")
-    assert output(client, task, repo=same)[0] == lines[0]
+    written = sorted((Path(client.home) / "repos").iterdir())
+    assert output(client, task, repo=same)[1:] == lines[1:]
+    assert sorted((Path(client.home) / "repos").iterdir()) == written
 
 
 def test_the_async_client_takes_repos(home: Path, origin: Path) -> None:
@@ -131,3 +146,20 @@ def test_the_async_client_takes_repos(home: Path, origin: Path) -> None:
         return b"".join([chunk async for chunk in run.logs()]).decode().splitlines()
 
     assert asyncio.run(main())[1] == "second"
+
+
+def test_the_repos_and_files_of_a_configuration_are_uploaded_for_the_job(
+    client: Client, origin: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Relative paths are taken from the directory the run is applied from.
+    monkeypatch.chdir(origin)
+    (origin / "hello.txt").write_text("uncommitted\n")
+    (tmp_path / "extra.txt").write_text("extra\n")
+    task = Task(
+        repos=["."],
+        files=[f"{tmp_path / 'extra.txt'}:inputs/extra.txt"],
+        commands=["cat hello.txt inputs/extra.txt", f'test "$PWD" != "{origin}" && echo a-copy'],
+    )
+    assert output(client, task) == ["uncommitted", "extra", "a-copy"]
+    # The job had a copy: the repo on disk is as it was.
+    assert not (origin / "inputs").exists()

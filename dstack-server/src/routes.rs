@@ -148,6 +148,28 @@ async fn project_route(
                 total_offers: plan.total_offers,
             }))
         }
+        ["files", "has_archive"] => {
+            let request: dstack_core::client::HasArchive = body(req).await?;
+            // Asked for: kept a while longer (the run applied next needs it).
+            let kept = archives(shared)?.touch(&request.hash);
+            Ok(json(&dstack_core::client::ArchiveKept { kept }))
+        }
+        ["files", "upload_archive"] => {
+            let hash = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("hash=")))
+                .unwrap_or_default()
+                .to_string();
+            let limit = dstack_core::archive::limit_from_env(dstack_core::archive::REPO_LIMIT);
+            let bytes = read_body(req, usize::try_from(limit).unwrap_or(usize::MAX)).await?;
+            let store = archives(shared)?;
+            store
+                .keep(&hash, &bytes)
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            store.prune(&archives_needed(shared)?, ARCHIVE_TTL);
+            Ok(json(&dstack_core::client::ArchiveKept { kept: true }))
+        }
         ["runs", "apply"] => {
             let request: ApplyRequest = body(req).await?;
             let config = configuration(&request.configuration)?;
@@ -328,6 +350,32 @@ fn only_name(request: &DeleteRequest) -> Result<&str, ApiError> {
 }
 
 /// The JSON body of a request.
+/// How long the server keeps an archive no unfinished run needs (since it was uploaded or
+/// last asked for).
+const ARCHIVE_TTL: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+/// The archives of the unfinished runs.
+fn archives_needed(shared: &Shared) -> Result<std::collections::HashSet<String>, ApiError> {
+    let store = engine(shared)?.store();
+    let mut needed = std::collections::HashSet::new();
+    for kind in ["task", "service", "dev-environment"] {
+        let runs = store
+            .active_runs_of_kind(kind)
+            .map_err(dstack_core::engine::EngineError::from)?;
+        for run in runs {
+            needed.extend(run.spec.archives.into_iter().map(|a| a.hash));
+        }
+    }
+    Ok(needed)
+}
+
+/// Where the server's engine keeps the archives runs start from.
+fn archives(shared: &Shared) -> Result<&dstack_core::archive::ArchiveStore, ApiError> {
+    engine(shared)?
+        .archives()
+        .ok_or_else(|| ApiError::bad_request("this server keeps no archives"))
+}
+
 pub(crate) async fn body<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
     let bytes = read_body(req, MAX_REQUEST_BYTES).await?;
     let bytes = if bytes.is_empty() {

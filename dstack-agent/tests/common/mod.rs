@@ -137,6 +137,8 @@ pub fn shell_job(id: &str, script: &str) -> JobSubmit {
         mpi_hostfile: None,
         after: None,
         container: None,
+        archives: Vec::new(),
+        clone: None,
     }
 }
 

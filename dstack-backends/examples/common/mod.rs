@@ -7,12 +7,44 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use dstack_backends::local::find_agent_binary;
+use dstack_backends::local::{find_agent_binary, LocalBackend};
+use dstack_backends::ssh::{KnownHosts, SshCompute};
 use dstack_core::agent::{AgentClient, JobSubmit};
 use dstack_core::config::Configuration;
-use dstack_core::engine::ApplyOptions;
-use dstack_core::model::RunStatus;
-use dstack_core::Client;
+use dstack_core::engine::{ApplyOptions, EngineOptions};
+use dstack_core::model::{Instance, RunStatus};
+use dstack_core::{Client, ClientOptions};
+
+/// A client of an engine in this process (a state directory of its own, this machine and SSH
+/// hosts) that has applied the fleet in file `file`: the client, the fleet's name, the
+/// instances that joined, and the state directory (removed when dropped).
+pub async fn ssh_fleet(file: &str) -> (Client, String, Vec<Instance>, tempfile::TempDir) {
+    let yaml = std::fs::read_to_string(file).expect("fleet file");
+    let fleet = dstack_core::config::parse(&yaml, file).expect("valid fleet");
+    let Configuration::Fleet(spec) = &fleet else {
+        panic!("{file} is not a fleet")
+    };
+    let name = spec.name.clone().expect("the fleet has a name");
+    let home = tempfile::tempdir().expect("temp dir");
+    let agent = find_agent_binary().expect("dstack-agent built");
+    let backends: Vec<std::sync::Arc<dyn dstack_core::backend::Compute>> = vec![
+        std::sync::Arc::new(LocalBackend::new(home.path(), agent.clone())),
+        std::sync::Arc::new(SshCompute::new(KnownHosts::in_home(home.path()), agent)),
+    ];
+    let client = Client::open(ClientOptions {
+        home: home.path().to_path_buf(),
+        backends,
+        engine: EngineOptions::default(),
+    })
+    .await
+    .expect("client");
+    let (_, instances) = client
+        .fleets()
+        .apply(&fleet, &|i, step| eprintln!("{}: {step}", i.name))
+        .await
+        .expect("fleet");
+    (client, name, instances, home)
+}
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
@@ -119,5 +151,7 @@ pub fn sh_job(id: String, script: &str, after: Option<String>) -> JobSubmit {
         mpi_hostfile: None,
         container: None,
         after,
+        archives: Vec::new(),
+        clone: None,
     }
 }

@@ -28,6 +28,9 @@ pub type EventStream = Pin<Box<dyn Stream<Item = Result<JobInfo, AgentError>> + 
 /// Who an agent client talks to, for messages.
 const PEER: &str = "the agent";
 
+/// How long an archive's upload may take (100 MiB over a slow link).
+const UPLOAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// A client of one agent.
 #[derive(Clone, Debug)]
 pub struct AgentClient {
@@ -114,6 +117,32 @@ impl AgentClient {
     pub async fn submit_all(&self, jobs: &[JobSubmit]) -> Result<Vec<JobInfo>, AgentError> {
         self.json(Method::POST, "/api/jobs", Some(serde_json::to_vec(jobs)?))
             .await
+    }
+
+    /// `GET /api/archives/{hash}`: whether the agent holds the archive with this hash.
+    pub async fn has_archive(&self, hash: &str) -> Result<bool, AgentError> {
+        match self
+            .send(Method::GET, &format!("/api/archives/{hash}"), None)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(AgentError::Status { status: 404, .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `PUT /api/archives/{hash}`: gives the agent an archive (`bytes`, whose SHA-256 is
+    /// `hash`), which it keeps for the jobs that start from it.
+    pub async fn put_archive(&self, hash: &str, bytes: Vec<u8>) -> Result<(), AgentError> {
+        self.http
+            .send(
+                UPLOAD_TIMEOUT,
+                Method::PUT,
+                &format!("/api/archives/{hash}"),
+                Some(bytes),
+            )
+            .await
+            .map(|_| ())
     }
 
     /// `GET /api/lease`: the agent's owner lease.

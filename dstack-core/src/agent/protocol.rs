@@ -122,6 +122,15 @@ pub struct JobSubmit {
     /// take over, so that it starts the moment they free up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after: Option<String>,
+    /// Archives unpacked before the job starts, in order (the repo first, then `files:`);
+    /// the agent must hold each ([`crate::agent::AgentClient::put_archive`]). A host process
+    /// whose `working_dir` is empty gets a fresh directory of its own, removed when it ends.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub archives: Vec<crate::archive::Archive>,
+    /// A repo given by URL, cloned before the archives are unpacked (a host process without
+    /// `working_dir` gets a fresh directory for it too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone: Option<crate::archive::RepoClone>,
 }
 
 /// How to run a job in a container.

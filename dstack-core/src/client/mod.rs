@@ -17,6 +17,7 @@
 //! # Ok(()) }
 //! ```
 
+mod archives;
 mod group;
 pub mod home;
 mod logs;
@@ -32,6 +33,7 @@ use bytes::Bytes;
 use futures_core::Stream;
 use futures_util::StreamExt;
 
+pub use archives::{ArchiveKept, HasArchive};
 pub use group::GroupChanges;
 pub use remote::{Remote, ServerError};
 
@@ -95,6 +97,9 @@ impl Client {
         engine_options
             .secrets
             .get_or_insert_with(|| crate::secrets::Secrets::in_home(&options.home));
+        engine_options.archives.get_or_insert_with(|| {
+            crate::archive::ArchiveStore::new(home::server_dir(&options.home).join("archives"))
+        });
         let engine = Engine::start(Arc::new(store), options.backends, engine_options).await?;
         Ok(Client {
             via: Via::Engine(engine),
@@ -248,6 +253,9 @@ impl Runs<'_> {
         configuration: Configuration,
         options: ApplyOptions,
     ) -> Result<RunHandle, EngineError> {
+        let mut items = [(configuration, options)];
+        archives::prepare(&self.client.via, &mut items).await?;
+        let [(configuration, options)] = items;
         let run = match &self.client.via {
             Via::Engine(engine) => engine.update_service(configuration, options).await?,
             Via::Server(remote) => {
@@ -262,11 +270,12 @@ impl Runs<'_> {
     }
 
     /// Submits several runs at once, in one store transaction: all of them, or none if one
-    /// is invalid (e.g. the trials of a sweep).
+    /// is invalid (e.g. the trials of a sweep). The configurations' `repos:` and `files:` are packed here and handed over first.
     pub async fn apply_all(
         &self,
-        items: Vec<(Configuration, ApplyOptions)>,
+        mut items: Vec<(Configuration, ApplyOptions)>,
     ) -> Result<Vec<RunHandle>, EngineError> {
+        archives::prepare(&self.client.via, &mut items).await?;
         let runs = match &self.client.via {
             Via::Engine(engine) => engine.apply_all(items).await?,
             Via::Server(remote) => {

@@ -170,6 +170,28 @@ impl Remote {
         timeout: Duration,
     ) -> Result<T, ServerError> {
         let body = serde_json::to_vec(body).map_err(HttpError::from)?;
+        self.post_bytes(path, body, timeout).await
+    }
+
+    /// POSTs `bytes` as they are (not JSON) to a project route with a query (`route?…`)
+    /// and reads the JSON answer, the whole request given `timeout`.
+    pub async fn upload<T: DeserializeOwned>(
+        &self,
+        route: &str,
+        bytes: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<T, ServerError> {
+        self.post_bytes(&self.path(route), bytes, timeout).await
+    }
+
+    /// POSTs `body` to `path` within `timeout` and reads the JSON answer (sent again once
+    /// when [`Self::recover`] says so).
+    async fn post_bytes<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<T, ServerError> {
         let sent = self
             .http()
             .json(timeout, Method::POST, path, Some(body.clone()))

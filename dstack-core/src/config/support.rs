@@ -154,29 +154,15 @@ fn run_common(common: &RunCommon, found: &mut Vec<Unsupported>) {
              `image` that has the CUDA compiler",
         );
     }
-    if !common.repos.is_empty() {
-        refuse(
-            found,
-            "repos",
-            "uploading repos is not supported yet: the job would start without the code; \
-             remove `repos` (the job runs in `working_dir`, by default the directory applied \
-             from on the local backend)",
-        );
-    }
-    if common.single_branch.is_some() {
-        refuse(
-            found,
-            "single_branch",
-            "`single_branch` applies to repos, which are not supported yet; remove it",
-        );
-    }
-    if !common.files.is_empty() {
-        refuse(
-            found,
-            "files",
-            "uploading files is not supported yet: the job would start without them; remove \
-             `files`",
-        );
+    for (i, repo) in common.repos.iter().enumerate() {
+        if repo.local_path.is_some() && (repo.branch.is_some() || repo.hash.is_some()) {
+            refuse(
+                found,
+                &format!("repos[{i}]"),
+                "`branch` and `hash` apply to repos given by URL: a local repo is uploaded as \
+                 it is on disk; remove them",
+            );
+        }
     }
     if common.dstack {
         refuse(
@@ -286,16 +272,8 @@ mod tests {
                 "t.yml:3:1: nvcc: `nvcc: true` is not supported yet",
             ),
             (
-                "repos: [.]\n",
-                "t.yml:3:1: repos: uploading repos is not supported yet",
-            ),
-            (
-                "single_branch: true\n",
-                "t.yml:3:1: single_branch: `single_branch` applies to repos",
-            ),
-            (
-                "files: [a.txt]\n",
-                "t.yml:3:1: files: uploading files is not supported yet",
+                "repos:\n  - local_path: .\n    branch: main\n",
+                "t.yml:4:5: repos[0]: `branch` and `hash` apply to repos given by URL",
             ),
             (
                 "dstack: true\n",

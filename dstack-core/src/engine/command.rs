@@ -328,6 +328,22 @@ fn working_dir(run: &Definition, common: &RunCommon, session: Option<&HostSessio
     }
 }
 
+/// The repo given by URL, if any: cloned by the agent.
+fn repo_clone(common: &RunCommon) -> Option<crate::archive::RepoClone> {
+    let repo = common.repos.first()?;
+    Some(crate::archive::RepoClone {
+        url: repo.url.clone()?,
+        branch: repo.branch.clone(),
+        hash: repo.hash.clone(),
+        single_branch: common.single_branch.unwrap_or(false),
+        path: repo.path.clone(),
+        if_exists: repo.if_exists.into(),
+    })
+}
+
+/// The working directory of a container with a repo and none configured: dstack's.
+const REPO_WORKING_DIR: &str = "/workflow";
+
 /// Everything the agent needs to start `job`.
 ///
 /// `nodes` holds the address of every node of the run in rank order (just this instance's
@@ -349,10 +365,36 @@ pub(crate) fn job_submit(
         *username = resolve(username, secrets, "registry_auth.username")?;
         *password = resolve(password, secrets, "registry_auth.password")?;
     }
-    // A container starts in the image's working directory unless one is configured.
+    // A container starts in the image's working directory unless one is configured, or in
+    // dstack's `/workflow` when it has a repo; a host process with archives to unpack and no
+    // working directory configured starts in a fresh directory the agent makes (empty here).
+    let archives = &run.spec.archives;
+    let clone = repo_clone(common);
+    let has_repo = clone.is_some() || archives.iter().any(|a| a.repo);
+    let sources = has_repo || !archives.is_empty();
+    let relative = |dir: &str| !dir.starts_with('/') && !dir.starts_with('~');
+    let mut archives = archives.clone();
+    let mut clone = clone;
     let working_dir = match (&container, &common.working_dir) {
         (Some(_), Some(dir)) if dir.starts_with('/') => dir.clone(),
+        // dstack's legacy rule: a relative working directory is below `/workflow`, where
+        // the repo and relative targets go.
+        (Some(_), Some(dir)) if relative(dir) => {
+            for path in archives
+                .iter_mut()
+                .map(|a| &mut a.path)
+                .chain(clone.iter_mut().map(|c| &mut c.path))
+            {
+                *path = crate::archive::target_dir(path, REPO_WORKING_DIR, "~");
+            }
+            format!("{REPO_WORKING_DIR}/{}", dir.trim_start_matches("./"))
+        }
+        (Some(_), _) if has_repo => REPO_WORKING_DIR.to_string(),
         (Some(_), _) => String::new(),
+        // The agent makes a fresh directory for the sources and starts the job in it (or in
+        // the relative working directory below it).
+        (None, None) if sources => String::new(),
+        (None, Some(dir)) if sources && relative(dir) => dir.clone(),
         (None, _) => working_dir(run, common, session),
     };
     // A container: only what the job is given; this machine: the client's session; a remote
@@ -387,7 +429,13 @@ pub(crate) fn job_submit(
         ("DSTACK_RUN_NAME", run.name.clone()),
         ("DSTACK_RUN_ID", run.id.clone()),
         ("DSTACK_JOB_ID", job.id.clone()),
-        ("DSTACK_REPO_ID", "none".to_string()),
+        (
+            "DSTACK_REPO_ID",
+            archives
+                .iter()
+                .find(|a| a.repo)
+                .map_or_else(|| "none".to_string(), |a| a.hash[..16].to_string()),
+        ),
         ("DSTACK_WORKING_DIR", working_dir.clone()),
         ("DSTACK_NODE_RANK", job.job_num.to_string()),
         ("DSTACK_NODES_NUM", nodes.len().to_string()),
@@ -407,6 +455,20 @@ pub(crate) fn job_submit(
     ];
     for (k, v) in dstack {
         env.insert(k.to_string(), v);
+    }
+    // Where the repo lands, when it is known here (the agent sets it for a fresh directory).
+    let repo_path = clone
+        .as_ref()
+        .map(|c| &c.path)
+        .or(archives.iter().find(|a| a.repo).map(|a| &a.path));
+    if let Some(path) = repo_path.filter(|_| working_dir.starts_with('/')) {
+        let home = if container.is_some() {
+            "/root"
+        } else {
+            env.get("HOME").map_or("/", String::as_str)
+        };
+        let dir = crate::archive::target_dir(path, &working_dir, home);
+        env.insert("DSTACK_REPO_DIR".to_string(), dir);
     }
     let max_duration_secs = match common.profile.max_duration {
         Some(crate::config::duration::OffableDuration::Seconds(d)) => {
@@ -438,6 +500,8 @@ pub(crate) fn job_submit(
         }),
         container,
         after: job.after_job.clone(),
+        archives,
+        clone,
     })
 }
 

@@ -107,7 +107,53 @@ async fn try_start(
     // `agents::watch`), once, whether they arrive before or after this answer; a queued job
     // stays `provisioning`.
     let instance_id = job.instance_id.as_deref().unwrap_or_default();
-    inner.agent(instance_id).await?.submit(&submit).await?;
+    let agent = inner.agent(instance_id).await?;
+    send_archives(inner, instance_id, &agent, std::slice::from_ref(&submit)).await?;
+    agent.submit(&submit).await?;
+    Ok(())
+}
+
+/// Gives the agent of `instance_id` each archive `submits` start from that it lacks, one
+/// instance's uploads at a time: jobs that start together from one archive (a sweep's
+/// trials) upload it once per host.
+async fn send_archives(
+    inner: &Arc<Inner>,
+    instance_id: &str,
+    agent: &crate::agent::AgentClient,
+    submits: &[crate::agent::JobSubmit],
+) -> Result<(), EngineError> {
+    let mut hashes: Vec<&str> = submits
+        .iter()
+        .flat_map(|s| s.archives.iter().map(|a| a.hash.as_str()))
+        .collect();
+    if hashes.is_empty() {
+        return Ok(());
+    }
+    hashes.sort_unstable();
+    hashes.dedup();
+    let turn = inner
+        .uploading
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(instance_id.to_string())
+        .or_default()
+        .clone();
+    let _turn = turn.lock().await;
+    for hash in hashes {
+        if agent.has_archive(hash).await? {
+            continue;
+        }
+        let file = inner
+            .options
+            .archives
+            .as_ref()
+            .and_then(|store| store.find(hash))
+            .ok_or_else(|| EngineError::Invalid(format!("archive {hash} is no longer kept")))?;
+        let bytes = tokio::fs::read(&file)
+            .await
+            .map_err(|e| EngineError::Invalid(format!("cannot read archive {hash}: {e}")))?;
+        agent.put_archive(hash, bytes).await?;
+    }
     Ok(())
 }
 
@@ -231,7 +277,9 @@ async fn send_queue(
             .iter()
             .map(|(job, instance)| submission(inner, job, instance.clone()))
             .collect::<Result<Vec<_>, _>>()?;
-        inner.agent(instance_id).await?.submit_all(&submits).await?;
+        let agent = inner.agent(instance_id).await?;
+        send_archives(inner, instance_id, &agent, &submits).await?;
+        agent.submit_all(&submits).await?;
         Ok::<(), EngineError>(())
     };
     sent.await.is_ok()

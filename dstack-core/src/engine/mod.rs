@@ -8,7 +8,7 @@
 //! leaves nothing that a new one cannot finish.
 
 mod agents;
-mod command;
+pub(crate) mod command;
 mod consolidate;
 mod credentials;
 pub mod fleets;
@@ -91,6 +91,9 @@ pub struct EngineOptions {
     /// agents, and where registry passwords written in clear are kept instead of the state
     /// database (`None`: no secrets; [`crate::Client::open`] uses `$DSTACK_HOME`'s).
     pub secrets: Option<Secrets>,
+    /// Where the archives runs start from are kept (`None`: runs with `repos:` or `files:`
+    /// are refused; [`crate::Client::open`] uses `$DSTACK_HOME/server/archives`).
+    pub archives: Option<crate::archive::ArchiveStore>,
 }
 
 impl Default for EngineOptions {
@@ -115,6 +118,7 @@ impl Default for EngineOptions {
             queue_cover: Duration::from_millis(16),
             lease_renewal: secs(60),
             secrets: None,
+            archives: None,
         }
     }
 }
@@ -179,6 +183,10 @@ pub struct ApplyOptions {
     pub client_env: Option<BTreeMap<String, String>>,
     /// The group (sweep) the run belongs to.
     pub group: Option<crate::model::RunGroup>,
+    /// The archives of the configuration's `repos:` and `files:`, packed and kept in the
+    /// engine's store by the client ([`crate::Client`] does it); a run whose configuration
+    /// has either is refused without them.
+    pub archives: Vec<crate::archive::Archive>,
 }
 
 /// Variables of the client session passed to local jobs (besides the configuration's env).
@@ -266,6 +274,9 @@ pub(crate) struct Inner {
     /// Per instance: held while queued jobs are sent to its agent, so that they reach it in
     /// the order they were placed (a job queued behind one not there yet is refused).
     pub(crate) queueing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per instance: held while archives are given to its agent, so that jobs starting
+    /// together from one archive upload it once.
+    pub(crate) uploading: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The definition of each unfinished run this process has dealt with.
     pub(crate) definitions: Mutex<HashMap<String, Arc<Definition>>>,
     /// Instances this process is provisioning right now.
@@ -404,6 +415,7 @@ impl Engine {
             changes: broadcast::channel(1024).0,
             run_watchers: Mutex::new(HashMap::new()),
             queueing: Default::default(),
+            uploading: Default::default(),
             agents: Mutex::new(HashMap::new()),
             watchers: Mutex::new(HashMap::new()),
             starting: Mutex::new(Default::default()),
@@ -451,6 +463,11 @@ impl Engine {
     /// The state store.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.inner().store
+    }
+
+    /// Where the archives runs start from are kept, if anywhere.
+    pub fn archives(&self) -> Option<&crate::archive::ArchiveStore> {
+        self.inner().options.archives.as_ref()
     }
 
     /// Subscribes to run status changes.
@@ -773,6 +790,38 @@ impl Inner {
         }
     }
 
+    /// The archives a run of `common` starts from: one per local `repos:` entry (a repo
+    /// given by URL is cloned by the agent) and `files:` entry, each kept in the engine's store (the client packs and uploads them before applying).
+    fn checked_archives(
+        &self,
+        common: &crate::config::run::RunCommon,
+        archives: Vec<crate::archive::Archive>,
+    ) -> Result<Vec<crate::archive::Archive>, EngineError> {
+        let local_repos = common.repos.iter().filter(|r| r.local_path.is_some());
+        let expected = local_repos.count() + common.files.len();
+        if archives.len() != expected {
+            return Err(EngineError::Invalid(format!(
+                "the configuration has {expected} `repos`/`files` entries but {} archives were \
+                 uploaded for them (apply it through a dstack client, which packs them)",
+                archives.len()
+            )));
+        }
+        for archive in &archives {
+            let kept = self
+                .options
+                .archives
+                .as_ref()
+                .and_then(|store| store.find(&archive.hash));
+            if kept.is_none() {
+                return Err(EngineError::Invalid(format!(
+                    "archive {} (for `{}`) was not uploaded",
+                    archive.hash, archive.path
+                )));
+            }
+        }
+        Ok(archives)
+    }
+
     /// A new run and its first jobs, from a configuration as applied: `submitted` with its
     /// jobs, or, with a `schedule`, `pending` until its first start, without jobs yet. Names
     /// generated for runs of the same batch so far are in `generated` (and this run's is
@@ -833,6 +882,7 @@ impl Inner {
                 }
             }
         }
+        let archives = self.checked_archives(common, opts.archives)?;
         let id = id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let mut configuration = configuration;
         apply_env_overrides(&mut configuration, &opts.env);
@@ -869,6 +919,7 @@ impl Inner {
                 client_dir,
                 client_env: captured,
                 group: opts.group.clone(),
+                archives,
             },
             submitted_at_ms: now,
             resubmission_attempt: 0,

@@ -778,6 +778,7 @@ mod tests {
                 client_dir: "/".into(),
                 client_env: Default::default(),
                 group: None,
+                archives: Vec::new(),
             },
             submitted_at_ms: NOW - 48 * HOUR,
             resubmission_attempt: 0,

@@ -255,6 +255,7 @@ mod tests {
                 client_dir: "/".into(),
                 client_env: Default::default(),
                 group: None,
+                archives: Vec::new(),
             },
             submitted_at_ms: 0,
             resubmission_attempt: 0,

@@ -24,6 +24,10 @@ pub struct RunSpec {
     /// The group the run belongs to (the trials of a sweep), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<RunGroup>,
+    /// The archives its jobs start from (its `repos:` and `files:`, packed by the client and
+    /// kept by the engine: see [`crate::archive`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub archives: Vec<crate::archive::Archive>,
 }
 
 /// Runs submitted together (the trials of a sweep) that share a limit on how many of them

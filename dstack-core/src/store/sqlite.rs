@@ -1172,6 +1172,7 @@ mod tests {
                 client_dir: "/".to_string(),
                 client_env: Default::default(),
                 group: None,
+                archives: Vec::new(),
             },
             submitted_at_ms: crate::model::now_ms(),
             resubmission_attempt: 0,

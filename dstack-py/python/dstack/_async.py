@@ -4,17 +4,18 @@ cancels the Rust future. Needs an event loop with `add_reader` (the default on U
 
 import asyncio
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, AsyncIterator, Dict, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, AsyncIterator, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from dstack._client import Run, listed_names
 from dstack._local import PathLike, before_submit, public_key
 from dstack._records import (
+    ConfigurationData,
     ConfigurationLike,
     RunPlan,
     configuration_data,
     no_offer_variants,
 )
-from dstack._repos import Repo, RepoCollection, check_fits
+from dstack._repos import Repo, RepoCollection, with_repo
 from dstack.errors import WaitTimeoutError
 
 if TYPE_CHECKING:
@@ -130,13 +131,15 @@ class AsyncRunCollection:
         self._raw = raw
         self._repos = RepoCollection(raw.home)
 
-    async def _repo_dir(self, repo: Optional[Repo], configuration: object) -> Optional[str]:
-        """Where `configuration`'s jobs on this machine start for `repo`, prepared off the
-        event loop (a clone takes a while)."""
-        check_fits(configuration, repo)
+    async def _with_repo(
+        self, repo: Optional[Repo], data: ConfigurationData
+    ) -> Tuple[ConfigurationData, Optional[str]]:
+        """`data` with `repo` added as its own (see `RunCollection._with_repo`), prepared off
+        the event loop (a clone takes a while)."""
         if repo is None:
-            return None
-        return await asyncio.get_running_loop().run_in_executor(None, self._repos.directory, repo)
+            return data, None
+        directory = await asyncio.get_running_loop().run_in_executor(None, self._repos.directory, repo)
+        return with_repo(data, directory), directory
 
     async def get_run_plan(
         self,
@@ -154,8 +157,7 @@ class AsyncRunCollection:
         """Where `configuration` would run (see `RunCollection.get_run_plan`)."""
         no_offer_variants(full_offers, unallocated_resources)
         key = public_key(ssh_identity_file, ssh_key_pub)
-        data = configuration_data(configuration, profile)
-        client_dir = await self._repo_dir(repo, data)
+        data, client_dir = await self._with_repo(repo, configuration_data(configuration, profile))
         raw = self._raw
         plan = await _native(raw.plan_async(data))
         return RunPlan(plan, data, configuration_path, client_dir, max_offers, key)
@@ -164,16 +166,13 @@ class AsyncRunCollection:
         self, run_plan: RunPlan, repo: Optional[Repo] = None, reserve_ports: bool = True
     ) -> AsyncRun:
         """Submits a planned run (see `RunCollection.apply_plan`)."""
-        if repo is None:
-            client_dir = run_plan._client_dir
-        else:
-            client_dir = await self._repo_dir(repo, run_plan._submitted)
+        data, client_dir = run_plan._submitted, run_plan._client_dir
+        if repo is not None:
+            data, client_dir = await self._with_repo(repo, data)
         before_submit(self._raw.home, run_plan.configuration, reserve_ports, run_plan._ssh_key_pub)
         raw = self._raw
         run = await _native(
-            raw.apply_async(
-                run_plan._submitted, configuration_path=run_plan.configuration_path, client_dir=client_dir
-            )
+            raw.apply_async(data, configuration_path=run_plan.configuration_path, client_dir=client_dir)
         )
         return AsyncRun(run, home=raw.home)
 
@@ -194,8 +193,7 @@ class AsyncRunCollection:
         from dstack._native import validate
 
         key = public_key(ssh_identity_file, ssh_key_pub)
-        data = configuration_data(configuration, profile)
-        client_dir = await self._repo_dir(repo, data)
+        data, client_dir = await self._with_repo(repo, configuration_data(configuration, profile))
         before_submit(self._raw.home, validate(data), reserve_ports, key)
         raw = self._raw
         env_dict = None if env is None else dict(env)

@@ -32,6 +32,7 @@ from dstack._local import (
     public_key,
 )
 from dstack._records import (
+    ConfigurationData,
     ConfigurationLike,
     RunPlan,
     RunStatus,
@@ -42,7 +43,7 @@ from dstack._records import (
     open_raw,
     timestamp,
 )
-from dstack._repos import Repo, RepoCollection, check_fits
+from dstack._repos import Repo, RepoCollection, with_repo
 from dstack.errors import ClientError, NotSupportedError, WaitTimeoutError
 
 if TYPE_CHECKING:
@@ -411,16 +412,21 @@ class Run:
 
 class RunCollection:
     """The runs of a client: plan, apply, get, list, and sweeps. A run given a `repo` starts
-    its jobs on this machine in the repo's directory (see `dstack.api.RemoteRepo`)."""
+    its jobs, on every backend, in a copy of it (see `dstack.api.RemoteRepo`)."""
 
     def __init__(self, raw: "RawClient") -> None:
         self._raw = raw
         self._repos = RepoCollection(raw.home)
 
-    def _repo_dir(self, repo: Optional[Repo], configuration: object) -> Optional[str]:
-        """Where `configuration`'s jobs on this machine start for `repo`, prepared."""
-        check_fits(configuration, repo)
-        return None if repo is None else self._repos.directory(repo)
+    def _with_repo(
+        self, repo: Optional[Repo], data: ConfigurationData
+    ) -> Tuple[ConfigurationData, Optional[str]]:
+        """`data` with `repo` prepared and added as its own (see `with_repo`), and the
+        directory relative paths are taken from."""
+        if repo is None:
+            return data, None
+        directory = self._repos.directory(repo)
+        return with_repo(data, directory), directory
 
     def get_run_plan(
         self,
@@ -446,19 +452,18 @@ class RunCollection:
         not supported (`NotSupportedError`)."""
         no_offer_variants(full_offers, unallocated_resources)
         key = public_key(ssh_identity_file, ssh_key_pub)
-        data = configuration_data(configuration, profile)
-        client_dir = self._repo_dir(repo, data)
+        data, client_dir = self._with_repo(repo, configuration_data(configuration, profile))
         return RunPlan(self._raw.plan(data), data, configuration_path, client_dir, max_offers, key)
 
     def apply_plan(self, run_plan: RunPlan, repo: Optional[Repo] = None, reserve_ports: bool = True) -> Run:
         """Submits a planned run (in `repo`, else in the plan's). With `reserve_ports`, raises
         `PortUsedError` first if a local port the run's `ports` take when attached is in use
         here."""
-        client_dir = run_plan._client_dir if repo is None else self._repo_dir(repo, run_plan._submitted)
+        data, client_dir = run_plan._submitted, run_plan._client_dir
+        if repo is not None:
+            data, client_dir = self._with_repo(repo, data)
         before_submit(self._raw.home, run_plan.configuration, reserve_ports, run_plan._ssh_key_pub)
-        raw = self._raw.apply(
-            run_plan._submitted, configuration_path=run_plan.configuration_path, client_dir=client_dir
-        )
+        raw = self._raw.apply(data, configuration_path=run_plan.configuration_path, client_dir=client_dir)
         return Run(raw, home=self._raw.home)
 
     def apply_configuration(
@@ -480,8 +485,7 @@ class RunCollection:
         from dstack._native import validate
 
         key = public_key(ssh_identity_file, ssh_key_pub)
-        data = configuration_data(configuration, profile)
-        client_dir = self._repo_dir(repo, data)
+        data, client_dir = self._with_repo(repo, configuration_data(configuration, profile))
         before_submit(self._raw.home, validate(data), reserve_ports, key)
         raw = self._raw.apply(
             data,

@@ -85,7 +85,11 @@ def open_raw(
     return raw
 
 
-def configuration_data(configuration: ConfigurationLike, profile: Any = None) -> Union[Dict[str, Any], str]:
+ConfigurationData = Union[Dict[str, Any], str]
+"""A configuration as the native side takes it: plain data, or YAML text."""
+
+
+def configuration_data(configuration: ConfigurationLike, profile: Any = None) -> ConfigurationData:
     """What the native side validates: plain data, or YAML text; with `profile` (see
     `with_profile`), plain data."""
     if isinstance(configuration, str):

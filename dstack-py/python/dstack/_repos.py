@@ -1,9 +1,11 @@
 """Repos: the code a run works on (`RemoteRepo`, `LocalRepo`, `VirtualRepo`) and
 `client.repos`.
 
-dstack uploads a run's repo to the host and starts its jobs in the checkout. Jobs of this
-machine need no upload: they start in the repo's directory (a relative `working_dir` is taken
-from there), which is
+dstack uploads a run's repo to the host and starts its jobs in the checkout. Here the repo is
+prepared on this machine, then given to the run as its configuration's own `repos` (a git work
+tree) or `files` (any other directory), which are uploaded to every host (see
+`dstack_core::archive`): each job starts in a copy of it (a relative `working_dir` is taken
+from there). The directory prepared is
 
 - the directory itself, for a repo loaded from one (uncommitted changes included, as dstack's
   upload includes them);
@@ -12,8 +14,6 @@ from there), which is
 - the files of a virtual repo written under `$DSTACK_HOME/repos/`, one directory per distinct
   content.
 
-Jobs on SSH or cloud hosts start in the login user's home, as without a repo: the repo is not
-uploaded there yet.
 """
 
 import hashlib
@@ -25,7 +25,7 @@ import subprocess
 import tempfile
 from pathlib import Path, PurePosixPath
 from types import ModuleType
-from typing import Dict, NoReturn, Optional, Union
+from typing import Any, Dict, NoReturn, Optional, Union
 
 from dstack.errors import ClientError, NotSupportedError
 
@@ -135,14 +135,22 @@ class VirtualRepo:
 Repo = Union[RemoteRepo, LocalRepo, VirtualRepo]
 
 
-def check_fits(configuration: object, repo: Optional[Repo]) -> None:
-    """Refuses a repo for a configuration that runs in a container: the repo's directory is
-    not mounted into containers yet (the run would not see it)."""
-    if repo is not None and isinstance(configuration, dict) and configuration.get("image"):
-        raise NotSupportedError(
-            "repo= with image: the repo is not mounted into containers yet; "
-            "mount its directory with volumes (`/path/on/host:/path/in/container`)"
-        )
+def with_repo(configuration: Union[Dict[str, Any], str], directory: str) -> Dict[str, Any]:
+    """`configuration` (plain data; YAML text is read first) with the repo prepared in
+    `directory` added as its own: a git work tree as `repos` (its files, uncommitted changes
+    included), any other directory (a `LocalRepo`, a `VirtualRepo`'s files) as `files`
+    unpacked into the working directory. Either is uploaded and reaches jobs on every backend,
+    in containers too; a configuration that names a repo of its own is refused."""
+    from dstack._native import validate
+
+    data: Dict[str, Any] = validate(configuration) if isinstance(configuration, str) else dict(configuration)
+    if data.get("repos"):
+        raise ClientError("the configuration has `repos` and repo= names another: give one of them")
+    if (Path(directory) / ".git").exists():
+        data["repos"] = [{"local_path": directory}]
+    else:
+        data["files"] = [{"local_path": directory, "path": "."}, *(data.get("files") or [])]
+    return data
 
 
 def _git(*args: str, cwd: Optional[str] = None, identity_file: Optional[str] = None) -> str:
