@@ -2,7 +2,8 @@
 # The Python side: builds and installs the package with `pip install .` (the wheel, with its
 # bundled `dstack` and `dstack-agent`) into a virtualenv, then runs the pytest suite (with
 # examples/lab.dstack.yml for real: JupyterLab from PyPI, `ssh <run>`, `dstack attach`), mypy
-# --strict on the package and the examples, every examples/*.py, and every notebook
+# --strict on the package and the examples, stubtest on the native module's stubs, every
+# examples/*.py, and every notebook
 # (headless, nbclient) — all against the default (a server started on demand) in throwaway $DSTACK_HOMEs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,6 +50,8 @@ echo "==> pytest"
   --basetemp "$HOMES/pytest" tests)
 echo "==> mypy --strict (package and examples)"
 "$PY" -m mypy --strict --no-incremental dstack-py/python/dstack examples/*.py
+echo "==> stubtest (dstack/_native.pyi against the built extension)"
+"$PY" -m mypy.stubtest dstack._native
 for example in examples/*.py; do
   echo "==> $example"
   DSTACK_HOME="$(fresh_home)" "$PY" "$example" >/dev/null

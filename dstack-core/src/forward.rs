@@ -5,6 +5,7 @@
 //! to another number (`dstack attach -p LOCAL:REMOTE`) are forwarded.
 
 use std::io;
+use std::net::IpAddr;
 
 use tokio::net::TcpListener;
 use tokio::task::AbortHandle;
@@ -66,18 +67,20 @@ impl Drop for PortForward {
     }
 }
 
-/// Forwards `ports` (`(local, remote)`) to the host of `instance_id`; on this machine
-/// (`local`), only those moved to another port (the job already listens on the others here).
+/// Forwards `ports` (`(local, remote)`) to the host of `instance_id`, listening on `bind`;
+/// on this machine (`local`), only those moved to another port (the job already listens on
+/// the others here).
 pub(crate) async fn forward(
     dial: Dial,
     instance_id: &str,
     ports: Vec<(u16, u16)>,
     local: bool,
+    bind: IpAddr,
 ) -> Result<PortForward, EngineError> {
     let mut tasks = Vec::new();
     for &(here, there) in ports.iter().filter(|(here, there)| !local || here != there) {
-        let listener = TcpListener::bind(("127.0.0.1", here)).await.map_err(|e| {
-            EngineError::Invalid(format!(
+        let listener = TcpListener::bind((bind, here)).await.map_err(|e| {
+            EngineError::PortUsed(format!(
                 "cannot forward port {here}: it is in use here ({e})"
             ))
         })?;

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use dstack_core::api::RequestError;
 use dstack_core::config::Configuration;
 use dstack_core::engine::{ApplyOptions, RunPlan};
 use dstack_core::model::RunGroup;
@@ -339,6 +340,24 @@ impl RawClient {
         Ok(instances.into_iter().map(|(i, e)| (i.name, e)).collect())
     }
 
+    /// The backends of this home's server: `local`, then the type of each cloud backend its
+    /// configuration (`server/config.yml`) lists, in file order.
+    fn backends(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+        use dstack_backends::config::BackendConfig;
+        let config = dstack_backends::config::load(&self.home)
+            .map_err(|e| Failure::new("ConfigurationError", e.to_string()));
+        let config = raise(py, config)?;
+        let mut names = vec!["local".to_string()];
+        names.extend(config.backends.iter().map(|b| {
+            match b {
+                BackendConfig::Aws(_) => "aws",
+                BackendConfig::Gcp(_) => "gcp",
+            }
+            .to_string()
+        }));
+        Ok(names)
+    }
+
     /// Network volumes (not deleted), as records.
     fn volumes(&self, py: Python<'_>) -> PyResult<PyObject> {
         let client = self.client.clone();
@@ -423,6 +442,30 @@ fn plan_to_py(py: Python<'_>, plan: RunPlan) -> PyResult<PyObject> {
     dict.set_item("offers", record_to_py(py, &plan.offers)?)?;
     dict.set_item("no_offers_reason", plan.no_offers_reason)?;
     Ok(dict.into_any().unbind())
+}
+
+/// `configuration` (plain data, or YAML text, normalized first) with the parameters of
+/// dstack's `Profile` `profile` (plain data) that it leaves unset, as plain data. An unknown
+/// profile field is a `ConfigurationError`.
+#[pyfunction]
+pub fn with_profile(
+    py: Python<'_>,
+    configuration: &Bound<'_, PyAny>,
+    profile: &Bound<'_, PyAny>,
+) -> PyResult<PyObject> {
+    let mut value = if configuration.extract::<String>().is_ok() {
+        parse_any(py, configuration, None)?.to_json()
+    } else {
+        from_py(configuration, "configuration")?
+    };
+    let profile = from_py(profile, "profile")?;
+    let merged = dstack_core::api::merge_profile(&mut value, &profile, "").map_err(|e| match e {
+        RequestError::Invalid(message) => Failure::new("ConfigurationError", message),
+        RequestError::Configuration(errors) => Failure::from(errors),
+        RequestError::Unsupported(_) => Failure::new("NotSupportedError", e.to_string()),
+    });
+    raise(py, merged)?;
+    to_py(py, &value)
 }
 
 /// Validates a configuration and returns it normalized (dstack's JSON shape). `configuration`

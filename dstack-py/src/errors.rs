@@ -87,6 +87,7 @@ impl From<EngineError> for Failure {
             EngineError::Agent(_) => "BackendError",
             EngineError::Unsupported(_) => "NotSupportedError",
             EngineError::Invalid(_) => "DstackError",
+            EngineError::PortUsed(_) => "PortUsedError",
             EngineError::Server(e) => match e.code() {
                 Some("resource_exists") => "ResourceExistsError",
                 Some("resource_not_exists") => "ResourceNotExistsError",

@@ -18,6 +18,7 @@ use pyo3::prelude::*;
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(client::validate, m)?)?;
+    m.add_function(wrap_pyfunction!(client::with_profile, m)?)?;
     m.add(
         "MAX_TEXT_BYTES",
         dstack_core::config::limits::MAX_TEXT_BYTES,

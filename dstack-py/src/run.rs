@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dstack_core::client::protocol::Snapshot;
+use dstack_core::client::protocol::{LogQuery, Snapshot};
 use dstack_core::client::LogStream;
 use dstack_core::model::RunStatus;
 use dstack_core::RunHandle;
@@ -149,11 +149,24 @@ impl RawRun {
         raise(py, link.map_err(Failure::from))
     }
 
-    /// Forwards the job's ports to this machine (jobs on other hosts) until the returned
-    /// object is closed or dropped.
-    fn forward_ports(&self, py: Python<'_>) -> PyResult<RawForward> {
+    /// Forwards the ports of job `job_num` of replica `replica_num` to `bind_address` of this
+    /// machine (jobs on other hosts, and ports moved by `overrides`: `(local, remote)`) until
+    /// the returned object is closed or dropped.
+    #[pyo3(signature = (job_num = 0, replica_num = 0, overrides = Vec::new(), bind_address = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)))]
+    fn forward_ports(
+        &self,
+        py: Python<'_>,
+        job_num: u32,
+        replica_num: u32,
+        overrides: Vec<(u16, u16)>,
+        bind_address: std::net::IpAddr,
+    ) -> PyResult<RawForward> {
         let handle = self.handle.clone();
-        let forward = block_on(py, async move { handle.forward_ports().await })?;
+        let forward = block_on(py, async move {
+            handle
+                .forward_job_ports_on(bind_address, job_num, replica_num, &overrides)
+                .await
+        })?;
         let forward = raise(py, forward.map_err(Failure::from))?;
         Ok(RawForward {
             ports: forward.ports.clone(),
@@ -161,11 +174,18 @@ impl RawRun {
         })
     }
 
-    /// The job's output: what it wrote so far, and with `follow` everything until it ends.
-    #[pyo3(signature = (follow = false))]
-    fn logs(&self, follow: bool) -> RawLogs {
+    /// The output of job `job_num` of replica `replica_num` (written at `since_ms`, Unix ms,
+    /// or later): what it wrote so far, and with `follow` everything until the run ends.
+    #[pyo3(signature = (follow = false, replica_num = 0, job_num = 0, since_ms = None))]
+    fn logs(&self, follow: bool, replica_num: u32, job_num: u32, since_ms: Option<u64>) -> RawLogs {
+        let query = LogQuery {
+            follow,
+            replica_num,
+            job_num,
+            since_ms,
+        };
         RawLogs {
-            stream: Arc::new(Mutex::new(self.handle.logs(follow))),
+            stream: Arc::new(Mutex::new(self.handle.job_logs(query))),
         }
     }
 }

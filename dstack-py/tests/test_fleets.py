@@ -12,7 +12,7 @@ from typing import Iterator, List, Tuple
 
 import pytest
 
-from dstack.api import Client, Fleet, RunStatus, Task
+from dstack.api import BackendType, Client, Fleet, RunStatus, Task
 from dstack.errors import ConfigurationError
 
 
@@ -98,7 +98,7 @@ def check_run_on_fleet(client: Client, name: str, addr: str, tmp_path: Path) -> 
     run = client.runs.apply_configuration(task)
     assert run.attach()
     assert run.ports == {port: port}
-    assert run.backend == "ssh" and run.hostname == addr
+    assert run.backend == BackendType.REMOTE and run.hostname == addr
     body = ""
     deadline = time.monotonic() + 20
     while "from the fleet host" not in body:

@@ -9,7 +9,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from dstack.api import Client, RunStatus, Service
+from dstack.api import Client, RunStatus, Service, ServiceModel
 
 APP = Path(__file__).resolve().parents[2] / "dstack-cli" / "tests" / "apps" / "service_app.py"
 
@@ -29,7 +29,9 @@ def test_a_service_has_a_url_and_a_model_behind_the_token(client: Client, python
     try:
         url = run.service_url
         assert url is not None and url.endswith("/proxy/services/main/py-svc/"), url
-        assert run.service_model == {"name": "py-model", "url": url.rstrip("/") + "/v1"}
+        model = run.service_model
+        assert isinstance(model, ServiceModel)
+        assert (model.name, model.url) == ("py-model", url.rstrip("/") + "/v1")
         config = Path(client.home, "config.yml").read_text()
         token = re.search(r'token: "([^"]+)"', config).group(1)  # type: ignore[union-attr]
         request = urllib.request.Request(url + "hi", headers={"Authorization": f"Bearer {token}"})

@@ -87,7 +87,9 @@ impl From<EngineError> for ApiError {
             },
             EngineError::Agent(_) => (StatusCode::BAD_REQUEST, "backend_error"),
             EngineError::Unsupported(_) => (StatusCode::BAD_REQUEST, "not_supported"),
-            EngineError::Invalid(_) => (StatusCode::BAD_REQUEST, "server_client_error"),
+            EngineError::Invalid(_) | EngineError::PortUsed(_) => {
+                (StatusCode::BAD_REQUEST, "server_client_error")
+            }
             EngineError::Server(ServerError::Refused { .. }) | EngineError::Server(_) => {
                 (StatusCode::BAD_GATEWAY, "server_error")
             }

@@ -22,8 +22,8 @@ mod runs;
 pub use fleets::{fleet, instance, volume};
 pub use logs::{error_body, log_page, ErrorCode, LogEvent, LogSource};
 pub use requests::{
-    apply_request, plan_request, poll_logs_request, ApplyRequest, PlanRequest, PollLogsRequest,
-    RequestError, RunRequest,
+    apply_request, merge_profile, plan_request, poll_logs_request, ApplyRequest, PlanRequest,
+    PollLogsRequest, RequestError, RunRequest,
 };
 pub use runs::{job_submission_id, run, run_plan, run_spec};
 

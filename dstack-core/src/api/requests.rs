@@ -303,27 +303,8 @@ fn run_request(
         return Err(RequestError::Unsupported(unsupported));
     }
     let mut configuration = without_nulls(required(map, "configuration", &at)?);
-    let Value::Object(fields) = &mut configuration else {
-        return Err(invalid(&format!("{at}configuration"), "a mapping"));
-    };
-    match map.get("profile") {
-        None | Some(Value::Null) => {}
-        Some(profile) => {
-            let profile = object(profile, &format!("{at}profile"))?;
-            let labels = ["name", "default"];
-            let allowed: Vec<&str> = PROFILE_PARAMS.iter().chain(&labels).copied().collect();
-            known(profile, &format!("{at}profile."), &allowed)?;
-            for key in PROFILE_PARAMS {
-                match profile.get(*key) {
-                    None | Some(Value::Null) => {}
-                    Some(value) => {
-                        if fields.get(*key).is_none_or(Value::is_null) {
-                            fields.insert(key.to_string(), without_nulls(value));
-                        }
-                    }
-                }
-            }
-        }
+    if let Some(profile) = map.get("profile") {
+        merge_profile(&mut configuration, profile, &at)?;
     }
     let configuration = parse_value(&configuration, &format!("{at}configuration"))?;
     if !matches!(
@@ -352,6 +333,40 @@ fn run_request(
 /// `value` without the `null` fields of its mappings, at every depth: dstack's clients send
 /// every unset field as `null`, which its models read as unset (as configurations written by
 /// hand leave them out).
+/// Sets the parameters of dstack's `Profile` `profile` (`null` for none) that the run
+/// configuration `configuration` leaves unset: the configuration's own win, as in dstack.
+/// `at` prefixes the field paths of errors (an unknown field of the profile, a value that is
+/// not a mapping).
+pub fn merge_profile(
+    configuration: &mut Value,
+    profile: &Value,
+    at: &str,
+) -> Result<(), RequestError> {
+    let Value::Object(fields) = configuration else {
+        return Err(invalid(&format!("{at}configuration"), "a mapping"));
+    };
+    if profile.is_null() {
+        return Ok(());
+    }
+    let profile = object(profile, &format!("{at}profile"))?;
+    let labels = ["name", "default"];
+    let allowed: Vec<&str> = PROFILE_PARAMS.iter().chain(&labels).copied().collect();
+    let set: Map<String, Value> = profile
+        .iter()
+        .filter(|(_, v)| !v.is_null())
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    known(&set, &format!("{at}profile."), &allowed)?;
+    for key in PROFILE_PARAMS {
+        if let Some(value) = set.get(*key) {
+            if fields.get(*key).is_none_or(Value::is_null) {
+                fields.insert(key.to_string(), without_nulls(value));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn without_nulls(value: &Value) -> Value {
     match value {
         Value::Object(map) => Value::Object(

@@ -948,6 +948,21 @@ impl RunHandle {
         replica_num: u32,
         overrides: &[(u16, u16)],
     ) -> Result<crate::forward::PortForward, EngineError> {
+        let loopback = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+        self.forward_job_ports_on(loopback, job_num, replica_num, overrides)
+            .await
+    }
+
+    /// [`RunHandle::forward_job_ports`], listening on `bind` (dstack's `bind_address`)
+    /// rather than `127.0.0.1`. Ports of a job on this machine that are not moved are not
+    /// forwarded: they are where the job itself listens.
+    pub async fn forward_job_ports_on(
+        &self,
+        bind: std::net::IpAddr,
+        job_num: u32,
+        replica_num: u32,
+        overrides: &[(u16, u16)],
+    ) -> Result<crate::forward::PortForward, EngineError> {
         let Snapshot {
             run,
             jobs,
@@ -997,7 +1012,7 @@ impl RunHandle {
             Via::Engine(engine) => crate::forward::Dial::Engine(engine.clone()),
             Via::Server(remote) => crate::forward::Dial::Server(remote.clone()),
         };
-        crate::forward::forward(dial, &instance_id, ports, local).await
+        crate::forward::forward(dial, &instance_id, ports, local, bind).await
     }
 
     /// The link that opens this dev environment in its IDE (`ide:`, see [`crate::ide`]) on

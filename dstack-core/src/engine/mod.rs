@@ -142,6 +142,9 @@ pub enum EngineError {
     /// A bad request (unknown run, invalid name, …).
     #[error("{0}")]
     Invalid(String),
+    /// A port of this machine that a run's port should be forwarded to is already in use.
+    #[error("{0}")]
+    PortUsed(String),
     /// The server failed or refused the request (clients of a `dstack server`).
     #[error(transparent)]
     Server(#[from] crate::client::ServerError),

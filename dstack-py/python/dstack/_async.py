@@ -3,10 +3,18 @@ async iterator. Work runs on the extension's tokio runtime; cancelling the await
 cancels the Rust future. Needs an event loop with `add_reader` (the default on Unix)."""
 
 import asyncio
-from typing import TYPE_CHECKING, Any, AsyncIterator, Dict, List, Mapping, Optional, Tuple, Union
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, AsyncIterator, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from dstack._client import Run
-from dstack._records import ConfigurationData, ConfigurationLike, RunPlan, RunStatus, configuration_data, open_raw
+from dstack._client import Run, listed_names
+from dstack._local import PathLike, before_submit, public_key
+from dstack._records import (
+    ConfigurationData,
+    ConfigurationLike,
+    RunPlan,
+    configuration_data,
+    no_offer_variants,
+)
 from dstack._repos import Repo, RepoCollection, with_repo
 from dstack.errors import WaitTimeoutError
 
@@ -59,15 +67,20 @@ class AsyncRun(Run):
         self._snapshot = snapshot
         return self
 
-    async def attach(self, *args: Any, **kwargs: Any) -> bool:  # type: ignore[override]
-        """Waits until the run is running (or has finished); `False` if it finished
-        unsuccessfully (see `Run.attach`)."""
+    async def attach(  # type: ignore[override]
+        self,
+        ssh_identity_file: Optional[PathLike] = None,
+        bind_address: Optional[str] = None,
+        ports_overrides: Optional[Sequence[Any]] = None,
+        replica_num: Optional[int] = None,
+        job_num: int = 0,
+    ) -> bool:
+        """Waits until the run is running (or has finished) and forwards the job's ports;
+        `False` if it finished unsuccessfully (see `Run.attach`)."""
+        overrides, bind = self._prepare_attach(ssh_identity_file, bind_address, ports_overrides)
         raw = self._raw
         self._snapshot = await _native(raw.wait_async(None, True))
-        self._attached = not (self.status.is_finished() and self.status != RunStatus.DONE)
-        if self._attached and not self.status.is_finished() and self._forward is None:
-            self._forward = self._raw.forward_ports()
-        return self._attached
+        return self._finish_attach(replica_num, job_num, overrides, bind)
 
     async def stop(self, abort: bool = False) -> None:  # type: ignore[override]
         """Stops the run and detaches (see `Run.stop`)."""
@@ -81,13 +94,20 @@ class AsyncRun(Run):
         metrics: List[Dict[str, Any]] = await _native(raw.metrics_async())
         return metrics
 
-    def logs(self, *args: Any, **kwargs: Any) -> AsyncIterator[bytes]:  # type: ignore[override]
-        """The job's output as an async iterator of bytes (following when attached)."""
-        return _AsyncLogs(self._raw.logs(follow=self._attached))
+    def logs(  # type: ignore[override]
+        self,
+        start_time: Optional[datetime] = None,
+        diagnose: bool = False,
+        replica_num: Optional[int] = None,
+        job_num: int = 0,
+    ) -> AsyncIterator[bytes]:
+        """The job's output as an async iterator of bytes (following when attached; see
+        `Run.logs`)."""
+        return _AsyncLogs(self._logs(start_time, diagnose, replica_num, job_num))
 
 
 class _AsyncLogs:
-    def __init__(self, raw: "RawLogs") -> None:
+    def __init__(self, raw: Union["RawLogs", List[bytes]]) -> None:
         self._raw = raw
 
     def __aiter__(self) -> "_AsyncLogs":
@@ -95,6 +115,11 @@ class _AsyncLogs:
 
     async def __anext__(self) -> bytes:
         raw = self._raw
+        if isinstance(raw, list):
+            # Read already (a diagnosis, or nothing: no such job).
+            if not raw:
+                raise StopAsyncIteration
+            return raw.pop(0)
         chunk: bytes = await _native(raw.next_async())
         return chunk
 
@@ -117,68 +142,101 @@ class AsyncRunCollection:
         return with_repo(data, directory), directory
 
     async def get_run_plan(
-        self, configuration: ConfigurationLike, repo: Optional[Repo] = None, **_: Any
+        self,
+        configuration: ConfigurationLike,
+        repo: Optional[Repo] = None,
+        profile: Any = None,
+        configuration_path: Optional[str] = None,
+        ssh_identity_file: Optional[PathLike] = None,
+        ssh_key_pub: Optional[str] = None,
+        max_offers: Optional[int] = None,
+        full_offers: bool = False,
+        unallocated_resources: bool = False,
+        for_offers_only: bool = False,
     ) -> RunPlan:
-        """Where `configuration` would run."""
-        data, client_dir = await self._with_repo(repo, configuration_data(configuration))
+        """Where `configuration` would run (see `RunCollection.get_run_plan`)."""
+        no_offer_variants(full_offers, unallocated_resources)
+        key = public_key(ssh_identity_file, ssh_key_pub)
+        data, client_dir = await self._with_repo(repo, configuration_data(configuration, profile))
         raw = self._raw
         plan = await _native(raw.plan_async(data))
-        return RunPlan(plan, data, client_dir=client_dir)
+        return RunPlan(plan, data, configuration_path, client_dir, max_offers, key)
 
     async def apply_plan(
         self, run_plan: RunPlan, repo: Optional[Repo] = None, reserve_ports: bool = True
     ) -> AsyncRun:
-        """Submits a planned run (in `repo`, else in the plan's)."""
+        """Submits a planned run (see `RunCollection.apply_plan`)."""
         data, client_dir = run_plan._submitted, run_plan._client_dir
         if repo is not None:
             data, client_dir = await self._with_repo(repo, data)
+        before_submit(self._raw.home, run_plan.configuration, reserve_ports, run_plan._ssh_key_pub)
         raw = self._raw
         run = await _native(
             raw.apply_async(data, configuration_path=run_plan.configuration_path, client_dir=client_dir)
         )
-        return AsyncRun(run)
+        return AsyncRun(run, home=raw.home)
 
     async def apply_configuration(
         self,
         configuration: ConfigurationLike,
         repo: Optional[Repo] = None,
+        profile: Any = None,
         configuration_path: Optional[str] = None,
+        reserve_ports: bool = True,
+        ssh_identity_file: Optional[PathLike] = None,
+        ssh_key_pub: Optional[str] = None,
         *,
         name: Optional[str] = None,
         env: Optional[Mapping[str, str]] = None,
-        **_: Any,
     ) -> AsyncRun:
         """Submits a run of `configuration` (see `RunCollection.apply_configuration`)."""
-        data, client_dir = await self._with_repo(repo, configuration_data(configuration))
+        from dstack._native import validate
+
+        key = public_key(ssh_identity_file, ssh_key_pub)
+        data, client_dir = await self._with_repo(repo, configuration_data(configuration, profile))
+        before_submit(self._raw.home, validate(data), reserve_ports, key)
         raw = self._raw
         env_dict = None if env is None else dict(env)
         run = await _native(raw.apply_async(data, name, env_dict, configuration_path, client_dir))
-        return AsyncRun(run)
+        return AsyncRun(run, home=raw.home)
 
     async def get(self, run_name: str) -> Optional[AsyncRun]:
         """The current run with this name, or `None`."""
         raw = self._raw.get(run_name)
-        return None if raw is None else AsyncRun(raw)
+        return None if raw is None else AsyncRun(raw, home=self._raw.home)
 
     async def list(self, all: bool = False, limit: Optional[int] = None) -> List[AsyncRun]:
-        """Runs, newest first: unfinished ones only unless `all`."""
-        names = [r["name"] for r in self._raw.list(all, limit)]
-        return [AsyncRun(raw) for raw in self._raw.handles(names)]
+        """Runs, newest first (see `RunCollection.list`)."""
+        names = listed_names(self._raw, all, limit)
+        return [AsyncRun(raw, home=self._raw.home) for raw in self._raw.handles(names)]
 
 
 class AsyncClient:
     """The asyncio twin of `dstack.Client`."""
 
-    def __init__(self, raw: "RawClient") -> None:
-        from dstack._client import FleetCollection, VolumeCollection
+    def __init__(self, raw: "RawClient", project_name: str = "main", remote: bool = False) -> None:
+        from dstack._client import BackendCollection, FleetCollection, VolumeCollection
 
         self._raw = raw
+        self.project = project_name
         self.runs = AsyncRunCollection(raw)
         self.repos = RepoCollection(raw.home)
+        self.backends = BackendCollection(raw, remote)
         self.fleets = FleetCollection(raw)
         self.volumes = VolumeCollection(raw)
 
     @staticmethod
-    def from_config(*, home: Union[str, "os.PathLike[str]", None] = None) -> "AsyncClient":
-        """The embedded client of `home` (default `$DSTACK_HOME` or `~/.dstack`)."""
-        return AsyncClient(open_raw(home))
+    def from_config(
+        project_name: Optional[str] = None,
+        server_url: Optional[str] = None,
+        user_token: Optional[str] = None,
+        ssh_identity_file: Optional[PathLike] = None,
+        *,
+        home: Union[str, "os.PathLike[str]", None] = None,
+    ) -> "AsyncClient":
+        """A client of the server of `home` (default `$DSTACK_HOME` or `~/.dstack`) or of
+        `server_url` (see `Client.from_config`)."""
+        from dstack._client import Client
+
+        client = Client.from_config(project_name, server_url, user_token, ssh_identity_file, home=home)
+        return AsyncClient(client._raw, client.project, remote=server_url is not None)

@@ -6,16 +6,40 @@ Every call that waits releases the GIL and honours Ctrl-C (`KeyboardInterrupt` w
 
 import os
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Mapping,
+    NoReturn,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
+from dstack._config import BackendType, backend_type
+from dstack._local import (
+    PathLike,
+    accept_ssh_key,
+    before_submit,
+    bind_address_of,
+    diagnosis,
+    port_overrides,
+    public_key,
+)
 from dstack._records import (
     ConfigurationData,
     ConfigurationLike,
     RunPlan,
     RunStatus,
     configuration_data,
+    home_dir,
     html_table,
-    no_profile,
+    no_offer_variants,
     open_raw,
     timestamp,
 )
@@ -23,19 +47,80 @@ from dstack._repos import Repo, RepoCollection, with_repo
 from dstack.errors import ClientError, NotSupportedError, WaitTimeoutError
 
 if TYPE_CHECKING:
-    from dstack._native import RawClient, RawForward, RawRun
+    from dstack._native import RawClient, RawForward, RawLogs, RawRun
     from dstack._sweep import Params, Sweep
     from dstack._config import Task
 
-__all__ = ["Client", "FleetCollection", "Run", "RunCollection", "VolumeCollection"]
+__all__ = [
+    "Backend",
+    "BackendCollection",
+    "Client",
+    "FleetCollection",
+    "Run",
+    "RunCollection",
+    "ServiceModel",
+    "VolumeCollection",
+]
+
+
+class ServiceModel:
+    """The model a service serves (`model:`): its `name`, and `url`, the base of its
+    OpenAI-compatible API on the server's proxy."""
+
+    def __init__(self, name: str, url: str) -> None:
+        self._name = name
+        self._url = url
+
+    @property
+    def name(self) -> str:
+        """The model name clients ask for."""
+        return self._name
+
+    @property
+    def url(self) -> str:
+        """The base URL of the model's OpenAI-compatible API."""
+        return self._url
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ServiceModel) and (self.name, self.url) == (other.name, other.url)
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.url))
+
+    def __repr__(self) -> str:
+        return f"<ServiceModel '{self.name}'>"
+
+
+def listed_names(raw: "RawClient", all: bool, limit: Optional[int]) -> List[str]:
+    """The names `runs.list(all, limit)` lists, newest first, as dstack picks them: with
+    `all` or a `limit`, the latest runs of any status (at most `limit`); otherwise the
+    unfinished ones, or the latest run when none is unfinished."""
+    only_active = not all and limit is None
+    records = raw.list(not only_active, limit)
+    if only_active and not records:
+        records = raw.list(True, 1)
+    return [r["name"] for r in records]
+
+
+def _since_ms(start_time: Optional[datetime]) -> Optional[int]:
+    """`start_time` in Unix ms (a naive datetime is this machine's local time)."""
+    return None if start_time is None else max(0, int(start_time.timestamp() * 1000))
 
 
 class Run:
     """A submitted run. Its fields are read when the run is created or `refresh()`ed."""
 
-    def __init__(self, raw: "RawRun", snapshot: Optional[Dict[str, Any]] = None) -> None:
+    def __init__(
+        self,
+        raw: "RawRun",
+        snapshot: Optional[Dict[str, Any]] = None,
+        home: Optional[PathLike] = None,
+    ) -> None:
         self._raw = raw
+        self._home = home_dir(home)
         self._attached = False
+        # The `(replica_num, job_num)` attached to.
+        self._slot: Optional[Tuple[int, int]] = None
         self._forward: Optional["RawForward"] = None
         self._snapshot: Dict[str, Any] = snapshot or raw.snapshot()
 
@@ -113,10 +198,11 @@ class Run:
         return next((i for i in instances if i["id"] == instance_id), None)
 
     @property
-    def backend(self) -> Optional[str]:
-        """The backend the latest job runs on (`local`, `ssh`), once placed."""
+    def backend(self) -> Optional[BackendType]:
+        """The backend the latest job runs on (`LOCAL`, `REMOTE` for SSH fleets, a cloud),
+        once placed."""
         instance = self._instance()
-        return None if instance is None else str(instance["backend"])
+        return None if instance is None else backend_type(str(instance["backend"]))
 
     @property
     def hostname(self) -> Optional[str]:
@@ -143,13 +229,13 @@ class Run:
         return service["url"] if service else None
 
     @property
-    def service_model(self) -> Optional[Dict[str, str]]:
-        """The model a service serves (`model:`): `{"name", "url"}`, the URL being the base
-        of its OpenAI-compatible API; `None` otherwise."""
+    def service_model(self) -> Optional[ServiceModel]:
+        """The model a service serves (`model:`), with the base URL of its OpenAI-compatible
+        API; `None` otherwise."""
         service = self._snapshot.get("service")
         if not service or not service.get("model"):
             return None
-        return {"name": service["model"], "url": service["model_base_url"]}
+        return ServiceModel(service["model"], service["model_base_url"])
 
     @property
     def metrics(self) -> List[Dict[str, Any]]:
@@ -169,6 +255,23 @@ class Run:
         jobs = [j for j in self.jobs if j["job_num"] == 0 and j["replica_num"] == 0]
         return max(jobs, key=lambda j: j["submission_num"]) if jobs else None
 
+    def _find_slot(self, replica_num: Optional[int], job_num: int) -> Optional[Tuple[int, int]]:
+        """`(replica_num, job_num)` of job `job_num` in replica `replica_num`, or, for
+        `None`, in the lowest-numbered running replica, else the lowest-numbered one (as
+        dstack picks); `None` if the run has no such job."""
+        latest: Dict[int, Dict[str, Any]] = {}
+        for job in self.jobs:
+            if job["job_num"] != job_num:
+                continue
+            seen = latest.get(job["replica_num"])
+            if seen is None or job["submission_num"] > seen["submission_num"]:
+                latest[job["replica_num"]] = job
+        if replica_num is not None:
+            return (replica_num, job_num) if replica_num in latest else None
+        running = [r for r, j in latest.items() if j["status"] == "running"]
+        replicas = running or list(latest)
+        return (min(replicas), job_num) if replicas else None
+
     def refresh(self) -> "Run":
         """Reads the run's current state."""
         self._snapshot = self._raw.snapshot()
@@ -183,50 +286,108 @@ class Run:
         self._snapshot = snapshot
         return self
 
+    def _prepare_attach(
+        self,
+        ssh_identity_file: Optional[PathLike],
+        bind_address: Optional[str],
+        ports_overrides: Optional[Sequence[Any]],
+    ) -> Tuple[List[Tuple[int, int]], str]:
+        """Checks `attach`'s arguments before waiting: the port overrides and the address
+        to listen on."""
+        bind = bind_address_of(bind_address)
+        overrides = port_overrides(ports_overrides)
+        key = public_key(ssh_identity_file, None)
+        if key is not None:
+            accept_ssh_key(self._home, key)
+        return overrides, bind
+
+    def _finish_attach(
+        self, replica_num: Optional[int], job_num: int, overrides: List[Tuple[int, int]], bind: str
+    ) -> bool:
+        """Once the run is running or finished: picks the job and forwards its ports."""
+        if self.status.is_finished() and self.status != RunStatus.DONE:
+            return False
+        slot = self._find_slot(replica_num, job_num)
+        if slot is None:
+            replica = "<any>" if replica_num is None else replica_num
+            raise ClientError(f"run {self.name} has no job {job_num} in replica {replica}")
+        if self._slot is not None and self._slot != slot:
+            raise ClientError(f"run {self.name} is attached to another job: detach first")
+        if not self.status.is_finished() and self._forward is None:
+            self._forward = self._raw.forward_ports(slot[1], slot[0], overrides, bind)
+        self._slot = slot
+        self._attached = True
+        return True
+
     def attach(
         self,
-        ssh_identity_file: Optional[str] = None,
+        ssh_identity_file: Optional[PathLike] = None,
         bind_address: Optional[str] = None,
         ports_overrides: Optional[Sequence[Any]] = None,
-        replica_num: int = 0,
+        replica_num: Optional[int] = None,
         job_num: int = 0,
     ) -> bool:
-        """Waits until the run is running (or has finished); afterwards `logs()` follows the
-        output until the run ends. Returns `False` if the run finished unsuccessfully. Ports
-        of local jobs are already reachable on this machine (`ports` maps them)."""
-        if ports_overrides or replica_num or job_num:
-            raise NotSupportedError("attaching to other ports, replicas or jobs is not supported yet")
+        """Waits until the run is running (or has finished) and forwards the ports of job
+        `job_num` of replica `replica_num` (default: a running replica) to `bind_address`
+        here (default `127.0.0.1`); afterwards `logs()` follows that job's output until the
+        run ends. Returns `False` if the run finished unsuccessfully.
+
+        Ports of local jobs are already reachable on this machine (`ports` maps them; they
+        listen where the job binds them); `ports_overrides` (`PortMapping`s,
+        `"LOCAL:REMOTE"` strings or ports) moves ports to other local ones.
+        `ssh_identity_file` (a private key with its `.pub`, or a public key) is also accepted
+        by `ssh <run>`. Raises `PortUsedError` if a local port is taken."""
+        overrides, bind = self._prepare_attach(ssh_identity_file, bind_address, ports_overrides)
         snapshot = self._raw.wait(None, running=True)
         assert snapshot is not None  # no timeout
         self._snapshot = snapshot
-        if self.status.is_finished() and self.status != RunStatus.DONE:
-            return False
-        if not self.status.is_finished() and self._forward is None:
-            self._forward = self._raw.forward_ports()
-        self._attached = True
-        return True
+        return self._finish_attach(replica_num, job_num, overrides, bind)
 
     def detach(self) -> None:
         """Stops following and forwarding: `logs()` then returns the output written so far."""
         self._attached = False
+        self._slot = None
         if self._forward is not None:
             self._forward.close()
             self._forward = None
+
+    def _logs(
+        self,
+        start_time: Optional[datetime],
+        diagnose: bool,
+        replica_num: Optional[int],
+        job_num: int,
+    ) -> Union[List[bytes], "RawLogs"]:
+        attached = self._attached and self._slot is not None
+        if attached and replica_num is None and job_num == 0:
+            slot: Optional[Tuple[int, int]] = self._slot
+        else:
+            slot = self._find_slot(replica_num, job_num)
+        if slot is None:
+            return []
+        if diagnose:
+            self._snapshot = self._raw.snapshot()  # the record as it is now
+            jobs = [j for j in self.jobs if (j["replica_num"], j["job_num"]) == slot]
+            return [diagnosis(jobs, self._snapshot.get("instances", [])).encode()]
+        follow = attached and slot == self._slot
+        return self._raw.logs(follow, slot[0], slot[1], _since_ms(start_time))
 
     def logs(
         self,
         start_time: Optional[datetime] = None,
         diagnose: bool = False,
-        replica_num: int = 0,
+        replica_num: Optional[int] = None,
         job_num: int = 0,
     ) -> Iterator[bytes]:
-        """The job's output as chunks of bytes: when attached, everything until the run ends
-        (across retries); otherwise what it wrote so far."""
-        if start_time is not None or diagnose or replica_num or job_num:
-            raise NotSupportedError(
-                "logs(start_time=, diagnose=, replica_num=, job_num=) are not supported yet"
-            )
-        return iter(self._raw.logs(follow=self._attached))
+        """The output of job `job_num` of replica `replica_num` (default: the job attached
+        to, else a running replica, else the first) as chunks of bytes, written at
+        `start_time` or later: while attached to it, everything until the run ends (across
+        retries); otherwise what it wrote so far. Nothing if there is no such job.
+
+        `diagnose=True` gives the engine's current record of the job's submissions
+        (statuses, times, instance, exit status, reasons) instead: jobs here have no separate
+        runner log."""
+        return iter(self._logs(start_time, diagnose, replica_num, job_num))
 
     def stop(self, abort: bool = False) -> None:
         """Stops the run: SIGTERM, then SIGKILL after the grace period (at once with
@@ -273,28 +434,37 @@ class RunCollection:
         repo: Optional[Repo] = None,
         profile: Any = None,
         configuration_path: Optional[str] = None,
-        ssh_identity_file: Optional[str] = None,
+        ssh_identity_file: Optional[PathLike] = None,
         ssh_key_pub: Optional[str] = None,
         max_offers: Optional[int] = None,
         full_offers: bool = False,
         unallocated_resources: bool = False,
         for_offers_only: bool = False,
     ) -> RunPlan:
-        """Where `configuration` would run (at most `max_offers` offers), without running it."""
-        no_profile(profile)
-        data, client_dir = self._with_repo(repo, configuration_data(configuration))
-        plan = RunPlan(self._raw.plan(data), data, configuration_path, client_dir)
-        if max_offers is not None:
-            plan.offers = plan.offers[:max_offers]
-        return plan
+        """Where `configuration` would run (at most `max_offers` offers), without running it.
+
+        `ssh_identity_file` (a public key, or a private key with its `.pub` or from which
+        `ssh-keygen` derives it) or `ssh_key_pub` names a key that `ssh <run>` accepts once
+        the plan is applied (mutually exclusive; the project key and `~/.ssh/id_*` are
+        accepted anyway). `profile` (a mapping of profile parameters, or dstack's `Profile`)
+        sets those the configuration leaves unset. Planning never reserves anything here, so
+        `for_offers_only` needs nothing more. `full_offers` and `unallocated_resources` are
+        not supported (`NotSupportedError`)."""
+        no_offer_variants(full_offers, unallocated_resources)
+        key = public_key(ssh_identity_file, ssh_key_pub)
+        data, client_dir = self._with_repo(repo, configuration_data(configuration, profile))
+        return RunPlan(self._raw.plan(data), data, configuration_path, client_dir, max_offers, key)
 
     def apply_plan(self, run_plan: RunPlan, repo: Optional[Repo] = None, reserve_ports: bool = True) -> Run:
-        """Submits a planned run (in `repo`, else in the plan's)."""
+        """Submits a planned run (in `repo`, else in the plan's). With `reserve_ports`, raises
+        `PortUsedError` first if a local port the run's `ports` take when attached is in use
+        here."""
         data, client_dir = run_plan._submitted, run_plan._client_dir
         if repo is not None:
             data, client_dir = self._with_repo(repo, data)
+        before_submit(self._raw.home, run_plan.configuration, reserve_ports, run_plan._ssh_key_pub)
         raw = self._raw.apply(data, configuration_path=run_plan.configuration_path, client_dir=client_dir)
-        return Run(raw)
+        return Run(raw, home=self._raw.home)
 
     def apply_configuration(
         self,
@@ -303,16 +473,20 @@ class RunCollection:
         profile: Any = None,
         configuration_path: Optional[str] = None,
         reserve_ports: bool = True,
-        ssh_identity_file: Optional[str] = None,
+        ssh_identity_file: Optional[PathLike] = None,
         ssh_key_pub: Optional[str] = None,
         *,
         name: Optional[str] = None,
         env: Optional[Mapping[str, str]] = None,
     ) -> Run:
         """Submits a run of `configuration` (a `Task`/`Service`/`DevEnvironment`, a dict, or
-        YAML text) and returns it; `name` and `env` override the configuration's."""
-        no_profile(profile)
-        data, client_dir = self._with_repo(repo, configuration_data(configuration))
+        YAML text) and returns it; `name` and `env` override the configuration's. The other
+        arguments are those of `get_run_plan` and `apply_plan`."""
+        from dstack._native import validate
+
+        key = public_key(ssh_identity_file, ssh_key_pub)
+        data, client_dir = self._with_repo(repo, configuration_data(configuration, profile))
+        before_submit(self._raw.home, validate(data), reserve_ports, key)
         raw = self._raw.apply(
             data,
             name=name,
@@ -320,17 +494,16 @@ class RunCollection:
             configuration_path=configuration_path,
             client_dir=client_dir,
         )
-        return Run(raw)
+        return Run(raw, home=self._raw.home)
 
     def get(self, run_name: str) -> Optional[Run]:
         """The current run with this name, or `None`."""
         raw = self._raw.get(run_name)
-        return None if raw is None else Run(raw)
+        return None if raw is None else Run(raw, home=self._raw.home)
 
     def list(self, all: bool = False, limit: Optional[int] = None) -> List[Run]:
-        """Runs, newest first: unfinished ones only unless `all`."""
-        names = [r["name"] for r in self._raw.list(all, limit)]
-        return [Run(raw) for raw in self._raw.handles(names)]
+        """Runs, newest first (see `listed_names`)."""
+        return [Run(raw, home=self._raw.home) for raw in self._raw.handles(listed_names(self._raw, all, limit))]
 
     def sweep(
         self,
@@ -408,36 +581,89 @@ class VolumeCollection:
         return next((v for v in self.list() if v["name"] == name), None)
 
 
+class Backend:
+    """A backend of the client's project."""
+
+    def __init__(self, backend_type: BackendType) -> None:
+        self._type = backend_type
+
+    @property
+    def name(self) -> str:
+        """The backend's type, as dstack names it (`local`, `aws`, `gcp`)."""
+        return self._type.value
+
+    @property
+    def type(self) -> BackendType:
+        """The backend's type."""
+        return self._type
+
+    def __repr__(self) -> str:
+        return f"<Backend '{self.name}'>"
+
+
+class BackendCollection:
+    """`client.backends`: the backends runs of the project can use."""
+
+    def __init__(self, raw: "RawClient", remote: bool = False) -> None:
+        self._raw = raw
+        self._remote = remote
+
+    def list(self) -> List[Backend]:
+        """This machine (`local`), then each cloud backend the server's configuration
+        (`$DSTACK_HOME/server/config.yml`) lists. SSH fleets are not listed (`client.fleets`).
+        Not supported for a server given by `server_url` (its configuration is not here)."""
+        if self._remote:
+            raise NotSupportedError(
+                "client.backends of a server given by server_url is not supported yet: "
+                "its configuration is on that server"
+            )
+        return [Backend(backend_type(name)) for name in self._raw.backends()]
+
+
 class Client:
     """A dstack client: of the `dstack server` of `$DSTACK_HOME` (default `~/.dstack`),
     started in the background when none answers and supervising runs after this process
     exits, or of the server at `server_url`."""
 
-    def __init__(self, raw: "RawClient", project_name: str = "main") -> None:
+    def __init__(self, raw: "RawClient", project_name: str = "main", remote: bool = False) -> None:
         self._raw = raw
         self.project = project_name
         self.runs = RunCollection(raw)
         self.repos = RepoCollection(raw.home)
+        self.backends = BackendCollection(raw, remote)
         self.fleets = FleetCollection(raw)
         self.volumes = VolumeCollection(raw)
+
+    @property
+    def client(self) -> NoReturn:
+        """dstack's low-level `APIClient` is not supported: use `runs`, `fleets`, `volumes`,
+        `backends`, or the REST API of `dstack server`."""
+        raise NotSupportedError(
+            "client.client (dstack's low-level APIClient) is not supported: use client.runs, "
+            "client.fleets, client.volumes and client.backends, or the REST API of `dstack server`"
+        )
 
     @staticmethod
     def from_config(
         project_name: Optional[str] = None,
         server_url: Optional[str] = None,
         user_token: Optional[str] = None,
-        ssh_identity_file: Optional[str] = None,
+        ssh_identity_file: Optional[PathLike] = None,
         *,
         home: Union[str, "os.PathLike[str]", None] = None,
     ) -> "Client":
         """A client of the server of `home` (default `$DSTACK_HOME` or `~/.dstack`): the
         project `project_name` (default: `$DSTACK_PROJECT`, else the default project of
         `home/config.yml`), whose local server is started when none answers; or, with
-        `server_url` and `user_token`, of that server."""
+        `server_url` and `user_token`, of that server. `ssh <run>` also accepts the key of
+        `ssh_identity_file` (see `RunCollection.get_run_plan`)."""
         if (server_url is None) != (user_token is None):
             raise ClientError("server_url and user_token go together")
+        key = public_key(ssh_identity_file, None)
         raw = open_raw(home, server_url, user_token, project_name)
-        return Client(raw, project_name or "main")
+        if key is not None:
+            accept_ssh_key(raw.home, key)
+        return Client(raw, project_name or "main", remote=server_url is not None)
 
     @property
     def home(self) -> str:

@@ -10,7 +10,7 @@ naming the field); its normalized fields read as attributes (`task.image`, `task
 
 from enum import Enum
 from pathlib import PurePath
-from typing import Any, ClassVar, Dict, Generic, Optional, TypeVar, Union
+from typing import Any, ClassVar, Dict, Generic, Optional, Tuple, TypeVar, Union
 
 __all__ = [
     "CPU",
@@ -31,6 +31,7 @@ __all__ = [
     "TGIChatModel",
     "Task",
     "Volume",
+    "backend_type",
     "configuration_from_data",
     "plain",
 ]
@@ -160,8 +161,28 @@ class GPU(_Data):
     """GPU requirements: `GPU(name="A100", count=2, memory="40GB..")`, `GPU(count=0)`."""
 
 
-class ComputeCapability(_Data):
-    """A minimum CUDA compute capability (as dstack's `compute_capability` field)."""
+class ComputeCapability(Tuple[int, int]):
+    """A CUDA compute capability, `(major, minor)` as dstack's: `ComputeCapability((8, 0))`,
+    or `ComputeCapability.validate("8.0")` (GPU's `compute_capability` also takes the text)."""
+
+    @classmethod
+    def validate(cls, value: Any) -> "ComputeCapability":
+        """Parses `"8.0"`, `8.0` or `(8, 0)`."""
+        if isinstance(value, float):
+            value = str(value)
+        if isinstance(value, str):
+            value = value.strip().split(".")
+        if isinstance(value, (tuple, list)) and len(value) == 2:
+            try:
+                return cls((int(value[0]), int(value[1])))
+            except ValueError:
+                pass
+        from dstack.errors import ConfigurationError
+
+        raise ConfigurationError(f"invalid compute capability: {value!r}")
+
+    def __str__(self) -> str:
+        return f"{self[0]}.{self[1]}"
 
 
 class Disk(_Data):
@@ -233,6 +254,15 @@ class BackendType(str, Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+# Backends named differently here: SSH fleets are dstack's `remote` backend.
+_BACKEND_TYPES = {"ssh": BackendType.REMOTE}
+
+
+def backend_type(name: str) -> BackendType:
+    """The `BackendType` of a backend as records here name it (`ssh` is `REMOTE`)."""
+    return BackendType(_BACKEND_TYPES.get(name, name))
 
 
 class _Configuration(_Data):

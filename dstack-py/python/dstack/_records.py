@@ -6,15 +6,24 @@ from datetime import datetime, timezone
 from enum import Enum
 from html import escape
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from dstack import _binaries
-from dstack._config import _Configuration, plain
+from dstack._config import _Configuration, backend_type, plain
 
 if TYPE_CHECKING:
     from dstack._native import RawClient
 
-__all__ = ["RunPlan", "RunStatus"]
+__all__ = [
+    "Gpu",
+    "InstanceDisk",
+    "InstanceOfferWithAvailability",
+    "InstanceResources",
+    "InstanceType",
+    "JobPlan",
+    "RunPlan",
+    "RunStatus",
+]
 
 ConfigurationLike = Union[_Configuration, Dict[str, Any], str]
 
@@ -80,30 +89,62 @@ ConfigurationData = Union[Dict[str, Any], str]
 """A configuration as the native side takes it: plain data, or YAML text."""
 
 
-def configuration_data(configuration: ConfigurationLike) -> ConfigurationData:
-    """What the native side validates: plain data, or YAML text."""
+def configuration_data(configuration: ConfigurationLike, profile: Any = None) -> ConfigurationData:
+    """What the native side validates: plain data, or YAML text; with `profile` (see
+    `with_profile`), plain data."""
     if isinstance(configuration, str):
-        return configuration
+        return with_profile(configuration, profile)
     if isinstance(configuration, _Configuration):
-        return configuration.to_data()
+        return with_profile(configuration.to_data(), profile)
     if isinstance(configuration, dict):
         data: Dict[str, Any] = plain(configuration)
-        return data
+        return with_profile(data, profile)
     raise TypeError(
         "expected a configuration (Task, Service, DevEnvironment, a dict or YAML text), "
         f"not {type(configuration).__name__}"
     )
 
 
-def no_profile(profile: Any) -> None:
-    """Profiles (`.dstack/profiles.yml`) are not supported yet: profile parameters go in the
-    configuration itself."""
-    if profile is not None:
-        from dstack.errors import NotSupportedError
+def with_profile(data: Union[Dict[str, Any], str], profile: Any) -> Union[Dict[str, Any], str]:
+    """`data` with the parameters of `profile` (a mapping, or dstack's `Profile`) that it
+    does not set itself (the configuration's own win, as in dstack); `data` unchanged
+    without a profile."""
+    if profile is None:
+        return data
+    from dstack._native import with_profile as merged
 
+    return merged(data, plain(_profile_fields(profile)))
+
+
+def _profile_fields(profile: Any) -> Dict[str, Any]:
+    """A profile's fields: a mapping's items, or a pydantic model's dump."""
+    if isinstance(profile, Mapping):
+        return {str(k): v for k, v in profile.items()}
+    for method in ("model_dump", "dict"):
+        dump = getattr(profile, method, None)
+        if callable(dump):
+            fields = dump()
+            if isinstance(fields, dict):
+                return fields
+    from dstack.errors import ConfigurationError
+
+    raise ConfigurationError(
+        f"profile= takes a mapping of profile parameters or dstack's Profile, not {type(profile).__name__}"
+    )
+
+
+def no_offer_variants(full_offers: bool, unallocated_resources: bool) -> None:
+    """`full_offers` and `unallocated_resources` (offers not adjusted to the run, or only
+    the unallocated part of hosts) are not supported."""
+    from dstack.errors import NotSupportedError
+
+    if full_offers:
         raise NotSupportedError(
-            "profile= is not supported yet: set profile parameters (spot_policy, retry, "
-            "max_duration, ...) in the configuration; pass profile=None"
+            "full_offers=True is not supported: offers are listed as they fit the run"
+        )
+    if unallocated_resources:
+        raise NotSupportedError(
+            "unallocated_resources=True is not supported: offers list whole hosts"
         )
 
 
@@ -112,13 +153,79 @@ def timestamp(ms: Optional[int]) -> Optional[datetime]:
     return None if ms is None else datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
 
 
+class Gpu:
+    """One GPU of an offer (dstack's `Gpu`)."""
+
+    def __init__(self, record: Dict[str, Any]) -> None:
+        self.name: str = record["name"]
+        self.memory_mib: int = int(record["memory_mib"])
+        self.vendor: str = record["vendor"]
+
+    def __repr__(self) -> str:
+        return f"Gpu(name={self.name!r}, memory_mib={self.memory_mib})"
+
+
+class InstanceDisk:
+    """An offer's disk (dstack's `Disk` of instance resources)."""
+
+    def __init__(self, size_mib: int) -> None:
+        self.size_mib = size_mib
+
+    def __repr__(self) -> str:
+        return f"InstanceDisk(size_mib={self.size_mib})"
+
+
+class InstanceResources:
+    """What an offer provides (dstack's instance `Resources`)."""
+
+    def __init__(self, record: Dict[str, Any], spot: bool) -> None:
+        self.cpus: int = int(record["cpus"])
+        self.memory_mib: int = int(record["memory_bytes"]) // 2**20
+        self.gpus = [Gpu(g) for g in record.get("gpus") or []]
+        self.spot = spot
+        self.disk = InstanceDisk(int(record.get("disk_bytes", 0)) // 2**20)
+        self.cpu_arch: Optional[str] = record.get("cpu_arch")
+
+    def __repr__(self) -> str:
+        return f"InstanceResources({_resources_of(self)})"
+
+
+class InstanceType:
+    """An offer's instance type (or host name) and resources (dstack's `InstanceType`)."""
+
+    def __init__(self, name: str, resources: InstanceResources) -> None:
+        self.name = name
+        self.resources = resources
+
+    def __repr__(self) -> str:
+        return f"InstanceType({self.name!r})"
+
+
+class InstanceOfferWithAvailability:
+    """Where a job can run (dstack's `InstanceOfferWithAvailability`): `backend`, `region`,
+    `instance` (type and resources), `price` per hour, `availability` (`idle` or `busy`
+    for an existing instance, `available` for new capacity, `not_available`)."""
+
+    def __init__(self, record: Dict[str, Any]) -> None:
+        self.backend = backend_type(str(record["backend"]))
+        self.region: str = record["region"]
+        self.instance = InstanceType(record["instance_type"], InstanceResources(record["resources"], bool(record["spot"])))
+        self.price = float(record["price"])
+        self.availability: str = record["availability"]
+        self.availability_zones: Optional[List[str]] = record.get("availability_zones")
+        self.backend_data: Dict[str, Any] = record.get("backend_data") or {}
+
+    def __repr__(self) -> str:
+        return f"<Offer {self.backend.value} {self.region} {self.instance.name} ${self.price:g} {self.availability}>"
+
+
 class JobPlan:
-    """The offers for one job of a run (dstack's `job_plans[i]`)."""
+    """The offers for one job of a run (dstack's `job_plans[i]`), as typed records."""
 
     def __init__(self, offers: List[Dict[str, Any]]) -> None:
-        self.offers = offers
+        self.offers = [InstanceOfferWithAvailability(o) for o in offers]
         self.total_offers = len(offers)
-        self.max_price = max((float(o.get("price", 0.0)) for o in offers), default=None)
+        self.max_price = max((o.price for o in self.offers), default=None)
 
 
 class RunPlan:
@@ -131,15 +238,19 @@ class RunPlan:
         configuration: Union[Dict[str, Any], str],
         configuration_path: Optional[str] = None,
         client_dir: Optional[str] = None,
+        max_offers: Optional[int] = None,
+        ssh_key_pub: Optional[str] = None,
     ) -> None:
         self.configuration: Dict[str, Any] = raw["configuration"]
         self.configuration_path = configuration_path
         # Where its jobs on this machine run: the repo's directory (None: the current one).
         self._client_dir = client_dir
-        self.offers: List[Dict[str, Any]] = raw["offers"]
+        self.offers: List[Dict[str, Any]] = raw["offers"][:max_offers]
         self.no_offers_reason: Optional[str] = raw["no_offers_reason"]
         self.job_plans = [JobPlan(self.offers)]
         self._submitted = configuration
+        # The public key `ssh <run>` accepts once the plan is applied.
+        self._ssh_key_pub = ssh_key_pub
 
     def __repr__(self) -> str:
         return f"RunPlan(offers={len(self.offers)}, no_offers_reason={self.no_offers_reason!r})"
@@ -163,13 +274,15 @@ class RunPlan:
 
 
 def _resources(host: Dict[str, Any]) -> str:
-    parts = [f"{host.get('cpus', '?')}xCPU"]
-    memory = host.get("memory_bytes")
-    if memory:
-        parts.append(f"{memory / 2**30:.0f}GB")
-    gpus = host.get("gpus") or []
-    if gpus:
-        parts.append(f"{len(gpus)}x{gpus[0].get('name', 'GPU')}")
+    return _resources_of(InstanceResources(host, False))
+
+
+def _resources_of(resources: InstanceResources) -> str:
+    parts = [f"{resources.cpus}xCPU"]
+    if resources.memory_mib:
+        parts.append(f"{resources.memory_mib / 1024:.0f}GB")
+    if resources.gpus:
+        parts.append(f"{len(resources.gpus)}x{resources.gpus[0].name}")
     return ", ".join(parts)
 
 

@@ -25,7 +25,7 @@ import subprocess
 import tempfile
 from pathlib import Path, PurePosixPath
 from types import ModuleType
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, NoReturn, Optional, Union
 
 from dstack.errors import ClientError, NotSupportedError
 
@@ -227,14 +227,24 @@ class RepoCollection:
             self.init(repo, git_identity_file)
         return repo
 
-    def is_initialized(self, repo: Repo) -> bool:
+    def is_initialized(self, repo: Repo, by_user: bool = False) -> bool:
         """Whether runs of `repo` need no more preparation (a URL repo with a hash is cloned, a
-        virtual repo's files are written)."""
+        virtual repo's files are written). `by_user` asks whether it was prepared with the
+        user's own credentials: the only ones used here (git's), so the answer is the same."""
         if isinstance(repo, LocalRepo) or (isinstance(repo, RemoteRepo) and repo.local_repo_dir):
             return True
         if isinstance(repo, VirtualRepo):
             return self._virtual_dir(repo).is_dir()
         return repo.repo_hash is not None and self._clone_dir(repo, repo.repo_hash).is_dir()
+
+    def get(self, repo_id: str, *, with_creds: bool = False) -> NoReturn:
+        """dstack's repo record by id is not supported yet: repos are prepared on this
+        machine, not recorded by the server (`is_initialized(repo)` says whether one is
+        ready)."""
+        raise NotSupportedError(
+            f"client.repos.get({repo_id!r}) is not supported yet: repos are prepared on this "
+            "machine, not recorded by the server; use client.repos.is_initialized(repo)"
+        )
 
     def directory(self, repo: object, git_identity_file: Optional[str] = None) -> str:
         """Where jobs of this machine run for `repo`, prepared (see the module's doc)."""

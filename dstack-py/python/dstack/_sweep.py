@@ -110,7 +110,7 @@ class Sweep:
         # All trials in one transaction: a sweep is submitted whole or not at all.
         raws = raw.apply_group(data, submissions, group, max_parallel)
         snapshots = {s["run"]["id"]: s for s in raw.snapshots([r.id for r in raws])}
-        runs = [Run(r, snapshots.get(r.id)) for r in raws]
+        runs = [Run(r, snapshots.get(r.id), raw.home) for r in raws]
         return cls(base, trials, runs, raw, group)
 
     def refresh(self) -> "Sweep":

@@ -2,7 +2,16 @@
 documentation script runs unchanged (see `examples/quickstart.py`)."""
 
 from dstack._async import AsyncClient, AsyncRun
-from dstack._client import Client, FleetCollection, Run, RunCollection, VolumeCollection
+from dstack._client import (
+    Backend,
+    BackendCollection,
+    Client,
+    FleetCollection,
+    Run,
+    RunCollection,
+    ServiceModel,
+    VolumeCollection,
+)
 from dstack._config import (
     CPU,
     GPU,
@@ -34,6 +43,8 @@ __all__ = [
     "GPU",
     "AsyncClient",
     "AsyncRun",
+    "Backend",
+    "BackendCollection",
     "BackendType",
     "Client",
     "ClientError",
@@ -58,6 +69,7 @@ __all__ = [
     "RunStatus",
     "Scaling",
     "Service",
+    "ServiceModel",
     "Sweep",
     "TGIChatModel",
     "Task",
