@@ -265,6 +265,12 @@ fn clone_repo(clone: &RepoClone, dir: &Path, env: &BTreeMap<String, String>) -> 
             )),
         };
     }
+    // Never read as options of git.
+    for (what, value) in [("branch", &clone.branch), ("hash", &clone.hash)] {
+        if let Some(value) = value.as_deref().filter(|v| v.starts_with('-')) {
+            return Err(format!("invalid repo {what} {value}"));
+        }
+    }
     let mut args: Vec<std::ffi::OsString> = vec!["clone".into(), "--quiet".into()];
     if let Some(branch) = &clone.branch {
         args.extend(["--branch".into(), branch.into()]);

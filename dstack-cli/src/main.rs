@@ -6,6 +6,7 @@ mod fleet;
 mod logs;
 mod offer;
 mod overrides;
+mod profiles;
 mod ps;
 mod runs;
 mod secret;

@@ -792,3 +792,48 @@ fn force_resubmits_an_active_run_and_reuse_takes_an_existing_instance() {
     assert_eq!(instance("quick"), used);
     assert_eq!(configuration_of(&env, "quick")["creation_policy"], "reuse");
 }
+
+/// `profiles.yml` (here `.dstack/profiles.yml` of the directory applied from): the default
+/// profile, `--profile NAME`, `--no-profile`; the configuration's own values and the flags win.
+#[test]
+fn profiles_fill_what_the_configuration_leaves_unset() {
+    let env = Env::new();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join(".dstack")).unwrap();
+    std::fs::write(
+        dir.path().join(".dstack/profiles.yml"),
+        "profiles:\n  - name: cheap\n    max_price: 0.5\n  - name: usual\n    default: true\n    spot_policy: auto\n",
+    )
+    .unwrap();
+    let task = env.write(
+        "p.dstack.yml",
+        "type: task\ncommands: [echo]\nresources: {cpu: 1.., memory: 0.1GB..}\n",
+    );
+    let plan = |flags: &[&str]| {
+        let out = env
+            .cmd(&[&["apply", "-f", task.as_str()][..], flags].concat())
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    let row = |shown: &str, key: &str| {
+        shown
+            .lines()
+            .find(|l| l.trim_start().starts_with(key))
+            .map(|l| l.trim_start()[key.len()..].trim().to_string())
+            .unwrap_or_default()
+    };
+    let (_, shown, _) = plan(&[]);
+    assert_eq!(row(&shown, "Spot policy"), "auto", "{shown}");
+    let (_, shown, _) = plan(&["--profile", "cheap"]);
+    assert_eq!(row(&shown, "Max price"), "$0.5", "{shown}");
+    assert_eq!(row(&shown, "Spot policy"), "on-demand", "{shown}");
+    let (_, shown, _) = plan(&["--profile", "cheap", "--max-price", "2"]);
+    assert_eq!(row(&shown, "Max price"), "$2", "{shown}");
+    let (_, shown, _) = plan(&["--no-profile"]);
+    assert_eq!(row(&shown, "Spot policy"), "on-demand", "{shown}");
+    let (code, _, err) = plan(&["--profile", "nope"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no profile nope in"), "{err}");
+}

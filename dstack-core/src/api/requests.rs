@@ -330,9 +330,6 @@ fn run_request(
     })
 }
 
-/// `value` without the `null` fields of its mappings, at every depth: dstack's clients send
-/// every unset field as `null`, which its models read as unset (as configurations written by
-/// hand leave them out).
 /// Sets the parameters of dstack's `Profile` `profile` (`null` for none) that the run
 /// configuration `configuration` leaves unset: the configuration's own win, as in dstack.
 /// `at` prefixes the field paths of errors (an unknown field of the profile, a value that is
@@ -367,6 +364,9 @@ pub fn merge_profile(
     Ok(())
 }
 
+/// `value` without the `null` fields of its mappings, at every depth: dstack's clients send
+/// every unset field as `null`, which its models read as unset (as configurations written by
+/// hand leave them out).
 fn without_nulls(value: &Value) -> Value {
     match value {
         Value::Object(map) => Value::Object(

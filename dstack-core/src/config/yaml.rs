@@ -104,6 +104,32 @@ impl Node {
         }
     }
 
+    /// The node's value as JSON (what [`Node::from_json`] reads back); a mapping key that is
+    /// not a string is written as its scalar's text.
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::Value;
+        match &self.kind {
+            NodeKind::Null => Value::Null,
+            NodeKind::Bool(b) => Value::Bool(*b),
+            NodeKind::Int(i) => Value::from(*i),
+            NodeKind::Float(f) => Value::from(*f),
+            NodeKind::Str(s) => Value::String(s.clone()),
+            NodeKind::Seq(items) => Value::Array(items.iter().map(Node::to_json).collect()),
+            NodeKind::Map(entries) => Value::Object(
+                entries
+                    .iter()
+                    .map(|(k, v)| {
+                        let key = match k.to_json() {
+                            Value::String(s) => s,
+                            other => other.to_string(),
+                        };
+                        (key, v.to_json())
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
     /// A short human name of the node's type, used in error messages.
     pub fn type_name(&self) -> &'static str {
         match self.kind {
