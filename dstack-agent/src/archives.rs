@@ -17,6 +17,8 @@ use futures_util::StreamExt;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use crate::state::random_hex;
+
 /// How long an archive no job was submitted with is kept.
 const ARCHIVE_TTL: Duration = Duration::from_secs(24 * 3600);
 
@@ -46,7 +48,9 @@ impl Archives {
             return Err(format!("{hash} is not a SHA-256 in lowercase hex"));
         }
         fs::create_dir_all(&self.dir).map_err(|e| format!("cannot keep archives: {e}"))?;
-        let temp = self.dir.join(format!(".{hash}.{}", std::process::id()));
+        // A name of its own: two uploads of one archive at once must not write one file.
+        let suffix = random_hex(8).map_err(|e| e.to_string())?;
+        let temp = self.dir.join(format!(".{hash}.{suffix}"));
         let written = async {
             let mut file = io::BufWriter::new(
                 fs::File::create(&temp).map_err(|e| format!("cannot keep archives: {e}"))?,

@@ -727,7 +727,6 @@ async fn resubmit(inner: &Arc<Inner>, mut run: Run, waiting: Waiting) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{RawJson, RunSpec};
 
     const MINUTE: u64 = 60_000;
     const HOUR: u64 = 60 * MINUTE;
@@ -767,24 +766,9 @@ mod tests {
     /// A run applied two days ago whose start was due two hours ago.
     fn run(status: RunStatus) -> Run {
         Run {
-            id: "r".into(),
-            name: "r".into(),
-            status,
-            termination_reason: None,
-            status_message: None,
-            spec: RunSpec {
-                configuration: RawJson::from_value(&serde_json::Value::Null),
-                configuration_path: None,
-                client_dir: "/".into(),
-                client_env: Default::default(),
-                group: None,
-                archives: Vec::new(),
-            },
             submitted_at_ms: NOW - 48 * HOUR,
-            resubmission_attempt: 0,
-            next_attempt_at_ms: None,
             next_triggered_at_ms: Some(NOW - 2 * HOUR),
-            deployment_num: 0,
+            ..Run::for_tests(status)
         }
     }
 

@@ -243,26 +243,7 @@ mod tests {
 
     #[test]
     fn scaling_down_stops_replicas_not_yet_running_then_the_highest() {
-        let run = crate::model::Run {
-            id: "r".into(),
-            name: "r".into(),
-            status: RunStatus::Running,
-            termination_reason: None,
-            status_message: None,
-            spec: crate::model::RunSpec {
-                configuration: crate::model::RawJson::from_value(&serde_json::Value::Null),
-                configuration_path: None,
-                client_dir: "/".into(),
-                client_env: Default::default(),
-                group: None,
-                archives: Vec::new(),
-            },
-            submitted_at_ms: 0,
-            resubmission_attempt: 0,
-            next_attempt_at_ms: None,
-            next_triggered_at_ms: None,
-            deployment_num: 0,
-        };
+        let run = crate::model::Run::for_tests(RunStatus::Running);
         let job = |replica: u32, status: JobStatus| {
             let mut j = Job::of_slot(&run, (replica, 0), 0);
             j.status = status;

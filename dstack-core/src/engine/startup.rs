@@ -41,26 +41,7 @@ mod tests {
     use super::*;
 
     fn node(job_num: u32, submission_num: u32, status: JobStatus) -> Job {
-        let run = crate::model::Run {
-            id: "r".into(),
-            name: "r".into(),
-            status: crate::model::RunStatus::Provisioning,
-            termination_reason: None,
-            status_message: None,
-            spec: crate::model::RunSpec {
-                configuration: crate::model::RawJson::from_value(&serde_json::Value::Null),
-                configuration_path: None,
-                client_dir: "/".into(),
-                client_env: Default::default(),
-                group: None,
-                archives: Vec::new(),
-            },
-            submitted_at_ms: 0,
-            resubmission_attempt: 0,
-            next_attempt_at_ms: None,
-            next_triggered_at_ms: None,
-            deployment_num: 0,
-        };
+        let run = crate::model::Run::for_tests(crate::model::RunStatus::Provisioning);
         Job {
             status,
             ..Job::submission(&run, job_num, submission_num)

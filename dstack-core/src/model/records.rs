@@ -119,6 +119,32 @@ fn is_zero(n: &u32) -> bool {
 }
 
 impl Run {
+    /// A run named `r` in `status` with nothing applied (no configuration, no times): what
+    /// unit tests build jobs of.
+    #[cfg(test)]
+    pub(crate) fn for_tests(status: RunStatus) -> Run {
+        Run {
+            id: "r".into(),
+            name: "r".into(),
+            status,
+            termination_reason: None,
+            status_message: None,
+            spec: RunSpec {
+                configuration: RawJson::from_value(&serde_json::Value::Null),
+                configuration_path: None,
+                client_dir: "/".into(),
+                client_env: Default::default(),
+                group: None,
+                archives: Vec::new(),
+            },
+            submitted_at_ms: 0,
+            resubmission_attempt: 0,
+            next_attempt_at_ms: None,
+            next_triggered_at_ms: None,
+            deployment_num: 0,
+        }
+    }
+
     /// When a scheduled run that waits `pending` for its next start is due to start (Unix
     /// ms); `None` for any other run, a scheduled run waiting for a retry included.
     pub fn scheduled_start_ms(&self) -> Option<u64> {
