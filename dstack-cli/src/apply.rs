@@ -63,6 +63,16 @@ pub struct SubmitArgs {
     /// Stop an active run of the same name and submit this one even when nothing changed.
     #[arg(long)]
     force: bool,
+    /// Show more of the plan (the creation policy and the reservation, even at their
+    /// defaults).
+    #[arg(short, long)]
+    verbose: bool,
+    /// The local address the run's forwarded ports listen on (`localhost` by default).
+    #[arg(long = "host", value_name = "HOST", value_parser = crate::runs::bind_address)]
+    host: Option<std::net::IpAddr>,
+    /// A private key `ssh <run>` also accepts (its public half, `PATH.pub`, is added).
+    #[arg(long, value_name = "PATH")]
+    ssh_identity: Option<PathBuf>,
 }
 
 /// Reads and validates the configuration file, refuses the fields it sets that would be
@@ -115,9 +125,10 @@ fn parse_env(items: &[String]) -> Result<BTreeMap<String, String>, Failure> {
     Ok(env)
 }
 
-/// Prints the plan as dstack does: the configuration summary, then the offers (the first
+/// Prints the plan as dstack does: the configuration summary (`verbose`: with the creation
+/// policy and the reservation even at their defaults), then the offers (the first
 /// `max_offers` of them, when given).
-pub fn print_plan(plan: &RunPlan, file: &str, max_offers: Option<usize>) {
+pub fn print_plan(plan: &RunPlan, file: &str, max_offers: Option<usize>, verbose: bool) {
     let common = match &plan.configuration {
         Configuration::Task(t) => &t.common,
         Configuration::Service(s) => &s.common,
@@ -134,7 +145,11 @@ pub fn print_plan(plan: &RunPlan, file: &str, max_offers: Option<usize>) {
     }
     let p = &common.profile;
     let mut summary = Table::new(&["Configuration", file]);
-    summary.row(vec!["Type".into(), plan.configuration.type_name().into()]);
+    let kind = match &plan.configuration {
+        Configuration::Task(t) => format!("task (nodes={})", t.nodes.unwrap_or(1)),
+        other => other.type_name().to_string(),
+    };
+    summary.row(vec!["Type".into(), kind]);
     summary.row(vec!["Resources".into(), res]);
     summary.row(vec![
         "Spot policy".into(),
@@ -148,6 +163,9 @@ pub fn print_plan(plan: &RunPlan, file: &str, max_offers: Option<usize>) {
         "Retry policy".into(),
         if p.retry.is_some() { "yes" } else { "no" }.into(),
     ]);
+    for (key, value) in profile_rows(&plan.configuration, p, verbose) {
+        summary.row(vec![key.into(), value]);
+    }
     println!("{}", summary.render());
     if plan.offers.is_empty() {
         println!(
@@ -171,6 +189,60 @@ pub fn print_plan(plan: &RunPlan, file: &str, max_offers: Option<usize>) {
     println!("{}", offers.render());
     if shown < plan.offers.len() {
         println!(" Shown {shown} of {} offers\n", plan.offers.len());
+    }
+}
+
+/// The plan's rows after the retry policy, as dstack's: the creation policy (`verbose`, or
+/// when not the default), idle and maximum durations, a dev environment's inactivity
+/// duration, the reservation (`verbose`, or when set).
+fn profile_rows(
+    configuration: &Configuration,
+    p: &config::profile::ProfileParams,
+    verbose: bool,
+) -> Vec<(&'static str, String)> {
+    use config::duration::OffableDuration;
+    let mut rows = Vec::new();
+    let creation = p.creation_policy.map(|c| c.as_str());
+    if verbose || creation.is_some_and(|c| c != "reuse-or-create") {
+        rows.push((
+            "Creation policy",
+            creation.unwrap_or("reuse-or-create").to_string(),
+        ));
+    }
+    let idle = match p.idle_duration {
+        Some(d) if d.seconds() < 0 => "-".to_string(),
+        Some(d) => pretty_seconds(d.seconds()),
+        None => pretty_seconds(300),
+    };
+    rows.push(("Idle duration", idle));
+    let max = match p.max_duration {
+        Some(OffableDuration::Seconds(d)) if d.seconds() > 0 => pretty_seconds(d.seconds()),
+        _ => "off".to_string(),
+    };
+    rows.push(("Max duration", max));
+    if let Configuration::DevEnvironment(d) = configuration {
+        let inactivity = match d.inactivity_duration {
+            Some(i) if i.seconds() > 0 => pretty_seconds(i.seconds()),
+            _ => "off".to_string(),
+        };
+        rows.push(("Inactivity duration", inactivity));
+    }
+    if verbose || p.reservation.is_some() {
+        rows.push((
+            "Reservation",
+            p.reservation.clone().unwrap_or_else(|| "no".to_string()),
+        ));
+    }
+    rows
+}
+
+/// `90s`, `5m`, `2h`, `3d` as dstack prints durations (the largest whole unit).
+fn pretty_seconds(secs: i64) -> String {
+    match secs {
+        s if s > 0 && s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s > 0 && s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s > 0 && s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
     }
 }
 
@@ -231,6 +303,9 @@ pub async fn submit(
     args: &SubmitArgs,
 ) -> Result<ExitCode, Failure> {
     let file = file.to_string();
+    if let Some(identity) = &args.ssh_identity {
+        crate::ssh::accept_identity(&dstack_core::client::default_home(), identity)?;
+    }
     let options = ApplyOptions {
         name: args.name.clone(),
         env: parse_env(&args.env)?,
@@ -261,7 +336,7 @@ pub async fn submit(
         }
         None => {
             let plan = client.runs().plan(&configuration).await?;
-            print_plan(&plan, &file, args.max_offers);
+            print_plan(&plan, &file, args.max_offers, args.verbose);
             let active = active_run(client, &configuration, args).await?;
             let question = match &active {
                 Some(active) if active.unchanged => {
@@ -317,6 +392,7 @@ pub async fn submit(
     }
     let how = crate::runs::Attach {
         logs: true,
+        bind: args.host,
         ..Default::default()
     };
     let attached = crate::runs::attach(&run, &how);

@@ -3,10 +3,12 @@
 mod apply;
 mod delete;
 mod fleet;
+mod gpu_groups;
 mod logs;
 mod offer;
 mod overrides;
 mod profiles;
+mod project;
 mod ps;
 mod runs;
 mod secret;
@@ -20,12 +22,16 @@ mod workflow;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// dstack-rs: run AI workloads on this machine, your own servers, or the cloud.
 #[derive(Parser)]
 #[command(name = "dstack", version, about, long_about = None)]
 struct Cli {
+    /// The project of `$DSTACK_HOME/config.yml` to use (`dstack project list`); defaults to
+    /// $DSTACK_PROJECT, else the default project.
+    #[arg(long, global = true, value_name = "NAME")]
+    project: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -88,6 +94,19 @@ enum Command {
     /// dstack's REST API. Every other command starts one in the background when none
     /// answers, so this is only needed to watch it or to serve other machines (--host).
     Server(server::ServerArgs),
+    /// Manage projects: the servers (URL and token) this client talks to.
+    Project {
+        #[command(subcommand)]
+        action: Option<project::ProjectAction>,
+        #[command(flatten)]
+        list: project::ListArgs,
+    },
+    /// Print the shell completion script: `source <(dstack completion bash)`, or for zsh
+    /// `dstack completion zsh > "${fpath[1]}/_dstack"`.
+    Completion {
+        /// The shell.
+        shell: CompletionShell,
+    },
     /// Carry an SSH connection to a running job over standard input and output (the
     /// `ProxyCommand` of the `ssh <run>` entries).
     #[command(hide = true)]
@@ -103,6 +122,15 @@ enum FleetAction {
     Get(fleet::GetArgs),
     /// Delete a fleet: stop its hosts' agents and remove what was installed on them.
     Delete(fleet::DeleteArgs),
+}
+
+/// The shells `dstack completion` writes for.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CompletionShell {
+    /// bash.
+    Bash,
+    /// zsh.
+    Zsh,
 }
 
 /// `dstack volume` subcommands.
@@ -173,6 +201,24 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
         Command::Validate(args) => return Ok(validate::run(&args)),
         Command::Server(args) => return server::run(args).await,
         Command::SshProxy(args) => return ssh::proxy(&args).await,
+        Command::Project { action, list } => {
+            return project::run(&dstack_core::client::default_home(), action, &list).await
+        }
+        Command::Completion { shell } => {
+            let shell = match shell {
+                CompletionShell::Bash => clap_complete::Shell::Bash,
+                CompletionShell::Zsh => clap_complete::Shell::Zsh,
+            };
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "dstack", &mut script);
+            return match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+                // A closed pipe (`| head`) is no failure.
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    Err(Failure::new(format!("cannot write the script: {e}")))
+                }
+                _ => Ok(ExitCode::SUCCESS),
+            };
+        }
         // Its words are checked before the server is asked for.
         Command::Run(args) => return workflow::run(&args).await,
         _ => {}
@@ -197,14 +243,21 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
             None | Some(VolumeAction::List) => volume::list(&client).await,
             Some(VolumeAction::Delete(args)) => volume::delete(&client, &args).await,
         },
-        Command::Validate(_) | Command::Server(_) | Command::SshProxy(_) | Command::Run(_) => {
-            unreachable!("handled above")
-        }
+        Command::Validate(_)
+        | Command::Server(_)
+        | Command::SshProxy(_)
+        | Command::Run(_)
+        | Command::Project { .. }
+        | Command::Completion { .. } => unreachable!("handled above"),
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(project) = &cli.project {
+        // Before any thread starts: every client (and `ssh <run>`'s proxy) reads it.
+        std::env::set_var("DSTACK_PROJECT", project);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use dstack_core::config;
 use dstack_core::Client;
 
+use crate::gpu_groups::{self, GroupBy};
 use crate::overrides::Overrides;
 use crate::ps::Format;
 use crate::Failure;
@@ -24,6 +25,10 @@ pub struct OfferArgs {
     /// Print JSON (the same as --format json).
     #[arg(long)]
     json: bool,
+    /// Group GPU offers into rows by `gpu`, and also `backend`, `region` (with `backend`),
+    /// `count`: repeatable or comma-separated (`--group-by gpu,backend`).
+    #[arg(long, value_name = "FIELDS")]
+    group_by: Vec<String>,
 }
 
 /// `dstack offer`: the plan of a task with the flags' resources and profile.
@@ -31,8 +36,36 @@ pub async fn offer(client: &Client, args: &OfferArgs) -> Result<ExitCode, Failur
     let task = config::parse("type: task\ncommands: [offer]\n", "dstack offer")
         .map_err(|e| Failure::new(e.to_string()))?;
     let configuration = args.overrides.apply(task)?;
+    let group_by = if args.group_by.is_empty() {
+        None
+    } else {
+        Some(GroupBy::parse(&args.group_by).map_err(Failure::new)?)
+    };
     let plan = client.runs().plan(&configuration).await?;
-    if args.json || args.format == Format::Json {
+    let json = args.json || args.format == Format::Json;
+    if let Some(by) = group_by {
+        let rows = gpu_groups::group(&plan.offers, by);
+        if json {
+            let out = serde_json::json!({
+                "project": client.server().map_or("main", |r| r.project()),
+                "group_by": by.names(),
+                "gpus": rows,
+            });
+            println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+        } else if rows.is_empty() {
+            println!(
+                " No GPU offers: {}",
+                plan.no_offers_reason
+                    .as_deref()
+                    .unwrap_or("none of the offers has a GPU")
+            );
+        } else {
+            println!(" Group by  {}\n", by.names().join(", "));
+            print!("{}", gpu_groups::table(&rows, by).render());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if json || args.format == Format::Json {
         let shown = args.max_offers.unwrap_or(usize::MAX).min(plan.offers.len());
         let out = serde_json::json!({
             "offers": plan.offers[..shown],
@@ -41,7 +74,7 @@ pub async fn offer(client: &Client, args: &OfferArgs) -> Result<ExitCode, Failur
         });
         println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
     } else {
-        crate::apply::print_plan(&plan, "(flags)", args.max_offers);
+        crate::apply::print_plan(&plan, "(flags)", args.max_offers, false);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -105,11 +105,23 @@ pub struct Overrides {
     /// Upload no repo (drops the configuration's `repos`).
     #[arg(long, help_heading = "Repo")]
     no_repo: bool,
+    /// Expose a port of a task or dev environment: `PORT`, `LOCAL:PORT` or `*:PORT`
+    /// (repeatable); replaces the configuration's mapping of the same port.
+    #[arg(
+        short = 'p',
+        long = "port",
+        value_name = "MAPPING",
+        help_heading = "Ports"
+    )]
+    ports: Vec<String>,
 }
 
 /// Why overrides could not be applied.
 #[derive(Debug, thiserror::Error)]
 pub enum OverrideError {
+    /// `-p` given for a service (published through the proxy) or a non-run configuration.
+    #[error("-p/--port applies to tasks and dev environments, not to a {0} configuration")]
+    PortsNotAllowed(&'static str),
     /// The configuration is not a run (fleet, volume, gateway files take none of these).
     #[error("{flags} apply to runs only, not to a {kind} configuration")]
     NotARun {
@@ -193,9 +205,20 @@ impl Overrides {
         fields
     }
 
-    /// `configuration` with the flags' fields replaced (unchanged without flags).
+    /// `configuration` with the flags' fields replaced and `-p` mappings merged into its
+    /// ports (unchanged without flags).
     pub fn apply(&self, configuration: Configuration) -> Result<Configuration, OverrideError> {
-        let fields = self.fields();
+        let mut fields = self.fields();
+        if !self.ports.is_empty() {
+            if !matches!(
+                configuration,
+                Configuration::Task(_) | Configuration::DevEnvironment(_)
+            ) {
+                return Err(OverrideError::PortsNotAllowed(configuration.type_name()));
+            }
+            let current = configuration.to_json()["ports"].clone();
+            fields.push(("ports", merge_ports(&current, &self.ports)));
+        }
         if fields.is_empty() {
             return Ok(configuration);
         }
@@ -227,6 +250,31 @@ impl Overrides {
         }
         config::parse_value(&value, "the command-line flags").map_err(OverrideError::Invalid)
     }
+}
+
+/// The configuration's `ports` (as its JSON has them) with the `-p` mappings merged in, as
+/// dstack's: a mapping replaces the one of the same container port, others are appended. A
+/// mapping that is not one is kept as text, for the parser to refuse at its place.
+fn merge_ports(current: &Value, flags: &[String]) -> Value {
+    let container_port = |v: &Value| match v {
+        Value::Object(m) => m.get("container_port").and_then(Value::as_u64),
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => s.rsplit(':').next().and_then(|p| p.trim().parse().ok()),
+        _ => None,
+    };
+    let mut merged: Vec<Value> = current.as_array().cloned().unwrap_or_default();
+    for flag in flags {
+        let value = Value::String(flag.clone());
+        let port = container_port(&value);
+        match merged
+            .iter_mut()
+            .find(|m| port.is_some() && container_port(m) == port)
+        {
+            Some(existing) => *existing = value,
+            None => merged.push(value),
+        }
+    }
+    Value::Array(merged)
 }
 
 #[cfg(test)]
@@ -268,6 +316,40 @@ mod tests {
             panic!("a task")
         };
         assert!(t.common.repos.is_empty());
+    }
+
+    #[test]
+    fn port_flags_replace_the_same_port_and_add_others() {
+        let with_ports = config::parse(
+            "type: task\ncommands: [x]\nports: [8000, \"9000:90\"]\n",
+            "t.yml",
+        )
+        .unwrap();
+        let overrides = Overrides {
+            ports: vec!["8100:8000".into(), "*:7000".into()],
+            ..Overrides::default()
+        };
+        let Configuration::Task(t) = overrides.apply(with_ports).unwrap() else {
+            panic!("a task")
+        };
+        let ports: Vec<(Option<u16>, u16)> = t
+            .ports
+            .iter()
+            .map(|p| (p.local_port, p.container_port))
+            .collect();
+        assert_eq!(
+            ports,
+            vec![(Some(8100), 8000), (Some(9000), 90), (None, 7000)]
+        );
+        let bad = Overrides {
+            ports: vec!["x:80:1".into()],
+            ..Overrides::default()
+        };
+        let e = bad.apply(task()).unwrap_err().to_string();
+        assert!(e.contains("ports[0]"), "{e}");
+        let service = config::parse("type: service\ncommands: [x]\nport: 80\n", "s.yml").unwrap();
+        let e = overrides.apply(service).unwrap_err().to_string();
+        assert!(e.contains("-p/--port") && e.contains("service"), "{e}");
     }
 
     #[test]

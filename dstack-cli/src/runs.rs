@@ -1,5 +1,6 @@
 //! `dstack attach`, `dstack stop`.
 
+use std::net::{IpAddr, Ipv4Addr, ToSocketAddrs};
 use std::process::ExitCode;
 
 use dstack_core::client::protocol::LogQuery;
@@ -32,6 +33,22 @@ pub struct AttachArgs {
     /// A private key `ssh <run>` also accepts (its public half, `PATH.pub`, is added).
     #[arg(long, value_name = "PATH")]
     ssh_identity: Option<std::path::PathBuf>,
+    /// The local address forwarded ports listen on (`localhost` by default).
+    #[arg(long = "host", value_name = "HOST", value_parser = bind_address)]
+    host: Option<IpAddr>,
+}
+
+/// `--host`: an IP address, or a name this machine resolves (`localhost`).
+pub fn bind_address(text: &str) -> Result<IpAddr, String> {
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Ok(ip);
+    }
+    (text, 0)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .map(|a| a.ip())
+        .ok_or_else(|| format!("{text:?} is not an address of this machine's"))
 }
 
 /// `[LOCAL:]REMOTE`.
@@ -61,6 +78,8 @@ pub struct Attach {
     pub logs: bool,
     /// Only output written at this time (Unix ms) or later.
     pub since_ms: Option<u64>,
+    /// Where forwarded ports listen (`127.0.0.1` when `None`).
+    pub bind: Option<IpAddr>,
 }
 
 /// Waits until the run is running, forwards the job's ports to this machine (for jobs on
@@ -90,13 +109,19 @@ pub async fn attach(
         };
         eprintln!("Connect with: ssh {host}");
         print_ide_link(run).await;
+        let bind = how.bind.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
         match run
-            .forward_job_ports(how.job, how.replica, &how.ports)
+            .forward_job_ports_on(bind, how.job, how.replica, &how.ports)
             .await
         {
             Ok(forward) => {
+                let at = match bind {
+                    IpAddr::V4(Ipv4Addr::LOCALHOST) => "localhost".to_string(),
+                    IpAddr::V6(ip) => format!("[{ip}]"),
+                    ip => ip.to_string(),
+                };
                 for (here, there) in &forward.ports {
-                    eprintln!("Port {there} of the job is reachable at localhost:{here}");
+                    eprintln!("Port {there} of the job is reachable at {at}:{here}");
                 }
                 Some(forward)
             }
@@ -149,6 +174,7 @@ pub async fn attach_cmd(
         ports: args.ports.clone(),
         logs: args.logs,
         since_ms: args.since.map(|s| s.0),
+        bind: args.host,
     };
     tokio::select! {
         result = attach(&run, &how) => {

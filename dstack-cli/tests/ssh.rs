@@ -11,13 +11,12 @@ mod netns;
 #[allow(dead_code)]
 mod podman;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{text, Env};
+use common::{free_port, http_get, text, Env};
 
 /// A home with a temporary `HOME` beside it.
 struct SshEnv {
@@ -99,25 +98,6 @@ fn wait_for(mut f: impl FnMut() -> bool, what: &str, context: impl Fn() -> Strin
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// A TCP port nobody listens on now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The body of `GET /name` on `127.0.0.1:port`, if anything answers.
-fn http_get(port: u16, name: &str) -> Option<String> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(stream, "GET /{name} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).ok()?;
-    Some(answer.split_once("\r\n\r\n")?.1.to_string())
 }
 
 fn canonical(path: &Path) -> PathBuf {

@@ -17,7 +17,7 @@ use crate::Shared;
 use dstack_core::http::serve::{json, Body};
 
 /// The one user of a local server.
-const OWNER: Owner<'static> = Owner {
+pub(crate) const OWNER: Owner<'static> = Owner {
     project_name: PROJECT,
     user: "admin",
 };

@@ -91,6 +91,16 @@ async fn route(
         ["api", "server", "get_info"] => Ok(json(&serde_json::json!({
             "server_version": env!("CARGO_PKG_VERSION"),
         }))),
+        ["api", "projects", project, "get"] => {
+            if *project != PROJECT {
+                return Err(no_project(project));
+            }
+            Ok(json(&dstack_core::api::project(&crate::dialect::OWNER)))
+        }
+        ["api", "users", "get_my_user"] => Ok(json(&dstack_core::api::user_with_creds(
+            &crate::dialect::OWNER,
+            &shared.token,
+        ))),
         ["api", "runs", "list"] if !native => crate::dialect::list_runs(shared, req).await,
         ["api", "runs", "list"] => {
             let request: ListRequest = body(req).await?;
@@ -104,9 +114,7 @@ async fn route(
         }
         ["api", "project", project, route @ ..] => {
             if *project != PROJECT {
-                return Err(ApiError::not_found(format!(
-                    "project {project} does not exist (this server has project {PROJECT})"
-                )));
+                return Err(no_project(project));
             }
             match route {
                 ["secrets", action] => crate::secrets::route(shared, action, req).await,
@@ -120,6 +128,13 @@ async fn route(
             format!("no such route {path}"),
         )),
     }
+}
+
+/// The refusal of a project this server does not have.
+fn no_project(project: &str) -> ApiError {
+    ApiError::not_found(format!(
+        "project {project} does not exist (this server has project {PROJECT})"
+    ))
 }
 
 /// A project route answered with this project's records.

@@ -136,3 +136,30 @@ impl Env {
             .to_string()
     }
 }
+
+/// A TCP port nobody listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The body of `GET /name` on `127.0.0.1:port`, if anything answers.
+pub fn http_get(port: u16, name: &str) -> Option<String> {
+    http_get_at("127.0.0.1", port, name)
+}
+
+/// The body of `GET /name` on `ip:port`, if anything answers (within 5 s).
+pub fn http_get_at(ip: &str, port: u16, name: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect((ip, port)).ok()?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok()?;
+    write!(stream, "GET /{name} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).ok()?;
+    Some(answer.split_once("\r\n\r\n")?.1.to_string())
+}

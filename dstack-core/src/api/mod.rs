@@ -16,11 +16,13 @@
 
 mod fleets;
 mod logs;
+mod projects;
 mod requests;
 mod runs;
 
 pub use fleets::{fleet, instance, volume};
 pub use logs::{error_body, log_page, ErrorCode, LogEvent, LogSource};
+pub use projects::{project, user, user_with_creds};
 pub use requests::{
     apply_request, merge_profile, plan_request, poll_logs_request, ApplyRequest, PlanRequest,
     PollLogsRequest, RequestError, RunRequest,

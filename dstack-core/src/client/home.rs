@@ -232,6 +232,38 @@ impl ClientConfig {
         }
     }
 
+    /// Adds `project`, or replaces the one of its name in place; when it is the default, no
+    /// other project is any more (dstack's `project add`).
+    pub fn configure(&mut self, project: Project) {
+        if project.default {
+            for p in &mut self.projects {
+                p.default = false;
+            }
+        }
+        match self.projects.iter_mut().find(|p| p.name == project.name) {
+            Some(existing) => *existing = project,
+            None => self.projects.push(project),
+        }
+    }
+
+    /// Makes project `name` the default one; false when there is no such project.
+    pub fn set_default(&mut self, name: &str) -> bool {
+        if !self.projects.iter().any(|p| p.name == name) {
+            return false;
+        }
+        for p in &mut self.projects {
+            p.default = p.name == name;
+        }
+        true
+    }
+
+    /// Removes project `name`; false when there is no such project.
+    pub fn remove(&mut self, name: &str) -> bool {
+        let before = self.projects.len();
+        self.projects.retain(|p| p.name != name);
+        self.projects.len() != before
+    }
+
     /// Writes `home/config.yml` (0600, whole).
     pub fn save(&self, home: &Path) -> std::io::Result<()> {
         let quote = |s: &str| serde_json::Value::String(s.to_string()).to_string();
@@ -444,6 +476,30 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn projects_are_added_replaced_made_default_and_removed() {
+        let project = |name: &str, default| Project {
+            name: name.into(),
+            url: format!("https://{name}.example.com"),
+            token: format!("t-{name}"),
+            default,
+        };
+        let mut config = ClientConfig::default();
+        config.set_local("http://127.0.0.1:3000", "local");
+        config.configure(project("team", false));
+        assert_eq!(config.project(None).unwrap().name, "main");
+        config.configure(project("team", true));
+        assert_eq!(config.projects.len(), 2, "replaced, not added twice");
+        assert_eq!(config.project(None).unwrap().name, "team");
+        assert!(!config.projects[0].default, "one default at a time");
+        assert!(config.set_default("main"));
+        assert!(!config.set_default("nope"));
+        assert_eq!(config.project(None).unwrap().name, "main");
+        assert!(config.remove("team"));
+        assert!(!config.remove("team"));
+        assert_eq!(config.projects.len(), 1);
     }
 
     #[test]
