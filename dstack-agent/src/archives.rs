@@ -255,9 +255,9 @@ async fn upload(
 /// How long a clone may take.
 const CLONE_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// Clones `clone` into `dir` with the host's git (blocking), as its `if_exists` says; `env`
-/// is the job's (its `HOME` finds the user's git credentials). Nothing is asked on a
-/// terminal.
+/// Clones `clone` into `dir` with the host's git (blocking), as its `if_exists` says, with
+/// the repo's credentials when `dstack init` registered some; `env` is the job's (its
+/// `HOME` finds the user's own git credentials). Nothing is asked on a terminal.
 fn clone_repo(clone: &RepoClone, dir: &Path, env: &BTreeMap<String, String>) -> Result<(), String> {
     if clone.if_exists != IfExists::Merge && archive::occupied(dir).map_err(|e| e.to_string())? {
         return match clone.if_exists {
@@ -283,7 +283,15 @@ fn clone_repo(clone: &RepoClone, dir: &Path, env: &BTreeMap<String, String>) -> 
         args.push("--single-branch".into());
     }
     args.extend(["--".into(), clone.url.clone().into(), dir.into()]);
-    git(&args, env)?;
+    let creds = match &clone.creds {
+        Some(creds) => dstack_core::repos::git_env(creds)
+            .map_err(|e| format!("cannot prepare the repo's credentials: {e}"))?,
+        None => Default::default(),
+    };
+    let mut env = env.clone();
+    env.extend(creds.vars.clone());
+    let env = &env;
+    dstack_core::repos::run_git(&args, env, CLONE_TIMEOUT)?;
     if let Some(hash) = &clone.hash {
         let checkout: Vec<std::ffi::OsString> = vec![
             "-C".into(),
@@ -295,60 +303,9 @@ fn clone_repo(clone: &RepoClone, dir: &Path, env: &BTreeMap<String, String>) -> 
             hash.into(),
             "--".into(),
         ];
-        git(&checkout, env)?;
+        dstack_core::repos::run_git(&checkout, env, CLONE_TIMEOUT)?;
     }
     Ok(())
-}
-
-/// Runs git with `args` (never through a shell) within [`CLONE_TIMEOUT`]; the error is what
-/// it said.
-fn git(args: &[std::ffi::OsString], env: &BTreeMap<String, String>) -> Result<(), String> {
-    let mut command = std::process::Command::new("git");
-    command
-        .args(args)
-        .envs(env)
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
-    let mut child = command
-        .spawn()
-        .map_err(|e| format!("cannot run git (needed for repos given by URL): {e}"))?;
-    let deadline = std::time::Instant::now() + CLONE_TIMEOUT;
-    let status = loop {
-        match child.try_wait().map_err(|e| e.to_string())? {
-            Some(status) => break status,
-            None if std::time::Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!(
-                    "git {} took longer than {CLONE_TIMEOUT:?}",
-                    args[0].to_string_lossy()
-                ));
-            }
-            None => std::thread::sleep(Duration::from_millis(50)),
-        }
-    };
-    let mut said = String::new();
-    if let Some(mut stderr) = child.stderr.take() {
-        let _ = io::Read::read_to_string(&mut stderr, &mut said);
-    }
-    if status.success() {
-        return Ok(());
-    }
-    let tail: String = said
-        .chars()
-        .rev()
-        .take(2000)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect();
-    Err(format!(
-        "git {} failed: {}",
-        args[0].to_string_lossy(),
-        tail.trim()
-    ))
 }
 
 /// Whether `dir` exists in the container and holds something: its archive (the engine's

@@ -2,8 +2,8 @@
 //!
 //! Each line is one JSON object: a [`JobRecord`] (a job's full state, written when the job is
 //! submitted; what it runs, `argv`, only if it is queued: a job is never started again from
-//! the journal unless it was queued; never its `env` nor its registry credentials, which may
-//! hold secrets: [`JobRecord::withheld`] says they were left out), an update `{"update":"<id>","info":…,"process":…}` (its later states: the
+//! the journal unless it was queued; never its `env`, its registry credentials nor its
+//! repo's credentials, which may hold secrets: [`JobRecord::withheld`] says they were left out), an update `{"update":"<id>","info":…,"process":…}` (its later states: the
 //! submission is not written again; the last state of an id wins), or a tombstone
 //! `{"removed":"<id>"}` (the job was deleted). Lines are
 //! appended whole, with one write, by a single writer, and not synced (a crash of the host
@@ -57,12 +57,13 @@ impl JobRecord {
             .container
             .as_mut()
             .and_then(|c| c.registry_auth.take());
+        let creds = record.spec.clone.as_mut().and_then(|c| c.creds.take());
         let submitted = record.spec.env.len();
         record
             .spec
             .env
             .retain(|name, _| name == METRICS_ENV || name == HOSTFILE_ENV);
-        record.withheld |= auth.is_some() || record.spec.env.len() < submitted;
+        record.withheld |= auth.is_some() || creds.is_some() || record.spec.env.len() < submitted;
         record
     }
 

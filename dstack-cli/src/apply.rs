@@ -73,6 +73,9 @@ pub struct SubmitArgs {
     /// A private key `ssh <run>` also accepts (its public half, `PATH.pub`, is added).
     #[arg(long, value_name = "PATH")]
     ssh_identity: Option<PathBuf>,
+    /// Credentials of a private repo given by URL, registered as `dstack init` does.
+    #[command(flatten)]
+    repo_creds: crate::init::CredsArgs,
 }
 
 /// Reads and validates the configuration file, refuses the fields it sets that would be
@@ -129,11 +132,8 @@ fn parse_env(items: &[String]) -> Result<BTreeMap<String, String>, Failure> {
 /// policy and the reservation even at their defaults), then the offers (the first
 /// `max_offers` of them, when given).
 pub fn print_plan(plan: &RunPlan, file: &str, max_offers: Option<usize>, verbose: bool) {
-    let common = match &plan.configuration {
-        Configuration::Task(t) => &t.common,
-        Configuration::Service(s) => &s.common,
-        Configuration::DevEnvironment(d) => &d.common,
-        _ => return,
+    let Some(common) = plan.configuration.run_common() else {
+        return;
     };
     let r = &common.resources;
     let mut res = format!("cpu={} mem={}", r.cpu.count, r.memory);
@@ -306,6 +306,12 @@ pub async fn submit(
     if let Some(identity) = &args.ssh_identity {
         crate::ssh::accept_identity(&dstack_core::client::default_home(), identity)?;
     }
+    if args.repo_creds.given() {
+        let url = repo_url(&configuration).ok_or_else(|| {
+            Failure::new("-t/--token and --git-identity are for a repo given by URL (`repos:` with a `url`, or -P URL)")
+        })?;
+        crate::init::register(client, &url, &args.repo_creds.creds()?).await?;
+    }
     let options = ApplyOptions {
         name: args.name.clone(),
         env: parse_env(&args.env)?,
@@ -413,6 +419,11 @@ pub async fn submit(
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The URL of the repo a run configuration clones, if any.
+fn repo_url(configuration: &Configuration) -> Option<String> {
+    configuration.run_common()?.repos.first()?.url.clone()
 }
 
 /// An unfinished run with the name a run configuration is applied under.

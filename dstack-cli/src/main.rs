@@ -4,6 +4,7 @@ mod apply;
 mod delete;
 mod fleet;
 mod gpu_groups;
+mod init;
 mod logs;
 mod offer;
 mod overrides;
@@ -94,6 +95,10 @@ enum Command {
     /// dstack's REST API. Every other command starts one in the background when none
     /// answers, so this is only needed to watch it or to serve other machines (--host).
     Server(server::ServerArgs),
+    /// Initialize a repo: check that it can be cloned (with the token or key given, else
+    /// this machine's git credentials) and register those credentials for the runs that
+    /// clone it (`repos:` with a `url`).
+    Init(init::InitArgs),
     /// Manage projects: the servers (URL and token) this client talks to.
     Project {
         #[command(subcommand)]
@@ -228,6 +233,7 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
     match command {
         Command::Apply(args) => apply::apply(&client, &args).await,
         Command::Secret { action } => secret::run(&client, action).await,
+        Command::Init(args) => init::init(&client, &args).await,
         Command::Ps(args) => ps::ps(&client, &args).await,
         Command::Logs(args) => logs::logs(&client, &args).await,
         Command::Attach(args) => runs::attach_cmd(&client, &home, &args).await,

@@ -105,6 +105,12 @@ pub struct Overrides {
     /// Upload no repo (drops the configuration's `repos`).
     #[arg(long, help_heading = "Repo")]
     no_repo: bool,
+    /// The branch to check out of the repo `-P URL` names.
+    #[arg(long, value_name = "BRANCH", help_heading = "Repo", requires = "repo")]
+    repo_branch: Option<String>,
+    /// The commit to check out of the repo `-P URL` names.
+    #[arg(long, value_name = "HASH", help_heading = "Repo", requires = "repo")]
+    repo_hash: Option<String>,
     /// Expose a port of a task or dev environment: `PORT`, `LOCAL:PORT` or `*:PORT`
     /// (repeatable); replaces the configuration's mapping of the same port.
     #[arg(
@@ -119,6 +125,9 @@ pub struct Overrides {
 /// Why overrides could not be applied.
 #[derive(Debug, thiserror::Error)]
 pub enum OverrideError {
+    /// `--repo-branch`/`--repo-hash` given with a local `-P` path.
+    #[error("--repo-branch and --repo-hash apply to a repo given by URL (-P URL); a local repo is uploaded as it is on disk")]
+    NotAUrl,
     /// `-p` given for a service (published through the proxy) or a non-run configuration.
     #[error("-p/--port applies to tasks and dev environments, not to a {0} configuration")]
     PortsNotAllowed(&'static str),
@@ -192,13 +201,23 @@ impl Overrides {
         }
         if let Some(repo) = &self.repo {
             // A path is taken from the directory the command runs in (paths in the file are
-            // taken from the file's); a URL stays as it is.
-            let url = repo.contains("://") || repo.contains('@');
-            let path = match std::env::current_dir() {
-                Ok(dir) if !url => dir.join(repo).display().to_string(),
-                _ => repo.clone(),
+            // taken from the file's); a URL stays as it is, with the branch or commit asked
+            // for.
+            let entry = if crate::init::is_url(repo) {
+                let mut entry = json!({ "url": repo });
+                for (key, value) in [("branch", &self.repo_branch), ("hash", &self.repo_hash)] {
+                    if let Some(value) = value {
+                        entry[key] = json!(value);
+                    }
+                }
+                entry
+            } else {
+                match std::env::current_dir() {
+                    Ok(dir) => json!(dir.join(repo).display().to_string()),
+                    Err(_) => json!(repo),
+                }
             };
-            fields.push(("repos", json!([path])));
+            fields.push(("repos", json!([entry])));
         } else if self.no_repo {
             fields.push(("repos", json!([])));
         }
@@ -208,6 +227,10 @@ impl Overrides {
     /// `configuration` with the flags' fields replaced and `-p` mappings merged into its
     /// ports (unchanged without flags).
     pub fn apply(&self, configuration: Configuration) -> Result<Configuration, OverrideError> {
+        let branch_or_hash = self.repo_branch.is_some() || self.repo_hash.is_some();
+        if branch_or_hash && !self.repo.as_deref().is_some_and(crate::init::is_url) {
+            return Err(OverrideError::NotAUrl);
+        }
         let mut fields = self.fields();
         if !self.ports.is_empty() {
             if !matches!(
@@ -316,6 +339,31 @@ mod tests {
             panic!("a task")
         };
         assert!(t.common.repos.is_empty());
+        let url = Overrides {
+            repo: Some("https://github.com/org/repo.git".into()),
+            repo_branch: Some("dev".into()),
+            repo_hash: Some("abc123".into()),
+            ..Overrides::default()
+        };
+        let Configuration::Task(t) = url.apply(task()).unwrap() else {
+            panic!("a task")
+        };
+        let repo = &t.common.repos[0];
+        assert_eq!(repo.url.as_deref(), Some("https://github.com/org/repo.git"));
+        assert_eq!(
+            (repo.branch.as_deref(), repo.hash.as_deref()),
+            (Some("dev"), Some("abc123"))
+        );
+        let local = Overrides {
+            repo: Some("code".into()),
+            repo_branch: Some("dev".into()),
+            ..Overrides::default()
+        };
+        assert!(local
+            .apply(task())
+            .unwrap_err()
+            .to_string()
+            .contains("-P URL"));
     }
 
     #[test]

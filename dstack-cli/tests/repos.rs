@@ -11,7 +11,7 @@ mod netns;
 #[allow(dead_code)]
 mod podman;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use common::{text, Env};
@@ -401,4 +401,137 @@ fn a_repo_given_by_url_is_cloned_at_its_branch_or_commit_on_the_host_and_into_a_
         cloned(&in_containers, "boxed", &branch, &boxed, Some(&socket)),
         ["other", "a-clone"]
     );
+}
+
+/// A private git server over HTTP (`tests/apps/git_http_server.py`) serving `root`, taking
+/// `token`; killed when dropped.
+struct PrivateGit {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl PrivateGit {
+    fn start(root: &Path, token: &str) -> PrivateGit {
+        let port_file = root.join("port");
+        let child = Command::new("python3")
+            .arg(common::workspace().join("dstack-cli/tests/apps/git_http_server.py"))
+            .arg(root)
+            .arg(token)
+            .arg(&port_file)
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let port = loop {
+            if let Some(port) = std::fs::read_to_string(&port_file)
+                .ok()
+                .and_then(|p| p.trim().parse().ok())
+            {
+                break port;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the git server did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        PrivateGit { child, port }
+    }
+}
+
+impl Drop for PrivateGit {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every file below `dir` whose content holds `needle`, but for `except`.
+fn files_holding(dir: &Path, needle: &str, except: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path == except {
+            continue;
+        }
+        if path.is_dir() && !path.is_symlink() {
+            found.extend(files_holding(&path, needle, except));
+        } else if std::fs::read(&path)
+            .is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle.as_bytes()))
+        {
+            found.push(path);
+        }
+    }
+    found
+}
+
+#[test]
+fn dstack_init_registers_a_private_repos_token_for_the_runs_that_clone_it() {
+    let env = Env::new();
+    let dir = tempfile::tempdir().unwrap();
+    origin(&dir.path().join("work"));
+    let bare = dir.path().join("private.git");
+    git(
+        dir.path(),
+        &["clone", "-q", "--bare", "work", bare.to_str().unwrap()],
+    );
+    let token = "tok-3f9a1c77e2";
+    let server = PrivateGit::start(dir.path(), token);
+    // (the long form: `http://host:PORT/…` alone reads as URL `http://host` and path
+    // `PORT/…`, as dstack reads it)
+    let url = format!("http://127.0.0.1:{}/private.git", server.port);
+
+    // Neither this machine's credentials nor a wrong token open it.
+    let out = env.run(&["init", "-P", &url]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("No valid default Git credentials"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = env.run(&["init", "-P", &url, "-t", "wrong"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("do not open the repo"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Without init, a run cannot clone it.
+    let file = env.write(
+        "private.dstack.yml",
+        &format!(
+            "type: task\nname: private\nrepos:\n  - url: {url}\n\
+             resources: {{cpu: 1.., memory: 0.1GB..}}\ncommands: ['cat hello.txt']\n"
+        ),
+    );
+    let out = env.run(&["apply", "-f", &file, "-y"]);
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out.stdout));
+
+    let out = env.run(&["init", "-P", &url, "-t", token]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        cloned(&env, "private", &format!("  - url: {url}\n"), "", None),
+        ["second", "a-clone"]
+    );
+
+    // The token is kept with the secrets (0600), and nowhere else in the home: not in the
+    // state database, the agent's journal, logs or listings.
+    let secrets = env.home.path().join("secrets.json");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&secrets).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        files_holding(env.home.path(), token, &secrets),
+        Vec::<PathBuf>::new()
+    );
+    for listing in [&["ps", "-a", "--json"][..], &["secret", "list"][..]] {
+        let out = env.run(listing);
+        assert!(!text(&out.stdout).contains(token));
+        assert!(
+            !text(&out.stdout).contains("__dstack"),
+            "{}",
+            text(&out.stdout)
+        );
+    }
 }

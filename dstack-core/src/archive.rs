@@ -47,8 +47,9 @@ pub struct Archive {
     pub repo: bool,
 }
 
-/// A repo given by URL, cloned with git on the host before the job starts (with the host's
-/// own git credentials: its credential helpers, `~/.ssh`).
+/// A repo given by URL, cloned with git on the host before the job starts, with the
+/// credentials registered by `dstack init`, else the host's own (its credential helpers,
+/// `~/.ssh`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RepoClone {
     /// What `git clone` is given.
@@ -66,6 +67,10 @@ pub struct RepoClone {
     pub path: String,
     /// What to do when that directory already holds something.
     pub if_exists: IfExists,
+    /// The credentials `dstack init` registered for the repo (the host's own git
+    /// credentials otherwise); never journaled by the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creds: Option<crate::repos::RepoCreds>,
 }
 
 /// What unpacking does with a target directory that is not empty.

@@ -17,6 +17,7 @@ pub mod http;
 pub mod ide;
 pub mod model;
 pub mod offers;
+pub mod repos;
 pub mod secrets;
 pub mod store;
 

@@ -16,6 +16,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::config::interpolate::{interpolate, InterpolationError, Lookup};
+use crate::repos::RepoCreds;
 
 /// What a redacted value is printed as.
 pub const REDACTED: &str = "********";
@@ -26,9 +27,13 @@ pub const MAX_NAME_LEN: usize = 200;
 pub const MAX_VALUE_BYTES: usize = 64 * 1024;
 /// The largest secrets file read.
 const MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
-/// Names of values kept for runs start so ([`Secrets::keep_for_run`]); users cannot set
-/// such names, and `list` does not show them.
+/// Names of values the project keeps for itself start so; users cannot set such names, and
+/// `list` does not show them.
+const RESERVED_PREFIX: &str = "__dstack_";
+/// Names of values kept for runs start so ([`Secrets::keep_for_run`]).
 const RUN_PREFIX: &str = "__dstack_run_";
+/// Names of repo credentials start so ([`Secrets::keep_repo_creds`]).
+const REPO_PREFIX: &str = "__dstack_repo_";
 
 /// A secret operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -95,7 +100,7 @@ impl Secrets {
         Ok(self
             .read()?
             .into_keys()
-            .filter(|n| !n.starts_with(RUN_PREFIX))
+            .filter(|n| !n.starts_with(RESERVED_PREFIX))
             .collect())
     }
 
@@ -123,6 +128,19 @@ impl Secrets {
             all.insert(name.clone(), value.to_string());
         })?;
         Ok(format!("${{{{ secrets.{name} }}}}"))
+    }
+
+    /// Keeps the credentials of the repo at `url` (`dstack init`), replacing any it had;
+    /// empty credentials forget them.
+    pub fn keep_repo_creds(&self, url: &str, creds: &RepoCreds) -> Result<(), SecretError> {
+        let name = repo_creds_name(url);
+        let value = serde_json::to_string(creds).unwrap_or_default();
+        self.change(|all| {
+            all.remove(&name);
+            if !creds.is_empty() {
+                all.insert(name, value);
+            }
+        })
     }
 
     /// Every secret, by name (what [`substitute`] resolves references from).
@@ -227,9 +245,24 @@ pub fn redact_run(run: &mut serde_json::Value) {
     }
 }
 
+/// The name the credentials of the repo at `url` are kept under.
+fn repo_creds_name(url: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(crate::repos::repo_id(url).as_bytes());
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{REPO_PREFIX}{hex}")
+}
+
+/// The credentials `dstack init` registered for the repo at `url`, from every secret
+/// (`values`, as [`Secrets::values`] gives them).
+pub fn repo_creds(values: &BTreeMap<String, String>, url: &str) -> Option<RepoCreds> {
+    let value = values.get(&repo_creds_name(url))?;
+    serde_json::from_str(value).ok()
+}
+
 fn check_name(name: &str) -> Result<(), SecretError> {
     let valid = name.len() <= MAX_NAME_LEN
-        && !name.starts_with(RUN_PREFIX)
+        && !name.starts_with(RESERVED_PREFIX)
         && crate::config::interpolate::is_identifier(name);
     if valid {
         Ok(())

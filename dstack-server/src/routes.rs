@@ -118,6 +118,7 @@ async fn route(
             }
             match route {
                 ["secrets", action] => crate::secrets::route(shared, action, req).await,
+                ["repos", "init"] => crate::secrets::init_repo(shared, req).await,
                 _ if native => project_route(shared, route, req).await,
                 _ => crate::dialect::project_route(shared, route, req).await,
             }

@@ -32,6 +32,44 @@ fn secret(name: &str, value: Option<&str>) -> Value {
     json!({"id": dstack_core::api::dstack_id(&format!("secret-{name}")), "name": name, "value": value})
 }
 
+/// dstack's `RemoteRepoCreds`.
+#[derive(Deserialize)]
+struct RemoteRepoCreds {
+    clone_url: String,
+    #[serde(default)]
+    private_key: Option<String>,
+    #[serde(default)]
+    oauth_token: Option<String>,
+}
+
+/// dstack's `SaveRepoCredsRequest` (the repo's id and info are derived from its URL).
+#[derive(Deserialize)]
+struct InitRepo {
+    #[serde(default)]
+    repo_creds: Option<RemoteRepoCreds>,
+}
+
+/// `repos/init`: keeps a remote repo's credentials with the secrets (a repo without
+/// credentials, or a local one, needs nothing kept: its code is uploaded with each run).
+pub(crate) async fn init_repo(
+    shared: &Shared,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let InitRepo { repo_creds } = body(req).await?;
+    if let Some(creds) = repo_creds {
+        let kept = dstack_core::repos::RepoCreds {
+            token: creds.oauth_token.filter(|t| !t.is_empty()),
+            private_key: creds.private_key.filter(|k| !k.is_empty()),
+        };
+        shared
+            .client
+            .secrets()
+            .init_repo(&creds.clone_url, &kept)
+            .await?;
+    }
+    Ok(json(&Value::Null))
+}
+
 /// Answers a `secrets/…` route.
 pub(crate) async fn route(
     shared: &Shared,

@@ -719,6 +719,38 @@ impl Secrets<'_> {
     }
 }
 
+impl Secrets<'_> {
+    /// Registers the repo at `url` with the credentials its clones use (`dstack init`;
+    /// dstack's `repos/init`); empty credentials forget earlier ones, so the host's own
+    /// apply.
+    pub async fn init_repo(
+        &self,
+        url: &str,
+        creds: &crate::repos::RepoCreds,
+    ) -> Result<(), EngineError> {
+        match &self.client.via {
+            Via::Engine(engine) => Ok(local_secrets(engine)?
+                .keep_repo_creds(url, creds)
+                .map_err(secret_error)?),
+            Via::Server(remote) => {
+                let body = serde_json::json!({
+                    "repo_id": crate::repos::repo_id(url),
+                    "repo_info": {"repo_type": "remote", "repo_name": crate::repos::repo_id(url)},
+                    "repo_creds": {
+                        "clone_url": url,
+                        "oauth_token": creds.token,
+                        "private_key": creds.private_key,
+                    },
+                });
+                remote
+                    .call::<serde_json::Value>("repos/init", &body)
+                    .await?;
+                Ok(())
+            }
+        }
+    }
+}
+
 /// The secrets of an engine hosted in this process.
 fn local_secrets(engine: &Engine) -> Result<&crate::secrets::Secrets, EngineError> {
     engine

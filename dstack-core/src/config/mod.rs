@@ -86,6 +86,16 @@ pub const CONFIGURATION_TYPES: &[&str] = &[
 ];
 
 impl Configuration {
+    /// The fields every run configuration has (`None` for fleets, volumes and gateways).
+    pub fn run_common(&self) -> Option<&run::RunCommon> {
+        match self {
+            Configuration::Task(t) => Some(&t.common),
+            Configuration::Service(s) => Some(&s.common),
+            Configuration::DevEnvironment(d) => Some(&d.common),
+            _ => None,
+        }
+    }
+
     /// The `type:` of the configuration.
     pub fn type_name(&self) -> &'static str {
         match self {

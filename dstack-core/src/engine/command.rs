@@ -249,12 +249,9 @@ fn container_spec(config: &Configuration, job: &Job) -> Option<ContainerSpec> {
 
 /// The run-configuration fields shared by every type.
 pub fn common(config: &Configuration) -> &RunCommon {
-    match config {
-        Configuration::Task(t) => &t.common,
-        Configuration::Service(s) => &s.common,
-        Configuration::DevEnvironment(d) => &d.common,
-        _ => unreachable!("only run configurations have jobs"),
-    }
+    config
+        .run_common()
+        .expect("only run configurations have jobs")
 }
 
 /// The run-configuration fields shared by every type, to change them (`None` for other
@@ -328,11 +325,17 @@ fn working_dir(run: &Definition, common: &RunCommon, session: Option<&HostSessio
     }
 }
 
-/// The repo given by URL, if any: cloned by the agent.
-fn repo_clone(common: &RunCommon) -> Option<crate::archive::RepoClone> {
+/// The repo given by URL, if any: cloned by the agent, with the credentials `dstack init`
+/// registered for it among `secrets`.
+fn repo_clone(
+    common: &RunCommon,
+    secrets: &BTreeMap<String, String>,
+) -> Option<crate::archive::RepoClone> {
     let repo = common.repos.first()?;
+    let url = repo.url.clone()?;
     Some(crate::archive::RepoClone {
-        url: repo.url.clone()?,
+        creds: crate::secrets::repo_creds(secrets, &url),
+        url,
         branch: repo.branch.clone(),
         hash: repo.hash.clone(),
         single_branch: common.single_branch.unwrap_or(false),
@@ -369,7 +372,7 @@ pub(crate) fn job_submit(
     // dstack's `/workflow` when it has a repo; a host process with archives to unpack and no
     // working directory configured starts in a fresh directory the agent makes (empty here).
     let archives = &run.spec.archives;
-    let clone = repo_clone(common);
+    let clone = repo_clone(common, secrets);
     let has_repo = clone.is_some() || archives.iter().any(|a| a.repo);
     let sources = has_repo || !archives.is_empty();
     let relative = |dir: &str| !dir.starts_with('/') && !dir.starts_with('~');

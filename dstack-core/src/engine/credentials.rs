@@ -39,7 +39,8 @@ pub(crate) fn seal_registry_auth(
 }
 
 /// Whether handing a job of `config` to its agent needs the secrets (some `env` value or
-/// `registry_auth` field holds a reference).
+/// `registry_auth` field holds a reference, or a repo given by URL may have credentials
+/// registered by `dstack init`).
 pub(crate) fn needs_secrets(config: &Configuration) -> bool {
     use crate::config::env::EnvValue;
     if !matches!(
@@ -57,6 +58,7 @@ pub(crate) fn needs_secrets(config: &Configuration) -> bool {
         .registry_auth
         .as_ref()
         .is_some_and(|a| referenced(&a.username) || referenced(&a.password))
+        || common.repos.iter().any(|r| r.url.is_some())
 }
 
 /// `text` with its `${{ secrets.NAME }}` references resolved from `secrets`; `what` names the
