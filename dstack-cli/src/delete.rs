@@ -36,6 +36,7 @@ pub async fn delete(client: &Client, args: &DeleteArgs) -> Result<ExitCode, Fail
                 name,
                 yes: args.yes,
                 force: false,
+                instances: Vec::new(),
             };
             crate::fleet::delete(client, &args).await
         }

@@ -156,14 +156,38 @@ pub struct DeleteArgs {
     /// Delete even while jobs run on it (they are stopped with their hosts' agents).
     #[arg(long)]
     pub(crate) force: bool,
+    /// Delete only this instance of the fleet (its number, as `dstack fleet` lists it
+    /// `<fleet>-<num>`); repeatable.
+    #[arg(short = 'i', long = "instance", value_name = "INSTANCE_NUM")]
+    pub(crate) instances: Vec<u64>,
 }
 
-/// `dstack fleet delete NAME`: stops the agents and removes what was installed.
+/// `dstack fleet delete NAME [-i NUM…]`: stops the agents and removes what was installed,
+/// of the whole fleet or of the instances given.
 pub async fn delete(client: &Client, args: &DeleteArgs) -> Result<ExitCode, Failure> {
-    if !args.yes && !crate::confirm(&format!("Delete fleet {}?", args.name)) {
+    let question = match args.instances.as_slice() {
+        [] => format!("Delete fleet {}?", args.name),
+        nums => format!(
+            "Delete instance(s) {} of fleet {}?",
+            nums.iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            args.name
+        ),
+    };
+    if !args.yes && !crate::confirm(&question) {
         return Ok(ExitCode::from(1));
     }
-    let (fleet, instances) = client.fleets().delete(&args.name, args.force).await?;
+    let fleets = client.fleets();
+    let (fleet, instances) = match args.instances.as_slice() {
+        [] => fleets.delete(&args.name, args.force).await?,
+        nums => {
+            fleets
+                .delete_instances(&args.name, nums, args.force)
+                .await?
+        }
+    };
     let mut code = ExitCode::SUCCESS;
     for (instance, error) in &instances {
         match error {
@@ -174,6 +198,8 @@ pub async fn delete(client: &Client, args: &DeleteArgs) -> Result<ExitCode, Fail
             }
         }
     }
-    eprintln!("Fleet {} deleted", fleet.name);
+    if args.instances.is_empty() {
+        eprintln!("Fleet {} deleted", fleet.name);
+    }
     Ok(code)
 }

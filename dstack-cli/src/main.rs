@@ -143,6 +143,8 @@ enum CompletionShell {
 enum VolumeAction {
     /// List volumes (the default).
     List,
+    /// Show one volume (`--json`: dstack's `Volume`).
+    Get(volume::GetArgs),
     /// Delete a volume attached nowhere (a registered one is only forgotten).
     Delete(volume::DeleteArgs),
 }
@@ -247,6 +249,7 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
         },
         Command::Volume { action } => match action {
             None | Some(VolumeAction::List) => volume::list(&client).await,
+            Some(VolumeAction::Get(args)) => volume::get(&client, &args).await,
             Some(VolumeAction::Delete(args)) => volume::delete(&client, &args).await,
         },
         Command::Validate(_)

@@ -67,6 +67,43 @@ pub async fn list(client: &Client) -> Result<ExitCode, Failure> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Arguments of `dstack volume get`.
+#[derive(clap::Args)]
+pub struct GetArgs {
+    /// The name of the volume.
+    name: String,
+    /// Output in JSON format (dstack's `Volume`; the only format, as dstack's).
+    #[arg(long, required = true)]
+    json: bool,
+}
+
+/// `dstack volume get NAME --json`: the volume as dstack's API shapes it.
+pub async fn get(client: &Client, args: &GetArgs) -> Result<ExitCode, Failure> {
+    let volume = client.volumes().get(&args.name).await?.ok_or_else(|| {
+        Failure::new(format!(
+            "volume {} not found; see `dstack volume`",
+            args.name
+        ))
+    })?;
+    let owner = dstack_core::api::Owner {
+        project_name: client.server().map_or("main", |r| r.project()),
+        user: "admin",
+    };
+    let instances: Vec<_> = client
+        .fleets()
+        .list()
+        .await?
+        .into_iter()
+        .flat_map(|(_, instances)| instances)
+        .collect();
+    let shaped = dstack_core::api::volume(&owner, &volume, &instances);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&shaped).unwrap_or_default()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Arguments of `dstack volume delete`.
 #[derive(clap::Args)]
 pub struct DeleteArgs {

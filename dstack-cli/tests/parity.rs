@@ -1,8 +1,11 @@
 //! dstack's verbs and flags added for parity, through the built binary: `dstack project`
 //! and `--project`, `dstack completion`, `dstack apply -p/--host/-v`, `dstack offer
-//! --group-by`.
+//! --group-by`, `dstack fleet delete -i`.
 
 mod common;
+#[path = "../../dstack-backends/tests/common/netns.rs"]
+#[allow(dead_code)]
+mod netns;
 
 use std::io::BufRead;
 use std::process::Stdio;
@@ -276,4 +279,44 @@ fn offers_group_by_gpu_with_the_count_range() {
     let out = offer(&["offer", "--group-by", "backend"]);
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("without also grouping by 'gpu'"));
+}
+
+#[test]
+fn fleet_delete_i_deletes_one_instance_and_keeps_the_fleet() {
+    let env = Env::new();
+    let hosts = netns::TestHosts::start(2);
+    let name = format!("pair-{}", std::process::id());
+    let fleet = env.write("pair.dstack.yml", &hosts.fleet_yaml(&name));
+    let out = env.run(&["apply", "-f", &fleet, "-y"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = env.run(&["fleet", "delete", &name, "-i", "7", "-y"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no instance 7"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = env.run(&["fleet", "delete", &name, "-i", "1", "-y"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains(&format!("{name}-1: agent stopped and removed")));
+    let listing = text(&env.run(&["fleet", "get", &name]).stdout);
+    let row = |n: u32| {
+        listing
+            .lines()
+            .find(|l| l.contains(&format!("{name}-{n} ")))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(row(0).contains(" idle"), "{listing}");
+    assert!(row(1).contains(" terminated"), "{listing}");
+    // The remaining host still runs jobs.
+    let task = env.write(
+        "on-pair.dstack.yml",
+        &format!("type: task\nname: on-pair\nfleets: [{name}]\ncommands: [echo still-here]\n"),
+    );
+    let out = env.run(&["apply", "-f", &task, "-y"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("still-here"));
+    let out = env.run(&["fleet", "delete", &name, "-y"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }

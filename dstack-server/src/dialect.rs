@@ -22,6 +22,13 @@ pub(crate) const OWNER: Owner<'static> = Owner {
     user: "admin",
 };
 
+/// dstack's `DeleteFleetInstancesRequest`.
+#[derive(serde::Deserialize)]
+struct DeleteInstances {
+    name: String,
+    instance_nums: Vec<u64>,
+}
+
 /// Answers `route` of the project in dstack's shapes.
 pub(crate) async fn project_route(
     shared: &Shared,
@@ -107,6 +114,14 @@ pub(crate) async fn project_route(
             for name in &names {
                 client.fleets().delete(name, false).await?;
             }
+            Ok(json(&Value::Null))
+        }
+        ["fleets", "delete_instances"] => {
+            let request: DeleteInstances = body(req).await?;
+            client
+                .fleets()
+                .delete_instances(&request.name, &request.instance_nums, false)
+                .await?;
             Ok(json(&Value::Null))
         }
         ["volumes", "get"] => {

@@ -305,7 +305,11 @@ async fn project_route(
         ["fleets", "delete"] => {
             let request: DeleteRequest = body(req).await?;
             let name = only_name(&request)?;
-            let (fleet, instances) = client.fleets().delete(name, request.force).await?;
+            let fleets = client.fleets();
+            let (fleet, instances) = match request.instance_nums.as_slice() {
+                [] => fleets.delete(name, request.force).await?,
+                nums => fleets.delete_instances(name, nums, request.force).await?,
+            };
             Ok(json(&FleetDeleted { fleet, instances }))
         }
         ["volumes", "list"] => Ok(json(&client.volumes().list().await?)),

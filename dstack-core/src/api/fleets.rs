@@ -28,7 +28,7 @@ pub fn instance(owner: &Owner<'_>, instance: &Instance, fleet_name: Option<&str>
         "name": instance.name,
         "fleet_id": dstack_id(&instance.fleet_id),
         "fleet_name": fleet_name,
-        "instance_num": instance_num(&instance.name),
+        "instance_num": instance.num(),
         "hostname": instance.address.as_deref().unwrap_or("127.0.0.1"),
         "status": instance.status.as_str(),
         "unreachable": instance.unreachable,
@@ -39,14 +39,6 @@ pub fn instance(owner: &Owner<'_>, instance: &Instance, fleet_name: Option<&str>
         "price": instance.price,
         "total_blocks": instance.blocks.unwrap_or(1),
     })
-}
-
-/// The number at the end of an instance name (`gpu-fleet-3` → 3; 0 when there is none).
-fn instance_num(name: &str) -> u64 {
-    name.rsplit('-')
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
 }
 
 /// dstack's `Fleet` of a fleet and its instances (instances of other fleets are ignored).
@@ -102,7 +94,7 @@ pub fn volume(owner: &Owner<'_>, volume: &Volume, instances: &[Instance]) -> Val
             json!({
                 "instance": {
                     "name": name,
-                    "instance_num": instance_num(name),
+                    "instance_num": crate::model::instance_num(name),
                     "instance_id": a.instance_id,
                 },
                 "attachment_data": {"device_name": a.device_name},

@@ -585,12 +585,40 @@ impl Fleets<'_> {
         name: &str,
         force: bool,
     ) -> Result<(Fleet, Vec<(Instance, Option<String>)>), EngineError> {
+        self.delete_some(name, &[], force).await
+    }
+
+    /// Deletes the instances of fleet `name` numbered `instance_nums` (dstack's
+    /// `instance_num`, the number their name ends with), as [`Fleets::delete`] deletes a
+    /// whole fleet; the fleet stays.
+    pub async fn delete_instances(
+        &self,
+        name: &str,
+        instance_nums: &[u64],
+        force: bool,
+    ) -> Result<(Fleet, Vec<(Instance, Option<String>)>), EngineError> {
+        if instance_nums.is_empty() {
+            return Err(EngineError::Invalid(
+                "no instance numbers given".to_string(),
+            ));
+        }
+        self.delete_some(name, instance_nums, force).await
+    }
+
+    /// The whole fleet (`instance_nums` empty) or those instances.
+    async fn delete_some(
+        &self,
+        name: &str,
+        instance_nums: &[u64],
+        force: bool,
+    ) -> Result<(Fleet, Vec<(Instance, Option<String>)>), EngineError> {
         match &self.client.via {
-            Via::Engine(engine) => engine.delete_fleet(name, force).await,
+            Via::Engine(engine) => engine.delete_fleet(name, instance_nums, force).await,
             Via::Server(remote) => {
                 let request = DeleteRequest {
                     names: vec![name.to_string()],
                     force,
+                    instance_nums: instance_nums.to_vec(),
                 };
                 let deleted: FleetDeleted = remote.call("fleets/delete", &request).await?;
                 Ok((deleted.fleet, deleted.instances))
@@ -643,6 +671,7 @@ impl Volumes<'_> {
                 let request = DeleteRequest {
                     names: vec![name.to_string()],
                     force: false,
+                    instance_nums: Vec::new(),
                 };
                 Ok(remote.call("volumes/delete", &request).await?)
             }

@@ -236,6 +236,9 @@ pub struct DeleteRequest {
     /// Delete a fleet even while its hosts cannot be reached.
     #[serde(default)]
     pub force: bool,
+    /// Of a fleet, delete only these instances (by number).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub instance_nums: Vec<u64>,
 }
 
 /// A fleet with its instances.

@@ -382,12 +382,15 @@ impl Inner {
             .collect())
     }
 
-    /// Deletes a fleet: refuses while runs use it (unless `force`), then stops each host's
-    /// agent and removes what was installed. A host that cannot be reached is still marked
-    /// terminated; its error is returned in the list.
+    /// Deletes a fleet (`instance_nums` empty), or only those instances of it: refuses
+    /// while runs use what is deleted (unless `force`), then stops each host's agent and
+    /// removes what was installed (terminates cloud instances). A host that cannot be reached
+    /// is still marked terminated; its error is returned in the list. A fleet is terminated
+    /// with its last instance only when deleted whole.
     pub(crate) async fn delete_fleet(
         self: &Arc<Self>,
         name: &str,
+        instance_nums: &[u64],
         force: bool,
     ) -> Result<(Fleet, Vec<(Instance, Option<String>)>), EngineError> {
         if name == "local" {
@@ -401,12 +404,13 @@ impl Inner {
             .into_iter()
             .find(|f| f.name == name && f.status != FleetStatus::Terminated)
             .ok_or_else(|| EngineError::Invalid(format!("no fleet named {name}")))?;
-        let instances: Vec<Instance> = self
+        let live: Vec<Instance> = self
             .store
             .instances()?
             .into_iter()
             .filter(|i| i.fleet_id == fleet.id && i.status != InstanceStatus::Terminated)
             .collect();
+        let instances = deleted_instances(name, live, instance_nums)?;
         let busy = self
             .store
             .jobs_with_status(JobStatus::HOLDING)?
@@ -419,11 +423,15 @@ impl Inner {
             .count();
         if busy > 0 && !force {
             return Err(EngineError::Invalid(format!(
-                "fleet {name} has {busy} job(s) running; stop them first or delete with force"
+                "fleet {name} has {busy} job(s) running on what would be deleted; stop them \
+                 first or delete with force"
             )));
         }
-        fleet.status = FleetStatus::Terminating;
-        self.store.put_fleet(&fleet)?;
+        let whole = instance_nums.is_empty();
+        if whole {
+            fleet.status = FleetStatus::Terminating;
+            self.store.put_fleet(&fleet)?;
+        }
         let mut results = Vec::new();
         for mut instance in instances {
             instance.status = InstanceStatus::Terminating;
@@ -445,16 +453,52 @@ impl Inner {
                 .remove(&instance.id);
             results.push((instance, error));
         }
-        fleet.status = FleetStatus::Terminated;
-        self.store.put_fleet(&fleet)?;
+        if whole {
+            fleet.status = FleetStatus::Terminated;
+            self.store.put_fleet(&fleet)?;
+        }
         self.watch_instances();
         Ok((fleet, results))
     }
 }
 
+/// The instances of fleet `name` (its `live` ones) that deleting `nums` deletes: all of them
+/// when `nums` is empty; an error names a number the fleet has no live instance of.
+fn deleted_instances(
+    name: &str,
+    live: Vec<Instance>,
+    nums: &[u64],
+) -> Result<Vec<Instance>, EngineError> {
+    if let Some(missing) = nums.iter().find(|n| !live.iter().any(|i| i.num() == **n)) {
+        return Err(EngineError::Invalid(format!(
+            "fleet {name} has no instance {missing}; see `dstack fleet get {name}`"
+        )));
+    }
+    Ok(live
+        .into_iter()
+        .filter(|i| nums.is_empty() || nums.contains(&i.num()))
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn instances_are_deleted_by_number_or_all() {
+        let instance = |n: u64| Instance::for_tests(&format!("f-{n}"), "ssh");
+        let live = || vec![instance(0), instance(1), instance(2)];
+        let names = |v: Vec<Instance>| v.into_iter().map(|i| i.name).collect::<Vec<_>>();
+        assert_eq!(names(deleted_instances("f", live(), &[]).unwrap()).len(), 3);
+        assert_eq!(
+            names(deleted_instances("f", live(), &[2, 0]).unwrap()),
+            ["f-0", "f-2"]
+        );
+        let e = deleted_instances("f", live(), &[1, 7])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no instance 7"), "{e}");
+    }
 
     /// A host's port, user, key, jump host and internal address reach the data the engine
     /// connects with; the host's own settings win over the fleet's.

@@ -584,14 +584,16 @@ impl Engine {
         self.inner().apply_fleet(configuration, progress).await
     }
 
-    /// Deletes a fleet: stops its hosts' agents and removes what was installed; refuses while
-    /// jobs run on it unless `force`. Returns each instance with the error of its removal.
+    /// Deletes a fleet, or only its instances numbered `instance_nums` (when not empty):
+    /// stops their hosts' agents and removes what was installed; refuses while jobs run on
+    /// them unless `force`. Returns each instance with the error of its removal.
     pub async fn delete_fleet(
         &self,
         name: &str,
+        instance_nums: &[u64],
         force: bool,
     ) -> Result<(Fleet, Vec<(Instance, Option<String>)>), EngineError> {
-        self.inner().delete_fleet(name, force).await
+        self.inner().delete_fleet(name, instance_nums, force).await
     }
 
     /// Runs one pass of the orphan sweep now (it also runs as the engine starts and every

@@ -161,16 +161,11 @@ mod tests {
     }
 
     fn instance(backend: &str, offer: Option<serde_json::Value>, price: f64) -> Instance {
-        let mut value = serde_json::json!({
-            "id": "i", "name": "i-0", "fleet_id": "f", "backend": backend, "status": "idle",
-            "host": {"cpus": 2, "memory_bytes": 1_u64 << 30, "disk_bytes": 1_u64 << 30,
-                     "gpus": [], "cpu_arch": "x86"},
-            "price": price, "backend_data": null, "created_at_ms": 0
-        });
-        if let Some(offer) = offer {
-            value["offer"] = offer;
+        Instance {
+            price,
+            offer: offer.map(|o| serde_json::from_value(o).unwrap()),
+            ..Instance::for_tests("i-0", backend)
         }
-        serde_json::from_value(value).unwrap()
     }
 
     fn aws(spot: bool) -> Instance {

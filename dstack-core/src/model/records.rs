@@ -318,6 +318,36 @@ pub struct Instance {
     pub attempts: Vec<String>,
 }
 
+impl Instance {
+    /// Its number in its fleet: the number its name ends with (`gpu-fleet-3` → 3; 0 when
+    /// there is none), dstack's `instance_num`.
+    pub fn num(&self) -> u64 {
+        instance_num(&self.name)
+    }
+
+    /// An idle instance `name` of `backend` in fleet `f` (2 CPUs, 1 GiB of memory and disk,
+    /// free): what unit tests build on.
+    #[cfg(test)]
+    pub(crate) fn for_tests(name: &str, backend: &str) -> Instance {
+        serde_json::from_value(serde_json::json!({
+            "id": format!("id-{name}"), "name": name, "fleet_id": "f", "backend": backend,
+            "status": "idle",
+            "host": {"cpus": 2, "memory_bytes": 1_u64 << 30, "disk_bytes": 1_u64 << 30,
+                     "gpus": [], "cpu_arch": "x86"},
+            "price": 0.0, "backend_data": null, "created_at_ms": 0
+        }))
+        .expect("a valid instance")
+    }
+}
+
+/// The number at the end of an instance name (`gpu-fleet-3` → 3; 0 when there is none).
+pub fn instance_num(name: &str) -> u64 {
+    name.rsplit('-')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
 /// The session of the user the agent runs as on a remote host.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostSession {
