@@ -11,9 +11,25 @@ use dstack_core::Client;
 use crate::table::{ago, resources, Table};
 use crate::Failure;
 
+/// How `dstack fleet` and `dstack volume` list: `-w/--watch`, `-v/--verbose`.
+#[derive(clap::Args, Clone, Copy, Default)]
+pub struct ListArgs {
+    /// Update the listing in place every 2 seconds until Ctrl-C.
+    #[arg(short, long)]
+    pub watch: bool,
+    /// Show more information (fleets: each instance's address and blocks; volumes: the
+    /// instances they are attached to).
+    #[arg(short, long)]
+    pub verbose: bool,
+}
+
 /// `dstack fleet` (list).
-pub async fn list(client: &Client) -> Result<ExitCode, Failure> {
-    print!("{}", table(client, |_| true).await?.render());
+pub async fn list(client: &Client, args: ListArgs) -> Result<ExitCode, Failure> {
+    let draw = || async move { Ok(table(client, |_| true, args.verbose).await?.render()) };
+    if args.watch {
+        return crate::table::watch(draw).await;
+    }
+    print!("{}", draw().await?);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -34,16 +50,18 @@ pub async fn get(client: &Client, args: &GetArgs) -> Result<ExitCode, Failure> {
             args.name
         )));
     }
-    print!("{}", table(client, is_it).await?.render());
+    print!("{}", table(client, is_it, false).await?.render());
     Ok(ExitCode::SUCCESS)
 }
 
-/// The table of `dstack fleet`: each unterminated fleet that is `wanted`, a row per instance.
+/// The table of `dstack fleet`: each unterminated fleet that is `wanted`, a row per instance
+/// (`verbose`: with its address and blocks).
 async fn table(
     client: &Client,
     wanted: impl Fn(&dstack_core::model::Fleet) -> bool,
+    verbose: bool,
 ) -> Result<Table, Failure> {
-    let mut table = Table::new(&[
+    let mut header = vec![
         "FLEET",
         "INSTANCE",
         "BACKEND",
@@ -51,7 +69,11 @@ async fn table(
         "PRICE",
         "STATUS",
         "CREATED",
-    ]);
+    ];
+    if verbose {
+        header.extend(["ADDRESS", "BLOCKS"]);
+    }
+    let mut table = Table::new(&header);
     let busy = client.fleets().busy_instances().await?;
     let fleets = client.fleets().list().await?;
     let shown = fleets
@@ -59,7 +81,7 @@ async fn table(
         .filter(|(f, _)| f.status != dstack_core::model::FleetStatus::Terminated && wanted(f));
     for (fleet, instances) in shown {
         for (i, instance) in instances.iter().enumerate() {
-            table.row(vec![
+            let mut row = vec![
                 if i == 0 {
                     fleet.name.clone()
                 } else {
@@ -84,7 +106,12 @@ async fn table(
                     (None, false) => instance.status.to_string(),
                 },
                 ago(instance.created_at_ms),
-            ]);
+            ];
+            if verbose {
+                row.push(instance.address.clone().unwrap_or_else(|| "-".into()));
+                row.push(instance.blocks.unwrap_or(1).to_string());
+            }
+            table.row(row);
         }
     }
     Ok(table)

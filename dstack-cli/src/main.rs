@@ -69,11 +69,15 @@ enum Command {
     Fleet {
         #[command(subcommand)]
         action: Option<FleetAction>,
+        #[command(flatten)]
+        list: fleet::ListArgs,
     },
     /// List network volumes (`dstack volume delete NAME` deletes one).
     Volume {
         #[command(subcommand)]
         action: Option<VolumeAction>,
+        #[command(flatten)]
+        list: fleet::ListArgs,
     },
     /// Manage secrets: `${{ secrets.NAME }}` in `env` values and `registry_auth`.
     ///
@@ -122,7 +126,7 @@ enum Command {
 #[derive(Subcommand)]
 enum FleetAction {
     /// List fleets and their instances (the default).
-    List,
+    List(fleet::ListArgs),
     /// Show one fleet and its instances.
     Get(fleet::GetArgs),
     /// Delete a fleet: stop its hosts' agents and remove what was installed on them.
@@ -142,7 +146,7 @@ enum CompletionShell {
 #[derive(Subcommand)]
 enum VolumeAction {
     /// List volumes (the default).
-    List,
+    List(fleet::ListArgs),
     /// Show one volume (`--json`: dstack's `Volume`).
     Get(volume::GetArgs),
     /// Delete a volume attached nowhere (a registered one is only forgotten).
@@ -242,13 +246,15 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
         Command::Stop(args) => runs::stop(&client, &args).await,
         Command::Delete(args) => delete::delete(&client, &args).await,
         Command::Offer(args) => offer::offer(&client, &args).await,
-        Command::Fleet { action } => match action {
-            None | Some(FleetAction::List) => fleet::list(&client).await,
+        Command::Fleet { action, list } => match action {
+            None => fleet::list(&client, list).await,
+            Some(FleetAction::List(args)) => fleet::list(&client, args).await,
             Some(FleetAction::Get(args)) => fleet::get(&client, &args).await,
             Some(FleetAction::Delete(args)) => fleet::delete(&client, &args).await,
         },
-        Command::Volume { action } => match action {
-            None | Some(VolumeAction::List) => volume::list(&client).await,
+        Command::Volume { action, list } => match action {
+            None => volume::list(&client, list).await,
+            Some(VolumeAction::List(args)) => volume::list(&client, args).await,
             Some(VolumeAction::Get(args)) => volume::get(&client, &args).await,
             Some(VolumeAction::Delete(args)) => volume::delete(&client, &args).await,
         },

@@ -2,9 +2,7 @@
 //! redrawn in place until Ctrl-C (`-w/--watch`).
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use dstack_core::client::protocol::Snapshot;
 use dstack_core::config::cron::utc_text;
@@ -13,9 +11,6 @@ use dstack_core::Client;
 
 use crate::table::{ago, Table};
 use crate::Failure;
-
-/// How often `dstack ps -w` reads the runs again (dstack's interval).
-const WATCH_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Arguments of `dstack ps`.
 #[derive(clap::Args)]
@@ -67,7 +62,7 @@ pub async fn ps(client: &Client, args: &PsArgs) -> Result<ExitCode, Failure> {
         (true, Format::Json) => Err(Failure::new(
             "JSON output is not supported together with --watch",
         )),
-        (true, Format::Plain) => watch(client, args).await,
+        (true, Format::Plain) => crate::table::watch(|| table(client, args)).await,
         (false, Format::Json) => {
             println!("{}", json(client, args).await?);
             Ok(ExitCode::SUCCESS)
@@ -75,35 +70,6 @@ pub async fn ps(client: &Client, args: &PsArgs) -> Result<ExitCode, Failure> {
         (false, Format::Plain) => {
             print!("{}", table(client, args).await?);
             Ok(ExitCode::SUCCESS)
-        }
-    }
-}
-
-/// `dstack ps -w`: the table, drawn again over the previous one every [`WATCH_INTERVAL`]
-/// until Ctrl-C (then the last table stays on the screen).
-async fn watch(client: &Client, args: &PsArgs) -> Result<ExitCode, Failure> {
-    let mut drawn_lines = 0;
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
-    loop {
-        let text = tokio::select! {
-            text = table(client, args) => text?,
-            _ = &mut ctrl_c => return Ok(ExitCode::SUCCESS),
-        };
-        // Back to the first line of the previous table, which is then cleared.
-        let up = match drawn_lines {
-            0 => String::new(),
-            n => format!("\x1b[{n}F\x1b[J"),
-        };
-        let mut out = std::io::stdout().lock();
-        write!(out, "{up}{text}")
-            .and_then(|()| out.flush())
-            .map_err(|e| Failure::new(format!("cannot write the table: {e}")))?;
-        drop(out);
-        drawn_lines = text.lines().count();
-        tokio::select! {
-            _ = tokio::time::sleep(WATCH_INTERVAL) => {}
-            _ = &mut ctrl_c => return Ok(ExitCode::SUCCESS),
         }
     }
 }

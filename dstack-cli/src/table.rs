@@ -1,7 +1,17 @@
 //! Plain-text tables in the style of dstack's CLI, and human formatting helpers.
 
+use std::future::Future;
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
 use dstack_core::agent::HostInfo;
 use dstack_core::model::now_ms;
+
+use crate::Failure;
+
+/// How often `-w/--watch` reads and draws its table again (dstack's interval).
+const WATCH_INTERVAL: Duration = Duration::from_secs(2);
 
 /// A table with a header row; columns are padded to their widest cell.
 pub struct Table {
@@ -47,6 +57,40 @@ impl Table {
             out.push('\n');
         }
         out
+    }
+}
+
+/// `-w/--watch` (`ps`, `fleet`, `volume`): the table `draw` renders, drawn again over the
+/// previous one every [`WATCH_INTERVAL`] until Ctrl-C (then the last table stays on the
+/// screen).
+pub async fn watch<F, Fut>(mut draw: F) -> Result<ExitCode, Failure>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<String, Failure>>,
+{
+    let mut drawn_lines = 0;
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        let text = tokio::select! {
+            text = draw() => text?,
+            _ = &mut ctrl_c => return Ok(ExitCode::SUCCESS),
+        };
+        // Back to the first line of the previous table, which is then cleared.
+        let up = match drawn_lines {
+            0 => String::new(),
+            n => format!("\x1b[{n}F\x1b[J"),
+        };
+        let mut out = std::io::stdout().lock();
+        write!(out, "{up}{text}")
+            .and_then(|()| out.flush())
+            .map_err(|e| Failure::new(format!("cannot write the table: {e}")))?;
+        drop(out);
+        drawn_lines = text.lines().count();
+        tokio::select! {
+            _ = tokio::time::sleep(WATCH_INTERVAL) => {}
+            _ = &mut ctrl_c => return Ok(ExitCode::SUCCESS),
+        }
     }
 }
 

@@ -38,17 +38,42 @@ pub async fn apply(client: &Client, configuration: &Configuration) -> Result<Exi
 }
 
 /// `dstack volume` (list).
-pub async fn list(client: &Client) -> Result<ExitCode, Failure> {
-    let mut table = Table::new(&[
+pub async fn list(client: &Client, args: crate::fleet::ListArgs) -> Result<ExitCode, Failure> {
+    let draw = || async move { table(client, args.verbose).await };
+    if args.watch {
+        return crate::table::watch(draw).await;
+    }
+    print!("{}", draw().await?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The table of `dstack volume` (`verbose`: with the instances each is attached to).
+async fn table(client: &Client, verbose: bool) -> Result<String, Failure> {
+    let mut header = vec![
         "NAME", "BACKEND", "REGION", "VOLUME", "SIZE", "STATUS", "CREATED",
-    ]);
+    ];
+    if verbose {
+        header.push("ATTACHED TO");
+    }
+    let mut table = Table::new(&header);
+    let instances: Vec<_> = if verbose {
+        client
+            .fleets()
+            .list()
+            .await?
+            .into_iter()
+            .flat_map(|(_, instances)| instances)
+            .collect()
+    } else {
+        Vec::new()
+    };
     for volume in client.volumes().list().await? {
         let status = match &volume.status_message {
             Some(why) => format!("{} ({why})", volume.status),
             None if !volume.attachments.is_empty() => "attached".to_string(),
             None => volume.status.to_string(),
         };
-        table.row(vec![
+        let mut row = vec![
             volume.name.clone(),
             volume.backend.clone(),
             volume
@@ -61,10 +86,27 @@ pub async fn list(client: &Client) -> Result<ExitCode, Failure> {
                 .map_or_else(|| "-".into(), |s| format!("{s}GB")),
             status,
             ago(volume.created_at_ms),
-        ]);
+        ];
+        if verbose {
+            let attached: Vec<&str> = volume
+                .attachments
+                .iter()
+                .map(|a| {
+                    instances
+                        .iter()
+                        .find(|i| i.id == a.instance_id)
+                        .map_or(a.instance_id.as_str(), |i| i.name.as_str())
+                })
+                .collect();
+            row.push(if attached.is_empty() {
+                "-".to_string()
+            } else {
+                attached.join(", ")
+            });
+        }
+        table.row(row);
     }
-    print!("{}", table.render());
-    Ok(ExitCode::SUCCESS)
+    Ok(table.render())
 }
 
 /// Arguments of `dstack volume get`.

@@ -309,6 +309,48 @@ fn fleet_delete_i_deletes_one_instance_and_keeps_the_fleet() {
     };
     assert!(row(0).contains(" idle"), "{listing}");
     assert!(row(1).contains(" terminated"), "{listing}");
+    // `-v` adds each instance's address; `-w` draws the table again in place until Ctrl-C.
+    let verbose = text(&env.run(&["fleet", "-v"]).stdout);
+    assert!(verbose.contains("ADDRESS"), "{verbose}");
+    assert!(verbose.contains(hosts.hosts[0].addr.as_str()), "{verbose}");
+    let mut watch = env.cmd(&["fleet", "list", "-w"]);
+    let mut watch = watch.stdout(Stdio::piped()).spawn().unwrap();
+    let mut stdout = watch.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = std::io::Read::read(&mut stdout, &mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut drawn = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !text(&drawn).contains("\x1b[J") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(bytes) => drawn.extend(bytes),
+            Err(_) => panic!("the table was not drawn again: {}", text(&drawn)),
+        }
+    }
+    assert!(text(&drawn).contains(&format!("{name}-0")));
+    let pid = watch.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = watch.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "fleet -w did not end on Ctrl-C");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success());
+
     // The remaining host still runs jobs.
     let task = env.write(
         "on-pair.dstack.yml",
