@@ -24,19 +24,9 @@ pub struct ApplyArgs {
     /// dstack's override flags (resources and profile settings).
     #[command(flatten)]
     overrides: crate::overrides::Overrides,
-    /// The profile of `profiles.yml` (`.dstack/profiles.yml` here, then in the home
-    /// directory) whose parameters fill those the configuration leaves unset; by default the
-    /// one marked `default: true`.
-    #[arg(
-        long,
-        value_name = "NAME",
-        help_heading = "Profile",
-        conflicts_with = "no_profile"
-    )]
-    profile: Option<String>,
-    /// Use no profile, not even the default one.
-    #[arg(long, help_heading = "Profile")]
-    no_profile: bool,
+    /// `--profile NAME` / `--no-profile`.
+    #[command(flatten)]
+    profile: crate::profiles::ProfileArgs,
     /// Arguments for `${{ run.args }}` in the commands of a task or service (after `--`).
     #[arg(last = true, value_name = "ARGS")]
     run_args: Vec<String>,
@@ -257,17 +247,7 @@ pub fn exit_code(run: &Run, exit_status: Option<i32>) -> ExitCode {
 
 /// `dstack apply`.
 pub async fn apply(client: &Client, args: &ApplyArgs) -> Result<ExitCode, Failure> {
-    let mut configuration = load(&args.file, &args.run_args)?;
-    if !args.no_profile {
-        let here = std::env::current_dir().map_err(|e| Failure::new(e.to_string()))?;
-        let files = crate::profiles::files(&here);
-        if let Some(profile) =
-            crate::profiles::choose(&files, args.profile.as_deref()).map_err(Failure::new)?
-        {
-            configuration =
-                crate::profiles::apply(configuration, &profile).map_err(Failure::new)?;
-        }
-    }
+    let configuration = args.profile.apply(load(&args.file, &args.run_args)?)?;
     // Flags win over the profile, as dstack's.
     let configuration = args.overrides.apply(configuration)?;
     if let Configuration::Fleet(_) = configuration {

@@ -25,6 +25,9 @@ pub struct OfferArgs {
     /// Print JSON (the same as --format json).
     #[arg(long)]
     json: bool,
+    /// `--profile NAME` / `--no-profile`.
+    #[command(flatten)]
+    profile: crate::profiles::ProfileArgs,
     /// Group GPU offers into rows by `gpu`, and also `backend`, `region` (with `backend`),
     /// `count`: repeatable or comma-separated (`--group-by gpu,backend`).
     #[arg(long, value_name = "FIELDS")]
@@ -35,7 +38,8 @@ pub struct OfferArgs {
 pub async fn offer(client: &Client, args: &OfferArgs) -> Result<ExitCode, Failure> {
     let task = config::parse("type: task\ncommands: [offer]\n", "dstack offer")
         .map_err(|e| Failure::new(e.to_string()))?;
-    let configuration = args.overrides.apply(task)?;
+    // The profile fills what the flags leave unset, as for `dstack apply`.
+    let configuration = args.overrides.apply(args.profile.apply(task)?)?;
     let group_by = if args.group_by.is_empty() {
         None
     } else {

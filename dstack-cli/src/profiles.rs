@@ -18,6 +18,39 @@ pub struct Profile {
     fields: Value,
 }
 
+/// dstack's profile flags (`dstack apply`, `dstack offer`).
+#[derive(clap::Args, Default)]
+pub struct ProfileArgs {
+    /// The profile of `profiles.yml` (`.dstack/profiles.yml` here, then in the home
+    /// directory) whose parameters fill those the configuration leaves unset; by default the
+    /// one marked `default: true`.
+    #[arg(
+        long,
+        value_name = "NAME",
+        help_heading = "Profile",
+        conflicts_with = "no_profile"
+    )]
+    profile: Option<String>,
+    /// Use no profile, not even the default one.
+    #[arg(long, help_heading = "Profile")]
+    no_profile: bool,
+}
+
+impl ProfileArgs {
+    /// `configuration` with the chosen profile's parameters where it has none (unchanged
+    /// with `--no-profile` or when there is no profile).
+    pub fn apply(&self, configuration: Configuration) -> Result<Configuration, crate::Failure> {
+        if self.no_profile {
+            return Ok(configuration);
+        }
+        let here = std::env::current_dir().map_err(|e| crate::Failure::new(e.to_string()))?;
+        match choose(&files(&here), self.profile.as_deref()).map_err(crate::Failure::new)? {
+            Some(profile) => apply(configuration, &profile).map_err(crate::Failure::new),
+            None => Ok(configuration),
+        }
+    }
+}
+
 /// The profile files, most specific first: the directory applied from, then the home's.
 pub fn files(applied_from: &Path) -> Vec<PathBuf> {
     let mut files = vec![applied_from.join(".dstack/profiles.yml")];

@@ -362,3 +362,36 @@ fn fleet_delete_i_deletes_one_instance_and_keeps_the_fleet() {
     let out = env.run(&["fleet", "delete", &name, "-y"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
+
+#[test]
+fn offer_takes_the_profile_of_profiles_yml() {
+    let env = Env::new();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join(".dstack")).unwrap();
+    std::fs::write(
+        dir.path().join(".dstack/profiles.yml"),
+        "profiles:\n  - name: cloud\n    backends: [aws]\n  - name: here\n    default: true\n    max_price: 0.5\n",
+    )
+    .unwrap();
+    let offer = |flags: &[&str]| {
+        let out = env
+            .cmd(&[&["offer"][..], flags].concat())
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let default = offer(&[]);
+    assert!(
+        default.contains("$0.5") && default.contains("local"),
+        "{default}"
+    );
+    let cloud = offer(&["--profile", "cloud"]);
+    assert!(
+        cloud.contains("No offers") && !cloud.contains("local ("),
+        "{cloud}"
+    );
+    let none = offer(&["--no-profile"]);
+    assert!(none.contains("local") && !none.contains("$0.5"), "{none}");
+}
