@@ -24,6 +24,33 @@ const SFTP: &str = "for s in /usr/lib/openssh/sftp-server /usr/libexec/openssh/s
     /usr/lib/ssh/sftp-server /usr/libexec/sftp-server; do [ -x \"$s\" ] && exec \"$s\"; done; \
     echo 'dstack: the image has no SFTP server (install openssh-sftp-server)' >&2; exit 127";
 
+/// How long a session waits for its job's container to run (its image pulled, the repo put
+/// in): after that the exec is tried all the same and its error told.
+const START_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Waits (at most [`START_WAIT`]) while container `name` is not made yet or made but not
+/// started; a running or ended one is answered at once.
+async fn started(docker: &Docker, name: &str) {
+    use bollard::models::ContainerStateStatusEnum as Status;
+    let deadline = tokio::time::Instant::now() + START_WAIT;
+    while tokio::time::Instant::now() < deadline {
+        let waiting = match docker.inspect_container(name, None).await {
+            Ok(inspected) => inspected
+                .state
+                .and_then(|state| state.status)
+                .is_some_and(|status| status == Status::CREATED),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => true,
+            Err(_) => false,
+        };
+        if !waiting {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// Runs `program` in container `name` of the engine at `socket` until it ends; returns its
 /// exit status.
 pub(crate) async fn run(
@@ -45,6 +72,9 @@ pub(crate) async fn run(
             .await
         }
     };
+    // A container job is `running` from the moment its image is being made ready: a session
+    // opened that early waits for the container to run.
+    started(&docker, name).await;
     let cmd: Vec<String> = match program {
         Program::Command(command) => vec!["/bin/sh".into(), "-c".into(), command],
         Program::Shell => vec!["/bin/sh".into(), "-c".into(), SHELL.into(), "sh".into()],
