@@ -123,7 +123,10 @@ mod tests {
         );
         assert_eq!(r.to_string(), "prepare:latest");
         let r = TagRef::parse(":dataset").unwrap();
-        assert_eq!((r.workflow, r.to_string()), (None, ":dataset".to_string()));
+        assert_eq!(
+            (r.workflow.clone(), r.to_string()),
+            (None, ":dataset".to_string())
+        );
         for bad in [
             "prepare", "prepare:", "a:b:c", "../x:y", "x:../y", ":-a", ":a b",
         ] {
