@@ -92,7 +92,7 @@ async fn artifacts_are_kept_in_an_s3_bucket() {
     store.add_tag(&tag).await.unwrap();
     let again = store.add_tag(&tag).await.unwrap_err();
     assert!(matches!(again, ArtifactError::Exists(_)), "{again}");
-    assert_eq!(store.tags().await.unwrap(), [tag.clone()]);
+    assert_eq!(store.tags().await.unwrap(), std::slice::from_ref(&tag));
     assert!(store.delete_tag(&tag.tag).await.unwrap());
     assert!(store.tags().await.unwrap().is_empty());
 }

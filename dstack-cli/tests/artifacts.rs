@@ -4,6 +4,9 @@
 //! run, files uploaded as a tag (`:dataset`), and missing tags refused at their place.
 
 mod common;
+#[path = "../../dstack-backends/tests/common/podman.rs"]
+#[allow(dead_code)]
+mod podman;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -225,4 +228,56 @@ fn uploaded_files_are_a_tag_that_a_workflow_depends_on() {
     );
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("invalid tag name"), "{err}");
+}
+
+#[test]
+fn a_containers_artifacts_are_saved_while_it_runs_and_kept_when_it_is_removed() {
+    let podman = podman::Podman::start();
+    let docker_host = format!("unix://{}", podman.socket.display());
+    let env = Env::new();
+    let dir = env.home.path().join("boxed");
+    std::fs::create_dir_all(dir.join(".dstack")).unwrap();
+    let workflows = format!(
+        "workflows:\n  - name: boxed\n    provider: docker\n    image: {}\n    \
+         working_dir: /work\n    artifacts: [out]\n    \
+         commands: ['mkdir -p out', 'echo c > out/c.txt', 'sleep 600']\n",
+        podman::IMAGE
+    );
+    std::fs::write(dir.join(".dstack/workflows.yaml"), workflows).unwrap();
+    let run = |args: &[&str]| {
+        let out = env
+            .cmd(args)
+            .current_dir(&dir)
+            .env("DOCKER_HOST", &docker_host)
+            .output()
+            .unwrap();
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    let (code, out, err) = run(&["run", "-y", "-d", "-n", "boxed-1", "boxed"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    // Copied out of the running container through its engine's archive API.
+    let running = wait_listing(&env, &dir, "boxed-1", |out, _| out.contains("out/c.txt"));
+    let (code, out, err) = run(&["stop", "boxed-1", "-y", "-x"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    // The container is gone; what it left was kept before.
+    let done = wait_listing(&env, &dir, "boxed-1", |_, err| err.contains("(final)"));
+    assert_eq!(done, running);
+    let got = env.home.path().join("got");
+    let got_arg = got.display().to_string();
+    ok(
+        &env,
+        &dir,
+        &[
+            "artifacts",
+            "download",
+            "boxed-1",
+            "out/c.txt",
+            "-o",
+            &got_arg,
+        ],
+    );
+    assert_eq!(
+        std::fs::read_to_string(got.join("out/c.txt")).unwrap(),
+        "c\n"
+    );
 }

@@ -354,7 +354,7 @@ mod tests {
         store.add_tag(&tag).await.unwrap();
         let again = store.add_tag(&tag).await.unwrap_err();
         assert!(matches!(again, ArtifactError::Exists(_)), "{again}");
-        assert_eq!(store.tags().await.unwrap(), [tag.clone()]);
+        assert_eq!(store.tags().await.unwrap(), std::slice::from_ref(&tag));
         assert_eq!(store.tag(&tag.tag).await.unwrap(), Some(tag.clone()));
         assert!(store
             .tag(&TagRef::parse("train:latest").unwrap())

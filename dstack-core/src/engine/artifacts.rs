@@ -186,7 +186,7 @@ async fn receive(
             .await
             .map_err(artifacts::ArtifactError::from)?;
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(crate::agent::AgentError::from)?;
+            let chunk = chunk?;
             tokio::io::AsyncWriteExt::write_all(&mut out, &chunk)
                 .await
                 .map_err(artifacts::ArtifactError::from)?;
