@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Read};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
@@ -176,7 +176,13 @@ fn send_file(
     path: &Path,
     rel: &str,
 ) -> io::Result<()> {
-    let mut file = match fs::File::open(path) {
+    // Never through a symlink put there since the listing.
+    let nofollow = nix::fcntl::OFlag::O_NOFOLLOW.bits();
+    let opened = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nofollow)
+        .open(path);
+    let mut file = match opened {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),

@@ -33,7 +33,7 @@ pub(crate) async fn keep(inner: Arc<Inner>) {
                 for run in runs.into_iter().filter(saves) {
                     let inner = inner.clone();
                     inner.runtime.clone().spawn(async move {
-                        if let Err(e) = save(&inner, &run).await {
+                        if let Err(e) = save(&inner, &run, Busy::Skip).await {
                             eprintln!("dstack: cannot save the artifacts of run {}: {e}", run.name);
                         }
                     });
@@ -45,7 +45,7 @@ pub(crate) async fn keep(inner: Arc<Inner>) {
                     if saves(&run) {
                         let inner = inner.clone();
                         inner.runtime.clone().spawn(async move {
-                            if let Err(e) = save(&inner, &run).await {
+                            if let Err(e) = save(&inner, &run, Busy::Wait).await {
                                 eprintln!("dstack: cannot save the artifacts of run {}: {e}", run.name);
                             }
                         });
@@ -72,15 +72,31 @@ fn store(inner: &Inner) -> Result<&ArtifactStore, EngineError> {
     })
 }
 
+/// What a snapshot does when another of the same run is under way.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Busy {
+    /// Waits for it, then takes its own (a run's end, a client's request).
+    Wait,
+    /// Takes none (a periodic snapshot: the next comes soon).
+    Skip,
+}
+
 /// Takes a snapshot of `run`'s artifacts now (its last, frozen, when it has ended) and
-/// returns its manifest; a frozen manifest is returned as it is.
-pub(crate) async fn save(inner: &Inner, run: &Run) -> Result<Manifest, EngineError> {
+/// returns its manifest; a frozen manifest is returned as it is, and the last one saved when
+/// another snapshot is under way and `busy` says to skip.
+pub(crate) async fn save(inner: &Inner, run: &Run, busy: Busy) -> Result<Manifest, EngineError> {
     let store = store(inner)?;
     let lock = {
         let mut saving = inner.saving.lock().unwrap_or_else(|e| e.into_inner());
         saving.entry(run.id.clone()).or_default().clone()
     };
-    let _held = lock.lock().await;
+    let _held = match (busy, lock.try_lock()) {
+        (_, Ok(held)) => held,
+        (Busy::Wait, Err(_)) => lock.lock().await,
+        (Busy::Skip, Err(_)) => {
+            return Ok(store.manifest(&run.id).await?.unwrap_or_else(|| empty(run)));
+        }
+    };
     let kept = store.manifest(&run.id).await?;
     if let Some(kept) = kept.as_ref().filter(|m| m.frozen) {
         return Ok(kept.clone());
@@ -114,6 +130,18 @@ pub(crate) async fn save(inner: &Inner, run: &Run) -> Result<Manifest, EngineErr
             .remove(&run.id);
     }
     Ok(manifest)
+}
+
+/// A manifest of `run` with no files (nothing saved yet).
+fn empty(run: &Run) -> Manifest {
+    Manifest {
+        run_id: Some(run.id.clone()),
+        run_name: Some(run.name.clone()),
+        workflow: run.spec.artifacts.workflow.clone(),
+        saved_at_ms: 0,
+        frozen: false,
+        files: Vec::new(),
+    }
 }
 
 /// The run's first job (node 0 of replica 0: the one whose files are saved) in its latest
@@ -273,9 +301,15 @@ impl<W: io::Write> io::Write for Hashing<W> {
 }
 
 /// The artifacts of `run`: saved now while it runs (the last saved when its agent cannot
-/// be asked), frozen once it has ended.
+/// be asked), frozen once it has ended; none for a run that saves none.
 pub(crate) async fn of_run(inner: &Inner, run: &Run) -> Result<Manifest, EngineError> {
-    match save(inner, run).await {
+    if !saves(run) {
+        return Ok(store(inner)?
+            .manifest(&run.id)
+            .await?
+            .unwrap_or_else(|| empty(run)));
+    }
+    match save(inner, run, Busy::Wait).await {
         Ok(manifest) => Ok(manifest),
         Err(e) => match store(inner)?.manifest(&run.id).await? {
             Some(kept) => Ok(kept),
@@ -293,7 +327,7 @@ pub(crate) async fn tag_run(inner: &Inner, name: &str, run: &Run) -> Result<Tag,
             run.name
         )));
     }
-    let manifest = save(inner, run).await?;
+    let manifest = save(inner, run, Busy::Wait).await?;
     let tag = Tag {
         tag: TagRef {
             workflow: run.spec.artifacts.workflow.clone(),
