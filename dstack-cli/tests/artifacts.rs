@@ -4,6 +4,9 @@
 //! run, files uploaded as a tag (`:dataset`), and missing tags refused at their place.
 
 mod common;
+#[path = "../../dstack-backends/tests/common/netns.rs"]
+#[allow(dead_code)]
+mod netns;
 #[path = "../../dstack-backends/tests/common/podman.rs"]
 #[allow(dead_code)]
 mod podman;
@@ -280,4 +283,40 @@ fn a_containers_artifacts_are_saved_while_it_runs_and_kept_when_it_is_removed() 
         std::fs::read_to_string(got.join("out/c.txt")).unwrap(),
         "c\n"
     );
+}
+
+#[test]
+fn a_job_on_an_ssh_host_starts_with_a_tag_and_its_artifacts_come_back() {
+    let env = Env::new();
+    let hosts = netns::TestHosts::start(1);
+    let fleet_name = format!("arthosts-{}", std::process::id());
+    let fleet = env.write("hosts.dstack.yml", &hosts.fleet_yaml(&fleet_name));
+    let out = env.run(&["apply", "-f", &fleet, "-y"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let dir = env.home.path().join("remote");
+    std::fs::create_dir_all(dir.join(".dstack")).unwrap();
+    std::fs::create_dir_all(dir.join("dataset")).unwrap();
+    std::fs::write(dir.join("dataset/rows.csv"), "1,2\n").unwrap();
+    std::fs::write(dir.join("input.txt"), "input\n").unwrap();
+    // `files:` gives the job a fresh directory on the host (removed when it ends).
+    let workflows = format!(
+        "workflows:\n  - name: remote\n    provider: bash\n    fleets: [{fleet_name}]\n    \
+         files: ['{input}:input.txt']\n    depends-on: [':dataset']\n    artifacts: [out]\n    \
+         commands: ['mkdir -p out', 'cat dataset/rows.csv input.txt > out/r.txt']\n",
+        input = dir.join("input.txt").display()
+    );
+    std::fs::write(dir.join(".dstack/workflows.yaml"), workflows).unwrap();
+    ok(&env, &dir, &["tags", "add", "dataset", "--artifact", "dataset"]);
+    ok(&env, &dir, &["run", "-y", "-n", "remote-1", "remote"]);
+    let done = wait_listing(&env, &dir, "remote-1", |_, err| err.contains("(final)"));
+    assert!(done.starts_with("out/r.txt\t10\t"), "{done}");
+    let got = env.home.path().join("got");
+    let got_arg = got.display().to_string();
+    ok(&env, &dir, &["artifacts", "download", "remote-1", "-o", &got_arg]);
+    assert_eq!(
+        std::fs::read_to_string(got.join("out/r.txt")).unwrap(),
+        "1,2\ninput\n"
+    );
+    let out = env.run(&["fleet", "delete", &fleet_name, "-y"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
