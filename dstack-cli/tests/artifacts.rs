@@ -306,13 +306,21 @@ fn a_job_on_an_ssh_host_starts_with_a_tag_and_its_artifacts_come_back() {
         input = dir.join("input.txt").display()
     );
     std::fs::write(dir.join(".dstack/workflows.yaml"), workflows).unwrap();
-    ok(&env, &dir, &["tags", "add", "dataset", "--artifact", "dataset"]);
+    ok(
+        &env,
+        &dir,
+        &["tags", "add", "dataset", "--artifact", "dataset"],
+    );
     ok(&env, &dir, &["run", "-y", "-n", "remote-1", "remote"]);
     let done = wait_listing(&env, &dir, "remote-1", |_, err| err.contains("(final)"));
     assert!(done.starts_with("out/r.txt\t10\t"), "{done}");
     let got = env.home.path().join("got");
     let got_arg = got.display().to_string();
-    ok(&env, &dir, &["artifacts", "download", "remote-1", "-o", &got_arg]);
+    ok(
+        &env,
+        &dir,
+        &["artifacts", "download", "remote-1", "-o", &got_arg],
+    );
     assert_eq!(
         std::fs::read_to_string(got.join("out/r.txt")).unwrap(),
         "1,2\ninput\n"

@@ -833,6 +833,13 @@ pub struct RunHandle {
 }
 
 impl RunHandle {
+    /// The client the run is reached through.
+    pub fn client(&self) -> Client {
+        Client {
+            via: self.via.clone(),
+        }
+    }
+
     /// The run id.
     pub fn id(&self) -> &str {
         &self.id
