@@ -171,6 +171,18 @@ fn artifacts_are_downloadable_while_the_run_runs_and_the_same_after_it_ends() {
     );
 
     std::fs::write(&go, "").unwrap();
+    // The engine saves the last snapshot when the run ends, unasked (the only run of this
+    // home: one manifest).
+    let runs = env.home.path().join("server/artifacts/runs");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !frozen_manifest(&runs) {
+        assert!(
+            Instant::now() < deadline,
+            "no frozen manifest in {}",
+            runs.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let done = wait_listing(&env, &dir, "slow-1", |_, err| err.contains("(final)"));
     assert!(done.contains("out/b.txt"), "{done}");
     let a_line = |listing: &str| {
@@ -195,6 +207,19 @@ fn artifacts_are_downloadable_while_the_run_runs_and_the_same_after_it_ends() {
         std::fs::read_to_string(late.join("out/b.txt")).unwrap(),
         "b\n"
     );
+}
+
+/// Whether a manifest in `dir` is frozen.
+fn frozen_manifest(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(e.path()).unwrap_or_default())
+                .unwrap_or_default();
+        manifest["frozen"] == true
+    })
 }
 
 #[test]

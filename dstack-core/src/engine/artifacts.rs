@@ -31,24 +31,13 @@ pub(crate) async fn keep(inner: Arc<Inner>) {
             _ = tick.tick() => {
                 let Ok(runs) = inner.store.running_runs() else { continue };
                 for run in runs.into_iter().filter(saves) {
-                    let inner = inner.clone();
-                    inner.runtime.clone().spawn(async move {
-                        if let Err(e) = save(&inner, &run, Busy::Skip).await {
-                            eprintln!("dstack: cannot save the artifacts of run {}: {e}", run.name);
-                        }
-                    });
+                    spawn_save(&inner, run, Busy::Skip);
                 }
             }
             change = changes.recv() => match change {
                 Ok(change) if change.status.is_finished() => {
-                    let Ok(Some(run)) = inner.store.run(&change.run_id) else { continue };
-                    if saves(&run) {
-                        let inner = inner.clone();
-                        inner.runtime.clone().spawn(async move {
-                            if let Err(e) = save(&inner, &run, Busy::Wait).await {
-                                eprintln!("dstack: cannot save the artifacts of run {}: {e}", run.name);
-                            }
-                        });
+                    if let Some(run) = ended_saving(&inner, &change.run_id) {
+                        spawn_save(&inner, run, Busy::Wait);
                     }
                 }
                 Ok(_) | Err(RecvError::Lagged(_)) => {}
@@ -56,6 +45,28 @@ pub(crate) async fn keep(inner: Arc<Inner>) {
             },
         }
     }
+}
+
+/// The run `run_id` that just ended, if it saves artifacts. Its definition is in memory (a
+/// sweep's trials end by the thousand): the store is read only for runs that save some.
+fn ended_saving(inner: &Inner, run_id: &str) -> Option<Run> {
+    let saving = inner
+        .definition_of(run_id)
+        .is_ok_and(|d| !d.spec.artifacts.paths.is_empty());
+    if !saving {
+        return None;
+    }
+    inner.store.run(run_id).ok().flatten()
+}
+
+/// Takes a snapshot of `run`'s artifacts in a task of its own.
+fn spawn_save(inner: &Arc<Inner>, run: Run, busy: Busy) {
+    let task = inner.clone();
+    inner.runtime.spawn(async move {
+        if let Err(e) = save(&task, &run, busy).await {
+            eprintln!("dstack: cannot save the artifacts of run {}: {e}", run.name);
+        }
+    });
 }
 
 /// Whether `run` saves artifacts.
