@@ -445,3 +445,37 @@ pub(crate) fn checked_paths(inner: &Inner, paths: &[String]) -> Result<Vec<Strin
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fetched_archive_is_split_into_hashed_files_within_the_jobs_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let tar_path = dir.path().join("files.tar");
+        let mut builder = tar::Builder::new(std::fs::File::create(&tar_path).unwrap());
+        for (name, content, mode) in [
+            ("out/a.txt", &b"abc"[..], 0o755),
+            ("../escape", &b"x"[..], 0o644),
+        ] {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(content.len() as u64);
+            header.set_mode(mode);
+            header.set_cksum();
+            // `append_data` refuses `..`: the name goes into the header as it is.
+            header.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name.as_bytes());
+            header.set_cksum();
+            builder.append(&header, content).unwrap();
+        }
+        builder.finish().unwrap();
+        drop(builder);
+        let split = split(&tar_path, dir.path()).unwrap();
+        assert_eq!(split.len(), 1, "{split:?}");
+        let (entry, file) = &split[0];
+        assert_eq!(entry.path, "out/a.txt");
+        assert_eq!(entry.hash, crate::archive::hash_of(&b"abc"[..]).unwrap());
+        assert_eq!((entry.size, entry.mode), (3, 0o755));
+        assert_eq!(std::fs::read(file).unwrap(), b"abc");
+    }
+}
