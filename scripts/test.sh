@@ -26,7 +26,7 @@ echo "==> cloud backends: AWS against moto (pip install moto[server] into $VENV)
 # The AWS tests run the `cloud_backends` example as a child process: build it by name (a test
 # build of the examples leaves only hashed copies).
 cargo build -q -p dstack-backends --features aws,gcp --example cloud_backends
-MOTO_SERVER="$VENV/bin/moto_server" cargo test -p dstack-backends --features aws,gcp --lib --test aws --test gcp --test conformance --examples
+MOTO_SERVER="$VENV/bin/moto_server" cargo test -p dstack-backends --features aws,gcp --lib --test aws --test gcp --test conformance --test artifacts_s3 --examples
 # `dstack server` alone reaps an idle cloud instance (aws only; built with gcp too so that it
 # shares the build above).
 MOTO_SERVER="$VENV/bin/moto_server" cargo test -p dstack-server --features aws,gcp --test cloud_idle

@@ -237,6 +237,9 @@ async fn run(
         None => exit_code(&docker, &name).await,
     }
     .map(|c| i32::try_from(c).unwrap_or(-1));
+    if !spec.artifacts.is_empty() {
+        crate::artifacts::keep_container(&docker, &name, &working_dir, job).await;
+    }
     remove(&docker, &name).await;
     let description = match code {
         Some(c) => format!("the container exited with status {c}"),
@@ -429,7 +432,7 @@ fn failed(job: &Job, reason: &str, message: &str) -> JobInfo {
 }
 
 /// The working directory a created container starts in (its image's; `/` when it has none).
-async fn image_working_dir(docker: &Docker, name: &str) -> String {
+pub(crate) async fn image_working_dir(docker: &Docker, name: &str) -> String {
     docker
         .inspect_container(name, None)
         .await

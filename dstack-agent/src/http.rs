@@ -33,6 +33,8 @@ pub(crate) struct App {
     pub lease: Option<Arc<Lease>>,
     /// The SSH server of jobs.
     pub ssh: SshServer,
+    /// The hashes of artifact files read so far.
+    pub hashes: Arc<crate::artifacts::Hashes>,
 }
 
 impl App {
@@ -125,6 +127,21 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
             "application/x-ndjson",
             app.jobs.metrics(id, app.metrics_bytes)?,
         )),
+        (Method::GET, ["api", "jobs", id, "artifacts"]) => {
+            let job = app.jobs.get(id)?;
+            let engine = app.jobs.container_engine();
+            Ok(json(
+                &crate::artifacts::list(&job, engine, app.hashes.clone()).await?,
+            ))
+        }
+        (Method::POST, ["api", "jobs", id, "artifacts"]) => {
+            let job = app.jobs.get(id)?;
+            let wanted: Vec<String> = read_json(req).await?;
+            Ok(stream(
+                "application/x-tar",
+                crate::artifacts::archive(&job, wanted),
+            ))
+        }
         (Method::GET, ["api", "jobs", id, "ssh"]) => {
             let job = app.jobs.get(id)?;
             let world = World::of(&job, app.jobs.container_engine())?;
@@ -176,7 +193,7 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
             _,
             ["api", "healthcheck" | "jobs" | "events" | "lease"]
             | ["api", "jobs" | "archives", _]
-            | ["api", "jobs", _, "stop" | "logs" | "metrics" | "ssh"],
+            | ["api", "jobs", _, "stop" | "logs" | "metrics" | "ssh" | "artifacts"],
         ) => Err(HttpError(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{} is not allowed on {path}", req.method()),

@@ -168,9 +168,22 @@ impl Job {
         }
     }
 
+    /// The directory a host process runs in: its fresh directory (or the relative working
+    /// directory below it), else its own working directory.
+    pub fn host_working_dir(&self) -> PathBuf {
+        match (self.workspace(), self.spec.working_dir.as_str()) {
+            (Some(workspace), "") => workspace,
+            (Some(workspace), dir) => workspace.join(dir.trim_start_matches("./")),
+            (None, dir) => PathBuf::from(dir),
+        }
+    }
+
     /// Records the job's final state, once its process (or container) is gone; the job
     /// queued behind it starts first.
     pub fn finish(&self, info: JobInfo) {
+        if !self.spec.artifacts.is_empty() && self.spec.container.is_none() {
+            crate::artifacts::keep_host(self, self.workspace().is_some());
+        }
         if let Some(workspace) = self.workspace() {
             tokio::task::spawn_blocking(move || remove_dir_if_exists(&workspace));
         }
@@ -1007,6 +1020,7 @@ pub(crate) mod tests {
             after: None,
             archives: Vec::new(),
             clone: None,
+            artifacts: Vec::new(),
             container: None,
         }
     }

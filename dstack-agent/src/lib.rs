@@ -9,6 +9,7 @@
 //! or SIGINT. To run an agent that outlives its caller, use [`spawn_detached`].
 
 mod archives;
+mod artifacts;
 mod container;
 mod daemon;
 mod host;
@@ -163,6 +164,7 @@ impl Agent {
                 metrics_bytes: config.limits.metrics_bytes,
                 lease: config.lease.map(|l| Arc::new(Lease::new(l))),
                 ssh,
+                hashes: Arc::default(),
             }),
             socket: config.socket,
             state,

@@ -294,6 +294,8 @@ pub struct ServerConfig {
     pub project: String,
     /// Its backends, in file order.
     pub backends: Vec<BackendConfig>,
+    /// Where artifacts are kept (`artifacts:`; default: `server/artifacts/` of the home).
+    pub artifacts: Option<dstack_core::artifacts::StorageConfig>,
 }
 
 /// A config file that cannot be used: `file:line:col: path: what is wrong`.
@@ -331,6 +333,16 @@ pub fn parse(text: &str, file: &str) -> Result<ServerConfig, ConfigError> {
     if root.is_null() {
         return Ok(ServerConfig::default());
     }
+    let artifacts = match root.get("artifacts") {
+        None => None,
+        Some(node) => Some(serde_json::from_value(to_json(node)).map_err(|e| {
+            at(
+                node,
+                "artifacts",
+                &format!("{e} (expected `type: local` with `path`, or `type: s3` with `bucket`, `region`, `endpoint_url`, `prefix`)"),
+            )
+        })?),
+    };
     let Some(projects) = root.get("projects") else {
         return Err(at(
             &root,
@@ -342,7 +354,10 @@ pub fn parse(text: &str, file: &str) -> Result<ServerConfig, ConfigError> {
         return Err(at(projects, "projects", "expected a list of projects"));
     };
     let Some(project) = projects.first() else {
-        return Ok(ServerConfig::default());
+        return Ok(ServerConfig {
+            artifacts,
+            ..ServerConfig::default()
+        });
     };
     let name = match project.get("name").map(|n| &n.kind) {
         Some(NodeKind::Str(s)) => s.clone(),
@@ -357,6 +372,7 @@ pub fn parse(text: &str, file: &str) -> Result<ServerConfig, ConfigError> {
     let mut config = ServerConfig {
         project: name,
         backends: Vec::new(),
+        artifacts,
     };
     let backends = match project.get("backends") {
         None => return Ok(config),

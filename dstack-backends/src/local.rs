@@ -317,10 +317,18 @@ pub async fn local_client(
     }
     backends.extend(clouds);
     backends.insert(0, Arc::new(LocalBackend::new(&home, agent_bin)));
+    let config = crate::config::load(&home).map_err(|e| EngineError::Invalid(e.to_string()))?;
+    let artifacts = match &config.artifacts {
+        Some(storage) => Some(dstack_core::artifacts::ArtifactStore::open(storage)?),
+        None => None,
+    };
     Client::open(ClientOptions {
         home,
         backends,
-        engine: EngineOptions::default(),
+        engine: EngineOptions {
+            artifacts,
+            ..EngineOptions::default()
+        },
     })
     .await
 }

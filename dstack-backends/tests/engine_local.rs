@@ -1348,6 +1348,7 @@ async fn an_agent_of_another_build_is_replaced_once_it_runs_no_job() {
         after: None,
         archives: Vec::new(),
         clone: None,
+        artifacts: Vec::new(),
         container: None,
     };
     old.submit(&job).await.unwrap();

@@ -270,17 +270,20 @@ pub async fn apply(client: &Client, args: &ApplyArgs) -> Result<ExitCode, Failur
         configuration,
         &args.file.display().to_string(),
         &args.submit,
+        ApplyOptions::default(),
     )
     .await
 }
 
 /// Plans and submits a run configuration (`file` names where it comes from), or updates the
-/// running service of its name in place; then follows it as `args` say.
+/// running service of its name in place; then follows it as `args` say. `base` carries
+/// what the command adds (a workflow's artifacts and dependencies).
 pub async fn submit(
     client: &Client,
     configuration: Configuration,
     file: &str,
     args: &SubmitArgs,
+    base: ApplyOptions,
 ) -> Result<ExitCode, Failure> {
     let file = file.to_string();
     if let Some(identity) = &args.ssh_identity {
@@ -296,7 +299,7 @@ pub async fn submit(
         name: args.name.clone(),
         env: parse_env(&args.env)?,
         configuration_path: Some(file.clone()),
-        ..ApplyOptions::default()
+        ..base
     };
     let running = client
         .runs()

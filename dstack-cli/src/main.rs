@@ -1,6 +1,7 @@
 //! The `dstack` command-line interface.
 
 mod apply;
+mod artifacts;
 mod delete;
 mod fleet;
 mod gpu_groups;
@@ -16,6 +17,7 @@ mod secret;
 mod server;
 mod ssh;
 mod table;
+mod tags;
 mod validate;
 mod volume;
 mod workflow;
@@ -87,6 +89,17 @@ enum Command {
     Secret {
         #[command(subcommand)]
         action: Option<secret::SecretAction>,
+    },
+    /// List or download a run's artifacts (the `artifacts` paths of a workflow, saved while
+    /// it runs and frozen when it ends).
+    Artifacts {
+        #[command(subcommand)]
+        action: artifacts::ArtifactsAction,
+    },
+    /// Name a finished run's artifacts (or files uploaded from here) for `depends-on`.
+    Tags {
+        #[command(subcommand)]
+        action: Option<tags::TagsAction>,
     },
     /// Check configuration files and show them normalized, as dstack would read them.
     ///
@@ -240,6 +253,8 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
         Command::Apply(args) => apply::apply(&client, &args).await,
         Command::Secret { action } => secret::run(&client, action).await,
         Command::Init(args) => init::init(&client, &args).await,
+        Command::Artifacts { action } => artifacts::run(&client, action).await,
+        Command::Tags { action } => tags::run(&client, action).await,
         Command::Ps(args) => ps::ps(&client, &args).await,
         Command::Logs(args) => logs::logs(&client, &args).await,
         Command::Attach(args) => runs::attach_cmd(&client, &home, &args).await,

@@ -5,10 +5,14 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use dstack_core::artifacts::TagRef;
 use dstack_core::config::limits;
 use dstack_core::config::run_args;
-use dstack_core::config::workflows::{self, Workflows, PROVIDERS, VARIABLES_FILE, WORKFLOWS_FILE};
+use dstack_core::config::workflows::{
+    self, Dependency, Workflows, PROVIDERS, VARIABLES_FILE, WORKFLOWS_FILE,
+};
 use dstack_core::config::Configuration;
+use dstack_core::engine::ApplyOptions;
 
 use crate::apply::SubmitArgs;
 use crate::Failure;
@@ -36,13 +40,53 @@ pub async fn run(args: &RunArgs) -> Result<std::process::ExitCode, Failure> {
     let workflows = load(Path::new(""))?;
     let planned = plan(&args.words, workflows.as_ref())?;
     let (client, _) = crate::connect(true).await?;
+    check_tags(&client, &planned.depends_on).await?;
+    let base = ApplyOptions {
+        workflow: planned.workflow,
+        artifacts: planned.artifacts,
+        depends_on: planned.depends_on.into_iter().map(|d| d.tag).collect(),
+        ..ApplyOptions::default()
+    };
     crate::apply::submit(
         &client,
         planned.configuration,
         &planned.source,
         &args.submit,
+        base,
     )
     .await
+}
+
+/// Refuses dependencies on tags that do not exist, each at its place.
+async fn check_tags(
+    client: &dstack_core::Client,
+    depends_on: &[Dependency],
+) -> Result<(), Failure> {
+    if depends_on.is_empty() {
+        return Ok(());
+    }
+    let known: Vec<TagRef> = client
+        .tags()
+        .list()
+        .await?
+        .into_iter()
+        .map(|t| t.tag)
+        .collect();
+    let missing: Vec<String> = depends_on
+        .iter()
+        .filter(|d| !known.contains(&d.tag))
+        .map(|d| {
+            format!(
+                "{}: there is no tag {} (dstack tags list shows the tags; dstack tags add \
+                 TAG RUN makes one) [invalid_value]",
+                d.at, d.tag
+            )
+        })
+        .collect();
+    match missing.is_empty() {
+        true => Ok(()),
+        false => Err(Failure::new(missing.join("\n"))),
+    }
 }
 
 /// What `dstack run` submits: the configuration, and the arguments already in its commands.
@@ -52,6 +96,12 @@ pub struct Planned {
     pub configuration: Configuration,
     /// What names it in messages (`.dstack/workflows.yaml`, or `dstack run python`).
     pub source: String,
+    /// The workflow it runs (`None` for a provider run directly).
+    pub workflow: Option<String>,
+    /// The paths saved as its artifacts.
+    pub artifacts: Vec<String>,
+    /// The tags whose artifacts it starts with.
+    pub depends_on: Vec<Dependency>,
 }
 
 /// Reads the project's workflows from `dir` (`None` when it has no workflows file).
@@ -111,13 +161,16 @@ pub fn plan(words: &[String], workflows: Option<&Workflows>) -> Result<Planned, 
     };
     if let Some(workflows) = workflows.filter(|w| w.names().any(|n| n == name)) {
         let (values, args) = variables(rest, &workflows.variables(name));
-        let mut configuration = workflows
-            .configuration(name, &values)
+        let mut run = workflows
+            .run(name, &values)
             .map_err(|e| Failure::new(e.to_string()))?;
-        put_args(&mut configuration, &args, WORKFLOWS_FILE)?;
+        put_args(&mut run.configuration, &args, WORKFLOWS_FILE)?;
         return Ok(Planned {
-            configuration,
+            configuration: run.configuration,
             source: WORKFLOWS_FILE.to_string(),
+            workflow: Some(name.clone()),
+            artifacts: run.artifacts,
+            depends_on: run.depends_on,
         });
     }
     if !PROVIDERS.contains(&name.as_str()) {
@@ -127,13 +180,16 @@ pub fn plan(words: &[String], workflows: Option<&Workflows>) -> Result<Planned, 
         )));
     }
     let source = format!("dstack run {name}");
-    let (fields, args) = provider_fields(name, rest)?;
-    let mut configuration = workflows::provider_configuration(&fields, &source)
+    let provider = provider_fields(name, rest)?;
+    let mut configuration = workflows::provider_configuration(&provider.fields, &source)
         .map_err(|e| Failure::new(e.to_string()))?;
-    put_args(&mut configuration, &args, &source)?;
+    put_args(&mut configuration, &provider.args, &source)?;
     Ok(Planned {
         configuration,
         source,
+        workflow: None,
+        artifacts: provider.artifacts,
+        depends_on: provider.depends_on,
     })
 }
 
@@ -174,31 +230,45 @@ fn variables(words: &[String], declared: &[&str]) -> (BTreeMap<String, String>, 
     (values, args)
 }
 
+/// A provider run from the command line.
+struct ProviderRun {
+    /// Its fields.
+    fields: serde_json::Value,
+    /// The arguments for its command.
+    args: Vec<String>,
+    /// `--artifact PATH`, each.
+    artifacts: Vec<String>,
+    /// `--dep WORKFLOW:TAG` (or `:TAG`), each.
+    depends_on: Vec<Dependency>,
+}
+
 /// The fields of a provider run from the command line, and the arguments for its command.
-fn provider_fields(
-    provider: &str,
-    words: &[String],
-) -> Result<(serde_json::Value, Vec<String>), Failure> {
+fn provider_fields(provider: &str, words: &[String]) -> Result<ProviderRun, Failure> {
     let mut fields = serde_json::json!({ "provider": provider });
     let mut rest = Vec::new();
+    let (mut artifacts, mut depends_on) = (Vec::new(), Vec::new());
     let mut words = words.iter();
     while let Some(word) = words.next() {
         match word.as_str() {
-            "--gpu" => {
-                let count = words
+            "--gpu" | "--dep" | "--artifact" => {
+                let value = words
                     .next()
-                    .ok_or_else(|| Failure::new("--gpu needs a value"))?;
-                fields["resources"] = serde_json::json!({ "gpu": count });
-            }
-            "--dep" | "--artifact" => {
-                return Err(Failure::new(format!(
-                    "{word}: {} are not supported yet",
-                    if word == "--dep" {
-                        "dependencies"
-                    } else {
-                        "artifacts"
+                    .ok_or_else(|| Failure::new(format!("{word} needs a value")))?;
+                match word.as_str() {
+                    "--gpu" => fields["resources"] = serde_json::json!({ "gpu": value }),
+                    "--artifact" => artifacts.push(value.clone()),
+                    _ if !value.contains(':') => {
+                        return Err(Failure::new(format!(
+                            "--dep {value}: a workflow without a tag (a pipeline) is not \
+                             supported yet; depend on a tag: --dep {value}:latest"
+                        )))
                     }
-                )))
+                    _ => depends_on.push(Dependency {
+                        tag: TagRef::parse(value)
+                            .map_err(|e| Failure::new(format!("--dep {value}: {e}")))?,
+                        at: format!("--dep {value}"),
+                    }),
+                }
             }
             _ => rest.push(word.clone()),
         }
@@ -232,7 +302,12 @@ fn provider_fields(
         }
         _ => {}
     }
-    Ok((fields, rest.collect()))
+    Ok(ProviderRun {
+        fields,
+        args: rest.collect(),
+        artifacts,
+        depends_on,
+    })
 }
 
 /// Puts `args` where the configuration's commands say `${{ run.args }}`, after refusing the
@@ -311,15 +386,20 @@ mod tests {
         assert_eq!(commands(&planned), ["echo a && echo b"]);
         let planned = plan(&words("docker busybox echo hi"), None).unwrap();
         assert_eq!(commands(&planned), ["echo hi"]);
+        let planned = plan(
+            &words("python train.py --epoch 1 --dep prepare:latest --artifact checkpoint"),
+            None,
+        )
+        .unwrap();
+        assert_eq!(commands(&planned), ["python train.py --epoch 1"]);
+        assert_eq!(planned.artifacts, ["checkpoint"]);
+        assert_eq!(planned.depends_on[0].tag.to_string(), "prepare:latest");
         for (line, expected) in [
             (
-                "python train.py --dep prepare:latest",
-                "--dep: dependencies are not supported yet",
+                "python train.py --dep prepare",
+                "--dep prepare: a workflow without a tag (a pipeline) is not supported yet",
             ),
-            (
-                "python train.py --artifact out",
-                "--artifact: artifacts are not supported yet",
-            ),
+            ("python train.py --artifact", "--artifact needs a value"),
             (
                 "python",
                 "dstack run python needs the script to run (`file`)",

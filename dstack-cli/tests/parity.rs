@@ -203,7 +203,13 @@ fn apply_merges_port_flags_forwards_on_the_host_and_shows_the_verbose_plan() {
         body = http_get_at("127.0.0.2", moved, "hello.txt").filter(|b| !b.is_empty());
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(body.as_deref(), Some("hello\n"));
+    assert_eq!(
+        body.as_deref(),
+        Some("hello\n"),
+        "runs: {}\nlogs: {}",
+        text(&env.run(&["ps", "-a", "-v"]).stdout),
+        text(&env.run(&["logs", "web"]).stdout)
+    );
     let plan = plan.join().unwrap();
     for row in [
         "task (nodes=1)",

@@ -39,6 +39,13 @@ fn run_in(env: &Env, dir: &Path, args: &[&str]) -> (Option<i32>, String, String)
 fn workflows_run_their_scripts_with_the_arguments_and_variables_given() {
     let env = Env::new();
     let dir = project(&env);
+    // `prepare` writes data/ where it runs: the project directory.
+    let (code, out, err) = run_in(&env, &dir, &["run", "-y", "-n", "prep", "prepare"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(dir.join("data/numbers.csv").exists(), "{out}");
+    // `train` depends on `prepare:latest`.
+    let (code, out, err) = run_in(&env, &dir, &["tags", "add", "latest", "prep"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
     let (code, out, err) = run_in(
         &env,
         &dir,
@@ -49,10 +56,6 @@ fn workflows_run_their_scripts_with_the_arguments_and_variables_given() {
         out.contains("training: epoch=2 seed=2 batch_size=32"),
         "{out}"
     );
-    // `prepare` writes data/ where it runs: the project directory.
-    let (code, out, err) = run_in(&env, &dir, &["run", "-y", "prepare"]);
-    assert_eq!(code, Some(0), "{out}\n{err}");
-    assert!(dir.join("data/numbers.csv").exists(), "{out}");
     // `--pgpu 1` (a variable of `prepare`) asks for a GPU, which this machine lacks.
     let (code, out, err) = run_in(&env, &dir, &["run", "-y", "-d", "prepare", "--pgpu", "1"]);
     assert_eq!(code, Some(0), "{out}\n{err}");
@@ -84,8 +87,12 @@ fn providers_run_directly_and_what_is_not_supported_is_refused() {
     assert!(out.contains("argv ['a', 'b c', '$HOME']"), "{out}");
     for (args, expected) in [
         (
+            &["run", "-y", "python", "argv.py", "--dep", "prepare"][..],
+            "--dep prepare: a workflow without a tag (a pipeline) is not supported yet",
+        ),
+        (
             &["run", "-y", "python", "argv.py", "--dep", "prepare:latest"][..],
-            "--dep: dependencies are not supported yet",
+            "--dep prepare:latest: there is no tag prepare:latest",
         ),
         (
             &["run", "-y", "perl", "x.pl"][..],
@@ -96,14 +103,14 @@ fn providers_run_directly_and_what_is_not_supported_is_refused() {
         assert_eq!(code, Some(1), "{args:?}: {out}\n{err}");
         assert!(err.contains(expected), "{args:?}: {err}");
     }
-    // A workflow with artifacts is refused at its line.
-    let text = "workflows:\n  - name: keep\n    provider: bash\n    commands: [echo never]\n    artifacts: [out]\n";
+    // A workflow depending on another without a tag (a pipeline) is refused at its line.
+    let text = "workflows:\n  - name: keep\n    provider: bash\n    commands: [echo never]\n    depends-on: [prepare]\n";
     std::fs::write(dir.join(".dstack/workflows.yaml"), text).unwrap();
     let (code, _, err) = run_in(&env, &dir, &["run", "-y", "keep"]);
     assert_eq!(code, Some(1), "{err}");
     assert!(
         err.contains(
-            ".dstack/workflows.yaml:5:5: workflows[0].artifacts: artifacts are not supported yet"
+            ".dstack/workflows.yaml:5:18: workflows[0].depends-on[0]: `prepare` names a workflow without a tag"
         ),
         "{err}"
     );

@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod api;
 pub mod archive;
+pub mod artifacts;
 pub mod backend;
 pub mod client;
 pub mod config;

@@ -71,6 +71,7 @@ fn run(name: &str, yaml: &str, status: RunStatus) -> Run {
             ]),
             group: None,
             archives: Vec::new(),
+            artifacts: Default::default(),
         },
         "submitted_at_ms": T0,
         "resubmission_attempt": 0,

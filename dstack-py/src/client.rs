@@ -183,6 +183,43 @@ impl RawClient {
         raise(py, runs)
     }
 
+    /// Tags the artifacts of finished run `run`, or uploads local `paths` as `:name`; the tag
+    /// `{"workflow", "name", "created_at_ms", "manifest"}`.
+    #[pyo3(signature = (name, run = None, paths = Vec::new()))]
+    fn tags_add(
+        &self,
+        py: Python<'_>,
+        name: String,
+        run: Option<String>,
+        paths: Vec<PathBuf>,
+    ) -> PyResult<PyObject> {
+        let client = self.client.clone();
+        let tag = block_on(py, async move {
+            match run {
+                Some(run) => client.tags().add(&name, &run).await,
+                None => client.tags().add_files(&name, &paths).await,
+            }
+        })?;
+        let tag = raise(py, tag.map_err(Failure::from))?;
+        to_py(py, &serde_json::to_value(&tag).unwrap_or_default())
+    }
+
+    /// Every tag (as `tags_add` returns them).
+    fn tags_list(&self, py: Python<'_>) -> PyResult<PyObject> {
+        let client = self.client.clone();
+        let tags = block_on(py, async move { client.tags().list().await })?;
+        let tags = raise(py, tags.map_err(Failure::from))?;
+        to_py(py, &serde_json::to_value(&tags).unwrap_or_default())
+    }
+
+    /// Deletes tag `tag` (`TAG`, `WORKFLOW:TAG` or `:TAG`); the tag deleted, as written
+    /// in full.
+    fn tags_delete(&self, py: Python<'_>, tag: String) -> PyResult<String> {
+        let client = self.client.clone();
+        let deleted = block_on(py, async move { client.tags().delete(&tag).await })?;
+        Ok(raise(py, deleted.map_err(Failure::from))?.to_string())
+    }
+
     /// The metrics of each of these runs (by id), in order, in one request; none for a run
     /// that is gone or whose host cannot be reached now.
     fn metrics_many(&self, py: Python<'_>, ids: Vec<String>) -> PyResult<PyObject> {

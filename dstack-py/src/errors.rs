@@ -1,6 +1,7 @@
 //! Rust errors as the exceptions of `dstack.errors` (defined in `python/dstack/errors.py`,
 //! so they carry attributes such as `ConfigurationError.errors`). One exhaustive mapping.
 
+use dstack_core::artifacts::ArtifactError;
 use dstack_core::backend::ComputeError;
 use dstack_core::config::ConfigErrors;
 use dstack_core::engine::EngineError;
@@ -88,6 +89,12 @@ impl From<EngineError> for Failure {
             EngineError::Unsupported(_) => "NotSupportedError",
             EngineError::Invalid(_) => "DstackError",
             EngineError::PortUsed(_) => "PortUsedError",
+            EngineError::Artifacts(a) => match a {
+                ArtifactError::Exists(_) => "ResourceExistsError",
+                ArtifactError::NotFound(_) => "ResourceNotExistsError",
+                ArtifactError::Unsupported(_) => "NotSupportedError",
+                _ => "DstackError",
+            },
             EngineError::Server(e) => match e.code() {
                 Some("resource_exists") => "ResourceExistsError",
                 Some("resource_not_exists") => "ResourceNotExistsError",

@@ -142,6 +142,39 @@ impl RawRun {
         spawn(metrics(self.handle.clone()), metrics_to_py)
     }
 
+    /// The run's artifacts: `{"run_name", "frozen", "files": [{"path", "hash", "size",
+    /// "mode"}], …}` (saved now while it runs, final once it has ended).
+    fn artifacts(&self, py: Python<'_>) -> PyResult<PyObject> {
+        let handle = self.handle.clone();
+        let manifest = block_on(py, async move {
+            handle.client().artifacts().list(handle.name()).await
+        })?;
+        let manifest = raise(py, manifest.map_err(Failure::from))?;
+        let value = serde_json::to_value(&manifest).unwrap_or_default();
+        crate::convert::to_py(py, &value)
+    }
+
+    /// Downloads the run's artifacts (those at or below `path`, or all) into `dir`; the
+    /// paths written, relative to `dir`.
+    #[pyo3(signature = (dir, path = None))]
+    fn download_artifacts(
+        &self,
+        py: Python<'_>,
+        dir: std::path::PathBuf,
+        path: Option<String>,
+    ) -> PyResult<Vec<String>> {
+        let handle = self.handle.clone();
+        let files = block_on(py, async move {
+            let client = handle.client();
+            client
+                .artifacts()
+                .download(handle.name(), path.as_deref(), &dir)
+                .await
+        })?;
+        let files = raise(py, files.map_err(Failure::from))?;
+        Ok(files.into_iter().map(|f| f.path).collect())
+    }
+
     /// The link that opens a running dev environment in its IDE (`ide:`), or `None`.
     fn ide_link(&self, py: Python<'_>) -> PyResult<Option<String>> {
         let handle = self.handle.clone();

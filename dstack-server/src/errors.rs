@@ -2,6 +2,7 @@
 //! dstack's codes, so that its clients (and ours, which map codes back to typed errors)
 //! understand them.
 
+use dstack_core::artifacts::ArtifactError;
 use dstack_core::backend::ComputeError;
 use dstack_core::client::protocol::{ErrorBody, ErrorDetail};
 use dstack_core::client::ServerError;
@@ -87,6 +88,15 @@ impl From<EngineError> for ApiError {
             },
             EngineError::Agent(_) => (StatusCode::BAD_REQUEST, "backend_error"),
             EngineError::Unsupported(_) => (StatusCode::BAD_REQUEST, "not_supported"),
+            EngineError::Artifacts(a) => match a {
+                ArtifactError::Exists(_) => (StatusCode::BAD_REQUEST, "resource_exists"),
+                ArtifactError::NotFound(_) => (StatusCode::BAD_REQUEST, "resource_not_exists"),
+                ArtifactError::Unsupported(_) => (StatusCode::BAD_REQUEST, "not_supported"),
+                ArtifactError::Frozen(_) | ArtifactError::Invalid(_) => {
+                    (StatusCode::BAD_REQUEST, "server_client_error")
+                }
+                _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
+            },
             EngineError::Invalid(_) | EngineError::PortUsed(_) => {
                 (StatusCode::BAD_REQUEST, "server_client_error")
             }
@@ -95,5 +105,11 @@ impl From<EngineError> for ApiError {
             }
         };
         ApiError::new(status, code, e.to_string())
+    }
+}
+
+impl From<ArtifactError> for ApiError {
+    fn from(e: ArtifactError) -> Self {
+        EngineError::from(e).into()
     }
 }

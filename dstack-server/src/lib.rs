@@ -10,6 +10,7 @@
 //! nothing: the next one resumes from the state file, and jobs keep running on their agents
 //! meanwhile.
 
+mod artifacts;
 mod dialect;
 mod errors;
 mod inactivity;

@@ -119,6 +119,7 @@ async fn route(
             match route {
                 ["secrets", action] => crate::secrets::route(shared, action, req).await,
                 ["repos", "init"] => crate::secrets::init_repo(shared, req).await,
+                ["artifacts" | "tags", _] => crate::artifacts::route(shared, route, req).await,
                 _ if native => project_route(shared, route, req).await,
                 _ => crate::dialect::project_route(shared, route, req).await,
             }
@@ -383,7 +384,14 @@ fn archives_needed(shared: &Shared) -> Result<std::collections::HashSet<String>,
             .active_runs_of_kind(kind)
             .map_err(dstack_core::engine::EngineError::from)?;
         for run in runs {
-            needed.extend(run.spec.archives.into_iter().map(|a| a.hash));
+            let dependencies = run.spec.artifacts.dependencies.into_iter();
+            needed.extend(
+                run.spec
+                    .archives
+                    .into_iter()
+                    .chain(dependencies)
+                    .map(|a| a.hash),
+            );
         }
     }
     Ok(needed)

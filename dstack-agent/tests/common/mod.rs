@@ -139,6 +139,7 @@ pub fn shell_job(id: &str, script: &str) -> JobSubmit {
         container: None,
         archives: Vec::new(),
         clone: None,
+        artifacts: Vec::new(),
     }
 }
 

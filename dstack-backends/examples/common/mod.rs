@@ -153,5 +153,6 @@ pub fn sh_job(id: String, script: &str, after: Option<String>) -> JobSubmit {
         after,
         archives: Vec::new(),
         clone: None,
+        artifacts: Vec::new(),
     }
 }

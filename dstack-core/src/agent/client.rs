@@ -145,6 +145,25 @@ impl AgentClient {
             .map(|_| ())
     }
 
+    /// `GET /api/jobs/{id}/artifacts`: the job's artifact files with their hashes.
+    pub async fn artifacts(&self, id: &str) -> Result<super::ArtifactListing, AgentError> {
+        self.json(Method::GET, &format!("/api/jobs/{id}/artifacts"), None)
+            .await
+    }
+
+    /// `POST /api/jobs/{id}/artifacts`: a tar of the job's artifact files `paths`, streamed.
+    pub async fn artifact_files(
+        &self,
+        id: &str,
+        paths: &[String],
+    ) -> Result<ByteStream, AgentError> {
+        let path = format!("/api/jobs/{id}/artifacts");
+        let body = serde_json::to_vec(paths)?;
+        self.http
+            .stream(UPLOAD_TIMEOUT, Method::POST, &path, Some(body))
+            .await
+    }
+
     /// `GET /api/lease`: the agent's owner lease.
     pub async fn lease(&self) -> Result<LeaseStatus, AgentError> {
         self.json(Method::GET, "/api/lease", None).await

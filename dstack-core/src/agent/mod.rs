@@ -16,6 +16,8 @@
 //! | `GET /api/jobs/{id}/logs?offset=N&follow=B` | — | the raw output from byte `offset`; with `follow=true` the body stays open until the job has finished and every byte was sent |
 //! | `GET /api/jobs/{id}/ssh` | — | [`SshEndpoint`]; 404; 409 unless running |
 //! | `POST /api/jobs/{id}/ssh` (`Upgrade:` [`SSH_UPGRADE`]) | [`SshRequest`] | `101 Switching Protocols`, then one SSH connection into the job's world (its working directory, environment, user; inside its container) authenticated by the keys of the request; 409 unless running |
+//! | `GET /api/jobs/{id}/artifacts` | — | [`ArtifactListing`]: the files under the job's `artifacts` paths with their SHA-256 (as the job left them, once it has ended); 404 |
+//! | `POST /api/jobs/{id}/artifacts` | `[path]` (files of the listing) | a tar archive of those files as they are now (or were at the end), streamed |
 //! | `GET /api/lease` | — | [`LeaseStatus`] |
 //! | `POST /api/lease` | — | [`LeaseStatus`], after renewing the owner lease (a no-op for an agent without one) |
 //! | `GET /api/events` | — | newline-delimited [`JobInfo`] JSON: one line per job at connection time, then one per change (but to `queued`: the submission's reply says so), forever; an empty line after [`EVENTS_HEARTBEAT`] without a change |

@@ -131,6 +131,20 @@ pub struct JobSubmit {
     /// `working_dir` gets a fresh directory for it too).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clone: Option<crate::archive::RepoClone>,
+    /// The paths (relative to the working directory) whose files are the job's artifacts:
+    /// listed and served while it runs (`GET`/`POST /api/jobs/{id}/artifacts`), and kept by
+    /// the agent as they were at its end (a fresh directory or a container is removed then).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<String>,
+}
+
+/// `GET /api/jobs/{id}/artifacts`: the job's artifact files now (or as they were at its end).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactListing {
+    /// Whether the job has ended: the files are those it left, and will not change.
+    pub ended: bool,
+    /// The files, in path order.
+    pub files: Vec<crate::artifacts::FileEntry>,
 }
 
 /// How to run a job in a container.

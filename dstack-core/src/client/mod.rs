@@ -18,6 +18,7 @@
 //! ```
 
 mod archives;
+mod artifacts;
 mod group;
 pub mod home;
 mod logs;
@@ -34,6 +35,7 @@ use futures_core::Stream;
 use futures_util::StreamExt;
 
 pub use archives::{ArchiveKept, HasArchive};
+pub use artifacts::{Artifacts, ArtifactsOf, ObjectRef, TagAdd, Tags};
 pub use group::GroupChanges;
 pub use remote::{Remote, ServerError};
 
@@ -100,6 +102,11 @@ impl Client {
         engine_options.archives.get_or_insert_with(|| {
             crate::archive::ArchiveStore::new(home::server_dir(&options.home).join("archives"))
         });
+        if engine_options.artifacts.is_none() {
+            let path = home::server_dir(&options.home).join("artifacts");
+            let local = crate::artifacts::StorageConfig::Local { path };
+            engine_options.artifacts = Some(crate::artifacts::ArtifactStore::open(&local)?);
+        }
         let engine = Engine::start(Arc::new(store), options.backends, engine_options).await?;
         Ok(Client {
             via: Via::Engine(engine),
@@ -138,6 +145,16 @@ impl Client {
     /// The network volumes.
     pub fn volumes(&self) -> Volumes<'_> {
         Volumes { client: self }
+    }
+
+    /// Runs' artifacts.
+    pub fn artifacts(&self) -> Artifacts<'_> {
+        Artifacts { client: self }
+    }
+
+    /// Tags: names for runs' artifacts and uploaded files.
+    pub fn tags(&self) -> Tags<'_> {
+        Tags { client: self }
     }
 
     /// The secrets (`${{ secrets.NAME }}`).
@@ -877,6 +894,13 @@ pub struct RunHandle {
 }
 
 impl RunHandle {
+    /// The client the run is reached through.
+    pub fn client(&self) -> Client {
+        Client {
+            via: self.via.clone(),
+        }
+    }
+
     /// The run id.
     pub fn id(&self) -> &str {
         &self.id

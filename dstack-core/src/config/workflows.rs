@@ -20,7 +20,10 @@
 //! `version` is the run's `python`; `requirements` is installed with pip first; `environment`
 //! is taken as `env`. The arguments of `dstack run WORKFLOW ARGS…` reach the command through
 //! `${{ run.args }}` ([`super::run_args`]), which `python`, `streamlit`, `gradio` and
-//! `fastapi` workflows end with. `artifacts` and `depends-on` are refused (not supported yet).
+//! `fastapi` workflows end with. `artifacts` lists the paths saved as the run's artifacts;
+//! `depends-on` names tags (`prepare:latest`, `:dataset`) whose artifacts are put into the run's
+//! working directory ([`WorkflowRun`]); a workflow named without a tag (a pipeline) is refused
+//! (not supported yet).
 //!
 //! ```
 //! use dstack_core::config::workflows::Workflows;
@@ -62,18 +65,25 @@ pub const PROVIDERS: &[&str] = &[
     "code",
 ];
 
-/// The fields of dstack's workflows that this project does not honour yet.
-const REFUSED: &[(&str, &str)] = &[
-    (
-        "artifacts",
-        "artifacts are not supported yet: nothing would be saved; remove `artifacts`",
-    ),
-    (
-        "depends-on",
-        "dependencies between workflows are not supported yet: nothing would be mounted or run \
-         first; remove `depends-on`",
-    ),
-];
+/// A workflow as it runs: its configuration, the paths it saves and the tags it depends on.
+#[derive(Clone, Debug)]
+pub struct WorkflowRun {
+    /// The configuration.
+    pub configuration: Configuration,
+    /// The paths saved as its artifacts (`artifacts`).
+    pub artifacts: Vec<String>,
+    /// The tags whose artifacts it starts with (`depends-on`).
+    pub depends_on: Vec<Dependency>,
+}
+
+/// A tag a workflow depends on, and where it is named.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dependency {
+    /// The tag.
+    pub tag: crate::artifacts::TagRef,
+    /// `file:line:col: workflows[i].depends-on[j]`, for messages about it.
+    pub at: String,
+}
 
 /// The workflows of a project, with their declared variables.
 #[derive(Clone, Debug)]
@@ -179,10 +189,20 @@ impl Workflows {
         name: &str,
         values: &BTreeMap<String, String>,
     ) -> Result<Configuration, ConfigErrors> {
+        self.run(name, values).map(|run| run.configuration)
+    }
+
+    /// Workflow `name` as it runs with `values` of its variables: its configuration (see
+    /// [`Workflows::configuration`]), artifacts and dependencies.
+    pub fn run(
+        &self,
+        name: &str,
+        values: &BTreeMap<String, String>,
+    ) -> Result<WorkflowRun, ConfigErrors> {
         let mut cx = Cx::default();
         let built = self.build(name, values, &mut cx);
         match built {
-            Some(config) if !cx.has_errors() => Ok(config),
+            Some(run) if !cx.has_errors() => Ok(run),
             _ => Err(ConfigErrors {
                 file: self.file.clone(),
                 errors: cx.into_errors(),
@@ -195,7 +215,7 @@ impl Workflows {
         name: &str,
         values: &BTreeMap<String, String>,
         cx: &mut Cx,
-    ) -> Option<Configuration> {
+    ) -> Option<WorkflowRun> {
         let Some((_, index, node)) = self.workflows.iter().find(|(n, _, _)| n == name) else {
             let known: Vec<&str> = self.names().collect();
             let message = format!(
@@ -228,11 +248,17 @@ impl Workflows {
         let list = root.key("workflows");
         let path = list.index(*index);
         let filled = substitute(node, &|var| lookup(var, declared, values), cx, &path)?;
+        let artifacts = artifact_paths(filled.get("artifacts"), cx, &path);
+        let depends_on = dependencies(filled.get("depends-on"), cx, &path, &self.file);
         let config = to_configuration(&filled, cx, &path)?;
         let before = cx.kept();
         let parsed = parse_node(&config, cx);
         prefix_paths(cx, before, &path);
-        parsed
+        Some(WorkflowRun {
+            configuration: parsed?,
+            artifacts,
+            depends_on,
+        })
     }
 }
 
@@ -253,6 +279,86 @@ pub fn provider_configuration(
             errors: cx.into_errors(),
         }),
     }
+}
+
+/// A workflow's `artifacts`: a list of paths (strings, or `{path: …}`) within its working
+/// directory.
+fn artifact_paths(node: Option<&Node>, cx: &mut Cx, path: &Path<'_>) -> Vec<String> {
+    let Some(node) = node else {
+        return Vec::new();
+    };
+    let list_path = path.key("artifacts");
+    let NodeKind::Seq(items) = &node.kind else {
+        cx.expected(node, &list_path, "a list of paths");
+        return Vec::new();
+    };
+    let mut paths = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let item_path = list_path.index(i);
+        let text = match (&item.kind, item.get("path")) {
+            (NodeKind::Str(s), _) => s.clone(),
+            (NodeKind::Map(_), Some(p)) => p.as_key().unwrap_or_default().to_string(),
+            _ => {
+                cx.expected(item, &item_path, "a path (or `path: …`)");
+                continue;
+            }
+        };
+        match crate::artifacts::normalize(&text) {
+            Some(_) => paths.push(text),
+            None => cx.invalid(
+                item,
+                &item_path,
+                format!("`{text}` is not a path within the working directory"),
+            ),
+        }
+    }
+    paths
+}
+
+/// A workflow's `depends-on`: tags (`WORKFLOW:TAG`, `:TAG`); a workflow without a tag (a
+/// pipeline step) is refused.
+fn dependencies(node: Option<&Node>, cx: &mut Cx, path: &Path<'_>, file: &str) -> Vec<Dependency> {
+    let Some(node) = node else {
+        return Vec::new();
+    };
+    let list_path = path.key("depends-on");
+    let NodeKind::Seq(items) = &node.kind else {
+        cx.expected(node, &list_path, "a list of tags (WORKFLOW:TAG or :TAG)");
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let item_path = list_path.index(i);
+        let text = match &item.kind {
+            NodeKind::Str(s) => s.clone(),
+            _ => {
+                cx.expected(item, &item_path, "a tag (WORKFLOW:TAG or :TAG)");
+                continue;
+            }
+        };
+        if !text.contains(':') {
+            let message = format!(
+                "`{text}` names a workflow without a tag: pipelines (running `{text}` first) are \
+                 not supported yet; tag a finished run of it (dstack tags add latest RUN) and \
+                 depend on `{text}:latest`"
+            );
+            cx.error(item.mark, &item_path, ErrorCode::Unsupported, message);
+            continue;
+        }
+        match crate::artifacts::TagRef::parse(&text) {
+            Ok(tag) => found.push(Dependency {
+                tag,
+                at: format!(
+                    "{file}:{}:{}: {}",
+                    item.mark.line,
+                    item.mark.col,
+                    item_path.render()
+                ),
+            }),
+            Err(message) => cx.invalid(item, &item_path, message),
+        }
+    }
+    found
 }
 
 /// Loads a YAML document, its syntax errors located in `file`.
@@ -502,12 +608,9 @@ fn to_configuration(workflow: &Node, cx: &mut Cx, path: &Path<'_>) -> Option<Nod
     };
     for (key, value) in entries {
         let name = key.as_key().unwrap_or_default();
-        if let Some((_, message)) = REFUSED.iter().find(|(k, _)| *k == name) {
-            cx.error(key.mark, &path.key(name), ErrorCode::Unsupported, *message);
-            continue;
-        }
         match name {
-            "name" | "provider" | "help" => {}
+            // Read by `Workflows::build` (a provider run directly has its own flags).
+            "name" | "provider" | "help" | "artifacts" | "depends-on" => {}
             _ if own.contains(&name) => {
                 fields.own.insert(name.to_string(), value.clone());
             }
@@ -892,8 +995,8 @@ workflows:
     fn errors_point_into_the_workflows_file_under_the_workflow() {
         let text = "workflows:\n  - name: a\n    provider: python\n    file: a.py\n    \
                     resources:\n      cpu: lots\n  - name: b\n    provider: perl\n  - name: c\n    \
-                    provider: bash\n    commands: [x]\n    artifacts: [out]\n    \
-                    depends-on: [a:latest]\n  - name: d\n    provider: python\n";
+                    provider: bash\n    commands: [x]\n    artifacts: [../out]\n    \
+                    depends-on: [a]\n  - name: d\n    provider: python\n";
         let err = Workflows::parse(text, "wf.yaml", None)
             .unwrap_err()
             .to_string();
@@ -906,11 +1009,13 @@ workflows:
             "{err}"
         );
         assert!(
-            err.contains("wf.yaml:12:5: workflows[2].artifacts: artifacts are not supported yet"),
+            err.contains("wf.yaml:12:17: workflows[2].artifacts[0]: `../out` is not a path"),
             "{err}"
         );
         assert!(
-            err.contains("workflows[2].depends-on: dependencies between workflows"),
+            err.contains(
+                "wf.yaml:13:18: workflows[2].depends-on[0]: `a` names a workflow without a tag"
+            ),
             "{err}"
         );
         assert!(err.contains("workflows[3].file: field required"), "{err}");
@@ -927,6 +1032,26 @@ workflows:
         let workflows = Workflows::parse(text, "wf.yaml", None).unwrap();
         let a = task(workflows.configuration("a", &BTreeMap::new()).unwrap());
         assert_eq!(a.commands, ["echo ${{ env.X }} $${{ y }}"]);
+    }
+
+    #[test]
+    fn artifacts_and_tagged_dependencies_are_read_with_their_places() {
+        let text = "workflows:\n  - name: prepare\n    provider: python\n    file: p.py\n    \
+                    artifacts: [data]\n  - name: train\n    depends-on:\n      - prepare:latest\n      \
+                    - ':dataset'\n    provider: python\n    file: t.py\n    artifacts:\n      \
+                    - path: checkpoint\n";
+        let workflows = Workflows::parse(text, "wf.yaml", None).unwrap();
+        let prepare = workflows.run("prepare", &BTreeMap::new()).unwrap();
+        assert_eq!(prepare.artifacts, ["data"]);
+        assert!(prepare.depends_on.is_empty());
+        let train = workflows.run("train", &BTreeMap::new()).unwrap();
+        assert_eq!(train.artifacts, ["checkpoint"]);
+        let tags: Vec<String> = train.depends_on.iter().map(|d| d.tag.to_string()).collect();
+        assert_eq!(tags, ["prepare:latest", ":dataset"]);
+        assert_eq!(
+            train.depends_on[0].at,
+            "wf.yaml:8:9: workflows[1].depends-on[0]"
+        );
     }
 
     #[test]

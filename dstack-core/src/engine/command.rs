@@ -503,8 +503,17 @@ pub(crate) fn job_submit(
         }),
         container,
         after: job.after_job.clone(),
-        archives,
+        archives: archives
+            .into_iter()
+            .chain(run.spec.artifacts.dependencies.iter().cloned())
+            .collect(),
         clone,
+        // The first node of the first replica saves the run's artifacts.
+        artifacts: if job.job_num == 0 && job.replica_num == 0 {
+            run.spec.artifacts.paths.clone()
+        } else {
+            Vec::new()
+        },
     })
 }
 

@@ -8,6 +8,7 @@
 //! leaves nothing that a new one cannot finish.
 
 mod agents;
+mod artifacts;
 pub(crate) mod command;
 mod consolidate;
 mod credentials;
@@ -95,6 +96,12 @@ pub struct EngineOptions {
     /// Where the archives runs start from are kept (`None`: runs with `repos:` or `files:`
     /// are refused; [`crate::Client::open`] uses `$DSTACK_HOME/server/archives`).
     pub archives: Option<crate::archive::ArchiveStore>,
+    /// Where runs' artifacts and tags are kept (`None`: runs with `artifacts` or
+    /// `depends-on` are refused; [`crate::Client::open`] uses `$DSTACK_HOME/server/
+    /// artifacts`).
+    pub artifacts: Option<crate::artifacts::ArtifactStore>,
+    /// How often the artifacts of running runs are saved.
+    pub artifacts_period: Duration,
 }
 
 impl Default for EngineOptions {
@@ -120,6 +127,8 @@ impl Default for EngineOptions {
             lease_renewal: secs(60),
             secrets: None,
             archives: None,
+            artifacts: None,
+            artifacts_period: secs(10),
         }
     }
 }
@@ -145,6 +154,9 @@ pub enum EngineError {
     /// A port of this machine that a run's port should be forwarded to is already in use.
     #[error("{0}")]
     PortUsed(String),
+    /// Artifacts or tags could not be read or written.
+    #[error(transparent)]
+    Artifacts(#[from] crate::artifacts::ArtifactError),
     /// The server failed or refused the request (clients of a `dstack server`).
     #[error(transparent)]
     Server(#[from] crate::client::ServerError),
@@ -188,6 +200,13 @@ pub struct ApplyOptions {
     /// engine's store by the client ([`crate::Client`] does it); a run whose configuration
     /// has either is refused without them.
     pub archives: Vec<crate::archive::Archive>,
+    /// The workflow the configuration comes from (`dstack run WORKFLOW`): tags of the run
+    /// are that workflow's.
+    pub workflow: Option<String>,
+    /// The paths saved as the run's artifacts (relative to its working directory).
+    pub artifacts: Vec<String>,
+    /// Tags whose artifacts are put into the run's working directory before it starts.
+    pub depends_on: Vec<crate::artifacts::TagRef>,
 }
 
 /// Variables of the client session passed to local jobs (besides the configuration's env).
@@ -278,6 +297,8 @@ pub(crate) struct Inner {
     /// Per instance: held while archives are given to its agent, so that jobs starting
     /// together from one archive upload it once.
     pub(crate) uploading: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per run: held while a snapshot of its artifacts is taken.
+    pub(crate) saving: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The definition of each unfinished run this process has dealt with.
     pub(crate) definitions: Mutex<HashMap<String, Arc<Definition>>>,
     /// Instances this process is provisioning right now.
@@ -417,6 +438,7 @@ impl Engine {
             run_watchers: Mutex::new(HashMap::new()),
             queueing: Default::default(),
             uploading: Default::default(),
+            saving: Default::default(),
             agents: Mutex::new(HashMap::new()),
             watchers: Mutex::new(HashMap::new()),
             starting: Mutex::new(Default::default()),
@@ -435,6 +457,9 @@ impl Engine {
                 .abort_handle(),
         );
         tasks.push(runtime.spawn(sweep::run(inner.clone())).abort_handle());
+        if inner.options.artifacts.is_some() {
+            tasks.push(runtime.spawn(artifacts::keep(inner.clone())).abort_handle());
+        }
         for job in inner.store.jobs_with_status(&[JobStatus::Provisioning])? {
             inner.runtime.spawn(jobs::start(inner.clone(), job, None));
         }
@@ -464,6 +489,44 @@ impl Engine {
     /// The state store.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.inner().store
+    }
+
+    /// Where artifacts and tags are kept, if anywhere.
+    pub fn artifact_store(&self) -> Option<&crate::artifacts::ArtifactStore> {
+        self.inner().options.artifacts.as_ref()
+    }
+
+    /// The artifacts of run `name` (the latest of that name): saved now while it runs,
+    /// frozen once it has ended.
+    pub async fn artifacts(&self, name: &str) -> Result<crate::artifacts::Manifest, EngineError> {
+        let run = self.run_named(name)?;
+        artifacts::of_run(self.inner(), &run).await
+    }
+
+    /// Tags the artifacts of finished run `run` as `name` (of the run's workflow).
+    pub async fn tag_run(
+        &self,
+        name: &str,
+        run: &str,
+    ) -> Result<crate::artifacts::Tag, EngineError> {
+        let run = self.run_named(run)?;
+        artifacts::tag_run(self.inner(), name, &run).await
+    }
+
+    /// Tags `files` (their content already in the store) as `:name`.
+    pub async fn tag_files(
+        &self,
+        name: &str,
+        files: Vec<crate::artifacts::FileEntry>,
+    ) -> Result<crate::artifacts::Tag, EngineError> {
+        artifacts::tag_files(self.inner(), name, files).await
+    }
+
+    fn run_named(&self, name: &str) -> Result<Run, EngineError> {
+        self.inner()
+            .store
+            .run_by_name(name)?
+            .ok_or_else(|| EngineError::Invalid(format!("no run named {name}")))
     }
 
     /// Where the archives runs start from are kept, if anywhere.
@@ -528,7 +591,9 @@ impl Engine {
         let mut batch: Vec<(Run, Vec<Job>, Arc<Configuration>)> = Vec::with_capacity(items.len());
         let mut generated: Vec<String> = Vec::new();
         for (configuration, opts) in items {
-            let prepared = inner.prepare_run(configuration, opts, &mut generated, None)?;
+            let dependencies = artifacts::dependencies(inner, &opts.depends_on).await?;
+            let mut prepared = inner.prepare_run(configuration, opts, &mut generated, None)?;
+            prepared.0.spec.artifacts.dependencies = dependencies;
             batch.push(prepared);
         }
         let records: Vec<(&Run, &[Job])> = batch
@@ -886,6 +951,11 @@ impl Inner {
             }
         }
         let archives = self.checked_archives(common, opts.archives)?;
+        let saved = crate::model::RunArtifacts {
+            workflow: opts.workflow.clone(),
+            paths: artifacts::checked_paths(self, &opts.artifacts)?,
+            dependencies: Vec::new(),
+        };
         let id = id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let mut configuration = configuration;
         apply_env_overrides(&mut configuration, &opts.env);
@@ -923,6 +993,7 @@ impl Inner {
                 client_env: captured,
                 group: opts.group.clone(),
                 archives,
+                artifacts: saved,
             },
             submitted_at_ms: now,
             resubmission_attempt: 0,

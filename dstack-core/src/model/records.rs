@@ -28,6 +28,32 @@ pub struct RunSpec {
     /// kept by the engine: see [`crate::archive`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub archives: Vec<crate::archive::Archive>,
+    /// What it saves and what it starts from of other runs' (`artifacts`, `depends-on`).
+    #[serde(default, skip_serializing_if = "RunArtifacts::is_empty")]
+    pub artifacts: RunArtifacts,
+}
+
+/// A run's part in artifacts: the workflow it runs (tags of its runs are that workflow's),
+/// the paths it saves, and the archives of the tagged artifacts it depends on.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunArtifacts {
+    /// The workflow of `.dstack/workflows.yaml` it runs, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<String>,
+    /// The paths saved as its artifacts (relative to the working directory).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    /// Archives of the tags it depends on, unpacked into its working directory before it
+    /// starts (after its repo and files).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dependencies: Vec<crate::archive::Archive>,
+}
+
+impl RunArtifacts {
+    /// Whether the run has no part in artifacts.
+    pub fn is_empty(&self) -> bool {
+        *self == RunArtifacts::default()
+    }
 }
 
 /// Runs submitted together (the trials of a sweep) that share a limit on how many of them
@@ -136,6 +162,7 @@ impl Run {
                 client_env: Default::default(),
                 group: None,
                 archives: Vec::new(),
+                artifacts: Default::default(),
             },
             submitted_at_ms: 0,
             resubmission_attempt: 0,

@@ -1173,6 +1173,7 @@ mod tests {
                 client_env: Default::default(),
                 group: None,
                 archives: Vec::new(),
+                artifacts: Default::default(),
             },
             submitted_at_ms: crate::model::now_ms(),
             resubmission_attempt: 0,

@@ -245,6 +245,20 @@ class Run:
         return metrics
 
     @property
+    def artifacts(self) -> List[Dict[str, Any]]:
+        """The run's artifact files (`path`, `hash`, `size`, `mode`): saved now while it runs,
+        final once it has ended (a workflow's `artifacts`)."""
+        files: List[Dict[str, Any]] = self._raw.artifacts()["files"]
+        return files
+
+    def download_artifacts(
+        self, path: Optional[str] = None, output_dir: Union[str, "os.PathLike[str]"] = "."
+    ) -> List[str]:
+        """Downloads the run's artifacts (those at or below `path`, or all) into `output_dir`
+        at their paths; returns the paths written."""
+        return self._raw.download_artifacts(output_dir, path)
+
+    @property
     def ide_link(self) -> Optional[str]:
         """The link that opens a running dev environment in its IDE (`ide:`), e.g.
         `vscode://vscode-remote/ssh-remote+<run>/<working dir>`; `None` for other runs, a dev
@@ -408,6 +422,35 @@ class Run:
             self.submitted_at.strftime("%Y-%m-%d %H:%M:%S"),
         ]
         return html_table(["run", "status", "exit", "reason", "submitted"], [row])
+
+
+class TagCollection:
+    """Tags: names for a finished run's artifacts (`WORKFLOW:TAG`) or uploaded files
+    (`:TAG`), which a workflow's `depends-on` puts into later runs."""
+
+    def __init__(self, raw: "RawClient") -> None:
+        self._raw = raw
+
+    def add(
+        self,
+        name: str,
+        run: Optional[Union[str, "Run"]] = None,
+        artifacts: Optional[List[Union[str, "os.PathLike[str]"]]] = None,
+    ) -> Dict[str, Any]:
+        """Tags the artifacts of finished `run`, or uploads the local `artifacts` paths
+        (files or directories) as `:name`; returns the tag."""
+        if (run is None) == (artifacts is None):
+            raise ValueError("tag a run or upload artifacts: pass one of run= and artifacts=")
+        run_name = run.name if isinstance(run, Run) else run
+        return self._raw.tags_add(name, run_name, list(artifacts or []))
+
+    def list(self) -> List[Dict[str, Any]]:
+        """Every tag, with the manifest of the files it names."""
+        return self._raw.tags_list()
+
+    def delete(self, name: str) -> None:
+        """Deletes a tag (`TAG`, `WORKFLOW:TAG` or `:TAG`); the run's artifacts stay."""
+        self._raw.tags_delete(name)
 
 
 class RunCollection:
@@ -633,6 +676,7 @@ class Client:
         self.backends = BackendCollection(raw, remote)
         self.fleets = FleetCollection(raw)
         self.volumes = VolumeCollection(raw)
+        self.tags = TagCollection(raw)
 
     @property
     def client(self) -> NoReturn:
