@@ -2,6 +2,7 @@
 
 mod apply;
 mod delete;
+mod event;
 mod fleet;
 mod gpu_groups;
 mod init;
@@ -88,6 +89,9 @@ enum Command {
         #[command(subcommand)]
         action: Option<secret::SecretAction>,
     },
+    /// View events: the status changes of runs, jobs, instances, fleets and volumes, with
+    /// their reasons (`-w` follows new ones).
+    Event(event::EventArgs),
     /// Check configuration files and show them normalized, as dstack would read them.
     ///
     /// Exits 0 when every file is valid and 1 when any is not; each problem is printed on
@@ -246,6 +250,7 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
         Command::Stop(args) => runs::stop(&client, &args).await,
         Command::Delete(args) => delete::delete(&client, &args).await,
         Command::Offer(args) => offer::offer(&client, &args).await,
+        Command::Event(args) => event::run(&client, &args).await,
         Command::Fleet { action, list } => match action {
             None => fleet::list(&client, list).await,
             Some(FleetAction::List(args)) => fleet::list(&client, args).await,
