@@ -5,7 +5,8 @@
 Each PATH is a JSON file named `<Model>.<anything>.json`, or a directory of them. Models:
 
     Run, RunList (a list of Run), RunPlan, Fleet, FleetList, Instance, Volume, VolumeList,
-    JobSubmissionLogs (the answer to logs/poll), Error (an HTTP 400 body)
+    JobSubmissionLogs (the answer to logs/poll), EventList (the answer to /api/events/list),
+    Error (an HTTP 400 body)
 
 By default a file must parse strictly (dstack's models forbid unknown fields); `--lenient`
 parses as dstack's API client does (`validate_extra_ignore`: unknown fields dropped). An
@@ -36,6 +37,7 @@ from dstack._internal.core.compatibility.runs import (
 )
 from dstack._internal.core.errors import ServerClientError
 from dstack._internal.core.models.common import validate_extra_ignore
+from dstack._internal.core.models.events import Event
 from dstack._internal.core.models.fleets import Fleet
 from dstack._internal.core.models.instances import Instance
 from dstack._internal.core.models.logs import JobSubmissionLogs
@@ -55,6 +57,7 @@ MODELS = {
     "Volume": Volume,
     "VolumeList": List[Volume],
     "JobSubmissionLogs": JobSubmissionLogs,
+    "EventList": List[Event],
 }
 
 

@@ -3,6 +3,7 @@
 mod apply;
 mod artifacts;
 mod delete;
+mod event;
 mod fleet;
 mod gpu_groups;
 mod init;
@@ -101,6 +102,9 @@ enum Command {
         #[command(subcommand)]
         action: Option<tags::TagsAction>,
     },
+    /// View events: the status changes of runs, jobs, instances, fleets and volumes, with
+    /// their reasons (`-w` follows new ones).
+    Event(event::EventArgs),
     /// Check configuration files and show them normalized, as dstack would read them.
     ///
     /// Exits 0 when every file is valid and 1 when any is not; each problem is printed on
@@ -261,6 +265,7 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
         Command::Stop(args) => runs::stop(&client, &args).await,
         Command::Delete(args) => delete::delete(&client, &args).await,
         Command::Offer(args) => offer::offer(&client, &args).await,
+        Command::Event(args) => event::run(&client, &args).await,
         Command::Fleet { action, list } => match action {
             None => fleet::list(&client, list).await,
             Some(FleetAction::List(args)) => fleet::list(&client, args).await,

@@ -111,6 +111,49 @@ fn requests_without_the_token_or_with_a_wrong_one_change_nothing() {
     assert_eq!(status, 200, "{body}");
 }
 
+/// dstack's clients (`dstack event`, `client.api.events.list`) read `/api/events/list` in
+/// dstack's shapes, page by page.
+#[test]
+fn events_are_listed_in_dstacks_shape() {
+    let env = Env::new();
+    let task = env.write(
+        "told.dstack.yml",
+        "type: task\nname: told\ncommands: [echo hi]\nresources: {cpu: 1.., memory: 0.1GB..}\n",
+    );
+    let out = env.run(&["apply", "-f", &task, "-y"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let url = env.server_info().unwrap()["url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let list = |body: &str| -> Vec<serde_json::Value> {
+        let (status, answer) = post(&url, "/api/events/list", Some(&env.token()), body);
+        assert_eq!(status, 200, "{answer}");
+        serde_json::from_str(&answer).unwrap()
+    };
+    let runs = list(r#"{"include_target_types": ["run"], "ascending": true, "limit": 2}"#);
+    assert_eq!(runs.len(), 2);
+    assert_eq!(runs[0]["message"], "Run submitted. Status: SUBMITTED");
+    let target = &runs[0]["targets"][0];
+    assert_eq!(target["type"], "run");
+    assert_eq!(target["name"], "told");
+    assert_eq!(target["project_name"], "main");
+    assert!(runs[0]["recorded_at"].as_str().unwrap().ends_with("+00:00"));
+    assert!(runs[0]["actor_user"].is_null());
+    // The next page starts after the last event of the one before.
+    let next = list(&format!(
+        r#"{{"include_target_types": ["run"], "ascending": true, "prev_id": {}}}"#,
+        runs[1]["id"]
+    ));
+    assert_eq!(
+        next[0]["message"],
+        "Run status changed RUNNING -> DONE. Termination reason: ALL_JOBS_DONE"
+    );
+    // Users cause no events here.
+    let users = list(r#"{"actors": ["00000000-0000-4000-8000-000000000001"]}"#);
+    assert!(users.is_empty());
+}
+
 #[test]
 fn a_task_failing_once_is_retried_by_the_server_after_the_cli_exited() {
     let env = Env::new();

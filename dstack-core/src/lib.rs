@@ -12,6 +12,7 @@ pub mod backend;
 pub mod client;
 pub mod config;
 pub mod engine;
+pub mod events;
 pub mod files;
 pub mod forward;
 pub mod http;

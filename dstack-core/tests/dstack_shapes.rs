@@ -14,6 +14,7 @@ use dstack_core::agent::{GpuInfo, HostInfo};
 use dstack_core::api::{self, LogEvent, LogSource, Owner, RequestError};
 use dstack_core::config::{self, Configuration};
 use dstack_core::engine::{ApplyOptions, RunPlan};
+use dstack_core::events::{Event, Target, TargetType};
 use dstack_core::model::{
     Fleet, FleetStatus, HostSession, Instance, InstanceStatus, Job, JobStatus, RawJson,
     Reservation, Run, RunSpec, RunStatus, Volume, VolumeAttachment, VolumeStatus,
@@ -472,6 +473,45 @@ fn shapes() -> Vec<(String, Value)> {
     deleted.attachments.clear();
     deleted.last_used_at_ms = Some(T0 + 60_000);
     add("Volume.deleted", api::volume(&OWNER, &deleted, &instances));
+
+    // Events: a job's creation and the change that ends it, with its reason.
+    let target = Target {
+        kind: TargetType::Job,
+        id: "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b".to_string(),
+        name: "train-0-0".to_string(),
+    };
+    let created = Event {
+        id: 1,
+        recorded_at_ms: T0,
+        within: Target {
+            kind: TargetType::Run,
+            id: "a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d".to_string(),
+            name: "train".to_string(),
+        },
+        target,
+        replica_num: Some(0),
+        job_num: Some(0),
+        submission_num: Some(0),
+        from: None,
+        to: "submitted".to_string(),
+        reason: None,
+        reason_message: None,
+    };
+    let ended = Event {
+        id: 2,
+        from: Some("running".to_string()),
+        to: "failed".to_string(),
+        reason: Some("container_exited_with_error".to_string()),
+        reason_message: Some("exit status 1".to_string()),
+        ..created.clone()
+    };
+    add(
+        "EventList.job",
+        Value::Array(vec![
+            api::event(&created, &OWNER),
+            api::event(&ended, &OWNER),
+        ]),
+    );
     let registered_configuration = configuration(
         "type: volume\nname: old\nbackend: gcp\nregion: europe-west4\nvolume_id: disk-1\n",
     );

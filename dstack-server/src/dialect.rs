@@ -207,6 +207,45 @@ pub(crate) async fn list_runs(
     Ok(json(&shaped))
 }
 
+/// `/api/events/list`: dstack's `ListEventsRequest`, answered with dstack's `Event`s.
+pub(crate) async fn list_events(
+    shared: &Shared,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let request: api::ListEventsRequest = body(req).await?;
+    // The records a dstack UUID can name: runs, fleets, instances, volumes.
+    let mut ids: Vec<String> = shared
+        .client
+        .runs()
+        .listing(true)
+        .await?
+        .runs
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    for (fleet, instances) in shared.client.fleets().list().await? {
+        ids.push(fleet.id);
+        ids.extend(instances.into_iter().map(|i| i.id));
+    }
+    ids.extend(
+        shared
+            .client
+            .volumes()
+            .list()
+            .await?
+            .into_iter()
+            .map(|v| v.id),
+    );
+    let ours = |uuid: &str| ids.iter().find(|id| api::dstack_id(id) == uuid).cloned();
+    let asked = api::events_query(&request, &api::dstack_id(PROJECT), ours).map_err(refused)?;
+    let events = match asked {
+        api::EventsAsked::Query(query) => shared.client.events().list(&query).await?,
+        api::EventsAsked::Nothing => Vec::new(),
+    };
+    let shaped: Vec<Value> = events.iter().map(|e| api::event(e, &OWNER)).collect();
+    Ok(json(&shaped))
+}
+
 /// A run by dstack id or name.
 async fn find(shared: &Shared, which: &RunRef) -> Result<RunHandle, ApiError> {
     let Some(id) = &which.id else {

@@ -14,6 +14,7 @@ use dstack_core::client::protocol::{
 };
 use dstack_core::config::Configuration;
 use dstack_core::engine::EngineError;
+use dstack_core::events::EventQuery;
 use dstack_core::http::serve::{
     bearer, json, parse, read_body, respond, same_secret, stream, Body,
 };
@@ -111,6 +112,11 @@ async fn route(
                 .listing_limited(all, request.limit)
                 .await?;
             Ok(json(&listing))
+        }
+        ["api", "events", "list"] if !native => crate::dialect::list_events(shared, req).await,
+        ["api", "events", "list"] => {
+            let query: EventQuery = body(req).await?;
+            Ok(json(&shared.client.events().list(&query).await?))
         }
         ["api", "project", project, route @ ..] => {
             if *project != PROJECT {

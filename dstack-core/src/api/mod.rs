@@ -14,12 +14,14 @@
 //! - `last_processed_at`: the latest time the records hold (pure: no clock is read);
 //! - a run's repo is dstack's virtual repo (`{"repo_type": "virtual"}`): runs carry no repo.
 
+mod events;
 mod fleets;
 mod logs;
 mod projects;
 mod requests;
 mod runs;
 
+pub use events::{event, events_query, EventsAsked, ListEventsRequest};
 pub use fleets::{fleet, instance, volume};
 pub use logs::{error_body, log_page, ErrorCode, LogEvent, LogSource};
 pub use projects::{project, user, user_with_creds};

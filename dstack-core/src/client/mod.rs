@@ -42,6 +42,7 @@ pub use remote::{Remote, ServerError};
 use crate::backend::Compute;
 use crate::config::Configuration;
 use crate::engine::{ApplyOptions, Engine, EngineError, EngineOptions, RunPlan};
+use crate::events::{Event, EventQuery};
 use crate::model::{Fleet, Instance, Job, JobStatus, Run, RunStatus, Volume, VolumeStatus};
 use crate::store::{RunFilter, RunListing, SqliteStore};
 use protocol::{
@@ -160,6 +161,11 @@ impl Client {
     /// The secrets (`${{ secrets.NAME }}`).
     pub fn secrets(&self) -> Secrets<'_> {
         Secrets { client: self }
+    }
+
+    /// The recorded history of status changes.
+    pub fn events(&self) -> Events<'_> {
+        Events { client: self }
     }
 
     /// The engine, when this client hosts it.
@@ -692,6 +698,23 @@ impl Volumes<'_> {
                 };
                 Ok(remote.call("volumes/delete", &request).await?)
             }
+        }
+    }
+}
+
+/// The history of status changes of a [`Client`]'s records (see [`crate::events`]).
+pub struct Events<'a> {
+    client: &'a Client,
+}
+
+impl Events<'_> {
+    /// The events `query` selects, in its order.
+    pub async fn list(&self, query: &EventQuery) -> Result<Vec<Event>, EngineError> {
+        match &self.client.via {
+            Via::Engine(engine) => Ok(engine.store().events(query)?),
+            Via::Server(remote) => Ok(remote
+                .post(protocol::EVENTS_LIST, query, Duration::from_secs(60))
+                .await?),
         }
     }
 }

@@ -15,6 +15,7 @@
 //! | `runs/get` | [`RunRef`] | [`Snapshot`]; 400 `resource_not_exists` |
 //! | `runs/get_many` (extra) | [`RunIds`] | `[`[`Snapshot`]`]`, those that exist, in order |
 //! | `/api/runs/list` | [`ListRequest`] | [`crate::store::RunListing`] |
+//! | `/api/events/list` | [`crate::events::EventQuery`] | `[`[`crate::events::Event`]`]` |
 //! | `runs/stop` | [`StopRequest`] | `[Run]` |
 //! | `runs/watch_group` (extra) | [`GroupRef`] | one `crate::engine::RunChange` a line (NDJSON): each run's status, then each change, until all have finished |
 //! | `runs/wait` (extra) | [`WaitRequest`] | [`Run`], once its status is not `status` (or after `timeout_ms`) |
@@ -44,6 +45,9 @@ use crate::offers::Offer;
 
 /// The `Accept` value that asks for this project's own records.
 pub const NATIVE: &str = "application/x-dstack-rs+json";
+
+/// dstack's route listing events (not under a project).
+pub const EVENTS_LIST: &str = "/api/events/list";
 
 /// The header that upgrades `runs/connect` to a byte stream.
 pub const TUNNEL: &str = "dstack-rs-tunnel";

@@ -133,7 +133,9 @@ impl Remote {
         };
         let refused = matches!(error, HttpError::Unreachable { source, .. }
             if matches!(source.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound));
-        let read = READS.iter().any(|r| path.ends_with(r)) || path == "/api/runs/list";
+        let read = READS.iter().any(|r| path.ends_with(r))
+            || path == "/api/runs/list"
+            || path == super::protocol::EVENTS_LIST;
         if !(refused || (read && error.is_unreachable())) {
             return Ok(false);
         }

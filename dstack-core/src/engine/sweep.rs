@@ -2,14 +2,16 @@
 //! could not deliver — work left by a process that exited mid-way, changes made by other
 //! processes sharing the state file (including instances they added), a reconciliation lost
 //! to an error. With cloud backends it also reaps idle instances, terminates lost ones and
-//! brings backend fleets back to their `nodes.min` (`engine::consolidate`).
+//! brings backend fleets back to their `nodes.min` (`engine::consolidate`). Every
+//! [`ORPHAN_SWEEPS`] sweeps, events past their retention are pruned (`crate::events`).
 
 use std::sync::Arc;
 
 use super::{jobs, runs, Inner};
 use crate::model::{JobStatus, RunStatus};
 
-/// How many sweeps pass between two searches for orphaned cloud resources.
+/// How many sweeps pass between two searches for orphaned cloud resources (and two prunings
+/// of old events).
 const ORPHAN_SWEEPS: u32 = 20;
 
 /// Runs the sweep forever.
@@ -26,6 +28,10 @@ pub(crate) async fn run(inner: Arc<Inner>) {
             if count.is_multiple_of(ORPHAN_SWEEPS) {
                 let _ = inner.reap_orphans().await;
             }
+        }
+        if count.is_multiple_of(ORPHAN_SWEEPS) {
+            let before = crate::model::now_ms().saturating_sub(crate::events::RETENTION_MS);
+            let _ = inner.store.prune_events(before, crate::events::MAX_KEPT);
         }
         inner.watch_instances();
         // A deeper pass than those woken by events: jobs further back that fit (backfill).

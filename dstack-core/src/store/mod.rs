@@ -6,11 +6,13 @@
 
 mod busy;
 mod checkpoint;
+mod events;
 mod identity;
 mod sqlite;
 
 pub use sqlite::SqliteStore;
 
+use crate::events::{Event, EventQuery};
 use crate::model::{Fleet, Instance, Job, JobStatus, Reservation, Run, RunStatus, Volume};
 
 /// A failure of the state store.
@@ -317,4 +319,10 @@ pub trait Store: Send + Sync {
     fn put_volume(&self, volume: &Volume) -> Result<(), StoreError>;
     /// Every volume, deleted ones included, by name.
     fn volumes(&self) -> Result<Vec<Volume>, StoreError>;
+
+    /// The recorded status changes `query` selects (see [`crate::events`]), in its order.
+    fn events(&self, query: &EventQuery) -> Result<Vec<Event>, StoreError>;
+    /// Deletes the events recorded before `before_ms` (but the newest: events are numbered
+    /// after it) and all but the newest `keep`; returns how many were deleted.
+    fn prune_events(&self, before_ms: u64, keep: u64) -> Result<usize, StoreError>;
 }

@@ -15,6 +15,7 @@ use super::{
     ChangeFn, Changed, DeriveFn, Holding, JobAndRun, Placement, Placing, RunFilter, RunListing,
     Store, StoreError, WaitingJob,
 };
+use crate::events::{Event, EventQuery};
 use crate::model::{Fleet, Instance, Job, JobStatus, Reservation, Run, RunStatus, Volume};
 
 /// SQL: a job waits to be placed (the condition of the `jobs_waiting` index, which SQLite uses
@@ -46,6 +47,106 @@ macro_rules! job_holding {
             "status = 'running' OR ",
             $table,
             "status = 'terminating')"
+        )
+    };
+}
+
+/// SQL: now, in Unix milliseconds.
+macro_rules! now_ms {
+    () => {
+        "CAST(unixepoch('subsec') * 1000 AS INTEGER)"
+    };
+}
+
+/// SQL: the two triggers that record the events of records of `$table`: its creation
+/// (`AFTER INSERT`), and each change of its status (`AFTER $update WHEN $changed`, `$old`
+/// being the status before). `$columns` of `events` (besides `recorded_at` and `old_status`)
+/// take `$values` selected `$from` (`FROM …` or nothing), written in terms of `new`.
+macro_rules! record_events {
+    ($table:literal, $update:literal, $changed:literal, $old:literal, $columns:literal, $values:expr, $from:literal) => {
+        concat!(
+            "CREATE TRIGGER ",
+            $table,
+            "_created AFTER INSERT ON ",
+            $table,
+            " BEGIN
+                INSERT INTO events (recorded_at, old_status, ",
+            $columns,
+            ")
+                SELECT ",
+            now_ms!(),
+            ", NULL, ",
+            $values,
+            " ",
+            $from,
+            ";
+            END;
+            CREATE TRIGGER ",
+            $table,
+            "_status_changed AFTER ",
+            $update,
+            " ON ",
+            $table,
+            " WHEN ",
+            $changed,
+            " BEGIN
+                INSERT INTO events (recorded_at, old_status, ",
+            $columns,
+            ")
+                SELECT ",
+            now_ms!(),
+            ", ",
+            $old,
+            ", ",
+            $values,
+            " ",
+            $from,
+            ";
+            END;"
+        )
+    };
+}
+
+/// SQL: whether the status of row `$row` (`new.`) is one a termination reason goes with
+/// (comparisons, not an `IN` list: see `job_holding!`).
+macro_rules! ending {
+    ($row:literal) => {
+        concat!(
+            "(",
+            $row,
+            "status = 'terminating' OR ",
+            $row,
+            "status = 'terminated' OR ",
+            $row,
+            "status = 'aborted' OR ",
+            $row,
+            "status = 'failed' OR ",
+            $row,
+            "status = 'done')"
+        )
+    };
+}
+
+/// SQL: `$value` when the status of `new` is [`ending!`], else NULL (what is not told is not
+/// read from the record's JSON).
+macro_rules! when_ending {
+    ($value:literal) => {
+        concat!("CASE WHEN ", ending!("new."), " THEN ", $value, " END")
+    };
+}
+
+/// SQL: [`record_events!`] for a table whose records keep their status in their JSON
+/// (instances, fleets, volumes).
+macro_rules! record_events_of_data {
+    ($table:literal, $columns:literal, $values:literal) => {
+        record_events!(
+            $table,
+            "UPDATE OF data",
+            "json_extract(old.data, '$.status') IS NOT json_extract(new.data, '$.status')",
+            "json_extract(old.data, '$.status')",
+            $columns,
+            $values,
+            ""
         )
     };
 }
@@ -155,6 +256,89 @@ const MIGRATIONS: &[&str] = &[
     DROP INDEX jobs_waiting;
     CREATE INDEX jobs_waiting ON jobs(group_id, priority DESC, submitted_at, id, run_id)
         WHERE status = 'submitted';",
+    // 16: the history of status changes (`dstack event`), written by triggers in the
+    // transaction of each write that creates a record or changes its status (see
+    // `crate::events`). `scope_id` is the run of a job, the fleet of an instance, the record
+    // itself otherwise: "within run X" reads one range of `events_scope`. Its key starts
+    // with the run's submission time (0 for others), so that a batch of new runs appends
+    // to the index instead of writing a page at a random place for each of them. A job's
+    // replica number gets a column, so that its event reads its record's JSON only for a
+    // termination reason.
+    concat!(
+        "CREATE TABLE events (
+            id INTEGER PRIMARY KEY,
+            recorded_at INTEGER NOT NULL,
+            target_type TEXT NOT NULL,
+            target_id TEXT NOT NULL,
+            target_name TEXT NOT NULL,
+            scope_type TEXT NOT NULL,
+            scope_time INTEGER NOT NULL,
+            scope_id TEXT NOT NULL,
+            scope_name TEXT NOT NULL,
+            replica_num INTEGER,
+            job_num INTEGER,
+            submission_num INTEGER,
+            old_status TEXT,
+            new_status TEXT NOT NULL,
+            reason TEXT,
+            reason_message TEXT
+        );
+        CREATE INDEX events_scope ON events(scope_type, scope_time, scope_id, id);
+        ALTER TABLE jobs ADD COLUMN replica_num INTEGER NOT NULL DEFAULT 0;
+        UPDATE jobs SET replica_num = json_extract(data, '$.replica_num');",
+        record_events!(
+            "runs",
+            "UPDATE OF status",
+            "old.status IS NOT new.status",
+            "old.status",
+            "target_type, target_id, target_name, scope_type, scope_time, scope_id, scope_name,
+             new_status, reason",
+            concat!(
+                "'run', new.id, new.name, 'run', new.submitted_at, new.id, new.name, new.status, ",
+                when_ending!("json_extract(new.data, '$.termination_reason')")
+            ),
+            ""
+        ),
+        record_events!(
+            "jobs",
+            "UPDATE OF status",
+            "old.status IS NOT new.status",
+            "old.status",
+            "target_type, target_id, target_name, scope_type, scope_time, scope_id, scope_name,
+             replica_num, job_num, submission_num, new_status, reason, reason_message",
+            concat!(
+                "'job', new.id, r.name || '-' || new.job_num || '-' || new.replica_num, 'run',
+                 r.submitted_at, new.run_id, r.name, new.replica_num, new.job_num,
+                 new.submission_num, new.status, ",
+                when_ending!("json_extract(new.data, '$.termination_reason')"),
+                ", ",
+                when_ending!("json_extract(new.data, '$.termination_message')")
+            ),
+            "FROM runs r WHERE r.id = new.run_id"
+        ),
+        record_events_of_data!(
+            "instances",
+            "target_type, target_id, target_name, scope_type, scope_time, scope_id, scope_name,
+             new_status, reason_message",
+            "'instance', new.id, json_extract(new.data, '$.name'), 'fleet', 0, new.fleet_id,
+             COALESCE((SELECT name FROM fleets WHERE id = new.fleet_id), new.fleet_id),
+             json_extract(new.data, '$.status'), json_extract(new.data, '$.status_message')"
+        ),
+        record_events_of_data!(
+            "fleets",
+            "target_type, target_id, target_name, scope_type, scope_time, scope_id, scope_name,
+             new_status, reason_message",
+            "'fleet', new.id, new.name, 'fleet', 0, new.id, new.name,
+             json_extract(new.data, '$.status'), json_extract(new.data, '$.status_message')"
+        ),
+        record_events_of_data!(
+            "volumes",
+            "target_type, target_id, target_name, scope_type, scope_time, scope_id, scope_name,
+             new_status, reason_message",
+            "'volume', new.id, new.name, 'volume', 0, new.id, new.name,
+             json_extract(new.data, '$.status'), json_extract(new.data, '$.status_message')"
+        ),
+    ),
 ];
 
 const JOB_WAITING: &str = job_waiting!();
@@ -728,6 +912,14 @@ impl Store for SqliteStore {
     fn volumes(&self) -> Result<Vec<Volume>, StoreError> {
         self.query("SELECT data FROM volumes ORDER BY name", &[])
     }
+
+    fn events(&self, query: &EventQuery) -> Result<Vec<Event>, StoreError> {
+        self.with(|c| super::events::list(c, query))
+    }
+
+    fn prune_events(&self, before_ms: u64, keep: u64) -> Result<usize, StoreError> {
+        self.with(|c| in_transaction(c, true, |c| super::events::prune(c, before_ms, keep)))
+    }
 }
 
 impl rusqlite::ToSql for RunStatus {
@@ -942,10 +1134,10 @@ fn insert_run(c: &Connection, run: &Run, jobs: &[Job]) -> Result<(), StoreError>
 
 fn insert_job(c: &Connection, job: &Job) -> Result<(), StoreError> {
     c.prepare_cached(
-        "INSERT INTO jobs (id, run_id, job_num, submission_num, status, instance_id, submitted_at, data, reservation, after_job, group_id, priority)
+        "INSERT INTO jobs (id, run_id, job_num, submission_num, status, instance_id, submitted_at, data, reservation, after_job, group_id, priority, replica_num)
          VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
                  (SELECT group_id FROM runs WHERE id = ?2 AND group_max IS NOT NULL),
-                 COALESCE((SELECT priority FROM runs WHERE id = ?2), 0))",
+                 COALESCE((SELECT priority FROM runs WHERE id = ?2), 0), ?11)",
     )?
     .execute(params![
         job.id,
@@ -958,6 +1150,7 @@ fn insert_job(c: &Connection, job: &Job) -> Result<(), StoreError> {
         json(job)?,
         job.reservation.as_ref().map(json).transpose()?,
         job.after_job,
+        job.replica_num,
     ])?;
     Ok(())
 }
@@ -1372,6 +1565,219 @@ mod tests {
         assert_eq!(store.job(&j.id).unwrap().unwrap().status, JobStatus::Done);
     }
 
+    /// `(target type, target name, within name, message)` of events, oldest first.
+    fn events_of(store: &SqliteStore, query: EventQuery) -> Vec<(String, String, String, String)> {
+        let query = EventQuery {
+            ascending: true,
+            ..query
+        };
+        let events = store.events(&query).unwrap();
+        events
+            .into_iter()
+            .map(|e| {
+                let message = e.message();
+                (
+                    e.target.kind.to_string(),
+                    e.target.name,
+                    e.within.name,
+                    message,
+                )
+            })
+            .collect()
+    }
+
+    /// Every write that creates a record or changes its status records an event in its
+    /// transaction; other writes record none.
+    #[test]
+    fn status_changes_are_recorded_as_events() {
+        use crate::events::{RecordRef, TargetType};
+        let store = SqliteStore::in_memory().unwrap();
+        let mut r = run("hist", RunStatus::Submitted);
+        let mut j = job(&r);
+        store.insert_run(&r, std::slice::from_ref(&j)).unwrap();
+        j.status = JobStatus::Running;
+        assert!(store.update_job(&j, &[JobStatus::Submitted]).unwrap());
+        assert!(
+            store.update_job(&j, &[JobStatus::Running]).unwrap(),
+            "same status"
+        );
+        r.status = RunStatus::Running;
+        assert!(store.update_run(&r, &[RunStatus::Submitted]).unwrap());
+        assert!(
+            !store.update_run(&r, &[RunStatus::Submitted]).unwrap(),
+            "lost: no event"
+        );
+        j.status = JobStatus::Terminating;
+        j.termination_reason = Some("terminated_by_user".into());
+        assert!(store.update_job(&j, &[JobStatus::Running]).unwrap());
+        r.status = RunStatus::Terminated;
+        r.termination_reason = Some("stopped_by_user".into());
+        assert!(store.update_run(&r, &[RunStatus::Running]).unwrap());
+        let fleet = Fleet {
+            id: "f-1".into(),
+            name: "hosts".into(),
+            status: crate::model::FleetStatus::Active,
+            configuration: None,
+            created_at_ms: 0,
+            status_message: None,
+            consolidation: None,
+        };
+        store.put_fleet(&fleet).unwrap();
+        let instance = |status: &str| -> Instance {
+            serde_json::from_value(serde_json::json!({
+                "id": "i-1", "name": "hosts-0", "fleet_id": "f-1", "backend": "ssh",
+                "status": status, "price": 0.0, "backend_data": null, "created_at_ms": 0,
+                "host": {"cpus": 2, "memory_bytes": 1, "disk_bytes": 1, "cpu_arch": "x86", "gpus": []},
+            }))
+            .unwrap()
+        };
+        store.put_instance(&instance("idle")).unwrap();
+        store.put_instance(&instance("idle")).unwrap();
+        store.put_instance(&instance("busy")).unwrap();
+
+        let run_name = |s: &str| s.to_string();
+        let within_run = events_of(
+            &store,
+            EventQuery {
+                within: vec![RecordRef {
+                    kind: TargetType::Run,
+                    id: r.id.clone(),
+                }],
+                ..EventQuery::default()
+            },
+        );
+        let expected = [
+            ("run", "hist", "Run submitted. Status: SUBMITTED"),
+            (
+                "job",
+                "hist-0-0",
+                "Job created on run submission. Status: SUBMITTED",
+            ),
+            ("job", "hist-0-0", "Job status changed SUBMITTED -> RUNNING"),
+            ("run", "hist", "Run status changed SUBMITTED -> RUNNING"),
+            (
+                "job",
+                "hist-0-0",
+                "Job status changed RUNNING -> TERMINATING. Termination reason: TERMINATED_BY_USER",
+            ),
+            (
+                "run",
+                "hist",
+                "Run status changed RUNNING -> TERMINATED. Termination reason: STOPPED_BY_USER",
+            ),
+        ]
+        .map(|(t, n, m)| {
+            (
+                t.to_string(),
+                n.to_string(),
+                run_name("hist"),
+                m.to_string(),
+            )
+        });
+        assert_eq!(within_run, expected);
+
+        let within_fleet = events_of(
+            &store,
+            EventQuery {
+                within: vec![RecordRef {
+                    kind: TargetType::Fleet,
+                    id: "f-1".into(),
+                }],
+                ..EventQuery::default()
+            },
+        );
+        let messages: Vec<_> = within_fleet.iter().map(|e| e.3.as_str()).collect();
+        assert_eq!(
+            messages,
+            [
+                "Fleet created. Status: ACTIVE",
+                "Instance created. Status: IDLE",
+                "Instance status changed IDLE -> BUSY",
+            ]
+        );
+        assert!(within_fleet.iter().all(|e| e.2 == "hosts"));
+
+        let jobs_only = events_of(
+            &store,
+            EventQuery {
+                types: vec![TargetType::Job],
+                ..EventQuery::default()
+            },
+        );
+        assert_eq!(jobs_only.len(), 3);
+        let targeted = events_of(
+            &store,
+            EventQuery {
+                targets: vec![r.id.clone()],
+                ..EventQuery::default()
+            },
+        );
+        assert_eq!(targeted.len(), 3, "the run's own events, not its job's");
+
+        // Newest first by default, in pages.
+        let page = store
+            .events(&EventQuery {
+                limit: 2,
+                ..EventQuery::default()
+            })
+            .unwrap();
+        assert_eq!(page[0].message(), "Instance status changed IDLE -> BUSY");
+        let next = EventQuery {
+            limit: 2,
+            ..EventQuery::default()
+        }
+        .next_page(&page)
+        .unwrap();
+        let older = store.events(&next).unwrap();
+        assert!(older[0].id < page[1].id);
+
+        // `since` keeps what was recorded from then on.
+        let all = store.events(&EventQuery::default()).unwrap();
+        let future = EventQuery {
+            since_ms: Some(all[0].recorded_at_ms + 60_000),
+            ..EventQuery::default()
+        };
+        assert!(store.events(&future).unwrap().is_empty());
+    }
+
+    #[test]
+    fn events_are_pruned_by_age_and_by_count() {
+        let store = SqliteStore::in_memory().unwrap();
+        for i in 0..5 {
+            let r = run(&format!("p{i}"), RunStatus::Submitted);
+            store.insert_run(&r, &[job(&r)]).unwrap();
+        }
+        let count = |s: &SqliteStore| {
+            s.events(&EventQuery {
+                limit: 1000,
+                ..Default::default()
+            })
+            .unwrap()
+            .len()
+        };
+        assert_eq!(count(&store), 10);
+        assert_eq!(store.prune_events(0, 1000).unwrap(), 0, "nothing is old");
+        assert_eq!(
+            store.prune_events(0, 4).unwrap(),
+            6,
+            "only the newest four kept"
+        );
+        let newest = store.events(&EventQuery::default()).unwrap();
+        assert_eq!(newest.len(), 4);
+        assert_eq!(newest[0].target.name, "p4-0-0");
+        let later = crate::model::now_ms() + 1_000;
+        assert_eq!(
+            store.prune_events(later, 1000).unwrap(),
+            3,
+            "all older than `later` but the newest"
+        );
+        assert_eq!(count(&store), 1);
+        let r = run("after", RunStatus::Submitted);
+        store.insert_run(&r, &[]).unwrap();
+        let after = store.events(&EventQuery::default()).unwrap();
+        assert!(after[0].id > newest[0].id, "numbered after those pruned");
+    }
+
     #[test]
     fn hot_queries_use_the_indexes_of_unfinished_records() {
         // The SQL conditions name exactly the statuses of the model.
@@ -1424,6 +1830,30 @@ mod tests {
                        ORDER BY submitted_at";
         assert!(plan(pending).contains("INDEX runs_active"));
         assert!(!plan(pending).contains("TEMP B-TREE"), "sorted again");
+        // Events within a run or a fleet: one range of the scope index each.
+        let within = crate::events::EventQuery {
+            within: ["run", "fleet"]
+                .map(|kind| crate::events::RecordRef {
+                    kind: crate::events::TargetType::parse(kind).unwrap(),
+                    id: "x".into(),
+                })
+                .to_vec(),
+            ..Default::default()
+        };
+        let (sql, args) = super::super::events::select(&within);
+        let within = store
+            .with(|c| {
+                let mut stmt = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+                let rows =
+                    stmt.query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(3))?;
+                Ok(rows.collect::<Result<Vec<_>, _>>()?.join("; "))
+            })
+            .unwrap();
+        assert!(within.contains("INDEX events_scope"), "{within}");
+        assert!(
+            !within.contains("SCAN events"),
+            "every event read: {within}"
+        );
     }
 
     #[test]
