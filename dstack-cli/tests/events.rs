@@ -8,19 +8,7 @@ use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{text, Env};
-
-/// Runs a quick task named `name` to completion.
-fn quick(env: &Env, name: &str) {
-    let file = env.write(
-        &format!("{name}.dstack.yml"),
-        &format!(
-            "type: task\nname: {name}\ncommands: [echo {name}]\nresources: {{cpu: 1.., memory: 0.1GB..}}\n"
-        ),
-    );
-    let out = env.run(&["apply", "-f", &file, "-y"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-}
+use common::{quick, text, Env};
 
 /// The lines `dstack event ARGS` prints, each without its time (`[run x] message`).
 fn events(env: &Env, args: &[&str]) -> Vec<String> {

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{text, Env};
+use common::{quick, text, Env};
 
 /// Waits for a child process at most 30 s; kills it and fails the test past that, so that a
 /// test never hangs the whole suite.
@@ -37,18 +37,6 @@ fn wait_for(env: &Env, mut f: impl FnMut() -> bool, what: &str) {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// Runs a quick task named `name` to completion.
-fn quick(env: &Env, name: &str) {
-    let file = env.write(
-        &format!("{name}.dstack.yml"),
-        &format!(
-            "type: task\nname: {name}\ncommands: [echo {name}]\nresources: {{cpu: 1.., memory: 0.1GB..}}\n"
-        ),
-    );
-    let out = env.run(&["apply", "-f", &file, "-y"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
 
 /// Submits a task named `name` that sleeps, and waits until it runs.

@@ -5,35 +5,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-
-use common::{text, workspace, Env};
-
-/// A copy of `examples/workflows` in the test's home (its workflows write into it).
-fn project(env: &Env) -> PathBuf {
-    let dir = env.home.path().join("project");
-    copy(&workspace().join("examples/workflows"), &dir);
-    dir
-}
-
-fn copy(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
-/// `dstack ARGS` run from `dir`: (exit code, stdout, stderr).
-fn run_in(env: &Env, dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
-    let out = env.cmd(args).current_dir(dir).output().unwrap();
-    (out.status.code(), text(&out.stdout), text(&out.stderr))
-}
+use common::{project, run_in, text, Env};
 
 #[test]
 fn workflows_run_their_scripts_with_the_arguments_and_variables_given() {

@@ -45,12 +45,7 @@ pub(crate) async fn route(
             Ok(json(&store(shared)?.has(&asked.hash).await?))
         }
         ["artifacts", "upload_object"] => {
-            let hash = req
-                .uri()
-                .query()
-                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("hash=")))
-                .unwrap_or_default()
-                .to_string();
+            let hash = crate::routes::query_hash(&req);
             upload(store(shared)?, &hash, req.into_body()).await?;
             Ok(json(&true))
         }

@@ -138,6 +138,15 @@ async fn route(
     }
 }
 
+/// The `hash=` of an upload's query (empty when there is none: the store refuses it).
+pub(crate) fn query_hash<B>(req: &Request<B>) -> String {
+    req.uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("hash=")))
+        .unwrap_or_default()
+        .to_string()
+}
+
 /// The refusal of a project this server does not have.
 fn no_project(project: &str) -> ApiError {
     ApiError::not_found(format!(
@@ -178,12 +187,7 @@ async fn project_route(
             Ok(json(&dstack_core::client::ArchiveKept { kept }))
         }
         ["files", "upload_archive"] => {
-            let hash = req
-                .uri()
-                .query()
-                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("hash=")))
-                .unwrap_or_default()
-                .to_string();
+            let hash = query_hash(&req);
             let limit = dstack_core::archive::limit_from_env(dstack_core::archive::REPO_LIMIT);
             let bytes = read_body(req, usize::try_from(limit).unwrap_or(usize::MAX)).await?;
             let store = archives(shared)?;

@@ -163,3 +163,42 @@ pub fn http_get_at(ip: &str, port: u16, name: &str) -> Option<String> {
     stream.read_to_string(&mut answer).ok()?;
     Some(answer.split_once("\r\n\r\n")?.1.to_string())
 }
+
+/// A copy of `examples/workflows` in the test's home (its workflows write into it).
+pub fn project(env: &Env) -> PathBuf {
+    let dir = env.home.path().join("project");
+    copy_dir(&workspace().join("examples/workflows"), &dir);
+    dir
+}
+
+/// Copies the directory `from` to `to`, recursively.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// `dstack ARGS` run from `dir`: (exit code, stdout, stderr).
+pub fn run_in(env: &Env, dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = env.cmd(args).current_dir(dir).output().unwrap();
+    (out.status.code(), text(&out.stdout), text(&out.stderr))
+}
+
+/// Runs a quick task named `name` to completion.
+pub fn quick(env: &Env, name: &str) {
+    let file = env.write(
+        &format!("{name}.dstack.yml"),
+        &format!(
+            "type: task\nname: {name}\ncommands: [echo {name}]\nresources: {{cpu: 1.., memory: 0.1GB..}}\n"
+        ),
+    );
+    let out = env.run(&["apply", "-f", &file, "-y"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
